@@ -1,0 +1,93 @@
+"""Fixtures shared by every suite: real Mosquitto brokers on free loopback ports.
+
+`mosquitto` is one started broker; `mosquitto_factory(extra="max_connections 2")` starts more,
+with extra config lines. Helpers (wait_for, mqtt_client, free_port) live in tests/_util.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests._util import BrokerStartError, MosquittoBroker, find_mosquitto, free_port
+
+MosquittoFactory = Callable[..., MosquittoBroker]
+
+_reports_key = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    # Keep each phase's report on the item so fixtures can tell at teardown whether the test failed.
+    report: pytest.TestReport = yield
+    item.stash.setdefault(_reports_key, {})[report.when] = report
+    return report
+
+
+def _test_failed(request: pytest.FixtureRequest) -> bool:
+    reports = request.node.stash.get(_reports_key, {})
+    return any(r.failed for r in reports.values())
+
+
+@pytest.fixture(scope="session")
+def mosquitto_binary() -> str:
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.fail(
+            "mosquitto is not installed: run scripts/ensure_mosquitto.sh "
+            "(or sudo apt-get install mosquitto socat)",
+            pytrace=False,
+        )
+    return binary
+
+
+@pytest.fixture
+def mosquitto_factory(
+    mosquitto_binary: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[MosquittoFactory]:
+    """Call it to start a broker: `mosquitto_factory(extra="...", persistence=True, port=None)`.
+
+    `extra` is appended to the generated config (after its listener, so listener options apply
+    to it). Every broker started here is stopped when the test ends; if the test failed, the
+    tail of each broker's log is printed with the report.
+    """
+    brokers: list[MosquittoBroker] = []
+
+    def start(
+        extra: str = "", *, persistence: bool = False, port: int | None = None
+    ) -> MosquittoBroker:
+        workdir = tmp_path / f"mosquitto-{len(brokers)}"
+        # A free port can be taken between free_port() and mosquitto's bind: try a few.
+        attempts = 1 if port is not None else 3
+        for attempt in range(attempts):
+            broker = MosquittoBroker(
+                mosquitto_binary,
+                workdir,
+                port if port is not None else free_port(),
+                extra=extra,
+                persistence=persistence,
+            )
+            brokers.append(broker)
+            try:
+                return broker.start()
+            except BrokerStartError:
+                if attempt == attempts - 1 or "Address already in use" not in broker.log_text():
+                    raise
+        raise AssertionError("unreachable")
+
+    yield start
+
+    failed = _test_failed(request)
+    for broker in brokers:
+        broker.stop()
+        if failed and broker.log_text().strip():
+            print(f"--- {broker!r} log ({broker.log_path}), last lines ---")
+            print(broker.log_text(tail=40))
+
+
+@pytest.fixture
+def mosquitto(mosquitto_factory: MosquittoFactory) -> MosquittoBroker:
+    """One running broker with the default test config."""
+    return mosquitto_factory()
