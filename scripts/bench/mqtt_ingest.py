@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -41,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-SLUICE_BIN = ROOT / ".venv" / "bin" / "sluice"
+# SLUICE_BENCH_BIN overrides which `sluice` executable is measured.
+SLUICE_BIN = Path(os.environ.get("SLUICE_BENCH_BIN") or ROOT / ".venv" / "bin" / "sluice")
 NODERED_DIR = ROOT / ".cache" / "bench" / "node-red"
 NODERED_VERSION = "4"  # npm range: the newest 4.x
 
@@ -474,7 +476,7 @@ console: {{host: 127.0.0.1, port: {self.console_port}}}
     def available() -> str | None:
         """None when `sluice run` can be used, else why not."""
         if not SLUICE_BIN.exists():
-            return f"{SLUICE_BIN.relative_to(ROOT)} does not exist (run `make deps`)"
+            return f"{SLUICE_BIN} does not exist (run `make deps`)"
         try:
             out = subprocess.run(
                 [str(SLUICE_BIN), "run", "--help"], capture_output=True, text=True, timeout=30
@@ -805,6 +807,15 @@ class NodeRedSubject(Subject):
 # --- one measured run -----------------------------------------------------------------------
 
 
+def crossing_time(polls: list[tuple[float, int]], target: int) -> float | None:
+    """When a polled, growing count reached `target`, interpolated between the two polls around
+    it (the first point is the publisher's start with count 0)."""
+    for (t0, c0), (t1, c1) in itertools.pairwise(polls):
+        if c1 >= target and c1 > c0:
+            return t0 + (t1 - t0) * (target - c0) / (c1 - c0)
+    return polls[-1][0] if polls else None
+
+
 def run_publisher(port: int, args: argparse.Namespace, core: int | None) -> subprocess.Popen[str]:
     argv = [
         sys.executable,
@@ -865,10 +876,9 @@ def measure(
         pub = run_publisher(broker.port, args, cores[0])
         n = args.n
         run_deadline = time.monotonic() + 30 + n / 1000
-        prev: tuple[float, int] | None = None
-        t_done: float | None = None
+        polls: list[tuple[float, int]] = []  # (wall time, count) of each progress poll
+        t_done: float | None = None  # when the subject reported the time of its last message
         last_growth = time.time()
-        last_count = -1
         received = 0
         while True:
             time.sleep(POLL_INTERVAL)
@@ -876,33 +886,25 @@ def measure(
             if fin is not None:
                 received, t_done = fin
                 break
-            now = time.time()
+            t_a = time.time()
             count = subject.progress()
+            now = time.time()
             if count is not None:
-                if count >= n:
-                    # interpolate when count crossed n between the last two polls
-                    if prev is not None and count > prev[1]:
-                        t_done = prev[0] + (now - prev[0]) * (n - prev[1]) / (count - prev[1])
-                    else:
-                        t_done = now
-                    received = count
-                    break
-                if count != last_count:
-                    last_growth, last_count = now, count
-                prev = (now, count)
+                polls.append(((t_a + now) / 2, count))
+                if count != received:
+                    last_growth = now
                 received = count
-            pub_done = pub.poll() is not None
+                if count >= n:
+                    break
             if subject.proc.poll() is not None:
                 raise RuntimeError(
                     f"{subject.label} exited with {subject.proc.returncode} during the run:\n"
                     + subject.log_tail()
                 )
-            if pub_done and now - last_growth > IDLE_TIMEOUT:
-                t_done = last_growth
-                res.notes.append(f"stopped growing at {received}")
+            if pub.poll() is not None and now - last_growth > IDLE_TIMEOUT:
+                res.notes.append(f"stopped growing at {received:,}")
                 break
             if time.monotonic() > run_deadline:
-                t_done = now
                 res.notes.append("run deadline hit")
                 break
         # Let the tail (alerts leaving through the sink) finish inside the measured window.
@@ -928,6 +930,8 @@ def measure(
         sent = int(pub_info.get("sent", n))
         t_start = float(pub_info.get("t_start", 0.0))
 
+        if t_done is None:
+            t_done = crossing_time([(t_start, 0), *polls], received)
         res.received = received
         res.lost = sent - received
         if received > 0:
