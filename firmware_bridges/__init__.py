@@ -1,0 +1,1 @@
+"""What device firmware speaks (line codecs, framed binary, Modbus register maps), turned into readings."""

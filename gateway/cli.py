@@ -1,0 +1,94 @@
+"""The ``sluice`` command: run a gateway, validate a config, print the config's JSON Schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from ._log import setup_logging
+from .config import json_schema, load_config
+from .errors import ConfigError
+
+__all__ = ["main"]
+
+log = logging.getLogger("sluice")
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+
+
+def _print_issues(err: ConfigError) -> None:
+    for issue in err.issues:
+        print(issue, file=sys.stderr)
+    n = len(err.issues)
+    print(f"{n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path = Path(args.config) if args.config else DEMO_CONFIG
+    try:
+        loaded = load_config(path)
+    except ConfigError as err:
+        _print_issues(err)
+        return 1
+    setup_logging(args.log_level or loaded.config.gateway.log_level)
+    if not args.config:
+        log.info("no config given: running the demo (%s)", path)
+    from .runtime import Gateway
+
+    try:
+        asyncio.run(Gateway(loaded).run())
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return 1
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as err:
+        _print_issues(err)
+        return 1
+    n_nodes = sum(len(v) for v in loaded.nodes.values())
+    print(f"{args.config}: valid ({len(loaded.nodes)} pipelines, {n_nodes} nodes)")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    json.dump(json_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sluice", description="Sluice: continuous pipelines for edge/IoT gateways.")
+    p.add_argument("--version", action="version", version=f"sluice {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a gateway (no CONFIG: the bundled demo)")
+    run.add_argument("config", nargs="?", help="YAML config file")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="overrides gateway.log_level")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="check a config; print every problem as FILE:LINE: path: message")
+    val.add_argument("config", help="YAML config file")
+    val.set_defaults(func=cmd_validate)
+
+    sch = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
+    sch.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Loading and validating the one YAML config file.
+
+Every problem is reported as ``FILE:LINE: path.to.field: message``, all of them at once: YAML
+syntax, ``${ENV}`` substitution, unknown keys, wrong types, pipeline graph errors (unknown
+inputs, cycles, sinks used as inputs, duplicate ids) and node-specific checks such as
+expressions that do not compile.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from .errors import ConfigError, ConfigIssue
+from .node import Duration, NodeOptions, get_node_type, node_types
+
+__all__ = [
+    "ConsoleConfig",
+    "GatewayConfig",
+    "LoadedConfig",
+    "MqttConnection",
+    "PipelineConfig",
+    "SluiceConfig",
+    "json_schema",
+    "load_config",
+    "parse_config",
+]
+
+_ID = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GatewayConfig(_Section):
+    id: str = Field(pattern=_ID, description="Names this gateway in MQTT topics and outgoing messages.")
+    data_dir: str = Field("./data", description="Where state, dead letters and sequence numbers live.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    queue_size: int = Field(10_000, ge=10, description="Events each pipeline buffers before its sources pause.")
+    sink_queue_size: int = Field(10_000, ge=10, description="Events each sink buffers before the pipeline waits.")
+    shutdown_timeout: Duration = Field(10.0, description="How long a clean stop may take to drain queues.")
+
+
+class MqttConnection(_Section):
+    type: Literal["mqtt"]
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = Field(None, description="Prefix for client ids; default: the gateway id.")
+    keepalive: int = Field(30, ge=5, le=3600)
+    version: Literal["5", "3.1.1"] = "5"
+    status: bool = Field(True, description="Publish retained sluice/<gateway>/status with a last will.")
+    reconnect_max: Duration = Field(30.0, description="Cap of the exponential reconnect backoff.")
+
+
+class ConsoleConfig(_Section):
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="Bind address; localhost unless you mean otherwise.")
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class PipelineConfig(_Section):
+    name: str = Field(pattern=_ID)
+    description: str | None = None
+    nodes: list[dict[str, Any]] = Field(min_length=1)
+
+
+class SluiceConfig(_Section):
+    gateway: GatewayConfig
+    connections: dict[str, MqttConnection] = Field(default_factory=dict)
+    llm: dict[str, Any] | None = Field(None, description="Reserved for LLM providers.")
+    pipelines: list[PipelineConfig] = Field(default_factory=list)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+
+
+@dataclass
+class LoadedConfig:
+    """A validated config: the sections plus each pipeline's parsed node options."""
+
+    config: SluiceConfig
+    nodes: dict[str, list[NodeOptions]]
+    path: str
+    text: str
+    lines: dict[tuple[Any, ...], int] = field(default_factory=dict)
+
+
+# --- YAML with line numbers --------------------------------------------------------------
+
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+class _Reader:
+    def __init__(self, file: str, env: dict[str, str]):
+        self.file = file
+        self.env = env
+        self.lines: dict[tuple[Any, ...], int] = {}
+        self.issues: list[ConfigIssue] = []
+
+    def issue(self, line: int, path: tuple[Any, ...], message: str) -> None:
+        self.issues.append(ConfigIssue(self.file, line, _dotted(path), message))
+
+    def build(self, node: yaml.Node, path: tuple[Any, ...]) -> Any:
+        line = node.start_mark.line + 1
+        self.lines.setdefault(path, line)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for k_node, v_node in node.value:
+                key = yaml.SafeLoader.construct_scalar(_LOADER, k_node) if isinstance(k_node, yaml.ScalarNode) else None
+                if key is None or not isinstance(k_node, yaml.ScalarNode):
+                    self.issue(k_node.start_mark.line + 1, path, "mapping keys must be plain names")
+                    continue
+                if key in out:
+                    self.issue(k_node.start_mark.line + 1, (*path, key), "duplicate key")
+                    continue
+                self.lines[(*path, key)] = k_node.start_mark.line + 1
+                out[key] = self.build(v_node, (*path, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        value = _LOADER.construct_object(node, deep=True)
+        if isinstance(value, str) and "$" in value:
+            value = self.substitute(value, line, path)
+        return value
+
+    def substitute(self, text: str, line: int, path: tuple[Any, ...]) -> str:
+        def repl(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            if name in self.env and self.env[name] != "":
+                return self.env[name]
+            if default is not None:
+                return default
+            self.issue(line, path, f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+            return ""
+
+        return _ENV.sub(repl, text)
+
+
+_LOADER = yaml.SafeLoader("")
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _line_for(lines: dict[tuple[Any, ...], int], path: tuple[Any, ...]) -> int:
+    for n in range(len(path), -1, -1):
+        line = lines.get(tuple(path[:n]))
+        if line is not None:
+            return line
+    return 1
+
+
+def _message(err: dict[str, Any], model: type[BaseModel] | None) -> str:
+    kind = err.get("type", "")
+    loc = err.get("loc", ())
+    if kind == "extra_forbidden":
+        name = str(loc[-1]) if loc else "?"
+        known: list[str] = []
+        if model is not None:
+            known = list(_fields_at(model, loc[:-1]))
+        hint = difflib.get_close_matches(name, known, n=1)
+        msg = f"unknown field {name!r}"
+        if hint:
+            msg += f"; did you mean {hint[0]!r}?"
+        elif known:
+            msg += f"; known fields: {', '.join(sorted(known))}"
+        return msg
+    if kind == "missing":
+        return "required field is missing"
+    msg = str(err.get("msg", "invalid value"))
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            ann = None
+        else:
+            f = current.model_fields.get(part)
+            ann = f.annotation if f else None
+        if ann is None:
+            continue
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+        current = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _pydantic_issues(
+    exc: ValidationError, prefix: tuple[Any, ...], r: _Reader, model: type[BaseModel]
+) -> None:
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = (*prefix, *loc)
+        r.issue(_line_for(r.lines, path), path, _message(err, model))
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LoadedConfig:
+    """Read and validate a config file; raise :class:`ConfigError` listing every problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(path), 1, "", f"cannot read config: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(str(path), 1, "", "config is not UTF-8 text")]) from None
+    return parse_config(text, str(path), env)
+
+
+def parse_config(text: str, file: str = "<config>", env: dict[str, str] | None = None) -> LoadedConfig:
+    r = _Reader(file, dict(os.environ) if env is None else env)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise ConfigError([ConfigIssue(file, line, "", f"YAML syntax: {exc.problem or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(file, 1, "", f"YAML: {exc}")]) from None
+    if root is None:
+        raise ConfigError([ConfigIssue(file, 1, "", "config is empty; it needs at least a 'gateway' section")])
+    data = r.build(root, ())
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(file, 1, "", "config must be a mapping of sections")])
+
+    cfg: SluiceConfig | None = None
+    try:
+        cfg = SluiceConfig.model_validate(data)
+    except ValidationError as exc:
+        _pydantic_issues(exc, (), r, SluiceConfig)
+
+    nodes: dict[str, list[NodeOptions]] = {}
+    raw_pipes = data.get("pipelines") if isinstance(data.get("pipelines"), list) else []
+    seen_pipes: set[str] = set()
+    for pi, pipe in enumerate(raw_pipes):
+        if not isinstance(pipe, dict):
+            continue
+        name = pipe.get("name")
+        if isinstance(name, str):
+            if name in seen_pipes:
+                where = ("pipelines", pi, "name")
+                r.issue(_line_for(r.lines, where), where, f"duplicate pipeline name {name!r}")
+            seen_pipes.add(name)
+        raw_nodes = pipe.get("nodes") if isinstance(pipe.get("nodes"), list) else []
+        parsed = _parse_nodes(raw_nodes, ("pipelines", pi, "nodes"), r, data)
+        if isinstance(name, str):
+            nodes[name] = parsed
+
+    if r.issues or cfg is None:
+        r.issues.sort(key=lambda i: i.line)
+        raise ConfigError(r.issues)
+    return LoadedConfig(cfg, nodes, file, text, r.lines)
+
+
+def _parse_nodes(raw: list[Any], prefix: tuple[Any, ...], r: _Reader, data: dict[str, Any]) -> list[NodeOptions]:
+    out: list[NodeOptions] = []
+    ids: dict[str, int] = {}
+    for ni, item in enumerate(raw):
+        path = (*prefix, ni)
+        if not isinstance(item, dict):
+            r.issue(_line_for(r.lines, path), path, "a node must be a mapping with id and type")
+            continue
+        type_name = item.get("type")
+        cls = get_node_type(type_name) if isinstance(type_name, str) else None
+        if cls is None:
+            known = sorted(node_types())
+            hint = difflib.get_close_matches(str(type_name), known, n=1) if type_name else []
+            what = "missing node type" if type_name is None else f"unknown node type {type_name!r}"
+            more = f"; did you mean {hint[0]!r}?" if hint else f"; known types: {', '.join(known)}"
+            r.issue(_line_for(r.lines, (*path, "type")), (*path, "type"), what + more)
+            continue
+        try:
+            opts = cls.Options.model_validate(item)
+        except ValidationError as exc:
+            _pydantic_issues(exc, path, r, cls.Options)
+            continue
+        if opts.id in ids:
+            first = f"pipelines.{prefix[1]}.nodes.{ids[opts.id]}" if len(prefix) > 1 else str(ids[opts.id])
+            r.issue(_line_for(r.lines, (*path, "id")), (*path, "id"), f"duplicate node id {opts.id!r} (first at {first})")
+            continue
+        ids[opts.id] = ni
+        for fld, msg in cls.check(opts, data):
+            fpath = (*path, *fld.split(".")) if fld else path
+            r.issue(_line_for(r.lines, fpath), fpath, msg)
+        out.append(opts)
+    _check_graph(out, ids, prefix, r)
+    return out
+
+
+def _check_graph(nodes: list[NodeOptions], index: dict[str, int], prefix: tuple[Any, ...], r: _Reader) -> None:
+    by_id = {n.id: n for n in nodes}
+    for n in nodes:
+        path = (*prefix, index[n.id], "input")
+        kind = get_node_type(n.type).kind  # type: ignore[union-attr]
+        if kind == "source" and n.input:
+            r.issue(_line_for(r.lines, path), path, f"{n.type!r} is a source and takes no input")
+            continue
+        if kind != "source" and not n.input:
+            r.issue(_line_for(r.lines, path), path, f"node {n.id!r} needs an input (the id of an upstream node)")
+            continue
+        for up in n.input:
+            if up == n.id:
+                r.issue(_line_for(r.lines, path), path, f"node {n.id!r} cannot take its own output as input")
+            elif up not in by_id:
+                hint = difflib.get_close_matches(up, list(by_id), n=1)
+                more = f"; did you mean {hint[0]!r}?" if hint else ""
+                r.issue(_line_for(r.lines, path), path, f"unknown input {up!r}{more}")
+            elif get_node_type(by_id[up].type).kind == "sink":  # type: ignore[union-attr]
+                msg = f"{up!r} is a sink ({by_id[up].type}) and has no output to take"
+                r.issue(_line_for(r.lines, path), path, msg)
+    # cycles: depth-first search over valid edges
+    state: dict[str, int] = {}
+
+    def visit(nid: str, stack: list[str]) -> None:
+        state[nid] = 1
+        for up in by_id[nid].input:
+            if up not in by_id or up == nid:
+                continue
+            if state.get(up) == 1:
+                cyc = [*stack[stack.index(up):], up] if up in stack else [nid, up]
+                path = (*prefix, index[nid], "input")
+                r.issue(_line_for(r.lines, path), path, "cycle: " + " -> ".join(reversed(cyc)))
+            elif up not in state:
+                visit(up, [*stack, up])
+        state[nid] = 2
+
+    for nid in by_id:
+        if nid not in state:
+            visit(nid, [nid])
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the whole config, with every registered node type's options."""
+    option_models = [cls.Options for cls in node_types().values()]
+    node_union = Annotated[Union[tuple(option_models)], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
+    pipe = create_model("Pipeline", __base__=PipelineConfig, nodes=(list[node_union], ...))  # type: ignore[valid-type]
+    root = create_model("SluiceConfigSchema", __base__=SluiceConfig, pipelines=(list[pipe], []))  # type: ignore[valid-type]
+    schema = root.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Sluice gateway config"
+    return schema

@@ -1,0 +1,148 @@
+"""The console's HTTP side: health, Prometheus metrics and the pipeline API (aiohttp).
+
+``GET /healthz`` answers 200 with JSON while the gateway runs (``status`` is ``ok`` or
+``degraded`` with the list of problems) and 503 while starting or stopping.
+``GET /metrics`` is Prometheus text; ``GET /api/pipelines`` describes every node with its
+counters, queue and health.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .config import ConsoleConfig
+
+if TYPE_CHECKING:
+    from .runtime import Gateway
+
+__all__ = ["Console"]
+
+log = logging.getLogger(__name__)
+
+
+class _GatewayCollector(Collector):
+    """Reads the gateway's own counters at scrape time (no per-event metric calls)."""
+
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self._proc = psutil.Process()
+
+    def collect(self) -> Iterator[Any]:
+        gw = self.gw
+        labels = ["pipeline", "node", "type"]
+        fams = {c: CounterMetricFamily(f"sluice_node_{c}", f"Events {c} per node" if c != "errors" else
+                                       "Inputs a node could not handle (dead-lettered)", labels=labels)
+                for c in ("in", "out", "errors", "dropped")}
+        malformed = CounterMetricFamily("sluice_node_malformed", "Malformed inputs rejected by a source",
+                                        labels=labels)
+        depth = GaugeMetricFamily("sluice_queue_depth", "Events waiting in a bounded queue",
+                                  labels=["pipeline", "queue"])
+        cap = GaugeMetricFamily("sluice_queue_capacity", "Capacity of a bounded queue", labels=["pipeline", "queue"])
+        hw = GaugeMetricFamily("sluice_queue_high_water", "Most events a queue has held", labels=["pipeline", "queue"])
+        for p in gw.pipelines.values():
+            for n in p.nodes:
+                c = n.counters()
+                lv = [p.name, n.id, n.type_name]
+                for k, fam in fams.items():
+                    fam.add_metric(lv, c.get(k, 0))
+                if "malformed" in c:
+                    malformed.add_metric(lv, c["malformed"])
+            for qname, q in (("input", p.queue), *((p.nodes[i].id, q) for i, q in p.sink_queues.items())):
+                depth.add_metric([p.name, qname], q.depth)
+                cap.add_metric([p.name, qname], q.capacity)
+                hw.add_metric([p.name, qname], q.high_water)
+        yield from fams.values()
+        yield malformed
+        yield depth
+        yield cap
+        yield hw
+        dl = CounterMetricFamily("sluice_dead_letters", "Inputs dead-lettered, by node", labels=["pipeline", "node"])
+        for (pipe, node), count in gw.dead_letters.counts.items():
+            dl.add_metric([pipe, node], count)
+        yield dl
+        lost = CounterMetricFamily("sluice_dead_letters_unwritten", "Dead letters counted but not written to disk")
+        lost.add_metric([], gw.dead_letters.lost)
+        yield lost
+        up = GaugeMetricFamily("sluice_mqtt_connected", "1 when the publisher link is connected",
+                               labels=["connection"])
+        for name, link in gw.links.publishers.items():
+            up.add_metric([name], 1 if link.connected else 0)
+        yield up
+        yield GaugeMetricFamily("sluice_uptime_seconds", "Seconds since the gateway started",
+                                value=time.time() - gw.started_at)
+        with self._proc.oneshot():
+            yield GaugeMetricFamily("sluice_process_resident_memory_bytes", "Resident memory",
+                                    value=self._proc.memory_info().rss)
+            t = self._proc.cpu_times()
+            yield CounterMetricFamily("sluice_process_cpu_seconds", "CPU time used", value=t.user + t.system)
+
+
+class Console:
+    """The console web server, started and stopped by the gateway."""
+
+    def __init__(self, gw: Gateway, cfg: ConsoleConfig):
+        self.gw = gw
+        self.cfg = cfg
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_GatewayCollector(gw))
+        self.app = web.Application()
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/api/pipelines", self.api_pipelines)
+        self.app.router.add_get("/api/deadletters", self.api_deadletters)
+        self._runner: web.AppRunner | None = None
+        self.port = cfg.port
+
+    @property
+    def url(self) -> str:
+        host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::") else "localhost"
+        return f"http://{host}:{self.port}/"
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise OSError(exc.errno, f"console cannot listen on {self.cfg.host}:{self.cfg.port}: "
+                                     f"{exc.strerror} (set console.port, or console.enabled: false)") from None
+        server = site._server
+        if server is not None and server.sockets:  # type: ignore[union-attr]
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        h = self.gw.health()
+        return web.json_response(h, status=200 if self.gw.state == "running" else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def api_pipelines(self, request: web.Request) -> web.Response:
+        return web.json_response({"gateway_id": self.gw.id, "state": self.gw.state,
+                                  "pipelines": [p.describe() for p in self.gw.pipelines.values()]})
+
+    async def api_deadletters(self, request: web.Request) -> web.Response:
+        try:
+            limit = min(int(request.query.get("limit", "100")), 200)
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit must be an integer") from None
+        rows = list(self.gw.dead_letters.recent)[-limit:][::-1]
+        return web.json_response({"total": self.gw.dead_letters.total, "recent": rows})

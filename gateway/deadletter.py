@@ -1,0 +1,137 @@
+"""Dead letters: inputs a node could not handle, kept with the reason in a bounded SQLite table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from ._log import RateLimitedLog
+from .events import Event
+
+__all__ = ["DeadLetters"]
+
+log = logging.getLogger(__name__)
+_EXCERPT = 512
+
+
+def _excerpt(raw: Any) -> str:
+    if raw is None:
+        return ""
+    if isinstance(raw, bytes | bytearray | memoryview):
+        text = bytes(raw[: _EXCERPT + 1]).decode("utf-8", "backslashreplace")
+    else:
+        text = str(raw)
+    return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
+
+
+class DeadLetters:
+    """Records rejected inputs: counted per node, logged at a limited rate, written in batches.
+
+    ``record`` never blocks: rows wait in a bounded buffer that a background task writes to
+    ``<data_dir>/deadletter.db`` in a thread. If the buffer overflows (the disk cannot keep up),
+    the row is counted in ``lost`` — the count itself is never lost.
+    """
+
+    def __init__(self, path: Path | None, keep: int = 10_000, buffer: int = 10_000):
+        self.path = path
+        self.keep = keep
+        self.counts: dict[tuple[str, str], int] = {}
+        self.lost = 0
+        self.recent: deque[dict[str, Any]] = deque(maxlen=200)
+        self._pending: deque[tuple[Any, ...]] = deque()
+        self._buffer = buffer
+        self._rl = RateLimitedLog(log)
+        self._db: sqlite3.Connection | None = None
+        self._wake = asyncio.Event()
+
+    def record(self, pipeline: str, node: str, reason: str, event: Event | None = None, raw: Any = None) -> None:
+        k = (pipeline, node)
+        self.counts[k] = self.counts.get(k, 0) + 1
+        if raw is None and event is not None:
+            try:
+                raw = json.dumps(event.to_dict(), default=str)
+            except (TypeError, ValueError):
+                raw = repr(event)
+        excerpt = _excerpt(raw)
+        row = {"ts": time.time(), "pipeline": pipeline, "node": node, "reason": reason,
+               "key": event.key if event else None, "payload": excerpt}
+        self.recent.append(row)
+        self._rl.warning(f"{pipeline}/{node}/{reason[:40]}", "dead letter from %s/%s: %s; input: %.120s",
+                         pipeline, node, reason, excerpt)
+        if len(self._pending) >= self._buffer:
+            self.lost += 1
+            return
+        self._pending.append(tuple(row.values()))
+        self._wake.set()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def _open(self) -> sqlite3.Connection:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, "
+            "pipeline TEXT, node TEXT, reason TEXT, key TEXT, payload TEXT)"
+        )
+        return db
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        if self._db is None:
+            self._db = self._open()
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO dead_letters (ts, pipeline, node, reason, key, payload) VALUES (?,?,?,?,?,?)", rows
+            )
+            self._db.execute(
+                "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?", (self.keep,)
+            )
+
+    async def flush(self) -> None:
+        if self.path is None:
+            self._pending.clear()
+            return
+        if not self._pending:
+            return
+        rows = list(self._pending)
+        self._pending.clear()
+        try:
+            await asyncio.to_thread(self._write, rows)
+        except sqlite3.Error as exc:
+            self.lost += len(rows)
+            log.error("cannot write %d dead letters to %s: %s", len(rows), self.path, exc)
+
+    async def run(self) -> None:
+        """Write buffered rows every half second until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+            await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.to_thread(db.close)
+
+    def read(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest rows from the database (for tests and the console)."""
+        if self.path is None or not self.path.exists():
+            return []
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            return [dict(r) for r in rows]
+        finally:
+            db.close()

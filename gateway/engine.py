@@ -1,0 +1,381 @@
+"""Pipeline compilation and scheduling.
+
+A pipeline's synchronous operators are fused into one chain that runs in one task, batch by
+batch in topological order (like Flink's operator chaining). Bounded queues exist only at async
+boundaries: sources → chain (one queue per pipeline) and chain → each sink. A full queue makes
+its producer wait; sources that cannot wait (a socket callback) pause their reading instead, so
+overload is felt at the edge of the process and memory stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._log import RateLimitedLog
+from ._retry import backoff
+from .events import Event
+from .node import NodeContext, NodeOptions, Operator, Sink, Source, _Node, get_node_type
+
+__all__ = ["BatchQueue", "Pipeline", "SourceQueue"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Batch:
+    origin: int
+    events: list[Event]
+    done: Callable[[], None] | None = None
+
+
+_STOP: Any = object()
+
+
+class BatchQueue:
+    """A FIFO of batches bounded by the number of *events* it holds.
+
+    ``put`` waits while the queue is at capacity; ``put_nowait`` always accepts (for producers
+    that cannot wait and pause their input instead) and ``when_room`` tells them when to resume
+    (at half capacity, so they do not flap).
+    """
+
+    def __init__(self, capacity: int, name: str = ""):
+        self.capacity = capacity
+        self.name = name
+        self.depth = 0
+        self.high_water = 0
+        self._items: deque[tuple[Any, int]] = deque()
+        self._getter: asyncio.Future[None] | None = None
+        self._putters: deque[asyncio.Future[None]] = deque()
+        self._room_callbacks: list[Callable[[], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def full(self) -> bool:
+        return self.depth >= self.capacity
+
+    @property
+    def waiting_producers(self) -> int:
+        return len(self._putters) + len(self._room_callbacks)
+
+    def put_nowait(self, item: Any, size: int) -> None:
+        self._items.append((item, size))
+        self.depth += size
+        if self.depth > self.high_water:
+            self.high_water = self.depth
+        g = self._getter
+        if g is not None and not g.done():
+            g.set_result(None)
+
+    async def put(self, item: Any, size: int) -> None:
+        while self.depth >= self.capacity:
+            fut = asyncio.get_running_loop().create_future()
+            self._putters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if fut in self._putters:
+                    self._putters.remove(fut)
+                raise
+        self.put_nowait(item, size)
+
+    def when_room(self, callback: Callable[[], None]) -> None:
+        self._room_callbacks.append(callback)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._getter = asyncio.get_running_loop().create_future()
+            try:
+                await self._getter
+            finally:
+                self._getter = None
+        item, size = self._items.popleft()
+        self.depth -= size
+        if self.depth < self.capacity:
+            while self._putters:
+                f = self._putters.popleft()
+                if not f.done():
+                    f.set_result(None)
+                    break
+            if self._room_callbacks and self.depth <= self.capacity // 2:
+                cbs, self._room_callbacks = self._room_callbacks, []
+                for cb in cbs:
+                    cb()
+        return item
+
+    def stats(self) -> dict[str, int]:
+        return {"depth": self.depth, "capacity": self.capacity, "high_water": self.high_water,
+                "waiting_producers": self.waiting_producers}
+
+
+class SourceQueue:
+    """A source's handle on its pipeline's input queue."""
+
+    __slots__ = ("_node", "_origin", "_q")
+
+    def __init__(self, q: BatchQueue, origin: int, node: Source):
+        self._q = q
+        self._origin = origin
+        self._node = node
+
+    async def put(self, events: list[Event], done: Callable[[], None] | None = None) -> None:
+        """Hand over a batch, waiting while the pipeline is full. ``done`` runs once it is processed."""
+        if events:
+            self._node.n_out += len(events)
+            await self._q.put(_Batch(self._origin, events, done), len(events))
+
+    def put_nowait(self, events: list[Event], done: Callable[[], None] | None = None) -> bool:
+        """Hand over a batch without waiting; returns False when the producer should pause."""
+        if events:
+            self._node.n_out += len(events)
+            self._q.put_nowait(_Batch(self._origin, events, done), len(events))
+        return not self._q.full
+
+    @property
+    def full(self) -> bool:
+        return self._q.full
+
+    def when_room(self, callback: Callable[[], None]) -> None:
+        self._q.when_room(callback)
+
+
+class Pipeline:
+    """One running pipeline: its nodes, the fused chain, and the tasks that drive them."""
+
+    def __init__(
+        self,
+        name: str,
+        options: list[NodeOptions],
+        make_ctx: Callable[[str], NodeContext],
+        queue_size: int = 10_000,
+        sink_queue_size: int = 10_000,
+    ):
+        self.name = name
+        self.state = "created"
+        self.started_at: float | None = None
+        self.nodes: list[_Node] = []
+        index: dict[str, int] = {}
+        for opts in _topological(options):
+            cls = get_node_type(opts.type)
+            assert cls is not None, opts.type  # validated by config
+            index[opts.id] = len(self.nodes)
+            self.nodes.append(cls(opts, make_ctx(opts.id)))
+        self.index = index
+        self.queue = BatchQueue(queue_size, f"{name}:input")
+        self.sink_queues: dict[int, BatchQueue] = {
+            i: BatchQueue(sink_queue_size, f"{name}:{n.id}") for i, n in enumerate(self.nodes) if isinstance(n, Sink)
+        }
+        self.inputs: list[list[int]] = [[index[u] for u in n.options.input] for n in self.nodes]
+        self.plans: dict[int, list[tuple[int, _Node, list[int]]]] = {}
+        for i, n in enumerate(self.nodes):
+            if isinstance(n, Source | Operator):
+                self.plans[i] = self._plan(i)
+        self._timed = [i for i, n in enumerate(self.nodes)
+                       if isinstance(n, Operator) and type(n).on_timer is not Operator.on_timer]
+        self._stopping = asyncio.Event()
+        self._rl = RateLimitedLog(log)
+        self.source_state: dict[str, str] = {}
+
+    def _plan(self, origin: int) -> list[tuple[int, _Node, list[int]]]:
+        """Nodes reachable from ``origin`` in topological order, each with its upstream slots."""
+        reach = {origin}
+        plan = []
+        for i, n in enumerate(self.nodes):
+            if i == origin:
+                continue
+            ups = [u for u in self.inputs[i] if u in reach]
+            if ups:
+                reach.add(i)
+                plan.append((i, n, ups))
+        return plan
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`; then stop sources, drain the chain and the sinks, and return."""
+        self.state = "starting"
+        self.started_at = time.time()
+        async with asyncio.TaskGroup() as tg:
+            sink_tasks = [tg.create_task(self._sink_loop(i, n), name=f"sink:{self.name}:{n.id}")  # type: ignore[arg-type]
+                          for i, n in enumerate(self.nodes) if isinstance(n, Sink)]
+            chain = tg.create_task(self._chain_loop(), name=f"chain:{self.name}")
+            sources = [tg.create_task(self._source_loop(i, n), name=f"source:{self.name}:{n.id}")  # type: ignore[arg-type]
+                       for i, n in enumerate(self.nodes) if isinstance(n, Source)]
+            timer = tg.create_task(self._timer_loop(), name=f"timer:{self.name}") if self._timed else None
+            self.state = "running"
+            log.info("pipeline %s running: %d nodes", self.name, len(self.nodes))
+            await self._stopping.wait()
+            self.state = "stopping"
+            for t in sources:
+                t.cancel()
+            if timer:
+                timer.cancel()
+            await asyncio.gather(*sources, return_exceptions=True)
+            self.queue.put_nowait(_STOP, 0)
+            await chain
+            for i in self.sink_queues:
+                self.sink_queues[i].put_nowait(_STOP, 0)
+            await asyncio.gather(*sink_tasks)
+        self.state = "stopped"
+        log.info("pipeline %s stopped", self.name)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _source_loop(self, i: int, src: Source) -> None:
+        out = SourceQueue(self.queue, i, src)
+        attempt = 0
+        while True:
+            self.source_state[src.id] = "running"
+            try:
+                await src.run(out)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # node boundary: a failing source is restarted, not fatal
+                src.n_errors += 1
+                self.source_state[src.id] = f"failed: {exc}"
+                delay = backoff(attempt, 30.0)
+                attempt += 1
+                log.error("source %s/%s failed (%s: %s); restarting in %.1fs",
+                          self.name, src.id, type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.source_state[src.id] = "finished"
+            log.info("source %s/%s finished", self.name, src.id)
+            return
+
+    async def _timer_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for i in self._timed:
+                node = self.nodes[i]
+                try:
+                    events = node.on_timer(now)  # type: ignore[union-attr]
+                except Exception as exc:  # node boundary
+                    node.fail(None, exc)
+                    continue
+                if events:
+                    node.n_out += len(events)
+                    await self.queue.put(_Batch(i, events), len(events))
+
+    async def _chain_loop(self) -> None:
+        q = self.queue
+        sink_queues = self.sink_queues
+        while True:
+            item = await q.get()
+            if item is _STOP:
+                return
+            for si, events in self._process(item):
+                await sink_queues[si].put(events, len(events))
+            if item.done is not None:
+                try:
+                    item.done()
+                except Exception:  # an ack callback must not stop the chain
+                    log.exception("acknowledging a batch failed in pipeline %s", self.name)
+
+    def _process(self, item: _Batch) -> list[tuple[int, list[Event]]]:
+        slots: dict[int, list[Event]] = {item.origin: item.events}
+        to_sinks: list[tuple[int, list[Event]]] = []
+        for i, node, ups in self.plans[item.origin]:
+            if len(ups) == 1:
+                ins = slots.get(ups[0])
+            else:
+                ins = [ev for u in ups for ev in slots.get(u, ())]
+            if not ins:
+                continue
+            node.n_in += len(ins)
+            if isinstance(node, Operator):
+                try:
+                    out = node.process_batch(ins)
+                except Exception as exc:  # an operator that broke outside its per-event guard
+                    for ev in ins:
+                        node.fail(ev, exc)
+                    continue
+                node.n_out += len(out)
+                slots[i] = out
+            else:
+                to_sinks.append((i, ins))
+        return to_sinks
+
+    async def _sink_loop(self, i: int, sink: Sink) -> None:
+        q = self.sink_queues[i]
+        attempt = 0
+        while True:
+            try:
+                await sink.start()
+                break
+            except Exception as exc:  # node boundary: retry a sink that cannot start
+                delay = backoff(attempt, 30.0)
+                attempt += 1
+                self._rl.warning(f"start:{sink.id}", "sink %s/%s cannot start (%s); retrying in %.1fs",
+                                 self.name, sink.id, exc, delay)
+                if self._stopping.is_set() and attempt > 3:
+                    break
+                await asyncio.sleep(delay)
+        while True:
+            batch = await q.get()
+            if batch is _STOP:
+                break
+            try:
+                await sink.write(batch)
+            except Exception as exc:  # node boundary: dead-letter what could not be written
+                for ev in batch:
+                    sink.fail(ev, exc)
+            else:
+                sink.n_out += len(batch)
+        try:
+            await sink.close()
+        except Exception:  # closing must not hide the other sinks' shutdown
+            log.exception("sink %s/%s failed to close", self.name, sink.id)
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        out = []
+        for i, n in enumerate(self.nodes):
+            q = self.queue if isinstance(n, Source) else self.sink_queues.get(i)
+            entry: dict[str, Any] = {
+                "id": n.id,
+                "type": n.type_name,
+                "kind": n.kind,
+                "inputs": list(n.options.input),
+                "counters": n.counters(),
+                "queue": q.stats() if q is not None else None,
+            }
+            if isinstance(n, Source | Sink):
+                entry["health"] = n.health()
+            if isinstance(n, Source):
+                entry["state"] = self.source_state.get(n.id, "created")
+            out.append(entry)
+        return {"name": self.name, "state": self.state, "started_at": self.started_at, "nodes": out}
+
+
+def _topological(options: list[NodeOptions]) -> list[NodeOptions]:
+    """Order nodes so every node comes after its inputs (stable for independent nodes)."""
+    by_id = {o.id: o for o in options}
+    done: set[str] = set()
+    out: list[NodeOptions] = []
+
+    def visit(o: NodeOptions, seen: set[str]) -> None:
+        if o.id in done:
+            return
+        if o.id in seen:
+            raise ValueError(f"cycle through {o.id!r}")
+        seen.add(o.id)
+        for up in o.input:
+            visit(by_id[up], seen)
+        done.add(o.id)
+        out.append(o)
+
+    for o in options:
+        visit(o, set())
+    return out

@@ -1,0 +1,254 @@
+"""The one seam to the MQTT broker: a gmqtt client that reconnects by itself.
+
+gmqtt was chosen for its receive cost (15–20 µs per message with ``json.loads`` against ~60 µs
+for aiomqtt, measured on this project's benchmark machine). Everything gmqtt-specific lives here
+so the client can be swapped: the rest of Sluice sees :class:`MqttLink` only.
+
+Reconnects use capped exponential backoff with jitter and log once per state change. Reading can
+be paused (backpressure): the client's read loop waits on a gate, the socket buffers fill, and the
+broker holds further messages in the session queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gmqtt
+from gmqtt.mqtt.constants import MQTTv50, MQTTv311
+
+from ._retry import backoff
+from .config import MqttConnection
+from .errors import LinkError
+
+__all__ = ["MqttLink", "status_topic"]
+
+log = logging.getLogger(__name__)
+
+OnMessage = Callable[[str, bytes, int, dict[str, Any]], Any]
+
+
+def status_topic(gateway_id: str) -> str:
+    return f"sluice/{gateway_id}/status"
+
+
+class _Client(gmqtt.Client):
+    """gmqtt's own reconnect is fixed-delay and fire-and-forget; the link's supervisor owns it."""
+
+    _link: MqttLink
+
+    async def reconnect(self, delay: bool = False) -> None:
+        self._link._lost()
+
+
+class MqttLink:
+    """One broker connection. ``run()`` is its supervisor task; the owner cancels it to stop."""
+
+    def __init__(
+        self,
+        name: str,
+        conn: MqttConnection,
+        client_id: str,
+        *,
+        on_message: OnMessage | None = None,
+        clean_session: bool = True,
+        session_expiry: int = 0,
+        will: tuple[str, bytes, bool] | None = None,
+        birth: Callable[[], tuple[str, bytes, bool]] | None = None,
+        ack_after_processing: bool = False,
+    ):
+        self.name = name
+        self.conn = conn
+        self.client_id = client_id
+        self.state = "connecting"
+        self.since = time.time()
+        self.last_error: str | None = None
+        self.connects = 0
+        self._closing = False
+        self._subs: dict[str, int] = {}
+        self._birth = birth
+        self._connected = asyncio.Event()
+        self._lost_evt = asyncio.Event()
+        self._gate = asyncio.Event()
+        self._gate.set()
+        props: dict[str, Any] = {}
+        if conn.version == "5" and session_expiry:
+            props["session_expiry_interval"] = session_expiry
+        will_msg = gmqtt.Message(will[0], will[1], qos=1, retain=will[2]) if will else None
+        self._client = _Client(
+            client_id,
+            clean_session=clean_session,
+            optimistic_acknowledgement=not ack_after_processing,
+            will_message=will_msg,
+            **props,
+        )
+        self._client._link = self
+        if conn.username:
+            self._client.set_auth_credentials(conn.username, conn.password)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        if on_message is not None:
+            self._client.on_message = on_message
+
+    # --- state --------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = time.time()
+        self.last_error = error
+
+    def health(self) -> dict[str, Any]:
+        return {"connection": self.name, "state": self.state, "since": self.since,
+                "error": self.last_error, "connects": self.connects,
+                "reading": self._gate.is_set()}
+
+    def _on_connect(self, client: Any, flags: Any, rc: Any, properties: Any) -> None:
+        for topic, qos in self._subs.items():
+            client.subscribe(topic, qos=qos)
+        if self._birth is not None:
+            topic, payload, retain = self._birth()
+            client.publish(topic, payload, qos=1, retain=retain)
+
+    def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        if self._connected.is_set():
+            self._connected.clear()
+            self._lost_evt.set()
+
+    # --- supervisor -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, and reconnect whenever the connection is lost, until cancelled."""
+        attempt = 0
+        version = MQTTv50 if self.conn.version == "5" else MQTTv311
+        where = f"{self.conn.host}:{self.conn.port}"
+        try:
+            while True:
+                self._lost_evt.clear()
+                try:
+                    await asyncio.wait_for(
+                        self._client.connect(self.conn.host, self.conn.port, keepalive=self.conn.keepalive,
+                                             version=version),
+                        timeout=max(10.0, self.conn.keepalive),
+                    )
+                except (OSError, TimeoutError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
+                    err = _describe(exc)
+                    delay = backoff(attempt, self.conn.reconnect_max)
+                    if self.state != "disconnected" or attempt == 0:
+                        log.warning("mqtt %s (%s): cannot connect to %s: %s; retrying with backoff "
+                                    "(next in %.1fs, at most %.0fs apart)", self.name, self.client_id,
+                                    where, err, delay, self.conn.reconnect_max)
+                    self._set_state("disconnected", err)
+                    attempt += 1
+                    await self._close_quietly()
+                    await asyncio.sleep(delay)
+                    continue
+                self._install_gate()
+                self.connects += 1
+                self._connected.set()
+                self._set_state("connected")
+                log.info("mqtt %s (%s): connected to %s%s", self.name, self.client_id, where,
+                         f" after {attempt} failed attempts" if attempt else "")
+                attempt = 0
+                await self._lost_evt.wait()
+                if self._closing:
+                    return
+                self._set_state("disconnected", "connection lost")
+                log.warning("mqtt %s (%s): connection to %s lost; reconnecting", self.name, self.client_id, where)
+                await self._close_quietly()
+        finally:
+            self._connected.clear()
+
+    async def _close_quietly(self) -> None:
+        conn = self._client._connection
+        if conn is not None and not conn.is_closing():
+            try:
+                await conn.close()
+            except OSError:
+                pass
+
+    async def close(self, *, status: tuple[str, bytes] | None = None) -> None:
+        """Say goodbye (optionally publish a retained status first) and disconnect."""
+        self._closing = True
+        if self.connected:
+            if status is not None:
+                self._client.publish(status[0], status[1], qos=1, retain=True)
+            try:
+                await asyncio.wait_for(self._client.disconnect(), 5)
+            except (OSError, TimeoutError):
+                pass
+        self._set_state("closed")
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    # --- traffic --------------------------------------------------------------------------
+
+    def subscribe(self, topic: str, qos: int) -> None:
+        self._subs[topic] = qos
+        if self.connected:
+            self._client.subscribe(topic, qos=qos)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        if not self.connected:
+            raise LinkError(self.name, "not connected")
+        self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    # --- backpressure ---------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        self._gate.clear()
+
+    def resume_reading(self) -> None:
+        self._gate.set()
+
+    @property
+    def reading(self) -> bool:
+        return self._gate.is_set()
+
+    def _install_gate(self) -> None:
+        """Make the client's read loop wait on our gate before each socket read."""
+        conn = self._client._connection
+        proto = conn._protocol
+        read = proto.read
+        gate = self._gate
+        keepalive = self.conn.keepalive
+
+        async def gated_read(n: int = -1) -> bytes:
+            while not gate.is_set():
+                try:
+                    await asyncio.wait_for(gate.wait(), keepalive / 2)
+                except TimeoutError:
+                    # Paused on purpose: unread bytes prove the broker is alive, so do not let
+                    # the client's keepalive check drop the connection for missing data.
+                    if proto._stream_reader is not None and proto._stream_reader._buffer:
+                        conn._last_data_in = time.monotonic()
+            return await read(n)
+
+        proto.read = gated_read
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the broker running?)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode()
+

@@ -1,0 +1,196 @@
+"""The gateway process: connections, pipelines, dead letters and the console under one owner.
+
+:class:`Gateway` starts everything inside one ``asyncio.TaskGroup`` and stops it in order on
+SIGINT/SIGTERM: sources stop first, queued events drain through the chain and the sinks (bounded
+by ``gateway.shutdown_timeout``), then the links say goodbye with a retained ``offline`` status.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from ._seq import SeqCounter
+from .config import LoadedConfig, MqttConnection
+from .deadletter import DeadLetters
+from .engine import Pipeline
+from .errors import SluiceError
+from .mqtt import MqttLink, json_bytes, status_topic
+from .node import NodeContext
+
+__all__ = ["Gateway", "Links"]
+
+log = logging.getLogger(__name__)
+
+
+class Links:
+    """Shared connections by name: one publisher link per broker, plus the outgoing sequence."""
+
+    def __init__(self, gateway_id: str, connections: dict[str, MqttConnection], data_dir: Path,
+                 started_at: float):
+        self.gateway_id = gateway_id
+        self._conns = connections
+        self.seq = SeqCounter(data_dir / "seq")
+        self.started_at = started_at
+        self.publishers: dict[str, MqttLink] = {}
+        for name, conn in connections.items():
+            will = birth = None
+            if conn.status:
+                topic = status_topic(gateway_id)
+                will = (topic, self._status("offline"), True)
+
+                def birth(topic: str = topic) -> tuple[str, bytes, bool]:
+                    return topic, self._status("online"), True
+
+            prefix = conn.client_id or gateway_id
+            self.publishers[name] = MqttLink(name, conn, f"{prefix}-pub", will=will, birth=birth,
+                                             clean_session=True)
+
+    def _status(self, state: str) -> bytes:
+        return json_bytes({"state": state, "gateway_id": self.gateway_id, "version": __version__,
+                           "started_at": self.started_at, "ts": time.time()})
+
+    def connection(self, name: str) -> MqttConnection:
+        try:
+            return self._conns[name]
+        except KeyError:
+            raise SluiceError(f"unknown connection {name!r}") from None
+
+    def publisher(self, name: str) -> MqttLink:
+        try:
+            return self.publishers[name]
+        except KeyError:
+            raise SluiceError(f"unknown connection {name!r}") from None
+
+    async def close(self) -> None:
+        for link in self.publishers.values():
+            status = (status_topic(self.gateway_id), self._status("offline")) if link.conn.status else None
+            await link.close(status=status)
+
+
+class Gateway:
+    """One running gateway built from a validated config."""
+
+    def __init__(self, loaded: LoadedConfig):
+        self.loaded = loaded
+        cfg = loaded.config
+        self.id = cfg.gateway.id
+        self.data_dir = Path(cfg.gateway.data_dir)
+        self.state = "created"
+        self.started_at = time.time()
+        self.dead_letters = DeadLetters(self.data_dir / "deadletter.db")
+        self.links = Links(self.id, cfg.connections, self.data_dir, self.started_at)
+        self.pipelines: dict[str, Pipeline] = {}
+        for pcfg in cfg.pipelines:
+            self.pipelines[pcfg.name] = Pipeline(
+                pcfg.name, loaded.nodes[pcfg.name], self._ctx_factory(pcfg.name),
+                queue_size=cfg.gateway.queue_size, sink_queue_size=cfg.gateway.sink_queue_size,
+            )
+        self.console: Any = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    def _ctx_factory(self, pipeline: str) -> Any:
+        def make(node_id: str) -> NodeContext:
+            return NodeContext(self.id, pipeline, node_id, str(self.data_dir), self.links, self.dead_letters,
+                               logger=logging.getLogger(f"sluice.{pipeline}.{node_id}"))
+        return make
+
+    def stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        self._stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s received: stopping (draining queues, at most %.0fs); signal again to exit now",
+                     signal.Signals(signum).name, self.loaded.config.gateway.shutdown_timeout)
+            self.stop()
+        else:
+            log.warning("second signal: exiting now without draining")
+            os._exit(1)
+
+    async def run(self, install_signals: bool = True) -> None:
+        cfg = self.loaded.config
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(s, self._on_signal, s)
+        self.state = "starting"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                aux = [tg.create_task(self.dead_letters.run(), name="deadletters")]
+                for name, link in self.links.publishers.items():
+                    aux.append(tg.create_task(link.run(), name=f"mqtt:{name}:pub"))
+                if cfg.console.enabled:
+                    from .console import Console
+                    self.console = Console(self, cfg.console)
+                    await self.console.start()
+                running = [tg.create_task(p.run(), name=f"pipeline:{p.name}") for p in self.pipelines.values()]
+                self.state = "running"
+                log.info("gateway %s running: %d pipelines%s", self.id, len(self.pipelines),
+                         f"; console at {self.console.url}" if self.console else "")
+                await self._stop.wait()
+                self.state = "stopping"
+                await self._drain(running, cfg.gateway.shutdown_timeout)
+                await self.links.close()
+                for t in aux:
+                    t.cancel()
+        finally:
+            await self.dead_letters.close()
+            if self.console is not None:
+                await self.console.stop()
+            if install_signals:
+                for s in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(s)
+            self.state = "stopped"
+        log.info("gateway %s stopped", self.id)
+
+    async def _drain(self, running: list[asyncio.Task[None]], limit: float) -> None:
+        for p in self.pipelines.values():
+            p.stop()
+        if not running:
+            return
+        _, pending = await asyncio.wait(running, timeout=limit)
+        if pending:
+            left = sum(q.depth for p in self.pipelines.values() for q in (p.queue, *p.sink_queues.values()))
+            log.error("stop took longer than %.0fs; abandoning %d queued events (raise "
+                      "gateway.shutdown_timeout, or check the sinks' connections)", limit, left)
+            for t in pending:
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    # --- reporting ----------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        problems = []
+        links = {}
+        for name, link in self.links.publishers.items():
+            links[name] = link.health()
+            if not link.connected:
+                why = f" ({link.last_error})" if link.last_error else ""
+                problems.append(f"connection {name}: {link.state}{why}")
+        pipes = {}
+        for p in self.pipelines.values():
+            pipes[p.name] = p.state
+            if p.state != "running":
+                problems.append(f"pipeline {p.name}: {p.state}")
+            for sid, st in p.source_state.items():
+                if st.startswith("failed"):
+                    problems.append(f"source {p.name}/{sid}: {st}")
+        status = "ok" if self.state == "running" and not problems else (
+            "degraded" if self.state == "running" else self.state)
+        return {"status": status, "gateway_id": self.id, "version": __version__, "state": self.state,
+                "started_at": self.started_at, "uptime": time.time() - self.started_at,
+                "problems": problems, "connections": links, "pipelines": pipes,
+                "dead_letters": self.dead_letters.total}

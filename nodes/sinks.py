@@ -1,0 +1,128 @@
+"""Sink nodes: where events leave a pipeline (``mqtt_out``, ``log``).
+
+``mqtt_out`` publishes JSON at QoS 1 through the gateway's shared publisher link for its
+connection. Each message carries ``gateway_id``, a ``seq`` that increases across restarts and
+``replayed`` so consumers can de-duplicate. While the broker is unreachable the sink waits; its
+bounded queue fills and the pipeline's sources pause (no event is dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from typing import Any, Literal
+
+from pydantic import Field
+
+from gateway.errors import LinkError
+from gateway.events import Event
+from gateway.node import NodeOptions, Sink, register
+
+__all__ = ["LogSink", "MqttOut"]
+
+_TEMPLATE_FIELDS = {"gateway", "pipeline", "node", "key", "source"}
+
+
+class MqttOutOptions(NodeOptions):
+    type: Literal["mqtt_out"]
+    connection: str = Field(description="Name of an entry under `connections`.")
+    topic: str = Field("sluice/{gateway}/alerts/{pipeline}",
+                       description="Topic template; fields {gateway} {pipeline} {node} {key} {source}.")
+    qos: Literal[0, 1] = 1
+    retain: bool = False
+
+
+@register
+class MqttOut(Sink):
+    """Publish each event as JSON to the broker."""
+
+    Options = MqttOutOptions
+    options: MqttOutOptions
+
+    @classmethod
+    def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
+        o: MqttOutOptions = options  # type: ignore[assignment]
+        issues = []
+        conns = (config.get("connections") or {}) if isinstance(config, dict) else {}
+        if o.connection not in conns:
+            known = ", ".join(sorted(conns)) or "none defined"
+            issues.append(("connection", f"unknown connection {o.connection!r} (connections: {known})"))
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(o.topic) if f is not None}
+        except ValueError as exc:
+            issues.append(("topic", f"bad topic template: {exc}"))
+        else:
+            bad = names - _TEMPLATE_FIELDS
+            if bad:
+                issues.append(("topic", f"unknown template field {{{sorted(bad)[0]}}}; "
+                                        f"available: {', '.join(sorted(_TEMPLATE_FIELDS))}"))
+        if "+" in o.topic or "#" in o.topic:
+            issues.append(("topic", "a topic to publish to cannot contain + or #"))
+        return issues
+
+    def __init__(self, options: MqttOutOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self._link: Any = None
+        t = options.topic
+        self._static_topic = None if "{key}" in t or "{source}" in t else t.format(
+            gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id, key="", source="")
+
+    async def start(self) -> None:
+        self._link = self.ctx.links.publisher(self.options.connection)
+
+    def health(self) -> dict[str, Any]:
+        return self._link.health() if self._link is not None else {"state": "starting"}
+
+    def _topic(self, ev: Event) -> str:
+        if self._static_topic is not None:
+            return self._static_topic
+        return self.options.topic.format(gateway=self.ctx.gateway_id, pipeline=self.ctx.pipeline,
+                                         node=self.id, key=ev.key, source=ev.source)
+
+    async def write(self, batch: list[Event]) -> None:
+        link = self._link
+        seq = await self.ctx.links.seq.take(len(batch))
+        gw = self.ctx.gateway_id
+        pipeline = self.ctx.pipeline
+        for i, ev in enumerate(batch):
+            payload = json.dumps(
+                {"gateway_id": gw, "seq": seq + i, "replayed": False, "pipeline": pipeline,
+                 "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value},
+                separators=(",", ":"), default=str,
+            ).encode()
+            while True:
+                if not link.connected:
+                    await link.wait_connected()
+                try:
+                    link.publish(self._topic(ev), payload, qos=self.options.qos, retain=self.options.retain)
+                    break
+                except LinkError:
+                    continue  # lost between the check and the publish: wait for the reconnect
+
+
+class LogOptions(NodeOptions):
+    type: Literal["log"]
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    prefix: str | None = Field(None, description="Text before each line; default: the node id.")
+
+
+@register
+class LogSink(Sink):
+    """Write each event to the gateway log, one line per event (for demos and debugging)."""
+
+    Options = LogOptions
+    options: LogOptions
+
+    def __init__(self, options: LogOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self._log = logging.getLogger(f"sluice.{ctx.pipeline}.{options.id}")
+        self._level = logging.getLevelName(options.level.upper())
+
+    async def write(self, batch: list[Event]) -> None:
+        if not self._log.isEnabledFor(self._level):
+            return
+        prefix = self.options.prefix or self.id
+        for ev in batch:
+            self._log.log(self._level, "%s: %s %s", prefix, ev.key,
+                          json.dumps(ev.value, default=str, separators=(",", ":")))
