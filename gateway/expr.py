@@ -6,19 +6,56 @@ at start; each event costs one call into the compiled program with only the vari
 expression mentions. Variables: ``value``, ``key``, ``ts``, ``source``, ``meta``.
 Numbers in readings are doubles, so write literals as doubles too (``value * 1.8 + 32.0``);
 mixing ``int`` and ``double`` in arithmetic is a CEL type error, reported at validation time.
+
+Fast path: the common shapes (comparisons, ``&&``/``||``/``!``, ``+ - *`` on doubles, field
+access such as ``value.temp``) are also translated into a Python function built from a
+whitelisted syntax tree (no calls, no attribute access, only the event's variables and literal
+doubles, strings and booleans), which costs ~0.1 µs instead of ~1.3 µs per event. The user's text
+never reaches Python's ``eval``: it is tokenized, each token mapped, the result parsed and every
+node checked; anything else (functions, macros, ints, division, ternaries) runs on CEL itself.
+At compile time both are evaluated on sample inputs and the fast path is dropped if they differ.
 """
 
 from __future__ import annotations
 
+import ast
+import glob
+import importlib.util
+import re
+import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
-
-import cel
 
 from .errors import ExpressionError
 from .events import Event
 
-__all__ = ["EVENT_VARIABLES", "Expression"]
+__all__ = ["EVENT_VARIABLES", "Expression", "check_expression"]
+
+
+def _load_cel() -> ModuleType:
+    """The CEL extension module, without the package's ``__init__``.
+
+    ``import cel`` also imports its interactive shell (prompt_toolkit, pygments): ~180 ms and
+    ~45 MB of resident memory a gateway never uses. The compiled extension alone is all we need.
+    """
+    if "cel" in sys.modules:
+        return sys.modules["cel"]
+    spec = importlib.util.find_spec("cel")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        for so in glob.glob(f"{loc}/cel.*.so") + glob.glob(f"{loc}/cel.*.pyd"):
+            ext = importlib.util.spec_from_file_location("cel.cel", so)
+            if ext is not None and ext.loader is not None:
+                mod = importlib.util.module_from_spec(ext)
+                ext.loader.exec_module(mod)
+                return mod
+    import cel  # an unusual layout: fall back to the package itself
+
+    return cel
+
+
+cel = _load_cel()
 
 EVENT_VARIABLES = ("value", "key", "ts", "source", "meta")
 _SAMPLE = Event("sensor/1", 1_700_000_000.0, 21.5, "sample", {"topic": "sensors/1/temp"})
@@ -30,11 +67,87 @@ _GETTERS: dict[str, Callable[[Event], Any]] = {
     "meta": lambda e: e.meta or {},
 }
 
+# --- fast path ------------------------------------------------------------------------------
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<num>\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\.\d+)"
+    r"|(?P<int>\d+)"
+    r"|(?P<str>\"[^\"\\\\]*\"|'[^'\\\\]*')"
+    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<op>&&|\|\||==|!=|<=|>=|[<>+\-*().\[\]!]))"
+)
+_WORDS = {"true": "True", "false": "False", "null": "None"}
+_ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.BinOp, ast.Add,
+            ast.Sub, ast.Mult, ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Name,
+            ast.Load, ast.Constant, ast.Attribute, ast.Subscript)
+
+
+def _translate(source: str) -> str | None:
+    out = []
+    pos = 0
+    src = source.strip()
+    while pos < len(src):
+        m = _TOKEN.match(src, pos)
+        if not m or m.end() == pos:
+            return None
+        pos = m.end()
+        kind = m.lastgroup
+        tok = m.group(kind)  # type: ignore[arg-type]
+        if kind == "int":
+            return None  # CEL ints do not mix with doubles: let CEL judge
+        if kind == "name":
+            if tok in ("and", "or", "not", "in", "is", "lambda", "if", "else", "None", "True", "False"):
+                return None
+            tok = _WORDS.get(tok, tok)
+        elif kind == "op":
+            tok = {"&&": " and ", "||": " or ", "!": " not "}.get(tok, tok)
+        out.append(tok)
+    return " ".join(out).strip()
+
+
+class _ToSubscript(ast.NodeTransformer):
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        return ast.Subscript(value=self.visit(node.value), slice=ast.Constant(node.attr), ctx=ast.Load())
+
+
+def _fast_function(source: str, variables: tuple[str, ...]) -> Callable[..., Any] | None:
+    """A Python function of the used variables equivalent to the CEL expression, or None."""
+    text = _translate(source)
+    if text is None:
+        return None
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return None
+    used: list[str] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED):
+            return None
+        if isinstance(node, ast.Constant) and type(node.value) not in (float, str, bool, type(None)):
+            return None
+        if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Constant):
+            return None
+        if isinstance(node, ast.Compare) and len(node.ops) != 1:
+            return None
+        if isinstance(node, ast.Name):
+            if node.id not in variables:
+                return None
+            if node.id not in used:
+                used.append(node.id)
+    tree = ast.fix_missing_locations(_ToSubscript().visit(tree))
+    args = ast.arguments(posonlyargs=[], args=[ast.arg(v) for v in used], kwonlyargs=[], kw_defaults=[],
+                         defaults=[])
+    lam = ast.Expression(ast.Lambda(args=args, body=tree.body))
+    code = compile(ast.fix_missing_locations(lam), "<expression>", "eval")
+    fn = eval(code, {"__builtins__": {}})  # noqa: S307  # code built from the whitelisted tree above
+    fn.variables = tuple(used)
+    return fn
+
 
 class Expression:
     """A compiled CEL expression over an event (or over ``variables`` given explicitly)."""
 
-    __slots__ = ("_prog", "evaluate", "source", "variables")
+    __slots__ = ("_cel", "_prog", "evaluate", "fast", "source", "variables")
 
     def __init__(self, source: str, variables: tuple[str, ...] = EVENT_VARIABLES):
         self.source = source
@@ -50,28 +163,82 @@ class Expression:
         execute = self._prog.execute
         if variables is EVENT_VARIABLES:
             if self.variables == ("value",):
-                self.evaluate: Callable[[Any], Any] = lambda e: execute({"value": e.value})
+                self._cel: Callable[[Any], Any] = lambda e: execute({"value": e.value})
             else:
                 getters = [(name, _GETTERS[name]) for name in self.variables]
-                self.evaluate = lambda e: execute({n: g(e) for n, g in getters})
+                self._cel = lambda e: execute({n: g(e) for n, g in getters})
         else:
-            self.evaluate = execute
+            self._cel = execute
+        self.evaluate: Callable[[Any], Any] = self._cel
+        self.fast = False
+        fn = _fast_function(source, variables)
+        if fn is not None:
+            if variables is EVENT_VARIABLES:
+                if fn.variables == ("value",):
+                    fast: Callable[[Any], Any] = lambda e: fn(e.value)
+                else:
+                    fgetters = [_GETTERS[name] for name in fn.variables]
+                    fast = lambda e: fn(*[g(e) for g in fgetters])  # noqa: E731
+                samples: list[Any] = _EVENT_SAMPLES
+            else:
+                names = fn.variables
+                fast = lambda d: fn(*[d[n] for n in names])  # noqa: E731
+                samples = []
+            if all(_same(self._cel, fast, s) for s in samples):
+                self.evaluate = fast
+                self.fast = True
 
     def __call__(self, arg: Any) -> Any:
         try:
             return self.evaluate(arg)
-        except (ValueError, RuntimeError, TypeError, ZeroDivisionError, OverflowError) as exc:
-            raise ExpressionError(self.source, _first_line(exc)) from None
+        except (ValueError, RuntimeError, TypeError, KeyError, IndexError, ZeroDivisionError,
+                OverflowError) as exc:
+            raise ExpressionError(self.source, _describe(exc)) from None
 
     def try_sample(self, sample: Any = None) -> str | None:
         """Evaluate on a typical reading; a message when that fails on types (e.g. int·double)."""
         try:
-            self.evaluate(_SAMPLE if sample is None else sample)
+            self._cel(_SAMPLE if sample is None else sample)
         except TypeError as exc:
             return _first_line(exc)
         except (ValueError, RuntimeError, ZeroDivisionError, OverflowError):
             return None  # depends on the data (missing field in a mapping …): judged per event
         return None
+
+
+_EVENT_SAMPLES = [
+    _SAMPLE,
+    Event("b/2", 1_700_000_001.0, -3.5, "s", None),
+    Event("c", 0.0, 0.0, "", {}),
+    Event("d/4", 1.0, 1e6, "x", {"topic": "a/b"}),
+    Event("e", 2.0, {"temp": 21.5, "humidity": 40.0, "ok": True, "name": "p"}, "s", None),
+]
+
+
+def _same(slow: Callable[[Any], Any], fast: Callable[[Any], Any], sample: Any) -> bool:
+    """Both fail, or both give the same value of the same type."""
+    try:
+        a = slow(sample)
+    except Exception:  # CEL's errors are plain ValueError/RuntimeError/TypeError; any is a failure here
+        a = _FAILED
+    try:
+        b = fast(sample)
+    except Exception:  # whatever Python raises on this sample
+        b = _FAILED
+    if a is _FAILED or b is _FAILED:
+        return a is b
+    return type(a) is type(b) and a == b
+
+
+_FAILED = object()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"no such key: {exc.args[0] if exc.args else ''}"
+    if isinstance(exc, TypeError) and "not subscriptable" in str(exc):
+        return "the value has no fields (it is a number, not an object)"
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
