@@ -15,9 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from .config import ConsoleConfig
 
@@ -29,7 +26,7 @@ __all__ = ["Console"]
 log = logging.getLogger(__name__)
 
 
-class _GatewayCollector(Collector):
+class _GatewayCollector:
     """Reads the gateway's own counters at scrape time (no per-event metric calls)."""
 
     def __init__(self, gw: Gateway):
@@ -37,6 +34,8 @@ class _GatewayCollector(Collector):
         self._proc = psutil.Process()
 
     def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         gw = self.gw
         labels = ["pipeline", "node", "type"]
         fams = {c: CounterMetricFamily(f"sluice_node_{c}", f"Events {c} per node" if c != "errors" else
@@ -92,8 +91,8 @@ class Console:
     def __init__(self, gw: Gateway, cfg: ConsoleConfig):
         self.gw = gw
         self.cfg = cfg
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_GatewayCollector(gw))
+        # prometheus_client costs ~10 MB resident: imported at the first scrape, not at start.
+        self._registry: Any = None
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics)
@@ -132,7 +131,12 @@ class Console:
         return web.json_response(h, status=200 if self.gw.state == "running" else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(_GatewayCollector(self.gw))  # type: ignore[arg-type]
+        body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def api_pipelines(self, request: web.Request) -> web.Response:
