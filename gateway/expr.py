@@ -96,6 +96,8 @@ def _translate(source: str) -> str | None:
         if kind == "int":
             return None  # CEL ints do not mix with doubles: let CEL judge
         if kind == "name":
+            if tok.startswith("_"):
+                return None  # never let dunder names near Python, even as dictionary keys
             if tok in ("and", "or", "not", "in", "is", "lambda", "if", "else", "None", "True", "False"):
                 return None
             tok = _WORDS.get(tok, tok)

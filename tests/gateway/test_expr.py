@@ -1,0 +1,83 @@
+"""CEL expressions: the Python fast path must agree with CEL itself on every input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import ExpressionError
+from gateway.events import Event
+from gateway.expr import Expression, check_expression
+
+FAST_SHAPES = [
+    "value > 20.0 && value < 80.0",
+    "value * 1.8 + 32.0",
+    "-value < 3.0 || value == 0.5",
+    "!(value >= 2.0)",
+    "key == \"boiler/temp\" && value > 1.5",
+    "value - 2.5 * value",
+    "source != \"x\"",
+]
+
+
+@pytest.mark.parametrize("src", FAST_SHAPES)
+def test_common_shapes_take_the_fast_path(src: str) -> None:
+    assert Expression(src).fast
+
+
+@pytest.mark.parametrize("src", ["value > 2", "value / 2.0", "size(key) > 2", "value > 1.0 ? true : false"])
+def test_other_shapes_run_on_cel(src: str) -> None:
+    e = Expression(src)
+    assert not e.fast
+    e(Event("k", 0.0, 3.0))  # still evaluates
+
+
+def _outcome(fn, ev: Event):  # type: ignore[no-untyped-def]
+    try:
+        return ("ok", fn(ev))
+    except Exception:  # noqa: BLE001  # any failure counts as "failed" for the comparison
+        return ("failed", None)
+
+
+numbers = st.floats(allow_nan=False, width=64) | st.sampled_from([0.0, -0.0, 20.0, 80.0, 1e308, -1e308])
+values = numbers | st.dictionaries(st.sampled_from(["temp", "humidity"]), numbers, max_size=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(src=st.sampled_from([*FAST_SHAPES, "value.temp > 30.0 && value.humidity < 50.0"]),
+       value=values, key=st.sampled_from(["boiler/temp", "x", ""]))
+def test_fast_path_agrees_with_cel(src: str, value: object, key: str) -> None:
+    e = Expression(src)
+    ev = Event(key, 1.0, value, "s", None)
+    fast = _outcome(e.evaluate, ev)
+    slow = _outcome(e._cel, ev)
+    if fast[0] == "ok" and slow[0] == "ok" and isinstance(fast[1], float) and math.isnan(fast[1]):
+        assert math.isnan(slow[1])
+    else:
+        assert fast == slow, (src, value)
+
+
+def test_errors_name_the_expression() -> None:
+    e = Expression("value.temp > 1.0")
+    with pytest.raises(ExpressionError) as err:
+        e(Event("k", 0.0, 3.0))
+    assert "value.temp > 1.0" in str(err.value)
+    assert "no fields" in str(err.value)
+
+
+def test_validation_catches_int_double_mix_and_unknown_names() -> None:
+    assert "2.0" in (check_expression("value * 2") or "")
+    assert "unknown name 'valu'" in (check_expression("valu > 1.0") or "")
+    assert check_expression("value * 2.0") is None
+
+
+def test_fast_path_cannot_reach_python() -> None:
+    for src in ["__import__('os')", "value.__class__", "().__class__", "[x for x in key]", "lambda: 1"]:
+        try:
+            e = Expression(src)
+        except ExpressionError:
+            continue
+        assert not e.fast, src
