@@ -107,6 +107,14 @@ def _translate(source: str) -> str | None:
     return " ".join(out).strip()
 
 
+def _is_boolean(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant):
+        return type(node.value) is bool
+    if isinstance(node, ast.UnaryOp):
+        return isinstance(node.op, ast.Not)
+    return isinstance(node, ast.Compare | ast.BoolOp)
+
+
 class _ToSubscript(ast.NodeTransformer):
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         return ast.Subscript(value=self.visit(node.value), slice=ast.Constant(node.attr), ctx=ast.Load())
@@ -130,6 +138,12 @@ def _fast_function(source: str, variables: tuple[str, ...]) -> Callable[..., Any
         if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Constant):
             return None
         if isinstance(node, ast.Compare) and len(node.ops) != 1:
+            return None
+        # CEL's && || ! take booleans only; Python's take anything. Keep operands boolean-shaped
+        # so both give the same result type.
+        if isinstance(node, ast.BoolOp) and not all(_is_boolean(v) for v in node.values):
+            return None
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not) and not _is_boolean(node.operand):
             return None
         if isinstance(node, ast.Name):
             if node.id not in variables:
@@ -175,16 +189,33 @@ class Expression:
         self.fast = False
         fn = _fast_function(source, variables)
         if fn is not None:
+            # On any exception the fast path hands over to CEL, which has the exact semantics
+            # (``false && error`` is false in CEL) and the exact error.
+            cel_eval = self._cel
             if variables is EVENT_VARIABLES:
                 if fn.variables == ("value",):
-                    fast: Callable[[Any], Any] = lambda e: fn(e.value)
+                    def fast(e: Any) -> Any:
+                        try:
+                            return fn(e.value)
+                        except Exception:  # noqa: BLE001  # judged by CEL below
+                            return cel_eval(e)
                 else:
                     fgetters = [_GETTERS[name] for name in fn.variables]
-                    fast = lambda e: fn(*[g(e) for g in fgetters])  # noqa: E731
+
+                    def fast(e: Any) -> Any:
+                        try:
+                            return fn(*[g(e) for g in fgetters])
+                        except Exception:  # noqa: BLE001  # judged by CEL below
+                            return cel_eval(e)
                 samples: list[Any] = _EVENT_SAMPLES
             else:
                 names = fn.variables
-                fast = lambda d: fn(*[d[n] for n in names])  # noqa: E731
+
+                def fast(d: Any) -> Any:
+                    try:
+                        return fn(*[d[n] for n in names])
+                    except Exception:  # noqa: BLE001  # judged by CEL below
+                        return cel_eval(d)
                 samples = []
             if all(_same(self._cel, fast, s) for s in samples):
                 self.evaluate = fast
