@@ -11,7 +11,7 @@ Fast path: the common shapes (comparisons, ``&&``/``||``/``!``, ``+ - *`` on dou
 access such as ``value.temp``) are also translated into a Python function built from a
 whitelisted syntax tree (no calls, no attribute access, only the event's variables and literal
 doubles, strings and booleans), which costs ~0.1 µs instead of ~1.3 µs per event. The user's text
-never reaches Python's ``eval``: it is tokenized, each token mapped, the result parsed and every
+never reaches Python's ``eval`` (nothing here calls it): it is tokenized, each token mapped, the result parsed and every
 node checked; anything else (functions, macros, ints, division, ternaries) runs on CEL itself.
 At compile time both are evaluated on sample inputs and the fast path is dropped if they differ.
 """
@@ -24,7 +24,7 @@ import importlib.util
 import re
 import sys
 from collections.abc import Callable
-from types import ModuleType
+from types import CodeType, FunctionType, ModuleType
 from typing import Any
 
 from .errors import ExpressionError
@@ -154,8 +154,10 @@ def _fast_function(source: str, variables: tuple[str, ...]) -> Callable[..., Any
     args = ast.arguments(posonlyargs=[], args=[ast.arg(v) for v in used], kwonlyargs=[], kw_defaults=[],
                          defaults=[])
     lam = ast.Expression(ast.Lambda(args=args, body=tree.body))
-    code = compile(ast.fix_missing_locations(lam), "<expression>", "eval")
-    fn = eval(code, {"__builtins__": {}})  # noqa: S307  # code built from the whitelisted tree above
+    module_code = compile(ast.fix_missing_locations(lam), "<expression>", "eval")
+    # Take the lambda's code object and make a function of it directly (no eval), with no builtins.
+    body = next(c for c in module_code.co_consts if isinstance(c, CodeType))
+    fn: Any = FunctionType(body, {"__builtins__": {}})
     fn.variables = tuple(used)
     return fn
 
