@@ -2,18 +2,55 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+from collections import deque
+from typing import Any
 
-__all__ = ["RateLimitedLog", "setup_logging"]
+__all__ = ["RECENT", "RateLimitedLog", "RecentLogs", "setup_logging"]
 
 
-def setup_logging(level: str = "info") -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: for journald/Loki/Fluent Bit to parse without regexes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class RecentLogs(logging.Handler):
+    """The last lines logged, kept in memory for the console."""
+
+    def __init__(self, size: int = 500):
+        super().__init__()
+        self.lines: deque[dict[str, Any]] = deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except (TypeError, ValueError):  # a bad format string must not break logging
+            msg = str(record.msg)
+        self.lines.append({"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
+                           "msg": msg})
+
+
+RECENT = RecentLogs()
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Log to stderr as text lines (``HH:MM:SS LEVEL logger: message``) or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler, RECENT]
     root.setLevel(level.upper())
     # gmqtt logs every connection hiccup with a traceback; our link says it once, plainly.
     logging.getLogger("gmqtt").setLevel(logging.CRITICAL)

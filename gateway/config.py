@@ -44,6 +44,7 @@ class GatewayConfig(_Section):
     id: str = Field(pattern=_ID, description="Names this gateway in MQTT topics and outgoing messages.")
     data_dir: str = Field("./data", description="Where state, dead letters and sequence numbers live.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
     queue_size: int = Field(10_000, ge=10, description="Events each pipeline buffers before its sources pause.")
     sink_queue_size: int = Field(10_000, ge=10, description="Events each sink buffers before the pipeline waits.")
     shutdown_timeout: Duration = Field(10.0, description="How long a clean stop may take to drain queues.")

@@ -98,6 +98,7 @@ class Console:
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/api/pipelines", self.api_pipelines)
         self.app.router.add_get("/api/deadletters", self.api_deadletters)
+        self.app.router.add_get("/api/logs", self.api_logs)
         self._runner: web.AppRunner | None = None
         self.port = cfg.port
 
@@ -150,3 +151,10 @@ class Console:
             raise web.HTTPBadRequest(text="limit must be an integer") from None
         rows = list(self.gw.dead_letters.recent)[-limit:][::-1]
         return web.json_response({"total": self.gw.dead_letters.total, "recent": rows})
+
+    async def api_logs(self, request: web.Request) -> web.Response:
+        from ._log import RECENT
+
+        level = request.query.get("level")
+        lines = [ln for ln in RECENT.lines if level is None or ln["level"] == level]
+        return web.json_response({"lines": lines[-200:]})
