@@ -272,11 +272,14 @@ def parse_config(text: str, file: str = "<config>", env: dict[str, str] | None =
 def _parse_nodes(raw: list[Any], prefix: tuple[Any, ...], r: _Reader, data: dict[str, Any]) -> list[NodeOptions]:
     out: list[NodeOptions] = []
     ids: dict[str, int] = {}
+    broken: set[str] = set()  # ids of nodes already reported invalid: not also "unknown" as inputs
     for ni, item in enumerate(raw):
         path = (*prefix, ni)
         if not isinstance(item, dict):
             r.issue(_line_for(r.lines, path), path, "a node must be a mapping with id and type")
             continue
+        if isinstance(item.get("id"), str):
+            broken.add(item["id"])
         type_name = item.get("type")
         cls = get_node_type(type_name) if isinstance(type_name, str) else None
         if cls is None:
@@ -300,11 +303,12 @@ def _parse_nodes(raw: list[Any], prefix: tuple[Any, ...], r: _Reader, data: dict
             fpath = (*path, *fld.split(".")) if fld else path
             r.issue(_line_for(r.lines, fpath), fpath, msg)
         out.append(opts)
-    _check_graph(out, ids, prefix, r)
+    _check_graph(out, ids, prefix, r, broken - set(ids))
     return out
 
 
-def _check_graph(nodes: list[NodeOptions], index: dict[str, int], prefix: tuple[Any, ...], r: _Reader) -> None:
+def _check_graph(nodes: list[NodeOptions], index: dict[str, int], prefix: tuple[Any, ...], r: _Reader,
+                 broken: set[str]) -> None:
     by_id = {n.id: n for n in nodes}
     for n in nodes:
         path = (*prefix, index[n.id], "input")
@@ -318,6 +322,8 @@ def _check_graph(nodes: list[NodeOptions], index: dict[str, int], prefix: tuple[
         for up in n.input:
             if up == n.id:
                 r.issue(_line_for(r.lines, path), path, f"node {n.id!r} cannot take its own output as input")
+            elif up in broken:
+                continue  # that node's own problems are reported where it is defined
             elif up not in by_id:
                 hint = difflib.get_close_matches(up, list(by_id), n=1)
                 more = f"; did you mean {hint[0]!r}?" if hint else ""
