@@ -129,8 +129,9 @@ class SourceQueue:
     async def put(self, events: list[Event], done: Callable[[], None] | None = None) -> None:
         """Hand over a batch, waiting while the pipeline is full. ``done`` runs once it is processed."""
         if events:
-            self._node.n_out += len(events)
             await self._q.put(_Batch(self._origin, events, done), len(events))
+            # counted once accepted: a put cancelled while waiting (shutdown) handed nothing over
+            self._node.n_out += len(events)
 
     def put_nowait(self, events: list[Event], done: Callable[[], None] | None = None) -> bool:
         """Hand over a batch without waiting; returns False when the producer should pause."""
@@ -214,11 +215,10 @@ class Pipeline:
             log.info("pipeline %s running: %d nodes", self.name, len(self.nodes))
             await self._stopping.wait()
             self.state = "stopping"
-            for t in sources:
+            stopping = [*sources, *([timer] if timer else [])]
+            for t in stopping:
                 t.cancel()
-            if timer:
-                timer.cancel()
-            await asyncio.gather(*sources, return_exceptions=True)
+            await asyncio.gather(*stopping, return_exceptions=True)
             self.queue.put_nowait(_STOP, 0)
             await chain
             for i in self.sink_queues:
@@ -264,8 +264,15 @@ class Pipeline:
                     node.fail(None, exc)
                     continue
                 if events:
+                    try:
+                        await self.queue.put(_Batch(i, events), len(events))
+                    except asyncio.CancelledError:
+                        # stopping while the queue is full: these are already out of the node's
+                        # state, so queue them anyway; the chain drains them before it stops
+                        self.queue.put_nowait(_Batch(i, events), len(events))
+                        node.n_out += len(events)
+                        raise
                     node.n_out += len(events)
-                    await self.queue.put(_Batch(i, events), len(events))
 
     async def _chain_loop(self) -> None:
         q = self.queue

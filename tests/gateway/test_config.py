@@ -141,9 +141,10 @@ pipelines:
       - {id: hot, type: threshhold, input: src, above: 3.0}
       - {id: odd, type: no_such_thing, input: src}
 """)
-    from gateway.node import node_types
-
-    known = ", ".join(sorted(node_types()))  # built-ins plus whatever plugins registered
+    # built-ins plus whatever plugins registered, as a fresh process sees them
+    known = subprocess.run([sys.executable, "-c", "from gateway.node import node_types; "
+                            "print(', '.join(sorted(node_types())))"], cwd=ROOT, capture_output=True,
+                           text=True, check=True, timeout=60).stdout.strip()
     assert_problems(
         res,
         "sluice.yaml:6: pipelines.0.nodes.1.type: unknown node type 'threshhold'; did you mean 'threshold'?",
