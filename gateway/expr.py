@@ -236,7 +236,7 @@ class Expression:
             self._cel(_SAMPLE if sample is None else sample)
         except TypeError as exc:
             return _first_line(exc)
-        except (ValueError, RuntimeError, ZeroDivisionError, OverflowError):
+        except (ValueError, RuntimeError, KeyError, IndexError, ZeroDivisionError, OverflowError):
             return None  # depends on the data (missing field in a mapping …): judged per event
         return None
 

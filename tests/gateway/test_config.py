@@ -305,3 +305,19 @@ def test_schema_lists_every_node_type(tmp_path: Path) -> None:
                      if d.get("properties", {}).get("type", {}).get("const") == "threshold")
     assert {"above", "below", "clear_below", "severity"} <= set(threshold["properties"])
     assert threshold.get("additionalProperties") is False
+
+
+def test_expressions_over_payload_fields_validate(tmp_path: Path) -> None:
+    # A field the sample payload lacks depends on the data: valid at validation, judged per event.
+    res = validate(tmp_path, """\
+gateway: {id: gw1}
+connections: {plant: {type: mqtt}}
+pipelines:
+  - name: p
+    nodes:
+      - {id: a, type: mqtt, connection: plant, topic: "c/+", key: 'payload.sensor + "@" + topic[1]'}
+      - {id: b, type: mqtt, connection: plant, topic: "c/+", key: 'topic[7]'}
+      - {id: f, type: filter, input: a, where: 'value.temp > 3.0 && meta.topic == "x"'}
+""")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
