@@ -181,8 +181,11 @@ class MqttLink:
     async def close(self, *, status: tuple[str, bytes] | None = None) -> None:
         """Say goodbye (optionally publish a retained status first) and disconnect."""
         self._closing = True
-        if self.connected:
-            if status is not None:
+        # Ask the client, not ``connected``: an owner that cancelled ``run()`` first (a source
+        # awaits it in its own task) has cleared that flag, yet the socket is still open.
+        conn = self._client._connection
+        if conn is not None and not conn.is_closing():
+            if status is not None and self._client.is_connected:
                 self._client.publish(status[0], status[1], qos=1, retain=True)
             try:
                 await asyncio.wait_for(self._client.disconnect(), 5)

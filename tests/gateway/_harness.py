@@ -1,0 +1,44 @@
+"""Running a whole gateway in-process for a test, and talking to its console."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from gateway.config import parse_config
+from gateway.runtime import Gateway
+from tests._util import wait_for
+
+
+@asynccontextmanager
+async def running_gateway(text: str, env: dict[str, str] | None = None) -> AsyncIterator[Gateway]:
+    """Start ``Gateway(parse_config(text)).run()`` as a task; stop it gracefully at the end."""
+    gw = Gateway(parse_config(text, "test.yaml", env or {}))
+    task = asyncio.create_task(gw.run(install_signals=False), name="test-gateway")
+    try:
+        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
+        if task.done():
+            task.result()  # raises what stopped it
+        yield gw
+    finally:
+        gw.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def node(gw: Gateway, pipeline: str, node_id: str) -> Any:
+    p = gw.pipelines[pipeline]
+    return p.nodes[p.index[node_id]]
+
+
+async def get(gw: Gateway, path: str) -> tuple[int, Any]:
+    """GET a console path; JSON bodies are decoded, others returned as text."""
+    assert gw.console is not None, "the console is not enabled"
+    url = f"http://127.0.0.1:{gw.console.port}{path}"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        if resp.content_type == "application/json":
+            return resp.status, await resp.json()
+        return resp.status, await resp.text()
