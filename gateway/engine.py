@@ -225,7 +225,10 @@ class Pipeline:
                 self.sink_queues[i].put_nowait(_STOP, 0)
             await asyncio.gather(*sink_tasks)
         self.state = "stopped"
-        log.info("pipeline %s stopped", self.name)
+        # what came in and what went out, so a stop shows whether the drain was complete
+        ends = ", ".join(f"{n.id} in={c['in']} out={c['out']} errors={c['errors']}"
+                         for n in self.nodes if not isinstance(n, Operator) for c in (n.counters(),))
+        log.info("pipeline %s stopped: %s", self.name, ends)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -127,14 +127,16 @@ class Gateway:
         self.state = "starting"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
+            # Before the task group: a busy port is then a plain OSError the CLI reports in one
+            # line, not an exception group with a traceback.
+            if cfg.console.enabled:
+                from .console import Console
+                self.console = Console(self, cfg.console)
+                await self.console.start()
             async with asyncio.TaskGroup() as tg:
                 aux = [tg.create_task(self.dead_letters.run(), name="deadletters")]
                 for name, link in self.links.publishers.items():
                     aux.append(tg.create_task(link.run(), name=f"mqtt:{name}:pub"))
-                if cfg.console.enabled:
-                    from .console import Console
-                    self.console = Console(self, cfg.console)
-                    await self.console.start()
                 running = [tg.create_task(p.run(), name=f"pipeline:{p.name}") for p in self.pipelines.values()]
                 self.state = "running"
                 log.info("gateway %s running: %d pipelines%s", self.id, len(self.pipelines),

@@ -1,0 +1,162 @@
+"""`sluice run` as a real process: start, serve the console, stop on SIGTERM with nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._util import free_port, wait_for_sync
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fetch(port: int, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except (ConnectionError, urllib.error.URLError):
+        return 0, None
+
+
+class Run:
+    def __init__(self, proc: subprocess.Popen[bytes], stderr: Path):
+        self.proc = proc
+        self.stderr_path = stderr
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def sluice_run(tmp_path: Path) -> Iterator[Any]:
+    runs: list[Run] = []
+
+    def start(config: str, *args: str) -> Run:
+        cfg = tmp_path / f"run{len(runs)}.yaml"
+        cfg.write_text(config)
+        err = tmp_path / f"run{len(runs)}.stderr"
+        with err.open("wb") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(cfg), *args], cwd=tmp_path,
+                                    stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+        run = Run(proc, err)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        if run.proc.poll() is None:
+            run.proc.kill()
+        run.proc.wait()
+
+
+def flood_config(tmp_path: Path, port: int) -> str:
+    # drift 360000/h at 10 ms steps makes each reading its round number: 0.0, 1.0, 2.0 ...
+    sensor = "base: 0.0, amplitude: 0.0, noise: 0.0, drift: 360000.0"
+    return f"""\
+gateway: {{id: gw-cli, data_dir: "{tmp_path}/data", queue_size: 10, sink_queue_size: 10}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: sim, type: simulate, interval: 10ms, realtime: false,
+          sensors: [{{key: a, {sensor}}}, {{key: b, {sensor}}}]}}
+      - {{id: shift, type: map, input: sim, value: "value + 0.0"}}
+      - {{id: out, type: log, input: shift, prefix: EV}}
+console: {{port: {port}}}
+"""
+
+
+def test_sigterm_stops_cleanly_and_loses_nothing(tmp_path: Path, sluice_run: Any) -> None:
+    port = free_port()
+    run = sluice_run(flood_config(tmp_path, port))
+    wait_for_sync(lambda: fetch(port, "/healthz")[0] == 200 or run.proc.poll() is not None, timeout=20)
+    assert run.proc.poll() is None, run.stderr
+    # wait until the source has pushed more than the queues hold: it is being held back
+    wait_for_sync(lambda: fetch(port, "/api/pipelines")[1]["pipelines"][0]["nodes"][0]["counters"]["out"] > 3000,
+                  timeout=20)
+    _, api = fetch(port, "/api/pipelines")
+    queue = api["pipelines"][0]["nodes"][0]["queue"]
+    assert queue["capacity"] <= queue["high_water"] <= queue["capacity"] + 2  # full: the source is held back
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=15) == 0, run.stderr
+    err = run.stderr
+    assert "Traceback" not in err
+    assert "SIGTERM received: stopping" in err
+    m = re.search(r"pipeline p stopped: sim in=(\d+) out=(\d+) errors=0, out in=(\d+) out=(\d+) errors=0", err)
+    assert m, err[-2000:]
+    accepted, sink_in, sink_out = int(m.group(2)), int(m.group(3)), int(m.group(4))
+    assert accepted == sink_in == sink_out > 3000
+    # the log sink's own lines: every accepted reading exactly once, in order, per sensor
+    lines = re.findall(r"EV: ([ab]) (\S+)$", err, re.M)
+    assert len(lines) == accepted
+    for key in "ab":
+        values = [float(v) for k, v in lines if k == key]
+        assert values == [float(i) for i in range(len(values))]
+    assert "gateway gw-cli stopped" in err
+
+
+def test_sigint_with_finite_source(tmp_path: Path, sluice_run: Any) -> None:
+    port = free_port()
+    config = f"""\
+gateway: {{id: gw-cli, data_dir: "{tmp_path}/data"}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: sim, type: simulate, interval: 1ms, count: 50, seed: 1, sensors: [{{key: a}}, {{key: b}}]}}
+      - {{id: out, type: log, input: sim, prefix: EV}}
+console: {{port: {port}}}
+"""
+    run = sluice_run(config, "--log-format", "json")
+    wait_for_sync(lambda: (fetch(port, "/api/pipelines")[1] or {"pipelines": [{"nodes": [{"state": ""}]}]})
+                  ["pipelines"][0]["nodes"][0]["state"] == "finished" or run.proc.poll() is not None, timeout=20)
+    # a finished source is not a problem: the gateway keeps serving until told to stop
+    status, health = fetch(port, "/healthz")
+    assert status == 200 and health["status"] == "ok"
+    run.proc.send_signal(signal.SIGINT)
+    assert run.proc.wait(timeout=15) == 0, run.stderr
+    records = [json.loads(line) for line in run.stderr.splitlines()]
+    events = [r for r in records if r["msg"].startswith("EV: ")]
+    assert len(events) == 100
+    assert {r["logger"] for r in events} == {"sluice.p.out"}
+    assert any(r["msg"].startswith("SIGINT received") for r in records)
+
+
+def test_invalid_config_exits_1_without_traceback(tmp_path: Path, sluice_run: Any) -> None:
+    run = sluice_run("gateway: {id: gw, bogus: 1}\npipelines:\n  - name: p\n    nodes: [{id: x, type: nope}]\n")
+    assert run.proc.wait(timeout=30) == 1
+    err = run.stderr
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert lines[0].endswith("run0.yaml:1: gateway.bogus: unknown field 'bogus'; known fields: data_dir, id, "
+                             "log_format, log_level, queue_size, shutdown_timeout, sink_queue_size") or (
+        "run0.yaml:1: gateway.bogus: unknown field 'bogus'; known fields: data_dir, id, " in lines[0])
+    assert "run0.yaml:4: pipelines.0.nodes.0.type: unknown node type 'nope'" in lines[1]
+    assert lines[-1] == "2 problems found"
+
+
+def test_busy_console_port_exits_1_without_traceback(tmp_path: Path, sluice_run: Any) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = sluice_run(f'gateway: {{id: gw, data_dir: "{tmp_path}/data"}}\nconsole: {{port: {port}}}\n')
+        assert run.proc.wait(timeout=30) == 1
+    err = run.stderr
+    assert "Traceback" not in err
+    assert f"console cannot listen on 127.0.0.1:{port}" in err
+    assert "(set console.port, or console.enabled: false)" in err
