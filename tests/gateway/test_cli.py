@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests._util import free_port, wait_for_sync
+from tests.gateway._harness import NO_AUTH
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +78,7 @@ pipelines:
           sensors: [{{key: a, {sensor}}}, {{key: b, {sensor}}}]}}
       - {{id: shift, type: map, input: sim, value: "value + 0.0"}}
       - {{id: out, type: log, input: shift, prefix: EV}}
-console: {{port: {port}}}
+console: {{port: {port}{NO_AUTH}}}
 """
 
 
@@ -119,7 +120,7 @@ pipelines:
     nodes:
       - {{id: sim, type: simulate, interval: 1ms, count: 50, seed: 1, sensors: [{{key: a}}, {{key: b}}]}}
       - {{id: out, type: log, input: sim, prefix: EV}}
-console: {{port: {port}}}
+console: {{port: {port}{NO_AUTH}}}
 """
     run = sluice_run(config, "--log-format", "json")
     wait_for_sync(lambda: (fetch(port, "/api/pipelines")[1] or {"pipelines": [{"nodes": [{"state": ""}]}]})
@@ -154,7 +155,7 @@ def test_busy_console_port_exits_1_without_traceback(tmp_path: Path, sluice_run:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        run = sluice_run(f'gateway: {{id: gw, data_dir: "{tmp_path}/data"}}\nconsole: {{port: {port}}}\n')
+        run = sluice_run(f'gateway: {{id: gw, data_dir: "{tmp_path}/data"}}\nconsole: {{port: {port}{NO_AUTH}}}\n')
         assert run.proc.wait(timeout=30) == 1
     err = run.stderr
     assert "Traceback" not in err

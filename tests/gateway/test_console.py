@@ -10,7 +10,7 @@ from gateway.config import ConsoleConfig, parse_config
 from gateway.console import Console
 from gateway.runtime import Gateway
 from tests._util import wait_for
-from tests.gateway._harness import get, node, running_gateway
+from tests.gateway._harness import NO_AUTH, get, node, running_gateway
 
 
 def config(tmp_path: Path) -> str:
@@ -23,7 +23,7 @@ pipelines:
       - {{id: warm, type: filter, input: sim, where: "value > 30.0"}}
       - {{id: half, type: map, input: warm, value: "value / 2.0"}}
       - {{id: shown, type: log, input: [half, sim]}}
-console: {{host: 127.0.0.1, port: 0}}
+console: {{host: 127.0.0.1, port: 0{NO_AUTH}}}
 """
 
 

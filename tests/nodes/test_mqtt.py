@@ -8,7 +8,7 @@ from typing import Any
 
 from gateway.runtime import Gateway
 from tests._util import MosquittoBroker, MqttTestClient, free_port, mqtt_client, wait_for
-from tests.gateway._harness import get, node, running_gateway
+from tests.gateway._harness import NO_AUTH, get, node, running_gateway
 
 ALERTS = "sluice/gw1/alerts/boiler"
 STATUS = "sluice/gw1/status"
@@ -28,7 +28,7 @@ pipelines:
       - {{id: fahrenheit, type: map, input: plausible, value: "value * 1.8 + 32.0"}}
       - {{id: hot, type: threshold, input: fahrenheit, above: 194.0, clear_below: 185.0, severity: critical}}
       - {{id: out, type: mqtt_out, input: hot, connection: plant}}
-console: {{port: 0}}
+console: {{port: 0{NO_AUTH}}}
 """
 
 
