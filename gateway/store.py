@@ -1,0 +1,368 @@
+"""The state store: node state (window partials, keyed state) in one SQLite file, written by one thread.
+
+``<data_dir>/state.db`` is opened in WAL mode with ``synchronous=NORMAL``: a commit survives a
+process crash (SIGKILL), and a power cut can lose only the last commits, never corrupt the file.
+Everything that must never be lost once acknowledged (alerts, the outbox) belongs in a separate
+file with ``synchronous=FULL``; this store holds state that the pipelines can rebuild by
+replaying input.
+
+Writes go through one writer thread with *group commit*: rows queue up and are written in one
+transaction every ``commit_interval`` seconds, or sooner once ``commit_size`` rows wait, so an SD
+card sees a few fsyncs a second whatever the event rate. Rows for the same (pipeline, node, key)
+coalesce: only the newest value is written. The event loop never waits on the disk.
+
+At open the file gets ``PRAGMA quick_check``; a corrupt file is moved aside (``state.db.corrupt-…``)
+with a loud log and the store starts fresh, so a bad SD card sector costs state, not the gateway.
+A disk quota (``PRAGMA max_page_count``) bounds the file; a full disk or quota pauses the writes
+(rows stay queued, coalesced, and are retried with backoff) and shows in :meth:`health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from ._retry import backoff
+from .errors import SluiceError
+
+__all__ = ["SCHEMA_VERSION", "StateStore", "StoreError"]
+
+log = logging.getLogger(__name__)
+
+# Each entry moves the schema from version i to i+1; never edit one that has shipped, append.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE state (
+        pipeline TEXT NOT NULL,
+        node TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (pipeline, node, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE schema_version (version INTEGER NOT NULL, applied REAL NOT NULL);
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_Row = tuple[str, str, str, "bytes | None"]  # pipeline, node, key, value (None: delete)
+
+
+class StoreError(SluiceError):
+    """The state store cannot do what was asked (disk full, quota, I/O error); ``path`` says which file."""
+
+    def __init__(self, path: Path, message: str):
+        self.path = path
+        super().__init__(f"state store {path}: {message}")
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
+
+
+class StateStore:
+    """One SQLite state file with a single writer thread and group commit.
+
+    Use ``await store.start()`` (or :meth:`open` from a thread) before writing, ``await store.close()``
+    at the end. :meth:`write` only queues rows and never blocks; :meth:`flush` waits until
+    everything queued before it is committed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, commit_interval: float = 0.1, commit_size: int = 2000,
+                 quota_bytes: int | None = None, max_queued: int = 100_000):
+        self.path = Path(path)
+        self.commit_interval = commit_interval
+        self.commit_size = commit_size
+        self.quota_bytes = quota_bytes
+        self.max_queued = max_queued
+        self.state = "closed"  # closed | ok | full | error
+        self.last_error: str | None = None
+        self.corrupt_recoveries = 0
+        self.commits = 0
+        self.rows_written = 0
+        self.write_errors = 0
+        self.commit_seconds: deque[float] = deque(maxlen=4096)
+        self._cond = threading.Condition()
+        self._queue: deque[Any] = deque()
+        self._queued_rows = 0
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+
+    # --- opening ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Check, migrate and open the file, then start the writer thread. Blocking: call from a thread."""
+        if self._thread is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_integrity()
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            # keep the WAL file itself small on a small card once checkpoints have run
+            db.execute("PRAGMA journal_size_limit=4194304")
+            self._migrate(db)
+            if self.quota_bytes is not None:
+                page = db.execute("PRAGMA page_size").fetchone()[0]
+                db.execute(f"PRAGMA max_page_count={max(8, self.quota_bytes // page)}")
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        self.state = "ok"
+        self._thread = threading.Thread(target=self._writer, name=f"state-store:{self.path.name}", daemon=True)
+        self._thread.start()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.open)
+
+    def _check_integrity(self) -> None:
+        if not self.path.exists():
+            return
+        why = ""
+        try:
+            db = sqlite3.connect(self.path)
+            try:
+                rows = db.execute("PRAGMA quick_check").fetchall()
+            finally:
+                db.close()
+            if rows != [("ok",)]:
+                why = "; ".join(str(r[0]) for r in rows[:5])
+        except sqlite3.DatabaseError as exc:
+            why = str(exc)
+        if not why:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                os.replace(src, Path(f"{moved}{suffix}"))
+        self.corrupt_recoveries += 1
+        log.error("STATE STORE CORRUPT: %s failed its integrity check (%s); moved it to %s and starting "
+                  "with empty state — windows and keyed state start over", self.path, why, moved)
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(self.path, f"schema version {version} is newer than this Sluice knows "
+                                        f"({SCHEMA_VERSION}); upgrade Sluice or move the file away")
+        for v in range(version, SCHEMA_VERSION):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute("INSERT INTO schema_version (version, applied) VALUES (?, ?)", (v + 1, time.time()))
+                db.execute(f"PRAGMA user_version={v + 1}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            log.info("state store %s: schema migrated to version %d", self.path, v + 1)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def write(self, rows: Iterable[_Row]) -> None:
+        """Queue rows (``value`` None deletes the row); they are committed together, never split."""
+        batch = list(rows)
+        if not batch:
+            return
+        if self._thread is None:
+            raise StoreError(self.path, "not open")
+        with self._cond:
+            self._queue.append(batch)
+            self._queued_rows += len(batch)
+            self._cond.notify()
+
+    async def put_state(self, pipeline: str, node: str, key: str, blob: bytes | None) -> None:
+        """Queue one row; waits (without blocking the loop) while too many rows are queued."""
+        self.write([(pipeline, node, key, blob)])
+        if self._queued_rows > self.max_queued:
+            await self.flush()
+
+    def _submit_flush(self, done: Callable[[BaseException | None], None]) -> None:
+        with self._cond:
+            self._queue.append(done)
+            self._cond.notify()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed; raise :class:`StoreError` if it cannot be."""
+        if self._thread is None:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def resolve(f: asyncio.Future[None], exc: BaseException | None) -> None:
+            if f.done():
+                return
+            if exc is None:
+                f.set_result(None)
+            else:
+                f.set_exception(exc)
+
+        self._submit_flush(lambda exc: loop.call_soon_threadsafe(resolve, fut, exc))
+        await fut
+
+    def flush_sync(self, timeout: float | None = None) -> None:
+        """:meth:`flush` for threads and scripts outside an event loop."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        box: list[BaseException | None] = [None]
+
+        def resolve(exc: BaseException | None) -> None:
+            box[0] = exc
+            done.set()
+
+        self._submit_flush(resolve)
+        if not done.wait(timeout):
+            raise StoreError(self.path, "flush timed out")
+        if box[0] is not None:
+            raise box[0]
+
+    def _writer(self) -> None:
+        pending: dict[tuple[str, str, str], bytes | None] = {}
+        waiters: list[Callable[[BaseException | None], None]] = []
+        last_commit = 0.0
+        attempt = 0
+        retry_at = 0.0
+        stop = False
+        while True:
+            with self._cond:
+                while True:
+                    while self._queue:
+                        item = self._queue.popleft()
+                        if item is None:
+                            stop = True
+                        elif callable(item):
+                            waiters.append(item)
+                        else:
+                            self._queued_rows -= len(item)
+                            for p, n, k, v in item:
+                                pending[(p, n, k)] = v
+                    now = time.monotonic()
+                    if stop or (pending or waiters) and now >= retry_at and (
+                            waiters or len(pending) >= self.commit_size or now - last_commit >= self.commit_interval):
+                        break
+                    if pending or waiters:
+                        wake = max(retry_at, last_commit + self.commit_interval)
+                        self._cond.wait(max(0.001, wake - now))
+                    else:
+                        self._cond.wait()
+            error: BaseException | None = None
+            if pending:
+                try:
+                    self._commit(pending)
+                except sqlite3.Error as exc:
+                    error = StoreError(self.path, f"{'disk or quota full' if _is_full(exc) else 'write failed'}: {exc}")
+                    self.write_errors += 1
+                    self.last_error = str(error)
+                    if self.state == "ok":
+                        log.error("%s; keeping %d rows queued and retrying", error, len(pending))
+                    self.state = "full" if _is_full(exc) else "error"
+                    retry_at = time.monotonic() + backoff(attempt, 10.0)
+                    attempt += 1
+                else:
+                    if self.state != "ok":
+                        log.warning("state store %s: writing again after %d failed attempts", self.path, attempt)
+                    self.state = "ok"
+                    attempt = 0
+                    retry_at = 0.0
+                    pending = {}
+            last_commit = time.monotonic()
+            for w in waiters:
+                w(error)
+            waiters = []
+            if stop and (not pending or error is not None):
+                if pending:
+                    log.error("state store %s: closing with %d rows not written: %s", self.path, len(pending), error)
+                return
+
+    def _commit(self, pending: dict[tuple[str, str, str], bytes | None]) -> None:
+        db = self._db
+        assert db is not None
+        t0 = time.perf_counter()
+        now = time.time()
+        ups = [(p, n, k, v, now) for (p, n, k), v in pending.items() if v is not None]
+        dels = [(p, n, k) for (p, n, k), v in pending.items() if v is None]
+        db.execute("BEGIN")
+        try:
+            if ups:
+                db.executemany("INSERT OR REPLACE INTO state (pipeline, node, key, value, updated) VALUES (?,?,?,?,?)",
+                               ups)
+            if dels:
+                db.executemany("DELETE FROM state WHERE pipeline=? AND node=? AND key=?", dels)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.commit_seconds.append(time.perf_counter() - t0)
+        self.commits += 1
+        self.rows_written += len(pending)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def reader(self) -> sqlite3.Connection:
+        """A read-only connection (for the console and tests); the caller closes it."""
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+    def load_state(self, pipeline: str, node: str) -> dict[str, bytes]:
+        """Committed rows of one node: key -> value. Blocking; cheap enough for start-up."""
+        if not self.path.exists():
+            return {}
+        db = self.reader()
+        try:
+            rows = db.execute("SELECT key, value FROM state WHERE pipeline=? AND node=?", (pipeline, node)).fetchall()
+        finally:
+            db.close()
+        return {k: bytes(v) for k, v in rows}
+
+    # --- closing and reporting --------------------------------------------------------------
+
+    def close_sync(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        with self._cond:
+            self._queue.append(None)
+            self._cond.notify()
+        thread.join()
+        self._thread = None
+        if self._db is not None:
+            db, self._db = self._db, None
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("state store %s: checkpoint at close failed: %s", self.path, exc)
+            db.close()
+        self.state = "closed"
+
+    async def close(self) -> None:
+        """Commit what is queued (one last attempt) and close."""
+        await asyncio.to_thread(self.close_sync)
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
+    def health(self) -> dict[str, Any]:
+        lat = sorted(self.commit_seconds)
+
+        def pct(q: float) -> float | None:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+
+        return {"state": self.state, "last_error": self.last_error, "commits": self.commits,
+                "rows_written": self.rows_written, "write_errors": self.write_errors,
+                "queued_rows": self._queued_rows, "corrupt_recoveries": self.corrupt_recoveries,
+                "bytes": self.size_bytes(), "quota_bytes": self.quota_bytes,
+                "commit_p50": pct(0.5), "commit_p99": pct(0.99)}
