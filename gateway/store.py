@@ -251,8 +251,8 @@ class StateStore:
                             for p, n, k, v in item:
                                 pending[(p, n, k)] = v
                     now = time.monotonic()
-                    if stop or (pending or waiters) and now >= retry_at and (
-                            waiters or len(pending) >= self.commit_size or now - last_commit >= self.commit_interval):
+                    if stop or ((pending or waiters) and now >= retry_at and (
+                            waiters or len(pending) >= self.commit_size or now - last_commit >= self.commit_interval)):
                         break
                     if pending or waiters:
                         wake = max(retry_at, last_commit + self.commit_interval)

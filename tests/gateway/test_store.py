@@ -98,6 +98,10 @@ async def test_schema_is_versioned(tmp_path: Path) -> None:
         await StateStore(path).start()
 
 
+def _corrupt_copies(d: Path) -> list[Path]:
+    return list(d.glob("state.db.corrupt-*"))
+
+
 @pytest.mark.parametrize("damage", ["garbage", "torn-page"])
 async def test_corrupt_file_is_moved_aside_and_store_starts_fresh(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
@@ -120,7 +124,7 @@ async def test_corrupt_file_is_moved_aside_and_store_starts_fresh(
     try:
         assert store.corrupt_recoveries == 1
         assert any("STATE STORE CORRUPT" in r.getMessage() for r in caplog.records)
-        moved = list(tmp_path.glob("state.db.corrupt-*"))
+        moved = _corrupt_copies(tmp_path)
         assert moved, "the corrupt file is kept for a post-mortem"
         assert store.load_state("p", "n") == {}
         await store.put_state("p", "n", "k", b"fresh")
