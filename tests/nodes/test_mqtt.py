@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pytest
+
+from gateway import node as node_mod
+from gateway.config import parse_config
+from gateway.engine import _STOP
+from gateway.events import Event
+from gateway.node import NodeOptions, Sink, register
 from gateway.runtime import Gateway
 from tests._util import MosquittoBroker, MqttTestClient, free_port, mqtt_client, wait_for
 from tests.gateway._harness import NO_AUTH, get, node, running_gateway
@@ -255,3 +265,86 @@ async def test_qos1_session_keeps_messages_while_stopped(tmp_path: Path, mosquit
             await wait_for(lambda: len(alerts(sub)) == 21, timeout=15)
             assert node(gw, "boiler", "temp").n_in >= 20
         assert sorted(a["key"] for a in alerts(sub)[1:]) == sorted(f"k{i}" for i in range(20))
+
+
+class _GateOptions(NodeOptions):
+    type: Literal["t_mqtt_gate"]
+
+
+class _Gate(Sink):
+    """A sink that is stuck until `gate` opens; remembers every event handed to it."""
+
+    Options = _GateOptions
+    gate: asyncio.Event
+    seen: list[Event]
+
+    async def write(self, batch: list[Event]) -> None:
+        self.seen.extend(batch)
+        await self.gate.wait()
+
+
+@pytest.fixture
+def gate_sink() -> Iterator[type[_Gate]]:
+    _Gate.gate = asyncio.Event()
+    _Gate.seen = []
+    register(_Gate)
+    yield _Gate
+    node_mod._REGISTRY.pop("t_mqtt_gate", None)
+
+
+def gated_config(tmp_path: Path, port: int) -> str:
+    return f"""\
+gateway: {{id: gw1, data_dir: "{tmp_path}/data", queue_size: 10, sink_queue_size: 10}}
+connections:
+  plant: {{type: mqtt, host: 127.0.0.1, port: {port}, reconnect_max: 1s}}
+pipelines:
+  - name: boiler
+    nodes:
+      - {{id: temp, type: mqtt, connection: plant, topic: "sensors/+/temp", key: "topic[1]", qos: 1}}
+      - {{id: out, type: t_mqtt_gate, input: temp}}
+console: {{enabled: false}}
+"""
+
+
+async def test_qos1_pauses_reading_and_acks_only_processed_messages(
+        tmp_path: Path, mosquitto: MosquittoBroker, gate_sink: type[_Gate]) -> None:
+    text = gated_config(tmp_path, mosquitto.port)
+    n = 4000  # ~170 kB of PUBLISH packets: more than the client reads from its socket at once (64 kB)
+    with mqtt_client(mosquitto) as pub:
+        gw = Gateway(parse_config(text, env={}))
+        task = asyncio.create_task(gw.run(install_signals=False))
+        try:
+            await wait_for(lambda: gw.state == "running")
+            src = node(gw, "boiler", "temp")
+            await until_subscribed(gw, pub, "sensors/probe/temp", payload=reading(0.0))
+            # publish without blocking the loop (paho sends from its own thread)
+            infos = [pub.paho.publish(f"sensors/k{i}/temp", reading(float(i)), qos=1) for i in range(n)]
+            await wait_for(lambda: all(i.is_published() for i in infos), timeout=30)
+            # the sink is stuck: the queues fill, and the source stops reading the socket
+            await wait_for(lambda: not src._link.reading, timeout=10)
+            p = gw.pipelines["boiler"]
+            passed_chain = node(gw, "boiler", "out").n_in  # acknowledged to the broker
+            read_when_paused = src.n_in
+            assert 0 < passed_chain < read_when_paused < n
+        finally:
+            task.cancel()  # a crash: no drain; what is unacknowledged stays with the broker
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert src.n_in == read_when_paused  # it stayed paused
+        acked = {ev.key for ev in gate_sink.seen}
+        acked |= {ev.key for item, _ in p.sink_queues[p.index["out"]]._items if item is not _STOP for ev in item}
+        assert passed_chain - 1 <= len(acked) <= passed_chain  # the chain may hold one unacked message
+        # release the handlers still waiting on the dead pipeline (their connection is closed)
+        for item, _ in p.queue._items:
+            if item is not _STOP and item.done is not None:
+                item.done()
+
+        gate_sink.seen = []
+        gate_sink.gate.set()
+        want = {f"k{i}" for i in range(n)} | {"probe"}
+        async with running_gateway(text) as gw2:
+            await wait_for(lambda: acked | {ev.key for ev in gate_sink.seen} >= want, timeout=30)
+            assert node(gw2, "boiler", "temp")._link.reading
+        # what was acknowledged did not come back; everything else did
+        assert not acked & {ev.key for ev in gate_sink.seen}
+        assert node(gw2, "boiler", "out").n_in == len(gate_sink.seen)
