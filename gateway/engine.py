@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ._log import RateLimitedLog
@@ -168,7 +169,9 @@ class Pipeline:
             cls = get_node_type(opts.type)
             assert cls is not None, opts.type  # validated by config
             index[opts.id] = len(self.nodes)
-            self.nodes.append(cls(opts, make_ctx(opts.id)))
+            ctx = make_ctx(opts.id)
+            ctx.emit = partial(self._emit, len(self.nodes))
+            self.nodes.append(cls(opts, ctx))
         self.index = index
         self.queue = BatchQueue(queue_size, f"{name}:input")
         self.sink_queues: dict[int, BatchQueue] = {
@@ -181,6 +184,8 @@ class Pipeline:
                 self.plans[i] = self._plan(i)
         self._timed = [i for i, n in enumerate(self.nodes)
                        if isinstance(n, Operator) and type(n).on_timer is not Operator.on_timer]
+        self._serving = [i for i, n in enumerate(self.nodes)
+                         if isinstance(n, Operator) and type(n).run is not Operator.run]
         self._stopping = asyncio.Event()
         self._rl = RateLimitedLog(log)
         self.source_state: dict[str, str] = {}
@@ -211,6 +216,8 @@ class Pipeline:
             sources = [tg.create_task(self._source_loop(i, n), name=f"source:{self.name}:{n.id}")  # type: ignore[arg-type]
                        for i, n in enumerate(self.nodes) if isinstance(n, Source)]
             timer = tg.create_task(self._timer_loop(), name=f"timer:{self.name}") if self._timed else None
+            serving = [tg.create_task(self._operator_loop(i, self.nodes[i]),  # type: ignore[arg-type]
+                                      name=f"operator:{self.name}:{self.nodes[i].id}") for i in self._serving]
             self.state = "running"
             log.info("pipeline %s running: %d nodes", self.name, len(self.nodes))
             await self._stopping.wait()
@@ -219,6 +226,13 @@ class Pipeline:
             for t in stopping:
                 t.cancel()
             await asyncio.gather(*stopping, return_exceptions=True)
+            if serving:
+                # operators with background work stop only once everything queued before them went
+                # through the chain; what they emit while stopping is still drained below
+                await self._flushed(self._serving[0])
+                for t in serving:
+                    t.cancel()
+                await asyncio.gather(*serving, return_exceptions=True)
             self.queue.put_nowait(_STOP, 0)
             await chain
             for i in self.sink_queues:
@@ -254,6 +268,34 @@ class Pipeline:
             self.source_state[src.id] = "finished"
             log.info("source %s/%s finished", self.name, src.id)
             return
+
+    def _emit(self, i: int, events: list[Event]) -> None:
+        """``ctx.emit``: an operator's asynchronous output enters the chain below that operator."""
+        if events:
+            self.nodes[i].n_out += len(events)
+            self.queue.put_nowait(_Batch(i, list(events)), len(events))
+
+    async def _flushed(self, origin: int) -> None:
+        """Return once every batch queued so far has been through the chain."""
+        marker = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(_Batch(origin, [], lambda: marker.done() or marker.set_result(None)), 0)
+        await marker
+
+    async def _operator_loop(self, i: int, op: Operator) -> None:
+        attempt = 0
+        while True:
+            try:
+                await op.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # node boundary: an operator's background work is restarted
+                op.n_errors += 1
+                delay = backoff(attempt, 30.0)
+                attempt += 1
+                log.error("operator %s/%s failed (%s: %s); restarting in %.1fs",
+                          self.name, op.id, type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
 
     async def _timer_loop(self) -> None:
         while True:

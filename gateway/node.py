@@ -90,6 +90,13 @@ class NodeContext:
     dead_letters: DeadLetters
     clock: Callable[[], float] = time.time
     logger: logging.Logger = field(default_factory=lambda: log)
+    emit: Callable[[list[Event]], None] = field(default=lambda events: _not_running())
+    """Set by the pipeline: an operator hands events downstream from outside ``on_event``/``on_timer``
+    (from its :meth:`Operator.run` task); they enter the chain right below the operator."""
+
+
+def _not_running() -> None:
+    raise RuntimeError("this node is not running in a pipeline; ctx.emit is unavailable")
 
 
 class _Node:
@@ -172,6 +179,13 @@ class Operator(_Node):
     def on_timer(self, now: float) -> list[Event]:
         """Called about once a second with the monotonic clock; for timeouts and windows."""
         return []
+
+    async def run(self) -> None:
+        """Optional background work (e.g. the LLM stage's workers), emitting via ``ctx.emit``.
+
+        Started with the pipeline, cancelled when it stops (after the chain has taken everything
+        queued before), restarted with backoff if it raises.
+        """
 
 
 class Sink(_Node):
