@@ -23,6 +23,7 @@ from .node import Duration, NodeOptions, get_node_type, node_types
 
 __all__ = [
     "ConsoleConfig",
+    "ConsoleUser",
     "GatewayConfig",
     "LoadedConfig",
     "MqttConnection",
@@ -63,10 +64,23 @@ class MqttConnection(_Section):
     reconnect_max: Duration = Field(30.0, description="Cap of the exponential reconnect backoff.")
 
 
+class ConsoleUser(_Section):
+    name: str = Field(pattern=_ID)
+    password_hash: str = Field(pattern=r"^\$argon2(id|i|d)\$",
+                               description="An argon2 hash, e.g. from `sluice hash-password`; never the password.")
+    role: Literal["viewer", "admin"] = "viewer"
+
+
 class ConsoleConfig(_Section):
     enabled: bool = True
     host: str = Field("127.0.0.1", description="Bind address; localhost unless you mean otherwise.")
     port: int = Field(8080, ge=0, le=65535)
+    auth: bool = Field(True, description="Require a login or API token for pages and /api/*; "
+                                         "/healthz and /metrics stay open for monitoring.")
+    users: list[ConsoleUser] = Field(default_factory=list, description="Fixed accounts; when set, the console "
+                                     "does not offer first-visit account creation.")
+    tls_cert: str | None = Field(None, description="PEM certificate file: serve HTTPS (with tls_key).")
+    tls_key: str | None = Field(None, description="PEM private key file for tls_cert.")
 
 
 class PipelineConfig(_Section):

@@ -99,18 +99,27 @@ class Console:
         self.app.router.add_get("/api/pipelines", self.api_pipelines)
         self.app.router.add_get("/api/deadletters", self.api_deadletters)
         self.app.router.add_get("/api/logs", self.api_logs)
+        from .web import setup as web_setup  # pages, /ws, OpenAPI, and the auth around them
+
+        self.web = web_setup(self.app, gw, cfg)
         self._runner: web.AppRunner | None = None
         self.port = cfg.port
 
     @property
     def url(self) -> str:
         host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::") else "localhost"
-        return f"http://{host}:{self.port}/"
+        return f"{'https' if self.cfg.tls_cert else 'http'}://{host}:{self.port}/"
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        ssl_context = None
+        if self.cfg.tls_cert:
+            import ssl
+
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -121,6 +130,7 @@ class Console:
         server = site._server
         if server is not None and server.sockets:  # type: ignore[union-attr]
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.web.auth.announce(self.url)
 
     async def stop(self) -> None:
         if self._runner is not None:

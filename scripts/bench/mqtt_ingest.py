@@ -469,7 +469,7 @@ pipelines:
       - {{id: fahrenheit, type: map, input: valid, value: "value * 1.8 + 32.0"}}
       - {{id: hot, type: threshold, input: fahrenheit, above: {ABOVE_F}, clear_below: {CLEAR_F}}}
       - {{id: out, type: mqtt_out, input: hot, connection: plant, topic: "{ALERT_TOPIC}"}}
-console: {{host: 127.0.0.1, port: {self.console_port}}}
+console: {{host: 127.0.0.1, port: {self.console_port}, auth: false}}
 """
 
     @staticmethod

@@ -1,0 +1,57 @@
+"""The web console: pages, live WebSocket, OpenAPI and the security around them.
+
+:func:`setup` installs it all on the console's aiohttp app (see :mod:`gateway.console`):
+security headers on every response, sessions and the auth middleware (pages and ``/api/*`` need
+a login or an API token unless ``console.auth: false``; ``/healthz`` and ``/metrics`` stay open
+for monitoring), the pages and their static assets (all shipped in the package, no CDN), ``/ws``
+and ``/api/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from ..config import ConsoleConfig
+from .auth import Auth, Identity, hash_password
+from .openapi import openapi_document
+from .views import Views, security_headers
+from .ws import Hub
+
+if TYPE_CHECKING:
+    from ..runtime import Gateway
+
+__all__ = ["WEB", "Auth", "Hub", "Identity", "Web", "hash_password", "setup"]
+
+
+class Web:
+    """What :func:`setup` installed, kept on the app under :data:`WEB` (for tests and other routes)."""
+
+    def __init__(self, gw: Gateway, cfg: ConsoleConfig):
+        self.auth = Auth(cfg, gw.data_dir)
+        self.views = Views(gw)
+        self.hub = Hub(gw, self.auth, self.views.stats)
+
+
+WEB = web.AppKey("sluice_web", Web)
+
+
+def setup(app: web.Application, gw: Gateway, cfg: ConsoleConfig) -> Web:
+    """Install the console's security, pages, ``/ws`` and ``/api/openapi.json`` on ``app``."""
+    w = Web(gw, cfg)
+    app[WEB] = w
+    app.on_response_prepare.append(security_headers)
+    w.auth.install(app)
+    w.auth.add_routes(app)
+    w.views.add_routes(app)
+    app.router.add_get("/ws", w.hub.handle)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(openapi_document(request.app))
+
+    app.router.add_get("/api/openapi.json", openapi)
+    app.cleanup_ctx.append(w.hub.lifespan)
+    app.on_shutdown.append(w.hub.close_all)
+    return w
+

@@ -1,0 +1,620 @@
+"""Console security: accounts, password hashing, sessions, CSRF/Origin checks, login throttling, API tokens.
+
+Default on (``console.auth: true``). No default credentials: the first visit creates the admin
+account with a one-time setup code printed in the gateway's log (or the accounts come from
+``console.users`` with argon2 hashes). Sessions live in encrypted cookies (HttpOnly,
+SameSite=Strict, Secure over TLS). Every state-changing request made with a session cookie
+must carry the session's CSRF token in ``X-CSRF-Token`` and come from the console's own origin;
+scripts use ``Authorization: Bearer <token>`` instead. ``/healthz`` and ``/metrics`` stay open
+for monitoring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import argon2
+from aiohttp import web
+from cryptography.fernet import Fernet, InvalidToken
+
+from ..config import ConsoleConfig
+
+__all__ = ["IDENTITY", "Auth", "Identity", "hash_password"]
+
+log = logging.getLogger(__name__)
+
+Role = Literal["viewer", "admin"]
+ROLES: tuple[Role, ...] = ("viewer", "admin")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MIN_PASSWORD = 10
+SESSION_MAX_AGE = 12 * 3600
+COOKIE_NAME = "sluice_session"
+CSRF_HEADER = "X-CSRF-Token"
+
+# Paths anyone may reach: monitoring, the login/setup pages and their API, shipped assets.
+_OPEN_EXACT = frozenset({"/healthz", "/metrics", "/login", "/setup", "/api/session", "/api/login",
+                         "/api/setup", "/api/logout", "/favicon.ico"})
+_OPEN_PREFIX = ("/static/",)
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+
+# OWASP's minimum for argon2id (19 MiB, 2 passes): affordable on a Pi, one hash at a time.
+_HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+_DUMMY_HASH = _HASHER.hash(secrets.token_hex(16))
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash for ``console.users[].password_hash`` or the account file."""
+    return _HASHER.hash(password)
+
+
+def _verify(stored: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(stored, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
+
+
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(slots=True, frozen=True)
+class Identity:
+    """Who is asking: a user by session, a script by API token, or anyone when auth is off."""
+
+    name: str
+    role: Role
+    via: Literal["session", "token", "open"]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(slots=True)
+class _User:
+    name: str
+    password_hash: str
+    role: Role
+    fixed: bool = False  # from console.users: cannot be changed through the console
+
+
+@dataclass(slots=True)
+class _Token:
+    id: str
+    name: str
+    role: Role
+    digest: str
+    created: float
+    last_used: float | None = None
+
+
+class Session(dict[str, Any]):
+    """The session's data, kept in an encrypted cookie (Fernet: AES-CBC + HMAC, with a timestamp)."""
+
+    def __init__(self, data: dict[str, Any] | None = None, new: bool = True):
+        super().__init__(data or {})
+        self.new = new
+        self.changed = False
+        self.invalidated = False
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.changed = True
+
+    def invalidate(self) -> None:
+        self.clear()
+        self.invalidated = True
+        self.changed = True
+
+
+SESSION = web.RequestKey("sluice_session", Session)
+IDENTITY = web.RequestKey("sluice_identity", Identity)
+
+
+async def get_session(request: web.Request) -> Session:
+    return request[SESSION]
+
+
+async def new_session(request: web.Request) -> Session:
+    """Replace the request's session by an empty one (at login: no session fixation)."""
+    s = Session()
+    s.changed = True
+    request[SESSION] = s
+    return s
+
+
+class AuthError(Exception):
+    """A request the console refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+class LoginThrottle:
+    """Failed logins per user name and per client address; too many in ``window`` locks out for ``lockout``.
+
+    Bounded: at most ``max_keys`` entries are remembered (the oldest forgotten first).
+    """
+
+    def __init__(self, max_failures: int = 5, ip_failures: int = 20, window: float = 900.0,
+                 lockout: float = 300.0, clock: Callable[[], float] = time.monotonic, max_keys: int = 10_000):
+        self.max_failures = max_failures
+        self.ip_failures = ip_failures
+        self.window = window
+        self.lockout = lockout
+        self.clock = clock
+        self.max_keys = max_keys
+        self._fails: OrderedDict[str, list[float]] = OrderedDict()
+        self._locked: dict[str, float] = {}
+
+    def _limit(self, key: str) -> int:
+        return self.ip_failures if key.startswith("ip:") else self.max_failures
+
+    def retry_after(self, keys: list[str]) -> float:
+        now = self.clock()
+        wait = 0.0
+        for k in keys:
+            until = self._locked.get(k)
+            if until is not None:
+                if until > now:
+                    wait = max(wait, until - now)
+                else:
+                    del self._locked[k]
+        return wait
+
+    def failure(self, keys: list[str]) -> None:
+        now = self.clock()
+        for k in keys:
+            times = [t for t in self._fails.pop(k, []) if now - t < self.window]
+            times.append(now)
+            self._fails[k] = times
+            if len(times) >= self._limit(k):
+                self._locked[k] = now + self.lockout
+                self._fails.pop(k, None)
+                log.warning("console login locked for %.0fs after %d failures (%s)", self.lockout, len(times), k)
+        while len(self._fails) > self.max_keys:
+            self._fails.popitem(last=False)
+        if len(self._locked) > self.max_keys:
+            for k in [k for k, until in self._locked.items() if until <= now]:
+                del self._locked[k]
+
+    def success(self, keys: list[str]) -> None:
+        for k in keys:
+            if not k.startswith("ip:"):
+                self._fails.pop(k, None)
+
+
+class UserStore:
+    """Accounts and API tokens in ``<data_dir>/console/users.json`` (mode 0600), plus fixed config users."""
+
+    def __init__(self, path: Path, fixed: list[Any]):
+        self.path = path
+        self.users: dict[str, _User] = {}
+        self.tokens: dict[str, _Token] = {}
+        self._fixed = {u.name: _User(u.name, u.password_hash, u.role, fixed=True) for u in fixed}
+        self._load()
+
+    def _load(self) -> None:
+        self.users = dict(self._fixed)
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            # A damaged account file must not open the console to a new "first visit".
+            raise RuntimeError(f"console account file {self.path} is unreadable: {exc}; "
+                               "fix or remove it (removing it allows creating a new admin)") from None
+        for u in data.get("users", []):
+            if u["name"] not in self._fixed:
+                self.users[u["name"]] = _User(u["name"], u["password_hash"], u["role"])
+        for t in data.get("tokens", []):
+            self.tokens[t["id"]] = _Token(**t)
+
+    def _dump(self) -> str:
+        return json.dumps({
+            "users": [{"name": u.name, "password_hash": u.password_hash, "role": u.role}
+                      for u in self.users.values() if not u.fixed],
+            "tokens": [asdict(t) for t in self.tokens.values()],
+        }, indent=1)
+
+    async def save(self) -> None:
+        text = self._dump()
+        await asyncio.to_thread(_write_private, self.path, text)
+
+    @property
+    def needs_setup(self) -> bool:
+        return not self.users
+
+    def token_identity(self, token: str) -> Identity | None:
+        digest = _token_digest(token)
+        for t in self.tokens.values():
+            if hmac.compare_digest(t.digest, digest):
+                t.last_used = time.time()
+                return Identity(t.name, t.role, "token")
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _secret_key(path: Path) -> bytes:
+    """The cookie encryption key, kept across restarts so sessions survive them."""
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+        log.warning("console secret %s has the wrong length; making a new one (sessions end)", path)
+    except FileNotFoundError:
+        pass
+    key = secrets.token_bytes(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+def _same_origin(request: web.Request, value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme == request.scheme and parts.netloc == request.host
+
+
+class Auth:
+    """The console's gatekeeper: installed by :func:`gateway.web.setup` on the console's app."""
+
+    def __init__(self, cfg: ConsoleConfig, data_dir: Path, clock: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        self.enabled = cfg.auth
+        self.tls = bool(cfg.tls_cert)
+        self.store = UserStore(data_dir / "console" / "users.json", cfg.users)
+        self.throttle = LoginThrottle(clock=clock)
+        self._secret_path = data_dir / "console" / "secret.key"
+        # Only one argon2 computation at a time: each holds 19 MiB.
+        self._hashing = asyncio.Semaphore(1)
+        self.setup_code: str | None = None
+        if self.enabled and self.store.needs_setup:
+            self.setup_code = f"{secrets.randbelow(10**4):04d}-{secrets.randbelow(10**4):04d}"
+
+    def install(self, app: web.Application) -> None:
+        self._fernet = Fernet(base64.urlsafe_b64encode(_secret_key(self._secret_path)))
+        app.middlewares.append(self.sessions)
+        app.middlewares.append(self.middleware)
+
+    def _load_session(self, request: web.Request) -> Session:
+        token = request.cookies.get(COOKIE_NAME)
+        if token:
+            try:
+                data = json.loads(self._fernet.decrypt(token.encode(), ttl=SESSION_MAX_AGE))
+                if isinstance(data, dict):
+                    return Session(data, new=False)
+            except (InvalidToken, ValueError):
+                pass  # expired, forged, or from before a key change: start afresh
+        return Session()
+
+    @web.middleware
+    async def sessions(self, request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        request[SESSION] = self._load_session(request)
+        response = await handler(request)
+        session = request[SESSION]
+        if session.changed and not response.prepared:
+            if session.invalidated and not session:
+                response.del_cookie(COOKIE_NAME, path="/")
+            else:
+                token = self._fernet.encrypt(json.dumps(dict(session)).encode()).decode()
+                response.set_cookie(COOKIE_NAME, token, max_age=SESSION_MAX_AGE, path="/", httponly=True,
+                                    samesite="Strict", secure=self.tls)
+        return response
+
+    def announce(self, url: str) -> None:
+        if self.setup_code is not None:
+            log.warning("console: no account yet; open %ssetup and create the admin with setup code %s",
+                        url, self.setup_code)
+        elif not self.enabled:
+            log.warning("console: auth is off (console.auth: false): anyone who can reach %s may use it", url)
+
+    # --- hashing off the event loop --------------------------------------------------------
+
+    async def _verify(self, stored: str, password: str) -> bool:
+        async with self._hashing:
+            return await asyncio.to_thread(_verify, stored, password)
+
+    async def _hash(self, password: str) -> str:
+        async with self._hashing:
+            return await asyncio.to_thread(hash_password, password)
+
+    # --- request checks -------------------------------------------------------------------
+
+    @staticmethod
+    def check_origin(request: web.Request, required: bool) -> None:
+        """Refuse a request whose Origin (or Referer) is another site; ``required``: refuse when neither is sent."""
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != "null":
+            if not _same_origin(request, origin):
+                raise AuthError(403, f"cross-origin request refused (Origin {origin})")
+            return
+        if origin == "null":
+            raise AuthError(403, "cross-origin request refused (Origin null)")
+        referer = request.headers.get("Referer")
+        if referer:
+            if not _same_origin(request, referer):
+                raise AuthError(403, "cross-origin request refused (Referer)")
+            return
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None and site not in ("same-origin", "none"):
+            raise AuthError(403, f"cross-origin request refused (Sec-Fetch-Site {site})")
+        if required:
+            raise AuthError(403, "request without Origin refused")
+
+    async def _check_csrf(self, request: web.Request, given: str | None) -> None:
+        session = await get_session(request)
+        expected = session.get("csrf")
+        if not expected or not given or not hmac.compare_digest(str(expected), given):
+            raise AuthError(403, "missing or wrong CSRF token (send the X-CSRF-Token from /api/session)")
+
+    async def identify(self, request: web.Request) -> Identity | None:
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError(401, "Authorization must be 'Bearer <api token>'")
+            ident = self.store.token_identity(token.strip())
+            if ident is None:
+                raise AuthError(401, "unknown or revoked API token")
+            return ident
+        if not self.enabled:
+            return Identity("anonymous", "admin", "open")
+        session = await get_session(request)
+        name = session.get("user")
+        if not name:
+            return None
+        user = self.store.users.get(name)
+        if user is None:  # deleted since: the session ends
+            session.invalidate()
+            return None
+        return Identity(user.name, user.role, "session")
+
+    @web.middleware
+    async def middleware(self, request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        path = request.path
+        try:
+            ident = await self.identify(request)
+            request[IDENTITY] = ident
+            if request.method not in SAFE_METHODS and (ident is None or ident.via != "token"):
+                # A browser can be made to send our cookie from another site: the Origin tells, the
+                # CSRF token (only readable by our own pages) proves it.
+                self.check_origin(request, required=False)
+                if self.enabled:
+                    await self._check_csrf(request, request.headers.get(CSRF_HEADER))
+            if path in _OPEN_EXACT or path.startswith(_OPEN_PREFIX):
+                return await handler(request)
+            if ident is None:
+                if path.startswith("/api/") or path == "/ws" or request.method not in SAFE_METHODS:
+                    raise AuthError(401, "log in or send an API token")
+                raise web.HTTPFound("/setup" if self.store.needs_setup else "/login")
+            if request.method not in SAFE_METHODS and not ident.is_admin:
+                raise AuthError(403, f"{ident.name} is a viewer: this needs the admin role")
+        except AuthError as exc:
+            headers = {"Retry-After": str(int(exc.retry_after) + 1)} if exc.retry_after else None
+            if exc.status == 401:
+                headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="sluice"'}
+            return web.json_response({"error": exc.message}, status=exc.status, headers=headers)
+        return await handler(request)
+
+    async def check_ws(self, request: web.Request) -> None:
+        """The WebSocket handshake: same origin always for browsers, and the CSRF token in ``?csrf=``."""
+        ident: Identity | None = request.get(IDENTITY)
+        if ident is not None and ident.via == "token":
+            return
+        if "Origin" in request.headers:
+            self.check_origin(request, required=True)
+        elif ident is None or ident.via == "session":
+            raise AuthError(403, "WebSocket without Origin refused")
+        if self.enabled:
+            await self._check_csrf(request, request.query.get("csrf"))
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/api/session", self.api_session)
+        app.router.add_post("/api/login", self.api_login)
+        app.router.add_post("/api/logout", self.api_logout)
+        app.router.add_post("/api/setup", self.api_setup)
+        app.router.add_get("/api/users", self.api_users)
+        app.router.add_post("/api/users", self.api_user_create)
+        app.router.add_delete("/api/users/{name}", self.api_user_delete)
+        app.router.add_get("/api/tokens", self.api_tokens)
+        app.router.add_post("/api/tokens", self.api_token_create)
+        app.router.add_delete("/api/tokens/{id}", self.api_token_delete)
+
+    async def api_session(self, request: web.Request) -> web.Response:
+        """Who am I, and the CSRF token my page must send with every change."""
+        session = await get_session(request)
+        if "csrf" not in session:
+            session["csrf"] = secrets.token_urlsafe(32)
+        ident: Identity | None = request.get(IDENTITY)
+        return web.json_response({
+            "auth": self.enabled,
+            "user": ident.name if ident else None,
+            "role": ident.role if ident else None,
+            "csrf": session["csrf"],
+            "needs_setup": self.enabled and self.store.needs_setup,
+        })
+
+    @staticmethod
+    async def _json(request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise AuthError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise AuthError(400, "the body must be a JSON object")
+        return body
+
+    async def _start_session(self, request: web.Request, user: _User) -> dict[str, Any]:
+        # A fresh session at login: a cookie planted before login never becomes an authenticated one.
+        session = await new_session(request)
+        session["user"] = user.name
+        session["csrf"] = secrets.token_urlsafe(32)
+        return {"user": user.name, "role": user.role, "csrf": session["csrf"]}
+
+    async def api_login(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._json(request)
+            name, password = str(body.get("name", "")), str(body.get("password", ""))
+            keys = [f"user:{name.lower()}", f"ip:{request.remote}"]
+            wait = self.throttle.retry_after(keys)
+            if wait > 0:
+                raise AuthError(429, f"too many failed logins; try again in {int(wait) + 1}s", retry_after=wait)
+            user = self.store.users.get(name)
+            # An unknown name costs the same time as a wrong password: no probing for names.
+            ok = await self._verify(user.password_hash if user else _DUMMY_HASH, password)
+            if not ok or user is None:
+                self.throttle.failure(keys)
+                log.info("console: failed login for %r from %s", name[:64], request.remote)
+                raise AuthError(401, "wrong user name or password")
+            self.throttle.success(keys)
+            log.info("console: %s logged in from %s", user.name, request.remote)
+            return web.json_response(await self._start_session(request, user))
+        except AuthError as exc:
+            headers = {"Retry-After": str(int(exc.retry_after) + 1)} if exc.retry_after else None
+            return web.json_response({"error": exc.message}, status=exc.status, headers=headers)
+
+    async def api_logout(self, request: web.Request) -> web.Response:
+        session = await get_session(request)
+        session.invalidate()
+        return web.json_response({"ok": True})
+
+    def _check_new_user(self, body: dict[str, Any]) -> tuple[str, str, Role]:
+        name, password, role = str(body.get("name", "")), str(body.get("password", "")), body.get("role", "viewer")
+        if not _NAME.match(name):
+            raise AuthError(400, "name: letters, digits, _ and -, starting with a letter (at most 64)")
+        if len(password) < MIN_PASSWORD:
+            raise AuthError(400, f"password: at least {MIN_PASSWORD} characters")
+        if role not in ROLES:
+            raise AuthError(400, f"role: one of {', '.join(ROLES)}")
+        return name, password, role
+
+    async def api_setup(self, request: web.Request) -> web.Response:
+        """First visit: create the admin account (needs the setup code from the gateway's log)."""
+        try:
+            if not self.enabled or not self.store.needs_setup:
+                raise AuthError(409, "the console already has accounts; log in")
+            body = await self._json(request)
+            keys = [f"ip:{request.remote}", "setup"]
+            wait = self.throttle.retry_after(keys)
+            if wait > 0:
+                raise AuthError(429, f"too many wrong setup codes; try again in {int(wait) + 1}s", retry_after=wait)
+            code = str(body.get("code", "")).strip()
+            if self.setup_code is None or not hmac.compare_digest(code, self.setup_code):
+                self.throttle.failure(keys)
+                raise AuthError(403, "wrong setup code (the gateway's log shows it)")
+            name, password, _ = self._check_new_user({**body, "role": "admin"})
+            user = _User(name, await self._hash(password), "admin")
+            if not self.store.needs_setup:  # someone else finished first while we hashed
+                raise AuthError(409, "the console already has accounts; log in")
+            self.store.users[name] = user
+            await self.store.save()
+            self.setup_code = None
+            log.warning("console: admin account %r created from %s", name, request.remote)
+            return web.json_response(await self._start_session(request, user), status=201)
+        except AuthError as exc:
+            headers = {"Retry-After": str(int(exc.retry_after) + 1)} if exc.retry_after else None
+            return web.json_response({"error": exc.message}, status=exc.status, headers=headers)
+
+    def _admin(self, request: web.Request) -> Identity:
+        ident: Identity | None = request.get(IDENTITY)
+        if ident is None or not ident.is_admin:
+            raise web.HTTPForbidden(text=json.dumps({"error": "this needs the admin role"}),
+                                    content_type="application/json")
+        return ident
+
+    async def api_users(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return web.json_response({"users": [{"name": u.name, "role": u.role, "fixed": u.fixed}
+                                            for u in self.store.users.values()]})
+
+    async def api_user_create(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        try:
+            body = await self._json(request)
+            name, password, role = self._check_new_user(body)
+            if name in self.store.users:
+                raise AuthError(409, f"user {name!r} exists")
+        except AuthError as exc:
+            return web.json_response({"error": exc.message}, status=exc.status)
+        self.store.users[name] = _User(name, await self._hash(password), role)
+        await self.store.save()
+        log.info("console: user %r (%s) created by %s", name, role, request[IDENTITY].name)
+        return web.json_response({"name": name, "role": role}, status=201)
+
+    async def api_user_delete(self, request: web.Request) -> web.Response:
+        ident = self._admin(request)
+        name = request.match_info["name"]
+        user = self.store.users.get(name)
+        if user is None:
+            return web.json_response({"error": f"no user {name!r}"}, status=404)
+        if user.fixed:
+            return web.json_response({"error": f"{name!r} comes from console.users in the config"}, status=409)
+        if name == ident.name:
+            return web.json_response({"error": "you cannot delete your own account"}, status=409)
+        del self.store.users[name]
+        await self.store.save()
+        return web.json_response({"ok": True})
+
+    async def api_tokens(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return web.json_response({"tokens": [{"id": t.id, "name": t.name, "role": t.role, "created": t.created,
+                                              "last_used": t.last_used} for t in self.store.tokens.values()]})
+
+    async def api_token_create(self, request: web.Request) -> web.Response:
+        """A new API token; the token itself is shown once and stored only as a hash."""
+        self._admin(request)
+        try:
+            body = await self._json(request)
+        except AuthError as exc:
+            return web.json_response({"error": exc.message}, status=exc.status)
+        name = str(body.get("name", "script"))[:64]
+        role = body.get("role", "viewer")
+        if role not in ROLES:
+            return web.json_response({"error": f"role: one of {', '.join(ROLES)}"}, status=400)
+        token = "slt_" + secrets.token_urlsafe(32)
+        t = _Token(secrets.token_hex(6), name, role, _token_digest(token), time.time())
+        self.store.tokens[t.id] = t
+        await self.store.save()
+        return web.json_response({"id": t.id, "name": name, "role": role, "token": token}, status=201)
+
+    async def api_token_delete(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        if self.store.tokens.pop(request.match_info["id"], None) is None:
+            return web.json_response({"error": "no such token"}, status=404)
+        await self.store.save()
+        return web.json_response({"ok": True})

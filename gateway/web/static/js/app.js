@@ -1,0 +1,46 @@
+// The console shell: who is logged in, the live link, and the views behind #/name.
+import { post, session } from "./api.js";
+import { connect, onState } from "./live.js";
+import * as overview from "./views/overview.js";
+import * as graph from "./views/graph.js";
+import * as events from "./views/events.js";
+import * as deadletters from "./views/deadletters.js";
+import * as config from "./views/config.js";
+
+const views = { overview, graph, events, deadletters, config };
+const root = document.getElementById("view");
+let current = null;
+let me = null;
+
+function route() {
+  const [name, ...rest] = (location.hash.replace(/^#\/?/, "") || "overview").split("/");
+  const view = views[name] || overview;
+  if (current && current.stop) current.stop();
+  root.replaceChildren();
+  for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === name);
+  current = view.start(root, { me, args: rest.map(decodeURIComponent) }) || null;
+}
+
+async function main() {
+  me = await session();
+  if (me.needs_setup) return location.replace("/setup");
+  if (me.auth && !me.user) return location.replace("/login");
+  document.getElementById("user").textContent = me.auth ? `${me.user} (${me.role})` : "auth off";
+  document.body.classList.toggle("is-admin", me.role === "admin");
+  const logout = document.getElementById("logout");
+  logout.hidden = !me.auth;
+  logout.addEventListener("click", async () => {
+    await post("/api/logout", {});
+    location.replace("/login");
+  });
+  const pill = document.getElementById("link");
+  onState((s) => {
+    pill.textContent = s;
+    pill.className = `pill ${s === "live" ? "ok" : s === "offline" ? "bad" : ""}`;
+  });
+  connect();
+  window.addEventListener("hashchange", route);
+  route();
+}
+
+main();

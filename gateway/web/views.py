@@ -1,0 +1,182 @@
+"""The console's pages and the JSON the pages read: overview, node config, config text and validation."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from aiohttp import web
+
+from ..config import parse_config
+from ..errors import ConfigError
+from .auth import IDENTITY
+
+if TYPE_CHECKING:
+    from ..runtime import Gateway
+
+__all__ = ["STATIC", "Views"]
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_CONFIG = 1024 * 1024
+_SECRET = re.compile(r"pass|secret|token|key$|credential", re.IGNORECASE)
+
+# Content-Security-Policy: our own scripts, styles and sockets only; nothing inline, no framing.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Sent on every response, errors included (an ``on_response_prepare`` signal)."""
+    h = response.headers
+    h.setdefault("Content-Security-Policy", CSP)
+    h.setdefault("X-Content-Type-Options", "nosniff")
+    h.setdefault("X-Frame-Options", "DENY")
+    h.setdefault("Referrer-Policy", "same-origin")
+    h.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+    h.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=()")
+    if request.secure:
+        h.setdefault("Strict-Transport-Security", "max-age=31536000")
+    if request.path.startswith("/api/") or request.path in ("/", "/login", "/setup"):
+        h.setdefault("Cache-Control", "no-store")
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, key) for v in value]
+    if key and _SECRET.search(key) and isinstance(value, str) and value:
+        return "***"
+    return value
+
+
+class Views:
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self._proc = psutil.Process()
+        psutil.cpu_percent(interval=None)  # the first call only starts the measurement
+        self._proc.cpu_percent(interval=None)
+
+    def add_routes(self, app: web.Application) -> None:
+        for path, page in (("/", "app.html"), ("/login", "login.html"), ("/setup", "setup.html")):
+            app.router.add_get(path, self._page(page))
+        app.router.add_get("/api/overview", self.api_overview)
+        app.router.add_get("/api/pipelines/{pipeline}/nodes/{node}", self.api_node)
+        app.router.add_get("/api/config", self.api_config)
+        app.router.add_post("/api/config/validate", self.api_validate)
+        app.router.add_static("/static/", STATIC, append_version=False)
+
+    @staticmethod
+    def _page(name: str) -> Any:
+        path = STATIC / name
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(path, headers={"Content-Type": "text/html; charset=utf-8"})
+
+        return handler
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def system(self) -> dict[str, Any]:
+        vm = psutil.virtual_memory()
+        try:
+            disk = psutil.disk_usage(str(self.gw.data_dir))
+            disk_info = {"total": disk.total, "used": disk.used, "percent": disk.percent}
+        except OSError:
+            disk_info = None
+        with self._proc.oneshot():
+            rss = self._proc.memory_info().rss
+            pcpu = self._proc.cpu_percent(interval=None)
+        return {
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "cpus": psutil.cpu_count() or 1,
+            "memory": {"total": vm.total, "available": vm.available, "percent": vm.percent},
+            "disk": disk_info,
+            "process": {"rss": rss, "cpu_percent": pcpu},
+            "load": list(psutil.getloadavg()),
+        }
+
+    def overview(self) -> dict[str, Any]:
+        gw = self.gw
+        health = gw.health()
+        pipes = []
+        for p in gw.pipelines.values():
+            errors = sum(n.n_errors for n in p.nodes)
+            sources = [n for n in p.nodes if n.kind == "source"]
+            sinks = [n for n in p.nodes if n.kind == "sink"]
+            depth = p.queue.depth + sum(q.depth for q in p.sink_queues.values())
+            problems = [f"source {sid}: {st}" for sid, st in p.source_state.items() if st.startswith("failed")]
+            pipes.append({
+                "name": p.name, "state": p.state, "nodes": len(p.nodes),
+                "events_in": sum(n.n_out for n in sources), "events_out": sum(n.n_out for n in sinks),
+                "errors": errors, "queue_depth": depth,
+                "dead_letters": sum(c for (pn, _), c in gw.dead_letters.counts.items() if pn == p.name),
+                "health": "ok" if p.state == "running" and not problems else ("degraded" if p.state == "running"
+                                                                              else p.state),
+                "problems": problems,
+            })
+        return {"gateway": health, "system": self.system(), "pipelines": pipes, "ts": time.time()}
+
+    def stats(self) -> dict[str, Any]:
+        """What the WebSocket sends every second: the overview plus every node's counters."""
+        out = self.overview()
+        out["detail"] = [p.describe() for p in self.gw.pipelines.values()]
+        return out
+
+    # --- handlers -----------------------------------------------------------------------------
+
+    async def api_overview(self, request: web.Request) -> web.Response:
+        return web.json_response(self.overview())
+
+    async def api_node(self, request: web.Request) -> web.Response:
+        p = self.gw.pipelines.get(request.match_info["pipeline"])
+        nid = request.match_info["node"]
+        if p is None or nid not in p.index:
+            return web.json_response({"error": "no such pipeline or node"}, status=404)
+        node = p.nodes[p.index[nid]]
+        desc = next(d for d in p.describe()["nodes"] if d["id"] == nid)
+        desc["options"] = _redact(node.options.model_dump(mode="json", exclude_none=True))
+        return web.json_response(desc)
+
+    def _admin(self, request: web.Request) -> None:
+        ident = request.get(IDENTITY)
+        if ident is None or not ident.is_admin:
+            raise web.HTTPForbidden(text='{"error": "the config needs the admin role"}',
+                                    content_type="application/json")
+
+    async def api_config(self, request: web.Request) -> web.Response:
+        self._admin(request)  # the text may hold inline secrets: admins only
+        loaded = self.gw.loaded
+        return web.json_response({"path": loaded.path, "text": loaded.text})
+
+    async def api_validate(self, request: web.Request) -> web.Response:
+        """Validate YAML config text (the body, or ``{"text": ...}``): every problem with its line."""
+        self._admin(request)
+        if request.content_length is not None and request.content_length > MAX_CONFIG:
+            return web.json_response({"error": "config larger than 1 MiB"}, status=413)
+        if request.content_type == "application/json":
+            try:
+                body = await request.json()
+                text = body["text"]
+                if not isinstance(text, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                return web.json_response({"error": 'expected {"text": "<yaml>"}'}, status=400)
+        else:
+            raw = await request.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return web.json_response({"error": "config is not UTF-8 text"}, status=400)
+        # Validation compiles expressions and builds models: off the loop.
+        try:
+            loaded = await asyncio.to_thread(parse_config, text, "config.yaml")
+        except ConfigError as err:
+            return web.json_response({"valid": False, "errors": [
+                {"line": i.line, "path": i.path, "message": i.message} for i in err.issues]})
+        n_nodes = sum(len(v) for v in loaded.nodes.values())
+        return web.json_response({"valid": True, "errors": [], "pipelines": len(loaded.nodes), "nodes": n_nodes})

@@ -1,0 +1,286 @@
+"""The console's WebSocket ``/ws``: live stats and node event taps, with a bounded buffer per client.
+
+A client subscribes with ``{"op": "subscribe", "topic": "stats"}`` (a ``stats`` message every
+second) or ``{"op": "subscribe", "topic": "events", "pipeline": P, "node": N}`` (``events``
+messages with what node N emits). A slow or stalled browser never slows the pipeline: each
+client has a bounded buffer, the oldest message is dropped when it is full, and every drop is
+counted (per client, in each ``stats`` message, and in total on the hub).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+
+from .._log import RateLimitedLog
+
+if TYPE_CHECKING:
+    from ..runtime import Gateway
+    from .auth import Auth
+
+__all__ = ["Hub"]
+
+log = logging.getLogger(__name__)
+
+BUFFER = 256  # messages a client may lag behind before the oldest are dropped
+TAP_EVENTS = 20  # events per tapped batch forwarded; a tail view needs a sample, not every reading
+TAP_RATE = 50.0  # events per second per subscription, at most
+
+
+class _Client:
+    __slots__ = ("buf", "dropped", "events", "id", "remote", "sent", "stats", "wake", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse, cid: int, remote: str | None, size: int = BUFFER):
+        self.ws = ws
+        self.id = cid
+        self.remote = remote
+        self.buf: deque[str] = deque(maxlen=size)
+        self.wake = asyncio.Event()
+        self.dropped = 0
+        self.sent = 0
+        self.stats = False
+        self.events: dict[tuple[str, str], _Budget] = {}
+
+    def offer(self, text: str) -> bool:
+        full = len(self.buf) == self.buf.maxlen
+        if full:
+            self.dropped += 1
+        self.buf.append(text)  # a full deque drops its oldest: the newest state matters most
+        self.wake.set()
+        return not full
+
+    async def send_loop(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.buf:
+                await self.ws.send_str(self.buf.popleft())
+                self.sent += 1
+
+
+class _Budget:
+    """A token bucket: how many tapped events a subscription may still get this second."""
+
+    __slots__ = ("last", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = TAP_RATE
+        self.last = time.monotonic()
+
+    def take(self, n: int) -> int:
+        now = time.monotonic()
+        self.tokens = min(TAP_RATE, self.tokens + (now - self.last) * TAP_RATE)
+        self.last = now
+        k = min(n, int(self.tokens))
+        self.tokens -= k
+        return k
+
+
+class Hub:
+    """All connected console clients, the stats ticker and the node taps."""
+
+    def __init__(self, gw: Gateway, auth: Auth, stats: Callable[[], dict[str, Any]], interval: float = 1.0):
+        self.gw = gw
+        self.auth = auth
+        self.stats = stats
+        self.interval = interval
+        self.clients: set[_Client] = set()
+        self.dropped = 0
+        self.connections = 0
+        self._ids = 0
+        self._taps: dict[tuple[str, str], Callable[[], None]] = {}
+        self._rl = RateLimitedLog(log)
+
+    # --- lifecycle (owned by the console app: started at startup, cancelled at cleanup) -----
+
+    async def lifespan(self, app: web.Application) -> Any:
+        task = asyncio.create_task(self._ticker(), name="console:ws-stats")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for key in list(self._taps):
+                self._untap(key)
+
+    async def close_all(self, app: web.Application) -> None:
+        for c in list(self.clients):
+            await c.ws.close(code=1001, message=b"console stopping")
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            subs = [c for c in self.clients if c.stats]
+            if not subs:
+                continue
+            try:
+                payload = self.stats()
+            except Exception as exc:  # a reporting bug must not end live updates
+                self._rl.log(logging.ERROR, "stats", "building console stats failed: %r", exc)
+                continue
+            payload["type"] = "stats"
+            payload["ws"] = {"clients": len(self.clients), "dropped": self.dropped}
+            text = json.dumps(payload, default=str)
+            for c in subs:
+                self._offer(c, text)
+
+    def _offer(self, c: _Client, text: str) -> None:
+        if not c.offer(text):
+            self.dropped += 1
+            self._rl.warning("drop", "console client %s is slow: dropped %d messages so far", c.remote,
+                             c.dropped)
+
+    # --- the handler ------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        from .auth import AuthError
+
+        try:
+            await self.auth.check_ws(request)
+        except AuthError as exc:
+            return web.json_response({"error": exc.message}, status=exc.status)
+        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024)
+        await ws.prepare(request)
+        self._ids += 1
+        self.connections += 1
+        client = _Client(ws, self._ids, request.remote)
+        self.clients.add(client)
+        client.offer(json.dumps({"type": "hello", "client": client.id, "interval": self.interval}))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                sender = tg.create_task(client.send_loop(), name=f"console:ws:{client.id}")
+                async for msg in ws:
+                    if msg.type == WSMsgType.TEXT:
+                        self._command(client, msg.data)
+                    elif msg.type == WSMsgType.ERROR:
+                        break
+                sender.cancel()
+        except* (ConnectionResetError, RuntimeError):
+            pass  # the browser went away mid-send
+        finally:
+            self.clients.discard(client)
+            for key in list(client.events):
+                self._unsubscribe(client, key)
+        return ws
+
+    def _command(self, c: _Client, data: str) -> None:
+        try:
+            msg = json.loads(data)
+            op, topic = msg["op"], msg["topic"]
+        except (ValueError, KeyError, TypeError):
+            c.offer(json.dumps({"type": "error", "message": 'expected {"op": "subscribe"|"unsubscribe", '
+                                                           '"topic": "stats"|"events", ...}'}))
+            return
+        if topic == "stats" and op in ("subscribe", "unsubscribe"):
+            c.stats = op == "subscribe"
+        elif topic == "events" and op in ("subscribe", "unsubscribe"):
+            key = (str(msg.get("pipeline")), str(msg.get("node")))
+            if op == "unsubscribe":
+                self._unsubscribe(c, key)
+                return
+            err = self._subscribe(c, key)
+            if err:
+                c.offer(json.dumps({"type": "error", "message": err}))
+                return
+        else:
+            c.offer(json.dumps({"type": "error", "message": f"unknown op/topic {op!r}/{topic!r}"}))
+            return
+        where = {"pipeline": msg.get("pipeline"), "node": msg.get("node")} if topic == "events" else {}
+        c.offer(json.dumps({"type": "ok", "op": op, "topic": topic, **where}))
+
+    # --- node taps --------------------------------------------------------------------------
+
+    def _subscribe(self, c: _Client, key: tuple[str, str]) -> str | None:
+        p = self.gw.pipelines.get(key[0])
+        if p is None or key[1] not in p.index:
+            return f"no node {key[1]!r} in pipeline {key[0]!r}"
+        c.events[key] = _Budget()
+        if key not in self._taps:
+            self._taps[key] = self._tap(key)
+        return None
+
+    def _unsubscribe(self, c: _Client, key: tuple[str, str]) -> None:
+        c.events.pop(key, None)
+        if not any(key in o.events for o in self.clients if o is not c) and key in self._taps:
+            self._untap(key)
+
+    def _untap(self, key: tuple[str, str]) -> None:
+        undo = self._taps.pop(key, None)
+        if undo is not None:
+            undo()
+
+    def _emit(self, key: tuple[str, str], events: list[Any]) -> None:
+        if not events:
+            return
+        text: str | None = None
+        for c in self.clients:
+            budget = c.events.get(key)
+            if budget is None:
+                continue
+            n = budget.take(min(len(events), TAP_EVENTS))
+            if n < len(events):
+                c.dropped += len(events) - n
+            if n == 0:
+                continue
+            if text is None or n < min(len(events), TAP_EVENTS):
+                text = json.dumps({"type": "events", "pipeline": key[0], "node": key[1],
+                                   "events": [e.to_dict() for e in events[:n]], "skipped": len(events) - n},
+                                  default=str)
+            self._offer(c, text)
+
+    def _tap(self, key: tuple[str, str]) -> Callable[[], None]:
+        """Wrap the node's output on the instance only while someone listens; returns the undo."""
+        from ..node import Operator, Sink, Source
+
+        p = self.gw.pipelines[key[0]]
+        idx = p.index[key[1]]
+        node: Any = p.nodes[idx]
+        emit = self._emit
+        if isinstance(node, Operator):
+            orig = node.process_batch
+
+            def process_batch(batch: list[Any]) -> list[Any]:
+                out = orig(batch)
+                emit(key, out)
+                return out
+
+            node.process_batch = process_batch
+            return lambda: node.__dict__.pop("process_batch", None)
+        if isinstance(node, Sink):
+            orig_write = node.write
+
+            async def write(batch: list[Any]) -> None:
+                emit(key, batch)
+                await orig_write(batch)
+
+            node.write = write
+            return lambda: node.__dict__.pop("write", None)
+        assert isinstance(node, Source)
+        # A source's batches enter the chain through the pipeline's _process with the source as origin.
+        tapped: set[int] = p.__dict__.setdefault("_console_tapped", set())
+        tapped.add(idx)
+        if "_process" not in p.__dict__:
+            orig_process = p._process
+
+            def _process(item: Any) -> Any:
+                if item.origin in tapped:
+                    emit((p.name, p.nodes[item.origin].id), item.events)
+                return orig_process(item)
+
+            p._process = _process  # type: ignore[method-assign]
+
+        def undo() -> None:
+            tapped.discard(idx)
+            if not tapped:
+                p.__dict__.pop("_process", None)
+
+        return undo
