@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import ConfigError, ConfigIssue
 from .node import Duration, NodeOptions, get_node_type, node_types
+from .outbox import OutboxConfig
 
 __all__ = [
     "ConsoleConfig",
@@ -49,6 +50,8 @@ class GatewayConfig(_Section):
     queue_size: int = Field(10_000, ge=10, description="Events each pipeline buffers before its sources pause.")
     sink_queue_size: int = Field(10_000, ge=10, description="Events each sink buffers before the pipeline waits.")
     shutdown_timeout: Duration = Field(10.0, description="How long a clean stop may take to drain queues.")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig,
+                                 description="Store-and-forward for everything bound for the broker.")
 
 
 class MqttConnection(_Section):

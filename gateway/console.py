@@ -71,6 +71,19 @@ class _GatewayCollector:
         lost = CounterMetricFamily("sluice_dead_letters_unwritten", "Dead letters counted but not written to disk")
         lost.add_metric([], gw.dead_letters.lost)
         yield lost
+        ob = gw.outbox
+        yield GaugeMetricFamily("sluice_outbox_messages", "Messages in the outbox waiting for a PUBACK",
+                                value=ob.count)
+        yield GaugeMetricFamily("sluice_outbox_bytes", "Bytes the outbox holds (its quota counts these)",
+                                value=ob.bytes)
+        yield GaugeMetricFamily("sluice_outbox_quota_bytes", "The outbox's disk quota", value=ob.config.max_bytes)
+        yield CounterMetricFamily("sluice_outbox_dropped", "Oldest messages dropped because the outbox was full",
+                                  value=ob.dropped)
+        yield CounterMetricFamily("sluice_outbox_published", "Messages the broker acknowledged", value=ob.published)
+        yield CounterMetricFamily("sluice_outbox_replayed", "Messages sent again with replayed: true",
+                                  value=ob.replayed)
+        yield CounterMetricFamily("sluice_outbox_refused", "Messages the broker refused (dead-lettered)",
+                                  value=ob.refused)
         up = GaugeMetricFamily("sluice_mqtt_connected", "1 when the publisher link is connected",
                                labels=["connection"])
         for name, link in gw.links.publishers.items():

@@ -1,0 +1,70 @@
+"""Byte-level helpers for framed binary: COBS, CRC-16/CCITT-FALSE and CRC-32."""
+
+from __future__ import annotations
+
+import binascii
+import zlib
+
+__all__ = ["CobsError", "cobs_decode", "cobs_encode", "crc16_ccitt_false", "crc32"]
+
+
+class CobsError(ValueError):
+    """The bytes between two delimiters are not a valid COBS encoding."""
+
+
+def crc16_ccitt_false(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, not reflected, no final xor (check 0x29B1)."""
+    return binascii.crc_hqx(data, 0xFFFF)
+
+
+def crc32(data: bytes) -> int:
+    """CRC-32 (ISO-HDLC, as zlib and Ethernet; check 0xCBF43926)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def cobs_encode(data: bytes) -> bytes:
+    """Consistent Overhead Byte Stuffing: the result holds no zero byte (the delimiter is added by the caller)."""
+    out = bytearray()
+    code_at = 0
+    out.append(0)
+    code = 1
+    for b in data:
+        if b == 0:
+            out[code_at] = code
+            code_at = len(out)
+            out.append(0)
+            code = 1
+            continue
+        out.append(b)
+        code += 1
+        if code == 0xFF:
+            out[code_at] = code
+            code_at = len(out)
+            out.append(0)
+            code = 1
+    out[code_at] = code
+    return bytes(out)
+
+
+def cobs_decode(data: bytes) -> bytes:
+    """Inverse of :func:`cobs_encode`; raises :class:`CobsError` on a zero byte or a block past the end."""
+    out = bytearray()
+    i = 0
+    n = len(data)
+    if n == 0:
+        raise CobsError("empty frame")
+    while i < n:
+        code = data[i]
+        if code == 0:
+            raise CobsError(f"zero byte at offset {i} inside a COBS frame")
+        end = i + code
+        if end > n:
+            raise CobsError(f"COBS block at offset {i} runs {end - n} byte(s) past the end of the frame")
+        block = data[i + 1 : end]
+        if 0 in block:
+            raise CobsError(f"zero byte inside a COBS block at offset {i}")
+        out += block
+        i = end
+        if code < 0xFF and i < n:
+            out.append(0)
+    return bytes(out)

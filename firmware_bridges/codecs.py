@@ -1,0 +1,717 @@
+"""Streaming decoders (and encoders, for simulators) for what serial firmware sends.
+
+A decoder is fed raw bytes in whatever chunks the port delivers and returns the readings of every
+complete line or frame, plus a :class:`DecodeError` for each piece it had to reject (garbage,
+over-long line, bad checksum, wrong length, NaN/inf). It never raises on bad input and always
+resynchronises on the next line (``\\n``) or frame delimiter (``0x00`` for COBS).
+
+Codecs, chosen by ``type`` in the codec options:
+
+- ``json``: one JSON object per line; every numeric field is a reading (or ``key_field``/``value_field``).
+- ``csv``: comma-separated values, with a header row or configured ``columns``.
+- ``kv``: ``key=value`` pairs per line (``t=21.5 rh=40``).
+- ``nmea``: NMEA 0183 with checksum; GGA, RMC, MWV and XDR become readings.
+- ``cobs``: COBS-framed binary with CRC-16/CCITT-FALSE or CRC-32 and a struct payload layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from ._framing import CobsError, cobs_decode, cobs_encode, crc16_ccitt_false, crc32
+
+__all__ = [
+    "CobsCodec",
+    "CodecOptions",
+    "CsvCodec",
+    "DecodeError",
+    "Decoder",
+    "Encoder",
+    "JsonCodec",
+    "KeyValueCodec",
+    "NmeaCodec",
+    "Reading",
+    "StructField",
+    "make_decoder",
+    "make_encoder",
+    "nmea_sentence",
+]
+
+_EXCERPT = 80
+
+
+@dataclass(slots=True)
+class Reading:
+    """One decoded value: ``ts`` is the device's event time when it sent one, else ``None``."""
+
+    key: str
+    value: float
+    ts: float | None = None
+
+
+@dataclass(slots=True)
+class DecodeError:
+    """A rejected piece of input. ``kind`` is one of garbage, overlong, checksum, malformed, length, nonfinite."""
+
+    kind: str
+    message: str
+    raw: bytes = b""
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+class _Invalid(ValueError):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+class _Codec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefix: str = Field("", description="Prepended to every reading's key (e.g. `boiler.`).")
+
+
+class _LineCodec(_Codec):
+    max_line: int = Field(4096, ge=16, le=1_048_576, description="Longer lines are rejected as over-long.")
+    ts_field: str | None = Field("ts", description="Field holding event time (epoch s/ms or ISO 8601).")
+    device_field: str | None = Field(None, description="Field naming the device; keys become `<device>.<field>`.")
+
+
+class JsonCodec(_LineCodec):
+    type: Literal["json"]
+    key_field: str | None = Field(None, description="If set, each line is one reading: key from this field …")
+    value_field: str = Field("value", description="… and value from this one.")
+
+
+class CsvCodec(_LineCodec):
+    type: Literal["csv"]
+    columns: list[str] | None = Field(None, description="Column names; absent: taken from the header row.")
+    delimiter: str = Field(",", min_length=1, max_length=1)
+
+
+class KeyValueCodec(_LineCodec):
+    type: Literal["kv"]
+    separator: str | None = Field(None, description="Between pairs; default: whitespace, comma or semicolon.")
+
+
+class NmeaCodec(_Codec):
+    type: Literal["nmea"]
+    max_line: int = Field(164, ge=16, le=65536, description="NMEA allows 82 characters; some devices send more.")
+    require_checksum: bool = Field(True, description="Reject sentences without a `*hh` checksum.")
+    sentences: list[str] | None = Field(None, description="Sentence types to read (default GGA, RMC, MWV, XDR).")
+
+
+_STRUCT = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "u64": "Q", "i64": "q",
+           "f32": "f", "f64": "d", "pad": "x"}
+
+
+class StructField(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("", description="Reading key (after the codec prefix); empty for padding.")
+    type: Literal["u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64", "pad"]
+    scale: float = Field(1.0, description="value = raw * scale + offset")
+    offset: float = 0.0
+    unit: str | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> StructField:
+        if self.type != "pad" and not self.name:
+            raise ValueError("a struct field needs a `name` (only `pad` fields may go without)")
+        return self
+
+
+class CobsCodec(_Codec):
+    type: Literal["cobs"]
+    fields: list[StructField] = Field(min_length=1, description="Payload layout, in order.")
+    byte_order: Literal["little", "big"] = Field("little", description="Of the payload fields.")
+    crc: Literal["crc16", "crc32", "none"] = Field("crc16", description="crc16: CRC-16/CCITT-FALSE; crc32: zlib's.")
+    crc_byte_order: Literal["little", "big"] = "little"
+    max_frame: int = Field(1024, ge=4, le=65536, description="Longer frames are rejected as over-long.")
+    ts_field: str | None = Field(None, description="A field holding event time (epoch s or ms).")
+
+    @model_validator(mode="after")
+    def _ts_known(self) -> CobsCodec:
+        if self.ts_field and self.ts_field not in {f.name for f in self.fields}:
+            raise ValueError(f"ts_field {self.ts_field!r} is not one of the fields")
+        return self
+
+
+def _shorthand(v: Any) -> Any:
+    return {"type": v} if isinstance(v, str) else v
+
+
+CodecOptions = Annotated[
+    JsonCodec | CsvCodec | KeyValueCodec | NmeaCodec | CobsCodec,
+    Field(discriminator="type"),
+    BeforeValidator(_shorthand),
+]
+"""A codec's options; a bare name (``codec: nmea``) stands for its defaults."""
+
+
+# --- shared helpers --------------------------------------------------------------------------
+
+
+def _ts(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise _Invalid("malformed", f"timestamp {raw!r} is not a time")
+    if isinstance(raw, str):
+        try:
+            return _ts(float(raw))
+        except ValueError:
+            pass
+        try:
+            dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise _Invalid("malformed", f"timestamp {raw!r} is neither epoch seconds/ms nor ISO 8601") from None
+        if dt.tzinfo is None:
+            raise _Invalid("malformed", f"timestamp {raw!r} has no time zone")
+        return dt.timestamp()
+    if isinstance(raw, int | float):
+        t = float(raw)
+        if not math.isfinite(t):
+            raise _Invalid("malformed", f"timestamp {raw!r} is not finite")
+        return t / 1000.0 if t > 1e11 else t
+    raise _Invalid("malformed", f"timestamp {raw!r} is not a time")
+
+
+def _excerpt(raw: bytes) -> bytes:
+    return raw if len(raw) <= _EXCERPT else raw[:_EXCERPT]
+
+
+class Decoder:
+    """Base of every streaming decoder: ``feed`` bytes, get readings and errors back."""
+
+    delimiter = b"\n"
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self._buf = bytearray()
+        self._skipping = False  # inside an over-long piece: drop bytes until the next delimiter
+        self.stats: dict[str, int] = {"pieces": 0, "readings": 0, "errors": 0, "skipped": 0}
+
+    def feed(self, data: bytes) -> tuple[list[Reading], list[DecodeError]]:
+        readings: list[Reading] = []
+        errors: list[DecodeError] = []
+        buf = self._buf
+        buf += data
+        delim = self.delimiter
+        start = 0
+        while True:
+            end = buf.find(delim, start)
+            if end < 0:
+                break
+            piece = bytes(buf[start:end])
+            start = end + 1
+            if self._skipping:
+                self._skipping = False
+                continue
+            self._piece(piece, readings, errors)
+        del buf[:start]
+        if self._skipping:
+            buf.clear()
+        elif len(buf) > self.max_len:
+            errors.append(DecodeError("overlong", f"more than {self.max_len} bytes without a delimiter",
+                                      _excerpt(bytes(buf))))
+            buf.clear()
+            self._skipping = True
+        self.stats["readings"] += len(readings)
+        self.stats["errors"] += len(errors)
+        return readings, errors
+
+    def flush(self) -> list[DecodeError]:
+        """End of input: an unfinished line or frame is reported as truncated."""
+        pending = bytes(self._buf)
+        self._buf.clear()
+        skipping, self._skipping = self._skipping, False
+        if pending.strip() and not skipping:
+            self.stats["errors"] += 1
+            return [DecodeError("truncated", f"input ended inside a piece of {len(pending)} bytes", _excerpt(pending))]
+        return []
+
+    def _piece(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+        if len(piece) > self.max_len:
+            errors.append(DecodeError("overlong", f"{len(piece)} bytes, more than {self.max_len}", _excerpt(piece)))
+            return
+        self.stats["pieces"] += 1
+        try:
+            self._decode(piece, readings, errors)
+        except _Invalid as exc:
+            errors.append(DecodeError(exc.kind, str(exc), _excerpt(piece)))
+
+    def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+        raise NotImplementedError
+
+
+def _finite(key: str, value: float, ts: float | None, readings: list[Reading], errors: list[DecodeError],
+            piece: bytes) -> None:
+    if math.isfinite(value):
+        readings.append(Reading(key, value, ts))
+    else:
+        errors.append(DecodeError("nonfinite", f"{key} is {value!r}", _excerpt(piece)))
+
+
+class _RecordDecoder(Decoder):
+    """Text lines that decode to a record (field -> value), each numeric field a reading."""
+
+    def __init__(self, o: _LineCodec):
+        super().__init__(o.max_line)
+        self.o = o
+        self.prefix = o.prefix
+
+    def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+        try:
+            text = piece.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise _Invalid("garbage", f"not UTF-8 text (byte {exc.start})") from None
+        if not text:
+            return
+        rec = self._record(text)
+        if rec is None:
+            return
+        o = self.o
+        ts = None
+        if o.ts_field and o.ts_field in rec:
+            ts = _ts(rec.pop(o.ts_field))
+        prefix = self.prefix
+        if o.device_field and o.device_field in rec:
+            prefix = f"{prefix}{rec.pop(o.device_field)}."
+        n = len(readings) + len(errors)
+        for name, v in rec.items():
+            value = self._number(name, v)
+            if value is not None:
+                _finite(prefix + name, value, ts, readings, errors, piece)
+        if len(readings) + len(errors) == n:
+            raise _Invalid("malformed", "no numeric field in the line")
+
+    def _record(self, text: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def _number(self, name: str, v: Any) -> float | None:
+        """A field's reading, or None when it is a label (a non-numeric string)."""
+        t = type(v)
+        if t is float or t is int:
+            return float(v)
+        if t is str:
+            try:
+                return float(v)
+            except ValueError:
+                return None
+        return None
+
+
+class _JsonDecoder(_RecordDecoder):
+    o: JsonCodec
+
+    def _record(self, text: str) -> dict[str, Any] | None:
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _Invalid("garbage", f"not JSON ({exc.msg} at char {exc.pos})") from None
+        if type(rec) is not dict:
+            raise _Invalid("malformed", f"a JSON {type(rec).__name__}, not an object")
+        kf = self.o.key_field
+        if kf is not None:
+            if kf not in rec or self.o.value_field not in rec:
+                raise _Invalid("malformed", f"needs fields {kf!r} and {self.o.value_field!r}")
+            out = {str(rec[kf]): rec[self.o.value_field]}
+            if self.o.ts_field and self.o.ts_field in rec:
+                out[self.o.ts_field] = rec[self.o.ts_field]
+            return out
+        return rec
+
+    def _number(self, name: str, v: Any) -> float | None:
+        t = type(v)
+        return float(v) if t is float or t is int else None
+
+
+class _KvDecoder(_RecordDecoder):
+    o: KeyValueCodec
+
+    def _record(self, text: str) -> dict[str, Any] | None:
+        sep = self.o.separator
+        parts = text.split(sep) if sep else text.replace(",", " ").replace(";", " ").split()
+        rec: dict[str, Any] = {}
+        for part in parts:
+            part = part.strip()
+            if not part:
+                continue
+            k, eq, v = part.partition("=")
+            k = k.strip()
+            if not eq or not k:
+                raise _Invalid("malformed", f"{part[:40]!r} is not key=value")
+            rec[k] = v.strip()
+        return rec
+
+
+class _CsvDecoder(_RecordDecoder):
+    o: CsvCodec
+
+    def __init__(self, o: CsvCodec):
+        super().__init__(o)
+        self.columns: list[str] | None = list(o.columns) if o.columns else None
+
+    def _record(self, text: str) -> dict[str, Any] | None:
+        cells = [c.strip() for c in text.split(self.o.delimiter)]
+        if all(c and not _numeric(c) for c in cells):
+            # A header row: learn it (again after a device reboot) unless columns are configured.
+            if self.o.columns is None:
+                self.columns = cells
+                return None
+            if cells == self.columns:
+                return None
+        if self.columns is None:
+            raise _Invalid("malformed", "a data row before any header row")
+        if len(cells) != len(self.columns):
+            raise _Invalid("malformed", f"{len(cells)} cells, expected {len(self.columns)} ({', '.join(self.columns)})")
+        rec: dict[str, Any] = {}
+        labels = {self.o.ts_field, self.o.device_field}
+        for name, cell in zip(self.columns, cells, strict=True):
+            if cell == "":
+                continue
+            if name not in labels and not _numeric(cell):
+                raise _Invalid("malformed", f"column {name}: {cell[:40]!r} is not a number")
+            rec[name] = cell
+        return rec
+
+
+def _numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+# --- NMEA 0183 -------------------------------------------------------------------------------
+
+_KNOTS = 0.514444
+_WIND_UNIT = {"M": 1.0, "K": 1 / 3.6, "N": _KNOTS, "S": 0.44704}  # S: statute miles per hour
+
+
+def nmea_checksum(body: str) -> int:
+    c = 0
+    for ch in body.encode("ascii"):
+        c ^= ch
+    return c
+
+
+def nmea_sentence(body: str) -> str:
+    """``GPGGA,...`` -> ``$GPGGA,...*hh`` (without line ending)."""
+    return f"${body}*{nmea_checksum(body):02X}"
+
+
+def _f(s: str, what: str) -> float | None:
+    if s == "":
+        return None
+    try:
+        return float(s)
+    except ValueError:
+        raise _Invalid("malformed", f"{what}: {s[:20]!r} is not a number") from None
+
+
+def _coord(value: str, hemi: str, what: str) -> float | None:
+    if value == "":
+        return None
+    dot = value.find(".")
+    deg_len = (dot if dot >= 0 else len(value)) - 2
+    if deg_len < 1:
+        raise _Invalid("malformed", f"{what}: {value!r} is not ddmm.mmmm")
+    try:
+        deg = int(value[:deg_len])
+        minutes = float(value[deg_len:])
+    except ValueError:
+        raise _Invalid("malformed", f"{what}: {value!r} is not ddmm.mmmm") from None
+    if minutes >= 60:
+        raise _Invalid("malformed", f"{what}: {value!r} has {minutes} minutes")
+    v = deg + minutes / 60.0
+    if hemi in ("S", "W"):
+        return -v
+    if hemi not in ("N", "E"):
+        raise _Invalid("malformed", f"{what}: hemisphere {hemi!r} is not N/S/E/W")
+    return v
+
+
+class _NmeaDecoder(Decoder):
+    def __init__(self, o: NmeaCodec):
+        super().__init__(o.max_line)
+        self.o = o
+        self.p = o.prefix
+        self.wanted = {s.upper() for s in (o.sentences or ("GGA", "RMC", "MWV", "XDR"))}
+
+    def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+        try:
+            text = piece.decode("ascii").strip()
+        except UnicodeDecodeError:
+            # Line noise before a sentence: resynchronise on its '$'.
+            at = piece.rfind(b"$")
+            if at < 0:
+                raise _Invalid("garbage", "not an NMEA sentence (non-ASCII bytes)") from None
+            errors.append(DecodeError("garbage", f"{at} byte(s) of noise before a sentence", _excerpt(piece[:at])))
+            self._decode(piece[at:], readings, errors)
+            return
+        if not text:
+            return
+        at = text.find("$")
+        if at < 0:
+            raise _Invalid("garbage", "not an NMEA sentence (no '$')")
+        if at > 0:
+            errors.append(DecodeError("garbage", f"{at} byte(s) of noise before a sentence", _excerpt(piece[:at])))
+            text = text[at:]
+        star = text.rfind("*")
+        if star >= 0:
+            body = text[1:star]
+            given = text[star + 1 :]
+            try:
+                want = int(given, 16)
+            except ValueError:
+                raise _Invalid("checksum", f"checksum {given!r} is not hex") from None
+            if len(given) != 2 or nmea_checksum(body) != want:
+                raise _Invalid("checksum", f"checksum {given} does not match {nmea_checksum(body):02X}")
+        elif self.o.require_checksum:
+            raise _Invalid("checksum", "sentence has no *hh checksum")
+        else:
+            body = text[1:]
+        f = body.split(",")
+        addr = f[0]
+        if len(addr) < 5 or addr.startswith("P"):
+            self.stats["skipped"] += 1
+            return
+        kind = addr[-3:]
+        if kind not in self.wanted:
+            self.stats["skipped"] += 1
+            return
+        handler = getattr(self, "_" + kind.lower(), None)
+        if handler is None:
+            self.stats["skipped"] += 1
+            return
+        n = len(readings) + len(errors)
+        handler(f, piece, readings, errors)
+        if len(readings) + len(errors) == n:
+            self.stats["skipped"] += 1  # a valid sentence without data (no fix, status V)
+
+    def _need(self, f: list[str], n: int) -> None:
+        if len(f) < n:
+            raise _Invalid("malformed", f"{f[0]} has {len(f) - 1} fields, expected at least {n - 1}")
+
+    def _gga(self, f: list[str], piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+        self._need(f, 10)
+        p = self.p
+        fix = _f(f[6], "GGA fix quality")
+        lat = _coord(f[2], f[3], "GGA latitude")
+        lon = _coord(f[4], f[5], "GGA longitude")
+        vals = [("gps.fix", fix), ("gps.sats", _f(f[7], "GGA satellites")), ("gps.hdop", _f(f[8], "GGA HDOP"))]
+        if fix:
+            vals += [("gps.lat", lat), ("gps.lon", lon), ("gps.alt", _f(f[9], "GGA altitude"))]
+        for k, v in vals:
+            if v is not None:
+                _finite(p + k, v, None, readings, errors, piece)
+
+    def _rmc(self, f: list[str], piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+        self._need(f, 10)
+        p = self.p
+        if f[2] != "A":
+            return
+        ts = None
+        if len(f[1]) >= 6 and len(f[9]) == 6:
+            try:
+                hh, mm, ss = int(f[1][:2]), int(f[1][2:4]), float(f[1][4:])
+                dd, mo, yy = int(f[9][:2]), int(f[9][2:4]), int(f[9][4:6])
+                day = datetime(yy + (2000 if yy < 80 else 1900), mo, dd, hh, mm, tzinfo=UTC)  # NMEA's 2-digit year
+                ts = day.timestamp() + ss
+            except ValueError:
+                raise _Invalid("malformed", f"RMC time {f[1]!r} / date {f[9]!r} is not hhmmss / ddmmyy") from None
+        speed = _f(f[7], "RMC speed")
+        vals = [("gps.lat", _coord(f[3], f[4], "RMC latitude")), ("gps.lon", _coord(f[5], f[6], "RMC longitude")),
+                ("gps.speed", None if speed is None else speed * _KNOTS), ("gps.course", _f(f[8], "RMC course"))]
+        for k, v in vals:
+            if v is not None:
+                _finite(p + k, v, ts, readings, errors, piece)
+
+    def _mwv(self, f: list[str], piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+        self._need(f, 6)
+        if f[5] != "A":
+            return
+        ref = {"R": "rel", "T": "true"}.get(f[2])
+        if ref is None:
+            raise _Invalid("malformed", f"MWV reference {f[2]!r} is not R or T")
+        unit = _WIND_UNIT.get(f[4])
+        if unit is None:
+            raise _Invalid("malformed", f"MWV speed unit {f[4]!r} is not K/M/N/S")
+        angle = _f(f[1], "MWV angle")
+        speed = _f(f[3], "MWV speed")
+        p = f"{self.p}wind.{ref}."
+        if angle is not None:
+            _finite(p + "angle", angle, None, readings, errors, piece)
+        if speed is not None:
+            _finite(p + "speed", speed * unit, None, readings, errors, piece)
+
+    def _xdr(self, f: list[str], piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+        if (len(f) - 1) % 4 != 0 or len(f) < 5:
+            raise _Invalid("malformed", f"XDR has {len(f) - 1} fields, expected groups of 4")
+        for i in range(1, len(f), 4):
+            kind, value, _unit, name = f[i : i + 4]
+            v = _f(value, f"XDR {name or kind}")
+            if v is not None:
+                _finite(f"{self.p}xdr.{name or kind + str(i // 4)}", v, None, readings, errors, piece)
+
+
+# --- COBS + CRC + struct ---------------------------------------------------------------------
+
+
+class _CobsDecoder(Decoder):
+    delimiter = b"\x00"
+
+    def __init__(self, o: CobsCodec):
+        super().__init__(o.max_frame)
+        self.o = o
+        order = "<" if o.byte_order == "little" else ">"
+        self.struct = struct.Struct(order + "".join(_STRUCT[f.type] for f in o.fields))
+        self.fields = [(o.prefix + f.name, f.scale, f.offset, f.name == o.ts_field)
+                       for f in o.fields if f.type != "pad"]
+        self.crc_len = {"crc16": 2, "crc32": 4, "none": 0}[o.crc]
+        self.crc = {"crc16": crc16_ccitt_false, "crc32": crc32, "none": None}[o.crc]
+
+    def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+        if not piece:
+            return  # back-to-back delimiters: an idle line, not an error
+        try:
+            frame = cobs_decode(piece)
+        except CobsError as exc:
+            raise _Invalid("garbage", str(exc)) from None
+        n = self.crc_len
+        if len(frame) < n + 1:
+            raise _Invalid("length", f"frame of {len(frame)} bytes is too short for its CRC")
+        if self.crc is not None:
+            body, tail = frame[:-n], frame[-n:]
+            got = int.from_bytes(tail, self.o.crc_byte_order)
+            want = self.crc(body)
+            if got != want:
+                raise _Invalid("checksum", f"CRC {got:0{2 * n}x} does not match {want:0{2 * n}x}")
+        else:
+            body = frame
+        if len(body) != self.struct.size:
+            raise _Invalid("length", f"payload of {len(body)} bytes, the layout needs {self.struct.size}")
+        raw = self.struct.unpack(body)
+        ts = None
+        for (key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):
+            if is_ts:
+                ts = _ts(r * scale + offset)
+        for (key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):
+            if not is_ts:
+                _finite(key, float(r) * scale + offset, ts, readings, errors, piece)
+
+
+def make_decoder(options: JsonCodec | CsvCodec | KeyValueCodec | NmeaCodec | CobsCodec) -> Decoder:
+    """A fresh streaming decoder for these codec options."""
+    if isinstance(options, JsonCodec):
+        return _JsonDecoder(options)
+    if isinstance(options, CsvCodec):
+        return _CsvDecoder(options)
+    if isinstance(options, KeyValueCodec):
+        return _KvDecoder(options)
+    if isinstance(options, NmeaCodec):
+        return _NmeaDecoder(options)
+    return _CobsDecoder(options)
+
+
+# --- encoders (simulators, tests, benchmarks) ------------------------------------------------
+
+
+class Encoder:
+    """Turns a record (field -> number) into the bytes a device with this codec would send."""
+
+    def __init__(self, options: JsonCodec | CsvCodec | KeyValueCodec | NmeaCodec | CobsCodec):
+        self.o = options
+        self._header_sent = False
+        if isinstance(options, CobsCodec):
+            order = "<" if options.byte_order == "little" else ">"
+            self._struct = struct.Struct(order + "".join(_STRUCT[f.type] for f in options.fields))
+
+    def encode(self, record: dict[str, float]) -> bytes:
+        o = self.o
+        if isinstance(o, JsonCodec):
+            return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        if isinstance(o, KeyValueCodec):
+            sep = o.separator or " "
+            return sep.join(f"{k}={_num(v)}" for k, v in record.items()).encode() + b"\n"
+        if isinstance(o, CsvCodec):
+            cols = o.columns or list(record)
+            line = o.delimiter.join(_num(record[c]) if c in record else "" for c in cols).encode() + b"\n"
+            if o.columns is None and not self._header_sent:
+                self._header_sent = True
+                return o.delimiter.join(cols).encode() + b"\n" + line
+            return line
+        if isinstance(o, NmeaCodec):
+            return _nmea_encode(record)
+        return self.frame(record)
+
+    def frame(self, record: dict[str, float]) -> bytes:
+        """COBS: pack the layout (inverse scale/offset), append the CRC, stuff, add the delimiter."""
+        o = self.o
+        assert isinstance(o, CobsCodec)
+        raw: list[Any] = []
+        for f in o.fields:
+            if f.type == "pad":
+                continue
+            v = (record.get(f.name, 0.0) - f.offset) / f.scale
+            raw.append(v if f.type.startswith("f") else round(v))
+        body = self._struct.pack(*raw)
+        if o.crc == "crc16":
+            body += crc16_ccitt_false(body).to_bytes(2, o.crc_byte_order)
+        elif o.crc == "crc32":
+            body += crc32(body).to_bytes(4, o.crc_byte_order)
+        return cobs_encode(body) + b"\x00"
+
+
+def make_encoder(options: JsonCodec | CsvCodec | KeyValueCodec | NmeaCodec | CobsCodec) -> Encoder:
+    return Encoder(options)
+
+
+def _num(v: float) -> str:
+    return repr(float(v))  # round-trips exactly
+
+
+def _nmea_coord(v: float, lat: bool) -> tuple[str, str]:
+    hemi = ("N" if v >= 0 else "S") if lat else ("E" if v >= 0 else "W")
+    a = abs(v)
+    deg = int(a)
+    minutes = (a - deg) * 60
+    return (f"{deg:02d}{minutes:07.4f}" if lat else f"{deg:03d}{minutes:07.4f}"), hemi
+
+
+def _nmea_encode(record: dict[str, float]) -> bytes:
+    """Sentences for the fields present: gps.* -> GGA (+ RMC with a ts), wind.rel.* -> MWV, xdr.* -> XDR."""
+    out: list[str] = []
+    if "gps.lat" in record and "gps.lon" in record:
+        lat, ns = _nmea_coord(record["gps.lat"], True)
+        lon, ew = _nmea_coord(record["gps.lon"], False)
+        ts = record.get("ts")
+        t = datetime.fromtimestamp(ts, UTC) if ts is not None else None
+        hms = t.strftime("%H%M%S") + f".{t.microsecond // 10000:02d}" if t else ""
+        alt = record.get("gps.alt", 0.0)
+        out.append(nmea_sentence(f"GPGGA,{hms},{lat},{ns},{lon},{ew},1,{int(record.get('gps.sats', 8)):02d},"
+                                 f"{record.get('gps.hdop', 0.9):.1f},{alt:.1f},M,47.0,M,,"))
+        if t is not None:
+            knots = record.get("gps.speed", 0.0) / _KNOTS
+            out.append(nmea_sentence(f"GPRMC,{hms},A,{lat},{ns},{lon},{ew},{knots:.2f},"
+                                     f"{record.get('gps.course', 0.0):.1f},{t.strftime('%d%m%y')},,,A"))
+    if "wind.rel.angle" in record:
+        out.append(nmea_sentence(f"WIMWV,{record['wind.rel.angle']:.1f},R,"
+                                 f"{record.get('wind.rel.speed', 0.0):.2f},M,A"))
+    xdr = [(k[4:], v) for k, v in record.items() if k.startswith("xdr.")]
+    if xdr:
+        out.append(nmea_sentence("YXXDR," + ",".join(f"G,{_num(v)},,{name}" for name, v in xdr)))
+    return "".join(s + "\r\n" for s in out).encode("ascii")

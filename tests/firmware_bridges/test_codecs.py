@@ -1,0 +1,410 @@
+"""Codecs: streaming decoders agree with plain whole-input references for any chunking, and resync."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import TypeAdapter, ValidationError
+
+from firmware_bridges import CodecOptions, Reading, make_decoder, make_encoder, nmea_sentence
+from firmware_bridges._framing import CobsError, cobs_decode, cobs_encode, crc16_ccitt_false, crc32
+
+CODEC: TypeAdapter[Any] = TypeAdapter(CodecOptions)
+
+
+def codec(spec: Any) -> Any:
+    return CODEC.validate_python(spec)
+
+
+def feed_chunked(dec: Any, data: bytes, cuts: list[int]) -> tuple[list[Reading], list[str]]:
+    readings: list[Reading] = []
+    kinds: list[str] = []
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    prev = 0
+    for p in [*points, len(data)]:
+        r, e = dec.feed(data[prev:p])
+        readings += r
+        kinds += [x.kind for x in e]
+        prev = p
+    return readings, kinds
+
+
+def as_tuples(readings: list[Reading]) -> list[tuple[str, float, float | None]]:
+    return [(r.key, r.value, r.ts) for r in readings]
+
+
+# --- plain references ------------------------------------------------------------------------
+
+
+def ref_crc16(data: bytes) -> int:
+    crc = 0xFFFF
+    for b in data:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+def ref_crc32(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xEDB88320 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def ref_cobs_decode(data: bytes) -> bytes | None:
+    out = b""
+    i = 0
+    while i < len(data):
+        code = data[i]
+        if code == 0 or i + code > len(data) or 0 in data[i + 1 : i + code]:
+            return None
+        out += data[i + 1 : i + code]
+        i += code
+        if code != 0xFF and i != len(data):
+            out += b"\0"
+    return out if data else None
+
+
+def ref_json_lines(stream: bytes, max_line: int) -> tuple[list[tuple[str, float, float | None]], int]:
+    """Whole input at once: split lines, json.loads each, numeric fields (minus ts) are readings."""
+    out = []
+    errors = 0
+    for line in stream.split(b"\n")[:-1]:
+        if len(line) > max_line:
+            errors += 1
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            if line.strip():
+                errors += 1
+            continue
+        if not isinstance(obj, dict):
+            errors += 1
+            continue
+        ts = obj.pop("ts", None)
+        nums = [(k, float(v)) for k, v in obj.items() if type(v) in (int, float)]
+        if not nums:
+            errors += 1
+        for k, v in nums:
+            if math.isfinite(v):
+                out.append((k, v, None if ts is None else float(ts)))
+            else:
+                errors += 1
+    return out, errors
+
+
+# --- CRC and COBS ----------------------------------------------------------------------------
+
+
+def test_crc_check_values() -> None:
+    assert crc16_ccitt_false(b"123456789") == 0x29B1
+    assert crc32(b"123456789") == 0xCBF43926
+
+
+@given(st.binary(max_size=600))
+def test_crc_matches_bitwise_reference(data: bytes) -> None:
+    assert crc16_ccitt_false(data) == ref_crc16(data)
+    assert crc32(data) == ref_crc32(data)
+
+
+@given(st.binary(max_size=1200))
+def test_cobs_round_trip_and_no_zero(data: bytes) -> None:
+    enc = cobs_encode(data)
+    assert 0 not in enc
+    assert cobs_decode(enc) == data
+    assert ref_cobs_decode(enc) == data
+    assert len(enc) <= len(data) + len(data) // 254 + 1
+
+
+@given(st.binary(min_size=1, max_size=300))
+def test_cobs_decode_agrees_with_reference_on_any_bytes(data: bytes) -> None:
+    want = ref_cobs_decode(data)
+    try:
+        got: bytes | None = cobs_decode(data)
+    except CobsError:
+        got = None
+    assert got == want
+
+
+# --- JSON lines ------------------------------------------------------------------------------
+
+_names = st.text(alphabet="abcdefgh_", min_size=1, max_size=6)
+_floats = st.floats(allow_nan=False, allow_infinity=False, width=64) | st.integers(-10**6, 10**6)
+_records = st.dictionaries(_names, _floats, min_size=1, max_size=5)
+
+
+@st.composite
+def json_streams(draw: st.DrawFn) -> bytes:
+    """Valid lines mixed with garbage, over-long lines, blank lines, NaN and non-objects."""
+    parts: list[bytes] = []
+    for _ in range(draw(st.integers(0, 12))):
+        kind = draw(st.sampled_from(["ok", "ok", "ok", "garbage", "long", "blank", "nan", "list", "crlf"]))
+        if kind == "ok":
+            parts.append(json.dumps(draw(_records)).encode())
+        elif kind == "crlf":
+            parts.append(json.dumps(draw(_records)).encode() + b"\r")
+        elif kind == "garbage":
+            parts.append(draw(st.binary(max_size=40)).replace(b"\n", b""))
+        elif kind == "long":
+            parts.append(b'{"a": "' + b"x" * draw(st.integers(200, 400)) + b'"}')
+        elif kind == "blank":
+            parts.append(b"   ")
+        elif kind == "nan":
+            parts.append(b'{"a": NaN, "b": 1}')
+        else:
+            parts.append(b"[1, 2]")
+    return b"".join(p + b"\n" for p in parts)
+
+
+@settings(max_examples=200)
+@given(json_streams(), st.lists(st.integers(0, 10_000), max_size=8))
+def test_json_streaming_equals_reference(stream: bytes, cuts: list[int]) -> None:
+    dec = make_decoder(codec({"type": "json", "max_line": 128}))
+    readings, kinds = feed_chunked(dec, stream, cuts)
+    want, n_errors = ref_json_lines(stream, 128)
+    assert as_tuples(readings) == want
+    assert len(kinds) == n_errors
+
+
+@given(st.lists(_records, min_size=1, max_size=10), st.lists(st.integers(0, 5000), max_size=6),
+       st.sampled_from(["json", "kv", "csv"]))
+def test_encode_then_decode_round_trips(records: list[dict[str, float]], cuts: list[int], kind: str) -> None:
+    if kind == "csv":  # one fixed set of columns, as a CSV device has
+        cols = sorted({k for r in records for k in r})
+        records = [{c: r.get(c, 1.5) for c in cols} for r in records]
+    opts = codec({"type": kind, "ts_field": None})
+    enc = make_encoder(opts)
+    stream = b"".join(enc.encode(r) for r in records)
+    readings, kinds = feed_chunked(make_decoder(opts), stream, cuts)
+    assert kinds == []
+    assert as_tuples(readings) == [(k, float(v), None) for r in records for k, v in r.items()]
+
+
+def test_over_long_line_is_one_error_then_resync() -> None:
+    dec = make_decoder(codec({"type": "json", "max_line": 32}))
+    r1, e1 = dec.feed(b'{"a": 1}\n' + b"x" * 40)
+    r2, e2 = dec.feed(b"y" * 100)
+    r3, e3 = dec.feed(b'zz\n{"b": 2}\n')
+    assert [x.key for x in r1 + r2 + r3] == ["a", "b"]
+    assert [x.kind for x in e1 + e2 + e3] == ["overlong"]
+
+
+def test_truncated_line_at_end_is_reported() -> None:
+    dec = make_decoder(codec("json"))
+    assert dec.feed(b'{"a": 1}\n{"a": ') == ([Reading("a", 1.0)], [])
+    assert [e.kind for e in dec.flush()] == ["truncated"]
+    assert dec.flush() == []
+
+
+def test_json_fields_and_errors() -> None:
+    dec = make_decoder(codec({"type": "json", "device_field": "dev", "prefix": "p."}))
+    r, e = dec.feed(b'{"dev": "s1", "t": 21.5, "ok": true, "ts": "2024-01-01T00:00:00Z"}\n'
+                    b'{"t": Infinity}\n{"name": "x"}\n\xff\xfe\n')
+    assert as_tuples(r) == [("p.s1.t", 21.5, 1704067200.0)]
+    assert [x.kind for x in e] == ["nonfinite", "malformed", "garbage"]
+    assert "t is inf" in e[0].message
+    kv = make_decoder(codec({"type": "json", "key_field": "sensor", "value_field": "v"}))
+    r, e = kv.feed(b'{"sensor": "a", "v": 3, "ts": 1700000000000}\n{"sensor": "a"}\n')
+    assert as_tuples(r) == [("a", 3.0, 1700000000.0)] and [x.kind for x in e] == ["malformed"]
+
+
+# --- key=value and CSV -----------------------------------------------------------------------
+
+
+def test_kv_lines() -> None:
+    dec = make_decoder(codec({"type": "kv", "device_field": "id"}))
+    r, e = dec.feed(b"id=n1 t=21.5, rh=40;v=3.3\nt=nan\nno pairs here\nid=x\n")
+    assert as_tuples(r) == [("n1.t", 21.5, None), ("n1.rh", 40.0, None), ("n1.v", 3.3, None)]
+    assert [x.kind for x in e] == ["nonfinite", "malformed", "malformed"]
+    semi = make_decoder(codec({"type": "kv", "separator": "|"}))
+    assert as_tuples(semi.feed(b"a=1|b = 2\n")[0]) == [("a", 1.0, None), ("b", 2.0, None)]
+
+
+def test_csv_header_learned_and_relearned() -> None:
+    dec = make_decoder(codec({"type": "csv", "ts_field": "time"}))
+    r, e = dec.feed(b"1,2\ntime,t,rh\n1700000000,21.5,40\n1700000001,,41\n1,2\n1,x,3\nt,rh\n22,50\n")
+    assert as_tuples(r) == [("t", 21.5, 1700000000.0), ("rh", 40.0, 1700000000.0), ("rh", 41.0, 1700000001.0),
+                            ("t", 22.0, None), ("rh", 50.0, None)]
+    assert [x.kind for x in e] == ["malformed", "malformed", "malformed"]
+    assert "before any header" in e[0].message and "expected 3" in e[1].message and "column t" in e[2].message
+
+
+def test_csv_configured_columns_skip_matching_header() -> None:
+    dec = make_decoder(codec({"type": "csv", "columns": ["a", "b"], "delimiter": ";"}))
+    r, e = dec.feed(b"a;b\n1;2\nc;d\n")
+    assert as_tuples(r) == [("a", 1.0, None), ("b", 2.0, None)]
+    assert [x.kind for x in e] == ["malformed"]  # a header-looking row of other names is not data
+
+
+# --- NMEA 0183 -------------------------------------------------------------------------------
+
+GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
+RMC = b"$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A\r\n"
+
+
+def test_nmea_reference_sentences() -> None:
+    dec = make_decoder(codec("nmea"))
+    more = [nmea_sentence(b) for b in ("WIMWV,214.8,R,10.0,N,A", "YXXDR,C,19.5,C,AIRT,P,1.013,B,BARO",
+                                       "GPGSV,3,1,11,03,03,111,00")]
+    r, e = dec.feed(GGA + RMC + "".join(m + "\r\n" for m in more).encode())
+    assert e == []
+    got = {(x.key, x.ts): x.value for x in r}
+    assert got[("gps.lat", None)] == pytest.approx(48.1173)
+    assert got[("gps.lon", None)] == pytest.approx(11.516667, abs=1e-6)
+    assert got[("gps.alt", None)] == 545.4 and got[("gps.sats", None)] == 8.0
+    rmc_ts = 764426119.0  # 1994-03-23 12:35:19 UTC
+    assert got[("gps.speed", rmc_ts)] == pytest.approx(22.4 * 0.514444)
+    assert got[("wind.rel.angle", None)] == 214.8
+    assert got[("wind.rel.speed", None)] == pytest.approx(5.14444)
+    assert got[("xdr.AIRT", None)] == 19.5 and got[("xdr.BARO", None)] == 1.013
+    assert dec.stats["skipped"] == 1  # GSV is not read, and not an error
+
+
+def test_nmea_bad_input() -> None:
+    dec = make_decoder(codec("nmea"))
+    r, e = dec.feed(GGA.replace(b"*47", b"*48") + GGA.replace(b"*47", b"") + b"\x00\xff\x13" + GGA
+                    + b"hello\r\n" + b"$GPGGA,1,2*" + b"%02X" % (0) + b"\r\n"
+                    + nmea_sentence("GPGGA,1,4807.038,N,01131.000,E,1,08,0.9,5x5,M,,M,,").encode() + b"\r\n")
+    assert [x.key for x in r] == ["gps.fix", "gps.sats", "gps.hdop", "gps.lat", "gps.lon", "gps.alt"]
+    assert [x.kind for x in e] == ["checksum", "checksum", "garbage", "garbage", "checksum", "malformed"]
+    lenient = make_decoder(codec({"type": "nmea", "require_checksum": False}))
+    assert len(lenient.feed(GGA.replace(b"*47", b""))[0]) == 6
+
+
+def test_nmea_no_fix_and_void_status_give_no_position() -> None:
+    dec = make_decoder(codec("nmea"))
+    r, e = dec.feed(nmea_sentence("GPGGA,123519,,,,,0,00,,,M,,M,,").encode() + b"\n"
+                    + nmea_sentence("GPRMC,123519,V,,,,,,,230394,,").encode() + b"\n"
+                    + nmea_sentence("WIMWV,10,T,3,M,V").encode() + b"\n")
+    assert as_tuples(r) == [("gps.fix", 0.0, None), ("gps.sats", 0.0, None)] and e == []
+
+
+@given(st.floats(-89.9, 89.9), st.floats(-179.9, 179.9), st.floats(0, 359), st.floats(0, 60),
+       st.lists(st.integers(0, 2000), max_size=5))
+def test_nmea_encoder_round_trip(lat: float, lon: float, angle: float, speed: float, cuts: list[int]) -> None:
+    opts = codec("nmea")
+    data = make_encoder(opts).encode({"gps.lat": lat, "gps.lon": lon, "ts": 1_700_000_000.25,
+                                      "wind.rel.angle": angle, "wind.rel.speed": speed, "xdr.T": 1.5})
+    r, kinds = feed_chunked(make_decoder(opts), data, cuts)
+    assert kinds == []
+    got = {(x.key, x.ts is not None): x.value for x in r}
+    assert got[("gps.lat", True)] == pytest.approx(lat, abs=1e-5)
+    assert got[("gps.lon", False)] == pytest.approx(lon, abs=1e-5)
+    assert got[("wind.rel.angle", False)] == pytest.approx(angle, abs=0.051)
+    assert got[("wind.rel.speed", False)] == pytest.approx(speed, abs=0.0051)
+    assert [x.ts for x in r if x.key == "gps.course"] == [1_700_000_000.25]
+
+
+# --- COBS + CRC + struct ---------------------------------------------------------------------
+
+LAYOUT = {"type": "cobs", "crc": "crc16", "byte_order": "little",
+          "fields": [{"name": "seq", "type": "u16"}, {"name": "t", "type": "i16", "scale": 0.01},
+                     {"type": "pad"}, {"name": "p", "type": "f32"}, {"name": "e", "type": "u32", "offset": -5}]}
+
+
+def ref_cobs_frames(stream: bytes, crc: str, fmt: str, max_frame: int) -> tuple[list[tuple[float, ...]], int]:
+    """Whole input at once: split on zero bytes, unstuff, check the CRC bitwise, struct.unpack."""
+    out = []
+    errors = 0
+    n = {"crc16": 2, "crc32": 4}[crc]
+    for piece in stream.split(b"\0")[:-1]:
+        if not piece:
+            continue
+        if len(piece) > max_frame:
+            errors += 1
+            continue
+        frame = ref_cobs_decode(piece)
+        if frame is None or len(frame) <= n:
+            errors += 1
+            continue
+        body, tail = frame[:-n], frame[-n:]
+        if int.from_bytes(tail, "little") != (ref_crc16 if crc == "crc16" else ref_crc32)(body):
+            errors += 1
+            continue
+        if len(body) != struct.calcsize(fmt):
+            errors += 1
+            continue
+        vals = struct.unpack(fmt, body)
+        if not all(math.isfinite(v) for v in vals):
+            errors += sum(not math.isfinite(v) for v in vals)
+            vals = tuple(v for v in vals if math.isfinite(v))
+        out.append(vals)
+    return out, errors
+
+
+@st.composite
+def cobs_streams(draw: st.DrawFn) -> tuple[bytes, str]:
+    crc = draw(st.sampled_from(["crc16", "crc32"]))
+    enc = make_encoder(codec({"type": "cobs", "crc": crc, "fields": [{"name": "a", "type": "i32"},
+                                                                     {"name": "b", "type": "f32"}]}))
+    parts = []
+    for _ in range(draw(st.integers(0, 10))):
+        kind = draw(st.sampled_from(["ok", "ok", "ok", "noise", "flip", "cut", "long", "nan"]))
+        a = draw(st.integers(-(2**31), 2**31 - 1))
+        b = draw(st.floats(width=32, allow_nan=False, allow_infinity=False))
+        frame = enc.encode({"a": a, "b": b})
+        if kind == "noise":
+            frame = draw(st.binary(max_size=30)) + b"\0"
+        elif kind == "flip":
+            i = draw(st.integers(0, len(frame) - 2))
+            frame = frame[:i] + bytes([(frame[i] ^ draw(st.integers(1, 255))) or 1]) + frame[i + 1 :]
+        elif kind == "cut":
+            frame = frame[: draw(st.integers(1, len(frame) - 2))] + b"\0"
+        elif kind == "long":
+            frame = b"\x01" * draw(st.integers(70, 200)) + b"\0"
+        elif kind == "nan":
+            frame = enc.encode({"a": a, "b": math.nan})
+        parts.append(frame)
+    return b"".join(parts), crc
+
+
+@settings(max_examples=300)
+@given(cobs_streams(), st.lists(st.integers(0, 10_000), max_size=8))
+def test_cobs_streaming_equals_reference(case: tuple[bytes, str], cuts: list[int]) -> None:
+    stream, crc = case
+    opts = codec({"type": "cobs", "crc": crc, "max_frame": 64,
+                  "fields": [{"name": "a", "type": "i32"}, {"name": "b", "type": "f32"}]})
+    readings, kinds = feed_chunked(make_decoder(opts), stream, cuts)
+    frames, n_errors = ref_cobs_frames(stream, crc, "<if", 64)
+    assert [r.value for r in readings] == [float(v) for f in frames for v in f]
+    assert len(kinds) == n_errors
+
+
+@given(st.integers(0, 65535), st.integers(-32768, 32767), st.floats(width=32, allow_nan=False, allow_infinity=False),
+       st.integers(0, 2**32 - 1), st.sampled_from(["little", "big"]), st.sampled_from(["little", "big"]))
+def test_cobs_layout_scale_offset_and_byte_order(seq: int, t: int, p: float, e: int, order: str, crc_order: str) -> None:
+    opts = codec({**LAYOUT, "byte_order": order, "crc_byte_order": crc_order})
+    frame = make_encoder(opts).encode({"seq": seq, "t": t * 0.01, "p": p, "e": e - 5})
+    fmt = ("<" if order == "little" else ">") + "Hhxfl".replace("l", "I")
+    body = struct.pack(fmt, seq, t, p, e)
+    assert cobs_decode(frame[:-1]) == body + ref_crc16(body).to_bytes(2, crc_order)
+    r, errs = make_decoder(opts).feed(frame)
+    assert errs == []
+    assert [x.key for x in r] == ["seq", "t", "p", "e"]
+    assert r[0].value == seq and r[1].value == pytest.approx(t * 0.01) and r[2].value == p and r[3].value == e - 5
+
+
+def test_cobs_timestamp_field_and_idle_delimiters() -> None:
+    opts = codec({"type": "cobs", "crc": "crc32", "ts_field": "ts",
+                  "fields": [{"name": "ts", "type": "u32"}, {"name": "v", "type": "u8", "unit": "%"}]})
+    frame = make_encoder(opts).encode({"ts": 1_700_000_000, "v": 7})
+    assert make_decoder(opts).feed(b"\0\0" + frame + b"\0") == ([Reading("v", 7.0, 1_700_000_000.0)], [])
+
+
+def test_codec_options_are_checked() -> None:
+    with pytest.raises(ValidationError, match="needs a `name`"):
+        codec({"type": "cobs", "fields": [{"type": "u8"}]})
+    with pytest.raises(ValidationError, match="ts_field"):
+        codec({"type": "cobs", "ts_field": "x", "fields": [{"name": "a", "type": "u8"}]})
+    with pytest.raises(ValidationError):
+        codec("morse")
