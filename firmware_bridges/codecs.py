@@ -606,7 +606,7 @@ class _CobsDecoder(Decoder):
             raise _Invalid("length", f"payload of {len(body)} bytes, the layout needs {self.struct.size}")
         raw = self.struct.unpack(body)
         ts = None
-        for (key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):
+        for (_key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):
             if is_ts:
                 ts = _ts(r * scale + offset)
         for (key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):

@@ -382,7 +382,8 @@ def test_cobs_streaming_equals_reference(case: tuple[bytes, str], cuts: list[int
 
 @given(st.integers(0, 65535), st.integers(-32768, 32767), st.floats(width=32, allow_nan=False, allow_infinity=False),
        st.integers(0, 2**32 - 1), st.sampled_from(["little", "big"]), st.sampled_from(["little", "big"]))
-def test_cobs_layout_scale_offset_and_byte_order(seq: int, t: int, p: float, e: int, order: str, crc_order: str) -> None:
+def test_cobs_layout_scale_offset_and_byte_order(seq: int, t: int, p: float, e: int, order: str,
+                                                 crc_order: str) -> None:
     opts = codec({**LAYOUT, "byte_order": order, "crc_byte_order": crc_order})
     frame = make_encoder(opts).encode({"seq": seq, "t": t * 0.01, "p": p, "e": e - 5})
     fmt = ("<" if order == "little" else ">") + "Hhxfl".replace("l", "I")
