@@ -273,7 +273,7 @@ class _RecordDecoder(Decoder):
 
     def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
         try:
-            text = piece.decode("utf-8").strip()
+            text = piece.strip().decode("utf-8")  # ASCII whitespace only: a stray control byte is garbage
         except UnicodeDecodeError as exc:
             raise _Invalid("garbage", f"not UTF-8 text (byte {exc.start})") from None
         if not text:
