@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,11 +26,21 @@ from ._retry import backoff
 from .config import MqttConnection
 from .errors import LinkError
 
-__all__ = ["MqttLink", "status_topic"]
+__all__ = ["MqttLink", "PublishRefused", "status_topic"]
 
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[str, bytes, int, dict[str, Any]], Any]
+
+
+class PublishRefused(LinkError):
+    """The broker answered a publish with an MQTT 5 failure reason (not authorised, quota …)."""
+
+    refused = True
+
+    def __init__(self, connection: str, reason: int):
+        self.reason = reason
+        super().__init__(connection, f"broker refused the message (reason code 0x{reason:02x})")
 
 
 def status_topic(gateway_id: str) -> str:
@@ -43,6 +54,20 @@ class _Client(gmqtt.Client):
 
     async def reconnect(self, delay: bool = False) -> None:
         self._link._lost()
+
+    def _remove_message_from_queue(self, mid: int) -> None:
+        # gmqtt calls this on PUBACK (and PUBCOMP): the one place an acknowledgement is visible.
+        super()._remove_message_from_queue(mid)
+        self._link._acked(mid)
+
+    def _clear_resend_qos_queue(self) -> None:
+        # A clean session forgets the unacknowledged packets; gmqtt keeps their packet ids
+        # reserved forever, and with a broker's small receive maximum (Mosquitto: 20) a few
+        # reconnects would exhaust them. Free them with the packets.
+        ids = self._package_handler.id_generator
+        for mid, _ in self._persistent_storage.get_all():
+            ids.free_id(mid)
+        super()._clear_resend_qos_queue()
 
 
 class MqttLink:
@@ -87,6 +112,20 @@ class MqttLink:
             **props,
         )
         self._client._link = self
+        self._acks: dict[int, asyncio.Future[None]] = {}
+        handler = self._client._package_handler
+        plain_puback = handler._handle_puback_packet
+
+        def puback(cmd: int, packet: bytes) -> None:
+            # gmqtt ignores an MQTT 5 PUBACK's reason code; >= 0x80 means the broker refused.
+            if len(packet) > 2 and packet[2] >= 0x80:
+                (mid,) = struct.unpack("!H", packet[:2])
+                fut = self._acks.pop(mid, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(PublishRefused(self.name, packet[2]))
+            plain_puback(cmd, packet)
+
+        handler._handle_puback_packet = puback
         if conn.username:
             self._client.set_auth_credentials(conn.username, conn.password)
         self._client.on_connect = self._on_connect
@@ -122,9 +161,26 @@ class MqttLink:
         self._lost()
 
     def _lost(self) -> None:
+        self._fail_acks("connection lost")
         if self._connected.is_set():
             self._connected.clear()
             self._lost_evt.set()
+
+    def _acked(self, mid: int) -> None:
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _fail_acks(self, why: str) -> None:
+        """Messages awaiting PUBACK on a lost connection will never get it: fail them, free their ids."""
+        if not self._acks:
+            return
+        acks, self._acks = self._acks, {}
+        ids = self._client._package_handler.id_generator
+        for mid, fut in acks.items():
+            ids.free_id(mid)
+            if not fut.done():
+                fut.set_exception(LinkError(self.name, why))
 
     # --- supervisor -----------------------------------------------------------------------
 
@@ -169,6 +225,7 @@ class MqttLink:
                 await self._close_quietly()
         finally:
             self._connected.clear()
+            self._fail_acks("link stopped")
 
     async def _close_quietly(self) -> None:
         conn = self._client._connection
@@ -207,6 +264,35 @@ class MqttLink:
         if not self.connected:
             raise LinkError(self.name, "not connected")
         self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_acked(self, topic: str, payload: bytes, retain: bool = False) -> asyncio.Future[None]:
+        """Send at QoS 1 now; the future resolves on the broker's PUBACK.
+
+        It fails with :class:`LinkError` when the connection is lost first (the message may or
+        may not have arrived), or with :class:`PublishRefused` when the broker refused it.
+        Raises :class:`LinkError` at once when not connected or no packet id is free
+        (wait for :attr:`in_flight` to fall under :attr:`send_window`).
+        """
+        if not self.connected or not self._client.is_connected:
+            raise LinkError(self.name, "not connected")
+        try:
+            mid, _ = self._client._connection.publish(gmqtt.Message(topic, payload, qos=1, retain=retain))
+        except OverflowError:
+            raise LinkError(self.name, "no free packet id (too many messages in flight)") from None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks[mid] = fut
+        return fut
+
+    @property
+    def in_flight(self) -> int:
+        """Messages sent with :meth:`publish_acked` still waiting for their PUBACK."""
+        return len(self._acks)
+
+    @property
+    def send_window(self) -> int:
+        """How many acknowledged publishes may be in flight: the broker's receive maximum, less
+        a few ids kept for subscriptions and the status message."""
+        return max(1, self._client._package_handler.id_generator._max - 4)
 
     # --- backpressure ---------------------------------------------------------------------
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._seq import SeqCounter
 from .config import LoadedConfig, MqttConnection
 from .deadletter import DeadLetters
 from .engine import Pipeline
 from .errors import SluiceError
 from .mqtt import MqttLink, json_bytes, status_topic
 from .node import NodeContext
+from .outbox import Outbox
 
 __all__ = ["Gateway", "Links"]
 
@@ -32,14 +32,14 @@ log = logging.getLogger(__name__)
 
 
 class Links:
-    """Shared connections by name: one publisher link per broker, plus the outgoing sequence."""
+    """Shared connections by name: one publisher link per broker, and the outbox that feeds them."""
 
     def __init__(self, gateway_id: str, connections: dict[str, MqttConnection], data_dir: Path,
                  started_at: float):
         self.gateway_id = gateway_id
         self._conns = connections
-        self.seq = SeqCounter(data_dir / "seq")
         self.started_at = started_at
+        self.outbox: Outbox | None = None  # set by the Gateway; numbers outgoing messages (seq)
         self.publishers: dict[str, MqttLink] = {}
         for name, conn in connections.items():
             will = birth = None
@@ -88,6 +88,9 @@ class Gateway:
         self.started_at = time.time()
         self.dead_letters = DeadLetters(self.data_dir / "deadletter.db")
         self.links = Links(self.id, cfg.connections, self.data_dir, self.started_at)
+        self.outbox = Outbox(self.data_dir / "outbox.db", self.id, self.links.publishers, cfg.gateway.outbox,
+                             seq_path=self.data_dir / "seq", on_refused=self._refused)
+        self.links.outbox = self.outbox
         self.pipelines: dict[str, Pipeline] = {}
         for pcfg in cfg.pipelines:
             self.pipelines[pcfg.name] = Pipeline(
@@ -103,6 +106,9 @@ class Gateway:
             return NodeContext(self.id, pipeline, node_id, str(self.data_dir), self.links, self.dead_letters,
                                logger=logging.getLogger(f"sluice.{pipeline}.{node_id}"))
         return make
+
+    def _refused(self, connection: str, topic: str, payload: bytes, reason: str) -> None:
+        self.dead_letters.record("outbox", connection, f"{reason} (topic {topic})", raw=payload)
 
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
@@ -135,6 +141,8 @@ class Gateway:
                 await self.console.start()
             async with asyncio.TaskGroup() as tg:
                 aux = [tg.create_task(self.dead_letters.run(), name="deadletters")]
+                await self.outbox.open()
+                aux.append(tg.create_task(self.outbox.run(), name="outbox"))
                 for name, link in self.links.publishers.items():
                     aux.append(tg.create_task(link.run(), name=f"mqtt:{name}:pub"))
                 running = [tg.create_task(p.run(), name=f"pipeline:{p.name}") for p in self.pipelines.values()]
@@ -144,10 +152,12 @@ class Gateway:
                 await self._stop.wait()
                 self.state = "stopping"
                 await self._drain(running, cfg.gateway.shutdown_timeout)
+                await self.outbox.close()
                 await self.links.close()
                 for t in aux:
                     t.cancel()
         finally:
+            await self.outbox.close()
             await self.dead_letters.close()
             if self.console is not None:
                 await self.console.stop()
@@ -182,6 +192,7 @@ class Gateway:
             if not link.connected:
                 why = f" ({link.last_error})" if link.last_error else ""
                 problems.append(f"connection {name}: {link.state}{why}")
+        problems.extend(self.outbox.problems())
         pipes = {}
         for p in self.pipelines.values():
             pipes[p.name] = p.state
@@ -195,4 +206,4 @@ class Gateway:
         return {"status": status, "gateway_id": self.id, "version": __version__, "state": self.state,
                 "started_at": self.started_at, "uptime": time.time() - self.started_at,
                 "problems": problems, "connections": links, "pipelines": pipes,
-                "dead_letters": self.dead_letters.total}
+                "dead_letters": self.dead_letters.total, "outbox": self.outbox.health()}

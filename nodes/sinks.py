@@ -1,9 +1,10 @@
 """Sink nodes: where events leave a pipeline (``mqtt_out``, ``log``).
 
-``mqtt_out`` publishes JSON at QoS 1 through the gateway's shared publisher link for its
-connection. Each message carries ``gateway_id``, a ``seq`` that increases across restarts and
-``replayed`` so consumers can de-duplicate. While the broker is unreachable the sink waits; its
-bounded queue fills and the pipeline's sources pause (no event is dropped).
+``mqtt_out`` commits each event to the gateway's outbox (SQLite) and returns; the outbox
+publishes it at QoS 1 and deletes it only on the broker's PUBACK, so an outage or a restart loses
+nothing and does not stall the pipeline (the outbox's disk quota is the bound). Each message
+carries ``gateway_id``, a ``seq`` that increases across restarts and ``replayed`` so consumers can
+de-duplicate.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class MqttOutOptions(NodeOptions):
     connection: str = Field(description="Name of an entry under `connections`.")
     topic: str = Field("sluice/{gateway}/alerts/{pipeline}",
                        description="Topic template; fields {gateway} {pipeline} {node} {key} {source}.")
-    qos: Literal[0, 1] = 1
+    qos: Literal[0, 1] = Field(1, description="1: through the outbox, at least once. 0: sent directly, best "
+                                              "effort, without seq (dropped and counted while disconnected).")
     retain: bool = False
 
 
@@ -64,12 +66,14 @@ class MqttOut(Sink):
     def __init__(self, options: MqttOutOptions, ctx: Any):
         super().__init__(options, ctx)
         self._link: Any = None
+        self._outbox: Any = None
         t = options.topic
         self._static_topic = None if "{key}" in t or "{source}" in t else t.format(
             gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id, key="", source="")
 
     async def start(self) -> None:
         self._link = self.ctx.links.publisher(self.options.connection)
+        self._outbox = self.ctx.links.outbox
 
     def health(self) -> dict[str, Any]:
         return self._link.health() if self._link is not None else {"state": "starting"}
@@ -81,24 +85,34 @@ class MqttOut(Sink):
                                          node=self.id, key=ev.key, source=ev.source)
 
     async def write(self, batch: list[Event]) -> None:
-        link = self._link
-        seq = await self.ctx.links.seq.take(len(batch))
-        gw = self.ctx.gateway_id
         pipeline = self.ctx.pipeline
-        for i, ev in enumerate(batch):
-            payload = json.dumps(
-                {"gateway_id": gw, "seq": seq + i, "replayed": False, "pipeline": pipeline,
-                 "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value},
-                separators=(",", ":"), default=str,
-            ).encode()
-            while True:
-                if not link.connected:
-                    await link.wait_connected()
-                try:
-                    link.publish(self._topic(ev), payload, qos=self.options.qos, retain=self.options.retain)
-                    break
-                except LinkError:
-                    continue  # lost between the check and the publish: wait for the reconnect
+        if self.options.qos == 0:
+            self._write_qos0(batch)
+            return
+        conn = self.options.connection
+        msgs = []
+        for ev in batch:
+            topic = self._topic(ev)
+            fields = {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value}
+            msgs.append((conn, topic, fields, f"{topic}\x00{ev.key}"))
+        # Returns once the rows are committed; the outbox does the sending.
+        await self._outbox.put(msgs, retain=self.options.retain)
+
+    def _write_qos0(self, batch: list[Event]) -> None:
+        """QoS 0 is fire-and-forget by choice: no outbox; while disconnected, events are counted as dropped."""
+        link = self._link
+        gw = self.ctx.gateway_id
+        for ev in batch:
+            if not link.connected:
+                self.n_dropped += 1
+                continue
+            payload = json.dumps({"gateway_id": gw, "seq": None, "replayed": False, "pipeline": self.ctx.pipeline,
+                                  "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value},
+                                 separators=(",", ":"), default=str).encode()
+            try:
+                link.publish(self._topic(ev), payload, qos=0, retain=self.options.retain)
+            except LinkError:
+                self.n_dropped += 1
 
 
 class LogOptions(NodeOptions):

@@ -1,0 +1,631 @@
+"""Store-and-forward delivery: everything bound for the broker is committed to disk first.
+
+A message is a row in ``<data_dir>/outbox.db`` (SQLite, WAL, ``synchronous=FULL``) before
+:meth:`Outbox.put` returns; it is published at QoS 1 and deleted only once the broker's PUBACK
+arrived. After a reconnect or a restart the rows still there are sent again, oldest first, with
+``replayed: true`` when they may have been sent before, so consumers can de-duplicate on
+``(gateway_id, seq)``. ``seq`` is the row id: it only grows, across restarts too (the highest id is
+also reserved in blocks in ``<data_dir>/seq``, so even a lost database cannot make it go back).
+
+A disk quota bounds the outbox: past it, the oldest rows are dropped, counted (persistently) and
+reported. While a backlog drains, messages that arrived after the reconnect ("live") take turns
+with it, one for one, so fresh alerts are not stuck behind hours of backlog — but never ahead of
+an older message with the same ordering key, so each key's messages still arrive in order.
+An optional rate cap protects a metered uplink.
+
+All SQLite work runs in one thread of its own (:class:`SqliteOutboxStore` behind the
+:class:`OutboxStore` protocol, which the gateway's state store can implement later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Protocol, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from ._log import RateLimitedLog
+from .errors import LinkError, SluiceError
+
+__all__ = ["Outbox", "OutboxConfig", "OutboxStore", "SqliteOutboxStore"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_SIZE_UNIT = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+              "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+_ROW_OVERHEAD = 48  # bytes SQLite spends per row beyond its text: header, rowid, the index entry
+
+
+def _parse_size(v: Any) -> Any:
+    if isinstance(v, str):
+        m = _SIZE.match(v)
+        if not m:
+            raise ValueError(f"{v!r} is not a size; use bytes or e.g. 500kB, 64MB, 1GiB")
+        return int(float(m.group(1)) * _SIZE_UNIT[(m.group(2) or "").lower()])
+    return v
+
+
+ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(ge=1024)]
+
+
+class OutboxConfig(BaseModel):
+    """``gateway.outbox``: the disk quota, rate cap and publish window of the outbox."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: ByteSize = Field(64_000_000, description="Disk quota (e.g. 64MB); past it the oldest "
+                                                       "messages are dropped and counted.")
+    max_messages: int | None = Field(None, ge=1, description="Also drop the oldest past this many messages.")
+    max_rate: float | None = Field(None, gt=0, description="Messages per second at most (a metered uplink); "
+                                                          "default: as fast as the broker acknowledges.")
+    inflight: int = Field(256, ge=1, le=65000, description="Messages sent and not yet acknowledged, at most "
+                                                           "(also capped by the broker's receive maximum).")
+
+
+# --- the storage seam ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Row:
+    id: int
+    connection: str
+    topic: str
+    okey: str
+    body: bytes
+    retain: bool
+    size: int
+
+
+@dataclass(slots=True)
+class StoreInfo:
+    max_id: int
+    count: int
+    bytes: int
+    dropped: int
+
+
+class OutboxStore(Protocol):
+    """Where outbox rows live. Every method is called from the outbox's one worker thread."""
+
+    def open(self) -> StoreInfo: ...
+
+    def append(self, rows: list[tuple[str, str, str, bytes, bool, int]], delete: list[int],
+               max_bytes: int, max_rows: int | None) -> tuple[int, int, int, int]:
+        """Delete acknowledged ids, insert rows, enforce the quota, in one durable commit.
+
+        Returns (first new id, rows dropped by the quota, bytes they freed, highest id dropped).
+        """
+        ...
+
+    def delete(self, ids: list[int]) -> None: ...
+
+    def load(self, connection: str, after: int, upto: int | None, limit: int) -> list[Row]: ...
+
+    def last_ids_by_key(self, connection: str, upto: int) -> dict[str, int]: ...
+
+    def stats(self) -> tuple[int, int]:
+        """(rows, bytes) as stored."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteOutboxStore:
+    """The outbox's own SQLite file (WAL, synchronous=FULL, one connection, one thread)."""
+
+    def __init__(self, path: Path, seq_path: Path | None = None, seq_block: int = 10_000):
+        self.path = path
+        self.seq_path = seq_path
+        self.seq_block = seq_block
+        self._db: sqlite3.Connection | None = None
+        self._reserved = 0
+        self._count = 0
+        self._bytes = 0
+
+    def open(self) -> StoreInfo:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, connection TEXT NOT NULL,"
+                   " topic TEXT NOT NULL, okey TEXT NOT NULL, body BLOB NOT NULL, retain INTEGER NOT NULL,"
+                   " size INTEGER NOT NULL, created REAL NOT NULL)")
+        db.execute("CREATE TABLE IF NOT EXISTS outbox_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        self._db = db
+        fresh = db.execute("SELECT 1 FROM sqlite_sequence WHERE name='outbox'").fetchone() is None
+        max_id = self._max_id()
+        floor = self._read_seq_file()
+        if fresh and floor > max_id:
+            # A new database while the seq file says numbers were used (the database was lost,
+            # or an earlier version numbered messages): continue above them, never below.
+            db.execute("BEGIN")
+            db.execute("DELETE FROM sqlite_sequence WHERE name='outbox'")
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (floor,))
+            db.execute("COMMIT")
+            max_id = floor
+        self._reserved = floor
+        count, size = self._count, self._bytes = self.stats()
+        row = db.execute("SELECT value FROM outbox_meta WHERE name='dropped'").fetchone()
+        return StoreInfo(max_id, count, size, row[0] if row else 0)
+
+    def _max_id(self) -> int:
+        assert self._db is not None
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _read_seq_file(self) -> int:
+        if self.seq_path is None:
+            return 0
+        try:
+            return int(self.seq_path.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            # torn or edited: start past anything plausible rather than go back
+            return int(os.path.getmtime(self.seq_path) * 1000)
+
+    def _reserve(self, upto: int) -> None:
+        if self.seq_path is None or upto <= self._reserved:
+            return
+        end = upto + self.seq_block
+        tmp = self.seq_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(end))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.seq_path)
+        self._reserved = end
+
+    def append(self, rows: list[tuple[str, str, str, bytes, bool, int]], delete: list[int],
+               max_bytes: int, max_rows: int | None) -> tuple[int, int, int, int]:
+        db = self._db
+        assert db is not None
+        first = self._max_id() + 1
+        # The seq block is reserved on disk before any number of it is committed.
+        self._reserve(first + len(rows))
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._delete(delete)
+            db.executemany("INSERT INTO outbox (connection, topic, okey, body, retain, size, created) "
+                           "VALUES (?,?,?,?,?,?,?)", [(*r, now) for r in rows])
+            self._count += len(rows)
+            self._bytes += sum(r[5] for r in rows)
+            dropped, freed, hi = self._trim(max_bytes, max_rows)
+            if dropped:
+                db.execute("INSERT INTO outbox_meta (name, value) VALUES ('dropped', ?) "
+                           "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (dropped,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._count, self._bytes = self.stats()
+            raise
+        return first, dropped, freed, hi
+
+    def _trim(self, max_bytes: int, max_rows: int | None) -> tuple[int, int, int]:
+        db = self._db
+        assert db is not None
+        over_rows = self._count - max_rows if max_rows is not None else 0
+        over_bytes = self._bytes - max_bytes
+        if over_rows <= 0 and over_bytes <= 0:
+            return 0, 0, 0
+        dropped = freed = hi = 0
+        for rid, rsize in db.execute("SELECT id, size FROM outbox ORDER BY id"):
+            if dropped >= over_rows and freed >= over_bytes:
+                break
+            dropped += 1
+            freed += rsize
+            hi = rid
+        db.execute("DELETE FROM outbox WHERE id <= ?", (hi,))
+        self._count -= dropped
+        self._bytes -= freed
+        return dropped, freed, hi
+
+    def _delete(self, ids: list[int]) -> None:
+        assert self._db is not None
+        for i in ids:
+            for (size,) in self._db.execute("DELETE FROM outbox WHERE id=? RETURNING size", (i,)).fetchall():
+                self._count -= 1
+                self._bytes -= size
+
+    def delete(self, ids: list[int]) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._delete(ids)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._count, self._bytes = self.stats()
+            raise
+
+    def load(self, connection: str, after: int, upto: int | None, limit: int) -> list[Row]:
+        db = self._db
+        assert db is not None
+        q = ("SELECT id, connection, topic, okey, body, retain, size FROM outbox "
+             "WHERE connection=? AND id>?" + (" AND id<=?" if upto is not None else "") + " ORDER BY id LIMIT ?")
+        args: tuple[Any, ...] = (connection, after, upto, limit) if upto is not None else (connection, after, limit)
+        return [Row(r[0], r[1], r[2], r[3], bytes(r[4]), bool(r[5]), r[6]) for r in db.execute(q, args)]
+
+    def last_ids_by_key(self, connection: str, upto: int) -> dict[str, int]:
+        db = self._db
+        assert db is not None
+        return dict(db.execute("SELECT okey, MAX(id) FROM outbox WHERE connection=? AND id<=? GROUP BY okey",
+                               (connection, upto)).fetchall())
+
+    def stats(self) -> tuple[int, int]:
+        db = self._db
+        assert db is not None
+        count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        return int(count), int(size)
+
+    def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            db.close()
+
+
+# --- the outbox ------------------------------------------------------------------------------
+
+
+class _RateCap:
+    """A token bucket: at most ``rate`` messages a second, bursts of up to one second's worth."""
+
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.clock = clock
+        self.tokens = rate or 0.0
+        self.last = clock()
+
+    async def take(self) -> None:
+        if self.rate is None:
+            return
+        while True:
+            now = self.clock()
+            self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+class Outbox:
+    """The gateway's outbox: durable ``put``, one sender task per connection, quota and counters.
+
+    ``links`` maps connection names to objects with ``connected``, ``wait_connected()``,
+    ``publish_acked(topic, payload, retain) -> Future``, ``in_flight`` and ``send_window``
+    (:class:`gateway.mqtt.MqttLink`).
+    """
+
+    def __init__(self, path: Path, gateway_id: str, links: dict[str, Any], config: OutboxConfig | None = None,
+                 *, store: OutboxStore | None = None, seq_path: Path | None = None,
+                 on_refused: Callable[[str, str, bytes, str], None] | None = None):
+        self.path = path
+        self.gateway_id = gateway_id
+        self.links = links
+        self.config = config or OutboxConfig()
+        self.store: OutboxStore = store or SqliteOutboxStore(path, seq_path)
+        self.on_refused = on_refused
+        self._exec: ThreadPoolExecutor | None = None
+        self._prefix = b'{"gateway_id":' + json.dumps(gateway_id).encode() + b',"seq":'
+        # counters (exact; also what /metrics shows)
+        self.count = 0
+        self.bytes = 0
+        self.dropped = 0
+        self.published = 0
+        self.replayed = 0
+        self.refused = 0
+        self.last_id = 0
+        self.startup_max = 0  # rows up to this id may have been sent by an earlier process
+        self._trimmed_hi = 0  # every id up to this one is gone (acknowledged or dropped)
+        self._attempted: set[int] = set()  # sent, connection lost before the PUBACK
+        self._acked: set[int] = set()  # acknowledged, delete not yet committed
+        self._to_delete: list[int] = []
+        self._sizes: dict[int, int] = {}
+        self._new: dict[str, asyncio.Event] = {}
+        self._restart: set[str] = set()  # connections whose in-flight messages were lost
+        self._slot = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._rate = _RateCap(self.config.max_rate)
+        self._rl = RateLimitedLog(log)
+        self._opened = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._exec is not None, "outbox is not open"
+        return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
+
+    async def open(self) -> None:
+        self._exec = ThreadPoolExecutor(1, thread_name_prefix="sluice-outbox")
+        try:
+            info = await self._run(self.store.open)
+        except sqlite3.Error as exc:
+            raise SluiceError(f"cannot open the outbox {self.path}: {exc}") from exc
+        self.last_id = self.startup_max = info.max_id
+        self.count, self.bytes, self.dropped = info.count, info.bytes, info.dropped
+        self._opened = True
+        if self.count:
+            log.info("outbox %s: %d messages (%d bytes) waiting from before the restart; they will be "
+                     "sent with replayed: true", self.path, self.count, self.bytes)
+
+    async def run(self) -> None:
+        """Send what the outbox holds through every link, until :meth:`close` (or cancelled)."""
+        self._task = asyncio.current_task()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._deleter(), name="outbox:delete")
+            for name in self.links:
+                tg.create_task(self._sender(name), name=f"outbox:send:{name}")
+
+    async def close(self, grace: float = 2.0) -> None:
+        """Stop sending; wait up to ``grace`` seconds for PUBACKs in flight; commit deletes; close.
+
+        What is still unacknowledged stays on disk and goes out (``replayed: true``) next start.
+        """
+        if not self._opened:
+            return
+        self._closing = True
+        deadline = time.monotonic() + grace
+        while any(getattr(lk, "in_flight", 0) for lk in self.links.values()) and time.monotonic() < deadline:
+            self._slot.clear()  # set by every acknowledgement
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot.wait(), max(0.0, deadline - time.monotonic()))
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush_deletes()
+        self._opened = False
+        await self._run(self.store.close)
+        assert self._exec is not None
+        self._exec.shutdown(wait=True)
+        self._exec = None
+
+    # --- writing -------------------------------------------------------------------------
+
+    async def put(self, messages: Iterable[tuple[str, str, dict[str, Any] | bytes, str | None]],
+                  retain: bool = False) -> int:
+        """Commit messages ``(connection, topic, fields, ordering key)`` durably; return the first seq.
+
+        ``fields`` is the message's JSON object (or its encoded bytes) without ``gateway_id``,
+        ``seq`` and ``replayed``, which are added when it is sent. The ordering key (default:
+        the topic) names which messages must stay in order among themselves.
+        """
+        rows = []
+        conns = set()
+        for conn, topic, fields, okey in messages:
+            if conn not in self.links:
+                raise SluiceError(f"outbox: unknown connection {conn!r}")
+            body = fields if isinstance(fields, bytes) else json.dumps(
+                fields, separators=(",", ":"), default=str).encode()
+            if not body.startswith(b"{"):
+                raise ValueError("an outbox message must be a JSON object")
+            okey = okey if okey is not None else topic
+            rows.append((conn, topic, okey, body, retain, len(body) + len(topic) + len(okey) + _ROW_OVERHEAD))
+            conns.add(conn)
+        if not rows:
+            return self.last_id + 1
+        async with self._write_lock:
+            delete = self._to_delete
+            self._to_delete = []
+            try:
+                first, dropped, freed, hi = await self._run(
+                    self.store.append, rows, delete, self.config.max_bytes, self.config.max_messages)
+            except BaseException:
+                self._to_delete = delete + self._to_delete
+                raise
+            self._deleted(delete)
+            self.last_id = first + len(rows) - 1
+            self.count += len(rows)
+            self.bytes += sum(r[5] for r in rows)
+            if dropped:
+                self.dropped += dropped
+                self.count -= dropped
+                self.bytes -= freed
+                self._trimmed_hi = max(self._trimmed_hi, hi)
+                self._rl.warning("quota", "outbox over its quota (%d bytes, %s messages): dropped the %d oldest "
+                                 "messages (%d dropped in all)", self.config.max_bytes,
+                                 self.config.max_messages or "any", dropped, self.dropped)
+        for c in conns:
+            self._event(c).set()
+        return first
+
+    def _deleted(self, ids: list[int]) -> None:
+        for i in ids:
+            self._acked.discard(i)
+
+    async def _flush_deletes(self) -> None:
+        async with self._write_lock:
+            if not self._to_delete:
+                return
+            ids, self._to_delete = self._to_delete, []
+            try:
+                await self._run(self.store.delete, ids)
+            except sqlite3.Error as exc:
+                # Still in the file: they will be sent again (replayed), never lost.
+                log.error("outbox: cannot delete %d acknowledged messages: %s", len(ids), exc)
+                self._to_delete = ids + self._to_delete
+                return
+            self._deleted(ids)
+
+    async def _deleter(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            await self._flush_deletes()
+
+    def _event(self, conn: str) -> asyncio.Event:
+        ev = self._new.get(conn)
+        if ev is None:
+            ev = self._new[conn] = asyncio.Event()
+        return ev
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _payload(self, row: Row, replayed: bool) -> bytes:
+        head = self._prefix + str(row.id).encode() + (b',"replayed":true' if replayed else b',"replayed":false')
+        return head + (b"}" if row.body == b"{}" else b"," + row.body[1:])
+
+    def _on_ack(self, fut: asyncio.Future[None], row: Row) -> None:
+        self._slot.set()
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            self._finish(row)
+            self.published += 1
+        elif getattr(exc, "refused", False):  # gateway.mqtt.PublishRefused
+            # Sending it again would be refused again: dead-letter it with the broker's reason.
+            self.refused += 1
+            self._finish(row)
+            log.error("outbox: %s refused message seq %d on %s: %s", row.connection, row.id, row.topic, exc)
+            if self.on_refused is not None:
+                self.on_refused(row.connection, row.topic, self._payload(row, True), str(exc))
+        else:
+            # Lost before the PUBACK: the sender starts over from the oldest unacknowledged row.
+            self._attempted.add(row.id)
+            self._restart.add(row.connection)
+            self._event(row.connection).set()
+
+    def _finish(self, row: Row) -> None:
+        self._attempted.discard(row.id)
+        if row.id > self._trimmed_hi:
+            self._acked.add(row.id)
+            self._to_delete.append(row.id)
+            self.count -= 1
+            self.bytes -= row.size
+
+    async def _sender(self, conn: str) -> None:
+        link = self.links[conn]
+        new = self._event(conn)
+        while not self._closing:
+            if not link.connected:
+                await link.wait_connected()
+                continue
+            try:
+                await self._pass(conn, link, new)
+            except LinkError:
+                pass  # lost mid-pass: the next pass starts again from the oldest unacknowledged row
+            except sqlite3.Error as exc:
+                self._rl.error(f"read:{conn}", "outbox: cannot read %s: %s; retrying", self.path, exc)
+                await asyncio.sleep(1.0)
+
+    async def _pass(self, conn: str, link: Any, new: asyncio.Event) -> None:
+        """One connected period: replay the backlog, interleaved with live rows, until the link drops."""
+        mark = self.last_id
+        backlog_last = await self._run(self.store.last_ids_by_key, conn, mark)
+        if backlog_last:
+            log.info("outbox: %s connected; sending %d waiting messages", conn, self.count)
+        b_cursor, l_cursor = 0, mark
+        b_buf: deque[Row] = deque()
+        l_buf: deque[Row] = deque()
+        ready: deque[Row] = deque()  # live rows released once their key's backlog went out
+        deferred: dict[str, deque[Row]] = {}
+        b_done = not backlog_last
+        turn_live = False
+        batch = 500
+
+        def usable(r: Row) -> bool:
+            return r.id > self._trimmed_hi and r.id not in self._acked
+
+        self._restart.discard(conn)
+        while not self._closing:
+            if not link.connected or conn in self._restart:
+                raise LinkError(conn, "connection lost")
+            if not b_done and not b_buf:
+                rows = await self._run(self.store.load, conn, b_cursor, mark, batch)
+                if rows:
+                    b_cursor = rows[-1].id
+                    b_buf.extend(r for r in rows if usable(r))
+                else:
+                    b_done = True
+                    for q in deferred.values():
+                        ready.extend(q)
+                    deferred.clear()
+                    backlog_last.clear()
+                continue
+            if not l_buf and not ready and self.last_id > l_cursor:
+                new.clear()
+                rows = await self._run(self.store.load, conn, l_cursor, None, batch)
+                if rows:
+                    l_cursor = rows[-1].id
+                    l_buf.extend(r for r in rows if usable(r))
+                continue
+            # live rows whose key still has backlog to go wait behind it
+            while l_buf and (l_buf[0].okey in backlog_last or l_buf[0].okey in deferred):
+                r = l_buf.popleft()
+                deferred.setdefault(r.okey, deque()).append(r)
+            live_q = ready if ready else l_buf
+            if b_buf and (not live_q or not turn_live):
+                row = b_buf.popleft()
+                last = backlog_last.get(row.okey)
+                if last is not None and row.id >= last:
+                    del backlog_last[row.okey]
+                    held = deferred.pop(row.okey, None)
+                    if held:
+                        ready.extend(held)
+            elif live_q:
+                row = live_q.popleft()
+            else:
+                if b_done and not deferred:
+                    if self.last_id <= l_cursor:
+                        await self._wait(new, link)
+                continue
+            turn_live = not turn_live
+            if not usable(row):
+                continue
+            await self._send(conn, link, row)
+
+    async def _wait(self, new: asyncio.Event, link: Any) -> None:
+        """Until new rows arrive or the connection drops (checked every 0.5 s)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(new.wait(), 0.5)
+
+    async def _send(self, conn: str, link: Any, row: Row) -> None:
+        window = min(self.config.inflight, link.send_window)
+        while link.in_flight >= window:
+            self._slot.clear()
+            if not link.connected or conn in self._restart:
+                raise LinkError(conn, "connection lost")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot.wait(), 0.5)
+        await self._rate.take()
+        replayed = row.id <= self.startup_max or row.id in self._attempted
+        fut = link.publish_acked(row.topic, self._payload(row, replayed), row.retain)
+        if replayed:
+            self.replayed += 1
+        fut.add_done_callback(lambda f, row=row: self._on_ack(f, row))
+
+    # --- reporting -----------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {"messages": self.count, "bytes": self.bytes, "max_bytes": self.config.max_bytes,
+                "max_messages": self.config.max_messages, "dropped": self.dropped,
+                "published": self.published, "replayed": self.replayed, "refused": self.refused,
+                "last_seq": self.last_id}
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.bytes > 0.9 * self.config.max_bytes or (
+                self.config.max_messages and self.count > 0.9 * self.config.max_messages):
+            out.append(f"outbox nearly full ({self.count} messages, {self.bytes} bytes); the oldest are "
+                       f"dropped past the quota ({self.dropped} dropped so far)")
+        return out

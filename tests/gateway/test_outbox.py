@@ -1,0 +1,272 @@
+"""The outbox on its own: durable put, seq, PUBACK-only deletion, replay flags, quota, fairness.
+
+The broker is held at the one seam (a link object with publish_acked); the SQLite file is real.
+Tests against a real Mosquitto live in test_outbox_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import LinkError
+from gateway.outbox import Outbox, OutboxConfig
+from tests._util import wait_for
+
+
+class FakeLink:
+    """A broker link that acknowledges each publish on the next loop turn (or holds the acks)."""
+
+    def __init__(self, window: int = 50):
+        self.connected = False
+        self._up = asyncio.Event()
+        self.sent: list[dict[str, Any]] = []
+        self.topics: list[str] = []
+        self.pending: list[asyncio.Future[None]] = []
+        self.auto_ack = True
+        self.send_window = window
+        self.refuse: set[int] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for f in self.pending if not f.done())
+
+    def up(self) -> None:
+        self.connected = True
+        self._up.set()
+
+    def down(self) -> None:
+        self.connected = False
+        self._up.clear()
+        for f in self.pending:
+            if not f.done():
+                f.set_exception(LinkError("fake", "connection lost"))
+        self.pending.clear()
+
+    async def wait_connected(self) -> None:
+        await self._up.wait()
+
+    def publish_acked(self, topic: str, payload: bytes, retain: bool = False) -> asyncio.Future[None]:
+        if not self.connected:
+            raise LinkError("fake", "not connected")
+        msg = json.loads(payload)
+        self.sent.append(msg)
+        self.topics.append(topic)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        if msg["seq"] in self.refuse:
+            exc = LinkError("fake", "refused")
+            exc.refused = True  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_soon(fut.set_exception, exc)
+        elif self.auto_ack:
+            asyncio.get_running_loop().call_soon(fut.set_result, None)
+        return fut
+
+    def ack_all(self) -> None:
+        for f in self.pending:
+            if not f.done():
+                f.set_result(None)
+
+
+def rows_in(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+    finally:
+        db.close()
+
+
+async def started(tmp_path: Path, link: FakeLink, **cfg: Any) -> tuple[Outbox, asyncio.Task[None]]:
+    ob = Outbox(tmp_path / "outbox.db", "gw1", {"plant": link}, OutboxConfig(**cfg), seq_path=tmp_path / "seq")
+    await ob.open()
+    return ob, asyncio.create_task(ob.run())
+
+
+def msgs(n: int, key: str = "k", start: int = 0) -> list[tuple[str, str, dict[str, Any], str]]:
+    return [("plant", "t/out", {"key": key, "value": start + i}, key) for i in range(n)]
+
+
+async def test_put_commits_then_sends_and_deletes_on_ack(tmp_path: Path) -> None:
+    link = FakeLink()
+    link.auto_ack = False
+    ob, task = await started(tmp_path, link)
+    try:
+        first = await ob.put(msgs(5))
+        assert first == 1
+        assert rows_in(tmp_path / "outbox.db") == 5  # durable before any send
+        link.up()
+        await wait_for(lambda: len(link.sent) == 5)
+        assert [m["seq"] for m in link.sent] == [1, 2, 3, 4, 5]
+        assert all(m["gateway_id"] == "gw1" and m["replayed"] is False for m in link.sent)
+        assert link.sent[0] == {"gateway_id": "gw1", "seq": 1, "replayed": False, "key": "k", "value": 0}
+        await asyncio.sleep(0.2)  # time for a wrong early delete to happen; there must be none
+        assert rows_in(tmp_path / "outbox.db") == 5  # not acknowledged: still there
+        link.ack_all()
+        await wait_for(lambda: rows_in(tmp_path / "outbox.db") == 0)
+        assert ob.count == 0 and ob.published == 5
+    finally:
+        await ob.close()
+        task.cancel()
+
+
+async def test_lost_connection_resends_with_replayed_true(tmp_path: Path) -> None:
+    link = FakeLink()
+    link.auto_ack = False
+    ob, task = await started(tmp_path, link)
+    try:
+        link.up()
+        await ob.put(msgs(3))
+        await wait_for(lambda: len(link.sent) == 3)
+        link.down()  # no PUBACK came: the broker may or may not have them
+        link.auto_ack = True
+        link.up()
+        await wait_for(lambda: len(link.sent) == 6)
+        assert [(m["seq"], m["replayed"]) for m in link.sent[3:]] == [(1, True), (2, True), (3, True)]
+        await ob.put(msgs(1))
+        await wait_for(lambda: len(link.sent) == 7)
+        assert (link.sent[6]["seq"], link.sent[6]["replayed"]) == (4, False)
+        await wait_for(lambda: ob.count == 0)
+    finally:
+        await ob.close()
+        task.cancel()
+
+
+async def test_restart_keeps_rows_seq_never_goes_back(tmp_path: Path) -> None:
+    link = FakeLink()
+    ob, task = await started(tmp_path, link)
+    await ob.put(msgs(4))
+    await ob.close()
+    await asyncio.gather(task, return_exceptions=True)
+    assert rows_in(tmp_path / "outbox.db") == 4
+
+    link2 = FakeLink()
+    ob2, task2 = await started(tmp_path, link2)
+    try:
+        assert ob2.count == 4
+        await ob2.put(msgs(1))
+        link2.up()
+        await wait_for(lambda: len(link2.sent) == 5)
+        assert [(m["seq"], m["replayed"]) for m in link2.sent] == [
+            (1, True), (2, True), (3, True), (4, True), (5, False)]
+        await wait_for(lambda: ob2.count == 0)
+    finally:
+        await ob2.close()
+        task2.cancel()
+
+    # even with the database gone, numbering continues above everything used before
+    (tmp_path / "outbox.db").unlink()
+    for extra in ("outbox.db-wal", "outbox.db-shm"):
+        (tmp_path / extra).unlink(missing_ok=True)
+    ob3, task3 = await started(tmp_path, FakeLink())
+    try:
+        assert await ob3.put(msgs(1)) > 5
+    finally:
+        await ob3.close()
+        task3.cancel()
+
+
+async def test_quota_drops_oldest_and_counts_exactly(tmp_path: Path) -> None:
+    link = FakeLink()
+    ob, task = await started(tmp_path, link, max_messages=100)
+    try:
+        for i in range(5):
+            await ob.put(msgs(50, start=i * 50))
+        assert ob.dropped == 150 and ob.count == 100
+        assert rows_in(tmp_path / "outbox.db") == 100
+        link.up()
+        await wait_for(lambda: len(link.sent) == 100)
+        assert [m["seq"] for m in link.sent] == list(range(151, 251))
+        assert ob.health()["dropped"] == 150
+    finally:
+        await ob.close()
+        task.cancel()
+    # the dropped count survives a restart
+    ob2, task2 = await started(tmp_path, FakeLink(), max_messages=100)
+    try:
+        assert ob2.dropped == 150
+    finally:
+        await ob2.close()
+        task2.cancel()
+
+
+async def test_byte_quota(tmp_path: Path) -> None:
+    ob, task = await started(tmp_path, FakeLink(), max_bytes=20_000)
+    try:
+        for _ in range(20):
+            await ob.put([("plant", "t", {"blob": "x" * 500}, None)] * 5)
+        assert ob.dropped > 0
+        assert ob.bytes <= 20_000
+        assert ob.count + ob.dropped == 100
+        assert ob.problems()  # nearly full is reported on /healthz
+    finally:
+        await ob.close()
+        task.cancel()
+
+
+async def test_live_messages_share_the_link_with_the_backlog_and_keys_stay_in_order(tmp_path: Path) -> None:
+    link = FakeLink()
+    ob, task = await started(tmp_path, link, max_rate=2000)
+    try:
+        # a backlog built while offline, for keys a and b
+        for i in range(10):
+            await ob.put(msgs(50, "a", i * 50) + msgs(50, "b", i * 50))
+        link.up()
+        await wait_for(lambda: len(link.sent) >= 20)
+        # live traffic while the backlog drains: a new key, and more for key a
+        await ob.put(msgs(5, "c") + msgs(5, "a", 1000))
+        await wait_for(lambda: ob.count == 0, timeout=20)
+        keys = [m["key"] for m in link.sent]
+        last_backlog = max(i for i, m in enumerate(link.sent) if m["seq"] <= 1000)
+        first_c = keys.index("c")
+        assert first_c < last_backlog, "live messages waited for the whole backlog"
+        for k in "abc":
+            seqs = [m["seq"] for m in link.sent if m["key"] == k]
+            assert seqs == sorted(seqs), f"key {k} out of order"
+        assert len(link.sent) == 1010
+    finally:
+        await ob.close()
+        task.cancel()
+
+
+async def test_refused_message_is_handed_over_not_retried(tmp_path: Path) -> None:
+    link = FakeLink()
+    refused: list[tuple[str, str, bytes, str]] = []
+    ob = Outbox(tmp_path / "outbox.db", "gw1", {"plant": link}, OutboxConfig(),
+                on_refused=lambda *a: refused.append(a))
+    await ob.open()
+    task = asyncio.create_task(ob.run())
+    try:
+        link.refuse = {2}
+        link.up()
+        await ob.put(msgs(3))
+        await wait_for(lambda: ob.count == 0)
+        assert ob.refused == 1 and ob.published == 2
+        assert refused and refused[0][0] == "plant" and json.loads(refused[0][2])["seq"] == 2
+    finally:
+        await ob.close()
+        task.cancel()
+
+
+async def test_unknown_connection_and_bad_body(tmp_path: Path) -> None:
+    ob, task = await started(tmp_path, FakeLink())
+    try:
+        with pytest.raises(Exception, match="unknown connection 'nope'"):
+            await ob.put([("nope", "t", {}, None)])
+        with pytest.raises(ValueError, match="JSON object"):
+            await ob.put([("plant", "t", b"[1]", None)])
+        assert ob.count == 0
+    finally:
+        await ob.close()
+        task.cancel()
+
+
+def test_sizes_parse() -> None:
+    assert OutboxConfig(max_bytes="64MB").max_bytes == 64_000_000
+    assert OutboxConfig(max_bytes="1GiB").max_bytes == 1024**3
+    with pytest.raises(ValueError, match="not a size"):
+        OutboxConfig(max_bytes="lots")
