@@ -22,7 +22,7 @@ __all__ = ["STATIC", "Views"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_CONFIG = 1024 * 1024
-_SECRET = re.compile(r"pass|secret|token|key$|credential", re.IGNORECASE)
+_SECRET = re.compile(r"pass|secret|token|credential|(?:private|api|access)_?key$", re.IGNORECASE)
 
 # Content-Security-Policy: our own scripts, styles and sockets only; nothing inline, no framing.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "

@@ -112,7 +112,7 @@ class Browserish:
             headers["Origin"] = origin
         if csrf and self.csrf:
             headers["X-CSRF-Token"] = self.csrf
-        kwargs: dict[str, Any] = {"json": body} if not isinstance(body, str | bytes) else {"data": body}
+        kwargs: dict[str, Any] = {"json": body} if isinstance(body, dict | list | None) else {"data": body}
         async with self.http.post(self.base + path, headers=headers, allow_redirects=False, **kwargs, **kw) as r:
             data = await r.json() if r.content_type == "application/json" else await r.text()
             return r.status, data
