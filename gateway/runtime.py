@@ -117,7 +117,7 @@ class Gateway:
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.info("%s received: stopping (draining queues, at most %.0fs); signal again to exit now",
+            log.info("%s received: stopping (draining queues, at most %gs); signal again to exit now",
                      signal.Signals(signum).name, self.loaded.config.gateway.shutdown_timeout)
             self.stop()
         else:
@@ -174,8 +174,10 @@ class Gateway:
             return
         _, pending = await asyncio.wait(running, timeout=limit)
         if pending:
-            left = sum(q.depth for p in self.pipelines.values() for q in (p.queue, *p.sink_queues.values()))
-            log.error("stop took longer than %.0fs; abandoning %d queued events (raise "
+            # not yet through the chain, plus what each sink was given and has not finished
+            left = sum(p.queue.depth + sum(n.n_in - n.n_out - n.n_errors for n in p.nodes if n.kind == "sink")
+                       for p in self.pipelines.values())
+            log.error("stop took longer than %gs; abandoning %d queued events (raise "
                       "gateway.shutdown_timeout, or check the sinks' connections)", limit, left)
             for t in pending:
                 t.cancel()

@@ -19,6 +19,7 @@ import pytest
 
 from tests._util import free_port, wait_for_sync
 from tests.gateway._harness import NO_AUTH
+from tests.gateway._stuck_node import RUN as STUCK_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,12 +48,13 @@ class Run:
 def sluice_run(tmp_path: Path) -> Iterator[Any]:
     runs: list[Run] = []
 
-    def start(config: str, *args: str) -> Run:
+    def start(config: str, *args: str, stuck_sink: bool = False) -> Run:
         cfg = tmp_path / f"run{len(runs)}.yaml"
         cfg.write_text(config)
         err = tmp_path / f"run{len(runs)}.stderr"
+        cli = ["-c", STUCK_RUN] if stuck_sink else ["-m", "gateway.cli"]
         with err.open("wb") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(cfg), *args], cwd=tmp_path,
+            proc = subprocess.Popen([sys.executable, *cli, "run", str(cfg), *args], cwd=tmp_path,
                                     stdin=subprocess.DEVNULL, stdout=f, stderr=f,
                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
         run = Run(proc, err)
@@ -161,3 +163,68 @@ def test_busy_console_port_exits_1_without_traceback(tmp_path: Path, sluice_run:
     assert "Traceback" not in err
     assert f"console cannot listen on 127.0.0.1:{port}" in err
     assert "(set console.port, or console.enabled: false)" in err
+
+
+def test_demo_runs_without_a_config(tmp_path: Path, mosquitto: Any) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MQTT_PORT": str(mosquitto.port), "SLUICE_CONSOLE_PORT": str(port),
+           "SLUICE_DATA_DIR": str(tmp_path / "data"), "SLUICE_GATEWAY_ID": "demo-test"}
+    err = tmp_path / "demo.stderr"
+    from tests._util import mqtt_client
+
+    with mqtt_client(mosquitto, subscribe="sluice/demo-test/status") as sub, err.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run"], cwd=tmp_path, env=env,
+                                stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+        try:
+            wait_for_sync(lambda: fetch(port, "/healthz")[0] == 200 or proc.poll() is not None, timeout=20)
+            wait_for_sync(lambda: sub.received("sluice/demo-test/status"), timeout=10)
+            status, health = fetch(port, "/healthz")
+            assert status == 200 and health["status"] == "ok", health
+            assert health["gateway_id"] == "demo-test" and health["pipelines"] == {"boiler": "running"}
+            assert json.loads(sub.received("sluice/demo-test/status")[0].payload)["state"] == "online"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        wait_for_sync(lambda: json.loads(sub.received("sluice/demo-test/status")[-1].payload)["state"] == "offline")
+    text = err.read_text()
+    assert "no config given: running the demo" in text
+    assert f"console at http://127.0.0.1:{port}/" in text
+    assert "Traceback" not in text
+
+
+STUCK = """\
+gateway: {{id: gw-cli, data_dir: "{data}", shutdown_timeout: {timeout}}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: sim, type: simulate, interval: 1ms, count: 20, sensors: [{{key: a}}]}}
+      - {{id: out, type: t_stuck, input: sim}}
+console: {{enabled: false}}
+"""
+
+
+def test_second_signal_exits_at_once(tmp_path: Path, sluice_run: Any) -> None:
+    # the sink never finishes, so the first SIGTERM's drain would wait a minute
+    run = sluice_run(STUCK.format(data=tmp_path / "data", timeout="60s"), stuck_sink=True)
+    wait_for_sync(lambda: "source p/sim finished" in run.stderr or run.proc.poll() is not None, timeout=20)
+    run.proc.send_signal(signal.SIGTERM)
+    wait_for_sync(lambda: "SIGTERM received: stopping (draining queues, at most 60s)" in run.stderr)
+    assert run.proc.poll() is None  # still draining
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=10) == 1
+    assert "second signal: exiting now without draining" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_drain_gives_up_after_shutdown_timeout(tmp_path: Path, sluice_run: Any) -> None:
+    run = sluice_run(STUCK.format(data=tmp_path / "data", timeout="500ms"), stuck_sink=True)
+    wait_for_sync(lambda: "source p/sim finished" in run.stderr or run.proc.poll() is not None, timeout=20)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=15) == 0
+    err = run.stderr
+    assert "Traceback" not in err
+    # all 20 readings are stuck: one batch in the sink's hands, the rest in its queue
+    assert "stop took longer than 0.5s; abandoning 20 queued events" in err, err[-1500:]
