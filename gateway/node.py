@@ -207,7 +207,8 @@ class Sink(_Node):
 
 
 _REGISTRY: dict[str, type[_Node]] = {}
-_BUILTIN_MODULES = ("nodes.sources", "nodes.operators", "nodes.windows", "nodes.detectors", "nodes.sinks")
+_BUILTIN_MODULES = ("nodes.sources", "nodes.operators", "nodes.windows", "nodes.detectors", "nodes.sinks",
+                    "nodes.devices")
 _loaded = False
 
 

@@ -203,6 +203,10 @@ class Gateway:
             for sid, st in p.source_state.items():
                 if st.startswith("failed"):
                     problems.append(f"source {p.name}/{sid}: {st}")
+            for n in p.nodes:  # a device source that keeps retrying is running but not healthy
+                h = n.health() if n.kind == "source" else {}
+                if h.get("state") == "down":
+                    problems.append(f"source {p.name}/{n.id}: down ({h.get('reason') or 'no reason given'})")
         status = "ok" if self.state == "running" and not problems else (
             "degraded" if self.state == "running" else self.state)
         return {"status": status, "gateway_id": self.id, "version": __version__, "state": self.state,

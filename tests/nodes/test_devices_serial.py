@@ -1,0 +1,199 @@
+"""The ``serial`` source against a real pty pair: codecs end to end, bad input, a port that vanishes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from firmware_bridges import CodecOptions, make_encoder
+from firmware_bridges.simulators import PtyDevice, SerialSimulator
+from gateway import node as node_mod
+from gateway.config import parse_config
+from gateway.errors import ConfigError
+from gateway.events import Event
+from gateway.node import NodeOptions, Sink, register
+from tests._util import wait_for
+from tests.gateway._harness import get, node, running_gateway
+
+
+class CollectOptions(NodeOptions):
+    type: Literal["t_dev_collect"]
+
+
+class Collect(Sink):
+    Options = CollectOptions
+
+    def __init__(self, options: Any, ctx: Any):
+        super().__init__(options, ctx)
+        self.events: list[Event] = []
+
+    async def write(self, batch: list[Event]) -> None:
+        self.events.extend(batch)
+
+
+@pytest.fixture(autouse=True)
+def collect_sink() -> Iterator[None]:
+    register(Collect)
+    yield
+    node_mod._REGISTRY.pop("t_dev_collect", None)
+
+
+def config(tmp_path: Path, port: str | Path, codec: str, extra: str = "") -> str:
+    return f"""\
+gateway: {{id: gw1, data_dir: "{tmp_path}/data"}}
+pipelines:
+  - name: field
+    nodes:
+      - {{id: dev, type: serial, port: "{port}", baud: 115200, codec: {codec}, reconnect_max: 0.3s{extra}}}
+      - {{id: out, type: t_dev_collect, input: dev}}
+console: {{port: 0, auth: false}}
+"""
+
+
+def values(gw: Any, key: str | None = None) -> list[float]:
+    return [e.value for e in node(gw, "field", "out").events if key is None or e.key == key]
+
+
+async def test_json_lines_end_to_end(tmp_path: Path) -> None:
+    with PtyDevice() as dev:
+        async with running_gateway(config(tmp_path, dev.path, "json")) as gw:
+            await wait_for(lambda: node(gw, "field", "dev").health()["state"] == "up")
+            await dev.send(b'{"temp": 21.5, "hum": 40, "ts": 1700000000}\n{"temp": 22')
+            await dev.send(b'.0}\n')
+            await wait_for(lambda: len(values(gw)) == 3)
+            evs = node(gw, "field", "out").events
+            assert [(e.key, e.value, e.source) for e in evs] == [("temp", 21.5, "dev"), ("hum", 40.0, "dev"),
+                                                                  ("temp", 22.0, "dev")]
+            assert evs[0].ts == 1700000000.0 and evs[2].ts > 1700000000.0  # device time, else ingest time
+
+
+@pytest.mark.parametrize("codec", ["nmea", "csv", "kv",
+                                   "{type: cobs, crc: crc32, fields: [{name: t, type: i16, scale: 0.01}, "
+                                   "{name: rh, type: u8}]}"])
+async def test_every_codec_through_the_simulator(tmp_path: Path, codec: str) -> None:
+    import yaml
+    from pydantic import TypeAdapter
+
+    opts = TypeAdapter(CodecOptions).validate_python(yaml.safe_load(codec))
+    with PtyDevice() as dev:
+        sim = SerialSimulator(opts, dev, interval=0.0, seed=1)
+        async with running_gateway(config(tmp_path, dev.path, codec)) as gw:
+            await wait_for(lambda: node(gw, "field", "dev").health()["state"] == "up")
+            await sim.run(count=20)
+            src = node(gw, "field", "dev")
+            await wait_for(lambda: src.health()["decoder"]["pieces"] >= 20)
+            assert src.counters()["malformed"] == 0
+            keys = {e.key for e in node(gw, "field", "out").events}
+            want = {"nmea": {"gps.lat", "gps.lon", "wind.rel.speed", "xdr.AIRT"}, "csv": {"temp", "hum"},
+                    "kv": {"temp", "hum", "vbat"}}.get(codec, {"t", "rh"})
+            assert want <= keys
+
+
+async def test_bad_input_is_dead_lettered_by_kind_and_decoding_resyncs(tmp_path: Path) -> None:
+    with PtyDevice() as dev:
+        async with running_gateway(config(tmp_path, dev.path, "{type: nmea, max_line: 90}")) as gw:
+            src = node(gw, "field", "dev")
+            await wait_for(lambda: src.health()["state"] == "up")
+            good = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
+            await dev.send(b"\x00\xfe\xff" + good)                     # noise, then a sentence: resync
+            await dev.send(good.replace(b"*47", b"*11"))               # wrong checksum
+            await dev.send(b"$" + b"A" * 200 + b"\r\n")                # over-long line
+            await dev.send(b"$GPGGA,123519,48x7.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*" +
+                           b"%02X\r\n" % _xor(b"GPGGA,123519,48x7.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"))
+            await dev.send(b"$WIMWV,NaN,R,inf,M,A*" + b"%02X\r\n" % _xor(b"WIMWV,NaN,R,inf,M,A"))
+            await dev.send(good)
+            await wait_for(lambda: len(values(gw, "gps.lat")) == 2)
+            await wait_for(lambda: src.counters()["malformed"] == 6)
+            c = src.counters()
+            assert (c["malformed_garbage"], c["malformed_checksum"], c["malformed_overlong"],
+                    c["malformed_malformed"], c["malformed_nonfinite"]) == (1, 1, 1, 1, 2)
+            assert gw.dead_letters.counts[("field", "dev")] == 6
+            reasons = [r["reason"] for r in gw.dead_letters.recent]
+            assert any("checksum 11 does not match 47" in r and dev.path in r for r in reasons), reasons
+            status, metrics = await get(gw, "/metrics")
+            assert status == 200
+            line = [x for x in metrics.splitlines()
+                    if x.startswith("sluice_node_malformed_total{") and 'node="dev"' in x]
+            assert line and line[0].endswith(" 6.0"), line
+
+
+def _xor(body: bytes) -> int:
+    c = 0
+    for b in body:
+        c ^= b
+    return c
+
+
+async def test_port_that_vanishes_is_down_then_resumes(tmp_path: Path) -> None:
+    link = tmp_path / "ttyUSB0"
+    dev = PtyDevice(link)
+    enc = make_encoder(parse_codec("kv"))
+    try:
+        async with running_gateway(config(tmp_path, link, "kv")) as gw:
+            src = node(gw, "field", "dev")
+            await wait_for(lambda: src.health()["state"] == "up")
+            await dev.send(enc.encode({"v": 1.0}))
+            await wait_for(lambda: values(gw) == [1.0])
+
+            dev.unplug()
+            await wait_for(lambda: src.health()["state"] == "down")
+            h = src.health()
+            assert h["losses"] == 1 and h["reason"], h
+            # reopening fails while it is gone, and the health says why
+            await wait_for(lambda: "cannot open" in (src.health().get("reason") or ""))
+            status, body = await get(gw, "/healthz")
+            assert status == 200 and body["status"] == "degraded", body
+            assert any("dev" in p and "down" in p for p in body["problems"]), body
+
+            dev.plug()
+            await wait_for(lambda: src.health()["state"] == "up", timeout=10)
+            await dev.send(enc.encode({"v": 2.0}))
+            await wait_for(lambda: values(gw) == [1.0, 2.0])
+            status, body = await get(gw, "/healthz")
+            assert body["status"] == "ok", body
+    finally:
+        dev.unplug()
+
+
+async def test_missing_port_at_start_keeps_the_gateway_running(tmp_path: Path) -> None:
+    link = tmp_path / "ttyACM0"
+    async with running_gateway(config(tmp_path, link, "json")) as gw:
+        src = node(gw, "field", "dev")
+        await wait_for(lambda: src.health()["state"] == "down")
+        assert "cannot open" in src.health()["reason"] and str(link) in src.health()["reason"]
+        with PtyDevice(link) as dev:
+            await wait_for(lambda: src.health()["state"] == "up", timeout=10)
+            await dev.send(json.dumps({"x": 5}).encode() + b"\n")
+            await wait_for(lambda: values(gw) == [5.0])
+        assert gw.state == "running"
+
+
+async def test_full_pipeline_pauses_reading_and_loses_nothing(tmp_path: Path) -> None:
+    text = config(tmp_path, "PORT", "json").replace("gateway: {", "gateway: {queue_size: 50, ")
+    with PtyDevice() as dev:
+        text = text.replace("PORT", dev.path)
+        async with running_gateway(text) as gw:
+            src = node(gw, "field", "dev")
+            await wait_for(lambda: src.health()["state"] == "up")
+            lines = b"".join(b'{"n": %d}\n' % i for i in range(3000))
+            await dev.send(lines)
+            await wait_for(lambda: len(values(gw)) == 3000, timeout=20)
+            assert values(gw) == [float(i) for i in range(3000)]
+
+
+def parse_codec(spec: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(CodecOptions).validate_python(spec)
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    bad = config(tmp_path, "/dev/ttyUSB0", "{type: cobs, fields: [{type: u9, name: x}]}")
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad, "test.yaml", {})
+    text = "\n".join(str(i) for i in err.value.issues)
+    assert "test.yaml:5: pipelines[0].nodes[0].codec" in text or "codec" in text, text
