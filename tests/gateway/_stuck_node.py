@@ -21,7 +21,3 @@ class Stuck(Sink):
 
     async def write(self, batch: list[Event]) -> None:
         await asyncio.Event().wait()
-
-
-# `python -c RUN run CONFIG`: the CLI with this node type registered.
-RUN = "import sys, tests.gateway._stuck_node; from gateway.cli import main; sys.exit(main(sys.argv[1:]))"

@@ -19,9 +19,10 @@ import pytest
 
 from tests._util import free_port, wait_for_sync
 from tests.gateway._harness import NO_AUTH
-from tests.gateway._stuck_node import RUN as STUCK_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
+# `python -c STUCK_RUN run CONFIG`: the CLI with the test-only `t_stuck` sink registered (only in that process)
+STUCK_RUN = "import sys, tests.gateway._stuck_node; from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def fetch(port: int, path: str) -> tuple[int, Any]:
@@ -54,9 +55,14 @@ def sluice_run(tmp_path: Path) -> Iterator[Any]:
         err = tmp_path / f"run{len(runs)}.stderr"
         cli = ["-c", STUCK_RUN] if stuck_sink else ["-m", "gateway.cli"]
         with err.open("wb") as f:
-            proc = subprocess.Popen([sys.executable, *cli, "run", str(cfg), *args], cwd=tmp_path,
-                                    stdin=subprocess.DEVNULL, stdout=f, stderr=f,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+            proc = subprocess.Popen(
+                [sys.executable, *cli, "run", str(cfg), *args],
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=f,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
         run = Run(proc, err)
         runs.append(run)
         return run
@@ -90,8 +96,9 @@ def test_sigterm_stops_cleanly_and_loses_nothing(tmp_path: Path, sluice_run: Any
     wait_for_sync(lambda: fetch(port, "/healthz")[0] == 200 or run.proc.poll() is not None, timeout=20)
     assert run.proc.poll() is None, run.stderr
     # wait until the source has pushed more than the queues hold: it is being held back
-    wait_for_sync(lambda: fetch(port, "/api/pipelines")[1]["pipelines"][0]["nodes"][0]["counters"]["out"] > 3000,
-                  timeout=20)
+    wait_for_sync(
+        lambda: fetch(port, "/api/pipelines")[1]["pipelines"][0]["nodes"][0]["counters"]["out"] > 3000, timeout=20
+    )
     _, api = fetch(port, "/api/pipelines")
     queue = api["pipelines"][0]["nodes"][0]["queue"]
     assert queue["capacity"] <= queue["high_water"] <= queue["capacity"] + 2  # full: the source is held back
@@ -125,8 +132,16 @@ pipelines:
 console: {{port: {port}{NO_AUTH}}}
 """
     run = sluice_run(config, "--log-format", "json")
-    wait_for_sync(lambda: (fetch(port, "/api/pipelines")[1] or {"pipelines": [{"nodes": [{"state": ""}]}]})
-                  ["pipelines"][0]["nodes"][0]["state"] == "finished" or run.proc.poll() is not None, timeout=20)
+    wait_for_sync(
+        lambda: (
+            (fetch(port, "/api/pipelines")[1] or {"pipelines": [{"nodes": [{"state": ""}]}]})["pipelines"][0]["nodes"][
+                0
+            ]["state"]
+            == "finished"
+            or run.proc.poll() is not None
+        ),
+        timeout=20,
+    )
     # a finished source is not a problem: the gateway keeps serving until told to stop
     status, health = fetch(port, "/healthz")
     assert status == 200 and health["status"] == "ok"
@@ -145,9 +160,10 @@ def test_invalid_config_exits_1_without_traceback(tmp_path: Path, sluice_run: An
     err = run.stderr
     assert "Traceback" not in err
     lines = err.splitlines()
-    assert lines[0].endswith("run0.yaml:1: gateway.bogus: unknown field 'bogus'; known fields: data_dir, id, "
-                             "log_format, log_level, queue_size, shutdown_timeout, sink_queue_size") or (
-        "run0.yaml:1: gateway.bogus: unknown field 'bogus'; known fields: data_dir, id, " in lines[0])
+    assert lines[0].endswith(
+        "run0.yaml:1: gateway.bogus: unknown field 'bogus'; known fields: data_dir, id, "
+        "log_format, log_level, queue_size, shutdown_timeout, sink_queue_size"
+    ) or ("run0.yaml:1: gateway.bogus: unknown field 'bogus'; known fields: data_dir, id, " in lines[0])
     assert "run0.yaml:4: pipelines.0.nodes.0.type: unknown node type 'nope'" in lines[1]
     assert lines[-1] == "2 problems found"
 
@@ -167,14 +183,26 @@ def test_busy_console_port_exits_1_without_traceback(tmp_path: Path, sluice_run:
 
 def test_demo_runs_without_a_config(tmp_path: Path, mosquitto: Any) -> None:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MQTT_PORT": str(mosquitto.port), "SLUICE_CONSOLE_PORT": str(port),
-           "SLUICE_DATA_DIR": str(tmp_path / "data"), "SLUICE_GATEWAY_ID": "demo-test"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MQTT_PORT": str(mosquitto.port),
+        "SLUICE_CONSOLE_PORT": str(port),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),
+        "SLUICE_GATEWAY_ID": "demo-test",
+    }
     err = tmp_path / "demo.stderr"
     from tests._util import mqtt_client
 
     with mqtt_client(mosquitto, subscribe="sluice/demo-test/status") as sub, err.open("wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run"], cwd=tmp_path, env=env,
-                                stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "run"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=f,
+        )
         try:
             wait_for_sync(lambda: fetch(port, "/healthz")[0] == 200 or proc.poll() is not None, timeout=20)
             wait_for_sync(lambda: sub.received("sluice/demo-test/status"), timeout=10)

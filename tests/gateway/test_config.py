@@ -18,14 +18,28 @@ _TEST_VARS = ("SLUICE_T_BROKER", "SLUICE_T_OFFSET", "SLUICE_T_DESC")
 def sluice(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k not in _TEST_VARS}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60
+    )
 
 
 def validate(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     (tmp_path / "sluice.yaml").write_text(text, encoding="utf-8")
     full_env = {"PYTHONPATH": str(ROOT), **(env or {})}
     return sluice("validate", "sluice.yaml", cwd=tmp_path, env=full_env)
+
+
+def registered_types() -> list[str]:
+    """Built-ins plus whatever plugins registered, as a fresh process sees them (tests register their own)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from gateway.node import node_types; print(*sorted(node_types()))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return out.split()
 
 
 def assert_problems(res: subprocess.CompletedProcess[str], *lines: str) -> None:
@@ -64,7 +78,9 @@ def test_demo_config_is_valid() -> None:
 
 
 def test_unknown_keys_suggest_the_right_name(tmp_path: Path) -> None:
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway:
   id: gw1
   queue_sise: 100
@@ -74,7 +90,8 @@ pipelines:
     nodes:
       - {id: src, type: simulate, sensors: [{key: a, bse: 3.0}]}
       - {id: hot, type: threshold, input: src, abov: 3.0, above: 4.0}
-""")
+""",
+    )
     assert_problems(
         res,
         "sluice.yaml:3: gateway.queue_sise: unknown field 'queue_sise'; did you mean 'queue_size'?",
@@ -85,7 +102,9 @@ pipelines:
 
 
 def test_wrong_types(tmp_path: Path) -> None:
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway: {id: gw1}
 connections:
   plant:
@@ -96,7 +115,8 @@ pipelines:
     nodes:
       - {id: src, type: simulate, sensors: [{key: a}], interval: soon}
       - {id: hot, type: threshold, input: src, above: hot}
-""")
+""",
+    )
     assert_problems(
         res,
         "sluice.yaml:5: connections.plant.port: input should be a valid integer, unable to parse string as an integer",
@@ -108,7 +128,9 @@ pipelines:
 
 def test_missing_required_fields(tmp_path: Path) -> None:
     # A node that is invalid itself is not reported a second time as an "unknown input" downstream.
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway:
   data_dir: ./data
 connections:
@@ -120,7 +142,8 @@ pipelines:
       - {type: log, input: src}
       - {id: f, type: filter, input: src}
       - {id: hot, type: threshold, input: f}
-""")
+""",
+    )
     assert_problems(
         res,
         "sluice.yaml:1: gateway.id: required field is missing",
@@ -132,7 +155,9 @@ pipelines:
 
 
 def test_unknown_node_type(tmp_path: Path) -> None:
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway: {id: gw1}
 pipelines:
   - name: p
@@ -140,11 +165,9 @@ pipelines:
       - {id: src, type: simulate, sensors: [{key: a}]}
       - {id: hot, type: threshhold, input: src, above: 3.0}
       - {id: odd, type: no_such_thing, input: src}
-""")
-    # built-ins plus whatever plugins registered, as a fresh process sees them
-    known = subprocess.run([sys.executable, "-c", "from gateway.node import node_types; "
-                            "print(', '.join(sorted(node_types())))"], cwd=ROOT, capture_output=True,
-                           text=True, check=True, timeout=60).stdout.strip()
+""",
+    )
+    known = ", ".join(registered_types())
     assert_problems(
         res,
         "sluice.yaml:6: pipelines.0.nodes.1.type: unknown node type 'threshhold'; did you mean 'threshold'?",
@@ -154,7 +177,9 @@ pipelines:
 
 
 def test_graph_errors(tmp_path: Path) -> None:
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway: {id: gw1}
 pipelines:
   - name: p
@@ -167,7 +192,8 @@ pipelines:
       - {id: b, type: filter, input: a, where: "true"}
       - {id: me, type: filter, input: me, where: "true"}
       - {id: gen, type: simulate, input: src, sensors: [{key: b}]}
-""")
+""",
+    )
     assert_problems(
         res,
         "sluice.yaml:6: pipelines.0.nodes.1.input: unknown input 'sorce'; did you mean 'src'?",
@@ -180,19 +206,24 @@ pipelines:
 
 
 def test_duplicate_pipeline_names(tmp_path: Path) -> None:
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway: {id: gw1}
 pipelines:
   - name: p
     nodes: [{id: src, type: simulate, sensors: [{key: a}]}]
   - name: p
     nodes: [{id: src, type: simulate, sensors: [{key: a}]}]
-""")
+""",
+    )
     assert_problems(res, "sluice.yaml:5: pipelines.1.name: duplicate pipeline name 'p'")
 
 
 def test_bad_expressions_and_int_double_hint(tmp_path: Path) -> None:
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway: {id: gw1}
 pipelines:
   - name: p
@@ -201,7 +232,8 @@ pipelines:
       - {id: f, type: filter, input: src, where: "value >"}
       - {id: g, type: filter, input: src, where: "value > 1.0 && nope"}
       - {id: m, type: map, input: src, value: "value * 2"}
-""")
+""",
+    )
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     lines = res.stderr.splitlines()
@@ -209,8 +241,10 @@ pipelines:
     # CEL's own parser message is long and version-specific: check where it is and what it names.
     assert lines[0].startswith("sluice.yaml:6: pipelines.0.nodes.1.where: ")
     assert "Syntax error" in lines[0] and lines[0].endswith("(in expression 'value >')")
-    assert lines[1] == ("sluice.yaml:7: pipelines.0.nodes.2.where: unknown name 'nope'; available: "
-                        "value, key, ts, source, meta (in expression 'value > 1.0 && nope')")
+    assert lines[1] == (
+        "sluice.yaml:7: pipelines.0.nodes.2.where: unknown name 'nope'; available: "
+        "value, key, ts, source, meta (in expression 'value > 1.0 && nope')"
+    )
     assert lines[2].startswith("sluice.yaml:8: pipelines.0.nodes.3.value: ")
     assert "float * int" in lines[2]
     assert lines[2].endswith("(in expression 'value * 2'; numbers are doubles: write 2.0, not 2)")
@@ -250,7 +284,9 @@ pipelines:
 
 
 def test_yaml_syntax_error(tmp_path: Path) -> None:
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway:
   id: gw1
 pipelines:
@@ -258,24 +294,31 @@ pipelines:
     nodes:
       - {id: a, type: log
       - {id: b}
-""")
+""",
+    )
     assert_problems(res, "sluice.yaml:7: <root>: YAML syntax: expected ',' or '}', but got '{'")
 
 
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway:
   id: gw1
   data_dir: ./a
   data_dir: ./b
-""")
+""",
+    )
     assert_problems(res, "sluice.yaml:4: gateway.data_dir: duplicate key")
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("", "sluice.yaml:1: <root>: config is empty; it needs at least a 'gateway' section"),
-    ("- a\n- b\n", "sluice.yaml:1: <root>: config must be a mapping of sections"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "sluice.yaml:1: <root>: config is empty; it needs at least a 'gateway' section"),
+        ("- a\n- b\n", "sluice.yaml:1: <root>: config must be a mapping of sections"),
+    ],
+)
 def test_empty_or_not_a_mapping(tmp_path: Path, text: str, message: str) -> None:
     assert_problems(validate(tmp_path, text), message)
 
@@ -296,20 +339,21 @@ def test_schema_lists_every_node_type(tmp_path: Path) -> None:
         type_prop = definition.get("properties", {}).get("type", {})
         if "const" in type_prop:
             node_types.add(type_prop["const"])
-    from gateway.node import node_types as registered
-
     assert {"mqtt", "threshold", "simulate", "filter", "map", "mqtt_out", "log"} <= node_types
-    assert set(registered()) <= node_types
+    assert set(registered_types()) <= node_types
     # an editor completes option names from it
-    threshold = next(d for d in schema["$defs"].values()
-                     if d.get("properties", {}).get("type", {}).get("const") == "threshold")
+    threshold = next(
+        d for d in schema["$defs"].values() if d.get("properties", {}).get("type", {}).get("const") == "threshold"
+    )
     assert {"above", "below", "clear_below", "severity"} <= set(threshold["properties"])
     assert threshold.get("additionalProperties") is False
 
 
 def test_expressions_over_payload_fields_validate(tmp_path: Path) -> None:
     # A field the sample payload lacks depends on the data: valid at validation, judged per event.
-    res = validate(tmp_path, """\
+    res = validate(
+        tmp_path,
+        """\
 gateway: {id: gw1}
 connections: {plant: {type: mqtt}}
 pipelines:
@@ -318,6 +362,7 @@ pipelines:
       - {id: a, type: mqtt, connection: plant, topic: "c/+", key: 'payload.sensor + "@" + topic[1]'}
       - {id: b, type: mqtt, connection: plant, topic: "c/+", key: 'topic[7]'}
       - {id: f, type: filter, input: a, where: 'value.temp > 3.0 && meta.topic == "x"'}
-""")
+""",
+    )
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr

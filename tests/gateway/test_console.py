@@ -66,8 +66,12 @@ async def test_metrics(tmp_path: Path) -> None:
         assert status == 200
         m = samples(text)
         node_in = {(lb["pipeline"], lb["node"], lb["type"]): v for lb, v in m["sluice_node_in_total"]}
-        assert set(node_in) == {("plant", "sim", "simulate"), ("plant", "warm", "filter"),
-                                ("plant", "half", "map"), ("plant", "shown", "log")}
+        assert set(node_in) == {
+            ("plant", "sim", "simulate"),
+            ("plant", "warm", "filter"),
+            ("plant", "half", "map"),
+            ("plant", "shown", "log"),
+        }
         assert node_in[("plant", "warm", "filter")] >= 20
         assert node_in[("plant", "shown", "log")] >= 20
         dropped = {lb["node"]: v for lb, v in m["sluice_node_dropped_total"]}
@@ -104,8 +108,14 @@ async def test_api_pipelines_shape(tmp_path: Path) -> None:
         assert set(n["counters"]) >= {"in", "out", "errors", "dropped"}
     assert nodes["sim"]["kind"] == "source" and nodes["sim"]["state"] == "running"
     assert nodes["sim"]["health"] == {"state": "running", "rounds": nodes["sim"]["health"]["rounds"]}
-    assert nodes["warm"] | {"counters": None} == {"id": "warm", "type": "filter", "kind": "operator",
-                                                  "inputs": ["sim"], "counters": None, "queue": None}
+    assert nodes["warm"] | {"counters": None} == {
+        "id": "warm",
+        "type": "filter",
+        "kind": "operator",
+        "inputs": ["sim"],
+        "counters": None,
+        "queue": None,
+    }
     assert nodes["shown"]["kind"] == "sink" and nodes["shown"]["inputs"] == ["half", "sim"]
     assert set(nodes["shown"]["queue"]) == {"depth", "capacity", "high_water", "waiting_producers"}
     assert nodes["sim"]["queue"]["capacity"] == 500

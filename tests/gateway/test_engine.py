@@ -39,7 +39,7 @@ class ListSource(Source):
     async def run(self, output: SourceQueue) -> None:
         vals = self.options.values
         for i in range(0, len(vals), self.options.batch):
-            chunk = vals[i:i + self.options.batch]
+            chunk = vals[i : i + self.options.batch]
             batch = [Event(self.options.key, float(i + j), v, self.id) for j, v in enumerate(chunk)]
             self.n_in += len(batch)
             await output.put(batch)
@@ -125,8 +125,13 @@ def test_nodes() -> Iterator[None]:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def build(tmp_path: Path, nodes_yaml: str, *, queue_size: int = 10_000, sink_queue_size: int = 10_000,
-          ) -> tuple[Pipeline, DeadLetters]:
+def build(
+    tmp_path: Path,
+    nodes_yaml: str,
+    *,
+    queue_size: int = 10_000,
+    sink_queue_size: int = 10_000,
+) -> tuple[Pipeline, DeadLetters]:
     """A pipeline from YAML node lines, validated by the real config loader."""
     text = f"gateway: {{id: gw, data_dir: {tmp_path}}}\npipelines:\n  - name: p\n    nodes:\n{nodes_yaml}"
     loaded = parse_config(text)
@@ -163,7 +168,9 @@ async def run_until(p: Pipeline, condition: Any) -> None:
 async def test_fan_out_and_fan_in(tmp_path: Path) -> None:
     a_values = ", ".join(str(i) for i in range(100))
     b_values = ", ".join(str(i) for i in range(100, 150))
-    p, _ = build(tmp_path, f"""\
+    p, _ = build(
+        tmp_path,
+        f"""\
       - {{id: a, type: t_list, key: a, values: [{a_values}], batch: 7}}
       - {{id: b, type: t_list, key: b, values: [{b_values}], batch: 4}}
       - {{id: low, type: filter, input: a, where: "value < 50.0"}}
@@ -172,7 +179,8 @@ async def test_fan_out_and_fan_in(tmp_path: Path) -> None:
       - {{id: low_out, type: t_collect, input: low}}
       - {{id: all_out, type: t_collect, input: shift}}
       - {{id: raw_out, type: t_collect, input: [a, b]}}
-""")
+""",
+    )
     low_out, all_out, raw_out = node(p, "low_out"), node(p, "all_out"), node(p, "raw_out")
     await run_until(p, lambda: sources_finished(p) and len(all_out.events) == 150 and len(raw_out.events) == 150)
 
@@ -203,12 +211,15 @@ async def test_fan_out_and_fan_in(tmp_path: Path) -> None:
 
 
 async def test_node_raising_dead_letters_the_event_and_goes_on(tmp_path: Path) -> None:
-    p, dl = build(tmp_path, """\
+    p, dl = build(
+        tmp_path,
+        """\
       - {id: src, type: t_list, values: [1, 2, 3, 4, {temp: 5}, 6], batch: 3}
       - {id: boom, type: t_boom, input: src, on: 3}
       - {id: num, type: map, input: boom, value: "value * 2.0"}
       - {id: out, type: t_collect, input: num, fail_on: 12}
-""")
+""",
+    )
     out = node(p, "out")
     await run_until(p, lambda: sources_finished(p) and out.batches >= 1 and out.n_errors >= 1)
     # batches [1,2,3] and [4,{temp:5},6]: 3 raises in boom, the mapping fails in the map,
@@ -234,12 +245,17 @@ async def test_node_raising_dead_letters_the_event_and_goes_on(tmp_path: Path) -
 async def test_backpressure_bounds_queues_and_memory(tmp_path: Path) -> None:
     sensors = ", ".join(f"{{key: s{i}, noise: 0.5}}" for i in range(50))
     cap = 1000
-    p, _ = build(tmp_path, f"""\
+    p, _ = build(
+        tmp_path,
+        f"""\
       - {{id: sim, type: simulate, realtime: false, count: 1200, seed: 1, sensors: [{sensors}]}}
       - {{id: warm, type: filter, input: sim, where: "value > -1000.0"}}
       - {{id: f, type: map, input: warm, value: "value * 1.8 + 32.0"}}
       - {{id: slow, type: t_count, input: f, delay: 0.001}}
-""", queue_size=cap, sink_queue_size=cap)
+""",
+        queue_size=cap,
+        sink_queue_size=cap,
+    )
     slow, sim = node(p, "slow"), node(p, "sim")
     gc.collect()
     tracemalloc.start()
@@ -275,12 +291,17 @@ async def test_backpressure_bounds_queues_and_memory(tmp_path: Path) -> None:
 
 
 async def test_stop_drains_every_accepted_event(tmp_path: Path) -> None:
-    p, _ = build(tmp_path, """\
+    p, _ = build(
+        tmp_path,
+        """\
       - {id: sim, type: simulate, realtime: false, seed: 2, sensors: [{key: a}, {key: b}, {key: c}]}
       - {id: m, type: map, input: sim, value: "value + 1.0"}
       - {id: out, type: t_collect, input: m, delay: 0.002}
       - {id: fast, type: t_collect, input: sim}
-""", queue_size=300, sink_queue_size=300)
+""",
+        queue_size=300,
+        sink_queue_size=300,
+    )
     out, fast, sim = node(p, "out"), node(p, "fast"), node(p, "sim")
     task = asyncio.create_task(p.run())
     # stop while the source is running and both queues are full
@@ -317,10 +338,13 @@ async def test_failing_source_is_restarted(tmp_path: Path) -> None:
 
     register(Flaky)
     try:
-        p, _ = build(tmp_path, """\
+        p, _ = build(
+            tmp_path,
+            """\
       - {id: src, type: t_flaky}
       - {id: out, type: t_collect, input: src}
-""")
+""",
+        )
     finally:
         node_mod._REGISTRY.pop("t_flaky", None)
     out = node(p, "out")
@@ -373,11 +397,16 @@ async def test_stop_keeps_timer_events_that_were_waiting_for_room(tmp_path: Path
     register(Gate)
     try:
         ones = ", ".join(["1"] * 1000)
-        p, _ = build(tmp_path, f"""\
+        p, _ = build(
+            tmp_path,
+            f"""\
       - {{id: src, type: t_list, values: [{ones}], batch: 10}}
       - {{id: tick, type: t_tick, input: src}}
       - {{id: out, type: t_gate, input: tick}}
-""", queue_size=100, sink_queue_size=100)
+""",
+            queue_size=100,
+            sink_queue_size=100,
+        )
     finally:
         node_mod._REGISTRY.pop("t_tick", None)
         node_mod._REGISTRY.pop("t_gate", None)

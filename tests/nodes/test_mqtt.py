@@ -50,8 +50,13 @@ def alerts(client: MqttTestClient) -> list[dict[str, Any]]:
     return [json.loads(p) for p in client.payloads(ALERTS)]
 
 
-async def until_subscribed(gw: Gateway, pub: MqttTestClient, topic: str = "sensors/probe/temp",
-                           source: str = "temp", payload: str | None = None) -> None:
+async def until_subscribed(
+    gw: Gateway,
+    pub: MqttTestClient,
+    topic: str = "sensors/probe/temp",
+    source: str = "temp",
+    payload: str | None = None,
+) -> None:
     """Publish a harmless reading until the source has it: its subscription is then in place."""
     src = node(gw, "boiler", source)
     start = src.n_in
@@ -100,8 +105,12 @@ async def test_readings_in_alerts_out(tmp_path: Path, mosquitto: MosquittoBroker
         await wait_for(lambda: json.loads(sub.received(STATUS)[-1].payload)["state"] == "offline")
         assert states[0] == "online"
         # every link said goodbye with a DISCONNECT (a socket left open would only close at exit)
-        await wait_for(lambda: "Client gw1-boiler-temp disconnected." in mosquitto.log_text()
-                       and "Client gw1-pub disconnected." in mosquitto.log_text())
+        await wait_for(
+            lambda: (
+                "Client gw1-boiler-temp disconnected." in mosquitto.log_text()
+                and "Client gw1-pub disconnected." in mosquitto.log_text()
+            )
+        )
     with mqtt_client(mosquitto, subscribe=STATUS) as late:
         retained = await wait_for(lambda: late.received(STATUS))
         assert retained[0].retain and json.loads(retained[0].payload)["state"] == "offline"
@@ -189,12 +198,14 @@ async def test_malformed_payloads_are_dead_lettered(tmp_path: Path, mosquitto: M
     assert set(by_topic) == set(bad), reasons
     assert by_topic["sensors/nojson/temp"]["reason"] == (
         "malformed payload on sensors/nojson/temp: not JSON (Expecting property name enclosed in double quotes "
-        "at char 1)")
+        "at char 1)"
+    )
     assert by_topic["sensors/nojson/temp"]["payload"] == "{not json"
     assert by_topic["sensors/nofield/temp"]["reason"].endswith("payload has no field 'value'")
     assert by_topic["sensors/string/temp"]["reason"].endswith("reading 'hot' is not a number or an object")
     assert by_topic["sensors/badts/temp"]["reason"].endswith(
-        "timestamp 'yesterday' is neither epoch seconds/ms nor ISO 8601")
+        "timestamp 'yesterday' is neither epoch seconds/ms nor ISO 8601"
+    )
     assert by_topic["sensors/naive/temp"]["reason"].endswith("has no time zone; add Z or +00:00")
     assert by_topic["sensors/list/temp"]["reason"].endswith("reading [1, 2] is not a number or an object")
     assert by_topic["sensors/binary/temp"]["payload"] == "\\xff\\xfe\x00"
@@ -209,8 +220,7 @@ async def test_broker_down_at_start_then_up(tmp_path: Path, mosquitto_factory: A
         await wait_for(lambda: link.last_error, timeout=10)  # the first attempt failed
         status, health = await get(gw, "/healthz")
         assert status == 200 and health["status"] == "degraded"
-        assert health["problems"] == [
-            "connection plant: disconnected (connection refused (is the broker running?))"]
+        assert health["problems"] == ["connection plant: disconnected (connection refused (is the broker running?))"]
         assert health["connections"]["plant"]["state"] == "disconnected"
         assert gw.pipelines["boiler"].state == "running"
 
@@ -237,7 +247,8 @@ async def test_broker_killed_and_restarted(tmp_path: Path, mosquitto: MosquittoB
             status, health = await get(gw, "/healthz")
             assert status == 200 and health["status"] == "degraded"
             assert "connection plant: disconnected (connection lost)" in health["problems"] or any(
-                p.startswith("connection plant: disconnected") for p in health["problems"])
+                p.startswith("connection plant: disconnected") for p in health["problems"]
+            )
             mosquitto.start()
             await wait_for(lambda: link.connected and src_link.connected, timeout=15)
             sub.wait_connected()
@@ -307,7 +318,8 @@ console: {{enabled: false}}
 
 
 async def test_qos1_pauses_reading_and_acks_only_processed_messages(
-        tmp_path: Path, mosquitto: MosquittoBroker, gate_sink: type[_Gate]) -> None:
+    tmp_path: Path, mosquitto: MosquittoBroker, gate_sink: type[_Gate]
+) -> None:
     text = gated_config(tmp_path, mosquitto.port)
     n = 4000  # ~170 kB of PUBLISH packets: more than the client reads from its socket at once (64 kB)
     with mqtt_client(mosquitto) as pub:
