@@ -16,9 +16,11 @@ function route() {
   const [name, ...rest] = (location.hash.replace(/^#\/?/, "") || "overview").split("/");
   const view = views[name] || overview;
   if (current && current.stop) current.stop();
-  root.replaceChildren();
+  // Each view gets its own element: a late answer to a view left behind lands in a detached one.
+  const el = document.createElement("div");
+  root.replaceChildren(el);
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === name);
-  current = view.start(root, { me, args: rest.map(decodeURIComponent) }) || null;
+  current = view.start(el, { me, args: rest.map(decodeURIComponent) }) || null;
 }
 
 async function main() {

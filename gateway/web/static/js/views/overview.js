@@ -10,7 +10,7 @@ function render(el, d) {
   const g = d.gateway, s = d.system;
   document.getElementById("gw-name").textContent = g.gateway_id;
   const links = Object.entries(g.connections || {});
-  el.replaceChildren(
+  el.replaceChildren(...[
     h("h1", {}, "Overview"),
     h("section", { class: "cards" },
       card("Status", g.status, g.status === "ok" ? "ok" : "bad"),
@@ -41,7 +41,7 @@ function render(el, d) {
         h("td", { class: "num" }, String(p.errors)),
         h("td", { class: "num" }, String(p.queue_depth)),
         h("td", { class: "num" }, String(p.dead_letters))))),
-  );
+  ].filter(Boolean));
 }
 
 export function start(el) {

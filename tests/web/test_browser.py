@@ -1,0 +1,185 @@
+"""The console in a real browser: Playwright driving Debian's Chromium against a running gateway.
+
+Screenshots of each main page land in ``.cache/artifacts/console/`` (override with
+``SLUICE_ARTIFACTS``). Every test also fails on any page error, console error or
+Content-Security-Policy violation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.runtime import Gateway
+
+from .conftest import PASSWORD, Browserish, base_url, web_of
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = os.environ.get("SLUICE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("SLUICE_ARTIFACTS", Path(__file__).resolve().parents[2] / ".cache" / "artifacts"))
+
+if not os.path.exists(CHROMIUM):
+    pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set SLUICE_CHROMIUM)",
+                pytrace=False)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    ctx = await browser.new_context(viewport={"width": 1100, "height": 800})
+    pg = await ctx.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    pg.problems = problems
+    yield pg
+    await ctx.close()
+    # 401s while logged out are the login flow working, not a page problem
+    real = [p for p in problems if "401" not in p]
+    assert not real, real
+
+
+async def shot(page: Any, name: str) -> None:
+    out = ARTIFACTS / "console"
+    out.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+
+
+async def test_first_visit_creates_admin_then_overview(gw: Gateway, page: Any) -> None:
+    base = base_url(gw)
+    await page.goto(base + "/")
+    await page.wait_for_url(base + "/setup")
+    await shot(page, "setup")
+    await page.fill("#code", "0000-0001" if web_of(gw).auth.setup_code != "0000-0001" else "0000-0002")
+    await page.fill("#name", "admin")
+    await page.fill("#password", PASSWORD)
+    await page.fill("#password2", PASSWORD)
+    await page.click("#submit")
+    await playwright_api.expect(page.locator("#error")).to_contain_text("wrong setup code")
+    page.problems.clear()  # the 403 above is expected
+    await page.fill("#code", web_of(gw).auth.setup_code or "")
+    await page.click("#submit")
+    await page.wait_for_url(base + "/")
+    row = page.locator('#pipelines tr[data-pipeline="plant"]')
+    await playwright_api.expect(row).to_contain_text("ok")
+    await playwright_api.expect(page.locator("#user")).to_have_text("admin (admin)")
+    assert "admin" in web_of(gw).auth.store.users
+
+
+async def test_login_and_live_counters(gw: Gateway, page: Any) -> None:
+    c = Browserish(base_url(gw))
+    try:
+        await c.setup_admin(gw)
+    finally:
+        await c.close()
+    base = base_url(gw)
+    await page.goto(base + "/")
+    await page.wait_for_url(base + "/login")
+    await page.fill("#name", "admin")
+    await page.fill("#password", "not the password")
+    await page.click("#submit")
+    await playwright_api.expect(page.locator("#error")).to_have_text("wrong user name or password")
+    await shot(page, "login")
+    await page.fill("#password", PASSWORD)
+    await page.click("#submit")
+    await page.wait_for_url(base + "/")
+    cell = page.locator('#pipelines tr[data-pipeline="plant"] .events-in')
+    await playwright_api.expect(cell).to_have_text(lambda_regex(r"^\d+$"))
+    first = int(await cell.inner_text())
+    await page.wait_for_function(
+        "n => Number(document.querySelector('#pipelines tr[data-pipeline=\"plant\"] .events-in').textContent) > n",
+        arg=first, timeout=10_000)
+    await playwright_api.expect(page.locator("#link")).to_have_text("live")
+    text = await page.inner_text("#view")
+    assert "null" not in text and "undefined" not in text and "NaN" not in text
+    await shot(page, "overview")
+
+
+def lambda_regex(pattern: str) -> Any:
+    import re
+
+    return re.compile(pattern)
+
+
+async def logged_in(gw: Gateway, page: Any) -> str:
+    c = Browserish(base_url(gw))
+    try:
+        await c.setup_admin(gw)
+    finally:
+        await c.close()
+    base = base_url(gw)
+    await page.goto(base + "/login")
+    await page.fill("#name", "admin")
+    await page.fill("#password", PASSWORD)
+    await page.click("#submit")
+    await page.wait_for_url(base + "/")
+    return base
+
+
+async def test_graph_renders_nodes_edges_and_node_config(gw: Gateway, page: Any) -> None:
+    base = await logged_in(gw, page)
+    await page.goto(base + "/#/graph")
+    nodes = page.locator('section[data-pipeline="plant"] g.node')
+    await playwright_api.expect(nodes).to_have_count(4)
+    assert await page.locator('section[data-pipeline="plant"] path.edge').count() == 3
+    for nid in ("sensors", "hot", "alarm", "out"):
+        await playwright_api.expect(page.locator(f'g.node[data-node="{nid}"]')).to_be_visible()
+    counters = page.locator('g.node[data-node="sensors"] text.counters')
+    before = await counters.text_content()
+    await page.wait_for_function(
+        "t => document.querySelector('g.node[data-node=\"sensors\"] text.counters').textContent !== t",
+        arg=before, timeout=10_000)
+    await page.click('g.node[data-node="alarm"]')
+    panel = page.locator("#node-panel")
+    await playwright_api.expect(panel).to_contain_text('"above": 95')
+    await playwright_api.expect(panel).to_contain_text("threshold")
+    await shot(page, "graph")
+
+
+async def test_config_validation_shows_errors_at_their_lines(gw: Gateway, page: Any) -> None:
+    base = await logged_in(gw, page)
+    await page.goto(base + "/#/config")
+    editor = page.locator("#config-text")
+    await playwright_api.expect(editor).to_have_value(lambda_regex("name: plant"))
+    await page.click("#validate")
+    await playwright_api.expect(page.locator("#config-valid")).to_contain_text("Valid: 1 pipelines, 4 nodes")
+    text = await editor.input_value()
+    broken = text.replace("above: 95", "above: lots")
+    line = broken.splitlines().index(next(ln for ln in broken.splitlines() if "above: lots" in ln)) + 1
+    await editor.fill(broken)
+    await page.click("#validate")
+    item = page.locator(f'#config-errors li[data-line="{line}"]')
+    await playwright_api.expect(item).to_contain_text(f"line {line}")
+    await playwright_api.expect(item).to_contain_text("above")
+    await playwright_api.expect(page.locator(".gutter span.bad")).to_have_text(f"{line}\n")
+    await shot(page, "config")
+
+
+async def test_live_events_and_dead_letters_pages(gw: Gateway, page: Any) -> None:
+    base = await logged_in(gw, page)
+    await page.goto(base + "/#/events/plant/hot")
+    rows = page.locator("#tap-rows tr")
+    await playwright_api.expect(rows.first).to_contain_text("boiler/temp", timeout=10_000)
+    await page.click("#tap-pause")
+    await playwright_api.expect(page.locator("#tap-pause")).to_have_text("Resume")
+    await shot(page, "events")
+    gw.dead_letters.record("plant", "hot", "value is not a number", None, b"{\"v\": \"x\"}")
+    await page.goto(base + "/#/deadletters")
+    await playwright_api.expect(page.locator("#deadletters")).to_contain_text("value is not a number")
+    await shot(page, "deadletters")
