@@ -66,6 +66,22 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .web.auth import MIN_PASSWORD, hash_password
+
+    password = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass("console password: ")
+    if len(password) < MIN_PASSWORD:
+        print(f"the password needs at least {MIN_PASSWORD} characters", file=sys.stderr)
+        return 1
+    if not args.stdin and getpass.getpass("again: ") != password:
+        print("the two passwords differ", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Sluice: continuous pipelines for edge/IoT gateways.")
     p.add_argument("--version", action="version", version=f"sluice {__version__}")
@@ -84,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sch = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
     sch.set_defaults(func=cmd_schema)
+
+    hp = sub.add_parser("hash-password", help="print an argon2 hash for console.users[].password_hash")
+    hp.add_argument("--stdin", action="store_true", help="read the password from standard input (scripts)")
+    hp.set_defaults(func=cmd_hash_password)
     return p
 
 

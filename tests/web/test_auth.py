@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -204,6 +206,20 @@ async def test_pages_have_no_inline_script_and_no_secret(gw: Gateway, admin: Bro
         assert code not in html and PASSWORD not in html
 
 
+def test_hash_password_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "hash-password", "--stdin"], input=PASSWORD + "\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    h = out.stdout.strip()
+    assert h.startswith("$argon2id$") and PASSWORD not in h
+    import argon2
+
+    assert argon2.PasswordHasher().verify(h, PASSWORD)
+    short = subprocess.run([sys.executable, "-m", "gateway.cli", "hash-password", "--stdin"], input="short\n",
+                           capture_output=True, text=True, timeout=60)
+    assert short.returncode == 1 and "at least 10 characters" in short.stderr
+
+
 async def test_users_from_config_no_first_visit(make_gateway: Callable, tmp_path: Any) -> None:
     h = hash_password(PASSWORD)
     console = f'{{host: 127.0.0.1, port: 0, users: [{{name: ops, role: admin, password_hash: "{h}"}}]}}'
@@ -265,3 +281,57 @@ async def test_sessions_survive_a_restart(make_gateway: Callable, tmp_path: Any)
         finally:
             await c2.close()
             await c.close()
+
+
+def _self_signed(tmp_path: Any) -> tuple[str, str]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    import ipaddress
+
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "console.crt", tmp_path / "console.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+async def test_tls_console_sets_secure_cookie_and_hsts(make_gateway: Callable, tmp_path: Any) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    async with make_gateway(console=f'{{host: 127.0.0.1, port: 0, tls_cert: "{cert}", tls_key: "{key}"}}') as gw:
+        assert gw.console is not None and gw.console.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=cert)
+        base = f"https://127.0.0.1:{gw.console.port}"
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                         connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+            async with s.get(base + "/api/session") as r:
+                assert r.headers["Strict-Transport-Security"].startswith("max-age=")
+                csrf = (await r.json())["csrf"]
+                assert "Secure" in r.headers["Set-Cookie"]
+            async with s.post(base + "/api/setup", json={"code": web_of(gw).auth.setup_code, "name": "admin",
+                                                         "password": PASSWORD},
+                              headers={"Origin": base, "X-CSRF-Token": csrf}) as r:
+                assert r.status == 201
+                assert "Secure" in r.headers["Set-Cookie"] and "HttpOnly" in r.headers["Set-Cookie"]
+            async with s.get(base + "/api/pipelines") as r:
+                assert r.status == 200
+        # plain HTTP to a TLS console gets nothing
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.ClientError):
+                async with s.get(f"http://127.0.0.1:{gw.console.port}/api/session") as r:
+                    await r.read()
