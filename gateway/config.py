@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import ConfigError, ConfigIssue
+from .llm import LlmConfig
 from .node import Duration, NodeOptions, get_node_type, node_types
 from .outbox import OutboxConfig
 
@@ -95,7 +96,7 @@ class PipelineConfig(_Section):
 class SluiceConfig(_Section):
     gateway: GatewayConfig
     connections: dict[str, MqttConnection] = Field(default_factory=dict)
-    llm: dict[str, Any] | None = Field(None, description="Reserved for LLM providers.")
+    llm: LlmConfig = Field(default_factory=LlmConfig, description="LLM providers, used by name by llm nodes.")
     pipelines: list[PipelineConfig] = Field(default_factory=list)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
 
