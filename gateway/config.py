@@ -131,15 +131,32 @@ class _Reader:
         line = node.start_mark.line + 1
         self.lines.setdefault(path, line)
         if isinstance(node, yaml.MappingNode):
+            # YAML merge keys (`<<: *defaults`): merged pairs come first; the mapping's own keys
+            # override them, and of several merged mappings the first wins (as the YAML spec says).
+            # Only a key written twice in the mapping itself is a duplicate.
+            merge_tag = "tag:yaml.org,2002:merge"
+            n_own = sum(1 for k, _ in node.value if k.tag != merge_tag)
+            try:
+                _LOADER.flatten_mapping(node)
+            except yaml.constructor.ConstructorError as exc:
+                mark = exc.problem_mark or node.start_mark
+                self.issue(mark.line + 1, path, f"YAML merge: {exc.problem}")
+                node.value = [(k, v) for k, v in node.value if k.tag != merge_tag]
+            n_merged = len(node.value) - n_own
             out: dict[Any, Any] = {}
-            for k_node, v_node in node.value:
+            own: set[Any] = set()
+            for i, (k_node, v_node) in enumerate(node.value):
                 key = yaml.SafeLoader.construct_scalar(_LOADER, k_node) if isinstance(k_node, yaml.ScalarNode) else None
                 if key is None or not isinstance(k_node, yaml.ScalarNode):
                     self.issue(k_node.start_mark.line + 1, path, "mapping keys must be plain names")
                     continue
-                if key in out:
-                    self.issue(k_node.start_mark.line + 1, (*path, key), "duplicate key")
-                    continue
+                if i >= n_merged:
+                    if key in own:
+                        self.issue(k_node.start_mark.line + 1, (*path, key), "duplicate key")
+                        continue
+                    own.add(key)
+                elif key in out:
+                    continue  # an earlier merged mapping already gave it
                 self.lines[(*path, key)] = k_node.start_mark.line + 1
                 out[key] = self.build(v_node, (*path, key))
             return out

@@ -366,3 +366,38 @@ pipelines:
     )
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
+    text = """\
+gateway: {id: gw1}
+pipelines:
+  - name: p
+    nodes:
+      - id: src
+        type: simulate
+        sensors:
+          - &base {key: a, base: 20.0, noise: 0.1}
+          - {<<: *base, key: b, base: 30.0}
+          - {<<: [*base, {period: 20s, base: 1.0}], key: c}
+          - {<<: *base, key: d, key: e}
+          - {<<: *base, key: f, bse: 1.0}
+          - {<<: 3, key: g}
+"""
+    res = validate(tmp_path, text)
+    assert_problems(
+        res,
+        "sluice.yaml:11: pipelines.0.nodes.0.sensors.3.key: duplicate key",
+        "sluice.yaml:12: pipelines.0.nodes.0.sensors.4.bse: unknown field 'bse'; did you mean 'base'?",
+        "sluice.yaml:13: pipelines.0.nodes.0.sensors.5: YAML merge: expected a mapping or list of mappings "
+        "for merging, but found scalar",
+    )
+    from gateway.config import parse_config
+
+    good = "\n".join(text.splitlines()[:10]) + "\n"
+    sensors = parse_config(good, env={}).nodes["p"][0].sensors  # type: ignore[attr-defined]
+    assert [(s.key, s.base, s.noise, s.period) for s in sensors] == [
+        ("a", 20.0, 0.1, 300.0),
+        ("b", 30.0, 0.1, 300.0),  # own keys override merged ones
+        ("c", 20.0, 0.1, 20.0),  # of several merged mappings, the first wins
+    ]
