@@ -183,3 +183,38 @@ async def test_live_events_and_dead_letters_pages(gw: Gateway, page: Any) -> Non
     await page.goto(base + "/#/deadletters")
     await playwright_api.expect(page.locator("#deadletters")).to_contain_text("value is not a number")
     await shot(page, "deadletters")
+
+
+async def test_viewer_sees_no_config_and_phone_layout(gw: Gateway, browser: Any) -> None:
+    c = Browserish(base_url(gw))
+    try:
+        await c.setup_admin(gw)
+        status, _ = await c.post("/api/users", {"name": "operator", "password": PASSWORD, "role": "viewer"})
+        assert status == 201
+    finally:
+        await c.close()
+    base = base_url(gw)
+    ctx = await browser.new_context(viewport={"width": 390, "height": 800}, is_mobile=True, has_touch=True)
+    try:
+        pg = await ctx.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        await pg.goto(base + "/login")
+        await pg.fill("#name", "operator")
+        await pg.fill("#password", PASSWORD)
+        await pg.click("#submit")
+        await pg.wait_for_url(base + "/")
+        await playwright_api.expect(pg.locator("#user")).to_have_text("operator (viewer)")
+        await playwright_api.expect(pg.locator('#pipelines tr[data-pipeline="plant"]')).to_be_visible()
+        await playwright_api.expect(pg.locator('#nav a[data-view="config"]')).to_be_hidden()
+        await shot(pg, "overview-phone")
+        await pg.goto(base + "/#/config")
+        await playwright_api.expect(pg.locator("#view")).to_contain_text("needs the admin role")
+        # nothing wider than the phone's screen but the graph's own scroller
+        await pg.goto(base + "/#/overview")
+        await playwright_api.expect(pg.locator('#pipelines tr[data-pipeline="plant"]')).to_be_visible()
+        width = await pg.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390 + 1, width
+        assert not errors, errors
+    finally:
+        await ctx.close()

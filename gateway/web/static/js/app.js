@@ -1,5 +1,5 @@
 // The console shell: who is logged in, the live link, and the views behind #/name.
-import { post, session } from "./api.js";
+import { get, post, session } from "./api.js";
 import { connect, onState } from "./live.js";
 import * as overview from "./views/overview.js";
 import * as graph from "./views/graph.js";
@@ -40,6 +40,7 @@ async function main() {
     pill.textContent = s;
     pill.className = `pill ${s === "live" ? "ok" : s === "offline" ? "bad" : ""}`;
   });
+  get("/api/pipelines").then((d) => { document.getElementById("gw-name").textContent = d.gateway_id; }, () => {});
   connect();
   window.addEventListener("hashchange", route);
   route();

@@ -11,12 +11,12 @@ export function start(el) {
       body.replaceChildren(
         h("p", {}, `${d.total} in total; the most recent first.`),
         d.recent.length
-          ? h("table", { id: "deadletters" },
+          ? h("div", { class: "scroll" }, h("table", { id: "deadletters" },
               h("tr", {}, ["Time", "Pipeline", "Node", "Key", "Reason", "Input"].map((t) => h("th", {}, t))),
               d.recent.map((r) => h("tr", {},
                 h("td", { class: "nowrap" }, r.ts ? new Date(r.ts * 1000).toLocaleString() : ""),
                 h("td", {}, r.pipeline || ""), h("td", {}, r.node || ""), h("td", {}, r.key || ""),
-                h("td", {}, r.reason || ""), h("td", {}, h("code", {}, r.payload || "")))))
+                h("td", {}, r.reason || ""), h("td", {}, h("code", {}, r.payload || ""))))))
           : h("p", { class: "muted" }, "Nothing rejected so far."),
       );
     } catch (e) {

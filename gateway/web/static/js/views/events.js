@@ -12,7 +12,8 @@ export function start(el, { args }) {
   const tbody = h("tbody", { id: "tap-rows" });
   el.append(h("h1", {}, "Live events"),
     h("div", { class: "toolbar" }, select, filter, pause, status),
-    h("table", { class: "events" }, h("thead", {}, h("tr", {}, ["Time", "Key", "Value", "Source"].map((t) => h("th", {}, t)))), tbody));
+    h("div", { class: "scroll" }, h("table", { class: "events" },
+      h("thead", {}, h("tr", {}, ["Time", "Key", "Value", "Source"].map((t) => h("th", {}, t)))), tbody)));
   let paused = false, unsub = null, seen = 0, skipped = 0;
   const rows = [];
 

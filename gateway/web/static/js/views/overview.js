@@ -15,7 +15,7 @@ function render(el, d) {
     h("section", { class: "cards" },
       card("Status", g.status, g.status === "ok" ? "ok" : "bad"),
       card("Uptime", fmtDuration(g.uptime)),
-      card("CPU", `${s.cpu_percent.toFixed(0)} % of ${s.cpus}`),
+      card("CPU", `${s.cpu_percent.toFixed(0)} % (${s.cpus} cores)`),
       card("Memory", `${s.memory.percent.toFixed(0)} %`),
       card("Disk (data)", s.disk ? `${s.disk.percent.toFixed(0)} %` : "–"),
       card("Sluice RSS", fmtBytes(s.process.rss)),
@@ -24,13 +24,13 @@ function render(el, d) {
     g.problems.length ? h("ul", { class: "problems" }, g.problems.map((p) => h("li", {}, p))) : null,
     h("h2", {}, "Broker links"),
     links.length
-      ? h("table", {}, h("tr", {}, h("th", {}, "Connection"), h("th", {}, "State"), h("th", {}, "Detail")),
+      ? h("div", { class: "scroll" }, h("table", {}, h("tr", {}, h("th", {}, "Connection"), h("th", {}, "State"), h("th", {}, "Detail")),
           links.map(([name, l]) => h("tr", { class: "link-row" }, h("td", {}, name),
             h("td", { class: l.state === "connected" ? "ok" : "bad" }, l.state || "–"),
-            h("td", { class: "muted" }, l.error || ""))))
+            h("td", { class: "muted" }, l.error || "")))))
       : h("p", { class: "muted" }, "No connections configured."),
     h("h2", {}, "Pipelines"),
-    h("table", { id: "pipelines" },
+    h("div", { class: "scroll" }, h("table", { id: "pipelines" },
       h("tr", {}, ["Pipeline", "Health", "Nodes", "In", "Out", "Errors", "Queued", "Dead letters"].map((t) => h("th", {}, t))),
       d.pipelines.map((p) => h("tr", { "data-pipeline": p.name },
         h("td", {}, h("a", { href: `#/graph/${encodeURIComponent(p.name)}` }, p.name)),
@@ -40,7 +40,7 @@ function render(el, d) {
         h("td", { class: "num" }, String(p.events_out)),
         h("td", { class: "num" }, String(p.errors)),
         h("td", { class: "num" }, String(p.queue_depth)),
-        h("td", { class: "num" }, String(p.dead_letters))))),
+        h("td", { class: "num" }, String(p.dead_letters)))))),
   ].filter(Boolean));
 }
 
