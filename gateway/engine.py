@@ -16,12 +16,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._log import RateLimitedLog
 from ._retry import backoff
 from .events import Event
 from .node import NodeContext, NodeOptions, Operator, Sink, Source, _Node, get_node_type
+
+if TYPE_CHECKING:
+    from .store import StateStore
 
 __all__ = ["BatchQueue", "Pipeline", "SourceQueue"]
 
@@ -36,6 +39,21 @@ class _Batch:
 
 
 _STOP: Any = object()
+
+
+class _SinkMark:
+    """A checkpoint barrier in the sink queues: ``passed`` runs once every sink has written what came before."""
+
+    __slots__ = ("left", "on_passed")
+
+    def __init__(self, sinks: int, on_passed: Callable[[], None]):
+        self.left = sinks
+        self.on_passed = on_passed
+
+    def passed(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.on_passed()
 
 
 class BatchQueue:
@@ -159,6 +177,7 @@ class Pipeline:
         make_ctx: Callable[[str], NodeContext],
         queue_size: int = 10_000,
         sink_queue_size: int = 10_000,
+        store: StateStore | None = None,
     ):
         self.name = name
         self.state = "created"
@@ -189,6 +208,12 @@ class Pipeline:
         self._stopping = asyncio.Event()
         self._rl = RateLimitedLog(log)
         self.source_state: dict[str, str] = {}
+        # node state: restored at start, checkpointed about once a second through a barrier
+        self.checkpointer = None
+        self._restored = False
+        if store is not None:
+            from .store import Checkpointer
+            self.checkpointer = Checkpointer(store, name, self.nodes)
 
     def _plan(self, origin: int) -> list[tuple[int, _Node, list[int]]]:
         """Nodes reachable from ``origin`` in topological order, each with its upstream slots."""
@@ -209,13 +234,15 @@ class Pipeline:
         """Run until :meth:`stop`; then stop sources, drain the chain and the sinks, and return."""
         self.state = "starting"
         self.started_at = time.time()
+        await self.restore()
         async with asyncio.TaskGroup() as tg:
             sink_tasks = [tg.create_task(self._sink_loop(i, n), name=f"sink:{self.name}:{n.id}")  # type: ignore[arg-type]
                           for i, n in enumerate(self.nodes) if isinstance(n, Sink)]
             chain = tg.create_task(self._chain_loop(), name=f"chain:{self.name}")
             sources = [tg.create_task(self._source_loop(i, n), name=f"source:{self.name}:{n.id}")  # type: ignore[arg-type]
                        for i, n in enumerate(self.nodes) if isinstance(n, Source)]
-            timer = tg.create_task(self._timer_loop(), name=f"timer:{self.name}") if self._timed else None
+            timer = tg.create_task(self._timer_loop(), name=f"timer:{self.name}") if (
+                self._timed or self.checkpointer) else None
             serving = [tg.create_task(self._operator_loop(i, self.nodes[i]),  # type: ignore[arg-type]
                                       name=f"operator:{self.name}:{self.nodes[i].id}") for i in self._serving]
             self.state = "running"
@@ -238,6 +265,8 @@ class Pipeline:
             for i in self.sink_queues:
                 self.sink_queues[i].put_nowait(_STOP, 0)
             await asyncio.gather(*sink_tasks)
+        if self.checkpointer is not None:  # everything drained: the state to start again from
+            await self.checkpointer.final()
         self.state = "stopped"
         # what came in and what went out, so a stop shows whether the drain was complete
         ends = ", ".join(f"{n.id} in={c['in']} out={c['out']} errors={c['errors']}"
@@ -246,6 +275,12 @@ class Pipeline:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def restore(self) -> None:
+        """Take the nodes' state back from the store (once; :meth:`run` does it if nobody did)."""
+        if self.checkpointer is not None and not self._restored:
+            self._restored = True
+            await self.checkpointer.restore()
 
     async def _source_loop(self, i: int, src: Source) -> None:
         out = SourceQueue(self.queue, i, src)
@@ -318,6 +353,21 @@ class Pipeline:
                         node.n_out += len(events)
                         raise
                     node.n_out += len(events)
+            if self.checkpointer is not None and self.plans and self.checkpointer.due(now):
+                # a barrier: taken by the chain once every batch queued before it went through
+                self.queue.put_nowait(_Batch(next(iter(self.plans)), [], self._checkpoint), 0)
+
+    def _checkpoint(self) -> None:
+        """Snapshot every node now; commit once the sinks have written what these states produced."""
+        ckpt = self.checkpointer
+        assert ckpt is not None
+        snaps = ckpt.take()
+        if not self.sink_queues:
+            ckpt.commit(snaps)
+            return
+        mark = _SinkMark(len(self.sink_queues), partial(ckpt.commit, snaps))
+        for q in self.sink_queues.values():
+            q.put_nowait(mark, 0)
 
     async def _chain_loop(self) -> None:
         q = self.queue
@@ -377,6 +427,9 @@ class Pipeline:
             batch = await q.get()
             if batch is _STOP:
                 break
+            if type(batch) is _SinkMark:
+                batch.passed()
+                continue
             try:
                 await sink.write(batch)
             except Exception as exc:  # node boundary: dead-letter what could not be written

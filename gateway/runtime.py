@@ -25,6 +25,7 @@ from .errors import SluiceError
 from .mqtt import MqttLink, json_bytes, status_topic
 from .node import NodeContext
 from .outbox import Outbox
+from .store import StateStore
 
 __all__ = ["Gateway", "Links"]
 
@@ -91,11 +92,13 @@ class Gateway:
         self.outbox = Outbox(self.data_dir / "outbox.db", self.id, self.links.publishers, cfg.gateway.outbox,
                              seq_path=self.data_dir / "seq", on_refused=self._refused)
         self.links.outbox = self.outbox
+        self.store = StateStore(self.data_dir / "state.db")
         self.pipelines: dict[str, Pipeline] = {}
         for pcfg in cfg.pipelines:
             self.pipelines[pcfg.name] = Pipeline(
                 pcfg.name, loaded.nodes[pcfg.name], self._ctx_factory(pcfg.name),
                 queue_size=cfg.gateway.queue_size, sink_queue_size=cfg.gateway.sink_queue_size,
+                store=self.store,
             )
         self.console: Any = None
         self._stop = asyncio.Event()
@@ -133,6 +136,9 @@ class Gateway:
         self.state = "starting"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
+            await self.store.start()
+            for p in self.pipelines.values():  # state back before anything runs or reports "running"
+                await p.restore()
             # Before the task group: a busy port is then a plain OSError the CLI reports in one
             # line, not an exception group with a traceback.
             if cfg.console.enabled:
@@ -158,6 +164,7 @@ class Gateway:
                     t.cancel()
         finally:
             await self.outbox.close()
+            await self.store.close()
             await self.dead_letters.close()
             if self.console is not None:
                 await self.console.stop()
@@ -195,6 +202,8 @@ class Gateway:
                 why = f" ({link.last_error})" if link.last_error else ""
                 problems.append(f"connection {name}: {link.state}{why}")
         problems.extend(self.outbox.problems())
+        if self.store.state not in ("ok", "closed"):
+            problems.append(f"state store: {self.store.state} ({self.store.last_error})")
         pipes = {}
         for p in self.pipelines.values():
             pipes[p.name] = p.state
@@ -212,4 +221,5 @@ class Gateway:
         return {"status": status, "gateway_id": self.id, "version": __version__, "state": self.state,
                 "started_at": self.started_at, "uptime": time.time() - self.started_at,
                 "problems": problems, "connections": links, "pipelines": pipes,
-                "dead_letters": self.dead_letters.total, "outbox": self.outbox.health()}
+                "dead_letters": self.dead_letters.total, "outbox": self.outbox.health(),
+                "state_store": self.store.health()}

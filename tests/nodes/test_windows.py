@@ -238,3 +238,22 @@ pipelines:
     loaded = parse_config(text)
     w = loaded.nodes["p"][1]
     assert (w.size, w.slide, w.allowed_lateness, w.idle_timeout) == (60.0, 10.0, 0.5, 30.0)  # type: ignore[attr-defined]
+
+
+def test_no_wall_clock_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows run on event time and the monotonic ``now`` given to on_timer: a clock step is harmless."""
+    import time
+
+    w = make(kind="session", gap=5, aggregate="count", idle_timeout=3, emit="early", early_every=1)
+
+    def no_wall_clock() -> float:
+        raise AssertionError("the window read the wall clock")
+
+    monkeypatch.setattr(time, "time", no_wall_clock)
+    feed(w, [("a", 100, 1.0), ("a", 102, 1.0)])
+    assert [e.value for e in w.on_timer(10.0)] == [2.0]  # early update
+    assert w.on_timer(12.9) == []
+    out = w.on_timer(13.0)  # idle 3 s: wm = 102 + 3 -> not yet 107
+    assert out == []
+    out = w.on_timer(15.0)  # wm = 107: the session [100, 107) closes
+    assert [(e.value, e.meta["final"]) for e in out] == [(2.0, True)]

@@ -1,0 +1,197 @@
+"""Window state across restarts through the real engine, runtime and state store (SQLite file)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from pydantic import Field
+
+from gateway import node as node_mod
+from gateway.engine import SourceQueue
+from gateway.events import Event
+from gateway.node import NodeContext, NodeOptions, Sink, Source, register
+from gateway.store import StateStore
+from tests._util import wait_for
+from tests.gateway._harness import running_gateway
+
+
+class ReplayOptions(NodeOptions):
+    type: Literal["t_replay"]
+    events: list[list[Any]] = Field(default_factory=list)  # [key, ts, value]
+    stop_at: int | None = None
+    batch: int = 7
+
+
+class Replay(Source):
+    """Replays `events` from the offset it last checkpointed: a source that can re-read its input."""
+
+    Options = ReplayOptions
+    options: ReplayOptions
+
+    def __init__(self, options: ReplayOptions, ctx: NodeContext):
+        super().__init__(options, ctx)
+        self.offset = 0  # processed by the chain (moved on in the batch's done callback)
+        self.restored_offset: int | None = None
+
+    def snapshot(self) -> Any:
+        return self.offset
+
+    def restore(self, state: Any) -> None:
+        self.offset = self.restored_offset = int(state)
+
+    async def run(self, output: SourceQueue) -> None:
+        evs = self.options.events
+        end = len(evs) if self.options.stop_at is None else self.options.stop_at
+        i = self.offset
+        while i < end:
+            j = min(end, i + self.options.batch)
+            batch = [Event(k, float(t), float(v), self.id) for k, t, v in evs[i:j]]
+            self.n_in += len(batch)
+
+            def done(j: int = j) -> None:
+                self.offset = j
+
+            await output.put(batch, done)
+            i = j
+
+
+class KeepOptions(NodeOptions):
+    type: Literal["t_keep"]
+
+
+class Keep(Sink):
+    Options = KeepOptions
+
+    def __init__(self, options: KeepOptions, ctx: NodeContext):
+        super().__init__(options, ctx)
+        self.events: list[Event] = []
+
+    async def write(self, batch: list[Event]) -> None:
+        self.events.extend(batch)
+
+
+@pytest.fixture(autouse=True)
+def test_nodes() -> Iterator[None]:
+    for cls in (Replay, Keep):
+        register(cls)
+    yield
+    for cls in (Replay, Keep):
+        node_mod._REGISTRY.pop(cls.type_name, None)
+
+
+def stream(n: int, seed: int) -> list[list[Any]]:
+    rnd = random.Random(seed)
+    out = []
+    t = 1000.0
+    for _ in range(n):
+        t += rnd.uniform(0, 2)
+        out.append([f"s{rnd.randrange(5)}", round(t - rnd.uniform(0, 8), 3), round(rnd.uniform(-5, 30), 2)])
+    return out
+
+
+def config(data_dir: Path, events: list[list[Any]], window: str, stop_at: int | None) -> str:
+    return f"""\
+gateway: {{id: gw, data_dir: "{data_dir}"}}
+console: {{enabled: false}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: src, type: t_replay, events: {json.dumps(events)}, stop_at: {json.dumps(stop_at)}}}
+      - {{id: win, {window}, input: src}}
+      - {{id: out, type: t_keep, input: win}}
+"""
+
+
+def node(gw: Any, node_id: str) -> Any:
+    p = gw.pipelines["p"]
+    return p.nodes[p.index[node_id]]
+
+
+async def run_once(data_dir: Path, events: list[list[Any]], window: str, stop_at: int | None
+                   ) -> tuple[list[Event], Any, int | None]:
+    async with running_gateway(config(data_dir, events, window, stop_at)) as gw:
+        src, win = node(gw, "src"), node(gw, "win")
+        end = len(events) if stop_at is None else stop_at
+        await wait_for(lambda: src.offset == end and gw.pipelines["p"].queue.depth == 0, timeout=20)
+    return node(gw, "out").events, json.loads(json.dumps(win.snapshot())), src.restored_offset
+
+
+def plain(evs: list[Event]) -> list[tuple[Any, ...]]:
+    return [(e.key, e.ts, json.dumps(e.value, sort_keys=True), json.dumps(e.meta, sort_keys=True)) for e in evs]
+
+
+WINDOWS = {
+    "tumbling": "type: window, kind: tumbling, size: 10s, aggregate: [mean, count, p90, last], allowed_lateness: 5s",
+    "hopping": "type: window, kind: hopping, size: 20s, hop: 5s, aggregate: [sum, stddev], allowed_lateness: 3s",
+    "sliding": "type: window, kind: sliding, size: 15s, aggregate: [max, first], allowed_lateness: 4s",
+    "session": "type: window, kind: session, gap: 3s, aggregate: [count, collect], allowed_lateness: 6s",
+    "count": "type: window, kind: count, count: 5, every: 2, aggregate: [mean, min]",
+}
+
+
+@pytest.mark.parametrize("kind", list(WINDOWS))
+async def test_stop_and_restart_gives_the_same_results_as_one_run(tmp_path: Path, kind: str) -> None:
+    events = stream(400, seed=list(WINDOWS).index(kind))
+    window = WINDOWS[kind]
+    whole, whole_state, _ = await run_once(tmp_path / "one", events, window, None)
+    assert len(whole) > 20
+
+    first, _, restored = await run_once(tmp_path / "two", events, window, 170)
+    assert restored is None
+    rows = StateStore(tmp_path / "two" / "state.db").load_state("p", "win")
+    assert any(k.startswith(".k:") for k in rows), "open windows were saved"
+    assert StateStore(tmp_path / "two" / "state.db").load_state("p", "src") == {"=": b"170"}
+    second, state, restored = await run_once(tmp_path / "two", events, window, None)
+    assert restored == 170
+    assert plain(first + second) == plain(whole)
+    assert state == whole_state  # the windows still open at the end are the same too
+
+
+async def test_checkpoints_happen_while_running_and_only_changed_keys_are_written(tmp_path: Path) -> None:
+    events = [[f"k{i % 50}", 1000.0 + i * 0.01, 1.0] for i in range(500)]
+    text = config(tmp_path, events, "type: window, kind: tumbling, size: 1h, aggregate: count", None)
+    async with running_gateway(text) as gw:
+        src = node(gw, "src")
+        await wait_for(lambda: src.offset == 500, timeout=20)
+        store = gw.store
+        ckpt = gw.pipelines["p"].checkpointer
+        await wait_for(lambda: ckpt.checkpoints >= 1 and not ckpt.in_flight, timeout=10)
+        await store.flush()
+        # committed while running, before any stop: 50 keys + the watermark, and the source offset
+        rows = store.load_state("p", "win")
+        assert len(rows) == 51 and json.loads(rows[".k:k7"])["w"][0][1][0] == 10
+        assert store.load_state("p", "src") == {"=": b"500"}
+        written = store.rows_written
+        n = ckpt.checkpoints
+        await wait_for(lambda: ckpt.checkpoints >= n + 2, timeout=10)
+        await store.flush()
+        assert store.rows_written == written  # nothing changed, nothing written
+        assert gw.health()["state_store"]["state"] == "ok"
+
+
+async def test_wall_clock_jumps_neither_fire_nor_stall_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """An NTP step on a Pi without an RTC: time.time() jumps a day ahead, then back; nothing fires early."""
+    events = [["a", 1004.0 + i, 1.0] for i in range(5)]
+    window = "type: window, kind: tumbling, size: 10s, aggregate: count, idle_timeout: 2s"
+    real = time.time
+    jump = {"by": 0.0}
+    monkeypatch.setattr(time, "time", lambda: real() + jump["by"])
+    async with running_gateway(config(tmp_path, events, window, None)) as gw:
+        win, out = node(gw, "win"), node(gw, "out")
+        await wait_for(lambda: win.n_in == 5, timeout=10)
+        ckpt = gw.pipelines["p"].checkpointer
+        jump["by"] = 86_400.0
+        n = ckpt.checkpoints
+        await wait_for(lambda: ckpt.checkpoints >= n + 2, timeout=10)  # the timer ticked under the jump
+        assert out.events == [], "a wall-clock jump must not close a window"
+        jump["by"] = -86_400.0
+        # the window closes on the monotonic clock: idle for 2 s, then the watermark moves on
+        await wait_for(lambda: len(out.events) == 1, timeout=15)
+        assert out.events[0].value == 5.0 and out.events[0].meta["window_end"] == 1010.0
