@@ -1,0 +1,161 @@
+"""Detectors: threshold (hysteresis, minimum duration), z-score, EWMA, rate of change, stale, flatline."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.deadletter import DeadLetters
+from gateway.errors import ConfigError
+from gateway.events import Event
+from gateway.node import NodeContext, get_node_type
+from tests.gateway._harness import node, running_gateway
+
+
+def make(spec: dict[str, Any]) -> Any:
+    cls = get_node_type(spec["type"])
+    assert cls is not None
+    opts = cls.Options.model_validate({"id": "det", "input": "src", **spec})
+    ctx = NodeContext("gw1", "p", "det", ".", None, DeadLetters(None), clock=lambda: 1000.0)
+    return cls(opts, ctx)
+
+
+def feed(det: Any, readings: list[tuple[float, Any]], key: str = "k") -> list[dict[str, Any]]:
+    return [e.value for e in det.process_batch([Event(key, ts, v, "src") for ts, v in readings])]
+
+
+def states(alerts: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    return [(a["state"], a["reading"]) for a in alerts]
+
+
+def test_threshold_hysteresis_and_shape() -> None:
+    det = make({"type": "threshold", "above": 90, "clear_below": 85, "severity": "critical"})
+    got = feed(det, [(1, 80), (2, 91), (3, 95), (4, 88), (5, 84), (6, 86)])
+    assert states(got) == [("raised", 91.0), ("cleared", 84.0)]
+    assert got[0] == {"state": "raised", "alert_key": "p/det/k", "severity": "critical", "reading": 91.0,
+                      "rule": "k above 90 (clears below 85)"}
+
+
+def test_threshold_min_duration() -> None:
+    det = make({"type": "threshold", "above": 90, "min_duration": "10s"})
+    # a 5 s spike raises nothing; a crossing held for 10 s raises once, at the reading that completes it
+    got = feed(det, [(0, 95), (5, 96), (6, 50), (10, 91), (15, 92), (19, 99), (20, 93), (25, 94), (30, 80)])
+    assert states(got) == [("raised", 93.0), ("cleared", 80.0)]
+    assert got[0]["rule"] == "k above 90 for 10s"
+    det.restore(det.snapshot())
+
+
+def test_threshold_bad_reading_is_dead_lettered() -> None:
+    det = make({"type": "threshold", "below": 0, "field": "t"})
+    assert feed(det, [(1, {"t": -1}), (2, {"x": 1}), (3, "hot")]) == [
+        {"state": "raised", "alert_key": "p/det/k", "severity": "warning", "reading": -1.0, "rule": "k below 0"}]
+    assert det.n_errors == 2
+
+
+def test_zscore_warms_up_then_flags_outliers_per_key() -> None:
+    det = make({"type": "zscore", "window": 50, "warmup": 20, "threshold": 4})
+    rng = random.Random(1)
+    normal = [(i, 20 + rng.gauss(0, 0.5)) for i in range(19)]
+    assert feed(det, [*normal, (19, 100.0)]) == []  # the 20th reading is still learning
+    det2 = make({"type": "zscore", "window": 50, "warmup": 20, "threshold": 4})
+    normal = [(i, 20 + rng.gauss(0, 0.5)) for i in range(40)]
+    got = feed(det2, [*normal, (40, 30.0), (41, 31.0), (42, 20.1)])
+    assert [a["state"] for a in got] == ["raised", "cleared"]
+    assert got[0]["score"] > 4 and abs(got[0]["baseline"] - 20) < 0.5
+    assert feed(det2, [(50, 25.0)], key="other") == []  # a new key has its own warm-up
+    det3 = make({"type": "zscore", "window": 50, "warmup": 20, "threshold": 4})
+    det3.restore(det2.snapshot())
+    assert feed(det3, [(60, 40.0)])[0]["state"] == "raised"
+
+
+def test_ewma_follows_slow_drift_but_flags_jumps() -> None:
+    det = make({"type": "ewma", "alpha": 0.1, "warmup": 10, "threshold": 5})
+    rng = random.Random(2)
+    drift = [(i, 20 + i * 0.01 + rng.gauss(0, 0.2)) for i in range(300)]
+    assert feed(det, drift) == []  # a slow drift is learned, not alarmed
+    got = feed(det, [(300, 40.0)])
+    assert got and got[0]["state"] == "raised" and "EWMA baseline" in got[0]["rule"]
+
+
+def test_baseline_option_errors() -> None:
+    with pytest.raises(ValueError, match="`warmup` cannot exceed `window`"):
+        make({"type": "zscore", "window": 10, "warmup": 20})
+    with pytest.raises(ValueError, match="`clear` must not exceed `threshold`"):
+        make({"type": "ewma", "threshold": 2, "clear": 3})
+
+
+def test_rate_of_change() -> None:
+    det = make({"type": "rate_of_change", "max_rise": 2, "max_fall": 5, "per": "1m"})
+    # per minute: +1/min, then +6/min (raise), +1/min (clear), -12/min (raise fall)
+    got = feed(det, [(0, 10), (60, 11), (120, 17), (180, 18), (240, 6), (240, 99), (300, 6)])
+    assert [(a["state"], a["rate"]) for a in got] == [("raised", 6.0), ("cleared", 1.0), ("raised", -12.0),
+                                                      ("cleared", 0.0)]
+    assert got[2]["rule"] == "k falls faster than 5 per 60s"
+    with pytest.raises(ValueError, match="max_rise"):
+        make({"type": "rate_of_change"})
+
+
+def test_stale_fires_from_the_monotonic_timer() -> None:
+    det = make({"type": "stale", "timeout": "30s", "keys": ["never"]})
+    now = [500.0]
+    det._mono = lambda: now[0]
+    det._seen = dict.fromkeys(det._seen, now[0])
+    feed(det, [(1, 20.0)], key="a")
+    now[0] += 29
+    assert det.on_timer(now[0]) == []
+    now[0] += 1
+    raised = [e.value for e in det.on_timer(now[0])]
+    assert sorted((a["alert_key"], a["state"]) for a in raised) == [("p/det/a", "raised"), ("p/det/never", "raised")]
+    assert det.on_timer(now[0] + 100) == []  # raised once, not every tick
+    assert [a["state"] for a in feed(det, [(2, 21.0)], key="a")] == ["cleared"]
+    assert raised[0]["rule"].startswith("no reading from") and raised[0]["reading"] in (20.0, None)
+
+
+async def test_stale_in_a_running_pipeline(tmp_path: Path) -> None:
+    text = f"""\
+gateway: {{id: gw1, data_dir: "{tmp_path}/data"}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: sim, type: simulate, count: 1, realtime: false, sensors: [{{key: boiler}}]}}
+      - {{id: quiet, type: stale, input: sim, timeout: 1s}}
+      - {{id: out, type: log, input: quiet}}
+console: {{enabled: false}}
+"""
+    from tests._util import wait_for
+
+    async with running_gateway(text) as gw:
+        out = node(gw, "p", "out")
+        await wait_for(lambda: out.n_in >= 1, timeout=10)
+        assert node(gw, "p", "quiet").n_out == 1
+
+
+def test_flatline() -> None:
+    det = make({"type": "flatline", "duration": "10s", "tolerance": 0.01})
+    got = feed(det, [(0, 5.0), (4, 5.005), (8, 5.0), (12, 5.01), (13, 5.0), (14, 6.0), (15, 6.0)])
+    assert states(got) == [("raised", 5.01), ("cleared", 6.0)]
+    assert got[0]["rule"] == "k stuck (±0.01) for 10s"
+    det2 = make({"type": "flatline", "duration": "10s", "tolerance": 0.01})
+    det2.restore(det.snapshot())
+    assert feed(det2, [(30, 6.0)])[0]["state"] == "raised"
+
+
+def test_detectors_in_config_are_validated(tmp_path: Path) -> None:
+    text = f"""\
+gateway: {{id: gw1, data_dir: "{tmp_path}"}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: sim, type: simulate, sensors: [{{key: a}}]}}
+      - {{id: z, type: zscore, input: sim, threshold: -1}}
+      - {{id: s, type: stale, input: sim}}
+"""
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "t.yaml", {})
+    msgs = [f"{i.path}: {i.message}" for i in err.value.issues]
+    assert any(m.startswith("pipelines.0.nodes.1.threshold") for m in msgs), msgs
+    assert any(m.startswith("pipelines.0.nodes.2.timeout: required") for m in msgs), msgs
