@@ -231,14 +231,35 @@ class Expression:
             raise ExpressionError(self.source, _describe(exc)) from None
 
     def try_sample(self, sample: Any = None) -> str | None:
-        """Evaluate on a typical reading; a message when that fails on types (e.g. int·double)."""
-        try:
-            self._cel(_SAMPLE if sample is None else sample)
-        except TypeError as exc:
-            return _first_line(exc)
-        except (ValueError, RuntimeError, KeyError, IndexError, ZeroDivisionError, OverflowError):
-            return None  # depends on the data (missing field in a mapping …): judged per event
-        return None
+        """Evaluate on a typical reading; a message when that fails on types (e.g. int·double).
+
+        Readings are numbers or objects, so an expression is tried on a number and, when it reads
+        fields (``value.temp``), on an object with those fields: it is wrong only if both fail.
+        """
+        nested = False  # value.a.b: the types inside depend on the data
+        if sample is not None:
+            samples = [sample]
+        else:
+            samples = [_SAMPLE]
+            fields = dict.fromkeys(_VALUE_FIELD.findall(self.source), 21.5)
+            nested = bool(_NESTED_FIELD.search(self.source))
+            if fields and not nested:
+                samples.append(Event(_SAMPLE.key, _SAMPLE.ts, fields, _SAMPLE.source, _SAMPLE.meta))
+        problem = None
+        for s in samples:
+            try:
+                self._cel(s)
+            except TypeError as exc:
+                problem = _first_line(exc)  # the last sample (the object, if any) says it best
+                continue
+            except (ValueError, RuntimeError, KeyError, IndexError, ZeroDivisionError, OverflowError):
+                return None  # depends on the data (missing field in a mapping …): judged per event
+            return None
+        return None if nested else problem
+
+
+_VALUE_FIELD = re.compile(r"\bvalue\.([A-Za-z_][A-Za-z0-9_]*)")
+_NESTED_FIELD = re.compile(r"\bvalue\.[A-Za-z_][A-Za-z0-9_]*\s*[.\[]")
 
 
 _EVENT_SAMPLES = [

@@ -401,3 +401,25 @@ pipelines:
         ("b", 30.0, 0.1, 300.0),  # own keys override merged ones
         ("c", 20.0, 0.1, 20.0),  # of several merged mappings, the first wins
     ]
+
+
+def test_expressions_over_object_readings(tmp_path: Path) -> None:
+    # readings may be objects (value_field: null): field access is valid, an int mixed in is still caught
+    res = validate(
+        tmp_path,
+        """\
+gateway: {id: gw1}
+pipelines:
+  - name: p
+    nodes:
+      - {id: src, type: simulate, sensors: [{key: a}]}
+      - {id: f, type: filter, input: src, where: "value.temp > 30.0"}
+      - {id: m, type: map, input: f, fields: {f: "value.temp * 1.8 + 32.0", deep: "value.a.b"}}
+      - {id: bad, type: map, input: src, value: "value.temp * 2"}
+""",
+    )
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and lines[1] == "1 problem found"
+    assert lines[0].startswith("sluice.yaml:8: pipelines.0.nodes.3.value: Unsupported operation: float * int.")
+    assert lines[0].endswith("(in expression 'value.temp * 2'; numbers are doubles: write 2.0, not 2)")
