@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import serial
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
 from serial_asyncio_fast import create_serial_connection
 
 from firmware_bridges import CodecOptions, DecodeError, Reading, make_decoder
+from firmware_bridges.modbus import DeviceMap, Point, ReadBlock, decode_point, load_profile, plan_reads
 from gateway._retry import backoff
 from gateway.engine import SourceQueue
 from gateway.events import Event
 from gateway.node import Duration, NodeOptions, Source, register
 
-__all__ = ["SerialSource"]
+__all__ = ["ModbusSource", "SerialSource"]
 
 log = logging.getLogger(__name__)
 
@@ -215,3 +221,288 @@ class SerialSource(Source):
             log.warning("serial %s/%s: %s %s; reopening", self.ctx.pipeline, self.id, o.port, reason)
             self._health.down(self.ctx.clock(), reason, delay)
             await asyncio.sleep(delay)
+
+
+# --- modbus ---------------------------------------------------------------------------------
+
+_EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
+               4: "server device failure", 5: "acknowledge", 6: "server device busy",
+               10: "gateway path unavailable", 11: "gateway target failed to respond"}
+
+
+class SlaveOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    unit: int = Field(ge=0, le=255, description="Modbus unit (slave) id.")
+    name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$",
+                             description="Key prefix for its points; default `unit<N>`.")
+    profile: str | None = Field(None, description="A device profile from config/devices/ (e.g. sdm120).")
+    points: list[Point] | None = Field(None, description="The register map, when there is no profile.")
+    groups: dict[str, Duration] = Field(default_factory=dict, description="Poll group -> interval (overrides).")
+    max_gap: int | None = Field(None, ge=0, le=125, description="Overrides the map's max_gap.")
+    word_order: Literal["big", "little"] | None = Field(None, description="Overrides the map's default.")
+    byte_order: Literal["big", "little"] | None = None
+
+    @model_validator(mode="after")
+    def _one_map(self) -> SlaveOptions:
+        if (self.profile is None) == (self.points is None):
+            raise ValueError("give either `profile` (a device in config/devices/) or `points` (a register map)")
+        if self.profile is not None:
+            load_profile(self.profile)  # ValueError names the known profiles
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.name or f"unit{self.unit}"
+
+    def device_map(self) -> DeviceMap:
+        dmap = load_profile(self.profile) if self.profile else DeviceMap(points=self.points or [])
+        changes: dict[str, Any] = {}
+        if self.max_gap is not None:
+            changes["max_gap"] = self.max_gap
+        if self.word_order:
+            changes["word_order"] = self.word_order
+        if self.byte_order:
+            changes["byte_order"] = self.byte_order
+        return dmap.model_copy(update=changes) if changes else dmap
+
+
+class ModbusOptions(NodeOptions):
+    type: Literal["modbus"]
+    transport: Literal["tcp", "rtu"] = Field("tcp", description="tcp: Modbus TCP to host:port; rtu: RS485 serial.")
+    host: str | None = Field(None, description="TCP: the device or gateway address.")
+    port: int = Field(502, ge=1, le=65535, description="TCP port.")
+    device: str | None = Field(None, description="RTU: the serial port (/dev/ttyUSB0).")
+    baud: int = Field(9600, gt=0)
+    parity: Literal["none", "even", "odd"] = "none"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+    slaves: list[SlaveOptions] = Field(min_length=1, description="Devices on this bus or connection.")
+    interval: Duration = Field(1.0, gt=0, description="Poll interval of groups without their own.")
+    timeout: Duration = Field(1.0, gt=0, description="How long to wait for one reply.")
+    reconnect_max: Duration = Field(30.0, gt=0, description="Longest wait between attempts to reconnect.")
+    slave_retry_max: Duration = Field(30.0, gt=0, description="Longest wait before polling a silent slave again.")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> ModbusOptions:
+        if self.transport == "tcp" and not self.host:
+            raise ValueError("transport tcp needs `host`")
+        if self.transport == "rtu" and not self.device:
+            raise ValueError("transport rtu needs `device` (the serial port)")
+        units = [s.unit for s in self.slaves]
+        if len(set(units)) != len(units):
+            raise ValueError("two slaves have the same unit id")
+        keys = [s.key for s in self.slaves]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two slaves have the same name")
+        return self
+
+
+class _Slave:
+    def __init__(self, o: SlaveOptions):
+        self.o = o
+        self.unit = o.unit
+        self.key = o.key
+        self.map = o.device_map()
+        self.bad: dict[str, str] = {}
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_ok: float | None = None
+        self.reads = 0
+
+    def health(self) -> dict[str, Any]:
+        state = "ok" if not self.bad else ("down" if self.failures else "degraded")
+        d: dict[str, Any] = {"unit": self.unit, "state": state, "reads": self.reads, "last_ok": self.last_ok}
+        if self.bad:
+            d["bad"] = dict(self.bad)
+        return d
+
+
+@dataclass(slots=True)
+class _Poll:
+    slave: _Slave
+    group: str
+    interval: float
+    blocks: list[ReadBlock]
+    due: float = 0.0
+
+
+class _LinkLost(Exception):
+    pass
+
+
+@register
+class ModbusSource(Source):
+    """Poll Modbus slaves (TCP or RTU) by register map; one task per bus, so requests never overlap.
+
+    Each poll group of each slave has its own interval; its points are batched into as few reads
+    as the protocol allows. An exception response marks the read's points bad with the reason and
+    is retried next interval; a slave that does not answer is skipped for a backoff that grows to
+    ``slave_retry_max``, so one dead slave costs the bus one timeout per retry, not per poll.
+    Losing the connection (TCP) or port (RTU) marks everything down and reconnects with backoff.
+    A full pipeline makes ``put`` wait, which simply delays the next poll.
+    """
+
+    Options = ModbusOptions
+    options: ModbusOptions
+
+    def __init__(self, options: ModbusOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self.slaves = [_Slave(s) for s in options.slaves]
+        what = f"{options.host}:{options.port}" if options.transport == "tcp" else str(options.device)
+        self._health = _Health(what)
+        self.polls: list[_Poll] = []
+        for s in self.slaves:
+            groups: dict[str, list[Point]] = {}
+            for p in s.map.points:
+                groups.setdefault(p.group, []).append(p)
+            for g, pts in groups.items():
+                interval = s.o.groups.get(g) or s.map.groups.get(g) or options.interval
+                blocks = plan_reads(pts, s.map.max_registers, s.map.max_gap)
+                self.polls.append(_Poll(s, g, float(interval), blocks))
+        self.faults: dict[str, int] = {"exception": 0, "timeout": 0, "nonfinite": 0, "disconnect": 0}
+        self.n_reads = 0
+        self.n_overruns = 0
+
+    def health(self) -> dict[str, Any]:
+        h = self._health.as_dict()
+        h["slaves"] = {s.key: s.health() for s in self.slaves}
+        if h["state"] == "up" and any(s.bad for s in self.slaves):
+            h["state"] = "degraded"
+            h["reason"] = "; ".join(f"{s.key}: {next(iter(s.bad.values()))}" for s in self.slaves if s.bad)
+        return h
+
+    def counters(self) -> dict[str, int]:
+        c = super().counters()
+        c["reads"] = self.n_reads
+        c["malformed"] = self.faults["nonfinite"]
+        for k, v in self.faults.items():
+            c[f"modbus_{k}"] = v
+        return c
+
+    def _client(self) -> Any:
+        o = self.options
+        if o.transport == "tcp":
+            return AsyncModbusTcpClient(o.host or "", port=o.port, timeout=o.timeout, retries=0, reconnect_delay=0)
+        return AsyncModbusSerialClient(o.device or "", baudrate=o.baud, bytesize=o.bytesize,
+                                       parity={"none": "N", "even": "E", "odd": "O"}[o.parity], stopbits=o.stopbits,
+                                       timeout=o.timeout, retries=0, reconnect_delay=0)
+
+    async def run(self, output: SourceQueue) -> None:
+        o = self.options
+        attempt = 0
+        while True:
+            client = self._client()
+            try:
+                ok = await client.connect()
+                if not ok:
+                    raise _LinkLost(f"cannot connect to {self._health.what}")
+                resumed = self._health.state == "down"
+                self._health.up(self.ctx.clock())
+                attempt = 0
+                log.info("modbus %s/%s: %s %s (%d slaves)", self.ctx.pipeline, self.id,
+                         "reconnected to" if resumed else "connected to", self._health.what, len(self.slaves))
+                now = time.monotonic()
+                for p in self.polls:
+                    p.due = now
+                await self._poll_loop(client, output)
+            except _LinkLost as exc:
+                reason = str(exc)
+            finally:
+                client.close()
+            self.faults["disconnect"] += 1
+            for s in self.slaves:
+                for p in s.map.points:
+                    s.bad[p.name] = reason
+            delay = backoff(attempt, o.reconnect_max)
+            attempt += 1
+            if self._health.state != "down":
+                log.warning("modbus %s/%s: %s; retrying with backoff", self.ctx.pipeline, self.id, reason)
+            self._health.down(self.ctx.clock(), reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _poll_loop(self, client: Any, output: SourceQueue) -> None:
+        while True:
+            poll = min(self.polls, key=lambda p: p.due)
+            wait = poll.due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            s = poll.slave
+            now = time.monotonic()
+            if s.retry_at > now:  # a silent slave waits for its retry; the others go on
+                poll.due = max(poll.due + poll.interval, s.retry_at)
+                continue
+            events = await self._poll(client, poll)
+            if events:
+                self.n_in += len(events)
+                await output.put(events)
+            poll.due += poll.interval
+            now = time.monotonic()
+            if poll.due < now:
+                self.n_overruns += 1
+                poll.due = now + poll.interval
+
+    async def _poll(self, client: Any, poll: _Poll) -> list[Event]:
+        s = poll.slave
+        events: list[Event] = []
+        for block in poll.blocks:
+            read = {"coil": client.read_coils, "discrete": client.read_discrete_inputs,
+                    "holding": client.read_holding_registers, "input": client.read_input_registers}[block.table]
+            self.n_reads += 1
+            s.reads += 1
+            try:
+                rr = await read(block.start, count=block.count, device_id=s.unit)
+            except ModbusException as exc:
+                if not client.connected:
+                    raise _LinkLost(f"connection lost: {exc}") from None
+                self._slave_silent(s, poll, f"no reply within {self.options.timeout:g}s")
+                return events
+            if rr.isError():
+                code = getattr(rr, "exception_code", None)
+                reason = f"exception {code} ({_EXCEPTIONS.get(code or 0, 'unknown')})"
+                self.faults["exception"] += 1
+                self._mark_bad(s, block.points, reason)
+                continue
+            events.extend(self._decode(s, block, rr.bits if block.table in ("coil", "discrete") else rr.registers))
+        if s.failures:
+            log.info("modbus %s/%s: slave %s (unit %d) answers again", self.ctx.pipeline, self.id, s.key, s.unit)
+        s.failures = 0
+        s.retry_at = 0.0
+        return events
+
+    def _slave_silent(self, s: _Slave, poll: _Poll, reason: str) -> None:
+        self.faults["timeout"] += 1
+        if not s.failures:
+            log.warning("modbus %s/%s: slave %s (unit %d): %s; retrying with backoff", self.ctx.pipeline,
+                        self.id, s.key, s.unit, reason)
+        s.failures += 1
+        s.retry_at = time.monotonic() + backoff(s.failures - 1, self.options.slave_retry_max)
+        self._mark_bad(s, [p for b in poll.blocks for p in b.points], reason)
+
+    def _mark_bad(self, s: _Slave, points: list[Point], reason: str) -> None:
+        for p in points:
+            if s.bad.get(p.name) != reason:
+                s.bad[p.name] = reason
+
+    def _decode(self, s: _Slave, block: ReadBlock, data: list[Any]) -> list[Event]:
+        now = self.ctx.clock()
+        out: list[Event] = []
+        for p in block.points:
+            off = p.address - block.start
+            raw = data[off : off + p.count]
+            try:
+                v = decode_point(p, raw, s.map.order(p))
+            except ValueError as exc:  # a short reply: the device sent fewer values than asked
+                self._mark_bad(s, [p], str(exc))
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                self.faults["nonfinite"] += 1
+                reason = f"{s.key}.{p.name} decodes to {v} (registers {raw})"
+                self._mark_bad(s, [p], f"decodes to {v}")
+                self.n_errors += 1
+                self.ctx.dead_letters.record(self.ctx.pipeline, self.id, reason, None, repr(raw))
+                continue
+            s.bad.pop(p.name, None)
+            out.append(Event(f"{s.key}.{p.name}", now, {"text": v} if isinstance(v, str) else v, self.id))
+        s.last_ok = now
+        return out

@@ -1,0 +1,226 @@
+"""The ``modbus`` source against a real pymodbus server: TCP and RTU (over a pty null-modem), profiles,
+batching, exception responses, a silent slave, NaN values and a server that dies and comes back."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from firmware_bridges.modbus import DeviceMap, Point, load_profile
+from firmware_bridges.simulators import ModbusFault, ModbusSimulator, PtyBridge
+from gateway import node as node_mod
+from gateway.config import parse_config
+from gateway.errors import ConfigError
+from gateway.events import Event
+from gateway.node import NodeOptions, Sink, register
+from tests._util import free_port, wait_for
+from tests.gateway._harness import get, node, running_gateway
+
+
+class CollectOptions(NodeOptions):
+    type: Literal["t_mb_collect"]
+
+
+class Collect(Sink):
+    Options = CollectOptions
+
+    def __init__(self, options: Any, ctx: Any):
+        super().__init__(options, ctx)
+        self.events: list[Event] = []
+
+    async def write(self, batch: list[Event]) -> None:
+        self.events.extend(batch)
+
+
+@pytest.fixture(autouse=True)
+def collect_sink() -> Iterator[None]:
+    register(Collect)
+    yield
+    node_mod._REGISTRY.pop("t_mb_collect", None)
+
+
+CUSTOM = DeviceMap(points=[
+    Point(name="count", table="holding", address=100, type="int32", word_order="little"),
+    Point(name="flags_run", table="holding", address=102, type="bit", bit=3),
+    Point(name="model", table="holding", address=103, type="string", length=4),
+    Point(name="relay", table="coil", address=5),
+    Point(name="level", table="input", address=0, type="float64", scale=0.5, unit="m"),
+])
+
+CUSTOM_YAML = """[{name: count, table: holding, address: 100, type: int32, word_order: little},
+                  {name: flags_run, table: holding, address: 102, type: bit, bit: 3},
+                  {name: model, table: holding, address: 103, type: string, length: 4},
+                  {name: relay, table: coil, address: 5},
+                  {name: level, table: input, address: 0, type: float64, scale: 0.5, unit: m}]"""
+
+
+def config(tmp_path: Path, port: int, slaves: str, extra: str = "") -> str:
+    return f"""\
+gateway: {{id: gw1, data_dir: "{tmp_path}/data"}}
+pipelines:
+  - name: plant
+    nodes:
+      - id: bus
+        type: modbus
+        host: 127.0.0.1
+        port: {port}
+        interval: 0.1s
+        timeout: 0.3s
+        reconnect_max: 0.5s
+        slave_retry_max: 1s
+        slaves: {slaves}{extra}
+      - {{id: out, type: t_mb_collect, input: bus}}
+console: {{port: 0, auth: false}}
+"""
+
+
+def latest(gw: Any, key: str) -> Any:
+    for e in reversed(node(gw, "plant", "out").events):
+        if e.key == key:
+            return e.value
+    return None
+
+
+def count(gw: Any, key: str) -> int:
+    return sum(1 for e in node(gw, "plant", "out").events if e.key == key)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[ModbusSimulator]:
+    s = ModbusSimulator({1: load_profile("sdm120"), 2: load_profile("xy-md02"), 3: CUSTOM}, seed=7)
+    await s.start_tcp(port=free_port())
+    yield s
+    await s.stop()
+
+
+SLAVES = f"""
+          - {{unit: 1, name: meter, profile: sdm120, groups: {{fast: 0.1s, energy: 0.1s}}}}
+          - {{unit: 2, name: room, profile: xy-md02, groups: {{fast: 0.1s, settings: 0.1s}}}}
+          - {{unit: 3, name: tank, points: {CUSTOM_YAML}}}"""
+
+
+async def test_tcp_profiles_and_register_map_end_to_end(tmp_path: Path, sim: ModbusSimulator) -> None:
+    sim.set(1, "voltage", 231.5)
+    sim.set(2, "temperature", -4.2)
+    sim.set(3, "count", -123456)
+    sim.set(3, "flags_run", 1)
+    sim.set(3, "model", "PLC7")
+    sim.set(3, "relay", 1)
+    sim.set(3, "level", 3.25)
+    assert sim.port is not None
+    async with running_gateway(config(tmp_path, sim.port, SLAVES)) as gw:
+        await wait_for(lambda: latest(gw, "tank.level") is not None and latest(gw, "meter.total_energy") is not None
+                       and latest(gw, "room.humidity_offset") is not None)
+        assert latest(gw, "meter.voltage") == 231.5
+        assert latest(gw, "room.temperature") == pytest.approx(-4.2)
+        assert latest(gw, "tank.count") == -123456.0
+        assert latest(gw, "tank.flags_run") == 1.0
+        assert latest(gw, "tank.model") == {"text": "PLC7"}
+        assert latest(gw, "tank.relay") == 1.0
+        assert latest(gw, "tank.level") == 3.25
+        assert 49 < latest(gw, "meter.frequency") < 51
+        src = node(gw, "plant", "bus")
+        # batching: sdm120's 14 points are 2 reads per round, not 14
+        polls_of_meter = {p.group: len(p.blocks) for p in src.polls if p.slave.key == "meter"}
+        assert polls_of_meter == {"fast": 1, "energy": 2}
+        assert src.health()["state"] == "up" and src.health()["slaves"]["meter"]["state"] == "ok"
+        _status, body = await get(gw, "/healthz")
+        assert body["status"] == "ok", body
+
+
+async def test_exception_and_silent_slave_do_not_stall_the_others(tmp_path: Path, sim: ModbusSimulator) -> None:
+    sim.faults[2] = ModbusFault(dead=True)
+    sim.faults[3] = ModbusFault(exception=2)
+    assert sim.port is not None
+    async with running_gateway(config(tmp_path, sim.port, SLAVES)) as gw:
+        src = node(gw, "plant", "bus")
+        await wait_for(lambda: src.counters()["modbus_timeout"] >= 2 and src.counters()["modbus_exception"] >= 3)
+        # the healthy meter keeps its rate while unit 2 is skipped with backoff between timeouts
+        start = count(gw, "meter.voltage")
+        await wait_for(lambda: count(gw, "meter.voltage") >= start + 10, timeout=5)
+        h = src.health()
+        assert h["state"] == "degraded"
+        room, tank = h["slaves"]["room"], h["slaves"]["tank"]
+        assert room["state"] == "down" and room["bad"]["temperature"] == "no reply within 0.3s"
+        assert tank["bad"]["level"] == "exception 2 (illegal data address)"
+        assert latest(gw, "room.temperature") is None and latest(gw, "tank.level") is None
+        # a silent slave is retried with backoff, not every 0.1 s
+        assert src.counters()["modbus_timeout"] < src.counters()["modbus_exception"]
+
+        sim.faults.clear()
+        await wait_for(lambda: latest(gw, "room.temperature") is not None and latest(gw, "tank.level") is not None,
+                       timeout=10)
+        await wait_for(lambda: src.health()["state"] == "up")
+        assert src.health()["slaves"]["room"]["state"] == "ok"
+
+
+async def test_nan_values_are_dead_lettered(tmp_path: Path, sim: ModbusSimulator) -> None:
+    sim.set(1, "frequency", math.nan)
+    sim.set(1, "voltage", math.inf)
+    assert sim.port is not None
+    async with running_gateway(config(tmp_path, sim.port, "[{unit: 1, name: meter, profile: sdm120}]")) as gw:
+        src = node(gw, "plant", "bus")
+        await wait_for(lambda: src.counters()["modbus_nonfinite"] >= 2 and latest(gw, "meter.current") is not None)
+        assert latest(gw, "meter.frequency") is None and latest(gw, "meter.voltage") is None
+        assert src.health()["slaves"]["meter"]["bad"]["frequency"] == "decodes to nan"
+        reasons = [r["reason"] for r in gw.dead_letters.recent]
+        assert any("meter.voltage decodes to inf" in r for r in reasons), reasons
+        assert src.counters()["malformed"] == src.counters()["modbus_nonfinite"]
+
+
+async def test_server_that_dies_is_down_then_resumes(tmp_path: Path) -> None:
+    port = free_port()
+    sim = await ModbusSimulator({1: load_profile("pzem016")}).start_tcp(port=port)
+    try:
+        async with running_gateway(config(tmp_path, port, "[{unit: 1, name: pz, profile: pzem016}]")) as gw:
+            src = node(gw, "plant", "bus")
+            await wait_for(lambda: latest(gw, "pz.voltage") is not None)
+            await sim.stop()
+            await wait_for(lambda: src.health()["state"] == "down")
+            assert src.health()["slaves"]["pz"]["bad"]["voltage"]
+            _status, body = await get(gw, "/healthz")
+            assert body["status"] == "degraded" and any("plant/bus: down" in p for p in body["problems"]), body
+            sim.set(1, "voltage", 199.9)
+            await sim.start_tcp(port=port)
+            await wait_for(lambda: latest(gw, "pz.voltage") == pytest.approx(199.9), timeout=10)
+            assert src.health()["state"] == "up" and src.counters()["modbus_disconnect"] >= 1
+    finally:
+        await sim.stop()
+
+
+async def test_rtu_over_a_pty_null_modem(tmp_path: Path) -> None:
+    bridge = PtyBridge().start()
+    sim = ModbusSimulator({1: load_profile("xy-md02"), 2: load_profile("pzem016")}, seed=3)
+    sim.set(1, "humidity", 55.5)
+    sim.set(2, "current", 1.234)
+    try:
+        await sim.start_rtu(bridge.a, baudrate=9600)
+        text = config(tmp_path, 0, "[{unit: 1, name: th, profile: xy-md02}, {unit: 2, name: pz, profile: pzem016}]")
+        text = text.replace("host: 127.0.0.1", f"transport: rtu\n        device: {bridge.b}\n        baud: 9600")
+        text = text.replace("        port: 0\n", "")
+        async with running_gateway(text) as gw:
+            await wait_for(lambda: latest(gw, "th.humidity") is not None and latest(gw, "pz.current") is not None)
+            assert latest(gw, "th.humidity") == pytest.approx(55.5)
+            assert latest(gw, "pz.current") == pytest.approx(1.234)
+            # a pulled RS485 cable: both slaves go silent, then answer again
+            bridge.cut = True
+            src = node(gw, "plant", "bus")
+            await wait_for(lambda: src.health()["slaves"]["th"]["state"] == "down")
+            bridge.cut = False
+            n = count(gw, "th.humidity")
+            await wait_for(lambda: count(gw, "th.humidity") > n, timeout=10)
+    finally:
+        await sim.stop()
+        bridge.close()
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(config(tmp_path, 502, "[{unit: 1, profile: nope}, {unit: 2}]"), "t.yaml", {})
+    text = "\n".join(str(i) for i in err.value.issues)
+    assert "unknown device profile 'nope'" in text and "sdm120" in text, text
+    assert "either `profile`" in text, text
