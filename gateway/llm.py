@@ -570,6 +570,10 @@ class CircuitBreaker:
         self._probing = True
         return True
 
+    def is_open(self) -> bool:
+        """Open and not yet due for a probe; unlike :meth:`allow`, changes nothing."""
+        return self.state == "open" and self.clock() - self.opened_at < self.reset
+
     def success(self) -> None:
         if self.state != "closed":
             log.info("llm provider %s: breaker closed", self.name)

@@ -208,7 +208,7 @@ class Sink(_Node):
 
 _REGISTRY: dict[str, type[_Node]] = {}
 _BUILTIN_MODULES = ("nodes.sources", "nodes.operators", "nodes.windows", "nodes.detectors", "nodes.sinks",
-                    "nodes.devices")
+                    "nodes.devices", "nodes.llm", "nodes.alerts")
 _loaded = False
 
 

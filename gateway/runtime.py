@@ -22,6 +22,7 @@ from .config import LoadedConfig, MqttConnection
 from .deadletter import DeadLetters
 from .engine import Pipeline
 from .errors import SluiceError
+from .llm import LlmHub
 from .mqtt import MqttLink, json_bytes, status_topic
 from .node import NodeContext
 from .outbox import Outbox
@@ -41,6 +42,7 @@ class Links:
         self._conns = connections
         self.started_at = started_at
         self.outbox: Outbox | None = None  # set by the Gateway; numbers outgoing messages (seq)
+        self.llm: LlmHub | None = None  # set by the Gateway: the providers llm nodes use
         self.publishers: dict[str, MqttLink] = {}
         for name, conn in connections.items():
             will = birth = None
@@ -92,6 +94,8 @@ class Gateway:
         self.outbox = Outbox(self.data_dir / "outbox.db", self.id, self.links.publishers, cfg.gateway.outbox,
                              seq_path=self.data_dir / "seq", on_refused=self._refused)
         self.links.outbox = self.outbox
+        self.llm = LlmHub(cfg.llm)
+        self.links.llm = self.llm
         self.store = StateStore(self.data_dir / "state.db")
         self.pipelines: dict[str, Pipeline] = {}
         for pcfg in cfg.pipelines:
@@ -139,6 +143,7 @@ class Gateway:
             await self.store.start()
             for p in self.pipelines.values():  # state back before anything runs or reports "running"
                 await p.restore()
+            await self.llm.start()  # a local model that cannot load stops the start here, clearly
             # Before the task group: a busy port is then a plain OSError the CLI reports in one
             # line, not an exception group with a traceback.
             if cfg.console.enabled:
@@ -164,6 +169,7 @@ class Gateway:
                     t.cancel()
         finally:
             await self.outbox.close()
+            await self.llm.close()
             await self.store.close()
             await self.dead_letters.close()
             if self.console is not None:

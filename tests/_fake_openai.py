@@ -38,7 +38,7 @@ class FakeOpenAI:
         self.headers: list[dict[str, str]] = []
         self.in_flight = 0
         self.max_in_flight = 0
-        self.release = asyncio.Event()  # lets a `hang` stop hanging
+        self.release = asyncio.Event()  # set: every `hang` goes on (and close() ends any pause)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -94,8 +94,7 @@ class FakeOpenAI:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             if b.kind == "hang":
-                await self.release.wait()
-                return resp
+                await self.release.wait()  # then answers normally, late
             if b.first_delay:
                 await self._pause(b.first_delay)
             await resp.write(self._chunk(""))  # role-only first chunk, as OpenAI sends
