@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
     sch.set_defaults(func=cmd_schema)
 
+    from firmware_bridges.simulate_cli import add_simulate_parser
+
+    add_simulate_parser(sub)
+
     hp = sub.add_parser("hash-password", help="print an argon2 hash for console.users[].password_hash")
     hp.add_argument("--stdin", action="store_true", help="read the password from standard input (scripts)")
     hp.set_defaults(func=cmd_hash_password)
