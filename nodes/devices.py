@@ -9,26 +9,28 @@ kind and dead-lettered with the reason.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import aiohttp
 import serial
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from serial_asyncio_fast import create_serial_connection
 
-from firmware_bridges import CodecOptions, DecodeError, Reading, make_decoder
+from firmware_bridges import CodecOptions, DecodeError, JsonCodec, Reading, make_decoder
 from firmware_bridges.modbus import DeviceMap, Point, ReadBlock, decode_point, load_profile, plan_reads
 from gateway._retry import backoff
 from gateway.engine import SourceQueue
 from gateway.events import Event
 from gateway.node import Duration, NodeOptions, Source, register
 
-__all__ = ["ModbusSource", "SerialSource"]
+__all__ = ["ModbusSource", "SerialSource", "WebSocketSource"]
 
 log = logging.getLogger(__name__)
 
@@ -506,3 +508,114 @@ class ModbusSource(Source):
             out.append(Event(f"{s.key}.{p.name}", now, {"text": v} if isinstance(v, str) else v, self.id))
         s.last_ok = now
         return out
+
+
+# --- websocket ------------------------------------------------------------------------------
+
+
+class WebSocketOptions(NodeOptions):
+    type: Literal["websocket"]
+    url: str = Field(pattern=r"^wss?://", description="ws:// or wss:// URL of the device or service.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Sent with the handshake (e.g. a token).")
+    subscribe: Any = Field(None, description="A message (text, or JSON for a mapping/list) sent after each connect.")
+    codec: JsonCodec = Field(default_factory=lambda: JsonCodec(type="json"),
+                             description="How messages become readings: JSON objects (one per message or line).")
+    heartbeat: Duration = Field(30.0, gt=0, description="Ping interval; a silent peer is dropped after 2 missed.")
+    reconnect_max: Duration = Field(30.0, gt=0, description="Longest wait between attempts to reconnect.")
+
+    @field_validator("codec", mode="before")
+    @classmethod
+    def _codec_shorthand(cls, v: Any) -> Any:
+        return {"type": v} if isinstance(v, str) else v
+
+
+@register
+class WebSocketSource(Source):
+    """A WebSocket client: every text or binary message holds one JSON object (or NDJSON lines, or a
+    JSON array of objects); numeric fields become readings. Reconnects with backoff. While the
+    pipeline is full the source stops reading, so the peer feels TCP backpressure.
+    """
+
+    Options = WebSocketOptions
+    options: WebSocketOptions
+
+    def __init__(self, options: WebSocketOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self._decoder = make_decoder(options.codec)
+        self._health = _Health(options.url)
+        self.n_messages = 0
+        self.n_malformed = 0
+        self.by_kind: dict[str, int] = {}
+
+    def health(self) -> dict[str, Any]:
+        h = self._health.as_dict()
+        h["messages"] = self.n_messages
+        return h
+
+    def counters(self) -> dict[str, int]:
+        c = super().counters()
+        c["malformed"] = self.n_malformed
+        for kind, n in self.by_kind.items():
+            c[f"malformed_{kind}"] = n
+        return c
+
+    def decode(self, data: bytes) -> list[Event]:
+        self.n_messages += 1
+        body = data.strip()
+        if body.startswith(b"["):
+            try:
+                items = json.loads(body)
+            except json.JSONDecodeError:
+                items = None
+            if isinstance(items, list):
+                body = b"\n".join(json.dumps(x).encode() for x in items)
+        readings, errors = self._decoder.feed(body + b"\n")
+        for e in errors:
+            self.n_malformed += 1
+            self.n_errors += 1
+            self.by_kind[e.kind] = self.by_kind.get(e.kind, 0) + 1
+            self.ctx.dead_letters.record(self.ctx.pipeline, self.id, f"{self.options.url}: {e}", None, data)
+        now = self.ctx.clock()
+        self.n_in += len(readings)
+        return [Event(r.key, now if r.ts is None else r.ts, r.value, self.id) for r in readings]
+
+    async def run(self, output: SourceQueue) -> None:
+        o = self.options
+        attempt = 0
+        async with aiohttp.ClientSession(headers=o.headers) as session:
+            while True:
+                try:
+                    async with session.ws_connect(o.url, heartbeat=o.heartbeat, autoping=True) as ws:
+                        resumed = self._health.state == "down"
+                        self._health.up(self.ctx.clock())
+                        attempt = 0
+                        log.info("websocket %s/%s: %s %s", self.ctx.pipeline, self.id,
+                                 "reconnected to" if resumed else "connected to", o.url)
+                        if o.subscribe is not None:
+                            if isinstance(o.subscribe, str):
+                                await ws.send_str(o.subscribe)
+                            else:
+                                await ws.send_json(o.subscribe)
+                        reason = await self._receive(ws, output)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    reason = f"cannot connect: {exc or type(exc).__name__}"
+                delay = backoff(attempt, o.reconnect_max)
+                attempt += 1
+                if self._health.state != "down":
+                    log.warning("websocket %s/%s: %s; reconnecting with backoff", self.ctx.pipeline, self.id, reason)
+                self._health.down(self.ctx.clock(), reason, delay)
+                await asyncio.sleep(delay)
+
+    async def _receive(self, ws: aiohttp.ClientWebSocketResponse, output: SourceQueue) -> str:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                events = self.decode(msg.data.encode())
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                events = self.decode(msg.data)
+            elif msg.type == aiohttp.WSMsgType.ERROR:
+                return f"lost: {ws.exception()}"
+            else:
+                continue
+            if events:
+                await output.put(events)
+        return f"closed by peer (code {ws.close_code})"
