@@ -12,7 +12,7 @@ from pathlib import Path
 from . import __version__
 from ._log import setup_logging
 from .config import json_schema, load_config
-from .errors import ConfigError
+from .errors import ConfigError, SluiceError
 
 __all__ = ["main"]
 
@@ -45,6 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         asyncio.run(Gateway(loaded).run())
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
+        return 1
+    except SluiceError as exc:  # e.g. a local model that cannot load: one line, not a traceback
+        log.error("%s", exc)
         return 1
     return 0
 

