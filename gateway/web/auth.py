@@ -515,7 +515,7 @@ class Auth:
 
     def _check_new_user(self, body: dict[str, Any]) -> tuple[str, str, Role]:
         name, password, role = str(body.get("name", "")), str(body.get("password", "")), body.get("role", "viewer")
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise AuthError(400, "name: letters, digits, _ and -, starting with a letter (at most 64)")
         if len(password) < MIN_PASSWORD:
             raise AuthError(400, f"password: at least {MIN_PASSWORD} characters")

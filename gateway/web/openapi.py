@@ -80,6 +80,8 @@ _HEALTH = _obj({"status": _STR, "gateway_id": _STR, "version": _STR, "state": _S
 _SYSTEM = _obj({"cpu_percent": _NUM, "cpus": _INT, "memory": _ANY_OBJ, "disk": {"type": ["object", "null"]},
                 "process": _ANY_OBJ, "load": {"type": "array", "items": _NUM}})
 _CREDS = _obj({"name": _STR, "password": _STR}, ["name", "password"])
+_NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_\\-]{0,63}$"}
+_PASSWORD = {"type": "string", "minLength": 10}
 _SESSION = _obj({"user": _STR, "role": _ROLE, "csrf": _STR}, ["user", "role", "csrf"])
 
 
@@ -134,7 +136,7 @@ def _paths() -> dict[str, Any]:
             "201": _json(_SESSION), "400": _json(_ERR, "Bad name or password"),
             "403": _json(_ERR, "Wrong setup code"), "409": _json(_ERR, "Accounts exist already"),
             "429": _json(_ERR, "Too many wrong codes")}, tag="auth", secured=False, change=True,
-            body={"application/json": {"schema": _obj({"name": _STR, "password": _STR, "code": _STR},
+            body={"application/json": {"schema": _obj({"name": _NAME, "password": _PASSWORD, "code": _STR},
                                                       ["name", "password", "code"])}})},
         "/api/users": {
             "get": _op("Accounts (admin)", {"200": _json(_obj({"users": {"type": "array", "items": _obj(
@@ -143,8 +145,8 @@ def _paths() -> dict[str, Any]:
             "post": _op("Create an account (admin)", {"201": _json(_obj({"name": _STR, "role": _ROLE})),
                                                       "400": _json(_ERR, "Bad name, password or role"),
                                                       "409": _json(_ERR, "Exists")}, tag="auth", change=True,
-                        body={"application/json": {"schema": _obj({"name": _STR, "password": _STR, "role": _ROLE},
-                                                                  ["name", "password"])}}),
+                        body={"application/json": {"schema": _obj({"name": _NAME, "password": _PASSWORD,
+                                                                   "role": _ROLE}, ["name", "password"])}}),
         },
         "/api/users/{name}": {"delete": _op("Delete an account (admin)", {
             "200": _json(_obj({"ok": {"type": "boolean"}})), "404": _json(_ERR, "No such user"),
@@ -184,7 +186,7 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
             paths.setdefault(path, {})[method] = {
                 "summary": "undocumented", "tags": ["undocumented"],
                 "parameters": [_path_param(n) for n in _path_names(path)],
-                "responses": {"200": {"description": "OK"}, "401": _json(_ERR, "No session or API token")}}
+                "responses": {"default": {"description": "Not described yet (see gateway.web.openapi.describe)"}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Sluice console API", "version": __version__,
