@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .alerts import AlertService
 from .config import LoadedConfig, MqttConnection
 from .deadletter import DeadLetters
 from .engine import Pipeline
@@ -42,6 +43,7 @@ class Links:
         self._conns = connections
         self.started_at = started_at
         self.outbox: Outbox | None = None  # set by the Gateway; numbers outgoing messages (seq)
+        self.alerts: AlertService | None = None  # set by the Gateway: the alert book alert sinks use
         self.llm: LlmHub | None = None  # set by the Gateway: the providers llm nodes use
         self.publishers: dict[str, MqttLink] = {}
         for name, conn in connections.items():
@@ -94,6 +96,14 @@ class Gateway:
         self.outbox = Outbox(self.data_dir / "outbox.db", self.id, self.links.publishers, cfg.gateway.outbox,
                              seq_path=self.data_dir / "seq", on_refused=self._refused)
         self.links.outbox = self.outbox
+        self.alerts = AlertService(self.data_dir / "alerts.db", self.id, self.outbox, self.links.publishers)
+        # acknowledgements over MQTT arrive on the connections alert sinks publish to
+        for name in sorted({o.connection for opts in loaded.nodes.values() for o in opts  # type: ignore[attr-defined]
+                            if o.type == "alert" and getattr(o, "connection", None)}):
+            conn = cfg.connections[name]
+            self.alerts.command_links[name] = MqttLink(name, conn, f"{conn.client_id or self.id}-cmd",
+                                                       on_message=self.alerts.on_command)
+        self.links.alerts = self.alerts
         self.llm = LlmHub(cfg.llm)
         self.links.llm = self.llm
         self.store = StateStore(self.data_dir / "state.db")
@@ -154,6 +164,8 @@ class Gateway:
                 aux = [tg.create_task(self.dead_letters.run(), name="deadletters")]
                 await self.outbox.open()
                 aux.append(tg.create_task(self.outbox.run(), name="outbox"))
+                await self.alerts.open()
+                alerts_task = tg.create_task(self.alerts.run(), name="alerts")
                 for name, link in self.links.publishers.items():
                     aux.append(tg.create_task(link.run(), name=f"mqtt:{name}:pub"))
                 running = [tg.create_task(p.run(), name=f"pipeline:{p.name}") for p in self.pipelines.values()]
@@ -163,11 +175,16 @@ class Gateway:
                 await self._stop.wait()
                 self.state = "stopping"
                 await self._drain(running, cfg.gateway.shutdown_timeout)
+                await self.alerts.stop_links()
+                alerts_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await alerts_task
                 await self.outbox.close()
                 await self.links.close()
                 for t in aux:
                     t.cancel()
         finally:
+            await self.alerts.close()
             await self.outbox.close()
             await self.llm.close()
             await self.store.close()
@@ -228,4 +245,5 @@ class Gateway:
                 "started_at": self.started_at, "uptime": time.time() - self.started_at,
                 "problems": problems, "connections": links, "pipelines": pipes,
                 "dead_letters": self.dead_letters.total, "outbox": self.outbox.health(),
+                "alerts": self.alerts.health(),
                 "state_store": self.store.health()}

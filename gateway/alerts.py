@@ -1,0 +1,419 @@
+"""The alert lifecycle: open → (updated) → acknowledged → resolved, kept in SQLite.
+
+Detector alert events (``state`` raised/cleared with a stable ``alert_key``) reach an ``alert``
+sink, which hands them to the gateway's :class:`AlertBook`. There is at most one unresolved alert
+per ``alert_key``: a repeat raise updates it (``count`` + 1) instead of opening another, so a
+flapping sensor makes one alert with a count, not a storm. With a ``cooldown``, a cleared
+condition resolves the alert only after it stayed clear that long, and a raise within the cooldown
+after a resolve reopens the same alert.
+
+Operators acknowledge and resolve alerts on the console (``GET /api/alerts``,
+``POST /api/alerts/<id>/ack|resolve``) or over MQTT: JSON on ``sluice/<gateway>/cmd/ack`` or
+``…/cmd/resolve``, answered on the request's MQTT 5 response topic, else on
+``sluice/<gateway>/cmd/reply``. Each lifecycle step is published through the outbox when the
+sink names a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import SluiceError
+
+__all__ = ["AlertBook", "AlertCommand", "AlertError", "AlertService"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STATES = ("open", "acknowledged", "resolved")
+SEVERITIES = ("info", "warning", "critical")
+_COLUMNS = ("id", "alert_key", "pipeline", "node", "key", "severity", "state", "condition", "rule", "reading",
+            "count", "opened_at", "updated_at", "cleared_at", "acked_at", "acked_by", "resolved_at", "resolved_by",
+            "note", "connection", "topic")
+
+
+class AlertError(SluiceError):
+    """An alert operation that cannot be done; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+class AlertCommand(BaseModel):
+    """An acknowledge/resolve request from the MQTT command topic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int | None = Field(None, ge=1, description="The alert's id.")
+    alert_key: str | None = Field(None, min_length=1, description="Or its key (the unresolved alert of that key).")
+    by: str = Field("mqtt", min_length=1, max_length=100)
+    note: str | None = Field(None, max_length=2000)
+    request_id: str | int | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AlertCommand:
+        if (self.id is None) == (self.alert_key is None):
+            raise ValueError("give exactly one of `id` or `alert_key`")
+        return self
+
+
+class AlertBook:
+    """The alerts of one gateway in ``<data_dir>/alerts.db``; all SQLite work in one thread."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time):
+        self.path = path
+        self.clock = clock
+        self._exec: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+        self.counts = {"opened": 0, "updated": 0, "reopened": 0, "cleared": 0, "acknowledged": 0, "resolved": 0}
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._exec is None:
+            raise AlertError(503, "alerts are not open")
+        return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
+
+    async def open(self) -> None:
+        self._exec = ThreadPoolExecutor(1, thread_name_prefix="sluice-alerts")
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_key TEXT NOT NULL,"
+                   " pipeline TEXT, node TEXT, key TEXT, severity TEXT, state TEXT NOT NULL, condition TEXT,"
+                   " rule TEXT, reading TEXT, count INTEGER NOT NULL, opened_at REAL, updated_at REAL,"
+                   " cleared_at REAL, acked_at REAL, acked_by TEXT, resolved_at REAL, resolved_by TEXT, note TEXT,"
+                   " connection TEXT, topic TEXT)")
+        db.execute("CREATE INDEX IF NOT EXISTS alerts_key ON alerts (alert_key, id)")
+        db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, updated_at)")
+        self._db = db
+
+    async def close(self) -> None:
+        if self._exec is None:
+            return
+        await self._run(self._close)
+        self._exec.shutdown(wait=True)
+        self._exec = None
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # --- reading -------------------------------------------------------------------------
+
+    @staticmethod
+    def _dict(row: sqlite3.Row | None) -> dict[str, Any] | None:
+        if row is None:
+            return None
+        d = dict(row)
+        try:
+            d["reading"] = json.loads(d["reading"]) if d["reading"] is not None else None
+        except ValueError:
+            pass
+        return d
+
+    def _get(self, alert_id: int) -> dict[str, Any] | None:
+        assert self._db is not None
+        return self._dict(self._db.execute("SELECT * FROM alerts WHERE id=?", (alert_id,)).fetchone())
+
+    def _latest(self, alert_key: str) -> dict[str, Any] | None:
+        assert self._db is not None
+        row = self._db.execute("SELECT * FROM alerts WHERE alert_key=? ORDER BY id DESC LIMIT 1", (alert_key,))
+        return self._dict(row.fetchone())
+
+    async def get(self, alert_id: int) -> dict[str, Any] | None:
+        return await self._run(self._get, alert_id)
+
+    async def list(self, *, state: str | None = None, severity: str | None = None, pipeline: str | None = None,
+                   since: float | None = None, until: float | None = None, key: str | None = None,
+                   limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first. ``since``/``until`` bound the last update time (epoch seconds)."""
+        where, args = [], []
+        for col, v in (("state", state), ("severity", severity), ("pipeline", pipeline), ("alert_key", key)):
+            if v is not None:
+                where.append(f"{col}=?")
+                args.append(v)
+        if since is not None:
+            where.append("updated_at>=?")
+            args.append(since)
+        if until is not None:
+            where.append("updated_at<=?")
+            args.append(until)
+        q = "SELECT * FROM alerts" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+
+        def run() -> list[dict[str, Any]]:
+            assert self._db is not None
+            return [d for r in self._db.execute(q, args) if (d := self._dict(r)) is not None]
+
+        return await self._run(run)
+
+    async def summary(self) -> dict[str, int]:
+        def run() -> dict[str, int]:
+            assert self._db is not None
+            return dict(self._db.execute("SELECT state, COUNT(*) FROM alerts GROUP BY state").fetchall())
+
+        return await self._run(run)
+
+    # --- detector events -----------------------------------------------------------------
+
+    async def apply(self, items: list[dict[str, Any]], *, cooldown: float = 0.0,
+                    auto_resolve: bool = True) -> list[tuple[str, dict[str, Any]]]:
+        """Take detector alerts (``pipeline, node, key, ts, value, connection, topic``) in one
+        transaction; return the lifecycle steps ``(action, alert)`` they caused."""
+        return await self._run(self._apply, items, cooldown, auto_resolve)
+
+    def _apply(self, items: list[dict[str, Any]], cooldown: float,
+               auto_resolve: bool) -> list[tuple[str, dict[str, Any]]]:
+        db = self._db
+        assert db is not None
+        out: list[tuple[str, dict[str, Any]]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for it in items:
+                step = self._one(it, cooldown, auto_resolve)
+                if step is not None:
+                    out.append(step)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        for action, _ in out:
+            self.counts[action] += 1
+        return out
+
+    def _one(self, it: dict[str, Any], cooldown: float, auto_resolve: bool) -> tuple[str, dict[str, Any]] | None:
+        db = self._db
+        assert db is not None
+        v = it["value"]
+        now = self.clock()
+        akey = v["alert_key"]
+        reading = json.dumps(v.get("reading"), default=str)
+        latest = self._latest(akey)
+        if v["state"] == "raised":
+            severity = v.get("severity") if v.get("severity") in SEVERITIES else "warning"
+            if latest is not None and latest["state"] != "resolved":
+                db.execute("UPDATE alerts SET count=count+1, condition='active', cleared_at=NULL, reading=?, rule=?,"
+                           " severity=?, updated_at=? WHERE id=?",
+                           (reading, v.get("rule"), severity, now, latest["id"]))
+                return "updated", self._get(latest["id"])  # type: ignore[return-value]
+            if (latest is not None and cooldown and latest["resolved_at"] is not None
+                    and now - latest["resolved_at"] < cooldown):
+                db.execute("UPDATE alerts SET state='open', condition='active', count=count+1, cleared_at=NULL,"
+                           " reading=?, rule=?, severity=?, updated_at=?, acked_at=NULL, acked_by=NULL,"
+                           " resolved_at=NULL, resolved_by=NULL WHERE id=?",
+                           (reading, v.get("rule"), severity, now, latest["id"]))
+                return "reopened", self._get(latest["id"])  # type: ignore[return-value]
+            cur = db.execute("INSERT INTO alerts (alert_key, pipeline, node, key, severity, state, condition, rule,"
+                             " reading, count, opened_at, updated_at, connection, topic)"
+                             " VALUES (?,?,?,?,?,'open','active',?,?,1,?,?,?,?)",
+                             (akey, it["pipeline"], it["node"], it["key"], severity, v.get("rule"), reading,
+                              now, now, it.get("connection"), it.get("topic")))
+            return "opened", self._get(int(cur.lastrowid or 0))  # type: ignore[return-value]
+        # cleared
+        if latest is None or latest["state"] == "resolved":
+            return None
+        if auto_resolve and not cooldown:
+            db.execute("UPDATE alerts SET state='resolved', condition='cleared', cleared_at=?, reading=?,"
+                       " resolved_at=?, resolved_by='auto', updated_at=? WHERE id=?",
+                       (now, reading, now, now, latest["id"]))
+            return "resolved", self._get(latest["id"])  # type: ignore[return-value]
+        db.execute("UPDATE alerts SET condition='cleared', cleared_at=?, reading=?, updated_at=? WHERE id=?",
+                   (now, reading, now, latest["id"]))
+        return "cleared", self._get(latest["id"])  # type: ignore[return-value]
+
+    async def resolve_cooled(self, cooldown_by_node: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
+        """Resolve alerts whose condition stayed cleared for their sink's cooldown."""
+        def run() -> list[dict[str, Any]]:
+            db = self._db
+            assert db is not None
+            now = self.clock()
+            done = []
+            rows = db.execute("SELECT id, pipeline, node, cleared_at FROM alerts WHERE state!='resolved'"
+                              " AND condition='cleared'").fetchall()
+            for r in rows:
+                cd = cooldown_by_node.get((r["pipeline"], r["node"]))
+                if cd is not None and now - r["cleared_at"] >= cd:
+                    db.execute("UPDATE alerts SET state='resolved', resolved_at=?, resolved_by='auto', updated_at=?"
+                               " WHERE id=?", (now, now, r["id"]))
+                    done.append(self._get(r["id"]))
+            self.counts["resolved"] += len(done)
+            return [d for d in done if d is not None]
+
+        return await self._run(run)
+
+    # --- operator actions ----------------------------------------------------------------
+
+    async def ack(self, alert_id: int | None = None, *, alert_key: str | None = None, by: str = "operator",
+                  note: str | None = None) -> dict[str, Any]:
+        return await self._run(self._act, "ack", alert_id, alert_key, by, note)
+
+    async def resolve(self, alert_id: int | None = None, *, alert_key: str | None = None, by: str = "operator",
+                      note: str | None = None) -> dict[str, Any]:
+        return await self._run(self._act, "resolve", alert_id, alert_key, by, note)
+
+    def _act(self, what: str, alert_id: int | None, alert_key: str | None, by: str,
+             note: str | None) -> dict[str, Any]:
+        db = self._db
+        assert db is not None
+        a = self._get(alert_id) if alert_id is not None else self._latest(alert_key or "")
+        if a is None:
+            raise AlertError(404, f"no alert {alert_id if alert_id is not None else repr(alert_key)}")
+        now = self.clock()
+        if a["state"] == "resolved":
+            raise AlertError(409, f"alert {a['id']} is already resolved")
+        if what == "ack":
+            if a["state"] == "acknowledged":
+                raise AlertError(409, f"alert {a['id']} is already acknowledged by {a['acked_by']}")
+            db.execute("UPDATE alerts SET state='acknowledged', acked_at=?, acked_by=?, note=COALESCE(?, note),"
+                       " updated_at=? WHERE id=?", (now, by, note, now, a["id"]))
+            self.counts["acknowledged"] += 1
+        else:
+            db.execute("UPDATE alerts SET state='resolved', resolved_at=?, resolved_by=?, note=COALESCE(?, note),"
+                       " updated_at=? WHERE id=?", (now, by, note, now, a["id"]))
+            self.counts["resolved"] += 1
+        got = self._get(a["id"])
+        assert got is not None
+        return got
+
+
+def _public(alert: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in alert.items() if k not in ("connection", "topic")}
+
+
+class AlertService:
+    """The gateway's alerts: the book, lifecycle notifications through the outbox, the MQTT
+    command topic, and the cooldown timer. Owned (opened, run, closed) by the Gateway."""
+
+    def __init__(self, path: Path, gateway_id: str, outbox: Any, links: dict[str, Any],
+                 command_links: dict[str, Any] | None = None, clock: Callable[[], float] = time.time):
+        self.book = AlertBook(path, clock)
+        self.gateway_id = gateway_id
+        self.outbox = outbox
+        self.links = links  # publisher links, for command replies
+        self.command_links = command_links or {}
+        self.cooldowns: dict[tuple[str, str], float] = {}  # (pipeline, node) -> cooldown, set by alert sinks
+        self.commands_ok = 0
+        self.commands_rejected = 0
+        self._opened = False
+
+    @property
+    def cmd_prefix(self) -> str:
+        return f"sluice/{self.gateway_id}/cmd/"
+
+    async def open(self) -> None:
+        await self.book.open()
+        self._opened = True
+        for link in self.command_links.values():
+            link.subscribe(self.cmd_prefix + "+", 1)
+
+    async def close(self) -> None:
+        if self._opened:
+            self._opened = False
+            await self.book.close()
+
+    async def run(self) -> None:
+        """Run the command links and resolve cooled-down alerts, until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for name, link in self.command_links.items():
+                tg.create_task(link.run(), name=f"alerts:cmd:{name}")
+            tg.create_task(self._cooldown_loop(), name="alerts:cooldown")
+
+    async def stop_links(self) -> None:
+        for link in self.command_links.values():
+            await link.close()
+
+    async def _cooldown_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.cooldowns:
+                continue
+            try:
+                for alert in await self.book.resolve_cooled(self.cooldowns):
+                    await self.notify("resolved", alert)
+            except (sqlite3.Error, AlertError) as exc:
+                log.error("alerts: cannot resolve cooled-down alerts: %s", exc)
+
+    async def notify(self, action: str, alert: dict[str, Any]) -> None:
+        """Publish a lifecycle step through the outbox, to where the alert's sink publishes."""
+        conn, topic = alert.get("connection"), alert.get("topic")
+        if not conn or not topic or self.outbox is None:
+            return
+        await self.outbox.put([(conn, topic, {"action": action, "alert": _public(alert)}, alert["alert_key"])])
+
+    async def list(self, **filters: Any) -> list[dict[str, Any]]:
+        """Alerts newest first, filtered as :meth:`AlertBook.list` takes them."""
+        return [_public(a) for a in await self.book.list(**filters)]
+
+    async def operator(self, what: Literal["ack", "resolve"], alert_id: int | None = None, *,
+                       alert_key: str | None = None, by: str = "operator", note: str | None = None) -> dict[str, Any]:
+        fn = self.book.ack if what == "ack" else self.book.resolve
+        alert = await fn(alert_id, alert_key=alert_key, by=by, note=note)
+        log.info("alert %s (%s) %s by %s", alert["id"], alert["alert_key"], alert["state"], by)
+        await self.notify("acknowledged" if what == "ack" else "resolved", alert)
+        return _public(alert)
+
+    # --- MQTT commands ---------------------------------------------------------------------
+
+    async def on_command(self, client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
+        verb = topic[len(self.cmd_prefix):] if topic.startswith(self.cmd_prefix) else ""
+        if verb == "reply":
+            return 0
+        reply_to = self.cmd_prefix + "reply"
+        rt = (props or {}).get("response_topic")
+        if rt:
+            reply_to = rt[0] if isinstance(rt, list | tuple) else rt
+        request_id: Any = None
+        try:
+            try:
+                data = json.loads(payload)
+            except ValueError:
+                raise AlertError(400, "the command is not JSON") from None
+            if isinstance(data, dict):
+                request_id = data.get("request_id")
+            if verb not in ("ack", "resolve"):
+                raise AlertError(404, f"unknown command {verb!r}; use ack or resolve")
+            try:
+                cmd = AlertCommand.model_validate(data)
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise AlertError(400, f"{where + ': ' if where else ''}{first['msg']}") from None
+            alert = await self.operator(verb, cmd.id, alert_key=cmd.alert_key, by=cmd.by, note=cmd.note)  # type: ignore[arg-type]
+            reply: dict[str, Any] = {"ok": True, "request_id": request_id, "command": verb, "alert": alert}
+            self.commands_ok += 1
+        except AlertError as exc:
+            self.commands_rejected += 1
+            log.warning("alerts: command on %s rejected: %s", topic, exc)
+            reply = {"ok": False, "request_id": request_id, "command": verb, "error": str(exc), "status": exc.status}
+        self._reply(reply_to, reply)
+        return 0
+
+    def _reply(self, topic: str, reply: dict[str, Any]) -> None:
+        body = json.dumps({"gateway_id": self.gateway_id, **reply}, separators=(",", ":"), default=str).encode()
+        for link in [*self.command_links.values(), *self.links.values()]:
+            if link.connected:
+                try:
+                    link.publish(topic, body, qos=1)
+                    return
+                except SluiceError:
+                    continue
+        log.warning("alerts: no connection to answer on %s", topic)
+
+    def health(self) -> dict[str, Any]:
+        return {**self.book.counts, "commands_ok": self.commands_ok, "commands_rejected": self.commands_rejected}

@@ -1,0 +1,101 @@
+"""The ``alert`` sink: detector alerts become managed alerts (open → acknowledged → resolved).
+
+Each raised/cleared event from a detector updates the gateway's alert book (SQLite); every
+lifecycle step (opened, updated, reopened, cleared, acknowledged, resolved) is published through
+the outbox when ``connection`` is set, as ``{"action": ..., "alert": {...}}`` plus the outbox's
+``gateway_id``/``seq``/``replayed``.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any, Literal
+
+from pydantic import Field
+
+from gateway.events import Event
+from gateway.node import Duration, NodeOptions, Sink, register
+
+__all__ = ["AlertSink"]
+
+_TEMPLATE_FIELDS = {"gateway", "pipeline", "node"}
+
+
+class AlertOptions(NodeOptions):
+    type: Literal["alert"]
+    connection: str | None = Field(None, description="Publish each lifecycle step to this connection "
+                                                     "(through the outbox); none: keep alerts on the gateway only.")
+    topic: str = Field("sluice/{gateway}/alerts/{pipeline}", description="Topic template; {gateway} {pipeline} "
+                                                                         "{node}.")
+    cooldown: Duration = Field(0.0, description="A cleared condition resolves the alert only after staying "
+                                                "clear this long; a raise within it after a resolve reopens "
+                                                "the same alert.")
+    auto_resolve: bool = Field(True, description="Resolve when the detector clears; false: an operator must.")
+    notify_updates: bool = Field(True, description="Also publish repeat raises of an open alert (count + 1).")
+
+
+@register
+class AlertSink(Sink):
+    """Keep detector alerts as managed alerts, de-duplicated by alert key."""
+
+    Options = AlertOptions
+    options: AlertOptions
+
+    @classmethod
+    def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
+        o: AlertOptions = options  # type: ignore[assignment]
+        issues = []
+        conns = (config.get("connections") or {}) if isinstance(config, dict) else {}
+        if o.connection is not None and o.connection not in conns:
+            known = ", ".join(sorted(conns)) or "none defined"
+            issues.append(("connection", f"unknown connection {o.connection!r} (connections: {known})"))
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(o.topic) if f is not None}
+        except ValueError as exc:
+            issues.append(("topic", f"bad topic template: {exc}"))
+        else:
+            bad = names - _TEMPLATE_FIELDS
+            if bad:
+                issues.append(("topic", f"unknown template field {{{sorted(bad)[0]}}}; "
+                                        f"available: {', '.join(sorted(_TEMPLATE_FIELDS))}"))
+        if "+" in o.topic or "#" in o.topic:
+            issues.append(("topic", "a topic to publish to cannot contain + or #"))
+        return issues
+
+    def __init__(self, options: AlertOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self._service: Any = None
+        self._topic = options.topic.format(gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id)
+
+    async def start(self) -> None:
+        self._service = self.ctx.links.alerts
+        if self.options.cooldown and self.options.auto_resolve:
+            self._service.cooldowns[(self.ctx.pipeline, self.id)] = self.options.cooldown
+
+    def health(self) -> dict[str, Any]:
+        return self._service.health() if self._service is not None else {"state": "starting"}
+
+    def _item(self, ev: Event) -> dict[str, Any]:
+        v = ev.value
+        if (type(v) is not dict or v.get("state") not in ("raised", "cleared")
+                or not isinstance(v.get("alert_key"), str) or not v["alert_key"]):
+            raise ValueError("the alert sink takes detector alerts: a value with state raised/cleared and an "
+                             "alert_key (put a detector such as threshold before it)")
+        return {"pipeline": self.ctx.pipeline, "node": self.id, "key": ev.key, "ts": ev.ts, "value": v,
+                "connection": self.options.connection, "topic": self._topic}
+
+    async def write(self, batch: list[Event]) -> None:
+        items = []
+        for ev in batch:
+            try:
+                items.append(self._item(ev))
+            except ValueError as exc:
+                self.fail(ev, exc)
+        if not items:
+            return
+        o = self.options
+        steps = await self._service.book.apply(items, cooldown=o.cooldown, auto_resolve=o.auto_resolve)
+        for action, alert in steps:
+            if action == "updated" and not o.notify_updates:
+                continue
+            await self._service.notify(action, alert)
