@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""Crash test for window state: SIGKILL a gateway at random moments, restart it, compare with one clean run.
+
+A child gateway replays a fixed stream of readings (a source that checkpoints its read offset,
+like an MQTT QoS 1 persistent session) through a tumbling and a session window into a JSON-lines
+file. The parent kills the child with SIGKILL at random moments, checks after every kill that
+``state.db`` passes ``PRAGMA quick_check``, restarts it, and at the end compares with a run that
+was never interrupted: every window result of the crashed run must be one the clean run produced,
+none may be missing (a result may repeat: output is at-least-once), and the windows still open
+at the end must hold the same state.
+
+    .venv/bin/python scripts/crash_windows.py              # 50 rounds
+    .venv/bin/python scripts/crash_windows.py --rounds 3 --quick
+Exit status 0 when every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+# --- the child: a gateway with a replayable file source and a JSON-lines sink -------------------
+
+
+def child(args: argparse.Namespace) -> int:
+    from pydantic import Field
+
+    from gateway.config import parse_config
+    from gateway.engine import SourceQueue
+    from gateway.events import Event
+    from gateway.node import NodeContext, NodeOptions, Sink, Source, register
+    from gateway.runtime import Gateway
+
+    class FileOptions(NodeOptions):
+        type: Literal["crash_file"]
+        path: str
+        batch: int = 20
+        rate: float = Field(4000.0, description="readings per second")
+
+    @register
+    class FileSource(Source):
+        """Reads [key, ts, value] lines from the offset it last checkpointed."""
+
+        Options = FileOptions
+        options: FileOptions
+
+        def __init__(self, options: FileOptions, ctx: NodeContext):
+            super().__init__(options, ctx)
+            self.offset = 0
+            self.total = 0
+
+        def snapshot(self) -> Any:
+            return self.offset
+
+        def restore(self, state: Any) -> None:
+            self.offset = int(state)
+
+        async def run(self, output: SourceQueue) -> None:
+            lines = await asyncio.to_thread(_read_lines, self.options.path)
+            self.total = len(lines)
+            i = self.offset
+            while i < len(lines):
+                j = min(len(lines), i + self.options.batch)
+                batch = [Event(k, t, v, self.id) for k, t, v in map(json.loads, lines[i:j])]
+
+                def done(j: int = j) -> None:
+                    self.offset = j  # processed by the chain: the checkpoint may include it
+
+                await output.put(batch, done)
+                i = j
+                await asyncio.sleep(len(batch) / self.options.rate)
+
+    class JsonlOptions(NodeOptions):
+        type: Literal["crash_jsonl"]
+        path: str
+
+    @register
+    class JsonlSink(Sink):
+        Options = JsonlOptions
+        options: JsonlOptions
+
+        async def start(self) -> None:
+            self.f = await asyncio.to_thread(_open_for_append, self.options.path)
+
+        async def write(self, batch: list[Event]) -> None:
+            for e in batch:
+                self.f.write(json.dumps({"node": e.source, "key": e.key, "ts": e.ts, "value": e.value},
+                                        sort_keys=True) + "\n")
+            self.f.flush()
+
+        async def close(self) -> None:
+            self.f.close()
+
+    text = f"""\
+gateway: {{id: crash, data_dir: {json.dumps(args.data_dir)}, log_level: warning}}
+console: {{enabled: false}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: src, type: crash_file, path: {json.dumps(args.input)}, rate: {args.rate}}}
+      - {{id: tumbling, type: window, input: src, kind: tumbling, size: 5s, allowed_lateness: 3s,
+         aggregate: [mean, count, p90, first, last]}}
+      - {{id: session, type: window, input: src, kind: session, gap: 4s, allowed_lateness: 2s,
+         aggregate: [count, sum, max]}}
+      - {{id: out, type: crash_jsonl, input: [tumbling, session], path: {json.dumps(args.out)}}}
+"""
+
+    async def main() -> dict[str, Any]:
+        gw = Gateway(parse_config(text, "crash.yaml", env={}))
+        task = asyncio.create_task(gw.run(install_signals=False))
+        p = gw.pipelines["p"]
+        src = p.nodes[p.index["src"]]
+        while not task.done():
+            if p.source_state.get("src") == "finished" and src.offset == src.total and p.queue.depth == 0:
+                gw.stop()
+                break
+            await asyncio.sleep(0.05)
+        await task
+        return {n: p.nodes[p.index[n]].snapshot() for n in ("tumbling", "session")}
+
+    state = asyncio.run(main())
+    Path(args.state).write_text(json.dumps(state, sort_keys=True))
+    return 0
+
+
+def _read_lines(path: str) -> list[str]:
+    return Path(path).read_text().splitlines()
+
+
+def _open_for_append(path: str) -> Any:
+    p = Path(path)
+    if p.exists():
+        data = p.read_bytes()
+        if data and not data.endswith(b"\n"):  # a line torn by the kill
+            p.write_bytes(data[: data.rfind(b"\n") + 1])
+    return p.open("a", encoding="utf-8")
+
+
+# --- the parent ----------------------------------------------------------------------------
+
+
+def make_input(path: Path, n: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    t = 1_700_000_000.0
+    with path.open("w") as f:
+        for _ in range(n):
+            t += rnd.expovariate(1 / 0.05) if rnd.random() > 0.002 else rnd.uniform(5, 15)  # bursts and pauses
+            late = rnd.choice([0.0, 0.0, 0.0, 0.5, 2.0, 6.0])
+            f.write(json.dumps([f"s{rnd.randrange(12)}", round(t - late, 3), round(rnd.gauss(20, 5), 2)]) + "\n")
+
+
+def spawn(work: Path, run: str, input_path: Path, rate: float) -> subprocess.Popen[bytes]:
+    d = work / run
+    d.mkdir(exist_ok=True)
+    cmd = [sys.executable, __file__, "--child", "--data-dir", str(d / "data"), "--input", str(input_path),
+           "--out", str(d / "out.jsonl"), "--state", str(d / "state.json"), "--rate", str(rate)]
+    return subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE)
+
+
+def quick_check(db: Path) -> str:
+    if not db.exists():
+        return "ok"
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("PRAGMA quick_check").fetchall()
+    finally:
+        con.close()
+    return "; ".join(r[0] for r in rows)
+
+
+def finish(proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise SystemExit(f"{what}: did not finish within {timeout:.0f}s") from None
+    if proc.returncode != 0:
+        raise SystemExit(f"{what}: exit {proc.returncode}\n{err.decode(errors='replace')[-3000:]}")
+
+
+def parent(args: argparse.Namespace) -> int:
+    rnd = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="sluice-crash-") as tmp:
+        work = Path(args.workdir) if args.workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        input_path = work / "input.jsonl"
+        make_input(input_path, args.events, args.seed)
+
+        t0 = time.monotonic()
+        finish(spawn(work, "clean", input_path, args.rate), "clean run", 300)
+        clean_time = time.monotonic() - t0
+        print(f"clean run: {args.events} readings in {clean_time:.1f}s")
+
+        killed = 0
+        for r in range(args.rounds):
+            proc = spawn(work, "crashed", input_path, args.rate)
+            delay = rnd.uniform(args.min_delay, args.max_delay)
+            try:
+                proc.wait(timeout=delay)
+                finished_early = True
+            except subprocess.TimeoutExpired:
+                finished_early = False
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed += 1
+            if finished_early and proc.returncode != 0:
+                raise SystemExit(f"round {r}: child failed: {proc.stderr.read().decode(errors='replace')[-3000:]}"
+                                 if proc.stderr else f"round {r}: child failed")
+            if proc.stderr:
+                proc.stderr.close()
+            check = quick_check(work / "crashed" / "data" / "state.db")
+            print(f"round {r + 1}/{args.rounds}: {'killed' if not finished_early else 'finished'} "
+                  f"after {delay:.2f}s; quick_check: {check}")
+            if check != "ok":
+                print("FAIL: the state database is damaged after a SIGKILL", file=sys.stderr)
+                return 1
+        finish(spawn(work, "crashed", input_path, args.rate), "final run", 300)
+
+        def lines(run: str) -> list[str]:
+            return (work / run / "out.jsonl").read_text().splitlines()
+
+        clean, crashed = lines("clean"), lines("crashed")
+        clean_set, crashed_set = set(clean), set(crashed)
+        wrong = crashed_set - clean_set
+        missing = clean_set - crashed_set
+        state_same = (work / "clean" / "state.json").read_text() == (work / "crashed" / "state.json").read_text()
+        print(f"{killed} kills; results: clean {len(clean)}, crashed {len(crashed)} "
+              f"({len(crashed) - len(crashed_set)} repeated), wrong {len(wrong)}, missing {len(missing)}; "
+              f"open windows equal: {state_same}")
+        ok = not wrong and not missing and state_same and len(clean) == len(clean_set)
+        if not ok:
+            for line in sorted(wrong)[:5]:
+                print("  wrong:  ", line, file=sys.stderr)
+            for line in sorted(missing)[:5]:
+                print("  missing:", line, file=sys.stderr)
+        if args.workdir is None and not ok:
+            kept = Path(tempfile.mkdtemp(prefix="sluice-crash-kept-"))
+            for run in ("clean", "crashed"):
+                for name in ("out.jsonl", "state.json"):
+                    src = work / run / name
+                    if src.exists():
+                        (kept / f"{run}-{name}").write_bytes(src.read_bytes())
+            print(f"outputs kept in {kept}", file=sys.stderr)
+        print(json.dumps({"crash": "windows", "rounds": args.rounds, "kills": killed, "ok": ok}))
+        return 0 if ok else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--events", type=int, default=12_000)
+    ap.add_argument("--rate", type=float, default=4000.0, help="readings per second the source replays")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--min-delay", type=float, default=0.3, help="shortest life before a kill (s)")
+    ap.add_argument("--max-delay", type=float, default=3.0, help="longest life before a kill (s)")
+    ap.add_argument("--workdir", help="keep everything here instead of a temporary directory")
+    ap.add_argument("--quick", action="store_true", help="a small stream (for CI): 4,000 readings")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--input", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--state", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if args.quick:
+        args.events = min(args.events, 4000)
+    return parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
