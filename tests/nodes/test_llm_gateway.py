@@ -14,7 +14,7 @@ from gateway.llm import ModelLoadError
 from gateway.runtime import Gateway
 from tests._tiny_gguf import write_tiny_llama
 from tests._util import MosquittoBroker, MqttTestClient, mqtt_client, wait_for
-from tests.gateway._harness import NO_AUTH, node, running_gateway
+from tests.gateway._harness import NO_AUTH, get, node, running_gateway
 
 ALERTS = "sluice/gw1/alerts/boiler"
 
@@ -66,6 +66,16 @@ async def test_alerts_are_explained_by_the_local_model(tmp_path: Path, mosquitto
             await wait_for(lambda: [a for a in alerts(sub) if a["value"]["llm"] == "ok"], timeout=20)
             pub.publish("sensors/s1/temp", json.dumps({"value": 80.0}))
             await wait_for(lambda: len([a for a in alerts(sub) if a["value"]["llm"] == "ok"]) == 2, timeout=20)
+            status, metrics = await get(gw, "/metrics")
+    assert status == 200
+    lines = metrics.splitlines()
+    for line in ('sluice_llm_results_total{node="explain",pipeline="boiler",status="ok"} 2.0',
+                 'sluice_llm_shed_total{node="explain",pipeline="boiler",reason="queue_full"} 0.0',
+                 'sluice_llm_queue_max_depth{node="explain",pipeline="boiler"} 16.0',
+                 'sluice_llm_provider_requests_total{provider="model"} 2.0',
+                 'sluice_llm_breaker_open{provider="model"} 0.0'):
+        assert line in lines, line
+    assert any(x.startswith('sluice_llm_first_token_seconds{node="explain"') for x in lines)
     got = alerts(sub)
     final = [a["value"] for a in got if a["value"]["llm"] == "ok"]
     assert [f["state"] for f in final] == ["raised", "cleared"]
