@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from aiohttp import web
 
+from .alerts import SEVERITIES, STATES, AlertError
 from .config import ConsoleConfig
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ class _GatewayCollector:
         from .llm import metric_families
 
         yield from metric_families(gw)
+        from .llm import metric_families
+
+        yield from metric_families(gw)
         yield GaugeMetricFamily("sluice_uptime_seconds", "Seconds since the gateway started",
                                 value=time.time() - gw.started_at)
         with self._proc.oneshot():
@@ -115,6 +119,8 @@ class Console:
         self.app.router.add_get("/api/pipelines", self.api_pipelines)
         self.app.router.add_get("/api/deadletters", self.api_deadletters)
         self.app.router.add_get("/api/logs", self.api_logs)
+        self.app.router.add_get("/api/alerts", self.api_alerts)
+        self.app.router.add_post("/api/alerts/{id}/{action}", self.api_alert_action)
         from .web import setup as web_setup  # pages, /ws, OpenAPI, and the auth around them
 
         self.web = web_setup(self.app, gw, cfg)
@@ -177,6 +183,50 @@ class Console:
             raise web.HTTPBadRequest(text="limit must be an integer") from None
         rows = list(self.gw.dead_letters.recent)[-limit:][::-1]
         return web.json_response({"total": self.gw.dead_letters.total, "recent": rows})
+
+    async def api_alerts(self, request: web.Request) -> web.Response:
+        """``GET /api/alerts?state=&severity=&pipeline=&key=&since=&until=&limit=`` (newest first)."""
+        q = request.query
+        for name, allowed in (("state", STATES), ("severity", SEVERITIES)):
+            if name in q and q[name] not in allowed:
+                return web.json_response({"error": f"{name} must be one of {', '.join(allowed)}"}, status=400)
+        try:
+            limit = max(1, min(int(q.get("limit", "100")), 1000))
+            since = float(q["since"]) if "since" in q else None
+            until = float(q["until"]) if "until" in q else None
+        except ValueError:
+            return web.json_response({"error": "limit is an integer; since and until are epoch seconds"}, status=400)
+        alerts = await self.gw.alerts.list(state=q.get("state"), severity=q.get("severity"),
+                                           pipeline=q.get("pipeline"), key=q.get("key"), since=since,
+                                           until=until, limit=limit)
+        return web.json_response({"alerts": alerts, "summary": await self.gw.alerts.book.summary()})
+
+    async def api_alert_action(self, request: web.Request) -> web.Response:
+        """``POST /api/alerts/<id>/ack`` or ``…/resolve``, optional JSON body ``{"note": "..."}``."""
+        action = request.match_info["action"]
+        if action not in ("ack", "resolve"):
+            return web.json_response({"error": f"unknown action {action!r}; use ack or resolve"}, status=404)
+        try:
+            alert_id = int(request.match_info["id"])
+        except ValueError:
+            return web.json_response({"error": "the alert id is a number"}, status=400)
+        body: Any = {}
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                return web.json_response({"error": "the body must be JSON"}, status=400)
+        if not isinstance(body, dict) or not isinstance(body.get("note", ""), str | None):
+            return web.json_response({"error": 'the body is {"note": "..."}'}, status=400)
+        from .web.auth import IDENTITY
+
+        ident = request.get(IDENTITY)
+        by = ident.name if ident is not None and ident.via != "open" else str(body.get("by") or "console")
+        try:
+            alert = await self.gw.alerts.operator(action, alert_id, by=by, note=body.get("note"))  # type: ignore[arg-type]
+        except AlertError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        return web.json_response({"alert": alert})
 
     async def api_logs(self, request: web.Request) -> web.Response:
         from ._log import RECENT
