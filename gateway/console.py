@@ -93,9 +93,6 @@ class _GatewayCollector:
         from .llm import metric_families
 
         yield from metric_families(gw)
-        from .llm import metric_families
-
-        yield from metric_families(gw)
         yield GaugeMetricFamily("sluice_uptime_seconds", "Seconds since the gateway started",
                                 value=time.time() - gw.started_at)
         with self._proc.oneshot():
