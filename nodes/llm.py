@@ -305,6 +305,9 @@ class Llm(Operator):
         try:
             while True:
                 item, waited = await self.queue.get()
+                late = self._take_out()  # items that passed their deadline on the way out
+                if late:
+                    self.ctx.emit(late)
                 self.in_flight += 1
                 try:
                     await self._handle(item, waited)
