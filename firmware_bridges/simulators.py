@@ -172,6 +172,7 @@ class PtyBridge:
         self._b = PtyDevice()
         self.a, self.b = self._a.path, self._b.path
         self.cut = False  # True: the cable is pulled, bytes are dropped
+        self.corrupt = False  # True: one bit of every chunk is flipped (CRC errors on the line)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> PtyBridge:
@@ -186,6 +187,8 @@ class PtyBridge:
             data = os.read(src, 65536)
         except (BlockingIOError, OSError):
             return
+        if data and self.corrupt:
+            data = bytes([data[0] ^ 0x10]) + data[1:]
         if data and not self.cut:
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(dst, data)

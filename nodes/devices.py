@@ -118,11 +118,14 @@ class SerialSource(Source):
         self._out: SourceQueue | None = None
         self.n_bytes = 0
         self.n_malformed = 0
+        self.n_pauses = 0
+        self._paused = False
         self.by_kind: dict[str, int] = {}
 
     def health(self) -> dict[str, Any]:
         h = self._health.as_dict()
         h["bytes"] = self.n_bytes
+        h["paused"] = self._paused
         h["decoder"] = dict(self._decoder.stats)
         return h
 
@@ -164,13 +167,18 @@ class SerialSource(Source):
         for i in range(0, len(events), step):
             room = out.put_nowait(events[i : i + step])
         t = self._transport
-        if not room and t is not None and t.is_reading():
+        # SerialTransport has no is_reading(): keep the paused state here
+        if not room and t is not None and not self._paused:
+            self._paused = True
+            self.n_pauses += 1
             t.pause_reading()
             out.when_room(lambda: self._resume(t))
 
     def _resume(self, t: asyncio.Transport) -> None:
-        if t is self._transport and not t.is_closing():
-            t.resume_reading()
+        if t is self._transport:
+            self._paused = False
+            if not t.is_closing():
+                t.resume_reading()
 
     async def _open(self) -> tuple[asyncio.Transport, _SerialProtocol]:
         o = self.options
@@ -200,6 +208,7 @@ class SerialSource(Source):
                 await asyncio.sleep(delay)
                 continue
             self._transport = transport
+            self._paused = False
             resumed = self._health.state == "down"
             self._health.up(self.ctx.clock())
             attempt = 0

@@ -213,6 +213,14 @@ async def test_rtu_over_a_pty_null_modem(tmp_path: Path) -> None:
             bridge.cut = False
             n = count(gw, "th.humidity")
             await wait_for(lambda: count(gw, "th.humidity") > n, timeout=10)
+            assert src.health()["slaves"]["th"]["state"] == "ok"
+            # line noise: every frame fails its CRC, so no reply is valid; the points go bad, then recover
+            bridge.corrupt = True
+            await wait_for(lambda: src.health()["slaves"]["pz"]["state"] == "down")
+            bridge.corrupt = False
+            n = count(gw, "pz.current")
+            await wait_for(lambda: count(gw, "pz.current") > n, timeout=10)
+            assert gw.state == "running"
     finally:
         await sim.stop()
         bridge.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.gateway._harness import get, node, running_gateway
 
 class CollectOptions(NodeOptions):
     type: Literal["t_dev_collect"]
+    delay: float = 0.0
 
 
 class Collect(Sink):
@@ -32,6 +34,8 @@ class Collect(Sink):
         self.events: list[Event] = []
 
     async def write(self, batch: list[Event]) -> None:
+        if self.options.delay:  # type: ignore[attr-defined]
+            await asyncio.sleep(self.options.delay)  # type: ignore[attr-defined]
         self.events.extend(batch)
 
 
@@ -173,7 +177,8 @@ async def test_missing_port_at_start_keeps_the_gateway_running(tmp_path: Path) -
 
 
 async def test_full_pipeline_pauses_reading_and_loses_nothing(tmp_path: Path) -> None:
-    text = config(tmp_path, "PORT", "json").replace("gateway: {", "gateway: {queue_size: 50, ")
+    text = config(tmp_path, "PORT", "json").replace("gateway: {", "gateway: {queue_size: 50, sink_queue_size: 10, ")
+    text = text.replace("type: t_dev_collect,", "type: t_dev_collect, delay: 0.002,")
     with PtyDevice() as dev:
         text = text.replace("PORT", dev.path)
         async with running_gateway(text) as gw:
@@ -183,6 +188,10 @@ async def test_full_pipeline_pauses_reading_and_loses_nothing(tmp_path: Path) ->
             await dev.send(lines)
             await wait_for(lambda: len(values(gw)) == 3000, timeout=20)
             assert values(gw) == [float(i) for i in range(3000)]
+            # reading paused while the queue was full: it never held much more than its capacity
+            q = gw.pipelines["field"].queue
+            assert q.high_water <= 50 + 1024 // 10, q.stats()
+            assert src.n_pauses >= 1
 
 
 def parse_codec(spec: Any) -> Any:
