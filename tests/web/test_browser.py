@@ -218,3 +218,22 @@ async def test_viewer_sees_no_config_and_phone_layout(gw: Gateway, browser: Any)
         assert not errors, errors
     finally:
         await ctx.close()
+
+
+async def test_charts_draw_rates_and_values_without_csp_violations(gw: Gateway, page: Any) -> None:
+    base = await logged_in(gw, page)
+    await page.goto(base + "/#/charts/plant/sensors")
+    await playwright_api.expect(page.locator("#chart-rates canvas")).to_have_count(1, timeout=10_000)
+    await playwright_api.expect(page.locator("#chart-values canvas")).to_have_count(1, timeout=10_000)
+    await playwright_api.expect(page.locator("#chart-note")).to_contain_text("2 series")
+    legend = page.locator("#chart-values .u-legend")
+    await playwright_api.expect(legend).to_contain_text("boiler/temp")
+    await playwright_api.expect(legend).to_contain_text("pump/vibration")
+    await shot(page, "charts")
+    # leaving the page removes the tap
+    await page.goto(base + "/#/overview")
+    await playwright_api.expect(page.locator('#pipelines tr[data-pipeline="plant"]')).to_be_visible()
+    hub = web_of(gw).hub
+    from tests._util import wait_for
+
+    await wait_for(lambda: not hub._taps, timeout=5)

@@ -6,8 +6,10 @@ import * as graph from "./views/graph.js";
 import * as events from "./views/events.js";
 import * as deadletters from "./views/deadletters.js";
 import * as config from "./views/config.js";
+import * as alerts from "./views/alerts.js";
+import * as charts from "./views/charts.js";
 
-const views = { overview, graph, events, deadletters, config };
+const views = { overview, graph, alerts, charts, events, deadletters, config };
 const root = document.getElementById("view");
 let current = null;
 let me = null;

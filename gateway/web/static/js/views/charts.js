@@ -1,0 +1,151 @@
+// Charts: events per second of each pipeline (from the stats tick) and the live values of a
+// node's keys (from its event tap), drawn with the vendored uPlot, loaded only on this page.
+import { get, h } from "../api.js";
+import { on, subscribe } from "../live.js";
+
+const KEEP = 600; // points per series: ten minutes at one per second
+const COLORS = ["#0b6e99", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0550ae", "#57606a", "#953800", "#116329"];
+let loading = null;
+
+function loadUPlot() {
+  if (window.uPlot) return Promise.resolve(window.uPlot);
+  if (!loading) {
+    loading = new Promise((resolve, reject) => {
+      document.head.append(h("link", { rel: "stylesheet", href: "/static/vendor/uplot/uPlot.min.css" }));
+      const s = h("script", { src: "/static/vendor/uplot/uPlot.iife.min.js" });
+      s.addEventListener("load", () => resolve(window.uPlot));
+      s.addEventListener("error", () => reject(new Error("could not load the chart library")));
+      document.head.append(s);
+    });
+  }
+  return loading;
+}
+
+// Columns of [time, series...] with a fixed length: the oldest point leaves when a new one comes.
+class Series {
+  constructor() {
+    this.names = [];
+    this.t = [];
+    this.cols = [];
+  }
+  index(name) {
+    let i = this.names.indexOf(name);
+    if (i < 0) {
+      i = this.names.push(name) - 1;
+      this.cols.push(this.t.map(() => null));
+    }
+    return i;
+  }
+  add(t, values) {
+    for (const name of Object.keys(values)) this.index(name);
+    this.t.push(t);
+    this.cols.forEach((c, i) => c.push(values[this.names[i]] ?? null));
+    if (this.t.length > KEEP) {
+      this.t.shift();
+      this.cols.forEach((c) => c.shift());
+    }
+  }
+  data() {
+    return [this.t, ...this.cols];
+  }
+}
+
+function chart(uPlot, el, title, series) {
+  const width = Math.max(280, el.clientWidth || 600);
+  const opts = {
+    title, width, height: 240,
+    series: [{}, ...series.names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true }))],
+    // at least the last minute on the time axis, so one point does not stretch it to years
+    scales: { x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max] } },
+    axes: [{}, {}],
+  };
+  return new uPlot(opts, series.data(), el);
+}
+
+export function start(el, { args }) {
+  const select = h("select", { id: "chart-node", "aria-label": "node" });
+  const ratesBox = h("div", { class: "chart", id: "chart-rates" });
+  const valuesBox = h("div", { class: "chart", id: "chart-values" });
+  const note = h("p", { class: "muted", id: "chart-note" }, "Pick a node to chart the values of its keys.");
+  el.append(h("h1", {}, "Charts"), ratesBox, h("div", { class: "toolbar" }, select), note, valuesBox);
+
+  const rates = new Series();
+  const values = new Series();
+  let ratesPlot = null, valuesPlot = null, prev = null, unsubEvents = null, stopped = false;
+  let U = null;
+
+  function redraw(plot, box, title, series, make) {
+    if (!U || stopped) return plot;
+    if (!plot || plot.series.length !== series.names.length + 1) {
+      if (plot) plot.destroy();
+      box.replaceChildren();
+      return make ? chart(U, box, title, series) : plot;
+    }
+    plot.setData(series.data());
+    return plot;
+  }
+
+  const offStats = on("stats", (s) => {
+    const now = s.ts;
+    const counts = Object.fromEntries(s.pipelines.map((p) => [p.name, p.events_in]));
+    if (prev) {
+      const dt = now - prev.ts;
+      const r = {};
+      for (const [name, n] of Object.entries(counts)) if (name in prev.counts) r[`${name} events/s`] = Math.max(0, (n - prev.counts[name]) / dt);
+      rates.add(now, r);
+      ratesPlot = redraw(ratesPlot, ratesBox, "Events in per second", rates, true);
+    }
+    prev = { ts: now, counts };
+  });
+  const unsubStats = subscribe("stats");
+
+  // one point per key per second at most: the latest value of that second
+  let pending = {}, pendingT = 0;
+  const offEvents = on("events", (m) => {
+    for (const ev of m.events) {
+      const v = typeof ev.value === "number" ? ev.value : null;
+      if (v === null) continue;
+      const t = Math.floor(ev.ts);
+      if (pendingT && t !== pendingT) {
+        values.add(pendingT, pending);
+        pending = {};
+        valuesPlot = redraw(valuesPlot, valuesBox, "Values", values, true);
+      }
+      pendingT = t;
+      pending[ev.key] = v;
+    }
+    note.textContent = `${values.names.length} series, ${values.t.length} points`;
+  });
+
+  function choose(value) {
+    if (unsubEvents) unsubEvents();
+    unsubEvents = null;
+    if (!value) return;
+    const [pipeline, node] = JSON.parse(value);
+    unsubEvents = subscribe("events", { pipeline, node });
+    location.replace(`#/charts/${encodeURIComponent(pipeline)}/${encodeURIComponent(node)}`);
+  }
+  select.addEventListener("change", () => choose(select.value));
+
+  loadUPlot().then((u) => { U = u; }).catch((e) => note.replaceWith(h("p", { class: "error" }, e.message)));
+  get("/api/pipelines").then((d) => {
+    select.append(h("option", { value: "" }, "choose a node…"));
+    for (const p of d.pipelines) {
+      select.append(h("optgroup", { label: p.name },
+        p.nodes.map((n) => h("option", { value: JSON.stringify([p.name, n.id]) }, `${n.id} (${n.type})`))));
+    }
+    if (args.length === 2) {
+      select.value = JSON.stringify(args);
+      choose(select.value);
+    }
+  });
+  return {
+    stop() {
+      stopped = true;
+      offStats(); unsubStats(); offEvents();
+      if (unsubEvents) unsubEvents();
+      if (ratesPlot) ratesPlot.destroy();
+      if (valuesPlot) valuesPlot.destroy();
+    },
+  };
+}
