@@ -7,7 +7,7 @@ import math
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -35,6 +35,7 @@ def ref_decode(kind: str, regs: list[int], word_order: str, byte_order: str) -> 
     return struct.unpack(">" + FMT[kind], b"".join(w.to_bytes(2, "big") for w in words))[0]
 
 
+@settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
 @given(st.sampled_from(sorted(FMT)), st.lists(st.integers(0, 0xFFFF), min_size=4, max_size=4),
        st.sampled_from(["big", "little"]), st.sampled_from(["big", "little"]))
 def test_decode_matches_struct_reference(kind: str, regs: list[int], wo: str, bo: str) -> None:
@@ -50,6 +51,7 @@ def test_decode_matches_struct_reference(kind: str, regs: list[int], wo: str, bo
         assert decode_point(p, encode_point(p, got, (wo, bo)), (wo, bo)) == got  # type: ignore[arg-type]
 
 
+@settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
 @given(st.floats(-1e6, 1e6), st.sampled_from(["int32", "float64", "int16"]), st.sampled_from([0.1, 0.01, 2.0]),
        st.floats(-100, 100))
 def test_scale_and_offset_round_trip(value: float, kind: str, scale: float, offset: float) -> None:
@@ -94,6 +96,7 @@ _points = st.lists(
     max_size=40)
 
 
+@settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
 @given(_points, st.integers(1, 125), st.integers(0, 10))
 def test_plan_covers_every_point_within_limits(points: list[Point], limit: int, gap: int) -> None:
     points = [p.model_copy(update={"name": f"p{i}"}) for i, p in enumerate(points)]
