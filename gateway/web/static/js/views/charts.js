@@ -50,13 +50,16 @@ class Series {
   }
 }
 
-function chart(uPlot, el, title, series) {
+function chart(uPlot, el, title, series, fromZero) {
   const width = Math.max(280, el.clientWidth || 600);
   const opts = {
     title, width, height: 240,
     series: [{}, ...series.names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true }))],
     // at least the last minute on the time axis, so one point does not stretch it to years
-    scales: { x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max] } },
+    scales: {
+      x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max] },
+      ...(fromZero ? { y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } } : {}),
+    },
     axes: [{}, {}],
   };
   return new uPlot(opts, series.data(), el);
@@ -75,11 +78,11 @@ export function start(el, { args }) {
   let U = null;
 
   function redraw(plot, box, title, series, make) {
-    if (!U || stopped) return plot;
+    if (!U || stopped || series.t.length < 2) return plot; // one point gives uPlot no time span
     if (!plot || plot.series.length !== series.names.length + 1) {
       if (plot) plot.destroy();
       box.replaceChildren();
-      return make ? chart(U, box, title, series) : plot;
+      return make ? chart(U, box, title, series, series === rates) : plot;
     }
     plot.setData(series.data());
     return plot;
