@@ -232,3 +232,25 @@ def test_config_errors(tmp_path: Path) -> None:
     text = "\n".join(str(i) for i in err.value.issues)
     assert "unknown device profile 'nope'" in text and "sdm120" in text, text
     assert "either `profile`" in text, text
+
+
+async def test_rtu_port_missing_at_start_then_plugged_in(tmp_path: Path) -> None:
+    link = tmp_path / "ttyRS485"
+    text = config(tmp_path, 0, "[{unit: 1, name: th, profile: xy-md02}]")
+    text = text.replace("host: 127.0.0.1", f"transport: rtu\n        device: {link}").replace("        port: 0\n", "")
+    async with running_gateway(text) as gw:
+        src = node(gw, "plant", "bus")
+        await wait_for(lambda: src.health()["state"] == "down")
+        assert str(link) in src.health()["reason"], src.health()
+        _status, body = await get(gw, "/healthz")
+        assert body["status"] == "degraded", body
+        bridge = PtyBridge().start()
+        sim = ModbusSimulator({1: load_profile("xy-md02")})
+        try:
+            await sim.start_rtu(bridge.a)
+            link.symlink_to(bridge.b)
+            await wait_for(lambda: latest(gw, "th.temperature") is not None, timeout=10)
+            assert src.health()["state"] == "up"
+        finally:
+            await sim.stop()
+            bridge.close()
