@@ -50,16 +50,24 @@ def make(**opts: Any) -> Window:
     return Window(WindowOptions(id="w", type="window", aggregate=AGGS, collect_max=COLLECT_MAX, **opts), ctx)
 
 
-def run_node(w: Window, readings: list[Reading], cut: int | None = None, opts: dict[str, Any] | None = None
-             ) -> list[Event]:
+def run_node(w: Window, readings: list[Reading], cut: int | None = None, opts: dict[str, Any] | None = None,
+             batch: int = 0) -> list[Event]:
+    """Readings one by one through on_event, or (batch > 0) in batches through process_batch."""
     out: list[Event] = []
-    for i, (k, ts, v) in enumerate([*readings, (END, 1e9, 0.0)]):
+    evs = [Event(k, ts, v, "s") for k, ts, v in [*readings, (END, 1e9, 0.0)]]
+    i = 0
+    while i < len(evs):
         if cut is not None and i == cut:
             snap = json.loads(json.dumps(w.snapshot()))
             w = make(**(opts or {}))
             w.restore(snap)
-        r = w.on_event(Event(k, ts, v, "s"))
-        out.extend(r if isinstance(r, list) else [r] if r is not None else [])
+        n = 1 if batch <= 0 else min(batch, (cut - i) if cut is not None and i < cut else batch)
+        if batch <= 0:
+            r = w.on_event(evs[i])
+            out.extend(r if isinstance(r, list) else [r] if r is not None else [])
+        else:
+            out.extend(w.process_batch(evs[i:i + n]))
+        i += n
     return [e for e in out if e.key != END and e.meta.get("final") and not e.meta.get("late")]
 
 
@@ -156,10 +164,31 @@ LATENESS = st.sampled_from([0.0, 0.0, 1.0, 4.0, 10.0])
 
 @SETTINGS
 @given(readings=streams(), lateness=LATENESS, size=st.sampled_from([1.0, 2.5, 5.0, 10.0]),
-       emit=st.sampled_from(["final", "early"]))
-def test_tumbling(readings: list[Reading], lateness: float, size: float, emit: str) -> None:
-    out = run_node(make(kind="tumbling", size=size, allowed_lateness=lateness, emit=emit), readings)
+       emit=st.sampled_from(["final", "early"]), batch=st.sampled_from([0, 1, 3, 50]))
+def test_tumbling(readings: list[Reading], lateness: float, size: float, emit: str, batch: int) -> None:
+    out = run_node(make(kind="tumbling", size=size, allowed_lateness=lateness, emit=emit), readings, batch=batch)
     check(out, reference("tumbling", readings, lateness, size=size), "tumbling")
+
+
+@SETTINGS
+@given(readings=streams(), lateness=LATENESS, size=st.sampled_from([1.0, 5.0]), batch=st.sampled_from([1, 4, 50]),
+       aggs=st.sampled_from([["mean"], ["count", "sum", "min", "max", "mean"]]))
+def test_tumbling_batch_fast_path(readings: list[Reading], lateness: float, size: float, batch: int,
+                                  aggs: list[str]) -> None:
+    """The inlined batch path (plain aggregates) against on_event, event by event, same outputs."""
+    ctx = NodeContext("gw", "p", "w", "/nonexistent", None, DeadLetters(None))
+
+    def node() -> Window:
+        return Window(WindowOptions(id="w", type="window", kind="tumbling", size=size, allowed_lateness=lateness,
+                                    aggregate=aggs), ctx)
+
+    fast, slow = node(), node()
+    assert fast._fast
+    a = run_node(fast, readings, batch=batch)
+    b = run_node(slow, readings)
+    assert [(e.key, e.ts, e.value, e.meta) for e in a] == [(e.key, e.ts, e.value, e.meta) for e in b]
+    assert fast.counters() == slow.counters()
+    assert json.dumps(fast.snapshot()) == json.dumps(slow.snapshot())
 
 
 @SETTINGS
@@ -213,5 +242,5 @@ def test_snapshot_and_restore_anywhere_changes_nothing(readings: list[Reading], 
         opts["allowed_lateness"] = lateness
     cut = data.draw(st.integers(0, len(readings)))
     straight = run_node(make(**opts), readings)
-    resumed = run_node(make(**opts), readings, cut=cut, opts=opts)
+    resumed = run_node(make(**opts), readings, cut=cut, opts=opts, batch=data.draw(st.sampled_from([0, 1, 7])))
     assert [(e.key, e.ts, e.value, e.meta) for e in resumed] == [(e.key, e.ts, e.value, e.meta) for e in straight]
