@@ -21,6 +21,7 @@ from typing import Any
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
+from gmqtt.mqtt.package import PublishPacket
 
 from ._retry import backoff
 from .config import MqttConnection
@@ -282,6 +283,31 @@ class MqttLink:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._acks[mid] = fut
         return fut
+
+    def publish_acked_many(self, messages: list[tuple[str, bytes, bool]]) -> list[asyncio.Future[None]]:
+        """:meth:`publish_acked` for several messages in one socket write (one syscall, not one each).
+
+        Returns one future per message sent, in order; fewer than given when packet ids ran out
+        (send the rest once acknowledgements free some).
+        """
+        if not self.connected or not self._client.is_connected:
+            raise LinkError(self.name, "not connected")
+        proto = self._client._connection._protocol
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        futs: list[asyncio.Future[None]] = []
+        for topic, payload, retain in messages:
+            try:
+                mid, pkg = PublishPacket.build_package(gmqtt.Message(topic, payload, qos=1, retain=retain), proto)
+            except OverflowError:
+                break
+            buf += pkg
+            fut: asyncio.Future[None] = loop.create_future()
+            self._acks[mid] = fut
+            futs.append(fut)
+        if buf:
+            proto.write_data(bytes(buf))
+        return futs
 
     @property
     def in_flight(self) -> int:

@@ -47,6 +47,7 @@ T = TypeVar("T")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
 _SIZE_UNIT = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
               "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+_LIVE_CACHE = 20_000  # rows kept in memory per connection for the sender
 _ROW_OVERHEAD = 48  # bytes SQLite spends per row beyond its text: header, rowid, the index entry
 
 
@@ -340,6 +341,8 @@ class Outbox:
         self._sizes: dict[int, int] = {}
         self._new: dict[str, asyncio.Event] = {}
         self._restart: set[str] = set()  # connections whose in-flight messages were lost
+        self._live: dict[str, deque[Row]] = {}  # rows just committed, so sending need not read them back
+        self._live_gap: dict[str, int] = {}  # ...complete only for ids above this (default: startup_max)
         self._slot = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._rate = _RateCap(self.config.max_rate)
@@ -445,6 +448,16 @@ class Outbox:
                 self._rl.warning("quota", "outbox over its quota (%d bytes, %s messages): dropped the %d oldest "
                                  "messages (%d dropped in all)", self.config.max_bytes,
                                  self.config.max_messages or "any", dropped, self.dropped)
+            for i, r in enumerate(rows):
+                q = self._live.get(r[0])
+                if q is None:
+                    q = self._live[r[0]] = deque()
+                q.append(Row(first + i, r[0], r[1], r[2], r[3], r[4], r[5]))
+            for c in conns:
+                if len(self._live[c]) > _LIVE_CACHE:
+                    # nobody is sending (offline): stop keeping a copy; the sender reads from disk
+                    self._live[c].clear()
+                    self._live_gap[c] = self.last_id
         for c in conns:
             self._event(c).set()
         return first
@@ -543,6 +556,8 @@ class Outbox:
         turn_live = False
         batch = 500
 
+        out: list[Row] = []  # chosen, sent together in one write
+
         def usable(r: Row) -> bool:
             return r.id > self._trimmed_hi and r.id not in self._acked
 
@@ -551,6 +566,7 @@ class Outbox:
             if not link.connected or conn in self._restart:
                 raise LinkError(conn, "connection lost")
             if not b_done and not b_buf:
+                await self._send_many(conn, link, out)
                 rows = await self._run(self.store.load, conn, b_cursor, mark, batch)
                 if rows:
                     b_cursor = rows[-1].id
@@ -564,10 +580,25 @@ class Outbox:
                 continue
             if not l_buf and not ready and self.last_id > l_cursor:
                 new.clear()
-                rows = await self._run(self.store.load, conn, l_cursor, None, batch)
-                if rows:
-                    l_cursor = rows[-1].id
-                    l_buf.extend(r for r in rows if usable(r))
+                snap = self.last_id
+                cache = self._live.get(conn)
+                if l_cursor >= self._live_gap.get(conn, self.startup_max):
+                    # the memory copy holds every row after l_cursor: no need to read them back
+                    while cache and cache[0].id <= l_cursor:
+                        cache.popleft()
+                    while cache and len(l_buf) < batch:
+                        r = cache.popleft()
+                        if usable(r):
+                            l_buf.append(r)
+                        l_cursor = r.id
+                    if not cache:
+                        l_cursor = max(l_cursor, snap)
+                    continue
+                await self._send_many(conn, link, out)
+                rows = await self._run(self.store.load, conn, l_cursor, snap, batch)
+                l_buf.extend(r for r in rows if usable(r))
+                # every row up to snap was committed before this read: none of this connection's is left
+                l_cursor = rows[-1].id if len(rows) == batch else snap
                 continue
             # live rows whose key still has backlog to go wait behind it
             while l_buf and (l_buf[0].okey in backlog_last or l_buf[0].okey in deferred):
@@ -585,6 +616,7 @@ class Outbox:
             elif live_q:
                 row = live_q.popleft()
             else:
+                await self._send_many(conn, link, out)
                 if b_done and not deferred:
                     if self.last_id <= l_cursor:
                         await self._wait(new, link)
@@ -592,27 +624,44 @@ class Outbox:
             turn_live = not turn_live
             if not usable(row):
                 continue
-            await self._send(conn, link, row)
+            out.append(row)
+            if len(out) >= 64:
+                await self._send_many(conn, link, out)
 
     async def _wait(self, new: asyncio.Event, link: Any) -> None:
         """Until new rows arrive or the connection drops (checked every 0.5 s)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(new.wait(), 0.5)
 
-    async def _send(self, conn: str, link: Any, row: Row) -> None:
-        window = min(self.config.inflight, link.send_window)
-        while link.in_flight >= window:
-            self._slot.clear()
-            if not link.connected or conn in self._restart:
-                raise LinkError(conn, "connection lost")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot.wait(), 0.5)
-        await self._rate.take()
-        replayed = row.id <= self.startup_max or row.id in self._attempted
-        fut = link.publish_acked(row.topic, self._payload(row, replayed), row.retain)
-        if replayed:
-            self.replayed += 1
-        fut.add_done_callback(lambda f, row=row: self._on_ack(f, row))
+    async def _send_many(self, conn: str, link: Any, rows: list[Row]) -> None:
+        """Send ``rows`` (then empty the list), as many at a time as the window allows."""
+        i = 0
+        while i < len(rows):
+            window = min(self.config.inflight, link.send_window)
+            while link.in_flight >= window:
+                self._slot.clear()
+                if not link.connected or conn in self._restart:
+                    raise LinkError(conn, "connection lost")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot.wait(), 0.5)
+            chunk = rows[i:i + window - link.in_flight]
+            if self._rate.rate is not None:
+                chunk = chunk[:1]
+                await self._rate.take()
+            flags = [r.id <= self.startup_max or r.id in self._attempted for r in chunk]
+            futs = link.publish_acked_many([(r.topic, self._payload(r, f), r.retain) for r, f in zip(chunk, flags,
+                                                                                                  strict=True)])
+            if not futs:  # no packet id free right now (others use some): wait for an acknowledgement
+                self._slot.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot.wait(), 0.5)
+                continue
+            for r, replayed, fut in zip(chunk, flags, futs, strict=False):
+                if replayed:
+                    self.replayed += 1
+                fut.add_done_callback(lambda f, row=r: self._on_ack(f, row))
+            i += len(futs)
+        rows.clear()
 
     # --- reporting -----------------------------------------------------------------------
 

@@ -67,6 +67,10 @@ class FakeLink:
             asyncio.get_running_loop().call_soon(fut.set_result, None)
         return fut
 
+    def publish_acked_many(self, messages: list[tuple[str, bytes, bool]]) -> list[asyncio.Future[None]]:
+        room = self.send_window - self.in_flight
+        return [self.publish_acked(t, p, r) for t, p, r in messages[:room]]
+
     def ack_all(self) -> None:
         for f in self.pending:
             if not f.done():
