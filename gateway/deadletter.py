@@ -131,7 +131,12 @@ class DeadLetters:
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
         try:
             db.row_factory = sqlite3.Row
-            rows = db.execute("SELECT * FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            try:
+                rows = db.execute("SELECT * FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # the writer created the file, not yet the table
+                    return []
+                raise
             return [dict(r) for r in rows]
         finally:
             db.close()

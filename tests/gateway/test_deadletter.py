@@ -61,3 +61,9 @@ async def test_unwritable_database_is_counted_not_fatal(tmp_path: Path) -> None:
     await dl.flush()
     assert dl.lost == 1 and dl.total == 1
     await dl.close()
+
+
+def test_reading_while_the_writer_is_still_creating_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "deadletter.db"
+    sqlite3.connect(path).close()  # the file exists, the table not yet
+    assert DeadLetters(path).read() == []
