@@ -29,13 +29,13 @@ ALERTS = "sluice/gw1/alerts/#"
 
 
 def config(tmp_path: Path, port: int, *, interval: float = 0.01, count: int = 100, realtime: bool = False,
-           outbox: str = "{}", console: str = "{enabled: false}") -> str:
+           outbox: str = "{}", console: str = "{enabled: false}", version: str = "5") -> str:
     # Four sensors swinging 50 → 100 → 50 → 0: each raises and clears an alert every four rounds.
     sensors = ", ".join(f"{{key: s{i}, base: 50, amplitude: 50, period: {4 * interval}, noise: 0}}" for i in range(4))
     return f"""\
 gateway: {{id: gw1, data_dir: "{tmp_path}/data", outbox: {outbox}}}
 connections:
-  plant: {{type: mqtt, host: 127.0.0.1, port: {port}, reconnect_max: 1s}}
+  plant: {{type: mqtt, host: 127.0.0.1, port: {port}, reconnect_max: 1s, version: "{version}"}}
 pipelines:
   - name: boiler
     nodes:
@@ -156,6 +156,19 @@ async def test_broker_restart_mid_burst_loses_nothing(tmp_path: Path, mosquitto_
             await wait_for(lambda: len(consumer.seqs()) >= 10_000, timeout=60)
             assert gw.outbox.last_id == 10_000
         check_delivery(consumer.got, set(range(1, 10_001)))
+    finally:
+        consumer.stop()
+
+
+async def test_mqtt_311_delivery(tmp_path: Path, mosquitto_factory: Any) -> None:
+    broker = mosquitto_factory(persistence=True)
+    consumer = Consumer(broker, f"consumer-{broker.port}").start()
+    try:
+        async with running_gateway(config(tmp_path, broker.port, count=250, version="3.1.1")) as gw:
+            await wait_for(lambda: len(consumer.seqs()) >= 500, timeout=30)
+            await wait_for(lambda: gw.outbox.count == 0)
+        first = check_delivery(consumer.got, set(range(1, 501)))
+        assert not any(m["replayed"] for m in first.values())
     finally:
         consumer.stop()
 
