@@ -370,6 +370,8 @@ class Window(Operator):
         track_n = self.options.idle_timeout is not None
         wm = self._wm
         seq = self._seq
+        last_src: str | None = None  # the source of the newest maximum, and that maximum
+        last_max = -math.inf
         for ev in batch:
             ts = ev.ts
             v = ev.value
@@ -398,9 +400,15 @@ class Window(Operator):
                         self._src_n[src] = self._src_n.get(src, 0) + 1
                         if self._idle:
                             self._idle.discard(src)
-                    m = src_max.get(src)
+                    if src is last_src:
+                        if ts <= last_max:
+                            continue
+                        m = last_max
+                    else:
+                        m = src_max.get(src)
                     if m is None or ts > m:
-                        src_max[src] = ts
+                        src_max[src] = last_max = ts
+                        last_src = src
                         new = ts - lateness if len(src_max) == 1 and not self._idle else self._watermark()
                         if new > wm:
                             if heap and heap[0][0] <= new:
@@ -419,6 +427,7 @@ class Window(Operator):
                 r = None
             seq = self._seq
             wm = self._wm
+            last_src = None  # on_event may have moved a source's maximum
             if r is not None:
                 if type(r) is list:
                     out.extend(r)

@@ -51,10 +51,11 @@ def make(**opts: Any) -> Window:
 
 
 def run_node(w: Window, readings: list[Reading], cut: int | None = None, opts: dict[str, Any] | None = None,
-             batch: int = 0) -> list[Event]:
+             batch: int = 0, two_sources: bool = False) -> list[Event]:
     """Readings one by one through on_event, or (batch > 0) in batches through process_batch."""
     out: list[Event] = []
-    evs = [Event(k, ts, v, "s") for k, ts, v in [*readings, (END, 1e9, 0.0)]]
+    evs = [Event(k, ts, v, "t" if two_sources and i % 3 == 0 else "s")
+           for i, (k, ts, v) in enumerate([*readings, (END, 1e9, 0.0)])]
     i = 0
     while i < len(evs):
         if cut is not None and i == cut:
@@ -172,9 +173,9 @@ def test_tumbling(readings: list[Reading], lateness: float, size: float, emit: s
 
 @SETTINGS
 @given(readings=streams(), lateness=LATENESS, size=st.sampled_from([1.0, 5.0]), batch=st.sampled_from([1, 4, 50]),
-       aggs=st.sampled_from([["mean"], ["count", "sum", "min", "max", "mean"]]))
+       aggs=st.sampled_from([["mean"], ["count", "sum", "min", "max", "mean"]]), two=st.booleans())
 def test_tumbling_batch_fast_path(readings: list[Reading], lateness: float, size: float, batch: int,
-                                  aggs: list[str]) -> None:
+                                  aggs: list[str], two: bool) -> None:
     """The inlined batch path (plain aggregates) against on_event, event by event, same outputs."""
     ctx = NodeContext("gw", "p", "w", "/nonexistent", None, DeadLetters(None))
 
@@ -184,8 +185,8 @@ def test_tumbling_batch_fast_path(readings: list[Reading], lateness: float, size
 
     fast, slow = node(), node()
     assert fast._fast
-    a = run_node(fast, readings, batch=batch)
-    b = run_node(slow, readings)
+    a = run_node(fast, readings, batch=batch, two_sources=two)
+    b = run_node(slow, readings, two_sources=two)
     assert [(e.key, e.ts, e.value, e.meta) for e in a] == [(e.key, e.ts, e.value, e.meta) for e in b]
     assert fast.counters() == slow.counters()
     assert json.dumps(fast.snapshot()) == json.dumps(slow.snapshot())
