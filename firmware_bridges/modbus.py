@@ -40,6 +40,8 @@ _WORDS = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "uint64"
           "bit": 1}
 _STRUCT = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "int64": "q", "uint64": "Q",
            "float32": "f", "float64": "d"}
+_RANGE = {"int16": (-(2**15), 2**15 - 1), "uint16": (0, 2**16 - 1), "int32": (-(2**31), 2**31 - 1),
+          "uint32": (0, 2**32 - 1), "int64": (-(2**63), 2**63 - 1), "uint64": (0, 2**64 - 1)}
 MAX_REGISTERS = 125
 MAX_BITS = 2000
 
@@ -199,7 +201,8 @@ def encode_point(p: Point, value: float | str, order: tuple[Order, Order] = ("bi
     if not p.type.startswith("float"):
         if not math.isfinite(raw_v):
             raise ValueError(f"{p.name}: {value!r} does not fit {p.type}")
-        raw_v = round(raw_v)
+        lo, hi = _RANGE[p.type]
+        raw_v = min(max(round(raw_v), lo), hi)  # a register holds no more; float(2**64 - 1) rounds up
     raw = struct.pack(">" + _STRUCT[p.type], raw_v)
     words = [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
     if word_order == "little":
