@@ -206,6 +206,8 @@ def test_demo_runs_without_a_config(tmp_path: Path, mosquitto: Any) -> None:
         try:
             wait_for_sync(lambda: fetch(port, "/healthz")[0] == 200 or proc.poll() is not None, timeout=20)
             wait_for_sync(lambda: sub.received("sluice/demo-test/status"), timeout=10)
+            # "online" goes out from the connect callback, a moment before the link counts as connected
+            wait_for_sync(lambda: fetch(port, "/healthz")[1]["status"] == "ok", timeout=10)
             status, health = fetch(port, "/healthz")
             assert status == 200 and health["status"] == "ok", health
             assert health["gateway_id"] == "demo-test" and health["pipelines"] == {"boiler": "running"}
