@@ -2,9 +2,11 @@
 
 A client subscribes with ``{"op": "subscribe", "topic": "stats"}`` (a ``stats`` message every
 second) or ``{"op": "subscribe", "topic": "events", "pipeline": P, "node": N}`` (``events``
-messages with what node N emits). A slow or stalled browser never slows the pipeline: each
-client has a bounded buffer, the oldest message is dropped when it is full, and every drop is
-counted (per client, in each ``stats`` message, and in total on the hub).
+messages, ten a second at most, with the latest events node N emitted and how many were skipped:
+a live view gets a sample, and tapping costs the pipeline one slice per batch). A slow or
+stalled browser never slows the pipeline: each client has a bounded buffer, the oldest message
+is dropped when it is full, and every drop is counted (per client, in each ``stats`` message,
+and in total on the hub).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ __all__ = ["Hub"]
 log = logging.getLogger(__name__)
 
 BUFFER = 256  # messages a client may lag behind before the oldest are dropped
-TAP_EVENTS = 20  # events per tapped batch forwarded; a tail view needs a sample, not every reading
-TAP_RATE = 50.0  # events per second per subscription, at most
+TAP_EVENTS = 20  # events per flush and tapped node: a tail view or a chart needs a sample, not every reading
+FLUSH = 0.1  # seconds between sending what the taps collected
 
 
 class _Client:
@@ -47,7 +49,7 @@ class _Client:
         self.dropped = 0
         self.sent = 0
         self.stats = False
-        self.events: dict[tuple[str, str], _Budget] = {}
+        self.events: set[tuple[str, str]] = set()
 
     def offer(self, text: str) -> bool:
         full = len(self.buf) == self.buf.maxlen
@@ -66,22 +68,23 @@ class _Client:
                 self.sent += 1
 
 
-class _Budget:
-    """A token bucket: how many tapped events a subscription may still get this second."""
+class _Tap:
+    """What a tapped node emitted since the last flush: the latest events and how many there were.
 
-    __slots__ = ("last", "tokens")
+    Costs the hot path one slice and one ``extend`` per batch, whatever the batch size and the
+    number of clients; serialising and sending happen in the flush, ten times a second.
+    """
 
-    def __init__(self) -> None:
-        self.tokens = TAP_RATE
-        self.last = time.monotonic()
+    __slots__ = ("buf", "n", "undo")
 
-    def take(self, n: int) -> int:
-        now = time.monotonic()
-        self.tokens = min(TAP_RATE, self.tokens + (now - self.last) * TAP_RATE)
-        self.last = now
-        k = min(n, int(self.tokens))
-        self.tokens -= k
-        return k
+    def __init__(self, undo: Callable[[], None]):
+        self.buf: deque[Any] = deque(maxlen=TAP_EVENTS)
+        self.n = 0
+        self.undo = undo
+
+    def add(self, events: list[Any]) -> None:
+        self.n += len(events)
+        self.buf.extend(events[-TAP_EVENTS:])
 
 
 class Hub:
@@ -96,7 +99,7 @@ class Hub:
         self.dropped = 0
         self.connections = 0
         self._ids = 0
-        self._taps: dict[tuple[str, str], Callable[[], None]] = {}
+        self._taps: dict[tuple[str, str], _Tap] = {}
         self._rl = RateLimitedLog(log)
 
     # --- lifecycle (owned by the console app: started at startup, cancelled at cleanup) -----
@@ -117,8 +120,13 @@ class Hub:
             await c.ws.close(code=1001, message=b"console stopping")
 
     async def _ticker(self) -> None:
+        next_stats = time.monotonic() + self.interval
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(min(FLUSH, self.interval))
+            self._flush()
+            if time.monotonic() < next_stats:
+                continue
+            next_stats = time.monotonic() + self.interval
             subs = [c for c in self.clients if c.stats]
             if not subs:
                 continue
@@ -203,54 +211,54 @@ class Hub:
         p = self.gw.pipelines.get(key[0])
         if p is None or key[1] not in p.index:
             return f"no node {key[1]!r} in pipeline {key[0]!r}"
-        c.events[key] = _Budget()
+        c.events.add(key)
         if key not in self._taps:
             self._taps[key] = self._tap(key)
         return None
 
     def _unsubscribe(self, c: _Client, key: tuple[str, str]) -> None:
-        c.events.pop(key, None)
+        c.events.discard(key)
         if not any(key in o.events for o in self.clients if o is not c) and key in self._taps:
             self._untap(key)
 
     def _untap(self, key: tuple[str, str]) -> None:
-        undo = self._taps.pop(key, None)
-        if undo is not None:
-            undo()
+        tap = self._taps.pop(key, None)
+        if tap is not None:
+            tap.undo()
 
-    def _emit(self, key: tuple[str, str], events: list[Any]) -> None:
-        if not events:
-            return
-        text: str | None = None
-        for c in self.clients:
-            budget = c.events.get(key)
-            if budget is None:
+    def _flush(self) -> None:
+        for key, tap in self._taps.items():
+            if not tap.n:
                 continue
-            n = budget.take(min(len(events), TAP_EVENTS))
-            if n < len(events):
-                c.dropped += len(events) - n
-            if n == 0:
-                continue
-            if text is None or n < min(len(events), TAP_EVENTS):
-                text = json.dumps({"type": "events", "pipeline": key[0], "node": key[1],
-                                   "events": [e.to_dict() for e in events[:n]], "skipped": len(events) - n},
-                                  default=str)
-            self._offer(c, text)
+            events, n = list(tap.buf), tap.n
+            tap.buf.clear()
+            tap.n = 0
+            text = json.dumps({"type": "events", "pipeline": key[0], "node": key[1],
+                               "events": [e.to_dict() for e in events], "skipped": n - len(events)}, default=str)
+            for c in self.clients:
+                if key in c.events:
+                    self._offer(c, text)
 
-    def _tap(self, key: tuple[str, str]) -> Callable[[], None]:
-        """Wrap the node's output on the instance only while someone listens; returns the undo."""
+    def _tap(self, key: tuple[str, str]) -> _Tap:
+        """Wrap the node's output on the instance only while someone listens."""
+        tap = _Tap(lambda: None)
+        tap.undo = self._wrap(key, tap.add)
+        return tap
+
+    def _wrap(self, key: tuple[str, str], add: Callable[[list[Any]], None]) -> Callable[[], None]:
+        """Install ``add`` on the node's output; returns the undo."""
         from ..node import Operator, Sink, Source
 
         p = self.gw.pipelines[key[0]]
         idx = p.index[key[1]]
         node: Any = p.nodes[idx]
-        emit = self._emit
         if isinstance(node, Operator):
             orig = node.process_batch
 
             def process_batch(batch: list[Any]) -> list[Any]:
                 out = orig(batch)
-                emit(key, out)
+                if out:
+                    add(out)
                 return out
 
             node.process_batch = process_batch
@@ -259,27 +267,28 @@ class Hub:
             orig_write = node.write
 
             async def write(batch: list[Any]) -> None:
-                emit(key, batch)
+                add(batch)
                 await orig_write(batch)
 
             node.write = write
             return lambda: node.__dict__.pop("write", None)
         assert isinstance(node, Source)
         # A source's batches enter the chain through the pipeline's _process with the source as origin.
-        tapped: set[int] = p.__dict__.setdefault("_console_tapped", set())
-        tapped.add(idx)
+        tapped: dict[int, Callable[[list[Any]], None]] = p.__dict__.setdefault("_console_tapped", {})
+        tapped[idx] = add
         if "_process" not in p.__dict__:
             orig_process = p._process
 
             def _process(item: Any) -> Any:
-                if item.origin in tapped:
-                    emit((p.name, p.nodes[item.origin].id), item.events)
+                add_for = tapped.get(item.origin)
+                if add_for is not None:
+                    add_for(item.events)
                 return orig_process(item)
 
             p._process = _process  # type: ignore[method-assign]
 
         def undo() -> None:
-            tapped.discard(idx)
+            tapped.pop(idx, None)
             if not tapped:
                 p.__dict__.pop("_process", None)
 
