@@ -22,6 +22,7 @@ from .errors import ConfigError, ConfigIssue
 from .llm import LlmConfig
 from .node import Duration, NodeOptions, get_node_type, node_types
 from .outbox import OutboxConfig
+from .store import StateConfig
 
 __all__ = [
     "ConsoleConfig",
@@ -53,6 +54,8 @@ class GatewayConfig(_Section):
     shutdown_timeout: Duration = Field(10.0, description="How long a clean stop may take to drain queues.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig,
                                  description="Store-and-forward for everything bound for the broker.")
+    state: StateConfig = Field(default_factory=StateConfig,
+                               description="Node state (open windows, keyed state) saved in state.db.")
 
 
 class MqttConnection(_Section):

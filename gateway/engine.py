@@ -24,7 +24,7 @@ from .events import Event
 from .node import NodeContext, NodeOptions, Operator, Sink, Source, _Node, get_node_type
 
 if TYPE_CHECKING:
-    from .store import StateStore
+    from .store import Checkpointer, StateStore
 
 __all__ = ["BatchQueue", "Pipeline", "SourceQueue"]
 
@@ -209,7 +209,7 @@ class Pipeline:
         self._rl = RateLimitedLog(log)
         self.source_state: dict[str, str] = {}
         # node state: restored at start, checkpointed about once a second through a barrier
-        self.checkpointer = None
+        self.checkpointer: Checkpointer | None = None
         self._restored = False
         if store is not None:
             from .store import Checkpointer

@@ -106,7 +106,9 @@ class Gateway:
         self.links.alerts = self.alerts
         self.llm = LlmHub(cfg.llm)
         self.links.llm = self.llm
-        self.store = StateStore(self.data_dir / "state.db")
+        st = cfg.gateway.state
+        self.store = StateStore(self.data_dir / "state.db", commit_interval=st.commit_interval,
+                                commit_size=st.commit_size, quota_bytes=st.max_bytes)
         self.pipelines: dict[str, Pipeline] = {}
         for pcfg in cfg.pipelines:
             self.pipelines[pcfg.name] = Pipeline(
@@ -114,6 +116,9 @@ class Gateway:
                 queue_size=cfg.gateway.queue_size, sink_queue_size=cfg.gateway.sink_queue_size,
                 store=self.store,
             )
+            ckpt = self.pipelines[pcfg.name].checkpointer
+            if ckpt is not None:
+                ckpt.interval = st.checkpoint_interval
         self.console: Any = None
         self._stop = asyncio.Event()
         self._signals = 0

@@ -31,10 +31,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ._retry import backoff
 from .errors import SluiceError
+from .node import Duration
+from .outbox import ByteSize
 
-__all__ = ["SCHEMA_VERSION", "Checkpointer", "StateStore", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "Checkpointer", "StateConfig", "StateStore", "StoreError"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,23 @@ _MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+
+class StateConfig(BaseModel):
+    """``gateway.state``: how often node state is saved, and how much disk it may take."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint_interval: Duration = Field(1.0, description="Save changed node state this often (checked once "
+                                                           "a second); after a power cut at most this much "
+                                                           "input is read again.")
+    commit_interval: Duration = Field(0.2, description="Group commit: queued rows are written together this "
+                                                       "often (or sooner, see commit_size).")
+    commit_size: int = Field(2000, ge=1, description="Group commit: write as soon as this many rows wait.")
+    max_bytes: ByteSize = Field(256_000_000, description="Disk quota of state.db (e.g. 256MB); when full, saving "
+                                                         "pauses (processing goes on) and /healthz says so.")
+
 
 _Row = tuple[str, str, str, "bytes | None"]  # pipeline, node, key, value (None: delete)
 
@@ -271,7 +292,7 @@ class StateStore:
                     if self.state == "ok":
                         log.error("%s; keeping %d rows queued and retrying", error, len(pending))
                     self.state = "full" if _is_full(exc) else "error"
-                    retry_at = time.monotonic() + backoff(attempt, 10.0)
+                    retry_at = time.monotonic() + backoff(attempt, 5.0)
                     attempt += 1
                 else:
                     if self.state != "ok":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -25,6 +26,7 @@ class ReplayOptions(NodeOptions):
     type: Literal["t_replay"]
     events: list[list[Any]] = Field(default_factory=list)  # [key, ts, value]
     stop_at: int | None = None
+    gate_at: int | None = None  # wait for `gate` to open before reading on from here
     batch: int = 7
 
 
@@ -38,6 +40,7 @@ class Replay(Source):
         super().__init__(options, ctx)
         self.offset = 0  # processed by the chain (moved on in the batch's done callback)
         self.restored_offset: int | None = None
+        self.gate = asyncio.Event()
 
     def snapshot(self) -> Any:
         return self.offset
@@ -50,7 +53,11 @@ class Replay(Source):
         end = len(evs) if self.options.stop_at is None else self.options.stop_at
         i = self.offset
         while i < end:
+            if i == self.options.gate_at:
+                await self.gate.wait()
             j = min(end, i + self.options.batch)
+            if self.options.gate_at is not None and i < self.options.gate_at:
+                j = min(j, self.options.gate_at)
             batch = [Event(k, float(t), float(v), self.id) for k, t, v in evs[i:j]]
             self.n_in += len(batch)
 
@@ -195,3 +202,32 @@ async def test_wall_clock_jumps_neither_fire_nor_stall_windows(tmp_path: Path, m
         # the window closes on the monotonic clock: idle for 2 s, then the watermark moves on
         await wait_for(lambda: len(out.events) == 1, timeout=15)
         assert out.events[0].value == 5.0 and out.events[0].meta["window_end"] == 1010.0
+
+
+async def test_state_disk_full_is_reported_processing_goes_on_and_saving_resumes(tmp_path: Path) -> None:
+    # 300 keys with 40 collected readings each: far more state than a 64 KiB quota holds
+    events = [[f"k{i % 300:03d}", 1000.0 + i / 2000, float(i)] for i in range(12_000)]
+    events += [[f"k{i:03d}", 2000.0 + i / 1000, 0.0] for i in range(300)]  # closes every window
+    text = config(tmp_path, events, "type: window, kind: tumbling, size: 10s, aggregate: [collect, count], "
+                                    "collect_max: 40", None)
+    text = text.replace("data_dir:", "state: {max_bytes: 64KiB, commit_interval: 0.05}, data_dir:")
+    text = text.replace("type: t_replay,", "type: t_replay, gate_at: 12000,")
+    async with running_gateway(text) as gw:
+        src, out = node(gw, "src"), node(gw, "out")
+        await wait_for(lambda: src.offset == 12_000, timeout=20)
+        await wait_for(lambda: gw.store.state == "full", timeout=20)
+        health = gw.health()
+        assert health["status"] == "degraded"
+        assert any(p.startswith("state store: full") for p in health["problems"]), health["problems"]
+        assert health["state_store"]["write_errors"] >= 1
+        # processing goes on while the state cannot be saved
+        src.gate.set()
+        await wait_for(lambda: src.offset == len(events), timeout=20)
+        await wait_for(lambda: len(out.events) == 300, timeout=20)
+        assert all(e.value["count"] == 40.0 for e in out.events)
+        # the windows closed, the state shrank: saving resumes on its own
+        await wait_for(lambda: gw.store.state == "ok", timeout=30)
+        await wait_for(lambda: gw.health()["status"] == "ok", timeout=10)
+    rows = StateStore(tmp_path / "state.db").load_state("p", "win")
+    assert len([k for k in rows if k.startswith(".k:")]) == 300  # the 300 new one-reading windows
+    assert StateStore(tmp_path / "state.db").load_state("p", "src") == {"=": str(len(events)).encode()}
