@@ -124,11 +124,10 @@ def _validate(obj: Any, schema: dict[str, Any], path: str = "$") -> str | None:
 
 
 class _Pending:
-    __slots__ = ("event", "id", "messages", "priority")
+    __slots__ = ("event", "id", "priority")
 
-    def __init__(self, event: Event, messages: list[dict[str, str]], priority: int, rid: int):
+    def __init__(self, event: Event, priority: int, rid: int):
         self.event = event
-        self.messages = messages
         self.priority = priority
         self.id = rid
 
@@ -187,14 +186,9 @@ class Llm(Operator):
     # --- synchronous side: never waits ---------------------------------------------------------
 
     def on_event(self, event: Event) -> list[Event] | None:
-        ctx = self._context(event)
-        try:
-            messages = [{"role": "user", "content": self._prompt.render(ctx)}]
-            if self._system is not None:
-                messages.insert(0, {"role": "system", "content": self._system.render(ctx)})
-        except (TemplateError, TypeError, ValueError) as exc:
-            raise ValueError(f"prompt template failed on this event: {exc}") from None
-        item = _Pending(event, messages, self._priority(event), next(self._ids))
+        # the prompt is rendered only for what the model will see: under overload most events are
+        # shed, and they should cost next to nothing
+        item = _Pending(event, self._priority(event), next(self._ids))
         if self.slots and all(s.breaker.is_open() for s in self.slots):
             # known down: costs nothing per event, and the alert goes out now
             self.queue.count_shed(item, "breaker_open")
@@ -326,9 +320,23 @@ class Llm(Operator):
         self.n_shed_other["shutdown"] = self.n_shed_other.get("shutdown", 0) + 1
         self.ctx.emit([self._fallback(item, "shed", {"llm_reason": "shutdown"})])
 
+    def _messages(self, event: Event) -> list[dict[str, str]]:
+        ctx = self._context(event)
+        messages = [{"role": "user", "content": self._prompt.render(ctx)}]
+        if self._system is not None:
+            messages.insert(0, {"role": "system", "content": self._system.render(ctx)})
+        return messages
+
     async def _handle(self, item: _Pending, waited: float) -> None:
         o = self.options
-        req = LlmRequest(item.messages, o.max_tokens, o.temperature, list(o.stop), o.json_schema)
+        try:
+            messages = self._messages(item.event)
+        except (TemplateError, TypeError, ValueError) as exc:
+            problem = f"prompt template failed on this event: {exc}"
+            self.fail(item.event, ValueError(problem))  # dead-lettered with the reason, to fix the template
+            self.ctx.emit([self._fallback(item, "error", {"llm_error": problem})])
+            return
+        req = LlmRequest(messages, o.max_tokens, o.temperature, list(o.stop), o.json_schema)
         on_chunk = None
         if o.output == "stream":
             seq = itertools.count()

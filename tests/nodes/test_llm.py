@@ -238,7 +238,7 @@ async def test_output_that_is_not_the_asked_json_is_an_error_event(running: Any,
     assert r.node("explain").counters()["errors"] == 2
 
 
-async def test_a_template_error_is_dead_lettered_not_a_crash(running: Any, server: FakeOpenAI,
+async def test_a_template_error_is_an_error_event_and_a_dead_letter(running: Any, server: FakeOpenAI,
                                                              tmp_path: Path) -> None:
     r = await running(_remote(server), """\
       - {id: src, type: t_feed}
@@ -247,10 +247,15 @@ async def test_a_template_error_is_dead_lettered_not_a_crash(running: Any, serve
 """)
     r.feed(alert("a"), Event("b", 1.0, {"missing_field": "here"}, "x"))
     out = r.node("out")
-    await wait_for(lambda: len(out.events) == 1, timeout=10)
-    assert out.events[0].key == "b"
+    await wait_for(lambda: len(out.events) == 2, timeout=10)
+    a, b = sorted(out.events, key=lambda e: e.key)
+    # the alert still goes out, with its rule text; the event is dead-lettered with the reason
+    assert a.value["llm"] == "error" and a.value["text"] == "a above 90 (raised)"
+    assert "prompt template failed on this event" in a.value["llm_error"]
+    assert "missing_field" in a.value["llm_error"]
+    assert b.value["llm"] == "ok"
     assert r.node("explain").counters()["errors"] == 1
-    assert server.requests[0]["messages"][-1]["content"] == "here"
+    assert len(server.requests) == 1 and server.requests[0]["messages"][-1]["content"] == "here"
 
 
 # --- shedding -----------------------------------------------------------------------------------
