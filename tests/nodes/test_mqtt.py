@@ -360,3 +360,54 @@ async def test_qos1_pauses_reading_and_acks_only_processed_messages(
         # what was acknowledged did not come back; everything else did
         assert not acked & {ev.key for ev in gate_sink.seen}
         assert node(gw2, "boiler", "out").n_in == len(gate_sink.seen)
+
+
+class _SlowOptions(NodeOptions):
+    type: Literal["t_mqtt_slow"]
+
+
+class _Slow(Sink):
+    """A sink slower than the broker: a short pause per batch."""
+
+    Options = _SlowOptions
+    keys: list[str]
+
+    async def write(self, batch: list[Event]) -> None:
+        await asyncio.sleep(0.002)
+        self.keys.extend(ev.key for ev in batch)
+
+
+async def test_qos0_flood_pauses_the_socket_and_loses_nothing(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    _Slow.keys = []
+    register(_Slow)
+    try:
+        text = gated_config(tmp_path, mosquitto.port).replace("qos: 1", "qos: 0").replace("t_mqtt_gate", "t_mqtt_slow")
+        gw = Gateway(parse_config(text, env={}))
+    finally:
+        node_mod._REGISTRY.pop("t_mqtt_slow", None)
+    n = 20_000
+    task = asyncio.create_task(gw.run(install_signals=False))
+    try:
+        with mqtt_client(mosquitto) as pub:
+            await wait_for(lambda: gw.state == "running")
+            src = node(gw, "boiler", "temp")
+            await until_subscribed(gw, pub, "sensors/probe/temp", payload=reading(0.0))
+            paused = []
+            infos = [pub.paho.publish(f"sensors/k{i}/temp", reading(float(i)), qos=0) for i in range(n)]
+
+            def all_in() -> bool:
+                if src._link is not None and not src._link.reading:
+                    paused.append(True)
+                return len(_Slow.keys) >= n + 1
+
+            await wait_for(all_in, timeout=60, interval=0.002)
+            assert all(i.is_published() for i in infos)
+        assert paused, "the source never paused although the sink was slower"
+        assert [k for k in _Slow.keys if k != "probe"] == [f"k{i}" for i in range(n)]  # all, in order
+        assert src.counters()["malformed"] == 0
+        # the input queue held at most its capacity plus what one socket read brought in
+        # (64 kB of ~32-40 byte PUBLISH packets), far from the 20k that were sent
+        assert gw.pipelines["boiler"].queue.high_water <= 10 + 65536 // 30
+    finally:
+        gw.stop()
+        await asyncio.wait_for(task, 20)
