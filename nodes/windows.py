@@ -11,6 +11,7 @@ One node type, three choices: *which window* (``kind``), *which aggregate* (``ag
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import re
 from bisect import bisect_right, insort
@@ -684,6 +685,12 @@ class Window(Operator):
             return sum(len(w) for w in self._keys.values())
         return len(self._keys)
 
+    def _shape(self) -> str:
+        """The options that decide what the saved windows mean."""
+        o = self.options
+        return json.dumps([self._size, self._hop, self._gap, self._count, self._every, o.key, o.field,
+                           self._spec.names, o.collect_max])
+
     def _plain_key(self, key: str) -> Any:
         st = self._keys.get(key)
         if st is None:
@@ -709,8 +716,8 @@ class Window(Operator):
             else:
                 self._plain["k:" + key] = p
         self._dirty.clear()
-        meta = {"v": _SNAPSHOT_VERSION, "kind": self._kind, "wm": _enc(self._wm), "src": dict(self._src_max),
-                "seq": self._seq}
+        meta = {"v": _SNAPSHOT_VERSION, "kind": self._kind, "shape": self._shape(), "wm": _enc(self._wm),
+                "src": dict(self._src_max), "seq": self._seq}
         prev = self._plain.get(_META)
         if prev != meta:
             self._plain[_META] = meta
@@ -720,9 +727,11 @@ class Window(Operator):
         if not state:
             return
         meta = state.get(_META) or {}
-        if meta.get("v") != _SNAPSHOT_VERSION or meta.get("kind") != self._kind:
-            self.ctx.logger.warning("window %s: stored state is for kind %s (format %s), not %s; starting empty",
-                                    self.id, meta.get("kind"), meta.get("v"), self._kind)
+        if meta.get("v") != _SNAPSHOT_VERSION or meta.get("kind") != self._kind or meta.get("shape") != self._shape():
+            # windows of another size or aggregates cannot be continued; say so rather than mix them
+            self.ctx.logger.warning("window %s: the saved state is for other options (%s %s, format %s; now %s %s); "
+                                    "starting empty", self.id, meta.get("kind"), meta.get("shape"), meta.get("v"),
+                                    self._kind, self._shape())
             return
         self._wm = _dec(meta["wm"])
         self._src_max = {s: float(m) for s, m in meta.get("src", {}).items()}

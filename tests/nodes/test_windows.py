@@ -191,12 +191,19 @@ def test_snapshot_reuses_entries_of_unchanged_keys() -> None:
     assert s2["k:b"] is s1["k:b"] and s2["k:a"] is not s1["k:a"]
 
 
-def test_restore_of_another_kind_starts_empty() -> None:
+@pytest.mark.parametrize("other", [{"kind": "session", "gap": 10}, {"kind": "tumbling", "size": 20},
+                                   {"kind": "tumbling", "size": 10, "aggregate": "sum"}])
+def test_restore_for_other_options_starts_empty(other: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     w = make(kind="tumbling", size=10)
     feed(w, [("a", 1, 1.0)])
-    other = make(kind="session", gap=10)
-    other.restore(w.snapshot())
-    assert other.open_windows() == 0
+    snap = json.loads(json.dumps(w.snapshot()))
+    same = make(kind="tumbling", size=10)
+    same.restore(snap)
+    assert same.open_windows() == 1
+    changed = make(**other)
+    changed.restore(snap)
+    assert changed.open_windows() == 0
+    assert "saved state is for other options" in caplog.text
 
 
 @pytest.mark.parametrize("node,message", [
