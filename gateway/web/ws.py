@@ -262,7 +262,21 @@ class Hub:
                 return out
 
             node.process_batch = process_batch
-            return lambda: node.__dict__.pop("process_batch", None)
+            # what an operator emits later from its own task (the llm node's answers and tokens)
+            orig_emit = node.ctx.emit
+
+            def emit(events: list[Any]) -> None:
+                if events:
+                    add(events)
+                orig_emit(events)
+
+            node.ctx.emit = emit
+
+            def undo_operator() -> None:
+                node.__dict__.pop("process_batch", None)
+                node.ctx.emit = orig_emit
+
+            return undo_operator
         if isinstance(node, Sink):
             orig_write = node.write
 

@@ -132,3 +132,23 @@ def test_emit_outside_a_pipeline_says_so(tmp_path: Path) -> None:
     ctx = NodeContext("gw", "p", "n", str(tmp_path), None, None)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="not running in a pipeline"):
         ctx.emit([])
+
+
+async def test_a_console_tap_on_an_operator_sees_what_it_emits_later(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from gateway.web.ws import Hub
+
+    p = _build(tmp_path, hold=0)
+    hub = Hub.__new__(Hub)  # only the tap machinery is used here
+    hub.gw = SimpleNamespace(pipelines={"p": p})  # type: ignore[assignment]
+    seen: list[Event] = []
+    undo = hub._wrap(("p", "defer"), seen.extend)
+    out = p.nodes[p.index["out"]]
+    task = asyncio.create_task(p.run())
+    await wait_for(lambda: len(out.events) == 10, timeout=10)
+    undo()
+    p.stop()
+    await asyncio.wait_for(task, 10)
+    assert sorted(e.value for e in seen) == [i * 10.0 for i in range(10)]
+    assert "process_batch" not in vars(p.nodes[p.index["defer"]])
