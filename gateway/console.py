@@ -93,6 +93,9 @@ class _GatewayCollector:
         from .llm import metric_families
 
         yield from metric_families(gw)
+        from .store import metric_families as state_families
+
+        yield from state_families(gw)
         yield GaugeMetricFamily("sluice_uptime_seconds", "Seconds since the gateway started",
                                 value=time.time() - gw.started_at)
         with self._proc.oneshot():

@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -510,3 +510,25 @@ class Checkpointer:
 
 
 _KEEP: Any = object()
+
+
+def metric_families(gw: Any) -> Iterator[Any]:
+    """Prometheus families for ``/metrics``: the state store's health and the windows' late readings."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    store: StateStore = gw.store
+    yield GaugeMetricFamily("sluice_state_store_ok", "1 while node state is being saved (0: disk/quota full or "
+                            "failing)", value=1 if store.state in ("ok", "closed") else 0)
+    yield GaugeMetricFamily("sluice_state_store_bytes", "Size of state.db and its WAL", value=store.size_bytes())
+    yield CounterMetricFamily("sluice_state_store_commits", "Group commits of node state", value=store.commits)
+    yield CounterMetricFamily("sluice_state_store_write_errors", "Commits that failed (retried)",
+                              value=store.write_errors)
+    yield CounterMetricFamily("sluice_state_store_corrupt_recoveries", "Damaged state files moved aside at start",
+                              value=store.corrupt_recoveries)
+    late = CounterMetricFamily("sluice_node_late", "Readings too late for any window", labels=["pipeline", "node"])
+    for p in gw.pipelines.values():
+        for n in p.nodes:
+            c = n.counters()
+            if "late" in c:
+                late.add_metric([p.name, n.id], c["late"])
+    yield late

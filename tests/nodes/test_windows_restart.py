@@ -231,3 +231,35 @@ async def test_state_disk_full_is_reported_processing_goes_on_and_saving_resumes
     rows = StateStore(tmp_path / "state.db").load_state("p", "win")
     assert len([k for k in rows if k.startswith(".k:")]) == 300  # the 300 new one-reading windows
     assert StateStore(tmp_path / "state.db").load_state("p", "src") == {"=": str(len(events)).encode()}
+
+
+async def test_metrics_show_the_state_store_and_late_readings(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.gateway._harness import NO_AUTH, get
+
+    events = [["a", 1000.0, 1.0], ["a", 1020.0, 1.0], ["a", 1001.0, 1.0], ["a", 1002.0, 1.0]]  # two late
+    text = config(tmp_path, events, "type: window, kind: tumbling, size: 10s, aggregate: count", None)
+    text = text.replace("console: {enabled: false}", f"console: {{host: 127.0.0.1, port: 0{NO_AUTH}}}")
+    async with running_gateway(text) as gw:
+        await wait_for(lambda: node(gw, "src").offset == 4, timeout=10)
+        await wait_for(lambda: gw.store.commits >= 1, timeout=10)
+        status, body = await get(gw, "/metrics")
+        assert status == 200
+        m = {s.name: s for fam in text_string_to_metric_families(body) for s in fam.samples}
+        assert m["sluice_state_store_ok"].value == 1
+        assert m["sluice_state_store_commits_total"].value >= 1
+        assert m["sluice_state_store_corrupt_recoveries_total"].value == 0
+        assert m["sluice_state_store_bytes"].value > 0
+        late = m["sluice_node_late_total"]
+        assert late.labels == {"pipeline": "p", "node": "win"} and late.value == 2
+
+
+async def test_a_corrupt_state_file_does_not_stop_the_gateway(tmp_path: Path) -> None:
+    (tmp_path / "state.db").write_bytes(b"\x00garbage from a dying SD card" * 500)
+    events = [["a", 1000.0, 1.0], ["a", 1011.0, 1.0]]
+    text = config(tmp_path, events, "type: window, kind: tumbling, size: 10s, aggregate: count", None)
+    async with running_gateway(text) as gw:
+        await wait_for(lambda: len(node(gw, "out").events) == 1, timeout=10)
+        assert gw.health()["state_store"]["corrupt_recoveries"] == 1
+    assert StateStore(tmp_path / "state.db").load_state("p", "src") == {"=": b"2"}
