@@ -237,3 +237,40 @@ async def test_charts_draw_rates_and_values_without_csp_violations(gw: Gateway, 
     from tests._util import wait_for
 
     await wait_for(lambda: not hub._taps, timeout=5)
+
+
+ALERTS_CONFIG = """
+gateway: {{id: web-alerts, data_dir: "{data}"}}
+pipelines:
+  - name: boiler
+    nodes:
+      - {{id: sensors, type: simulate, interval: 100ms, seed: 2,
+         sensors: [{{key: boiler/temp, base: 120, noise: 0.1}}]}}
+      - {{id: hot, type: threshold, input: sensors, above: 95, clear_below: 90, severity: critical}}
+      - {{id: book, type: alert, input: hot, auto_resolve: false}}
+console: {{host: 127.0.0.1, port: 0}}
+"""
+
+
+async def test_alert_appears_and_is_acknowledged_then_resolved(page: Any, tmp_path: Path) -> None:
+    from tests.gateway._harness import running_gateway
+
+    async with running_gateway(ALERTS_CONFIG.format(data=tmp_path / "data")) as gw:
+        base = await logged_in(gw, page)
+        await page.goto(base + "/#/alerts")
+        row = page.locator("#alerts tr[data-alert]").first
+        await playwright_api.expect(row).to_contain_text("critical", timeout=10_000)
+        await playwright_api.expect(row.locator(".state")).to_have_text("open")
+        await playwright_api.expect(row).to_contain_text("boiler/temp")
+        await shot(page, "alerts")
+        await page.goto(base + "/#/overview")
+        await playwright_api.expect(page.locator("#open-alerts")).to_contain_text("boiler/temp")
+        await page.goto(base + "/#/alerts")
+        await row.locator("button.ack").click()
+        await playwright_api.expect(row.locator(".state")).to_have_text("acknowledged")
+        await playwright_api.expect(row).to_contain_text("admin")  # who acknowledged it
+        await row.locator("button.resolve").click()
+        await playwright_api.expect(row.locator(".state")).to_have_text("resolved")
+        await playwright_api.expect(row.locator("button")).to_have_count(0)
+        await page.select_option("#alert-state", "open")
+        await playwright_api.expect(page.locator("#alerts tr[data-alert]")).to_have_count(0)

@@ -44,10 +44,33 @@ function render(el, d) {
   ].filter(Boolean));
 }
 
+async function renderAlerts(box) {
+  let d;
+  try {
+    d = await get("/api/alerts?state=open&limit=5");
+  } catch {
+    box.replaceChildren();  // no alert store on this gateway
+    return;
+  }
+  box.replaceChildren(h("h2", {}, h("a", { href: "#/alerts" }, "Open alerts")),
+    d.alerts.length
+      ? h("ul", { id: "open-alerts" }, d.alerts.map((a) => h("li", {},
+          h("span", { class: a.severity === "critical" ? "bad" : a.severity === "warning" ? "warn" : "" }, a.severity),
+          ` ${a.pipeline} · ${a.key || a.alert_key} · ${a.rule || ""}`)))
+      : h("p", { class: "muted" }, "None."));
+}
+
 export function start(el) {
-  el.append(h("p", { class: "muted" }, "Loading…"));
-  get("/api/overview").then((d) => render(el, d)).catch((e) => el.replaceChildren(h("p", { class: "error" }, e.message)));
-  const off = on("stats", (d) => render(el, d));
+  const main = h("div", {}, h("p", { class: "muted" }, "Loading…"));
+  const alertsBox = h("section", { id: "overview-alerts" });
+  el.append(main, alertsBox);
+  get("/api/overview").then((d) => render(main, d)).catch((e) => main.replaceChildren(h("p", { class: "error" }, e.message)));
+  renderAlerts(alertsBox);
+  let last = Date.now();
+  const off = on("stats", (d) => {
+    render(main, d);
+    if (Date.now() - last > 5000) { last = Date.now(); renderAlerts(alertsBox); }
+  });
   const unsub = subscribe("stats");
   return { stop() { off(); unsub(); } };
 }
