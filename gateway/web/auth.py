@@ -281,6 +281,14 @@ def _secret_key(path: Path) -> bytes:
     return key
 
 
+def _loopback_host(host: str) -> bool:
+    if host.startswith("["):
+        name = host[1:].split("]", 1)[0]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name.lower() in ("localhost", "127.0.0.1", "::1") or name.startswith("127.")
+
+
 def _same_origin(request: web.Request, value: str) -> bool:
     parts = urlsplit(value)
     return parts.scheme == request.scheme and parts.netloc == request.host
@@ -298,6 +306,9 @@ class Auth:
         self._secret_path = data_dir / "console" / "secret.key"
         # Only one argon2 computation at a time: each holds 19 MiB.
         self._hashing = asyncio.Semaphore(1)
+        # Bound to loopback, only loopback names may be asked for: a page whose domain an attacker
+        # re-points at 127.0.0.1 (DNS rebinding) is refused before anything else.
+        self.loopback_only = cfg.host in ("127.0.0.1", "localhost", "::1")
         self.setup_code: str | None = None
         if self.enabled and self.store.needs_setup:
             self.setup_code = f"{secrets.randbelow(10**4):04d}-{secrets.randbelow(10**4):04d}"
@@ -405,6 +416,9 @@ class Auth:
     async def middleware(self, request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         path = request.path
+        if self.loopback_only and not _loopback_host(request.host):
+            return web.json_response({"error": f"the console answers to localhost only, not {request.host!r}"},
+                                     status=421)
         try:
             ident = await self.identify(request)
             request[IDENTITY] = ident

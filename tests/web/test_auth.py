@@ -335,3 +335,16 @@ async def test_tls_console_sets_secure_cookie_and_hsts(make_gateway: Callable, t
             with pytest.raises(aiohttp.ClientError):
                 async with s.get(f"http://127.0.0.1:{gw.console.port}/api/session") as r:
                     await r.read()
+
+
+async def test_dns_rebinding_refused_on_a_loopback_console(make_gateway: Callable) -> None:
+    async with make_gateway(console="{host: 127.0.0.1, port: 0, auth: false}") as gw:
+        base = base_url(gw)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/api/pipelines", headers={"Host": "evil.example"}) as r:
+                assert r.status == 421 and "localhost only" in (await r.json())["error"]
+            async with s.get(base + "/", headers={"Host": f"evil.example:{gw.console.port}"}) as r:
+                assert r.status == 421
+            for host in (f"localhost:{gw.console.port}", f"127.0.0.1:{gw.console.port}", "localhost"):
+                async with s.get(base + "/api/pipelines", headers={"Host": host}) as r:
+                    assert r.status == 200, host
