@@ -104,8 +104,8 @@ class WindowOptions(NodeOptions):
 class _Spec:
     """Which accumulator parts the requested aggregates need."""
 
-    __slots__ = ("collect_max", "names", "numeric", "pcts", "scalar", "want_first", "want_last", "want_std",
-                 "want_values")
+    __slots__ = ("collect_max", "names", "numeric", "pcts", "scalar", "want_first", "want_last", "want_minmax",
+                 "want_std", "want_values")
 
     def __init__(self, aggregate: str | list[str], collect_max: int):
         self.scalar = isinstance(aggregate, str)
@@ -113,6 +113,7 @@ class _Spec:
         self.pcts = [(n, float(n[1:])) for n in self.names if _PCT.match(n)]
         self.numeric = bool(_NUMERIC.intersection(self.names) or self.pcts)
         self.want_values = bool(self.pcts)
+        self.want_minmax = "min" in self.names or "max" in self.names
         self.want_std = "stddev" in self.names
         self.want_first = "first" in self.names
         self.want_last = "last" in self.names
@@ -140,10 +141,11 @@ class _Acc:
         self.n += 1
         if spec.numeric:
             self.sum += v
-            if v < self.min:
-                self.min = v
-            if v > self.max:
-                self.max = v
+            if spec.want_minmax:
+                if v < self.min:
+                    self.min = v
+                if v > self.max:
+                    self.max = v
             if spec.want_std:
                 d = v - self.mean
                 self.mean += d / self.n
@@ -316,6 +318,7 @@ class Window(Operator):
         self._field = o.field
         self._early = o.emit == "early"
         self._early_every = float(o.early_every)
+        self._scalar_mean = o.aggregate == "mean"
         self.n_late = 0
         self._seq = 0
         # watermark, per source
@@ -369,6 +372,7 @@ class Window(Operator):
         lateness = self._lateness
         floor = math.floor
         track_n = self.options.idle_timeout is not None
+        minmax = self._spec.want_minmax
         wm = self._wm
         seq = self._seq
         last_src: str | None = None  # the source of the newest maximum, and that maximum
@@ -391,10 +395,11 @@ class Window(Operator):
                         heapq.heappush(heap, (end, key, start))
                     acc.n += 1
                     acc.sum += v
-                    if v < acc.min:
-                        acc.min = v
-                    if v > acc.max:
-                        acc.max = v
+                    if minmax:
+                        if v < acc.min:
+                            acc.min = v
+                        if v > acc.max:
+                            acc.max = v
                     dirty.add(key)
                     src = ev.source
                     if track_n:
@@ -412,15 +417,14 @@ class Window(Operator):
                         last_src = src
                         new = ts - lateness if len(src_max) == 1 and not self._idle else self._watermark()
                         if new > wm:
-                            if heap and heap[0][0] <= new:
-                                self._seq = seq
-                                self._advance(new, out)
-                            else:
-                                self._wm = new
-                            wm = self._wm
+                            wm = new  # self._wm catches up below, or in _advance
+                            if heap and heap[0][0] <= wm:
+                                self._advance(wm, out)
                     continue
             # the general path: validation errors, late readings
             self._seq = seq
+            if wm > self._wm:
+                self._wm = wm
             try:
                 r = self.on_event(ev)
             except Exception as exc:  # node boundary: dead-letter and go on
@@ -435,6 +439,8 @@ class Window(Operator):
                 else:
                     out.append(r)  # type: ignore[arg-type]
         self._seq = seq
+        if wm > self._wm:
+            self._wm = wm
         return out
 
     def on_event(self, event: Event) -> Event | list[Event] | None:
@@ -658,8 +664,10 @@ class Window(Operator):
         self._early_dirty.clear()
 
     def _event(self, key: str, start: float, end: float, acc: _Acc, final: bool) -> Event:
-        res = acc.result(self._spec)
         meta = {"window_start": start, "window_end": end, "count": float(acc.n), "final": final}
+        if self._scalar_mean:  # the common `aggregate: mean`, without building a mapping
+            return Event(key, end, acc.sum / acc.n, self.id, meta)
+        res = acc.result(self._spec)
         if self._spec.scalar:
             value: Any = res[self._spec.names[0]]
         else:
