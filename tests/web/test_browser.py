@@ -274,3 +274,55 @@ async def test_alert_appears_and_is_acknowledged_then_resolved(page: Any, tmp_pa
         await playwright_api.expect(row.locator("button")).to_have_count(0)
         await page.select_option("#alert-state", "open")
         await playwright_api.expect(page.locator("#alerts tr[data-alert]")).to_have_count(0)
+
+
+async def test_access_page_adds_a_viewer_and_a_token(gw: Gateway, page: Any) -> None:
+    import aiohttp
+
+    base = await logged_in(gw, page)
+    await page.goto(base + "/#/access")
+    await playwright_api.expect(page.locator('#users tr[data-user="admin"]')).to_be_visible()
+    await page.fill("#new-user", "operator")
+    await page.fill("#new-password", "short")
+    await page.click("#add-user button")
+    await playwright_api.expect(page.locator("#access-msg")).to_contain_text("at least 10 characters")
+    page.problems.clear()  # the 400 above is expected
+    await page.fill("#new-password", PASSWORD)
+    await page.click("#add-user button")
+    await playwright_api.expect(page.locator('#users tr[data-user="operator"]')).to_contain_text("viewer")
+    await page.fill("#new-token-name", "backup script")
+    await page.select_option("#new-token-role", "viewer")
+    await page.click("#add-token button")
+    token = await page.locator("#new-token").text_content()
+    assert token and token.startswith("slt_")
+    await playwright_api.expect(page.locator("#tokens")).to_contain_text("backup script")
+    await shot(page, "access")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/api/pipelines", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200
+    await page.locator("#tokens tr[data-token] button").click()
+    await playwright_api.expect(page.locator("#tokens")).to_have_count(0)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/api/pipelines", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 401
+    await page.locator('#users tr[data-user="operator"] button').click()
+    await playwright_api.expect(page.locator('#users tr[data-user="operator"]')).to_have_count(0)
+    assert set(web_of(gw).auth.store.users) == {"admin"}
+
+
+async def test_logs_page(gw: Gateway, page: Any) -> None:
+    import logging
+
+    from gateway._log import RECENT
+
+    root = logging.getLogger()
+    root.addHandler(RECENT)
+    try:
+        base = await logged_in(gw, page)
+        logging.getLogger("sluice.plant.hot").warning("probe %s is loose", "boiler/temp")
+        await page.goto(base + "/#/logs")
+        await playwright_api.expect(page.locator("#logs")).to_contain_text("probe boiler/temp is loose")
+        await page.select_option("#log-level", "error")
+        await playwright_api.expect(page.locator("#view")).not_to_contain_text("probe boiler/temp is loose")
+    finally:
+        root.removeHandler(RECENT)

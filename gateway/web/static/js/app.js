@@ -8,8 +8,10 @@ import * as deadletters from "./views/deadletters.js";
 import * as config from "./views/config.js";
 import * as alerts from "./views/alerts.js";
 import * as charts from "./views/charts.js";
+import * as logs from "./views/logs.js";
+import * as access from "./views/access.js";
 
-const views = { overview, graph, alerts, charts, events, deadletters, config };
+const views = { overview, graph, alerts, charts, events, deadletters, logs, config, access };
 const root = document.getElementById("view");
 let current = null;
 let me = null;
