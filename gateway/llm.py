@@ -260,8 +260,10 @@ class LocalProvider:
             raise ModelLoadError("llama-cpp-python is not installed (pip install 'sluice-gateway[llm]')",
                                  self.name) from exc
         c = self.config
+        threads = c.threads or _default_threads()
         try:
-            llm = Llama(path, n_ctx=c.n_ctx, n_threads=c.threads or _default_threads(), n_batch=c.n_batch,
+            # n_threads_batch too: left unset, prompt evaluation would use every core
+            llm = Llama(path, n_ctx=c.n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=c.n_batch,
                         n_ubatch=c.n_batch, chat_format=c.chat_format, seed=c.seed, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {path}: {exc}", self.name) from exc

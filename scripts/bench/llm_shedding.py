@@ -77,7 +77,8 @@ class _Pace(Source):
                 if sent % o.crit_every == 0:
                     i = flips["c"]
                     flips["c"] += 1
-                    batch.append(Event(f"c{(i // 2) % 50:02d}", float(sent), 99.0 if i % 2 == 0 else 80.0, self.id))
+                    # a critical key is raised, and cleared only 50 flips later: never coalesced
+                    batch.append(Event(f"c{i % 50:02d}", float(sent), 99.0 if (i // 50) % 2 == 0 else 80.0, self.id))
                 elif sent % o.warn_every == 0:
                     i = flips["w"]
                     flips["w"] += 1
@@ -253,7 +254,11 @@ async def main() -> int:
     answers = b_on.pop("answers")
     crit = [a.value for a in answers if a.value.get("severity") == "critical"]
     crit_ok_wait = [v["queued_s"] for v in crit if v["llm"] == "ok"]
-    crit_shed = sum(1 for v in crit if v["llm"] == "shed" and v.get("llm_reason") != "shutdown")
+    crit_shed_by: dict[str, int] = {}
+    for v in crit:
+        if v["llm"] == "shed" and v.get("llm_reason") != "shutdown":
+            crit_shed_by[v["llm_reason"]] = crit_shed_by.get(v["llm_reason"], 0) + 1
+    crit_shed = sum(crit_shed_by.values())
     c = b_on["counters"]
     sheds = {r: c.get(f"shed_{r}", 0) for r in ("queue_full", "deadline", "coalesced", "breaker_open")}
     offered = b_on["alerts"] / b_on["seconds"]
@@ -274,7 +279,8 @@ async def main() -> int:
           f"(all delivered on the other branch: {b_on['readings'] == nb})")
     print(f"the model answered {loaded_cap:.1f} req/s beside the paced pipeline (3 s calibration)")
     print(f"alerts offered {offered:.1f}/s = {offered / loaded_cap:.1f}x that; "
-          f"answered {ok_b}; critical alerts {len(crit)}, answered {len(crit_ok_wait)}, shed {crit_shed} (goal 0)")
+          f"answered {ok_b}; critical alerts {len(crit)}, answered {len(crit_ok_wait)}, shed {crit_shed} (goal 0)"
+          + (f" {crit_shed_by}" if crit_shed_by else ""))
     print("sheds: " + ", ".join(f"{k} {v}" for k, v in sheds.items()))
     if p50 is not None:
         print(f"critical queue wait: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (goal <= deadline "
@@ -288,6 +294,7 @@ async def main() -> int:
         "model_alone_per_s": round(cap["per_s"], 2), "model_loaded_per_s": round(loaded_cap, 2),
         "overload": round(offered / loaded_cap, 1),
         "answered": ok_b, "shed": sheds, "critical": len(crit), "critical_shed": crit_shed,
+        "critical_shed_by": crit_shed_by,
         "critical_wait_p50_s": p50, "critical_wait_p99_s": p99, "deadline_s": DEADLINE,
         "ttft_s": round(cap["ttft_s"], 4), "tokens_per_s": round(cap["tokens_per_s"], 1),
         "peak_rss_mib": round(rss_mib, 1),
