@@ -354,14 +354,17 @@ class Pipeline:
                         raise
                     node.n_out += len(events)
             if self.checkpointer is not None and self.plans and self.checkpointer.due(now):
-                # a barrier: taken by the chain once every batch queued before it went through
-                self.queue.put_nowait(_Batch(next(iter(self.plans)), [], self._checkpoint), 0)
+                # A barrier (as in Flink): sources' positions as it enters the queue, so exactly what
+                # they handed over before it; every other node's state once the chain reaches it.
+                sources = self.checkpointer.take([n for n in self.nodes if isinstance(n, Source)])
+                self.queue.put_nowait(_Batch(next(iter(self.plans)), [], partial(self._checkpoint, sources)), 0)
 
-    def _checkpoint(self) -> None:
-        """Snapshot every node now; commit once the sinks have written what these states produced."""
+    def _checkpoint(self, sources: dict[str, Any]) -> None:
+        """Snapshot the other nodes now; commit once the sinks have written what these states produced."""
         ckpt = self.checkpointer
         assert ckpt is not None
-        snaps = ckpt.take()
+        snaps = ckpt.take([n for n in self.nodes if not isinstance(n, Source)])
+        snaps.update(sources)
         if not self.sink_queues:
             ckpt.commit(snaps)
             return

@@ -398,7 +398,9 @@ class Checkpointer:
     that are the very same object as last time are skipped without serialising them. Any other
     snapshot is one row (``=``). Values are JSON. A checkpoint's rows are queued as one unit, so
     the store commits them in one transaction: after a crash every node comes back from the same
-    checkpoint.
+    checkpoint. The engine takes sources' snapshots when its barrier enters the input queue, so a
+    source that can re-read (a file, a log) saves the position of what it has *handed over*
+    (advanced when ``put`` returns), and the other nodes' state when the chain reaches the barrier.
     """
 
     def __init__(self, store: StateStore, pipeline: str, nodes: Iterable[Any], interval: float = 1.0):
@@ -439,10 +441,10 @@ class Checkpointer:
             self._last_json[node.id] = dict(rows)
             log.info("pipeline %s: restored node %s (%d state rows)", self.pipeline, node.id, len(rows))
 
-    def take(self) -> dict[str, Any]:
-        """Every node's snapshot, at a point where no batch is half-processed."""
+    def take(self, nodes: Iterable[Any] | None = None) -> dict[str, Any]:
+        """The snapshots of ``nodes`` (default: all), at a point where no batch is half-processed."""
         snaps: dict[str, Any] = {}
-        for node in self.nodes:
+        for node in self.nodes if nodes is None else nodes:
             try:
                 snaps[node.id] = node.snapshot()
             except Exception:  # node boundary: keep the node's previous state rows

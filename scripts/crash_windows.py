@@ -77,12 +77,8 @@ def child(args: argparse.Namespace) -> int:
             while i < len(lines):
                 j = min(len(lines), i + self.options.batch)
                 batch = [Event(k, t, v, self.id) for k, t, v in map(json.loads, lines[i:j])]
-
-                def done(j: int = j) -> None:
-                    self.offset = j  # processed by the chain: the checkpoint may include it
-
-                await output.put(batch, done)
-                i = j
+                await output.put(batch)
+                self.offset = i = j  # handed over; no await since put returned, so a barrier sees this
                 await asyncio.sleep(len(batch) / self.options.rate)
 
     class JsonlOptions(NodeOptions):

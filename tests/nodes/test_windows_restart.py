@@ -38,7 +38,7 @@ class Replay(Source):
 
     def __init__(self, options: ReplayOptions, ctx: NodeContext):
         super().__init__(options, ctx)
-        self.offset = 0  # processed by the chain (moved on in the batch's done callback)
+        self.offset = 0  # handed over to the pipeline (what a checkpoint saves)
         self.restored_offset: int | None = None
         self.gate = asyncio.Event()
 
@@ -60,12 +60,8 @@ class Replay(Source):
                 j = min(j, self.options.gate_at)
             batch = [Event(k, float(t), float(v), self.id) for k, t, v in evs[i:j]]
             self.n_in += len(batch)
-
-            def done(j: int = j) -> None:
-                self.offset = j
-
-            await output.put(batch, done)
-            i = j
+            await output.put(batch)
+            self.offset = i = j  # no await since put returned: a barrier sees exactly this much
 
 
 class KeepOptions(NodeOptions):
