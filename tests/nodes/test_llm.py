@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +49,7 @@ class Feed(Source):
 
 class KeepOptions(NodeOptions):
     type: Literal["t_keep"]
+    keep: bool = True
 
 
 class Keep(Sink):
@@ -56,8 +59,12 @@ class Keep(Sink):
         super().__init__(options, ctx)
         self.events: list[Event] = []
 
+        self.count = 0
+
     async def write(self, batch: list[Event]) -> None:
-        self.events.extend(batch)
+        self.count += len(batch)
+        if self.options.keep:  # type: ignore[attr-defined]
+            self.events.extend(batch)
 
     def final(self) -> list[dict[str, Any]]:
         """Result values (not stream chunks)."""
@@ -430,3 +437,41 @@ def test_config_checks_providers_and_options(tmp_path: Path, tiny_model: Path) -
                           env={"KEY": "sk-1"})
     assert loaded.config.llm.providers["cloud"].api_key == "sk-1"  # type: ignore[union-attr]
     assert json.dumps(loaded.config.llm.model_dump(mode="json"))
+
+
+async def test_memory_stays_flat_under_sustained_overload(running: Any, server: FakeOpenAI) -> None:
+    server.default = Behaviour("hang")  # nothing is ever answered: everything beyond the queue is shed
+    r = await running(_remote(server, concurrency=1), """\
+      - {id: src, type: t_feed}
+      - {id: explain, type: llm, input: src, provider: cloud, max_queue: 32, coalesce_by: null}
+      - {id: out, type: t_keep, input: explain, keep: false}
+""")
+    out = r.node("out")
+
+    explain = r.node("explain")
+
+    def settled(total: int) -> bool:
+        # every event is either shed (and out), queued, or with the model
+        return explain.n_in == total and out.count == total - len(explain.queue) - explain.in_flight
+
+    async def burst(start: int) -> None:
+        for b in range(20):
+            r.feed(*(alert(f"k{start + b * 500 + i}", "info") for i in range(500)))
+        await wait_for(lambda: settled(start + 10_000), timeout=30)
+
+    await burst(0)  # warm up: queue full, caches filled
+    tracemalloc.start()
+    try:
+        await burst(10_000)
+        gc.collect()
+        after_one = tracemalloc.get_traced_memory()[0]  # includes the last batch, still referenced
+        await burst(20_000)
+        await burst(30_000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - after_one
+    finally:
+        tracemalloc.stop()
+    assert len(r.node("explain").queue) == 32
+    # 20,000 more events shed: what is kept must not grow with them (a leak would be megabytes)
+    assert grown < 64 * 1024, grown
+    assert explain.counters()["shed_queue_full"] == 40_000 - 33
