@@ -350,6 +350,16 @@ class StateStore:
             db.close()
         return {k: bytes(v) for k, v in rows}
 
+    def node_ids(self, pipeline: str) -> set[str]:
+        """Nodes of ``pipeline`` that have committed rows."""
+        if not self.path.exists():
+            return set()
+        db = self.reader()
+        try:
+            return {r[0] for r in db.execute("SELECT DISTINCT node FROM state WHERE pipeline=?", (pipeline,))}
+        finally:
+            db.close()
+
     # --- closing and reporting --------------------------------------------------------------
 
     def close_sync(self) -> None:
@@ -424,6 +434,12 @@ class Checkpointer:
         return True
 
     async def restore(self) -> None:
+        saved = await asyncio.to_thread(self.store.node_ids, self.pipeline)
+        for stale in sorted(saved - {n.id for n in self.nodes}):
+            rows = await asyncio.to_thread(self.store.load_state, self.pipeline, stale)
+            log.info("pipeline %s: dropping the saved state of node %s (no longer in the pipeline)",
+                     self.pipeline, stale)
+            self.store.write([(self.pipeline, stale, k, None) for k in rows])
         for node in self.nodes:
             rows = await asyncio.to_thread(self.store.load_state, self.pipeline, node.id)
             if not rows:

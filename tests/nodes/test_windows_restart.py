@@ -259,3 +259,14 @@ async def test_a_corrupt_state_file_does_not_stop_the_gateway(tmp_path: Path) ->
         await wait_for(lambda: len(node(gw, "out").events) == 1, timeout=10)
         assert gw.health()["state_store"]["corrupt_recoveries"] == 1
     assert StateStore(tmp_path / "state.db").load_state("p", "src") == {"=": b"2"}
+
+
+async def test_state_of_a_removed_node_is_dropped(tmp_path: Path) -> None:
+    events = [["a", 1000.0, 1.0]]
+    await run_once(tmp_path, events, "type: window, kind: tumbling, size: 10s", None)
+    assert StateStore(tmp_path / "state.db").node_ids("p") == {"src", "win"}
+    text = config(tmp_path, events, "type: window, kind: tumbling, size: 10s", None).replace("id: win", "id: win2")
+    text = text.replace("input: win}", "input: win2}")
+    async with running_gateway(text) as gw:
+        await gw.store.flush()
+    assert StateStore(tmp_path / "state.db").node_ids("p") == {"src", "win2"}
