@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from .errors import ConfigError, ConfigIssue
 from .llm import LlmConfig
@@ -69,6 +69,22 @@ class MqttConnection(_Section):
     version: Literal["5", "3.1.1"] = "5"
     status: bool = Field(True, description="Publish retained sluice/<gateway>/status with a last will.")
     reconnect_max: Duration = Field(30.0, description="Cap of the exponential reconnect backoff.")
+    tls: bool = Field(False, description="Connect over TLS, verifying the broker's certificate and name "
+                                         "(on by itself when ca_file or cert_file is set).")
+    ca_file: str | None = Field(None, description="PEM CA certificate(s) to verify the broker; default: the "
+                                                  "system's trust store.")
+    cert_file: str | None = Field(None, description="PEM client certificate for mutual TLS.")
+    key_file: str | None = Field(None, description="PEM private key of cert_file (if not in the same file).")
+    tls_insecure: bool = Field(False, description="Skip verifying the broker's certificate and name: "
+                                                  "for a test bench only.")
+
+    @model_validator(mode="after")
+    def _tls(self) -> MqttConnection:
+        if self.key_file and not self.cert_file:
+            raise ValueError("`key_file` goes with `cert_file`")
+        if self.ca_file or self.cert_file:
+            object.__setattr__(self, "tls", True)
+        return self
 
 
 class ConsoleUser(_Section):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -193,9 +194,10 @@ class MqttLink:
             while True:
                 self._lost_evt.clear()
                 try:
+                    ctx = _tls_context(self.conn) if self.conn.tls else False
                     await asyncio.wait_for(
                         self._client.connect(self.conn.host, self.conn.port, keepalive=self.conn.keepalive,
-                                             version=version),
+                                             version=version, ssl=ctx),
                         timeout=max(10.0, self.conn.keepalive),
                     )
                 except (OSError, TimeoutError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
@@ -363,7 +365,27 @@ class MqttLink:
         proto.read = gated_read
 
 
+def _tls_context(conn: MqttConnection) -> ssl.SSLContext:
+    """Verification on by default; a file that cannot be read says which one."""
+    ctx = ssl.create_default_context()
+    for what, load in (("ca_file", lambda: conn.ca_file and ctx.load_verify_locations(conn.ca_file)),
+                       ("cert_file", lambda: conn.cert_file and ctx.load_cert_chain(conn.cert_file, conn.key_file))):
+        try:
+            load()
+        except (OSError, ssl.SSLError) as exc:
+            raise OSError(f"TLS: cannot use {what} {getattr(conn, what)!r}: {exc.strerror or exc}") from None
+    if conn.tls_insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS: the broker's certificate is not trusted ({exc.verify_message}); check ca_file, "
+                "and that the host name matches the certificate")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
