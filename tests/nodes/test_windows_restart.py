@@ -270,3 +270,18 @@ async def test_state_of_a_removed_node_is_dropped(tmp_path: Path) -> None:
     async with running_gateway(text) as gw:
         await gw.store.flush()
     assert StateStore(tmp_path / "state.db").node_ids("p") == {"src", "win2"}
+
+
+async def test_unreadable_saved_state_costs_that_node_its_state_only(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    store = StateStore(tmp_path / "state.db")
+    await store.start()
+    store.write([("p", "win", ".#", b"{not json"), ("p", "src", "=", b"1")])
+    await store.close()
+    events = [["a", 1000.0, 1.0], ["a", 1001.0, 2.0], ["a", 1011.0, 0.0]]
+    text = config(tmp_path, events, "type: window, kind: tumbling, size: 10s, aggregate: sum", None)
+    async with running_gateway(text) as gw:
+        await wait_for(lambda: len(node(gw, "out").events) == 1, timeout=10)
+        assert node(gw, "src").restored_offset == 1  # the other node's state came back
+        assert node(gw, "out").events[0].value == 2.0  # the window started empty: only the replayed reading
+    assert "could not restore node win" in caplog.text
