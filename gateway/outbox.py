@@ -39,7 +39,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from ._log import RateLimitedLog
 from .errors import LinkError, SluiceError
 
-__all__ = ["Outbox", "OutboxConfig", "OutboxStore", "SqliteOutboxStore"]
+__all__ = ["Outbox", "OutboxConfig", "OutboxStore", "SqliteOutboxStore", "WebhookLink", "WebhookRefused"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -281,6 +281,124 @@ class SqliteOutboxStore:
             db.close()
 
 
+# --- a webhook as a destination ------------------------------------------------------------------
+
+
+class WebhookRefused(LinkError):
+    """The server answered 4xx (other than 408/429): sending it again would not help."""
+
+    refused = True
+
+
+class WebhookLink:
+    """POSTs outbox messages as JSON to one URL, with the publisher interface the outbox uses.
+
+    2xx acknowledges a message; 408, 429, 5xx or a network error fail it and take the link
+    "down" for a capped, jittered backoff, after which the outbox sends again from the oldest
+    unacknowledged message (``replayed: true``); any other 4xx dead-letters it. With the
+    default ``concurrency: 1``, messages arrive in order.
+    """
+
+    def __init__(self, name: str, url: str, headers: dict[str, str] | None = None, *, timeout: float = 10.0,
+                 concurrency: int = 1, reconnect_max: float = 30.0):
+        self.name = name
+        self.url = url
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.timeout = timeout
+        self.send_window = concurrency
+        self.reconnect_max = reconnect_max
+        self.connected = True
+        self.state = "connected"
+        self.last_error: str | None = None
+        self.delivered = 0
+        self._up = asyncio.Event()
+        self._up.set()
+        self._down = asyncio.Event()
+        self._session: Any = None
+        self._posts: set[asyncio.Task[None]] = set()
+        self._attempt = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._posts)
+
+    async def wait_connected(self) -> None:
+        await self._up.wait()
+
+    def health(self) -> dict[str, Any]:
+        return {"url": self.url, "state": self.state, "error": self.last_error, "delivered": self.delivered}
+
+    def publish_acked_many(self, messages: list[tuple[str, bytes, bool]]) -> list[asyncio.Future[None]]:
+        if not self.connected:
+            raise LinkError(self.name, "down")
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[None]] = []
+        for _, payload, _ in messages[: max(0, self.send_window - len(self._posts))]:
+            fut: asyncio.Future[None] = loop.create_future()
+            task = loop.create_task(self._post(payload, fut), name=f"webhook:{self.name}")
+            self._posts.add(task)
+            task.add_done_callback(self._posts.discard)
+            futs.append(fut)
+        return futs
+
+    async def _post(self, payload: bytes, fut: asyncio.Future[None]) -> None:
+        import aiohttp
+
+        try:
+            async with self._session.post(self.url, data=payload, headers=self.headers) as resp:
+                body = (await resp.read())[:200].decode("utf-8", "replace")
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._failed(fut, LinkError(self.name, f"POST {self.url}: {type(exc).__name__}: {exc}".rstrip(": ")))
+            return
+        if 200 <= status < 300:
+            self.delivered += 1
+            self._attempt = 0
+            if not fut.done():
+                fut.set_result(None)
+        elif status in (408, 429) or status >= 500:
+            self._failed(fut, LinkError(self.name, f"POST {self.url}: HTTP {status} {body}".strip()))
+        elif not fut.done():
+            fut.set_exception(WebhookRefused(self.name, f"POST {self.url}: HTTP {status} {body}".strip()))
+
+    def _failed(self, fut: asyncio.Future[None], exc: LinkError) -> None:
+        if not fut.done():
+            fut.set_exception(exc)
+        if self.connected:
+            self.connected = False
+            self.state = "down"
+            self.last_error = str(exc).split(": ", 1)[-1]
+            self._up.clear()
+            self._down.set()
+
+    async def run(self) -> None:
+        """After a failure, wait a capped jittered backoff, then let the outbox try again."""
+        from ._retry import backoff
+
+        while True:
+            await self._down.wait()
+            delay = backoff(self._attempt, self.reconnect_max)
+            self._attempt += 1
+            log.warning("webhook %s: %s; retrying in %.1fs", self.name, self.last_error, delay)
+            await asyncio.sleep(delay)
+            self._down.clear()
+            self.connected = True
+            self.state = "retrying"
+            self._up.set()
+
+    async def close(self) -> None:
+        for t in list(self._posts):
+            t.cancel()
+        await asyncio.gather(*self._posts, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 # --- the outbox ------------------------------------------------------------------------------
 
 
@@ -320,6 +438,9 @@ class Outbox:
         self.path = path
         self.gateway_id = gateway_id
         self.links = links
+        self._all: dict[str, Any] = dict(links)  # plus links sinks register (webhooks)
+        self._extra: dict[str, Any] = {}
+        self._tg: asyncio.TaskGroup | None = None
         self.config = config or OutboxConfig()
         self.store: OutboxStore = store or SqliteOutboxStore(path, seq_path)
         self.on_refused = on_refused
@@ -374,9 +495,28 @@ class Outbox:
         """Send what the outbox holds through every link, until :meth:`close` (or cancelled)."""
         self._task = asyncio.current_task()
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
             tg.create_task(self._deleter(), name="outbox:delete")
-            for name in self.links:
-                tg.create_task(self._sender(name), name=f"outbox:send:{name}")
+            for name in self._all:
+                self._start_sender(name)
+
+    def _start_sender(self, name: str) -> None:
+        assert self._tg is not None
+        self._tg.create_task(self._sender(name), name=f"outbox:send:{name}")
+        link = self._extra.get(name)
+        if link is not None:
+            self._tg.create_task(link.run(), name=f"outbox:link:{name}")
+
+    def register_link(self, name: str, link: Any) -> None:
+        """Add a destination besides the broker links (a webhook): the outbox runs it and sends to it.
+
+        ``link`` has the publisher interface plus ``async run()`` and ``async close()``.
+        """
+        if name in self._all:
+            raise SluiceError(f"outbox: a link named {name!r} exists already")
+        self._all[name] = self._extra[name] = link
+        if self._tg is not None:
+            self._start_sender(name)
 
     async def close(self, grace: float = 2.0) -> None:
         """Stop sending; wait up to ``grace`` seconds for PUBACKs in flight; commit deletes; close.
@@ -387,7 +527,7 @@ class Outbox:
             return
         self._closing = True
         deadline = time.monotonic() + grace
-        while any(getattr(lk, "in_flight", 0) for lk in self.links.values()) and time.monotonic() < deadline:
+        while any(getattr(lk, "in_flight", 0) for lk in self._all.values()) and time.monotonic() < deadline:
             self._slot.clear()  # set by every acknowledgement
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._slot.wait(), max(0.0, deadline - time.monotonic()))
@@ -396,6 +536,9 @@ class Outbox:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._tg = None
+        for link in self._extra.values():
+            await link.close()
         await self._flush_deletes()
         self._opened = False
         await self._run(self.store.close)
@@ -416,7 +559,7 @@ class Outbox:
         rows = []
         conns = set()
         for conn, topic, fields, okey in messages:
-            if conn not in self.links:
+            if conn not in self._all:
                 raise SluiceError(f"outbox: unknown connection {conn!r}")
             body = fields if isinstance(fields, bytes) else json.dumps(
                 fields, separators=(",", ":"), default=str).encode()
@@ -527,7 +670,7 @@ class Outbox:
             self.bytes -= row.size
 
     async def _sender(self, conn: str) -> None:
-        link = self.links[conn]
+        link = self._all[conn]
         new = self._event(conn)
         while not self._closing:
             if not link.connected:

@@ -1,4 +1,4 @@
-"""Sink nodes: where events leave a pipeline (``mqtt_out``, ``log``).
+"""Sink nodes: where events leave a pipeline (``mqtt_out``, ``webhook``, ``log``).
 
 ``mqtt_out`` commits each event to the gateway's outbox (SQLite) and returns; the outbox
 publishes it at QoS 1 and deletes it only on the broker's PUBACK, so an outage or a restart loses
@@ -18,9 +18,9 @@ from pydantic import Field
 
 from gateway.errors import LinkError
 from gateway.events import Event
-from gateway.node import NodeOptions, Sink, register
+from gateway.node import Duration, NodeOptions, Sink, register
 
-__all__ = ["LogSink", "MqttOut"]
+__all__ = ["LogSink", "MqttOut", "Webhook"]
 
 _TEMPLATE_FIELDS = {"gateway", "pipeline", "node", "key", "source"}
 
@@ -113,6 +113,57 @@ class MqttOut(Sink):
                 link.publish(self._topic(ev), payload, qos=0, retain=self.options.retain)
             except LinkError:
                 self.n_dropped += 1
+
+
+class WebhookOptions(NodeOptions):
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://", description="Where to POST each event as JSON (http or https).")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers, e.g. "
+                                                                     "Authorization: \"Bearer ${TOKEN}\".")
+    timeout: Duration = Field(10.0, gt=0, description="Per request.")
+    concurrency: int = Field(1, ge=1, le=64, description="Requests in flight; above 1 the order of arrival "
+                                                         "is no longer guaranteed.")
+    reconnect_max: Duration = Field(30.0, description="Cap of the retry backoff after a failed POST.")
+
+
+@register
+class Webhook(Sink):
+    """POST each event as JSON through the outbox: committed first, retried with backoff, at least once.
+
+    The body is what ``mqtt_out`` publishes (``gateway_id``, ``seq``, ``replayed``, ``pipeline``,
+    ``source``, ``key``, ``ts``, ``value``). 2xx acknowledges; 408, 429, 5xx and network errors
+    are retried; other 4xx answers are dead-lettered with the status and the start of the body.
+    """
+
+    Options = WebhookOptions
+    options: WebhookOptions
+
+    def __init__(self, options: WebhookOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self._name = f"webhook:{ctx.pipeline}/{options.id}"
+        self._link: Any = None
+        self._outbox: Any = None
+
+    async def start(self) -> None:
+        from gateway.outbox import WebhookLink
+
+        o = self.options
+        self._outbox = self.ctx.links.outbox
+        if self._link is None:
+            self._link = WebhookLink(self._name, o.url, o.headers, timeout=o.timeout, concurrency=o.concurrency,
+                                     reconnect_max=o.reconnect_max)
+            self._outbox.register_link(self._name, self._link)
+
+    def health(self) -> dict[str, Any]:
+        return self._link.health() if self._link is not None else {"state": "starting"}
+
+    async def write(self, batch: list[Event]) -> None:
+        pipeline = self.ctx.pipeline
+        url = self.options.url
+        await self._outbox.put([
+            (self._name, url, {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts,
+                               "value": ev.value}, ev.key)
+            for ev in batch])
 
 
 class LogOptions(NodeOptions):
