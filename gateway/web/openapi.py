@@ -121,6 +121,19 @@ def _paths() -> dict[str, Any]:
             "400": _json(_ERR, "Not UTF-8 / not the expected JSON"), "413": _json(_ERR, "Larger than 1 MiB")},
             tag="config", change=True, body={"text/yaml": {"schema": _STR},
                                              "application/json": {"schema": _obj({"text": _STR}, ["text"])}})},
+        "/api/config/save": {"post": _op(
+            "Validate, hot-reload the pipelines and save the config file (admin); other sections need a restart", {
+                "200": _json(_obj({"valid": {"type": "boolean"}, "errors": {"type": "array", "items": _obj(
+                    {"line": _INT, "path": _STR, "message": _STR}, ["line", "path", "message"])},
+                    "reloaded": {"type": "boolean"}, "saved": {"type": "boolean"},
+                    "note": {"type": ["string", "null"]},
+                    **{k: {"type": "array", "items": _STR} for k in ("changed", "added", "removed", "unchanged")}},
+                    ["valid", "errors"])),
+                "400": _json(_ERR, "Not UTF-8 / not the expected JSON"), "413": _json(_ERR, "Larger than 1 MiB"),
+                "409": _json(_obj({"error": _STR, "reloaded": {"type": "boolean"}}, ["error"]),
+                             "Valid, but the running gateway cannot take it; nothing changed")},
+            tag="config", change=True, body={"text/yaml": {"schema": _STR},
+                                             "application/json": {"schema": _obj({"text": _STR}, ["text"])}})},
         "/api/session": {"get": _op("Who is logged in, and the CSRF token for changes", {"200": _json(_obj({
             "auth": {"type": "boolean"}, "user": {"type": ["string", "null"]},
             "role": {"anyOf": [_ROLE, {"type": "null"}]}, "csrf": _STR, "needs_setup": {"type": "boolean"}},

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from aiohttp import web
 
-from ..config import parse_config
+from ..config import LoadedConfig, parse_config
 from ..errors import ConfigError
 from .auth import IDENTITY
 
@@ -19,6 +22,8 @@ if TYPE_CHECKING:
     from ..runtime import Gateway
 
 __all__ = ["STATIC", "Views"]
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_CONFIG = 1024 * 1024
@@ -68,6 +73,7 @@ class Views:
         app.router.add_get("/api/pipelines/{pipeline}/nodes/{node}", self.api_node)
         app.router.add_get("/api/config", self.api_config)
         app.router.add_post("/api/config/validate", self.api_validate)
+        app.router.add_post("/api/config/save", self.api_save)
         app.router.add_static("/static/", STATIC, append_version=False)
 
     @staticmethod
@@ -153,9 +159,7 @@ class Views:
         loaded = self.gw.loaded
         return web.json_response({"path": loaded.path, "text": loaded.text})
 
-    async def api_validate(self, request: web.Request) -> web.Response:
-        """Validate YAML config text (the body, or ``{"text": ...}``): every problem with its line."""
-        self._admin(request)
+    async def _text(self, request: web.Request) -> str | web.Response:
         if request.content_length is not None and request.content_length > MAX_CONFIG:
             return web.json_response({"error": "config larger than 1 MiB"}, status=413)
         if request.content_type == "application/json":
@@ -172,11 +176,69 @@ class Views:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 return web.json_response({"error": "config is not UTF-8 text"}, status=400)
+        return text
+
+    @staticmethod
+    async def _parse(text: str, path: str) -> LoadedConfig | web.Response:
         # Validation compiles expressions and builds models: off the loop.
         try:
-            loaded = await asyncio.to_thread(parse_config, text, "config.yaml")
+            return await asyncio.to_thread(parse_config, text, path)
         except ConfigError as err:
             return web.json_response({"valid": False, "errors": [
                 {"line": i.line, "path": i.path, "message": i.message} for i in err.issues]})
+
+    async def api_validate(self, request: web.Request) -> web.Response:
+        """Validate YAML config text (the body, or ``{"text": ...}``): every problem with its line."""
+        self._admin(request)
+        text = await self._text(request)
+        if isinstance(text, web.Response):
+            return text
+        loaded = await self._parse(text, "config.yaml")
+        if isinstance(loaded, web.Response):
+            return loaded
         n_nodes = sum(len(v) for v in loaded.nodes.values())
         return web.json_response({"valid": True, "errors": [], "pipelines": len(loaded.nodes), "nodes": n_nodes})
+
+    async def api_save(self, request: web.Request) -> web.Response:
+        """Validate, hot-reload the pipelines, then write the file (the previous one kept as ``.bak``)."""
+        from ..runtime import ReloadError
+
+        self._admin(request)
+        text = await self._text(request)
+        if isinstance(text, web.Response):
+            return text
+        path = self.gw.loaded.path
+        loaded = await self._parse(text, path)
+        if isinstance(loaded, web.Response):
+            return loaded
+        try:
+            summary = await self.gw.reload(loaded)
+        except ReloadError as exc:
+            return web.json_response({"valid": True, "errors": [], "reloaded": False, "saved": False,
+                                      "error": str(exc)}, status=409)
+        saved, note = False, None
+        try:
+            await asyncio.to_thread(_save, Path(path), text)
+            saved = True
+        except FileNotFoundError:
+            note = "running, but not saved: the gateway was not started from a config file"
+        except OSError as exc:
+            note = f"running, but not saved to {path}: {exc.strerror or exc}"
+        ident = request.get(IDENTITY)
+        log.warning("config reloaded from the console by %s: %s%s", ident.name if ident else "?",
+                    ", ".join(f"{k} {v}" for k, v in summary.items() if v and k != "unchanged") or "no change",
+                    "" if saved else f" ({note})")
+        return web.json_response({"valid": True, "errors": [], "reloaded": True, "saved": saved, "note": note,
+                                  **summary})
+
+
+def _save(path: Path, text: str) -> None:
+    """Write the config next to itself and swap it in; the previous text stays as ``<name>.bak``."""
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    shutil.copy2(path, path.with_name(path.name + ".bak"))
+    os.replace(tmp, path)

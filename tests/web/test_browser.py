@@ -326,3 +326,45 @@ async def test_logs_page(gw: Gateway, page: Any) -> None:
         await playwright_api.expect(page.locator("#view")).not_to_contain_text("probe boiler/temp is loose")
     finally:
         root.removeHandler(RECENT)
+
+
+async def test_config_edit_saved_and_hot_reloaded(page: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    from gateway.config import load_config
+    from tests._util import wait_for
+
+    from .test_reload import TEXT
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(TEXT.format(data=tmp_path / "data").replace(", auth: false", ""))
+    gw = Gateway(load_config(path, env={}))
+    task = asyncio.create_task(gw.run(install_signals=False))
+    try:
+        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
+        other = gw.pipelines["other"]
+        base = await logged_in(gw, page)
+        await page.goto(base + "/#/config")
+        editor = page.locator("#config-text")
+        await playwright_api.expect(editor).to_have_value(lambda_regex("above: 95"))
+        text = await editor.input_value()
+        await editor.fill(text.replace("above: 95", "above: lots"))
+        await page.click("#save")
+        await playwright_api.expect(page.locator('#config-errors li[data-line="6"]')).to_contain_text("above")
+        assert path.read_text() == text
+        await editor.fill(text.replace("above: 95", "above: 96"))
+        await page.click("#save")
+        saved = page.locator("#config-saved")
+        await playwright_api.expect(saved).to_contain_text("changed: plant; unchanged: other")
+        await playwright_api.expect(saved).to_contain_text("Saved.")
+        assert "above: 96" in path.read_text()
+        assert gw.pipelines["other"] is other
+        await wait_for(lambda: gw.pipelines["plant"].state == "running", timeout=10)
+        await shot(page, "config-saved")
+        await editor.fill(text.replace("id: reload-test", "id: renamed"))
+        await page.click("#save")
+        await playwright_api.expect(saved).to_contain_text("needs a restart")
+        page.problems.clear()  # the 409 above is the expected answer
+    finally:
+        gw.stop()
+        await asyncio.wait_for(task, 30)

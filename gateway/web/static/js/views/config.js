@@ -11,6 +11,7 @@ export function start(el, { me }) {
   const result = h("div", { id: "config-result", role: "status" });
   const validate = h("button", { type: "button", id: "validate" }, "Validate");
   const download = h("button", { type: "button", id: "download" }, "Download");
+  const save = h("button", { type: "button", id: "save" }, "Save and reload");
   let path = "config.yaml";
   let bad = new Map();
 
@@ -30,20 +31,43 @@ export function start(el, { me }) {
     text.setSelectionRange(start, start + (lines[line - 1] || "").length);
   }
 
+  function showErrors(r) {
+    bad = new Map(r.errors.map((e) => [e.line, `${e.path}: ${e.message}`]));
+    numbers();
+    return h("ul", { class: "errors", id: "config-errors" }, r.errors.map((e) =>
+      h("li", { "data-line": e.line }, h("a", { href: "#", onclick: (ev) => { ev.preventDefault(); goto(e.line); } },
+        `line ${e.line}`), `: ${e.path || "<root>"}: ${e.message}`)));
+  }
+
   validate.addEventListener("click", async () => {
     result.replaceChildren(h("p", { class: "muted" }, "Validating…"));
     try {
       const r = await post("/api/config/validate", text.value, "text/yaml");
-      bad = new Map(r.errors.map((e) => [e.line, `${e.path}: ${e.message}`]));
-      numbers();
       result.replaceChildren(r.valid
-        ? h("p", { class: "ok", id: "config-valid" }, `Valid: ${r.pipelines} pipelines, ${r.nodes} nodes.`)
-        : h("ul", { class: "errors", id: "config-errors" }, r.errors.map((e) =>
-            h("li", { "data-line": e.line }, h("a", { href: "#", onclick: (ev) => { ev.preventDefault(); goto(e.line); } },
-              `line ${e.line}`), `: ${e.path || "<root>"}: ${e.message}`))));
+        ? (showErrors(r), h("p", { class: "ok", id: "config-valid" }, `Valid: ${r.pipelines} pipelines, ${r.nodes} nodes.`))
+        : showErrors(r));
     } catch (e) {
       result.replaceChildren(h("p", { class: "error" }, e.message));
     }
+  });
+
+  save.addEventListener("click", async () => {
+    result.replaceChildren(h("p", { class: "muted" }, "Saving…"));
+    let r;
+    try {
+      r = await post("/api/config/save", text.value, "text/yaml");
+    } catch (e) {
+      result.replaceChildren(h("p", { class: "error", id: "config-saved" }, e.message));  // 409: nothing changed
+      return;
+    }
+    if (!r.valid) {
+      result.replaceChildren(showErrors(r));
+      return;
+    }
+    showErrors(r);
+    const parts = ["changed", "added", "removed", "unchanged"].filter((k) => r[k].length).map((k) => `${k}: ${r[k].join(", ")}`);
+    result.replaceChildren(h("p", { class: r.saved ? "ok" : "warn", id: "config-saved" },
+      `Reloaded (${parts.join("; ") || "no pipelines"}). ${r.saved ? "Saved." : r.note}`));
   });
 
   download.addEventListener("click", () => {
@@ -57,11 +81,12 @@ export function start(el, { me }) {
 
   el.append(h("h1", {}, "Config"),
     h("p", { class: "muted", id: "config-path" }),
-    h("div", { class: "toolbar" }, validate, download),
+    h("div", { class: "toolbar" }, validate, save, download),
     h("div", { class: "editor" }, gutter, text), result);
   get("/api/config").then((d) => {
     path = d.path;
-    el.querySelector("#config-path").textContent = `${d.path} (the running config; saving is not available yet)`;
+    el.querySelector("#config-path").textContent = `${d.path}: the running config. Saving reloads changed pipelines ` +
+      "live; other sections need a restart.";
     text.value = d.text;
     numbers();
   }).catch((e) => result.replaceChildren(h("p", { class: "error" }, e.message)));
