@@ -9,6 +9,7 @@ the outbox when ``connection`` is set, as ``{"action": ..., "alert": {...}}`` pl
 from __future__ import annotations
 
 import string
+import time
 from typing import Any, Literal
 
 from pydantic import Field
@@ -32,6 +33,8 @@ class AlertOptions(NodeOptions):
                                                 "the same alert.")
     auto_resolve: bool = Field(True, description="Resolve when the detector clears; false: an operator must.")
     notify_updates: bool = Field(True, description="Also publish repeat raises of an open alert (count + 1).")
+    update_interval: Duration = Field(0.0, description="Publish an alert's updates at most this often (a "
+                                                       "suppression window; its count stays exact).")
 
 
 @register
@@ -65,6 +68,8 @@ class AlertSink(Sink):
     def __init__(self, options: AlertOptions, ctx: Any):
         super().__init__(options, ctx)
         self._service: Any = None
+        self._last_update: dict[int, float] = {}  # alert id -> monotonic time its update was last published
+        self.suppressed = 0
         self._topic = options.topic.format(gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id)
 
     async def start(self) -> None:
@@ -73,7 +78,9 @@ class AlertSink(Sink):
             self._service.cooldowns[(self.ctx.pipeline, self.id)] = self.options.cooldown
 
     def health(self) -> dict[str, Any]:
-        return self._service.health() if self._service is not None else {"state": "starting"}
+        if self._service is None:
+            return {"state": "starting"}
+        return {**self._service.health(), "suppressed_updates": self.suppressed}
 
     def _item(self, ev: Event) -> dict[str, Any]:
         v = ev.value
@@ -96,6 +103,15 @@ class AlertSink(Sink):
         o = self.options
         steps = await self._service.book.apply(items, cooldown=o.cooldown, auto_resolve=o.auto_resolve)
         for action, alert in steps:
-            if action == "updated" and not o.notify_updates:
-                continue
+            if action == "updated":
+                if not o.notify_updates:
+                    continue
+                now = time.monotonic()
+                last = self._last_update.get(alert["id"])
+                if last is not None and now - last < o.update_interval:
+                    self.suppressed += 1
+                    continue
+                self._last_update[alert["id"]] = now
+            elif action in ("resolved", "opened"):
+                self._last_update.pop(alert["id"], None)
             await self._service.notify(action, alert)

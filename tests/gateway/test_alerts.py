@@ -230,3 +230,20 @@ async def test_non_alert_events_are_dead_lettered(tmp_path: Path, mosquitto: Mos
             sink = node(gw, "boiler", "book")
             await wait_for(lambda: sink.n_errors >= 1)
             assert "takes detector alerts" in gw.dead_letters.recent[-1]["reason"]
+
+
+async def test_flapping_sensor_is_one_alert_and_updates_are_rate_limited(
+        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    text = config(tmp_path, mosquitto.port, sink=", cooldown: 1h, update_interval: 1h")
+    with mqtt_client(mosquitto, subscribe=[ALERTS]) as sub, mqtt_client(mosquitto) as pub:
+        async with running_gateway(text) as gw:
+            await until_subscribed(gw, pub)
+            for v in (95, 80, 95, 80, 95, 80):
+                pub.publish("sensors/s1/temp", json.dumps({"value": v}))
+            await wait_for(lambda: len(actions(sub)) >= 5)
+            _, body = await get(gw, "/api/alerts")
+            (alert,) = body["alerts"]
+            assert alert["count"] == 3 and alert["state"] == "open" and alert["condition"] == "cleared"
+            sink = node(gw, "boiler", "book")
+            await wait_for(lambda: sink.suppressed == 1)
+            assert [m["action"] for m in actions(sub)] == ["opened", "cleared", "updated", "cleared", "cleared"]
