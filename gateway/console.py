@@ -8,6 +8,7 @@ counters, queue and health.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -120,6 +121,7 @@ class Console:
         self.app.router.add_get("/api/deadletters", self.api_deadletters)
         self.app.router.add_get("/api/logs", self.api_logs)
         self.app.router.add_get("/api/alerts", self.api_alerts)
+        self.app.router.add_get("/api/history", self.api_history)
         self.app.router.add_post("/api/alerts/{id}/{action}", self.api_alert_action)
         from .web import setup as web_setup  # pages, /ws, OpenAPI, and the auth around them
 
@@ -183,6 +185,22 @@ class Console:
             raise web.HTTPBadRequest(text="limit must be an integer") from None
         rows = list(self.gw.dead_letters.recent)[-limit:][::-1]
         return web.json_response({"total": self.gw.dead_letters.total, "recent": rows})
+
+    async def api_history(self, request: web.Request) -> web.Response:
+        """``GET /api/history?key=&from=&to=&points=``: a key's downsampled history (epoch seconds)."""
+        q = request.query
+        if not q.get("key"):
+            return web.json_response({"error": "give key=<the reading's key>"}, status=400)
+        history = self.gw.history
+        try:
+            end = float(q["to"]) if "to" in q else max(history.newest, 0.0) + 1.0
+            start = float(q["from"]) if "from" in q else end - 3600.0
+            points = max(1, min(int(q.get("points", "1000")), 10_000))
+        except ValueError:
+            return web.json_response({"error": "from and to are epoch seconds; points is an integer"}, status=400)
+        if not start < end:
+            return web.json_response({"error": "from must be before to"}, status=400)
+        return web.json_response(await asyncio.to_thread(history.query, q["key"], start, end, points))
 
     async def api_alerts(self, request: web.Request) -> web.Response:
         """``GET /api/alerts?state=&severity=&pipeline=&key=&since=&until=&limit=`` (newest first)."""

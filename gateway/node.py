@@ -207,8 +207,8 @@ class Sink(_Node):
 
 
 _REGISTRY: dict[str, type[_Node]] = {}
-_BUILTIN_MODULES = ("nodes.sources", "nodes.operators", "nodes.windows", "nodes.detectors", "nodes.sinks",
-                    "nodes.devices", "nodes.llm", "nodes.alerts")
+_BUILTIN_MODULES = ("nodes.sources", "nodes.operators", "nodes.windows", "nodes.history", "nodes.detectors",
+                    "nodes.sinks", "nodes.devices", "nodes.llm", "nodes.alerts")
 _loaded = False
 
 

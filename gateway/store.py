@@ -55,6 +55,20 @@ _MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE TABLE schema_version (version INTEGER NOT NULL, applied REAL NOT NULL);
     """,
+    """
+    CREATE TABLE history (
+        tier INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        bucket REAL NOT NULL,
+        n INTEGER NOT NULL,
+        sum REAL NOT NULL,
+        min REAL NOT NULL,
+        max REAL NOT NULL,
+        last_ts REAL NOT NULL,
+        last REAL NOT NULL,
+        PRIMARY KEY (tier, key, bucket)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -76,6 +90,14 @@ class StateConfig(BaseModel):
 
 
 _Row = tuple[str, str, str, "bytes | None"]  # pipeline, node, key, value (None: delete)
+
+
+class _Sql:
+    __slots__ = ("params", "statement")
+
+    def __init__(self, statement: str, params: list[tuple[Any, ...]]):
+        self.statement = statement
+        self.params = params
 
 
 class StoreError(SluiceError):
@@ -194,6 +216,22 @@ class StateStore:
 
     # --- writing ----------------------------------------------------------------------------
 
+    def execute(self, statement: str, params: list[tuple[Any, ...]]) -> bool:
+        """Queue a statement (run with each parameter tuple) for the next group commit.
+
+        Unlike state rows these do not coalesce, so while the store cannot write (disk or quota
+        full) they are refused: False, and the caller counts what it lost.
+        """
+        if self._thread is None:
+            raise StoreError(self.path, "not open")
+        if self.state not in ("ok", "closed") or self._queued_rows > self.max_queued:
+            return False
+        with self._cond:
+            self._queue.append(_Sql(statement, params))
+            self._queued_rows += len(params)
+            self._cond.notify()
+        return True
+
     def write(self, rows: Iterable[_Row]) -> None:
         """Queue rows (``value`` None deletes the row); they are committed together, never split."""
         batch = list(rows)
@@ -254,6 +292,7 @@ class StateStore:
 
     def _writer(self) -> None:
         pending: dict[tuple[str, str, str], bytes | None] = {}
+        sqls: list[_Sql] = []
         waiters: list[Callable[[BaseException | None], None]] = []
         last_commit = 0.0
         attempt = 0
@@ -268,23 +307,27 @@ class StateStore:
                             stop = True
                         elif callable(item):
                             waiters.append(item)
+                        elif type(item) is _Sql:
+                            self._queued_rows -= len(item.params)
+                            sqls.append(item)
                         else:
                             self._queued_rows -= len(item)
                             for p, n, k, v in item:
                                 pending[(p, n, k)] = v
                     now = time.monotonic()
-                    if stop or ((pending or waiters) and now >= retry_at and (
+                    work = pending or sqls
+                    if stop or ((work or waiters) and now >= retry_at and (
                             waiters or len(pending) >= self.commit_size or now - last_commit >= self.commit_interval)):
                         break
-                    if pending or waiters:
+                    if work or waiters:
                         wake = max(retry_at, last_commit + self.commit_interval)
                         self._cond.wait(max(0.001, wake - now))
                     else:
                         self._cond.wait()
             error: BaseException | None = None
-            if pending:
+            if pending or sqls:
                 try:
-                    self._commit(pending)
+                    self._commit(pending, sqls)
                 except sqlite3.Error as exc:
                     error = StoreError(self.path, f"{'disk or quota full' if _is_full(exc) else 'write failed'}: {exc}")
                     self.write_errors += 1
@@ -301,16 +344,17 @@ class StateStore:
                     attempt = 0
                     retry_at = 0.0
                     pending = {}
+                    sqls = []
             last_commit = time.monotonic()
             for w in waiters:
                 w(error)
             waiters = []
-            if stop and (not pending or error is not None):
+            if stop and (not (pending or sqls) or error is not None):
                 if pending:
                     log.error("state store %s: closing with %d rows not written: %s", self.path, len(pending), error)
                 return
 
-    def _commit(self, pending: dict[tuple[str, str, str], bytes | None]) -> None:
+    def _commit(self, pending: dict[tuple[str, str, str], bytes | None], sqls: list[_Sql]) -> None:
         db = self._db
         assert db is not None
         t0 = time.perf_counter()
@@ -324,6 +368,8 @@ class StateStore:
                                ups)
             if dels:
                 db.executemany("DELETE FROM state WHERE pipeline=? AND node=? AND key=?", dels)
+            for q in sqls:
+                db.executemany(q.statement, q.params)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -331,7 +377,7 @@ class StateStore:
             raise
         self.commit_seconds.append(time.perf_counter() - t0)
         self.commits += 1
-        self.rows_written += len(pending)
+        self.rows_written += len(pending) + sum(len(q.params) for q in sqls)
 
     # --- reading ----------------------------------------------------------------------------
 
