@@ -81,18 +81,25 @@ console: {{host: 127.0.0.1, port: {port}}}
 
 def test_api_conforms_and_never_fails(live_console: tuple[str, dict[str, str]]) -> None:
     from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
 
     base, headers = live_console
     schema = schemathesis.openapi.from_url(base + "/api/openapi.json", headers=headers)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15
+    described = 0
     for op in operations:
+        # a route another part added without describing it: only "no server error" can be asked of it
+        loose = op.definition.raw.get("summary") == "undocumented"
+        described += not loose
+        checks = [not_a_server_error] if loose else None
 
         @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
-        def fuzz(case: Any) -> None:
+        def fuzz(case: Any, checks: list[Any] | None = checks) -> None:
             if case.method == "DELETE" and (case.path_parameters or {}).get("id") == "fuzz":
                 return  # keep the fuzzer's own credentials; it may delete anything else
-            case.call_and_validate(base_url=base, headers=headers)
+            case.call_and_validate(base_url=base, headers=headers, checks=checks)
 
         fuzz()
+    assert described >= 15
