@@ -308,6 +308,11 @@ class Llm(Operator):
                 except asyncio.CancelledError:
                     self._shed_for_shutdown(item)
                     raise
+                except Exception as exc:  # node boundary: the alert still goes out, the failure is recorded
+                    self.n_failed += 1
+                    self.ctx.logger.exception("llm %s: request for %s failed", self.id, item.event.key)
+                    self.fail(item.event, exc)
+                    self.ctx.emit([self._fallback(item, "error", {"llm_error": f"{type(exc).__name__}: {exc}"})])
                 finally:
                     self.in_flight -= 1
         except asyncio.CancelledError:

@@ -130,7 +130,7 @@ def _config(data: Path, pace: str, provider: str | None) -> str:
     if provider:
         nodes += f"""\
       - {{id: explain, type: llm, input: [warn, crit], provider: model, max_tokens: {MAX_TOKENS}, temperature: 0,
-         max_queue: 8, deadline: {DEADLINE}, coalesce_by: alert_key}}
+         max_queue: 32, deadline: {DEADLINE}, coalesce_by: alert_key}}
       - {{id: answers, type: bench_count, input: explain, keep: true}}
 """
     return f"gateway: {{id: bench, data_dir: {data}}}\n{llm}pipelines:\n  - name: p\n    nodes:\n{nodes}"

@@ -475,3 +475,27 @@ async def test_memory_stays_flat_under_sustained_overload(running: Any, server: 
     # 20,000 more events shed: what is kept must not grow with them (a leak would be megabytes)
     assert grown < 64 * 1024, grown
     assert explain.counters()["shed_queue_full"] == 40_000 - 33
+
+
+async def test_an_unexpected_failure_in_a_request_is_an_error_event(running: Any, server: FakeOpenAI) -> None:
+    r = await running(_remote(server), """\
+      - {id: src, type: t_feed}
+      - {id: explain, type: llm, input: src, provider: cloud, coalesce_by: null}
+      - {id: out, type: t_keep, input: explain}
+""")
+    explain, out = r.node("explain"), r.node("out")
+    real = explain._result
+
+    def broken(*args: Any) -> Event:
+        raise KeyError("bug")
+
+    explain._result = broken  # a bug in building the result, after the model answered
+    r.feed(alert("a"))
+    await wait_for(lambda: len(out.events) == 1, timeout=10)
+    explain._result = real
+    r.feed(alert("b"))
+    await wait_for(lambda: len(out.events) == 2, timeout=10)
+    a, b = (e.value for e in out.events)
+    assert a["llm"] == "error" and a["text"] == "a above 90 (raised)" and "KeyError" in a["llm_error"]
+    assert b["llm"] == "ok"  # the worker lived on
+    assert explain.counters()["errors"] == 1
