@@ -48,7 +48,11 @@ venv deps: $(DEPS_STAMP)
 
 run: $(DEPS_STAMP)
 	@scripts/ensure_mosquitto.sh --start
+ifeq ($(strip $(CONFIG)),)
+	@scripts/run_demo.sh
+else
 	$(VENV)/bin/sluice run $(CONFIG)
+endif
 
 # pytest exits 5 when it collected no test; a run that tested nothing must not pass.
 test: $(DEPS_STAMP)
