@@ -30,9 +30,13 @@ from .node import NodeContext
 from .outbox import Outbox
 from .store import StateStore
 
-__all__ = ["Gateway", "Links"]
+__all__ = ["Gateway", "Links", "ReloadError"]
 
 log = logging.getLogger(__name__)
+
+
+class ReloadError(SluiceError):
+    """A config the running gateway cannot take without a restart, or that failed to start."""
 
 
 class Links:
@@ -113,19 +117,21 @@ class Gateway:
                                 commit_size=st.commit_size, quota_bytes=st.max_bytes)
         self.history = History(self.store)
         self.links.history = self.history  # the history sink writes through it
-        self.pipelines: dict[str, Pipeline] = {}
-        for pcfg in cfg.pipelines:
-            self.pipelines[pcfg.name] = Pipeline(
-                pcfg.name, loaded.nodes[pcfg.name], self._ctx_factory(pcfg.name),
-                queue_size=cfg.gateway.queue_size, sink_queue_size=cfg.gateway.sink_queue_size,
-                store=self.store,
-            )
-            ckpt = self.pipelines[pcfg.name].checkpointer
-            if ckpt is not None:
-                ckpt.interval = st.checkpoint_interval
+        self.pipelines: dict[str, Pipeline] = {p.name: self._pipeline(loaded, p.name) for p in cfg.pipelines}
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._reloading = asyncio.Lock()
         self.console: Any = None
         self._stop = asyncio.Event()
         self._signals = 0
+
+    def _pipeline(self, loaded: LoadedConfig, name: str) -> Pipeline:
+        g = loaded.config.gateway
+        p = Pipeline(name, loaded.nodes[name], self._ctx_factory(name), queue_size=g.queue_size,
+                     sink_queue_size=g.sink_queue_size, store=self.store)
+        if p.checkpointer is not None:
+            p.checkpointer.interval = g.state.checkpoint_interval
+        return p
 
     def _ctx_factory(self, pipeline: str) -> Any:
         def make(node_id: str) -> NodeContext:
@@ -139,6 +145,88 @@ class Gateway:
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
         self._stop.set()
+
+    # --- hot reload ---------------------------------------------------------------------
+
+    @staticmethod
+    def _fixed_parts(loaded: LoadedConfig) -> dict[str, Any]:
+        """What a reload cannot change: every section but the pipelines, and where alerts take commands."""
+        cfg = loaded.config
+        parts = cfg.model_dump(mode="json", exclude={"pipelines"})
+        parts["alert command connections"] = sorted(
+            {o.connection for opts in loaded.nodes.values() for o in opts  # type: ignore[attr-defined]
+             if o.type == "alert" and getattr(o, "connection", None)})
+        return parts
+
+    @staticmethod
+    def _pipeline_spec(loaded: LoadedConfig, name: str) -> Any:
+        return [o.model_dump(mode="json") for o in loaded.nodes[name]]
+
+    async def reload(self, loaded: LoadedConfig) -> dict[str, list[str]]:
+        """Apply a new config's pipelines while running: unchanged pipelines keep running (and
+        their state); changed ones stop (draining and checkpointing), and start again from the
+        new definition and their saved state; removed ones stop; new ones start.
+
+        Only ``pipelines`` may differ; anything else raises :class:`ReloadError` and changes
+        nothing. If a new pipeline cannot be built or restored, the old ones are put back and
+        :class:`ReloadError` says why.
+        """
+        async with self._reloading:
+            if self.state != "running" or self._tg is None:
+                raise ReloadError(f"the gateway is {self.state}, not running")
+            old, new = self._fixed_parts(self.loaded), self._fixed_parts(loaded)
+            differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if differ:
+                raise ReloadError(f"changing {', '.join(differ)} needs a restart; only pipelines reload live")
+            before = {p.name for p in self.loaded.config.pipelines}
+            after = {p.name for p in loaded.config.pipelines}
+            changed = sorted(n for n in before & after
+                             if self._pipeline_spec(self.loaded, n) != self._pipeline_spec(loaded, n))
+            added, removed = sorted(after - before), sorted(before - after)
+            summary = {"changed": changed, "added": added, "removed": removed,
+                       "unchanged": sorted((before & after) - set(changed))}
+            if not (changed or added or removed):
+                self.loaded = loaded
+                return summary
+            try:
+                fresh = {n: self._pipeline(loaded, n) for n in (*changed, *added)}
+            except Exception as exc:  # a node that cannot be built: nothing has changed yet
+                raise ReloadError(f"a new pipeline cannot be built: {exc}") from exc
+            log.info("reloading: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v and k != "unchanged"))
+            previous = self.loaded
+            await self._stop_pipelines([*changed, *removed])
+            try:
+                await self._start_pipelines(fresh)
+            except Exception as exc:  # roll back to what ran before
+                log.error("reload failed (%s); restarting the previous pipelines", exc)
+                await self._stop_pipelines(list(fresh))
+                try:
+                    await self._start_pipelines({n: self._pipeline(previous, n) for n in (*changed, *removed)})
+                except Exception as again:
+                    log.error("the previous pipelines did not start again either: %s", again)
+                    raise ReloadError(f"the new pipelines did not start ({exc}), nor the previous ones ({again}): "
+                                      f"{', '.join([*changed, *removed])} stopped; restart the gateway") from exc
+                raise ReloadError(f"the new pipelines did not start: {exc}; the previous ones run again") from exc
+            self.loaded = loaded
+            return summary
+
+    async def _stop_pipelines(self, names: list[str]) -> None:
+        for n in names:
+            if n in self.pipelines:
+                self.pipelines[n].stop()
+        tasks = [self._tasks.pop(n) for n in names if n in self._tasks]
+        if tasks:
+            await self._drain_tasks(tasks, self.loaded.config.gateway.shutdown_timeout)
+        for n in names:
+            self.pipelines.pop(n, None)
+
+    async def _start_pipelines(self, fresh: dict[str, Pipeline]) -> None:
+        assert self._tg is not None
+        for p in fresh.values():
+            await p.restore()
+        for name, p in fresh.items():
+            self.pipelines[name] = p
+            self._tasks[name] = self._tg.create_task(p.run(), name=f"pipeline:{name}")
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -177,13 +265,16 @@ class Gateway:
                 alerts_task = tg.create_task(self.alerts.run(), name="alerts")
                 for name, link in self.links.publishers.items():
                     aux.append(tg.create_task(link.run(), name=f"mqtt:{name}:pub"))
-                running = [tg.create_task(p.run(), name=f"pipeline:{p.name}") for p in self.pipelines.values()]
+                self._tg = tg
+                for p in self.pipelines.values():
+                    self._tasks[p.name] = tg.create_task(p.run(), name=f"pipeline:{p.name}")
                 self.state = "running"
                 log.info("gateway %s running: %d pipelines%s", self.id, len(self.pipelines),
                          f"; console at {self.console.url}" if self.console else "")
                 await self._stop.wait()
-                self.state = "stopping"
-                await self._drain(running, cfg.gateway.shutdown_timeout)
+                async with self._reloading:  # a reload in progress finishes first
+                    self.state = "stopping"
+                await self._drain(list(self._tasks.values()), self.loaded.config.gateway.shutdown_timeout)
                 await self.alerts.stop_links()
                 alerts_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -209,6 +300,9 @@ class Gateway:
     async def _drain(self, running: list[asyncio.Task[None]], limit: float) -> None:
         for p in self.pipelines.values():
             p.stop()
+        await self._drain_tasks(running, limit)
+
+    async def _drain_tasks(self, running: list[asyncio.Task[None]], limit: float) -> None:
         if not running:
             return
         _, pending = await asyncio.wait(running, timeout=limit)
