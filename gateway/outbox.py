@@ -122,6 +122,8 @@ class OutboxStore(Protocol):
         """(rows, bytes) as stored."""
         ...
 
+    def by_connection(self) -> dict[str, int]: ...
+
     def close(self) -> None: ...
 
 
@@ -274,6 +276,10 @@ class SqliteOutboxStore:
         assert db is not None
         count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
         return int(count), int(size)
+
+    def by_connection(self) -> dict[str, int]:
+        assert self._db is not None
+        return dict(self._db.execute("SELECT connection, COUNT(*) FROM outbox GROUP BY connection").fetchall())
 
     def close(self) -> None:
         if self._db is not None:
@@ -490,6 +496,10 @@ class Outbox:
         if self.count:
             log.info("outbox %s: %d messages (%d bytes) waiting from before the restart; they will be "
                      "sent with replayed: true", self.path, self.count, self.bytes)
+            for conn, n in (await self._run(self.store.by_connection)).items():
+                if conn not in self.links and not conn.startswith("webhook:"):
+                    log.warning("outbox %s: %d messages for connection %r, which the config no longer has; "
+                                "they wait (and count against the quota) until it is back", self.path, n, conn)
 
     async def run(self) -> None:
         """Send what the outbox holds through every link, until :meth:`close` (or cancelled)."""
