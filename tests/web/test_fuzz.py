@@ -80,7 +80,6 @@ console: {{host: 127.0.0.1, port: {port}}}
 
 
 def test_api_conforms_and_never_fails(live_console: tuple[str, dict[str, str]]) -> None:
-    from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error
 
     base, headers = live_console
@@ -92,14 +91,18 @@ def test_api_conforms_and_never_fails(live_console: tuple[str, dict[str, str]]) 
         # a route another part added without describing it: only "no server error" can be asked of it
         loose = op.definition.raw.get("summary") == "undocumented"
         described += not loose
-        checks = [not_a_server_error] if loose else None
-
-        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-        @given(case=op.as_strategy())
-        def fuzz(case: Any, checks: list[Any] | None = checks) -> None:
-            if case.method == "DELETE" and (case.path_parameters or {}).get("id") == "fuzz":
-                return  # keep the fuzzer's own credentials; it may delete anything else
-            case.call_and_validate(base_url=base, headers=headers, checks=checks)
-
-        fuzz()
+        _fuzz(op, base, headers, [not_a_server_error] if loose else None)
     assert described >= 15
+
+
+def _fuzz(op: Any, base: str, headers: dict[str, str], checks: list[Any] | None) -> None:
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy())
+    def fuzz(case: Any) -> None:
+        if case.method == "DELETE" and (case.path_parameters or {}).get("id") == "fuzz":
+            return  # keep the fuzzer's own credentials; it may delete anything else
+        case.call_and_validate(base_url=base, headers=headers, checks=checks)
+
+    fuzz()
