@@ -830,4 +830,7 @@ class Outbox:
                 self.config.max_messages and self.count > 0.9 * self.config.max_messages):
             out.append(f"outbox nearly full ({self.count} messages, {self.bytes} bytes); the oldest are "
                        f"dropped past the quota ({self.dropped} dropped so far)")
+        for name, link in self._extra.items():
+            if not link.connected:
+                out.append(f"{name}: {link.state} ({link.last_error})")
         return out

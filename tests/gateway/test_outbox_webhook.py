@@ -101,6 +101,7 @@ async def test_webhook_server_down_then_up(tmp_path: Path) -> None:
         sink = node(gw, "p", "hook")
         await wait_for(lambda: sink.health()["state"] in ("down", "retrying") and sink.health()["error"])
         assert "Cannot connect" in sink.health()["error"], sink.health()
+        await wait_for(lambda: any(p.startswith("webhook:p/hook: ") for p in gw.health()["problems"]))
         await wait_for(lambda: gw.outbox.count == 20)
         hook = await Hook().start(port)
         try:
