@@ -106,6 +106,7 @@ async def test_login_and_live_counters(gw: Gateway, page: Any) -> None:
         "n => Number(document.querySelector('#pipelines tr[data-pipeline=\"plant\"] .events-in').textContent) > n",
         arg=first, timeout=10_000)
     await playwright_api.expect(page.locator("#link")).to_have_text("live")
+    await playwright_api.expect(page.locator("#view")).to_contain_text("Outbox")
     text = await page.inner_text("#view")
     assert "null" not in text and "undefined" not in text and "NaN" not in text
     await shot(page, "overview")

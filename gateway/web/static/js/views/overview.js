@@ -20,6 +20,8 @@ function render(el, d) {
       card("Disk (data)", s.disk ? `${s.disk.percent.toFixed(0)} %` : "–"),
       card("Sluice RSS", fmtBytes(s.process.rss)),
       card("Dead letters", String(g.dead_letters), g.dead_letters ? "warn" : ""),
+      g.outbox ? card("Outbox", `${g.outbox.messages} waiting${g.outbox.dropped ? `, ${g.outbox.dropped} dropped` : ""}`,
+        g.outbox.dropped ? "bad" : g.outbox.messages ? "warn" : "") : null,
     ),
     g.problems.length ? h("ul", { class: "problems" }, g.problems.map((p) => h("li", {}, p))) : null,
     h("h2", {}, "Broker links"),
