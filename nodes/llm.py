@@ -42,32 +42,48 @@ _DEFAULT_SYSTEM = "You are the assistant of an industrial IoT gateway. Answer br
 
 class LlmOptions(NodeOptions):
     type: Literal["llm"]
-    provider: list[str] = Field(min_length=1, description="Provider name, or a fallback chain tried in order "
-                                                          "(names from the top-level llm.providers).")
-    prompt: str = Field(_DEFAULT_PROMPT, description="Jinja2 template (sandboxed) over key, ts, value, source, "
-                                                     "meta; the default explains an alert.")
+    provider: list[str] = Field(
+        min_length=1,
+        description="Provider name, or a fallback chain tried in order (names from the top-level llm.providers).",
+    )
+    prompt: str = Field(
+        _DEFAULT_PROMPT,
+        description="Jinja2 template (sandboxed) over key, ts, value, source, meta; the default explains an alert.",
+    )
     system: str | None = Field(_DEFAULT_SYSTEM, description="System prompt; null for none.")
     max_tokens: int = Field(128, ge=1, le=32_768)
     temperature: float = Field(0.2, ge=0, le=2)
     stop: list[str] = Field(default_factory=list)
-    json_schema: dict[str, Any] | None = Field(None, description="Constrain the output to JSON of this schema; "
-                                                                 "it is parsed into the result's `json` field.")
-    output: Literal["joined", "stream"] = Field("joined", description="joined: one event with the whole text; "
-                                                                      "stream: an event per chunk, then the result.")
-    rule_text: str | None = Field(None, description="Jinja2 template of the text used when the model is not "
-                                                    "asked (shed) or fails; default: the alert's rule.")
-    max_queue: int = Field(16, ge=1, le=100_000, description="Admission queue depth; beyond it, lowest "
-                                                             "priority is shed first.")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="Constrain the output to JSON of this schema; it is parsed into the result's `json` field."
+    )
+    output: Literal["joined", "stream"] = Field(
+        "joined", description="joined: one event with the whole text; stream: an event per chunk, then the result."
+    )
+    rule_text: str | None = Field(
+        None,
+        description="Jinja2 template of the text used when the model is not "
+        "asked (shed) or fails; default: the alert's rule.",
+    )
+    max_queue: int = Field(
+        16, ge=1, le=100_000, description="Admission queue depth; beyond it, lowest priority is shed first."
+    )
     deadline: Duration | None = Field(30.0, description="Longest wait in the queue before an event is shed.")
-    coalesce_by: str | None = Field("key", description="`key` (event key), a value field such as alert_key, "
-                                                       "or null: a newer event with the same one replaces a "
-                                                       "queued older one.")
+    coalesce_by: str | None = Field(
+        "key",
+        description="`key` (event key), a value field such as alert_key, "
+        "or null: a newer event with the same one replaces a "
+        "queued older one.",
+    )
     priority: int = Field(0, description="Priority of events without a priority field.")
     priority_field: str | None = Field("severity", description="Value (or meta) field that sets the priority.")
-    priorities: dict[str, int] = Field(default_factory=lambda: {"critical": 2, "warning": 1, "info": 0},
-                                       description="Priority of each text value of priority_field.")
-    concurrency: int | None = Field(None, ge=1, le=64, description="Requests this node runs at once; default: "
-                                                                   "the first provider's concurrency.")
+    priorities: dict[str, int] = Field(
+        default_factory=lambda: {"critical": 2, "warning": 1, "info": 0},
+        description="Priority of each text value of priority_field.",
+    )
+    concurrency: int | None = Field(
+        None, ge=1, le=64, description="Requests this node runs at once; default: the first provider's concurrency."
+    )
 
     @field_validator("provider", mode="before")
     @classmethod
@@ -171,8 +187,9 @@ class Llm(Operator):
         self.hub: LlmHub | None = hub
         self.slots: list[ProviderSlot] = [hub.slot(n) for n in o.provider] if hub is not None else []
         self.concurrency = o.concurrency or (self.slots[0].concurrency if self.slots else 1)
-        self.queue: AdmissionQueue[_Pending] = AdmissionQueue(o.max_queue, o.deadline, self._on_shed,
-                                                              coalesce=o.coalesce_by is not None)
+        self.queue: AdmissionQueue[_Pending] = AdmissionQueue(
+            o.max_queue, o.deadline, self._on_shed, coalesce=o.coalesce_by is not None
+        )
         self._out: list[Event] = []  # shed results to hand out with the current on_event/on_timer
         self._ids = itertools.count(1)
         self.in_flight = 0
@@ -212,8 +229,13 @@ class Llm(Operator):
 
     @staticmethod
     def _context(event: Event) -> dict[str, Any]:
-        return {"key": event.key, "ts": event.ts, "value": event.value, "source": event.source,
-                "meta": event.meta or {}}
+        return {
+            "key": event.key,
+            "ts": event.ts,
+            "value": event.value,
+            "source": event.source,
+            "meta": event.meta or {},
+        }
 
     def _priority(self, event: Event) -> int:
         f = self.options.priority_field
@@ -264,10 +286,19 @@ class Llm(Operator):
         ev = item.event
         out = self._base(ev)
         tps = o.tokens / o.total_s if o.tokens and o.total_s > 0 else 0.0
-        out.update({"llm": "ok", "text": o.text.strip(), "provider": o.provider, "request": item.id,
-                    "queued_s": round(waited, 4), "first_token_s": round(o.first_token_s, 4)
-                    if o.first_token_s is not None else None, "total_s": round(o.total_s, 4),
-                    "tokens": o.tokens, "tokens_per_s": round(tps, 2)})
+        out.update(
+            {
+                "llm": "ok",
+                "text": o.text.strip(),
+                "provider": o.provider,
+                "request": item.id,
+                "queued_s": round(waited, 4),
+                "first_token_s": round(o.first_token_s, 4) if o.first_token_s is not None else None,
+                "total_s": round(o.total_s, 4),
+                "tokens": o.tokens,
+                "tokens_per_s": round(tps, 2),
+            }
+        )
         if self.options.json_schema is not None:
             try:
                 parsed = json.loads(o.text, strict=False)
@@ -282,8 +313,9 @@ class Llm(Operator):
             if problem is not None:
                 self.n_errors += 1
                 self.ctx.logger.warning("llm %s: %s", self.id, problem)
-                out.update({"llm": "error", "llm_error": problem, "model_text": out["text"],
-                            "text": self._rule_text(ev)})
+                out.update(
+                    {"llm": "error", "llm_error": problem, "model_text": out["text"], "text": self._rule_text(ev)}
+                )
         return Event(ev.key, ev.ts, out, self.id, ev.meta)
 
     # --- the workers -----------------------------------------------------------------------------
@@ -349,8 +381,13 @@ class Llm(Operator):
 
             def on_chunk(provider: str, chunk: Chunk) -> None:
                 if chunk.text:
-                    value = {"llm": "chunk", "text": chunk.text, "seq": next(seq), "request": item.id,
-                             "provider": provider}
+                    value = {
+                        "llm": "chunk",
+                        "text": chunk.text,
+                        "seq": next(seq),
+                        "request": item.id,
+                        "provider": provider,
+                    }
                     self.ctx.emit([Event(ev.key, ev.ts, value, self.id, ev.meta)])
 
         outcome = await run_chain(self.slots, req, on_chunk, time.monotonic)
@@ -366,8 +403,7 @@ class Llm(Operator):
             self.ctx.emit(self._take_out() or [])
         else:
             self.n_failed += 1
-            self.ctx.logger.warning("llm %s: every provider failed for %s: %s", self.id, item.event.key,
-                                    outcome.error)
+            self.ctx.logger.warning("llm %s: every provider failed for %s: %s", self.id, item.event.key, outcome.error)
             extra: dict[str, Any] = {"llm_error": outcome.error, "queued_s": round(waited, 4)}
             if outcome.text:
                 extra["model_text"] = outcome.text
@@ -378,8 +414,15 @@ class Llm(Operator):
 
     def counters(self) -> dict[str, int]:
         c = super().counters()
-        c.update({"llm_ok": self.n_ok, "llm_failed": self.n_failed, "llm_in_flight": self.in_flight,
-                  "llm_queue_depth": len(self.queue), "llm_tokens": self.tokens})
+        c.update(
+            {
+                "llm_ok": self.n_ok,
+                "llm_failed": self.n_failed,
+                "llm_in_flight": self.in_flight,
+                "llm_queue_depth": len(self.queue),
+                "llm_tokens": self.tokens,
+            }
+        )
         for reason in SHED_REASONS:
             c[f"shed_{reason}"] = self.queue.shed[reason]
         for reason, n in self.n_shed_other.items():
@@ -393,7 +436,14 @@ class Llm(Operator):
         def p(q: float) -> float | None:
             return waits[min(len(waits) - 1, int(q * len(waits)))] if waits else None
 
-        return {"queue": self.queue.stats(), "in_flight": self.in_flight, "ok": self.n_ok,
-                "failed": self.n_failed, "wait_p50_s": p(0.5), "wait_p99_s": p(0.99),
-                "first_token_s": self.last_first_token_s, "tokens_per_s": self.last_tokens_per_s,
-                "providers": [s.describe() for s in self.slots]}
+        return {
+            "queue": self.queue.stats(),
+            "in_flight": self.in_flight,
+            "ok": self.n_ok,
+            "failed": self.n_failed,
+            "wait_p50_s": p(0.5),
+            "wait_p99_s": p(0.99),
+            "first_token_s": self.last_first_token_s,
+            "tokens_per_s": self.last_tokens_per_s,
+            "providers": [s.describe() for s in self.slots],
+        }

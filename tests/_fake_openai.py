@@ -70,8 +70,13 @@ class FakeOpenAI:
     @staticmethod
     def _chunk(text: str | None = None, finish: str | None = None) -> bytes:
         delta = {} if text is None else {"content": text}
-        obj = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fake",
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        obj = {
+            "id": "x",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "fake",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
     async def _pause(self, seconds: float) -> None:

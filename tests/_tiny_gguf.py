@@ -36,8 +36,16 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     return toks, scores, [int(t) for t in types]
 
 
-def write_tiny_llama(path: str | Path, *, seed: int = 0, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
-                     n_ff: int = 128, n_ctx: int = 512) -> Path:
+def write_tiny_llama(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 128,
+    n_ctx: int = 512,
+) -> Path:
     """Write the model to ``path`` (overwritten) and return it."""
     path = Path(path)
     rng = np.random.default_rng(seed)

@@ -151,8 +151,12 @@ async def _run(data: Path, pace: str, n: int, provider: str | None) -> dict[str,
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - t0
     out: dict[str, Any] = {
-        "readings": readings.count, "seconds": elapsed, "per_s": n / elapsed, "cpu_s": time.process_time() - cpu0,
-        "loop_cpu_s": time.thread_time() - loop_cpu0, "alerts": p.nodes[p.index["alerts"]].count,
+        "readings": readings.count,
+        "seconds": elapsed,
+        "per_s": n / elapsed,
+        "cpu_s": time.process_time() - cpu0,
+        "loop_cpu_s": time.thread_time() - loop_cpu0,
+        "alerts": p.nodes[p.index["alerts"]].count,
     }
     if provider:
         explain = p.nodes[p.index["explain"]]
@@ -168,17 +172,26 @@ async def _run(data: Path, pace: str, n: int, provider: str | None) -> dict[str,
 
 async def _capacity(provider: str, data: Path) -> dict[str, float]:
     """Requests per second the model manages alone, with the node's settings."""
-    loaded = parse_config(f"gateway: {{id: b, data_dir: {data}}}\nllm:\n  providers:\n    model: {provider}\n",
-                          "cap.yaml", env={})
+    loaded = parse_config(
+        f"gateway: {{id: b, data_dir: {data}}}\nllm:\n  providers:\n    model: {provider}\n", "cap.yaml", env={}
+    )
     hub = LlmHub(loaded.config.llm)
     await hub.start()
     prov = hub.slot("model").provider
     times, ttfts, rates = [], [], []
     try:
         for i in range(6):
-            req = LlmRequest([{"role": "user", "content": f"Alert raised (critical) on c{i:02d}: c{i:02d} above "
-                               "98; reading 99. In one or two short sentences, say what may be going on."}],
-                             max_tokens=MAX_TOKENS, temperature=0.0)
+            req = LlmRequest(
+                [
+                    {
+                        "role": "user",
+                        "content": f"Alert raised (critical) on c{i:02d}: c{i:02d} above "
+                        "98; reading 99. In one or two short sentences, say what may be going on.",
+                    }
+                ],
+                max_tokens=MAX_TOKENS,
+                temperature=0.0,
+            )
             t0 = time.perf_counter()
             first = None
             tokens = 0
@@ -193,8 +206,11 @@ async def _capacity(provider: str, data: Path) -> dict[str, float]:
                 rates.append(tokens / total)
     finally:
         await hub.close()
-    return {"per_s": 1 / statistics.mean(times), "ttft_s": statistics.median(ttfts),
-            "tokens_per_s": statistics.median(rates)}
+    return {
+        "per_s": 1 / statistics.mean(times),
+        "ttft_s": statistics.median(ttfts),
+        "tokens_per_s": statistics.median(rates),
+    }
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -235,8 +251,9 @@ async def main() -> int:
             # what the model answers beside the paced pipeline (less than alone: it runs niced)
             rate = 2000.0
             n0 = int(rate * 3)
-            b0 = await _run(data / "b-cal", f"n: {n0}, rate: {rate}, warn_every: 10, crit_every: {n0 + 1}", n0,
-                            provider)
+            b0 = await _run(
+                data / "b-cal", f"n: {n0}, rate: {rate}, warn_every: 10, crit_every: {n0 + 1}", n0, provider
+            )
             loaded_cap = max(b0["answered_in_run"] / b0["seconds"], 0.1)
             nb = int(rate * seconds)
             warn_every = max(1, int(rate / (10 * loaded_cap)))
@@ -266,39 +283,69 @@ async def main() -> int:
     p50, p99 = _pct(crit_ok_wait, 0.5), _pct(crit_ok_wait, 0.99)
     ok_b = c["llm_ok"]
 
-    print(f"model: {args.model}; alone it answers {cap['per_s']:.1f} req/s ({MAX_TOKENS} tokens), "
-          f"TTFT {cap['ttft_s'] * 1000:.0f} ms, {cap['tokens_per_s']:.0f} tokens/s")
+    print(
+        f"model: {args.model}; alone it answers {cap['per_s']:.1f} req/s ({MAX_TOKENS} tokens), "
+        f"TTFT {cap['ttft_s'] * 1000:.0f} ms, {cap['tokens_per_s']:.0f} tokens/s"
+    )
     print("\nA  throughput (best of 2)")
-    print(f"{'llm':<5} {'readings':>10} {'seconds':>8} {'readings/s':>11} {'alerts':>7} {'loop cpu s':>11} "
-          f"{'process cpu s':>14}")
+    print(
+        f"{'llm':<5} {'readings':>10} {'seconds':>8} {'readings/s':>11} {'alerts':>7} {'loop cpu s':>11} "
+        f"{'process cpu s':>14}"
+    )
     for name, r in (("off", off), ("on", on)):
-        print(f"{name:<5} {r['readings']:>10,} {r['seconds']:>8.2f} {r['per_s']:>11,.0f} {r['alerts']:>7,} "
-              f"{r['loop_cpu_s']:>11.2f} {r['cpu_s']:>14.2f}")
+        print(
+            f"{name:<5} {r['readings']:>10,} {r['seconds']:>8.2f} {r['per_s']:>11,.0f} {r['alerts']:>7,} "
+            f"{r['loop_cpu_s']:>11.2f} {r['cpu_s']:>14.2f}"
+        )
     print(f"ratio on/off: {ratio:.3f} (goal >= {GOAL_RATIO}); pipeline-thread CPU off/on: {cpu_ratio:.3f}")
-    print(f"\nB  overload for {seconds:.0f} s: {b_on['readings']:,} readings at {rate:.0f}/s "
-          f"(all delivered on the other branch: {b_on['readings'] == nb})")
+    print(
+        f"\nB  overload for {seconds:.0f} s: {b_on['readings']:,} readings at {rate:.0f}/s "
+        f"(all delivered on the other branch: {b_on['readings'] == nb})"
+    )
     print(f"the model answered {loaded_cap:.1f} req/s beside the paced pipeline (3 s calibration)")
-    print(f"alerts offered {offered:.1f}/s = {offered / loaded_cap:.1f}x that; "
-          f"answered {ok_b}; critical alerts {len(crit)}, answered {len(crit_ok_wait)}, shed {crit_shed} (goal 0)"
-          + (f" {crit_shed_by}" if crit_shed_by else ""))
+    print(
+        f"alerts offered {offered:.1f}/s = {offered / loaded_cap:.1f}x that; "
+        f"answered {ok_b}; critical alerts {len(crit)}, answered {len(crit_ok_wait)}, shed {crit_shed} (goal 0)"
+        + (f" {crit_shed_by}" if crit_shed_by else "")
+    )
     print("sheds: " + ", ".join(f"{k} {v}" for k, v in sheds.items()))
     if p50 is not None:
-        print(f"critical queue wait: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (goal <= deadline "
-              f"{DEADLINE:.0f} s)")
+        print(
+            f"critical queue wait: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (goal <= deadline {DEADLINE:.0f} s)"
+        )
     print(f"peak RSS {rss_mib:.1f} MiB")
-    print(json.dumps({
-        "bench": "llm_shedding", "model": args.model, "quick": args.quick, "ratio": round(ratio, 4),
-        "goal_ratio": GOAL_RATIO, "loop_cpu_ratio": round(cpu_ratio, 4), "readings": n,
-        "off_per_s": round(off["per_s"]), "on_per_s": round(on["per_s"]),
-        "overload_seconds": seconds, "overload_readings": b_on["readings"], "alerts_per_s": round(offered, 1),
-        "model_alone_per_s": round(cap["per_s"], 2), "model_loaded_per_s": round(loaded_cap, 2),
-        "overload": round(offered / loaded_cap, 1),
-        "answered": ok_b, "shed": sheds, "critical": len(crit), "critical_shed": crit_shed,
-        "critical_shed_by": crit_shed_by,
-        "critical_wait_p50_s": p50, "critical_wait_p99_s": p99, "deadline_s": DEADLINE,
-        "ttft_s": round(cap["ttft_s"], 4), "tokens_per_s": round(cap["tokens_per_s"], 1),
-        "peak_rss_mib": round(rss_mib, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "llm_shedding",
+                "model": args.model,
+                "quick": args.quick,
+                "ratio": round(ratio, 4),
+                "goal_ratio": GOAL_RATIO,
+                "loop_cpu_ratio": round(cpu_ratio, 4),
+                "readings": n,
+                "off_per_s": round(off["per_s"]),
+                "on_per_s": round(on["per_s"]),
+                "overload_seconds": seconds,
+                "overload_readings": b_on["readings"],
+                "alerts_per_s": round(offered, 1),
+                "model_alone_per_s": round(cap["per_s"], 2),
+                "model_loaded_per_s": round(loaded_cap, 2),
+                "overload": round(offered / loaded_cap, 1),
+                "answered": ok_b,
+                "shed": sheds,
+                "critical": len(crit),
+                "critical_shed": crit_shed,
+                "critical_shed_by": crit_shed_by,
+                "critical_wait_p50_s": p50,
+                "critical_wait_p99_s": p99,
+                "deadline_s": DEADLINE,
+                "ttft_s": round(cap["ttft_s"], 4),
+                "tokens_per_s": round(cap["tokens_per_s"], 1),
+                "peak_rss_mib": round(rss_mib, 1),
+            }
+        )
+    )
     return 0
 
 

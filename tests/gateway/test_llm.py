@@ -90,8 +90,11 @@ async def test_local_runs_in_its_own_thread_and_lazily(tiny_model: Path) -> None
 
 
 async def test_local_json_schema_output_parses(tiny_model: Path) -> None:
-    schema = {"type": "object", "properties": {"cause": {"type": "string", "maxLength": 12},
-                                               "level": {"type": "integer"}}, "required": ["cause", "level"]}
+    schema = {
+        "type": "object",
+        "properties": {"cause": {"type": "string", "maxLength": 12}, "level": {"type": "integer"}},
+        "required": ["cause", "level"],
+    }
     p = _local(tiny_model)
     try:
         text = "".join([c.text async for c in p.stream(_req(max_tokens=80, json_schema=schema))])
@@ -194,10 +197,14 @@ async def test_missing_and_corrupt_model_files_are_clear_errors(tmp_path: Path) 
 
 
 async def test_hub_builds_providers_and_fails_start_on_a_bad_model(tiny_model: Path, tmp_path: Path) -> None:
-    cfg = LlmConfig.model_validate({"providers": {
-        "tiny": {"type": "local", "model": str(tiny_model), "n_ctx": 512, "threads": 1},
-        "cloud": {"type": "remote", "url": "http://127.0.0.1:9/v1", "concurrency": 3},
-    }})
+    cfg = LlmConfig.model_validate(
+        {
+            "providers": {
+                "tiny": {"type": "local", "model": str(tiny_model), "n_ctx": 512, "threads": 1},
+                "cloud": {"type": "remote", "url": "http://127.0.0.1:9/v1", "concurrency": 3},
+            }
+        }
+    )
     hub = LlmHub(cfg)
     assert hub.slot("cloud").concurrency == 3 and hub.slot("tiny").concurrency == 1
     with pytest.raises(Exception, match="unknown llm provider 'x'"):

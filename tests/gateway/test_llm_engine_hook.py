@@ -57,7 +57,7 @@ class _Defer(Operator):
                 self.wake.clear()
                 await asyncio.sleep(0)  # emitted from another task, later than on_event
                 keep = self.options.hold  # type: ignore[attr-defined]
-                out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+                out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
                 self.ctx.emit([Event(e.key, e.ts, e.value * 10, self.id) for e in out])
         except asyncio.CancelledError:
             self.ctx.emit([Event(e.key, e.ts, -1.0, self.id) for e in self.pending])

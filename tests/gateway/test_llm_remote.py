@@ -60,8 +60,10 @@ async def test_streams_chunks_and_sends_the_request(server: FakeOpenAI) -> None:
 async def test_json_schema_is_sent_in_the_chosen_mode(server: FakeOpenAI) -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     named = {"name": "output", "schema": schema}
-    for mode, expected in (("json_object", {"type": "json_object", "schema": schema}),
-                           ("json_schema", {"type": "json_schema", "json_schema": named})):
+    for mode, expected in (
+        ("json_object", {"type": "json_object", "schema": schema}),
+        ("json_schema", {"type": "json_schema", "json_schema": named}),
+    ):
         p = _remote(server.url, json_mode=mode)
         try:
             await _text(p, _req(json_schema=schema))
@@ -180,8 +182,9 @@ async def test_silence_mid_stream_hits_the_idle_timeout(server: FakeOpenAI) -> N
 
 async def test_unreachable_server_opens_the_breaker_and_falls_back(server: FakeOpenAI) -> None:
     hub = LlmHub(None)
-    down = hub.add(_remote(f"http://127.0.0.1:{free_port()}/v1", retries=0),
-                   CircuitBreaker(failures=2, reset=60, name="down"))
+    down = hub.add(
+        _remote(f"http://127.0.0.1:{free_port()}/v1", retries=0), CircuitBreaker(failures=2, reset=60, name="down")
+    )
     up = hub.add(RemoteProvider("backup", RemoteProviderConfig(type="remote", url=server.url)))
     try:
         outs = [await run_chain([down, up], _req()) for _ in range(5)]

