@@ -589,6 +589,10 @@ def metric_families(gw: Any) -> Iterator[Any]:
                               value=store.write_errors)
     yield CounterMetricFamily("sluice_state_store_corrupt_recoveries", "Damaged state files moved aside at start",
                               value=store.corrupt_recoveries)
+    history = getattr(gw, "history", None)
+    if history is not None:
+        yield CounterMetricFamily("sluice_history_dropped", "History bucket updates lost (store full or too many "
+                                  "pending)", value=history.dropped)
     late = CounterMetricFamily("sluice_node_late", "Readings too late for any window", labels=["pipeline", "node"])
     for p in gw.pipelines.values():
         for n in p.nodes:

@@ -247,6 +247,7 @@ async def test_metrics_show_the_state_store_and_late_readings(tmp_path: Path) ->
         assert m["sluice_state_store_commits_total"].value >= 1
         assert m["sluice_state_store_corrupt_recoveries_total"].value == 0
         assert m["sluice_state_store_bytes"].value > 0
+        assert m["sluice_history_dropped_total"].value == 0
         late = m["sluice_node_late_total"]
         assert late.labels == {"pipeline": "p", "node": "win"} and late.value == 2
 
