@@ -33,6 +33,7 @@ from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 
 from ..config import ConsoleConfig
+from ..errors import SluiceError
 
 __all__ = ["IDENTITY", "Auth", "Identity", "hash_password"]
 
@@ -221,7 +222,7 @@ class UserStore:
             return
         except (OSError, ValueError) as exc:
             # A damaged account file must not open the console to a new "first visit".
-            raise RuntimeError(f"console account file {self.path} is unreadable: {exc}; "
+            raise SluiceError(f"console account file {self.path} is unreadable: {exc}; "
                                "fix or remove it (removing it allows creating a new admin)") from None
         for u in data.get("users", []):
             if u["name"] not in self._fixed:

@@ -348,3 +348,19 @@ async def test_dns_rebinding_refused_on_a_loopback_console(make_gateway: Callabl
             for host in (f"localhost:{gw.console.port}", f"127.0.0.1:{gw.console.port}", "localhost"):
                 async with s.get(base + "/api/pipelines", headers={"Host": host}) as r:
                     assert r.status == 200, host
+
+
+async def test_damaged_account_file_stops_the_start_with_one_clear_error(tmp_path: Any) -> None:
+    from gateway.config import parse_config
+    from gateway.errors import SluiceError
+    from gateway.runtime import Gateway as Gw
+
+    from .conftest import config_text
+
+    data = tmp_path / "data"
+    (data / "console").mkdir(parents=True)
+    (data / "console" / "users.json").write_text("{not json")
+    gw = Gw(parse_config(config_text(data), "t.yaml", {}))
+    with pytest.raises(SluiceError, match=r"console account file .* is unreadable"):
+        await gw.run(install_signals=False)
+    assert gw.state == "stopped"
