@@ -72,3 +72,22 @@ async def test_history_sink_and_api_across_a_restart(tmp_path: Path) -> None:
         assert status == 400
         status, body = await get(gw, "/api/history")
         assert status == 400 and "key" in body["error"]
+
+
+async def test_history_counts_what_a_full_store_cannot_take(tmp_path: Path) -> None:
+    from gateway.store import StoreError
+
+    store = StateStore(tmp_path / "state.db", commit_interval=0.01, quota_bytes=64 * 1024)
+    await store.start()
+    try:
+        store.write([("p", "n", "big", bytes(256 * 1024))])
+        with pytest.raises(StoreError):
+            await store.flush()
+        h = History(store)
+        h.add("a", 1000.0, 1.0)
+        h.add("b", 1000.0, 1.0)
+        h.flush()
+        assert h.dropped == 6  # two keys x three tiers, counted, not silently lost
+        assert h.health()["pending"] == 0
+    finally:
+        await store.close()
