@@ -401,6 +401,11 @@ class AlertService:
             self.commands_rejected += 1
             log.warning("alerts: command on %s rejected: %s", topic, exc)
             reply = {"ok": False, "request_id": request_id, "command": verb, "error": str(exc), "status": exc.status}
+        except Exception as exc:  # the command boundary: answer, log, keep listening
+            self.commands_rejected += 1
+            log.exception("alerts: command on %s failed", topic)
+            reply = {"ok": False, "request_id": request_id, "command": verb, "error": f"internal error: {exc}",
+                     "status": 500}
         self._reply(reply_to, reply)
         return 0
 

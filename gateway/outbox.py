@@ -693,6 +693,9 @@ class Outbox:
             except sqlite3.Error as exc:
                 self._rl.error(f"read:{conn}", "outbox: cannot read %s: %s; retrying", self.path, exc)
                 await asyncio.sleep(1.0)
+            except Exception:  # the sender's boundary: a bug must not stop delivery for good; say it loudly
+                log.exception("outbox: sending to %s failed; starting over in 1 s", conn)
+                await asyncio.sleep(1.0)
 
     async def _pass(self, conn: str, link: Any, new: asyncio.Event) -> None:
         """One connected period: replay the backlog, interleaved with live rows, until the link drops."""
