@@ -32,6 +32,7 @@ class Web:
         self.auth = Auth(cfg, gw.data_dir)
         self.views = Views(gw)
         self.hub = Hub(gw, self.auth, self.views.stats)
+        self.views.on_reload.append(self.hub.retap)
 
 
 WEB = web.AppKey("sluice_web", Web)

@@ -75,12 +75,13 @@ class _Tap:
     number of clients; serialising and sending happen in the flush, ten times a second.
     """
 
-    __slots__ = ("buf", "n", "undo")
+    __slots__ = ("buf", "n", "pipeline", "undo")
 
-    def __init__(self, undo: Callable[[], None]):
+    def __init__(self, undo: Callable[[], None], pipeline: Any = None):
         self.buf: deque[Any] = deque(maxlen=TAP_EVENTS)
         self.n = 0
         self.undo = undo
+        self.pipeline = pipeline  # the Pipeline object tapped: a hot reload replaces it
 
     def add(self, events: list[Any]) -> None:
         self.n += len(events)
@@ -241,9 +242,28 @@ class Hub:
 
     def _tap(self, key: tuple[str, str]) -> _Tap:
         """Wrap the node's output on the instance only while someone listens."""
-        tap = _Tap(lambda: None)
+        tap = _Tap(lambda: None, self.gw.pipelines[key[0]])
         tap.undo = self._wrap(key, tap.add)
         return tap
+
+    def retap(self) -> None:
+        """After a hot reload: move taps to the pipelines that replaced theirs; end those whose node is gone."""
+        for key, tap in list(self._taps.items()):
+            current = self.gw.pipelines.get(key[0])
+            if current is tap.pipeline:
+                continue
+            tap.undo()
+            if current is not None and key[1] in current.index:
+                tap.pipeline = current
+                tap.undo = self._wrap(key, tap.add)
+                continue
+            del self._taps[key]
+            gone = json.dumps({"type": "error", "message": f"node {key[1]!r} of pipeline {key[0]!r} is gone "
+                                                          "after a config reload"})
+            for c in self.clients:
+                if key in c.events:
+                    c.events.discard(key)
+                    self._offer(c, gone)
 
     def _wrap(self, key: tuple[str, str], add: Callable[[list[Any]], None]) -> Callable[[], None]:
         """Install ``add`` on the node's output; returns the undo."""

@@ -135,3 +135,27 @@ async def test_a_pipeline_that_cannot_start_is_rolled_back(running: tuple[Gatewa
     status, r = await c.post("/api/config/save", text.replace("above: 95", "above: 98"))
     assert status == 409 and "nor the previous ones" in r["error"] and "restart the gateway" in r["error"]
     assert "plant" not in gw.pipelines and gw.pipelines["other"].state == "running"
+
+
+async def test_live_taps_follow_the_reloaded_pipeline(running: tuple[Gateway, Path, Browserish]) -> None:
+    from .test_ws import receive
+
+    gw, path, c = running
+    ws = await c.http.ws_connect(c.base.replace("http", "ws") + "/ws")
+    try:
+        await ws.send_json({"op": "subscribe", "topic": "events", "pipeline": "plant", "node": "sensors"})
+        await ws.send_json({"op": "subscribe", "topic": "events", "pipeline": "other", "node": "shown"})
+        await receive(ws, "events", pred=lambda m: m["node"] == "sensors")
+        text = path.read_text()
+        edited = text.replace("above: 95", "above: 96").replace("{id: shown, type: log, input: sim, level: debug}",
+                                                               "{id: shown2, type: log, input: sim, level: debug}")
+        status, r = await c.post("/api/config/save", edited)
+        assert status == 200 and r["changed"] == ["other", "plant"], r
+        gone = await receive(ws, "error")
+        assert "'shown' of pipeline 'other' is gone" in gone["message"]
+        new_plant = gw.pipelines["plant"]
+        assert "_process" in new_plant.__dict__  # the source tap moved to the new pipeline
+        m = await receive(ws, "events", pred=lambda m: m["node"] == "sensors")
+        assert m["events"][0]["key"] == "t"
+    finally:
+        await ws.close()
