@@ -86,6 +86,10 @@ class _GatewayCollector:
                                   value=ob.replayed)
         yield CounterMetricFamily("sluice_outbox_refused", "Messages the broker refused (dead-lettered)",
                                   value=ob.refused)
+        steps = CounterMetricFamily("sluice_alert_steps", "Alert lifecycle steps since start", labels=["action"])
+        for action, n in gw.alerts.book.counts.items():
+            steps.add_metric([action], n)
+        yield steps
         up = GaugeMetricFamily("sluice_mqtt_connected", "1 when the publisher link is connected",
                                labels=["connection"])
         for name, link in gw.links.publishers.items():

@@ -190,6 +190,9 @@ async def test_alert_sink_console_and_mqtt_commands(tmp_path: Path, mosquitto: M
             await wait_for(lambda: [m for m in actions(sub) if m["action"] == "resolved"
                                     and m["alert"]["key"] == "s2"])
             assert gw.health()["alerts"]["commands_ok"] == 1
+            _, metrics = await get(gw, "/metrics")
+            assert 'sluice_alert_steps_total{action="opened"} 2.0' in metrics
+            assert 'sluice_alert_steps_total{action="acknowledged"} 1.0' in metrics
 
 
 async def test_malformed_commands_are_answered_and_change_nothing(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
