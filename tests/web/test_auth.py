@@ -364,3 +364,33 @@ async def test_damaged_account_file_stops_the_start_with_one_clear_error(tmp_pat
     with pytest.raises(SluiceError, match=r"console account file .* is unreadable"):
         await gw.run(install_signals=False)
     assert gw.state == "stopped"
+
+
+async def test_every_route_refuses_without_login(gw: Gateway, client_factory: Callable) -> None:
+    """Whatever any part of Sluice adds to the console, only the open list answers a stranger."""
+    import re
+
+    from gateway.web.auth import _OPEN_EXACT, _OPEN_PREFIX
+
+    assert gw.console is not None
+    c = client_factory()
+    await c.session()
+    checked = 0
+    for resource in gw.console.app.router.resources():
+        info = resource.get_info()
+        path = info.get("path") or info.get("formatter") or info.get("prefix")
+        if not path or path in _OPEN_EXACT or path.startswith(_OPEN_PREFIX):
+            continue
+        url = re.sub(r"\{[^}]+\}", "x1", path)
+        for route in resource:
+            method = route.method
+            if method in ("HEAD", "*"):
+                continue
+            async with c.http.request(method, c.base + url, allow_redirects=False,
+                                      headers={"Origin": c.base, "X-CSRF-Token": c.csrf or ""}) as r:
+                if url.startswith("/api/") or url == "/ws" or method != "GET":
+                    assert r.status == 401, (method, url, r.status)
+                else:
+                    assert r.status == 302 and r.headers["Location"] in ("/setup", "/login"), (method, url)
+            checked += 1
+    assert checked >= 20
