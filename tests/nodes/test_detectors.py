@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import parse_config
 from gateway.deadletter import DeadLetters
@@ -159,3 +161,88 @@ pipelines:
     msgs = [f"{i.path}: {i.message}" for i in err.value.issues]
     assert any(m.startswith("pipelines.0.nodes.1.threshold") for m in msgs), msgs
     assert any(m.startswith("pipelines.0.nodes.2.timeout: required") for m in msgs), msgs
+
+
+# --- property tests against plain references ------------------------------------------------------
+
+_values = st.lists(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), min_size=1, max_size=80)
+
+
+def _ref_zscore(xs: list[float], window: int, warmup: int, z: float, clear: float) -> list[str]:
+    import statistics
+
+    out, hist, active = [], [], False
+    for x in xs:
+        if len(hist) >= warmup:
+            mean = statistics.fmean(hist)
+            std = max(statistics.stdev(hist) if len(hist) > 1 else 0.0, 1e-9)
+            score = abs(x - mean) / std
+            if not active and score > z:
+                active = True
+                out.append("raised")
+            elif active and score < clear:
+                active = False
+                out.append("cleared")
+        hist = [*hist, x][-window:]
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(_values, st.integers(min_value=2, max_value=10), st.integers(min_value=2, max_value=10))
+def test_zscore_matches_a_reference(xs: list[float], window: int, warmup: int) -> None:
+    warmup = min(warmup, window)
+    det = make({"type": "zscore", "window": window, "warmup": warmup, "threshold": 2.0, "clear": 1.5})
+    got = [a["state"] for a in feed(det, [(float(i), x) for i, x in enumerate(xs)])]
+    assert got == _ref_zscore(xs, window, warmup, 2.0, 1.5)
+
+
+def _ref_flatline(points: list[tuple[float, float]], duration: float, tol: float, min_n: int) -> list[str]:
+    out, start, active = [], None, False
+    for ts, v in points:
+        if start is None or abs(v - start[0]) > tol:
+            start = (v, ts, 1)
+            if active:
+                active = False
+                out.append("cleared")
+            continue
+        start = (start[0], start[1], start[2] + 1)
+        if not active and ts - start[1] >= duration and start[2] >= min_n:
+            active = True
+            out.append("raised")
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from([1.0, 1.05, 2.0, 3.0]), min_size=1, max_size=60),
+       st.floats(min_value=0.5, max_value=10.0), st.sampled_from([0.0, 0.1]))
+def test_flatline_matches_a_reference(vals: list[float], duration: float, tol: float) -> None:
+    det = make({"type": "flatline", "duration": duration, "tolerance": tol})
+    points = [(float(i), v) for i, v in enumerate(vals)]
+    got = [a["state"] for a in feed(det, points)]
+    assert got == _ref_flatline(points, duration, tol, 3)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.floats(min_value=0.1, max_value=5.0), st.floats(min_value=0, max_value=200)),
+                min_size=1, max_size=60), st.floats(min_value=0.0, max_value=8.0))
+def test_threshold_min_duration_matches_a_reference(steps: list[tuple[float, float]], hold: float) -> None:
+    det = make({"type": "threshold", "above": 100, "clear_below": 90, "min_duration": hold})
+    ts, points = 0.0, []
+    for dt, v in steps:
+        ts += dt
+        points.append((ts, v))
+    got = [a["state"] for a in feed(det, points)]
+    want, active, since = [], False, None
+    for t, v in points:
+        if not active:
+            if v > 100:
+                since = t if since is None else since
+                if t - since >= hold:
+                    active, since = True, None
+                    want.append("raised")
+            else:
+                since = None
+        elif v < 90:
+            active = False
+            want.append("cleared")
+    assert got == want
