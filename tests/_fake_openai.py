@@ -21,12 +21,13 @@ __all__ = ["Behaviour", "FakeOpenAI"]
 
 @dataclass
 class Behaviour:
-    kind: str = "ok"  # ok | status | cut | no_done | hang | bad_json | comments
+    kind: str = "ok"  # ok | status | cut | no_done | hang | bad_json | comments | raw
     tokens: list[str] = field(default_factory=lambda: ["The ", "boiler ", "is ", "hot", "."])
     delay: float = 0.0  # between tokens
     status: int = 200
     retry_after: str | None = None
     first_delay: float = 0.0  # before the first token
+    raw: list[bytes] = field(default_factory=list)  # kind "raw": written as is, one write per item
 
 
 class FakeOpenAI:
@@ -100,6 +101,10 @@ class FakeOpenAI:
             await resp.prepare(request)
             if b.kind == "hang":
                 await self.release.wait()  # then answers normally, late
+            if b.kind == "raw":
+                for part in b.raw:
+                    await resp.write(part)
+                return resp
             if b.first_delay:
                 await self._pause(b.first_delay)
             await resp.write(self._chunk(""))  # role-only first chunk, as OpenAI sends

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.llm import (
     Chunk,
@@ -207,3 +210,42 @@ async def test_concurrency_per_provider_is_bounded(server: FakeOpenAI) -> None:
         await hub.close()
     assert all(o.status == "ok" for o in outs)
     assert server.max_in_flight == 2
+
+
+_token = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
+
+
+@st.composite
+def _sse_stream(draw: st.DrawFn) -> tuple[list[str], list[bytes]]:
+    """Tokens, and an SSE byte stream carrying them with the noise real servers add, cut anywhere."""
+    tokens = draw(st.lists(_token, min_size=1, max_size=8))
+    eol = draw(st.sampled_from(["\n", "\r\n"]))
+    out = []
+    for tok in [None, *tokens]:
+        if draw(st.booleans()):
+            out.append(": keep-alive" + eol + eol)
+        if draw(st.booleans()):
+            out.append("event: message" + eol + "id: 7" + eol)
+        chunk = {"choices": [{"index": 0, "delta": {} if tok is None else {"content": tok}, "finish_reason": None}]}
+        space = draw(st.sampled_from(["", " "]))
+        out.append(f"data:{space}{json.dumps(chunk, ensure_ascii=draw(st.booleans()))}{eol}{eol}")
+    out.append("data: " + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + eol + eol)
+    out.append("data: [DONE]" + eol + eol)
+    data = "".join(out).encode()
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
+    parts = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
+    return tokens, parts
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_sse_stream())
+async def test_any_sse_framing_yields_the_tokens(server: FakeOpenAI, case: tuple[list[str], list[bytes]]) -> None:
+    tokens, parts = case
+    server.plan = [Behaviour("raw", raw=parts)]
+    p = _remote(server.url, retries=0)
+    try:
+        _, chunks = await _text(p)
+    finally:
+        await p.close()
+    assert [c.text for c in chunks if c.text] == tokens
+    assert chunks[-1].finish_reason == "stop"
