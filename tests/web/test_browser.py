@@ -146,6 +146,7 @@ async def test_graph_renders_nodes_edges_and_node_config(gw: Gateway, page: Any)
     await page.wait_for_function(
         "t => document.querySelector('g.node[data-node=\"sensors\"] text.counters').textContent !== t",
         arg=before, timeout=10_000)
+    await playwright_api.expect(counters).to_contain_text(lambda_regex(r"^[\d.]+/s · out \d+"))
     await page.click('g.node[data-node="alarm"]')
     panel = page.locator("#node-panel")
     await playwright_api.expect(panel).to_contain_text('"above": 95')

@@ -25,9 +25,9 @@ function layout(nodes) {
   return { pos, width, height };
 }
 
-function counterText(n) {
+function counterText(n, rate) {
   const c = n.counters;
-  let t = `in ${c.in} · out ${c.out}`;
+  let t = rate === undefined ? `in ${c.in} · out ${c.out}` : `${rate < 10 ? rate.toFixed(1) : Math.round(rate)}/s · out ${c.out}`;
   if (c.errors) t += ` · err ${c.errors}`;
   if (c.dropped) t += ` · drop ${c.dropped}`;
   return t;
@@ -59,16 +59,24 @@ function drawPipeline(p, onPick) {
     svg.append(g);
     live.set(n.id, { counters, queue, g });
   }
+  let prev = null;
   return {
     svg,
-    update(p2) {
+    update(p2, ts) {
+      const seen = new Map();
       for (const n of p2.nodes) {
         const l = live.get(n.id);
         if (!l) continue;
-        l.counters.textContent = counterText(n);
+        // events per second through the node since the last tick (what it emitted, or took for a sink)
+        const count = n.kind === "sink" ? n.counters.in : n.counters.out;
+        seen.set(n.id, count);
+        const before = prev ? prev.counts.get(n.id) : undefined;
+        const rate = before === undefined || ts <= prev.ts ? undefined : Math.max(0, (count - before) / (ts - prev.ts));
+        l.counters.textContent = counterText(n, rate);
         l.queue.textContent = n.queue ? `queue ${n.queue.depth}/${n.queue.capacity}` : "";
         l.g.classList.toggle("has-errors", n.counters.errors > 0);
       }
+      prev = { ts, counts: seen };
     },
   };
 }
@@ -114,7 +122,7 @@ export function start(el, { args }) {
   }).catch((e) => body.replaceChildren(h("p", { class: "error" }, e.message)));
 
   const off = on("stats", (s) => {
-    for (const p of s.detail || []) drawn.get(p.name)?.update(p);
+    for (const p of s.detail || []) drawn.get(p.name)?.update(p, s.ts);
   });
   const unsub = subscribe("stats");
   return { stop() { off(); unsub(); } };
