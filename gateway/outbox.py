@@ -324,6 +324,11 @@ class WebhookLink:
         self._posts: set[asyncio.Task[None]] = set()
         self._attempt = 0
 
+    def configure(self, other: WebhookLink) -> None:
+        """Take another link's settings (the sink was rebuilt by a reload); messages keep flowing."""
+        self.url, self.headers, self.timeout = other.url, other.headers, other.timeout
+        self.send_window, self.reconnect_max = other.send_window, other.reconnect_max
+
     @property
     def in_flight(self) -> int:
         return len(self._posts)
@@ -340,7 +345,7 @@ class WebhookLink:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+            self._session = aiohttp.ClientSession()
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[None]] = []
         for _, payload, _ in messages[: max(0, self.send_window - len(self._posts))]:
@@ -355,7 +360,8 @@ class WebhookLink:
         import aiohttp
 
         try:
-            async with self._session.post(self.url, data=payload, headers=self.headers) as resp:
+            async with self._session.post(self.url, data=payload, headers=self.headers,
+                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 body = (await resp.read())[:200].decode("utf-8", "replace")
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -517,16 +523,23 @@ class Outbox:
         if link is not None:
             self._tg.create_task(link.run(), name=f"outbox:link:{name}")
 
-    def register_link(self, name: str, link: Any) -> None:
+    def register_link(self, name: str, link: Any) -> Any:
         """Add a destination besides the broker links (a webhook): the outbox runs it and sends to it.
 
-        ``link`` has the publisher interface plus ``async run()`` and ``async close()``.
+        ``link`` has the publisher interface plus ``async run()``, ``async close()`` and
+        ``configure(other)``. Registering a name again (a pipeline reloaded) keeps the running
+        link, takes the new one's settings, and returns the link to use.
         """
+        old = self._extra.get(name)
+        if old is not None:
+            old.configure(link)
+            return old
         if name in self._all:
-            raise SluiceError(f"outbox: a link named {name!r} exists already")
+            raise SluiceError(f"outbox: {name!r} is a broker connection's name")
         self._all[name] = self._extra[name] = link
         if self._tg is not None:
             self._start_sender(name)
+        return link
 
     async def close(self, grace: float = 2.0) -> None:
         """Stop sending; wait up to ``grace`` seconds for PUBACKs in flight; commit deletes; close.

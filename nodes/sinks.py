@@ -150,9 +150,10 @@ class Webhook(Sink):
         o = self.options
         self._outbox = self.ctx.links.outbox
         if self._link is None:
-            self._link = WebhookLink(self._name, o.url, o.headers, timeout=o.timeout, concurrency=o.concurrency,
-                                     reconnect_max=o.reconnect_max)
-            self._outbox.register_link(self._name, self._link)
+            # a reloaded pipeline gets the running link back, with these settings
+            self._link = self._outbox.register_link(self._name, WebhookLink(
+                self._name, o.url, o.headers, timeout=o.timeout, concurrency=o.concurrency,
+                reconnect_max=o.reconnect_max))
 
     def health(self) -> dict[str, Any]:
         return self._link.health() if self._link is not None else {"state": "starting"}

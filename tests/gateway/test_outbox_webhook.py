@@ -124,3 +124,21 @@ async def test_webhook_4xx_is_dead_lettered_not_retried(tmp_path: Path) -> None:
             assert json.loads(gw.dead_letters.recent[0]["payload"])["value"] == 7.0
     finally:
         await hook.stop()
+
+
+async def test_reloaded_pipeline_keeps_its_webhook_with_the_new_url(tmp_path: Path) -> None:
+    from gateway.config import parse_config
+
+    one, two = await Hook().start(), await Hook().start()
+    env = {"HOOK_TOKEN": "s3cret"}
+    try:
+        async with running_gateway(config(tmp_path, one.port, count=5), env=env) as gw:
+            await wait_for(lambda: len(one.accepted) == 5 and gw.outbox.count == 0)
+            summary = await gw.reload(parse_config(config(tmp_path, two.port, count=6), "t.yaml", env))
+            assert summary["changed"] == ["p"]
+            await wait_for(lambda: len(two.accepted) >= 1 and gw.outbox.count == 0, timeout=15)
+            assert node(gw, "p", "hook").health()["url"].endswith(f":{two.port}/hook")
+            assert min(b["seq"] for b in two.accepted) > 5
+    finally:
+        await one.stop()
+        await two.stop()
