@@ -666,6 +666,7 @@ class ProviderStats:
     tokens: int = 0
     first_token_s: float = 0.0  # last observed
     tokens_per_s: float = 0.0  # last observed
+    last_error: str | None = None
 
 
 class ProviderSlot:
@@ -691,6 +692,7 @@ class ProviderSlot:
             "tokens": s.tokens,
             "first_token_s": s.first_token_s,
             "tokens_per_s": s.tokens_per_s,
+            "last_error": s.last_error,
         }
 
 
@@ -736,6 +738,15 @@ class LlmHub:
 
     def describe(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self.slots.values()]
+
+    def problems(self) -> list[str]:
+        """One line per provider that is known down, for /healthz."""
+        out = []
+        for s in self.slots.values():
+            if s.breaker.state != "closed":
+                why = f": {s.stats.last_error}" if s.stats.last_error else ""
+                out.append(f"llm provider {s.name}: breaker {s.breaker.state.replace('_', '-')}{why}")
+        return out
 
 
 # --- fallback chain ------------------------------------------------------------------------
@@ -802,6 +813,7 @@ async def run_chain(
                     await agen.aclose()
             except (LlmError, OSError) as exc:
                 st.errors += 1
+                st.last_error = str(exc)
                 slot.breaker.failure()
                 verdict = True
                 out.attempts.append(f"{slot.name}: {exc}")

@@ -328,6 +328,7 @@ class Gateway:
                 why = f" ({link.last_error})" if link.last_error else ""
                 problems.append(f"connection {name}: {link.state}{why}")
         problems.extend(self.outbox.problems())
+        problems.extend(self.llm.problems())
         if self.store.state not in ("ok", "closed"):
             problems.append(f"state store: {self.store.state} ({self.store.last_error})")
         pipes = {}

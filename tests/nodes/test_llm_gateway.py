@@ -13,7 +13,7 @@ from gateway.config import parse_config
 from gateway.llm import ModelLoadError
 from gateway.runtime import Gateway
 from tests._tiny_gguf import write_tiny_llama
-from tests._util import MosquittoBroker, MqttTestClient, mqtt_client, wait_for
+from tests._util import MosquittoBroker, MqttTestClient, free_port, mqtt_client, wait_for
 from tests.gateway._harness import NO_AUTH, get, node, running_gateway
 
 ALERTS = "sluice/gw1/alerts/boiler"
@@ -113,3 +113,20 @@ async def test_gemma_explains_an_alert_end_to_end(tmp_path: Path, mosquitto: Mos
     assert value["llm"] == "ok", value
     assert len(value["text"].split()) >= 3  # a real model writes words
     assert value["tokens"] > 3 and value["tokens_per_s"] > 0
+
+
+async def test_a_provider_known_down_shows_on_healthz(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    provider = f"{{type: remote, url: 'http://127.0.0.1:{free_port()}/v1', retries: 0, breaker_failures: 1}}"
+    with mqtt_client(mosquitto, subscribe=ALERTS) as sub, mqtt_client(mosquitto) as pub:
+        async with running_gateway(config(tmp_path, mosquitto.port, provider)) as gw:
+            await _subscribed(gw, pub)
+            status, health = await get(gw, "/healthz")
+            assert health["status"] == "ok", health
+            pub.publish("sensors/s1/temp", json.dumps({"value": 97.0}))
+            await wait_for(lambda: alerts(sub), timeout=10)
+            status, health = await get(gw, "/healthz")
+    assert status == 200  # degraded, still serving
+    assert alerts(sub)[0]["value"]["llm"] == "error"  # the alert went out anyway, with its rule text
+    assert alerts(sub)[0]["value"]["text"] == "s1 above 90 (clears below 85) (raised)"
+    assert health["status"] == "degraded"
+    assert any(p.startswith("llm provider model: breaker open: ") and "cannot reach" in p for p in health["problems"])
