@@ -74,8 +74,11 @@ class AlertSink(Sink):
 
     async def start(self) -> None:
         self._service = self.ctx.links.alerts
+        key = (self.ctx.pipeline, self.id)
         if self.options.cooldown and self.options.auto_resolve:
-            self._service.cooldowns[(self.ctx.pipeline, self.id)] = self.options.cooldown
+            self._service.cooldowns[key] = self.options.cooldown
+        else:
+            self._service.cooldowns.pop(key, None)  # a reload may have taken the cooldown away
 
     def health(self) -> dict[str, Any]:
         if self._service is None:
