@@ -205,6 +205,7 @@ class Pipeline:
                        if isinstance(n, Operator) and type(n).on_timer is not Operator.on_timer]
         self._serving = [i for i, n in enumerate(self.nodes)
                          if isinstance(n, Operator) and type(n).run is not Operator.run]
+        self._settling: dict[int, deque[list[Any]]] = {}  # per origin: done callbacks waiting for sinks
         self._stopping = asyncio.Event()
         self._rl = RateLimitedLog(log)
         self.source_state: dict[str, str] = {}
@@ -379,13 +380,41 @@ class Pipeline:
             item = await q.get()
             if item is _STOP:
                 return
-            for si, events in self._process(item):
+            outs = self._process(item)
+            for si, events in outs:
                 await sink_queues[si].put(events, len(events))
             if item.done is not None:
-                try:
-                    item.done()
-                except Exception:  # an ack callback must not stop the chain
-                    log.exception("acknowledging a batch failed in pipeline %s", self.name)
+                if item.events:
+                    self._settle(item, outs)
+                else:
+                    self._call(item.done)  # a barrier or marker: it has been through the chain now
+
+    def _settle(self, item: _Batch, outs: list[tuple[int, list[Event]]]) -> None:
+        """Run a batch's ``done`` (a QoS 1 PUBACK, a source offset) once every sink it reached has
+        written or dead-lettered its events, so a crash before that makes the input come again;
+        in the order its source handed batches over."""
+        fifo = self._settling.get(item.origin)
+        if fifo is None:
+            fifo = self._settling[item.origin] = deque()
+        entry = [item.done, bool(outs)]  # [callback, still waiting for sinks]
+        fifo.append(entry)
+        if outs:
+            mark = _SinkMark(len(outs), partial(self._written, fifo, entry))
+            for si, _ in outs:
+                self.sink_queues[si].put_nowait(mark, 0)
+        else:
+            self._written(fifo, entry)
+
+    def _written(self, fifo: deque[list[Any]], entry: list[Any]) -> None:
+        entry[1] = False
+        while fifo and not fifo[0][1]:
+            self._call(fifo.popleft()[0])
+
+    def _call(self, done: Callable[[], None]) -> None:
+        try:
+            done()
+        except Exception:  # an ack callback must not stop the chain or a sink
+            log.exception("acknowledging a batch failed in pipeline %s", self.name)
 
     def _process(self, item: _Batch) -> list[tuple[int, list[Event]]]:
         slots: dict[int, list[Event]] = {item.origin: item.events}

@@ -74,7 +74,7 @@ class MqttSourceOptions(NodeOptions):
     connection: str = Field(description="Name of an entry under `connections`.")
     topic: str | None = Field(None, description="Topic filter; + and # wildcards allowed.")
     topics: list[str] | None = Field(None, description="Several topic filters.")
-    qos: Literal[0, 1] = Field(0, description="1: at-least-once (acknowledged after processing; MQTT 5).")
+    qos: Literal[0, 1] = Field(0, description="1: at-least-once (acknowledged once the sinks wrote it; MQTT 5).")
     key: str = Field("topic", description="Event key: `topic`, `topic[N]` (a level) or a CEL "
                                          "expression over `topic` (list of levels) and `payload`.")
     value_field: str | None = Field("value", description="Payload field holding the reading; null: the whole payload.")
@@ -121,8 +121,9 @@ class MqttSource(Source):
 
     QoS 0 messages are collected in the client's socket callback and handed over as one batch per
     loop iteration; when the pipeline queue is full, reading stops until it drains to half.
-    QoS 1 messages are acknowledged to the broker only after the pipeline has processed them, so
-    a crash redelivers them (at-least-once; needs MQTT 5 and a persistent session).
+    QoS 1 messages are acknowledged to the broker only after every sink they reach has written
+    them (or dead-lettered them), so a crash redelivers them (at-least-once; needs MQTT 5 and a
+    persistent session).
     """
 
     Options = MqttSourceOptions

@@ -422,3 +422,75 @@ async def test_stop_keeps_timer_events_that_were_waiting_for_room(tmp_path: Path
     ticked = [e for e in out.events if e.key == "tick"]
     assert len(ticked) == tick.n_out - src.n_out == 50 * tick.ticks
     assert len(out.events) == tick.n_out
+
+
+class AckOptions(NodeOptions):
+    type: Literal["t_ack"]
+    batches: list[list[float]] = Field(default_factory=list)
+
+
+class AckSource(Source):
+    """Hands over each batch with a `done` callback, like a QoS 1 MQTT source acknowledging to the broker."""
+
+    Options = AckOptions
+    options: AckOptions
+
+    def __init__(self, options: AckOptions, ctx: NodeContext):
+        super().__init__(options, ctx)
+        self.acked: list[int] = []
+
+    async def run(self, output: SourceQueue) -> None:
+        for i, values in enumerate(self.options.batches):
+            await output.put([Event("k", 0.0, v, self.id) for v in values], lambda i=i: self.acked.append(i))
+
+
+async def test_inputs_are_acknowledged_once_every_sink_wrote_them(tmp_path: Path) -> None:
+    for cls in (AckSource, Gate):
+        register(cls)
+    try:
+        p, _ = build(
+            tmp_path,
+            """\
+      - {id: src, type: t_ack, batches: [[1, 2], [200], [3], [4]]}
+      - {id: small, type: filter, input: src, where: "value < 100.0"}
+      - {id: slow, type: t_gate, input: small}
+      - {id: fast, type: t_collect, input: src, fail_on: 4}
+""",
+        )
+    finally:
+        node_mod._REGISTRY.pop("t_ack", None)
+        node_mod._REGISTRY.pop("t_gate", None)
+    src, slow, fast = node(p, "src"), node(p, "slow"), node(p, "fast")
+    task = asyncio.create_task(p.run())
+    try:
+        await wait_for(lambda: len(fast.events) == 4 and fast.n_errors == 1)
+        # the fast sink wrote everything; the slow one holds batches 0, 2 and 3. Batch 1 reached
+        # only the fast sink, but acknowledgements keep the source's order: it waits for batch 0
+        assert src.acked == [] and slow.events == []
+        slow.gate.set()
+        # a failed write is dead-lettered, which also settles it
+        await wait_for(lambda: src.acked == [0, 1, 2, 3])
+    finally:
+        slow.gate.set()
+        p.stop()
+        await asyncio.wait_for(task, 10)
+    assert [e.value for e in slow.events] == [1, 2, 3, 4]
+
+
+async def test_input_reaching_no_sink_is_acknowledged_at_once(tmp_path: Path) -> None:
+    for cls in (AckSource, Gate):
+        register(cls)
+    try:
+        p, _ = build(
+            tmp_path,
+            """\
+      - {id: src, type: t_ack, batches: [[200], [300, 400]]}
+      - {id: small, type: filter, input: src, where: "value < 100.0"}
+      - {id: slow, type: t_gate, input: small}
+""",
+        )
+    finally:
+        node_mod._REGISTRY.pop("t_ack", None)
+        node_mod._REGISTRY.pop("t_gate", None)
+    src = node(p, "src")
+    await run_until(p, lambda: src.acked == [0, 1])
