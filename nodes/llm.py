@@ -20,6 +20,7 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import Field, field_validator
 
+from gateway._log import RateLimitedLog
 from gateway.events import Event
 from gateway.llm import SHED_REASONS, AdmissionQueue, Chunk, LlmHub, LlmRequest, Outcome, ProviderSlot, run_chain
 from gateway.node import Duration, NodeContext, NodeOptions, Operator, register
@@ -191,6 +192,7 @@ class Llm(Operator):
             o.max_queue, o.deadline, self._on_shed, coalesce=o.coalesce_by is not None
         )
         self._out: list[Event] = []  # shed results to hand out with the current on_event/on_timer
+        self._rl = RateLimitedLog(ctx.logger, 30.0)  # sheds are counted per event, logged now and then
         self._ids = itertools.count(1)
         self.in_flight = 0
         self.n_ok = 0
@@ -225,7 +227,14 @@ class Llm(Operator):
 
     def _on_shed(self, item: _Pending, reason: str) -> None:
         self._out.append(self._fallback(item, "shed", {"llm_reason": reason}))
-        self.ctx.logger.debug("llm %s: shed %s (%s)", self.id, item.event.key, reason)
+        self._rl.log(
+            logging.INFO,
+            reason,
+            "llm %s: shedding (%s); e.g. %s goes out with its rule text",
+            self.id,
+            reason,
+            item.event.key,
+        )
 
     @staticmethod
     def _context(event: Event) -> dict[str, Any]:
