@@ -74,7 +74,7 @@ def test_valid_file_exits_0(tmp_path: Path) -> None:
 def test_demo_config_is_valid() -> None:
     res = sluice("validate", "config/demo.yaml", cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("config/demo.yaml: valid (1 pipelines, ")
+    assert res.stdout.startswith("config/demo.yaml: valid (2 pipelines, ")
 
 
 def test_unknown_keys_suggest_the_right_name(tmp_path: Path) -> None:
