@@ -422,7 +422,7 @@ async def test_the_other_branch_flows_while_the_model_is_stuck(running: Any, ser
       - {id: llm_out, type: t_keep, input: explain}
 """,
     )
-    out, llm_out, explain = r.node("out"), r.node("fast"), r.node("explain")
+    explain = r.node("explain")
     out, llm_out = r.node("out"), r.node("llm_out")
     await wait_for(lambda: len(out.events) == 5000, timeout=30)
     # every reading reached the fast branch while the model answered nothing
