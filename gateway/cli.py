@@ -44,7 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(Gateway(loaded).run())
     except OSError as exc:
-        log.error("%s", exc.strerror or exc)
+        # say which file or directory (data_dir, a database …) when the error names one
+        where = f"{exc.filename}: " if exc.filename else ""
+        log.error("cannot run: %s%s", where, exc.strerror or exc)
         return 1
     except SluiceError as exc:  # e.g. a local model that cannot load: one line, not a traceback
         log.error("%s", exc)
