@@ -118,7 +118,10 @@ class LocalProviderConfig(_ProviderBase):
         64, ge=8, description="Prompt tokens evaluated per step; cancellation is checked between steps."
     )
     load: Literal["start", "lazy"] = Field(
-        "start", description="Load the model when the gateway starts (errors show at once) or at the first request."
+        "start",
+        description="Load the model when the gateway starts (errors show at once) or at the first request. "
+        "While a model loads, llama-cpp-python points the process's stdout/stderr at /dev/null, so with "
+        "lazy, log lines written during that second or two are lost.",
     )
     nice: int = Field(
         10,
