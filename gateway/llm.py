@@ -47,10 +47,14 @@ __all__ = [
     "LocalProvider",
     "LocalProviderConfig",
     "ModelLoadError",
+    "Outcome",
     "Provider",
     "ProviderError",
+    "ProviderSlot",
     "RemoteProvider",
     "RemoteProviderConfig",
+    "metric_families",
+    "run_chain",
 ]
 
 log = logging.getLogger(__name__)
