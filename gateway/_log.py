@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["RECENT", "RateLimitedLog", "RecentLogs", "setup_logging"]
@@ -57,17 +58,31 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 
 class RateLimitedLog:
-    """Logs the first message per key, then at most one per ``interval`` with a suppressed count."""
+    """Logs the first message per key, then at most one per ``interval`` with a suppressed count.
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0):
+    Keys often carry data (a topic, a reason), so their number is bounded: keys quiet for a whole
+    interval are forgotten (what they suppressed is reported in one line), and beyond ``max_keys``
+    busy ones, new keys share one overflow key. A gateway running for weeks keeps a bounded table
+    and a bounded log rate however varied its bad input is.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, max_keys: int = 1000,
+                 clock: Callable[[], float] = time.monotonic):
         self.logger = logger
         self.interval = interval
+        self.max_keys = max_keys
+        self._clock = clock
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
     def log(self, level: int, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
+        now = self._clock()
         last = self._last.get(key)
+        if last is None and len(self._last) >= self.max_keys:
+            self._forget_quiet(now, level)
+            if len(self._last) >= self.max_keys:
+                key = "\0overflow"
+                last = self._last.get(key)
         if last is not None and now - last < self.interval:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
@@ -77,6 +92,15 @@ class RateLimitedLog:
             msg += " (%d similar suppressed in the last %.0fs)"
             args = (*args, n, self.interval)
         self.logger.log(level, msg, *args)
+
+    def _forget_quiet(self, now: float, level: int) -> None:
+        quiet = [k for k, t in self._last.items() if now - t >= self.interval]
+        n = 0
+        for k in quiet:
+            del self._last[k]
+            n += self._suppressed.pop(k, 0)
+        if n:
+            self.logger.log(level, "%d more messages like the ones above were suppressed", n)
 
     def warning(self, key: str, msg: str, *args: object) -> None:
         self.log(logging.WARNING, key, msg, *args)
