@@ -207,8 +207,23 @@ class Sink(_Node):
 
 
 _REGISTRY: dict[str, type[_Node]] = {}
-_BUILTIN_MODULES = ("nodes.sources", "nodes.operators", "nodes.windows", "nodes.history", "nodes.detectors",
-                    "nodes.sinks", "nodes.devices", "nodes.llm", "nodes.alerts")
+# Built-in type name -> its module, imported when a config first uses the type: a gateway that
+# reads MQTT does not carry Modbus, serial, windows or the LLM stage in memory (each node module
+# costs 1-5 MB resident, mostly its options models). tests/gateway/test_registry.py keeps this
+# index equal to what the modules register.
+_BUILTIN_TYPES: dict[str, str] = {
+    "mqtt": "nodes.sources", "simulate": "nodes.sources",
+    "filter": "nodes.operators", "map": "nodes.operators",
+    "window": "nodes.windows",
+    "history": "nodes.history",
+    "threshold": "nodes.detectors", "zscore": "nodes.detectors", "ewma": "nodes.detectors",
+    "rate_of_change": "nodes.detectors", "stale": "nodes.detectors", "flatline": "nodes.detectors",
+    "mqtt_out": "nodes.sinks", "log": "nodes.sinks", "webhook": "nodes.sinks",
+    "serial": "nodes.devices", "modbus": "nodes.devices", "websocket": "nodes.devices",
+    "llm": "nodes.llm",
+    "alert": "nodes.alerts",
+}
+_BUILTIN_MODULES = tuple(dict.fromkeys(_BUILTIN_TYPES.values()))
 _loaded = False
 
 
@@ -251,5 +266,14 @@ def node_types() -> dict[str, type[_Node]]:
 
 
 def get_node_type(name: str) -> type[_Node] | None:
-    load_node_types()
+    cls = _REGISTRY.get(name)
+    if cls is not None:
+        return cls
+    module = _BUILTIN_TYPES.get(name)
+    if module is not None:
+        importlib.import_module(module)
+        cls = _REGISTRY.get(name)
+        if cls is not None:
+            return cls
+    load_node_types()  # a plugin's type, or an unknown name: everything must be known to say so
     return _REGISTRY.get(name)

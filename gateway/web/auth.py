@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import functools
 import re
 import secrets
 import time
@@ -55,7 +56,13 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 
 # OWASP's minimum for argon2id (19 MiB, 2 passes): affordable on a Pi, one hash at a time.
 _HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
-_DUMMY_HASH = _HASHER.hash(secrets.token_hex(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    # Made at the first login, not at import: a hash touches 19 MiB, which a gateway that is
+    # never logged into should not carry as its peak resident size.
+    return _HASHER.hash(secrets.token_hex(16))
 
 
 def hash_password(password: str) -> str:
@@ -511,7 +518,7 @@ class Auth:
                 raise AuthError(429, f"too many failed logins; try again in {int(wait) + 1}s", retry_after=wait)
             user = self.store.users.get(name)
             # An unknown name costs the same time as a wrong password: no probing for names.
-            ok = await self._verify(user.password_hash if user else _DUMMY_HASH, password)
+            ok = await self._verify(user.password_hash if user else _dummy_hash(), password)
             if not ok or user is None:
                 self.throttle.failure(keys)
                 log.info("console: failed login for %r from %s", name[:64], request.remote)

@@ -1,0 +1,67 @@
+"""The lazy index of built-in node types must match what the node modules register."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_PROBE = """
+import json
+from gateway import node
+before = set(node._REGISTRY)
+node.load_node_types()
+print(json.dumps({"index": node._BUILTIN_TYPES, "before": sorted(before),
+                  "registered": {n: c.__module__ for n, c in node._REGISTRY.items()}}))
+"""
+
+_LAZY = """
+import json, sys
+from gateway.config import parse_config
+parse_config('''
+gateway: {id: g}
+connections: {b: {type: mqtt}}
+pipelines:
+  - name: p
+    nodes:
+      - {id: s, type: mqtt, connection: b, topic: t}
+      - {id: f, type: filter, input: s, where: "value > 1.0"}
+      - {id: o, type: mqtt_out, input: f, connection: b}
+''')
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("nodes."))))
+"""
+
+
+def _run(code: str) -> str:
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().splitlines()[-1]
+
+
+def test_index_matches_registrations() -> None:
+    import json
+
+    data = json.loads(_run(_PROBE))
+    builtin = {n: m for n, m in data["registered"].items() if m.startswith("nodes.")}
+    assert data["before"] == []  # importing gateway.node imports no node module
+    assert builtin == data["index"]
+
+
+def test_a_config_imports_only_the_node_modules_it_uses() -> None:
+    import json
+
+    assert json.loads(_run(_LAZY)) == ["nodes.operators", "nodes.sinks", "nodes.sources"]
+
+
+def test_unknown_type_still_lists_every_type() -> None:
+    from gateway.config import parse_config
+    from gateway.errors import ConfigError
+
+    try:
+        parse_config("gateway: {id: g}\npipelines:\n  - name: p\n    nodes:\n      - {id: s, type: modbuss}\n")
+    except ConfigError as err:
+        assert "did you mean 'modbus'" in str(err.issues[0])
+    else:
+        raise AssertionError("expected a config error")
