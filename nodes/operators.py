@@ -34,6 +34,20 @@ class Filter(Operator):
         super().__init__(options, ctx)
         self._where = Expression(options.where)
 
+    def process_batch(self, batch: list[Event]) -> list[Event]:
+        # Whole batch in one pass; anything unusual (an error, a non-boolean) replays it event by
+        # event so each failure is dead-lettered on its own. Expressions are pure: replaying is safe.
+        where = self._where.evaluate
+        try:
+            results = [where(e) for e in batch]
+        except Exception:  # noqa: BLE001  # judged per event below
+            return super().process_batch(batch)
+        out = [e for e, r in zip(batch, results, strict=True) if r is True]
+        if len(out) + sum(r is False for r in results) != len(batch):  # not count(False): 0.0 == False
+            return super().process_batch(batch)
+        self.n_dropped += len(batch) - len(out)
+        return out
+
     def on_event(self, event: Event) -> Event | None:
         r = self._where(event)
         if r is True:
@@ -80,6 +94,17 @@ class Map(Operator):
         self._value = Expression(options.value) if options.value else None
         self._key = Expression(options.key) if options.key else None
         self._fields = {k: Expression(v) for k, v in (options.fields or {}).items()}
+
+    def process_batch(self, batch: list[Event]) -> list[Event]:
+        if self._value is None or self._key is not None:
+            return super().process_batch(batch)
+        f = self._value.evaluate
+        try:
+            values = [f(e) for e in batch]
+        except Exception:  # noqa: BLE001  # replayed per event, so each failure is dead-lettered
+            return super().process_batch(batch)
+        return [Event(e.key, e.ts, float(v) if type(v) is int else v, e.source, e.meta)
+                for e, v in zip(batch, values, strict=True)]
 
     def on_event(self, event: Event) -> Event:
         value = event.value

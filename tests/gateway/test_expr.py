@@ -82,3 +82,22 @@ def test_fast_path_cannot_reach_python() -> None:
         except ExpressionError:
             continue
         assert not e.fast, src
+
+
+def test_filter_batch_path_rejects_non_booleans_per_event(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gateway.deadletter import DeadLetters
+    from gateway.node import NodeContext
+    from nodes.operators import Filter, FilterOptions, Map, MapOptions
+
+    dl = DeadLetters(None)
+    ctx = NodeContext("g", "p", "f", str(tmp_path), None, dl)
+    f = Filter(FilterOptions(id="f", type="filter", input=["s"], where="value * 1.0"), ctx)
+    batch = [Event("a", 0.0, 0.0), Event("b", 0.0, 1.0)]
+    assert f.process_batch(batch) == []
+    assert f.n_errors == 2 and f.n_dropped == 0  # 0.0 is not false: each is an error, none dropped
+    g = Filter(FilterOptions(id="g", type="filter", input=["s"], where="value > 0.5"), ctx)
+    assert [e.key for e in g.process_batch(batch + [Event("c", 0.0, {"x": 1.0})])] == ["b"]
+    assert g.n_dropped == 1 and g.n_errors == 1  # the object reading fails alone
+    m = Map(MapOptions(id="m", type="map", input=["s"], value="value * 2.0"), ctx)
+    out = m.process_batch(batch + [Event("c", 0.0, {"x": 1.0})])
+    assert [(e.key, e.value) for e in out] == [("a", 0.0), ("b", 2.0)] and m.n_errors == 1
