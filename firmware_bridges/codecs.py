@@ -113,8 +113,19 @@ class NmeaCodec(_Codec):
     sentences: list[str] | None = Field(None, description="Sentence types to read (default GGA, RMC, MWV, XDR).")
 
 
-_STRUCT = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "u64": "Q", "i64": "q",
-           "f32": "f", "f64": "d", "pad": "x"}
+_STRUCT = {
+    "u8": "B",
+    "i8": "b",
+    "u16": "H",
+    "i16": "h",
+    "u32": "I",
+    "i32": "i",
+    "u64": "Q",
+    "i64": "q",
+    "f32": "f",
+    "f64": "d",
+    "pad": "x",
+}
 
 
 class StructField(BaseModel):
@@ -223,8 +234,9 @@ class Decoder:
         if self._skipping:
             buf.clear()
         elif len(buf) > self.max_len:
-            errors.append(DecodeError("overlong", f"more than {self.max_len} bytes without a delimiter",
-                                      _excerpt(bytes(buf))))
+            errors.append(
+                DecodeError("overlong", f"more than {self.max_len} bytes without a delimiter", _excerpt(bytes(buf)))
+            )
             buf.clear()
             self._skipping = True
         self.stats["readings"] += len(readings)
@@ -255,8 +267,9 @@ class Decoder:
         raise NotImplementedError
 
 
-def _finite(key: str, value: float, ts: float | None, readings: list[Reading], errors: list[DecodeError],
-            piece: bytes) -> None:
+def _finite(
+    key: str, value: float, ts: float | None, readings: list[Reading], errors: list[DecodeError], piece: bytes
+) -> None:
     if math.isfinite(value):
         readings.append(Reading(key, value, ts))
     else:
@@ -534,8 +547,12 @@ class _NmeaDecoder(Decoder):
             except ValueError:
                 raise _Invalid("malformed", f"RMC time {f[1]!r} / date {f[9]!r} is not hhmmss / ddmmyy") from None
         speed = _f(f[7], "RMC speed")
-        vals = [("gps.lat", _coord(f[3], f[4], "RMC latitude")), ("gps.lon", _coord(f[5], f[6], "RMC longitude")),
-                ("gps.speed", None if speed is None else speed * _KNOTS), ("gps.course", _f(f[8], "RMC course"))]
+        vals = [
+            ("gps.lat", _coord(f[3], f[4], "RMC latitude")),
+            ("gps.lon", _coord(f[5], f[6], "RMC longitude")),
+            ("gps.speed", None if speed is None else speed * _KNOTS),
+            ("gps.course", _f(f[8], "RMC course")),
+        ]
         for k, v in vals:
             if v is not None:
                 _finite(p + k, v, ts, readings, errors, piece)
@@ -579,8 +596,9 @@ class _CobsDecoder(Decoder):
         self.o = o
         order = "<" if o.byte_order == "little" else ">"
         self.struct = struct.Struct(order + "".join(_STRUCT[f.type] for f in o.fields))
-        self.fields = [(o.prefix + f.name, f.scale, f.offset, f.name == o.ts_field)
-                       for f in o.fields if f.type != "pad"]
+        self.fields = [
+            (o.prefix + f.name, f.scale, f.offset, f.name == o.ts_field) for f in o.fields if f.type != "pad"
+        ]
         self.crc_len = {"crc16": 2, "crc32": 4, "none": 0}[o.crc]
         self.crc = {"crc16": crc16_ccitt_false, "crc32": crc32, "none": None}[o.crc]
 
@@ -702,15 +720,22 @@ def _nmea_encode(record: dict[str, float]) -> bytes:
         t = datetime.fromtimestamp(ts, UTC) if ts is not None else None
         hms = t.strftime("%H%M%S") + f".{t.microsecond // 10000:02d}" if t else ""
         alt = record.get("gps.alt", 0.0)
-        out.append(nmea_sentence(f"GPGGA,{hms},{lat},{ns},{lon},{ew},1,{int(record.get('gps.sats', 8)):02d},"
-                                 f"{record.get('gps.hdop', 0.9):.1f},{alt:.1f},M,47.0,M,,"))
+        out.append(
+            nmea_sentence(
+                f"GPGGA,{hms},{lat},{ns},{lon},{ew},1,{int(record.get('gps.sats', 8)):02d},"
+                f"{record.get('gps.hdop', 0.9):.1f},{alt:.1f},M,47.0,M,,"
+            )
+        )
         if t is not None:
             knots = record.get("gps.speed", 0.0) / _KNOTS
-            out.append(nmea_sentence(f"GPRMC,{hms},A,{lat},{ns},{lon},{ew},{knots:.2f},"
-                                     f"{record.get('gps.course', 0.0):.1f},{t.strftime('%d%m%y')},,,A"))
+            out.append(
+                nmea_sentence(
+                    f"GPRMC,{hms},A,{lat},{ns},{lon},{ew},{knots:.2f},"
+                    f"{record.get('gps.course', 0.0):.1f},{t.strftime('%d%m%y')},,,A"
+                )
+            )
     if "wind.rel.angle" in record:
-        out.append(nmea_sentence(f"WIMWV,{record['wind.rel.angle']:.1f},R,"
-                                 f"{record.get('wind.rel.speed', 0.0):.2f},M,A"))
+        out.append(nmea_sentence(f"WIMWV,{record['wind.rel.angle']:.1f},R,{record.get('wind.rel.speed', 0.0):.2f},M,A"))
     xdr = [(k[4:], v) for k, v in record.items() if k.startswith("xdr.")]
     if xdr:
         out.append(nmea_sentence("YXXDR," + ",".join(f"G,{_num(v)},,{name}" for name, v in xdr)))

@@ -36,12 +36,35 @@ Table = Literal["coil", "discrete", "holding", "input"]
 DataType = Literal["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "bit", "string"]
 Order = Literal["big", "little"]
 
-_WORDS = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "uint64": 4, "float32": 2, "float64": 4,
-          "bit": 1}
-_STRUCT = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "int64": "q", "uint64": "Q",
-           "float32": "f", "float64": "d"}
-_RANGE = {"int16": (-(2**15), 2**15 - 1), "uint16": (0, 2**16 - 1), "int32": (-(2**31), 2**31 - 1),
-          "uint32": (0, 2**32 - 1), "int64": (-(2**63), 2**63 - 1), "uint64": (0, 2**64 - 1)}
+_WORDS = {
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float32": 2,
+    "float64": 4,
+    "bit": 1,
+}
+_STRUCT = {
+    "int16": "h",
+    "uint16": "H",
+    "int32": "i",
+    "uint32": "I",
+    "int64": "q",
+    "uint64": "Q",
+    "float32": "f",
+    "float64": "d",
+}
+_RANGE = {
+    "int16": (-(2**15), 2**15 - 1),
+    "uint16": (0, 2**16 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint64": (0, 2**64 - 1),
+}
 MAX_REGISTERS = 125
 MAX_BITS = 2000
 
@@ -101,13 +124,21 @@ class DeviceMap(_Model):
     description: str | None = None
     word_order: Order = Field("big", description="Default for the points.")
     byte_order: Order = Field("big", description="Default for the points.")
-    max_gap: int = Field(0, ge=0, le=MAX_REGISTERS, description="Unmapped registers a batched read may span; "
-                         "0 for devices that reject reads of unmapped addresses.")
+    max_gap: int = Field(
+        0,
+        ge=0,
+        le=MAX_REGISTERS,
+        description="Unmapped registers a batched read may span; "
+        "0 for devices that reject reads of unmapped addresses.",
+    )
     max_registers: int = Field(MAX_REGISTERS, ge=1, le=MAX_REGISTERS, description="Largest read the device accepts.")
     groups: dict[str, float] = Field(default_factory=dict, description="Poll group -> interval in seconds.")
     points: list[Point] = Field(min_length=1)
-    defaults: dict[str, Any] = Field(default_factory=dict, description="Serial settings the device ships with "
-                                     "(baud, parity, stopbits, unit), for documentation and the simulator.")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Serial settings the device ships with "
+        "(baud, parity, stopbits, unit), for documentation and the simulator.",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> DeviceMap:
@@ -132,8 +163,9 @@ class ReadBlock:
     points: list[Point] = field(default_factory=list)
 
 
-def plan_reads(points: list[Point], max_registers: int = MAX_REGISTERS, max_gap: int = 0,
-               max_bits: int = MAX_BITS) -> list[ReadBlock]:
+def plan_reads(
+    points: list[Point], max_registers: int = MAX_REGISTERS, max_gap: int = 0, max_bits: int = MAX_BITS
+) -> list[ReadBlock]:
     """Batch points into reads: same table, adjacent (or within ``max_gap``), within the size limit.
 
     Points may overlap (several bits of one register); a point larger than the limit is impossible
@@ -150,8 +182,11 @@ def plan_reads(points: list[Point], max_registers: int = MAX_REGISTERS, max_gap:
         cur: ReadBlock | None = None
         for p in pts:
             end = p.address + p.count
-            if cur is not None and p.address <= cur.start + cur.count + gap and \
-                    max(end, cur.start + cur.count) - cur.start <= limit:
+            if (
+                cur is not None
+                and p.address <= cur.start + cur.count + gap
+                and max(end, cur.start + cur.count) - cur.start <= limit
+            ):
                 cur.count = max(end, cur.start + cur.count) - cur.start
                 cur.points.append(p)
                 continue
@@ -166,8 +201,7 @@ def _regs_to_bytes(regs: list[int], word_order: Order, byte_order: Order) -> byt
     return b"".join(int(w).to_bytes(2, bo) for w in words)
 
 
-def decode_point(p: Point, data: list[int] | list[bool], order: tuple[Order, Order] = ("big", "big")
-                 ) -> float | str:
+def decode_point(p: Point, data: list[int] | list[bool], order: tuple[Order, Order] = ("big", "big")) -> float | str:
     """The point's value from its own registers (or bit). Raises ValueError if they are too few."""
     if len(data) < p.count:
         raise ValueError(f"{p.name}: {len(data)} values, needs {p.count}")

@@ -25,11 +25,15 @@ from .simulators import ModbusFault, ModbusSimulator, PtyBridge, PtyDevice, Seri
 __all__ = ["add_simulate_parser"]
 
 # A demo layout for `--codec cobs` without options: what a small MCU board might send.
-_DEMO_COBS = {"type": "cobs", "crc": "crc16", "fields": [
-    {"name": "temp", "type": "i16", "scale": 0.01, "unit": "°C"},
-    {"name": "hum", "type": "u16", "scale": 0.01, "unit": "%"},
-    {"name": "vbat", "type": "u16", "scale": 0.001, "unit": "V"},
-]}
+_DEMO_COBS = {
+    "type": "cobs",
+    "crc": "crc16",
+    "fields": [
+        {"name": "temp", "type": "i16", "scale": 0.01, "unit": "°C"},
+        {"name": "hum", "type": "u16", "scale": 0.01, "unit": "%"},
+        {"name": "vbat", "type": "u16", "scale": 0.001, "unit": "V"},
+    ],
+}
 
 
 def _codec(text: str) -> Any:
@@ -49,7 +53,8 @@ def _fault(text: str) -> tuple[int, str, float]:
         return int(unit), kind, float(value or {"exception": 4, "delay": 1.0, "drop": 0.2}.get(kind, 0))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: use UNIT:dead, UNIT:exception=CODE, UNIT:delay=SECONDS or UNIT:drop=PROBABILITY") from None
+            f"{text!r}: use UNIT:dead, UNIT:exception=CODE, UNIT:delay=SECONDS or UNIT:drop=PROBABILITY"
+        ) from None
 
 
 async def _until_signal() -> None:
@@ -140,9 +145,12 @@ def add_simulate_parser(sub: Any) -> None:
     kinds = sim.add_subparsers(dest="device", required=True, metavar="DEVICE")
 
     ser = kinds.add_parser("serial", help="a serial device on a new pty; prints the pty path")
-    ser.add_argument("--codec", default="json",
-                     help="json, csv, kv, nmea, cobs, or codec options as YAML, e.g. "
-                          "'{type: cobs, crc: crc32, fields: [{name: t, type: i16, scale: 0.01}]}'")
+    ser.add_argument(
+        "--codec",
+        default="json",
+        help="json, csv, kv, nmea, cobs, or codec options as YAML, e.g. "
+        "'{type: cobs, crc: crc32, fields: [{name: t, type: i16, scale: 0.01}]}'",
+    )
     ser.add_argument("--interval", type=float, default=1.0, help="seconds between readings (default 1)")
     ser.add_argument("--count", type=int, default=None, help="stop after this many readings")
     ser.add_argument("--noise", type=float, default=0.0, help="probability that a reading is corrupted")
@@ -151,14 +159,21 @@ def add_simulate_parser(sub: Any) -> None:
     ser.set_defaults(func=cmd_serial)
 
     mb = kinds.add_parser("modbus", help="Modbus slaves serving device profiles")
-    mb.add_argument("--profile", action="append",
-                    help=f"PROFILE[:UNIT], repeatable (default sdm120:1); known: {', '.join(profile_names())}")
+    mb.add_argument(
+        "--profile",
+        action="append",
+        help=f"PROFILE[:UNIT], repeatable (default sdm120:1); known: {', '.join(profile_names())}",
+    )
     mb.add_argument("--host", default="127.0.0.1")
     mb.add_argument("--port", type=int, default=5020, help="TCP port (default 5020)")
     mb.add_argument("--rtu", action="store_true", help="serve RTU on a pty null-modem instead of TCP")
     mb.add_argument("--baud", type=int, default=9600)
-    mb.add_argument("--fault", action="append", type=_fault,
-                    help="UNIT:dead | UNIT:exception=CODE | UNIT:delay=SECONDS | UNIT:drop=PROBABILITY")
+    mb.add_argument(
+        "--fault",
+        action="append",
+        type=_fault,
+        help="UNIT:dead | UNIT:exception=CODE | UNIT:delay=SECONDS | UNIT:drop=PROBABILITY",
+    )
     mb.add_argument("--seed", type=int, default=None)
     mb.set_defaults(func=cmd_modbus)
     logging.getLogger("pymodbus").setLevel(logging.WARNING)

@@ -100,10 +100,16 @@ def sample_record(codec: Any, t: float, rng: random.Random) -> dict[str, float]:
     """A realistic reading for a device speaking ``codec`` at ``t`` seconds into the run."""
     if isinstance(codec, NmeaCodec):
         return {
-            "gps.lat": 52.52 + 0.001 * math.sin(t / 60), "gps.lon": 13.405 + 0.001 * math.cos(t / 60),
-            "gps.alt": 34.0 + rng.gauss(0, 0.5), "gps.sats": 9, "gps.hdop": 0.9,
-            "gps.speed": 1.2 + rng.random(), "gps.course": (t * 3) % 360, "ts": time.time(),
-            "wind.rel.angle": (180 + 40 * math.sin(t / 30)) % 360, "wind.rel.speed": max(0.0, 5 + rng.gauss(0, 1)),
+            "gps.lat": 52.52 + 0.001 * math.sin(t / 60),
+            "gps.lon": 13.405 + 0.001 * math.cos(t / 60),
+            "gps.alt": 34.0 + rng.gauss(0, 0.5),
+            "gps.sats": 9,
+            "gps.hdop": 0.9,
+            "gps.speed": 1.2 + rng.random(),
+            "gps.course": (t * 3) % 360,
+            "ts": time.time(),
+            "wind.rel.angle": (180 + 40 * math.sin(t / 30)) % 360,
+            "wind.rel.speed": max(0.0, 5 + rng.gauss(0, 1)),
             "xdr.AIRT": round(18 + 3 * math.sin(t / 300), 2),
         }
     if isinstance(codec, CobsCodec):
@@ -122,8 +128,11 @@ def sample_record(codec: Any, t: float, rng: random.Random) -> dict[str, float]:
     temp = round(21.0 + 2 * math.sin(t / 60) + rng.gauss(0, 0.1), 2)
     hum = round(45.0 + 5 * math.cos(t / 90) + rng.gauss(0, 0.3), 1)
     if isinstance(codec, CsvCodec) and codec.columns:
-        return {c: round(20 + i + math.sin(t / 60), 2) for i, c in enumerate(codec.columns)
-                if c not in (codec.ts_field, codec.device_field)}
+        return {
+            c: round(20 + i + math.sin(t / 60), 2)
+            for i, c in enumerate(codec.columns)
+            if c not in (codec.ts_field, codec.device_field)
+        }
     assert isinstance(codec, JsonCodec | KeyValueCodec | CsvCodec)
     return {"temp": temp, "hum": hum, "vbat": round(3.3 - t / 1e6, 3)}
 
@@ -131,8 +140,9 @@ def sample_record(codec: Any, t: float, rng: random.Random) -> dict[str, float]:
 class SerialSimulator:
     """A serial device: writes a reading every ``interval`` seconds, with optional line noise."""
 
-    def __init__(self, codec: Any, device: PtyDevice, interval: float = 1.0, noise: float = 0.0,
-                 seed: int | None = None):
+    def __init__(
+        self, codec: Any, device: PtyDevice, interval: float = 1.0, noise: float = 0.0, seed: int | None = None
+    ):
         self.codec = codec
         self.device = device
         self.interval = interval
@@ -257,8 +267,9 @@ class ModbusSimulator:
     ``set(unit, point, value)`` pins a value (tests); ``faults[unit]`` injects misbehaviour.
     """
 
-    def __init__(self, slaves: dict[int, DeviceMap], seed: int | None = None,
-                 faults: dict[int, ModbusFault] | None = None):
+    def __init__(
+        self, slaves: dict[int, DeviceMap], seed: int | None = None, faults: dict[int, ModbusFault] | None = None
+    ):
         self.slaves = slaves
         self.faults: dict[int, ModbusFault] = faults or {}
         self.rng = random.Random(seed)
@@ -299,8 +310,9 @@ class ModbusSimulator:
             out.append([SimData(lo, count=hi - lo, values=False if bits else 0, datatype=kind)])
         return out[0], out[1], out[2], out[3]
 
-    async def _action(self, unit: int, fc: int, start: int, address: int, count: int, regs: list[int],
-                      set_values: Any) -> Any:
+    async def _action(
+        self, unit: int, fc: int, start: int, address: int, count: int, regs: list[int], set_values: Any
+    ) -> Any:
         from pymodbus.constants import ExcCodes
 
         self.requests[unit] = self.requests.get(unit, 0) + 1
@@ -338,8 +350,10 @@ class ModbusSimulator:
     def devices(self) -> list[Any]:
         from pymodbus.simulator import SimDevice
 
-        return [SimDevice(id=unit, simdata=self._blocks(dmap), action=functools.partial(self._action, unit))
-                for unit, dmap in self.slaves.items()]
+        return [
+            SimDevice(id=unit, simdata=self._blocks(dmap), action=functools.partial(self._action, unit))
+            for unit, dmap in self.slaves.items()
+        ]
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 5020) -> ModbusSimulator:
         from pymodbus.server import ModbusTcpServer
@@ -348,13 +362,19 @@ class ModbusSimulator:
         self.port = port
         return await self._serve()
 
-    async def start_rtu(self, path: str, baudrate: int = 9600, parity: str = "N", stopbits: int = 1
-                        ) -> ModbusSimulator:
+    async def start_rtu(self, path: str, baudrate: int = 9600, parity: str = "N", stopbits: int = 1) -> ModbusSimulator:
         from pymodbus.framer import FramerType
         from pymodbus.server import ModbusSerialServer
 
-        self._server = ModbusSerialServer(self.devices(), framer=FramerType.RTU, port=path, baudrate=baudrate,
-                                          parity=parity, stopbits=stopbits, reconnect_delay=0.2)
+        self._server = ModbusSerialServer(
+            self.devices(),
+            framer=FramerType.RTU,
+            port=path,
+            baudrate=baudrate,
+            parity=parity,
+            stopbits=stopbits,
+            reconnect_delay=0.2,
+        )
         return await self._serve()
 
     async def _serve(self) -> ModbusSimulator:

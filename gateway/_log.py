@@ -17,8 +17,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: for journald/Loki/Fluent Bit to parse without regexes."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                               "logger": record.name, "msg": record.getMessage()}
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)
@@ -36,8 +40,7 @@ class RecentLogs(logging.Handler):
             msg = record.getMessage()
         except (TypeError, ValueError):  # a bad format string must not break logging
             msg = str(record.msg)
-        self.lines.append({"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
-                           "msg": msg})
+        self.lines.append({"ts": record.created, "level": record.levelname.lower(), "logger": record.name, "msg": msg})
 
 
 RECENT = RecentLogs()
@@ -66,8 +69,13 @@ class RateLimitedLog:
     and a bounded log rate however varied its bad input is.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0, max_keys: int = 1000,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 10.0,
+        max_keys: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.logger = logger
         self.interval = interval
         self.max_keys = max_keys

@@ -37,9 +37,29 @@ T = TypeVar("T")
 
 STATES = ("open", "acknowledged", "resolved")
 SEVERITIES = ("info", "warning", "critical")
-_COLUMNS = ("id", "alert_key", "pipeline", "node", "key", "severity", "state", "condition", "rule", "reading",
-            "count", "opened_at", "updated_at", "cleared_at", "acked_at", "acked_by", "resolved_at", "resolved_by",
-            "note", "connection", "topic")
+_COLUMNS = (
+    "id",
+    "alert_key",
+    "pipeline",
+    "node",
+    "key",
+    "severity",
+    "state",
+    "condition",
+    "rule",
+    "reading",
+    "count",
+    "opened_at",
+    "updated_at",
+    "cleared_at",
+    "acked_at",
+    "acked_by",
+    "resolved_at",
+    "resolved_by",
+    "note",
+    "connection",
+    "topic",
+)
 
 
 class AlertError(SluiceError):
@@ -93,11 +113,13 @@ class AlertBook:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute("CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_key TEXT NOT NULL,"
-                   " pipeline TEXT, node TEXT, key TEXT, severity TEXT, state TEXT NOT NULL, condition TEXT,"
-                   " rule TEXT, reading TEXT, count INTEGER NOT NULL, opened_at REAL, updated_at REAL,"
-                   " cleared_at REAL, acked_at REAL, acked_by TEXT, resolved_at REAL, resolved_by TEXT, note TEXT,"
-                   " connection TEXT, topic TEXT)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_key TEXT NOT NULL,"
+            " pipeline TEXT, node TEXT, key TEXT, severity TEXT, state TEXT NOT NULL, condition TEXT,"
+            " rule TEXT, reading TEXT, count INTEGER NOT NULL, opened_at REAL, updated_at REAL,"
+            " cleared_at REAL, acked_at REAL, acked_by TEXT, resolved_at REAL, resolved_by TEXT, note TEXT,"
+            " connection TEXT, topic TEXT)"
+        )
         db.execute("CREATE INDEX IF NOT EXISTS alerts_key ON alerts (alert_key, id)")
         db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, updated_at)")
         self._db = db
@@ -139,9 +161,17 @@ class AlertBook:
     async def get(self, alert_id: int) -> dict[str, Any] | None:
         return await self._run(self._get, alert_id)
 
-    async def list(self, *, state: str | None = None, severity: str | None = None, pipeline: str | None = None,
-                   since: float | None = None, until: float | None = None, key: str | None = None,
-                   limit: int = 100) -> list[dict[str, Any]]:
+    async def list(
+        self,
+        *,
+        state: str | None = None,
+        severity: str | None = None,
+        pipeline: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        key: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
         """Newest first. ``since``/``until`` bound the last update time (epoch seconds)."""
         where, args = [], []
         for col, v in (("state", state), ("severity", severity), ("pipeline", pipeline), ("alert_key", key)):
@@ -172,14 +202,16 @@ class AlertBook:
 
     # --- detector events -----------------------------------------------------------------
 
-    async def apply(self, items: list[dict[str, Any]], *, cooldown: float = 0.0,
-                    auto_resolve: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    async def apply(
+        self, items: list[dict[str, Any]], *, cooldown: float = 0.0, auto_resolve: bool = True
+    ) -> list[tuple[str, dict[str, Any]]]:
         """Take detector alerts (``pipeline, node, key, ts, value, connection, topic``) in one
         transaction; return the lifecycle steps ``(action, alert)`` they caused."""
         return await self._run(self._apply, items, cooldown, auto_resolve)
 
-    def _apply(self, items: list[dict[str, Any]], cooldown: float,
-               auto_resolve: bool) -> list[tuple[str, dict[str, Any]]]:
+    def _apply(
+        self, items: list[dict[str, Any]], cooldown: float, auto_resolve: bool
+    ) -> list[tuple[str, dict[str, Any]]]:
         db = self._db
         assert db is not None
         out: list[tuple[str, dict[str, Any]]] = []
@@ -208,49 +240,79 @@ class AlertBook:
         if v["state"] == "raised":
             severity = v.get("severity") if v.get("severity") in SEVERITIES else "warning"
             if latest is not None and latest["state"] != "resolved":
-                db.execute("UPDATE alerts SET count=count+1, condition='active', cleared_at=NULL, reading=?, rule=?,"
-                           " severity=?, updated_at=? WHERE id=?",
-                           (reading, v.get("rule"), severity, now, latest["id"]))
+                db.execute(
+                    "UPDATE alerts SET count=count+1, condition='active', cleared_at=NULL, reading=?, rule=?,"
+                    " severity=?, updated_at=? WHERE id=?",
+                    (reading, v.get("rule"), severity, now, latest["id"]),
+                )
                 return "updated", self._get(latest["id"])  # type: ignore[return-value]
-            if (latest is not None and cooldown and latest["resolved_at"] is not None
-                    and now - latest["resolved_at"] < cooldown):
-                db.execute("UPDATE alerts SET state='open', condition='active', count=count+1, cleared_at=NULL,"
-                           " reading=?, rule=?, severity=?, updated_at=?, acked_at=NULL, acked_by=NULL,"
-                           " resolved_at=NULL, resolved_by=NULL WHERE id=?",
-                           (reading, v.get("rule"), severity, now, latest["id"]))
+            if (
+                latest is not None
+                and cooldown
+                and latest["resolved_at"] is not None
+                and now - latest["resolved_at"] < cooldown
+            ):
+                db.execute(
+                    "UPDATE alerts SET state='open', condition='active', count=count+1, cleared_at=NULL,"
+                    " reading=?, rule=?, severity=?, updated_at=?, acked_at=NULL, acked_by=NULL,"
+                    " resolved_at=NULL, resolved_by=NULL WHERE id=?",
+                    (reading, v.get("rule"), severity, now, latest["id"]),
+                )
                 return "reopened", self._get(latest["id"])  # type: ignore[return-value]
-            cur = db.execute("INSERT INTO alerts (alert_key, pipeline, node, key, severity, state, condition, rule,"
-                             " reading, count, opened_at, updated_at, connection, topic)"
-                             " VALUES (?,?,?,?,?,'open','active',?,?,1,?,?,?,?)",
-                             (akey, it["pipeline"], it["node"], it["key"], severity, v.get("rule"), reading,
-                              now, now, it.get("connection"), it.get("topic")))
+            cur = db.execute(
+                "INSERT INTO alerts (alert_key, pipeline, node, key, severity, state, condition, rule,"
+                " reading, count, opened_at, updated_at, connection, topic)"
+                " VALUES (?,?,?,?,?,'open','active',?,?,1,?,?,?,?)",
+                (
+                    akey,
+                    it["pipeline"],
+                    it["node"],
+                    it["key"],
+                    severity,
+                    v.get("rule"),
+                    reading,
+                    now,
+                    now,
+                    it.get("connection"),
+                    it.get("topic"),
+                ),
+            )
             return "opened", self._get(int(cur.lastrowid or 0))  # type: ignore[return-value]
         # cleared
         if latest is None or latest["state"] == "resolved":
             return None
         if auto_resolve and not cooldown:
-            db.execute("UPDATE alerts SET state='resolved', condition='cleared', cleared_at=?, reading=?,"
-                       " resolved_at=?, resolved_by='auto', updated_at=? WHERE id=?",
-                       (now, reading, now, now, latest["id"]))
+            db.execute(
+                "UPDATE alerts SET state='resolved', condition='cleared', cleared_at=?, reading=?,"
+                " resolved_at=?, resolved_by='auto', updated_at=? WHERE id=?",
+                (now, reading, now, now, latest["id"]),
+            )
             return "resolved", self._get(latest["id"])  # type: ignore[return-value]
-        db.execute("UPDATE alerts SET condition='cleared', cleared_at=?, reading=?, updated_at=? WHERE id=?",
-                   (now, reading, now, latest["id"]))
+        db.execute(
+            "UPDATE alerts SET condition='cleared', cleared_at=?, reading=?, updated_at=? WHERE id=?",
+            (now, reading, now, latest["id"]),
+        )
         return "cleared", self._get(latest["id"])  # type: ignore[return-value]
 
     async def resolve_cooled(self, cooldown_by_node: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
         """Resolve alerts whose condition stayed cleared for their sink's cooldown."""
+
         def run() -> list[dict[str, Any]]:
             db = self._db
             assert db is not None
             now = self.clock()
             done = []
-            rows = db.execute("SELECT id, pipeline, node, cleared_at FROM alerts WHERE state!='resolved'"
-                              " AND condition='cleared'").fetchall()
+            rows = db.execute(
+                "SELECT id, pipeline, node, cleared_at FROM alerts WHERE state!='resolved' AND condition='cleared'"
+            ).fetchall()
             for r in rows:
                 cd = cooldown_by_node.get((r["pipeline"], r["node"]))
                 if cd is not None and now - r["cleared_at"] >= cd:
-                    db.execute("UPDATE alerts SET state='resolved', resolved_at=?, resolved_by='auto', updated_at=?"
-                               " WHERE id=?", (now, now, r["id"]))
+                    db.execute(
+                        "UPDATE alerts SET state='resolved', resolved_at=?, resolved_by='auto', updated_at=?"
+                        " WHERE id=?",
+                        (now, now, r["id"]),
+                    )
                     done.append(self._get(r["id"]))
             self.counts["resolved"] += len(done)
             return [d for d in done if d is not None]
@@ -259,16 +321,27 @@ class AlertBook:
 
     # --- operator actions ----------------------------------------------------------------
 
-    async def ack(self, alert_id: int | None = None, *, alert_key: str | None = None, by: str = "operator",
-                  note: str | None = None) -> dict[str, Any]:
+    async def ack(
+        self,
+        alert_id: int | None = None,
+        *,
+        alert_key: str | None = None,
+        by: str = "operator",
+        note: str | None = None,
+    ) -> dict[str, Any]:
         return await self._run(self._act, "ack", alert_id, alert_key, by, note)
 
-    async def resolve(self, alert_id: int | None = None, *, alert_key: str | None = None, by: str = "operator",
-                      note: str | None = None) -> dict[str, Any]:
+    async def resolve(
+        self,
+        alert_id: int | None = None,
+        *,
+        alert_key: str | None = None,
+        by: str = "operator",
+        note: str | None = None,
+    ) -> dict[str, Any]:
         return await self._run(self._act, "resolve", alert_id, alert_key, by, note)
 
-    def _act(self, what: str, alert_id: int | None, alert_key: str | None, by: str,
-             note: str | None) -> dict[str, Any]:
+    def _act(self, what: str, alert_id: int | None, alert_key: str | None, by: str, note: str | None) -> dict[str, Any]:
         db = self._db
         assert db is not None
         a = self._get(alert_id) if alert_id is not None else self._latest(alert_key or "")
@@ -280,12 +353,18 @@ class AlertBook:
         if what == "ack":
             if a["state"] == "acknowledged":
                 raise AlertError(409, f"alert {a['id']} is already acknowledged by {a['acked_by']}")
-            db.execute("UPDATE alerts SET state='acknowledged', acked_at=?, acked_by=?, note=COALESCE(?, note),"
-                       " updated_at=? WHERE id=?", (now, by, note, now, a["id"]))
+            db.execute(
+                "UPDATE alerts SET state='acknowledged', acked_at=?, acked_by=?, note=COALESCE(?, note),"
+                " updated_at=? WHERE id=?",
+                (now, by, note, now, a["id"]),
+            )
             self.counts["acknowledged"] += 1
         else:
-            db.execute("UPDATE alerts SET state='resolved', resolved_at=?, resolved_by=?, note=COALESCE(?, note),"
-                       " updated_at=? WHERE id=?", (now, by, note, now, a["id"]))
+            db.execute(
+                "UPDATE alerts SET state='resolved', resolved_at=?, resolved_by=?, note=COALESCE(?, note),"
+                " updated_at=? WHERE id=?",
+                (now, by, note, now, a["id"]),
+            )
             self.counts["resolved"] += 1
         got = self._get(a["id"])
         assert got is not None
@@ -300,8 +379,15 @@ class AlertService:
     """The gateway's alerts: the book, lifecycle notifications through the outbox, the MQTT
     command topic, and the cooldown timer. Owned (opened, run, closed) by the Gateway."""
 
-    def __init__(self, path: Path, gateway_id: str, outbox: Any, links: dict[str, Any],
-                 command_links: dict[str, Any] | None = None, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        path: Path,
+        gateway_id: str,
+        outbox: Any,
+        links: dict[str, Any],
+        command_links: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.book = AlertBook(path, clock)
         self.gateway_id = gateway_id
         self.outbox = outbox
@@ -360,8 +446,15 @@ class AlertService:
         """Alerts newest first, filtered as :meth:`AlertBook.list` takes them."""
         return [_public(a) for a in await self.book.list(**filters)]
 
-    async def operator(self, what: Literal["ack", "resolve"], alert_id: int | None = None, *,
-                       alert_key: str | None = None, by: str = "operator", note: str | None = None) -> dict[str, Any]:
+    async def operator(
+        self,
+        what: Literal["ack", "resolve"],
+        alert_id: int | None = None,
+        *,
+        alert_key: str | None = None,
+        by: str = "operator",
+        note: str | None = None,
+    ) -> dict[str, Any]:
         fn = self.book.ack if what == "ack" else self.book.resolve
         alert = await fn(alert_id, alert_key=alert_key, by=by, note=note)
         log.info("alert %s (%s) %s by %s", alert["id"], alert["alert_key"], alert["state"], by)
@@ -371,7 +464,7 @@ class AlertService:
     # --- MQTT commands ---------------------------------------------------------------------
 
     async def on_command(self, client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
-        verb = topic[len(self.cmd_prefix):] if topic.startswith(self.cmd_prefix) else ""
+        verb = topic[len(self.cmd_prefix) :] if topic.startswith(self.cmd_prefix) else ""
         if verb == "reply":
             return 0
         reply_to = self.cmd_prefix + "reply"
@@ -404,8 +497,13 @@ class AlertService:
         except Exception as exc:  # the command boundary: answer, log, keep listening
             self.commands_rejected += 1
             log.exception("alerts: command on %s failed", topic)
-            reply = {"ok": False, "request_id": request_id, "command": verb, "error": f"internal error: {exc}",
-                     "status": 500}
+            reply = {
+                "ok": False,
+                "request_id": request_id,
+                "command": verb,
+                "error": f"internal error: {exc}",
+                "status": 500,
+            }
         self._reply(reply_to, reply)
         return 0
 

@@ -35,8 +35,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         _print_issues(err)
         return 1
-    setup_logging(args.log_level or loaded.config.gateway.log_level,
-                  args.log_format or loaded.config.gateway.log_format)
+    setup_logging(
+        args.log_level or loaded.config.gateway.log_level, args.log_format or loaded.config.gateway.log_format
+    )
     if not args.config:
         log.info("no config given: running the demo (%s)", path)
     from .runtime import Gateway
@@ -94,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a gateway (no CONFIG: the bundled demo)")
     run.add_argument("config", nargs="?", help="YAML config file")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                     help="overrides gateway.log_level")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides gateway.log_level")
     run.add_argument("--log-format", choices=["text", "json"], help="overrides gateway.log_format")
     run.set_defaults(func=cmd_run)
 

@@ -52,10 +52,12 @@ class GatewayConfig(_Section):
     queue_size: int = Field(10_000, ge=10, description="Events each pipeline buffers before its sources pause.")
     sink_queue_size: int = Field(10_000, ge=10, description="Events each sink buffers before the pipeline waits.")
     shutdown_timeout: Duration = Field(10.0, description="How long a clean stop may take to drain queues.")
-    outbox: OutboxConfig = Field(default_factory=OutboxConfig,
-                                 description="Store-and-forward for everything bound for the broker.")
-    state: StateConfig = Field(default_factory=StateConfig,
-                               description="Node state (open windows, keyed state) saved in state.db.")
+    outbox: OutboxConfig = Field(
+        default_factory=OutboxConfig, description="Store-and-forward for everything bound for the broker."
+    )
+    state: StateConfig = Field(
+        default_factory=StateConfig, description="Node state (open windows, keyed state) saved in state.db."
+    )
 
 
 class MqttConnection(_Section):
@@ -69,14 +71,19 @@ class MqttConnection(_Section):
     version: Literal["5", "3.1.1"] = "5"
     status: bool = Field(True, description="Publish retained sluice/<gateway>/status with a last will.")
     reconnect_max: Duration = Field(30.0, description="Cap of the exponential reconnect backoff.")
-    tls: bool = Field(False, description="Connect over TLS, verifying the broker's certificate and name "
-                                         "(on by itself when ca_file or cert_file is set).")
-    ca_file: str | None = Field(None, description="PEM CA certificate(s) to verify the broker; default: the "
-                                                  "system's trust store.")
+    tls: bool = Field(
+        False,
+        description="Connect over TLS, verifying the broker's certificate and name "
+        "(on by itself when ca_file or cert_file is set).",
+    )
+    ca_file: str | None = Field(
+        None, description="PEM CA certificate(s) to verify the broker; default: the system's trust store."
+    )
     cert_file: str | None = Field(None, description="PEM client certificate for mutual TLS.")
     key_file: str | None = Field(None, description="PEM private key of cert_file (if not in the same file).")
-    tls_insecure: bool = Field(False, description="Skip verifying the broker's certificate and name: "
-                                                  "for a test bench only.")
+    tls_insecure: bool = Field(
+        False, description="Skip verifying the broker's certificate and name: for a test bench only."
+    )
 
     @model_validator(mode="after")
     def _tls(self) -> MqttConnection:
@@ -89,8 +96,10 @@ class MqttConnection(_Section):
 
 class ConsoleUser(_Section):
     name: str = Field(pattern=_ID)
-    password_hash: str = Field(pattern=r"^\$argon2(id|i|d)\$",
-                               description="An argon2 hash, e.g. from `sluice hash-password`; never the password.")
+    password_hash: str = Field(
+        pattern=r"^\$argon2(id|i|d)\$",
+        description="An argon2 hash, e.g. from `sluice hash-password`; never the password.",
+    )
     role: Literal["viewer", "admin"] = "viewer"
 
 
@@ -98,10 +107,15 @@ class ConsoleConfig(_Section):
     enabled: bool = True
     host: str = Field("127.0.0.1", description="Bind address; localhost unless you mean otherwise.")
     port: int = Field(8080, ge=0, le=65535)
-    auth: bool = Field(True, description="Require a login or API token for pages and /api/*; "
-                                         "/healthz and /metrics stay open for monitoring.")
-    users: list[ConsoleUser] = Field(default_factory=list, description="Fixed accounts; when set, the console "
-                                     "does not offer first-visit account creation.")
+    auth: bool = Field(
+        True,
+        description="Require a login or API token for pages and /api/*; "
+        "/healthz and /metrics stay open for monitoring.",
+    )
+    users: list[ConsoleUser] = Field(
+        default_factory=list,
+        description="Fixed accounts; when set, the console does not offer first-visit account creation.",
+    )
     tls_cert: str | None = Field(None, description="PEM certificate file: serve HTTPS (with tls_key).")
     tls_key: str | None = Field(None, description="PEM private key file for tls_cert.")
 
@@ -254,9 +268,7 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
-def _pydantic_issues(
-    exc: ValidationError, prefix: tuple[Any, ...], r: _Reader, model: type[BaseModel]
-) -> None:
+def _pydantic_issues(exc: ValidationError, prefix: tuple[Any, ...], r: _Reader, model: type[BaseModel]) -> None:
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         path = (*prefix, *loc)
@@ -350,7 +362,9 @@ def _parse_nodes(raw: list[Any], prefix: tuple[Any, ...], r: _Reader, data: dict
             continue
         if opts.id in ids:
             first = f"pipelines.{prefix[1]}.nodes.{ids[opts.id]}" if len(prefix) > 1 else str(ids[opts.id])
-            r.issue(_line_for(r.lines, (*path, "id")), (*path, "id"), f"duplicate node id {opts.id!r} (first at {first})")
+            r.issue(
+                _line_for(r.lines, (*path, "id")), (*path, "id"), f"duplicate node id {opts.id!r} (first at {first})"
+            )
             continue
         ids[opts.id] = ni
         for fld, msg in cls.check(opts, data):
@@ -361,8 +375,9 @@ def _parse_nodes(raw: list[Any], prefix: tuple[Any, ...], r: _Reader, data: dict
     return out
 
 
-def _check_graph(nodes: list[NodeOptions], index: dict[str, int], prefix: tuple[Any, ...], r: _Reader,
-                 broken: set[str]) -> None:
+def _check_graph(
+    nodes: list[NodeOptions], index: dict[str, int], prefix: tuple[Any, ...], r: _Reader, broken: set[str]
+) -> None:
     by_id = {n.id: n for n in nodes}
     for n in nodes:
         path = (*prefix, index[n.id], "input")
@@ -394,7 +409,7 @@ def _check_graph(nodes: list[NodeOptions], index: dict[str, int], prefix: tuple[
             if up not in by_id or up == nid:
                 continue
             if state.get(up) == 1:
-                cyc = [*stack[stack.index(up):], up] if up in stack else [nid, up]
+                cyc = [*stack[stack.index(up) :], up] if up in stack else [nid, up]
                 path = (*prefix, index[nid], "input")
                 r.issue(_line_for(r.lines, path), path, "cycle: " + " -> ".join(reversed(cyc)))
             elif up not in state:

@@ -40,13 +40,18 @@ class _GatewayCollector:
 
         gw = self.gw
         labels = ["pipeline", "node", "type"]
-        fams = {c: CounterMetricFamily(f"sluice_node_{c}", f"Events {c} per node" if c != "errors" else
-                                       "Inputs a node could not handle (dead-lettered)", labels=labels)
-                for c in ("in", "out", "errors", "dropped")}
-        malformed = CounterMetricFamily("sluice_node_malformed", "Malformed inputs rejected by a source",
-                                        labels=labels)
-        depth = GaugeMetricFamily("sluice_queue_depth", "Events waiting in a bounded queue",
-                                  labels=["pipeline", "queue"])
+        fams = {
+            c: CounterMetricFamily(
+                f"sluice_node_{c}",
+                f"Events {c} per node" if c != "errors" else "Inputs a node could not handle (dead-lettered)",
+                labels=labels,
+            )
+            for c in ("in", "out", "errors", "dropped")
+        }
+        malformed = CounterMetricFamily("sluice_node_malformed", "Malformed inputs rejected by a source", labels=labels)
+        depth = GaugeMetricFamily(
+            "sluice_queue_depth", "Events waiting in a bounded queue", labels=["pipeline", "queue"]
+        )
         cap = GaugeMetricFamily("sluice_queue_capacity", "Capacity of a bounded queue", labels=["pipeline", "queue"])
         hw = GaugeMetricFamily("sluice_queue_high_water", "Most events a queue has held", labels=["pipeline", "queue"])
         for p in gw.pipelines.values():
@@ -74,24 +79,26 @@ class _GatewayCollector:
         lost.add_metric([], gw.dead_letters.lost)
         yield lost
         ob = gw.outbox
-        yield GaugeMetricFamily("sluice_outbox_messages", "Messages in the outbox waiting for a PUBACK",
-                                value=ob.count)
-        yield GaugeMetricFamily("sluice_outbox_bytes", "Bytes the outbox holds (its quota counts these)",
-                                value=ob.bytes)
+        yield GaugeMetricFamily("sluice_outbox_messages", "Messages in the outbox waiting for a PUBACK", value=ob.count)
+        yield GaugeMetricFamily(
+            "sluice_outbox_bytes", "Bytes the outbox holds (its quota counts these)", value=ob.bytes
+        )
         yield GaugeMetricFamily("sluice_outbox_quota_bytes", "The outbox's disk quota", value=ob.config.max_bytes)
-        yield CounterMetricFamily("sluice_outbox_dropped", "Oldest messages dropped because the outbox was full",
-                                  value=ob.dropped)
+        yield CounterMetricFamily(
+            "sluice_outbox_dropped", "Oldest messages dropped because the outbox was full", value=ob.dropped
+        )
         yield CounterMetricFamily("sluice_outbox_published", "Messages the broker acknowledged", value=ob.published)
-        yield CounterMetricFamily("sluice_outbox_replayed", "Messages sent again with replayed: true",
-                                  value=ob.replayed)
-        yield CounterMetricFamily("sluice_outbox_refused", "Messages the broker refused (dead-lettered)",
-                                  value=ob.refused)
+        yield CounterMetricFamily(
+            "sluice_outbox_replayed", "Messages sent again with replayed: true", value=ob.replayed
+        )
+        yield CounterMetricFamily(
+            "sluice_outbox_refused", "Messages the broker refused (dead-lettered)", value=ob.refused
+        )
         steps = CounterMetricFamily("sluice_alert_steps", "Alert lifecycle steps since start", labels=["action"])
         for action, n in gw.alerts.book.counts.items():
             steps.add_metric([action], n)
         yield steps
-        up = GaugeMetricFamily("sluice_mqtt_connected", "1 when the publisher link is connected",
-                               labels=["connection"])
+        up = GaugeMetricFamily("sluice_mqtt_connected", "1 when the publisher link is connected", labels=["connection"])
         for name, link in gw.links.publishers.items():
             up.add_metric([name], 1 if link.connected else 0)
         yield up
@@ -101,11 +108,13 @@ class _GatewayCollector:
         from .store import metric_families as state_families
 
         yield from state_families(gw)
-        yield GaugeMetricFamily("sluice_uptime_seconds", "Seconds since the gateway started",
-                                value=time.time() - gw.started_at)
+        yield GaugeMetricFamily(
+            "sluice_uptime_seconds", "Seconds since the gateway started", value=time.time() - gw.started_at
+        )
         with self._proc.oneshot():
-            yield GaugeMetricFamily("sluice_process_resident_memory_bytes", "Resident memory",
-                                    value=self._proc.memory_info().rss)
+            yield GaugeMetricFamily(
+                "sluice_process_resident_memory_bytes", "Resident memory", value=self._proc.memory_info().rss
+            )
             t = self._proc.cpu_times()
             yield CounterMetricFamily("sluice_process_cpu_seconds", "CPU time used", value=t.user + t.system)
 
@@ -153,8 +162,11 @@ class Console:
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
-            raise OSError(exc.errno, f"console cannot listen on {self.cfg.host}:{self.cfg.port}: "
-                                     f"{exc.strerror} (set console.port, or console.enabled: false)") from None
+            raise OSError(
+                exc.errno,
+                f"console cannot listen on {self.cfg.host}:{self.cfg.port}: "
+                f"{exc.strerror} (set console.port, or console.enabled: false)",
+            ) from None
         server = site._server
         if server is not None and server.sockets:  # type: ignore[union-attr]
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
@@ -179,8 +191,13 @@ class Console:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def api_pipelines(self, request: web.Request) -> web.Response:
-        return web.json_response({"gateway_id": self.gw.id, "state": self.gw.state,
-                                  "pipelines": [p.describe() for p in self.gw.pipelines.values()]})
+        return web.json_response(
+            {
+                "gateway_id": self.gw.id,
+                "state": self.gw.state,
+                "pipelines": [p.describe() for p in self.gw.pipelines.values()],
+            }
+        )
 
     async def api_deadletters(self, request: web.Request) -> web.Response:
         try:
@@ -218,9 +235,15 @@ class Console:
             until = float(q["until"]) if "until" in q else None
         except ValueError:
             return web.json_response({"error": "limit is an integer; since and until are epoch seconds"}, status=400)
-        alerts = await self.gw.alerts.list(state=q.get("state"), severity=q.get("severity"),
-                                           pipeline=q.get("pipeline"), key=q.get("key"), since=since,
-                                           until=until, limit=limit)
+        alerts = await self.gw.alerts.list(
+            state=q.get("state"),
+            severity=q.get("severity"),
+            pipeline=q.get("pipeline"),
+            key=q.get("key"),
+            since=since,
+            until=until,
+            limit=limit,
+        )
         return web.json_response({"alerts": alerts, "summary": await self.gw.alerts.book.summary()})
 
     async def api_alert_action(self, request: web.Request) -> web.Response:

@@ -59,11 +59,23 @@ class DeadLetters:
             except (TypeError, ValueError):
                 raw = repr(event)
         excerpt = _excerpt(raw)
-        row = {"ts": time.time(), "pipeline": pipeline, "node": node, "reason": reason,
-               "key": event.key if event else None, "payload": excerpt}
+        row = {
+            "ts": time.time(),
+            "pipeline": pipeline,
+            "node": node,
+            "reason": reason,
+            "key": event.key if event else None,
+            "payload": excerpt,
+        }
         self.recent.append(row)
-        self._rl.warning(f"{pipeline}/{node}/{reason[:40]}", "dead letter from %s/%s: %s; input: %.120s",
-                         pipeline, node, reason, excerpt)
+        self._rl.warning(
+            f"{pipeline}/{node}/{reason[:40]}",
+            "dead letter from %s/%s: %s; input: %.120s",
+            pipeline,
+            node,
+            reason,
+            excerpt,
+        )
         if len(self._pending) >= self._buffer:
             self.lost += 1
             return

@@ -131,8 +131,12 @@ class BatchQueue:
         return item
 
     def stats(self) -> dict[str, int]:
-        return {"depth": self.depth, "capacity": self.capacity, "high_water": self.high_water,
-                "waiting_producers": self.waiting_producers}
+        return {
+            "depth": self.depth,
+            "capacity": self.capacity,
+            "high_water": self.high_water,
+            "waiting_producers": self.waiting_producers,
+        }
 
 
 class SourceQueue:
@@ -201,10 +205,12 @@ class Pipeline:
         for i, n in enumerate(self.nodes):
             if isinstance(n, Source | Operator):
                 self.plans[i] = self._plan(i)
-        self._timed = [i for i, n in enumerate(self.nodes)
-                       if isinstance(n, Operator) and type(n).on_timer is not Operator.on_timer]
-        self._serving = [i for i, n in enumerate(self.nodes)
-                         if isinstance(n, Operator) and type(n).run is not Operator.run]
+        self._timed = [
+            i for i, n in enumerate(self.nodes) if isinstance(n, Operator) and type(n).on_timer is not Operator.on_timer
+        ]
+        self._serving = [
+            i for i, n in enumerate(self.nodes) if isinstance(n, Operator) and type(n).run is not Operator.run
+        ]
         self._settling: dict[int, deque[list[Any]]] = {}  # per origin: done callbacks waiting for sinks
         self._stopping = asyncio.Event()
         self._rl = RateLimitedLog(log)
@@ -214,6 +220,7 @@ class Pipeline:
         self._restored = False
         if store is not None:
             from .store import Checkpointer
+
             self.checkpointer = Checkpointer(store, name, self.nodes)
 
     def _plan(self, origin: int) -> list[tuple[int, _Node, list[int]]]:
@@ -237,15 +244,29 @@ class Pipeline:
         self.started_at = time.time()
         await self.restore()
         async with asyncio.TaskGroup() as tg:
-            sink_tasks = [tg.create_task(self._sink_loop(i, n), name=f"sink:{self.name}:{n.id}")  # type: ignore[arg-type]
-                          for i, n in enumerate(self.nodes) if isinstance(n, Sink)]
+            sink_tasks = [
+                tg.create_task(self._sink_loop(i, n), name=f"sink:{self.name}:{n.id}")  # type: ignore[arg-type]
+                for i, n in enumerate(self.nodes)
+                if isinstance(n, Sink)
+            ]
             chain = tg.create_task(self._chain_loop(), name=f"chain:{self.name}")
-            sources = [tg.create_task(self._source_loop(i, n), name=f"source:{self.name}:{n.id}")  # type: ignore[arg-type]
-                       for i, n in enumerate(self.nodes) if isinstance(n, Source)]
-            timer = tg.create_task(self._timer_loop(), name=f"timer:{self.name}") if (
-                self._timed or self.checkpointer) else None
-            serving = [tg.create_task(self._operator_loop(i, self.nodes[i]),  # type: ignore[arg-type]
-                                      name=f"operator:{self.name}:{self.nodes[i].id}") for i in self._serving]
+            sources = [
+                tg.create_task(self._source_loop(i, n), name=f"source:{self.name}:{n.id}")  # type: ignore[arg-type]
+                for i, n in enumerate(self.nodes)
+                if isinstance(n, Source)
+            ]
+            timer = (
+                tg.create_task(self._timer_loop(), name=f"timer:{self.name}")
+                if (self._timed or self.checkpointer)
+                else None
+            )
+            serving = [
+                tg.create_task(
+                    self._operator_loop(i, self.nodes[i]),  # type: ignore[arg-type]
+                    name=f"operator:{self.name}:{self.nodes[i].id}",
+                )
+                for i in self._serving
+            ]
             self.state = "running"
             log.info("pipeline %s running: %d nodes", self.name, len(self.nodes))
             await self._stopping.wait()
@@ -270,8 +291,12 @@ class Pipeline:
             await self.checkpointer.final()
         self.state = "stopped"
         # what came in and what went out, so a stop shows whether the drain was complete
-        ends = ", ".join(f"{n.id} in={c['in']} out={c['out']} errors={c['errors']}"
-                         for n in self.nodes if not isinstance(n, Operator) for c in (n.counters(),))
+        ends = ", ".join(
+            f"{n.id} in={c['in']} out={c['out']} errors={c['errors']}"
+            for n in self.nodes
+            if not isinstance(n, Operator)
+            for c in (n.counters(),)
+        )
         log.info("pipeline %s stopped: %s", self.name, ends)
 
     def stop(self) -> None:
@@ -297,8 +322,14 @@ class Pipeline:
                 self.source_state[src.id] = f"failed: {exc}"
                 delay = backoff(attempt, 30.0)
                 attempt += 1
-                log.error("source %s/%s failed (%s: %s); restarting in %.1fs",
-                          self.name, src.id, type(exc).__name__, exc, delay)
+                log.error(
+                    "source %s/%s failed (%s: %s); restarting in %.1fs",
+                    self.name,
+                    src.id,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             self.source_state[src.id] = "finished"
@@ -329,8 +360,14 @@ class Pipeline:
                 op.n_errors += 1
                 delay = backoff(attempt, 30.0)
                 attempt += 1
-                log.error("operator %s/%s failed (%s: %s); restarting in %.1fs",
-                          self.name, op.id, type(exc).__name__, exc, delay)
+                log.error(
+                    "operator %s/%s failed (%s: %s); restarting in %.1fs",
+                    self.name,
+                    op.id,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     async def _timer_loop(self) -> None:
@@ -450,8 +487,14 @@ class Pipeline:
             except Exception as exc:  # node boundary: retry a sink that cannot start
                 delay = backoff(attempt, 30.0)
                 attempt += 1
-                self._rl.warning(f"start:{sink.id}", "sink %s/%s cannot start (%s); retrying in %.1fs",
-                                 self.name, sink.id, exc, delay)
+                self._rl.warning(
+                    f"start:{sink.id}",
+                    "sink %s/%s cannot start (%s); retrying in %.1fs",
+                    self.name,
+                    sink.id,
+                    exc,
+                    delay,
+                )
                 if self._stopping.is_set() and attempt > 3:
                     break
                 await asyncio.sleep(delay)

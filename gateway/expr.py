@@ -77,9 +77,31 @@ _TOKEN = re.compile(
     r"|(?P<op>&&|\|\||==|!=|<=|>=|[<>+\-*().\[\]!]))"
 )
 _WORDS = {"true": "True", "false": "False", "null": "None"}
-_ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.BinOp, ast.Add,
-            ast.Sub, ast.Mult, ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Name,
-            ast.Load, ast.Constant, ast.Attribute, ast.Subscript)
+_ALLOWED = (
+    ast.Expression,
+    ast.BoolOp,
+    ast.And,
+    ast.Or,
+    ast.UnaryOp,
+    ast.Not,
+    ast.USub,
+    ast.BinOp,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Compare,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.Attribute,
+    ast.Subscript,
+)
 
 
 def _translate(source: str) -> str | None:
@@ -151,8 +173,7 @@ def _fast_function(source: str, variables: tuple[str, ...]) -> Callable[..., Any
             if node.id not in used:
                 used.append(node.id)
     tree = ast.fix_missing_locations(_ToSubscript().visit(tree))
-    args = ast.arguments(posonlyargs=[], args=[ast.arg(v) for v in used], kwonlyargs=[], kw_defaults=[],
-                         defaults=[])
+    args = ast.arguments(posonlyargs=[], args=[ast.arg(v) for v in used], kwonlyargs=[], kw_defaults=[], defaults=[])
     lam = ast.Expression(ast.Lambda(args=args, body=tree.body))
     module_code = compile(ast.fix_missing_locations(lam), "<expression>", "eval")
     # Take the lambda's code object and make a function of it directly (no eval), with no builtins.
@@ -196,10 +217,11 @@ class Expression:
             cel_eval = self._cel
             if variables is EVENT_VARIABLES:
                 if fn.variables == ("value",):
+
                     def fast(e: Any) -> Any:
                         try:
                             return fn(e.value)
-                        except Exception:  # noqa: BLE001  # judged by CEL below
+                        except Exception:  # judged by CEL below
                             return cel_eval(e)
                 else:
                     fgetters = [_GETTERS[name] for name in fn.variables]
@@ -207,8 +229,9 @@ class Expression:
                     def fast(e: Any) -> Any:
                         try:
                             return fn(*[g(e) for g in fgetters])
-                        except Exception:  # noqa: BLE001  # judged by CEL below
+                        except Exception:  # judged by CEL below
                             return cel_eval(e)
+
                 samples: list[Any] = _EVENT_SAMPLES
             else:
                 names = fn.variables
@@ -216,8 +239,9 @@ class Expression:
                 def fast(d: Any) -> Any:
                     try:
                         return fn(*[d[n] for n in names])
-                    except Exception:  # noqa: BLE001  # judged by CEL below
+                    except Exception:  # judged by CEL below
                         return cel_eval(d)
+
                 samples = []
             if all(_same(self._cel, fast, s) for s in samples):
                 self.evaluate = fast
@@ -226,8 +250,7 @@ class Expression:
     def __call__(self, arg: Any) -> Any:
         try:
             return self.evaluate(arg)
-        except (ValueError, RuntimeError, TypeError, KeyError, IndexError, ZeroDivisionError,
-                OverflowError) as exc:
+        except (ValueError, RuntimeError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
             raise ExpressionError(self.source, _describe(exc)) from None
 
     def try_sample(self, sample: Any = None) -> str | None:

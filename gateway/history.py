@@ -36,8 +36,13 @@ _UPSERT = (
 class History:
     """Per-key tiers of buckets; :meth:`add` is cheap, :meth:`flush` hands deltas to the store."""
 
-    def __init__(self, store: StateStore, tiers: tuple[tuple[float, float], ...] = TIERS,
-                 flush_interval: float = 1.0, max_pending: int = 200_000):
+    def __init__(
+        self,
+        store: StateStore,
+        tiers: tuple[tuple[float, float], ...] = TIERS,
+        flush_interval: float = 1.0,
+        max_pending: int = 200_000,
+    ):
         self.store = store
         self.tiers = tiers
         self.flush_interval = flush_interval
@@ -89,8 +94,10 @@ class History:
         # retention, by event time, at most once a minute of it
         if self.newest - self._last_prune >= 60.0:
             self._last_prune = self.newest
-            self.store.execute("DELETE FROM history WHERE tier = ? AND bucket < ?",
-                               [(i, self.newest - keep) for i, (_, keep) in enumerate(self.tiers)])
+            self.store.execute(
+                "DELETE FROM history WHERE tier = ? AND bucket < ?",
+                [(i, self.newest - keep) for i, (_, keep) in enumerate(self.tiers)],
+            )
 
     def query(self, key: str, start: float, end: float, max_points: int = 1000) -> dict[str, Any]:
         """Points of ``key`` in [start, end): the finest tier that keeps ``start`` and fits ``max_points``.
@@ -110,12 +117,19 @@ class History:
                 rows = db.execute(
                     "SELECT bucket, n, sum, min, max, last FROM history WHERE tier = ? AND key = ? "
                     "AND bucket >= ? AND bucket < ? ORDER BY bucket LIMIT ?",
-                    (tier, key, math.floor(start / width) * width, end, max_points + 1)).fetchall()
+                    (tier, key, math.floor(start / width) * width, end, max_points + 1),
+                ).fetchall()
             finally:
                 db.close()
             points = [[b, s / n, mn, mx, float(n), last] for b, n, s, mn, mx, last in rows]
-        return {"key": key, "tier": width, "from": start, "to": end,
-                "columns": ["t", "mean", "min", "max", "count", "last"], "points": points[:max_points]}
+        return {
+            "key": key,
+            "tier": width,
+            "from": start,
+            "to": end,
+            "columns": ["t", "mean", "min", "max", "count", "last"],
+            "points": points[:max_points],
+        }
 
     def health(self) -> dict[str, Any]:
         return {"pending": len(self._pending), "dropped": self.dropped, "newest": self.newest}

@@ -147,9 +147,14 @@ class MqttLink:
         self.last_error = error
 
     def health(self) -> dict[str, Any]:
-        return {"connection": self.name, "state": self.state, "since": self.since,
-                "error": self.last_error, "connects": self.connects,
-                "reading": self._gate.is_set()}
+        return {
+            "connection": self.name,
+            "state": self.state,
+            "since": self.since,
+            "error": self.last_error,
+            "connects": self.connects,
+            "reading": self._gate.is_set(),
+        }
 
     def _on_connect(self, client: Any, flags: Any, rc: Any, properties: Any) -> None:
         for topic, qos in self._subs.items():
@@ -196,17 +201,25 @@ class MqttLink:
                 try:
                     ctx = _tls_context(self.conn) if self.conn.tls else False
                     await asyncio.wait_for(
-                        self._client.connect(self.conn.host, self.conn.port, keepalive=self.conn.keepalive,
-                                             version=version, ssl=ctx),
+                        self._client.connect(
+                            self.conn.host, self.conn.port, keepalive=self.conn.keepalive, version=version, ssl=ctx
+                        ),
                         timeout=max(10.0, self.conn.keepalive),
                     )
                 except (OSError, TimeoutError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
                     err = _describe(exc)
                     delay = backoff(attempt, self.conn.reconnect_max)
                     if self.state != "disconnected" or attempt == 0:
-                        log.warning("mqtt %s (%s): cannot connect to %s: %s; retrying with backoff "
-                                    "(next in %.1fs, at most %.0fs apart)", self.name, self.client_id,
-                                    where, err, delay, self.conn.reconnect_max)
+                        log.warning(
+                            "mqtt %s (%s): cannot connect to %s: %s; retrying with backoff "
+                            "(next in %.1fs, at most %.0fs apart)",
+                            self.name,
+                            self.client_id,
+                            where,
+                            err,
+                            delay,
+                            self.conn.reconnect_max,
+                        )
                     self._set_state("disconnected", err)
                     attempt += 1
                     await self._close_quietly()
@@ -216,8 +229,13 @@ class MqttLink:
                 self.connects += 1
                 self._connected.set()
                 self._set_state("connected")
-                log.info("mqtt %s (%s): connected to %s%s", self.name, self.client_id, where,
-                         f" after {attempt} failed attempts" if attempt else "")
+                log.info(
+                    "mqtt %s (%s): connected to %s%s",
+                    self.name,
+                    self.client_id,
+                    where,
+                    f" after {attempt} failed attempts" if attempt else "",
+                )
                 attempt = 0
                 await self._lost_evt.wait()
                 if self._closing:
@@ -368,8 +386,10 @@ class MqttLink:
 def _tls_context(conn: MqttConnection) -> ssl.SSLContext:
     """Verification on by default; a file that cannot be read says which one."""
     ctx = ssl.create_default_context()
-    for what, load in (("ca_file", lambda: conn.ca_file and ctx.load_verify_locations(conn.ca_file)),
-                       ("cert_file", lambda: conn.cert_file and ctx.load_cert_chain(conn.cert_file, conn.key_file))):
+    for what, load in (
+        ("ca_file", lambda: conn.ca_file and ctx.load_verify_locations(conn.ca_file)),
+        ("cert_file", lambda: conn.cert_file and ctx.load_cert_chain(conn.cert_file, conn.key_file)),
+    ):
         try:
             load()
         except (OSError, ssl.SSLError) as exc:
@@ -382,8 +402,10 @@ def _tls_context(conn: MqttConnection) -> ssl.SSLContext:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return (f"TLS: the broker's certificate is not trusted ({exc.verify_message}); check ca_file, "
-                "and that the host name matches the certificate")
+        return (
+            f"TLS: the broker's certificate is not trusted ({exc.verify_message}); check ca_file, "
+            "and that the host name matches the certificate"
+        )
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
     if isinstance(exc, TimeoutError):
@@ -407,4 +429,3 @@ def _varint(n: int) -> bytes:
 
 def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode()
-

@@ -45,8 +45,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
-_SIZE_UNIT = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-              "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+_SIZE_UNIT = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+}
 _LIVE_CACHE = 20_000  # rows kept in memory per connection for the sender
 _ROW_OVERHEAD = 48  # bytes SQLite spends per row beyond its text: header, rowid, the index entry
 
@@ -68,13 +82,21 @@ class OutboxConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_bytes: ByteSize = Field(64_000_000, description="Disk quota (e.g. 64MB); past it the oldest "
-                                                       "messages are dropped and counted.")
+    max_bytes: ByteSize = Field(
+        64_000_000, description="Disk quota (e.g. 64MB); past it the oldest messages are dropped and counted."
+    )
     max_messages: int | None = Field(None, ge=1, description="Also drop the oldest past this many messages.")
-    max_rate: float | None = Field(None, gt=0, description="Messages per second at most (a metered uplink); "
-                                                          "default: as fast as the broker acknowledges.")
-    inflight: int = Field(256, ge=1, le=65000, description="Messages sent and not yet acknowledged, at most "
-                                                           "(also capped by the broker's receive maximum).")
+    max_rate: float | None = Field(
+        None,
+        gt=0,
+        description="Messages per second at most (a metered uplink); default: as fast as the broker acknowledges.",
+    )
+    inflight: int = Field(
+        256,
+        ge=1,
+        le=65000,
+        description="Messages sent and not yet acknowledged, at most (also capped by the broker's receive maximum).",
+    )
 
 
 # --- the storage seam ------------------------------------------------------------------------
@@ -104,8 +126,13 @@ class OutboxStore(Protocol):
 
     def open(self) -> StoreInfo: ...
 
-    def append(self, rows: list[tuple[str, str, str, bytes, bool, int]], delete: list[int],
-               max_bytes: int, max_rows: int | None) -> tuple[int, int, int, int]:
+    def append(
+        self,
+        rows: list[tuple[str, str, str, bytes, bool, int]],
+        delete: list[int],
+        max_bytes: int,
+        max_rows: int | None,
+    ) -> tuple[int, int, int, int]:
         """Delete acknowledged ids, insert rows, enforce the quota, in one durable commit.
 
         Returns (first new id, rows dropped by the quota, bytes they freed, highest id dropped).
@@ -144,9 +171,11 @@ class SqliteOutboxStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, connection TEXT NOT NULL,"
-                   " topic TEXT NOT NULL, okey TEXT NOT NULL, body BLOB NOT NULL, retain INTEGER NOT NULL,"
-                   " size INTEGER NOT NULL, created REAL NOT NULL)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, connection TEXT NOT NULL,"
+            " topic TEXT NOT NULL, okey TEXT NOT NULL, body BLOB NOT NULL, retain INTEGER NOT NULL,"
+            " size INTEGER NOT NULL, created REAL NOT NULL)"
+        )
         db.execute("CREATE TABLE IF NOT EXISTS outbox_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         self._db = db
         fresh = db.execute("SELECT 1 FROM sqlite_sequence WHERE name='outbox'").fetchone() is None
@@ -193,8 +222,13 @@ class SqliteOutboxStore:
         os.replace(tmp, self.seq_path)
         self._reserved = end
 
-    def append(self, rows: list[tuple[str, str, str, bytes, bool, int]], delete: list[int],
-               max_bytes: int, max_rows: int | None) -> tuple[int, int, int, int]:
+    def append(
+        self,
+        rows: list[tuple[str, str, str, bytes, bool, int]],
+        delete: list[int],
+        max_bytes: int,
+        max_rows: int | None,
+    ) -> tuple[int, int, int, int]:
         db = self._db
         assert db is not None
         first = self._max_id() + 1
@@ -204,14 +238,19 @@ class SqliteOutboxStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             self._delete(delete)
-            db.executemany("INSERT INTO outbox (connection, topic, okey, body, retain, size, created) "
-                           "VALUES (?,?,?,?,?,?,?)", [(*r, now) for r in rows])
+            db.executemany(
+                "INSERT INTO outbox (connection, topic, okey, body, retain, size, created) VALUES (?,?,?,?,?,?,?)",
+                [(*r, now) for r in rows],
+            )
             self._count += len(rows)
             self._bytes += sum(r[5] for r in rows)
             dropped, freed, hi = self._trim(max_bytes, max_rows)
             if dropped:
-                db.execute("INSERT INTO outbox_meta (name, value) VALUES ('dropped', ?) "
-                           "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (dropped,))
+                db.execute(
+                    "INSERT INTO outbox_meta (name, value) VALUES ('dropped', ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    (dropped,),
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -260,16 +299,21 @@ class SqliteOutboxStore:
     def load(self, connection: str, after: int, upto: int | None, limit: int) -> list[Row]:
         db = self._db
         assert db is not None
-        q = ("SELECT id, connection, topic, okey, body, retain, size FROM outbox "
-             "WHERE connection=? AND id>?" + (" AND id<=?" if upto is not None else "") + " ORDER BY id LIMIT ?")
+        q = (
+            "SELECT id, connection, topic, okey, body, retain, size FROM outbox "
+            "WHERE connection=? AND id>?" + (" AND id<=?" if upto is not None else "") + " ORDER BY id LIMIT ?"
+        )
         args: tuple[Any, ...] = (connection, after, upto, limit) if upto is not None else (connection, after, limit)
         return [Row(r[0], r[1], r[2], r[3], bytes(r[4]), bool(r[5]), r[6]) for r in db.execute(q, args)]
 
     def last_ids_by_key(self, connection: str, upto: int) -> dict[str, int]:
         db = self._db
         assert db is not None
-        return dict(db.execute("SELECT okey, MAX(id) FROM outbox WHERE connection=? AND id<=? GROUP BY okey",
-                               (connection, upto)).fetchall())
+        return dict(
+            db.execute(
+                "SELECT okey, MAX(id) FROM outbox WHERE connection=? AND id<=? GROUP BY okey", (connection, upto)
+            ).fetchall()
+        )
 
     def stats(self) -> tuple[int, int]:
         db = self._db
@@ -305,8 +349,16 @@ class WebhookLink:
     default ``concurrency: 1``, messages arrive in order.
     """
 
-    def __init__(self, name: str, url: str, headers: dict[str, str] | None = None, *, timeout: float = 10.0,
-                 concurrency: int = 1, reconnect_max: float = 30.0):
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        headers: dict[str, str] | None = None,
+        *,
+        timeout: float = 10.0,
+        concurrency: int = 1,
+        reconnect_max: float = 30.0,
+    ):
         self.name = name
         self.url = url
         self.headers = {"Content-Type": "application/json", **(headers or {})}
@@ -360,8 +412,9 @@ class WebhookLink:
         import aiohttp
 
         try:
-            async with self._session.post(self.url, data=payload, headers=self.headers,
-                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+            async with self._session.post(
+                self.url, data=payload, headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.timeout)
+            ) as resp:
                 body = (await resp.read())[:200].decode("utf-8", "replace")
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -444,9 +497,17 @@ class Outbox:
     (:class:`gateway.mqtt.MqttLink`).
     """
 
-    def __init__(self, path: Path, gateway_id: str, links: dict[str, Any], config: OutboxConfig | None = None,
-                 *, store: OutboxStore | None = None, seq_path: Path | None = None,
-                 on_refused: Callable[[str, str, bytes, str], None] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        gateway_id: str,
+        links: dict[str, Any],
+        config: OutboxConfig | None = None,
+        *,
+        store: OutboxStore | None = None,
+        seq_path: Path | None = None,
+        on_refused: Callable[[str, str, bytes, str], None] | None = None,
+    ):
         self.path = path
         self.gateway_id = gateway_id
         self.links = links
@@ -500,12 +561,22 @@ class Outbox:
         self.count, self.bytes, self.dropped = info.count, info.bytes, info.dropped
         self._opened = True
         if self.count:
-            log.info("outbox %s: %d messages (%d bytes) waiting from before the restart; they will be "
-                     "sent with replayed: true", self.path, self.count, self.bytes)
+            log.info(
+                "outbox %s: %d messages (%d bytes) waiting from before the restart; they will be "
+                "sent with replayed: true",
+                self.path,
+                self.count,
+                self.bytes,
+            )
             for conn, n in (await self._run(self.store.by_connection)).items():
                 if conn not in self.links and not conn.startswith("webhook:"):
-                    log.warning("outbox %s: %d messages for connection %r, which the config no longer has; "
-                                "they wait (and count against the quota) until it is back", self.path, n, conn)
+                    log.warning(
+                        "outbox %s: %d messages for connection %r, which the config no longer has; "
+                        "they wait (and count against the quota) until it is back",
+                        self.path,
+                        n,
+                        conn,
+                    )
 
     async def run(self) -> None:
         """Send what the outbox holds through every link, until :meth:`close` (or cancelled)."""
@@ -571,8 +642,9 @@ class Outbox:
 
     # --- writing -------------------------------------------------------------------------
 
-    async def put(self, messages: Iterable[tuple[str, str, dict[str, Any] | bytes, str | None]],
-                  retain: bool = False) -> int:
+    async def put(
+        self, messages: Iterable[tuple[str, str, dict[str, Any] | bytes, str | None]], retain: bool = False
+    ) -> int:
         """Commit messages ``(connection, topic, fields, ordering key)`` durably; return the first seq.
 
         ``fields`` is the message's JSON object (or its encoded bytes) without ``gateway_id``,
@@ -584,8 +656,9 @@ class Outbox:
         for conn, topic, fields, okey in messages:
             if conn not in self._all:
                 raise SluiceError(f"outbox: unknown connection {conn!r}")
-            body = fields if isinstance(fields, bytes) else json.dumps(
-                fields, separators=(",", ":"), default=str).encode()
+            body = (
+                fields if isinstance(fields, bytes) else json.dumps(fields, separators=(",", ":"), default=str).encode()
+            )
             if not body.startswith(b"{"):
                 raise ValueError("an outbox message must be a JSON object")
             okey = okey if okey is not None else topic
@@ -598,7 +671,8 @@ class Outbox:
             self._to_delete = []
             try:
                 first, dropped, freed, hi = await self._run(
-                    self.store.append, rows, delete, self.config.max_bytes, self.config.max_messages)
+                    self.store.append, rows, delete, self.config.max_bytes, self.config.max_messages
+                )
             except BaseException:
                 self._to_delete = delete + self._to_delete
                 raise
@@ -611,9 +685,14 @@ class Outbox:
                 self.count -= dropped
                 self.bytes -= freed
                 self._trimmed_hi = max(self._trimmed_hi, hi)
-                self._rl.warning("quota", "outbox over its quota (%d bytes, %s messages): dropped the %d oldest "
-                                 "messages (%d dropped in all)", self.config.max_bytes,
-                                 self.config.max_messages or "any", dropped, self.dropped)
+                self._rl.warning(
+                    "quota",
+                    "outbox over its quota (%d bytes, %s messages): dropped the %d oldest messages (%d dropped in all)",
+                    self.config.max_bytes,
+                    self.config.max_messages or "any",
+                    dropped,
+                    self.dropped,
+                )
             for i, r in enumerate(rows):
                 q = self._live.get(r[0])
                 if q is None:
@@ -813,13 +892,14 @@ class Outbox:
                     raise LinkError(conn, "connection lost")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot.wait(), 0.5)
-            chunk = rows[i:i + window - link.in_flight]
+            chunk = rows[i : i + window - link.in_flight]
             if self._rate.rate is not None:
                 chunk = chunk[:1]
                 await self._rate.take()
             flags = [r.id <= self.startup_max or r.id in self._attempted for r in chunk]
-            futs = link.publish_acked_many([(r.topic, self._payload(r, f), r.retain) for r, f in zip(chunk, flags,
-                                                                                                  strict=True)])
+            futs = link.publish_acked_many(
+                [(r.topic, self._payload(r, f), r.retain) for r, f in zip(chunk, flags, strict=True)]
+            )
             if not futs:  # no packet id free right now (others use some): wait for an acknowledgement
                 self._slot.clear()
                 with contextlib.suppress(TimeoutError):
@@ -835,17 +915,27 @@ class Outbox:
     # --- reporting -----------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        return {"messages": self.count, "bytes": self.bytes, "max_bytes": self.config.max_bytes,
-                "max_messages": self.config.max_messages, "dropped": self.dropped,
-                "published": self.published, "replayed": self.replayed, "refused": self.refused,
-                "last_seq": self.last_id}
+        return {
+            "messages": self.count,
+            "bytes": self.bytes,
+            "max_bytes": self.config.max_bytes,
+            "max_messages": self.config.max_messages,
+            "dropped": self.dropped,
+            "published": self.published,
+            "replayed": self.replayed,
+            "refused": self.refused,
+            "last_seq": self.last_id,
+        }
 
     def problems(self) -> list[str]:
         out = []
         if self.bytes > 0.9 * self.config.max_bytes or (
-                self.config.max_messages and self.count > 0.9 * self.config.max_messages):
-            out.append(f"outbox nearly full ({self.count} messages, {self.bytes} bytes); the oldest are "
-                       f"dropped past the quota ({self.dropped} dropped so far)")
+            self.config.max_messages and self.count > 0.9 * self.config.max_messages
+        ):
+            out.append(
+                f"outbox nearly full ({self.count} messages, {self.bytes} bytes); the oldest are "
+                f"dropped past the quota ({self.dropped} dropped so far)"
+            )
         for name, link in self._extra.items():
             if not link.connected:
                 out.append(f"{name}: {link.state} ({link.last_error})")

@@ -42,8 +42,7 @@ class ReloadError(SluiceError):
 class Links:
     """Shared connections by name: one publisher link per broker, and the outbox that feeds them."""
 
-    def __init__(self, gateway_id: str, connections: dict[str, MqttConnection], data_dir: Path,
-                 started_at: float):
+    def __init__(self, gateway_id: str, connections: dict[str, MqttConnection], data_dir: Path, started_at: float):
         self.gateway_id = gateway_id
         self._conns = connections
         self.started_at = started_at
@@ -62,12 +61,18 @@ class Links:
                     return topic, self._status("online"), True
 
             prefix = conn.client_id or gateway_id
-            self.publishers[name] = MqttLink(name, conn, f"{prefix}-pub", will=will, birth=birth,
-                                             clean_session=True)
+            self.publishers[name] = MqttLink(name, conn, f"{prefix}-pub", will=will, birth=birth, clean_session=True)
 
     def _status(self, state: str) -> bytes:
-        return json_bytes({"state": state, "gateway_id": self.gateway_id, "version": __version__,
-                           "started_at": self.started_at, "ts": time.time()})
+        return json_bytes(
+            {
+                "state": state,
+                "gateway_id": self.gateway_id,
+                "version": __version__,
+                "started_at": self.started_at,
+                "ts": time.time(),
+            }
+        )
 
     def connection(self, name: str) -> MqttConnection:
         try:
@@ -99,22 +104,39 @@ class Gateway:
         self.started_at = time.time()
         self.dead_letters = DeadLetters(self.data_dir / "deadletter.db")
         self.links = Links(self.id, cfg.connections, self.data_dir, self.started_at)
-        self.outbox = Outbox(self.data_dir / "outbox.db", self.id, self.links.publishers, cfg.gateway.outbox,
-                             seq_path=self.data_dir / "seq", on_refused=self._refused)
+        self.outbox = Outbox(
+            self.data_dir / "outbox.db",
+            self.id,
+            self.links.publishers,
+            cfg.gateway.outbox,
+            seq_path=self.data_dir / "seq",
+            on_refused=self._refused,
+        )
         self.links.outbox = self.outbox
         self.alerts = AlertService(self.data_dir / "alerts.db", self.id, self.outbox, self.links.publishers)
         # acknowledgements over MQTT arrive on the connections alert sinks publish to
-        for name in sorted({o.connection for opts in loaded.nodes.values() for o in opts  # type: ignore[attr-defined]
-                            if o.type == "alert" and getattr(o, "connection", None)}):
+        for name in sorted(
+            {
+                o.connection
+                for opts in loaded.nodes.values()
+                for o in opts  # type: ignore[attr-defined]
+                if o.type == "alert" and getattr(o, "connection", None)
+            }
+        ):
             conn = cfg.connections[name]
-            self.alerts.command_links[name] = MqttLink(name, conn, f"{conn.client_id or self.id}-cmd",
-                                                       on_message=self.alerts.on_command)
+            self.alerts.command_links[name] = MqttLink(
+                name, conn, f"{conn.client_id or self.id}-cmd", on_message=self.alerts.on_command
+            )
         self.links.alerts = self.alerts
         self.llm = LlmHub(cfg.llm)
         self.links.llm = self.llm
         st = cfg.gateway.state
-        self.store = StateStore(self.data_dir / "state.db", commit_interval=st.commit_interval,
-                                commit_size=st.commit_size, quota_bytes=st.max_bytes)
+        self.store = StateStore(
+            self.data_dir / "state.db",
+            commit_interval=st.commit_interval,
+            commit_size=st.commit_size,
+            quota_bytes=st.max_bytes,
+        )
         self.history = History(self.store)
         self.links.history = self.history  # the history sink writes through it
         self.pipelines: dict[str, Pipeline] = {p.name: self._pipeline(loaded, p.name) for p in cfg.pipelines}
@@ -127,16 +149,30 @@ class Gateway:
 
     def _pipeline(self, loaded: LoadedConfig, name: str) -> Pipeline:
         g = loaded.config.gateway
-        p = Pipeline(name, loaded.nodes[name], self._ctx_factory(name), queue_size=g.queue_size,
-                     sink_queue_size=g.sink_queue_size, store=self.store)
+        p = Pipeline(
+            name,
+            loaded.nodes[name],
+            self._ctx_factory(name),
+            queue_size=g.queue_size,
+            sink_queue_size=g.sink_queue_size,
+            store=self.store,
+        )
         if p.checkpointer is not None:
             p.checkpointer.interval = g.state.checkpoint_interval
         return p
 
     def _ctx_factory(self, pipeline: str) -> Any:
         def make(node_id: str) -> NodeContext:
-            return NodeContext(self.id, pipeline, node_id, str(self.data_dir), self.links, self.dead_letters,
-                               logger=logging.getLogger(f"sluice.{pipeline}.{node_id}"))
+            return NodeContext(
+                self.id,
+                pipeline,
+                node_id,
+                str(self.data_dir),
+                self.links,
+                self.dead_letters,
+                logger=logging.getLogger(f"sluice.{pipeline}.{node_id}"),
+            )
+
         return make
 
     def _refused(self, connection: str, topic: str, payload: bytes, reason: str) -> None:
@@ -154,8 +190,13 @@ class Gateway:
         cfg = loaded.config
         parts = cfg.model_dump(mode="json", exclude={"pipelines"})
         parts["alert command connections"] = sorted(
-            {o.connection for opts in loaded.nodes.values() for o in opts  # type: ignore[attr-defined]
-             if o.type == "alert" and getattr(o, "connection", None)})
+            {
+                o.connection
+                for opts in loaded.nodes.values()
+                for o in opts  # type: ignore[attr-defined]
+                if o.type == "alert" and getattr(o, "connection", None)
+            }
+        )
         return parts
 
     @staticmethod
@@ -180,11 +221,16 @@ class Gateway:
                 raise ReloadError(f"changing {', '.join(differ)} needs a restart; only pipelines reload live")
             before = {p.name for p in self.loaded.config.pipelines}
             after = {p.name for p in loaded.config.pipelines}
-            changed = sorted(n for n in before & after
-                             if self._pipeline_spec(self.loaded, n) != self._pipeline_spec(loaded, n))
+            changed = sorted(
+                n for n in before & after if self._pipeline_spec(self.loaded, n) != self._pipeline_spec(loaded, n)
+            )
             added, removed = sorted(after - before), sorted(before - after)
-            summary = {"changed": changed, "added": added, "removed": removed,
-                       "unchanged": sorted((before & after) - set(changed))}
+            summary = {
+                "changed": changed,
+                "added": added,
+                "removed": removed,
+                "unchanged": sorted((before & after) - set(changed)),
+            }
             if not (changed or added or removed):
                 self.loaded = loaded
                 return summary
@@ -204,8 +250,10 @@ class Gateway:
                     await self._start_pipelines({n: self._pipeline(previous, n) for n in (*changed, *removed)})
                 except Exception as again:
                     log.error("the previous pipelines did not start again either: %s", again)
-                    raise ReloadError(f"the new pipelines did not start ({exc}), nor the previous ones ({again}): "
-                                      f"{', '.join([*changed, *removed])} stopped; restart the gateway") from exc
+                    raise ReloadError(
+                        f"the new pipelines did not start ({exc}), nor the previous ones ({again}): "
+                        f"{', '.join([*changed, *removed])} stopped; restart the gateway"
+                    ) from exc
                 raise ReloadError(f"the new pipelines did not start: {exc}; the previous ones run again") from exc
             self.loaded = loaded
             return summary
@@ -231,8 +279,11 @@ class Gateway:
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.info("%s received: stopping (draining queues, at most %gs); signal again to exit now",
-                     signal.Signals(signum).name, self.loaded.config.gateway.shutdown_timeout)
+            log.info(
+                "%s received: stopping (draining queues, at most %gs); signal again to exit now",
+                signal.Signals(signum).name,
+                self.loaded.config.gateway.shutdown_timeout,
+            )
             self.stop()
         else:
             log.warning("second signal: exiting now without draining")
@@ -255,6 +306,7 @@ class Gateway:
             # line, not an exception group with a traceback.
             if cfg.console.enabled:
                 from .console import Console
+
                 self.console = Console(self, cfg.console)
                 await self.console.start()
             async with asyncio.TaskGroup() as tg:
@@ -269,8 +321,12 @@ class Gateway:
                 for p in self.pipelines.values():
                     self._tasks[p.name] = tg.create_task(p.run(), name=f"pipeline:{p.name}")
                 self.state = "running"
-                log.info("gateway %s running: %d pipelines%s", self.id, len(self.pipelines),
-                         f"; console at {self.console.url}" if self.console else "")
+                log.info(
+                    "gateway %s running: %d pipelines%s",
+                    self.id,
+                    len(self.pipelines),
+                    f"; console at {self.console.url}" if self.console else "",
+                )
                 await self._stop.wait()
                 async with self._reloading:  # a reload in progress finishes first
                     self.state = "stopping"
@@ -308,10 +364,16 @@ class Gateway:
         _, pending = await asyncio.wait(running, timeout=limit)
         if pending:
             # not yet through the chain, plus what each sink was given and has not finished
-            left = sum(p.queue.depth + sum(n.n_in - n.n_out - n.n_errors for n in p.nodes if n.kind == "sink")
-                       for p in self.pipelines.values())
-            log.error("stop took longer than %gs; abandoning %d queued events (raise "
-                      "gateway.shutdown_timeout, or check the sinks' connections)", limit, left)
+            left = sum(
+                p.queue.depth + sum(n.n_in - n.n_out - n.n_errors for n in p.nodes if n.kind == "sink")
+                for p in self.pipelines.values()
+            )
+            log.error(
+                "stop took longer than %gs; abandoning %d queued events (raise "
+                "gateway.shutdown_timeout, or check the sinks' connections)",
+                limit,
+                left,
+            )
             for t in pending:
                 t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -343,11 +405,23 @@ class Gateway:
                 h = n.health() if n.kind == "source" else {}
                 if h.get("state") == "down":
                     problems.append(f"source {p.name}/{n.id}: down ({h.get('reason') or 'no reason given'})")
-        status = "ok" if self.state == "running" and not problems else (
-            "degraded" if self.state == "running" else self.state)
-        return {"status": status, "gateway_id": self.id, "version": __version__, "state": self.state,
-                "started_at": self.started_at, "uptime": time.time() - self.started_at,
-                "problems": problems, "connections": links, "pipelines": pipes,
-                "dead_letters": self.dead_letters.total, "outbox": self.outbox.health(),
-                "alerts": self.alerts.health(),
-                "state_store": self.store.health()}
+        status = (
+            "ok"
+            if self.state == "running" and not problems
+            else ("degraded" if self.state == "running" else self.state)
+        )
+        return {
+            "status": status,
+            "gateway_id": self.id,
+            "version": __version__,
+            "state": self.state,
+            "started_at": self.started_at,
+            "uptime": time.time() - self.started_at,
+            "problems": problems,
+            "connections": links,
+            "pipelines": pipes,
+            "dead_letters": self.dead_letters.total,
+            "outbox": self.outbox.health(),
+            "alerts": self.alerts.health(),
+            "state_store": self.store.health(),
+        }

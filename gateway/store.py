@@ -73,20 +73,26 @@ _MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-
 class StateConfig(BaseModel):
     """``gateway.state``: how often node state is saved, and how much disk it may take."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    checkpoint_interval: Duration = Field(1.0, description="Save changed node state this often (checked once "
-                                                           "a second); after a power cut at most this much "
-                                                           "input is read again.")
-    commit_interval: Duration = Field(0.2, description="Group commit: queued rows are written together this "
-                                                       "often (or sooner, see commit_size).")
+    checkpoint_interval: Duration = Field(
+        1.0,
+        description="Save changed node state this often (checked once "
+        "a second); after a power cut at most this much "
+        "input is read again.",
+    )
+    commit_interval: Duration = Field(
+        0.2, description="Group commit: queued rows are written together this often (or sooner, see commit_size)."
+    )
     commit_size: int = Field(2000, ge=1, description="Group commit: write as soon as this many rows wait.")
-    max_bytes: ByteSize = Field(256_000_000, description="Disk quota of state.db (e.g. 256MB); when full, saving "
-                                                         "pauses (processing goes on) and /healthz says so.")
+    max_bytes: ByteSize = Field(
+        256_000_000,
+        description="Disk quota of state.db (e.g. 256MB); when full, saving "
+        "pauses (processing goes on) and /healthz says so.",
+    )
 
 
 _Row = tuple[str, str, str, "bytes | None"]  # pipeline, node, key, value (None: delete)
@@ -120,8 +126,15 @@ class StateStore:
     everything queued before it is committed.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, commit_interval: float = 0.1, commit_size: int = 2000,
-                 quota_bytes: int | None = None, max_queued: int = 100_000):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        commit_interval: float = 0.1,
+        commit_size: int = 2000,
+        quota_bytes: int | None = None,
+        max_queued: int = 100_000,
+    ):
         self.path = Path(path)
         self.commit_interval = commit_interval
         self.commit_size = commit_size
@@ -192,14 +205,22 @@ class StateStore:
             if src.exists():
                 os.replace(src, Path(f"{moved}{suffix}"))
         self.corrupt_recoveries += 1
-        log.error("STATE STORE CORRUPT: %s failed its integrity check (%s); moved it to %s and starting "
-                  "with empty state — windows and keyed state start over", self.path, why, moved)
+        log.error(
+            "STATE STORE CORRUPT: %s failed its integrity check (%s); moved it to %s and starting "
+            "with empty state — windows and keyed state start over",
+            self.path,
+            why,
+            moved,
+        )
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(self.path, f"schema version {version} is newer than this Sluice knows "
-                                        f"({SCHEMA_VERSION}); upgrade Sluice or move the file away")
+            raise StoreError(
+                self.path,
+                f"schema version {version} is newer than this Sluice knows "
+                f"({SCHEMA_VERSION}); upgrade Sluice or move the file away",
+            )
         for v in range(version, SCHEMA_VERSION):
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -316,8 +337,11 @@ class StateStore:
                                 pending[(p, n, k)] = v
                     now = time.monotonic()
                     work = pending or sqls
-                    if stop or ((work or waiters) and now >= retry_at and (
-                            waiters or len(pending) >= self.commit_size or now - last_commit >= self.commit_interval)):
+                    if stop or (
+                        (work or waiters)
+                        and now >= retry_at
+                        and (waiters or len(pending) >= self.commit_size or now - last_commit >= self.commit_interval)
+                    ):
                         break
                     if work or waiters:
                         wake = max(retry_at, last_commit + self.commit_interval)
@@ -364,8 +388,9 @@ class StateStore:
         db.execute("BEGIN")
         try:
             if ups:
-                db.executemany("INSERT OR REPLACE INTO state (pipeline, node, key, value, updated) VALUES (?,?,?,?,?)",
-                               ups)
+                db.executemany(
+                    "INSERT OR REPLACE INTO state (pipeline, node, key, value, updated) VALUES (?,?,?,?,?)", ups
+                )
             if dels:
                 db.executemany("DELETE FROM state WHERE pipeline=? AND node=? AND key=?", dels)
             for q in sqls:
@@ -439,11 +464,19 @@ class StateStore:
         def pct(q: float) -> float | None:
             return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
 
-        return {"state": self.state, "last_error": self.last_error, "commits": self.commits,
-                "rows_written": self.rows_written, "write_errors": self.write_errors,
-                "queued_rows": self._queued_rows, "corrupt_recoveries": self.corrupt_recoveries,
-                "bytes": self.size_bytes(), "quota_bytes": self.quota_bytes,
-                "commit_p50": pct(0.5), "commit_p99": pct(0.99)}
+        return {
+            "state": self.state,
+            "last_error": self.last_error,
+            "commits": self.commits,
+            "rows_written": self.rows_written,
+            "write_errors": self.write_errors,
+            "queued_rows": self._queued_rows,
+            "corrupt_recoveries": self.corrupt_recoveries,
+            "bytes": self.size_bytes(),
+            "quota_bytes": self.quota_bytes,
+            "commit_p50": pct(0.5),
+            "commit_p99": pct(0.99),
+        }
 
 
 class Checkpointer:
@@ -483,8 +516,9 @@ class Checkpointer:
         saved = await asyncio.to_thread(self.store.node_ids, self.pipeline)
         for stale in sorted(saved - {n.id for n in self.nodes}):
             rows = await asyncio.to_thread(self.store.load_state, self.pipeline, stale)
-            log.info("pipeline %s: dropping the saved state of node %s (no longer in the pipeline)",
-                     self.pipeline, stale)
+            log.info(
+                "pipeline %s: dropping the saved state of node %s (no longer in the pipeline)", self.pipeline, stale
+            )
             self.store.write([(self.pipeline, stale, k, None) for k in rows])
         for node in self.nodes:
             rows = await asyncio.to_thread(self.store.load_state, self.pipeline, node.id)
@@ -497,8 +531,11 @@ class Checkpointer:
                     state = {k[1:]: json.loads(v) for k, v in rows.items() if k.startswith(".")}
                 node.restore(state)
             except Exception:  # node boundary: bad stored state costs that node's state, not the gateway
-                log.exception("pipeline %s: could not restore node %s from the state store; it starts empty",
-                              self.pipeline, node.id)
+                log.exception(
+                    "pipeline %s: could not restore node %s from the state store; it starts empty",
+                    self.pipeline,
+                    node.id,
+                )
                 continue
             self._last_json[node.id] = dict(rows)
             log.info("pipeline %s: restored node %s (%d state rows)", self.pipeline, node.id, len(rows))
@@ -541,8 +578,9 @@ class Checkpointer:
                     new_obj[k] = obj
             except (TypeError, ValueError) as exc:
                 if node_id not in self._failing:
-                    log.error("pipeline %s: node %s state is not plain data (%s); not saved", self.pipeline,
-                              node_id, exc)
+                    log.error(
+                        "pipeline %s: node %s state is not plain data (%s); not saved", self.pipeline, node_id, exc
+                    )
                 self._failing.add(node_id)
                 continue
             self._failing.discard(node_id)
@@ -581,18 +619,28 @@ def metric_families(gw: Any) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     store: StateStore = gw.store
-    yield GaugeMetricFamily("sluice_state_store_ok", "1 while node state is being saved (0: disk/quota full or "
-                            "failing)", value=1 if store.state in ("ok", "closed") else 0)
+    yield GaugeMetricFamily(
+        "sluice_state_store_ok",
+        "1 while node state is being saved (0: disk/quota full or failing)",
+        value=1 if store.state in ("ok", "closed") else 0,
+    )
     yield GaugeMetricFamily("sluice_state_store_bytes", "Size of state.db and its WAL", value=store.size_bytes())
     yield CounterMetricFamily("sluice_state_store_commits", "Group commits of node state", value=store.commits)
-    yield CounterMetricFamily("sluice_state_store_write_errors", "Commits that failed (retried)",
-                              value=store.write_errors)
-    yield CounterMetricFamily("sluice_state_store_corrupt_recoveries", "Damaged state files moved aside at start",
-                              value=store.corrupt_recoveries)
+    yield CounterMetricFamily(
+        "sluice_state_store_write_errors", "Commits that failed (retried)", value=store.write_errors
+    )
+    yield CounterMetricFamily(
+        "sluice_state_store_corrupt_recoveries",
+        "Damaged state files moved aside at start",
+        value=store.corrupt_recoveries,
+    )
     history = getattr(gw, "history", None)
     if history is not None:
-        yield CounterMetricFamily("sluice_history_dropped", "History bucket updates lost (store full or too many "
-                                  "pending)", value=history.dropped)
+        yield CounterMetricFamily(
+            "sluice_history_dropped",
+            "History bucket updates lost (store full or too many pending)",
+            value=history.dropped,
+        )
     late = CounterMetricFamily("sluice_node_late", "Readings too late for any window", labels=["pipeline", "node"])
     for p in gw.pipelines.values():
         for n in p.nodes:

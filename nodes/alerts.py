@@ -24,17 +24,23 @@ _TEMPLATE_FIELDS = {"gateway", "pipeline", "node"}
 
 class AlertOptions(NodeOptions):
     type: Literal["alert"]
-    connection: str | None = Field(None, description="Publish each lifecycle step to this connection "
-                                                     "(through the outbox); none: keep alerts on the gateway only.")
-    topic: str = Field("sluice/{gateway}/alerts/{pipeline}", description="Topic template; {gateway} {pipeline} "
-                                                                         "{node}.")
-    cooldown: Duration = Field(0.0, description="A cleared condition resolves the alert only after staying "
-                                                "clear this long; a raise within it after a resolve reopens "
-                                                "the same alert.")
+    connection: str | None = Field(
+        None,
+        description="Publish each lifecycle step to this connection "
+        "(through the outbox); none: keep alerts on the gateway only.",
+    )
+    topic: str = Field("sluice/{gateway}/alerts/{pipeline}", description="Topic template; {gateway} {pipeline} {node}.")
+    cooldown: Duration = Field(
+        0.0,
+        description="A cleared condition resolves the alert only after staying "
+        "clear this long; a raise within it after a resolve reopens "
+        "the same alert.",
+    )
     auto_resolve: bool = Field(True, description="Resolve when the detector clears; false: an operator must.")
     notify_updates: bool = Field(True, description="Also publish repeat raises of an open alert (count + 1).")
-    update_interval: Duration = Field(0.0, description="Publish an alert's updates at most this often (a "
-                                                       "suppression window; its count stays exact).")
+    update_interval: Duration = Field(
+        0.0, description="Publish an alert's updates at most this often (a suppression window; its count stays exact)."
+    )
 
 
 @register
@@ -59,8 +65,13 @@ class AlertSink(Sink):
         else:
             bad = names - _TEMPLATE_FIELDS
             if bad:
-                issues.append(("topic", f"unknown template field {{{sorted(bad)[0]}}}; "
-                                        f"available: {', '.join(sorted(_TEMPLATE_FIELDS))}"))
+                issues.append(
+                    (
+                        "topic",
+                        f"unknown template field {{{sorted(bad)[0]}}}; "
+                        f"available: {', '.join(sorted(_TEMPLATE_FIELDS))}",
+                    )
+                )
         if "+" in o.topic or "#" in o.topic:
             issues.append(("topic", "a topic to publish to cannot contain + or #"))
         return issues
@@ -87,12 +98,25 @@ class AlertSink(Sink):
 
     def _item(self, ev: Event) -> dict[str, Any]:
         v = ev.value
-        if (type(v) is not dict or v.get("state") not in ("raised", "cleared")
-                or not isinstance(v.get("alert_key"), str) or not v["alert_key"]):
-            raise ValueError("the alert sink takes detector alerts: a value with state raised/cleared and an "
-                             "alert_key (put a detector such as threshold before it)")
-        return {"pipeline": self.ctx.pipeline, "node": self.id, "key": ev.key, "ts": ev.ts, "value": v,
-                "connection": self.options.connection, "topic": self._topic}
+        if (
+            type(v) is not dict
+            or v.get("state") not in ("raised", "cleared")
+            or not isinstance(v.get("alert_key"), str)
+            or not v["alert_key"]
+        ):
+            raise ValueError(
+                "the alert sink takes detector alerts: a value with state raised/cleared and an "
+                "alert_key (put a detector such as threshold before it)"
+            )
+        return {
+            "pipeline": self.ctx.pipeline,
+            "node": self.id,
+            "key": ev.key,
+            "ts": ev.ts,
+            "value": v,
+            "connection": self.options.connection,
+            "topic": self._topic,
+        }
 
     async def write(self, batch: list[Event]) -> None:
         items = []

@@ -52,10 +52,16 @@ class _Detector(Operator):
     def _name(self, key: str) -> str:
         return self.options.name or key
 
-    def _alert(self, key: str, ts: float, state: str, reading: Any, rule: str, meta: dict[str, Any] | None = None,
-               **extra: Any) -> Event:
-        value = {"state": state, "alert_key": f"{self.ctx.pipeline}/{self.id}/{key}",
-                 "severity": self.options.severity, "reading": reading, "rule": rule}
+    def _alert(
+        self, key: str, ts: float, state: str, reading: Any, rule: str, meta: dict[str, Any] | None = None, **extra: Any
+    ) -> Event:
+        value = {
+            "state": state,
+            "alert_key": f"{self.ctx.pipeline}/{self.id}/{key}",
+            "severity": self.options.severity,
+            "reading": reading,
+            "rule": rule,
+        }
         value.update(extra)
         return Event(key, ts, value, self.id, meta)
 
@@ -67,11 +73,15 @@ class ThresholdOptions(_DetectorOptions):
     type: Literal["threshold"]
     above: float | None = Field(None, description="Raise when the reading goes above this.")
     below: float | None = Field(None, description="Raise when the reading goes below this.")
-    clear_below: float | None = Field(None, description="With `above`: clear only below this (hysteresis); "
-                                                        "default: `above`.")
+    clear_below: float | None = Field(
+        None, description="With `above`: clear only below this (hysteresis); default: `above`."
+    )
     clear_above: float | None = Field(None, description="With `below`: clear only above this; default: `below`.")
-    min_duration: Duration = Field(0.0, description="Raise only once the limit has been crossed for this long "
-                                                    "(event time), e.g. 30s; a brief spike raises nothing.")
+    min_duration: Duration = Field(
+        0.0,
+        description="Raise only once the limit has been crossed for this long "
+        "(event time), e.g. 30s; a brief spike raises nothing.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ThresholdOptions:
@@ -120,8 +130,13 @@ class Threshold(_Detector):
         key = event.key
         active = self._active.get(key)
         if active is None:
-            side = ("high" if self._hi is not None and v > self._hi else
-                    "low" if self._lo is not None and v < self._lo else None)
+            side = (
+                "high"
+                if self._hi is not None and v > self._hi
+                else "low"
+                if self._lo is not None and v < self._lo
+                else None
+            )
             if side is None:
                 self._since.pop(key, None)
                 return None
@@ -158,13 +173,18 @@ class Threshold(_Detector):
 
 
 class _BaselineOptions(_DetectorOptions):
-    threshold: float = Field(3.0, gt=0, description="Raise when the reading is this many standard deviations "
-                                                    "from the baseline.")
-    clear: float | None = Field(None, gt=0, description="Clear once back within this many; default: 80 % of "
-                                                        "`threshold`.")
+    threshold: float = Field(
+        3.0, gt=0, description="Raise when the reading is this many standard deviations from the baseline."
+    )
+    clear: float | None = Field(
+        None, gt=0, description="Clear once back within this many; default: 80 % of `threshold`."
+    )
     warmup: int = Field(30, ge=2, description="Readings per key learned before anything is judged.")
-    min_std: float = Field(1e-9, ge=0, description="Floor for the standard deviation (a perfectly flat "
-                                                   "baseline would make any change infinite).")
+    min_std: float = Field(
+        1e-9,
+        ge=0,
+        description="Floor for the standard deviation (a perfectly flat baseline would make any change infinite).",
+    )
 
     @model_validator(mode="after")
     def _clear_under_threshold(self) -> _BaselineOptions:
@@ -201,8 +221,10 @@ class _Baseline(_Detector):
         z = (v - mean) / max(std, self.options.min_std)
         o = self.options
         extra = {"score": round(z, 3), "baseline": round(mean, 6), "std": round(std, 6)}
-        rule = (f"{self._name(key)} more than {o.threshold:g} standard deviations from its {self.kind} baseline "
-                f"(clears within {self._clear:g})")
+        rule = (
+            f"{self._name(key)} more than {o.threshold:g} standard deviations from its {self.kind} baseline "
+            f"(clears within {self._clear:g})"
+        )
         if not self._active.get(key):
             if abs(z) > o.threshold:
                 self._active[key] = True
@@ -263,8 +285,12 @@ class ZScore(_Baseline):
 
 class EwmaOptions(_BaselineOptions):
     type: Literal["ewma"]
-    alpha: float = Field(0.05, gt=0, le=1, description="Weight of each new reading in the moving mean and "
-                                                       "variance (smaller: a longer memory).")
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Weight of each new reading in the moving mean and variance (smaller: a longer memory).",
+    )
 
 
 @register
@@ -310,8 +336,7 @@ class Ewma(_Baseline):
 
 class RateOfChangeOptions(_DetectorOptions):
     type: Literal["rate_of_change"]
-    max_rise: float | None = Field(None, gt=0, description="Raise when the reading rises faster than this "
-                                                           "per `per`.")
+    max_rise: float | None = Field(None, gt=0, description="Raise when the reading rises faster than this per `per`.")
     max_fall: float | None = Field(None, gt=0, description="Raise when it falls faster than this per `per`.")
     per: Duration = Field(1.0, gt=0, description="The time unit of the limits, e.g. 1s, 1m.")
 
@@ -351,8 +376,13 @@ class RateOfChange(_Detector):
             return None
         rate = (v - prev[1]) / (event.ts - prev[0]) * self.options.per
         o = self.options
-        side = ("rise" if o.max_rise is not None and rate > o.max_rise else
-                "fall" if o.max_fall is not None and -rate > o.max_fall else None)
+        side = (
+            "rise"
+            if o.max_rise is not None and rate > o.max_rise
+            else "fall"
+            if o.max_fall is not None and -rate > o.max_fall
+            else None
+        )
         active = self._active.get(key)
         if side is not None and active is None:
             self._active[key] = side
@@ -376,10 +406,15 @@ class RateOfChange(_Detector):
 
 class StaleOptions(_DetectorOptions):
     type: Literal["stale"]
-    timeout: Duration = Field(gt=0, description="Raise when a key has sent nothing for this long (monotonic "
-                                                "clock, so a wall-clock jump changes nothing).")
-    keys: list[str] = Field(default_factory=list, description="Keys expected from the start: they go stale "
-                                                              "even if they never sent anything.")
+    timeout: Duration = Field(
+        gt=0,
+        description="Raise when a key has sent nothing for this long (monotonic "
+        "clock, so a wall-clock jump changes nothing).",
+    )
+    keys: list[str] = Field(
+        default_factory=list,
+        description="Keys expected from the start: they go stale even if they never sent anything.",
+    )
 
 
 @register
@@ -418,8 +453,16 @@ class Stale(_Detector):
         for key, seen in self._seen.items():
             if key not in self._active and now - seen >= timeout:
                 self._active.add(key)
-                out.append(self._alert(key, self.ctx.clock(), "raised", self._last_value.get(key), self._rule(key),
-                                       silent_for=round(now - seen, 3)))
+                out.append(
+                    self._alert(
+                        key,
+                        self.ctx.clock(),
+                        "raised",
+                        self._last_value.get(key),
+                        self._rule(key),
+                        silent_for=round(now - seen, 3),
+                    )
+                )
         return out
 
     def snapshot(self) -> Any:
@@ -440,8 +483,7 @@ class Stale(_Detector):
 
 class FlatlineOptions(_DetectorOptions):
     type: Literal["flatline"]
-    duration: Duration = Field(gt=0, description="Raise when the reading has not moved for this long "
-                                                 "(event time).")
+    duration: Duration = Field(gt=0, description="Raise when the reading has not moved for this long (event time).")
     tolerance: float = Field(0.0, ge=0, description="Changes up to this much count as not moving.")
     min_readings: int = Field(3, ge=2, description="…and over at least this many readings.")
 
@@ -473,11 +515,13 @@ class Flatline(_Detector):
                 return self._alert(key, event.ts, "cleared", v, self._rule(key), event.meta)
             return None
         run[2] += 1
-        if (key not in self._active and event.ts - run[1] >= self.options.duration
-                and run[2] >= self.options.min_readings):
+        if (
+            key not in self._active
+            and event.ts - run[1] >= self.options.duration
+            and run[2] >= self.options.min_readings
+        ):
             self._active.add(key)
-            return self._alert(key, event.ts, "raised", v, self._rule(key), event.meta,
-                               stuck_since=run[1])
+            return self._alert(key, event.ts, "raised", v, self._rule(key), event.meta, stuck_since=run[1])
         return None
 
     def snapshot(self) -> Any:

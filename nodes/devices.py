@@ -67,14 +67,21 @@ class _Health:
 
 # --- serial ---------------------------------------------------------------------------------
 
-_PARITY = {"none": serial.PARITY_NONE, "even": serial.PARITY_EVEN, "odd": serial.PARITY_ODD,
-           "mark": serial.PARITY_MARK, "space": serial.PARITY_SPACE}
+_PARITY = {
+    "none": serial.PARITY_NONE,
+    "even": serial.PARITY_EVEN,
+    "odd": serial.PARITY_ODD,
+    "mark": serial.PARITY_MARK,
+    "space": serial.PARITY_SPACE,
+}
 
 
 class SerialOptions(NodeOptions):
     type: Literal["serial"]
-    port: str = Field(description="Device path (/dev/ttyUSB0, /dev/serial/by-id/…) or a pyserial URL "
-                                  "(socket://host:port, rfc2217://…).")
+    port: str = Field(
+        description="Device path (/dev/ttyUSB0, /dev/serial/by-id/…) or a pyserial URL "
+        "(socket://host:port, rfc2217://…)."
+    )
     baud: int = Field(9600, gt=0, description="Baud rate.")
     bytesize: Literal[5, 6, 7, 8] = 8
     parity: Literal["none", "even", "odd", "mark", "space"] = "none"
@@ -184,9 +191,16 @@ class SerialSource(Source):
         o = self.options
         flow = o.flow_control
         transport, protocol = await create_serial_connection(
-            asyncio.get_running_loop(), lambda: _SerialProtocol(self), o.port,
-            baudrate=o.baud, bytesize=o.bytesize, parity=_PARITY[o.parity], stopbits=o.stopbits,
-            rtscts=flow == "rtscts", dsrdtr=flow == "dsrdtr", xonxoff=flow == "xonxoff",
+            asyncio.get_running_loop(),
+            lambda: _SerialProtocol(self),
+            o.port,
+            baudrate=o.baud,
+            bytesize=o.bytesize,
+            parity=_PARITY[o.parity],
+            stopbits=o.stopbits,
+            rtscts=flow == "rtscts",
+            dsrdtr=flow == "dsrdtr",
+            xonxoff=flow == "xonxoff",
         )
         return transport, protocol  # type: ignore[return-value]
 
@@ -202,8 +216,9 @@ class SerialSource(Source):
                 attempt += 1
                 reason = f"cannot open: {exc}"
                 if self._health.state != "down":
-                    log.warning("serial %s/%s: %s %s; retrying with backoff", self.ctx.pipeline, self.id,
-                                o.port, reason)
+                    log.warning(
+                        "serial %s/%s: %s %s; retrying with backoff", self.ctx.pipeline, self.id, o.port, reason
+                    )
                 self._health.down(self.ctx.clock(), reason, delay)
                 await asyncio.sleep(delay)
                 continue
@@ -212,8 +227,15 @@ class SerialSource(Source):
             resumed = self._health.state == "down"
             self._health.up(self.ctx.clock())
             attempt = 0
-            log.info("serial %s/%s: %s %s at %d baud (%s)", self.ctx.pipeline, self.id, o.port,
-                     "resumed" if resumed else "open", o.baud, o.codec.type)
+            log.info(
+                "serial %s/%s: %s %s at %d baud (%s)",
+                self.ctx.pipeline,
+                self.id,
+                o.port,
+                "resumed" if resumed else "open",
+                o.baud,
+                o.codec.type,
+            )
             try:
                 exc = await protocol.lost
             finally:
@@ -236,17 +258,25 @@ class SerialSource(Source):
 
 # --- modbus ---------------------------------------------------------------------------------
 
-_EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
-               4: "server device failure", 5: "acknowledge", 6: "server device busy",
-               10: "gateway path unavailable", 11: "gateway target failed to respond"}
+_EXCEPTIONS = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    10: "gateway path unavailable",
+    11: "gateway target failed to respond",
+}
 
 
 class SlaveOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     unit: int = Field(ge=0, le=255, description="Modbus unit (slave) id.")
-    name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$",
-                             description="Key prefix for its points; default `unit<N>`.")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$", description="Key prefix for its points; default `unit<N>`."
+    )
     profile: str | None = Field(None, description="A device profile from config/devices/ (e.g. sdm120).")
     points: list[Point] | None = Field(None, description="The register map, when there is no profile.")
     groups: dict[str, Duration] = Field(default_factory=dict, description="Poll group -> interval (overrides).")
@@ -395,9 +425,16 @@ class ModbusSource(Source):
         o = self.options
         if o.transport == "tcp":
             return AsyncModbusTcpClient(o.host or "", port=o.port, timeout=o.timeout, retries=0, reconnect_delay=0)
-        return AsyncModbusSerialClient(o.device or "", baudrate=o.baud, bytesize=o.bytesize,
-                                       parity={"none": "N", "even": "E", "odd": "O"}[o.parity], stopbits=o.stopbits,
-                                       timeout=o.timeout, retries=0, reconnect_delay=0)
+        return AsyncModbusSerialClient(
+            o.device or "",
+            baudrate=o.baud,
+            bytesize=o.bytesize,
+            parity={"none": "N", "even": "E", "odd": "O"}[o.parity],
+            stopbits=o.stopbits,
+            timeout=o.timeout,
+            retries=0,
+            reconnect_delay=0,
+        )
 
     async def run(self, output: SourceQueue) -> None:
         o = self.options
@@ -411,8 +448,14 @@ class ModbusSource(Source):
                 resumed = self._health.state == "down"
                 self._health.up(self.ctx.clock())
                 attempt = 0
-                log.info("modbus %s/%s: %s %s (%d slaves)", self.ctx.pipeline, self.id,
-                         "reconnected to" if resumed else "connected to", self._health.what, len(self.slaves))
+                log.info(
+                    "modbus %s/%s: %s %s (%d slaves)",
+                    self.ctx.pipeline,
+                    self.id,
+                    "reconnected to" if resumed else "connected to",
+                    self._health.what,
+                    len(self.slaves),
+                )
                 now = time.monotonic()
                 for p in self.polls:
                     p.due = now
@@ -457,8 +500,12 @@ class ModbusSource(Source):
         s = poll.slave
         events: list[Event] = []
         for block in poll.blocks:
-            read = {"coil": client.read_coils, "discrete": client.read_discrete_inputs,
-                    "holding": client.read_holding_registers, "input": client.read_input_registers}[block.table]
+            read = {
+                "coil": client.read_coils,
+                "discrete": client.read_discrete_inputs,
+                "holding": client.read_holding_registers,
+                "input": client.read_input_registers,
+            }[block.table]
             self.n_reads += 1
             s.reads += 1
             try:
@@ -484,8 +531,14 @@ class ModbusSource(Source):
     def _slave_silent(self, s: _Slave, poll: _Poll, reason: str) -> None:
         self.faults["timeout"] += 1
         if not s.failures:
-            log.warning("modbus %s/%s: slave %s (unit %d): %s; retrying with backoff", self.ctx.pipeline,
-                        self.id, s.key, s.unit, reason)
+            log.warning(
+                "modbus %s/%s: slave %s (unit %d): %s; retrying with backoff",
+                self.ctx.pipeline,
+                self.id,
+                s.key,
+                s.unit,
+                reason,
+            )
         s.failures += 1
         s.retry_at = time.monotonic() + backoff(s.failures - 1, self.options.slave_retry_max)
         self._mark_bad(s, [p for b in poll.blocks for p in b.points], reason)
@@ -527,8 +580,10 @@ class WebSocketOptions(NodeOptions):
     url: str = Field(pattern=r"^wss?://", description="ws:// or wss:// URL of the device or service.")
     headers: dict[str, str] = Field(default_factory=dict, description="Sent with the handshake (e.g. a token).")
     subscribe: Any = Field(None, description="A message (text, or JSON for a mapping/list) sent after each connect.")
-    codec: JsonCodec = Field(default_factory=lambda: JsonCodec(type="json"),
-                             description="How messages become readings: JSON objects (one per message or line).")
+    codec: JsonCodec = Field(
+        default_factory=lambda: JsonCodec(type="json"),
+        description="How messages become readings: JSON objects (one per message or line).",
+    )
     heartbeat: Duration = Field(30.0, gt=0, description="Ping interval; a silent peer is dropped after 2 missed.")
     reconnect_max: Duration = Field(30.0, gt=0, description="Longest wait between attempts to reconnect.")
 
@@ -598,8 +653,13 @@ class WebSocketSource(Source):
                         resumed = self._health.state == "down"
                         self._health.up(self.ctx.clock())
                         attempt = 0
-                        log.info("websocket %s/%s: %s %s", self.ctx.pipeline, self.id,
-                                 "reconnected to" if resumed else "connected to", o.url)
+                        log.info(
+                            "websocket %s/%s: %s %s",
+                            self.ctx.pipeline,
+                            self.id,
+                            "reconnected to" if resumed else "connected to",
+                            o.url,
+                        )
                         if o.subscribe is not None:
                             if isinstance(o.subscribe, str):
                                 await ws.send_str(o.subscribe)

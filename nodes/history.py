@@ -16,8 +16,11 @@ __all__ = ["HistorySink"]
 
 class HistoryOptions(NodeOptions):
     type: Literal["history"]
-    field: str | None = Field(None, description="For object readings: the field to keep (under the event key); "
-                                                "default: every number field, as <key>.<field>.")
+    field: str | None = Field(
+        None,
+        description="For object readings: the field to keep (under the event key); "
+        "default: every number field, as <key>.<field>.",
+    )
 
 
 @register

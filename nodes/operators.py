@@ -40,7 +40,7 @@ class Filter(Operator):
         where = self._where.evaluate
         try:
             results = [where(e) for e in batch]
-        except Exception:  # noqa: BLE001  # judged per event below
+        except Exception:  # judged per event below
             return super().process_batch(batch)
         out = [e for e, r in zip(batch, results, strict=True) if r is True]
         if len(out) + sum(r is False for r in results) != len(batch):  # not count(False): 0.0 == False
@@ -62,8 +62,9 @@ class MapOptions(NodeOptions):
     type: Literal["map"]
     value: str | None = Field(None, description="CEL expression: the new value.")
     key: str | None = Field(None, description="CEL expression: the new key (a string).")
-    fields: dict[str, str] | None = Field(None, description="Field name -> CEL expression: the new value "
-                                                            "becomes an object of these fields.")
+    fields: dict[str, str] | None = Field(
+        None, description="Field name -> CEL expression: the new value becomes an object of these fields."
+    )
 
 
 @register
@@ -101,10 +102,12 @@ class Map(Operator):
         f = self._value.evaluate
         try:
             values = [f(e) for e in batch]
-        except Exception:  # noqa: BLE001  # replayed per event, so each failure is dead-lettered
+        except Exception:  # replayed per event, so each failure is dead-lettered
             return super().process_batch(batch)
-        return [Event(e.key, e.ts, float(v) if type(v) is int else v, e.source, e.meta)
-                for e, v in zip(batch, values, strict=True)]
+        return [
+            Event(e.key, e.ts, float(v) if type(v) is int else v, e.source, e.meta)
+            for e, v in zip(batch, values, strict=True)
+        ]
 
     def on_event(self, event: Event) -> Event:
         value = event.value

@@ -28,10 +28,15 @@ _TEMPLATE_FIELDS = {"gateway", "pipeline", "node", "key", "source"}
 class MqttOutOptions(NodeOptions):
     type: Literal["mqtt_out"]
     connection: str = Field(description="Name of an entry under `connections`.")
-    topic: str = Field("sluice/{gateway}/alerts/{pipeline}",
-                       description="Topic template; fields {gateway} {pipeline} {node} {key} {source}.")
-    qos: Literal[0, 1] = Field(1, description="1: through the outbox, at least once. 0: sent directly, best "
-                                              "effort, without seq (dropped and counted while disconnected).")
+    topic: str = Field(
+        "sluice/{gateway}/alerts/{pipeline}",
+        description="Topic template; fields {gateway} {pipeline} {node} {key} {source}.",
+    )
+    qos: Literal[0, 1] = Field(
+        1,
+        description="1: through the outbox, at least once. 0: sent directly, best "
+        "effort, without seq (dropped and counted while disconnected).",
+    )
     retain: bool = False
 
 
@@ -57,8 +62,13 @@ class MqttOut(Sink):
         else:
             bad = names - _TEMPLATE_FIELDS
             if bad:
-                issues.append(("topic", f"unknown template field {{{sorted(bad)[0]}}}; "
-                                        f"available: {', '.join(sorted(_TEMPLATE_FIELDS))}"))
+                issues.append(
+                    (
+                        "topic",
+                        f"unknown template field {{{sorted(bad)[0]}}}; "
+                        f"available: {', '.join(sorted(_TEMPLATE_FIELDS))}",
+                    )
+                )
         if "+" in o.topic or "#" in o.topic:
             issues.append(("topic", "a topic to publish to cannot contain + or #"))
         return issues
@@ -68,8 +78,11 @@ class MqttOut(Sink):
         self._link: Any = None
         self._outbox: Any = None
         t = options.topic
-        self._static_topic = None if "{key}" in t or "{source}" in t else t.format(
-            gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id, key="", source="")
+        self._static_topic = (
+            None
+            if "{key}" in t or "{source}" in t
+            else t.format(gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id, key="", source="")
+        )
 
     async def start(self) -> None:
         self._link = self.ctx.links.publisher(self.options.connection)
@@ -81,8 +94,9 @@ class MqttOut(Sink):
     def _topic(self, ev: Event) -> str:
         if self._static_topic is not None:
             return self._static_topic
-        return self.options.topic.format(gateway=self.ctx.gateway_id, pipeline=self.ctx.pipeline,
-                                         node=self.id, key=ev.key, source=ev.source)
+        return self.options.topic.format(
+            gateway=self.ctx.gateway_id, pipeline=self.ctx.pipeline, node=self.id, key=ev.key, source=ev.source
+        )
 
     async def write(self, batch: list[Event]) -> None:
         pipeline = self.ctx.pipeline
@@ -106,9 +120,20 @@ class MqttOut(Sink):
             if not link.connected:
                 self.n_dropped += 1
                 continue
-            payload = json.dumps({"gateway_id": gw, "seq": None, "replayed": False, "pipeline": self.ctx.pipeline,
-                                  "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value},
-                                 separators=(",", ":"), default=str).encode()
+            payload = json.dumps(
+                {
+                    "gateway_id": gw,
+                    "seq": None,
+                    "replayed": False,
+                    "pipeline": self.ctx.pipeline,
+                    "source": ev.source,
+                    "key": ev.key,
+                    "ts": ev.ts,
+                    "value": ev.value,
+                },
+                separators=(",", ":"),
+                default=str,
+            ).encode()
             try:
                 link.publish(self._topic(ev), payload, qos=0, retain=self.options.retain)
             except LinkError:
@@ -118,11 +143,13 @@ class MqttOut(Sink):
 class WebhookOptions(NodeOptions):
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://", description="Where to POST each event as JSON (http or https).")
-    headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers, e.g. "
-                                                                     "Authorization: \"Bearer ${TOKEN}\".")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description='Extra request headers, e.g. Authorization: "Bearer ${TOKEN}".'
+    )
     timeout: Duration = Field(10.0, gt=0, description="Per request.")
-    concurrency: int = Field(1, ge=1, le=64, description="Requests in flight; above 1 the order of arrival "
-                                                         "is no longer guaranteed.")
+    concurrency: int = Field(
+        1, ge=1, le=64, description="Requests in flight; above 1 the order of arrival is no longer guaranteed."
+    )
     reconnect_max: Duration = Field(30.0, description="Cap of the retry backoff after a failed POST.")
 
 
@@ -151,9 +178,17 @@ class Webhook(Sink):
         self._outbox = self.ctx.links.outbox
         if self._link is None:
             # a reloaded pipeline gets the running link back, with these settings
-            self._link = self._outbox.register_link(self._name, WebhookLink(
-                self._name, o.url, o.headers, timeout=o.timeout, concurrency=o.concurrency,
-                reconnect_max=o.reconnect_max))
+            self._link = self._outbox.register_link(
+                self._name,
+                WebhookLink(
+                    self._name,
+                    o.url,
+                    o.headers,
+                    timeout=o.timeout,
+                    concurrency=o.concurrency,
+                    reconnect_max=o.reconnect_max,
+                ),
+            )
 
     def health(self) -> dict[str, Any]:
         return self._link.health() if self._link is not None else {"state": "starting"}
@@ -161,10 +196,17 @@ class Webhook(Sink):
     async def write(self, batch: list[Event]) -> None:
         pipeline = self.ctx.pipeline
         url = self.options.url
-        await self._outbox.put([
-            (self._name, url, {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts,
-                               "value": ev.value}, ev.key)
-            for ev in batch])
+        await self._outbox.put(
+            [
+                (
+                    self._name,
+                    url,
+                    {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value},
+                    ev.key,
+                )
+                for ev in batch
+            ]
+        )
 
 
 class LogOptions(NodeOptions):
@@ -190,5 +232,6 @@ class LogSink(Sink):
             return
         prefix = self.options.prefix or self.id
         for ev in batch:
-            self._log.log(self._level, "%s: %s %s", prefix, ev.key,
-                          json.dumps(ev.value, default=str, separators=(",", ":")))
+            self._log.log(
+                self._level, "%s: %s %s", prefix, ev.key, json.dumps(ev.value, default=str, separators=(",", ":"))
+            )

@@ -48,7 +48,6 @@ def _loads(payload: bytes) -> Any:
     return obj
 
 
-
 def parse_ts(raw: Any) -> float:
     """Event time from a payload field: epoch seconds, epoch milliseconds, or ISO 8601."""
     if isinstance(raw, bool):
@@ -90,14 +89,20 @@ class MqttSourceOptions(NodeOptions):
     topic: str | None = Field(None, description="Topic filter; + and # wildcards allowed.")
     topics: list[str] | None = Field(None, description="Several topic filters.")
     qos: Literal[0, 1] = Field(0, description="1: at-least-once (acknowledged once the sinks wrote it; MQTT 5).")
-    key: str = Field("topic", description="Event key: `topic`, `topic[N]` (a level) or a CEL "
-                                         "expression over `topic` (list of levels) and `payload`.")
+    key: str = Field(
+        "topic",
+        description="Event key: `topic`, `topic[N]` (a level) or a CEL "
+        "expression over `topic` (list of levels) and `payload`.",
+    )
     value_field: str | None = Field("value", description="Payload field holding the reading; null: the whole payload.")
-    ts_field: str | None = Field("ts", description="Payload field with event time (epoch s/ms or ISO 8601); "
-                                                   "absent: ingest time.")
+    ts_field: str | None = Field(
+        "ts", description="Payload field with event time (epoch s/ms or ISO 8601); absent: ingest time."
+    )
     format: Literal["json", "raw"] = Field("json", description="json: decode payload; raw: a number in text.")
-    session_expiry: Duration = Field(3600.0, description="QoS 1: how long the broker keeps the session "
-                                                          "(and queued messages) while the gateway is away.")
+    session_expiry: Duration = Field(
+        3600.0,
+        description="QoS 1: how long the broker keeps the session (and queued messages) while the gateway is away.",
+    )
     batch: int = Field(500, ge=1, le=100_000, description="Largest micro-batch handed to the pipeline.")
 
     @model_validator(mode="after")

@@ -37,31 +37,47 @@ class WindowOptions(NodeOptions):
     type: Literal["window"]
     kind: Literal["tumbling", "hopping", "sliding", "count", "session"] = Field(
         description="tumbling: fixed, back to back; hopping: fixed, overlapping every `hop`; sliding: the "
-                    "`size` before each reading; count: the latest `count` readings; session: readings "
-                    "closer than `gap`.")
+        "`size` before each reading; count: the latest `count` readings; session: readings "
+        "closer than `gap`."
+    )
     size: Duration | None = Field(None, description="Window length (tumbling, hopping, sliding).")
     hop: Duration | None = Field(None, description="Hopping: distance between window starts (alias: slide).")
     slide: Duration | None = Field(None, description="Alias of `hop`.")
     count: int | None = Field(None, ge=1, description="Count windows: how many readings a window holds.")
-    every: int | None = Field(None, ge=1, description="Count windows: emit every N readings; default 1 "
-                                                      "(the latest `count`, on each reading); = count: tumbling.")
+    every: int | None = Field(
+        None,
+        ge=1,
+        description="Count windows: emit every N readings; default 1 "
+        "(the latest `count`, on each reading); = count: tumbling.",
+    )
     gap: Duration | None = Field(None, description="Session: a silence this long (event time) ends a session.")
     key: str | None = Field(None, description="CEL expression for the grouping key; default: the event key.")
     field: str | None = Field(None, description="For object readings: the field to aggregate.")
     aggregate: str | list[str] = Field(
-        "mean", description="One name, or a list: count, sum, min, max, mean, stddev, p50, p90, p99 (any pNN), "
-                            "first, last, collect. One name (not a list) makes the output value that number.")
-    collect_max: int = Field(100, ge=1, le=100_000, description="collect: keep at most this many readings "
-                                                                "(the latest by event time).")
-    allowed_lateness: Duration = Field(0.0, description="How far behind the newest event time a reading may "
-                                                        "be and still count; the watermark lags by this much.")
-    idle_timeout: Duration | None = Field(None, description="After this long without input (monotonic clock) "
-                                                            "a source stops holding the watermark back.")
-    emit: Literal["final", "early"] = Field("final", description="final: once, when the window closes; early: "
-                                                                 "also updates while it is open.")
+        "mean",
+        description="One name, or a list: count, sum, min, max, mean, stddev, p50, p90, p99 (any pNN), "
+        "first, last, collect. One name (not a list) makes the output value that number.",
+    )
+    collect_max: int = Field(
+        100, ge=1, le=100_000, description="collect: keep at most this many readings (the latest by event time)."
+    )
+    allowed_lateness: Duration = Field(
+        0.0,
+        description="How far behind the newest event time a reading may "
+        "be and still count; the watermark lags by this much.",
+    )
+    idle_timeout: Duration | None = Field(
+        None, description="After this long without input (monotonic clock) a source stops holding the watermark back."
+    )
+    emit: Literal["final", "early"] = Field(
+        "final", description="final: once, when the window closes; early: also updates while it is open."
+    )
     early_every: Duration = Field(0.0, description="emit: early — at most this often (0: on every update).")
-    route_late: bool = Field(False, description="Pass readings too late for any window downstream, with "
-                                                "meta.late = true (else they are counted and dropped).")
+    route_late: bool = Field(
+        False,
+        description="Pass readings too late for any window downstream, with "
+        "meta.late = true (else they are counted and dropped).",
+    )
 
     @field_validator("aggregate")
     @classmethod
@@ -71,8 +87,9 @@ class WindowOptions(NodeOptions):
             raise ValueError("give at least one aggregate")
         for n in names:
             if n not in _PLAIN_AGGS and not _PCT.match(n):
-                raise ValueError(f"unknown aggregate {n!r}; use {', '.join(_PLAIN_AGGS)} or a percentile "
-                                 "such as p50, p90, p99")
+                raise ValueError(
+                    f"unknown aggregate {n!r}; use {', '.join(_PLAIN_AGGS)} or a percentile such as p50, p90, p99"
+                )
         if len(set(names)) != len(names):
             raise ValueError("an aggregate is listed twice")
         return v
@@ -83,14 +100,24 @@ class WindowOptions(NodeOptions):
         if self.hop is not None and self.slide is not None:
             raise ValueError("give `hop` or `slide`, not both")
         hop = self.hop if self.hop is not None else self.slide
-        need = {"tumbling": ("size",), "hopping": ("size", "hop"), "sliding": ("size",), "count": ("count",),
-                "session": ("gap",)}[k]
+        need = {
+            "tumbling": ("size",),
+            "hopping": ("size", "hop"),
+            "sliding": ("size",),
+            "count": ("count",),
+            "session": ("gap",),
+        }[k]
         for name in need:
             value = hop if name == "hop" else getattr(self, name)
             if value is None or value == 0:
                 raise ValueError(f"kind {k} needs `{name}` (> 0)")
-        for name, kinds in (("size", ("tumbling", "hopping", "sliding")), ("hop", ("hopping",)),
-                            ("count", ("count",)), ("every", ("count",)), ("gap", ("session",))):
+        for name, kinds in (
+            ("size", ("tumbling", "hopping", "sliding")),
+            ("hop", ("hopping",)),
+            ("count", ("count",)),
+            ("every", ("count",)),
+            ("gap", ("session",)),
+        ):
             value = hop if name == "hop" else getattr(self, name)
             if value is not None and k not in kinds:
                 raise ValueError(f"`{name}` is for kind {' or '.join(kinds)}, not {k}")
@@ -104,8 +131,18 @@ class WindowOptions(NodeOptions):
 class _Spec:
     """Which accumulator parts the requested aggregates need."""
 
-    __slots__ = ("collect_max", "names", "numeric", "pcts", "scalar", "want_first", "want_last", "want_minmax",
-                 "want_std", "want_values")
+    __slots__ = (
+        "collect_max",
+        "names",
+        "numeric",
+        "pcts",
+        "scalar",
+        "want_first",
+        "want_last",
+        "want_minmax",
+        "want_std",
+        "want_values",
+    )
 
     def __init__(self, aggregate: str | list[str], collect_max: int):
         self.scalar = isinstance(aggregate, str)
@@ -219,8 +256,18 @@ class _Acc:
 
     def plain(self) -> list[Any]:
         # copies: the store serialises a snapshot later, while this accumulator keeps changing
-        return [self.n, self.sum, _enc(self.min), _enc(self.max), self.mean, self.m2, self.first, self.last,
-                None if self.values is None else list(self.values), None if self.coll is None else list(self.coll)]
+        return [
+            self.n,
+            self.sum,
+            _enc(self.min),
+            _enc(self.max),
+            self.mean,
+            self.m2,
+            self.first,
+            self.last,
+            None if self.values is None else list(self.values),
+            None if self.coll is None else list(self.coll),
+        ]
 
     @classmethod
     def from_plain(cls, p: list[Any]) -> _Acc:
@@ -335,10 +382,20 @@ class Window(Operator):
         self._early_dirty: dict[tuple[str, float], None] = {}
         self._last_early = -math.inf
         # the inlined batch path covers tumbling windows of plain aggregates, emitted when final
-        self._fast = (self._kind == "tumbling" and not self._early and self._key is None and self._field is None
-                      and set(self._spec.names) <= {"count", "sum", "min", "max", "mean"})
-        self._add = {"tumbling": self._add_fixed, "hopping": self._add_fixed, "sliding": self._add_sliding,
-                     "session": self._add_session, "count": self._add_count}[self._kind]
+        self._fast = (
+            self._kind == "tumbling"
+            and not self._early
+            and self._key is None
+            and self._field is None
+            and set(self._spec.names) <= {"count", "sum", "min", "max", "mean"}
+        )
+        self._add = {
+            "tumbling": self._add_fixed,
+            "hopping": self._add_fixed,
+            "sliding": self._add_sliding,
+            "session": self._add_session,
+            "count": self._add_count,
+        }[self._kind]
 
     # --- input ---------------------------------------------------------------------------
 
@@ -491,8 +548,7 @@ class Window(Operator):
         else:
             k_hi = math.floor(ts / hop)
             k_lo = math.floor((ts - size) / hop)
-            starts = [k * hop for k in range(k_lo, k_hi + 1)
-                      if k * hop <= ts < k * hop + size and k * hop + size > wm]
+            starts = [k * hop for k in range(k_lo, k_hi + 1) if k * hop <= ts < k * hop + size and k * hop + size > wm]
         if not starts:
             return False
         wins = self._keys.get(key)
@@ -612,7 +668,7 @@ class Window(Operator):
                 st["p"].discard(end)
                 out.append(self._event(key, start, end, self._sliding_acc(st, end), True))
                 b = st["b"]
-                del b[:bisect_right(b, [start, math.inf])]  # later windows start after this one's start
+                del b[: bisect_right(b, [start, math.inf])]  # later windows start after this one's start
                 if not st["p"] and not b:
                     del self._keys[key]
             self._dirty.add(key)
@@ -696,8 +752,19 @@ class Window(Operator):
     def _shape(self) -> str:
         """The options that decide what the saved windows mean."""
         o = self.options
-        return json.dumps([self._size, self._hop, self._gap, self._count, self._every, o.key, o.field,
-                           self._spec.names, o.collect_max])
+        return json.dumps(
+            [
+                self._size,
+                self._hop,
+                self._gap,
+                self._count,
+                self._every,
+                o.key,
+                o.field,
+                self._spec.names,
+                o.collect_max,
+            ]
+        )
 
     def _plain_key(self, key: str) -> Any:
         st = self._keys.get(key)
@@ -724,8 +791,14 @@ class Window(Operator):
             else:
                 self._plain["k:" + key] = p
         self._dirty.clear()
-        meta = {"v": _SNAPSHOT_VERSION, "kind": self._kind, "shape": self._shape(), "wm": _enc(self._wm),
-                "src": dict(self._src_max), "seq": self._seq}
+        meta = {
+            "v": _SNAPSHOT_VERSION,
+            "kind": self._kind,
+            "shape": self._shape(),
+            "wm": _enc(self._wm),
+            "src": dict(self._src_max),
+            "seq": self._seq,
+        }
         prev = self._plain.get(_META)
         if prev != meta:
             self._plain[_META] = meta
@@ -737,9 +810,15 @@ class Window(Operator):
         meta = state.get(_META) or {}
         if meta.get("v") != _SNAPSHOT_VERSION or meta.get("kind") != self._kind or meta.get("shape") != self._shape():
             # windows of another size or aggregates cannot be continued; say so rather than mix them
-            self.ctx.logger.warning("window %s: the saved state is for other options (%s %s, format %s; now %s %s); "
-                                    "starting empty", self.id, meta.get("kind"), meta.get("shape"), meta.get("v"),
-                                    self._kind, self._shape())
+            self.ctx.logger.warning(
+                "window %s: the saved state is for other options (%s %s, format %s; now %s %s); starting empty",
+                self.id,
+                meta.get("kind"),
+                meta.get("shape"),
+                meta.get("v"),
+                self._kind,
+                self._shape(),
+            )
             return
         self._wm = _dec(meta["wm"])
         self._src_max = {s: float(m) for s, m in meta.get("src", {}).items()}
@@ -770,4 +849,3 @@ class Window(Operator):
         heapq.heapify(self._heap)
         self._plain = dict(state)
         self._dirty.clear()
-

@@ -95,8 +95,9 @@ def child(args: argparse.Namespace) -> int:
 
         async def write(self, batch: list[Event]) -> None:
             for e in batch:
-                self.f.write(json.dumps({"node": e.source, "key": e.key, "ts": e.ts, "value": e.value},
-                                        sort_keys=True) + "\n")
+                self.f.write(
+                    json.dumps({"node": e.source, "key": e.key, "ts": e.ts, "value": e.value}, sort_keys=True) + "\n"
+                )
             self.f.flush()
 
         async def close(self) -> None:
@@ -163,8 +164,21 @@ def make_input(path: Path, n: int, seed: int) -> None:
 def spawn(work: Path, run: str, input_path: Path, rate: float) -> subprocess.Popen[bytes]:
     d = work / run
     d.mkdir(exist_ok=True)
-    cmd = [sys.executable, __file__, "--child", "--data-dir", str(d / "data"), "--input", str(input_path),
-           "--out", str(d / "out.jsonl"), "--state", str(d / "state.json"), "--rate", str(rate)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--data-dir",
+        str(d / "data"),
+        "--input",
+        str(input_path),
+        "--out",
+        str(d / "out.jsonl"),
+        "--state",
+        str(d / "state.json"),
+        "--rate",
+        str(rate),
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE)
 
 
@@ -215,13 +229,18 @@ def parent(args: argparse.Namespace) -> int:
                 proc.wait()
                 killed += 1
             if finished_early and proc.returncode != 0:
-                raise SystemExit(f"round {r}: child failed: {proc.stderr.read().decode(errors='replace')[-3000:]}"
-                                 if proc.stderr else f"round {r}: child failed")
+                raise SystemExit(
+                    f"round {r}: child failed: {proc.stderr.read().decode(errors='replace')[-3000:]}"
+                    if proc.stderr
+                    else f"round {r}: child failed"
+                )
             if proc.stderr:
                 proc.stderr.close()
             check = quick_check(work / "crashed" / "data" / "state.db")
-            print(f"round {r + 1}/{args.rounds}: {'killed' if not finished_early else 'finished'} "
-                  f"after {delay:.2f}s; quick_check: {check}")
+            print(
+                f"round {r + 1}/{args.rounds}: {'killed' if not finished_early else 'finished'} "
+                f"after {delay:.2f}s; quick_check: {check}"
+            )
             if check != "ok":
                 print("FAIL: the state database is damaged after a SIGKILL", file=sys.stderr)
                 return 1
@@ -235,9 +254,11 @@ def parent(args: argparse.Namespace) -> int:
         wrong = crashed_set - clean_set
         missing = clean_set - crashed_set
         state_same = (work / "clean" / "state.json").read_text() == (work / "crashed" / "state.json").read_text()
-        print(f"{killed} kills; results: clean {len(clean)}, crashed {len(crashed)} "
-              f"({len(crashed) - len(crashed_set)} repeated), wrong {len(wrong)}, missing {len(missing)}; "
-              f"open windows equal: {state_same}")
+        print(
+            f"{killed} kills; results: clean {len(clean)}, crashed {len(crashed)} "
+            f"({len(crashed) - len(crashed_set)} repeated), wrong {len(wrong)}, missing {len(missing)}; "
+            f"open windows equal: {state_same}"
+        )
         ok = not wrong and not missing and state_same and len(clean) == len(clean_set)
         if not ok:
             for line in sorted(wrong)[:5]:

@@ -61,9 +61,7 @@ def _check_not_async(result: object, predicate: Callable[[], object]) -> None:
     if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()  # no "never awaited" warning on top of this error
-        raise TypeError(
-            f"wait_for needs a plain (sync) predicate, got an awaitable from {predicate!r}"
-        )
+        raise TypeError(f"wait_for needs a plain (sync) predicate, got an awaitable from {predicate!r}")
 
 
 async def wait_for(
@@ -86,8 +84,7 @@ async def wait_for(
             return result
         if loop.time() >= deadline:
             raise AssertionError(
-                f"timed out after {timeout:g}s waiting for: {message or _describe(predicate)}"
-                f" (last value: {result!r})"
+                f"timed out after {timeout:g}s waiting for: {message or _describe(predicate)} (last value: {result!r})"
             )
         await asyncio.sleep(interval)
 
@@ -107,8 +104,7 @@ def wait_for_sync(
             return result
         if time.monotonic() >= deadline:
             raise AssertionError(
-                f"timed out after {timeout:g}s waiting for: {message or _describe(predicate)}"
-                f" (last value: {result!r})"
+                f"timed out after {timeout:g}s waiting for: {message or _describe(predicate)} (last value: {result!r})"
             )
         time.sleep(interval)
 
@@ -190,9 +186,7 @@ class MqttTestClient:
                 client.subscribe(topic, qos)
         self._connected.set()
 
-    def _on_disconnect(
-        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
-    ) -> None:
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
 
     def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -439,8 +433,7 @@ class MosquittoBroker:
             if self._proc.poll() is not None:
                 self._proc.wait()
                 raise BrokerStartError(
-                    f"mosquitto exited with {self._proc.returncode} on port {self.port}:\n"
-                    + self.log_text(tail=30)
+                    f"mosquitto exited with {self._proc.returncode} on port {self.port}:\n" + self.log_text(tail=30)
                 )
             if time.monotonic() >= deadline:
                 self._end(signal.SIGKILL)

@@ -36,8 +36,7 @@ def mosquitto_binary() -> str:
     binary = find_mosquitto()
     if binary is None:
         pytest.fail(
-            "mosquitto is not installed: run scripts/ensure_mosquitto.sh "
-            "(or sudo apt-get install mosquitto socat)",
+            "mosquitto is not installed: run scripts/ensure_mosquitto.sh (or sudo apt-get install mosquitto socat)",
             pytrace=False,
         )
     return binary
@@ -55,9 +54,7 @@ def mosquitto_factory(
     """
     brokers: list[MosquittoBroker] = []
 
-    def start(
-        extra: str = "", *, persistence: bool = False, port: int | None = None
-    ) -> MosquittoBroker:
+    def start(extra: str = "", *, persistence: bool = False, port: int | None = None) -> MosquittoBroker:
         workdir = tmp_path / f"mosquitto-{len(brokers)}"
         # A free port can be taken between free_port() and mosquitto's bind: try a few.
         attempts = 1 if port is not None else 3

@@ -55,4 +55,3 @@ def setup(app: web.Application, gw: Gateway, cfg: ConsoleConfig) -> Web:
     app.cleanup_ctx.append(w.hub.lifespan)
     app.on_shutdown.append(w.hub.close_all)
     return w
-

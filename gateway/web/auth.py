@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import os
-import functools
 import re
 import secrets
 import time
@@ -49,8 +49,19 @@ COOKIE_NAME = "sluice_session"
 CSRF_HEADER = "X-CSRF-Token"
 
 # Paths anyone may reach: monitoring, the login/setup pages and their API, shipped assets.
-_OPEN_EXACT = frozenset({"/healthz", "/metrics", "/login", "/setup", "/api/session", "/api/login",
-                         "/api/setup", "/api/logout", "/favicon.ico"})
+_OPEN_EXACT = frozenset(
+    {
+        "/healthz",
+        "/metrics",
+        "/login",
+        "/setup",
+        "/api/session",
+        "/api/login",
+        "/api/setup",
+        "/api/logout",
+        "/favicon.ico",
+    }
+)
 _OPEN_PREFIX = ("/static/",)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 
@@ -163,8 +174,15 @@ class LoginThrottle:
     Bounded: at most ``max_keys`` entries are remembered (the oldest forgotten first).
     """
 
-    def __init__(self, max_failures: int = 5, ip_failures: int = 20, window: float = 900.0,
-                 lockout: float = 300.0, clock: Callable[[], float] = time.monotonic, max_keys: int = 10_000):
+    def __init__(
+        self,
+        max_failures: int = 5,
+        ip_failures: int = 20,
+        window: float = 900.0,
+        lockout: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 10_000,
+    ):
         self.max_failures = max_failures
         self.ip_failures = ip_failures
         self.window = window
@@ -229,8 +247,10 @@ class UserStore:
             return
         except (OSError, ValueError) as exc:
             # A damaged account file must not open the console to a new "first visit".
-            raise SluiceError(f"console account file {self.path} is unreadable: {exc}; "
-                               "fix or remove it (removing it allows creating a new admin)") from None
+            raise SluiceError(
+                f"console account file {self.path} is unreadable: {exc}; "
+                "fix or remove it (removing it allows creating a new admin)"
+            ) from None
         for u in data.get("users", []):
             if u["name"] not in self._fixed:
                 self.users[u["name"]] = _User(u["name"], u["password_hash"], u["role"])
@@ -238,11 +258,17 @@ class UserStore:
             self.tokens[t["id"]] = _Token(**t)
 
     def _dump(self) -> str:
-        return json.dumps({
-            "users": [{"name": u.name, "password_hash": u.password_hash, "role": u.role}
-                      for u in self.users.values() if not u.fixed],
-            "tokens": [asdict(t) for t in self.tokens.values()],
-        }, indent=1)
+        return json.dumps(
+            {
+                "users": [
+                    {"name": u.name, "password_hash": u.password_hash, "role": u.role}
+                    for u in self.users.values()
+                    if not u.fixed
+                ],
+                "tokens": [asdict(t) for t in self.tokens.values()],
+            },
+            indent=1,
+        )
 
     async def save(self) -> None:
         text = self._dump()
@@ -338,8 +364,9 @@ class Auth:
         return Session()
 
     @web.middleware
-    async def sessions(self, request: web.Request,
-                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def sessions(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         request[SESSION] = self._load_session(request)
         response = await handler(request)
         session = request[SESSION]
@@ -348,14 +375,22 @@ class Auth:
                 response.del_cookie(COOKIE_NAME, path="/")
             else:
                 token = self._fernet.encrypt(json.dumps(dict(session)).encode()).decode()
-                response.set_cookie(COOKIE_NAME, token, max_age=SESSION_MAX_AGE, path="/", httponly=True,
-                                    samesite="Strict", secure=self.tls)
+                response.set_cookie(
+                    COOKIE_NAME,
+                    token,
+                    max_age=SESSION_MAX_AGE,
+                    path="/",
+                    httponly=True,
+                    samesite="Strict",
+                    secure=self.tls,
+                )
         return response
 
     def announce(self, url: str) -> None:
         if self.setup_code is not None:
-            log.warning("console: no account yet; open %ssetup and create the admin with setup code %s",
-                        url, self.setup_code)
+            log.warning(
+                "console: no account yet; open %ssetup and create the admin with setup code %s", url, self.setup_code
+            )
         elif not self.enabled:
             log.warning("console: auth is off (console.auth: false): anyone who can reach %s may use it", url)
 
@@ -421,12 +456,14 @@ class Auth:
         return Identity(user.name, user.role, "session")
 
     @web.middleware
-    async def middleware(self, request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         path = request.path
         if self.loopback_only and not _loopback_host(request.host):
-            return web.json_response({"error": f"the console answers to localhost only, not {request.host!r}"},
-                                     status=421)
+            return web.json_response(
+                {"error": f"the console answers to localhost only, not {request.host!r}"}, status=421
+            )
         try:
             ident = await self.identify(request)
             request[IDENTITY] = ident
@@ -483,13 +520,15 @@ class Auth:
         if "csrf" not in session:
             session["csrf"] = secrets.token_urlsafe(32)
         ident: Identity | None = request.get(IDENTITY)
-        return web.json_response({
-            "auth": self.enabled,
-            "user": ident.name if ident else None,
-            "role": ident.role if ident else None,
-            "csrf": session["csrf"],
-            "needs_setup": self.enabled and self.store.needs_setup,
-        })
+        return web.json_response(
+            {
+                "auth": self.enabled,
+                "user": ident.name if ident else None,
+                "role": ident.role if ident else None,
+                "csrf": session["csrf"],
+                "needs_setup": self.enabled and self.store.needs_setup,
+            }
+        )
 
     @staticmethod
     async def _json(request: web.Request) -> dict[str, Any]:
@@ -575,14 +614,16 @@ class Auth:
     def _admin(self, request: web.Request) -> Identity:
         ident: Identity | None = request.get(IDENTITY)
         if ident is None or not ident.is_admin:
-            raise web.HTTPForbidden(text=json.dumps({"error": "this needs the admin role"}),
-                                    content_type="application/json")
+            raise web.HTTPForbidden(
+                text=json.dumps({"error": "this needs the admin role"}), content_type="application/json"
+            )
         return ident
 
     async def api_users(self, request: web.Request) -> web.Response:
         self._admin(request)
-        return web.json_response({"users": [{"name": u.name, "role": u.role, "fixed": u.fixed}
-                                            for u in self.store.users.values()]})
+        return web.json_response(
+            {"users": [{"name": u.name, "role": u.role, "fixed": u.fixed} for u in self.store.users.values()]}
+        )
 
     async def api_user_create(self, request: web.Request) -> web.Response:
         self._admin(request)
@@ -614,8 +655,14 @@ class Auth:
 
     async def api_tokens(self, request: web.Request) -> web.Response:
         self._admin(request)
-        return web.json_response({"tokens": [{"id": t.id, "name": t.name, "role": t.role, "created": t.created,
-                                              "last_used": t.last_used} for t in self.store.tokens.values()]})
+        return web.json_response(
+            {
+                "tokens": [
+                    {"id": t.id, "name": t.name, "role": t.role, "created": t.created, "last_used": t.last_used}
+                    for t in self.store.tokens.values()
+                ]
+            }
+        )
 
     async def api_token_create(self, request: web.Request) -> web.Response:
         """A new API token; the token itself is shown once and stored only as a hash."""

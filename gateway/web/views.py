@@ -31,8 +31,10 @@ MAX_CONFIG = 1024 * 1024
 _SECRET = re.compile(r"pass|secret|token|credential|(?:private|api|access)_?key$", re.IGNORECASE)
 
 # Content-Security-Policy: our own scripts, styles and sockets only; nothing inline, no framing.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -118,15 +120,22 @@ class Views:
             sinks = [n for n in p.nodes if n.kind == "sink"]
             depth = p.queue.depth + sum(q.depth for q in p.sink_queues.values())
             problems = [f"source {sid}: {st}" for sid, st in p.source_state.items() if st.startswith("failed")]
-            pipes.append({
-                "name": p.name, "state": p.state, "nodes": len(p.nodes),
-                "events_in": sum(n.n_out for n in sources), "events_out": sum(n.n_out for n in sinks),
-                "errors": errors, "queue_depth": depth,
-                "dead_letters": sum(c for (pn, _), c in gw.dead_letters.counts.items() if pn == p.name),
-                "health": "ok" if p.state == "running" and not problems else ("degraded" if p.state == "running"
-                                                                              else p.state),
-                "problems": problems,
-            })
+            pipes.append(
+                {
+                    "name": p.name,
+                    "state": p.state,
+                    "nodes": len(p.nodes),
+                    "events_in": sum(n.n_out for n in sources),
+                    "events_out": sum(n.n_out for n in sinks),
+                    "errors": errors,
+                    "queue_depth": depth,
+                    "dead_letters": sum(c for (pn, _), c in gw.dead_letters.counts.items() if pn == p.name),
+                    "health": "ok"
+                    if p.state == "running" and not problems
+                    else ("degraded" if p.state == "running" else p.state),
+                    "problems": problems,
+                }
+            )
         return {"gateway": health, "system": self.system(), "pipelines": pipes, "ts": time.time()}
 
     def stats(self) -> dict[str, Any]:
@@ -153,8 +162,9 @@ class Views:
     def _admin(self, request: web.Request) -> None:
         ident = request.get(IDENTITY)
         if ident is None or not ident.is_admin:
-            raise web.HTTPForbidden(text='{"error": "the config needs the admin role"}',
-                                    content_type="application/json")
+            raise web.HTTPForbidden(
+                text='{"error": "the config needs the admin role"}', content_type="application/json"
+            )
 
     async def api_config(self, request: web.Request) -> web.Response:
         self._admin(request)  # the text may hold inline secrets: admins only
@@ -186,8 +196,9 @@ class Views:
         try:
             return await asyncio.to_thread(parse_config, text, path)
         except ConfigError as err:
-            return web.json_response({"valid": False, "errors": [
-                {"line": i.line, "path": i.path, "message": i.message} for i in err.issues]})
+            return web.json_response(
+                {"valid": False, "errors": [{"line": i.line, "path": i.path, "message": i.message} for i in err.issues]}
+            )
 
     async def api_validate(self, request: web.Request) -> web.Response:
         """Validate YAML config text (the body, or ``{"text": ...}``): every problem with its line."""
@@ -216,8 +227,9 @@ class Views:
         try:
             summary = await self.gw.reload(loaded)
         except ReloadError as exc:
-            return web.json_response({"valid": True, "errors": [], "reloaded": False, "saved": False,
-                                      "error": str(exc)}, status=409)
+            return web.json_response(
+                {"valid": True, "errors": [], "reloaded": False, "saved": False, "error": str(exc)}, status=409
+            )
         for hook in self.on_reload:
             hook()
         saved, note = False, None
@@ -229,11 +241,15 @@ class Views:
         except OSError as exc:
             note = f"running, but not saved to {path}: {exc.strerror or exc}"
         ident = request.get(IDENTITY)
-        log.warning("config reloaded from the console by %s: %s%s", ident.name if ident else "?",
-                    ", ".join(f"{k} {v}" for k, v in summary.items() if v and k != "unchanged") or "no change",
-                    "" if saved else f" ({note})")
-        return web.json_response({"valid": True, "errors": [], "reloaded": True, "saved": saved, "note": note,
-                                  **summary})
+        log.warning(
+            "config reloaded from the console by %s: %s%s",
+            ident.name if ident else "?",
+            ", ".join(f"{k} {v}" for k, v in summary.items() if v and k != "unchanged") or "no change",
+            "" if saved else f" ({note})",
+        )
+        return web.json_response(
+            {"valid": True, "errors": [], "reloaded": True, "saved": saved, "note": note, **summary}
+        )
 
 
 def _save(path: Path, text: str) -> None:

@@ -145,8 +145,7 @@ class Hub:
     def _offer(self, c: _Client, text: str) -> None:
         if not c.offer(text):
             self.dropped += 1
-            self._rl.warning("drop", "console client %s is slow: dropped %d messages so far", c.remote,
-                             c.dropped)
+            self._rl.warning("drop", "console client %s is slow: dropped %d messages so far", c.remote, c.dropped)
 
     # --- the handler ------------------------------------------------------------------------
 
@@ -186,8 +185,14 @@ class Hub:
             msg = json.loads(data)
             op, topic = msg["op"], msg["topic"]
         except (ValueError, KeyError, TypeError):
-            c.offer(json.dumps({"type": "error", "message": 'expected {"op": "subscribe"|"unsubscribe", '
-                                                           '"topic": "stats"|"events", ...}'}))
+            c.offer(
+                json.dumps(
+                    {
+                        "type": "error",
+                        "message": 'expected {"op": "subscribe"|"unsubscribe", "topic": "stats"|"events", ...}',
+                    }
+                )
+            )
             return
         if topic == "stats" and op in ("subscribe", "unsubscribe"):
             c.stats = op == "subscribe"
@@ -234,8 +239,16 @@ class Hub:
             events, n = list(tap.buf), tap.n
             tap.buf.clear()
             tap.n = 0
-            text = json.dumps({"type": "events", "pipeline": key[0], "node": key[1],
-                               "events": [e.to_dict() for e in events], "skipped": n - len(events)}, default=str)
+            text = json.dumps(
+                {
+                    "type": "events",
+                    "pipeline": key[0],
+                    "node": key[1],
+                    "events": [e.to_dict() for e in events],
+                    "skipped": n - len(events),
+                },
+                default=str,
+            )
             for c in self.clients:
                 if key in c.events:
                     self._offer(c, text)
@@ -258,8 +271,9 @@ class Hub:
                 tap.undo = self._wrap(key, tap.add)
                 continue
             del self._taps[key]
-            gone = json.dumps({"type": "error", "message": f"node {key[1]!r} of pipeline {key[0]!r} is gone "
-                                                          "after a config reload"})
+            gone = json.dumps(
+                {"type": "error", "message": f"node {key[1]!r} of pipeline {key[0]!r} is gone after a config reload"}
+            )
             for c in self.clients:
                 if key in c.events:
                     c.events.discard(key)

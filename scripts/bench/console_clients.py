@@ -77,8 +77,9 @@ def get_json(url: str) -> Any:
 
 
 def config_text(data_dir: Path, port: int) -> str:
-    sensors = ", ".join(f"{{key: k{i:02d}/temp, base: {40 + i}, amplitude: 5, period: 60s, noise: 0.5}}"
-                        for i in range(SERIES))
+    sensors = ", ".join(
+        f"{{key: k{i:02d}/temp, base: {40 + i}, amplitude: 5, period: 60s, noise: 0.5}}" for i in range(SERIES)
+    )
     return f"""
 gateway: {{id: bench-console, data_dir: "{data_dir}", log_level: warning}}
 pipelines:
@@ -101,8 +102,9 @@ class Gateway:
         cfg.write_text(config_text(workdir / "data", self.port))
         self.log_path = workdir / "gateway.log"
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(pinned(core, [str(SLUICE_BIN), "run", str(cfg)]), stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=workdir)
+        self.proc = subprocess.Popen(
+            pinned(core, [str(SLUICE_BIN), "run", str(cfg)]), stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir
+        )
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
@@ -195,8 +197,9 @@ async def browser_cpu(base: str, seconds: float) -> dict[str, Any] | None:
     import psutil
 
     async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        b = await p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
         try:
             page = await b.new_page(viewport={"width": 1100, "height": 800})
             await page.goto(base + "/#/charts/plant/fahrenheit")
@@ -215,8 +218,7 @@ async def browser_cpu(base: str, seconds: float) -> dict[str, Any] | None:
             await asyncio.sleep(seconds)
             used = cpu() - c0
             series = await page.locator("#chart-values .u-legend .u-series").count() - 1
-            return {"cpu_percent": round(100 * used / (time.monotonic() - t0), 1), "series": series,
-                    "seconds": seconds}
+            return {"cpu_percent": round(100 * used / (time.monotonic() - t0), 1), "series": series, "seconds": seconds}
         finally:
             await b.close()
 
@@ -253,15 +255,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     none_cpu = statistics.median(c for _, c in without)
     with_cpu = statistics.median(c for _, c in with_clients)
     return {
-        "events_per_s_without": round(none_med), "events_per_s_clients": round(with_med),
-        "windows_without": [round(r) for r, _ in without], "windows_clients": [round(r) for r, _ in with_clients],
-        "ratio": round(with_med / none_med, 3) if none_med else None, "goal_ratio": GOAL_RATIO,
-        "cpu_us_per_event_without": round(none_cpu, 2), "cpu_us_per_event_clients": round(with_cpu, 2),
+        "events_per_s_without": round(none_med),
+        "events_per_s_clients": round(with_med),
+        "windows_without": [round(r) for r, _ in without],
+        "windows_clients": [round(r) for r, _ in with_clients],
+        "ratio": round(with_med / none_med, 3) if none_med else None,
+        "goal_ratio": GOAL_RATIO,
+        "cpu_us_per_event_without": round(none_cpu, 2),
+        "cpu_us_per_event_clients": round(with_cpu, 2),
         "cpu_ratio": round(none_cpu / with_cpu, 3) if with_cpu else None,
         "clients": args.clients,
         "messages_per_client_s": round(sum(received) / max(1, args.clients) / (args.window * args.rounds), 1),
-        "console_state": hub.get("state"), "gateway_cpu_seconds": round(cpu, 2),
-        "overview_files": weight["files"], "overview_kib": weight["kib"],
+        "console_state": hub.get("state"),
+        "gateway_cpu_seconds": round(cpu, 2),
+        "overview_files": weight["files"],
+        "overview_kib": weight["kib"],
         "chart_browser_cpu_percent": chart["cpu_percent"] if chart else None,
         "chart_series": chart["series"] if chart else None,
     }
@@ -281,12 +289,16 @@ def main() -> int:
         log(f"no sluice executable at {SLUICE_BIN}: run `make deps` first")
         return 1
     r = asyncio.run(main_async(args))
-    print(f"ingest, events/s       no client {r['events_per_s_without']:>9,}   {r['clients']} clients "
-          f"{r['events_per_s_clients']:>9,}   (medians of {args.rounds + 1} and {args.rounds} windows "
-          f"of {args.window:g} s)")
+    print(
+        f"ingest, events/s       no client {r['events_per_s_without']:>9,}   {r['clients']} clients "
+        f"{r['events_per_s_clients']:>9,}   (medians of {args.rounds + 1} and {args.rounds} windows "
+        f"of {args.window:g} s)"
+    )
     print(f"ratio (clients/none)   {r['ratio']}   (goal >= {GOAL_RATIO})")
-    print(f"CPU µs per event       no client {r['cpu_us_per_event_without']}   clients {r['cpu_us_per_event_clients']}"
-          f"   -> throughput ratio at equal CPU {r['cpu_ratio']} (less sensitive to other load on the machine)")
+    print(
+        f"CPU µs per event       no client {r['cpu_us_per_event_without']}   clients {r['cpu_us_per_event_clients']}"
+        f"   -> throughput ratio at equal CPU {r['cpu_ratio']} (less sensitive to other load on the machine)"
+    )
     print(f"messages per client    {r['messages_per_client_s']} per second (stats + live events)")
     print(f"overview page weight   {r['overview_kib']} KiB in {r['overview_files']} files (uncompressed)")
     if r["chart_browser_cpu_percent"] is not None:

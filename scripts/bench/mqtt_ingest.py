@@ -420,9 +420,7 @@ class BareSubject(Subject):
             str(self.args.qos),
         ]
         logf = open(self.workdir / "bare.log", "wb")
-        self.proc = subprocess.Popen(
-            pinned(self.core, argv), stdout=subprocess.PIPE, stderr=logf, text=True
-        )
+        self.proc = subprocess.Popen(pinned(self.core, argv), stdout=subprocess.PIPE, stderr=logf, text=True)
         logf.close()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -478,9 +476,7 @@ console: {{host: 127.0.0.1, port: {self.console_port}, auth: false}}
         if not SLUICE_BIN.exists():
             return f"{SLUICE_BIN} does not exist (run `make deps`)"
         try:
-            out = subprocess.run(
-                [str(SLUICE_BIN), "run", "--help"], capture_output=True, text=True, timeout=30
-            )
+            out = subprocess.run([str(SLUICE_BIN), "run", "--help"], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"`sluice run --help` failed: {e}"
         if out.returncode != 0:
@@ -492,13 +488,10 @@ console: {{host: 127.0.0.1, port: {self.console_port}, auth: false}}
         self.console_port = free_port()
         cfg = self.workdir / "sluice-bench.yaml"
         cfg.write_text(self.config_text(broker_port))
-        check = subprocess.run(
-            [str(SLUICE_BIN), "validate", str(cfg)], capture_output=True, text=True, timeout=60
-        )
+        check = subprocess.run([str(SLUICE_BIN), "validate", str(cfg)], capture_output=True, text=True, timeout=60)
         if check.returncode != 0:
             raise RuntimeError(
-                "sluice validate rejected the benchmark config:\n"
-                + (check.stdout + check.stderr).strip()
+                "sluice validate rejected the benchmark config:\n" + (check.stdout + check.stderr).strip()
             )
         help_text = subprocess.run(
             [str(SLUICE_BIN), "run", "--help"], capture_output=True, text=True, timeout=30
@@ -507,9 +500,7 @@ console: {{host: 127.0.0.1, port: {self.console_port}, auth: false}}
         if "--log-level" in help_text:
             argv += ["--log-level", "warning"]
         logf = open(self.workdir / "sluice.log", "wb")
-        self.proc = subprocess.Popen(
-            pinned(self.core, argv), stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir
-        )
+        self.proc = subprocess.Popen(pinned(self.core, argv), stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir)
         logf.close()
         self._base = 0
 
@@ -607,9 +598,7 @@ class NodeRedSubject(Subject):
     @staticmethod
     def installed_version() -> str | None:
         try:
-            pkg = json.loads(
-                (NODERED_DIR / "node_modules" / "node-red" / "package.json").read_text()
-            )
+            pkg = json.loads((NODERED_DIR / "node_modules" / "node-red" / "package.json").read_text())
         except (OSError, ValueError):
             return None
         version = str(pkg.get("version", ""))
@@ -779,9 +768,7 @@ class NodeRedSubject(Subject):
         node = shutil.which("node") or "node"
         argv = [node, str(self.red_js()), "--settings", str(settings), "--userDir", str(user_dir)]
         logf = open(self.workdir / "nodered.log", "wb")
-        self.proc = subprocess.Popen(
-            pinned(self.core, argv), stdout=logf, stderr=subprocess.STDOUT, cwd=user_dir
-        )
+        self.proc = subprocess.Popen(pinned(self.core, argv), stdout=logf, stderr=subprocess.STDOUT, cwd=user_dir)
         logf.close()
 
     def ready(self) -> bool:
@@ -834,9 +821,7 @@ def run_publisher(port: int, args: argparse.Namespace, core: int | None) -> subp
     return subprocess.Popen(pinned(core, argv), stdout=subprocess.PIPE, text=True)
 
 
-def measure(
-    subject: Subject, args: argparse.Namespace, cores: tuple[int | None, int | None], tmp: Path
-) -> Result:
+def measure(subject: Subject, args: argparse.Namespace, cores: tuple[int | None, int | None], tmp: Path) -> Result:
     res = Result(subject.name, subject.label)
     broker = Broker(tmp / f"broker-{subject.name}", cores[0]).start()
     monitor: Monitor | None = None
@@ -854,13 +839,11 @@ def measure(
         while not subject.ready():
             if subject.proc.poll() is not None:
                 raise RuntimeError(
-                    f"{subject.label} exited with {subject.proc.returncode} before it was ready:\n"
-                    + subject.log_tail()
+                    f"{subject.label} exited with {subject.proc.returncode} before it was ready:\n" + subject.log_tail()
                 )
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"{subject.label} not ready after {subject.start_timeout:.0f} s:\n"
-                    + subject.log_tail()
+                    f"{subject.label} not ready after {subject.start_timeout:.0f} s:\n" + subject.log_tail()
                 )
             if time.monotonic() - last_probe > 0.25:
                 monitor.probe()
@@ -898,8 +881,7 @@ def measure(
                     break
             if subject.proc.poll() is not None:
                 raise RuntimeError(
-                    f"{subject.label} exited with {subject.proc.returncode} during the run:\n"
-                    + subject.log_tail()
+                    f"{subject.label} exited with {subject.proc.returncode} during the run:\n" + subject.log_tail()
                 )
             if pub.poll() is not None and now - last_growth > IDLE_TIMEOUT:
                 res.notes.append(f"stopped growing at {received:,}")
@@ -940,9 +922,7 @@ def measure(
                 res.msgs_per_s = received / (t_done - t_start)
         res.peak_rss_mib = hwm / 1024 if hwm else None
         res.alerts = monitor.alert_count() - alerts0
-        res.broker_dropped = monitor.sys_value(
-            "$SYS/broker/publish/messages/dropped", newer_than=time.time()
-        )
+        res.broker_dropped = monitor.sys_value("$SYS/broker/publish/messages/dropped", newer_than=time.time())
         if pub_info.get("publish_s"):
             res.notes.append(f"publisher {sent / pub_info['publish_s']:,.0f} msg/s")
         check = subject.chain_check()
@@ -1148,10 +1128,7 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
         f"MQTT ingest: {args.n:,} readings over {args.keys} keys, QoS {args.qos}; "
         f"broker+publisher on core {env['pub_core']}, subject on core {env['subject_core']}"
     )
-    print(
-        f"mosquitto {env['mosquitto']}; expected alerts: {raised} raised + {cleared} cleared; "
-        f"peak RSS in MiB"
-    )
+    print(f"mosquitto {env['mosquitto']}; expected alerts: {raised} raised + {cleared} cleared; peak RSS in MiB")
     head = (
         f"{'subject':<20}{'received':>10}{'lost':>7}{'dropped':>9}{'msg/s':>10}"
         f"{'CPU µs/msg':>12}{'peak RSS':>10}{'alerts':>8}"
@@ -1191,10 +1168,7 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
         return f"{value} ({'met' if ok else 'NOT met'})"
 
     print()
-    print(
-        f"ratio      = bare µs/msg / sluice µs/msg    = {verdict(ratio, goals['ratio'])}"
-        f"   goal >= {GOAL_RATIO}"
-    )
+    print(f"ratio      = bare µs/msg / sluice µs/msg    = {verdict(ratio, goals['ratio'])}   goal >= {GOAL_RATIO}")
     print(
         f"vs_nodered = Node-RED µs/msg / sluice µs/msg = "
         f"{verdict(vs_nodered, goals['vs_nodered'])}   goal >= {GOAL_VS_NODERED}"
@@ -1247,9 +1221,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="N=20000 (unless --n), under 30 s; no Node-RED install (uses it when cached)",
     )
     ap.add_argument("--skip-nodered", action="store_true", help="do not run Node-RED")
-    ap.add_argument(
-        "--only", choices=("bare", "sluice", "nodered"), action="append", help=argparse.SUPPRESS
-    )
+    ap.add_argument("--only", choices=("bare", "sluice", "nodered"), action="append", help=argparse.SUPPRESS)
     ap.add_argument("--role", choices=("publish", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1307,9 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
                 subject = SluiceSubject(args, cores[1], tmp)
             else:
                 if args.skip_nodered:
-                    results.append(
-                        Result("nodered", NodeRedSubject.label, skipped="--skip-nodered")
-                    )
+                    results.append(Result("nodered", NodeRedSubject.label, skipped="--skip-nodered"))
                     continue
                 why = NodeRedSubject.prepare(args.quick)
                 if why:

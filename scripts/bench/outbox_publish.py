@@ -75,10 +75,11 @@ class Broker:
         if binary is None:
             raise SystemExit("mosquitto is not installed (scripts/ensure_mosquitto.sh)")
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000000\n"
-                        f"max_inflight_messages 0\npersistence false\nuser {getpass.getuser()}\n")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000000\n"
+            f"max_inflight_messages 0\npersistence false\nuser {getpass.getuser()}\n"
+        )
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -95,17 +96,31 @@ class Broker:
 
 
 def payload(i: int) -> dict[str, Any]:
-    return {"pipeline": "bench", "source": "hot", "key": f"k{i % 100:03d}", "ts": 1764300000.0 + i * 0.001,
-            "value": {"state": "raised", "alert_key": f"bench/hot/k{i % 100:03d}", "severity": "warning",
-                      "reading": 91.5, "rule": "k above 90"}}
+    return {
+        "pipeline": "bench",
+        "source": "hot",
+        "key": f"k{i % 100:03d}",
+        "ts": 1764300000.0 + i * 0.001,
+        "value": {
+            "state": "raised",
+            "alert_key": f"bench/hot/k{i % 100:03d}",
+            "severity": "warning",
+            "reading": 91.5,
+            "rule": "k above 90",
+        },
+    }
 
 
 async def bare(port: int, n: int) -> float:
     client = gmqtt.Client(f"bench-bare-{os.getpid()}")
     await client.connect("127.0.0.1", port, version=gmqtt.constants.MQTTv50)
     storage = client._persistent_storage
-    bodies = [json.dumps({"gateway_id": "bench", "seq": i + 1, "replayed": False, **payload(i)},
-                         separators=(",", ":")).encode() for i in range(n)]
+    bodies = [
+        json.dumps(
+            {"gateway_id": "bench", "seq": i + 1, "replayed": False, **payload(i)}, separators=(",", ":")
+        ).encode()
+        for i in range(n)
+    ]
     t0 = time.perf_counter()
     for body in bodies:
         while len(storage._messages) >= WINDOW:  # noqa: ASYNC110 -- bare gmqtt has no ack event
@@ -171,8 +186,12 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=50_000, help="messages for bare and outbox")
     ap.add_argument("--backlog", type=int, default=100_000, help="messages queued offline for the drain")
-    ap.add_argument("--batch", type=int, default=500, help="messages per outbox put, one commit each (what a sink "
-                    "gets per write under load)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=500,
+        help="messages per outbox put, one commit each (what a sink gets per write under load)",
+    )
     ap.add_argument("--quick", action="store_true", help="10,000 messages and a 20,000 backlog")
     args = ap.parse_args()
     if args.quick:
@@ -193,11 +212,24 @@ async def main() -> int:
     print(f"{'subject':<10} {'msg/s':>10}")
     print(f"{'bare':<10} {bare_rate:>10.0f}")
     print(f"{'outbox':<10} {ob_rate:>10.0f}   ratio {ratio:.2f} (goal >= {GOAL_RATIO})")
-    print(f"{'drain':<10} {drain_rate:>10.0f}   {args.backlog} in {drain_s:.1f} s "
-          f"(goal: 100,000 in < {GOAL_DRAIN_S:.0f} s); {per_msg:.0f} bytes per queued message")
-    print(json.dumps({"n": args.n, "bare_msg_s": round(bare_rate), "outbox_msg_s": round(ob_rate),
-                      "ratio": round(ratio, 3), "backlog": args.backlog, "drain_msg_s": round(drain_rate),
-                      "drain_s": round(drain_s, 2), "bytes_per_queued_message": round(per_msg)}))
+    print(
+        f"{'drain':<10} {drain_rate:>10.0f}   {args.backlog} in {drain_s:.1f} s "
+        f"(goal: 100,000 in < {GOAL_DRAIN_S:.0f} s); {per_msg:.0f} bytes per queued message"
+    )
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "bare_msg_s": round(bare_rate),
+                "outbox_msg_s": round(ob_rate),
+                "ratio": round(ratio, 3),
+                "backlog": args.backlog,
+                "drain_msg_s": round(drain_rate),
+                "drain_s": round(drain_s, 2),
+                "bytes_per_queued_message": round(per_msg),
+            }
+        )
+    )
     return 0
 
 

@@ -113,7 +113,7 @@ class _Src(Source):
     async def run(self, output: SourceQueue) -> None:
         evs = self.events
         for i in range(0, len(evs), 500):
-            await output.put(evs[i:i + 500])
+            await output.put(evs[i : i + 500])
 
 
 class _SinkOptions(NodeOptions):
@@ -136,9 +136,11 @@ async def run_sluice(events: list[Event], tmp: Path) -> dict[str, Any]:
     store = StateStore(tmp / "state.db")
     await store.start()
     dl = DeadLetters(None)
-    opts = [_SrcOptions(id="src", type="bench_windows_src"),
-            WindowOptions(id="avg", type="window", input=["src"], kind="tumbling", size=SIZE, aggregate="mean"),
-            _SinkOptions(id="out", type="bench_windows_sink", input=["avg"])]
+    opts = [
+        _SrcOptions(id="src", type="bench_windows_src"),
+        WindowOptions(id="avg", type="window", input=["src"], kind="tumbling", size=SIZE, aggregate="mean"),
+        _SinkOptions(id="out", type="bench_windows_sink", input=["avg"]),
+    ]
     p = Pipeline("p", opts, lambda nid: _ctx(nid, tmp, dl), store=store)
     win = p.nodes[p.index["avg"]]
     done = asyncio.Event()
@@ -166,15 +168,24 @@ async def run_sluice(events: list[Event], tmp: Path) -> dict[str, Any]:
     await store.close()
     db = sqlite3.connect(tmp / "state.db")
     try:
-        rows = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(value) + LENGTH(key)), 0) FROM state "
-                          "WHERE node = 'avg' AND key LIKE '.k:%'").fetchone()
+        rows = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(value) + LENGTH(key)), 0) FROM state "
+            "WHERE node = 'avg' AND key LIKE '.k:%'"
+        ).fetchone()
     finally:
         db.close()
     h = store.health()
-    return {"elapsed": elapsed, "emitted": win.n_out, "checkpoints_while_running": checkpoints,
-            "open_keys": rows[0], "bytes_per_key": rows[1] / rows[0] if rows[0] else None,
-            "commit_p50_ms": (h["commit_p50"] or 0) * 1000, "commit_p99_ms": (h["commit_p99"] or 0) * 1000,
-            "commits": h["commits"], "checkpoint_ms": min(costs) * 1000}
+    return {
+        "elapsed": elapsed,
+        "emitted": win.n_out,
+        "checkpoints_while_running": checkpoints,
+        "open_keys": rows[0],
+        "bytes_per_key": rows[1] / rows[0] if rows[0] else None,
+        "commit_p50_ms": (h["commit_p50"] or 0) * 1000,
+        "commit_p99_ms": (h["commit_p99"] or 0) * 1000,
+        "commits": h["commits"],
+        "checkpoint_ms": min(costs) * 1000,
+    }
 
 
 def main() -> int:
@@ -198,25 +209,40 @@ def main() -> int:
             if not s or r["elapsed"] < s["elapsed"]:
                 s = r
     rate = {"dict": n / d_time, "node": n / n_time, "sluice": n / s["elapsed"]}
-    print(f"window benchmark: {n:,} readings, {args.keys} keys, tumbling {SIZE:g}s mean; "
-          f"CPU time, best of {repeat}")
+    print(f"window benchmark: {n:,} readings, {args.keys} keys, tumbling {SIZE:g}s mean; CPU time, best of {repeat}")
     print(f"{'subject':<8} {'readings/s':>12} {'µs/reading':>11} {'windows':>9}")
     for name, emitted in (("dict", d_emitted), ("node", n_emitted), ("sluice", s["emitted"])):
         print(f"{name:<8} {rate[name]:>12,.0f} {1e6 / rate[name]:>11.2f} {emitted:>9,}")
     # with persistence: at full load one checkpoint a second takes its CPU time out of every second
     ratio = rate["sluice"] * (1 - s["checkpoint_ms"] / 1000) / rate["dict"]
-    print(f"ratio sluice (with persistence)/dict: {ratio:.2f} (goal >= 0.5); "
-          f"node alone/dict: {rate['node'] / rate['dict']:.2f}")
-    print(f"state: {s['open_keys']} open keys, {s['bytes_per_key'] or 0:.0f} bytes per key; "
-          f"a checkpoint with every key changed costs {s['checkpoint_ms']:.1f} ms CPU (at most one a second); "
-          f"{s['commits']} commits, p50 {s['commit_p50_ms']:.2f} ms, p99 {s['commit_p99_ms']:.2f} ms")
-    print(json.dumps({"bench": "windows", "n": n, "keys": args.keys, "ratio": round(ratio, 3),
-                      "node_ratio": round(rate["node"] / rate["dict"], 3),
-                      "dict_per_s": round(rate["dict"]), "node_per_s": round(rate["node"]),
-                      "sluice_per_s": round(rate["sluice"]), "bytes_per_key": s["bytes_per_key"],
-                      "commit_p50_ms": round(s["commit_p50_ms"], 3), "commit_p99_ms": round(s["commit_p99_ms"], 3),
-                      "checkpoint_ms": round(s["checkpoint_ms"], 2),
-                      "checkpoints_while_running": s["checkpoints_while_running"]}))
+    print(
+        f"ratio sluice (with persistence)/dict: {ratio:.2f} (goal >= 0.5); "
+        f"node alone/dict: {rate['node'] / rate['dict']:.2f}"
+    )
+    print(
+        f"state: {s['open_keys']} open keys, {s['bytes_per_key'] or 0:.0f} bytes per key; "
+        f"a checkpoint with every key changed costs {s['checkpoint_ms']:.1f} ms CPU (at most one a second); "
+        f"{s['commits']} commits, p50 {s['commit_p50_ms']:.2f} ms, p99 {s['commit_p99_ms']:.2f} ms"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "windows",
+                "n": n,
+                "keys": args.keys,
+                "ratio": round(ratio, 3),
+                "node_ratio": round(rate["node"] / rate["dict"], 3),
+                "dict_per_s": round(rate["dict"]),
+                "node_per_s": round(rate["node"]),
+                "sluice_per_s": round(rate["sluice"]),
+                "bytes_per_key": s["bytes_per_key"],
+                "commit_p50_ms": round(s["commit_p50_ms"], 3),
+                "commit_p99_ms": round(s["commit_p99_ms"], 3),
+                "checkpoint_ms": round(s["checkpoint_ms"], 2),
+                "checkpoints_while_running": s["checkpoints_while_running"],
+            }
+        )
+    )
     return 0
 
 

@@ -142,7 +142,7 @@ def test_cobs_decode_agrees_with_reference_on_any_bytes(data: bytes) -> None:
 # --- JSON lines ------------------------------------------------------------------------------
 
 _names = st.text(alphabet="abcdefgh_", min_size=1, max_size=6)
-_floats = st.floats(allow_nan=False, allow_infinity=False, width=64) | st.integers(-10**6, 10**6)
+_floats = st.floats(allow_nan=False, allow_infinity=False, width=64) | st.integers(-(10**6), 10**6)
 _records = st.dictionaries(_names, _floats, min_size=1, max_size=5)
 
 
@@ -180,8 +180,11 @@ def test_json_streaming_equals_reference(stream: bytes, cuts: list[int]) -> None
 
 
 @settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
-@given(st.lists(_records, min_size=1, max_size=10), st.lists(st.integers(0, 5000), max_size=6),
-       st.sampled_from(["json", "kv", "csv"]))
+@given(
+    st.lists(_records, min_size=1, max_size=10),
+    st.lists(st.integers(0, 5000), max_size=6),
+    st.sampled_from(["json", "kv", "csv"]),
+)
 def test_encode_then_decode_round_trips(records: list[dict[str, float]], cuts: list[int], kind: str) -> None:
     if kind == "csv":  # one fixed set of columns, as a CSV device has
         cols = sorted({k for r in records for k in r})
@@ -212,8 +215,10 @@ def test_truncated_line_at_end_is_reported() -> None:
 
 def test_json_fields_and_errors() -> None:
     dec = make_decoder(codec({"type": "json", "device_field": "dev", "prefix": "p."}))
-    r, e = dec.feed(b'{"dev": "s1", "t": 21.5, "ok": true, "ts": "2024-01-01T00:00:00Z"}\n'
-                    b'{"t": Infinity}\n{"name": "x"}\n\xff\xfe\n')
+    r, e = dec.feed(
+        b'{"dev": "s1", "t": 21.5, "ok": true, "ts": "2024-01-01T00:00:00Z"}\n'
+        b'{"t": Infinity}\n{"name": "x"}\n\xff\xfe\n'
+    )
     assert as_tuples(r) == [("p.s1.t", 21.5, 1704067200.0)]
     assert [x.kind for x in e] == ["nonfinite", "malformed", "garbage"]
     assert "t is inf" in e[0].message
@@ -237,8 +242,13 @@ def test_kv_lines() -> None:
 def test_csv_header_learned_and_relearned() -> None:
     dec = make_decoder(codec({"type": "csv", "ts_field": "time"}))
     r, e = dec.feed(b"1,2\ntime,t,rh\n1700000000,21.5,40\n1700000001,,41\n1,2\n1,x,3\nt,rh\n22,50\n")
-    assert as_tuples(r) == [("t", 21.5, 1700000000.0), ("rh", 40.0, 1700000000.0), ("rh", 41.0, 1700000001.0),
-                            ("t", 22.0, None), ("rh", 50.0, None)]
+    assert as_tuples(r) == [
+        ("t", 21.5, 1700000000.0),
+        ("rh", 40.0, 1700000000.0),
+        ("rh", 41.0, 1700000001.0),
+        ("t", 22.0, None),
+        ("rh", 50.0, None),
+    ]
     assert [x.kind for x in e] == ["malformed", "malformed", "malformed"]
     assert "before any header" in e[0].message and "expected 3" in e[1].message and "column t" in e[2].message
 
@@ -258,8 +268,10 @@ RMC = b"$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A\r\n
 
 def test_nmea_reference_sentences() -> None:
     dec = make_decoder(codec("nmea"))
-    more = [nmea_sentence(b) for b in ("WIMWV,214.8,R,10.0,N,A", "YXXDR,C,19.5,C,AIRT,P,1.013,B,BARO",
-                                       "GPGSV,3,1,11,03,03,111,00")]
+    more = [
+        nmea_sentence(b)
+        for b in ("WIMWV,214.8,R,10.0,N,A", "YXXDR,C,19.5,C,AIRT,P,1.013,B,BARO", "GPGSV,3,1,11,03,03,111,00")
+    ]
     r, e = dec.feed(GGA + RMC + "".join(m + "\r\n" for m in more).encode())
     assert e == []
     got = {(x.key, x.ts): x.value for x in r}
@@ -276,9 +288,18 @@ def test_nmea_reference_sentences() -> None:
 
 def test_nmea_bad_input() -> None:
     dec = make_decoder(codec("nmea"))
-    r, e = dec.feed(GGA.replace(b"*47", b"*48") + GGA.replace(b"*47", b"") + b"\x00\xff\x13" + GGA
-                    + b"hello\r\n" + b"$GPGGA,1,2*" + b"%02X" % (0) + b"\r\n"
-                    + nmea_sentence("GPGGA,1,4807.038,N,01131.000,E,1,08,0.9,5x5,M,,M,,").encode() + b"\r\n")
+    r, e = dec.feed(
+        GGA.replace(b"*47", b"*48")
+        + GGA.replace(b"*47", b"")
+        + b"\x00\xff\x13"
+        + GGA
+        + b"hello\r\n"
+        + b"$GPGGA,1,2*"
+        + b"%02X" % (0)
+        + b"\r\n"
+        + nmea_sentence("GPGGA,1,4807.038,N,01131.000,E,1,08,0.9,5x5,M,,M,,").encode()
+        + b"\r\n"
+    )
     assert [x.key for x in r] == ["gps.fix", "gps.sats", "gps.hdop", "gps.lat", "gps.lon", "gps.alt"]
     assert [x.kind for x in e] == ["checksum", "checksum", "garbage", "garbage", "checksum", "malformed"]
     lenient = make_decoder(codec({"type": "nmea", "require_checksum": False}))
@@ -287,19 +308,37 @@ def test_nmea_bad_input() -> None:
 
 def test_nmea_no_fix_and_void_status_give_no_position() -> None:
     dec = make_decoder(codec("nmea"))
-    r, e = dec.feed(nmea_sentence("GPGGA,123519,,,,,0,00,,,M,,M,,").encode() + b"\n"
-                    + nmea_sentence("GPRMC,123519,V,,,,,,,230394,,").encode() + b"\n"
-                    + nmea_sentence("WIMWV,10,T,3,M,V").encode() + b"\n")
+    r, e = dec.feed(
+        nmea_sentence("GPGGA,123519,,,,,0,00,,,M,,M,,").encode()
+        + b"\n"
+        + nmea_sentence("GPRMC,123519,V,,,,,,,230394,,").encode()
+        + b"\n"
+        + nmea_sentence("WIMWV,10,T,3,M,V").encode()
+        + b"\n"
+    )
     assert as_tuples(r) == [("gps.fix", 0.0, None), ("gps.sats", 0.0, None)] and e == []
 
 
 @settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
-@given(st.floats(-89.9, 89.9), st.floats(-179.9, 179.9), st.floats(0, 359), st.floats(0, 60),
-       st.lists(st.integers(0, 2000), max_size=5))
+@given(
+    st.floats(-89.9, 89.9),
+    st.floats(-179.9, 179.9),
+    st.floats(0, 359),
+    st.floats(0, 60),
+    st.lists(st.integers(0, 2000), max_size=5),
+)
 def test_nmea_encoder_round_trip(lat: float, lon: float, angle: float, speed: float, cuts: list[int]) -> None:
     opts = codec("nmea")
-    data = make_encoder(opts).encode({"gps.lat": lat, "gps.lon": lon, "ts": 1_700_000_000.25,
-                                      "wind.rel.angle": angle, "wind.rel.speed": speed, "xdr.T": 1.5})
+    data = make_encoder(opts).encode(
+        {
+            "gps.lat": lat,
+            "gps.lon": lon,
+            "ts": 1_700_000_000.25,
+            "wind.rel.angle": angle,
+            "wind.rel.speed": speed,
+            "xdr.T": 1.5,
+        }
+    )
     r, kinds = feed_chunked(make_decoder(opts), data, cuts)
     assert kinds == []
     got = {(x.key, x.ts is not None): x.value for x in r}
@@ -312,9 +351,18 @@ def test_nmea_encoder_round_trip(lat: float, lon: float, angle: float, speed: fl
 
 # --- COBS + CRC + struct ---------------------------------------------------------------------
 
-LAYOUT = {"type": "cobs", "crc": "crc16", "byte_order": "little",
-          "fields": [{"name": "seq", "type": "u16"}, {"name": "t", "type": "i16", "scale": 0.01},
-                     {"type": "pad"}, {"name": "p", "type": "f32"}, {"name": "e", "type": "u32", "offset": -5}]}
+LAYOUT = {
+    "type": "cobs",
+    "crc": "crc16",
+    "byte_order": "little",
+    "fields": [
+        {"name": "seq", "type": "u16"},
+        {"name": "t", "type": "i16", "scale": 0.01},
+        {"type": "pad"},
+        {"name": "p", "type": "f32"},
+        {"name": "e", "type": "u32", "offset": -5},
+    ],
+}
 
 
 def ref_cobs_frames(stream: bytes, crc: str, fmt: str, max_frame: int) -> tuple[list[tuple[float, ...]], int]:
@@ -350,8 +398,9 @@ def ref_cobs_frames(stream: bytes, crc: str, fmt: str, max_frame: int) -> tuple[
 @st.composite
 def cobs_streams(draw: st.DrawFn) -> tuple[bytes, str]:
     crc = draw(st.sampled_from(["crc16", "crc32"]))
-    enc = make_encoder(codec({"type": "cobs", "crc": crc, "fields": [{"name": "a", "type": "i32"},
-                                                                     {"name": "b", "type": "f32"}]}))
+    enc = make_encoder(
+        codec({"type": "cobs", "crc": crc, "fields": [{"name": "a", "type": "i32"}, {"name": "b", "type": "f32"}]})
+    )
     parts = []
     for _ in range(draw(st.integers(0, 10))):
         kind = draw(st.sampled_from(["ok", "ok", "ok", "noise", "flip", "cut", "long", "nan"]))
@@ -377,8 +426,14 @@ def cobs_streams(draw: st.DrawFn) -> tuple[bytes, str]:
 @given(cobs_streams(), st.lists(st.integers(0, 10_000), max_size=8))
 def test_cobs_streaming_equals_reference(case: tuple[bytes, str], cuts: list[int]) -> None:
     stream, crc = case
-    opts = codec({"type": "cobs", "crc": crc, "max_frame": 64,
-                  "fields": [{"name": "a", "type": "i32"}, {"name": "b", "type": "f32"}]})
+    opts = codec(
+        {
+            "type": "cobs",
+            "crc": crc,
+            "max_frame": 64,
+            "fields": [{"name": "a", "type": "i32"}, {"name": "b", "type": "f32"}],
+        }
+    )
     readings, kinds = feed_chunked(make_decoder(opts), stream, cuts)
     frames, n_errors = ref_cobs_frames(stream, crc, "<if", 64)
     assert [r.value for r in readings] == [float(v) for f in frames for v in f]
@@ -386,10 +441,17 @@ def test_cobs_streaming_equals_reference(case: tuple[bytes, str], cuts: list[int
 
 
 @settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
-@given(st.integers(0, 65535), st.integers(-32768, 32767), st.floats(width=32, allow_nan=False, allow_infinity=False),
-       st.integers(0, 2**32 - 1), st.sampled_from(["little", "big"]), st.sampled_from(["little", "big"]))
-def test_cobs_layout_scale_offset_and_byte_order(seq: int, t: int, p: float, e: int, order: str,
-                                                 crc_order: str) -> None:
+@given(
+    st.integers(0, 65535),
+    st.integers(-32768, 32767),
+    st.floats(width=32, allow_nan=False, allow_infinity=False),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["little", "big"]),
+    st.sampled_from(["little", "big"]),
+)
+def test_cobs_layout_scale_offset_and_byte_order(
+    seq: int, t: int, p: float, e: int, order: str, crc_order: str
+) -> None:
     opts = codec({**LAYOUT, "byte_order": order, "crc_byte_order": crc_order})
     frame = make_encoder(opts).encode({"seq": seq, "t": t * 0.01, "p": p, "e": e - 5})
     fmt = ("<" if order == "little" else ">") + "Hhxfl".replace("l", "I")
@@ -402,8 +464,14 @@ def test_cobs_layout_scale_offset_and_byte_order(seq: int, t: int, p: float, e: 
 
 
 def test_cobs_timestamp_field_and_idle_delimiters() -> None:
-    opts = codec({"type": "cobs", "crc": "crc32", "ts_field": "ts",
-                  "fields": [{"name": "ts", "type": "u32"}, {"name": "v", "type": "u8", "unit": "%"}]})
+    opts = codec(
+        {
+            "type": "cobs",
+            "crc": "crc32",
+            "ts_field": "ts",
+            "fields": [{"name": "ts", "type": "u32"}, {"name": "v", "type": "u8", "unit": "%"}],
+        }
+    )
     frame = make_encoder(opts).encode({"ts": 1_700_000_000, "v": 7})
     assert make_decoder(opts).feed(b"\0\0" + frame + b"\0") == ([Reading("v", 7.0, 1_700_000_000.0)], [])
 

@@ -21,8 +21,16 @@ from firmware_bridges.modbus import (
     profile_names,
 )
 
-FMT = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "int64": "q", "uint64": "Q",
-       "float32": "f", "float64": "d"}
+FMT = {
+    "int16": "h",
+    "uint16": "H",
+    "int32": "i",
+    "uint32": "I",
+    "int64": "q",
+    "uint64": "Q",
+    "float32": "f",
+    "float64": "d",
+}
 
 
 def ref_decode(kind: str, regs: list[int], word_order: str, byte_order: str) -> float:
@@ -36,8 +44,12 @@ def ref_decode(kind: str, regs: list[int], word_order: str, byte_order: str) -> 
 
 
 @settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
-@given(st.sampled_from(sorted(FMT)), st.lists(st.integers(0, 0xFFFF), min_size=4, max_size=4),
-       st.sampled_from(["big", "little"]), st.sampled_from(["big", "little"]))
+@given(
+    st.sampled_from(sorted(FMT)),
+    st.lists(st.integers(0, 0xFFFF), min_size=4, max_size=4),
+    st.sampled_from(["big", "little"]),
+    st.sampled_from(["big", "little"]),
+)
 def test_decode_matches_struct_reference(kind: str, regs: list[int], wo: str, bo: str) -> None:
     p = Point(name="x", address=10, type=kind)  # type: ignore[arg-type]
     got = decode_point(p, regs, (wo, bo))  # type: ignore[arg-type]
@@ -52,8 +64,12 @@ def test_decode_matches_struct_reference(kind: str, regs: list[int], wo: str, bo
 
 
 @settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
-@given(st.floats(-1e6, 1e6), st.sampled_from(["int32", "float64", "int16"]), st.sampled_from([0.1, 0.01, 2.0]),
-       st.floats(-100, 100))
+@given(
+    st.floats(-1e6, 1e6),
+    st.sampled_from(["int32", "float64", "int16"]),
+    st.sampled_from([0.1, 0.01, 2.0]),
+    st.floats(-100, 100),
+)
 def test_scale_and_offset_round_trip(value: float, kind: str, scale: float, offset: float) -> None:
     p = Point(name="x", address=0, type=kind, scale=scale, offset=offset)  # type: ignore[arg-type]
     raw = (value - offset) / scale
@@ -90,10 +106,14 @@ def test_point_validation() -> None:
 
 
 _points = st.lists(
-    st.builds(lambda a, t, tab: Point(name="p", address=a, type=t, table=tab),  # type: ignore[arg-type]
-              st.integers(0, 600), st.sampled_from(["uint16", "float32", "float64", "int32"]),
-              st.sampled_from(["holding", "input", "coil"])),
-    max_size=40)
+    st.builds(
+        lambda a, t, tab: Point(name="p", address=a, type=t, table=tab),  # type: ignore[arg-type]
+        st.integers(0, 600),
+        st.sampled_from(["uint16", "float32", "float64", "int32"]),
+        st.sampled_from(["holding", "input", "coil"]),
+    ),
+    max_size=40,
+)
 
 
 @settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine

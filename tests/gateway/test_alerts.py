@@ -17,9 +17,13 @@ from tests.gateway._harness import get, node, running_gateway
 
 
 def raised(key: str = "p/hot/s1", reading: float = 95.0, severity: str = "critical") -> dict[str, Any]:
-    return {"pipeline": "p", "node": "sink", "key": key.rsplit("/", 1)[-1], "ts": 1.0,
-            "value": {"state": "raised", "alert_key": key, "severity": severity, "reading": reading,
-                      "rule": "s1 above 90"}}
+    return {
+        "pipeline": "p",
+        "node": "sink",
+        "key": key.rsplit("/", 1)[-1],
+        "ts": 1.0,
+        "value": {"state": "raised", "alert_key": key, "severity": severity, "reading": reading, "rule": "s1 above 90"},
+    }
 
 
 def cleared(key: str = "p/hot/s1", reading: float = 80.0) -> dict[str, Any]:
@@ -59,13 +63,13 @@ async def test_book_dedupes_by_key_and_resolves(tmp_path: Path) -> None:
 async def test_book_ack_resolve_and_errors_persist(tmp_path: Path) -> None:
     book = AlertBook(tmp_path / "alerts.db")
     await book.open()
-    (_, alert), = await book.apply([raised()])
+    ((_, alert),) = await book.apply([raised()])
     a = await book.ack(alert["id"], by="ann", note="on it")
     assert (a["state"], a["acked_by"], a["note"]) == ("acknowledged", "ann", "on it")
     with pytest.raises(AlertError, match="already acknowledged by ann") as err:
         await book.ack(alert["id"])
     assert err.value.status == 409
-    (action, upd), = await book.apply([raised(reading=120)])
+    ((action, upd),) = await book.apply([raised(reading=120)])
     assert action == "updated" and upd["state"] == "acknowledged" and upd["count"] == 2  # stays acknowledged
     await book.close()
 
@@ -98,7 +102,7 @@ async def test_cooldown_makes_a_flapping_sensor_one_alert(tmp_path: Path) -> Non
         (done,) = await book.resolve_cooled({("p", "sink"): 60})
         assert done["state"] == "resolved"
         clock.now += 30  # raised again within the cooldown after the resolve: the same alert, reopened
-        (action, again), = await book.apply([raised()], cooldown=60)
+        ((action, again),) = await book.apply([raised()], cooldown=60)
         assert action == "reopened" and again["id"] == done["id"] and again["count"] == 4
         assert len(await book.list()) == 1
     finally:
@@ -181,14 +185,14 @@ async def test_alert_sink_console_and_mqtt_commands(tmp_path: Path, mosquitto: M
             await wait_for(lambda: any(m["action"] == "acknowledged" for m in actions(sub)))
 
             # resolve over MQTT, answered on the reply topic
-            pub.publish("sluice/gw1/cmd/resolve", json.dumps({"alert_key": "boiler/hot/s2", "by": "scada",
-                                                              "request_id": "r1"}))
+            pub.publish(
+                "sluice/gw1/cmd/resolve", json.dumps({"alert_key": "boiler/hot/s2", "by": "scada", "request_id": "r1"})
+            )
             await wait_for(lambda: sub.received("sluice/gw1/cmd/reply"))
             reply = json.loads(sub.payloads("sluice/gw1/cmd/reply")[0])
             assert reply["ok"] is True and reply["request_id"] == "r1"
             assert reply["alert"]["state"] == "resolved" and reply["alert"]["resolved_by"] == "scada"
-            await wait_for(lambda: [m for m in actions(sub) if m["action"] == "resolved"
-                                    and m["alert"]["key"] == "s2"])
+            await wait_for(lambda: [m for m in actions(sub) if m["action"] == "resolved" and m["alert"]["key"] == "s2"])
             assert gw.health()["alerts"]["commands_ok"] == 1
             _, metrics = await get(gw, "/metrics")
             assert 'sluice_alert_steps_total{action="opened"} 2.0' in metrics
@@ -204,13 +208,16 @@ async def test_malformed_commands_are_answered_and_change_nothing(tmp_path: Path
             alert_id = actions(sub)[0]["alert"]["id"]
             bad = [  # (topic, payload, request_id the reply carries, what the error says)
                 ("sluice/gw1/cmd/ack", b"not json", None, "not JSON"),
-                ("sluice/gw1/cmd/ack", json.dumps({"request_id": 2}).encode(), 2,
-                 "exactly one of `id` or `alert_key`"),
+                ("sluice/gw1/cmd/ack", json.dumps({"request_id": 2}).encode(), 2, "exactly one of `id` or `alert_key`"),
                 ("sluice/gw1/cmd/ack", json.dumps({"id": "x", "request_id": 3}).encode(), 3, "id:"),
                 ("sluice/gw1/cmd/ack", json.dumps({"id": alert_id, "evil": 1, "request_id": 4}).encode(), 4, "evil"),
                 ("sluice/gw1/cmd/ack", json.dumps({"id": 999, "request_id": 5}).encode(), 5, "no alert 999"),
-                ("sluice/gw1/cmd/reboot", json.dumps({"id": alert_id, "request_id": 6}).encode(), 6,
-                 "unknown command 'reboot'"),
+                (
+                    "sluice/gw1/cmd/reboot",
+                    json.dumps({"id": alert_id, "request_id": 6}).encode(),
+                    6,
+                    "unknown command 'reboot'",
+                ),
             ]
             for topic, payload, _, _ in bad:
                 pub.publish(topic, payload)
@@ -236,7 +243,8 @@ async def test_non_alert_events_are_dead_lettered(tmp_path: Path, mosquitto: Mos
 
 
 async def test_flapping_sensor_is_one_alert_and_updates_are_rate_limited(
-        tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
     text = config(tmp_path, mosquitto.port, sink=", cooldown: 1h, update_interval: 1h")
     with mqtt_client(mosquitto, subscribe=[ALERTS]) as sub, mqtt_client(mosquitto) as pub:
         async with running_gateway(text) as gw:

@@ -17,9 +17,9 @@ FAST_SHAPES = [
     "value * 1.8 + 32.0",
     "-value < 3.0 || value == 0.5",
     "!(value >= 2.0)",
-    "key == \"boiler/temp\" && value > 1.5",
+    'key == "boiler/temp" && value > 1.5',
     "value - 2.5 * value",
-    "source != \"x\"",
+    'source != "x"',
 ]
 
 
@@ -38,7 +38,7 @@ def test_other_shapes_run_on_cel(src: str) -> None:
 def _outcome(fn, ev: Event):  # type: ignore[no-untyped-def]
     try:
         return ("ok", fn(ev))
-    except Exception:  # noqa: BLE001  # any failure counts as "failed" for the comparison
+    except Exception:  # any failure counts as "failed" for the comparison
         return ("failed", None)
 
 
@@ -47,8 +47,11 @@ values = numbers | st.dictionaries(st.sampled_from(["temp", "humidity"]), number
 
 
 @settings(max_examples=300, deadline=None)
-@given(src=st.sampled_from([*FAST_SHAPES, "value.temp > 30.0 && value.humidity < 50.0"]),
-       value=values, key=st.sampled_from(["boiler/temp", "x", ""]))
+@given(
+    src=st.sampled_from([*FAST_SHAPES, "value.temp > 30.0 && value.humidity < 50.0"]),
+    value=values,
+    key=st.sampled_from(["boiler/temp", "x", ""]),
+)
 def test_fast_path_agrees_with_cel(src: str, value: object, key: str) -> None:
     e = Expression(src)
     ev = Event(key, 1.0, value, "s", None)
@@ -96,8 +99,8 @@ def test_filter_batch_path_rejects_non_booleans_per_event(tmp_path) -> None:  # 
     assert f.process_batch(batch) == []
     assert f.n_errors == 2 and f.n_dropped == 0  # 0.0 is not false: each is an error, none dropped
     g = Filter(FilterOptions(id="g", type="filter", input=["s"], where="value > 0.5"), ctx)
-    assert [e.key for e in g.process_batch(batch + [Event("c", 0.0, {"x": 1.0})])] == ["b"]
+    assert [e.key for e in g.process_batch([*batch, Event("c", 0.0, {"x": 1.0})])] == ["b"]
     assert g.n_dropped == 1 and g.n_errors == 1  # the object reading fails alone
     m = Map(MapOptions(id="m", type="map", input=["s"], value="value * 2.0"), ctx)
-    out = m.process_batch(batch + [Event("c", 0.0, {"x": 1.0})])
+    out = m.process_batch([*batch, Event("c", 0.0, {"x": 1.0})])
     assert [(e.key, e.value) for e in out] == [("a", 0.0), ("b", 2.0)] and m.n_errors == 1

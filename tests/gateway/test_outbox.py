@@ -159,7 +159,12 @@ async def test_restart_keeps_rows_seq_never_goes_back(tmp_path: Path) -> None:
         link2.up()
         await wait_for(lambda: len(link2.sent) == 5)
         assert [(m["seq"], m["replayed"]) for m in link2.sent] == [
-            (1, True), (2, True), (3, True), (4, True), (5, False)]
+            (1, True),
+            (2, True),
+            (3, True),
+            (4, True),
+            (5, False),
+        ]
         await wait_for(lambda: ob2.count == 0)
     finally:
         await ob2.close()
@@ -259,8 +264,7 @@ async def test_rate_cap() -> None:
 async def test_refused_message_is_handed_over_not_retried(tmp_path: Path) -> None:
     link = FakeLink()
     refused: list[tuple[str, str, bytes, str]] = []
-    ob = Outbox(tmp_path / "outbox.db", "gw1", {"plant": link}, OutboxConfig(),
-                on_refused=lambda *a: refused.append(a))
+    ob = Outbox(tmp_path / "outbox.db", "gw1", {"plant": link}, OutboxConfig(), on_refused=lambda *a: refused.append(a))
     await ob.open()
     task = asyncio.create_task(ob.run())
     try:
@@ -297,10 +301,17 @@ def test_sizes_parse() -> None:
 
 # --- property: whatever the link does, everything arrives, in order per key ------------------------
 
-_ops = st.lists(st.one_of(
-    st.tuples(st.just("put"), st.sampled_from("abc"), st.integers(min_value=1, max_value=30)),
-    st.tuples(st.just("up")), st.tuples(st.just("down")), st.tuples(st.just("ack")), st.tuples(st.just("tick")),
-), min_size=1, max_size=25)
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from("abc"), st.integers(min_value=1, max_value=30)),
+        st.tuples(st.just("up")),
+        st.tuples(st.just("down")),
+        st.tuples(st.just("ack")),
+        st.tuples(st.just("tick")),
+    ),
+    min_size=1,
+    max_size=25,
+)
 
 
 async def _play(ops: list[tuple[Any, ...]], path: Path) -> tuple[FakeLink, Outbox]:
@@ -364,8 +375,19 @@ def test_delivery_when_the_memory_copy_overflows(monkeypatch: pytest.MonkeyPatch
     import gateway.outbox
 
     monkeypatch.setattr(gateway.outbox, "_LIVE_CACHE", 5)
-    ops: list[tuple[Any, ...]] = [("put", "a", 30), ("up",), ("put", "b", 12), ("ack",), ("put", "a", 9),
-                                  ("down",), ("put", "c", 20), ("up",), ("tick",), ("put", "a", 7), ("ack",)]
+    ops: list[tuple[Any, ...]] = [
+        ("put", "a", 30),
+        ("up",),
+        ("put", "b", 12),
+        ("ack",),
+        ("put", "a", 9),
+        ("down",),
+        ("put", "c", 20),
+        ("up",),
+        ("tick",),
+        ("put", "a", 7),
+        ("ack",),
+    ]
     with tempfile.TemporaryDirectory() as d:
         link, _ = asyncio.run(_play(ops, Path(d)))
     seqs = [m["seq"] for m in link.sent if not m["replayed"]]

@@ -28,8 +28,17 @@ ROOT = Path(__file__).resolve().parents[2]
 ALERTS = "sluice/gw1/alerts/#"
 
 
-def config(tmp_path: Path, port: int, *, interval: float = 0.01, count: int = 100, realtime: bool = False,
-           outbox: str = "{}", console: str = "{enabled: false}", version: str = "5") -> str:
+def config(
+    tmp_path: Path,
+    port: int,
+    *,
+    interval: float = 0.01,
+    count: int = 100,
+    realtime: bool = False,
+    outbox: str = "{}",
+    console: str = "{enabled: false}",
+    version: str = "5",
+) -> str:
     # Four sensors swinging 50 → 100 → 50 → 0: each raises and clears an alert every four rounds.
     sensors = ", ".join(f"{{key: s{i}, base: 50, amplitude: 50, period: {4 * interval}, noise: 0}}" for i in range(4))
     return f"""\
@@ -230,8 +239,7 @@ class CuttableLink:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def test_messages_in_flight_when_the_line_is_cut_are_sent_again(
-        tmp_path: Path, mosquitto_factory: Any) -> None:
+async def test_messages_in_flight_when_the_line_is_cut_are_sent_again(tmp_path: Path, mosquitto_factory: Any) -> None:
     broker = mosquitto_factory(persistence=True)
     consumer = Consumer(broker, f"consumer-{broker.port}").start()
     line = await CuttableLink(broker.port).start()
@@ -322,4 +330,3 @@ async def test_sigkilled_gateway_delivers_its_backlog_after_restart(tmp_path: Pa
                 proc.kill()
                 proc.wait()
         consumer.stop()
-

@@ -116,7 +116,7 @@ async def test_corrupt_file_is_moved_aside_and_store_starts_fresh(
         await store.close()
         raw = bytearray(path.read_bytes())
         assert len(raw) > 8 * 4096
-        raw[4096 * 3:4096 * 6] = b"\xa5" * (4096 * 3)  # scribble over b-tree pages
+        raw[4096 * 3 : 4096 * 6] = b"\xa5" * (4096 * 3)  # scribble over b-tree pages
         path.write_bytes(bytes(raw))
     caplog.set_level(logging.ERROR, logger="gateway.store")
     store = StateStore(path)

@@ -38,8 +38,13 @@ def test_threshold_hysteresis_and_shape() -> None:
     det = make({"type": "threshold", "above": 90, "clear_below": 85, "severity": "critical"})
     got = feed(det, [(1, 80), (2, 91), (3, 95), (4, 88), (5, 84), (6, 86)])
     assert states(got) == [("raised", 91.0), ("cleared", 84.0)]
-    assert got[0] == {"state": "raised", "alert_key": "p/det/k", "severity": "critical", "reading": 91.0,
-                      "rule": "k above 90 (clears below 85)"}
+    assert got[0] == {
+        "state": "raised",
+        "alert_key": "p/det/k",
+        "severity": "critical",
+        "reading": 91.0,
+        "rule": "k above 90 (clears below 85)",
+    }
 
 
 def test_threshold_min_duration() -> None:
@@ -54,7 +59,8 @@ def test_threshold_min_duration() -> None:
 def test_threshold_bad_reading_is_dead_lettered() -> None:
     det = make({"type": "threshold", "below": 0, "field": "t"})
     assert feed(det, [(1, {"t": -1}), (2, {"x": 1}), (3, "hot")]) == [
-        {"state": "raised", "alert_key": "p/det/k", "severity": "warning", "reading": -1.0, "rule": "k below 0"}]
+        {"state": "raised", "alert_key": "p/det/k", "severity": "warning", "reading": -1.0, "rule": "k below 0"}
+    ]
     assert det.n_errors == 2
 
 
@@ -94,8 +100,12 @@ def test_rate_of_change() -> None:
     det = make({"type": "rate_of_change", "max_rise": 2, "max_fall": 5, "per": "1m"})
     # per minute: +1/min, then +6/min (raise), +1/min (clear), -12/min (raise fall)
     got = feed(det, [(0, 10), (60, 11), (120, 17), (180, 18), (240, 6), (240, 99), (300, 6)])
-    assert [(a["state"], a["rate"]) for a in got] == [("raised", 6.0), ("cleared", 1.0), ("raised", -12.0),
-                                                      ("cleared", 0.0)]
+    assert [(a["state"], a["rate"]) for a in got] == [
+        ("raised", 6.0),
+        ("cleared", 1.0),
+        ("raised", -12.0),
+        ("cleared", 0.0),
+    ]
     assert got[2]["rule"] == "k falls faster than 5 per 60s"
     with pytest.raises(ValueError, match="max_rise"):
         make({"type": "rate_of_change"})
@@ -213,8 +223,11 @@ def _ref_flatline(points: list[tuple[float, float]], duration: float, tol: float
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.sampled_from([1.0, 1.05, 2.0, 3.0]), min_size=1, max_size=60),
-       st.floats(min_value=0.5, max_value=10.0), st.sampled_from([0.0, 0.1]))
+@given(
+    st.lists(st.sampled_from([1.0, 1.05, 2.0, 3.0]), min_size=1, max_size=60),
+    st.floats(min_value=0.5, max_value=10.0),
+    st.sampled_from([0.0, 0.1]),
+)
 def test_flatline_matches_a_reference(vals: list[float], duration: float, tol: float) -> None:
     det = make({"type": "flatline", "duration": duration, "tolerance": tol})
     points = [(float(i), v) for i, v in enumerate(vals)]
@@ -223,8 +236,14 @@ def test_flatline_matches_a_reference(vals: list[float], duration: float, tol: f
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.floats(min_value=0.1, max_value=5.0), st.floats(min_value=0, max_value=200)),
-                min_size=1, max_size=60), st.floats(min_value=0.0, max_value=8.0))
+@given(
+    st.lists(
+        st.tuples(st.floats(min_value=0.1, max_value=5.0), st.floats(min_value=0, max_value=200)),
+        min_size=1,
+        max_size=60,
+    ),
+    st.floats(min_value=0.0, max_value=8.0),
+)
 def test_threshold_min_duration_matches_a_reference(steps: list[tuple[float, float]], hold: float) -> None:
     det = make({"type": "threshold", "above": 100, "clear_below": 90, "min_duration": hold})
     ts, points = 0.0, []

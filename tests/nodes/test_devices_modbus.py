@@ -43,13 +43,15 @@ def collect_sink() -> Iterator[None]:
     node_mod._REGISTRY.pop("t_mb_collect", None)
 
 
-CUSTOM = DeviceMap(points=[
-    Point(name="count", table="holding", address=100, type="int32", word_order="little"),
-    Point(name="flags_run", table="holding", address=102, type="bit", bit=3),
-    Point(name="model", table="holding", address=103, type="string", length=4),
-    Point(name="relay", table="coil", address=5),
-    Point(name="level", table="input", address=0, type="float64", scale=0.5, unit="m"),
-])
+CUSTOM = DeviceMap(
+    points=[
+        Point(name="count", table="holding", address=100, type="int32", word_order="little"),
+        Point(name="flags_run", table="holding", address=102, type="bit", bit=3),
+        Point(name="model", table="holding", address=103, type="string", length=4),
+        Point(name="relay", table="coil", address=5),
+        Point(name="level", table="input", address=0, type="float64", scale=0.5, unit="m"),
+    ]
+)
 
 CUSTOM_YAML = """[{name: count, table: holding, address: 100, type: int32, word_order: little},
                   {name: flags_run, table: holding, address: 102, type: bit, bit: 3},
@@ -113,8 +115,13 @@ async def test_tcp_profiles_and_register_map_end_to_end(tmp_path: Path, sim: Mod
     sim.set(3, "level", 3.25)
     assert sim.port is not None
     async with running_gateway(config(tmp_path, sim.port, SLAVES)) as gw:
-        await wait_for(lambda: latest(gw, "tank.level") is not None and latest(gw, "meter.total_energy") is not None
-                       and latest(gw, "room.humidity_offset") is not None)
+        await wait_for(
+            lambda: (
+                latest(gw, "tank.level") is not None
+                and latest(gw, "meter.total_energy") is not None
+                and latest(gw, "room.humidity_offset") is not None
+            )
+        )
         assert latest(gw, "meter.voltage") == 231.5
         assert latest(gw, "room.temperature") == pytest.approx(-4.2)
         assert latest(gw, "tank.count") == -123456.0
@@ -152,8 +159,9 @@ async def test_exception_and_silent_slave_do_not_stall_the_others(tmp_path: Path
         assert src.counters()["modbus_timeout"] < src.counters()["modbus_exception"]
 
         sim.faults.clear()
-        await wait_for(lambda: latest(gw, "room.temperature") is not None and latest(gw, "tank.level") is not None,
-                       timeout=10)
+        await wait_for(
+            lambda: latest(gw, "room.temperature") is not None and latest(gw, "tank.level") is not None, timeout=10
+        )
         await wait_for(lambda: src.health()["state"] == "up")
         assert src.health()["slaves"]["room"]["state"] == "ok"
 

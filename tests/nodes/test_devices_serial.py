@@ -67,17 +67,26 @@ async def test_json_lines_end_to_end(tmp_path: Path) -> None:
         async with running_gateway(config(tmp_path, dev.path, "json")) as gw:
             await wait_for(lambda: node(gw, "field", "dev").health()["state"] == "up")
             await dev.send(b'{"temp": 21.5, "hum": 40, "ts": 1700000000}\n{"temp": 22')
-            await dev.send(b'.0}\n')
+            await dev.send(b".0}\n")
             await wait_for(lambda: len(values(gw)) == 3)
             evs = node(gw, "field", "out").events
-            assert [(e.key, e.value, e.source) for e in evs] == [("temp", 21.5, "dev"), ("hum", 40.0, "dev"),
-                                                                  ("temp", 22.0, "dev")]
+            assert [(e.key, e.value, e.source) for e in evs] == [
+                ("temp", 21.5, "dev"),
+                ("hum", 40.0, "dev"),
+                ("temp", 22.0, "dev"),
+            ]
             assert evs[0].ts == 1700000000.0 and evs[2].ts > 1700000000.0  # device time, else ingest time
 
 
-@pytest.mark.parametrize("codec", ["nmea", "csv", "kv",
-                                   "{type: cobs, crc: crc32, fields: [{name: t, type: i16, scale: 0.01}, "
-                                   "{name: rh, type: u8}]}"])
+@pytest.mark.parametrize(
+    "codec",
+    [
+        "nmea",
+        "csv",
+        "kv",
+        "{type: cobs, crc: crc32, fields: [{name: t, type: i16, scale: 0.01}, {name: rh, type: u8}]}",
+    ],
+)
 async def test_every_codec_through_the_simulator(tmp_path: Path, codec: str) -> None:
     import yaml
     from pydantic import TypeAdapter
@@ -92,8 +101,11 @@ async def test_every_codec_through_the_simulator(tmp_path: Path, codec: str) -> 
             await wait_for(lambda: src.health()["decoder"]["pieces"] >= 20)
             assert src.counters()["malformed"] == 0
             keys = {e.key for e in node(gw, "field", "out").events}
-            want = {"nmea": {"gps.lat", "gps.lon", "wind.rel.speed", "xdr.AIRT"}, "csv": {"temp", "hum"},
-                    "kv": {"temp", "hum", "vbat"}}.get(codec, {"t", "rh"})
+            want = {
+                "nmea": {"gps.lat", "gps.lon", "wind.rel.speed", "xdr.AIRT"},
+                "csv": {"temp", "hum"},
+                "kv": {"temp", "hum", "vbat"},
+            }.get(codec, {"t", "rh"})
             assert want <= keys
 
 
@@ -103,25 +115,33 @@ async def test_bad_input_is_dead_lettered_by_kind_and_decoding_resyncs(tmp_path:
             src = node(gw, "field", "dev")
             await wait_for(lambda: src.health()["state"] == "up")
             good = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
-            await dev.send(b"\x00\xfe\xff" + good)                     # noise, then a sentence: resync
-            await dev.send(good.replace(b"*47", b"*11"))               # wrong checksum
-            await dev.send(b"$" + b"A" * 200 + b"\r\n")                # over-long line
-            await dev.send(b"$GPGGA,123519,48x7.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*" +
-                           b"%02X\r\n" % _xor(b"GPGGA,123519,48x7.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"))
+            await dev.send(b"\x00\xfe\xff" + good)  # noise, then a sentence: resync
+            await dev.send(good.replace(b"*47", b"*11"))  # wrong checksum
+            await dev.send(b"$" + b"A" * 200 + b"\r\n")  # over-long line
+            await dev.send(
+                b"$GPGGA,123519,48x7.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*"
+                + b"%02X\r\n" % _xor(b"GPGGA,123519,48x7.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,")
+            )
             await dev.send(b"$WIMWV,NaN,R,inf,M,A*" + b"%02X\r\n" % _xor(b"WIMWV,NaN,R,inf,M,A"))
             await dev.send(good)
             await wait_for(lambda: len(values(gw, "gps.lat")) == 2)
             await wait_for(lambda: src.counters()["malformed"] == 6)
             c = src.counters()
-            assert (c["malformed_garbage"], c["malformed_checksum"], c["malformed_overlong"],
-                    c["malformed_malformed"], c["malformed_nonfinite"]) == (1, 1, 1, 1, 2)
+            assert (
+                c["malformed_garbage"],
+                c["malformed_checksum"],
+                c["malformed_overlong"],
+                c["malformed_malformed"],
+                c["malformed_nonfinite"],
+            ) == (1, 1, 1, 1, 2)
             assert gw.dead_letters.counts[("field", "dev")] == 6
             reasons = [r["reason"] for r in gw.dead_letters.recent]
             assert any("checksum 11 does not match 47" in r and dev.path in r for r in reasons), reasons
             status, metrics = await get(gw, "/metrics")
             assert status == 200
-            line = [x for x in metrics.splitlines()
-                    if x.startswith("sluice_node_malformed_total{") and 'node="dev"' in x]
+            line = [
+                x for x in metrics.splitlines() if x.startswith("sluice_node_malformed_total{") and 'node="dev"' in x
+            ]
             assert line and line[0].endswith(" 6.0"), line
 
 

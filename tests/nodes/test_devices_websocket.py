@@ -88,7 +88,7 @@ async def test_messages_become_readings(tmp_path: Path, peer: Peer) -> None:
         assert json.loads(peer.received[0]) == {"op": "subscribe", "topic": "sensors"}
         assert peer.headers == ["Bearer t0k"]
         await peer.send(json.dumps({"temp": 21.5, "ts": 1700000000}))
-        await peer.send(b'{"a": 1}\n{"b": 2}')                    # NDJSON in a binary frame
+        await peer.send(b'{"a": 1}\n{"b": 2}')  # NDJSON in a binary frame
         await peer.send(json.dumps([{"c": 3}, {"d": 4, "label": "x"}]))  # an array of objects
         await wait_for(lambda: node(gw, "p", "plausible").n_out == 5)
         assert src.health()["state"] == "up" and src.health()["messages"] == 3

@@ -49,16 +49,26 @@ def test_single_aggregate_is_a_plain_number_and_a_list_gives_a_mapping() -> None
 
     w = make(kind="tumbling", size=10, aggregate=["mean", "max", "count", "p50", "first", "last", "collect"])
     out = feed(w, [("a", 2, 3.0), ("a", 1, 1.0), ("a", 5, 2.0), ("a", 10, 0.0)])
-    assert out[0].value == {"mean": 2.0, "max": 3.0, "count": 3.0, "p50": 2.0, "first": 1.0, "last": 2.0,
-                            "collect": [{"ts": 1.0, "value": 1.0}, {"ts": 2.0, "value": 3.0},
-                                        {"ts": 5.0, "value": 2.0}],
-                            "window_start": 0.0, "window_end": 10.0}
+    assert out[0].value == {
+        "mean": 2.0,
+        "max": 3.0,
+        "count": 3.0,
+        "p50": 2.0,
+        "first": 1.0,
+        "last": 2.0,
+        "collect": [{"ts": 1.0, "value": 1.0}, {"ts": 2.0, "value": 3.0}, {"ts": 5.0, "value": 2.0}],
+        "window_start": 0.0,
+        "window_end": 10.0,
+    }
 
 
 def test_aggregates_on_a_field_and_bounded_collect() -> None:
     w = make(kind="tumbling", size=60, field="temp", aggregate=["stddev", "p90", "collect"], collect_max=2)
-    out = feed(w, [("a", t, {"temp": float(v)}) for t, v in ((1, 2), (2, 4), (3, 4), (4, 4), (5, 5), (6, 5),
-                                                              (7, 7), (8, 9))] + [("a", 60, {"temp": 0.0})])
+    out = feed(
+        w,
+        [("a", t, {"temp": float(v)}) for t, v in ((1, 2), (2, 4), (3, 4), (4, 4), (5, 5), (6, 5), (7, 7), (8, 9))]
+        + [("a", 60, {"temp": 0.0})],
+    )
     v = out[0].value
     assert math.isclose(v["stddev"], 2.0)
     assert math.isclose(v["p90"], 7.6)
@@ -92,9 +102,10 @@ def test_lateness_update_within_and_drop_or_route_beyond() -> None:
 
     w = make(kind="tumbling", size=10, aggregate="count", route_late=True)
     out = feed(w, [("a", 1, 1.0), ("a", 11, 1.0), ("a", 3, 7.0)])
-    assert [(e.ts, e.value, e.meta) for e in out] == [(10.0, 1.0, {"window_start": 0.0, "window_end": 10.0,
-                                                                    "count": 1.0, "final": True}),
-                                                      (3.0, 7.0, {"late": True})]
+    assert [(e.ts, e.value, e.meta) for e in out] == [
+        (10.0, 1.0, {"window_start": 0.0, "window_end": 10.0, "count": 1.0, "final": True}),
+        (3.0, 7.0, {"late": True}),
+    ]
     assert w.counters()["late"] == 1 and w.counters()["dropped"] == 0
 
 
@@ -102,7 +113,12 @@ def test_early_updates_re_emit_then_final() -> None:
     w = make(kind="tumbling", size=10, aggregate="sum", emit="early", allowed_lateness=5)
     out = feed(w, [("a", 1, 1.0), ("a", 8, 2.0), ("a", 4, 4.0), ("a", 16, 0.0)])
     assert [(e.meta["window_start"], e.value, e.meta["final"]) for e in out] == [
-        (0.0, 1.0, False), (0.0, 3.0, False), (0.0, 7.0, False), (10.0, 0.0, False), (0.0, 7.0, True)]
+        (0.0, 1.0, False),
+        (0.0, 3.0, False),
+        (0.0, 7.0, False),
+        (10.0, 0.0, False),
+        (0.0, 7.0, True),
+    ]
 
     w = make(kind="tumbling", size=10, aggregate="sum", emit="early", early_every=5)
     assert feed(w, [("a", 1, 1.0), ("a", 2, 2.0), ("b", 3, 1.0)]) == []
@@ -157,14 +173,21 @@ def test_count_windows_latest_n_and_every_n() -> None:
 
 
 def test_key_expression() -> None:
-    w = make(kind="tumbling", size=10, aggregate="count", key='value.site')
+    w = make(kind="tumbling", size=10, aggregate="count", key="value.site")
     out = feed(w, [("x", 1, {"site": "n"}), ("y", 2, {"site": "n"}), ("z", 3, {"site": "s"}), ("q", 20, {"site": "s"})])
     assert sorted((e.key, e.value) for e in out) == [("n", 2.0), ("s", 1.0)]
 
 
-@pytest.mark.parametrize("kind,extra", [("tumbling", {"size": 10}), ("hopping", {"size": 10, "hop": 5}),
-                                        ("sliding", {"size": 10}), ("session", {"gap": 4}),
-                                        ("count", {"count": 3, "every": 2})])
+@pytest.mark.parametrize(
+    "kind,extra",
+    [
+        ("tumbling", {"size": 10}),
+        ("hopping", {"size": 10, "hop": 5}),
+        ("sliding", {"size": 10}),
+        ("session", {"gap": 4}),
+        ("count", {"count": 3, "every": 2}),
+    ],
+)
 def test_snapshot_is_plain_data_and_restores_to_the_same_results(kind: str, extra: dict[str, Any]) -> None:
     aggs = ["count", "sum", "stddev", "p50", "first", "last", "collect", "min", "max"]
     events = [("a", t, float(t % 7)) for t in (1, 3, 2, 8, 11, 9, 14, 13, 20)] + [("b", 4, 1.0), ("b", 6, 2.0)]
@@ -191,8 +214,14 @@ def test_snapshot_reuses_entries_of_unchanged_keys() -> None:
     assert s2["k:b"] is s1["k:b"] and s2["k:a"] is not s1["k:a"]
 
 
-@pytest.mark.parametrize("other", [{"kind": "session", "gap": 10}, {"kind": "tumbling", "size": 20},
-                                   {"kind": "tumbling", "size": 10, "aggregate": "sum"}])
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"kind": "session", "gap": 10},
+        {"kind": "tumbling", "size": 20},
+        {"kind": "tumbling", "size": 10, "aggregate": "sum"},
+    ],
+)
 def test_restore_for_other_options_starts_empty(other: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     w = make(kind="tumbling", size=10)
     feed(w, [("a", 1, 1.0)])
@@ -206,17 +235,22 @@ def test_restore_for_other_options_starts_empty(other: dict[str, Any], caplog: p
     assert "saved state is for other options" in caplog.text
 
 
-@pytest.mark.parametrize("node,message", [
-    ("{id: w, type: window, input: s, kind: tumbling}", "kind tumbling needs `size`"),
-    ("{id: w, type: window, input: s, kind: hopping, size: 10s}", "kind hopping needs `hop`"),
-    ("{id: w, type: window, input: s, kind: hopping, size: 10s, hop: 20s}", "must not exceed `size`"),
-    ("{id: w, type: window, input: s, kind: session, size: 10s, gap: 1s}", "`size` is for kind"),
-    ("{id: w, type: window, input: s, kind: count, count: 2, every: 3}", "`every` must not exceed"),
-    ("{id: w, type: window, input: s, kind: tumbling, size: 1m, aggregate: [mean, median]}",
-     "unknown aggregate 'median'"),
-    ("{id: w, type: window, input: s, kind: tumbling, size: 1m, key: 'value +'}", "key"),
-    ("{id: w, type: window, input: s, kind: tumbling, size: 1m, emit: sometimes}", "emit"),
-])
+@pytest.mark.parametrize(
+    "node,message",
+    [
+        ("{id: w, type: window, input: s, kind: tumbling}", "kind tumbling needs `size`"),
+        ("{id: w, type: window, input: s, kind: hopping, size: 10s}", "kind hopping needs `hop`"),
+        ("{id: w, type: window, input: s, kind: hopping, size: 10s, hop: 20s}", "must not exceed `size`"),
+        ("{id: w, type: window, input: s, kind: session, size: 10s, gap: 1s}", "`size` is for kind"),
+        ("{id: w, type: window, input: s, kind: count, count: 2, every: 3}", "`every` must not exceed"),
+        (
+            "{id: w, type: window, input: s, kind: tumbling, size: 1m, aggregate: [mean, median]}",
+            "unknown aggregate 'median'",
+        ),
+        ("{id: w, type: window, input: s, kind: tumbling, size: 1m, key: 'value +'}", "key"),
+        ("{id: w, type: window, input: s, kind: tumbling, size: 1m, emit: sometimes}", "emit"),
+    ],
+)
 def test_config_errors_name_the_field(node: str, message: str) -> None:
     text = f"""\
 gateway: {{id: g}}

@@ -15,9 +15,27 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "crash_windows.py"
 
 def test_sigkill_rounds_lose_nothing_and_invent_nothing(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--rounds", "3", "--events", "2500", "--rate", "1000", "--min-delay", "1.0",
-         "--max-delay", "2.2", "--seed", "7", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=110,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--rounds",
+            "3",
+            "--events",
+            "2500",
+            "--rate",
+            "1000",
+            "--min-delay",
+            "1.0",
+            "--max-delay",
+            "2.2",
+            "--seed",
+            "7",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
     )
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report

@@ -28,8 +28,11 @@ async def test_tiers_merge_deltas_and_pick_a_resolution(tmp_path: Path) -> None:
         await store.flush()
         got = h.query("a", 1000.0, 1020.0)
         assert got["tier"] == 1.0
-        assert got["points"] == [[1000.0, 2.0, 1.0, 3.0, 3.0, 2.0], [1001.0, 5.0, 5.0, 5.0, 1.0, 5.0],
-                                 [1012.0, 7.0, 7.0, 7.0, 1.0, 7.0]]
+        assert got["points"] == [
+            [1000.0, 2.0, 1.0, 3.0, 3.0, 2.0],
+            [1001.0, 5.0, 5.0, 5.0, 1.0, 5.0],
+            [1012.0, 7.0, 7.0, 7.0, 1.0, 7.0],
+        ]
         coarse = h.query("a", 1000.0, 1020.0, max_points=5)
         assert coarse["tier"] == 10.0
         assert coarse["points"] == [[1000.0, 11.0 / 4, 1.0, 5.0, 4.0, 5.0], [1010.0, 7.0, 7.0, 7.0, 1.0, 7.0]]
@@ -52,8 +55,10 @@ async def test_tiers_merge_deltas_and_pick_a_resolution(tmp_path: Path) -> None:
 async def test_history_sink_and_api_across_a_restart(tmp_path: Path) -> None:
     events = [["boiler/temp", 1000.0 + i * 0.25, float(i % 4)] for i in range(40)]  # 10 s, 4 per second
     text = config(tmp_path, events, "type: window, kind: tumbling, size: 5s, aggregate: mean", None)
-    text = text.replace("      - {id: out, type: t_keep, input: win}\n",
-                        "      - {id: out, type: t_keep, input: win}\n      - {id: hist, type: history, input: src}\n")
+    text = text.replace(
+        "      - {id: out, type: t_keep, input: win}\n",
+        "      - {id: out, type: t_keep, input: win}\n      - {id: hist, type: history, input: src}\n",
+    )
     text = text.replace("console: {enabled: false}", f"console: {{host: 127.0.0.1, port: 0{NO_AUTH}}}")
     async with running_gateway(text) as gw:
         await wait_for(lambda: node(gw, "hist").n_in == 40, timeout=10)

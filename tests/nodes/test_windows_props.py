@@ -50,12 +50,20 @@ def make(**opts: Any) -> Window:
     return Window(WindowOptions(id="w", type="window", aggregate=AGGS, collect_max=COLLECT_MAX, **opts), ctx)
 
 
-def run_node(w: Window, readings: list[Reading], cut: int | None = None, opts: dict[str, Any] | None = None,
-             batch: int = 0, two_sources: bool = False) -> list[Event]:
+def run_node(
+    w: Window,
+    readings: list[Reading],
+    cut: int | None = None,
+    opts: dict[str, Any] | None = None,
+    batch: int = 0,
+    two_sources: bool = False,
+) -> list[Event]:
     """Readings one by one through on_event, or (batch > 0) in batches through process_batch."""
     out: list[Event] = []
-    evs = [Event(k, ts, v, "t" if two_sources and i % 3 == 0 else "s")
-           for i, (k, ts, v) in enumerate([*readings, (END, 1e9, 0.0)])]
+    evs = [
+        Event(k, ts, v, "t" if two_sources and i % 3 == 0 else "s")
+        for i, (k, ts, v) in enumerate([*readings, (END, 1e9, 0.0)])
+    ]
     i = 0
     while i < len(evs):
         if cut is not None and i == cut:
@@ -67,7 +75,7 @@ def run_node(w: Window, readings: list[Reading], cut: int | None = None, opts: d
             r = w.on_event(evs[i])
             out.extend(r if isinstance(r, list) else [r] if r is not None else [])
         else:
-            out.extend(w.process_batch(evs[i:i + n]))
+            out.extend(w.process_batch(evs[i : i + n]))
         i += n
     return [e for e in out if e.key != END and e.meta.get("final") and not e.meta.get("late")]
 
@@ -83,17 +91,30 @@ def aggregate(items: list[tuple[float, int, float]]) -> dict[str, Any]:
     first = min(items, key=lambda x: (x[0], x[1]))
     last = max(items, key=lambda x: (x[0], x[1]))
     return {
-        "count": float(len(vals)), "sum": math.fsum(vals), "min": min(vals), "max": max(vals),
-        "mean": statistics.fmean(vals), "stddev": statistics.pstdev(vals),
+        "count": float(len(vals)),
+        "sum": math.fsum(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "mean": statistics.fmean(vals),
+        "stddev": statistics.pstdev(vals),
         "p50": s[0] if len(s) == 1 else statistics.quantiles(s, n=100, method="inclusive")[49],
         "p90": s[0] if len(s) == 1 else statistics.quantiles(s, n=100, method="inclusive")[89],
-        "first": first[2], "last": last[2],
+        "first": first[2],
+        "last": last[2],
         "collect": [{"ts": t, "value": v} for t, _, v in by_time[-COLLECT_MAX:]],
     }
 
 
-def reference(kind: str, readings: list[Reading], lateness: float, size: float = 0, hop: float = 0,
-              gap: float = 0, count: int = 0, every: int = 1) -> dict[tuple[str, float, float], dict[str, Any]]:
+def reference(
+    kind: str,
+    readings: list[Reading],
+    lateness: float,
+    size: float = 0,
+    hop: float = 0,
+    gap: float = 0,
+    count: int = 0,
+    every: int = 1,
+) -> dict[tuple[str, float, float], dict[str, Any]]:
     windows: dict[tuple[str, float, float], list[tuple[float, int, float]]] = defaultdict(list)
     accepted: dict[str, list[tuple[float, int, float]]] = defaultdict(list)
     wm = -math.inf
@@ -102,8 +123,9 @@ def reference(kind: str, readings: list[Reading], lateness: float, size: float =
         item = (ts, i, v)
         if kind in ("tumbling", "hopping"):
             h = size if kind == "tumbling" else hop
-            starts = [j * h for j in range(math.floor((ts - size) / h), math.floor(ts / h) + 1)
-                      if j * h <= ts < j * h + size]
+            starts = [
+                j * h for j in range(math.floor((ts - size) / h), math.floor(ts / h) + 1) if j * h <= ts < j * h + size
+            ]
             live = [s for s in starts if s + size > wm]
             for s in live:
                 windows[(k, s, s + size)].append(item)
@@ -132,7 +154,7 @@ def reference(kind: str, readings: list[Reading], lateness: float, size: float =
     elif kind == "count":
         for k, items in accepted.items():
             for n in range(count, len(items) + 1, every):
-                last_n = items[n - count:n]
+                last_n = items[n - count : n]
                 windows[(k, min(x[0] for x in last_n), max(x[0] for x in last_n))] = last_n
     return {w: aggregate(items) for w, items in windows.items()}
 
@@ -164,24 +186,38 @@ LATENESS = st.sampled_from([0.0, 0.0, 1.0, 4.0, 10.0])
 
 
 @SETTINGS
-@given(readings=streams(), lateness=LATENESS, size=st.sampled_from([1.0, 2.5, 5.0, 10.0]),
-       emit=st.sampled_from(["final", "early"]), batch=st.sampled_from([0, 1, 3, 50]))
+@given(
+    readings=streams(),
+    lateness=LATENESS,
+    size=st.sampled_from([1.0, 2.5, 5.0, 10.0]),
+    emit=st.sampled_from(["final", "early"]),
+    batch=st.sampled_from([0, 1, 3, 50]),
+)
 def test_tumbling(readings: list[Reading], lateness: float, size: float, emit: str, batch: int) -> None:
     out = run_node(make(kind="tumbling", size=size, allowed_lateness=lateness, emit=emit), readings, batch=batch)
     check(out, reference("tumbling", readings, lateness, size=size), "tumbling")
 
 
 @SETTINGS
-@given(readings=streams(), lateness=LATENESS, size=st.sampled_from([1.0, 5.0]), batch=st.sampled_from([1, 4, 50]),
-       aggs=st.sampled_from([["mean"], ["count", "sum", "min", "max", "mean"]]), two=st.booleans())
-def test_tumbling_batch_fast_path(readings: list[Reading], lateness: float, size: float, batch: int,
-                                  aggs: list[str], two: bool) -> None:
+@given(
+    readings=streams(),
+    lateness=LATENESS,
+    size=st.sampled_from([1.0, 5.0]),
+    batch=st.sampled_from([1, 4, 50]),
+    aggs=st.sampled_from([["mean"], ["count", "sum", "min", "max", "mean"]]),
+    two=st.booleans(),
+)
+def test_tumbling_batch_fast_path(
+    readings: list[Reading], lateness: float, size: float, batch: int, aggs: list[str], two: bool
+) -> None:
     """The inlined batch path (plain aggregates) against on_event, event by event, same outputs."""
     ctx = NodeContext("gw", "p", "w", "/nonexistent", None, DeadLetters(None))
 
     def node() -> Window:
-        return Window(WindowOptions(id="w", type="window", kind="tumbling", size=size, allowed_lateness=lateness,
-                                    aggregate=aggs), ctx)
+        return Window(
+            WindowOptions(id="w", type="window", kind="tumbling", size=size, allowed_lateness=lateness, aggregate=aggs),
+            ctx,
+        )
 
     fast, slow = node(), node()
     assert fast._fast
@@ -193,8 +229,11 @@ def test_tumbling_batch_fast_path(readings: list[Reading], lateness: float, size
 
 
 @SETTINGS
-@given(readings=streams(), lateness=LATENESS,
-       shape=st.sampled_from([(4.0, 1.0), (5.0, 2.5), (10.0, 5.0), (6.0, 6.0), (3.0, 2.0)]))
+@given(
+    readings=streams(),
+    lateness=LATENESS,
+    shape=st.sampled_from([(4.0, 1.0), (5.0, 2.5), (10.0, 5.0), (6.0, 6.0), (3.0, 2.0)]),
+)
 def test_hopping(readings: list[Reading], lateness: float, shape: tuple[float, float]) -> None:
     size, hop = shape
     out = run_node(make(kind="hopping", size=size, hop=hop, allowed_lateness=lateness), readings)
@@ -202,16 +241,24 @@ def test_hopping(readings: list[Reading], lateness: float, shape: tuple[float, f
 
 
 @SETTINGS
-@given(readings=streams(), lateness=LATENESS, size=st.sampled_from([0.5, 3.0, 8.0]),
-       emit=st.sampled_from(["final", "early"]))
+@given(
+    readings=streams(),
+    lateness=LATENESS,
+    size=st.sampled_from([0.5, 3.0, 8.0]),
+    emit=st.sampled_from(["final", "early"]),
+)
 def test_sliding(readings: list[Reading], lateness: float, size: float, emit: str) -> None:
     out = run_node(make(kind="sliding", size=size, allowed_lateness=lateness, emit=emit), readings)
     check(out, reference("sliding", readings, lateness, size=size), "sliding")
 
 
 @SETTINGS
-@given(readings=streams(), lateness=LATENESS, gap=st.sampled_from([0.5, 2.0, 5.0, 20.0]),
-       emit=st.sampled_from(["final", "early"]))
+@given(
+    readings=streams(),
+    lateness=LATENESS,
+    gap=st.sampled_from([0.5, 2.0, 5.0, 20.0]),
+    emit=st.sampled_from(["final", "early"]),
+)
 def test_session(readings: list[Reading], lateness: float, gap: float, emit: str) -> None:
     out = run_node(make(kind="session", gap=gap, allowed_lateness=lateness, emit=emit), readings)
     check(out, reference("session", readings, lateness, gap=gap), "session")
@@ -236,8 +283,9 @@ KINDS = {
 
 @SETTINGS
 @given(readings=streams(), kind=st.sampled_from(list(KINDS)), lateness=LATENESS, data=st.data())
-def test_snapshot_and_restore_anywhere_changes_nothing(readings: list[Reading], kind: str, lateness: float,
-                                                       data: Any) -> None:
+def test_snapshot_and_restore_anywhere_changes_nothing(
+    readings: list[Reading], kind: str, lateness: float, data: Any
+) -> None:
     opts = dict(KINDS[kind])
     if kind != "count":
         opts["allowed_lateness"] = lateness

@@ -116,8 +116,9 @@ def node(gw: Any, node_id: str) -> Any:
     return p.nodes[p.index[node_id]]
 
 
-async def run_once(data_dir: Path, events: list[list[Any]], window: str, stop_at: int | None
-                   ) -> tuple[list[Event], Any, int | None]:
+async def run_once(
+    data_dir: Path, events: list[list[Any]], window: str, stop_at: int | None
+) -> tuple[list[Event], Any, int | None]:
     async with running_gateway(config(data_dir, events, window, stop_at)) as gw:
         src, win = node(gw, "src"), node(gw, "win")
         end = len(events) if stop_at is None else stop_at
@@ -178,8 +179,7 @@ async def test_checkpoints_happen_while_running_and_only_changed_keys_are_writte
         assert gw.health()["state_store"]["state"] == "ok"
 
 
-async def test_wall_clock_jumps_neither_fire_nor_stall_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                               ) -> None:
+async def test_wall_clock_jumps_neither_fire_nor_stall_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An NTP step on a Pi without an RTC: time.time() jumps a day ahead, then back; nothing fires early."""
     events = [["a", 1004.0 + i, 1.0] for i in range(5)]
     window = "type: window, kind: tumbling, size: 10s, aggregate: count, idle_timeout: 2s"
@@ -204,8 +204,9 @@ async def test_state_disk_full_is_reported_processing_goes_on_and_saving_resumes
     # 300 keys with 40 collected readings each: far more state than a 64 KiB quota holds
     events = [[f"k{i % 300:03d}", 1000.0 + i / 2000, float(i)] for i in range(12_000)]
     events += [[f"k{i:03d}", 2000.0 + i / 1000, 0.0] for i in range(300)]  # closes every window
-    text = config(tmp_path, events, "type: window, kind: tumbling, size: 10s, aggregate: [collect, count], "
-                                    "collect_max: 40", None)
+    text = config(
+        tmp_path, events, "type: window, kind: tumbling, size: 10s, aggregate: [collect, count], collect_max: 40", None
+    )
     text = text.replace("data_dir:", "state: {max_bytes: 64KiB, commit_interval: 0.05}, data_dir:")
     text = text.replace("type: t_replay,", "type: t_replay, gate_at: 12000,")
     async with running_gateway(text) as gw:
@@ -273,8 +274,9 @@ async def test_state_of_a_removed_node_is_dropped(tmp_path: Path) -> None:
     assert StateStore(tmp_path / "state.db").node_ids("p") == {"src", "win2"}
 
 
-async def test_unreadable_saved_state_costs_that_node_its_state_only(tmp_path: Path,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
+async def test_unreadable_saved_state_costs_that_node_its_state_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = StateStore(tmp_path / "state.db")
     await store.start()
     store.write([("p", "win", ".#", b"{not json"), ("p", "src", "=", b"1")])

@@ -101,8 +101,9 @@ class Browserish:
             body = await r.json() if r.content_type == "application/json" else await r.text()
             return r.status, body
 
-    async def post(self, path: str, body: Any = None, *, origin: str | None = "same", csrf: bool = True,
-                   **kw: Any) -> tuple[int, Any]:
+    async def post(
+        self, path: str, body: Any = None, *, origin: str | None = "same", csrf: bool = True, **kw: Any
+    ) -> tuple[int, Any]:
         if self.csrf is None and csrf:
             await self.session()
         headers = dict(kw.pop("headers", {}))
@@ -123,8 +124,9 @@ class Browserish:
             return r.status, await r.json()
 
     async def setup_admin(self, gw: Gateway, name: str = "admin", password: str = PASSWORD) -> dict[str, Any]:
-        status, data = await self.post("/api/setup", {"code": web_of(gw).auth.setup_code, "name": name,
-                                                      "password": password})
+        status, data = await self.post(
+            "/api/setup", {"code": web_of(gw).auth.setup_code, "name": name, "password": password}
+        )
         assert status == 201, data
         self.csrf = data["csrf"]
         return data

@@ -33,10 +33,24 @@ async def test_node_config(gw: Gateway, admin: Browserish) -> None:
 def test_redaction_of_secret_looking_options() -> None:
     from gateway.web.views import _redact
 
-    out = _redact({"password": "hunter2", "api_token": "x", "nested": [{"secret": "s"}], "key": "boiler/temp",
-                   "host": "h", "private_key": "k"})
-    assert out == {"password": "***", "api_token": "***", "nested": [{"secret": "***"}], "key": "boiler/temp",
-                   "host": "h", "private_key": "***"}
+    out = _redact(
+        {
+            "password": "hunter2",
+            "api_token": "x",
+            "nested": [{"secret": "s"}],
+            "key": "boiler/temp",
+            "host": "h",
+            "private_key": "k",
+        }
+    )
+    assert out == {
+        "password": "***",
+        "api_token": "***",
+        "nested": [{"secret": "***"}],
+        "key": "boiler/temp",
+        "host": "h",
+        "private_key": "***",
+    }
 
 
 async def test_config_text_and_validation_with_lines(gw: Gateway, admin: Browserish) -> None:
@@ -75,9 +89,16 @@ async def test_openapi_describes_every_api_route(gw: Gateway, admin: Browserish)
             routes |= {(path, r.method.lower()) for r in resource if r.method != "HEAD"}
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
     assert routes <= documented
-    mine = {("/api/session", "get"), ("/api/login", "post"), ("/api/setup", "post"), ("/api/overview", "get"),
-            ("/api/config/validate", "post"), ("/api/tokens", "post"), ("/api/pipelines", "get"),
-            ("/api/deadletters", "get")}
+    mine = {
+        ("/api/session", "get"),
+        ("/api/login", "post"),
+        ("/api/setup", "post"),
+        ("/api/overview", "get"),
+        ("/api/config/validate", "post"),
+        ("/api/tokens", "post"),
+        ("/api/pipelines", "get"),
+        ("/api/deadletters", "get"),
+    }
     for path, method in mine:
         op = doc["paths"][path][method]
         assert op["summary"] != "undocumented" and ({"200", "201"} & set(op["responses"])), path

@@ -18,8 +18,18 @@ from gateway.web import hash_password
 
 from .conftest import PASSWORD, Browserish, base_url, web_of
 
-PROTECTED_GETS = ["/", "/api/pipelines", "/api/deadletters", "/api/logs", "/api/overview", "/api/config",
-                  "/api/openapi.json", "/api/users", "/api/tokens", "/api/pipelines/plant/nodes/sensors"]
+PROTECTED_GETS = [
+    "/",
+    "/api/pipelines",
+    "/api/deadletters",
+    "/api/logs",
+    "/api/overview",
+    "/api/config",
+    "/api/openapi.json",
+    "/api/users",
+    "/api/tokens",
+    "/api/pipelines/plant/nodes/sensors",
+]
 
 
 async def test_monitoring_open_everything_else_refused_without_login(gw: Gateway, client_factory: Callable) -> None:
@@ -48,8 +58,10 @@ async def test_first_visit_creates_admin_with_setup_code(gw: Gateway, client_fac
     code = auth.setup_code
     assert code is not None
     c = client_factory()
-    status, body = await c.post("/api/setup", {"code": "0000-0000" if code != "0000-0000" else "1111-1111",
-                                               "name": "admin", "password": PASSWORD})
+    status, body = await c.post(
+        "/api/setup",
+        {"code": "0000-0000" if code != "0000-0000" else "1111-1111", "name": "admin", "password": PASSWORD},
+    )
     assert status == 403 and "setup code" in body["error"]
     status, body = await c.post("/api/setup", {"code": code, "name": "admin", "password": "short"})
     assert status == 400 and "password" in body["error"]
@@ -77,9 +89,11 @@ async def test_first_visit_creates_admin_with_setup_code(gw: Gateway, client_fac
 async def test_session_cookie_flags_and_logout(gw: Gateway, client_factory: Callable) -> None:
     c = client_factory()
     await c.session()
-    async with c.http.post(c.base + "/api/setup", json={"code": web_of(gw).auth.setup_code, "name": "admin",
-                                                        "password": PASSWORD},
-                           headers={"Origin": c.base, "X-CSRF-Token": c.csrf or ""}) as r:
+    async with c.http.post(
+        c.base + "/api/setup",
+        json={"code": web_of(gw).auth.setup_code, "name": "admin", "password": PASSWORD},
+        headers={"Origin": c.base, "X-CSRF-Token": c.csrf or ""},
+    ) as r:
         assert r.status == 201
         cookie = r.headers["Set-Cookie"]
         c.csrf = (await r.json())["csrf"]
@@ -102,8 +116,7 @@ async def test_csrf_token_and_origin_required_for_changes(gw: Gateway, admin: Br
     assert status == 403 and "cross-origin" in data["error"]
     status, data = await admin.post("/api/users", body, origin="null")
     assert status == 403
-    status, data = await admin.post("/api/users", body, origin=None,
-                                    headers={"Referer": "http://evil.example/page"})
+    status, data = await admin.post("/api/users", body, origin=None, headers={"Referer": "http://evil.example/page"})
     assert status == 403
     assert "op" not in web_of(gw).auth.store.users
     status, data = await admin.post("/api/users", body)
@@ -124,8 +137,11 @@ async def test_login_wrong_password_then_lockout(gw: Gateway, admin: Browserish,
         status, _ = await c.login("admin", "wrong password!")
         assert status == 401
     # locked: even the right password is refused, and the answer says when to retry
-    async with c.http.post(c.base + "/api/login", json={"name": "admin", "password": PASSWORD},
-                           headers={"Origin": c.base, "X-CSRF-Token": c.csrf or ""}) as r:
+    async with c.http.post(
+        c.base + "/api/login",
+        json={"name": "admin", "password": PASSWORD},
+        headers={"Origin": c.base, "X-CSRF-Token": c.csrf or ""},
+    ) as r:
         assert r.status == 429
         assert int(r.headers["Retry-After"]) > 0
         assert "too many failed logins" in (await r.json())["error"]
@@ -143,8 +159,11 @@ async def test_viewer_reads_but_cannot_change(gw: Gateway, admin: Browserish, cl
         assert (await v.get(path))[0] == 200, path
     for path in ("/api/config", "/api/users", "/api/tokens"):
         assert (await v.get(path))[0] == 403, path
-    changes = (("/api/config/validate", "gateway: {id: x}"), ("/api/users", {"name": "x", "password": PASSWORD}),
-               ("/api/tokens", {"role": "admin"}))
+    changes = (
+        ("/api/config/validate", "gateway: {id: x}"),
+        ("/api/users", {"name": "x", "password": PASSWORD}),
+        ("/api/tokens", {"role": "admin"}),
+    )
     for path, body in changes:
         status, data = await v.post(path, body)
         assert status == 403 and "admin" in data["error"], path
@@ -162,11 +181,13 @@ async def test_api_tokens_for_scripts(gw: Gateway, admin: Browserish) -> None:
     async with aiohttp.ClientSession() as s:  # no cookies: a script
         async with s.get(base + "/api/pipelines", headers={"Authorization": f"Bearer {tok['token']}"}) as r:
             assert r.status == 200
-        async with s.post(base + "/api/config/validate", data="gateway: {id: x}",
-                          headers={"Authorization": f"Bearer {tok['token']}"}) as r:
+        async with s.post(
+            base + "/api/config/validate", data="gateway: {id: x}", headers={"Authorization": f"Bearer {tok['token']}"}
+        ) as r:
             assert r.status == 403  # a viewer token reads only
-        async with s.post(base + "/api/config/validate", data="gateway: {id: x}",
-                          headers={"Authorization": f"Bearer {atok['token']}"}) as r:
+        async with s.post(
+            base + "/api/config/validate", data="gateway: {id: x}", headers={"Authorization": f"Bearer {atok['token']}"}
+        ) as r:
             assert r.status == 200 and (await r.json())["valid"] is True  # no CSRF needed without cookies
         async with s.get(base + "/api/pipelines", headers={"Authorization": "Bearer slt_wrong"}) as r:
             assert r.status == 401
@@ -207,16 +228,26 @@ async def test_pages_have_no_inline_script_and_no_secret(gw: Gateway, admin: Bro
 
 
 def test_hash_password_command() -> None:
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "hash-password", "--stdin"], input=PASSWORD + "\n",
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "hash-password", "--stdin"],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     h = out.stdout.strip()
     assert h.startswith("$argon2id$") and PASSWORD not in h
     import argon2
 
     assert argon2.PasswordHasher().verify(h, PASSWORD)
-    short = subprocess.run([sys.executable, "-m", "gateway.cli", "hash-password", "--stdin"], input="short\n",
-                           capture_output=True, text=True, timeout=60)
+    short = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "hash-password", "--stdin"],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert short.returncode == 1 and "at least 10 characters" in short.stderr
 
 
@@ -244,7 +275,7 @@ async def test_config_rejects_plain_password(tmp_path: Any) -> None:
     from gateway.config import parse_config
     from gateway.errors import ConfigError
 
-    text = ("gateway: {id: g}\nconsole:\n  users:\n    - {name: ops, password_hash: hunter2}\n")
+    text = "gateway: {id: g}\nconsole:\n  users:\n    - {name: ops, password_hash: hunter2}\n"
     with pytest.raises(ConfigError) as err:
         parse_config(text, "c.yaml", {})
     assert any(i.path == "console.users.0.password_hash" and i.line == 4 for i in err.value.issues)
@@ -296,16 +327,22 @@ def _self_signed(tmp_path: Any) -> tuple[str, str]:
     now = datetime.datetime.now(datetime.UTC)
     import ipaddress
 
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "console.crt", tmp_path / "console.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(cert_path), str(key_path)
 
 
@@ -317,15 +354,18 @@ async def test_tls_console_sets_secure_cookie_and_hsts(make_gateway: Callable, t
         assert gw.console is not None and gw.console.url.startswith("https://")
         ctx = ssl.create_default_context(cafile=cert)
         base = f"https://127.0.0.1:{gw.console.port}"
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
-                                         connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        async with aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True), connector=aiohttp.TCPConnector(ssl=ctx)
+        ) as s:
             async with s.get(base + "/api/session") as r:
                 assert r.headers["Strict-Transport-Security"].startswith("max-age=")
                 csrf = (await r.json())["csrf"]
                 assert "Secure" in r.headers["Set-Cookie"]
-            async with s.post(base + "/api/setup", json={"code": web_of(gw).auth.setup_code, "name": "admin",
-                                                         "password": PASSWORD},
-                              headers={"Origin": base, "X-CSRF-Token": csrf}) as r:
+            async with s.post(
+                base + "/api/setup",
+                json={"code": web_of(gw).auth.setup_code, "name": "admin", "password": PASSWORD},
+                headers={"Origin": base, "X-CSRF-Token": csrf},
+            ) as r:
                 assert r.status == 201
                 assert "Secure" in r.headers["Set-Cookie"] and "HttpOnly" in r.headers["Set-Cookie"]
             async with s.get(base + "/api/pipelines") as r:
@@ -386,8 +426,9 @@ async def test_every_route_refuses_without_login(gw: Gateway, client_factory: Ca
             method = route.method
             if method in ("HEAD", "*"):
                 continue
-            async with c.http.request(method, c.base + url, allow_redirects=False,
-                                      headers={"Origin": c.base, "X-CSRF-Token": c.csrf or ""}) as r:
+            async with c.http.request(
+                method, c.base + url, allow_redirects=False, headers={"Origin": c.base, "X-CSRF-Token": c.csrf or ""}
+            ) as r:
                 if url.startswith("/api/") or url == "/ws" or method != "GET":
                     assert r.status == 401, (method, url, r.status)
                 else:

@@ -25,15 +25,15 @@ CHROMIUM = os.environ.get("SLUICE_CHROMIUM") or shutil.which("chromium") or "/us
 ARTIFACTS = Path(os.environ.get("SLUICE_ARTIFACTS", Path(__file__).resolve().parents[2] / ".cache" / "artifacts"))
 
 if not os.path.exists(CHROMIUM):
-    pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set SLUICE_CHROMIUM)",
-                pytrace=False)
+    pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set SLUICE_CHROMIUM)", pytrace=False)
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     async with playwright_api.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        b = await p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
         try:
             yield b
         finally:
@@ -104,7 +104,9 @@ async def test_login_and_live_counters(gw: Gateway, page: Any) -> None:
     first = int(await cell.inner_text())
     await page.wait_for_function(
         "n => Number(document.querySelector('#pipelines tr[data-pipeline=\"plant\"] .events-in').textContent) > n",
-        arg=first, timeout=10_000)
+        arg=first,
+        timeout=10_000,
+    )
     await playwright_api.expect(page.locator("#link")).to_have_text("live")
     await playwright_api.expect(page.locator("#view")).to_contain_text("Outbox")
     text = await page.inner_text("#view")
@@ -145,7 +147,9 @@ async def test_graph_renders_nodes_edges_and_node_config(gw: Gateway, page: Any)
     before = await counters.text_content()
     await page.wait_for_function(
         "t => document.querySelector('g.node[data-node=\"sensors\"] text.counters').textContent !== t",
-        arg=before, timeout=10_000)
+        arg=before,
+        timeout=10_000,
+    )
     await playwright_api.expect(counters).to_contain_text(lambda_regex(r"^[\d.]+/s · out \d+"))
     await page.click('g.node[data-node="alarm"]')
     panel = page.locator("#node-panel")
@@ -181,7 +185,7 @@ async def test_live_events_and_dead_letters_pages(gw: Gateway, page: Any) -> Non
     await page.click("#tap-pause")
     await playwright_api.expect(page.locator("#tap-pause")).to_have_text("Resume")
     await shot(page, "events")
-    gw.dead_letters.record("plant", "hot", "value is not a number", None, b"{\"v\": \"x\"}")
+    gw.dead_letters.record("plant", "hot", "value is not a number", None, b'{"v": "x"}')
     await page.goto(base + "/#/deadletters")
     await playwright_api.expect(page.locator("#deadletters")).to_contain_text("value is not a number")
     await shot(page, "deadletters")

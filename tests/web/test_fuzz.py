@@ -31,11 +31,23 @@ def live_console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     root = tmp_path_factory.mktemp("fuzz")
     data = root / "data"
     (data / "console").mkdir(parents=True)
-    (data / "console" / "users.json").write_text(json.dumps({
-        "users": [{"name": "admin", "password_hash": hash_password("correct horse battery"), "role": "admin"}],
-        "tokens": [{"id": "fuzz", "name": "fuzz", "role": "admin", "created": time.time(), "last_used": None,
-                    "digest": hashlib.sha256(TOKEN.encode()).hexdigest()}],
-    }))
+    (data / "console" / "users.json").write_text(
+        json.dumps(
+            {
+                "users": [{"name": "admin", "password_hash": hash_password("correct horse battery"), "role": "admin"}],
+                "tokens": [
+                    {
+                        "id": "fuzz",
+                        "name": "fuzz",
+                        "role": "admin",
+                        "created": time.time(),
+                        "last_used": None,
+                        "digest": hashlib.sha256(TOKEN.encode()).hexdigest(),
+                    }
+                ],
+            }
+        )
+    )
     port = free_port()
     cfg = root / "gateway.yaml"
     cfg.write_text(f"""
@@ -49,8 +61,13 @@ pipelines:
 console: {{host: 127.0.0.1, port: {port}}}
 """)
     log = (root / "gateway.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(cfg), "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=root, env={**os.environ, "PYTHONWARNINGS": ""})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", str(cfg), "--log-level", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+        env={**os.environ, "PYTHONWARNINGS": ""},
+    )
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:

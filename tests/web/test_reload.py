@@ -80,8 +80,11 @@ async def test_changed_pipeline_restarts_unchanged_keeps_running(running: tuple[
 async def test_add_and_remove_pipelines(running: tuple[Gateway, Path, Browserish]) -> None:
     gw, path, c = running
     text = path.read_text()
-    edited = text.replace("  - name: other", "  - name: third").replace("{id: sim,", "{id: sim3,").replace(
-        "input: sim,", "input: sim3,")
+    edited = (
+        text.replace("  - name: other", "  - name: third")
+        .replace("{id: sim,", "{id: sim3,")
+        .replace("input: sim,", "input: sim3,")
+    )
     status, r = await c.post("/api/config/save", edited)
     assert status == 200, r
     assert r["added"] == ["third"] and r["removed"] == ["other"] and r["unchanged"] == ["plant"]
@@ -105,8 +108,9 @@ async def test_sections_other_than_pipelines_need_a_restart(running: tuple[Gatew
     assert gw.pipelines == before
 
 
-async def test_a_pipeline_that_cannot_start_is_rolled_back(running: tuple[Gateway, Path, Browserish],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_pipeline_that_cannot_start_is_rolled_back(
+    running: tuple[Gateway, Path, Browserish], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from gateway.engine import Pipeline
 
     gw, path, c = running
@@ -147,8 +151,9 @@ async def test_live_taps_follow_the_reloaded_pipeline(running: tuple[Gateway, Pa
         await ws.send_json({"op": "subscribe", "topic": "events", "pipeline": "other", "node": "shown"})
         await receive(ws, "events", pred=lambda m: m["node"] == "sensors")
         text = path.read_text()
-        edited = text.replace("above: 95", "above: 96").replace("{id: shown, type: log, input: sim, level: debug}",
-                                                               "{id: shown2, type: log, input: sim, level: debug}")
+        edited = text.replace("above: 95", "above: 96").replace(
+            "{id: shown, type: log, input: sim, level: debug}", "{id: shown2, type: log, input: sim, level: debug}"
+        )
         status, r = await c.post("/api/config/save", edited)
         assert status == 200 and r["changed"] == ["other", "plant"], r
         gone = await receive(ws, "error")

@@ -22,8 +22,12 @@ def ws_url(c: Browserish, csrf: str | None = None) -> str:
     return c.base.replace("http://", "ws://") + "/ws" + (f"?csrf={csrf}" if csrf else "")
 
 
-async def receive(ws: aiohttp.ClientWebSocketResponse, kind: str, limit: float = 10.0,
-                  pred: Callable[[dict[str, Any]], bool] = lambda m: True) -> dict[str, Any]:
+async def receive(
+    ws: aiohttp.ClientWebSocketResponse,
+    kind: str,
+    limit: float = 10.0,
+    pred: Callable[[dict[str, Any]], bool] = lambda m: True,
+) -> dict[str, Any]:
     async def loop() -> dict[str, Any]:
         while True:
             msg = await ws.receive()
@@ -35,8 +39,7 @@ async def receive(ws: aiohttp.ClientWebSocketResponse, kind: str, limit: float =
     return await asyncio.wait_for(loop(), limit)
 
 
-async def test_handshake_needs_login_origin_and_csrf(gw: Gateway, admin: Browserish,
-                                                     client_factory: Callable) -> None:
+async def test_handshake_needs_login_origin_and_csrf(gw: Gateway, admin: Browserish, client_factory: Callable) -> None:
     anon = client_factory()
     with pytest.raises(aiohttp.WSServerHandshakeError) as e:
         await anon.http.ws_connect(ws_url(anon), origin=anon.base)
@@ -61,8 +64,9 @@ async def test_script_with_token_needs_no_origin(gw: Gateway, admin: Browserish)
     status, tok = await admin.post("/api/tokens", {"name": "watcher", "role": "viewer"})
     assert status == 201
     async with aiohttp.ClientSession() as s:
-        ws = await s.ws_connect(base_url(gw).replace("http", "ws") + "/ws",
-                                headers={"Authorization": f"Bearer {tok['token']}"})
+        ws = await s.ws_connect(
+            base_url(gw).replace("http", "ws") + "/ws", headers={"Authorization": f"Bearer {tok['token']}"}
+        )
         try:
             await receive(ws, "hello")
         finally:
