@@ -371,7 +371,7 @@ class LocalProvider:
             for part in it:
                 # Give the GIL away between tokens: llama-cpp-python does a lot of Python work per
                 # token, and without this the event loop's thread waits for the GIL (the pipeline
-                # ran at ~40 % speed in scripts/bench/llm_shedding.py; with it, at full speed).
+                # ran at ~40 % speed in scripts/bench/llm_overload.py; with it, at full speed).
                 time.sleep(0)
                 if job.cancelled.is_set():
                     it.close()

@@ -16,7 +16,7 @@ every alert with a local model: a tiny random GGUF written on the fly (default),
 
 The output ends with one JSON line of every figure.
 
-  .venv/bin/python scripts/bench/llm_shedding.py [--quick] [--n READINGS] [--seconds S] [--model tiny|gemma]
+  .venv/bin/python scripts/bench/llm_overload.py [--quick] [--n READINGS] [--seconds S] [--model tiny|gemma]
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ async def main() -> int:
     print(
         json.dumps(
             {
-                "bench": "llm_shedding",
+                "bench": "llm_overload",
                 "model": args.model,
                 "quick": args.quick,
                 "ratio": round(ratio, 4),

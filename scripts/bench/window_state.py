@@ -16,7 +16,7 @@ sluice ÷ dict with that cost taken out of each second (checkpoints run at most 
 goal ≥ 0.5), bytes of stored state per open key, and the store's commit latency p50/p99. Ends
 with one JSON line.
 
-    .venv/bin/python scripts/bench/windows.py [--quick] [--n N] [--keys K]
+    .venv/bin/python scripts/bench/window_state.py [--quick] [--n N] [--keys K]
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def main() -> int:
     print(
         json.dumps(
             {
-                "bench": "windows",
+                "bench": "window_state",
                 "n": n,
                 "keys": args.keys,
                 "ratio": round(ratio, 3),
