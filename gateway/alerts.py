@@ -12,25 +12,36 @@ Operators acknowledge and resolve alerts on the console (``GET /api/alerts``,
 ``…/cmd/resolve``, answered on the request's MQTT 5 response topic, else on
 ``sluice/<gateway>/cmd/reply``. Each lifecycle step is published through the outbox when the
 sink names a connection.
+
+Suppression (maintenance) windows hold notifications back without losing alerts: a sink's
+scheduled windows (:class:`SuppressWindow`, wall-clock by nature, in a time zone) and ad-hoc
+suppressions (an ``alert_key`` glob until a time, kept in ``alerts.db``, made on the console or on
+``…/cmd/suppress``). An alert opened while suppressed is recorded with ``suppressed`` set and
+nothing is published about it; once no suppression covers it any more, a still-unresolved one is
+published once (action ``opened``, or ``acknowledged`` if an operator acknowledged it meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import fnmatch
 import json
 import logging
+import re
 import sqlite3
 import time
-from collections.abc import Callable
+import zoneinfo
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SluiceError
 
-__all__ = ["AlertBook", "AlertCommand", "AlertError", "AlertService"]
+__all__ = ["AlertBook", "AlertCommand", "AlertError", "AlertService", "SuppressCommand", "SuppressWindow"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,7 +70,121 @@ _COLUMNS = (
     "note",
     "connection",
     "topic",
+    "suppressed",
 )
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_OFFSET = re.compile(r"^(?:UTC|GMT)?\s*([+-])(\d{1,2})(?::?(\d{2}))?$")
+_HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$|^24:00$")
+
+
+def parse_tz(name: str) -> dt.tzinfo:
+    """An IANA zone (``Europe/Berlin``), ``UTC``/``Z``, or a fixed offset (``+02:00``, ``UTC-5``)."""
+    if name in ("UTC", "Z", "GMT"):
+        return dt.UTC
+    m = _OFFSET.match(name)
+    if m:
+        sign, hours, minutes = m.group(1), int(m.group(2)), int(m.group(3) or 0)
+        if hours > 14 or minutes > 59:
+            raise ValueError(f"offset {name!r} is out of range (-14:00..+14:00)")
+        delta = dt.timedelta(hours=hours, minutes=minutes)
+        return dt.timezone(-delta if sign == "-" else delta)
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {name!r}; give an IANA name such as Europe/Berlin, UTC, or an offset such as +02:00"
+        ) from None
+
+
+def _minutes(hhmm: str) -> int:
+    h, m = hhmm.split(":")
+    return int(h) * 60 + int(m)
+
+
+class SuppressWindow(BaseModel):
+    """A recurring maintenance window: on ``days``, from ``from`` to ``to`` local time in ``tz``
+    (a window that ends before it starts runs past midnight into the next day)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=lambda: list(DAYS), min_length=1, description="Days the window starts on."
+    )
+    start: str = Field(alias="from", description='Local start time "HH:MM".')
+    end: str = Field(alias="to", description='Local end time "HH:MM" ("24:00": midnight at the end of the day).')
+    tz: str = Field("UTC", description="IANA time zone (Europe/Berlin), UTC, or an offset (+02:00).")
+    keys: list[str] = Field(default_factory=lambda: ["*"], min_length=1, description="alert_key glob patterns.")
+    severities: list[Literal["info", "warning", "critical"]] = Field(
+        default_factory=lambda: list(SEVERITIES), min_length=1
+    )
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        if not _HHMM.match(v):
+            raise ValueError(f'{v!r} is not a time "HH:MM" (00:00..23:59, or 24:00 as an end)')
+        return v
+
+    @field_validator("tz")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        parse_tz(v)
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SuppressWindow:
+        if self.start == "24:00":
+            raise ValueError("a window cannot start at 24:00; use 00:00")
+        if _minutes(self.start) == _minutes(self.end):
+            raise ValueError('`from` and `to` are equal: an empty window (a whole day is "00:00" to "24:00")')
+        return self
+
+    def covers(self, now: float, alert_key: str, severity: str) -> bool:
+        """Whether the window is open at epoch ``now`` for this alert."""
+        if severity not in self.severities or not any(fnmatch.fnmatchcase(alert_key, k) for k in self.keys):
+            return False
+        local = dt.datetime.fromtimestamp(now, parse_tz(self.tz))
+        minute = local.hour * 60 + local.minute
+        start, end = _minutes(self.start), _minutes(self.end)
+        today = DAYS[local.weekday()]
+        if start < end:
+            return today in self.days and start <= minute < end
+        yesterday = DAYS[(local.weekday() - 1) % 7]
+        return (today in self.days and minute >= start) or (yesterday in self.days and minute < end)
+
+
+def parse_until(v: Any) -> float:
+    """Epoch seconds from a number or an ISO 8601 time with its offset."""
+    if isinstance(v, bool):
+        raise ValueError("until is epoch seconds or an ISO 8601 time with an offset")
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            t = dt.datetime.fromisoformat(v)
+        except ValueError:
+            raise ValueError(f"until {v!r} is not an ISO 8601 time") from None
+        if t.tzinfo is None:
+            raise ValueError(f"until {v!r} needs an offset (Z or +02:00): local time is ambiguous")
+        return t.timestamp()
+    raise ValueError("until is epoch seconds or an ISO 8601 time with an offset")
+
+
+class SuppressCommand(BaseModel):
+    """An ad-hoc suppression: alerts whose ``alert_key`` matches the glob publish nothing until ``until``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alert_key: str = Field(min_length=1, max_length=200, description="alert_key glob, e.g. boiler/hot/*.")
+    until: float = Field(description="Epoch seconds or an ISO 8601 time with an offset.")
+    note: str | None = Field(None, max_length=2000)
+    by: str = Field("mqtt", min_length=1, max_length=100)
+    request_id: str | int | None = None
+
+    @field_validator("until", mode="before")
+    @classmethod
+    def _until(cls, v: Any) -> float:
+        return parse_until(v)
 
 
 class AlertError(SluiceError):
@@ -118,7 +243,14 @@ class AlertBook:
             " pipeline TEXT, node TEXT, key TEXT, severity TEXT, state TEXT NOT NULL, condition TEXT,"
             " rule TEXT, reading TEXT, count INTEGER NOT NULL, opened_at REAL, updated_at REAL,"
             " cleared_at REAL, acked_at REAL, acked_by TEXT, resolved_at REAL, resolved_by TEXT, note TEXT,"
-            " connection TEXT, topic TEXT)"
+            " connection TEXT, topic TEXT, suppressed INTEGER NOT NULL DEFAULT 0)"
+        )
+        cols = {r[1] for r in db.execute("PRAGMA table_info(alerts)")}
+        if "suppressed" not in cols:  # an alerts.db from before suppression windows
+            db.execute("ALTER TABLE alerts ADD COLUMN suppressed INTEGER NOT NULL DEFAULT 0")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS suppressions (id INTEGER PRIMARY KEY AUTOINCREMENT, pattern TEXT NOT NULL,"
+            " until REAL NOT NULL, note TEXT, created_at REAL NOT NULL, created_by TEXT)"
         )
         db.execute("CREATE INDEX IF NOT EXISTS alerts_key ON alerts (alert_key, id)")
         db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, updated_at)")
@@ -143,6 +275,8 @@ class AlertBook:
         if row is None:
             return None
         d = dict(row)
+        if "suppressed" in d:
+            d["suppressed"] = bool(d["suppressed"])
         try:
             d["reading"] = json.loads(d["reading"]) if d["reading"] is not None else None
         except ValueError:
@@ -255,14 +389,14 @@ class AlertBook:
                 db.execute(
                     "UPDATE alerts SET state='open', condition='active', count=count+1, cleared_at=NULL,"
                     " reading=?, rule=?, severity=?, updated_at=?, acked_at=NULL, acked_by=NULL,"
-                    " resolved_at=NULL, resolved_by=NULL WHERE id=?",
-                    (reading, v.get("rule"), severity, now, latest["id"]),
+                    " resolved_at=NULL, resolved_by=NULL, suppressed=? WHERE id=?",
+                    (reading, v.get("rule"), severity, now, int(bool(it.get("suppress"))), latest["id"]),
                 )
                 return "reopened", self._get(latest["id"])  # type: ignore[return-value]
             cur = db.execute(
                 "INSERT INTO alerts (alert_key, pipeline, node, key, severity, state, condition, rule,"
-                " reading, count, opened_at, updated_at, connection, topic)"
-                " VALUES (?,?,?,?,?,'open','active',?,?,1,?,?,?,?)",
+                " reading, count, opened_at, updated_at, connection, topic, suppressed)"
+                " VALUES (?,?,?,?,?,'open','active',?,?,1,?,?,?,?,?)",
                 (
                     akey,
                     it["pipeline"],
@@ -275,6 +409,7 @@ class AlertBook:
                     now,
                     it.get("connection"),
                     it.get("topic"),
+                    int(bool(it.get("suppress"))),
                 ),
             )
             return "opened", self._get(int(cur.lastrowid or 0))  # type: ignore[return-value]
@@ -318,6 +453,71 @@ class AlertBook:
             return [d for d in done if d is not None]
 
         return await self._run(run)
+
+    # --- suppression -----------------------------------------------------------------------
+
+    async def held(self) -> list[dict[str, Any]]:
+        """Unresolved alerts whose notifications are being held back."""
+
+        def run() -> list[dict[str, Any]]:
+            assert self._db is not None
+            rows = self._db.execute("SELECT * FROM alerts WHERE suppressed=1 AND state!='resolved' ORDER BY id")
+            return [d for r in rows if (d := self._dict(r)) is not None]
+
+        return await self._run(run)
+
+    async def release(self, alert_id: int) -> dict[str, Any] | None:
+        """Clear an alert's ``suppressed`` flag; the alert as it is now, or None if it was resolved meanwhile."""
+
+        def run() -> dict[str, Any] | None:
+            assert self._db is not None
+            cur = self._db.execute(
+                "UPDATE alerts SET suppressed=0 WHERE id=? AND suppressed=1 AND state!='resolved'", (alert_id,)
+            )
+            return self._get(alert_id) if cur.rowcount else None
+
+        return await self._run(run)
+
+    async def add_suppression(self, pattern: str, until: float, note: str | None, by: str) -> dict[str, Any]:
+        """Record an ad-hoc suppression; expired ones are pruned at the same time."""
+
+        def run() -> dict[str, Any]:
+            db = self._db
+            assert db is not None
+            now = self.clock()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM suppressions WHERE until<=?", (now,))
+                cur = db.execute(
+                    "INSERT INTO suppressions (pattern, until, note, created_at, created_by) VALUES (?,?,?,?,?)",
+                    (pattern, until, note, now, by),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            row = db.execute("SELECT * FROM suppressions WHERE id=?", (cur.lastrowid,)).fetchone()
+            return dict(row)
+
+        return await self._run(run)
+
+    async def suppressions(self) -> list[dict[str, Any]]:
+        """Ad-hoc suppressions still in force, oldest first."""
+
+        def run() -> list[dict[str, Any]]:
+            assert self._db is not None
+            rows = self._db.execute("SELECT * FROM suppressions WHERE until>? ORDER BY id", (self.clock(),))
+            return [dict(r) for r in rows]
+
+        return await self._run(run)
+
+    async def delete_suppression(self, sup_id: int) -> None:
+        def run() -> None:
+            assert self._db is not None
+            if not self._db.execute("DELETE FROM suppressions WHERE id=?", (sup_id,)).rowcount:
+                raise AlertError(404, f"no suppression {sup_id}")
+
+        await self._run(run)
 
     # --- operator actions ----------------------------------------------------------------
 
@@ -397,6 +597,8 @@ class AlertService:
         self.commands_ok = 0
         self.commands_rejected = 0
         self._opened = False
+        # called with (action, public alert) on every lifecycle step: the console's live /ws topic
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     @property
     def cmd_prefix(self) -> str:
@@ -437,6 +639,11 @@ class AlertService:
 
     async def notify(self, action: str, alert: dict[str, Any]) -> None:
         """Publish a lifecycle step through the outbox, to where the alert's sink publishes."""
+        for listener in self.listeners:
+            try:
+                listener(action, _public(alert))
+            except Exception:  # a console bug must not stop the alert going out
+                log.exception("alerts: a lifecycle listener failed")
         conn, topic = alert.get("connection"), alert.get("topic")
         if not conn or not topic or self.outbox is None:
             return
