@@ -136,6 +136,7 @@ class Console:
         self.app.router.add_get("/api/alerts", self.api_alerts)
         self.app.router.add_get("/api/history", self.api_history)
         self.app.router.add_post("/api/alerts/{id}/{action}", self.api_alert_action)
+        self.app.router.add_post("/ingest/{source}", self.ingest)  # its own token, not the console's auth
         from .web import setup as web_setup  # pages, /ws, OpenAPI, and the auth around them
 
         self.web = web_setup(self.app, gw, cfg)
@@ -272,6 +273,22 @@ class Console:
         except AlertError as exc:
             return web.json_response({"error": str(exc)}, status=exc.status)
         return web.json_response({"alert": alert})
+
+    async def ingest(self, request: web.Request) -> web.StreamResponse:
+        """``POST /ingest/<source id>``: readings pushed to a running ``http`` source (nodes/http.py)."""
+        source = request.match_info["source"]
+        handler = self.gw.links.ingest.get(source)
+        if handler is None:
+            if not request.headers.get("Authorization", "").lower().startswith("bearer "):
+                # a stranger gets what a source would answer, like every other guarded route
+                return web.json_response(
+                    {"error": "send Authorization: Bearer <the source's token>"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="ingest"'},
+                )
+            return web.json_response({"error": f"no http source {source!r} is running"}, status=404)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def api_logs(self, request: web.Request) -> web.Response:
         from ._log import RECENT

@@ -230,6 +230,8 @@ _BUILTIN_TYPES: dict[str, str] = {
     "serial": "nodes.devices",
     "modbus": "nodes.devices",
     "websocket": "nodes.devices",
+    "http": "nodes.http",
+    "http_poll": "nodes.http",
     "llm": "nodes.llm",
     "alert": "nodes.alerts",
 }

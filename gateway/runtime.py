@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class Links:
         self.alerts: AlertService | None = None  # set by the Gateway: the alert book alert sinks use
         self.llm: LlmHub | None = None  # set by the Gateway: the providers llm nodes use
         self.history: Any = None  # set by the Gateway: gateway.history.History, for history sinks
+        # POST /ingest/<source id> handlers: an http source adds its own while it runs
+        self.ingest: dict[str, Callable[[Any], Awaitable[Any]]] = {}
         self.publishers: dict[str, MqttLink] = {}
         for name, conn in connections.items():
             will = birth = None
