@@ -571,6 +571,20 @@ class AlertBook:
         return got
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], data: Any) -> M:
+    """``data`` as ``model``, or an AlertError(400) naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise AlertError(400, f"{where + ': ' if where else ''}{msg}") from None
+
+
 def _public(alert: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in alert.items() if k not in ("connection", "topic")}
 
@@ -594,6 +608,11 @@ class AlertService:
         self.links = links  # publisher links, for command replies
         self.command_links = command_links or {}
         self.cooldowns: dict[tuple[str, str], float] = {}  # (pipeline, node) -> cooldown, set by alert sinks
+        # (pipeline, node) -> that sink's scheduled windows and the wall clock they are read with
+        self.windows: dict[tuple[str, str], tuple[Sequence[SuppressWindow], Callable[[], float]]] = {}
+        self.adhoc: list[dict[str, Any]] = []  # ad-hoc suppressions in force (a copy of alerts.db's)
+        self.notifications_suppressed = 0
+        self.released = 0
         self.commands_ok = 0
         self.commands_rejected = 0
         self._opened = False
@@ -606,6 +625,7 @@ class AlertService:
 
     async def open(self) -> None:
         await self.book.open()
+        self.adhoc = await self.book.suppressions()
         self._opened = True
         for link in self.command_links.values():
             link.subscribe(self.cmd_prefix + "+", 1)
@@ -629,13 +649,63 @@ class AlertService:
     async def _cooldown_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            if not self.cooldowns:
-                continue
+            if self.cooldowns:
+                try:
+                    for alert in await self.book.resolve_cooled(self.cooldowns):
+                        await self.notify("resolved", alert)
+                except (sqlite3.Error, AlertError) as exc:
+                    log.error("alerts: cannot resolve cooled-down alerts: %s", exc)
             try:
-                for alert in await self.book.resolve_cooled(self.cooldowns):
-                    await self.notify("resolved", alert)
+                await self.release_due()
             except (sqlite3.Error, AlertError) as exc:
-                log.error("alerts: cannot resolve cooled-down alerts: %s", exc)
+                log.error("alerts: cannot release suppressed alerts: %s", exc)
+
+    # --- suppression -----------------------------------------------------------------------
+
+    def is_suppressed(self, pipeline: str, node: str, alert_key: str, severity: str) -> bool:
+        """Whether a scheduled window of the alert's sink or an ad-hoc suppression covers it now."""
+        now = self.book.clock()
+        if any(s["until"] > now and fnmatch.fnmatchcase(alert_key, s["pattern"]) for s in self.adhoc):
+            return True
+        windows, clock = self.windows.get((pipeline, node), ((), self.book.clock))
+        if not windows:
+            return False
+        wall = clock()
+        return any(w.covers(wall, alert_key, severity) for w in windows)
+
+    async def release_due(self) -> list[dict[str, Any]]:
+        """Publish, once, each held alert no suppression covers any more; return them."""
+        out = []
+        for alert in await self.book.held():
+            if self.is_suppressed(alert["pipeline"], alert["node"], alert["alert_key"], alert["severity"]):
+                continue
+            now_alert = await self.book.release(alert["id"])
+            if now_alert is None:
+                continue
+            self.released += 1
+            log.info("alert %s (%s): suppression over, publishing it", now_alert["id"], now_alert["alert_key"])
+            await self.notify("acknowledged" if now_alert["state"] == "acknowledged" else "opened", now_alert)
+            out.append(_public(now_alert))
+        return out
+
+    async def suppress(self, pattern: str, until: float, *, note: str | None = None, by: str) -> dict[str, Any]:
+        now = self.book.clock()
+        if until <= now:
+            raise AlertError(400, f"until: {until} is not in the future (now {now:.0f})")
+        sup = await self.book.add_suppression(pattern, until, note, by)
+        self.adhoc = await self.book.suppressions()
+        log.info("alerts: %s suppressed %r until %s (%s)", by, pattern, until, note or "no note")
+        return sup
+
+    async def suppressions(self) -> list[dict[str, Any]]:
+        self.adhoc = await self.book.suppressions()
+        return self.adhoc
+
+    async def unsuppress(self, sup_id: int) -> None:
+        """End an ad-hoc suppression now; its held alerts are published at the next release."""
+        await self.book.delete_suppression(sup_id)
+        self.adhoc = await self.book.suppressions()
+        log.info("alerts: suppression %s removed", sup_id)
 
     async def notify(self, action: str, alert: dict[str, Any]) -> None:
         """Publish a lifecycle step through the outbox, to where the alert's sink publishes."""
@@ -645,6 +715,9 @@ class AlertService:
             except Exception:  # a console bug must not stop the alert going out
                 log.exception("alerts: a lifecycle listener failed")
         conn, topic = alert.get("connection"), alert.get("topic")
+        if alert.get("suppressed"):
+            self.notifications_suppressed += 1
+            return
         if not conn or not topic or self.outbox is None:
             return
         await self.outbox.put([(conn, topic, {"action": action, "alert": _public(alert)}, alert["alert_key"])])
@@ -686,16 +759,17 @@ class AlertService:
                 raise AlertError(400, "the command is not JSON") from None
             if isinstance(data, dict):
                 request_id = data.get("request_id")
-            if verb not in ("ack", "resolve"):
-                raise AlertError(404, f"unknown command {verb!r}; use ack or resolve")
-            try:
-                cmd = AlertCommand.model_validate(data)
-            except ValidationError as exc:
-                first = exc.errors(include_url=False)[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise AlertError(400, f"{where + ': ' if where else ''}{first['msg']}") from None
-            alert = await self.operator(verb, cmd.id, alert_key=cmd.alert_key, by=cmd.by, note=cmd.note)  # type: ignore[arg-type]
-            reply: dict[str, Any] = {"ok": True, "request_id": request_id, "command": verb, "alert": alert}
+            if verb not in ("ack", "resolve", "suppress"):
+                raise AlertError(404, f"unknown command {verb!r}; use ack, resolve or suppress")
+            reply: dict[str, Any]
+            if verb == "suppress":
+                sup = validated(SuppressCommand, data)
+                made = await self.suppress(sup.alert_key, sup.until, note=sup.note, by=sup.by)
+                reply = {"ok": True, "request_id": request_id, "command": verb, "suppression": made}
+            else:
+                cmd = validated(AlertCommand, data)
+                alert = await self.operator(verb, cmd.id, alert_key=cmd.alert_key, by=cmd.by, note=cmd.note)  # type: ignore[arg-type]
+                reply = {"ok": True, "request_id": request_id, "command": verb, "alert": alert}
             self.commands_ok += 1
         except AlertError as exc:
             self.commands_rejected += 1
@@ -726,4 +800,11 @@ class AlertService:
         log.warning("alerts: no connection to answer on %s", topic)
 
     def health(self) -> dict[str, Any]:
-        return {**self.book.counts, "commands_ok": self.commands_ok, "commands_rejected": self.commands_rejected}
+        return {
+            **self.book.counts,
+            "commands_ok": self.commands_ok,
+            "commands_rejected": self.commands_rejected,
+            "notifications_suppressed": self.notifications_suppressed,
+            "released": self.released,
+            "suppressions": len(self.adhoc),
+        }

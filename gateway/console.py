@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from aiohttp import web
 
-from .alerts import SEVERITIES, STATES, AlertError
+from .alerts import SEVERITIES, STATES, AlertError, SuppressCommand, validated
 from .config import ConsoleConfig
 
 if TYPE_CHECKING:
@@ -98,6 +98,14 @@ class _GatewayCollector:
         for action, n in gw.alerts.book.counts.items():
             steps.add_metric([action], n)
         yield steps
+        yield CounterMetricFamily(
+            "sluice_alert_notifications_suppressed",
+            "Alert notifications held back by a suppression window",
+            value=gw.alerts.notifications_suppressed,
+        )
+        yield CounterMetricFamily(
+            "sluice_alert_released", "Held alerts published when their suppression ended", value=gw.alerts.released
+        )
         up = GaugeMetricFamily("sluice_mqtt_connected", "1 when the publisher link is connected", labels=["connection"])
         for name, link in gw.links.publishers.items():
             up.add_metric([name], 1 if link.connected else 0)
@@ -136,6 +144,10 @@ class Console:
         self.app.router.add_get("/api/alerts", self.api_alerts)
         self.app.router.add_get("/api/history", self.api_history)
         self.app.router.add_post("/api/alerts/{id}/{action}", self.api_alert_action)
+        self.app.router.add_post("/api/alerts/suppress", self.api_alert_suppress)
+        self.app.router.add_get("/api/alerts/suppressions", self.api_alert_suppressions)
+        self.app.router.add_delete("/api/alerts/suppressions/{id}", self.api_alert_unsuppress)
+        _describe_suppression_routes()
         self.app.router.add_post("/ingest/{source}", self.ingest)  # its own token, not the console's auth
         from .web import setup as web_setup  # pages, /ws, OpenAPI, and the auth around them
 
@@ -290,9 +302,122 @@ class Console:
         response: web.StreamResponse = await handler(request)
         return response
 
+    async def api_alert_suppress(self, request: web.Request) -> web.Response:
+        """``POST /api/alerts/suppress {"alert_key": glob, "until": epoch|ISO 8601, "note": "..."}`` (admin)."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "the body must be JSON"}, status=400)
+        from .web.auth import IDENTITY
+
+        ident = request.get(IDENTITY)
+        if isinstance(body, dict) and ident is not None and ident.via != "open":
+            body = {**body, "by": ident.name}
+        elif isinstance(body, dict):
+            body = {"by": "console", **body}
+        try:
+            cmd = validated(SuppressCommand, body)
+            sup = await self.gw.alerts.suppress(cmd.alert_key, cmd.until, note=cmd.note, by=cmd.by)
+        except AlertError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        return web.json_response({"suppression": sup}, status=201)
+
+    async def api_alert_suppressions(self, request: web.Request) -> web.Response:
+        return web.json_response({"suppressions": await self.gw.alerts.suppressions()})
+
+    async def api_alert_unsuppress(self, request: web.Request) -> web.Response:
+        try:
+            sup_id = int(request.match_info["id"])
+        except ValueError:
+            return web.json_response({"error": "the suppression id is a number"}, status=400)
+        try:
+            await self.gw.alerts.unsuppress(sup_id)
+        except AlertError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        return web.json_response({"deleted": sup_id})
+
     async def api_logs(self, request: web.Request) -> web.Response:
         from ._log import RECENT
 
         level = request.query.get("level")
         lines = [ln for ln in RECENT.lines if level is None or ln["level"] == level]
         return web.json_response({"lines": lines[-200:]})
+
+
+def _describe_suppression_routes() -> None:
+    from .web.openapi import describe
+
+    err = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    sup = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "pattern": {"type": "string"},
+            "until": {"type": "number"},
+            "note": {"type": ["string", "null"]},
+            "created_at": {"type": "number"},
+            "created_by": {"type": "string"},
+        },
+    }
+
+    def ok(schema: dict[str, Any], what: str = "OK") -> dict[str, Any]:
+        return {"description": what, "content": {"application/json": {"schema": schema}}}
+
+    describe(
+        "/api/alerts/suppress",
+        "post",
+        {
+            "summary": "Suppress alert notifications for alert keys matching a glob until a time (admin)",
+            "tags": ["alerts"],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["alert_key", "until"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "alert_key": {"type": "string", "description": "glob, e.g. boiler/hot/*"},
+                                "until": {"type": ["number", "string"], "description": "epoch s or ISO 8601"},
+                                "note": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "201": ok({"type": "object", "properties": {"suppression": sup}}, "Created"),
+                "400": err,
+                "401": err,
+                "403": err,
+            },
+        },
+    )
+    describe(
+        "/api/alerts/suppressions",
+        "get",
+        {
+            "summary": "Ad-hoc suppressions in force",
+            "tags": ["alerts"],
+            "responses": {
+                "200": ok({"type": "object", "properties": {"suppressions": {"type": "array", "items": sup}}}),
+                "401": err,
+            },
+        },
+    )
+    describe(
+        "/api/alerts/suppressions/{id}",
+        "delete",
+        {
+            "summary": "End an ad-hoc suppression now (admin); its held alerts are published",
+            "tags": ["alerts"],
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "responses": {
+                "200": ok({"type": "object", "properties": {"deleted": {"type": "integer"}}}),
+                "404": err,
+                "401": err,
+                "403": err,
+            },
+        },
+    )

@@ -4,6 +4,11 @@ Each raised/cleared event from a detector updates the gateway's alert book (SQLi
 lifecycle step (opened, updated, reopened, cleared, acknowledged, resolved) is published through
 the outbox when ``connection`` is set, as ``{"action": ..., "alert": {...}}`` plus the outbox's
 ``gateway_id``/``seq``/``replayed``.
+
+``suppress`` lists maintenance windows (days, local from/to, time zone, key globs, severities):
+an alert opened inside one is recorded (``suppressed: true``) but published only once the window
+is over, if it is still unresolved; updates of an already published alert are held back meanwhile.
+The windows are read with the node's wall clock (``ctx.clock``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from gateway.alerts import SEVERITIES, SuppressWindow
 from gateway.events import Event
 from gateway.node import Duration, NodeOptions, Sink, register
 
@@ -40,6 +46,11 @@ class AlertOptions(NodeOptions):
     notify_updates: bool = Field(True, description="Also publish repeat raises of an open alert (count + 1).")
     update_interval: Duration = Field(
         0.0, description="Publish an alert's updates at most this often (a suppression window; its count stays exact)."
+    )
+    suppress: list[SuppressWindow] = Field(
+        default_factory=list,
+        description="Maintenance windows: {days, from, to, tz, keys, severities}; alerts are kept but "
+        "published only when the window is over.",
     )
 
 
@@ -90,6 +101,10 @@ class AlertSink(Sink):
             self._service.cooldowns[key] = self.options.cooldown
         else:
             self._service.cooldowns.pop(key, None)  # a reload may have taken the cooldown away
+        if self.options.suppress:
+            self._service.windows[key] = (tuple(self.options.suppress), self.ctx.clock)
+        else:
+            self._service.windows.pop(key, None)
 
     def health(self) -> dict[str, Any]:
         if self._service is None:
@@ -108,6 +123,7 @@ class AlertSink(Sink):
                 "the alert sink takes detector alerts: a value with state raised/cleared and an "
                 "alert_key (put a detector such as threshold before it)"
             )
+        severity = v.get("severity") if v.get("severity") in SEVERITIES else "warning"
         return {
             "pipeline": self.ctx.pipeline,
             "node": self.id,
@@ -116,6 +132,7 @@ class AlertSink(Sink):
             "value": v,
             "connection": self.options.connection,
             "topic": self._topic,
+            "suppress": self._service.is_suppressed(self.ctx.pipeline, self.id, v["alert_key"], severity),
         }
 
     async def write(self, batch: list[Event]) -> None:
@@ -130,6 +147,13 @@ class AlertSink(Sink):
         o = self.options
         steps = await self._service.book.apply(items, cooldown=o.cooldown, auto_resolve=o.auto_resolve)
         for action, alert in steps:
+            if (
+                action in ("updated", "cleared")
+                and not alert.get("suppressed")
+                and self._service.is_suppressed(self.ctx.pipeline, self.id, alert["alert_key"], alert["severity"])
+            ):
+                self._service.notifications_suppressed += 1  # published before the window: its end is not news
+                continue
             if action == "updated":
                 if not o.notify_updates:
                     continue
