@@ -7,6 +7,13 @@ a live view gets a sample, and tapping costs the pipeline one slice per batch). 
 stalled browser never slows the pipeline: each client has a bounded buffer, the oldest message
 is dropped when it is full, and every drop is counted (per client, in each ``stats`` message,
 and in total on the hub).
+
+``{"op": "subscribe", "topic": "alerts"}`` pushes every alert lifecycle step (``alert`` messages:
+``action`` and the ``alert``) as it happens. ``{"op": "subscribe", "topic": "llm"}`` carries every
+chunk the ``llm`` nodes stream, unsampled (``llm`` messages, batched each flush), and once a
+second ``llm_stats`` (queue depth, sheds by reason, tokens/s of each llm node and provider).
+Chunks wait in a bounded per-client buffer while that client's socket is behind; when it is full
+the oldest chunks are dropped and counted (``dropped`` in both messages).
 """
 
 from __future__ import annotations
@@ -35,12 +42,29 @@ log = logging.getLogger(__name__)
 BUFFER = 256  # messages a client may lag behind before the oldest are dropped
 TAP_EVENTS = 20  # events per flush and tapped node: a tail view or a chart needs a sample, not every reading
 FLUSH = 0.1  # seconds between sending what the taps collected
+LLM_CHUNKS = 2048  # llm chunks a client may lag behind before the oldest are dropped
 
 
 class _Client:
-    __slots__ = ("buf", "dropped", "events", "id", "remote", "sent", "stats", "wake", "ws")
+    __slots__ = (
+        "alerts",
+        "buf",
+        "dropped",
+        "events",
+        "id",
+        "llm",
+        "llm_dropped",
+        "llm_size",
+        "remote",
+        "sent",
+        "stats",
+        "wake",
+        "ws",
+    )
 
-    def __init__(self, ws: web.WebSocketResponse, cid: int, remote: str | None, size: int = BUFFER):
+    def __init__(
+        self, ws: web.WebSocketResponse, cid: int, remote: str | None, size: int = BUFFER, llm_size: int = LLM_CHUNKS
+    ):
         self.ws = ws
         self.id = cid
         self.remote = remote
@@ -50,6 +74,18 @@ class _Client:
         self.sent = 0
         self.stats = False
         self.events: set[tuple[str, str]] = set()
+        self.alerts = False
+        self.llm: deque[dict[str, Any]] | None = None  # chunks not yet sent, while subscribed to llm
+        self.llm_size = llm_size
+        self.llm_dropped = 0
+
+    def offer_chunk(self, chunk: dict[str, Any]) -> bool:
+        assert self.llm is not None
+        full = len(self.llm) == self.llm.maxlen
+        if full:
+            self.llm_dropped += 1
+        self.llm.append(chunk)  # a full deque drops its oldest chunk
+        return not full
 
     def offer(self, text: str) -> bool:
         full = len(self.buf) == self.buf.maxlen
@@ -101,20 +137,29 @@ class Hub:
         self.connections = 0
         self._ids = 0
         self._taps: dict[tuple[str, str], _Tap] = {}
+        self._llm_taps: dict[tuple[str, str], tuple[Any, Callable[[], None]]] = {}  # -> (pipeline, undo)
+        self.llm_dropped = 0
         self._rl = RateLimitedLog(log)
 
     # --- lifecycle (owned by the console app: started at startup, cancelled at cleanup) -----
 
     async def lifespan(self, app: web.Application) -> Any:
         task = asyncio.create_task(self._ticker(), name="console:ws-stats")
+        alerts = getattr(self.gw, "alerts", None)
+        listeners = getattr(alerts, "listeners", None)
+        if listeners is not None:
+            listeners.append(self._on_alert)
         try:
             yield
         finally:
+            if listeners is not None:
+                listeners.remove(self._on_alert)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             for key in list(self._taps):
                 self._untap(key)
+            self._untap_llm()
 
     async def close_all(self, app: web.Application) -> None:
         for c in list(self.clients):
@@ -125,9 +170,11 @@ class Hub:
         while True:
             await asyncio.sleep(min(FLUSH, self.interval))
             self._flush()
+            self._flush_llm()
             if time.monotonic() < next_stats:
                 continue
             next_stats = time.monotonic() + self.interval
+            self._llm_stats()
             subs = [c for c in self.clients if c.stats]
             if not subs:
                 continue
@@ -137,7 +184,7 @@ class Hub:
                 self._rl.log(logging.ERROR, "stats", "building console stats failed: %r", exc)
                 continue
             payload["type"] = "stats"
-            payload["ws"] = {"clients": len(self.clients), "dropped": self.dropped}
+            payload["ws"] = {"clients": len(self.clients), "dropped": self.dropped, "llm_dropped": self.llm_dropped}
             text = json.dumps(payload, default=str)
             for c in subs:
                 self._offer(c, text)
@@ -178,6 +225,8 @@ class Hub:
             self.clients.discard(client)
             for key in list(client.events):
                 self._unsubscribe(client, key)
+            if client.llm is not None:
+                self._unsubscribe_llm(client)
         return ws
 
     def _command(self, c: _Client, data: str) -> None:
@@ -189,13 +238,21 @@ class Hub:
                 json.dumps(
                     {
                         "type": "error",
-                        "message": 'expected {"op": "subscribe"|"unsubscribe", "topic": "stats"|"events", ...}',
+                        "message": 'expected {"op": "subscribe"|"unsubscribe", '
+                        '"topic": "stats"|"events"|"alerts"|"llm", ...}',
                     }
                 )
             )
             return
         if topic == "stats" and op in ("subscribe", "unsubscribe"):
             c.stats = op == "subscribe"
+        elif topic == "alerts" and op in ("subscribe", "unsubscribe"):
+            c.alerts = op == "subscribe"
+        elif topic == "llm" and op in ("subscribe", "unsubscribe"):
+            if op == "subscribe":
+                self._subscribe_llm(c)
+            else:
+                self._unsubscribe_llm(c)
         elif topic == "events" and op in ("subscribe", "unsubscribe"):
             key = (str(msg.get("pipeline")), str(msg.get("node")))
             if op == "unsubscribe":
@@ -210,6 +267,129 @@ class Hub:
             return
         where = {"pipeline": msg.get("pipeline"), "node": msg.get("node")} if topic == "events" else {}
         c.offer(json.dumps({"type": "ok", "op": op, "topic": topic, **where}))
+
+    # --- alerts ------------------------------------------------------------------------------
+
+    def _on_alert(self, action: str, alert: dict[str, Any]) -> None:
+        """An alert lifecycle step (AlertService listener): to every client that follows alerts."""
+        subs = [c for c in self.clients if c.alerts]
+        if not subs:
+            return
+        text = json.dumps({"type": "alert", "action": action, "alert": alert}, default=str)
+        for c in subs:
+            self._offer(c, text)
+
+    # --- llm token stream ---------------------------------------------------------------------
+
+    def _llm_nodes(self) -> list[tuple[str, str, Any]]:
+        return [
+            (p.name, n.id, n)
+            for p in self.gw.pipelines.values()
+            for n in p.nodes
+            if getattr(n.options, "type", None) == "llm"
+        ]
+
+    def _subscribe_llm(self, c: _Client) -> None:
+        if c.llm is None:
+            c.llm = deque(maxlen=c.llm_size)
+        self._tap_llm()
+
+    def _unsubscribe_llm(self, c: _Client) -> None:
+        c.llm = None
+        if not any(o.llm is not None for o in self.clients if o is not c):
+            self._untap_llm()
+
+    def _tap_llm(self) -> None:
+        """Hook every llm node's ``ctx.emit`` (where its chunks and results go out), once."""
+        for pname, nid, node in self._llm_nodes():
+            key = (pname, nid)
+            pipeline = self.gw.pipelines[pname]
+            tapped = self._llm_taps.get(key)
+            if tapped is not None and tapped[0] is pipeline:
+                continue
+            if tapped is not None:
+                tapped[1]()
+            self._llm_taps[key] = (pipeline, _hook_emit(node, self._llm_collector(pname, nid)))
+
+    def _untap_llm(self) -> None:
+        for _, undo in self._llm_taps.values():
+            undo()
+        self._llm_taps.clear()
+
+    def _llm_collector(self, pipeline: str, node: str) -> Callable[[list[Any]], None]:
+        def collect(events: list[Any]) -> None:
+            subs = [c for c in self.clients if c.llm is not None]
+            if not subs:
+                return
+            for ev in events:
+                v = ev.value
+                if type(v) is not dict:
+                    continue
+                kind = v.get("llm")
+                if kind == "chunk":
+                    item = {"text": v.get("text"), "seq": v.get("seq")}
+                elif kind in ("ok", "error", "shed"):
+                    item = {"done": kind, "tokens": v.get("tokens"), "tokens_per_s": v.get("tokens_per_s")}
+                    if kind != "ok":
+                        item["reason"] = v.get("llm_reason") or v.get("llm_error")
+                else:
+                    continue
+                item.update(
+                    pipeline=pipeline, node=node, key=ev.key, request=v.get("request"), provider=v.get("provider")
+                )
+                for c in subs:
+                    if not c.offer_chunk(item):
+                        self.llm_dropped += 1
+                        self._rl.warning(
+                            "llm-drop", "console client %s is slow: dropped %d llm chunks", c.remote, c.llm_dropped
+                        )
+
+        return collect
+
+    def _flush_llm(self) -> None:
+        """Send each llm client what it has waiting, unless its socket is still behind (then it waits, bounded)."""
+        for c in self.clients:
+            if not c.llm or len(c.buf) >= (c.buf.maxlen or BUFFER) // 2:
+                continue
+            n = min(len(c.llm), LLM_CHUNKS // 4)
+            chunks = [c.llm.popleft() for _ in range(n)]
+            self._offer(c, json.dumps({"type": "llm", "chunks": chunks, "dropped": c.llm_dropped}, default=str))
+
+    def _llm_stats(self) -> None:
+        subs = [c for c in self.clients if c.llm is not None]
+        if not subs:
+            return
+        self._tap_llm()  # llm nodes a hot reload added
+        nodes = []
+        for pname, nid, node in self._llm_nodes():
+            try:
+                st = node.stats()
+            except Exception as exc:  # a reporting bug must not end live updates
+                self._rl.log(logging.ERROR, "llm-stats", "llm stats of %s/%s failed: %r", pname, nid, exc)
+                continue
+            q = st.get("queue") or {}
+            nodes.append(
+                {
+                    "pipeline": pname,
+                    "node": nid,
+                    "depth": q.get("depth"),
+                    "max_depth": q.get("max_depth"),
+                    "shed": q.get("shed") or {},
+                    "in_flight": st.get("in_flight"),
+                    "ok": st.get("ok"),
+                    "failed": st.get("failed"),
+                    "tokens_per_s": st.get("tokens_per_s"),
+                    "first_token_s": st.get("first_token_s"),
+                    "wait_p50_s": st.get("wait_p50_s"),
+                }
+            )
+        hub = getattr(self.gw, "llm", None)
+        providers = hub.describe() if hub is not None else []
+        for c in subs:
+            text = json.dumps(
+                {"type": "llm_stats", "nodes": nodes, "providers": providers, "dropped": c.llm_dropped}, default=str
+            )
+            self._offer(c, text)
 
     # --- node taps --------------------------------------------------------------------------
 
@@ -297,18 +477,11 @@ class Hub:
 
             node.process_batch = process_batch
             # what an operator emits later from its own task (the llm node's answers and tokens)
-            orig_emit = node.ctx.emit
-
-            def emit(events: list[Any]) -> None:
-                if events:
-                    add(events)
-                orig_emit(events)
-
-            node.ctx.emit = emit
+            undo_emit = _hook_emit(node, add)
 
             def undo_operator() -> None:
                 node.__dict__.pop("process_batch", None)
-                node.ctx.emit = orig_emit
+                undo_emit()
 
             return undo_operator
         if isinstance(node, Sink):
@@ -341,3 +514,34 @@ class Hub:
                 p.__dict__.pop("_process", None)
 
         return undo
+
+
+def _hook_emit(node: Any, fn: Callable[[list[Any]], None]) -> Callable[[], None]:
+    """Call ``fn`` with what ``node`` emits from its own tasks; returns the undo.
+
+    One wrapper per node dispatches to every hook (the events tap and the llm stream), so hooks
+    come and go in any order without unwrapping each other.
+    """
+    hooks: list[Callable[[list[Any]], None]] | None = node.__dict__.get("_console_emit_hooks")
+    if hooks is None:
+        hooks = node.__dict__["_console_emit_hooks"] = []
+        orig = node.ctx.emit
+        node.__dict__["_console_emit_orig"] = orig
+
+        def emit(events: list[Any]) -> None:
+            if events:
+                for hook in hooks:
+                    hook(events)
+            orig(events)
+
+        node.ctx.emit = emit
+    hooks.append(fn)
+
+    def undo() -> None:
+        if fn in hooks:
+            hooks.remove(fn)
+        if not hooks and node.__dict__.get("_console_emit_hooks") is hooks:
+            node.ctx.emit = node.__dict__.pop("_console_emit_orig")
+            del node.__dict__["_console_emit_hooks"]
+
+    return undo
