@@ -174,6 +174,11 @@ def test_push_needs_a_strong_token_and_the_console(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(push_config(tmp_path).replace("auth: true", "enabled: false"), "t.yaml", ENV)
     assert "console.enabled is false" in "\n".join(str(i) for i in err.value.issues)
+    pipe = push_config(tmp_path).split("pipelines:\n", 1)[1].split("console:")[0]
+    two = push_config(tmp_path).replace("console:", pipe.replace("name: p", "name: q") + "console:")
+    with pytest.raises(ConfigError) as err:
+        parse_config(two, "t.yaml", ENV)
+    assert "/ingest/push is one URL" in "\n".join(str(i) for i in err.value.issues)
 
 
 # --- http_poll -------------------------------------------------------------------------------
@@ -260,6 +265,15 @@ async def test_poll_dead_letters_bad_answers(tmp_path: Path, remote: Remote) -> 
         assert src.health()["state"] == "up"  # the server answers; its data is what is wrong
         remote.body = b'{"v": 1}'
         await wait_for(lambda: src.n_in >= 1)
+
+
+async def test_poll_answer_over_max_body_is_dead_lettered(tmp_path: Path, remote: Remote) -> None:
+    remote.body = json.dumps([{"v": i} for i in range(100)]).encode()
+    async with running_gateway(poll_config(tmp_path, remote.port, ", max_body: 200")) as gw:
+        src = node(gw, "p", "poll")
+        await wait_for(lambda: src.counters().get("malformed_overlong", 0) >= 1)
+        assert any("over 200 bytes" in r["reason"] for r in gw.dead_letters.recent)
+        assert src.n_in == 0 and src.health()["state"] == "up"
 
 
 async def test_poll_server_down_then_back(tmp_path: Path, remote: Remote) -> None:
