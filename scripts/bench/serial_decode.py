@@ -6,8 +6,8 @@ raw pty pair as fast as the reader takes them; the reader opens the other end wi
 pyserial-asyncio-fast, as a USB serial adapter would be opened. Two codecs, two subjects each:
 
   bare     a pyserial-asyncio-fast protocol that splits the stream on the delimiter and does the
-           least work that yields the values: ``json.loads`` per line, or COBS unstuffing +
-           ``struct.unpack`` per frame (no CRC, no keys, no events): the floor for Python
+           least work that yields the values: ``json.loads`` per line, or COBS unstuffing + CRC-16
+           check + ``struct.unpack`` per frame (no keys, no events): the floor for Python
   sluice   a real in-process pipeline: the ``serial`` source (codec decoder, one Event per numeric
            field, micro-batches, back-pressure) -> the engine -> a sink that counts events
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import binascii
 import json
 import random
 import struct
@@ -140,8 +141,12 @@ class _BareFrames(_BareLines):
         self.buf = parts.pop()
         unpack = self.unpack
         v = 0
+        crc = binascii.crc_hqx
         for frame in parts:
-            v += len(unpack(cobs_decode(frame)[:-2]))
+            body = cobs_decode(frame)
+            if crc(body[:-2], 0xFFFF) != int.from_bytes(body[-2:], "little"):
+                raise ValueError("CRC mismatch")
+            v += len(unpack(body[:-2]))
         self.values += v
         self.n += len(parts)
         if self.n >= self.want and not self.done.done():
