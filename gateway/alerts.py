@@ -161,7 +161,7 @@ def parse_until(v: Any) -> float:
         return float(v)
     if isinstance(v, str):
         try:
-            t = dt.datetime.fromisoformat(v)
+            t = dt.datetime.fromisoformat(v.upper())
         except ValueError:
             raise ValueError(f"until {v!r} is not an ISO 8601 time") from None
         if t.tzinfo is None:
@@ -691,7 +691,8 @@ class AlertService:
     async def suppress(self, pattern: str, until: float, *, note: str | None = None, by: str) -> dict[str, Any]:
         now = self.book.clock()
         if until <= now:
-            raise AlertError(400, f"until: {until} is not in the future (now {now:.0f})")
+            # 409, not 400: the request is well formed, the time it names has passed
+            raise AlertError(409, f"until: {until} is not in the future (now {now:.0f})")
         sup = await self.book.add_suppression(pattern, until, note, by)
         self.adhoc = await self.book.suppressions()
         log.info("alerts: %s suppressed %r until %s (%s)", by, pattern, until, note or "no note")

@@ -330,6 +330,8 @@ class Console:
             sup_id = int(request.match_info["id"])
         except ValueError:
             return web.json_response({"error": "the suppression id is a number"}, status=400)
+        if not 0 < sup_id < 2**63:  # SQLite's integer range: no such row, not an overflow
+            return web.json_response({"error": f"no suppression {sup_id}"}, status=404)
         try:
             await self.gw.alerts.unsuppress(sup_id)
         except AlertError as exc:
@@ -378,9 +380,17 @@ def _describe_suppression_routes() -> None:
                             "required": ["alert_key", "until"],
                             "additionalProperties": False,
                             "properties": {
-                                "alert_key": {"type": "string", "description": "glob, e.g. boiler/hot/*"},
-                                "until": {"type": ["number", "string"], "description": "epoch s or ISO 8601"},
-                                "note": {"type": "string"},
+                                "alert_key": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "maxLength": 200,
+                                    "description": "glob, e.g. boiler/hot/*",
+                                },
+                                "until": {
+                                    "oneOf": [{"type": "number"}, {"type": "string", "format": "date-time"}],
+                                    "description": "epoch seconds or an ISO 8601 time with an offset",
+                                },
+                                "note": {"type": "string", "maxLength": 2000},
                             },
                         }
                     }
@@ -391,6 +401,7 @@ def _describe_suppression_routes() -> None:
                 "400": err,
                 "401": err,
                 "403": err,
+                "409": err,
             },
         },
     )
