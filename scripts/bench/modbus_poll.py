@@ -155,7 +155,10 @@ async def run_sluice(port: int, slaves: int, duration: float, tmp: Path) -> dict
     p = Pipeline("p", opts, lambda nid: NodeContext("bench", "p", nid, str(tmp), None, dl))
     src = p.nodes[p.index["meters"]]
     task = asyncio.create_task(p.run())
-    while _Count.n == 0:  # noqa: ASYNC110 -- connected and the first poll went through
+    deadline = time.monotonic() + 10
+    while _Count.n == 0:  # connected and the first poll went through
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the modbus source polled nothing in 10 s: {src.health()}")
         await asyncio.sleep(0.005)
     n0, r0 = _Count.n, src.n_reads
     t0, c0 = time.perf_counter(), time.process_time()

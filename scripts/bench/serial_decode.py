@@ -204,7 +204,10 @@ async def run_sluice(codec: Any, per_piece: int, pieces: int, blobfile: Path, tm
         p = Pipeline("p", opts, lambda nid: NodeContext("bench", "p", nid, str(tmp), None, dl))
         src = p.nodes[p.index["dev"]]
         task = asyncio.create_task(p.run())
-        while src._transport is None:  # noqa: ASYNC110 -- the port opens in the source's task
+        deadline = time.monotonic() + 10
+        while src._transport is None:  # the port opens in the source's task
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the serial source did not open {dev.path}: {src.health()}")
             await asyncio.sleep(0.005)
         t0, c0 = time.perf_counter(), time.process_time()
         writer = await start_writer(dev, blobfile)
