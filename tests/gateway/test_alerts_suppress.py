@@ -273,3 +273,15 @@ async def test_suppression_end_to_end(tmp_path: Path, mosquitto: MosquittoBroker
             assert "sluice_alert_released_total 1.0" in metrics
             _, doc = await get(gw, "/api/openapi.json")
             assert "post" in doc["paths"]["/api/alerts/suppress"]
+
+
+def test_bad_windows_fail_the_config_check_with_the_field_named(tmp_path: Path) -> None:
+    from gateway.config import parse_config
+    from gateway.errors import ConfigError
+
+    bad = ', suppress: [{from: "22:00", to: "06:00", tz: Mars/Olympus}, {from: "25:00", to: "01:00"}]'
+    with pytest.raises(ConfigError) as err:
+        parse_config(config(tmp_path, 1883, sink=bad), "test.yaml", {})
+    text = str(err.value)
+    assert "suppress.0.tz" in text and "unknown time zone 'Mars/Olympus'" in text
+    assert "suppress.1.from" in text and "'25:00' is not a time" in text
