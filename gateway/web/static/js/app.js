@@ -10,8 +10,9 @@ import * as alerts from "./views/alerts.js";
 import * as charts from "./views/charts.js";
 import * as logs from "./views/logs.js";
 import * as access from "./views/access.js";
+import * as llm from "./views/llm.js";
 
-const views = { overview, graph, alerts, charts, events, deadletters, logs, config, access };
+const views = { overview, graph, alerts, charts, llm, events, deadletters, logs, config, access };
 const root = document.getElementById("view");
 let current = null;
 let me = null;

@@ -1,4 +1,4 @@
-// Alerts: the list with state and severity filters; admins acknowledge and resolve.
+// Alerts: the list with state and severity filters, updated as steps are pushed; admins acknowledge and resolve.
 import { ApiError, get, h, post } from "../api.js";
 import { on, subscribe } from "../live.js";
 
@@ -12,7 +12,7 @@ export function start(el, { me }) {
   const summary = h("span", { class: "muted", id: "alert-summary" });
   const body = h("div", {}, h("p", { class: "muted" }, "Loading…"));
   el.append(h("h1", {}, "Alerts"), h("div", { class: "toolbar" }, state, severity, summary), body);
-  let busy = false;
+  let busy = false, again = false;
 
   async function act(a, action) {
     try {
@@ -24,7 +24,7 @@ export function start(el, { me }) {
   }
 
   async function load() {
-    if (busy) return;
+    if (busy) { again = true; return; } // a step pushed mid-load gets its own reload after this one
     busy = true;
     const q = new URLSearchParams({ limit: "200" });
     if (state.value) q.set("state", state.value);
@@ -54,14 +54,22 @@ export function start(el, { me }) {
         e instanceof ApiError && e.status === 404 ? "This gateway has no alert store." : e.message));
     } finally {
       busy = false;
+      if (again) { again = false; load(); }
     }
   }
   state.addEventListener("change", load);
   severity.addEventListener("change", load);
   load();
-  // refresh with the stats tick, at most every 5 s: cheap on a Pi, fresh enough for people
+  // Every lifecycle step is pushed on the `alerts` topic: reload at once (a burst makes one reload).
+  let pushed = null;
+  const offAlert = on("alert", () => {
+    if (pushed) return;
+    pushed = setTimeout(() => { pushed = null; last = Date.now(); load(); }, 200);
+  });
+  const unsubAlerts = subscribe("alerts");
+  // the fallback: refresh with the stats tick, at most every 5 s, in case a push was lost
   let last = Date.now();
   const off = on("stats", () => { if (Date.now() - last > 5000) { last = Date.now(); load(); } });
   const unsub = subscribe("stats");
-  return { stop() { off(); unsub(); } };
+  return { stop() { off(); unsub(); offAlert(); unsubAlerts(); if (pushed) clearTimeout(pushed); } };
 }

@@ -1,5 +1,7 @@
-// Charts: events per second of each pipeline (from the stats tick) and the live values of a
-// node's keys (from its event tap), drawn with the vendored uPlot, loaded only on this page.
+// Charts: events per second of each pipeline (from the stats tick) and the values of a node's
+// keys: each key's series starts from the stored history (GET /api/history, the last ten
+// minutes) and goes on with the live points of the node's event tap. Drawn with the vendored
+// uPlot, loaded only on this page.
 import { get, h } from "../api.js";
 import { on, subscribe } from "../live.js";
 
@@ -45,6 +47,19 @@ class Series {
       this.cols.forEach((c) => c.shift());
     }
   }
+  // Points [t, value] of one series from the stored history, merged by second; live points win.
+  merge(name, points) {
+    const i = this.index(name);
+    const rows = new Map(this.t.map((t, j) => [t, this.cols.map((c) => c[j])]));
+    for (const [t, v] of points) {
+      const s = Math.floor(t);
+      if (!rows.has(s)) rows.set(s, this.cols.map(() => null));
+      const row = rows.get(s);
+      if (row[i] === null || row[i] === undefined) row[i] = v;
+    }
+    this.t = [...rows.keys()].sort((a, b) => a - b).slice(-KEEP);
+    this.cols = this.cols.map((_, k) => this.t.map((t) => rows.get(t)[k] ?? null));
+  }
   data() {
     return [this.t, ...this.cols];
   }
@@ -67,10 +82,11 @@ function chart(uPlot, el, title, series, fromZero) {
 
 export function start(el, { args }) {
   const select = h("select", { id: "chart-node", "aria-label": "node" });
+  const keyInput = h("input", { id: "chart-key", type: "text", placeholder: "or a stored key", "aria-label": "stored key" });
   const ratesBox = h("div", { class: "chart", id: "chart-rates" });
   const valuesBox = h("div", { class: "chart", id: "chart-values" });
   const note = h("p", { class: "muted", id: "chart-note" }, "Pick a node to chart the values of its keys.");
-  el.append(h("h1", {}, "Charts"), ratesBox, h("div", { class: "toolbar" }, select), note, valuesBox);
+  el.append(h("h1", {}, "Charts"), ratesBox, h("div", { class: "toolbar" }, select, keyInput), note, valuesBox);
 
   const rates = new Series();
   const values = new Series();
@@ -102,12 +118,34 @@ export function start(el, { args }) {
   });
   const unsubStats = subscribe("stats");
 
+  // a key's stored history, fetched once, when it first shows up (or is asked for by name)
+  const backfilled = new Set();
+  async function backfill(key) {
+    if (backfilled.has(key)) return;
+    backfilled.add(key);
+    const to = Date.now() / 1000 + 1;
+    // a span of KEEP seconds in at most KEEP points: the 1 s tier
+    const q = new URLSearchParams({ key, from: String(to - KEEP), to: String(to), points: String(KEEP) });
+    try {
+      const d = await get(`/api/history?${q}`);
+      if (stopped) return;
+      const mean = d.columns.indexOf("mean");
+      values.merge(key, d.points.map((p) => [p[0], p[mean]]));
+      valuesPlot = redraw(valuesPlot, valuesBox, "Values", values, true);
+      note.textContent = `${values.names.length} series, ${values.t.length} points`;
+    } catch (e) {
+      note.textContent = `history of ${key}: ${e.message}`;
+    }
+  }
+  keyInput.addEventListener("change", () => { if (keyInput.value.trim()) backfill(keyInput.value.trim()); });
+
   // one point per key per second at most: the latest value of that second
   let pending = {}, pendingT = 0;
   const offEvents = on("events", (m) => {
     for (const ev of m.events) {
       const v = typeof ev.value === "number" ? ev.value : null;
       if (v === null) continue;
+      if (!backfilled.has(ev.key)) backfill(ev.key);
       const t = Math.floor(ev.ts);
       if (pendingT && t !== pendingT) {
         values.add(pendingT, pending);
