@@ -285,3 +285,49 @@ def test_bad_windows_fail_the_config_check_with_the_field_named(tmp_path: Path) 
     text = str(err.value)
     assert "suppress.0.tz" in text and "unknown time zone 'Mars/Olympus'" in text
     assert "suppress.1.from" in text and "'25:00' is not a time" in text
+
+
+async def test_sink_reads_windows_with_its_injected_clock(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from gateway.deadletter import DeadLetters
+    from gateway.events import Event
+    from gateway.node import NodeContext
+    from nodes.alerts import AlertOptions, AlertSink
+
+    wall = Clock()
+    wall.now = at(dt.UTC, 2026, 11, 28, 12, 0)  # Saturday 13:00 in Berlin: inside the window
+    outbox = Outbox()
+    svc = AlertService(tmp_path / "alerts.db", "gw", outbox, {})  # the book keeps the real clock
+    await svc.open()
+    opts = AlertOptions.model_validate(
+        {
+            "id": "sink",
+            "type": "alert",
+            "connection": "plant",
+            "suppress": [{"days": ["sat"], "from": "12:00", "to": "14:00", "tz": "Europe/Berlin", "keys": ["p/*"]}],
+        }
+    )
+    ctx = NodeContext("gw", "p", "sink", str(tmp_path), SimpleNamespace(alerts=svc), DeadLetters(None), clock=wall)
+    sink = AlertSink(opts, ctx)
+    await sink.start()
+    try:
+
+        def ev(key: str, state: str = "raised") -> Event:
+            return Event(key, 1.0, {"state": state, "alert_key": f"p/hot/{key}", "severity": "critical"})
+
+        await sink.write([ev("s1"), ev("s1")])
+        assert outbox.sent == [] and svc.notifications_suppressed == 2
+        wall.now += 3600  # 14:00 in Berlin: the window is over
+        await sink.write([ev("s2")])
+        assert [m["alert"]["alert_key"] for m in outbox.sent] == ["p/hot/s2"]
+        await svc.release_due()
+        assert [(m["action"], m["alert"]["alert_key"]) for m in outbox.sent][-1] == ("opened", "p/hot/s1")
+        assert [m["alert"]["count"] for m in outbox.sent] == [1, 2]
+        wall.now += 7 * 86400 - 3600  # next Saturday 13:00: s2, published before, gets no updates
+        await sink.write([ev("s2")])
+        assert len(outbox.sent) == 2 and svc.notifications_suppressed == 3
+        await sink.write([ev("s2", "cleared")])  # a resolve is always published: it ends what was announced
+        assert [(m["action"], m["alert"]["alert_key"]) for m in outbox.sent][-1] == ("resolved", "p/hot/s2")
+    finally:
+        await svc.close()
