@@ -106,6 +106,18 @@ class _GatewayCollector:
         yield CounterMetricFamily(
             "sluice_alert_released", "Held alerts published when their suppression ended", value=gw.alerts.released
         )
+        from .web import WEB
+
+        app = getattr(gw.console, "app", None)
+        if app is not None and WEB in app:
+            hub = app[WEB].hub
+            yield GaugeMetricFamily("sluice_console_ws_clients", "Console WebSocket clients", value=len(hub.clients))
+            drops = CounterMetricFamily(
+                "sluice_console_ws_dropped", "Dropped for slow console clients: messages, llm chunks", labels=["what"]
+            )
+            drops.add_metric(["message"], hub.dropped)
+            drops.add_metric(["llm_chunk"], hub.llm_dropped)
+            yield drops
         up = GaugeMetricFamily("sluice_mqtt_connected", "1 when the publisher link is connected", labels=["connection"])
         for name, link in gw.links.publishers.items():
             up.add_metric([name], 1 if link.connected else 0)

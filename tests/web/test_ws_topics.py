@@ -145,6 +145,10 @@ async def test_stalled_llm_client_is_bounded_counts_drops_and_others_keep_up(
         await ws.send_json({"op": "subscribe", "topic": "stats"})
         s = await receive(ws, "stats")
         assert s["ws"]["llm_dropped"] >= 20
+        status, text = await admin.get("/metrics")
+        assert status == 200
+        line = next(x for x in text.splitlines() if x.startswith('sluice_console_ws_dropped_total{what="llm_chunk"}'))
+        assert float(line.split()[-1]) >= 20
     finally:
         hub.clients.discard(stalled)
         sender.cancel()
