@@ -300,8 +300,15 @@ class Hub:
             self._untap_llm()
 
     def _tap_llm(self) -> None:
-        """Hook every llm node's ``ctx.emit`` (where its chunks and results go out), once."""
-        for pname, nid, node in self._llm_nodes():
+        """Hook every llm node's ``ctx.emit`` (where its chunks and results go out), once.
+
+        Also after a hot reload: nodes of replaced pipelines are unhooked, new ones hooked.
+        """
+        nodes = self._llm_nodes()
+        current = {(pname, nid) for pname, nid, _ in nodes}
+        for key in [k for k in self._llm_taps if k not in current]:
+            self._llm_taps.pop(key)[1]()
+        for pname, nid, node in nodes:
             key = (pname, nid)
             pipeline = self.gw.pipelines[pname]
             tapped = self._llm_taps.get(key)
@@ -441,6 +448,8 @@ class Hub:
 
     def retap(self) -> None:
         """After a hot reload: move taps to the pipelines that replaced theirs; end those whose node is gone."""
+        if any(c.llm is not None for c in self.clients):
+            self._tap_llm()
         for key, tap in list(self._taps.items()):
             current = self.gw.pipelines.get(key[0])
             if current is tap.pipeline:

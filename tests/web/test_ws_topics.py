@@ -212,3 +212,29 @@ async def test_history_api_serves_the_initial_chart_series(gw: Gateway, admin: B
     status, body = await admin.get("/api/history?key=")
     assert status == 400
     assert base_url(gw).startswith("http://127.0.0.1:")
+
+
+async def test_llm_stream_follows_a_hot_reload(gw: Gateway, admin: Browserish, llm_server: FakeOpenAI) -> None:
+    p = gw.pipelines["plant"]
+    old = p.nodes[p.index["explain"]]
+    ws = await _connect(admin)
+    try:
+        await ws.send_json({"op": "subscribe", "topic": "llm"})
+        await receive(ws, "llm_stats", pred=lambda m: m["nodes"][0]["max_depth"] == 4)
+        assert "_console_emit_hooks" in old.__dict__
+        text = _config(gw.data_dir, llm_server.url).replace("max_queue: 4", "max_queue: 3")
+        status, body = await admin.post("/api/config/save", {"text": text})
+        assert status == 200 and body["reloaded"], body
+        assert gw.pipelines["plant"] is not p
+        assert "_console_emit_hooks" not in old.__dict__  # the replaced node is let go
+        await receive(ws, "llm_stats", pred=lambda m: m["nodes"][0]["max_depth"] == 3)
+        # the new node's tokens come on the same subscription
+        new = gw.pipelines["plant"].nodes[gw.pipelines["plant"].index["explain"]]
+        assert "_console_emit_hooks" in new.__dict__
+        ok_before = new.n_ok
+        m = await receive(
+            ws, "llm", pred=lambda m: any(c.get("done") == "ok" for c in m["chunks"]) and new.n_ok > ok_before
+        )
+        assert m["dropped"] == 0
+    finally:
+        await ws.close()
