@@ -708,15 +708,16 @@ class AlertService:
         self.adhoc = await self.book.suppressions()
         log.info("alerts: suppression %s removed", sup_id)
 
-    async def notify(self, action: str, alert: dict[str, Any]) -> None:
-        """Publish a lifecycle step through the outbox, to where the alert's sink publishes."""
+    async def notify(self, action: str, alert: dict[str, Any], *, hold: bool = False) -> None:
+        """Publish a lifecycle step through the outbox, to where the alert's sink publishes; a held
+        step (``hold``, or an alert flagged ``suppressed``) reaches the console's listeners only."""
         for listener in self.listeners:
             try:
                 listener(action, _public(alert))
             except Exception:  # a console bug must not stop the alert going out
                 log.exception("alerts: a lifecycle listener failed")
         conn, topic = alert.get("connection"), alert.get("topic")
-        if alert.get("suppressed"):
+        if hold or alert.get("suppressed"):
             self.notifications_suppressed += 1
             return
         if not conn or not topic or self.outbox is None:

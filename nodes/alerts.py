@@ -152,7 +152,8 @@ class AlertSink(Sink):
                 and not alert.get("suppressed")
                 and self._service.is_suppressed(self.ctx.pipeline, self.id, alert["alert_key"], alert["severity"])
             ):
-                self._service.notifications_suppressed += 1  # published before the window: its end is not news
+                # published before the window began: the console sees the step, MQTT does not
+                await self._service.notify(action, alert, hold=True)
                 continue
             if action == "updated":
                 if not o.notify_updates:

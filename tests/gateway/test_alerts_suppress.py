@@ -311,6 +311,8 @@ async def test_sink_reads_windows_with_its_injected_clock(tmp_path: Path) -> Non
     ctx = NodeContext("gw", "p", "sink", str(tmp_path), SimpleNamespace(alerts=svc), DeadLetters(None), clock=wall)
     sink = AlertSink(opts, ctx)
     await sink.start()
+    seen: list[tuple[str, str, bool]] = []  # the console's view: every step, held or not
+    svc.listeners.append(lambda action, alert: seen.append((action, alert["alert_key"], alert["suppressed"])))
     try:
 
         def ev(key: str, state: str = "raised") -> Event:
@@ -327,6 +329,8 @@ async def test_sink_reads_windows_with_its_injected_clock(tmp_path: Path) -> Non
         wall.now += 7 * 86400 - 3600  # next Saturday 13:00: s2, published before, gets no updates
         await sink.write([ev("s2")])
         assert len(outbox.sent) == 2 and svc.notifications_suppressed == 3
+        assert seen[-1] == ("updated", "p/hot/s2", False)
+        assert seen[:2] == [("opened", "p/hot/s1", True), ("updated", "p/hot/s1", True)]
         await sink.write([ev("s2", "cleared")])  # a resolve is always published: it ends what was announced
         assert [(m["action"], m["alert"]["alert_key"]) for m in outbox.sent][-1] == ("resolved", "p/hot/s2")
     finally:
