@@ -495,7 +495,9 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
             "version": __version__,
             "description": "JSON endpoints of the Sluice gateway console. Pages and /api/* need a session "
             "(log in through /api/login) or an API token; /healthz and /metrics are open "
-            "for monitoring. Live updates: WebSocket /ws.",
+            "for monitoring. Live updates: WebSocket /ws, send "
+            '{"op": "subscribe", "topic": T} with T one of stats, events (with pipeline and node), '
+            "alerts (every lifecycle step) or llm (every streamed chunk, and llm_stats once a second).",
         },
         "paths": dict(sorted(paths.items())),
         "components": {
