@@ -248,6 +248,8 @@ class AlertBook:
         cols = {r[1] for r in db.execute("PRAGMA table_info(alerts)")}
         if "suppressed" not in cols:  # an alerts.db from before suppression windows
             db.execute("ALTER TABLE alerts ADD COLUMN suppressed INTEGER NOT NULL DEFAULT 0")
+        # the release loop asks for held alerts every second: a partial index keeps that cheap
+        db.execute("CREATE INDEX IF NOT EXISTS alerts_held ON alerts (id) WHERE suppressed=1")
         db.execute(
             "CREATE TABLE IF NOT EXISTS suppressions (id INTEGER PRIMARY KEY AUTOINCREMENT, pattern TEXT NOT NULL,"
             " until REAL NOT NULL, note TEXT, created_at REAL NOT NULL, created_by TEXT)"
