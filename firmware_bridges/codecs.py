@@ -52,7 +52,7 @@ class Reading:
     """One decoded value: ``ts`` is the device's event time when it sent one, else ``None``."""
 
     key: str
-    value: float
+    value: float | dict[str, float]  # a dict when the codec's `record` option is set
     ts: float | None = None
 
 
@@ -87,11 +87,23 @@ class _LineCodec(_Codec):
     max_line: int = Field(4096, ge=16, le=1_048_576, description="Longer lines are rejected as over-long.")
     ts_field: str | None = Field("ts", description="Field holding event time (epoch s/ms or ISO 8601).")
     device_field: str | None = Field(None, description="Field naming the device; keys become `<device>.<field>`.")
+    record: str | None = Field(
+        None,
+        description="Emit one object reading per line/frame under this key (its numeric fields as the "
+        "value's fields, e.g. `value.temp` in expressions) instead of one reading per field.",
+    )
 
 
 class JsonCodec(_LineCodec):
     type: Literal["json"]
     key_field: str | None = Field(None, description="If set, each line is one reading: key from this field …")
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> JsonCodec:
+        if self.key_field is not None and self.record is not None:
+            raise ValueError("give either `key_field` (one reading per line) or `record` (one object per line)")
+        return self
+
     value_field: str = Field("value", description="… and value from this one.")
 
 
@@ -146,6 +158,11 @@ class StructField(BaseModel):
 
 class CobsCodec(_Codec):
     type: Literal["cobs"]
+    record: str | None = Field(
+        None,
+        description="Emit one object reading per line/frame under this key (its numeric fields as the "
+        "value's fields, e.g. `value.temp` in expressions) instead of one reading per field.",
+    )
     fields: list[StructField] = Field(min_length=1, description="Payload layout, in order.")
     byte_order: Literal["little", "big"] = Field("little", description="Of the payload fields.")
     crc: Literal["crc16", "crc32", "none"] = Field("crc16", description="crc16: CRC-16/CCITT-FALSE; crc32: zlib's.")
@@ -302,10 +319,23 @@ class _RecordDecoder(Decoder):
         if o.device_field and o.device_field in rec:
             prefix = f"{prefix}{rec.pop(o.device_field)}."
         n = len(readings) + len(errors)
-        for name, v in rec.items():
-            value = self._number(name, v)
-            if value is not None:
-                _finite(prefix + name, value, ts, readings, errors, piece)
+        if o.record is not None:
+            fields: dict[str, float] = {}
+            for name, v in rec.items():
+                value = self._number(name, v)
+                if value is None:
+                    continue
+                if math.isfinite(value):
+                    fields[name] = value
+                else:
+                    errors.append(DecodeError("nonfinite", f"{prefix}{o.record}.{name} is {value!r}", _excerpt(piece)))
+            if fields:
+                readings.append(Reading(prefix + o.record, fields, ts))
+        else:
+            for name, v in rec.items():
+                value = self._number(name, v)
+                if value is not None:
+                    _finite(prefix + name, value, ts, readings, errors, piece)
         if len(readings) + len(errors) == n:
             raise _Invalid("malformed", "no numeric field in the line")
 
@@ -599,6 +629,8 @@ class _CobsDecoder(Decoder):
         self.fields = [
             (o.prefix + f.name, f.scale, f.offset, f.name == o.ts_field) for f in o.fields if f.type != "pad"
         ]
+        self.names = [f.name for f in o.fields if f.type != "pad"]
+        self.record_key = None if o.record is None else o.prefix + o.record
         self.crc_len = {"crc16": 2, "crc32": 4, "none": 0}[o.crc]
         self.crc = {"crc16": crc16_ccitt_false, "crc32": crc32, "none": None}[o.crc]
 
@@ -627,6 +659,19 @@ class _CobsDecoder(Decoder):
         for (_key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):
             if is_ts:
                 ts = _ts(r * scale + offset)
+        if self.record_key is not None:
+            fields: dict[str, float] = {}
+            for (key, scale, offset, is_ts), name, r in zip(self.fields, self.names, raw, strict=True):
+                if is_ts:
+                    continue
+                v = float(r) * scale + offset
+                if math.isfinite(v):
+                    fields[name] = v
+                else:
+                    errors.append(DecodeError("nonfinite", f"{key} is {v!r}", _excerpt(piece)))
+            if fields:
+                readings.append(Reading(self.record_key, fields, ts))
+            return
         for (key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):
             if not is_ts:
                 _finite(key, float(r) * scale + offset, ts, readings, errors, piece)
@@ -704,9 +749,10 @@ def _num(v: float) -> str:
 
 def _nmea_coord(v: float, lat: bool) -> tuple[str, str]:
     hemi = ("N" if v >= 0 else "S") if lat else ("E" if v >= 0 else "W")
-    a = abs(v)
-    deg = int(a)
-    minutes = (a - deg) * 60
+    # Work in ten-thousandths of a minute so rounding can never print "60.0000" minutes.
+    units = round(abs(v) * 600_000)
+    deg, rest = divmod(units, 600_000)
+    minutes = rest / 10_000
     return (f"{deg:02d}{minutes:07.4f}" if lat else f"{deg:03d}{minutes:07.4f}"), hemi
 
 
