@@ -280,6 +280,8 @@ class Console:
             alert_id = int(request.match_info["id"])
         except ValueError:
             return web.json_response({"error": "the alert id is a number"}, status=400)
+        if not 0 < alert_id < 2**63:  # SQLite's integer range: no such alert, not an overflow
+            return web.json_response({"error": f"no alert {alert_id}"}, status=404)
         body: Any = {}
         if request.can_read_body:
             try:

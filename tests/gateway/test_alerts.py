@@ -182,6 +182,8 @@ async def test_alert_sink_console_and_mqtt_commands(tmp_path: Path, mosquitto: M
             assert status == 409
             status, body = await post(gw, "/api/alerts/12345/resolve")
             assert status == 404
+            status, body = await post(gw, "/api/alerts/99999999999999999999/ack")  # past SQLite's integers
+            assert status == 404
             await wait_for(lambda: any(m["action"] == "acknowledged" for m in actions(sub)))
 
             # resolve over MQTT, answered on the reply topic
