@@ -305,7 +305,7 @@ def main() -> int:
         print(f"charts page, browser   {r['chart_browser_cpu_percent']} % CPU with {r['chart_series']} live series")
     else:
         print("charts page, browser   skipped (no Playwright/Chromium, or --skip-browser)")
-    print(json.dumps(r))
+    print(json.dumps({"bench": "console_clients", **r}))
     return 0
 
 

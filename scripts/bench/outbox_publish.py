@@ -219,10 +219,11 @@ async def main() -> int:
     print(
         json.dumps(
             {
+                "bench": "outbox_publish",
+                "ratio": round(ratio, 3),
                 "n": args.n,
                 "bare_msg_s": round(bare_rate),
                 "outbox_msg_s": round(ob_rate),
-                "ratio": round(ratio, 3),
                 "backlog": args.backlog,
                 "drain_msg_s": round(drain_rate),
                 "drain_s": round(drain_s, 2),
