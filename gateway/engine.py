@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -222,6 +223,14 @@ class Pipeline:
             from .store import Checkpointer
 
             self.checkpointer = Checkpointer(store, name, self.nodes)
+        # With stateful nodes, a source's acknowledgement (a QoS 1 PUBACK) waits until the checkpoint
+        # that holds what the batch did to their state is committed: a crash before that makes the
+        # input come again instead of leaving a hole in the restored windows.
+        self._hold_acks = self.checkpointer is not None and any(
+            not isinstance(n, Source) and type(n).snapshot is not _Node.snapshot for n in self.nodes
+        )
+        self._held: list[tuple[int, Callable[[], None]]] = []
+        self._chain_n = 0  # data batches the chain has processed
 
     def _plan(self, origin: int) -> list[tuple[int, _Node, list[int]]]:
         """Nodes reachable from ``origin`` in topological order, each with its upstream slots."""
@@ -289,6 +298,7 @@ class Pipeline:
             await asyncio.gather(*sink_tasks)
         if self.checkpointer is not None:  # everything drained: the state to start again from
             await self.checkpointer.final()
+            self._release(math.inf)
         self.state = "stopped"
         # what came in and what went out, so a stop shows whether the drain was complete
         ends = ", ".join(
@@ -403,10 +413,11 @@ class Pipeline:
         assert ckpt is not None
         snaps = ckpt.take([n for n in self.nodes if not isinstance(n, Source)])
         snaps.update(sources)
+        upto = self._chain_n
         if not self.sink_queues:
-            ckpt.commit(snaps)
+            self._commit(snaps, upto)
             return
-        mark = _SinkMark(len(self.sink_queues), partial(ckpt.commit, snaps))
+        mark = _SinkMark(len(self.sink_queues), partial(self._commit, snaps, upto))
         for q in self.sink_queues.values():
             q.put_nowait(mark, 0)
 
@@ -420,6 +431,8 @@ class Pipeline:
             outs = self._process(item)
             for si, events in outs:
                 await sink_queues[si].put(events, len(events))
+            if item.events:
+                self._chain_n += 1
             if item.done is not None:
                 if item.events:
                     self._settle(item, outs)
@@ -433,7 +446,7 @@ class Pipeline:
         fifo = self._settling.get(item.origin)
         if fifo is None:
             fifo = self._settling[item.origin] = deque()
-        entry = [item.done, bool(outs)]  # [callback, still waiting for sinks]
+        entry = [item.done, bool(outs), self._chain_n]  # [callback, still waiting for sinks, chain position]
         fifo.append(entry)
         if outs:
             mark = _SinkMark(len(outs), partial(self._written, fifo, entry))
@@ -445,7 +458,35 @@ class Pipeline:
     def _written(self, fifo: deque[list[Any]], entry: list[Any]) -> None:
         entry[1] = False
         while fifo and not fifo[0][1]:
-            self._call(fifo.popleft()[0])
+            done, _, n = fifo.popleft()
+            if self._hold_acks:
+                self._held.append((n, done))
+            else:
+                self._call(done)
+
+    def _commit(self, snaps: dict[str, Any], upto: int) -> None:
+        """Queue a checkpoint; once it is on disk, acknowledge the batches it covers."""
+        ckpt = self.checkpointer
+        assert ckpt is not None
+        ckpt.commit(snaps)
+        if self._hold_acks:
+            loop = asyncio.get_running_loop()
+            ckpt.store.on_committed(lambda exc: loop.call_soon_threadsafe(self._release, upto, exc))
+
+    def _release(self, upto: float, exc: BaseException | None = None) -> None:
+        if exc is not None:
+            # The state could not be saved (disk or quota full): acknowledge anyway rather than
+            # stall the broker's sessions; the store's health already says what is wrong.
+            self._rl.warning(
+                f"ack:{self.name}", "pipeline %s: state not saved (%s); acknowledging input anyway", self.name, exc
+            )
+        keep = []
+        for n, done in self._held:
+            if n <= upto:
+                self._call(done)
+            else:
+                keep.append((n, done))
+        self._held = keep
 
     def _call(self, done: Callable[[], None]) -> None:
         try:

@@ -276,6 +276,14 @@ class StateStore:
             self._queue.append(done)
             self._cond.notify()
 
+    def on_committed(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback`` (in the writer thread) once everything queued so far is committed,
+        with the error if it could not be."""
+        if self._thread is None:
+            callback(None)
+            return
+        self._submit_flush(callback)
+
     async def flush(self) -> None:
         """Wait until everything queued so far is committed; raise :class:`StoreError` if it cannot be."""
         if self._thread is None:
