@@ -195,7 +195,12 @@ class _Reader:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
-        value = _LOADER.construct_object(node, deep=True)
+        try:
+            value = _LOADER.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:  # e.g. a bare `=` (YAML 1.1's value tag) or an unknown !tag
+            problem = getattr(exc, "problem", None) or str(exc)
+            self.issue(line, path, f"YAML: {problem}; quote the value if it is text")
+            return None
         if isinstance(value, str) and "$" in value:
             value = self.substitute(value, line, path)
         return value

@@ -1,0 +1,22 @@
+"""YAML that PyYAML cannot construct is a config error at its line, never an exception (found by fuzzing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("gateway: {id: =}\n", "f.yaml:1: gateway.id: YAML: could not determine a constructor"),
+        ("gateway: {id: g}\nconsole: !custom x\n", "f.yaml:2: console: YAML: could not determine"),
+        ("=\n", "f.yaml:1: <root>: config must be a mapping of sections"),
+    ],
+)
+def test_unconstructible_yaml_is_a_config_error(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "f.yaml")
+    assert any(str(i).startswith(expected) for i in err.value.issues), [str(i) for i in err.value.issues]
