@@ -6,12 +6,20 @@ with extra config lines. Helpers (wait_for, mqtt_client, free_port) live in test
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests._util import BrokerStartError, MosquittoBroker, find_mosquitto, free_port
+
+# In CI every property test runs the same examples each time (a red build always reproduces, and
+# is about the change, not the dice); developers' runs keep exploring new examples.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 MosquittoFactory = Callable[..., MosquittoBroker]
 
