@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import string
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ __all__ = [
     "Operator",
     "Sink",
     "Source",
+    "check_connection",
+    "check_topic_template",
     "get_node_type",
     "load_node_types",
     "node_types",
@@ -97,6 +100,33 @@ class NodeContext:
 
 def _not_running() -> None:
     raise RuntimeError("this node is not running in a pipeline; ctx.emit is unavailable")
+
+
+def check_connection(name: str | None, config: Any) -> list[tuple[str, str]]:
+    """For a node's :meth:`check`: the issue when ``name`` is not under the config's ``connections``."""
+    conns = (config.get("connections") or {}) if isinstance(config, dict) else {}
+    if name is None or name in conns:
+        return []
+    known = ", ".join(sorted(conns)) or "none defined"
+    return [("connection", f"unknown connection {name!r} (connections: {known})")]
+
+
+def check_topic_template(topic: str, fields: set[str]) -> list[tuple[str, str]]:
+    """For a node's :meth:`check`: problems of a publish topic template using ``{field}`` names."""
+    issues = []
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(topic) if f is not None}
+    except ValueError as exc:
+        issues.append(("topic", f"bad topic template: {exc}"))
+    else:
+        bad = names - fields
+        if bad:
+            issues.append(
+                ("topic", f"unknown template field {{{sorted(bad)[0]}}}; available: {', '.join(sorted(fields))}")
+            )
+    if "+" in topic or "#" in topic:
+        issues.append(("topic", "a topic to publish to cannot contain + or #"))
+    return issues
 
 
 class _Node:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 from typing import Any, Literal
 
 from pydantic import Field
 
 from gateway.errors import LinkError
 from gateway.events import Event
-from gateway.node import Duration, NodeOptions, Sink, register
+from gateway.node import Duration, NodeOptions, Sink, check_connection, check_topic_template, register
 
 __all__ = ["LogSink", "MqttOut", "Webhook"]
 
@@ -50,28 +49,7 @@ class MqttOut(Sink):
     @classmethod
     def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
         o: MqttOutOptions = options  # type: ignore[assignment]
-        issues = []
-        conns = (config.get("connections") or {}) if isinstance(config, dict) else {}
-        if o.connection not in conns:
-            known = ", ".join(sorted(conns)) or "none defined"
-            issues.append(("connection", f"unknown connection {o.connection!r} (connections: {known})"))
-        try:
-            names = {f for _, f, _, _ in string.Formatter().parse(o.topic) if f is not None}
-        except ValueError as exc:
-            issues.append(("topic", f"bad topic template: {exc}"))
-        else:
-            bad = names - _TEMPLATE_FIELDS
-            if bad:
-                issues.append(
-                    (
-                        "topic",
-                        f"unknown template field {{{sorted(bad)[0]}}}; "
-                        f"available: {', '.join(sorted(_TEMPLATE_FIELDS))}",
-                    )
-                )
-        if "+" in o.topic or "#" in o.topic:
-            issues.append(("topic", "a topic to publish to cannot contain + or #"))
-        return issues
+        return [*check_connection(o.connection, config), *check_topic_template(o.topic, _TEMPLATE_FIELDS)]
 
     def __init__(self, options: MqttOutOptions, ctx: Any):
         super().__init__(options, ctx)

@@ -24,7 +24,7 @@ from gateway.errors import ExpressionError
 from gateway.events import Event
 from gateway.expr import Expression, check_expression
 from gateway.mqtt import MqttLink
-from gateway.node import Duration, NodeOptions, Source, register
+from gateway.node import Duration, NodeOptions, Source, check_connection, register
 
 __all__ = ["MqttSource", "SimulateSource"]
 
@@ -152,12 +152,8 @@ class MqttSource(Source):
     @classmethod
     def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
         o: MqttSourceOptions = options  # type: ignore[assignment]
-        issues = []
-        conns = (config.get("connections") or {}) if isinstance(config, dict) else {}
-        if o.connection not in conns:
-            known = ", ".join(sorted(conns)) or "none defined"
-            issues.append(("connection", f"unknown connection {o.connection!r} (connections: {known})"))
-        elif o.qos == 1 and str((conns[o.connection] or {}).get("version", "5")) != "5":
+        issues = check_connection(o.connection, config)
+        if not issues and o.qos == 1 and str((config["connections"][o.connection] or {}).get("version", "5")) != "5":
             issues.append(("qos", "QoS 1 at-least-once ingest needs MQTT version 5 on the connection"))
         if o.key != "topic" and not _TOPIC_INDEX.match(o.key):
             problem = check_expression(o.key, ("topic", "payload"), {"topic": ["a", "b"], "payload": {}})
