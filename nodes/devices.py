@@ -29,6 +29,7 @@ from gateway._retry import backoff
 from gateway.engine import SourceQueue
 from gateway.events import Event
 from gateway.node import Duration, NodeOptions, Source, register
+from nodes._decoding import DecodingSource
 
 __all__ = ["ModbusSource", "SerialSource", "WebSocketSource"]
 
@@ -106,7 +107,7 @@ class _SerialProtocol(asyncio.Protocol):
 
 
 @register
-class SerialSource(Source):
+class SerialSource(DecodingSource):
     """Read a serial port through an asyncio transport and decode it with a firmware codec.
 
     Bytes are decoded in the transport's read callback and handed over as one batch per read;
@@ -124,10 +125,8 @@ class SerialSource(Source):
         self._transport: asyncio.Transport | None = None
         self._out: SourceQueue | None = None
         self.n_bytes = 0
-        self.n_malformed = 0
         self.n_pauses = 0
         self._paused = False
-        self.by_kind: dict[str, int] = {}
 
     def health(self) -> dict[str, Any]:
         h = self._health.as_dict()
@@ -136,30 +135,19 @@ class SerialSource(Source):
         h["decoder"] = dict(self._decoder.stats)
         return h
 
-    def counters(self) -> dict[str, int]:
-        c = super().counters()
-        c["malformed"] = self.n_malformed
-        for kind, n in self.by_kind.items():
-            c[f"malformed_{kind}"] = n
-        return c
-
     # reading ------------------------------------------------------------------------------
 
     def _on_data(self, data: bytes) -> None:
         self.n_bytes += len(data)
         readings, errors = self._decoder.feed(data)
         if errors:
-            self._reject(errors)
+            self._reject_all(errors)
         if readings:
             self._hand_over(readings)
 
-    def _reject(self, errors: list[DecodeError]) -> None:
-        port = self.options.port
+    def _reject_all(self, errors: list[DecodeError]) -> None:
         for e in errors:
-            self.n_malformed += 1
-            self.by_kind[e.kind] = self.by_kind.get(e.kind, 0) + 1
-            self.n_errors += 1
-            self.ctx.dead_letters.record(self.ctx.pipeline, self.id, f"{port}: {e}", None, e.raw)
+            self._reject(self.options.port, e.kind, str(e), e.raw)
 
     def _hand_over(self, readings: list[Reading]) -> None:
         now = self.ctx.clock()
@@ -247,7 +235,7 @@ class SerialSource(Source):
                         await asyncio.wait_for(asyncio.shield(protocol.lost), 5)
                     except (TimeoutError, asyncio.CancelledError):
                         pass
-                self._reject(self._decoder.flush())
+                self._reject_all(self._decoder.flush())
             reason = f"lost: {exc}" if exc else "closed"
             delay = backoff(0, o.reconnect_max)
             attempt = 1
@@ -594,7 +582,7 @@ class WebSocketOptions(NodeOptions):
 
 
 @register
-class WebSocketSource(Source):
+class WebSocketSource(DecodingSource):
     """A WebSocket client: every text or binary message holds one JSON object (or NDJSON lines, or a
     JSON array of objects); numeric fields become readings. Reconnects with backoff. While the
     pipeline is full the source stops reading, so the peer feels TCP backpressure.
@@ -608,20 +596,11 @@ class WebSocketSource(Source):
         self._decoder = make_decoder(options.codec)
         self._health = _Health(options.url)
         self.n_messages = 0
-        self.n_malformed = 0
-        self.by_kind: dict[str, int] = {}
 
     def health(self) -> dict[str, Any]:
         h = self._health.as_dict()
         h["messages"] = self.n_messages
         return h
-
-    def counters(self) -> dict[str, int]:
-        c = super().counters()
-        c["malformed"] = self.n_malformed
-        for kind, n in self.by_kind.items():
-            c[f"malformed_{kind}"] = n
-        return c
 
     def decode(self, data: bytes) -> list[Event]:
         self.n_messages += 1
@@ -635,10 +614,7 @@ class WebSocketSource(Source):
                 body = b"\n".join(json.dumps(x).encode() for x in items)
         readings, errors = self._decoder.feed(body + b"\n")
         for e in errors:
-            self.n_malformed += 1
-            self.n_errors += 1
-            self.by_kind[e.kind] = self.by_kind.get(e.kind, 0) + 1
-            self.ctx.dead_letters.record(self.ctx.pipeline, self.id, f"{self.options.url}: {e}", None, data)
+            self._reject(self.options.url, e.kind, str(e), data)
         now = self.ctx.clock()
         self.n_in += len(readings)
         return [Event(r.key, now if r.ts is None else r.ts, r.value, self.id) for r in readings]

@@ -22,7 +22,8 @@ from firmware_bridges import DecodeError, JsonCodec, Reading, make_decoder
 from gateway._retry import backoff
 from gateway.engine import SourceQueue
 from gateway.events import Event
-from gateway.node import Duration, NodeOptions, Source, register
+from gateway.node import Duration, NodeOptions, register
+from nodes._decoding import DecodingSource
 
 __all__ = ["HttpPollSource", "HttpPushSource"]
 
@@ -58,25 +59,10 @@ class _BodyDecoder:
         return readings, errors
 
 
-class _SourceBase(Source):
+class _SourceBase(DecodingSource):
     def __init__(self, options: Any, ctx: Any):
         super().__init__(options, ctx)
         self._body = _BodyDecoder(options.codec)
-        self.n_malformed = 0
-        self.by_kind: dict[str, int] = {}
-
-    def counters(self) -> dict[str, int]:
-        c = super().counters()
-        c["malformed"] = self.n_malformed
-        for kind, n in self.by_kind.items():
-            c[f"malformed_{kind}"] = n
-        return c
-
-    def _reject(self, where: str, kind: str, reason: str, raw: bytes) -> None:
-        self.n_malformed += 1
-        self.n_errors += 1
-        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
-        self.ctx.dead_letters.record(self.ctx.pipeline, self.id, f"{where}: {reason}", None, raw)
 
     def _decode(self, where: str, body: bytes, empty_ok: bool = False) -> tuple[list[Event], list[str]]:
         readings, errors = self._body.decode(body)
