@@ -42,6 +42,12 @@ _NUM = {"type": "number"}
 _INT = {"type": "integer"}
 _ROLE = {"type": "string", "enum": ["viewer", "admin"]}
 _ANY_OBJ = {"type": "object"}
+# what /api/config/validate and /api/config/save share: the config text in, problems at their lines out
+_CONFIG_ERRORS = {
+    "type": "array",
+    "items": _obj({"line": _INT, "path": _STR, "message": _STR}, ["line", "path", "message"]),
+}
+_CONFIG_BODY = {"text/yaml": {"schema": _STR}, "application/json": {"schema": _obj({"text": _STR}, ["text"])}}
 
 
 def _op(
@@ -248,12 +254,7 @@ def _paths() -> dict[str, Any]:
                         _obj(
                             {
                                 "valid": {"type": "boolean"},
-                                "errors": {
-                                    "type": "array",
-                                    "items": _obj(
-                                        {"line": _INT, "path": _STR, "message": _STR}, ["line", "path", "message"]
-                                    ),
-                                },
+                                "errors": _CONFIG_ERRORS,
                                 "pipelines": _INT,
                                 "nodes": _INT,
                             },
@@ -265,7 +266,7 @@ def _paths() -> dict[str, Any]:
                 },
                 tag="config",
                 change=True,
-                body={"text/yaml": {"schema": _STR}, "application/json": {"schema": _obj({"text": _STR}, ["text"])}},
+                body=_CONFIG_BODY,
             )
         },
         "/api/config/save": {
@@ -276,12 +277,7 @@ def _paths() -> dict[str, Any]:
                         _obj(
                             {
                                 "valid": {"type": "boolean"},
-                                "errors": {
-                                    "type": "array",
-                                    "items": _obj(
-                                        {"line": _INT, "path": _STR, "message": _STR}, ["line", "path", "message"]
-                                    ),
-                                },
+                                "errors": _CONFIG_ERRORS,
                                 "reloaded": {"type": "boolean"},
                                 "saved": {"type": "boolean"},
                                 "note": {"type": ["string", "null"]},
@@ -302,7 +298,7 @@ def _paths() -> dict[str, Any]:
                 },
                 tag="config",
                 change=True,
-                body={"text/yaml": {"schema": _STR}, "application/json": {"schema": _obj({"text": _STR}, ["text"])}},
+                body=_CONFIG_BODY,
             )
         },
         "/api/session": {
