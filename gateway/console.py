@@ -276,12 +276,9 @@ class Console:
         action = request.match_info["action"]
         if action not in ("ack", "resolve"):
             return web.json_response({"error": f"unknown action {action!r}; use ack or resolve"}, status=404)
-        try:
-            alert_id = int(request.match_info["id"])
-        except ValueError:
-            return web.json_response({"error": "the alert id is a number"}, status=400)
-        if not 0 < alert_id < 2**63:  # SQLite's integer range: no such alert, not an overflow
-            return web.json_response({"error": f"no alert {alert_id}"}, status=404)
+        alert_id = _row_id(request, "alert")
+        if isinstance(alert_id, web.Response):
+            return alert_id
         body: Any = {}
         if request.can_read_body:
             try:
@@ -340,12 +337,9 @@ class Console:
         return web.json_response({"suppressions": await self.gw.alerts.suppressions()})
 
     async def api_alert_unsuppress(self, request: web.Request) -> web.Response:
-        try:
-            sup_id = int(request.match_info["id"])
-        except ValueError:
-            return web.json_response({"error": "the suppression id is a number"}, status=400)
-        if not 0 < sup_id < 2**63:  # SQLite's integer range: no such row, not an overflow
-            return web.json_response({"error": f"no suppression {sup_id}"}, status=404)
+        sup_id = _row_id(request, "suppression")
+        if isinstance(sup_id, web.Response):
+            return sup_id
         try:
             await self.gw.alerts.unsuppress(sup_id)
         except AlertError as exc:
@@ -446,3 +440,14 @@ def _describe_suppression_routes() -> None:
             },
         },
     )
+
+
+def _row_id(request: web.Request, what: str) -> int | web.Response:
+    """The ``id`` path parameter as a database row id, or the answer to give when it is not one."""
+    try:
+        n = int(request.match_info["id"])
+    except ValueError:
+        return web.json_response({"error": f"the {what} id is a number"}, status=400)
+    if not 0 < n < 2**63:  # SQLite's integer range: no such row, not an overflow
+        return web.json_response({"error": f"no {what} {n}"}, status=404)
+    return n
