@@ -160,9 +160,14 @@ class _Spec:
 class _Acc:
     """A mergeable partial aggregate of one window."""
 
-    __slots__ = ("coll", "first", "last", "m2", "max", "mean", "min", "n", "sum", "values")
+    __slots__ = ("clean", "coll", "first", "hi", "last", "lo", "m2", "max", "mean", "min", "n", "sum", "values")
 
     def __init__(self) -> None:
+        # the batch path's bookkeeping: False once changed since the last snapshot (then its key
+        # is in the node's dirty set); lo/hi bound the readings that certainly fall in this window
+        self.clean = True
+        self.lo = math.inf
+        self.hi = -math.inf
         self.n = 0
         self.sum = 0.0
         self.min = math.inf
@@ -376,7 +381,11 @@ class Window(Operator):
         self._idle: set[str] = set()
         # windows
         self._keys: dict[str, Any] = {}  # key -> kind-specific state
+        self._cur: dict[str, _Acc] = {}  # tumbling, batch path: key -> its newest open window
         self._heap: list[tuple[float, str, float]] = []  # (close at, key, start); stale entries are skipped
+        # tumbling and hopping: the starts of open windows (a heap) and the keys with a window at each
+        self._starts: list[float] = []
+        self._bucket: dict[float, list[str]] = {}
         self._dirty: set[str] = set()  # keys changed since the last snapshot
         self._plain: dict[str, Any] = {}  # cached snapshot entries
         self._early_dirty: dict[tuple[str, float], None] = {}
@@ -422,7 +431,9 @@ class Window(Operator):
             return super().process_batch(batch)
         out: list[Event] = []
         keys = self._keys
-        heap = self._heap
+        cur = self._cur
+        starts = self._starts
+        bucket = self._bucket
         size = self._size
         src_max = self._src_max
         dirty = self._dirty
@@ -431,25 +442,55 @@ class Window(Operator):
         track_n = self.options.idle_timeout is not None
         minmax = self._spec.want_minmax
         wm = self._wm
-        seq = self._seq
+        route_late = self.options.route_late
+        n_late = 0
         last_src: str | None = None  # the source of the newest maximum, and that maximum
         last_max = -math.inf
+        # ``seq`` orders readings for first/last/collect, which this path does not serve: not counted here
         for ev in batch:
             ts = ev.ts
             v = ev.value
-            if type(ts) is float and type(v) is float and v - v == 0.0 and ts - ts == 0.0:
-                start = floor(ts / size) * size
-                end = start + size
-                if end > wm:
-                    key = ev.key
-                    seq += 1
-                    wins = keys.get(key)
-                    if wins is None:
-                        wins = keys[key] = {}
-                    acc = wins.get(start)
-                    if acc is None:
-                        acc = wins[start] = _Acc()
-                        heapq.heappush(heap, (end, key, start))
+            if type(ts) is float and type(v) is float and v - v + ts - ts == 0.0:  # finite floats
+                key = ev.key
+                acc = cur.get(key)
+                if acc is None or not acc.lo <= ts < acc.hi:
+                    # not inside the key's newest open window: place it the way on_event does
+                    start = floor(ts / size) * size
+                    end = start + size
+                    if end <= wm:
+                        src = ev.source
+                        m = src_max.get(src)
+                        if route_late or m is None or ts > m:
+                            acc = None  # routed to the side output, or it moves a source's maximum: below
+                        else:
+                            n_late += 1  # late and dropped, as on_event does
+                            if track_n:
+                                self._src_n[src] = self._src_n.get(src, 0) + 1
+                                if self._idle:
+                                    self._idle.discard(src)
+                            continue
+                    else:
+                        wins = keys.get(key)
+                        if wins is None:
+                            wins = keys[key] = {}
+                        acc = wins.get(start)
+                        if acc is None:
+                            acc = wins[start] = _Acc()
+                            b = bucket.get(start)
+                            if b is None:
+                                bucket[start] = [key]
+                                heapq.heappush(starts, start)
+                            else:
+                                b.append(key)
+                        if acc.hi == -math.inf:
+                            # readings well inside [start, end) need no floor() to find this window again
+                            margin = (abs(start) + abs(end)) * 1e-15
+                            acc.lo = start + margin
+                            acc.hi = end - margin
+                        c = cur.get(key)
+                        if c is None or c.hi < acc.lo:
+                            cur[key] = acc
+                if acc is not None:
                     acc.n += 1
                     acc.sum += v
                     if minmax:
@@ -457,7 +498,9 @@ class Window(Operator):
                             acc.min = v
                         if v > acc.max:
                             acc.max = v
-                    dirty.add(key)
+                    if acc.clean:
+                        acc.clean = False
+                        dirty.add(key)
                     src = ev.source
                     if track_n:
                         self._src_n[src] = self._src_n.get(src, 0) + 1
@@ -475,11 +518,10 @@ class Window(Operator):
                         new = ts - lateness if len(src_max) == 1 and not self._idle else self._watermark()
                         if new > wm:
                             wm = new  # self._wm catches up below, or in _advance
-                            if heap and heap[0][0] <= wm:
+                            if starts and starts[0] + size <= wm:
                                 self._advance(wm, out)
                     continue
             # the general path: validation errors, late readings
-            self._seq = seq
             if wm > self._wm:
                 self._wm = wm
             try:
@@ -487,7 +529,6 @@ class Window(Operator):
             except Exception as exc:  # node boundary: dead-letter and go on
                 self.fail(ev, exc)
                 r = None
-            seq = self._seq
             wm = self._wm
             last_src = None  # on_event may have moved a source's maximum
             if r is not None:
@@ -495,9 +536,11 @@ class Window(Operator):
                     out.extend(r)
                 else:
                     out.append(r)  # type: ignore[arg-type]
-        self._seq = seq
         if wm > self._wm:
             self._wm = wm
+        if n_late:
+            self.n_late += n_late
+            self.n_dropped += n_late
         return out
 
     def on_event(self, event: Event) -> Event | list[Event] | None:
@@ -559,12 +602,20 @@ class Window(Operator):
             acc = wins.get(start)
             if acc is None:
                 acc = wins[start] = _Acc()
-                heapq.heappush(self._heap, (start + size, key, start))
+                self._open(key, start)
             acc.add(spec, ts, seq, v)
             self._touch(key, start)
         if self._early and self._early_every == 0:
             self._emit_early(out)
         return True
+
+    def _open(self, key: str, start: float) -> None:
+        b = self._bucket.get(start)
+        if b is None:
+            self._bucket[start] = [key]
+            heapq.heappush(self._starts, start)
+        else:
+            b.append(key)
 
     def _add_session(self, key: str, ts: float, seq: int, v: Any, out: list[Event]) -> bool:
         if ts < self._wm:
@@ -640,19 +691,32 @@ class Window(Operator):
         if wm <= self._wm:
             return
         self._wm = wm
+        if self._kind in ("tumbling", "hopping"):  # the common case, in a loop of its own
+            starts, size = self._starts, self._size
+            keys, cur, dirty, event, pop = self._keys, self._cur, self._dirty, self._event, heapq.heappop
+            early = self._early_dirty if self._early else None
+            while starts and starts[0] + size <= wm:
+                start = pop(starts)
+                end = start + size
+                for key in sorted(self._bucket.pop(start)):  # by key, whatever order they opened in
+                    wins = keys.get(key)
+                    acc = wins.pop(start, None) if wins else None
+                    if acc is None:
+                        continue
+                    if not wins:
+                        del keys[key]
+                    if cur.get(key) is acc:
+                        del cur[key]
+                    out.append(event(key, start, end, acc, True))
+                    dirty.add(key)
+                    if early is not None:
+                        early.pop((key, start), None)
+            return
         heap = self._heap
         sliding = self._kind == "sliding"
         while heap and (heap[0][0] < wm if sliding else heap[0][0] <= wm):
             end, key, start = heapq.heappop(heap)
-            if self._kind in ("tumbling", "hopping"):
-                wins = self._keys.get(key)
-                acc = wins.pop(start, None) if wins else None
-                if acc is None:
-                    continue
-                if not wins:
-                    del self._keys[key]
-                out.append(self._event(key, start, end, acc, True))
-            elif self._kind == "session":
+            if self._kind == "session":
                 sessions = self._keys.get(key) or []
                 hit = next((s for s in sessions if s[0] == start and s[1] + self._gap == end), None)
                 if hit is None:
@@ -771,6 +835,8 @@ class Window(Operator):
         if st is None:
             return None
         if self._kind in ("tumbling", "hopping"):
+            for acc in st.values():
+                acc.clean = True  # saved as of now: the batch path marks it dirty again on change
             return {"w": [[start, acc.plain()] for start, acc in st.items()]}
         if self._kind == "session":
             return {"s": [[s[0], s[1], s[2].plain()] for s in st]}
@@ -797,8 +863,9 @@ class Window(Operator):
             "shape": self._shape(),
             "wm": _enc(self._wm),
             "src": dict(self._src_max),
-            "seq": self._seq,
         }
+        if not self._fast:
+            meta["seq"] = self._seq  # orders buffered readings; the plain aggregates of the batch path need no order
         prev = self._plain.get(_META)
         if prev != meta:
             self._plain[_META] = meta
@@ -824,7 +891,10 @@ class Window(Operator):
         self._src_max = {s: float(m) for s, m in meta.get("src", {}).items()}
         self._seq = int(meta.get("seq", 0))
         self._keys.clear()
+        self._cur.clear()
         self._heap.clear()
+        self._starts.clear()
+        self._bucket.clear()
         for entry, p in state.items():
             if not entry.startswith("k:"):
                 continue
@@ -833,7 +903,7 @@ class Window(Operator):
                 wins = {float(start): _Acc.from_plain(a) for start, a in p["w"]}
                 self._keys[key] = wins
                 for start in wins:
-                    self._heap.append((start + self._size, key, start))
+                    self._open(key, start)
             elif self._kind == "session":
                 sessions = [[float(s), float(last), _Acc.from_plain(a)] for s, last, a in p["s"]]
                 self._keys[key] = sessions

@@ -13,6 +13,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -202,7 +203,7 @@ def test_tumbling(readings: list[Reading], lateness: float, size: float, emit: s
 @given(
     readings=streams(),
     lateness=LATENESS,
-    size=st.sampled_from([1.0, 5.0]),
+    size=st.sampled_from([1.0, 5.0, 0.1, 2.5, 0.3]),  # inexact sizes: window edges off by an ulp
     batch=st.sampled_from([1, 4, 50]),
     aggs=st.sampled_from([["mean"], ["count", "sum", "min", "max", "mean"]]),
     two=st.booleans(),
@@ -293,3 +294,26 @@ def test_snapshot_and_restore_anywhere_changes_nothing(
     straight = run_node(make(**opts), readings)
     resumed = run_node(make(**opts), readings, cut=cut, opts=opts, batch=data.draw(st.sampled_from([0, 1, 7])))
     assert [(e.key, e.ts, e.value, e.meta) for e in resumed] == [(e.key, e.ts, e.value, e.meta) for e in straight]
+
+
+@pytest.mark.parametrize("size", [0.1, 0.3, 2.5, 10.0, 1e-3])
+def test_tumbling_batch_path_at_window_edges(size: float) -> None:
+    """Readings within a few ulps of window edges land where on_event puts them (floor of ts/size)."""
+    readings: list[Reading] = []
+    for k in range(1, 200):
+        edge = k * size
+        for steps in (-2, -1, 0, 1, 2):
+            ts = edge
+            for _ in range(abs(steps)):
+                ts = math.nextafter(ts, math.inf if steps > 0 else -math.inf)
+            readings.append(("a", ts, float(k % 7)))
+    ctx = NodeContext("gw", "p", "w", "/nonexistent", None, DeadLetters(None))
+
+    def node() -> Window:
+        return Window(WindowOptions(id="w", type="window", kind="tumbling", size=size, aggregate="mean"), ctx)
+
+    fast, slow = node(), node()
+    a = run_node(fast, readings, batch=50)
+    b = run_node(slow, readings)
+    assert len(a) > 100
+    assert [(e.key, e.ts, e.value, e.meta) for e in a] == [(e.key, e.ts, e.value, e.meta) for e in b]
