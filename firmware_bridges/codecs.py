@@ -21,6 +21,7 @@ import math
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.scanner import make_scanner
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -226,49 +227,47 @@ class Decoder:
 
     def __init__(self, max_len: int):
         self.max_len = max_len
-        self._buf = bytearray()
+        self._buf = b""  # an unfinished piece
         self._skipping = False  # inside an over-long piece: drop bytes until the next delimiter
         self.stats: dict[str, int] = {"pieces": 0, "readings": 0, "errors": 0, "skipped": 0}
 
     def feed(self, data: bytes) -> tuple[list[Reading], list[DecodeError]]:
         readings: list[Reading] = []
         errors: list[DecodeError] = []
-        buf = self._buf
-        buf += data
-        delim = self.delimiter
-        start = 0
-        while True:
-            end = buf.find(delim, start)
-            if end < 0:
-                break
-            piece = bytes(buf[start:end])
-            start = end + 1
-            if self._skipping:
-                self._skipping = False
-                continue
-            self._piece(piece, readings, errors)
-        del buf[:start]
+        parts = (self._buf + data if self._buf else data).split(self.delimiter)
+        tail = parts.pop()  # after the last delimiter: unfinished
+        if self._skipping and parts:
+            self._skipping = False
+            del parts[0]  # the end of an over-long piece
+        if parts:
+            self._pieces(parts, readings, errors)
         if self._skipping:
-            buf.clear()
-        elif len(buf) > self.max_len:
+            tail = b""
+        elif len(tail) > self.max_len:
             errors.append(
-                DecodeError("overlong", f"more than {self.max_len} bytes without a delimiter", _excerpt(bytes(buf)))
+                DecodeError("overlong", f"more than {self.max_len} bytes without a delimiter", _excerpt(tail))
             )
-            buf.clear()
+            tail = b""
             self._skipping = True
-        self.stats["readings"] += len(readings)
-        self.stats["errors"] += len(errors)
+        self._buf = tail
+        stats = self.stats
+        stats["readings"] += len(readings)
+        stats["errors"] += len(errors)
         return readings, errors
 
     def flush(self) -> list[DecodeError]:
         """End of input: an unfinished line or frame is reported as truncated."""
-        pending = bytes(self._buf)
-        self._buf.clear()
+        pending = self._buf
+        self._buf = b""
         skipping, self._skipping = self._skipping, False
         if pending.strip() and not skipping:
             self.stats["errors"] += 1
             return [DecodeError("truncated", f"input ended inside a piece of {len(pending)} bytes", _excerpt(pending))]
         return []
+
+    def _pieces(self, pieces: list[bytes], readings: list[Reading], errors: list[DecodeError]) -> None:
+        for piece in pieces:
+            self._piece(piece, readings, errors)
 
     def _piece(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
         if len(piece) > self.max_len:
@@ -355,8 +354,67 @@ class _RecordDecoder(Decoder):
         return None
 
 
+_JSON_SCAN = make_scanner(json.JSONDecoder())  # (text, index) -> (value, end)
+_FLOAT_ONLY = {float}
+
+
 class _JsonDecoder(_RecordDecoder):
     o: JsonCodec
+
+    def _pieces(self, pieces: list[bytes], readings: list[Reading], errors: list[DecodeError]) -> None:
+        """Every line of one read in one loop; anything unusual goes through :meth:`_piece`."""
+        o = self.o
+        if o.key_field is not None or o.device_field is not None:
+            super()._pieces(pieces, readings, errors)
+            return
+        scan = _JSON_SCAN
+        tsf = o.ts_field
+        record_key = None if o.record is None else self.prefix + o.record
+        prefix = self.prefix
+        max_len = self.max_len
+        isfinite = math.isfinite
+        append = readings.append
+        count = 0
+        for piece in pieces:
+            if len(piece) > max_len:
+                self._piece(piece, readings, errors)
+                continue
+            try:
+                text = piece.decode()
+                rec, end = scan(text, 0)  # json.loads without its encoding sniffing and whitespace regexes
+            except (ValueError, StopIteration):  # not UTF-8, not JSON, leading blanks or a blank line
+                self._piece(piece, readings, errors)  # says what is wrong, or skips the blank line
+                continue
+            if type(rec) is not dict or (end != len(text) and not text[end:].isspace()):
+                self._piece(piece, readings, errors)
+                continue
+            ts = None
+            if tsf is not None and tsf in rec:
+                t = rec.pop(tsf)
+                if type(t) is float and 0.0 <= t < 1e11:  # epoch seconds, the common case of _ts
+                    ts = t
+                else:
+                    try:
+                        ts = _ts(t)
+                    except _Invalid as exc:
+                        count += 1
+                        errors.append(DecodeError(exc.kind, str(exc), _excerpt(piece)))
+                        continue
+            # numbers (not bools) become readings, other fields are labels; NaN/Infinity go the long way
+            if set(map(type, rec.values())) == _FLOAT_ONLY:
+                fields = rec
+            else:
+                fields = {k: float(v) for k, v in rec.items() if type(v) is float or type(v) is int}
+            if not fields or not isfinite(sum(fields.values())):
+                self._piece(piece, readings, errors)
+                continue
+            count += 1
+            if record_key is not None:
+                append(Reading(record_key, fields, ts))
+            else:
+                for k, v in fields.items():
+                    append(Reading(prefix + k, v, ts))
+        self.stats["pieces"] += count
 
     def _record(self, text: str) -> dict[str, Any] | None:
         try:
@@ -633,6 +691,86 @@ class _CobsDecoder(Decoder):
         self.record_key = None if o.record is None else o.prefix + o.record
         self.crc_len = {"crc16": 2, "crc32": 4, "none": 0}[o.crc]
         self.crc = {"crc16": crc16_ccitt_false, "crc32": crc32, "none": None}[o.crc]
+        self._build = self._compile_layout()
+        # NaN/inf can only come from float fields, or from a scale big enough to overflow an integer
+        self._check_finite = any(f.type in ("f32", "f64") for f in o.fields) or any(
+            abs(scale) * 2.0**64 + abs(offset) > 1e300 for _key, scale, offset, _ts in self.fields
+        )
+
+    def _compile_layout(self) -> Any:
+        """``build(frame) -> (fields, raw time)`` for this layout, as one function of straight-line code.
+
+        Like ``namedtuple`` and ``dataclasses``, the source is generated from the field list and
+        compiled once: a dict display with the scales as constants is half the cost of building
+        the dict from ``zip`` in a loop. Only ``repr`` of validated names and finite numbers goes
+        into it. ``None`` (the general path then does the work) when there is nothing to build.
+        """
+        if not self.fields or not all(math.isfinite(x) for _k, sc, off, _t in self.fields for x in (sc, off)):
+            return None
+        raws = ", ".join(f"a{i}" for i in range(len(self.fields)))
+        items = []
+        ts_expr = "None"
+        for i, ((key, scale, offset, is_ts), name) in enumerate(zip(self.fields, self.names, strict=True)):
+            expr = f"a{i} * {scale!r}" + (f" + {offset!r}" if offset else "")
+            if is_ts:
+                ts_expr = expr
+            else:
+                items.append(f"{name if self.record_key is not None else key!r}: {expr}")
+        src = f"def build(frame):\n    {raws}, = unpack_from(frame)\n    return {{{', '.join(items)}}}, {ts_expr}\n"
+        namespace: dict[str, Any] = {"unpack_from": self.struct.unpack_from}
+        exec(compile(src, "<cobs layout>", "exec"), namespace)  # generated above from the layout
+        return namespace["build"]
+
+    def _pieces(self, pieces: list[bytes], readings: list[Reading], errors: list[DecodeError]) -> None:
+        """Every frame of one read in one loop; anything unusual goes through :meth:`_piece`."""
+        build = self._build
+        if build is None:
+            super()._pieces(pieces, readings, errors)
+            return
+        size = self.struct.size
+        n = self.crc_len
+        whole = size + n
+        crc = self.crc
+        order = self.o.crc_byte_order
+        from_bytes = int.from_bytes
+        record_key = self.record_key
+        check = self._check_finite
+        has_ts = self.o.ts_field is not None
+        max_len = self.max_len
+        isfinite = math.isfinite
+        append = readings.append
+        count = 0
+        for piece in pieces:
+            if not piece or len(piece) > max_len:
+                self._piece(piece, readings, errors)  # idle line, or over-long
+                continue
+            try:
+                frame = cobs_decode(piece)
+            except CobsError:
+                self._piece(piece, readings, errors)  # garbage
+                continue
+            if len(frame) != whole or (n and crc(frame[:size]) != from_bytes(frame[size:], order)):
+                self._piece(piece, readings, errors)  # says which: too short, CRC, length
+                continue
+            fields, t = build(frame)
+            if check and not isfinite(sum(fields.values())):
+                self._piece(piece, readings, errors)  # says which value is NaN/inf
+                continue
+            count += 1
+            ts = None
+            if has_ts:
+                try:
+                    ts = _ts(t)
+                except _Invalid as exc:
+                    errors.append(DecodeError(exc.kind, str(exc), _excerpt(piece)))
+                    continue
+            if record_key is not None:
+                if fields:
+                    append(Reading(record_key, fields, ts))
+            else:
+                for key, v in fields.items():
+                    append(Reading(key, v, ts))
+        self.stats["pieces"] += count
 
     def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
         if not piece:

@@ -68,6 +68,19 @@ class _Health:
 
 # --- serial ---------------------------------------------------------------------------------
 
+# Bytes taken per read. pyserial-asyncio-fast reads 1 KiB per wakeup and has no setting for it:
+# at speed (a USB CDC device, a burst from a buffering logger) every wakeup then carries a handful
+# of lines through the whole pipeline. A read never waits for more than is there, so a larger
+# size costs no latency; the kernel's tty buffer (4 KiB) is what one read can see.
+READ_SIZE = 16384
+
+
+def set_read_size(transport: asyncio.BaseTransport, size: int) -> None:
+    """Let one wakeup of a serial transport read up to ``size`` bytes (a private attribute: checked)."""
+    if isinstance(getattr(transport, "_max_read_size", None), int):
+        transport._max_read_size = size  # type: ignore[attr-defined]
+
+
 _PARITY = {
     "none": serial.PARITY_NONE,
     "even": serial.PARITY_EVEN,
@@ -190,6 +203,7 @@ class SerialSource(DecodingSource):
             dsrdtr=flow == "dsrdtr",
             xonxoff=flow == "xonxoff",
         )
+        set_read_size(transport, READ_SIZE)
         return transport, protocol  # type: ignore[return-value]
 
     async def run(self, output: SourceQueue) -> None:

@@ -17,6 +17,7 @@ from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.node import NodeOptions, Sink, register
+from nodes.devices import READ_SIZE
 from tests._util import wait_for
 from tests.gateway._harness import get, node, running_gateway
 
@@ -208,9 +209,10 @@ async def test_full_pipeline_pauses_reading_and_loses_nothing(tmp_path: Path) ->
             await dev.send(lines)
             await wait_for(lambda: len(values(gw)) == 3000, timeout=20)
             assert values(gw) == [float(i) for i in range(3000)]
-            # reading paused while the queue was full: it never held much more than its capacity
+            # reading paused while the queue was full: it held at most one read's lines over capacity
             q = gw.pipelines["field"].queue
-            assert q.high_water <= 50 + 1024 // 10, q.stats()
+            assert q.high_water <= 50 + READ_SIZE // len(b'{"n": 0}\n'), q.stats()
+            assert q.high_water < 3000, q.stats()
             assert src.n_pauses >= 1
 
 
