@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.scanner import make_scanner
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -38,6 +38,7 @@ __all__ = [
     "JsonCodec",
     "KeyValueCodec",
     "NmeaCodec",
+    "RawReading",
     "Reading",
     "StructField",
     "make_decoder",
@@ -48,13 +49,21 @@ __all__ = [
 _EXCERPT = 80
 
 
-@dataclass(slots=True)
-class Reading:
-    """One decoded value: ``ts`` is the device's event time when it sent one, else ``None``."""
+class Reading(NamedTuple):
+    """One decoded value: ``ts`` is the device's event time when it sent one, else ``None``.
+
+    Decoders return plain ``(key, value, ts)`` tuples of this shape: a tuple costs a third of
+    any object with named fields, on a path taken for every value read. ``Reading(*r)`` names
+    the parts, and a ``Reading`` compares equal to the plain tuple.
+    """
 
     key: str
     value: float | dict[str, float]  # a dict when the codec's `record` option is set
     ts: float | None = None
+
+
+RawReading = tuple[str, "float | dict[str, float]", "float | None"]
+"""What decoders return per value: ``(key, value, ts)``, the fields of :class:`Reading`."""
 
 
 @dataclass(slots=True)
@@ -231,8 +240,8 @@ class Decoder:
         self._skipping = False  # inside an over-long piece: drop bytes until the next delimiter
         self.stats: dict[str, int] = {"pieces": 0, "readings": 0, "errors": 0, "skipped": 0}
 
-    def feed(self, data: bytes) -> tuple[list[Reading], list[DecodeError]]:
-        readings: list[Reading] = []
+    def feed(self, data: bytes) -> tuple[list[RawReading], list[DecodeError]]:
+        readings: list[RawReading] = []
         errors: list[DecodeError] = []
         parts = (self._buf + data if self._buf else data).split(self.delimiter)
         tail = parts.pop()  # after the last delimiter: unfinished
@@ -265,11 +274,11 @@ class Decoder:
             return [DecodeError("truncated", f"input ended inside a piece of {len(pending)} bytes", _excerpt(pending))]
         return []
 
-    def _pieces(self, pieces: list[bytes], readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _pieces(self, pieces: list[bytes], readings: list[RawReading], errors: list[DecodeError]) -> None:
         for piece in pieces:
             self._piece(piece, readings, errors)
 
-    def _piece(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _piece(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         if len(piece) > self.max_len:
             errors.append(DecodeError("overlong", f"{len(piece)} bytes, more than {self.max_len}", _excerpt(piece)))
             return
@@ -279,15 +288,15 @@ class Decoder:
         except _Invalid as exc:
             errors.append(DecodeError(exc.kind, str(exc), _excerpt(piece)))
 
-    def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _decode(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         raise NotImplementedError
 
 
 def _finite(
-    key: str, value: float, ts: float | None, readings: list[Reading], errors: list[DecodeError], piece: bytes
+    key: str, value: float, ts: float | None, readings: list[RawReading], errors: list[DecodeError], piece: bytes
 ) -> None:
     if math.isfinite(value):
-        readings.append(Reading(key, value, ts))
+        readings.append((key, value, ts))
     else:
         errors.append(DecodeError("nonfinite", f"{key} is {value!r}", _excerpt(piece)))
 
@@ -300,7 +309,7 @@ class _RecordDecoder(Decoder):
         self.o = o
         self.prefix = o.prefix
 
-    def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _decode(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         try:
             text = piece.strip().decode("utf-8")  # ASCII whitespace only: a stray control byte is garbage
         except UnicodeDecodeError as exc:
@@ -329,7 +338,7 @@ class _RecordDecoder(Decoder):
                 else:
                     errors.append(DecodeError("nonfinite", f"{prefix}{o.record}.{name} is {value!r}", _excerpt(piece)))
             if fields:
-                readings.append(Reading(prefix + o.record, fields, ts))
+                readings.append((prefix + o.record, fields, ts))
         else:
             for name, v in rec.items():
                 value = self._number(name, v)
@@ -361,7 +370,7 @@ _FLOAT_ONLY = {float}
 class _JsonDecoder(_RecordDecoder):
     o: JsonCodec
 
-    def _pieces(self, pieces: list[bytes], readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _pieces(self, pieces: list[bytes], readings: list[RawReading], errors: list[DecodeError]) -> None:
         """Every line of one read in one loop; anything unusual goes through :meth:`_piece`."""
         o = self.o
         if o.key_field is not None or o.device_field is not None:
@@ -410,10 +419,10 @@ class _JsonDecoder(_RecordDecoder):
                 continue
             count += 1
             if record_key is not None:
-                append(Reading(record_key, fields, ts))
+                append((record_key, fields, ts))
             else:
                 for k, v in fields.items():
-                    append(Reading(prefix + k, v, ts))
+                    append((prefix + k, v, ts))
         self.stats["pieces"] += count
 
     def _record(self, text: str) -> dict[str, Any] | None:
@@ -552,7 +561,7 @@ class _NmeaDecoder(Decoder):
         self.p = o.prefix
         self.wanted = {s.upper() for s in (o.sentences or ("GGA", "RMC", "MWV", "XDR"))}
 
-    def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _decode(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         try:
             text = piece.decode("ascii").strip()
         except UnicodeDecodeError:
@@ -607,7 +616,7 @@ class _NmeaDecoder(Decoder):
         if len(f) < n:
             raise _Invalid("malformed", f"{f[0]} has {len(f) - 1} fields, expected at least {n - 1}")
 
-    def _gga(self, f: list[str], piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _gga(self, f: list[str], piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         self._need(f, 10)
         p = self.p
         fix = _f(f[6], "GGA fix quality")
@@ -620,7 +629,7 @@ class _NmeaDecoder(Decoder):
             if v is not None:
                 _finite(p + k, v, None, readings, errors, piece)
 
-    def _rmc(self, f: list[str], piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _rmc(self, f: list[str], piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         self._need(f, 10)
         p = self.p
         if f[2] != "A":
@@ -645,7 +654,7 @@ class _NmeaDecoder(Decoder):
             if v is not None:
                 _finite(p + k, v, ts, readings, errors, piece)
 
-    def _mwv(self, f: list[str], piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _mwv(self, f: list[str], piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         self._need(f, 6)
         if f[5] != "A":
             return
@@ -663,7 +672,7 @@ class _NmeaDecoder(Decoder):
         if speed is not None:
             _finite(p + "speed", speed * unit, None, readings, errors, piece)
 
-    def _xdr(self, f: list[str], piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _xdr(self, f: list[str], piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         if (len(f) - 1) % 4 != 0 or len(f) < 5:
             raise _Invalid("malformed", f"XDR has {len(f) - 1} fields, expected groups of 4")
         for i in range(1, len(f), 4):
@@ -721,7 +730,7 @@ class _CobsDecoder(Decoder):
         exec(compile(src, "<cobs layout>", "exec"), namespace)  # generated above from the layout
         return namespace["build"]
 
-    def _pieces(self, pieces: list[bytes], readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _pieces(self, pieces: list[bytes], readings: list[RawReading], errors: list[DecodeError]) -> None:
         """Every frame of one read in one loop; anything unusual goes through :meth:`_piece`."""
         build = self._build
         if build is None:
@@ -766,13 +775,13 @@ class _CobsDecoder(Decoder):
                     continue
             if record_key is not None:
                 if fields:
-                    append(Reading(record_key, fields, ts))
+                    append((record_key, fields, ts))
             else:
                 for key, v in fields.items():
-                    append(Reading(key, v, ts))
+                    append((key, v, ts))
         self.stats["pieces"] += count
 
-    def _decode(self, piece: bytes, readings: list[Reading], errors: list[DecodeError]) -> None:
+    def _decode(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         if not piece:
             return  # back-to-back delimiters: an idle line, not an error
         try:
@@ -808,7 +817,7 @@ class _CobsDecoder(Decoder):
                 else:
                     errors.append(DecodeError("nonfinite", f"{key} is {v!r}", _excerpt(piece)))
             if fields:
-                readings.append(Reading(self.record_key, fields, ts))
+                readings.append((self.record_key, fields, ts))
             return
         for (key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):
             if not is_ts:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from firmware_bridges import RawReading
+from gateway.events import Event
 from gateway.node import Source
 
-__all__ = ["DecodingSource"]
+__all__ = ["DecodingSource", "to_events"]
+
+
+def to_events(readings: list[RawReading], now: float, source: str) -> list[Event]:
+    """Decoded ``(key, value, ts)`` readings as events; ``now`` stands in where the device sent no time."""
+    return [Event(key, now if ts is None else ts, value, source) for key, value, ts in readings]
 
 
 class DecodingSource(Source):

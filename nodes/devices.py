@@ -23,13 +23,13 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from serial_asyncio_fast import create_serial_connection
 
-from firmware_bridges import CodecOptions, DecodeError, JsonCodec, Reading, make_decoder
+from firmware_bridges import CodecOptions, DecodeError, JsonCodec, RawReading, make_decoder
 from firmware_bridges.modbus import DeviceMap, Point, ReadBlock, decode_point, load_profile, plan_reads
 from gateway._retry import backoff
 from gateway.engine import SourceQueue
 from gateway.events import Event
 from gateway.node import Duration, NodeOptions, Source, register
-from nodes._decoding import DecodingSource
+from nodes._decoding import DecodingSource, to_events
 
 __all__ = ["ModbusSource", "SerialSource", "WebSocketSource"]
 
@@ -162,11 +162,11 @@ class SerialSource(DecodingSource):
         for e in errors:
             self._reject(self.options.port, e.kind, str(e), e.raw)
 
-    def _hand_over(self, readings: list[Reading]) -> None:
+    def _hand_over(self, readings: list[RawReading]) -> None:
         now = self.ctx.clock()
         sid = self.id
         self.n_in += len(readings)
-        events = [Event(r.key, now if r.ts is None else r.ts, r.value, sid) for r in readings]
+        events = to_events(readings, now, sid)
         out = self._out
         if out is None:
             return
@@ -631,7 +631,7 @@ class WebSocketSource(DecodingSource):
             self._reject(self.options.url, e.kind, str(e), data)
         now = self.ctx.clock()
         self.n_in += len(readings)
-        return [Event(r.key, now if r.ts is None else r.ts, r.value, self.id) for r in readings]
+        return to_events(readings, now, self.id)
 
     async def run(self, output: SourceQueue) -> None:
         o = self.options

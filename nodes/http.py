@@ -18,12 +18,12 @@ import aiohttp
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from firmware_bridges import DecodeError, JsonCodec, Reading, make_decoder
+from firmware_bridges import DecodeError, JsonCodec, RawReading, make_decoder
 from gateway._retry import backoff
 from gateway.engine import SourceQueue
 from gateway.events import Event
 from gateway.node import Duration, NodeOptions, register
-from nodes._decoding import DecodingSource
+from nodes._decoding import DecodingSource, to_events
 
 __all__ = ["HttpPollSource", "HttpPushSource"]
 
@@ -42,7 +42,7 @@ class _BodyDecoder:
     def __init__(self, codec: JsonCodec):
         self._decoder = make_decoder(codec)
 
-    def decode(self, body: bytes) -> tuple[list[Reading], list[DecodeError]]:
+    def decode(self, body: bytes) -> tuple[list[RawReading], list[DecodeError]]:
         text = body.strip()
         if text[:1] in (b"[", b"{"):
             # A whole JSON document may span lines (pretty-printed); re-emit it as NDJSON.
@@ -74,7 +74,7 @@ class _SourceBase(DecodingSource):
             reasons.append(str(e))
         now = self.ctx.clock()
         self.n_in += len(readings)
-        return [Event(r.key, now if r.ts is None else r.ts, r.value, self.id) for r in readings], reasons
+        return to_events(readings, now, self.id), reasons
 
 
 # --- push ------------------------------------------------------------------------------------

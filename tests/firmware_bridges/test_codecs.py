@@ -29,14 +29,14 @@ def feed_chunked(dec: Any, data: bytes, cuts: list[int]) -> tuple[list[Reading],
     prev = 0
     for p in [*points, len(data)]:
         r, e = dec.feed(data[prev:p])
-        readings += r
+        readings += [Reading(*x) for x in r]  # decoders return plain (key, value, ts) tuples
         kinds += [x.kind for x in e]
         prev = p
     return readings, kinds
 
 
 def as_tuples(readings: list[Reading]) -> list[tuple[str, float, float | None]]:
-    return [(r.key, r.value, r.ts) for r in readings]
+    return [tuple(r) for r in readings]
 
 
 # --- plain references ------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_over_long_line_is_one_error_then_resync() -> None:
     r1, e1 = dec.feed(b'{"a": 1}\n' + b"x" * 40)
     r2, e2 = dec.feed(b"y" * 100)
     r3, e3 = dec.feed(b'zz\n{"b": 2}\n')
-    assert [x.key for x in r1 + r2 + r3] == ["a", "b"]
+    assert [key for key, _v, _ts in r1 + r2 + r3] == ["a", "b"]
     assert [x.kind for x in e1 + e2 + e3] == ["overlong"]
 
 
@@ -274,7 +274,7 @@ def test_nmea_reference_sentences() -> None:
     ]
     r, e = dec.feed(GGA + RMC + "".join(m + "\r\n" for m in more).encode())
     assert e == []
-    got = {(x.key, x.ts): x.value for x in r}
+    got = {(key, ts): v for key, v, ts in r}
     assert got[("gps.lat", None)] == pytest.approx(48.1173)
     assert got[("gps.lon", None)] == pytest.approx(11.516667, abs=1e-6)
     assert got[("gps.alt", None)] == 545.4 and got[("gps.sats", None)] == 8.0
@@ -300,7 +300,7 @@ def test_nmea_bad_input() -> None:
         + nmea_sentence("GPGGA,1,4807.038,N,01131.000,E,1,08,0.9,5x5,M,,M,,").encode()
         + b"\r\n"
     )
-    assert [x.key for x in r] == ["gps.fix", "gps.sats", "gps.hdop", "gps.lat", "gps.lon", "gps.alt"]
+    assert [key for key, _v, _ts in r] == ["gps.fix", "gps.sats", "gps.hdop", "gps.lat", "gps.lon", "gps.alt"]
     assert [x.kind for x in e] == ["checksum", "checksum", "garbage", "garbage", "checksum", "malformed"]
     lenient = make_decoder(codec({"type": "nmea", "require_checksum": False}))
     assert len(lenient.feed(GGA.replace(b"*47", b""))[0]) == 6
@@ -457,8 +457,9 @@ def test_cobs_layout_scale_offset_and_byte_order(
     fmt = ("<" if order == "little" else ">") + "Hhxfl".replace("l", "I")
     body = struct.pack(fmt, seq, t, p, e)
     assert cobs_decode(frame[:-1]) == body + ref_crc16(body).to_bytes(2, crc_order)
-    r, errs = make_decoder(opts).feed(frame)
+    raw, errs = make_decoder(opts).feed(frame)
     assert errs == []
+    r = [Reading(*x) for x in raw]
     assert [x.key for x in r] == ["seq", "t", "p", "e"]
     assert r[0].value == seq and r[1].value == pytest.approx(t * 0.01) and r[2].value == p and r[3].value == e - 5
 

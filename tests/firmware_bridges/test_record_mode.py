@@ -16,11 +16,11 @@ FIELDS = [{"name": "flow", "type": "u16", "scale": 0.1}, {"name": "p", "type": "
 def _group(readings, prefix: str) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
     """Per-field readings of consecutive records, regrouped into one dict per record."""
     out: list[dict[str, float]] = []
-    for r in readings:
-        name = r.key[len(prefix) :]
+    for key, value, _ts in readings:
+        name = key[len(prefix) :]
         if not out or name in out[-1]:
             out.append({})
-        out[-1][name] = r.value
+        out[-1][name] = value
     return out
 
 
@@ -47,8 +47,8 @@ def test_cobs_record_mode_equals_per_field_mode(recs: list[dict[str, float]], ch
     for i in range(0, len(blob), chunk):
         ra += a.feed(blob[i : i + chunk])[0]
         rb += b.feed(blob[i : i + chunk])[0]
-    assert [r.key for r in rb] == ["skid.all"] * len(recs)
-    assert [r.value for r in rb] == _group(ra, "skid.")
+    assert [key for key, _v, _ts in rb] == ["skid.all"] * len(recs)
+    assert [value for _k, value, _ts in rb] == _group(ra, "skid.")
 
 
 @settings(max_examples=150, deadline=None)
@@ -72,8 +72,8 @@ def test_json_record_mode_groups_the_numeric_fields(recs: list[dict[str, object]
         fields = {k: float(v) for k, v in r.items() if isinstance(v, float) and math.isfinite(v)}
         if fields:
             want.append(fields)
-    assert [r.value for r in readings] == want
-    assert all(r.key == "env" for r in readings)
+    assert [value for _k, value, _ts in readings] == want
+    assert all(key == "env" for key, _v, _ts in readings)
     nonfinite = sum(1 for r in recs for v in r.values() if isinstance(v, float) and not math.isfinite(v))
     assert sum(1 for e in errors if e.kind == "nonfinite") == nonfinite
 
