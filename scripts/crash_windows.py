@@ -273,6 +273,8 @@ def parent(args: argparse.Namespace) -> int:
                     if src.exists():
                         (kept / f"{run}-{name}").write_bytes(src.read_bytes())
             print(f"outputs kept in {kept}", file=sys.stderr)
+        if killed < args.rounds:
+            print(f"note: {args.rounds - killed} of {args.rounds} rounds finished the input before their kill")
         print(json.dumps({"crash": "windows", "rounds": args.rounds, "kills": killed, "ok": ok}))
         return 0 if ok else 1
 
@@ -280,7 +282,12 @@ def parent(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=50)
-    ap.add_argument("--events", type=int, default=12_000)
+    ap.add_argument(
+        "--events",
+        type=int,
+        help="readings in the stream; default: enough that every round is killed mid-stream "
+        "(rounds x rate x the mean delay)",
+    )
     ap.add_argument("--rate", type=float, default=4000.0, help="readings per second the source replays")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--min-delay", type=float, default=0.3, help="shortest life before a kill (s)")
@@ -296,7 +303,11 @@ def main() -> int:
     if args.child:
         return child(args)
     if args.quick:
-        args.events = min(args.events, 4000)
+        args.events = min(args.events or 4000, 4000)
+    if args.events is None:
+        # each round replays from the last commit and reads ~rate x delay readings before its kill:
+        # a stream shorter than all rounds together would end early and leave later rounds no input
+        args.events = int(args.rounds * args.rate * (args.min_delay + args.max_delay) / 2)
     return parent(args)
 
 
