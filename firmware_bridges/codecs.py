@@ -218,11 +218,19 @@ def _ts(raw: Any) -> float:
             raise _Invalid("malformed", f"timestamp {raw!r} has no time zone")
         return dt.timestamp()
     if isinstance(raw, int | float):
-        t = float(raw)
+        t = _float(raw)
         if not math.isfinite(t):
-            raise _Invalid("malformed", f"timestamp {raw!r} is not finite")
+            raise _Invalid("malformed", f"timestamp {t!r} is not finite")
         return t / 1000.0 if t > 1e11 else t
     raise _Invalid("malformed", f"timestamp {raw!r} is not a time")
+
+
+def _float(v: int | float) -> float:
+    """``float(v)``, with ints too large for a float (JSON allows 400 digits) as infinity."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
 def _excerpt(raw: bytes) -> bytes:
@@ -354,7 +362,7 @@ class _RecordDecoder(Decoder):
         """A field's reading, or None when it is a label (a non-numeric string)."""
         t = type(v)
         if t is float or t is int:
-            return float(v)
+            return _float(v)
         if t is str:
             try:
                 return float(v)
@@ -413,7 +421,10 @@ class _JsonDecoder(_RecordDecoder):
             if set(map(type, rec.values())) == _FLOAT_ONLY:
                 fields = rec
             else:
-                fields = {k: float(v) for k, v in rec.items() if type(v) is float or type(v) is int}
+                try:
+                    fields = {k: float(v) for k, v in rec.items() if type(v) is float or type(v) is int}
+                except OverflowError:  # an integer beyond any float
+                    fields = {}
             if not fields or not isfinite(sum(fields.values())):
                 self._piece(piece, readings, errors)
                 continue
@@ -444,7 +455,7 @@ class _JsonDecoder(_RecordDecoder):
 
     def _number(self, name: str, v: Any) -> float | None:
         t = type(v)
-        return float(v) if t is float or t is int else None
+        return _float(v) if t is float or t is int else None
 
 
 class _KvDecoder(_RecordDecoder):

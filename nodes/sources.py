@@ -53,7 +53,7 @@ def parse_ts(raw: Any) -> float:
     if isinstance(raw, bool):
         raise ValueError(f"timestamp {raw!r} is not a time")
     if isinstance(raw, int | float):
-        t = float(raw)
+        t = float(raw) if type(raw) is float or abs(raw) < 2**1023 else math.inf  # a 400-digit int: too big
         if not math.isfinite(t):
             raise ValueError(f"timestamp {raw!r} is not finite")
         return t / 1000.0 if t > 1e11 else t  # > year 5138 in seconds: it is milliseconds
@@ -215,7 +215,7 @@ class MqttSource(Source):
             elif t is not float:
                 raise ValueError(f"reading {value!r} is not a number or an object")
             key = self._key(topic, body)
-        except (ValueError, TypeError, IndexError, ExpressionError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, IndexError, OverflowError, ExpressionError, UnicodeDecodeError) as exc:
             self.n_malformed += 1
             reason = f"malformed payload on {topic}: {exc}"
             if isinstance(exc, json.JSONDecodeError):

@@ -484,3 +484,16 @@ def test_codec_options_are_checked() -> None:
         codec({"type": "cobs", "ts_field": "x", "fields": [{"name": "a", "type": "u8"}]})
     with pytest.raises(ValidationError):
         codec("morse")
+
+
+@pytest.mark.parametrize("record", [None, "r"])
+def test_integers_beyond_a_float_are_rejected_not_raised(record: str | None) -> None:
+    """JSON allows a 400-digit integer; float() of it raises OverflowError. It is a bad value, not a crash."""
+    dec = make_decoder(codec({"type": "json", "record": record}))
+    huge = b"1" + b"0" * 400
+    r, e = dec.feed(b'{"a": ' + huge + b', "b": 2.0}\n{"c": 3}\n{"ts": ' + huge + b', "d": 4}\n')
+    assert [x.kind for x in e] == ["nonfinite", "malformed"]
+    if record is None:
+        assert [tuple(x) for x in r] == [("b", 2.0, None), ("c", 3.0, None)]
+    else:
+        assert [tuple(x) for x in r] == [("r", {"b": 2.0}, None), ("r", {"c": 3.0}, None)]

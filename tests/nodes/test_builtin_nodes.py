@@ -197,6 +197,12 @@ def test_mqtt_decoding() -> None:
     assert raw.decode("a/b", b" 7.25 ").value == 7.25
     assert raw.decode("a/b", b"warm") is None
     assert m.n_malformed == 0 and raw.n_malformed == 1
+    # integers beyond any float (JSON allows them): a malformed payload, not an exception
+    huge = b"1" + b"0" * 400
+    assert m.decode("a/b", b'{"value": ' + huge + b"}") is None
+    assert m.decode("a/b", b'{"value": {"t": ' + huge + b"}}") is None
+    assert m.decode("a/b", b'{"value": 1.0, "ts": ' + huge + b"}") is None
+    assert m.n_malformed == 3
 
 
 @pytest.mark.parametrize(
