@@ -399,7 +399,7 @@ class _JsonDecoder(_RecordDecoder):
             try:
                 text = piece.decode()
                 rec, end = scan(text, 0)  # json.loads without its encoding sniffing and whitespace regexes
-            except (ValueError, StopIteration):  # not UTF-8, not JSON, leading blanks or a blank line
+            except (ValueError, StopIteration, RecursionError):  # not UTF-8, not JSON, too deep, blank
                 self._piece(piece, readings, errors)  # says what is wrong, or skips the blank line
                 continue
             if type(rec) is not dict or (end != len(text) and not text[end:].isspace()):
@@ -441,6 +441,8 @@ class _JsonDecoder(_RecordDecoder):
             rec = json.loads(text)
         except json.JSONDecodeError as exc:
             raise _Invalid("garbage", f"not JSON ({exc.msg} at char {exc.pos})") from None
+        except RecursionError:
+            raise _Invalid("malformed", "JSON nested too deeply") from None
         if type(rec) is not dict:
             raise _Invalid("malformed", f"a JSON {type(rec).__name__}, not an object")
         kf = self.o.key_field

@@ -622,8 +622,8 @@ class WebSocketSource(DecodingSource):
         if body.startswith(b"["):
             try:
                 items = json.loads(body)
-            except json.JSONDecodeError:
-                items = None
+            except (json.JSONDecodeError, RecursionError):
+                items = None  # the line decoder says what is wrong
             if isinstance(items, list):
                 body = b"\n".join(json.dumps(x).encode() for x in items)
         readings, errors = self._decoder.feed(body + b"\n")

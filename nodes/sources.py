@@ -215,10 +215,20 @@ class MqttSource(Source):
             elif t is not float:
                 raise ValueError(f"reading {value!r} is not a number or an object")
             key = self._key(topic, body)
-        except (ValueError, TypeError, IndexError, OverflowError, ExpressionError, UnicodeDecodeError) as exc:
+        except (
+            ValueError,
+            TypeError,
+            IndexError,
+            OverflowError,
+            RecursionError,
+            ExpressionError,
+            UnicodeDecodeError,
+        ) as exc:
             self.n_malformed += 1
             reason = f"malformed payload on {topic}: {exc}"
-            if isinstance(exc, json.JSONDecodeError):
+            if isinstance(exc, RecursionError):
+                reason = f"malformed payload on {topic}: JSON nested too deeply"
+            elif isinstance(exc, json.JSONDecodeError):
                 reason = f"malformed payload on {topic}: not JSON ({exc.msg} at char {exc.pos})"
             self.ctx.dead_letters.record(self.ctx.pipeline, self.id, reason, None, payload)
             self.n_errors += 1

@@ -497,3 +497,12 @@ def test_integers_beyond_a_float_are_rejected_not_raised(record: str | None) -> 
         assert [tuple(x) for x in r] == [("b", 2.0, None), ("c", 3.0, None)]
     else:
         assert [tuple(x) for x in r] == [("r", {"b": 2.0}, None), ("r", {"c": 3.0}, None)]
+
+
+def test_json_nested_too_deeply_is_one_bad_line() -> None:
+    """The JSON parser recurses per level and raises RecursionError: one malformed line, the next one reads."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    dec = make_decoder(codec({"type": "json", "max_line": 1_000_000}))
+    r, e = dec.feed(b'{"a": ' + deep + b', "b": 1.0}\n{"c": 3}\n')
+    assert [x.kind for x in e] == ["malformed"] and "nested too deeply" in e[0].message
+    assert [tuple(x) for x in r] == [("c", 3.0, None)]

@@ -203,6 +203,8 @@ def test_mqtt_decoding() -> None:
     assert m.decode("a/b", b'{"value": {"t": ' + huge + b"}}") is None
     assert m.decode("a/b", b'{"value": 1.0, "ts": ' + huge + b"}") is None
     assert m.n_malformed == 3
+    assert m.decode("a/b", b"[" * 100_000 + b"]" * 100_000) is None  # RecursionError in the parser
+    assert m.n_malformed == 4
 
 
 @pytest.mark.parametrize(

@@ -304,3 +304,14 @@ async def test_long_poll_asks_again_at_once(tmp_path: Path, remote: Remote) -> N
             assert remote.waiting is not None
             remote.waiting.set()
             await wait_for(lambda i=i: src.n_in == i + 1)
+
+
+def test_a_body_nested_too_deeply_is_a_bad_line_not_an_exception() -> None:
+    from firmware_bridges import JsonCodec
+    from nodes.http import _BodyDecoder
+
+    dec = _BodyDecoder(JsonCodec(type="json", max_line=1_000_000))
+    readings, errors = dec.decode(b"[" * 100_000 + b"]" * 100_000)
+    assert readings == [] and [e.kind for e in errors] == ["malformed"]
+    readings, errors = dec.decode(b'[{"t": 1.5}, {"t": 2.5}]')
+    assert [tuple(r) for r in readings] == [("t", 1.5, None), ("t", 2.5, None)] and errors == []
