@@ -413,9 +413,8 @@ class _JsonDecoder(_RecordDecoder):
                 else:
                     try:
                         ts = _ts(t)
-                    except _Invalid as exc:
-                        count += 1
-                        errors.append(DecodeError(exc.kind, str(exc), _excerpt(piece)))
+                    except _Invalid:
+                        self._piece(piece, readings, errors)  # says what is wrong with the time
                         continue
             # numbers (not bools) become readings, other fields are labels; NaN/Infinity go the long way
             if set(map(type, rec.values())) == _FLOAT_ONLY:
@@ -778,14 +777,14 @@ class _CobsDecoder(Decoder):
             if check and not isfinite(sum(fields.values())):
                 self._piece(piece, readings, errors)  # says which value is NaN/inf
                 continue
-            count += 1
             ts = None
             if has_ts:
                 try:
                     ts = _ts(t)
-                except _Invalid as exc:
-                    errors.append(DecodeError(exc.kind, str(exc), _excerpt(piece)))
+                except _Invalid:
+                    self._piece(piece, readings, errors)  # says what is wrong with the time
                     continue
+            count += 1
             if record_key is not None:
                 if fields:
                     append((record_key, fields, ts))

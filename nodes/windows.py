@@ -433,7 +433,6 @@ class Window(Operator):
         keys = self._keys
         cur = self._cur
         starts = self._starts
-        bucket = self._bucket
         size = self._size
         src_max = self._src_max
         dirty = self._dirty
@@ -476,12 +475,7 @@ class Window(Operator):
                         acc = wins.get(start)
                         if acc is None:
                             acc = wins[start] = _Acc()
-                            b = bucket.get(start)
-                            if b is None:
-                                bucket[start] = [key]
-                                heapq.heappush(starts, start)
-                            else:
-                                b.append(key)
+                            self._open(key, start)
                         if acc.hi == -math.inf:
                             # readings well inside [start, end) need no floor() to find this window again
                             margin = (abs(start) + abs(end)) * 1e-15
