@@ -183,8 +183,12 @@ async def test_mqtt_311_delivery(tmp_path: Path, mosquitto_factory: Any) -> None
 
 
 class CuttableLink:
-    """A TCP proxy to the broker that can swallow what the gateway sends and then cut the line:
-    messages in flight at that moment never reach the broker, and their PUBACKs never come."""
+    """A TCP proxy to the broker that can swallow what passes, both ways, and then cut the line:
+    messages in flight at that moment never reach the broker, or their PUBACKs never come back.
+
+    Swallowing both ways keeps the gateway's count of messages in flight exact: with only its
+    side swallowed, a PUBACK already on its way could still be read after the count was taken,
+    and that message is then (rightly) not sent again."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
@@ -206,15 +210,15 @@ class CuttableLink:
             w.close()
             return
         self._writers += [w, uw]
-        for src, dst, upstream in ((r, uw, True), (ur, w, False)):
-            t = asyncio.create_task(self._pipe(src, dst, upstream))
+        for src, dst in ((r, uw), (ur, w)):
+            t = asyncio.create_task(self._pipe(src, dst))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
-                if upstream and self.swallow:
+                if self.swallow:
                     continue
                 dst.write(data)
                 await dst.drain()
@@ -248,7 +252,7 @@ async def test_messages_in_flight_when_the_line_is_cut_are_sent_again(tmp_path: 
         async with running_gateway(config(tmp_path, line.port, count=1500, outbox="{max_rate: 1000}")) as gw:
             link = gw.links.publishers["plant"]
             await wait_for(lambda: len(consumer.got) >= 500, timeout=30)
-            line.swallow = True  # published from now on: lost on the way, no PUBACK
+            line.swallow = True  # from now on: published messages are lost on the way, PUBACKs never come
             await wait_for(lambda: link.in_flight >= 50, timeout=30)
             lost_in_flight = link.in_flight
             line.cut()
