@@ -16,9 +16,11 @@ Codecs, chosen by ``type`` in the codec options:
 
 from __future__ import annotations
 
+import binascii
 import json
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.scanner import make_scanner
@@ -223,6 +225,12 @@ def _ts(raw: Any) -> float:
             raise _Invalid("malformed", f"timestamp {t!r} is not finite")
         return t / 1000.0 if t > 1e11 else t
     raise _Invalid("malformed", f"timestamp {raw!r} is not a time")
+
+
+def _scaled(raw: int | float, scale: float, offset: float) -> float:
+    """``raw * scale + offset`` as the compiled COBS loop computes it (no ``+ 0.0``, so -0.0 stays -0.0)."""
+    v = float(raw) * scale
+    return v + offset if offset else v
 
 
 def _float(v: int | float) -> float:
@@ -712,86 +720,119 @@ class _CobsDecoder(Decoder):
         self.record_key = None if o.record is None else o.prefix + o.record
         self.crc_len = {"crc16": 2, "crc32": 4, "none": 0}[o.crc]
         self.crc = {"crc16": crc16_ccitt_false, "crc32": crc32, "none": None}[o.crc]
-        self._build = self._compile_layout()
         # NaN/inf can only come from float fields, or from a scale big enough to overflow an integer
         self._check_finite = any(f.type in ("f32", "f64") for f in o.fields) or any(
             abs(scale) * 2.0**64 + abs(offset) > 1e300 for _key, scale, offset, _ts in self.fields
         )
+        self._run = self._compile_loop()
 
-    def _compile_layout(self) -> Any:
-        """``build(frame) -> (fields, raw time)`` for this layout, as one function of straight-line code.
+    def _compile_loop(self) -> Any:
+        """``run(pieces, append, slow) -> frames decoded``: the batch loop for this layout, compiled once.
 
-        Like ``namedtuple`` and ``dataclasses``, the source is generated from the field list and
-        compiled once: a dict display with the scales as constants is half the cost of building
-        the dict from ``zip`` in a loop. Only ``repr`` of validated names and finite numbers goes
-        into it. ``None`` (the general path then does the work) when there is nothing to build.
+        Like ``namedtuple`` and ``dataclasses``, the source is generated from the field list: the
+        unpack into named locals, the CRC check, the scales as constants and the readings it
+        appends are straight-line code, with no per-field loop and no call per frame. A frame
+        that fails any check goes to ``slow`` (the general path, which says what is wrong).
+        Only ``repr`` of validated names and finite numbers goes into the source. ``None`` (the
+        general path does all the work) when a layout has nothing to build.
         """
-        if not self.fields or not all(math.isfinite(x) for _k, sc, off, _t in self.fields for x in (sc, off)):
+        o = self.o
+        values = [
+            (i, key, name, scale, offset)
+            for i, ((key, scale, offset, is_ts), name) in enumerate(zip(self.fields, self.names, strict=True))
+            if not is_ts
+        ]
+        if not values or not all(math.isfinite(x) for _k, sc, off, _t in self.fields for x in (sc, off)):
             return None
-        raws = ", ".join(f"a{i}" for i in range(len(self.fields)))
-        items = []
-        ts_expr = "None"
-        for i, ((key, scale, offset, is_ts), name) in enumerate(zip(self.fields, self.names, strict=True)):
-            expr = f"a{i} * {scale!r}" + (f" + {offset!r}" if offset else "")
+        size = self.struct.size
+        raws = [f"a{i}" for i in range(len(self.fields))]
+        fmt = self.struct.format
+        crc_in_struct = self.crc is not None and o.crc_byte_order == o.byte_order
+        if crc_in_struct:
+            fmt += "H" if o.crc == "crc16" else "I"
+            raws.append("got")
+        whole = size + self.crc_len
+        ns: dict[str, Any] = {
+            "cobs_decode": cobs_decode,
+            # all of a frame at once checks its length too; a CRC in another byte order is read apart
+            "unpack": struct.Struct(fmt).unpack
+            if crc_in_struct or self.crc is None
+            else struct.Struct(fmt).unpack_from,
+            "Bad": (CobsError, struct.error),
+            "crc_hqx": binascii.crc_hqx,
+            "crc32": zlib.crc32,
+            "from_bytes": int.from_bytes,
+            "isfinite": math.isfinite,
+            "ts_of": _ts,
+            "Invalid": _Invalid,
+        }
+
+        def scaled(i: int, scale: float, offset: float) -> str:
+            return f"a{i} * {scale!r}" + (f" + {offset!r}" if offset else "")
+
+        body = [
+            "def run(pieces, append, slow):",
+            "    count = 0",
+            "    for piece in pieces:",
+            f"        if not piece or len(piece) > {self.max_len}:",
+            "            slow(piece)  # idle line, or over-long",
+            "            continue",
+            "        try:",
+            "            frame = cobs_decode(piece)",
+        ]
+        body += [
+            f"            {', '.join(raws)}, = unpack(frame)",
+            "        except Bad:",
+            "            slow(piece)  # garbage, or the wrong length",
+            "            continue",
+        ]
+        if not crc_in_struct and self.crc is not None:
+            body += [f"        if len(frame) != {whole}:", "            slow(piece)", "            continue"]
+        if self.crc is not None:
+            calc = f"crc_hqx(frame[:{size}], 0xFFFF)" if o.crc == "crc16" else f"crc32(frame[:{size}])"
+            if not crc_in_struct:
+                body.append(f"        got = from_bytes(frame[{size}:], {o.crc_byte_order!r})")
+            body += [
+                f"        if {calc} != got:",
+                "            slow(piece)  # says what the CRC was",
+                "            continue",
+            ]
+        body += [f"        v{i} = {scaled(i, sc, off)}" for i, _k, _n, sc, off in values]
+        if self._check_finite:
+            total = " + ".join(f"v{i}" for i, *_ in values)
+            body += [
+                f"        if not isfinite({total}):",
+                "            slow(piece)  # says which is NaN/inf",
+                "            continue",
+            ]
+        ts = "None"
+        for i, (_key, scale, offset, is_ts) in enumerate(self.fields):
             if is_ts:
-                ts_expr = expr
-            else:
-                items.append(f"{name if self.record_key is not None else key!r}: {expr}")
-        src = f"def build(frame):\n    {raws}, = unpack_from(frame)\n    return {{{', '.join(items)}}}, {ts_expr}\n"
-        namespace: dict[str, Any] = {"unpack_from": self.struct.unpack_from}
-        exec(compile(src, "<cobs layout>", "exec"), namespace)  # generated above from the layout
-        return namespace["build"]
+                ts = "ts"
+                body += [
+                    "        try:",
+                    f"            ts = ts_of({scaled(i, scale, offset)})",
+                    "        except Invalid:",
+                    "            slow(piece)  # says what is wrong with the time",
+                    "            continue",
+                ]
+        body.append("        count += 1")
+        if self.record_key is not None:
+            items = ", ".join(f"{name!r}: v{i}" for i, _k, name, _s, _o in values)
+            body.append(f"        append(({self.record_key!r}, {{{items}}}, {ts}))")
+        else:
+            body += [f"        append(({key!r}, v{i}, {ts}))" for i, key, _n, _s, _o in values]
+        body.append("    return count")
+        exec(compile("\n".join(body) + "\n", "<cobs layout>", "exec"), ns)  # generated above from the layout
+        return ns["run"]
 
     def _pieces(self, pieces: list[bytes], readings: list[RawReading], errors: list[DecodeError]) -> None:
-        """Every frame of one read in one loop; anything unusual goes through :meth:`_piece`."""
-        build = self._build
-        if build is None:
+        """Every frame of one read in the compiled loop; anything unusual goes through :meth:`_piece`."""
+        if self._run is None:
             super()._pieces(pieces, readings, errors)
             return
-        size = self.struct.size
-        n = self.crc_len
-        whole = size + n
-        crc = self.crc
-        order = self.o.crc_byte_order
-        from_bytes = int.from_bytes
-        record_key = self.record_key
-        check = self._check_finite
-        has_ts = self.o.ts_field is not None
-        max_len = self.max_len
-        isfinite = math.isfinite
-        append = readings.append
-        count = 0
-        for piece in pieces:
-            if not piece or len(piece) > max_len:
-                self._piece(piece, readings, errors)  # idle line, or over-long
-                continue
-            try:
-                frame = cobs_decode(piece)
-            except CobsError:
-                self._piece(piece, readings, errors)  # garbage
-                continue
-            if len(frame) != whole or (n and crc(frame[:size]) != from_bytes(frame[size:], order)):
-                self._piece(piece, readings, errors)  # says which: too short, CRC, length
-                continue
-            fields, t = build(frame)
-            if check and not isfinite(sum(fields.values())):
-                self._piece(piece, readings, errors)  # says which value is NaN/inf
-                continue
-            ts = None
-            if has_ts:
-                try:
-                    ts = _ts(t)
-                except _Invalid:
-                    self._piece(piece, readings, errors)  # says what is wrong with the time
-                    continue
-            count += 1
-            if record_key is not None:
-                if fields:
-                    append((record_key, fields, ts))
-            else:
-                for key, v in fields.items():
-                    append((key, v, ts))
-        self.stats["pieces"] += count
+        n = self._run(pieces, readings.append, lambda piece: self._piece(piece, readings, errors))
+        self.stats["pieces"] += n  # after the call: the slow path counts its own pieces
 
     def _decode(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         if not piece:
@@ -817,13 +858,13 @@ class _CobsDecoder(Decoder):
         ts = None
         for (_key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):
             if is_ts:
-                ts = _ts(r * scale + offset)
+                ts = _ts(_scaled(r, scale, offset))
         if self.record_key is not None:
             fields: dict[str, float] = {}
             for (key, scale, offset, is_ts), name, r in zip(self.fields, self.names, raw, strict=True):
                 if is_ts:
                     continue
-                v = float(r) * scale + offset
+                v = _scaled(r, scale, offset)
                 if math.isfinite(v):
                     fields[name] = v
                 else:
@@ -833,7 +874,7 @@ class _CobsDecoder(Decoder):
             return
         for (key, scale, offset, is_ts), r in zip(self.fields, raw, strict=True):
             if not is_ts:
-                _finite(key, float(r) * scale + offset, ts, readings, errors, piece)
+                _finite(key, _scaled(r, scale, offset), ts, readings, errors, piece)
 
 
 def make_decoder(options: JsonCodec | CsvCodec | KeyValueCodec | NmeaCodec | CobsCodec) -> Decoder:
