@@ -21,6 +21,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.scanner import make_scanner
@@ -66,6 +67,8 @@ class Reading(NamedTuple):
 
 RawReading = tuple[str, "float | dict[str, float]", "float | None"]
 """What decoders return per value: ``(key, value, ts)``, the fields of :class:`Reading`."""
+Make = Callable[[str, float, "float | dict[str, float]", str], Any]
+"""What :meth:`Decoder.feed_as` builds each reading with: ``make(key, ts, value, tag)``."""
 
 
 @dataclass(slots=True)
@@ -257,7 +260,19 @@ class Decoder:
         self.stats: dict[str, int] = {"pieces": 0, "readings": 0, "errors": 0, "skipped": 0}
 
     def feed(self, data: bytes) -> tuple[list[RawReading], list[DecodeError]]:
-        readings: list[RawReading] = []
+        """The readings and errors of every line/frame that ``data`` completes."""
+        return self._feed(data, None, 0.0, "")
+
+    def feed_as(self, data: bytes, make: Make, now: float, tag: str) -> tuple[list[Any], list[DecodeError]]:
+        """:meth:`feed`, with each reading built by the caller as ``make(key, ts, value, tag)``.
+
+        ``ts`` is ``now`` where the device sent no time. A source passes its event class, so a
+        reading becomes an event without a tuple in between (the COBS loop builds it directly).
+        """
+        return self._feed(data, make, now, tag)
+
+    def _feed(self, data: bytes, make: Make | None, now: float, tag: str) -> tuple[list[Any], list[DecodeError]]:
+        readings: list[Any] = []
         errors: list[DecodeError] = []
         parts = (self._buf + data if self._buf else data).split(self.delimiter)
         tail = parts.pop()  # after the last delimiter: unfinished
@@ -265,7 +280,10 @@ class Decoder:
             self._skipping = False
             del parts[0]  # the end of an over-long piece
         if parts:
-            self._pieces(parts, readings, errors)
+            if make is None:
+                self._pieces(parts, readings, errors)
+            else:
+                self._pieces_as(parts, readings, errors, make, now, tag)
         if self._skipping:
             tail = b""
         elif len(tail) > self.max_len:
@@ -293,6 +311,13 @@ class Decoder:
     def _pieces(self, pieces: list[bytes], readings: list[RawReading], errors: list[DecodeError]) -> None:
         for piece in pieces:
             self._piece(piece, readings, errors)
+
+    def _pieces_as(
+        self, pieces: list[bytes], out: list[Any], errors: list[DecodeError], make: Make, now: float, tag: str
+    ) -> None:
+        raw: list[RawReading] = []
+        self._pieces(pieces, raw, errors)
+        out.extend([make(key, now if ts is None else ts, value, tag) for key, value, ts in raw])
 
     def _piece(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         if len(piece) > self.max_len:
@@ -724,9 +749,9 @@ class _CobsDecoder(Decoder):
         self._check_finite = any(f.type in ("f32", "f64") for f in o.fields) or any(
             abs(scale) * 2.0**64 + abs(offset) > 1e300 for _key, scale, offset, _ts in self.fields
         )
-        self._run = self._compile_loop()
+        self._run, self._run_as = self._compile_loop() or (None, None)
 
-    def _compile_loop(self) -> Any:
+    def _compile_loop(self) -> tuple[Any, Any] | None:
         """``run(pieces, append, slow) -> frames decoded``: the batch loop for this layout, compiled once.
 
         Like ``namedtuple`` and ``dataclasses``, the source is generated from the field list: the
@@ -734,7 +759,8 @@ class _CobsDecoder(Decoder):
         appends are straight-line code, with no per-field loop and no call per frame. A frame
         that fails any check goes to ``slow`` (the general path, which says what is wrong).
         Only ``repr`` of validated names and finite numbers goes into the source. ``None`` (the
-        general path does all the work) when a layout has nothing to build.
+        general path does all the work) when a layout has nothing to build. The loop comes twice:
+        ``run`` appends ``(key, value, ts)`` tuples, ``run_as`` appends ``make(key, ts, value, tag)``.
         """
         o = self.o
         values = [
@@ -771,7 +797,6 @@ class _CobsDecoder(Decoder):
             return f"a{i} * {scale!r}" + (f" + {offset!r}" if offset else "")
 
         body = [
-            "def run(pieces, append, slow):",
             "    count = 0",
             "    for piece in pieces:",
             f"        if not piece or len(piece) > {self.max_len}:",
@@ -819,12 +844,17 @@ class _CobsDecoder(Decoder):
         body.append("        count += 1")
         if self.record_key is not None:
             items = ", ".join(f"{name!r}: v{i}" for i, _k, name, _s, _o in values)
-            body.append(f"        append(({self.record_key!r}, {{{items}}}, {ts}))")
+            out = [(repr(self.record_key), f"{{{items}}}")]
         else:
-            body += [f"        append(({key!r}, v{i}, {ts}))" for i, key, _n, _s, _o in values]
-        body.append("    return count")
-        exec(compile("\n".join(body) + "\n", "<cobs layout>", "exec"), ns)  # generated above from the layout
-        return ns["run"]
+            out = [(repr(key), f"v{i}") for i, key, _n, _s, _o in values]
+        src = ["def run(pieces, append, slow):", *body]
+        src += [f"        append(({key}, {value}, {ts}))" for key, value in out]
+        when = "now" if ts == "None" else "ts"
+        src += ["    return count", "def run_as(pieces, append, slow, make, now, tag):", *body]
+        src += [f"        append(make({key}, {when}, {value}, tag))" for key, value in out]
+        src += ["    return count"]
+        exec(compile("\n".join(src) + "\n", "<cobs layout>", "exec"), ns)  # generated above from the layout
+        return ns["run"], ns["run_as"]
 
     def _pieces(self, pieces: list[bytes], readings: list[RawReading], errors: list[DecodeError]) -> None:
         """Every frame of one read in the compiled loop; anything unusual goes through :meth:`_piece`."""
@@ -833,6 +863,21 @@ class _CobsDecoder(Decoder):
             return
         n = self._run(pieces, readings.append, lambda piece: self._piece(piece, readings, errors))
         self.stats["pieces"] += n  # after the call: the slow path counts its own pieces
+
+    def _pieces_as(
+        self, pieces: list[bytes], out: list[Any], errors: list[DecodeError], make: Make, now: float, tag: str
+    ) -> None:
+        if self._run_as is None:
+            super()._pieces_as(pieces, out, errors, make, now, tag)
+            return
+
+        def slow(piece: bytes) -> None:  # made in place, so the readings keep their order
+            raw: list[RawReading] = []
+            self._piece(piece, raw, errors)
+            out.extend([make(key, now if ts is None else ts, value, tag) for key, value, ts in raw])
+
+        n = self._run_as(pieces, out.append, slow, make, now, tag)
+        self.stats["pieces"] += n
 
     def _decode(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         if not piece:

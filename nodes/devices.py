@@ -23,7 +23,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from serial_asyncio_fast import create_serial_connection
 
-from firmware_bridges import CodecOptions, DecodeError, JsonCodec, RawReading, make_decoder
+from firmware_bridges import CodecOptions, DecodeError, JsonCodec, make_decoder
 from firmware_bridges.modbus import DeviceMap, Point, ReadBlock, decode_point, load_profile, plan_reads
 from gateway._retry import backoff
 from gateway.engine import SourceQueue
@@ -152,21 +152,18 @@ class SerialSource(DecodingSource):
 
     def _on_data(self, data: bytes) -> None:
         self.n_bytes += len(data)
-        readings, errors = self._decoder.feed(data)
+        events, errors = self._decoder.feed_as(data, Event, self.ctx.clock(), self.id)
         if errors:
             self._reject_all(errors)
-        if readings:
-            self._hand_over(readings)
+        if events:
+            self._hand_over(events)
 
     def _reject_all(self, errors: list[DecodeError]) -> None:
         for e in errors:
             self._reject(self.options.port, e.kind, str(e), e.raw)
 
-    def _hand_over(self, readings: list[RawReading]) -> None:
-        now = self.ctx.clock()
-        sid = self.id
-        self.n_in += len(readings)
-        events = to_events(readings, now, sid)
+    def _hand_over(self, events: list[Event]) -> None:
+        self.n_in += len(events)
         out = self._out
         if out is None:
             return

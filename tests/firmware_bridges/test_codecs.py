@@ -577,20 +577,28 @@ def cobs_layouts(draw: st.DrawFn) -> tuple[Any, bytes]:
 @settings(deadline=None, max_examples=400)
 @given(cobs_layouts(), st.lists(st.integers(0, 10_000), max_size=4))
 def test_cobs_compiled_loop_equals_the_general_path(case: tuple[Any, bytes], cuts: list[int]) -> None:
-    """The loop compiled from a layout gives exactly the readings and errors of the per-frame path."""
+    """The loops compiled from a layout give exactly the readings and errors of the per-frame path."""
     opts, stream = case
-    fast = make_decoder(opts)
-    general = make_decoder(opts)
-    general._run = None  # every frame through _piece/_decode
+    fast, fast_as = make_decoder(opts), make_decoder(opts)
+    general, general_as = make_decoder(opts), make_decoder(opts)
+    for dec in (general, general_as):
+        dec._run = dec._run_as = None  # every frame through _piece/_decode
+
+    def make(key: str, ts: float, value: Any, tag: str) -> tuple[Any, ...]:
+        return ("made", key, ts, value, tag)
+
     points = sorted({c % (len(stream) + 1) for c in cuts})
-    got: list[Any] = [[], []]
-    want: list[Any] = [[], []]
+    results: dict[Any, list[Any]] = {d: [[], []] for d in (fast, fast_as, general, general_as)}
     prev = 0
     for p in [*points, len(stream)]:
-        for dec, out in ((fast, got), (general, want)):
-            r, e = dec.feed(stream[prev:p])
+        for dec, out in results.items():
+            chunk = stream[prev:p]
+            r, e = dec.feed_as(chunk, make, 123.5, "dev") if dec in (fast_as, general_as) else dec.feed(chunk)
             out[0] += r
             out[1] += [(x.kind, str(x)) for x in e]
         prev = p
-    assert repr(got) == repr(want)
-    assert fast.stats == general.stats, (opts, stream)
+    assert repr(results[fast]) == repr(results[general]), (opts, stream)
+    assert repr(results[fast_as]) == repr(results[general_as]), (opts, stream)
+    assert fast.stats == general.stats == fast_as.stats == general_as.stats, (opts, stream)
+    # feed_as makes exactly what feed returns, with the default time filled in
+    assert [make(k, 123.5 if t is None else t, v, "dev") for k, v, t in results[fast][0]] == results[fast_as][0]
