@@ -15,6 +15,8 @@ which favours neither side more than it costs both). Two codecs, three subjects 
   record   the same pipeline with the codec's ``record`` option: one Event per line/frame whose
            value holds the fields (what the bare loop makes: one object per piece)
 
+The process settles its heap as the running gateway does (``gateway.runtime.settle_heap``:
+``gc.freeze`` once started), so both subjects run under the runtime's collector settings.
 Each subject runs R times, alternating, on a fresh pty; the best run counts. Figures per subject:
 pieces (lines or frames) per CPU second of the reading process (``time.process_time``; the
 writer is another process), the same per wall second, and the readings delivered.
@@ -52,6 +54,7 @@ from gateway.deadletter import DeadLetters  # noqa: E402
 from gateway.engine import Pipeline  # noqa: E402
 from gateway.events import Event  # noqa: E402
 from gateway.node import NodeContext, NodeOptions, Sink, register  # noqa: E402
+from gateway.runtime import settle_heap  # noqa: E402
 from nodes.devices import READ_SIZE, SerialOptions, set_read_size  # noqa: E402
 
 GOAL_RATIO = 0.7
@@ -276,6 +279,7 @@ async def main() -> int:
     if args.quick:
         args.n, args.repeat = 60_000, 2
     t_start = time.perf_counter()
+    settle_heap()  # as the gateway does once it runs
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sluice-bench-serial-") as tmp:
         for kind in ("json", "cobs"):
