@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 
 import argon2
 from aiohttp import web
-from cryptography.fernet import Fernet, InvalidToken
 
 from ..config import ConsoleConfig
 from ..errors import SluiceError
@@ -351,15 +350,27 @@ class Auth:
             self.setup_code = f"{secrets.randbelow(10**4):04d}-{secrets.randbelow(10**4):04d}"
 
     def install(self, app: web.Application) -> None:
-        self._fernet = Fernet(base64.urlsafe_b64encode(_secret_key(self._secret_path)))
+        self._key = base64.urlsafe_b64encode(_secret_key(self._secret_path))  # made (or read) now: errors show at start
+        self._cipher: Any = None
         app.middlewares.append(self.sessions)
         app.middlewares.append(self.middleware)
+
+    def _fernet(self) -> Any:
+        """The session cookie cipher, built on the first cookie: a console nobody opens (or one
+        without auth, which sets no cookie) never loads the crypto library (~7 MiB)."""
+        if self._cipher is None:
+            from cryptography.fernet import Fernet
+
+            self._cipher = Fernet(self._key)
+        return self._cipher
 
     def _load_session(self, request: web.Request) -> Session:
         token = request.cookies.get(COOKIE_NAME)
         if token:
+            from cryptography.fernet import InvalidToken
+
             try:
-                data = json.loads(self._fernet.decrypt(token.encode(), ttl=SESSION_MAX_AGE))
+                data = json.loads(self._fernet().decrypt(token.encode(), ttl=SESSION_MAX_AGE))
                 if isinstance(data, dict):
                     return Session(data, new=False)
             except (InvalidToken, ValueError):
@@ -377,7 +388,7 @@ class Auth:
             if session.invalidated and not session:
                 response.del_cookie(COOKIE_NAME, path="/")
             else:
-                token = self._fernet.encrypt(json.dumps(dict(session)).encode()).decode()
+                token = self._fernet().encrypt(json.dumps(dict(session)).encode()).decode()
                 response.set_cookie(
                     COOKIE_NAME,
                     token,
