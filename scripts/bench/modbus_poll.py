@@ -43,6 +43,7 @@ from gateway.deadletter import DeadLetters  # noqa: E402
 from gateway.engine import Pipeline  # noqa: E402
 from gateway.events import Event  # noqa: E402
 from gateway.node import NodeContext, NodeOptions, Sink, register  # noqa: E402
+from gateway.runtime import settle_heap  # noqa: E402
 from nodes.devices import ModbusOptions, SlaveOptions  # noqa: E402
 
 PROFILE = "sdm630"
@@ -181,6 +182,7 @@ async def main() -> int:
     if args.quick:
         args.duration, args.repeat = 3.0, 1
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    settle_heap()  # the collector settings of a running gateway, for every subject
     t_start = time.perf_counter()
     port = free_port()
     server = await start_server(port, args.slaves)

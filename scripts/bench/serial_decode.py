@@ -25,7 +25,7 @@ like-for-like comparison, one object per piece on both sides. ``per_field_ratio`
 ``sluice`` (five events per piece), printed beside it.
 The output ends with one JSON line.
 
-  .venv/bin/python scripts/bench/serial_decode.py [--n 200000] [--repeat 3] [--quick]
+  .venv/bin/python scripts/bench/serial_decode.py [--n 200000] [--repeat 5] [--quick]
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ async def bench_codec(kind: str, n: int, repeat: int, tmp: Path) -> dict[str, An
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200_000, help="lines (json) and frames (cobs) per run")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per subject, alternating; the best counts")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per subject, alternating; the best counts")
     ap.add_argument("--quick", action="store_true", help="60,000 pieces, 2 runs each")
     args = ap.parse_args()
     if args.quick:
