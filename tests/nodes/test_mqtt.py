@@ -148,16 +148,24 @@ console: {{enabled: false}}
         async with running_gateway(text) as gw:
             await until_subscribed(gw, pub, "a/x/temp")
             await until_subscribed(gw, pub, "c/probe", "named", json.dumps({"sensor": "p", "reading": 1}))
-            await wait_for(lambda: len(sub.messages) >= 2)
-            sub.clear()
             pub.publish("a/1/temp", reading(1.0))
             pub.publish("a/1/2/temp", reading(2.0))  # + is one level: not matched
             pub.publish("b/x/y/z", reading(3.0, ts=1_700_000_000_000))  # epoch ms
             pub.publish("b", reading(4.0))  # b/# matches the parent level too
             pub.publish("c/7", json.dumps({"sensor": "boiler", "reading": {"t": 5}, "when": "2024-01-02T03:04:05Z"}))
-            await wait_for(lambda: len(sub.messages) >= 4)
+
+            def forwarded() -> dict[str, Any]:
+                """What came out, less the probes (a slow broker can forward a probe twice, and late)."""
+                out = {}
+                for m in sub.messages:
+                    body = json.loads(m.payload)
+                    if m.topic != "fwd/p@probe" and not (m.topic == "fwd/temp" and body["value"] == 20.0):
+                        out[m.topic] = body
+                return out
+
+            await wait_for(lambda: len(forwarded()) >= 4)
             await wait_for(lambda: node(gw, "boiler", "out").n_out >= 6)
-        got = {m.topic: json.loads(m.payload) for m in sub.messages}
+        got = forwarded()
         assert set(got) == {"fwd/temp", "fwd/z", "fwd/b", "fwd/boiler@7"}
         assert got["fwd/temp"]["value"] == 1.0
         assert got["fwd/z"]["value"] == 3.0 and got["fwd/z"]["ts"] == 1_700_000_000.0

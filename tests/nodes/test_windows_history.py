@@ -64,7 +64,8 @@ async def test_history_sink_and_api_across_a_restart(tmp_path: Path) -> None:
         await wait_for(lambda: node(gw, "hist").n_in == 40, timeout=10)
     more = text.replace(json.dumps(events), json.dumps([*events, ["boiler/temp", 1000.5, 10.0]]))
     async with running_gateway(more) as gw:
-        await wait_for(lambda: node(gw, "hist").n_in == 1, timeout=10)  # the replay resumes at 40
+        # the replay resumes at 40; n_out (not n_in) says the sink's write, in its own task, is done
+        await wait_for(lambda: node(gw, "hist").n_out == 1, timeout=10)
         gw.history.flush()
         await gw.store.flush()
         status, body = await get(gw, "/api/history?key=boiler/temp&from=1000&to=1010")
