@@ -167,6 +167,10 @@ class Gateway:
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._reloading = asyncio.Lock()
+        # Called after every reload that stopped or started pipelines, failed ones included, once
+        # ``pipelines`` holds what runs now (the console moves its live taps here). They run before
+        # the heap is frozen again, so nothing they let go of is frozen on the way out.
+        self.reload_hooks: list[Callable[[], None]] = []
         self.console: Any = None
         self._stop = asyncio.Event()
         self._signals = 0
@@ -267,6 +271,11 @@ class Gateway:
             try:
                 return await self._swap(loaded, fresh, changed, removed, summary)
             finally:
+                for hook in self.reload_hooks:
+                    try:
+                        hook()
+                    except Exception:  # one hook must not keep the others (or the refreeze) from running
+                        log.exception("a reload hook failed")
                 settle_heap()
 
     async def _swap(

@@ -32,7 +32,13 @@ class Web:
         self.auth = Auth(cfg, gw.data_dir)
         self.views = Views(gw)
         self.hub = Hub(gw, self.auth, self.views.stats)
-        self.views.on_reload.append(self.hub.retap)
+        self._gw = gw
+        gw.reload_hooks.append(self.hub.retap)  # live taps move to the pipelines a reload started
+
+    def detach(self) -> None:
+        """The console is going away: reloads no longer need to move its taps."""
+        if self.hub.retap in self._gw.reload_hooks:
+            self._gw.reload_hooks.remove(self.hub.retap)
 
 
 WEB = web.AppKey("sluice_web", Web)
@@ -54,4 +60,9 @@ def setup(app: web.Application, gw: Gateway, cfg: ConsoleConfig) -> Web:
     app.router.add_get("/api/openapi.json", openapi)
     app.cleanup_ctx.append(w.hub.lifespan)
     app.on_shutdown.append(w.hub.close_all)
+
+    async def detach(app: web.Application) -> None:
+        w.detach()
+
+    app.on_cleanup.append(detach)
     return w

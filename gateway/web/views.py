@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +64,6 @@ def _redact(value: Any, key: str = "") -> Any:
 class Views:
     def __init__(self, gw: Gateway):
         self.gw = gw
-        self.on_reload: list[Callable[[], None]] = []  # run after a hot reload (the live taps move)
         self._proc = psutil.Process()
         psutil.cpu_percent(interval=None)  # the first call only starts the measurement
         self._proc.cpu_percent(interval=None)
@@ -230,8 +228,6 @@ class Views:
             return web.json_response(
                 {"valid": True, "errors": [], "reloaded": False, "saved": False, "error": str(exc)}, status=409
             )
-        for hook in self.on_reload:
-            hook()
         saved, note = False, None
         try:
             await asyncio.to_thread(_save, Path(path), text)

@@ -164,3 +164,47 @@ async def test_live_taps_follow_the_reloaded_pipeline(running: tuple[Gateway, Pa
         assert m["events"][0]["key"] == "t"
     finally:
         await ws.close()
+
+
+async def test_a_watched_pipeline_is_freed_and_taps_follow_a_rollback(
+    running: tuple[Gateway, Path, Browserish], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The taps move inside the reload, before the heap is frozen again: a pipeline replaced while
+    a browser watches it is freed, and after a failed reload the view follows the one put back."""
+    import gc
+    import weakref
+
+    from gateway.engine import Pipeline
+
+    from .test_ws import receive
+
+    gw, path, c = running
+    text = path.read_text()
+    ws = await c.http.ws_connect(c.base.replace("http", "ws") + "/ws")
+    try:
+        await ws.send_json({"op": "subscribe", "topic": "events", "pipeline": "plant", "node": "sensors"})
+        await receive(ws, "events", pred=lambda m: m["node"] == "sensors")
+        old = weakref.ref(gw.pipelines["plant"])
+        status, r = await c.post("/api/config/save", text.replace("above: 95", "above: 96"))
+        assert status == 200 and r["changed"] == ["plant"], r
+        gc.collect()
+        assert old() is None, "the replaced pipeline is still referenced (or frozen with a reference)"
+
+        restore = Pipeline.restore
+
+        async def restore_fails_for_the_new_definition(self: Pipeline) -> None:
+            if self.nodes[self.index["hot"]].options.above == 97:  # type: ignore[attr-defined]
+                raise RuntimeError("state store unreadable")
+            await restore(self)
+
+        monkeypatch.setattr(Pipeline, "restore", restore_fails_for_the_new_definition)
+        status, r = await c.post("/api/config/save", text.replace("above: 95", "above: 97"))
+        assert status == 409, r
+        back = gw.pipelines["plant"]
+        assert "_process" in back.__dict__  # the tap is on the pipeline that runs again
+        # events from after the rollback reach the browser
+        n = back.nodes[back.index["sensors"]].n_out
+        await wait_for(lambda: back.nodes[back.index["sensors"]].n_out > n + 5, timeout=10)
+        await receive(ws, "events", pred=lambda m: m["node"] == "sensors")
+    finally:
+        await ws.close()
