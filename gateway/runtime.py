@@ -304,6 +304,10 @@ class Gateway:
                 ) from exc
             raise ReloadError(f"the new pipelines did not start: {exc}; the previous ones run again") from exc
         self.loaded = loaded
+        for name in removed:  # their final checkpoint is queued before these deletions
+            n = await asyncio.to_thread(self.store.drop_pipeline, name)
+            if n:
+                log.info("pipeline %s was removed: dropping its saved state (%d rows)", name, n)
         return summary
 
     async def _stop_pipelines(self, names: list[str]) -> None:
@@ -354,6 +358,14 @@ class Gateway:
         try:
             await self.store.start()
             await self._restore(list(self.pipelines.values()))  # state back before anything runs
+            orphans = await asyncio.to_thread(self.store.pipeline_names)
+            if orphans - set(self.pipelines):
+                log.warning(
+                    "the state store holds saved state of pipelines not in this config: %s; it is kept "
+                    "(and counts against the store's quota) and restored if a pipeline of that name "
+                    "comes back; removing a pipeline by a live reload drops its state",
+                    ", ".join(sorted(orphans - set(self.pipelines))),
+                )
             await self.llm.start()  # a local model that cannot load stops the start here, clearly
             # Before the task group: a busy port is then a plain OSError the CLI reports in one
             # line, not an exception group with a traceback.

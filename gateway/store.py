@@ -429,6 +429,29 @@ class StateStore:
             db.close()
         return {k: bytes(v) for k, v in rows}
 
+    def pipeline_names(self) -> set[str]:
+        """Pipelines that have committed rows."""
+        if not self.path.exists():
+            return set()
+        db = self.reader()
+        try:
+            return {r[0] for r in db.execute("SELECT DISTINCT pipeline FROM state")}
+        finally:
+            db.close()
+
+    def drop_pipeline(self, pipeline: str) -> int:
+        """Queue the deletion of every committed row of ``pipeline``; returns how many. Blocking
+        (it reads the keys); deletions coalesce like any row, so a full store still takes them."""
+        if not self.path.exists():
+            return 0
+        db = self.reader()
+        try:
+            keys = db.execute("SELECT node, key FROM state WHERE pipeline=?", (pipeline,)).fetchall()
+        finally:
+            db.close()
+        self.write([(pipeline, node, key, None) for node, key in keys])
+        return len(keys)
+
     def node_ids(self, pipeline: str) -> set[str]:
         """Nodes of ``pipeline`` that have committed rows."""
         if not self.path.exists():

@@ -1,12 +1,14 @@
-"""The runtime leaves its long-lived heap to reference counting, and still collects what it drops."""
+"""What the runtime keeps, frees and drops across start, reload and stop: heap, taps, saved state."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 from pathlib import Path
+from typing import Any
 
 from gateway.config import parse_config
+from tests._util import wait_for
 from tests.gateway._harness import running_gateway
 
 
@@ -81,3 +83,29 @@ asyncio.run(main())
         out = subprocess.run([sys.executable, "-c", script, auth], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split()[-1] == loaded, (auth, out.stdout, out.stderr[-2000:])
+
+
+async def test_a_pipeline_removed_by_reload_leaves_no_saved_state(tmp_path: Path, caplog: Any) -> None:
+    windowed = """\
+  - name: w
+    nodes:
+      - {id: sim, type: simulate, interval: 10ms, seed: 1, sensors: [{key: t, base: 20.0}]}
+      - {id: win, type: window, input: sim, kind: tumbling, size: 60s, aggregate: mean}
+      - {id: out, type: log, input: win}
+"""
+    text = config(tmp_path, ["a"]) + windowed
+    async with running_gateway(text) as gw:
+        await wait_for(lambda: "win" in gw.store.node_ids("w"), timeout=10)  # a checkpoint committed
+        kept = gw.store.node_ids("a")
+        summary = await gw.reload(parse_config(config(tmp_path, ["a"]), "t.yaml", {}))
+        assert summary["removed"] == ["w"]
+        await gw.store.flush()
+        assert gw.store.node_ids("w") == set() and gw.store.pipeline_names() <= {"a"}
+        assert gw.store.node_ids("a") == kept
+    # a config without a pipeline whose state is on disk (say, the wrong file) keeps it, and says so
+    async with running_gateway(text) as gw:
+        await wait_for(lambda: "win" in gw.store.node_ids("w"), timeout=10)
+    with caplog.at_level("WARNING", logger="gateway.runtime"):
+        async with running_gateway(config(tmp_path, ["a"])) as gw:
+            assert "win" in gw.store.node_ids("w")
+    assert any("pipelines not in this config: w" in r.getMessage() for r in caplog.records), caplog.text
