@@ -513,6 +513,8 @@ class Outbox:
         self.links = links
         self._all: dict[str, Any] = dict(links)  # plus links sinks register (webhooks)
         self._extra: dict[str, Any] = {}
+        self._refs: dict[str, int] = {}  # running sinks per registered link
+        self._link_tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.config = config or OutboxConfig()
         self.store: OutboxStore = store or SqliteOutboxStore(path, seq_path)
@@ -589,10 +591,11 @@ class Outbox:
 
     def _start_sender(self, name: str) -> None:
         assert self._tg is not None
-        self._tg.create_task(self._sender(name), name=f"outbox:send:{name}")
+        tasks = [self._tg.create_task(self._sender(name), name=f"outbox:send:{name}")]
         link = self._extra.get(name)
         if link is not None:
-            self._tg.create_task(link.run(), name=f"outbox:link:{name}")
+            tasks.append(self._tg.create_task(link.run(), name=f"outbox:link:{name}"))
+        self._link_tasks[name] = tasks
 
     def register_link(self, name: str, link: Any) -> Any:
         """Add a destination besides the broker links (a webhook): the outbox runs it and sends to it.
@@ -604,13 +607,49 @@ class Outbox:
         old = self._extra.get(name)
         if old is not None:
             old.configure(link)
+            self._refs[name] = self._refs.get(name, 0) + 1
             return old
         if name in self._all:
             raise SluiceError(f"outbox: {name!r} is a broker connection's name")
         self._all[name] = self._extra[name] = link
+        self._refs[name] = 1
         if self._tg is not None:
             self._start_sender(name)
         return link
+
+    def release_link(self, name: str) -> None:
+        """A sink that registered ``name`` stopped (:meth:`retire_idle_links` may then close the link)."""
+        if name in self._refs:
+            self._refs[name] -= 1
+
+    async def retire_idle_links(self) -> list[str]:
+        """Close the registered links that no running sink uses and the outbox holds nothing for.
+
+        Called after a reload: a webhook whose sink was removed or renamed would otherwise keep its
+        sender, its HTTP session and its sockets for the life of the process. A link still owed
+        messages keeps sending them (at least once); a later reload or the next start retires it.
+        """
+        idle = [n for n, refs in self._refs.items() if refs <= 0 and n in self._extra]
+        if not idle or not self._opened:
+            return []
+        await self._flush_deletes()  # what was acknowledged is not owed any more
+        owed = await self._run(self.store.by_connection)
+        retired = []
+        for name in idle:
+            if owed.get(name) or self._refs.get(name, 0) > 0:  # owed, or a sink took it up meanwhile
+                continue
+            for t in self._link_tasks.pop(name, []):
+                t.cancel()
+            link = self._extra.pop(name)
+            del self._all[name], self._refs[name]
+            for d in (self._new, self._live, self._live_gap):
+                d.pop(name, None)
+            self._restart.discard(name)
+            await link.close()
+            retired.append(name)
+        if retired:
+            log.info("outbox: closed %s (no sink uses them and nothing waits for them)", ", ".join(retired))
+        return retired
 
     async def close(self, grace: float = 2.0) -> None:
         """Stop sending; wait up to ``grace`` seconds for PUBACKs in flight; commit deletes; close.

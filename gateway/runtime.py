@@ -271,6 +271,10 @@ class Gateway:
             try:
                 return await self._swap(loaded, fresh, changed, removed, summary)
             finally:
+                try:
+                    await self.outbox.retire_idle_links()
+                except Exception:  # closing an unused link must not fail the reload
+                    log.exception("could not close the outbox links the reload left unused")
                 for hook in self.reload_hooks:
                     try:
                         hook()

@@ -171,6 +171,10 @@ class Webhook(Sink):
     def health(self) -> dict[str, Any]:
         return self._link.health() if self._link is not None else {"state": "starting"}
 
+    async def close(self) -> None:
+        if self._link is not None:
+            self._outbox.release_link(self._name)  # the outbox closes it once nothing waits for it
+
     async def write(self, batch: list[Event]) -> None:
         pipeline = self.ctx.pipeline
         url = self.options.url

@@ -142,3 +142,33 @@ async def test_reloaded_pipeline_keeps_its_webhook_with_the_new_url(tmp_path: Pa
     finally:
         await one.stop()
         await two.stop()
+
+
+async def test_a_webhook_whose_sink_is_removed_is_closed_once_nothing_waits_for_it(tmp_path: Path) -> None:
+    from gateway.config import parse_config
+
+    hook = await Hook().start()
+    env = {"HOOK_TOKEN": "s3cret"}
+    keep = """\
+  - name: keep
+    nodes:
+      - {id: sim, type: simulate, interval: 50ms, sensors: [{key: t}]}
+      - {id: out, type: log, input: sim, level: debug}
+"""
+    with_hook = config(tmp_path, hook.port, count=5)
+    without = with_hook[: with_hook.index("  - name: p\n")] + keep + with_hook[with_hook.index("console:") :]
+    try:
+        async with running_gateway(with_hook, env=env) as gw:
+            await wait_for(lambda: len(hook.accepted) == 5 and gw.outbox.count == 0)
+            name = "webhook:p/hook"
+            assert name in gw.outbox._extra
+            tasks = list(gw.outbox._link_tasks[name])
+            summary = await gw.reload(parse_config(without, "t.yaml", env))
+            assert summary["removed"] == ["p"]
+            assert name not in gw.outbox._extra and name not in gw.outbox._link_tasks
+            await wait_for(lambda: all(t.done() for t in tasks))  # its sender and link tasks ended
+            # and a pipeline that brings it back gets a working link again
+            await gw.reload(parse_config(with_hook.replace("count: 5", "count: 3"), "t.yaml", env))
+            await wait_for(lambda: len(hook.accepted) == 8 and gw.outbox.count == 0, timeout=15)
+    finally:
+        await hook.stop()
