@@ -44,8 +44,10 @@ def settle_heap() -> int:
     long as the process, yet every full collection walks all of it, and a pipeline that makes
     an event per reading triggers full collections steadily: serial decode with one event per
     field spent about a fifth of its CPU in them. ``gc.freeze`` leaves those objects to
-    reference counting alone. :func:`release_heap` hands them back before a reload or a stop,
-    so cycles among them are still collected once they are dropped. Returns the frozen count.
+    reference counting alone. Frozen objects that later die in a reference cycle are never
+    collected, so this is done once, at start, when what is alive is what lives on;
+    :func:`release_heap` hands everything back at a reload (whose dropped pipelines are such
+    cycles) and at a stop. Returns the frozen count.
     """
     gc.collect()
     gc.freeze()
@@ -168,8 +170,7 @@ class Gateway:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._reloading = asyncio.Lock()
         # Called after every reload that stopped or started pipelines, failed ones included, once
-        # ``pipelines`` holds what runs now (the console moves its live taps here). They run before
-        # the heap is frozen again, so nothing they let go of is frozen on the way out.
+        # ``pipelines`` holds what runs now (the console moves its live taps here).
         self.reload_hooks: list[Callable[[], None]] = []
         self.console: Any = None
         self._stop = asyncio.Event()
@@ -267,7 +268,9 @@ class Gateway:
             except Exception as exc:  # a node that cannot be built: nothing has changed yet
                 raise ReloadError(f"a new pipeline cannot be built: {exc}") from exc
             log.info("reloading: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v and k != "unchanged"))
-            release_heap()  # the pipelines about to stop become collectable garbage
+            # The pipelines about to stop become collectable garbage. The heap is not frozen
+            # again: connections and requests alive now end later, and frozen cycles would stay.
+            release_heap()
             try:
                 return await self._swap(loaded, fresh, changed, removed, summary)
             finally:
@@ -278,9 +281,8 @@ class Gateway:
                 for hook in self.reload_hooks:
                     try:
                         hook()
-                    except Exception:  # one hook must not keep the others (or the refreeze) from running
+                    except Exception:  # one hook must not keep the others from running
                         log.exception("a reload hook failed")
-                settle_heap()
 
     async def _swap(
         self,

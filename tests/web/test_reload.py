@@ -169,8 +169,8 @@ async def test_live_taps_follow_the_reloaded_pipeline(running: tuple[Gateway, Pa
 async def test_a_watched_pipeline_is_freed_and_taps_follow_a_rollback(
     running: tuple[Gateway, Path, Browserish], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The taps move inside the reload, before the heap is frozen again: a pipeline replaced while
-    a browser watches it is freed, and after a failed reload the view follows the one put back."""
+    """The taps move inside the reload: a pipeline replaced while a browser watches it is freed,
+    and after a failed reload the view follows the one put back."""
     import gc
     import weakref
 
