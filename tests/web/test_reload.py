@@ -108,14 +108,10 @@ async def test_sections_other_than_pipelines_need_a_restart(running: tuple[Gatew
     assert gw.pipelines == before
 
 
-async def test_a_pipeline_that_cannot_start_is_rolled_back(
-    running: tuple[Gateway, Path, Browserish], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def fail_restore_above_97(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the restore of a plant pipeline whose threshold is 97 fail, as an unreadable store would."""
     from gateway.engine import Pipeline
 
-    gw, path, c = running
-    text = path.read_text()
-    old_plant = gw.pipelines["plant"]
     restore = Pipeline.restore
 
     async def restore_fails_for_the_new_definition(self: Pipeline) -> None:
@@ -124,6 +120,17 @@ async def test_a_pipeline_that_cannot_start_is_rolled_back(
         await restore(self)
 
     monkeypatch.setattr(Pipeline, "restore", restore_fails_for_the_new_definition)
+
+
+async def test_a_pipeline_that_cannot_start_is_rolled_back(
+    running: tuple[Gateway, Path, Browserish], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.engine import Pipeline
+
+    gw, path, c = running
+    text = path.read_text()
+    old_plant = gw.pipelines["plant"]
+    fail_restore_above_97(monkeypatch)
     status, r = await c.post("/api/config/save", text.replace("above: 95", "above: 97"))
     assert status == 409 and r["reloaded"] is False
     assert "did not start: state store unreadable; the previous ones run again" in r["error"]
@@ -174,8 +181,6 @@ async def test_a_watched_pipeline_is_freed_and_taps_follow_a_rollback(
     import gc
     import weakref
 
-    from gateway.engine import Pipeline
-
     from .test_ws import receive
 
     gw, path, c = running
@@ -190,14 +195,7 @@ async def test_a_watched_pipeline_is_freed_and_taps_follow_a_rollback(
         gc.collect()
         assert old() is None, "the replaced pipeline is still referenced (or frozen with a reference)"
 
-        restore = Pipeline.restore
-
-        async def restore_fails_for_the_new_definition(self: Pipeline) -> None:
-            if self.nodes[self.index["hot"]].options.above == 97:  # type: ignore[attr-defined]
-                raise RuntimeError("state store unreadable")
-            await restore(self)
-
-        monkeypatch.setattr(Pipeline, "restore", restore_fails_for_the_new_definition)
+        fail_restore_above_97(monkeypatch)
         status, r = await c.post("/api/config/save", text.replace("above: 95", "above: 97"))
         assert status == 409, r
         back = gw.pipelines["plant"]
