@@ -538,22 +538,7 @@ def cobs_layouts(draw: st.DrawFn) -> tuple[Any, bytes]:
         "max_frame": 64,
     }
     opts = codec(spec)
-    fmt = ("<" if opts.byte_order == "little" else ">") + "".join(
-        {
-            "u8": "B",
-            "i8": "b",
-            "u16": "H",
-            "i16": "h",
-            "u32": "I",
-            "i32": "i",
-            "u64": "Q",
-            "f32": "f",
-            "f64": "d",
-            "pad": "x",
-        }[t]
-        for t in types
-    )
-    size = struct.calcsize(fmt)
+    size = make_decoder(opts).struct.size  # payload bytes: any bytes of that length are a payload
     parts = []
     for _ in range(draw(st.integers(0, 8))):
         body = draw(st.binary(min_size=size, max_size=size))
