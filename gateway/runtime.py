@@ -311,7 +311,11 @@ class Gateway:
             raise ReloadError(f"the new pipelines did not start: {exc}; the previous ones run again") from exc
         self.loaded = loaded
         for name in removed:  # their final checkpoint is queued before these deletions
-            n = await asyncio.to_thread(self.store.drop_pipeline, name)
+            try:
+                n = await asyncio.to_thread(self.store.drop_pipeline, name)
+            except Exception as exc:  # the reload itself worked: say it, and keep the rows
+                log.error("pipeline %s was removed, but its saved state could not be dropped: %s", name, exc)
+                continue
             if n:
                 log.info("pipeline %s was removed: dropping its saved state (%d rows)", name, n)
         return summary
