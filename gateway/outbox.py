@@ -580,14 +580,37 @@ class Outbox:
                         conn,
                     )
 
+    # how long after start the sinks have to take up the webhooks the outbox still owes messages to
+    UNCLAIMED_AFTER = 30.0
+
     async def run(self) -> None:
         """Send what the outbox holds through every link, until :meth:`close` (or cancelled)."""
         self._task = asyncio.current_task()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             tg.create_task(self._deleter(), name="outbox:delete")
+            if self.count:
+                tg.create_task(self._warn_unclaimed(), name="outbox:unclaimed")
             for name in self._all:
                 self._start_sender(name)
+
+    async def _warn_unclaimed(self) -> None:
+        """Webhook links are registered by their sinks once the pipelines run, so messages owed to a
+        webhook the config no longer has can only be told apart a while after start."""
+        await asyncio.sleep(self.UNCLAIMED_AFTER)
+        try:
+            owed = await self._run(self.store.by_connection)
+        except sqlite3.Error:
+            return  # the sender reports an unreadable outbox
+        for conn, n in sorted(owed.items()):
+            if conn.startswith("webhook:") and conn not in self._extra:
+                log.warning(
+                    "outbox %s: %d messages for %s, which no sink in the config has; they wait (and "
+                    "count against the quota) until a webhook node of that pipeline and id is back",
+                    self.path,
+                    n,
+                    conn,
+                )
 
     def _start_sender(self, name: str) -> None:
         assert self._tg is not None

@@ -3,6 +3,7 @@ server is down, in order, dead letters for a 4xx answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -170,5 +171,38 @@ async def test_a_webhook_whose_sink_is_removed_is_closed_once_nothing_waits_for_
             # and a pipeline that brings it back gets a working link again
             await gw.reload(parse_config(with_hook.replace("count: 5", "count: 3"), "t.yaml", env))
             await wait_for(lambda: len(hook.accepted) == 8 and gw.outbox.count == 0, timeout=15)
+    finally:
+        await hook.stop()
+
+
+async def test_messages_owed_to_a_webhook_the_config_dropped_are_reported(
+    tmp_path: Path, monkeypatch: Any, caplog: Any
+) -> None:
+    from gateway.outbox import Outbox
+
+    monkeypatch.setattr(Outbox, "UNCLAIMED_AFTER", 0.5)
+    env = {"HOOK_TOKEN": "s3cret"}
+    port = free_port()  # nothing listens: the five messages stay owed
+    with_hook = config(tmp_path, port, count=5)
+    keep = """\
+  - name: keep
+    nodes:
+      - {id: sim, type: simulate, interval: 50ms, sensors: [{key: t}]}
+      - {id: out, type: log, input: sim, level: debug}
+"""
+    without = with_hook[: with_hook.index("  - name: p\n")] + keep + with_hook[with_hook.index("console:") :]
+    async with running_gateway(with_hook, env=env) as gw:
+        await wait_for(lambda: gw.outbox.count == 5)
+    caplog.set_level("WARNING", logger="gateway.outbox")
+    async with running_gateway(without, env=env) as gw:
+        await wait_for(lambda: "no sink in the config has" in caplog.text, timeout=10)
+    assert "5 messages for webhook:p/hook" in caplog.text, caplog.text
+    caplog.clear()
+    hook = await Hook().start(port)
+    try:
+        async with running_gateway(with_hook.replace("count: 5", "count: 1"), env=env) as gw:
+            await wait_for(lambda: len(set(hook.seqs())) == 6 and gw.outbox.count == 0, timeout=20)
+            await asyncio.sleep(0.6)  # past UNCLAIMED_AFTER: the webhook is back, nothing to report
+        assert "no sink in the config has" not in caplog.text, caplog.text
     finally:
         await hook.stop()
