@@ -473,6 +473,8 @@ class _JsonDecoder(_RecordDecoder):
             rec = json.loads(text)
         except json.JSONDecodeError as exc:
             raise _Invalid("garbage", f"not JSON ({exc.msg} at char {exc.pos})") from None
+        except ValueError as exc:  # an integer of over 4,300 digits: Python will not convert it
+            raise _Invalid("malformed", f"JSON the decoder refuses ({exc})") from None
         except RecursionError:
             raise _Invalid("malformed", "JSON nested too deeply") from None
         if type(rec) is not dict:
@@ -614,6 +616,8 @@ class _NmeaDecoder(Decoder):
             at = piece.rfind(b"$")
             if at < 0:
                 raise _Invalid("garbage", "not an NMEA sentence (non-ASCII bytes)") from None
+            if at == 0:  # the noise is inside the sentence itself: nothing to resynchronise on
+                raise _Invalid("garbage", "non-ASCII bytes inside an NMEA sentence") from None
             errors.append(DecodeError("garbage", f"{at} byte(s) of noise before a sentence", _excerpt(piece[:at])))
             self._decode(piece[at:], readings, errors)
             return
@@ -683,6 +687,8 @@ class _NmeaDecoder(Decoder):
         if len(f[1]) >= 6 and len(f[9]) == 6:
             try:
                 hh, mm, ss = int(f[1][:2]), int(f[1][2:4]), float(f[1][4:])
+                if not 0.0 <= ss < 61.0:  # also NaN; 60.x is a leap second
+                    raise ValueError(ss)
                 dd, mo, yy = int(f[9][:2]), int(f[9][2:4]), int(f[9][4:6])
                 day = datetime(yy + (2000 if yy < 80 else 1900), mo, dd, hh, mm, tzinfo=UTC)  # NMEA's 2-digit year
                 ts = day.timestamp() + ss

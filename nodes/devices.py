@@ -619,7 +619,7 @@ class WebSocketSource(DecodingSource):
         if body.startswith(b"["):
             try:
                 items = json.loads(body)
-            except (json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # not JSON, an over-long integer, too deep
                 items = None  # the line decoder says what is wrong
             if isinstance(items, list):
                 body = b"\n".join(json.dumps(x).encode() for x in items)

@@ -48,7 +48,7 @@ class _BodyDecoder:
             # A whole JSON document may span lines (pretty-printed); re-emit it as NDJSON.
             try:
                 doc = json.loads(text)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, an over-long integer, too deep
                 doc = None  # maybe NDJSON: the line decoder tells which line is bad
             if isinstance(doc, list):
                 text = b"\n".join(json.dumps(x).encode() for x in doc)

@@ -587,3 +587,25 @@ def test_cobs_compiled_loop_equals_the_general_path(case: tuple[Any, bytes], cut
     assert fast.stats == general.stats == fast_as.stats == general_as.stats, (opts, stream)
     # feed_as makes exactly what feed returns, with the default time filled in
     assert [make(k, 123.5 if t is None else t, v, "dev") for k, v, t in results[fast][0]] == results[fast_as][0]
+
+
+def test_nmea_noise_inside_a_sentence_is_one_bad_line() -> None:
+    """Non-ASCII bytes after the last '$' used to make the resync call itself forever (RecursionError)."""
+    dec = make_decoder(codec("nmea"))
+    r, e = dec.feed(GGA + b"$GPGGA,\xff\r\n" + GGA.replace(b"\r\n", b"\xff\r\n") + GGA)
+    assert [x.kind for x in e] == ["garbage", "garbage"]
+    assert [key for key, _v, _ts in r].count("gps.lat") == 2
+
+
+@pytest.mark.parametrize("seconds", ["19inf", "19nan", "1999"])
+def test_nmea_rmc_time_out_of_range_is_malformed(seconds: str) -> None:
+    dec = make_decoder(codec({"type": "nmea", "require_checksum": False}))
+    r, e = dec.feed(RMC.replace(b"123519", b"12" + seconds.encode()).replace(b"*6A", b""))
+    assert r == [] and [x.kind for x in e] == ["malformed"], (r, e)
+
+
+def test_json_integer_python_refuses_to_convert_is_one_bad_line() -> None:
+    """Over 4,300 digits, int() raises a plain ValueError, not JSONDecodeError: one malformed line."""
+    dec = make_decoder(codec({"type": "json", "max_line": 20_000}))
+    r, e = dec.feed(b'{"a": ' + b"1" * 5000 + b'}\n{"b": 2}\n')
+    assert [x.kind for x in e] == ["malformed"] and [tuple(x) for x in r] == [("b", 2.0, None)]

@@ -315,3 +315,15 @@ def test_a_body_nested_too_deeply_is_a_bad_line_not_an_exception() -> None:
     assert readings == [] and [e.kind for e in errors] == ["malformed"]
     readings, errors = dec.decode(b'[{"t": 1.5}, {"t": 2.5}]')
     assert [tuple(r) for r in readings] == [("t", 1.5, None), ("t", 2.5, None)] and errors == []
+
+
+def test_a_body_with_an_integer_python_refuses_is_a_bad_line_not_an_exception() -> None:
+    """Over 4,300 digits, json.loads raises a plain ValueError; the push endpoint answered 500 for it."""
+    from firmware_bridges import JsonCodec
+    from nodes.http import _BodyDecoder
+
+    dec = _BodyDecoder(JsonCodec(type="json", max_line=1_000_000))
+    readings, errors = dec.decode(b'[{"a": 1}, {"b": ' + b"1" * 5000 + b"}]")
+    assert readings == [] and [e.kind for e in errors] == ["malformed"]
+    readings, errors = dec.decode(b'{"a": 1}\n{"b": ' + b"1" * 5000 + b"}\n")  # NDJSON: the good line stays
+    assert [tuple(r) for r in readings] == [("a", 1.0, None)] and [e.kind for e in errors] == ["malformed"]
