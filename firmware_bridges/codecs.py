@@ -521,8 +521,8 @@ class _CsvDecoder(_RecordDecoder):
         self.columns: list[str] | None = list(o.columns) if o.columns else None
 
     def _record(self, text: str) -> dict[str, Any] | None:
-        cells = [c.strip() for c in text.split(self.o.delimiter)]
-        if all(c and not _numeric(c) for c in cells):
+        cells = [_unquote(c.strip()) for c in text.split(self.o.delimiter)]
+        if _header_like(cells):
             # A header row: learn it (again after a device reboot) unless columns are configured.
             if self.o.columns is None:
                 self.columns = cells
@@ -550,6 +550,22 @@ def _numeric(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _unquote(cell: str) -> str:
+    return cell[1:-1].strip() if len(cell) >= 2 and cell[0] == cell[-1] == '"' else cell
+
+
+# what sensors print while not ready; a row of these is bad data, not a new header
+_PLACEHOLDERS = {"n/a", "na", "null", "none", "err", "error", "ovf", "overflow"}
+
+
+def _header_like(cells: list[str]) -> bool:
+    """Column names: each non-numeric with a letter or ``_`` in it, no placeholder, no two alike."""
+    return len(set(cells)) == len(cells) and all(
+        c and not _numeric(c) and c.lower() not in _PLACEHOLDERS and any(ch.isalpha() or ch == "_" for ch in c)
+        for c in cells
+    )
 
 
 # --- NMEA 0183 -------------------------------------------------------------------------------

@@ -609,3 +609,18 @@ def test_json_integer_python_refuses_to_convert_is_one_bad_line() -> None:
     dec = make_decoder(codec({"type": "json", "max_line": 20_000}))
     r, e = dec.feed(b'{"a": ' + b"1" * 5000 + b'}\n{"b": 2}\n')
     assert [x.kind for x in e] == ["malformed"] and [tuple(x) for x in r] == [("b", 2.0, None)]
+
+
+def test_csv_placeholder_row_is_bad_data_not_a_new_header() -> None:
+    """A sensor printing '--' or 'ERR' while not ready used to become the header, renaming the columns."""
+    dec = make_decoder(codec("csv"))
+    r, e = dec.feed(b"t,rh\n21.5,40\n--,--\nERR,ERR\n22.0,41\n")
+    want = [("t", 21.5, None), ("rh", 40.0, None), ("t", 22.0, None), ("rh", 41.0, None)]
+    assert as_tuples([Reading(*x) for x in r]) == want
+    assert [x.kind for x in e] == ["malformed", "malformed"]
+
+
+def test_csv_quoted_cells() -> None:
+    """Quoted numbers are numbers: before, every quoted row looked like a header and all data was dropped."""
+    r, e = make_decoder(codec("csv")).feed(b'"a","b"\n"1.5","2"\n')
+    assert as_tuples([Reading(*x) for x in r]) == [("a", 1.5, None), ("b", 2.0, None)] and e == []
