@@ -187,8 +187,20 @@ class CobsCodec(_Codec):
 
     @model_validator(mode="after")
     def _ts_known(self) -> CobsCodec:
-        if self.ts_field and self.ts_field not in {f.name for f in self.fields}:
-            raise ValueError(f"ts_field {self.ts_field!r} is not one of the fields")
+        named = [f.name for f in self.fields if f.type != "pad"]
+        if self.ts_field and self.ts_field not in named:
+            raise ValueError(f"ts_field {self.ts_field!r} is not one of the (non-pad) fields")
+        if not [n for n in named if n != self.ts_field]:
+            raise ValueError("the layout has no field besides ts_field and padding: its frames would give no readings")
+        order = "<" if self.byte_order == "little" else ">"
+        payload = struct.calcsize(order + "".join(_STRUCT[f.type] for f in self.fields))
+        n = payload + {"crc16": 2, "crc32": 4, "none": 0}[self.crc]
+        encoded = n + 1 + n // 254  # COBS adds a code byte per block of up to 254
+        if self.max_frame < encoded:
+            raise ValueError(
+                f"max_frame {self.max_frame} is below this layout's encoded frame ({encoded} bytes): "
+                "every frame would be rejected as over-long"
+            )
         return self
 
 
