@@ -192,9 +192,7 @@ class CobsCodec(_Codec):
             raise ValueError(f"ts_field {self.ts_field!r} is not one of the (non-pad) fields")
         if not [n for n in named if n != self.ts_field]:
             raise ValueError("the layout has no field besides ts_field and padding: its frames would give no readings")
-        order = "<" if self.byte_order == "little" else ">"
-        payload = struct.calcsize(order + "".join(_STRUCT[f.type] for f in self.fields))
-        n = payload + {"crc16": 2, "crc32": 4, "none": 0}[self.crc]
+        n = self.payload_struct().size + self.crc_len
         encoded = n + 1 + n // 254  # COBS adds a code byte per block of up to 254
         if self.max_frame < encoded:
             raise ValueError(
@@ -202,6 +200,15 @@ class CobsCodec(_Codec):
                 "every frame would be rejected as over-long"
             )
         return self
+
+    def payload_struct(self) -> struct.Struct:
+        """The payload's fields (and pads) in their byte order, without the CRC."""
+        order = "<" if self.byte_order == "little" else ">"
+        return struct.Struct(order + "".join(_STRUCT[f.type] for f in self.fields))
+
+    @property
+    def crc_len(self) -> int:
+        return {"crc16": 2, "crc32": 4, "none": 0}[self.crc]
 
 
 def _shorthand(v: Any) -> Any:
@@ -770,14 +777,13 @@ class _CobsDecoder(Decoder):
     def __init__(self, o: CobsCodec):
         super().__init__(o.max_frame)
         self.o = o
-        order = "<" if o.byte_order == "little" else ">"
-        self.struct = struct.Struct(order + "".join(_STRUCT[f.type] for f in o.fields))
+        self.struct = o.payload_struct()
         self.fields = [
             (o.prefix + f.name, f.scale, f.offset, f.name == o.ts_field) for f in o.fields if f.type != "pad"
         ]
         self.names = [f.name for f in o.fields if f.type != "pad"]
         self.record_key = None if o.record is None else o.prefix + o.record
-        self.crc_len = {"crc16": 2, "crc32": 4, "none": 0}[o.crc]
+        self.crc_len = o.crc_len
         self.crc = {"crc16": crc16_ccitt_false, "crc32": crc32, "none": None}[o.crc]
         # NaN/inf can only come from float fields, or from a scale big enough to overflow an integer
         self._check_finite = any(f.type in ("f32", "f64") for f in o.fields) or any(
@@ -979,8 +985,7 @@ class Encoder:
         self.o = options
         self._header_sent = False
         if isinstance(options, CobsCodec):
-            order = "<" if options.byte_order == "little" else ">"
-            self._struct = struct.Struct(order + "".join(_STRUCT[f.type] for f in options.fields))
+            self._struct = options.payload_struct()
 
     def encode(self, record: dict[str, float]) -> bytes:
         o = self.o
