@@ -336,7 +336,7 @@ class Decoder:
     ) -> None:
         raw: list[RawReading] = []
         self._pieces(pieces, raw, errors)
-        out.extend([make(key, now if ts is None else ts, value, tag) for key, value, ts in raw])
+        _made(raw, out, make, now, tag)
 
     def _piece(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         if len(piece) > self.max_len:
@@ -350,6 +350,11 @@ class Decoder:
 
     def _decode(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         raise NotImplementedError
+
+
+def _made(raw: list[RawReading], out: list[Any], make: Make, now: float, tag: str) -> None:
+    """Append ``make(key, ts, value, tag)`` per reading to ``out``, with ``now`` where there is no time."""
+    out.extend([make(key, now if ts is None else ts, value, tag) for key, value, ts in raw])
 
 
 def _finite(
@@ -844,8 +849,6 @@ class _CobsDecoder(Decoder):
             "            continue",
             "        try:",
             "            frame = cobs_decode(piece)",
-        ]
-        body += [
             f"            {', '.join(raws)}, = unpack(frame)",
             "        except Bad:",
             "            slow(piece)  # garbage, or the wrong length",
@@ -914,7 +917,7 @@ class _CobsDecoder(Decoder):
         def slow(piece: bytes) -> None:  # made in place, so the readings keep their order
             raw: list[RawReading] = []
             self._piece(piece, raw, errors)
-            out.extend([make(key, now if ts is None else ts, value, tag) for key, value, ts in raw])
+            _made(raw, out, make, now, tag)
 
         n = self._run_as(pieces, out.append, slow, make, now, tag)
         self.stats["pieces"] += n
