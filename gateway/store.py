@@ -418,49 +418,35 @@ class StateStore:
         """A read-only connection (for the console and tests); the caller closes it."""
         return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
 
-    def load_state(self, pipeline: str, node: str) -> dict[str, bytes]:
-        """Committed rows of one node: key -> value. Blocking; cheap enough for start-up."""
+    def _committed(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Rows of one query on a short-lived read-only connection; none before the file exists."""
         if not self.path.exists():
-            return {}
+            return []
         db = self.reader()
         try:
-            rows = db.execute("SELECT key, value FROM state WHERE pipeline=? AND node=?", (pipeline, node)).fetchall()
+            return db.execute(sql, params).fetchall()
         finally:
             db.close()
+
+    def load_state(self, pipeline: str, node: str) -> dict[str, bytes]:
+        """Committed rows of one node: key -> value. Blocking; cheap enough for start-up."""
+        rows = self._committed("SELECT key, value FROM state WHERE pipeline=? AND node=?", (pipeline, node))
         return {k: bytes(v) for k, v in rows}
 
     def pipeline_names(self) -> set[str]:
         """Pipelines that have committed rows."""
-        if not self.path.exists():
-            return set()
-        db = self.reader()
-        try:
-            return {r[0] for r in db.execute("SELECT DISTINCT pipeline FROM state")}
-        finally:
-            db.close()
+        return {r[0] for r in self._committed("SELECT DISTINCT pipeline FROM state")}
 
     def drop_pipeline(self, pipeline: str) -> int:
         """Queue the deletion of every committed row of ``pipeline``; returns how many. Blocking
         (it reads the keys); deletions coalesce like any row, so a full store still takes them."""
-        if not self.path.exists():
-            return 0
-        db = self.reader()
-        try:
-            keys = db.execute("SELECT node, key FROM state WHERE pipeline=?", (pipeline,)).fetchall()
-        finally:
-            db.close()
+        keys = self._committed("SELECT node, key FROM state WHERE pipeline=?", (pipeline,))
         self.write([(pipeline, node, key, None) for node, key in keys])
         return len(keys)
 
     def node_ids(self, pipeline: str) -> set[str]:
         """Nodes of ``pipeline`` that have committed rows."""
-        if not self.path.exists():
-            return set()
-        db = self.reader()
-        try:
-            return {r[0] for r in db.execute("SELECT DISTINCT node FROM state WHERE pipeline=?", (pipeline,))}
-        finally:
-            db.close()
+        return {r[0] for r in self._committed("SELECT DISTINCT node FROM state WHERE pipeline=?", (pipeline,))}
 
     # --- closing and reporting --------------------------------------------------------------
 
