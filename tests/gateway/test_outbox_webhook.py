@@ -68,6 +68,17 @@ console: {{enabled: false}}
 """
 
 
+def without_the_webhook(text: str) -> str:
+    """``text`` with pipeline p (the webhook) replaced by one that has none."""
+    keep = """\
+  - name: keep
+    nodes:
+      - {id: sim, type: simulate, interval: 50ms, sensors: [{key: t}]}
+      - {id: out, type: log, input: sim, level: debug}
+"""
+    return text[: text.index("  - name: p\n")] + keep + text[text.index("console:") :]
+
+
 def check_in_order(hook: Hook, n: int) -> None:
     first: dict[int, dict[str, Any]] = {}
     order = []
@@ -150,14 +161,8 @@ async def test_a_webhook_whose_sink_is_removed_is_closed_once_nothing_waits_for_
 
     hook = await Hook().start()
     env = {"HOOK_TOKEN": "s3cret"}
-    keep = """\
-  - name: keep
-    nodes:
-      - {id: sim, type: simulate, interval: 50ms, sensors: [{key: t}]}
-      - {id: out, type: log, input: sim, level: debug}
-"""
     with_hook = config(tmp_path, hook.port, count=5)
-    without = with_hook[: with_hook.index("  - name: p\n")] + keep + with_hook[with_hook.index("console:") :]
+    without = without_the_webhook(with_hook)
     try:
         async with running_gateway(with_hook, env=env) as gw:
             await wait_for(lambda: len(hook.accepted) == 5 and gw.outbox.count == 0)
@@ -184,13 +189,7 @@ async def test_messages_owed_to_a_webhook_the_config_dropped_are_reported(
     env = {"HOOK_TOKEN": "s3cret"}
     port = free_port()  # nothing listens: the five messages stay owed
     with_hook = config(tmp_path, port, count=5)
-    keep = """\
-  - name: keep
-    nodes:
-      - {id: sim, type: simulate, interval: 50ms, sensors: [{key: t}]}
-      - {id: out, type: log, input: sim, level: debug}
-"""
-    without = with_hook[: with_hook.index("  - name: p\n")] + keep + with_hook[with_hook.index("console:") :]
+    without = without_the_webhook(with_hook)
     async with running_gateway(with_hook, env=env) as gw:
         await wait_for(lambda: gw.outbox.count == 5)
     caplog.set_level("WARNING", logger="gateway.outbox")
