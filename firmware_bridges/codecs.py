@@ -800,8 +800,9 @@ class _CobsDecoder(Decoder):
         """``run(pieces, append, slow) -> frames decoded``: the batch loop for this layout, compiled once.
 
         Like ``namedtuple`` and ``dataclasses``, the source is generated from the field list: the
-        unpack into named locals, the CRC check, the scales as constants and the readings it
-        appends are straight-line code, with no per-field loop and no call per frame. A frame
+        COBS unstuffing (in place, for a layout too short for a full block), the unpack into named
+        locals, the CRC check, the scales as constants and the readings it appends are
+        straight-line code, with no per-field loop and no Python call per frame. A frame
         that fails any check goes to ``slow`` (the general path, which says what is wrong).
         Only ``repr`` of validated names and finite numbers goes into the source. ``None`` (the
         general path does all the work) when a layout has nothing to build. The loop comes twice:
@@ -813,23 +814,22 @@ class _CobsDecoder(Decoder):
             for i, ((key, scale, offset, is_ts), name) in enumerate(zip(self.fields, self.names, strict=True))
             if not is_ts
         ]
+        size = self.struct.size
+        whole = size + self.crc_len
         if not values or not all(math.isfinite(x) for _k, sc, off, _t in self.fields for x in (sc, off)):
             return None
-        size = self.struct.size
+        if self.max_len < whole + 1 + whole // 254:  # a valid frame can be over-long (validation refuses this)
+            return None
         raws = [f"a{i}" for i in range(len(self.fields))]
         fmt = self.struct.format
         crc_in_struct = self.crc is not None and o.crc_byte_order == o.byte_order
         if crc_in_struct:
             fmt += "H" if o.crc == "crc16" else "I"
             raws.append("got")
-        whole = size + self.crc_len
         ns: dict[str, Any] = {
             "cobs_decode": cobs_decode,
-            # all of a frame at once checks its length too; a CRC in another byte order is read apart
-            "unpack": struct.Struct(fmt).unpack
-            if crc_in_struct or self.crc is None
-            else struct.Struct(fmt).unpack_from,
-            "Bad": (CobsError, struct.error),
+            "CobsError": CobsError,
+            "unpack_from": struct.Struct(fmt).unpack_from,
             "crc_hqx": binascii.crc_hqx,
             "crc32": zlib.crc32,
             "from_bytes": int.from_bytes,
@@ -841,38 +841,56 @@ class _CobsDecoder(Decoder):
         def scaled(i: int, scale: float, offset: float) -> str:
             return f"a{i} * {scale!r}" + (f" + {offset!r}" if offset else "")
 
-        body = [
-            "    count = 0",
-            "    for piece in pieces:",
-            f"        if not piece or len(piece) > {self.max_len}:",
-            "            slow(piece)  # idle line, or over-long",
-            "            continue",
-            "        try:",
-            "            frame = cobs_decode(piece)",
-            f"            {', '.join(raws)}, = unpack(frame)",
-            "        except Bad:",
-            "            slow(piece)  # garbage, or the wrong length",
-            "            continue",
-        ]
-        if not crc_in_struct and self.crc is not None:
-            body += [f"        if len(frame) != {whole}:", "            slow(piece)", "            continue"]
+        def reject(why: str, indent: str = "            ") -> list[str]:
+            return [f"{indent}slow(piece)  # {why}", f"{indent}bad += 1", f"{indent}continue"]
+
+        body = ["    bad = 0", "    for piece in pieces:"]
+        if whole < 0xFE:
+            # A valid frame is one code byte per zero plus one: exactly whole + 1 bytes, with no
+            # full block, so each code byte after the first is zeroed in place (as cobs_decode
+            # does) and the payload is read at offset 1. Any other length, an idle line included,
+            # and a code chain that does not end at the frame's end go to the general path.
+            end = whole + 1
+            at = 1
+            body += [
+                f"        if len(piece) != {end}:",
+                *reject("idle line, or the wrong length"),
+                "        i = piece[0]",
+                f"        if i == {end}:",
+                "            frame = piece  # no zero in the payload",
+                "        else:",
+                "            frame = bytearray(piece)",
+                f"            while i < {end}:",
+                "                code = frame[i]",
+                "                frame[i] = 0",
+                "                i += code",
+                f"            if i != {end}:",
+                *reject("garbage", "                "),
+            ]
+        else:  # a full block is possible: the general unstuffing, then the length
+            at = 0
+            body += [
+                "        try:",
+                "            frame = cobs_decode(piece)",
+                "        except CobsError:",
+                *reject("idle line, or garbage", "            "),
+                f"        if len(frame) != {whole}:",
+                *reject("the wrong length"),
+            ]
+        body.append(f"        {', '.join(raws)}, = unpack_from(frame, {at})")
         if self.crc is not None:
-            calc = f"crc_hqx(frame[:{size}], 0xFFFF)" if o.crc == "crc16" else f"crc32(frame[:{size}])"
+            payload = f"frame[{at}:{at + size}]"
+            calc = f"crc_hqx({payload}, 0xFFFF)" if o.crc == "crc16" else f"crc32({payload})"
             if not crc_in_struct:
-                body.append(f"        got = from_bytes(frame[{size}:], {o.crc_byte_order!r})")
-            body += [
-                f"        if {calc} != got:",
-                "            slow(piece)  # says what the CRC was",
-                "            continue",
-            ]
-        body += [f"        v{i} = {scaled(i, sc, off)}" for i, _k, _n, sc, off in values]
-        if self._check_finite:
+                body.append(f"        got = from_bytes(frame[{at + size}:], {o.crc_byte_order!r})")
+            body += [f"        if {calc} != got:", *reject("says what the CRC was")]
+        if self._check_finite:  # the sum is NaN/inf when any value is
+            body += [f"        v{i} = {scaled(i, sc, off)}" for i, _k, _n, sc, off in values]
             total = " + ".join(f"v{i}" for i, *_ in values)
-            body += [
-                f"        if not isfinite({total}):",
-                "            slow(piece)  # says which is NaN/inf",
-                "            continue",
-            ]
+            body += [f"        if not isfinite({total}):", *reject("says which is NaN/inf")]
+            value_of = {i: f"v{i}" for i, *_ in values}
+        else:  # nothing to check: each value is computed where it is used
+            value_of = {i: scaled(i, sc, off) for i, _k, _n, sc, off in values}
         ts = "None"
         for i, (_key, scale, offset, is_ts) in enumerate(self.fields):
             if is_ts:
@@ -881,21 +899,20 @@ class _CobsDecoder(Decoder):
                     "        try:",
                     f"            ts = ts_of({scaled(i, scale, offset)})",
                     "        except Invalid:",
-                    "            slow(piece)  # says what is wrong with the time",
-                    "            continue",
+                    *reject("says what is wrong with the time"),
                 ]
-        body.append("        count += 1")
         if self.record_key is not None:
-            items = ", ".join(f"{name!r}: v{i}" for i, _k, name, _s, _o in values)
+            items = ", ".join(f"{name!r}: {value_of[i]}" for i, _k, name, _s, _o in values)
             out = [(repr(self.record_key), f"{{{items}}}")]
         else:
-            out = [(repr(key), f"v{i}") for i, key, _n, _s, _o in values]
+            out = [(repr(key), value_of[i]) for i, key, _n, _s, _o in values]
+        ret = "    return len(pieces) - bad  # frames decoded here; the slow path counts its own"
         src = ["def run(pieces, append, slow):", *body]
         src += [f"        append(({key}, {value}, {ts}))" for key, value in out]
         when = "now" if ts == "None" else "ts"
-        src += ["    return count", "def run_as(pieces, append, slow, make, now, tag):", *body]
+        src += [ret, "def run_as(pieces, append, slow, make, now, tag):", *body]
         src += [f"        append(make({key}, {when}, {value}, tag))" for key, value in out]
-        src += ["    return count"]
+        src += [ret]
         exec(compile("\n".join(src) + "\n", "<cobs layout>", "exec"), ns)  # generated above from the layout
         return ns["run"], ns["run_as"]
 

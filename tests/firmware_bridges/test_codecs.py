@@ -128,6 +128,21 @@ def test_cobs_round_trip_and_no_zero(data: bytes) -> None:
     assert len(enc) <= len(data) + len(data) // 254 + 1
 
 
+@pytest.mark.parametrize("run", [253, 254, 255, 508, 509, 700])
+@pytest.mark.parametrize("tail", [b"", b"\0", b"\0\x07", b"\x07\0\0"])
+def test_cobs_full_blocks_round_trip(run: int, tail: bytes) -> None:
+    """Runs of 254+ non-zero bytes make full blocks (code 0xFF, no zero after): the block-by-block path."""
+    data = bytes(1 + i % 255 for i in range(run)) + tail
+    enc = cobs_encode(data)
+    assert cobs_decode(enc) == data == ref_cobs_decode(enc)
+    for cut in (enc[:-1], enc[:-2], enc[:255], enc[:256]):  # truncated: valid or not, as the reference says
+        try:
+            got: bytes | None = cobs_decode(cut)
+        except CobsError:
+            got = None
+        assert got == ref_cobs_decode(cut), cut
+
+
 @settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
 @given(st.binary(min_size=1, max_size=300))
 def test_cobs_decode_agrees_with_reference_on_any_bytes(data: bytes) -> None:
@@ -517,14 +532,20 @@ def test_json_nested_too_deeply_is_one_bad_line() -> None:
 
 @st.composite
 def cobs_layouts(draw: st.DrawFn) -> tuple[Any, bytes]:
-    """Any layout (types, scales, orders, CRC, record, time field) and a stream of good and bad frames."""
+    """Any layout (types, scales, orders, CRC, record, time field) and a stream of good and bad frames.
+
+    Some layouts are over 254 bytes, so that a valid frame can hold a full COBS block.
+    """
+    big = draw(st.integers(0, 4)) == 0
     types = draw(
         st.lists(
             st.sampled_from(["u8", "i8", "u16", "i16", "u32", "i32", "u64", "f32", "f64", "pad"]),
-            min_size=1,
-            max_size=5,
+            min_size=33 if big else 1,
+            max_size=40 if big else 5,
         )
     )
+    if big:
+        types[:32] = ["f64"] * 32  # at least 256 bytes
     scale = st.sampled_from([1.0, 0.1, 0.01, -2.5, 1e300])
     fields = [
         {"type": t}
@@ -542,7 +563,7 @@ def cobs_layouts(draw: st.DrawFn) -> tuple[Any, bytes]:
         "crc_byte_order": draw(st.sampled_from(["little", "big"])),
         "record": draw(st.sampled_from([None, "rec"])),
         "ts_field": draw(st.sampled_from([None, *named])),
-        "max_frame": 64,
+        "max_frame": 400 if big else 64,
     }
     try:
         opts = codec(spec)
@@ -558,13 +579,16 @@ def cobs_layouts(draw: st.DrawFn) -> tuple[Any, bytes]:
         if n and draw(st.integers(0, 9)) == 0:
             check ^= 1
         frame = cobs_encode(body + (check.to_bytes(n, opts.crc_byte_order) if n else b"")) + b"\0"
-        kind = draw(st.sampled_from(["ok", "ok", "ok", "noise", "idle", "long"]))
+        kind = draw(st.sampled_from(["ok", "ok", "ok", "noise", "flip", "idle", "long"]))
         if kind == "noise":
             frame = draw(st.binary(max_size=20)) + b"\0"
+        elif kind == "flip":  # one byte changed, the length kept: a broken code chain, or a bad CRC
+            at = draw(st.integers(0, len(frame) - 2))
+            frame = frame[:at] + bytes([draw(st.integers(1, 255))]) + frame[at + 1 :]
         elif kind == "idle":
             frame = b"\0"
         elif kind == "long":
-            frame = b"\x01" * 80 + b"\0"
+            frame = b"\x01" * (spec["max_frame"] + 16) + b"\0"
         parts.append(frame)
     return opts, b"".join(parts)
 
