@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import parse_config
+from gateway.runtime import YOUNG_GENERATION_THRESHOLD
 from tests._util import wait_for
 from tests.gateway._harness import running_gateway
 
@@ -25,11 +26,15 @@ def config(tmp_path: Path, pipelines: list[str]) -> str:
 
 
 async def test_heap_is_frozen_while_running_and_released_at_stop(tmp_path: Path) -> None:
+    before = gc.get_threshold()
     async with running_gateway(config(tmp_path, ["a"])):
         frozen = gc.get_freeze_count()
         # the modules, config models and pipelines built at start are left to reference counting
         assert frozen > 10_000, frozen
+        # young collections are spaced out while it runs
+        assert gc.get_threshold() == (YOUNG_GENERATION_THRESHOLD, *before[1:])
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
 
 
 async def test_a_pipeline_dropped_by_reload_is_collected(tmp_path: Path) -> None:
@@ -49,6 +54,7 @@ def test_the_crypto_library_loads_only_with_the_first_session_cookie(tmp_path: P
     script = f"""
 import asyncio, sys, urllib.request
 from gateway.config import parse_config
+from gateway.runtime import YOUNG_GENERATION_THRESHOLD
 from gateway.runtime import Gateway
 
 async def main():
