@@ -371,6 +371,50 @@ class _LinkLost(Exception):
     pass
 
 
+_FUNCTIONS = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+
+
+class _ReplyWatch:
+    """What pymodbus's framer did with the bytes that came back for the current request.
+
+    pymodbus drops a reply that fails its CRC or comes from another unit without a word (the
+    request then times out), and one whose PDU it cannot decode makes it close the connection,
+    which would cost every slave on the bus a reconnect. Wrapping the client's framer lets the
+    poller say why a request got no answer, and turns an undecodable reply into one failed
+    request. ``problem`` is reset before each request. With a pymodbus whose framer is not where
+    this looks (the version is pinned), the watch does nothing and such replies read as silence.
+    """
+
+    def __init__(self, client: Any):
+        self.problem: str | None = None
+        self.raw: str | None = None  # the bytes of an undecodable reply, for the dead letter
+        self._unit = 0
+        framer = getattr(getattr(client, "ctx", None), "framer", None)
+        if framer is None or not callable(getattr(framer, "decode", None)):
+            return
+        decode, handle = framer.decode, framer.handleFrame
+
+        def watched_decode(data: bytes) -> tuple[int, int, int, bytes]:
+            used, unit, tid, frame = decode(data)
+            if used and not frame:  # the RTU framer consumed bytes it could not check
+                self.problem = "a reply failed its CRC check"
+            elif frame and self._unit and unit != self._unit:
+                self.problem = f"a reply came from unit {unit}"
+            return used, unit, tid, frame
+
+        def watched_handle(data: bytes, unit: int, tid: int) -> tuple[int, Any]:
+            self._unit = unit
+            try:
+                return handle(data, unit, tid)
+            except ModbusException:
+                self.problem = "a reply could not be decoded"
+                self.raw = bytes(data[:64]).hex(" ")
+                return len(data), None  # dropped: the request times out, the link stays
+
+        framer.decode = watched_decode
+        framer.handleFrame = watched_handle
+
+
 @register
 class ModbusSource(Source):
     """Poll Modbus slaves (TCP or RTU) by register map; one task per bus, so requests never overlap.
@@ -400,7 +444,14 @@ class ModbusSource(Source):
                 interval = s.o.groups.get(g) or s.map.groups.get(g) or options.interval
                 blocks = plan_reads(pts, s.map.max_registers, s.map.max_gap)
                 self.polls.append(_Poll(s, g, float(interval), blocks))
-        self.faults: dict[str, int] = {"exception": 0, "timeout": 0, "nonfinite": 0, "disconnect": 0}
+        self.faults: dict[str, int] = {
+            "exception": 0,  # the slave answered with an exception code
+            "timeout": 0,  # no reply
+            "bad_reply": 0,  # a reply that failed its CRC, came from another unit, or does not fit the read
+            "nonfinite": 0,  # a value that decodes to NaN/inf
+            "disconnect": 0,
+        }
+        self._watch: _ReplyWatch | None = None
         self.n_reads = 0
         self.n_overruns = 0
 
@@ -415,7 +466,7 @@ class ModbusSource(Source):
     def counters(self) -> dict[str, int]:
         c = super().counters()
         c["reads"] = self.n_reads
-        c["malformed"] = self.faults["nonfinite"]
+        c["malformed"] = self.faults["nonfinite"] + self.faults["bad_reply"]
         for k, v in self.faults.items():
             c[f"modbus_{k}"] = v
         return c
@@ -440,6 +491,7 @@ class ModbusSource(Source):
         attempt = 0
         while True:
             client = self._client()
+            self._watch = _ReplyWatch(client)
             try:
                 ok = await client.connect()
                 if not ok:
@@ -507,12 +559,23 @@ class ModbusSource(Source):
             }[block.table]
             self.n_reads += 1
             s.reads += 1
+            watch = self._watch
+            if watch is not None:
+                watch.problem = watch.raw = None
             try:
                 rr = await read(block.start, count=block.count, device_id=s.unit)
             except ModbusException as exc:
                 if not client.connected:
+                    # This slave's reply may be what broke the link: it waits out a backoff
+                    # after the reconnect, so the others are polled first.
+                    s.failures += 1
+                    s.retry_at = time.monotonic() + backoff(s.failures - 1, self.options.slave_retry_max)
                     raise _LinkLost(f"connection lost: {exc}") from None
-                self._slave_silent(s, poll, f"no reply within {self.options.timeout:g}s")
+                problem = watch.problem if watch is not None else None
+                if problem is None:
+                    self._slave_silent(s, poll, f"no reply within {self.options.timeout:g}s")
+                else:  # it answered, but nothing usable came back
+                    self._slave_silent(s, poll, problem, "bad_reply", watch.raw if watch is not None else None)
                 return events
             if rr.isError():
                 code = getattr(rr, "exception_code", None)
@@ -520,15 +583,40 @@ class ModbusSource(Source):
                 self.faults["exception"] += 1
                 self._mark_bad(s, block.points, reason)
                 continue
-            events.extend(self._decode(s, block, rr.bits if block.table in ("coil", "discrete") else rr.registers))
+            bits = block.table in ("coil", "discrete")
+            data = rr.bits if bits else rr.registers
+            fc = _FUNCTIONS[block.table]
+            if rr.function_code != fc:
+                self._bad_reply(s, block, f"a function {rr.function_code} reply to a function {fc} read", data)
+                continue
+            # bits come in whole bytes: up to 7 past the count are padding
+            if len(data) < block.count or len(data) >= block.count + (8 if bits else 1):
+                unit = "bits" if bits else "registers"
+                self._bad_reply(s, block, f"{len(data)} {unit} in the reply to a read of {block.count}", data)
+                continue
+            events.extend(self._decode(s, block, data))
         if s.failures:
             log.info("modbus %s/%s: slave %s (unit %d) answers again", self.ctx.pipeline, self.id, s.key, s.unit)
         s.failures = 0
         s.retry_at = 0.0
         return events
 
-    def _slave_silent(self, s: _Slave, poll: _Poll, reason: str) -> None:
-        self.faults["timeout"] += 1
+    def _bad_reply(self, s: _Slave, block: ReadBlock, reason: str, data: list[Any]) -> None:
+        """A reply that cannot be trusted: the read's points go bad, and it is counted and dead-lettered."""
+        self.faults["bad_reply"] += 1
+        self.n_errors += 1
+        what = f"{s.key} (unit {s.unit}) {block.table} {block.start}+{block.count}: {reason}"
+        if s.bad.get(block.points[0].name) != reason:  # once per change, not per poll
+            log.warning("modbus %s/%s: %s", self.ctx.pipeline, self.id, what)
+        self.ctx.dead_letters.record(self.ctx.pipeline, self.id, what, None, repr(data))
+        self._mark_bad(s, block.points, reason)
+
+    def _slave_silent(self, s: _Slave, poll: _Poll, reason: str, kind: str = "timeout", raw: Any = None) -> None:
+        self.faults[kind] += 1
+        if kind == "bad_reply":
+            self.n_errors += 1
+            what = f"{s.key} (unit {s.unit}): {reason}"
+            self.ctx.dead_letters.record(self.ctx.pipeline, self.id, what, None, raw)
         if not s.failures:
             log.warning(
                 "modbus %s/%s: slave %s (unit %d): %s; retrying with backoff",
@@ -567,7 +655,8 @@ class ModbusSource(Source):
                 continue
             s.bad.pop(p.name, None)
             out.append(Event(f"{s.key}.{p.name}", now, {"text": v} if isinstance(v, str) else v, self.id))
-        s.last_ok = now
+        if out:
+            s.last_ok = now
         return out
 
 
