@@ -271,6 +271,7 @@ class Decoder:
     """Base of every streaming decoder: ``feed`` bytes, get readings and errors back."""
 
     delimiter = b"\n"
+    text = True  # lines: an unfinished piece of only whitespace is an idle line, not a truncated one
 
     def __init__(self, max_len: int):
         self.max_len = max_len
@@ -322,7 +323,7 @@ class Decoder:
         pending = self._buf
         self._buf = b""
         skipping, self._skipping = self._skipping, False
-        if pending.strip() and not skipping:
+        if (pending.strip() if self.text else pending) and not skipping:
             self.stats["errors"] += 1
             return [DecodeError("truncated", f"input ended inside a piece of {len(pending)} bytes", _excerpt(pending))]
         return []
@@ -778,6 +779,7 @@ class _NmeaDecoder(Decoder):
 
 class _CobsDecoder(Decoder):
     delimiter = b"\x00"
+    text = False
 
     def __init__(self, o: CobsCodec):
         super().__init__(o.max_frame)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import select
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -73,6 +74,8 @@ class _Health:
 # of lines through the whole pipeline. A read never waits for more than is there, so a larger
 # size costs no latency; the kernel's tty buffer (4 KiB) is what one read can see.
 READ_SIZE = 16384
+# Seconds between checks that a port whose reading is paused (pipeline full) is still there.
+HANGUP_CHECK = 1.0
 
 
 def set_read_size(transport: asyncio.BaseTransport, size: int) -> None:
@@ -178,12 +181,37 @@ class SerialSource(DecodingSource):
             self.n_pauses += 1
             t.pause_reading()
             out.when_room(lambda: self._resume(t))
+            asyncio.get_running_loop().call_later(HANGUP_CHECK, self._check_hangup, t)
 
     def _resume(self, t: asyncio.Transport) -> None:
         if t is self._transport:
             self._paused = False
             if not t.is_closing():
                 t.resume_reading()
+
+    def _check_hangup(self, t: asyncio.Transport) -> None:
+        """While paused nothing reads the port, so nothing would notice it vanish: ask the fd.
+
+        A vanished USB adapter or a closed pty raises POLLHUP/POLLERR on the port's descriptor.
+        Reading is then resumed, so what the port still holds is read and its error ends the
+        connection as usual (reopened with backoff, health down meanwhile).
+        """
+        if t is not self._transport or not self._paused or t.is_closing():
+            return
+        fd = getattr(getattr(t, "serial", None), "fd", None)
+        if fd is None:
+            return
+        poller = select.poll()
+        poller.register(fd, 0)  # no events asked for: hang-ups and errors are always reported
+        try:
+            hung = any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _fd, ev in poller.poll(0))
+        except OSError:
+            hung = True
+        if not hung:
+            asyncio.get_running_loop().call_later(HANGUP_CHECK, self._check_hangup, t)
+            return
+        log.info("serial %s/%s: %s hung up while reading was paused", self.ctx.pipeline, self.id, self.options.port)
+        self._resume(t)
 
     async def _open(self) -> tuple[asyncio.Transport, _SerialProtocol]:
         o = self.options

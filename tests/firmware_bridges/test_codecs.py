@@ -226,6 +226,15 @@ def test_truncated_line_at_end_is_reported() -> None:
     assert dec.feed(b'{"a": 1}\n{"a": ') == ([Reading("a", 1.0)], [])
     assert [e.kind for e in dec.flush()] == ["truncated"]
     assert dec.flush() == []
+    dec.feed(b"  \r")
+    assert dec.flush() == []  # whitespace between lines is idle, not a truncated line
+
+
+def test_truncated_cobs_frame_of_whitespace_bytes_is_reported() -> None:
+    """0x09-0x0D and 0x20 are ordinary bytes in a binary frame: a piece of them left at the end is truncated."""
+    dec = make_decoder(codec({"type": "cobs", "fields": [{"name": "x", "type": "u8"}], "crc": "none"}))
+    assert dec.feed(b"\x02\x05\x00\n \t") == ([Reading("x", 5.0)], [])
+    assert [e.kind for e in dec.flush()] == ["truncated"]
 
 
 def test_json_fields_and_errors() -> None:

@@ -25,6 +25,10 @@ from tests.gateway._harness import get, node, running_gateway
 class CollectOptions(NodeOptions):
     type: Literal["t_dev_collect"]
     delay: float = 0.0
+    hold: bool = False  # each write waits for GATE: the pipeline backs up until a test opens it
+
+
+GATE = asyncio.Event()
 
 
 class Collect(Sink):
@@ -35,6 +39,8 @@ class Collect(Sink):
         self.events: list[Event] = []
 
     async def write(self, batch: list[Event]) -> None:
+        if self.options.hold:  # type: ignore[attr-defined]
+            await GATE.wait()
         if self.options.delay:  # type: ignore[attr-defined]
             await asyncio.sleep(self.options.delay)  # type: ignore[attr-defined]
         self.events.extend(batch)
@@ -214,6 +220,37 @@ async def test_full_pipeline_pauses_reading_and_loses_nothing(tmp_path: Path) ->
             assert q.high_water <= 50 + READ_SIZE // len(b'{"n": 0}\n'), q.stats()
             assert q.high_water < 3000, q.stats()
             assert src.n_pauses >= 1
+
+
+async def test_port_vanishing_while_reading_is_paused_is_noticed(tmp_path: Path) -> None:
+    """Paused reading polls nothing, so the port's hang-up is checked apart; the lines read stay queued."""
+    text = config(tmp_path, "PORT", "json").replace("gateway: {", "gateway: {queue_size: 50, sink_queue_size: 10, ")
+    text = text.replace("type: t_dev_collect,", "type: t_dev_collect, hold: true,")
+    link = tmp_path / "ttyUSB0"
+    dev = PtyDevice(link)
+    GATE.clear()
+    try:
+        async with running_gateway(text.replace("PORT", str(link))) as gw:
+            src = node(gw, "field", "dev")
+            await wait_for(lambda: src.health()["state"] == "up")
+            asyncio.get_running_loop().create_task(dev.send(b"".join(b'{"n": %d}\n' % i for i in range(2000))))
+            await wait_for(lambda: src.health()["paused"])
+            read = src.n_in
+            dev.unplug()
+            # the sink still holds the pipeline full: only the hang-up check can see the port go
+            await wait_for(lambda: src.health()["state"] == "down", timeout=10)
+            assert src.health()["losses"] == 1
+            GATE.set()
+            await wait_for(lambda: len(values(gw)) == src.n_in, timeout=20)
+            assert src.n_in >= read and values(gw) == [float(i) for i in range(src.n_in)]  # in order, none lost
+            dev.plug()
+            await wait_for(lambda: src.health()["state"] == "up", timeout=10)
+            n = len(values(gw))
+            await dev.send(b'{"n": -1}\n')
+            await wait_for(lambda: len(values(gw)) == n + 1)
+    finally:
+        GATE.set()
+        dev.unplug()
 
 
 def parse_codec(spec: Any) -> Any:
