@@ -22,6 +22,7 @@ import serial
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
+from pymodbus.framer.rtu import FramerRTU
 from serial_asyncio_fast import create_serial_connection
 
 from firmware_bridges import CodecOptions, DecodeError, JsonCodec, make_decoder
@@ -421,11 +422,13 @@ class _ReplyWatch:
         if framer is None or not callable(getattr(framer, "decode", None)):
             return
         decode, handle = framer.decode, framer.handleFrame
+        # bytes consumed with no frame: RTU drops a frame that fails its CRC; TCP, an empty PDU
+        dropped = "a reply failed its CRC check" if isinstance(framer, FramerRTU) else "a reply with no PDU"
 
         def watched_decode(data: bytes) -> tuple[int, int, int, bytes]:
             used, unit, tid, frame = decode(data)
-            if used and not frame:  # the RTU framer consumed bytes it could not check
-                self.problem = "a reply failed its CRC check"
+            if used and not frame:
+                self.problem = dropped
             elif frame and self._unit and unit != self._unit:
                 self.problem = f"a reply came from unit {unit}"
             return used, unit, tid, frame
