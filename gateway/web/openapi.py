@@ -149,6 +149,35 @@ def _paths() -> dict[str, Any]:
                 secured=False,
             )
         },
+        "/ingest/{source}": {
+            "post": {
+                **_op(
+                    "Readings pushed to a running `http` source: a JSON object, an array of objects, or NDJSON",
+                    {
+                        "202": _json(
+                            _obj(
+                                {"accepted": _INT, "rejected": _INT, "errors": {"type": "array", "items": _STR}},
+                                ["accepted", "rejected"],
+                            ),
+                            "Taken: every accepted reading is in the pipeline; bad lines are dead-lettered",
+                        ),
+                        "400": _json(_ERR, "Nothing readable in the body"),
+                        "401": _json(_ERR, "No bearer token, or not the source's"),
+                        "404": _json(_ERR, "No http source of that id is running"),
+                        "413": _json(_ERR, "The body is over the source's max_body"),
+                        "429": _json(_ERR, "The pipeline is full: send again after Retry-After seconds"),
+                        "503": _json(_ERR, "The source is stopping"),
+                    },
+                    tag="ingest",
+                    secured=False,
+                    body={"application/json": {"schema": {}}, "application/x-ndjson": {"schema": _STR}},
+                    params=[{**_path_param("source"), "schema": {**_STR, "pattern": r"^[A-Za-z_][A-Za-z0-9_\-]*$"}}],
+                ),
+                "description": "Authenticated by the source's own `token` (Authorization: Bearer), not by "
+                "a console login. The answer comes before the body is read when the token is wrong or "
+                "the pipeline is full, so a client keeps its data.",
+            }
+        },
         "/metrics": {
             "get": _op(
                 "Prometheus metrics",

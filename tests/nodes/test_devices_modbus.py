@@ -310,9 +310,13 @@ def behaviour(name: str) -> Reply:
 @pytest.fixture
 async def tcp_slave() -> AsyncIterator[Callable[[Reply], Any]]:
     servers: list[asyncio.Server] = []
+    handlers: set[asyncio.Task[None]] = set()
 
     async def start(reply: Reply) -> int:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.add(task)
             try:
                 while True:
                     tid, _pid, length, unit = struct.unpack(">HHHB", await r.readexactly(7))
@@ -322,6 +326,9 @@ async def tcp_slave() -> AsyncIterator[Callable[[Reply], Any]]:
                     await w.drain()
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
+            finally:
+                w.close()
+                handlers.discard(task)
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         servers.append(server)
@@ -330,6 +337,11 @@ async def tcp_slave() -> AsyncIterator[Callable[[Reply], Any]]:
     yield start
     for s in servers:
         s.close()
+    for t in list(handlers):  # a connection the gateway left open: its writer closes in the finally
+        t.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+    for s in servers:
+        await s.wait_closed()
 
 
 POINTS = "[" + ", ".join(f"{{name: r{i}, address: {i}}}" for i in range(10)) + "]"
