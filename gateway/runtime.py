@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # CPU. 10,000 keeps a collection's pause well under a millisecond and its garbage to a few MB.
 YOUNG_GENERATION_THRESHOLD = 10_000
 _thresholds: tuple[int, int, int] | None = None  # what settle_heap replaced, for release_heap
+_settled = 0  # gateways running in this process that settled the heap (tests run several)
 
 
 def settle_heap() -> int:
@@ -59,26 +60,30 @@ def settle_heap() -> int:
     cycles) and at a stop. It also spaces young collections out
     (:data:`YOUNG_GENERATION_THRESHOLD`) until the stop. Returns the frozen count.
     """
-    global _thresholds
+    global _thresholds, _settled
     gc.collect()
     gc.freeze()
-    if _thresholds is None:
+    if _settled == 0:
         _thresholds = gc.get_threshold()
         young, middle, old = _thresholds
         gc.set_threshold(max(young, YOUNG_GENERATION_THRESHOLD), middle, old)
+    _settled += 1
     return gc.get_freeze_count()
 
 
 def release_heap(*, stopping: bool = False) -> None:
     """Undo :func:`settle_heap`: what it froze is again seen (and collected) by full collections.
 
-    ``stopping`` also gives back the collector thresholds the process had before.
+    ``stopping`` (a gateway that settled the heap is stopping) gives back the collector
+    thresholds the process had before, once no other settled gateway runs in it.
     """
-    global _thresholds
+    global _thresholds, _settled
     gc.unfreeze()
-    if stopping and _thresholds is not None:
-        gc.set_threshold(*_thresholds)
-        _thresholds = None
+    if stopping and _settled:
+        _settled -= 1
+        if _settled == 0 and _thresholds is not None:
+            gc.set_threshold(*_thresholds)
+            _thresholds = None
 
 
 class ReloadError(SluiceError):
@@ -387,6 +392,7 @@ class Gateway:
                 loop.add_signal_handler(s, self._on_signal, s)
         self.state = "starting"
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        settled = False  # whether this run settled the heap, so its stop gives the thresholds back
         try:
             await self.store.start()
             await self._restore(list(self.pipelines.values()))  # state back before anything runs
@@ -420,6 +426,7 @@ class Gateway:
                 )
                 self.state = "running"
                 log.debug("heap settled: %d objects left to reference counting", settle_heap())
+                settled = True
                 log.info(
                     "gateway %s running: %d pipelines%s",
                     self.id,
@@ -439,7 +446,7 @@ class Gateway:
                 for t in aux:
                     t.cancel()
         finally:
-            release_heap(stopping=True)
+            release_heap(stopping=settled)
             await self.alerts.close()
             await self.outbox.close()
             await self.llm.close()

@@ -144,6 +144,7 @@ class SerialSource(DecodingSource):
         self.n_bytes = 0
         self.n_pauses = 0
         self._paused = False
+        self._hangup_check: asyncio.TimerHandle | None = None  # one pending _check_hangup at most
 
     def health(self) -> dict[str, Any]:
         h = self._health.as_dict()
@@ -182,7 +183,8 @@ class SerialSource(DecodingSource):
             self.n_pauses += 1
             t.pause_reading()
             out.when_room(lambda: self._resume(t))
-            asyncio.get_running_loop().call_later(HANGUP_CHECK, self._check_hangup, t)
+            if self._hangup_check is None:
+                self._hangup_check = asyncio.get_running_loop().call_later(HANGUP_CHECK, self._check_hangup, t)
 
     def _resume(self, t: asyncio.Transport) -> None:
         if t is self._transport:
@@ -197,8 +199,9 @@ class SerialSource(DecodingSource):
         Reading is then resumed, so what the port still holds is read and its error ends the
         connection as usual (reopened with backoff, health down meanwhile).
         """
+        self._hangup_check = None
         if t is not self._transport or not self._paused or t.is_closing():
-            return
+            return  # the next pause starts a new check
         fd = getattr(getattr(t, "serial", None), "fd", None)
         if fd is None:
             return
@@ -209,7 +212,7 @@ class SerialSource(DecodingSource):
         except OSError:
             hung = True
         if not hung:
-            asyncio.get_running_loop().call_later(HANGUP_CHECK, self._check_hangup, t)
+            self._hangup_check = asyncio.get_running_loop().call_later(HANGUP_CHECK, self._check_hangup, t)
             return
         log.info("serial %s/%s: %s hung up while reading was paused", self.ctx.pipeline, self.id, self.options.port)
         self._resume(t)
@@ -268,6 +271,9 @@ class SerialSource(DecodingSource):
                 exc = await protocol.lost
             finally:
                 self._transport = None
+                if self._hangup_check is not None:
+                    self._hangup_check.cancel()
+                    self._hangup_check = None
                 if not transport.is_closing():
                     transport.abort()
                     # the transport closes the port in a thread; wait so nothing outlives the node
@@ -414,7 +420,7 @@ class _ReplyWatch:
     this looks (the version is pinned), the watch does nothing and such replies read as silence.
     """
 
-    def __init__(self, client: Any):
+    def __init__(self, client: Any, units: set[int]):
         self.problem: str | None = None
         self.raw: str | None = None  # the bytes of an undecodable reply, for the dead letter
         self._unit = 0
@@ -429,7 +435,8 @@ class _ReplyWatch:
             used, unit, tid, frame = decode(data)
             if used and not frame:
                 self.problem = dropped
-            elif frame and self._unit and unit != self._unit:
+            elif frame and self._unit and unit != self._unit and unit not in units:
+                # a unit on this bus is most likely answering late, which is its own timeout
                 self.problem = f"a reply came from unit {unit}"
             return used, unit, tid, frame
 
@@ -522,7 +529,7 @@ class ModbusSource(Source):
         attempt = 0
         while True:
             client = self._client()
-            self._watch = _ReplyWatch(client)
+            self._watch = _ReplyWatch(client, {s.unit for s in self.slaves})
             try:
                 ok = await client.connect()
                 if not ok:

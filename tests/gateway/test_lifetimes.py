@@ -37,6 +37,15 @@ async def test_heap_is_frozen_while_running_and_released_at_stop(tmp_path: Path)
     assert gc.get_threshold() == before
 
 
+async def test_collector_thresholds_come_back_when_the_last_gateway_stops(tmp_path: Path) -> None:
+    before = gc.get_threshold()
+    async with running_gateway(config(tmp_path / "a", ["a"])):
+        async with running_gateway(config(tmp_path / "b", ["b"])):
+            assert gc.get_threshold()[0] == YOUNG_GENERATION_THRESHOLD
+        assert gc.get_threshold()[0] == YOUNG_GENERATION_THRESHOLD  # the other one still runs
+    assert gc.get_threshold() == before
+
+
 async def test_a_pipeline_dropped_by_reload_is_collected(tmp_path: Path) -> None:
     async with running_gateway(config(tmp_path, ["a", "b"])) as gw:
         old = weakref.ref(gw.pipelines["b"])

@@ -372,6 +372,20 @@ async def test_tcp_malformed_reply_marks_that_slave_bad_only(tmp_path: Path, tcp
         await check_only_the_bad_slave_suffers(gw, MISBEHAVIOURS[misbehaviour][1])
 
 
+async def test_reply_from_another_slave_on_the_bus_is_a_timeout(tmp_path: Path, tcp_slave: Any) -> None:
+    """A unit on the same bus answering is most likely a late reply: silence for the slave asked, not a bad reply."""
+
+    def reply(unit: int, fc: int, n: int) -> tuple[int, bytes]:
+        return 2, registers(fc, list(range(100, 100 + n)))  # unit 2 answers every request
+
+    port = await tcp_slave(reply)
+    async with running_gateway(config(tmp_path, port, MIXED)) as gw:
+        src = node(gw, "plant", "bus")
+        await wait_for(lambda: src.counters()["modbus_timeout"] >= 2 and count(gw, "good.r0") >= 3)
+        assert src.counters()["modbus_bad_reply"] == 0, src.counters()
+        assert src.health()["slaves"]["bad"]["bad"]["r0"] == "no reply within 0.3s"
+
+
 def rtu(unit: int, pdu: bytes) -> bytes:
     frame = bytes([unit]) + pdu
     return frame + FramerRTU.compute_CRC(frame).to_bytes(2, "big")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -251,6 +252,33 @@ async def test_port_vanishing_while_reading_is_paused_is_noticed(tmp_path: Path)
     finally:
         GATE.set()
         dev.unplug()
+
+
+async def test_one_hang_up_check_at_a_time_under_sustained_back_pressure(tmp_path: Path) -> None:
+    """Reading pauses and resumes many times a second under overload; the port is still checked about once a second."""
+    text = config(tmp_path, "PORT", "json").replace("gateway: {", "gateway: {queue_size: 20, sink_queue_size: 10, ")
+    text = text.replace("type: t_dev_collect,", "type: t_dev_collect, delay: 0.01,")
+    with PtyDevice() as dev:
+        async with running_gateway(text.replace("PORT", dev.path)) as gw:
+            src = node(gw, "field", "dev")
+            await wait_for(lambda: src.health()["state"] == "up")
+            checks: list[float] = []
+            check = src._check_hangup
+
+            def counted(t: Any) -> None:
+                checks.append(time.monotonic())
+                check(t)
+
+            src._check_hangup = counted
+            writer = asyncio.get_running_loop().create_task(dev.send(b'{"n": 1}\n' * 20_000))
+            await wait_for(lambda: src.n_pauses >= 20, timeout=20)
+            start, pauses = time.monotonic(), src.n_pauses
+            await asyncio.sleep(3)
+            seconds = time.monotonic() - start
+            recent = [c for c in checks if c >= start]
+            writer.cancel()
+            assert src.n_pauses - pauses > 2 * seconds, "the test needs reading to pause often"
+            assert len(recent) <= seconds / 1.0 + 2, (len(recent), src.n_pauses - pauses)
 
 
 def parse_codec(spec: Any) -> Any:
