@@ -192,8 +192,7 @@ class CobsCodec(_Codec):
             raise ValueError(f"ts_field {self.ts_field!r} is not one of the (non-pad) fields")
         if not [n for n in named if n != self.ts_field]:
             raise ValueError("the layout has no field besides ts_field and padding: its frames would give no readings")
-        n = self.payload_struct().size + self.crc_len
-        encoded = n + 1 + n // 254  # COBS adds a code byte per block of up to 254
+        encoded = self.encoded_size
         if self.max_frame < encoded:
             raise ValueError(
                 f"max_frame {self.max_frame} is below this layout's encoded frame ({encoded} bytes): "
@@ -209,6 +208,12 @@ class CobsCodec(_Codec):
     @property
     def crc_len(self) -> int:
         return {"crc16": 2, "crc32": 4, "none": 0}[self.crc]
+
+    @property
+    def encoded_size(self) -> int:
+        """The most bytes a frame of this layout takes on the wire, without its delimiter."""
+        n = self.payload_struct().size + self.crc_len
+        return n + 1 + n // 254  # COBS adds a code byte per block of up to 254
 
 
 def _shorthand(v: Any) -> Any:
@@ -820,7 +825,7 @@ class _CobsDecoder(Decoder):
         whole = size + self.crc_len
         if not values or not all(math.isfinite(x) for _k, sc, off, _t in self.fields for x in (sc, off)):
             return None
-        if self.max_len < whole + 1 + whole // 254:  # a valid frame can be over-long (validation refuses this)
+        if self.max_len < o.encoded_size:  # a valid frame can be over-long (validation refuses this)
             return None
         raws = [f"a{i}" for i in range(len(self.fields))]
         fmt = self.struct.format
