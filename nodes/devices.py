@@ -489,7 +489,6 @@ class ModbusSource(Source):
             "nonfinite": 0,  # a value that decodes to NaN/inf
             "disconnect": 0,
         }
-        self._watch: _ReplyWatch | None = None
         self.n_reads = 0
         self.n_overruns = 0
 
@@ -529,7 +528,7 @@ class ModbusSource(Source):
         attempt = 0
         while True:
             client = self._client()
-            self._watch = _ReplyWatch(client, {s.unit for s in self.slaves})
+            watch = _ReplyWatch(client, {s.unit for s in self.slaves})
             try:
                 ok = await client.connect()
                 if not ok:
@@ -548,7 +547,7 @@ class ModbusSource(Source):
                 now = time.monotonic()
                 for p in self.polls:
                     p.due = now
-                await self._poll_loop(client, output)
+                await self._poll_loop(client, watch, output)
             except _LinkLost as exc:
                 reason = str(exc)
             finally:
@@ -564,7 +563,7 @@ class ModbusSource(Source):
             self._health.down(self.ctx.clock(), reason, delay)
             await asyncio.sleep(delay)
 
-    async def _poll_loop(self, client: Any, output: SourceQueue) -> None:
+    async def _poll_loop(self, client: Any, watch: _ReplyWatch, output: SourceQueue) -> None:
         while True:
             poll = min(self.polls, key=lambda p: p.due)
             wait = poll.due - time.monotonic()
@@ -575,7 +574,7 @@ class ModbusSource(Source):
             if s.retry_at > now:  # a silent slave waits for its retry; the others go on
                 poll.due = max(poll.due + poll.interval, s.retry_at)
                 continue
-            events = await self._poll(client, poll)
+            events = await self._poll(client, watch, poll)
             if events:
                 self.n_in += len(events)
                 await output.put(events)
@@ -585,7 +584,7 @@ class ModbusSource(Source):
                 self.n_overruns += 1
                 poll.due = now + poll.interval
 
-    async def _poll(self, client: Any, poll: _Poll) -> list[Event]:
+    async def _poll(self, client: Any, watch: _ReplyWatch, poll: _Poll) -> list[Event]:
         s = poll.slave
         events: list[Event] = []
         for block in poll.blocks:
@@ -597,23 +596,21 @@ class ModbusSource(Source):
             }[block.table]
             self.n_reads += 1
             s.reads += 1
-            watch = self._watch
-            if watch is not None:
-                watch.problem = watch.raw = None
+            watch.problem = watch.raw = None
             try:
                 rr = await read(block.start, count=block.count, device_id=s.unit)
             except ModbusException as exc:
                 if not client.connected:
                     # This slave's reply may be what broke the link: it waits out a backoff
                     # after the reconnect, so the others are polled first.
-                    s.failures += 1
-                    s.retry_at = time.monotonic() + backoff(s.failures - 1, self.options.slave_retry_max)
+                    self._back_off(s)
                     raise _LinkLost(f"connection lost: {exc}") from None
-                problem = watch.problem if watch is not None else None
-                if problem is None:
+                if watch.problem is None:
+                    self.faults["timeout"] += 1
                     self._slave_silent(s, poll, f"no reply within {self.options.timeout:g}s")
                 else:  # it answered, but nothing usable came back
-                    self._slave_silent(s, poll, problem, "bad_reply", watch.raw if watch is not None else None)
+                    self._dead_letter("bad_reply", f"{s.key} (unit {s.unit}): {watch.problem}", watch.raw)
+                    self._slave_silent(s, poll, watch.problem)
                 return events
             if rr.isError():
                 code = getattr(rr, "exception_code", None)
@@ -641,20 +638,19 @@ class ModbusSource(Source):
 
     def _bad_reply(self, s: _Slave, block: ReadBlock, reason: str, data: list[Any]) -> None:
         """A reply that cannot be trusted: the read's points go bad, and it is counted and dead-lettered."""
-        self.faults["bad_reply"] += 1
-        self.n_errors += 1
         what = f"{s.key} (unit {s.unit}) {block.table} {block.start}+{block.count}: {reason}"
         if s.bad.get(block.points[0].name) != reason:  # once per change, not per poll
             log.warning("modbus %s/%s: %s", self.ctx.pipeline, self.id, what)
-        self.ctx.dead_letters.record(self.ctx.pipeline, self.id, what, None, repr(data))
+        self._dead_letter("bad_reply", what, repr(data))
         self._mark_bad(s, block.points, reason)
 
-    def _slave_silent(self, s: _Slave, poll: _Poll, reason: str, kind: str = "timeout", raw: Any = None) -> None:
+    def _dead_letter(self, kind: str, what: str, raw: str | None) -> None:
+        """A fault with data behind it: counted by kind and as an error, and kept as a dead letter."""
         self.faults[kind] += 1
-        if kind == "bad_reply":
-            self.n_errors += 1
-            what = f"{s.key} (unit {s.unit}): {reason}"
-            self.ctx.dead_letters.record(self.ctx.pipeline, self.id, what, None, raw)
+        self.n_errors += 1
+        self.ctx.dead_letters.record(self.ctx.pipeline, self.id, what, None, raw)
+
+    def _slave_silent(self, s: _Slave, poll: _Poll, reason: str) -> None:
         if not s.failures:
             log.warning(
                 "modbus %s/%s: slave %s (unit %d): %s; retrying with backoff",
@@ -664,9 +660,13 @@ class ModbusSource(Source):
                 s.unit,
                 reason,
             )
+        self._back_off(s)
+        self._mark_bad(s, [p for b in poll.blocks for p in b.points], reason)
+
+    def _back_off(self, s: _Slave) -> None:
+        """One more failure in a row: the slave is next asked after a backoff that grows with them."""
         s.failures += 1
         s.retry_at = time.monotonic() + backoff(s.failures - 1, self.options.slave_retry_max)
-        self._mark_bad(s, [p for b in poll.blocks for p in b.points], reason)
 
     def _mark_bad(self, s: _Slave, points: list[Point], reason: str) -> None:
         for p in points:
@@ -679,17 +679,10 @@ class ModbusSource(Source):
         for p in block.points:
             off = p.address - block.start
             raw = data[off : off + p.count]
-            try:
-                v = decode_point(p, raw, s.map.order(p))
-            except ValueError as exc:  # a short reply: the device sent fewer values than asked
-                self._mark_bad(s, [p], str(exc))
-                continue
+            v = decode_point(p, raw, s.map.order(p))  # the reply's length was checked: no short data
             if isinstance(v, float) and not math.isfinite(v):
-                self.faults["nonfinite"] += 1
-                reason = f"{s.key}.{p.name} decodes to {v} (registers {raw})"
+                self._dead_letter("nonfinite", f"{s.key}.{p.name} decodes to {v} (registers {raw})", repr(raw))
                 self._mark_bad(s, [p], f"decodes to {v}")
-                self.n_errors += 1
-                self.ctx.dead_letters.record(self.ctx.pipeline, self.id, reason, None, repr(raw))
                 continue
             s.bad.pop(p.name, None)
             out.append(Event(f"{s.key}.{p.name}", now, {"text": v} if isinstance(v, str) else v, self.id))
