@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import ConfigError, ConfigIssue
 from .llm import LlmConfig
-from .node import Duration, NodeOptions, get_node_type, node_types
+from .node import ID_PATTERN, Duration, NodeOptions, get_node_type, node_types
 from .outbox import OutboxConfig
 from .store import StateConfig
 
@@ -37,15 +37,13 @@ __all__ = [
     "parse_config",
 ]
 
-_ID = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class GatewayConfig(_Section):
-    id: str = Field(pattern=_ID, description="Names this gateway in MQTT topics and outgoing messages.")
+    id: str = Field(pattern=ID_PATTERN, description="Names this gateway in MQTT topics and outgoing messages.")
     data_dir: str = Field("./data", description="Where state, dead letters and sequence numbers live.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
@@ -95,7 +93,7 @@ class MqttConnection(_Section):
 
 
 class ConsoleUser(_Section):
-    name: str = Field(pattern=_ID)
+    name: str = Field(pattern=ID_PATTERN)
     password_hash: str = Field(
         pattern=r"^\$argon2(id|i|d)\$",
         description="An argon2 hash, e.g. from `sluice hash-password`; never the password.",
@@ -121,7 +119,7 @@ class ConsoleConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    name: str = Field(pattern=_ID)
+    name: str = Field(pattern=ID_PATTERN)
     description: str | None = None
     nodes: list[dict[str, Any]] = Field(min_length=1)
 

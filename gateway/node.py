@@ -60,6 +60,9 @@ def _parse_duration(v: Any) -> Any:
     return v
 
 
+ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+"""What a gateway, pipeline, connection or node id may be: it names topics, state rows and URLs."""
+
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
 """Seconds; accepts ``10``, ``"10s"``, ``"500ms"``, ``"5m"``, ``"1h"``, ``"1d"``."""
 
@@ -69,7 +72,7 @@ class NodeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$", description="Stable id: names state, metrics and logs.")
+    id: str = Field(pattern=ID_PATTERN, description="Stable id: names state, metrics and logs.")
     type: str
     input: list[str] = Field(default_factory=list, description="Upstream node ids.")
     description: str | None = None

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..node import ID_PATTERN
 
 __all__ = ["describe", "openapi_document"]
 
@@ -171,7 +172,7 @@ def _paths() -> dict[str, Any]:
                     tag="ingest",
                     secured=False,
                     body={"application/json": {"schema": {}}, "application/x-ndjson": {"schema": _STR}},
-                    params=[{**_path_param("source"), "schema": {**_STR, "pattern": r"^[A-Za-z_][A-Za-z0-9_\-]*$"}}],
+                    params=[{**_path_param("source"), "schema": {**_STR, "pattern": ID_PATTERN}}],
                 ),
                 "description": "Authenticated by the source's own `token` (Authorization: Bearer), not by "
                 "a console login. The answer comes before the body is read when the token is wrong or "
