@@ -204,12 +204,17 @@ async def test_missing_port_at_start_keeps_the_gateway_running(tmp_path: Path) -
         assert gw.state == "running"
 
 
+def backed_up(tmp_path: Path, port: str | Path, queue_size: int, sink: str) -> str:
+    """JSON lines into small queues and a sink slowed by ``sink`` (its options), so reading pauses."""
+    text = config(tmp_path, port, "json").replace(
+        "gateway: {", f"gateway: {{queue_size: {queue_size}, sink_queue_size: 10, "
+    )
+    return text.replace("type: t_dev_collect,", f"type: t_dev_collect, {sink},")
+
+
 async def test_full_pipeline_pauses_reading_and_loses_nothing(tmp_path: Path) -> None:
-    text = config(tmp_path, "PORT", "json").replace("gateway: {", "gateway: {queue_size: 50, sink_queue_size: 10, ")
-    text = text.replace("type: t_dev_collect,", "type: t_dev_collect, delay: 0.002,")
     with PtyDevice() as dev:
-        text = text.replace("PORT", dev.path)
-        async with running_gateway(text) as gw:
+        async with running_gateway(backed_up(tmp_path, dev.path, 50, "delay: 0.002")) as gw:
             src = node(gw, "field", "dev")
             await wait_for(lambda: src.health()["state"] == "up")
             lines = b"".join(b'{"n": %d}\n' % i for i in range(3000))
@@ -225,13 +230,11 @@ async def test_full_pipeline_pauses_reading_and_loses_nothing(tmp_path: Path) ->
 
 async def test_port_vanishing_while_reading_is_paused_is_noticed(tmp_path: Path) -> None:
     """Paused reading polls nothing, so the port's hang-up is checked apart; the lines read stay queued."""
-    text = config(tmp_path, "PORT", "json").replace("gateway: {", "gateway: {queue_size: 50, sink_queue_size: 10, ")
-    text = text.replace("type: t_dev_collect,", "type: t_dev_collect, hold: true,")
     link = tmp_path / "ttyUSB0"
     dev = PtyDevice(link)
     GATE.clear()
     try:
-        async with running_gateway(text.replace("PORT", str(link))) as gw:
+        async with running_gateway(backed_up(tmp_path, link, 50, "hold: true")) as gw:
             src = node(gw, "field", "dev")
             await wait_for(lambda: src.health()["state"] == "up")
             asyncio.get_running_loop().create_task(dev.send(b"".join(b'{"n": %d}\n' % i for i in range(2000))))
@@ -256,10 +259,8 @@ async def test_port_vanishing_while_reading_is_paused_is_noticed(tmp_path: Path)
 
 async def test_one_hang_up_check_at_a_time_under_sustained_back_pressure(tmp_path: Path) -> None:
     """Reading pauses and resumes many times a second under overload; the port is still checked about once a second."""
-    text = config(tmp_path, "PORT", "json").replace("gateway: {", "gateway: {queue_size: 20, sink_queue_size: 10, ")
-    text = text.replace("type: t_dev_collect,", "type: t_dev_collect, delay: 0.01,")
     with PtyDevice() as dev:
-        async with running_gateway(text.replace("PORT", dev.path)) as gw:
+        async with running_gateway(backed_up(tmp_path, dev.path, 20, "delay: 0.01")) as gw:
             src = node(gw, "field", "dev")
             await wait_for(lambda: src.health()["state"] == "up")
             checks: list[float] = []
