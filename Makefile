@@ -27,17 +27,22 @@ help:
 	@echo "  make deps     create .venv and install sluice-gateway[$(EXTRAS)] (reruns when pyproject.toml changes)"
 	@echo "  make run      start a local Mosquitto on 127.0.0.1:1883 if none is running, then 'sluice run [CONFIG]'"
 	@echo "                (no CONFIG: the bundled demo; e.g. make run CONFIG=config/example.yaml)"
-	@echo "  make test     run the test suite (tests start their own brokers); extra args: PYTEST_ARGS='-k window -x'"
+	@echo "  make test     install the test peers (scripts/install_test_peers.sh), run the test suite"
+	@echo "                (tests start their own brokers); extra args: PYTEST_ARGS='-k window -x'"
 	@echo "  make lint     ruff check + ruff format --check"
 	@echo "  make bench    run every scripts/bench/*.py with --quick"
 	@echo "  make clean    stop the broker 'make run' started, remove caches and build leftovers (keeps .venv)"
 	@echo "  make distclean  clean, and remove .venv too"
 
+# System packages (compilers, python3-venv, test peers) come from scripts/install_test_peers.sh:
+# apt-get as root, otherwise it says what to install.
 $(PY):
+	@scripts/install_test_peers.sh deps
 	@echo "==> creating virtualenv $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
 
 $(DEPS_STAMP): pyproject.toml | $(PY)
+	@scripts/install_test_peers.sh deps
 	@echo "==> installing sluice-gateway[$(EXTRAS)] into $(VENV)"
 	@echo "    The first time, pip compiles llama-cpp-python from source: about 5 minutes on 2 cores,"
 	@echo "    with no output meanwhile. It has not hung; later installs reuse pip's wheel cache."
@@ -56,7 +61,7 @@ endif
 
 # pytest exits 5 when it collected no test; a run that tested nothing must not pass.
 test: $(DEPS_STAMP)
-	@scripts/ensure_mosquitto.sh
+	@scripts/install_test_peers.sh test
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 		echo "make test: FAILED: pytest collected no tests (exit 5). Check PYTEST_ARGS='$(PYTEST_ARGS)' and tests/." >&2; \

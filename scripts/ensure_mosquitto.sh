@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make sure Mosquitto and socat are installed (tests and demos need them), and with --start make
-# sure a broker listens on 127.0.0.1:1883 for `make run`.
+# Make sure Mosquitto is installed (through install_test_peers.sh), and with --start make sure a
+# broker listens on 127.0.0.1:1883 for `make run`.
 #
 #   scripts/ensure_mosquitto.sh            install if missing (apt-get as root; otherwise say what to run)
 #   scripts/ensure_mosquitto.sh --start    ... and start a local broker unless one already listens
@@ -19,7 +19,6 @@ PID_FILE="$STATE_DIR/mosquitto.pid"
 LOG_FILE="$STATE_DIR/mosquitto.log"
 
 say() { echo "ensure_mosquitto: $*"; }
-die() { echo "ensure_mosquitto: $*" >&2; exit 1; }
 
 usage() {
     sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -45,33 +44,9 @@ find_bin() {
     return 1
 }
 
+# The packages themselves come from the one list in install_test_peers.sh.
 ensure_installed() {
-    local required=() optional=()
-    find_bin mosquitto >/dev/null || required+=(mosquitto)
-    find_bin socat >/dev/null || required+=(socat)
-    find_bin mosquitto_pub >/dev/null || optional+=(mosquitto-clients)
-    [ ${#required[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && return 0
-
-    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-        local pkgs=(mosquitto mosquitto-clients socat)
-        say "installing ${pkgs[*]} with apt-get"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
-        find_bin mosquitto >/dev/null || die "apt-get finished but no mosquitto binary was found"
-        return 0
-    fi
-
-    if [ ${#required[@]} -eq 0 ]; then
-        # Only the command-line clients are missing: handy for poking at a broker, not needed.
-        return 0
-    fi
-    {
-        echo "ensure_mosquitto: missing: ${required[*]}"
-        echo "Install them, then run this again:"
-        echo "    sudo apt-get install ${required[*]} ${optional[*]}"
-    } >&2
-    exit 1
+    "$ROOT/scripts/install_test_peers.sh" run
 }
 
 # True when something accepts TCP connections on HOST:PORT.

@@ -44,7 +44,7 @@ def mosquitto_binary() -> str:
     binary = find_mosquitto()
     if binary is None:
         pytest.fail(
-            "mosquitto is not installed: run scripts/ensure_mosquitto.sh (or sudo apt-get install mosquitto socat)",
+            "mosquitto is not installed: run scripts/install_test_peers.sh test (or sudo apt-get install mosquitto)",
             pytrace=False,
         )
     return binary
