@@ -88,6 +88,12 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor
+
+    return doctor(Path(args.config), args.json, args.user)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Sluice: continuous pipelines for edge/IoT gateways.")
     p.add_argument("--version", action="version", version=f"sluice {__version__}")
@@ -109,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     from firmware_bridges.simulate_cli import add_simulate_parser
 
     add_simulate_parser(sub)
+
+    doc = sub.add_parser("doctor", help="check config, connections, devices, disk, databases, clock and console")
+    doc.add_argument("config", nargs="?", default="/etc/sluice/config.yaml", help="YAML config file")
+    doc.add_argument("--json", action="store_true", help="print the checks as JSON (for scripts)")
+    doc.add_argument("--user", help="check file and device access for this user (default: sluice, when it exists)")
+    doc.set_defaults(func=cmd_doctor)
 
     hp = sub.add_parser("hash-password", help="print an argon2 hash for console.users[].password_hash")
     hp.add_argument("--stdin", action="store_true", help="read the password from standard input (scripts)")

@@ -30,6 +30,7 @@ from .llm import LlmHub
 from .mqtt import MqttLink, json_bytes, status_topic
 from .node import NodeContext
 from .outbox import Outbox
+from .service import Notifier, ServiceReporter, status_line
 from .store import StateStore
 
 __all__ = ["Gateway", "Links", "ReloadError"]
@@ -167,6 +168,8 @@ class Gateway:
         )
         self.links.outbox = self.outbox
         self.alerts = AlertService(self.data_dir / "alerts.db", self.id, self.outbox, self.links.publishers)
+        self._inputs_seen = 0
+        self.service = ServiceReporter(Notifier(), ready=self._service_ready, status=self._service_status)
         # acknowledgements over MQTT arrive on the connections alert sinks publish to
         for name in sorted(
             {
@@ -425,6 +428,7 @@ class Gateway:
                     {p.name: tg.create_task(p.run(), name=f"pipeline:{p.name}") for p in self.pipelines.values()}
                 )
                 self.state = "running"
+                aux.append(tg.create_task(self.service.run(), name="systemd"))
                 log.debug("heap settled: %d objects left to reference counting", settle_heap())
                 settled = True
                 log.info(
@@ -436,6 +440,7 @@ class Gateway:
                 await self._stop.wait()
                 async with self._reloading:  # a reload in progress finishes first
                     self.state = "stopping"
+                self.service.stopping(f"stopping: draining {len(self.pipelines)} pipelines")
                 await self._drain(list(self._tasks.values()), self.loaded.config.gateway.shutdown_timeout)
                 await self.alerts.stop_links()
                 alerts_task.cancel()
@@ -459,6 +464,15 @@ class Gateway:
                     loop.remove_signal_handler(s)
             self.state = "stopped"
         log.info("gateway %s stopped", self.id)
+
+    def _service_ready(self) -> bool:
+        return self.state == "running" and all(p.state == "running" for p in self.pipelines.values())
+
+    def _service_status(self, elapsed: float) -> str:
+        total = sum(n.n_out for p in self.pipelines.values() for n in p.nodes if n.kind == "source")
+        delta, self._inputs_seen = total - self._inputs_seen, total
+        counts = self.alerts.book.counts
+        return status_line(self.pipelines, delta, elapsed, counts["opened"] + counts["reopened"], self.outbox.count)
 
     async def _drain(self, running: list[asyncio.Task[None]], limit: float) -> None:
         for p in self.pipelines.values():

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -254,6 +255,8 @@ def _save(path: Path, text: str) -> None:
         raise FileNotFoundError(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
+    # keep the file's mode (0640 when installed: group sluice reads it, others do not)
+    os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
     shutil.copy2(path, path.with_name(path.name + ".bak"))
