@@ -113,10 +113,13 @@ class _GatewayCollector:
             hub = app[WEB].hub
             yield GaugeMetricFamily("sluice_console_ws_clients", "Console WebSocket clients", value=len(hub.clients))
             drops = CounterMetricFamily(
-                "sluice_console_ws_dropped", "Dropped for slow console clients: messages, llm chunks", labels=["what"]
+                "sluice_console_ws_dropped",
+                "Dropped for slow console clients: messages, llm chunks, console-sink events",
+                labels=["what"],
             )
             drops.add_metric(["message"], hub.dropped)
             drops.add_metric(["llm_chunk"], hub.llm_dropped)
+            drops.add_metric(["console_event"], hub.console_dropped)
             yield drops
         up = GaugeMetricFamily("sluice_mqtt_connected", "1 when the publisher link is connected", labels=["connection"])
         for name, link in gw.links.publishers.items():

@@ -260,6 +260,7 @@ _BUILTIN_TYPES: dict[str, str] = {
     "mqtt_out": "nodes.sinks",
     "log": "nodes.sinks",
     "webhook": "nodes.sinks",
+    "console": "nodes.sinks",
     "serial": "nodes.devices",
     "modbus": "nodes.devices",
     "websocket": "nodes.devices",

@@ -102,6 +102,7 @@ class Links:
         self.alerts: AlertService | None = None  # set by the Gateway: the alert book alert sinks use
         self.llm: LlmHub | None = None  # set by the Gateway: the providers llm nodes use
         self.history: Any = None  # set by the Gateway: gateway.history.History, for history sinks
+        self.console: Any = None  # set by the console: gateway.web.Hub, where `console` sinks send events
         # POST /ingest/<source id> handlers: an http source adds its own while it runs
         self.ingest: dict[str, Callable[[Any], Awaitable[Any]]] = {}
         self.publishers: dict[str, MqttLink] = {}

@@ -1,4 +1,4 @@
-"""Sink nodes: where events leave a pipeline (``mqtt_out``, ``webhook``, ``log``).
+"""Sink nodes: where events leave a pipeline (``mqtt_out``, ``webhook``, ``log``, ``console``).
 
 ``mqtt_out`` commits each event to the gateway's outbox (SQLite) and returns; the outbox
 publishes it at QoS 1 and deletes it only on the broker's PUBACK, so an outage or a restart loses
@@ -19,7 +19,7 @@ from gateway.errors import LinkError
 from gateway.events import Event
 from gateway.node import Duration, NodeOptions, Sink, check_connection, check_topic_template, register
 
-__all__ = ["LogSink", "MqttOut", "Webhook"]
+__all__ = ["ConsoleSink", "LogSink", "MqttOut", "Webhook"]
 
 _TEMPLATE_FIELDS = {"gateway", "pipeline", "node", "key", "source"}
 
@@ -217,3 +217,34 @@ class LogSink(Sink):
             self._log.log(
                 self._level, "%s: %s %s", prefix, ev.key, json.dumps(ev.value, default=str, separators=(",", ":"))
             )
+
+
+class ConsoleOptions(NodeOptions):
+    type: Literal["console"]
+    label: str | None = Field(None, description="Tab title in the editor's console panel; default: the node id.")
+
+
+@register
+class ConsoleSink(Sink):
+    """Show events live in the web console's editor (its console panel), over the console's WebSocket.
+
+    Costs the pipeline nothing while no browser watches; a slow browser loses the oldest events
+    of its own bounded buffer (counted), never slowing the pipeline.
+    """
+
+    Options = ConsoleOptions
+    options: ConsoleOptions
+
+    def __init__(self, options: ConsoleOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self.n_shown = 0  # events handed to watching browsers
+
+    async def write(self, batch: list[Event]) -> None:
+        out = self.ctx.links.console
+        if out is None or not out.console_watched:
+            return
+        out.console_publish(self.ctx.pipeline, self.id, self.options.label or self.id, batch)
+        self.n_shown += len(batch)
+
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), "shown": self.n_shown}

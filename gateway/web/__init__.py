@@ -3,8 +3,8 @@
 :func:`setup` installs it all on the console's aiohttp app (see :mod:`gateway.console`):
 security headers on every response, sessions and the auth middleware (pages and ``/api/*`` need
 a login or an API token unless ``console.auth: false``; ``/healthz`` and ``/metrics`` stay open
-for monitoring), the pages and their static assets (all shipped in the package, no CDN), ``/ws``
-and ``/api/openapi.json``.
+for monitoring), the pages and their static assets (all shipped in the package, no CDN), the pipeline editor's API,
+``/ws`` and ``/api/openapi.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..config import ConsoleConfig
 from .auth import Auth, Identity, hash_password
+from .editor import Editor
 from .openapi import openapi_document
 from .views import Views, security_headers
 from .ws import Hub
@@ -32,13 +33,17 @@ class Web:
         self.auth = Auth(cfg, gw.data_dir)
         self.views = Views(gw)
         self.hub = Hub(gw, self.auth, self.views.stats)
+        self.editor = Editor(gw)
         self._gw = gw
         gw.reload_hooks.append(self.hub.retap)  # live taps move to the pipelines a reload started
+        gw.links.console = self.hub  # where `console` sink nodes send what they show
 
     def detach(self) -> None:
         """The console is going away: reloads no longer need to move its taps."""
         if self.hub.retap in self._gw.reload_hooks:
             self._gw.reload_hooks.remove(self.hub.retap)
+        if self._gw.links.console is self.hub:
+            self._gw.links.console = None
 
 
 WEB = web.AppKey("sluice_web", Web)
@@ -52,6 +57,7 @@ def setup(app: web.Application, gw: Gateway, cfg: ConsoleConfig) -> Web:
     w.auth.install(app)
     w.auth.add_routes(app)
     w.views.add_routes(app)
+    w.editor.add_routes(app)
     app.router.add_get("/ws", w.hub.handle)
 
     async def openapi(request: web.Request) -> web.Response:

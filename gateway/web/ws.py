@@ -14,6 +14,11 @@ chunk the ``llm`` nodes stream, unsampled (``llm`` messages, batched each flush)
 second ``llm_stats`` (queue depth, sheds by reason, tokens/s of each llm node and provider).
 Chunks wait in a bounded per-client buffer while that client's socket is behind; when it is full
 the oldest chunks are dropped and counted (``dropped`` in both messages).
+
+``{"op": "subscribe", "topic": "console"}`` carries every event that reaches a ``console`` sink
+node (``console`` messages: ``events`` with their pipeline, node and label, and ``dropped``), for
+the editor's console panel. Those sinks do nothing while no client follows them; events wait in
+a bounded per-client buffer like llm chunks, the oldest dropped and counted when it is full.
 """
 
 from __future__ import annotations
@@ -43,12 +48,15 @@ BUFFER = 256  # messages a client may lag behind before the oldest are dropped
 TAP_EVENTS = 20  # events per flush and tapped node: a tail view or a chart needs a sample, not every reading
 FLUSH = 0.1  # seconds between sending what the taps collected
 LLM_CHUNKS = 2048  # llm chunks a client may lag behind before the oldest are dropped
+CONSOLE_EVENTS = 1000  # console-sink events a client may lag behind before the oldest are dropped
 
 
 class _Client:
     __slots__ = (
         "alerts",
         "buf",
+        "console",
+        "console_dropped",
         "dropped",
         "events",
         "id",
@@ -78,6 +86,16 @@ class _Client:
         self.llm: deque[dict[str, Any]] | None = None  # chunks not yet sent, while subscribed to llm
         self.llm_size = llm_size
         self.llm_dropped = 0
+        self.console: deque[dict[str, Any]] | None = None  # console-sink events not yet sent, while subscribed
+        self.console_dropped = 0
+
+    def offer_console(self, item: dict[str, Any]) -> bool:
+        assert self.console is not None
+        full = len(self.console) == self.console.maxlen
+        if full:
+            self.console_dropped += 1
+        self.console.append(item)
+        return not full
 
     def offer_chunk(self, chunk: dict[str, Any]) -> bool:
         assert self.llm is not None
@@ -139,7 +157,37 @@ class Hub:
         self._taps: dict[tuple[str, str], _Tap] = {}
         self._llm_taps: dict[tuple[str, str], tuple[Any, Callable[[], None]]] = {}  # -> (pipeline, undo)
         self.llm_dropped = 0
+        self.console_dropped = 0
         self._rl = RateLimitedLog(log)
+
+    # --- console sinks (nodes/sinks.py ConsoleSink) --------------------------------------------
+
+    @property
+    def console_watched(self) -> bool:
+        """Whether any client follows the console sinks (they skip all work when not)."""
+        return any(c.console is not None for c in self.clients)
+
+    def console_publish(self, pipeline: str, node: str, label: str, events: list[Any]) -> None:
+        subs = [c for c in self.clients if c.console is not None]
+        for ev in events:
+            item = {"pipeline": pipeline, "node": node, "label": label, "event": ev.to_dict()}
+            for c in subs:
+                if not c.offer_console(item):
+                    self.console_dropped += 1
+                    self._rl.warning(
+                        "console-drop",
+                        "console client %s is slow: dropped %d console events",
+                        c.remote,
+                        c.console_dropped,
+                    )
+
+    def _flush_console(self) -> None:
+        for c in self.clients:
+            if not c.console or len(c.buf) >= (c.buf.maxlen or BUFFER) // 2:
+                continue
+            n = min(len(c.console), CONSOLE_EVENTS // 4)
+            events = [c.console.popleft() for _ in range(n)]
+            self._offer(c, json.dumps({"type": "console", "events": events, "dropped": c.console_dropped}, default=str))
 
     # --- lifecycle (owned by the console app: started at startup, cancelled at cleanup) -----
 
@@ -171,6 +219,7 @@ class Hub:
             await asyncio.sleep(min(FLUSH, self.interval))
             self._flush()
             self._flush_llm()
+            self._flush_console()
             if time.monotonic() < next_stats:
                 continue
             next_stats = time.monotonic() + self.interval
@@ -184,7 +233,12 @@ class Hub:
                 self._rl.log(logging.ERROR, "stats", "building console stats failed: %r", exc)
                 continue
             payload["type"] = "stats"
-            payload["ws"] = {"clients": len(self.clients), "dropped": self.dropped, "llm_dropped": self.llm_dropped}
+            payload["ws"] = {
+                "clients": len(self.clients),
+                "dropped": self.dropped,
+                "llm_dropped": self.llm_dropped,
+                "console_dropped": self.console_dropped,
+            }
             text = json.dumps(payload, default=str)
             for c in subs:
                 self._offer(c, text)
@@ -239,7 +293,7 @@ class Hub:
                     {
                         "type": "error",
                         "message": 'expected {"op": "subscribe"|"unsubscribe", '
-                        '"topic": "stats"|"events"|"alerts"|"llm", ...}',
+                        '"topic": "stats"|"events"|"alerts"|"llm"|"console", ...}',
                     }
                 )
             )
@@ -248,6 +302,12 @@ class Hub:
             c.stats = op == "subscribe"
         elif topic == "alerts" and op in ("subscribe", "unsubscribe"):
             c.alerts = op == "subscribe"
+        elif topic == "console" and op in ("subscribe", "unsubscribe"):
+            if op == "subscribe":
+                if c.console is None:
+                    c.console = deque(maxlen=CONSOLE_EVENTS)
+            else:
+                c.console = None
         elif topic == "llm" and op in ("subscribe", "unsubscribe"):
             if op == "subscribe":
                 self._subscribe_llm(c)

@@ -1,0 +1,510 @@
+"""The pipeline editor's API: palette, model, draft validation and deploy.
+
+``GET /api/editor/palette`` lists every registered node type, grouped by family, with its
+description and the JSON Schema of its options (what ``sluice schema`` holds): the browser builds
+its palette and forms from it, so a new node type appears in the editor by itself.
+``GET /api/editor/model`` is the config file as the editor's model, with the file's revision and
+the canvas positions. ``POST /api/editor/validate`` writes a draft into the YAML (see
+:mod:`._yamledit`) and validates it with the same code as ``sluice validate``, answering each
+error with its pipeline, node id and field path, and the YAML diff. ``POST /api/editor/deploy``
+is validate + hot reload (with its rollback) + save, refused with 409 when the file changed
+since the editor loaded it.
+
+Canvas positions are not config: they live beside the config file, in ``<name>.layout.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..config import parse_config
+from ..errors import ConfigError
+from ..node import node_types
+from ._yamledit import DraftError, apply_model, diff, load_model, revision
+from .auth import IDENTITY
+
+if TYPE_CHECKING:
+    from ..runtime import Gateway
+
+__all__ = ["Editor", "palette"]
+
+log = logging.getLogger(__name__)
+
+MAX_DRAFT = 1024 * 1024
+FAMILIES = ("sources", "operators", "windows", "detectors", "llm", "sinks")
+_SECRET_NAME = re.compile(r"pass|secret|token|credential|(?:private|api|access)_?key$", re.IGNORECASE)
+_PATH_PART = re.compile(r"^\d+$")
+
+
+def _family(cls: type) -> str:
+    """A node type's palette group: its own ``family``, else from its kind and module."""
+    fam = getattr(cls, "family", None)
+    if isinstance(fam, str) and fam:
+        return fam
+    kind = getattr(cls, "kind", "operator")
+    if kind == "source":
+        return "sources"
+    if kind == "sink":
+        return "sinks"
+    module = cls.__module__
+    if module.startswith("nodes."):
+        return module.split(".")[1]
+    return "operators"
+
+
+def _secret_fields(schema: dict[str, Any]) -> set[str]:
+    """Option names the schema marks secret (``secret``, ``writeOnly`` or ``format: password``)."""
+    out = set()
+    for name, prop in (schema.get("properties") or {}).items():
+        if prop.get("secret") or prop.get("writeOnly") or prop.get("format") == "password":
+            out.add(name)
+        for alt in prop.get("anyOf") or ():
+            if alt.get("secret") or alt.get("writeOnly") or alt.get("format") == "password":
+                out.add(name)
+    return out
+
+
+_PALETTE: dict[frozenset[str], dict[str, Any]] = {}
+
+
+def palette() -> dict[str, Any]:
+    """Every registered node type by family; built once per set of registered types."""
+    types = node_types()
+    key = frozenset(types)
+    cached = _PALETTE.get(key)
+    if cached is not None:
+        return cached
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, cls in sorted(types.items()):
+        schema = cls.Options.model_json_schema()
+        doc = inspect.getdoc(cls) or ""
+        groups.setdefault(_family(cls), []).append(
+            {
+                "type": name,
+                "kind": cls.kind,
+                "description": doc.split("\n\n")[0].replace("\n", " "),
+                "inputs": 0 if cls.kind == "source" else 1,
+                "outputs": 0 if cls.kind == "sink" else 1,
+                "secret": sorted(_secret_fields(schema)),
+                "schema": schema,
+            }
+        )
+    order = [f for f in FAMILIES if f in groups] + sorted(f for f in groups if f not in FAMILIES)
+    out = {"families": [{"name": f, "types": groups[f]} for f in order]}
+    _PALETTE.clear()
+    _PALETTE[key] = out
+    return out
+
+
+def _redact(value: Any, secret: set[str], key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, set(), str(k)) if k not in secret else _hide(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, set(), key) for v in value]
+    if key and _SECRET_NAME.search(key):
+        return _hide(value)
+    return value
+
+
+def _hide(v: Any) -> Any:
+    return "***" if isinstance(v, str) and v else v
+
+
+def _where(path: str, located: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """``pipelines.0.nodes.2.above`` as ``{pipeline, node, field}`` of the draft."""
+    parts = path.split(".") if path else []
+    out: dict[str, Any] = {"pipeline": None, "node": None, "field": path}
+    if len(parts) >= 2 and parts[0] == "pipelines" and _PATH_PART.match(parts[1]):
+        pi = int(parts[1])
+        if pi < len(located):
+            name, ids = located[pi]
+            out["pipeline"] = name
+            out["field"] = ".".join(parts[2:])
+            if len(parts) >= 4 and parts[2] == "nodes" and _PATH_PART.match(parts[3]):
+                ni = int(parts[3])
+                out["node"] = ids[ni] if ni < len(ids) else None
+                out["field"] = ".".join(parts[4:])
+    return out
+
+
+def _locate(text: str) -> list[tuple[str, list[str]]]:
+    """Pipeline names and node ids in file order, for mapping error paths back to the draft."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return []
+    out = []
+    for p in (data or {}).get("pipelines") or []:
+        if not isinstance(p, dict):
+            out.append(("", []))
+            continue
+        nodes = p.get("nodes") if isinstance(p.get("nodes"), list) else []
+        out.append((str(p.get("name")), [str(n.get("id")) if isinstance(n, dict) else "" for n in nodes]))
+    return out
+
+
+class Editor:
+    """The editor's routes on the console app."""
+
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self._deploying = asyncio.Lock()
+        # texts the editor handed out, by revision: a 409 shows what changed since
+        self._seen: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/api/editor/palette", self.api_palette)
+        app.router.add_get("/api/editor/model", self.api_model)
+        app.router.add_post("/api/editor/validate", self.api_validate)
+        app.router.add_post("/api/editor/deploy", self.api_deploy)
+        app.router.add_get("/api/editor/pipelines/{name}", self.api_export)
+        _describe()
+
+    # --- the file ----------------------------------------------------------------------------
+
+    @property
+    def _path(self) -> Path:
+        return Path(self.gw.loaded.path)
+
+    @property
+    def _layout_path(self) -> Path:
+        return self._path.with_suffix(".layout.json")
+
+    async def _current(self) -> str:
+        """The config as it is on disk now (the truth), or as loaded when there is no file."""
+        try:
+            return await asyncio.to_thread(self._path.read_text, encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):
+            return self.gw.loaded.text
+
+    def _remember(self, text: str) -> str:
+        rev = revision(text)
+        self._seen[rev] = text
+        self._seen.move_to_end(rev)
+        while len(self._seen) > 16:
+            self._seen.popitem(last=False)
+        return rev
+
+    def _layout(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self._layout_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data.get("pipelines", {}) if isinstance(data, dict) else {}
+
+    def _save_layout(self, positions: Any) -> None:
+        if not isinstance(positions, dict) or not self._path.is_file():
+            return
+        clean: dict[str, dict[str, list[float]]] = {}
+        for pipe, nodes in positions.items():
+            if not isinstance(nodes, dict):
+                continue
+            for nid, xy in nodes.items():
+                if isinstance(xy, list) and len(xy) == 2 and all(isinstance(v, int | float) for v in xy):
+                    clean.setdefault(str(pipe), {})[str(nid)] = [round(float(xy[0]), 1), round(float(xy[1]), 1)]
+        tmp = self._layout_path.with_name(self._layout_path.name + ".tmp")
+        tmp.write_text(json.dumps({"pipelines": clean}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, self._layout_path)
+
+    @staticmethod
+    def _admin(request: web.Request) -> None:
+        ident = request.get(IDENTITY)
+        if ident is None or not ident.is_admin:
+            raise web.HTTPForbidden(
+                text='{"error": "editing pipelines needs the admin role"}', content_type="application/json"
+            )
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > MAX_DRAFT:
+            raise web.HTTPRequestEntityTooLarge(MAX_DRAFT, request.content_length)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text='{"error": "the body must be JSON"}', content_type="application/json"
+            ) from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text='{"error": "the body is a JSON object"}', content_type="application/json")
+        return body
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    async def api_palette(self, request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(palette))
+
+    async def api_model(self, request: web.Request) -> web.Response:
+        text = await self._current()
+        known = set(node_types())
+        try:
+            model = load_model(text, known)
+        except DraftError as exc:
+            return web.json_response({"error": str(exc)}, status=422)
+        ident = request.get(IDENTITY)
+        admin = ident is not None and ident.is_admin
+        if not admin:
+            secrets = {t["type"]: set(t["secret"]) for f in palette()["families"] for t in f["types"]}
+            for p in model["pipelines"]:
+                for n in p["nodes"]:
+                    n["options"] = _redact(n["options"], secrets.get(n["type"], set()))
+        model["revision"] = self._remember(text)
+        model["positions"] = await asyncio.to_thread(self._layout)
+        model["editable"] = admin
+        model["path"] = self._path.name
+        return web.json_response(model)
+
+    async def _check(self, base: str, draft: Any) -> tuple[str, bool, list[dict[str, Any]]]:
+        """The draft written into ``base``, whether that changed it, and every error by node and field."""
+        known = set(node_types())
+        try:
+            splice = apply_model(base, draft, known)
+        except DraftError as exc:
+            return base, False, [{"pipeline": exc.pipeline, "node": exc.node, "field": "", "message": str(exc)}]
+        try:
+            await asyncio.to_thread(parse_config, splice.text, str(self._path))
+        except ConfigError as err:
+            located = _locate(splice.text)
+            errors = [{**_where(i.path, located), "line": i.line, "message": i.message} for i in err.issues]
+            return splice.text, splice.changed, errors
+        return splice.text, splice.changed, []
+
+    async def api_validate(self, request: web.Request) -> web.Response:
+        """Validate a draft: ``{"model": {...}}`` -> ``{valid, errors, diff}``."""
+        self._admin(request)
+        body = await self._body(request)
+        base = await self._current()
+        text, changed, errors = await self._check(base, body.get("model"))
+        return web.json_response(
+            {"valid": not errors, "errors": errors, "changed": changed, "diff": diff(base, text, self._path.name)}
+        )
+
+    async def api_deploy(self, request: web.Request) -> web.Response:
+        """``{"revision", "model", "positions"}``: validate, hot-reload the changed pipelines, save."""
+        from ..runtime import ReloadError
+        from .views import _save
+
+        self._admin(request)
+        body = await self._body(request)
+        async with self._deploying:
+            base = await self._current()
+            current = revision(base)
+            if body.get("revision") != current:
+                before = self._seen.get(str(body.get("revision")))
+                return web.json_response(
+                    {
+                        "error": "the config file changed since the editor loaded it; reload, or see the difference",
+                        "error_kind": "revision",
+                        "revision": current,
+                        "diff": diff(before, base, self._path.name) if before is not None else None,
+                    },
+                    status=409,
+                )
+            text, changed, errors = await self._check(base, body.get("model"))
+            if errors:
+                return web.json_response(
+                    {"error": "the draft has errors", "error_kind": "invalid", "valid": False, "errors": errors},
+                    status=422,
+                )
+            summary: dict[str, list[str]] = {"changed": [], "added": [], "removed": []}
+            saved, note = False, None
+            if changed:
+                loaded = parse_config(text, str(self._path))
+                try:
+                    summary = await self.gw.reload(loaded)
+                except ReloadError as exc:
+                    return web.json_response(
+                        {"error": str(exc), "error_kind": "reload", "deployed": False, "valid": True, "errors": []},
+                        status=409,
+                    )
+                try:
+                    await asyncio.to_thread(_save, self._path, text)
+                    saved = True
+                except FileNotFoundError:
+                    note = "running, but not saved: the gateway was not started from a config file"
+                except OSError as exc:
+                    note = f"running, but not saved to {self._path}: {exc.strerror or exc}"
+            try:
+                await asyncio.to_thread(self._save_layout, body.get("positions"))
+            except OSError as exc:
+                note = (note + "; " if note else "") + f"canvas positions not saved: {exc.strerror or exc}"
+            ident = request.get(IDENTITY)
+            if changed:
+                log.warning(
+                    "pipelines deployed from the editor by %s: %s%s",
+                    ident.name if ident else "?",
+                    ", ".join(f"{k} {v}" for k, v in summary.items() if v and k != "unchanged") or "no change",
+                    "" if saved else f" ({note})",
+                )
+            new_rev = self._remember(text if saved or not changed else base)
+            return web.json_response(
+                {
+                    "deployed": True,
+                    "changed": changed,
+                    "saved": saved,
+                    "note": note,
+                    "revision": new_rev,
+                    **{k: v for k, v in summary.items() if k != "unchanged"},
+                }
+            )
+
+    async def api_export(self, request: web.Request) -> web.Response:
+        """One pipeline of the file as YAML text (admins: the text may hold inline secrets)."""
+        self._admin(request)
+        name = request.match_info["name"]
+        text = await self._current()
+        try:
+            item = _pipeline_text(text, name)
+        except DraftError as exc:
+            return web.json_response({"error": str(exc)}, status=422)
+        if item is None:
+            return web.json_response({"error": f"no pipeline {name!r}"}, status=404)
+        return web.Response(text=item, content_type="text/yaml", charset="utf-8")
+
+
+def _pipeline_text(text: str, name: str) -> str | None:
+    """The lines of one pipeline's list item, as written in the file (dedented)."""
+    from ._yamledit import _load, _Text
+
+    doc, seq_indent, dash_offset = _load(text)
+    pipes = doc.get("pipelines") if isinstance(doc, dict) else None
+    if not isinstance(pipes, list):
+        return None
+    t = _Text(text, seq_indent, dash_offset)
+    for i, p in enumerate(pipes):
+        if isinstance(p, dict) and p.get("name") == name:
+            start, end, dash = t.item_range(pipes, i)  # type: ignore[arg-type]
+            return "".join(ln[dash:] if ln.strip() else ln for ln in t.lines[start:end])
+    return None
+
+
+def _describe() -> None:
+    from .openapi import describe
+
+    err = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+    def ok(schema: dict[str, Any], what: str = "OK") -> dict[str, Any]:
+        return {"description": what, "content": {"application/json": {"schema": schema}}}
+
+    node = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"type": "string"},
+            "input": {"type": "array", "items": {"type": "string"}},
+            "options": {"type": "object"},
+            "readonly": {"type": ["string", "null"], "description": "why the editor shows this node read-only"},
+            "was": {"type": "string", "description": "in a draft: the node's id before a rename"},
+        },
+        "required": ["id", "type"],
+    }
+    model = {
+        "type": "object",
+        "properties": {
+            "pipelines": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": ["string", "null"]},
+                        "nodes": {"type": "array", "items": node},
+                    },
+                    "required": ["name", "nodes"],
+                },
+            }
+        },
+        "required": ["pipelines"],
+    }
+    error_item = {
+        "type": "object",
+        "properties": {
+            "pipeline": {"type": ["string", "null"]},
+            "node": {"type": ["string", "null"]},
+            "field": {"type": "string", "description": "dotted path inside the node, e.g. sensors.0.base"},
+            "line": {"type": "integer"},
+            "message": {"type": "string"},
+        },
+    }
+    checked = {
+        "type": "object",
+        "properties": {
+            "valid": {"type": "boolean"},
+            "errors": {"type": "array", "items": error_item},
+            "changed": {"type": "boolean"},
+            "diff": {"type": "string", "description": "unified diff of the YAML file"},
+        },
+    }
+    describe(
+        "/api/editor/palette",
+        "get",
+        {
+            "summary": "Every registered node type by family, with its description and options' JSON Schema",
+            "tags": ["editor"],
+            "responses": {"200": ok({"type": "object"}), "401": err},
+        },
+    )
+    describe(
+        "/api/editor/model",
+        "get",
+        {
+            "summary": "The config file as the editor's model, with its revision and canvas positions "
+            "(secret options redacted for viewers)",
+            "tags": ["editor"],
+            "responses": {"200": ok(model), "401": err, "422": err},
+        },
+    )
+    body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+    describe(
+        "/api/editor/validate",
+        "post",
+        {
+            "summary": "Validate a draft {model} like `sluice validate`: errors by node and field; the YAML diff",
+            "tags": ["editor"],
+            "requestBody": body,
+            "responses": {"200": ok(checked), "400": err, "401": err, "403": err},
+        },
+    )
+    describe(
+        "/api/editor/deploy",
+        "post",
+        {
+            "summary": "Deploy a draft {revision, model, positions}: validate, hot reload with rollback, save (admin)",
+            "tags": ["editor"],
+            "requestBody": body,
+            "responses": {
+                "200": ok({"type": "object"}),
+                "400": err,
+                "401": err,
+                "403": err,
+                "409": err,
+                "422": ok(checked, "The draft has errors"),
+            },
+        },
+    )
+    describe(
+        "/api/editor/pipelines/{name}",
+        "get",
+        {
+            "summary": "Export one pipeline as it is written in the YAML file (admin)",
+            "tags": ["editor"],
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "YAML", "content": {"text/yaml": {"schema": {"type": "string"}}}},
+                "401": err,
+                "403": err,
+                "404": err,
+            },
+        },
+    )
