@@ -1,0 +1,107 @@
+"""scripts/install.sh for real: a wheelhouse, an offline install in a network namespace, idempotence, uninstall.
+
+Runs as root (CI does): it creates a system user and installs under a temporary root prefix, so the
+machine's /opt, /etc and /var stay untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "install.sh"
+USER = "sluice-test"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the installer creates a system user: run as root (CI does)"),
+]
+
+
+def run(*args: str, offline: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = [str(SCRIPT), *args]
+    if offline:  # a network namespace with no interfaces but a down loopback: no network at all
+        cmd = ["unshare", "--net", *cmd]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, f"{cmd}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, int, str]]:
+    """Every file and folder under root with its mode, owner, group and content hash."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if "__pycache__" in p.parts:
+            continue
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else ""
+        if p.is_symlink():
+            digest = os.readlink(p)
+        out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, digest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wh = tmp_path_factory.mktemp("wheelhouse")
+    run("--download", str(wh))
+    return wh
+
+
+def test_offline_install_is_idempotent_and_uninstall_keeps_data(wheelhouse: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    try:
+        first = run("--root", str(root), "--user", USER, "--wheelhouse", str(wheelhouse), offline=True)
+        assert "Sluice is installed." in first.stdout
+        venv = root / "opt/sluice/venv"
+        sluice = venv / "bin/sluice"
+        config = root / "etc/sluice/config.yaml"
+        data = root / "var/lib/sluice"
+        user = pwd.getpwnam(USER)
+        # the config: root's, readable by the service's group only; its folder lets the console save
+        st = config.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, user.pw_gid, 0o640)
+        cst = config.parent.stat()
+        assert cst.st_gid == user.pw_gid and cst.st_mode & 0o7777 == 0o2770
+        assert data.stat().st_uid == user.pw_uid
+        assert "dialout" in subprocess.run(["id", "-nG", USER], capture_output=True, text=True).stdout.split()
+        out = subprocess.run([str(sluice), "validate", str(config)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+        # the unit passes systemd's own checks, with its paths pointed into the test root
+        unit = (root / "etc/systemd/system/sluice.service").read_text()
+        assert "Type=notify" in unit and "WatchdogSec=" in unit and "\nPrivateDevices=" not in unit
+        if shutil.which("systemd-analyze"):
+            check = tmp_path / "sluice.service"
+            check.write_text(unit.replace("ExecStart=/opt/sluice", f"ExecStart={root}/opt/sluice"))
+            res = subprocess.run(["systemd-analyze", "verify", str(check)], capture_output=True, text=True)
+            problems = [line for line in res.stderr.splitlines() if str(check) in line]
+            assert res.returncode == 0 and not problems, res.stderr
+
+        # twice: nothing changes
+        before = tree(root)
+        second = run("--root", str(root), "--user", USER, "--wheelhouse", str(wheelhouse), offline=True)
+        assert "already installed" in second.stdout
+        assert tree(root) == before
+
+        # a changed config survives an uninstall; the code and the unit go
+        config.write_text(config.read_text() + "# kept\n")
+        (data / "state.db").write_bytes(b"x")
+        run("--root", str(root), "--user", USER, "--uninstall")
+        assert not (root / "opt/sluice").exists() and not (root / "etc/systemd/system/sluice.service").exists()
+        assert config.read_text().endswith("# kept\n") and (data / "state.db").exists()
+
+        run("--root", str(root), "--user", USER, "--uninstall", "--purge")
+        assert not config.parent.exists() and not data.exists()
+        with pytest.raises(KeyError):
+            pwd.getpwnam(USER)
+    finally:
+        subprocess.run(["userdel", USER], capture_output=True)
