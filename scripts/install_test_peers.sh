@@ -28,6 +28,7 @@ mosquitto               mosquitto              test,run        required   the MQ
 mosquitto-clients       mosquitto_pub          test,run        optional   mosquitto_pub/sub, for poking at a broker by hand
 socat                   socat                  test,run        optional   links two ptys, for trying a serial device by hand
 chromium                chromium               test            required   tests/web/test_browser.py drives the console in it through Playwright
+systemd                 systemd-analyze        test            required   tests/test_install.py checks the generated unit with systemd-analyze verify
 EOF
 }
 
