@@ -94,6 +94,37 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(Path(args.config), args.json, args.user)
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .backup import BackupError, backup
+
+    try:
+        done = backup(Path(args.config), Path(args.output) if args.output else None)
+    except (BackupError, ConfigError, OSError) as exc:
+        if isinstance(exc, ConfigError):
+            _print_issues(exc)
+        else:
+            print(f"sluice backup: {exc}", file=sys.stderr)
+        return 1
+    size = done.archive.stat().st_size
+    print(f"{done.archive}: gateway {done.gateway_id}, {len(done.files)} files, {size / 1024:,.0f} KiB")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .backup import BackupError, restore
+
+    try:
+        done = restore(Path(args.archive), Path(args.config), force=args.force, with_config=args.with_config)
+    except (BackupError, ConfigError, OSError) as exc:
+        if isinstance(exc, ConfigError):
+            _print_issues(exc)
+        else:
+            print(f"sluice restore: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored gateway {done.gateway_id} from {done.archive} ({len(done.files)} files); start the gateway")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Sluice: continuous pipelines for edge/IoT gateways.")
     p.add_argument("--version", action="version", version=f"sluice {__version__}")
@@ -121,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--json", action="store_true", help="print the checks as JSON (for scripts)")
     doc.add_argument("--user", help="check file and device access for this user (default: sluice, when it exists)")
     doc.set_defaults(func=cmd_doctor)
+
+    bk = sub.add_parser("backup", help="write a consistent snapshot of the databases and the config to one archive")
+    bk.add_argument("config", nargs="?", default="/etc/sluice/config.yaml", help="YAML config file")
+    bk.add_argument("-o", "--output", help="archive path (default: sluice-<gateway>-<time>.tar.gz here)")
+    bk.set_defaults(func=cmd_backup)
+
+    rs = sub.add_parser("restore", help="check a backup archive and put its state in the config's data_dir")
+    rs.add_argument("archive", help="a file written by sluice backup")
+    rs.add_argument("config", nargs="?", default="/etc/sluice/config.yaml", help="YAML config file")
+    rs.add_argument("--with-config", action="store_true", help="also put the archive's config at CONFIG")
+    rs.add_argument("--force", action="store_true", help="replace existing state, or restore another gateway's")
+    rs.set_defaults(func=cmd_restore)
 
     hp = sub.add_parser("hash-password", help="print an argon2 hash for console.users[].password_hash")
     hp.add_argument("--stdin", action="store_true", help="read the password from standard input (scripts)")
