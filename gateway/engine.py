@@ -96,6 +96,18 @@ class BatchQueue:
             g.set_result(None)
 
     async def put(self, item: Any, size: int) -> None:
+        await self._wait_room()
+        self.put_nowait(item, size)
+
+    async def room(self) -> None:
+        """Return once the queue is below capacity (for a producer about to ``put_nowait``)."""
+        await self._wait_room()
+        # this waiter puts nothing itself: hand the wake-up on, or a putter behind it waits for
+        # a ``get`` that may never come
+        if self.depth < self.capacity:
+            self._wake_putter()
+
+    async def _wait_room(self) -> None:
         while self.depth >= self.capacity:
             fut = asyncio.get_running_loop().create_future()
             self._putters.append(fut)
@@ -105,7 +117,13 @@ class BatchQueue:
                 if fut in self._putters:
                     self._putters.remove(fut)
                 raise
-        self.put_nowait(item, size)
+
+    def _wake_putter(self) -> None:
+        while self._putters:
+            f = self._putters.popleft()
+            if not f.done():
+                f.set_result(None)
+                break
 
     def when_room(self, callback: Callable[[], None]) -> None:
         self._room_callbacks.append(callback)
@@ -120,11 +138,7 @@ class BatchQueue:
         item, size = self._items.popleft()
         self.depth -= size
         if self.depth < self.capacity:
-            while self._putters:
-                f = self._putters.popleft()
-                if not f.done():
-                    f.set_result(None)
-                    break
+            self._wake_putter()
             if self._room_callbacks and self.depth <= self.capacity // 2:
                 cbs, self._room_callbacks = self._room_callbacks, []
                 for cb in cbs:
@@ -195,6 +209,7 @@ class Pipeline:
             index[opts.id] = len(self.nodes)
             ctx = make_ctx(opts.id)
             ctx.emit = partial(self._emit, len(self.nodes))
+            ctx.room = self._room
             self.nodes.append(cls(opts, ctx))
         self.index = index
         self.queue = BatchQueue(queue_size, f"{name}:input")
@@ -346,11 +361,34 @@ class Pipeline:
             log.info("source %s/%s finished", self.name, src.id)
             return
 
-    def _emit(self, i: int, events: list[Event]) -> None:
-        """``ctx.emit``: an operator's asynchronous output enters the chain below that operator."""
-        if events:
-            self.nodes[i].n_out += len(events)
-            self.queue.put_nowait(_Batch(i, list(events)), len(events))
+    def _emit(self, i: int, events: list[Event]) -> bool:
+        """``ctx.emit``: an operator's asynchronous output enters the chain below that operator.
+
+        Bounded like every queue: into a full queue the events are refused (False), counted as
+        dropped and logged now and then; a node awaits ``ctx.room()`` first for what it must not
+        lose. While the pipeline stops they are always taken: the sources have stopped, so what
+        comes is only what the nodes still hold.
+        """
+        if not events:
+            return True
+        node = self.nodes[i]
+        if self.queue.full and not self._stopping.is_set():
+            node.n_dropped += len(events)
+            self._rl.warning(
+                f"emit:{node.id}",
+                "pipeline %s: %s emitted into a full queue; %d events dropped",
+                self.name,
+                node.id,
+                len(events),
+            )
+            return False
+        node.n_out += len(events)
+        self.queue.put_nowait(_Batch(i, list(events)), len(events))
+        return True
+
+    async def _room(self) -> None:
+        """``ctx.room``: wait until the chain's input queue has room for an operator's output."""
+        await self.queue.room()
 
     async def _flushed(self, origin: int) -> None:
         """Return once every batch queued so far has been through the chain."""

@@ -13,7 +13,7 @@ import logging
 import re
 import string
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -96,12 +96,16 @@ class NodeContext:
     dead_letters: DeadLetters
     clock: Callable[[], float] = time.time
     logger: logging.Logger = field(default_factory=lambda: log)
-    emit: Callable[[list[Event]], None] = field(default=lambda events: _not_running())
+    emit: Callable[[list[Event]], bool] = field(default=lambda events: _not_running())
     """Set by the pipeline: an operator hands events downstream from outside ``on_event``/``on_timer``
-    (from its :meth:`Operator.run` task); they enter the chain right below the operator."""
+    (from its :meth:`Operator.run` task); they enter the chain right below the operator. The queue
+    is bounded: into a full one the events are refused (returns False; counted as dropped), so
+    ``await ctx.room()`` before emitting what must not be lost."""
+    room: Callable[[], Awaitable[None]] = field(default=lambda: _not_running())
+    """Set by the pipeline: wait until ``emit`` has room (backpressure for an operator's own tasks)."""
 
 
-def _not_running() -> None:
+def _not_running() -> Any:
     raise RuntimeError("this node is not running in a pipeline; ctx.emit is unavailable")
 
 

@@ -141,12 +141,13 @@ def _validate(obj: Any, schema: dict[str, Any], path: str = "$") -> str | None:
 
 
 class _Pending:
-    __slots__ = ("event", "id", "priority")
+    __slots__ = ("answered", "event", "id", "priority")
 
     def __init__(self, event: Event, priority: int, rid: int):
         self.event = event
         self.priority = priority
         self.id = rid
+        self.answered = False  # its result or fallback has been handed downstream
 
 
 @register
@@ -342,7 +343,7 @@ class Llm(Operator):
                 item, waited = await self.queue.get()
                 late = self._take_out()  # items that passed their deadline on the way out
                 if late:
-                    self.ctx.emit(late)
+                    await self._hand_out(late)
                 self.in_flight += 1
                 try:
                     await self._handle(item, waited)
@@ -353,7 +354,9 @@ class Llm(Operator):
                     self.n_failed += 1
                     self.ctx.logger.exception("llm %s: request for %s failed", self.id, item.event.key)
                     self.fail(item.event, exc)
-                    self.ctx.emit([self._fallback(item, "error", {"llm_error": f"{type(exc).__name__}: {exc}"})])
+                    await self._hand_out(
+                        [self._fallback(item, "error", {"llm_error": f"{type(exc).__name__}: {exc}"})], item
+                    )
                 finally:
                     self.in_flight -= 1
         except asyncio.CancelledError:
@@ -363,8 +366,31 @@ class Llm(Operator):
             raise
 
     def _shed_for_shutdown(self, item: _Pending) -> None:
+        if item.answered:
+            return
         self.n_shed_other["shutdown"] = self.n_shed_other.get("shutdown", 0) + 1
-        self.ctx.emit([self._fallback(item, "shed", {"llm_reason": "shutdown"})])
+        self.ctx.emit([self._fallback(item, "shed", {"llm_reason": "shutdown"})])  # stopping: always taken
+
+    async def _hand_out(self, events: list[Event], item: _Pending | None = None) -> None:
+        """Results and fallbacks carry the alert: wait for room downstream rather than lose one.
+
+        A slow sink so makes the workers wait, the admission queue fill, and the shedding policy
+        decide what the model skips: backpressure ends at this stage, the one allowed to shed.
+        """
+        if not events:
+            return
+        try:
+            await self.ctx.room()
+        finally:
+            # also when cancelled while waiting: the pipeline is stopping and takes them
+            self.ctx.emit(events)
+            if item is not None:
+                item.answered = True
+
+    def _shed_chunk(self, n: int) -> None:
+        # a stream chunk is a preview: the result that follows has the whole text. The pipeline
+        # counted it as dropped and logged it; this counts it among the stage's sheds (/metrics).
+        self.n_shed_other["chunk"] = self.n_shed_other.get("chunk", 0) + n
 
     def _messages(self, event: Event) -> list[dict[str, str]]:
         ctx = self._context(event)
@@ -380,7 +406,7 @@ class Llm(Operator):
         except (TemplateError, TypeError, ValueError) as exc:
             problem = f"prompt template failed on this event: {exc}"
             self.fail(item.event, ValueError(problem))  # dead-lettered with the reason, to fix the template
-            self.ctx.emit([self._fallback(item, "error", {"llm_error": problem})])
+            await self._hand_out([self._fallback(item, "error", {"llm_error": problem})], item)
             return
         req = LlmRequest(messages, o.max_tokens, o.temperature, list(o.stop), o.json_schema)
         on_chunk = None
@@ -397,7 +423,8 @@ class Llm(Operator):
                         "request": item.id,
                         "provider": provider,
                     }
-                    self.ctx.emit([Event(ev.key, ev.ts, value, self.id, ev.meta)])
+                    if not self.ctx.emit([Event(ev.key, ev.ts, value, self.id, ev.meta)]):
+                        self._shed_chunk(1)
 
         outcome = await run_chain(self.slots, req, on_chunk, time.monotonic)
         if outcome.status == "ok":
@@ -406,10 +433,10 @@ class Llm(Operator):
             self.last_first_token_s = outcome.first_token_s
             if outcome.tokens and outcome.total_s > 0:
                 self.last_tokens_per_s = outcome.tokens / outcome.total_s
-            self.ctx.emit([self._result(item, outcome, waited)])
+            await self._hand_out([self._result(item, outcome, waited)], item)
         elif outcome.status == "breaker_open":
             self.queue.count_shed(item, "breaker_open")
-            self.ctx.emit(self._take_out() or [])
+            await self._hand_out(self._take_out() or [], item)
         else:
             self.n_failed += 1
             self.ctx.logger.warning("llm %s: every provider failed for %s: %s", self.id, item.event.key, outcome.error)
@@ -417,7 +444,7 @@ class Llm(Operator):
             if outcome.text:
                 extra["model_text"] = outcome.text
                 extra["provider"] = outcome.provider
-            self.ctx.emit([self._fallback(item, "error", extra)])
+            await self._hand_out([self._fallback(item, "error", extra)], item)
 
     # --- reporting -------------------------------------------------------------------------------
 

@@ -597,11 +597,11 @@ def _hook_emit(node: Any, fn: Callable[[list[Any]], None]) -> Callable[[], None]
         orig = node.ctx.emit
         node.__dict__["_console_emit_orig"] = orig
 
-        def emit(events: list[Any]) -> None:
+        def emit(events: list[Any]) -> bool:
             if events:
                 for hook in hooks:
                     hook(events)
-            orig(events)
+            return orig(events)  # False: refused by a full queue (the node counts it)
 
         node.ctx.emit = emit
     hooks.append(fn)

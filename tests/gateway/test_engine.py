@@ -15,7 +15,7 @@ from pydantic import Field
 from gateway import node as node_mod
 from gateway.config import parse_config
 from gateway.deadletter import DeadLetters
-from gateway.engine import Pipeline, SourceQueue
+from gateway.engine import BatchQueue, Pipeline, SourceQueue
 from gateway.events import Event
 from gateway.node import NodeContext, NodeOptions, Operator, Sink, Source, register
 from tests._util import wait_for
@@ -494,3 +494,15 @@ async def test_input_reaching_no_sink_is_acknowledged_at_once(tmp_path: Path) ->
         node_mod._REGISTRY.pop("t_gate", None)
     src = node(p, "src")
     await run_until(p, lambda: src.acked == [0, 1])
+
+
+async def test_a_producer_that_only_waits_for_room_hands_the_wake_up_on() -> None:
+    q = BatchQueue(2)
+    q.put_nowait("a", 2)
+    waiter = asyncio.create_task(q.room())  # first in line, puts nothing itself
+    putter = asyncio.create_task(q.put("b", 1))
+    await wait_for(lambda: q.waiting_producers == 2, timeout=5)
+    assert await q.get() == "a"  # one get makes room for both
+    await asyncio.wait_for(waiter, 5)
+    await asyncio.wait_for(putter, 5)  # no second get comes: the waiter must have woken it
+    assert (q.depth, await q.get()) == (1, "b")

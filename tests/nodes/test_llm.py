@@ -583,3 +583,74 @@ async def test_an_unexpected_failure_in_a_request_is_an_error_event(running: Any
     assert a["llm"] == "error" and a["text"] == "a above 90 (raised)" and "KeyError" in a["llm_error"]
     assert b["llm"] == "ok"  # the worker lived on
     assert explain.counters()["errors"] == 1
+
+
+class _GateOptions(NodeOptions):
+    type: Literal["t_gate"]
+
+
+class _Gate(Sink):
+    """A sink as slow as the test wants: it writes nothing until ``open`` is set."""
+
+    Options = _GateOptions
+
+    def __init__(self, options: Any, ctx: NodeContext):
+        super().__init__(options, ctx)
+        self.open = asyncio.Event()
+        self.events: list[Event] = []
+
+    async def write(self, batch: list[Event]) -> None:
+        await self.open.wait()
+        self.events.extend(batch)
+
+
+async def test_a_slow_sink_bounds_what_a_streaming_node_queues(tmp_path: Path, server: FakeOpenAI) -> None:
+    tokens = [f"t{i} " for i in range(2000)]
+    server.default = Behaviour(tokens=tokens)
+    register(_Gate)
+    loaded = parse_config(
+        _config(
+            tmp_path,
+            _remote(server),
+            """\
+      - {id: src, type: t_feed}
+      - {id: explain, type: llm, input: src, provider: cloud, output: stream, max_tokens: 4000}
+      - {id: out, type: t_gate, input: explain}
+""",
+        ),
+        env={},
+    )
+    hub = LlmHub(loaded.config.llm)
+    await hub.start()
+    dl = DeadLetters(tmp_path / "dl.db")
+    links = SimpleNamespace(llm=hub)
+    p = Pipeline(
+        "p",
+        loaded.nodes["p"],
+        lambda nid: NodeContext("gw", "p", nid, str(tmp_path), links, dl),
+        queue_size=16,
+        sink_queue_size=16,
+    )
+    task = asyncio.create_task(p.run())
+    try:
+        explain, out = p.nodes[p.index["explain"]], p.nodes[p.index["out"]]
+        await wait_for(lambda: p.state == "running", timeout=10)
+        FEEDS.setdefault("src", asyncio.Queue()).put_nowait([alert("boiler")])
+        # the whole answer has streamed while the sink wrote nothing: the chunks that found no
+        # room were shed and counted, and the result waits for room instead
+        await wait_for(lambda: explain.counters()["llm_tokens"] == 2000, timeout=20)
+        assert p.queue.high_water <= 16, p.queue.stats()
+        shed = explain.counters()["shed_chunk"]
+        assert shed > 1900
+        out.open.set()
+        await wait_for(lambda: any(e.value["llm"] == "ok" for e in out.events), timeout=20)
+        chunks = [e.value for e in out.events if e.value["llm"] == "chunk"]
+        assert len(chunks) + shed == 2000
+        assert [c["text"] for c in chunks] == [tokens[c["seq"]] for c in chunks]
+        assert out.events[-1].value["text"] == "".join(tokens).strip()
+        assert explain.counters()["dropped"] == shed  # every refused chunk, and nothing else
+    finally:
+        p.stop()
+        await asyncio.wait_for(task, 30)
+        await hub.close()
+        node_mod._REGISTRY.pop(_Gate.type_name, None)
