@@ -148,10 +148,76 @@ class LoadedConfig:
 _ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
+# Aliases let a few hundred bytes stand for billions of values (a "billion laughs" bomb), and an
+# alias inside the node it names would make the config infinitely deep. Both are refused while
+# composing, before anything is expanded; the limits are far beyond any real config.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+class _AliasError(yaml.composer.ComposerError):
+    """Refused aliases or nesting: reported as a config error at the line of the offending node."""
+
+
+class _Loader(yaml.SafeLoader):
+    """A safe loader made for one parse (it keeps what it constructs, so it is never shared).
+
+    Composing counts what every node stands for with its aliases expanded, refuses an alias to a
+    node that is still open (recursion) and nesting deeper than :data:`MAX_YAML_DEPTH`.
+    """
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._open: set[str] = set()  # anchors of the nodes being composed
+        self._values: dict[int, int] = {}  # id(node) -> values it stands for, aliases expanded
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _AliasError(
+                    None,
+                    None,
+                    f"alias *{event.anchor} is inside the node &{event.anchor} it refers to (a recursive alias)",
+                    event.start_mark,
+                )
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _AliasError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark)
+        anchor = event.anchor
+        if anchor is not None:
+            self._open.add(anchor)
+        self._depth += 1
+        try:
+            node: yaml.Node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            if anchor is not None:
+                self._open.discard(anchor)
+        size = self._values
+        if isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size[id(item)] for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size[id(k)] + size[id(v)] for k, v in node.value)
+        else:
+            n = 1
+        if n > MAX_YAML_VALUES:
+            raise _AliasError(
+                None,
+                None,
+                f"aliases expand this to more than {MAX_YAML_VALUES:,} values; refused (an alias bomb?)",
+                node.start_mark,
+            )
+        size[id(node)] = n
+        return node
+
+
 class _Reader:
-    def __init__(self, file: str, env: dict[str, str]):
+    def __init__(self, file: str, env: dict[str, str], loader: _Loader):
         self.file = file
         self.env = env
+        self.loader = loader
         self.lines: dict[tuple[Any, ...], int] = {}
         self.issues: list[ConfigIssue] = []
 
@@ -168,7 +234,7 @@ class _Reader:
             merge_tag = "tag:yaml.org,2002:merge"
             n_own = sum(1 for k, _ in node.value if k.tag != merge_tag)
             try:
-                _LOADER.flatten_mapping(node)
+                self.loader.flatten_mapping(node)
             except yaml.constructor.ConstructorError as exc:
                 mark = exc.problem_mark or node.start_mark
                 self.issue(mark.line + 1, path, f"YAML merge: {exc.problem}")
@@ -177,7 +243,7 @@ class _Reader:
             out: dict[Any, Any] = {}
             own: set[Any] = set()
             for i, (k_node, v_node) in enumerate(node.value):
-                key = yaml.SafeLoader.construct_scalar(_LOADER, k_node) if isinstance(k_node, yaml.ScalarNode) else None
+                key = self.loader.construct_scalar(k_node) if isinstance(k_node, yaml.ScalarNode) else None
                 if key is None or not isinstance(k_node, yaml.ScalarNode):
                     self.issue(k_node.start_mark.line + 1, path, "mapping keys must be plain names")
                     continue
@@ -194,7 +260,7 @@ class _Reader:
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         try:
-            value = _LOADER.construct_object(node, deep=True)
+            value = self.loader.construct_object(node, deep=True)
         except yaml.YAMLError as exc:  # e.g. a bare `=` (YAML 1.1's value tag) or an unknown !tag
             problem = getattr(exc, "problem", None) or str(exc)
             self.issue(line, path, f"YAML: {problem}; quote the value if it is text")
@@ -216,9 +282,6 @@ class _Reader:
             return ""
 
         return _ENV.sub(repl, text)
-
-
-_LOADER = yaml.SafeLoader("")
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -294,9 +357,13 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
 
 
 def parse_config(text: str, file: str = "<config>", env: dict[str, str] | None = None) -> LoadedConfig:
-    r = _Reader(file, dict(os.environ) if env is None else env)
+    loader = _Loader(text)  # one per parse: it keeps every object it constructs
+    r = _Reader(file, dict(os.environ) if env is None else env, loader)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = loader.get_single_node()
+    except _AliasError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+        raise ConfigError([ConfigIssue(file, line, "", f"YAML: {exc.problem}")]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1

