@@ -197,7 +197,7 @@ class _Baseline(_Detector):
     """Judge each reading against the key's baseline *before* learning it."""
 
     options: Any
-    kind = ""
+    baseline = ""  # how the baseline is kept, for the alert's rule text ("rolling", "EWMA")
 
     def __init__(self, options: Any, ctx: Any):
         super().__init__(options, ctx)
@@ -222,7 +222,7 @@ class _Baseline(_Detector):
         o = self.options
         extra = {"score": round(z, 3), "baseline": round(mean, 6), "std": round(std, 6)}
         rule = (
-            f"{self._name(key)} more than {o.threshold:g} standard deviations from its {self.kind} baseline "
+            f"{self._name(key)} more than {o.threshold:g} standard deviations from its {self.baseline} baseline "
             f"(clears within {self._clear:g})"
         )
         if not self._active.get(key):
@@ -252,7 +252,7 @@ class ZScore(_Baseline):
 
     Options = ZScoreOptions
     options: ZScoreOptions
-    kind = "rolling"
+    baseline = "rolling"
 
     def __init__(self, options: ZScoreOptions, ctx: Any):
         super().__init__(options, ctx)
@@ -299,7 +299,7 @@ class Ewma(_Baseline):
 
     Options = EwmaOptions
     options: EwmaOptions
-    kind = "EWMA"
+    baseline = "EWMA"
 
     def __init__(self, options: EwmaOptions, ctx: Any):
         super().__init__(options, ctx)
