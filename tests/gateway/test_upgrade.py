@@ -1,0 +1,98 @@
+"""Databases written by the previous release open in this one: state, outbox, alerts, dead letters, history.
+
+The files in tests/fixtures/release-0.1.0/ were written by Sluice 0.1.0 (the release before the
+installer) running the pipeline below for a few seconds, with its broker down: two messages wait
+in the outbox, the window holds partials for keys a and b, five alerts were raised and resolved,
+one malformed POST was dead-lettered, and the history holds key a and b buckets. Never regenerate
+them: they stand for what gateways in the field have on their SD cards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from gateway.store import SCHEMA_VERSION
+from tests._util import MosquittoBroker, mqtt_client, wait_for
+from tests.gateway._harness import node, running_gateway
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "release-0.1.0"
+
+
+def config(data: Path, port: int) -> str:
+    return f"""\
+gateway: {{id: gw-old, data_dir: "{data}"}}
+connections:
+  plant: {{type: mqtt, host: 127.0.0.1, port: {port}, reconnect_max: 1s}}
+console: {{host: 127.0.0.1, port: 0, auth: false}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: sim, type: http, token: "0123456789abcdef0123"}}
+      - {{id: push, type: http, token: "0123456789abcdef0123"}}
+      - {{id: win, type: window, input: sim, kind: tumbling, size: 1h, aggregate: mean}}
+      - {{id: hot, type: threshold, input: sim, above: 90, clear_below: 80}}
+      - {{id: alerts, type: alert, input: hot}}
+      - {{id: hist, type: history, input: sim}}
+      - {{id: out, type: mqtt_out, input: win, connection: plant, topic: "data/{{key}}"}}
+      - {{id: out2, type: mqtt_out, input: push, connection: plant, topic: "push/{{key}}"}}
+"""
+
+
+def get(gw: Any, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.console.port}{path}", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def post_garbage(gw: Any) -> int:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{gw.console.port}/ingest/push",
+        data=b'{"value": ',
+        headers={"Authorization": "Bearer 0123456789abcdef0123", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_the_previous_releases_databases_work(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES, data)
+    with mqtt_client(mosquitto, subscribe="push/#") as sub:
+        async with running_gateway(config(data, mosquitto.port)) as gw:
+            # the window's partials came back
+            assert node(gw, "p", "win").open_windows() == 2
+            # the outbox's two waiting messages go out, marked as replayed
+            await wait_for(lambda: len(sub.messages) >= 2, timeout=30)
+            bodies = [json.loads(m.payload) for m in sub.messages]
+            assert sorted(b["value"] for b in bodies) == [1.5, 2.5]
+            assert all(b["replayed"] for b in bodies)
+            # alerts, dead letters and history read through the API
+            alerts = await asyncio.to_thread(get, gw, "/api/alerts")
+            listed = alerts["alerts"] if isinstance(alerts, dict) else alerts
+            assert len(listed) == 5 and {a["alert_key"] for a in listed} == {"p/hot/a"}
+            # a new dead letter goes into the old table beside the old one
+            status = await asyncio.to_thread(post_garbage, gw)
+            assert status == 400
+            await wait_for(lambda: gw.dead_letters.total >= 1, timeout=10)
+            hist = await asyncio.to_thread(get, gw, "/api/history?key=a&from=0&to=4102444800")
+            assert hist["points"], hist
+    con = sqlite3.connect(data / "state.db")
+    try:
+        assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        con.close()
+    con = sqlite3.connect(data / "deadletter.db")
+    try:
+        reasons = [r[0] for r in con.execute("SELECT reason FROM dead_letters ORDER BY id")]
+    finally:
+        con.close()
+    assert len(reasons) == 2 and all("not JSON" in r for r in reasons), reasons
