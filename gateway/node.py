@@ -272,6 +272,8 @@ _BUILTIN_TYPES: dict[str, str] = {
     "http_poll": "nodes.http",
     "llm": "nodes.llm",
     "alert": "nodes.alerts",
+    "kafka": "nodes.kafka",
+    "kafka_out": "nodes.kafka",
 }
 _BUILTIN_MODULES = tuple(dict.fromkeys(_BUILTIN_TYPES.values()))
 _loaded = False

