@@ -83,7 +83,7 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> None:
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: BaseException | None = None) -> None:
         now = self._clock()
         last = self._last.get(key)
         if last is None and len(self._last) >= self.max_keys:
@@ -99,7 +99,7 @@ class RateLimitedLog:
         if n:
             msg += " (%d similar suppressed in the last %.0fs)"
             args = (*args, n, self.interval)
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
 
     def _forget_quiet(self, now: float, level: int) -> None:
         quiet = [k for k, t in self._last.items() if now - t >= self.interval]

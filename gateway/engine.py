@@ -40,6 +40,7 @@ class _Batch:
 
 
 _STOP: Any = object()
+_TRACEBACK_EVERY = 600.0  # seconds between two tracebacks of the same node's failures
 
 
 class _SinkMark:
@@ -230,6 +231,11 @@ class Pipeline:
         self._settling: dict[int, deque[list[Any]]] = {}  # per origin: done callbacks waiting for sinks
         self._stopping = asyncio.Event()
         self._rl = RateLimitedLog(log)
+        # A node that keeps failing has a bug to find, so its failures are logged with their traceback:
+        # a restart (paced by backoff) every time, its traceback the first time and then every few
+        # minutes; a failure that can come with every batch or tick at most once a minute.
+        self._traceback_at: dict[str, float] = {}
+        self._failures = RateLimitedLog(log, 60.0)
         self.source_state: dict[str, str] = {}
         # node state: restored at start, checkpointed about once a second through a barrier
         self.checkpointer: Checkpointer | None = None
@@ -347,19 +353,26 @@ class Pipeline:
                 self.source_state[src.id] = f"failed: {exc}"
                 delay = backoff(attempt, 30.0)
                 attempt += 1
-                log.error(
-                    "source %s/%s failed (%s: %s); restarting in %.1fs",
-                    self.name,
-                    src.id,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
+                self._failed("source", src, exc, f"restarting in {delay:.1f}s")
                 await asyncio.sleep(delay)
                 continue
             self.source_state[src.id] = "finished"
             log.info("source %s/%s finished", self.name, src.id)
             return
+
+    def _failed(self, what: str, node: _Node, exc: Exception, then: str, paced: bool = False) -> None:
+        key = f"{what}:{node.id}"
+        msg = "%s %s/%s failed (%s: %s); %s"
+        args = (what, self.name, node.id, type(exc).__name__, exc, then)
+        if paced:
+            self._failures.log(logging.ERROR, key, msg, *args, exc_info=exc)
+            return
+        now = time.monotonic()
+        last = self._traceback_at.get(key)
+        with_traceback = last is None or now - last >= _TRACEBACK_EVERY
+        if with_traceback:
+            self._traceback_at[key] = now
+        log.error(msg, *args, exc_info=exc if with_traceback else None)
 
     def _emit(self, i: int, events: list[Event]) -> bool:
         """``ctx.emit``: an operator's asynchronous output enters the chain below that operator.
@@ -408,14 +421,7 @@ class Pipeline:
                 op.n_errors += 1
                 delay = backoff(attempt, 30.0)
                 attempt += 1
-                log.error(
-                    "operator %s/%s failed (%s: %s); restarting in %.1fs",
-                    self.name,
-                    op.id,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
+                self._failed("operator", op, exc, f"restarting in {delay:.1f}s")
                 await asyncio.sleep(delay)
 
     async def _timer_loop(self) -> None:
@@ -428,6 +434,7 @@ class Pipeline:
                     events = node.on_timer(now)  # type: ignore[union-attr]
                 except Exception as exc:  # node boundary
                     node.fail(None, exc)
+                    self._failed("timer of", node, exc, "dead-lettered", paced=True)
                     continue
                 if events:
                     try:
@@ -549,6 +556,7 @@ class Pipeline:
                 except Exception as exc:  # an operator that broke outside its per-event guard
                     for ev in ins:
                         node.fail(ev, exc)
+                    self._failed("operator", node, exc, f"{len(ins)} events dead-lettered", paced=True)
                     continue
                 node.n_out += len(out)
                 slots[i] = out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -506,3 +507,95 @@ async def test_a_producer_that_only_waits_for_room_hands_the_wake_up_on() -> Non
     await asyncio.wait_for(waiter, 5)
     await asyncio.wait_for(putter, 5)  # no second get comes: the waiter must have woken it
     assert (q.depth, await q.get()) == (1, "b")
+
+
+# --- a node that keeps failing says where -----------------------------------------------------
+
+
+class BrokenOptions(NodeOptions):
+    type: Literal["t_broken"]
+
+
+def _parse_frame() -> None:
+    raise KeyError("frame")
+
+
+class BrokenSource(Source):
+    """Fails on every run, in a helper whose name the traceback must show."""
+
+    Options = BrokenOptions
+
+    async def run(self, output: SourceQueue) -> None:
+        _parse_frame()
+
+
+class BrokenWorkOptions(NodeOptions):
+    type: Literal["t_broken_work"]
+
+
+class BrokenWork(Operator):
+    """Passes events through; its background task and its timer fail every time."""
+
+    Options = BrokenWorkOptions
+
+    def on_event(self, event: Event) -> Event:
+        return event
+
+    async def run(self) -> None:
+        _parse_frame()
+
+    def on_timer(self, now: float) -> list[Event]:
+        _parse_frame()
+        return []
+
+
+def _failures(caplog: pytest.LogCaptureFixture, prefix: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "gateway.engine" and r.getMessage().startswith(prefix)]
+
+
+def _traceback(record: logging.LogRecord) -> str:
+    assert record.exc_info is not None, record.getMessage()
+    return logging.Formatter().formatException(record.exc_info)
+
+
+@pytest.mark.parametrize(("what", "yaml"), [("source p/src", "t_broken"), ("operator p/work", "t_broken_work")])
+async def test_a_node_that_keeps_restarting_logs_its_traceback_once_then_a_line_per_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, what: str, yaml: str
+) -> None:
+    register(BrokenSource)
+    register(BrokenWork)
+    try:
+        nodes = (
+            "      - {id: src, type: t_broken}\n"
+            if yaml == "t_broken"
+            else "      - {id: src, type: t_list, values: [1]}\n      - {id: work, type: t_broken_work, input: src}\n"
+        )
+        p, _ = build(tmp_path, nodes)
+    finally:
+        node_mod._REGISTRY.pop("t_broken", None)
+        node_mod._REGISTRY.pop("t_broken_work", None)
+    caplog.set_level(logging.ERROR, logger="gateway.engine")
+    await run_until(p, lambda: len(_failures(caplog, what)) >= 3)
+    first, *later = _failures(caplog, what)
+    assert first.getMessage().startswith(f"{what} failed (KeyError: 'frame'); restarting in ")
+    assert "in _parse_frame" in _traceback(first)
+    assert [r.exc_info for r in later] == [None] * len(later)  # the same traceback is not repeated
+
+
+async def test_a_failing_timer_is_logged_with_its_traceback_and_dead_lettered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    register(BrokenWork)
+    try:
+        p, dl = build(
+            tmp_path,
+            "      - {id: src, type: t_list, values: [1]}\n      - {id: work, type: t_broken_work, input: src}\n",
+        )
+    finally:
+        node_mod._REGISTRY.pop("t_broken_work", None)
+    caplog.set_level(logging.ERROR, logger="gateway.engine")
+    await run_until(p, lambda: _failures(caplog, "timer of p/work"))
+    (record,) = _failures(caplog, "timer of p/work")
+    assert record.getMessage() == "timer of p/work failed (KeyError: 'frame'); dead-lettered"
+    assert "in on_timer" in _traceback(record) and "in _parse_frame" in _traceback(record)
+    assert dl.counts[("p", "work")] >= 1
