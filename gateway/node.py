@@ -274,6 +274,8 @@ _BUILTIN_TYPES: dict[str, str] = {
     "alert": "nodes.alerts",
     "kafka": "nodes.kafka",
     "kafka_out": "nodes.kafka",
+    "redis": "nodes.redis_streams",
+    "redis_out": "nodes.redis_streams",
 }
 _BUILTIN_MODULES = tuple(dict.fromkeys(_BUILTIN_TYPES.values()))
 _loaded = False

@@ -1,0 +1,476 @@
+"""Redis Streams in and out: the ``redis_out`` sink (XADD through the outbox) and the ``redis`` source (XREADGROUP).
+
+``redis_out`` commits each event to the gateway's outbox; the outbox sends it with ``XADD`` (in
+pipelined batches, trimmed with ``MAXLEN ~`` when asked) and deletes it once Redis answered, so
+an outage or a restart loses nothing within the outbox quota. Each entry has the fields
+``gateway_id``, ``seq``, ``replayed``, ``pipeline``, ``key`` and ``data`` (the JSON envelope
+``mqtt_out`` publishes), so a consumer can de-duplicate on (``gateway_id``, ``seq``).
+
+The ``redis`` source reads in a consumer group and acknowledges (``XACK``) an entry only after
+every sink it reached has written it and, with stateful nodes, after the state checkpoint that
+holds it — the same guarantee as the QoS 1 MQTT source. On start it first reads its own pending
+entries again (what a crash left unacknowledged), and it claims entries another consumer of the
+group left pending longer than ``claim_idle`` (``XAUTOCLAIM``: a consumer that died).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from functools import partial
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from gateway.engine import SourceQueue
+from gateway.events import Event
+from gateway.expr import check_expression
+from gateway.node import Duration, NodeOptions, Sink, check_topic_template, register
+from nodes._outlink import OutboxLink, split_row_topic
+from nodes.sources import MqttSource, _key_function
+
+__all__ = ["RedisOut", "RedisSource"]
+
+log = logging.getLogger(__name__)
+
+_TEMPLATE_FIELDS = {"gateway", "pipeline", "node", "key", "source"}
+_STREAM_INDEX = re.compile(r"^stream\[(-?\d+)\]$")
+
+
+class RedisClientOptions(NodeOptions):
+    url: str = Field(
+        "redis://localhost:6379/0",
+        pattern=r"^(redis|rediss|unix)://",
+        description="redis://[user:password@]host:port/db; rediss:// for TLS. Put a password in ${ENV}.",
+    )
+    ca_file: str | None = Field(None, description="rediss://: PEM CA certificate(s) to verify the server.")
+    socket_timeout: Duration = Field(10.0, gt=0, description="A command not answered in this time fails.")
+
+
+def _client(o: RedisClientOptions) -> Any:
+    import redis.asyncio as aioredis
+
+    kw: dict[str, Any] = {"socket_timeout": o.socket_timeout, "socket_connect_timeout": o.socket_timeout}
+    if o.ca_file and o.url.startswith("rediss://"):
+        kw["ssl_ca_certs"] = o.ca_file
+    return aioredis.from_url(o.url, **kw)
+
+
+# --- the sink ---------------------------------------------------------------------------------
+
+
+class RedisOutOptions(RedisClientOptions):
+    type: Literal["redis_out"]
+    stream: str = Field(
+        "sluice:{gateway}:{pipeline}",
+        description="Stream name template; fields {gateway} {pipeline} {node} {key} {source}.",
+    )
+    maxlen: int | None = Field(
+        None, ge=1, description="Trim the stream to about this many entries (XADD MAXLEN ~); default: no trimming."
+    )
+    reconnect_max: Duration = Field(30.0, description="Cap of the retry backoff after a failure.")
+
+
+class RedisLink(OutboxLink):
+    """A Redis client as an outbox destination: XADD in pipelined batches, in order."""
+
+    kind = "redis"
+
+    def __init__(self, name: str, options: RedisOutOptions, gateway_id: str, pipeline: str):
+        super().__init__(name, gateway_id, reconnect_max=options.reconnect_max)
+        self.options = options
+        self._gw = gateway_id
+        self._pipeline = pipeline
+        self._client: Any = None
+
+    def _take_settings(self, other: OutboxLink) -> None:
+        super()._take_settings(other)
+        assert isinstance(other, RedisLink)
+        self.options = other.options
+
+    def health(self) -> dict[str, Any]:
+        h = super().health()
+        h["maxlen"] = self.options.maxlen
+        return h
+
+    async def _open(self) -> None:
+        client = _client(self.options)
+        try:
+            await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        self._client = client
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _pump(self) -> None:
+        # One pipeline (one round trip) per batch of queued messages, instead of one per message.
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self._queue:
+                batch = []
+                while self._queue and len(batch) < 500:
+                    item = self._queue.popleft()
+                    if not item[2].done():
+                        batch.append(item)
+                if not batch:
+                    continue
+                if not self.connected or self._client is None:
+                    for _, _, fut in batch:
+                        fut.set_exception(self._down_error())
+                    continue
+                pipe = self._client.pipeline(transaction=False)
+                maxlen = self.options.maxlen
+                for row_topic, payload, _ in batch:
+                    stream, key = split_row_topic(row_topic)
+                    seq, replayed = self.envelope_headers(payload)
+                    fields = {
+                        "gateway_id": self._gw,
+                        "seq": seq,
+                        "replayed": "true" if replayed else "false",
+                        "pipeline": self._pipeline,
+                        "key": key,
+                        "data": payload,
+                    }
+                    pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
+                try:
+                    await pipe.execute(raise_on_error=False)
+                except asyncio.CancelledError:
+                    for _, _, fut in batch:
+                        fut.cancel()
+                    raise
+                except Exception as exc:  # redis-py's connection errors: none of the batch is known to be in
+                    for _, _, fut in batch:
+                        self._fail(fut, exc)
+                    continue
+                finally:
+                    await pipe.reset()
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    def _down_error(self) -> Exception:
+        from gateway.errors import LinkError
+
+        return LinkError(self.name, self.last_error or "down")
+
+
+@register
+class RedisOut(Sink):
+    """Append each event to a Redis stream through the outbox: at least once, de-duplicable on (gateway_id, seq)."""
+
+    Options = RedisOutOptions
+    options: RedisOutOptions
+
+    @classmethod
+    def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
+        o: RedisOutOptions = options  # type: ignore[assignment]
+        return [("stream", m) for _, m in check_topic_template(o.stream, _TEMPLATE_FIELDS)]
+
+    def __init__(self, options: RedisOutOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self._name = f"redis:{ctx.pipeline}/{options.id}"
+        self._link: RedisLink | None = None
+        self._outbox: Any = None
+        t = options.stream
+        self._static = (
+            None
+            if "{key}" in t or "{source}" in t
+            else t.format(gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id, key="", source="")
+        )
+
+    async def start(self) -> None:
+        self._outbox = self.ctx.links.outbox
+        if self._link is None:
+            link = RedisLink(self._name, self.options, self.ctx.gateway_id, self.ctx.pipeline)
+            self._link = self._outbox.register_link(self._name, link)
+
+    def health(self) -> dict[str, Any]:
+        return self._link.health() if self._link is not None else {"state": "starting"}
+
+    async def close(self) -> None:
+        if self._link is not None:
+            self._outbox.release_link(self._name)
+
+    def _stream(self, ev: Event) -> str:
+        if self._static is not None:
+            return self._static
+        return self.options.stream.format(
+            gateway=self.ctx.gateway_id, pipeline=self.ctx.pipeline, node=self.id, key=ev.key, source=ev.source
+        )
+
+    async def write(self, batch: list[Event]) -> None:
+        pipeline = self.ctx.pipeline
+        name = self._name
+        await self._outbox.put(
+            [
+                (
+                    name,
+                    f"{self._stream(ev)}\x00{ev.key}",
+                    {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value},
+                    ev.key,
+                )
+                for ev in batch
+            ]
+        )
+
+
+# --- the source -------------------------------------------------------------------------------
+
+
+class RedisSourceOptions(RedisClientOptions):
+    type: Literal["redis"]
+    stream: str | None = Field(None, description="The stream to read.")
+    streams: list[str] | None = Field(None, description="Several streams.")
+    group: str | None = Field(None, description="Consumer group; default: sluice-<pipeline>-<node>.")
+    consumer: str | None = Field(
+        None, description="This reader's name in the group; default: <gateway>. Keep it stable across restarts."
+    )
+    start: Literal["earliest", "latest"] = Field(
+        "latest", description="Where a group created by this source starts: the first entry, or new entries only."
+    )
+    claim_idle: Duration = Field(
+        60.0, gt=0, description="Take over entries another consumer left unacknowledged this long (it died)."
+    )
+    data_field: str | None = Field(
+        "data", description="Entry field holding a JSON payload; null: the entry's fields are the payload."
+    )
+    key: str = Field(
+        "auto",
+        description="Event key: `auto` (the payload's `key` field, else the stream name), `stream`, `stream[N]` "
+        "(a :-separated part) or a CEL expression over `topic` (the stream name's parts) and `payload`.",
+    )
+    value_field: str | None = Field("value", description="Payload field holding the reading; null: the whole payload.")
+    ts_field: str | None = Field(
+        "ts", description="Payload field with event time (epoch s/ms or ISO 8601); absent: ingest time."
+    )
+    format: Literal["json", "raw"] = Field("json", description="json: decode the data field; raw: a number in text.")
+    batch: int = Field(500, ge=1, le=100_000, description="Entries read per call (largest micro-batch).")
+
+    @property
+    def stream_list(self) -> list[str]:
+        return [*([self.stream] if self.stream else []), *(self.streams or [])]
+
+    @model_validator(mode="after")
+    def _some_stream(self) -> RedisSourceOptions:
+        if not self.stream_list:
+            raise ValueError("give `stream` (or `streams`): what to read")
+        return self
+
+
+def _number_or_text(v: str) -> Any:
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+@register
+class RedisSource(MqttSource):
+    """Read streams in a consumer group; XACK once the pipeline has taken the entries."""
+
+    Options = RedisSourceOptions  # type: ignore[assignment]
+    options: RedisSourceOptions  # type: ignore[assignment]
+
+    @classmethod
+    def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
+        o: RedisSourceOptions = options  # type: ignore[assignment]
+        if o.key in ("auto", "stream") or _STREAM_INDEX.match(o.key):
+            return []
+        problem = check_expression(o.key, ("topic", "payload"), {"topic": ["a", "b"], "payload": {}})
+        return [("key", problem)] if problem else []
+
+    def __init__(self, options: RedisSourceOptions, ctx: Any):
+        super().__init__(options.model_copy(update={"key": "topic"}), ctx)  # type: ignore[arg-type]
+        self.options = options
+        spec = options.key
+        if spec == "auto":
+            self._key = lambda stream, body: str(body["key"]) if type(body) is dict and "key" in body else stream
+        elif (m := _STREAM_INDEX.match(spec)) is not None:
+            idx = int(m.group(1))
+            self._key = lambda stream, body: stream.split(":")[idx]
+        elif spec != "stream":
+            by_levels = _key_function(spec)
+            self._key = lambda stream, body: by_levels(stream.replace(":", "/"), body)
+        if options.data_field is None:
+            self._value_field = options.value_field
+        self._client: Any = None
+        self._in_flight: set[tuple[str, bytes]] = set()
+        self._to_ack: dict[str, list[bytes]] = {}
+        self._ack_wanted = asyncio.Event()
+        self.n_acked = 0
+        self.n_claimed = 0
+        self.state = "starting"
+        self.last_error: str | None = None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "error": self.last_error,
+            "acked": self.n_acked,
+            "claimed": self.n_claimed,
+            "in_flight": len(self._in_flight),
+        }
+
+    @property
+    def group(self) -> str:
+        return self.options.group or f"sluice-{self.ctx.pipeline}-{self.id}"
+
+    @property
+    def consumer_name(self) -> str:
+        return self.options.consumer or self.ctx.gateway_id
+
+    async def run(self, output: SourceQueue) -> None:
+        from redis.exceptions import ResponseError
+
+        o = self.options
+        client = _client(o)
+        self.state = "connecting"
+        try:
+            for s in o.stream_list:
+                try:
+                    await client.xgroup_create(s, self.group, id="0" if o.start == "earliest" else "$", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+            self._client = client
+            self.state, self.last_error = "running", None
+            log.info("redis source %s/%s: reading %s as %s/%s", self.ctx.pipeline, self.id, o.stream_list,
+                     self.group, self.consumer_name)  # fmt: skip
+            acker = asyncio.create_task(self._acker(), name=f"redis:ack:{self.ctx.pipeline}:{self.id}")
+            try:
+                await self._read(output, client)
+            finally:
+                acker.cancel()
+                await asyncio.gather(acker, return_exceptions=True)
+                await self._ack_now()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.state, self.last_error = "down", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._client = None
+            await client.aclose()
+
+    async def _read(self, output: SourceQueue, client: Any) -> None:
+        o = self.options
+        group, me = self.group, self.consumer_name
+        # first what this consumer read before and never acknowledged (a crash), then new entries
+        ids: dict[str, Any] = dict.fromkeys(o.stream_list, "0")
+        history = set(o.stream_list)  # streams whose own pending entries are still being read again
+        loop = asyncio.get_running_loop()
+        next_claim = loop.time()
+        while True:
+            if loop.time() >= next_claim:
+                next_claim = loop.time() + max(1.0, o.claim_idle / 4)
+                await self._claim(output, client)
+            got = await client.xreadgroup(group, me, ids, count=o.batch, block=None if history else 1000)
+            answered = set()
+            for stream_b, entries in got or []:
+                stream = stream_b.decode() if isinstance(stream_b, bytes) else stream_b
+                answered.add(stream)
+                if stream in history:
+                    if not entries:
+                        history.discard(stream)
+                        ids[stream] = ">"
+                        continue
+                    ids[stream] = entries[-1][0]  # own history is paged by the last id read
+                await self._hand_over(stream, entries, output)
+            for stream in history - answered:
+                history.discard(stream)
+                ids[stream] = ">"
+
+    async def _claim(self, output: SourceQueue, client: Any) -> None:
+        o = self.options
+        idle_ms = int(o.claim_idle * 1000)
+        for stream in o.stream_list:
+            start = "0-0"
+            while True:
+                res = await client.xautoclaim(stream, self.group, self.consumer_name, idle_ms, start, count=o.batch)
+                start, entries = res[0], res[1]
+                entries = [e for e in entries if e[1] is not None]
+                if entries:
+                    self.n_claimed += len(entries)
+                    log.info("redis source %s/%s: claimed %d entries of %s left by another consumer",
+                             self.ctx.pipeline, self.id, len(entries), stream)  # fmt: skip
+                    await self._hand_over(stream, entries, output)
+                if start in (b"0-0", "0-0"):
+                    break
+
+    async def _hand_over(self, stream: str, entries: list[Any], output: SourceQueue) -> None:
+        events: list[Event] = []
+        ids: list[bytes] = []
+        for eid, fields in entries:
+            if (stream, eid) in self._in_flight:
+                continue  # still on its way through the pipeline
+            ids.append(eid)
+            if fields is None:
+                continue  # trimmed away while pending: nothing to read, acknowledge it
+            self.n_in += 1
+            ev = self._decode_entry(stream, fields)
+            if ev is not None:
+                ev.meta = {"stream": stream, "id": eid.decode() if isinstance(eid, bytes) else eid}
+                events.append(ev)
+        if not ids:
+            return
+        for eid in ids:
+            self._in_flight.add((stream, eid))
+        done = partial(self._processed, stream, ids)
+        if events:
+            await output.put(events, done)
+        else:
+            done()  # all dead-lettered: acknowledge, reading them again would not make them valid
+
+    def _decode_entry(self, stream: str, fields: dict[Any, Any]) -> Event | None:
+        f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        df = self.options.data_field
+        if df is not None:
+            raw = f.get(df)
+            if raw is None:
+                self.n_malformed += 1
+                self.n_errors += 1
+                reason = f"entry on {stream} has no field {df!r} (fields: {', '.join(sorted(f)) or 'none'})"
+                self.ctx.dead_letters.record(
+                    self.ctx.pipeline, self.id, reason, None, json.dumps({k: _text(v) for k, v in f.items()}).encode()
+                )
+                return None
+            return self.decode(stream, raw if isinstance(raw, bytes) else str(raw).encode())
+        body = {k: _number_or_text(_text(v)) for k, v in f.items()}
+        return self.decode(stream, json.dumps(body).encode())
+
+    def _processed(self, stream: str, ids: list[bytes]) -> None:
+        for eid in ids:
+            self._in_flight.discard((stream, eid))
+        self._to_ack.setdefault(stream, []).extend(ids)
+        self._ack_wanted.set()
+
+    async def _acker(self) -> None:
+        while True:
+            await self._ack_wanted.wait()
+            await asyncio.sleep(0.02)  # gather a few batches into one XACK
+            self._ack_wanted.clear()
+            await self._ack_now()
+
+    async def _ack_now(self) -> None:
+        client = self._client
+        if client is None or not self._to_ack:
+            return
+        todo, self._to_ack = self._to_ack, {}
+        try:
+            for stream, ids in todo.items():
+                self.n_acked += await client.xack(stream, self.group, *ids)
+        except Exception as exc:  # Redis away: these entries stay pending and come again
+            self.last_error = f"XACK failed: {type(exc).__name__}: {exc}"
+            log.warning("redis source %s/%s: %s", self.ctx.pipeline, self.id, self.last_error)
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
