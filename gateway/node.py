@@ -276,6 +276,7 @@ _BUILTIN_TYPES: dict[str, str] = {
     "kafka_out": "nodes.kafka",
     "redis": "nodes.redis_streams",
     "redis_out": "nodes.redis_streams",
+    "homeassistant": "nodes.homeassistant",
 }
 _BUILTIN_MODULES = tuple(dict.fromkeys(_BUILTIN_TYPES.values()))
 _loaded = False

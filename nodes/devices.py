@@ -685,7 +685,9 @@ class ModbusSource(Source):
                 self._mark_bad(s, [p], f"decodes to {v}")
                 continue
             s.bad.pop(p.name, None)
-            out.append(Event(f"{s.key}.{p.name}", now, {"text": v} if isinstance(v, str) else v, self.id))
+            value = {"text": v} if isinstance(v, str) else v
+            # the profile's unit rides along for sinks that show it (e.g. Home Assistant sensors)
+            out.append(Event(f"{s.key}.{p.name}", now, value, self.id, {"unit": p.unit} if p.unit else None))
         if out:
             s.last_ok = now
         return out
