@@ -8,9 +8,11 @@ expressions that do not compile.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -114,6 +116,12 @@ class ConsoleConfig(_Section):
         default_factory=list,
         description="Fixed accounts; when set, the console does not offer first-visit account creation.",
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the console may be reached by, besides localhost and its bind address; "
+        "any other Host header is refused (DNS rebinding). Bound to a non-loopback address, the check "
+        "applies once this is set.",
+    )
     tls_cert: str | None = Field(None, description="PEM certificate file: serve HTTPS (with tls_key).")
     tls_key: str | None = Field(None, description="PEM private key file for tls_cert.")
 
@@ -214,12 +222,14 @@ class _Loader(yaml.SafeLoader):
 
 
 class _Reader:
-    def __init__(self, file: str, env: dict[str, str], loader: _Loader):
+    def __init__(self, file: str, env: dict[str, str] | None, loader: _Loader):
         self.file = file
-        self.env = env
+        self.env = env  # None: a draft, whose ${VAR} references stay as written
         self.loader = loader
         self.lines: dict[tuple[Any, ...], int] = {}
         self.issues: list[ConfigIssue] = []
+        self.values: list[tuple[str, str, str]] = []  # (name, value, path) substituted: never echoed
+        self.unresolved: dict[str, tuple[Any, ...]] = {}  # a draft's values holding ${VAR}, by dotted path
 
     def issue(self, line: int, path: tuple[Any, ...], message: str) -> None:
         self.issues.append(ConfigIssue(self.file, line, _dotted(path), message))
@@ -270,12 +280,19 @@ class _Reader:
         return value
 
     def substitute(self, text: str, line: int, path: tuple[Any, ...]) -> str:
+        env = self.env
+        if env is None:
+            if any(m.group(0) != "$$" for m in _ENV.finditer(text)):
+                self.unresolved[_dotted(path)] = path
+            return text
+
         def repl(m: re.Match[str]) -> str:
             if m.group(0) == "$$":
                 return "$"
             name, default = m.group(1), m.group(2)
-            if name in self.env and self.env[name] != "":
-                return self.env[name]
+            if name in env and env[name] != "":
+                self.values.append((name, env[name], _dotted(path)))
+                return env[name]
             if default is not None:
                 return default
             self.issue(line, path, f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
@@ -356,9 +373,24 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     return parse_config(text, str(path), env)
 
 
-def parse_config(text: str, file: str = "<config>", env: dict[str, str] | None = None) -> LoadedConfig:
+def parse_config(
+    text: str,
+    file: str = "<config>",
+    env: dict[str, str] | None = None,
+    *,
+    substitute: bool = True,
+    model_paths: list[str] | None = None,
+) -> LoadedConfig:
+    """Parse and validate config text; raise :class:`ConfigError` listing every problem.
+
+    ``substitute=False`` checks a draft that is not going to run (the console's validate): its
+    ``${VAR}`` references are left as written and not looked up, and a value holding one is not
+    judged. Values of substituted variables never appear in an error: the reference does instead.
+    ``model_paths`` (given for text from the console) are the only files and directories a local
+    model file may be (in); a path elsewhere is refused without looking at it.
+    """
     loader = _Loader(text)  # one per parse: it keeps every object it constructs
-    r = _Reader(file, dict(os.environ) if env is None else env, loader)
+    r = _Reader(file, None if not substitute else dict(os.environ) if env is None else env, loader)
     try:
         root = loader.get_single_node()
     except _AliasError as exc:
@@ -378,9 +410,12 @@ def parse_config(text: str, file: str = "<config>", env: dict[str, str] | None =
 
     cfg: SluiceConfig | None = None
     try:
-        cfg = SluiceConfig.model_validate(data)
+        cfg = SluiceConfig.model_validate(data, context=_model_context(model_paths))
     except ValidationError as exc:
         _pydantic_issues(exc, (), r, SluiceConfig)
+        if r.unresolved:
+            # a draft: judge the rest as if its ${VAR} values were not there (their defaults apply)
+            cfg = _draft_config(data, r.unresolved.values(), model_paths)
 
     nodes: dict[str, list[NodeOptions]] = {}
     raw_pipes = data.get("pipelines") if isinstance(data.get("pipelines"), list) else []
@@ -399,10 +434,57 @@ def parse_config(text: str, file: str = "<config>", env: dict[str, str] | None =
         if isinstance(name, str):
             nodes[name] = parsed
 
+    if r.unresolved:
+        r.issues = [i for i in r.issues if not _under(i.path, set(r.unresolved))]
+    if r.values:
+        r.issues = [_without_values(i, r.values) for i in r.issues]
     if r.issues or cfg is None:
         r.issues.sort(key=lambda i: i.line)
         raise ConfigError(r.issues)
     return LoadedConfig(cfg, nodes, file, text, r.lines)
+
+
+def _draft_config(
+    data: dict[str, Any], unresolved: Iterable[tuple[Any, ...]], model_paths: list[str] | None
+) -> SluiceConfig | None:
+    stripped = copy.deepcopy(data)
+    for path in unresolved:
+        parent: Any = stripped
+        for part in path[:-1]:
+            if isinstance(parent, dict):
+                parent = parent.get(part)
+            elif isinstance(parent, list) and isinstance(part, int) and part < len(parent):
+                parent = parent[part]
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    try:
+        return SluiceConfig.model_validate(stripped, context=_model_context(model_paths))
+    except ValidationError as exc:
+        # what is still wrong is either reported already or lies under a ${VAR} (required there)
+        if all(isinstance(e["loc"], tuple) and e["type"] == "missing" for e in exc.errors()):
+            return SluiceConfig.model_construct(**stripped)
+        return None
+
+
+def _under(path: str, prefixes: set[str]) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def _without_values(issue: ConfigIssue, values: list[tuple[str, str, str]]) -> ConfigIssue:
+    """The issue with every substituted variable's value written as its ``${NAME}`` instead (a
+    value of a few characters only where it was substituted: elsewhere it is likely a coincidence)."""
+    message = issue.message
+    for name, value, where in sorted(values, key=lambda v: -len(v[1])):
+        if len(value) >= 4 or _under(issue.path, {where}):
+            message = message.replace(value, f"${{{name}}}")
+    return ConfigIssue(issue.file, issue.line, issue.path, message) if message != issue.message else issue
+
+
+def _model_context(model_paths: list[str] | None) -> dict[str, Any] | None:
+    """Validation context: where local model files may be, when the text came from the console."""
+    if model_paths is None:
+        return None
+    return {"model_paths": list(model_paths)}
 
 
 def _parse_nodes(raw: list[Any], prefix: tuple[Any, ...], r: _Reader, data: dict[str, Any]) -> list[NodeOptions]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from .alerts import SEVERITIES, STATES, AlertError, SuppressCommand, validated
 from .config import ConsoleConfig
+from .node import ID_PATTERN
 
 if TYPE_CHECKING:
     from .runtime import Gateway
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["Console"]
 
 log = logging.getLogger(__name__)
+
+_ID = re.compile(ID_PATTERN)
 
 
 class _GatewayCollector:
@@ -305,14 +309,13 @@ class Console:
         source = request.match_info["source"]
         handler = self.gw.links.ingest.get(source)
         if handler is None:
-            if not request.headers.get("Authorization", "").lower().startswith("bearer "):
-                # a stranger gets what a source would answer, like every other guarded route
-                return web.json_response(
-                    {"error": "send Authorization: Bearer <the source's token>"},
-                    status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="ingest"'},
-                )
-            return web.json_response({"error": f"no http source {source!r} is running"}, status=404)
+            # Answered as a running source answers a request without its token: whether a source of
+            # that name exists is nobody's business before they hold its token.
+            return web.json_response(
+                {"error": "send Authorization: Bearer <the source's token>"},
+                status=401,
+                headers={"WWW-Authenticate": f'Bearer realm="ingest/{source}"' if _ID.match(source) else "Bearer"},
+            )
         response: web.StreamResponse = await handler(request)
         return response
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from ._retry import backoff
 from .errors import SluiceError
@@ -137,10 +137,18 @@ class LocalProviderConfig(_ProviderBase):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _one_source(self) -> LocalProviderConfig:
+    def _one_source(self, info: ValidationInfo) -> LocalProviderConfig:
         if (self.model is None) == (self.package is None):
             raise ValueError("give exactly one of `model` (a GGUF file) or `package`")
         if self.model is not None:
+            places = (info.context or {}).get("model_paths")
+            if places is not None and not _inside(self.model, places):
+                # Text from the console: a path elsewhere is not looked at, so that checking a
+                # config cannot tell whether some file on the system exists.
+                raise ValueError(
+                    "a model file set from the console must be in the data dir or a directory of "
+                    "llm.model_dirs (of the running config); other paths are not looked at"
+                )
             problem = gguf_problem(self.model)
             if problem:
                 raise ValueError(problem)
@@ -179,6 +187,21 @@ class LlmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    model_dirs: list[str] = Field(
+        default_factory=list,
+        description="Directories local model files may be in when the config is edited in the console, "
+        "besides the data dir (a config file on disk may name any path).",
+    )
+
+
+def _inside(path: str, places: list[str]) -> bool:
+    """Whether ``path`` is one of ``places`` or in one of them (directories), symbolic links resolved."""
+    p = os.path.realpath(path)
+    for place in places:
+        d = os.path.realpath(place)
+        if p == d or p.startswith(d.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def gguf_problem(path: str) -> str | None:

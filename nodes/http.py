@@ -172,7 +172,9 @@ class HttpPushSource(_SourceBase):
     async def handle(self, request: web.Request) -> web.Response:
         self.n_requests += 1
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogatepass"), self._token
+        ):
             return self._answer(
                 401,
                 {"error": "send Authorization: Bearer <the source's token>"},

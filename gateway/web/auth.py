@@ -16,6 +16,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import argon2
 from aiohttp import web
@@ -90,8 +91,19 @@ def _verify(stored: str, password: str) -> bool:
         return False
 
 
+def _bytes(text: str) -> bytes:
+    # Headers and JSON may carry any code point, lone surrogates included: never an error, never equal
+    # to an ASCII secret.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _equal(given: str, expected: str) -> bool:
+    """A constant-time comparison that answers False, not TypeError, for non-ASCII input."""
+    return hmac.compare_digest(_bytes(given), _bytes(expected))
+
+
 def _token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(_bytes(token)).hexdigest()
 
 
 @dataclass(slots=True, frozen=True)
@@ -171,64 +183,75 @@ class AuthError(Exception):
 
 
 class LoginThrottle:
-    """Failed logins per user name and per client address; too many in ``window`` locks out for ``lockout``.
+    """Backoff after failed logins and setup codes that slows an attacker without locking out the owner.
 
-    Bounded: at most ``max_keys`` entries are remembered (the oldest forgotten first).
+    Failures are counted per client address (``ip:A``, any account), per account from one address
+    (``user:U@A``) and per account from every address (``user:U``). Beyond a few free failures each
+    further one doubles the wait before the next try (1 s, 2 s, 4 s … up to ``max_wait``), answered
+    with 429 and Retry-After. The account-wide count slows only addresses that have themselves failed
+    in the last ``window``: a correct password from an address that has not failed always gets in,
+    so nobody can lock the owner out by failing on purpose. A success clears the account's counts;
+    an address's own count fades after ``window`` without failures. Setup codes count per address only.
+    Bounded: at most ``max_keys`` counters are remembered (the least recently failed forgotten first).
     """
 
     def __init__(
         self,
-        max_failures: int = 5,
-        ip_failures: int = 20,
-        window: float = 900.0,
-        lockout: float = 300.0,
+        free_address: int = 10,
+        free_user: int = 5,
+        free_account: int = 20,
+        max_wait: float = 900.0,
+        window: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
         max_keys: int = 10_000,
     ):
-        self.max_failures = max_failures
-        self.ip_failures = ip_failures
+        self.free = {"ip": free_address, "user@": free_user, "user": free_account}
+        self.max_wait = max_wait
         self.window = window
-        self.lockout = lockout
         self.clock = clock
         self.max_keys = max_keys
-        self._fails: OrderedDict[str, list[float]] = OrderedDict()
-        self._locked: dict[str, float] = {}
+        self._fails: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (failures, last failure)
 
-    def _limit(self, key: str) -> int:
-        return self.ip_failures if key.startswith("ip:") else self.max_failures
+    @staticmethod
+    def _keys(address: str, account: str | None) -> list[tuple[str, str]]:
+        keys = [("ip", f"ip:{address}")]
+        if account is not None:
+            keys += [("user@", f"user:{account}@{address}"), ("user", f"user:{account}")]
+        return keys
 
-    def retry_after(self, keys: list[str]) -> float:
+    def _count(self, key: str, now: float) -> tuple[int, float]:
+        n, last = self._fails.get(key, (0, 0.0))
+        return (0, 0.0) if n and now - last >= self.window else (n, last)
+
+    def _until(self, kind: str, n: int, last: float) -> float:
+        over = n - self.free[kind]
+        return last + min(self.max_wait, 2.0 ** (over - 1)) if over > 0 else 0.0
+
+    def retry_after(self, address: str, account: str | None = None) -> float:
+        """Seconds this address must wait before trying ``account`` (or a setup code) again; 0 to go on."""
         now = self.clock()
+        if self._count(f"ip:{address}", now)[0] == 0:
+            return 0.0  # an address that has not failed is never slowed
         wait = 0.0
-        for k in keys:
-            until = self._locked.get(k)
-            if until is not None:
-                if until > now:
-                    wait = max(wait, until - now)
-                else:
-                    del self._locked[k]
+        for kind, key in self._keys(address, account):
+            n, last = self._count(key, now)
+            wait = max(wait, self._until(kind, n, last) - now)
         return wait
 
-    def failure(self, keys: list[str]) -> None:
+    def failure(self, address: str, account: str | None = None) -> None:
         now = self.clock()
-        for k in keys:
-            times = [t for t in self._fails.pop(k, []) if now - t < self.window]
-            times.append(now)
-            self._fails[k] = times
-            if len(times) >= self._limit(k):
-                self._locked[k] = now + self.lockout
-                self._fails.pop(k, None)
-                log.warning("console login locked for %.0fs after %d failures (%s)", self.lockout, len(times), k)
+        for kind, key in self._keys(address, account):
+            n, _ = self._count(key, now)
+            self._fails.pop(key, None)
+            self._fails[key] = (n + 1, now)
+            if n + 1 == self.free[kind] + 1:
+                log.warning("console: failed logins (%s) are slowed from now on", key)
         while len(self._fails) > self.max_keys:
             self._fails.popitem(last=False)
-        if len(self._locked) > self.max_keys:
-            for k in [k for k, until in self._locked.items() if until <= now]:
-                del self._locked[k]
 
-    def success(self, keys: list[str]) -> None:
-        for k in keys:
-            if not k.startswith("ip:"):
-                self._fails.pop(k, None)
+    def success(self, address: str, account: str) -> None:
+        self._fails.pop(f"user:{account}@{address}", None)
+        self._fails.pop(f"user:{account}", None)
 
 
 class UserStore:
@@ -238,6 +261,10 @@ class UserStore:
         self.path = path
         self.users: dict[str, _User] = {}
         self.tokens: dict[str, _Token] = {}
+        # Per user name: bumped at logout, password or role change and removal; a session cookie
+        # carries the number it was made under and is refused once it differs. Kept after a user
+        # is removed, so that a new account of the same name does not revive old cookies.
+        self.generations: dict[str, int] = {}
         self._fixed = {u.name: _User(u.name, u.password_hash, u.role, fixed=True) for u in fixed}
         self._load()
 
@@ -258,6 +285,7 @@ class UserStore:
                 self.users[u["name"]] = _User(u["name"], u["password_hash"], u["role"])
         for t in data.get("tokens", []):
             self.tokens[t["id"]] = _Token(**t)
+        self.generations = {str(k): int(v) for k, v in data.get("sessions", {}).items()}
 
     def _dump(self) -> str:
         return json.dumps(
@@ -268,6 +296,7 @@ class UserStore:
                     if not u.fixed
                 ],
                 "tokens": [asdict(t) for t in self.tokens.values()],
+                "sessions": self.generations,
             },
             indent=1,
         )
@@ -275,6 +304,15 @@ class UserStore:
     async def save(self) -> None:
         text = self._dump()
         await asyncio.to_thread(_write_private, self.path, text)
+
+    def generation(self, name: str) -> int:
+        return self.generations.get(name, 0)
+
+    async def end_sessions(self, name: str) -> int:
+        """End every session of ``name`` (saved before answering); returns the new generation."""
+        self.generations[name] = self.generation(name) + 1
+        await self.save()
+        return self.generations[name]
 
     @property
     def needs_setup(self) -> bool:
@@ -317,12 +355,64 @@ def _secret_key(path: Path) -> bytes:
     return key
 
 
-def _loopback_host(host: str) -> bool:
+def _host_name(host: str) -> str | None:
+    """The name (or address) in a ``Host`` header, lower-cased and without its port; None if malformed."""
     if host.startswith("["):
-        name = host[1:].split("]", 1)[0]
+        name, sep, rest = host[1:].partition("]")
+        if not sep:
+            return None
+    elif host.count(":") == 1:
+        name, _, port = host.partition(":")
+        rest = ":" + port
     else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return name.lower() in ("localhost", "127.0.0.1", "::1") or name.startswith("127.")
+        name, rest = host, ""
+    if not name or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+        return None
+    return name.lower()
+
+
+def host_allowed(host: str, names: frozenset[str], any_address: bool = False) -> bool:
+    """Whether a request's ``Host`` is one this console answers to: a loopback address (or with
+    ``any_address``, any IP address), or exactly one of ``names``.
+
+    Matched whole, never by prefix: ``127.0.0.1.nip.io`` is a name an attacker controls, and DNS
+    rebinding needs a name, so an address written as such is never one.
+    """
+    name = _host_name(host)
+    if name is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return name in names
+    return any_address or ip.is_loopback or name in names
+
+
+def safe_next(value: object, origin: str) -> str:
+    """Where to go after login: ``value`` resolved against the console's ``origin`` if it stays on it
+    (path, query and fragment), else ``/``.
+
+    Browsers read a backslash as ``/`` and drop tabs and newlines inside URLs, so ``/\\host/page``,
+    ``/<tab>/host`` and ``//host`` all name another origin: such values are refused before resolving.
+    """
+    if not isinstance(value, str) or not value.startswith("/") or value.startswith("//"):
+        return "/"
+    if "\\" in value or any(ord(c) < 0x21 or c == "\x7f" for c in value):
+        return "/"
+    target = urlsplit(urljoin(origin.rstrip("/") + "/", value))
+    here = urlsplit(origin)
+    if (target.scheme, target.netloc) != (here.scheme, here.netloc) or not target.path.startswith("/"):
+        return "/"
+    if target.path.startswith("//"):
+        return "/"
+    return urlunsplit(("", "", target.path, target.query, target.fragment))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def _same_origin(request: web.Request, value: str) -> bool:
@@ -342,9 +432,12 @@ class Auth:
         self._secret_path = data_dir / "console" / "secret.key"
         # Only one argon2 computation at a time: each holds 19 MiB.
         self._hashing = asyncio.Semaphore(1)
-        # Bound to loopback, only loopback names may be asked for: a page whose domain an attacker
-        # re-points at 127.0.0.1 (DNS rebinding) is refused before anything else.
-        self.loopback_only = cfg.host in ("127.0.0.1", "localhost", "::1")
+        # Bound to loopback, only loopback addresses, localhost and the configured names may be asked
+        # for: a page whose domain an attacker re-points at 127.0.0.1 (DNS rebinding) is refused
+        # before anything else. Bound elsewhere, the check applies once names are configured.
+        self.host_names = frozenset({"localhost", cfg.host.lower(), *(h.lower() for h in cfg.allowed_hosts)})
+        self.loopback_only = _is_loopback(cfg.host)
+        self.check_host = self.loopback_only or bool(cfg.allowed_hosts)
         self.setup_code: str | None = None
         if self.enabled and self.store.needs_setup:
             self.setup_code = f"{secrets.randbelow(10**4):04d}-{secrets.randbelow(10**4):04d}"
@@ -444,7 +537,7 @@ class Auth:
     async def _check_csrf(self, request: web.Request, given: str | None) -> None:
         session = await get_session(request)
         expected = session.get("csrf")
-        if not expected or not given or not hmac.compare_digest(str(expected), given):
+        if not expected or not given or not _equal(given, str(expected)):
             raise AuthError(403, "missing or wrong CSRF token (send the X-CSRF-Token from /api/session)")
 
     async def identify(self, request: web.Request) -> Identity | None:
@@ -464,8 +557,13 @@ class Auth:
         if not name:
             return None
         user = self.store.users.get(name)
-        if user is None:  # deleted since: the session ends
+        if user is None or session.get("gen", 0) != self.store.generation(name):
+            # deleted since, or logged out, or its password or role changed: the session has ended
+            # (its CSRF token stays, so that the page it came from can log in again)
+            csrf = session.get("csrf")
             session.invalidate()
+            if csrf:
+                session["csrf"] = csrf
             return None
         return Identity(user.name, user.role, "session")
 
@@ -474,9 +572,11 @@ class Auth:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         path = request.path
-        if self.loopback_only and not _loopback_host(request.host):
+        if self.check_host and not host_allowed(request.host, self.host_names, not self.loopback_only):
+            where = "localhost only" if self.loopback_only else "its addresses and configured names only"
             return web.json_response(
-                {"error": f"the console answers to localhost only, not {request.host!r}"}, status=421
+                {"error": f"the console answers to {where}, not {request.host!r} (see console.allowed_hosts)"},
+                status=421,
             )
         if path.startswith(_OWN_AUTH_PREFIX):
             return await handler(request)
@@ -526,6 +626,7 @@ class Auth:
         app.router.add_get("/api/users", self.api_users)
         app.router.add_post("/api/users", self.api_user_create)
         app.router.add_delete("/api/users/{name}", self.api_user_delete)
+        app.router.add_patch("/api/users/{name}", self.api_user_change)
         app.router.add_get("/api/tokens", self.api_tokens)
         app.router.add_post("/api/tokens", self.api_token_create)
         app.router.add_delete("/api/tokens/{id}", self.api_token_delete)
@@ -560,6 +661,7 @@ class Auth:
         # A fresh session at login: a cookie planted before login never becomes an authenticated one.
         session = await new_session(request)
         session["user"] = user.name
+        session["gen"] = self.store.generation(user.name)
         session["csrf"] = secrets.token_urlsafe(32)
         return {"user": user.name, "role": user.role, "csrf": session["csrf"]}
 
@@ -567,27 +669,34 @@ class Auth:
         try:
             body = await self._json(request)
             name, password = str(body.get("name", "")), str(body.get("password", ""))
-            keys = [f"user:{name.lower()}", f"ip:{request.remote}"]
-            wait = self.throttle.retry_after(keys)
+            address, account = str(request.remote), name.lower()
+            wait = self.throttle.retry_after(address, account)
             if wait > 0:
                 raise AuthError(429, f"too many failed logins; try again in {int(wait) + 1}s", retry_after=wait)
             user = self.store.users.get(name)
             # An unknown name costs the same time as a wrong password: no probing for names.
             ok = await self._verify(user.password_hash if user else _dummy_hash(), password)
             if not ok or user is None:
-                self.throttle.failure(keys)
+                self.throttle.failure(address, account)
                 log.info("console: failed login for %r from %s", name[:64], request.remote)
                 raise AuthError(401, "wrong user name or password")
-            self.throttle.success(keys)
+            self.throttle.success(address, account)
             log.info("console: %s logged in from %s", user.name, request.remote)
-            return web.json_response(await self._start_session(request, user))
+            answer = await self._start_session(request, user)
+            answer["next"] = safe_next(body.get("next"), f"{request.scheme}://{request.host}")
+            return web.json_response(answer)
         except AuthError as exc:
             headers = {"Retry-After": str(int(exc.retry_after) + 1)} if exc.retry_after else None
             return web.json_response({"error": exc.message}, status=exc.status, headers=headers)
 
     async def api_logout(self, request: web.Request) -> web.Response:
+        """End the session here and every other session of the same user (a copied cookie too)."""
+        ident: Identity | None = request.get(IDENTITY)
         session = await get_session(request)
         session.invalidate()
+        if ident is not None and ident.via == "session":
+            await self.store.end_sessions(ident.name)
+            log.info("console: %s logged out (all their sessions ended)", ident.name)
         return web.json_response({"ok": True})
 
     def _check_new_user(self, body: dict[str, Any]) -> tuple[str, str, Role]:
@@ -606,13 +715,13 @@ class Auth:
             if not self.enabled or not self.store.needs_setup:
                 raise AuthError(409, "the console already has accounts; log in")
             body = await self._json(request)
-            keys = [f"ip:{request.remote}", "setup"]
-            wait = self.throttle.retry_after(keys)
+            address = str(request.remote)
+            wait = self.throttle.retry_after(address)
             if wait > 0:
                 raise AuthError(429, f"too many wrong setup codes; try again in {int(wait) + 1}s", retry_after=wait)
             code = str(body.get("code", "")).strip()
-            if self.setup_code is None or not hmac.compare_digest(code, self.setup_code):
-                self.throttle.failure(keys)
+            if self.setup_code is None or not _equal(code, self.setup_code):
+                self.throttle.failure(address)
                 raise AuthError(403, "wrong setup code (the gateway's log shows it)")
             name, password, _ = self._check_new_user({**body, "role": "admin"})
             user = _User(name, await self._hash(password), "admin")
@@ -666,8 +775,45 @@ class Auth:
         if name == ident.name:
             return web.json_response({"error": "you cannot delete your own account"}, status=409)
         del self.store.users[name]
-        await self.store.save()
+        await self.store.end_sessions(name)
+        log.info("console: user %r removed by %s", name, ident.name)
         return web.json_response({"ok": True})
+
+    async def api_user_change(self, request: web.Request) -> web.Response:
+        """``PATCH /api/users/<name> {"role": ..., "password": ...}`` (admin): every session of that
+        user ends; an admin changing their own account keeps only the session that asked."""
+        ident = self._admin(request)
+        name = request.match_info["name"]
+        user = self.store.users.get(name)
+        try:
+            if user is None:
+                raise AuthError(404, f"no user {name!r}")
+            if user.fixed:
+                raise AuthError(409, f"{name!r} comes from console.users in the config")
+            body = await self._json(request)
+            role, password = body.get("role", user.role), body.get("password")
+            if role not in ROLES:
+                raise AuthError(400, f"role: one of {', '.join(ROLES)}")
+            if password is not None and (not isinstance(password, str) or len(password) < MIN_PASSWORD):
+                raise AuthError(400, f"password: at least {MIN_PASSWORD} characters")
+            if name == ident.name and role != "admin":
+                raise AuthError(409, "you cannot take the admin role from yourself")
+        except AuthError as exc:
+            return web.json_response({"error": exc.message}, status=exc.status)
+        if password is not None:
+            user.password_hash = await self._hash(password)
+        user.role = role
+        await self.store.end_sessions(name)  # saves the account file too
+        log.warning(
+            "console: user %r changed by %s (%s); their sessions ended",
+            name,
+            ident.name,
+            ", ".join(w for w, changed in (("password", password is not None), (f"role {role}", True)) if changed),
+        )
+        answer: dict[str, Any] = {"name": name, "role": role}
+        if name == ident.name and ident.via == "session":
+            answer.update(await self._start_session(request, user))
+        return web.json_response(answer)
 
     async def api_tokens(self, request: web.Request) -> web.Response:
         self._admin(request)

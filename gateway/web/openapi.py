@@ -134,7 +134,10 @@ _SYSTEM = _obj(
         "load": {"type": "array", "items": _NUM},
     }
 )
-_CREDS = _obj({"name": _STR, "password": _STR}, ["name", "password"])
+_CREDS = _obj(
+    {"name": _STR, "password": _STR, "next": {**_STR, "description": "Where the page wants to go next"}},
+    ["name", "password"],
+)
 _NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_\\-]{0,63}$"}
 _PASSWORD = {"type": "string", "minLength": 10}
 _SESSION = _obj({"user": _STR, "role": _ROLE, "csrf": _STR}, ["user", "role", "csrf"])
@@ -163,8 +166,7 @@ def _paths() -> dict[str, Any]:
                             "Taken: every accepted reading is in the pipeline; bad lines are dead-lettered",
                         ),
                         "400": _json(_ERR, "Nothing readable in the body"),
-                        "401": _json(_ERR, "No bearer token, or not the source's"),
-                        "404": _json(_ERR, "No http source of that id is running"),
+                        "401": _json(_ERR, "No bearer token, or not the source's (also when no such source runs)"),
                         "413": _json(_ERR, "The body is over the source's max_body"),
                         "429": _json(_ERR, "The pipeline is full: send again after Retry-After seconds"),
                         "503": _json(_ERR, "The source is stopping"),
@@ -354,12 +356,13 @@ def _paths() -> dict[str, Any]:
         },
         "/api/login": {
             "post": _op(
-                "Log in; starts a new session",
+                "Log in; starts a new session. `next` in the answer is the body's `next` if it is a path "
+                "on this console, else /",
                 {
-                    "200": _json(_SESSION),
+                    "200": _json(_obj({**_SESSION["properties"], "next": _STR}, ["user", "role", "csrf", "next"])),
                     "400": _json(_ERR, "Not a JSON object"),
                     "401": _json(_ERR, "Wrong name or password"),
-                    "429": _json(_ERR, "Locked out after too many failures; see Retry-After"),
+                    "429": _json(_ERR, "Slowed after failures from this address; see Retry-After"),
                 },
                 tag="auth",
                 secured=False,
@@ -433,6 +436,20 @@ def _paths() -> dict[str, Any]:
             ),
         },
         "/api/users/{name}": {
+            "patch": _op(
+                "Change an account's role or password (admin); every session of that user ends "
+                "(your own: all but this one)",
+                {
+                    "200": _json(_obj({"name": _STR, "role": _ROLE, "csrf": _STR})),
+                    "400": _json(_ERR, "Bad role or password"),
+                    "404": _json(_ERR, "No such user"),
+                    "409": _json(_ERR, "From the config, or taking the admin role from yourself"),
+                },
+                tag="auth",
+                change=True,
+                params=[_path_param("name")],
+                body={"application/json": {"schema": _obj({"role": _ROLE, "password": _PASSWORD})}},
+            ),
             "delete": _op(
                 "Delete an account (admin)",
                 {
@@ -443,7 +460,7 @@ def _paths() -> dict[str, Any]:
                 tag="auth",
                 change=True,
                 params=[_path_param("name")],
-            )
+            ),
         },
         "/api/tokens": {
             "get": _op(

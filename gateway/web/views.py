@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -189,11 +190,20 @@ class Views:
                 return web.json_response({"error": "config is not UTF-8 text"}, status=400)
         return text
 
-    @staticmethod
-    async def _parse(text: str, path: str) -> LoadedConfig | web.Response:
+    def _model_paths(self) -> list[str]:
+        """Where a config from the console may find local model files: the running config's data
+        dir, its ``llm.model_dirs`` and the model files it already uses."""
+        cfg = self.gw.loaded.config
+        files = [p.model for p in cfg.llm.providers.values() if getattr(p, "model", None) and p.type == "local"]
+        return [cfg.gateway.data_dir, *cfg.llm.model_dirs, *files]
+
+    async def _parse(self, text: str, path: str, run: bool) -> LoadedConfig | web.Response:
+        """Check config text from the console; ``run``: it is about to run, so ``${VAR}`` is substituted."""
         # Validation compiles expressions and builds models: off the loop.
         try:
-            return await asyncio.to_thread(parse_config, text, path)
+            return await asyncio.to_thread(
+                functools.partial(parse_config, substitute=run, model_paths=self._model_paths()), text, path
+            )
         except ConfigError as err:
             return web.json_response(
                 {"valid": False, "errors": [{"line": i.line, "path": i.path, "message": i.message} for i in err.issues]}
@@ -205,7 +215,7 @@ class Views:
         text = await self._text(request)
         if isinstance(text, web.Response):
             return text
-        loaded = await self._parse(text, "config.yaml")
+        loaded = await self._parse(text, "config.yaml", run=False)
         if isinstance(loaded, web.Response):
             return loaded
         n_nodes = sum(len(v) for v in loaded.nodes.values())
@@ -220,7 +230,7 @@ class Views:
         if isinstance(text, web.Response):
             return text
         path = self.gw.loaded.path
-        loaded = await self._parse(text, path)
+        loaded = await self._parse(text, path, run=True)
         if isinstance(loaded, web.Response):
             return loaded
         try:

@@ -274,7 +274,8 @@ pipelines:
     res = validate(tmp_path, text, {"SLUICE_T_BROKER": "b", "SLUICE_T_OFFSET": "2"})
     assert res.returncode == 1
     assert res.stderr.startswith("sluice.yaml:9: pipelines.0.nodes.1.value: ")
-    assert "(in expression 'value + 2'" in res.stderr
+    # the error names the variable, never its value
+    assert "(in expression 'value + ${SLUICE_T_OFFSET}'" in res.stderr
 
     from gateway.config import parse_config
 

@@ -78,8 +78,9 @@ async def test_push_json_array_and_ndjson(tmp_path: Path) -> None:
         assert (status, body) == (202, {"accepted": 2, "rejected": 0})
         await wait_for(lambda: node(gw, "p", "out").n_in == 5)
         assert src.counters()["http_202"] == 3 and src.health()["state"] == "up"
+        # no such source: the answer a source gives a wrong token, so nobody can probe for names
         status, body, _ = await post(gw, "/ingest/nosuch", b'{"a": 1}')
-        assert status == 404 and "nosuch" in body["error"]
+        assert status == 401 and "nosuch" not in body["error"]
         status, _, _ = await post(gw, "/ingest/nosuch", b'{"a": 1}', token=None)
         assert status == 401
 

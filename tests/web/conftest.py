@@ -123,6 +123,11 @@ class Browserish:
         async with self.http.delete(self.base + path, headers=headers) as r:
             return r.status, await r.json()
 
+    async def patch(self, path: str, body: Any) -> tuple[int, Any]:
+        headers = {"Origin": self.base, "X-CSRF-Token": self.csrf or ""}
+        async with self.http.patch(self.base + path, json=body, headers=headers) as r:
+            return r.status, await r.json()
+
     async def setup_admin(self, gw: Gateway, name: str = "admin", password: str = PASSWORD) -> dict[str, Any]:
         status, data = await self.post(
             "/api/setup", {"code": web_of(gw).auth.setup_code, "name": name, "password": password}

@@ -14,10 +14,11 @@ form.addEventListener("submit", async (e) => {
   const { status, data } = await postRaw("/api/login", {
     name: document.getElementById("name").value,
     password: document.getElementById("password").value,
+    next: new URLSearchParams(location.search).get("next") || "/",
   });
   if (status === 200) {
-    const next = new URLSearchParams(location.search).get("next");
-    location.replace(next && next.startsWith("/") && !next.startsWith("//") ? next : "/");
+    // the console resolved `next` against its own origin: a path on it, or "/"
+    location.replace(data.next || "/");
     return;
   }
   err.textContent = data.error || `login failed (${status})`;
