@@ -111,8 +111,9 @@ async def test_put_commits_then_sends_and_deletes_on_ack(tmp_path: Path) -> None
         assert [m["seq"] for m in link.sent] == [1, 2, 3, 4, 5]
         assert all(m["gateway_id"] == "gw1" and m["replayed"] is False for m in link.sent)
         assert link.sent[0] == {"gateway_id": "gw1", "seq": 1, "replayed": False, "key": "k", "value": 0}
-        await asyncio.sleep(0.2)  # time for a wrong early delete to happen; there must be none
-        assert rows_in(tmp_path / "outbox.db") == 5  # not acknowledged: still there
+        link.pending[0].set_result(None)  # the broker acknowledges the first one only
+        await wait_for(lambda: rows_in(tmp_path / "outbox.db") < 5)
+        assert rows_in(tmp_path / "outbox.db") == 4  # the deleter ran: the four not acknowledged are still there
         link.ack_all()
         await wait_for(lambda: rows_in(tmp_path / "outbox.db") == 0)
         assert ob.count == 0 and ob.published == 5

@@ -3,7 +3,6 @@ server is down, in order, dead letters for a 4xx answer."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -186,6 +185,14 @@ async def test_messages_owed_to_a_webhook_the_config_dropped_are_reported(
     from gateway.outbox import Outbox
 
     monkeypatch.setattr(Outbox, "UNCLAIMED_AFTER", 0.5)
+    checks: list[int] = []  # one entry per finished check for unclaimed messages
+    real_check = Outbox._warn_unclaimed
+
+    async def check(self: Outbox) -> None:
+        await real_check(self)
+        checks.append(self.count)
+
+    monkeypatch.setattr(Outbox, "_warn_unclaimed", check)
     env = {"HOOK_TOKEN": "s3cret"}
     port = free_port()  # nothing listens: the five messages stay owed
     with_hook = config(tmp_path, port, count=5)
@@ -201,7 +208,8 @@ async def test_messages_owed_to_a_webhook_the_config_dropped_are_reported(
     try:
         async with running_gateway(with_hook.replace("count: 5", "count: 1"), env=env) as gw:
             await wait_for(lambda: len(set(hook.seqs())) == 6 and gw.outbox.count == 0, timeout=20)
-            await asyncio.sleep(0.6)  # past UNCLAIMED_AFTER: the webhook is back, nothing to report
+            # this start owed messages too, so it checked again: the webhook is back, nothing to report
+            await wait_for(lambda: len(checks) == 2, timeout=10)
         assert "no sink in the config has" not in caplog.text, caplog.text
     finally:
         await hook.stop()
