@@ -130,7 +130,9 @@ class _GatewayCollector:
             up.add_metric([name], 1 if link.connected else 0)
         yield up
         from .llm import metric_families
+        from .node import metric_families as node_families
 
+        yield from node_families(gw.pipelines.values())
         yield from metric_families(gw)
         from .store import metric_families as state_families
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._log import RateLimitedLog
 from ._retry import backoff
+from .errors import NodeError
 from .events import Event
 from .node import NodeContext, NodeOptions, Operator, Sink, Source, _Node, get_node_type
 
@@ -209,6 +210,7 @@ class Pipeline:
             assert cls is not None, opts.type  # validated by config
             index[opts.id] = len(self.nodes)
             ctx = make_ctx(opts.id)
+            _check_services(cls, opts.id, ctx)
             ctx.emit = partial(self._emit, len(self.nodes))
             ctx.room = self._room
             self.nodes.append(cls(opts, ctx))
@@ -624,6 +626,20 @@ class Pipeline:
                 entry["state"] = self.source_state.get(n.id, "created")
             out.append(entry)
         return {"name": self.name, "state": self.state, "started_at": self.started_at, "nodes": out}
+
+
+def _check_services(cls: type[_Node], node_id: str, ctx: NodeContext) -> None:
+    """A node whose required services the runtime does not offer fails here, by name, not later.
+
+    A context without services (``None``: a test or a benchmark building a pipeline by hand) is
+    taken as it is.
+    """
+    services = ctx.services
+    if services is None:
+        return
+    missing = sorted(s for s in cls.required_services() if getattr(services, s, None) is None)
+    if missing:
+        raise NodeError(node_id, f"node {node_id!r} ({cls.type_name}) needs the {', '.join(missing)} service(s)")
 
 
 def _topological(options: list[NodeOptions]) -> list[NodeOptions]:

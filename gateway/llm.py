@@ -1061,46 +1061,10 @@ class AdmissionQueue(Generic[T]):
 
 
 def metric_families(gw: Any) -> Iterable[Any]:
-    """Prometheus families for the LLM stage of a running gateway (read at scrape time)."""
+    """Prometheus families for the LLM providers of a running gateway (read at scrape time);
+    each llm node reports its own admission queue through its ``metrics()`` hook."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    lv = ["pipeline", "node"]
-    depth = GaugeMetricFamily("sluice_llm_queue_depth", "Requests waiting in an llm node's admission queue", labels=lv)
-    cap = GaugeMetricFamily("sluice_llm_queue_max_depth", "Admission queue bound of an llm node", labels=lv)
-    inflight = GaugeMetricFamily("sluice_llm_in_flight", "Requests an llm node has with a model", labels=lv)
-    shed = CounterMetricFamily(
-        "sluice_llm_shed", "Events answered with rule text instead of the model, by reason", labels=[*lv, "reason"]
-    )
-    done = CounterMetricFamily("sluice_llm_results", "Model requests finished, by status", labels=[*lv, "status"])
-    wait = GaugeMetricFamily(
-        "sluice_llm_queue_wait_seconds", "Recent admission queue wait of answered events", labels=[*lv, "quantile"]
-    )
-    ttft = GaugeMetricFamily("sluice_llm_first_token_seconds", "Time to first token of the last answer", labels=lv)
-    tps = GaugeMetricFamily("sluice_llm_tokens_per_second", "Tokens per second of the last answer", labels=lv)
-    for p in getattr(gw, "pipelines", {}).values():
-        for n in p.nodes:
-            stats = getattr(n, "stats", None)
-            if getattr(n, "type_name", None) != "llm" or stats is None:
-                continue
-            s = stats()
-            labels = [p.name, n.id]
-            depth.add_metric(labels, s["queue"]["depth"])
-            cap.add_metric(labels, s["queue"]["max_depth"])
-            inflight.add_metric(labels, s["in_flight"])
-            for reason, count in n.counters().items():
-                if reason.startswith("shed_"):
-                    shed.add_metric([*labels, reason[5:]], count)
-            done.add_metric([*labels, "ok"], s["ok"])
-            done.add_metric([*labels, "error"], s["failed"])
-            for q in ("0.5", "0.99"):
-                v = s["wait_p50_s" if q == "0.5" else "wait_p99_s"]
-                if v is not None:
-                    wait.add_metric([*labels, q], v)
-            if s["first_token_s"] is not None:
-                ttft.add_metric(labels, s["first_token_s"])
-            if s["tokens_per_s"] is not None:
-                tps.add_metric(labels, s["tokens_per_s"])
-    yield from (depth, cap, inflight, shed, done, wait, ttft, tps)
     hub = getattr(gw, "llm", None)
     if not isinstance(hub, LlmHub):
         return

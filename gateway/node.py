@@ -1,21 +1,22 @@
 """What a node type is: an options model (what) and a runtime object (how), plus the registry.
 
 A node type is a class deriving from :class:`Source`, :class:`Operator` or :class:`Sink`, with a
-nested pydantic ``Options`` model, registered by type name with :func:`register`. Third-party
-packages register theirs through the ``sluice.nodes`` entry-point group: each entry point names a
-module (importing it registers its nodes) or a node class.
+nested pydantic ``Options`` model. Built-in and third-party node types are found the same way:
+through the ``sluice.nodes`` entry-point group, each entry point named by the type name and
+naming the node class (``module:Class``). Nodes import what they use from :mod:`gateway.api`.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import string
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -23,8 +24,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from .events import Event
 
 if TYPE_CHECKING:
+    from .api import Services, SourceOutput
     from .deadletter import DeadLetters
-    from .engine import SourceQueue
 
 __all__ = [
     "Duration",
@@ -86,15 +87,22 @@ class NodeOptions(BaseModel):
 
 @dataclass(slots=True)
 class NodeContext:
-    """What a running node may use from the runtime."""
+    """What a running node may use from the runtime: who it is, its clocks and the services.
+
+    A test builds one directly, with only the services the node under test needs (``None`` for
+    a node that needs none) and clocks it drives itself.
+    """
 
     gateway_id: str
     pipeline: str
     node_id: str
     data_dir: str
-    links: Any  # gateway.runtime.Links: shared connections by name
+    services: Services | Any
+    """The runtime's services (:class:`gateway.api.Services`): outbox, alerts, llm, history, ingest
+    routes, connections by name."""
     dead_letters: DeadLetters
     clock: Callable[[], float] = time.time
+    """Wall-clock time (epoch seconds): ingest timestamps and anything shown to people."""
     logger: logging.Logger = field(default_factory=lambda: log)
     emit: Callable[[list[Event]], bool] = field(default=lambda events: _not_running())
     """Set by the pipeline: an operator hands events downstream from outside ``on_event``/``on_timer``
@@ -103,6 +111,46 @@ class NodeContext:
     ``await ctx.room()`` before emitting what must not be lost."""
     room: Callable[[], Awaitable[None]] = field(default=lambda: _not_running())
     """Set by the pipeline: wait until ``emit`` has room (backpressure for an operator's own tasks)."""
+    monotonic: Callable[[], float] = time.monotonic
+    """Seconds that only go forward (timeouts, staleness, rates): never steps with the wall clock."""
+
+    @property
+    def links(self) -> Services | Any:
+        """The former name of :attr:`services`."""
+        return self.services
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One sample a node reports through :meth:`_Node.metrics`, exported on ``/metrics``.
+
+    ``pipeline`` and ``node`` labels are added by the runtime; ``labels`` are the node's own
+    (the same label names for every sample of one ``name``).
+    """
+
+    name: str
+    help: str
+    kind: Literal["gauge", "counter"]
+    value: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+def metric_families(pipelines: Iterable[Any]) -> list[Any]:
+    """Prometheus families of what every running node reports through its ``metrics()`` hook."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    families: dict[str, Any] = {}
+    for p in pipelines:
+        for n in p.nodes:
+            for m in n.metrics():
+                fam = families.get(m.name)
+                if fam is None:
+                    kind = GaugeMetricFamily if m.kind == "gauge" else CounterMetricFamily
+                    fam = families[m.name] = kind(
+                        m.name, m.help, labels=["pipeline", "node", *(k for k, _ in m.labels)]
+                    )
+                fam.add_metric([p.name, n.id, *(v for _, v in m.labels)], m.value)
+    return list(families.values())
 
 
 def _not_running() -> Any:
@@ -172,7 +220,32 @@ class _Node:
         """Take back what :meth:`snapshot` produced."""
 
     def counters(self) -> dict[str, int]:
+        """Event counts (``in``, ``out``, ``errors``, ``dropped`` and the node's own), for
+        ``/metrics`` as ``sluice_node_<name>`` and the console."""
         return {"in": self.n_in, "out": self.n_out, "errors": self.n_errors, "dropped": self.n_dropped}
+
+    # --- hooks: what the runtime and the console ask a node, instead of knowing its type ---
+
+    @classmethod
+    def required_services(cls) -> frozenset[str]:
+        """Names of the :class:`gateway.api.Services` this node type cannot run without
+        (``"outbox"``, ``"alerts"``, ``"llm"``, ``"history"`` …); checked when a pipeline is built."""
+        return frozenset()
+
+    @classmethod
+    def command_connections(cls, options: NodeOptions) -> Iterable[str]:
+        """Connections on which the gateway must listen for commands for this node (e.g. alert
+        acknowledgements over MQTT). Fixed at start: a reload cannot change them."""
+        return ()
+
+    def metrics(self) -> Iterable[Metric]:
+        """Samples beyond :meth:`counters` for ``/metrics``, read at scrape time."""
+        return ()
+
+    def live_topics(self) -> frozenset[str]:
+        """Console WebSocket topics (beyond the node's own event tap) fed from this node's output,
+        e.g. ``"llm"`` for the token stream."""
+        return frozenset()
 
 
 class Source(_Node):
@@ -180,7 +253,7 @@ class Source(_Node):
 
     kind = "source"
 
-    async def run(self, output: SourceQueue) -> None:
+    async def run(self, output: SourceOutput) -> None:
         """Read from the outside and hand batches to ``output`` until cancelled or exhausted."""
         raise NotImplementedError
 
@@ -244,42 +317,10 @@ class Sink(_Node):
 
 
 _REGISTRY: dict[str, type[_Node]] = {}
-# Built-in type name -> its module, imported when a config first uses the type: a gateway that
-# reads MQTT does not carry Modbus, serial, windows or the LLM stage in memory (each node module
-# costs 1-5 MB resident, mostly its options models). tests/gateway/test_registry.py keeps this
-# index equal to what the modules register.
-_BUILTIN_TYPES: dict[str, str] = {
-    "mqtt": "nodes.sources",
-    "simulate": "nodes.sources",
-    "filter": "nodes.operators",
-    "map": "nodes.operators",
-    "window": "nodes.windows",
-    "history": "nodes.history",
-    "threshold": "nodes.detectors",
-    "zscore": "nodes.detectors",
-    "ewma": "nodes.detectors",
-    "rate_of_change": "nodes.detectors",
-    "stale": "nodes.detectors",
-    "flatline": "nodes.detectors",
-    "mqtt_out": "nodes.sinks",
-    "log": "nodes.sinks",
-    "webhook": "nodes.sinks",
-    "console": "nodes.sinks",
-    "serial": "nodes.devices",
-    "modbus": "nodes.devices",
-    "websocket": "nodes.devices",
-    "http": "nodes.http",
-    "http_poll": "nodes.http",
-    "llm": "nodes.llm",
-    "alert": "nodes.alerts",
-    "kafka": "nodes.kafka",
-    "kafka_out": "nodes.kafka",
-    "redis": "nodes.redis_streams",
-    "redis_out": "nodes.redis_streams",
-    "homeassistant": "nodes.homeassistant",
-}
-_BUILTIN_MODULES = tuple(dict.fromkeys(_BUILTIN_TYPES.values()))
+_GROUP = "sluice.nodes"
+_DIST = "sluice-gateway"
 _loaded = False
+_entry_points: dict[str, EntryPoint] | None = None
 
 
 def register(cls: type[_Node]) -> type[_Node]:
@@ -297,22 +338,79 @@ def register(cls: type[_Node]) -> type[_Node]:
     return cls
 
 
+def _source_tree_entry_points() -> list[EntryPoint]:
+    """The built-in entry points from ``pyproject.toml``, when Sluice runs from a source tree whose
+    installed metadata is missing or older than that file (e.g. an editable install made before
+    a node type was added)."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        with pyproject.open("rb") as f:
+            table = tomllib.load(f)["project"]["entry-points"][_GROUP]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return []
+    return [EntryPoint(name, value, _GROUP) for name, value in table.items()]
+
+
+def _node_entry_points() -> dict[str, EntryPoint]:
+    """Every ``sluice.nodes`` entry point by name; built-ins are found this way like any plugin's.
+
+    An entry point's name is the node type name and its value a node class (``module:Class``),
+    so a config that uses one type imports only that type's module (each node module costs
+    1-5 MB resident, mostly its options models). A value without ``:Class`` names a module
+    whose import registers its nodes with :func:`register`.
+    """
+    global _entry_points
+    if _entry_points is None:
+        found: dict[str, EntryPoint] = {}
+        for ep in _source_tree_entry_points():
+            found[ep.name] = ep
+        for ep in entry_points(group=_GROUP):
+            if ep.dist is not None and ep.dist.name == _DIST and ep.name in found:
+                continue  # the source tree's pyproject.toml is newer than any installed copy of it
+            if ep.name in found and found[ep.name].value != ep.value:
+                log.warning(
+                    "node type %r is offered by two plugins (%s and %s); using the first",
+                    ep.name,
+                    found[ep.name].value,
+                    ep.value,
+                )
+                continue
+            found[ep.name] = ep
+        _entry_points = found
+    return _entry_points
+
+
+def _load(ep: EntryPoint) -> None:
+    try:
+        obj = ep.load()
+    except Exception:  # a broken plugin must not stop the gateway; say which one
+        log.exception("could not load node plugin %r from %s", ep.name, ep.value)
+        return
+    if isinstance(obj, type) and issubclass(obj, _Node):
+        if _REGISTRY.get(getattr(obj, "type_name", None) or "") is not obj:
+            try:
+                register(obj)
+            except TypeError as exc:
+                log.error("node plugin %r from %s: %s", ep.name, ep.value, exc)
+                return
+        if obj.type_name != ep.name:
+            log.warning(
+                "node plugin entry point %r names %s, whose type is %r: configs must use %r",
+                ep.name,
+                ep.value,
+                obj.type_name,
+                obj.type_name,
+            )
+
+
 def load_node_types() -> None:
-    """Import the built-in node modules and every ``sluice.nodes`` entry point, once."""
+    """Load every ``sluice.nodes`` entry point (built-in and third-party), once."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
-    for ep in entry_points(group="sluice.nodes"):
-        try:
-            obj = ep.load()
-        except Exception:  # a broken plugin must not stop the gateway; say which one
-            log.exception("could not load node plugin %r from %s", ep.name, ep.value)
-            continue
-        if isinstance(obj, type) and issubclass(obj, _Node) and obj not in _REGISTRY.values():
-            register(obj)
+    for ep in _node_entry_points().values():
+        _load(ep)
 
 
 def node_types() -> dict[str, type[_Node]]:
@@ -321,14 +419,15 @@ def node_types() -> dict[str, type[_Node]]:
 
 
 def get_node_type(name: str) -> type[_Node] | None:
+    """The node class of type ``name``, loading only its entry point when it is not known yet."""
     cls = _REGISTRY.get(name)
     if cls is not None:
         return cls
-    module = _BUILTIN_TYPES.get(name)
-    if module is not None:
-        importlib.import_module(module)
+    ep = _node_entry_points().get(name)
+    if ep is not None:
+        _load(ep)
         cls = _REGISTRY.get(name)
         if cls is not None:
             return cls
-    load_node_types()  # a plugin's type, or an unknown name: everything must be known to say so
+    load_node_types()  # an entry point named otherwise, or an unknown name: everything must be known to say so
     return _REGISTRY.get(name)

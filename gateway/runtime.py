@@ -28,7 +28,7 @@ from .errors import SluiceError
 from .history import History
 from .llm import LlmHub
 from .mqtt import MqttLink, json_bytes, status_topic
-from .node import NodeContext
+from .node import NodeContext, get_node_type
 from .outbox import Outbox
 from .service import Notifier, ServiceReporter, status_line
 from .store import StateStore
@@ -87,12 +87,24 @@ def release_heap(*, stopping: bool = False) -> None:
             _thresholds = None
 
 
+def _command_connections(loaded: LoadedConfig) -> list[str]:
+    """The connections some node needs commands from (its ``command_connections`` hook)."""
+    names: set[str] = set()
+    for opts in loaded.nodes.values():
+        for o in opts:
+            cls = get_node_type(o.type)
+            if cls is not None:
+                names.update(cls.command_connections(o))
+    return sorted(names)
+
+
 class ReloadError(SluiceError):
     """A config the running gateway cannot take without a restart, or that failed to start."""
 
 
 class Links:
-    """Shared connections by name: one publisher link per broker, and the outbox that feeds them."""
+    """The runtime's services to nodes (:class:`gateway.api.Services`): shared connections by name
+    (one publisher link per broker), the outbox that feeds them, alerts, LLM, history, ingest routes."""
 
     def __init__(self, gateway_id: str, connections: dict[str, MqttConnection], data_dir: Path, started_at: float):
         self.gateway_id = gateway_id
@@ -141,6 +153,27 @@ class Links:
         except KeyError:
             raise SluiceError(f"unknown connection {name!r}") from None
 
+    def subscriber(
+        self,
+        connection: str,
+        client_id: str,
+        on_message: Callable[..., Any],
+        *,
+        clean_session: bool = True,
+        session_expiry: int = 0,
+        ack_after_processing: bool = False,
+    ) -> MqttLink:
+        """A receiving link of a node's own to broker ``connection``; the node runs and closes it."""
+        return MqttLink(
+            connection,
+            self.connection(connection),
+            client_id,
+            on_message=on_message,
+            clean_session=clean_session,
+            session_expiry=session_expiry,
+            ack_after_processing=ack_after_processing,
+        )
+
     async def close(self) -> None:
         for link in self.publishers.values():
             status = (status_topic(self.gateway_id), self._status("offline")) if link.conn.status else None
@@ -172,14 +205,7 @@ class Gateway:
         self._inputs_seen = 0
         self.service = ServiceReporter(Notifier(), ready=self._service_ready, status=self._service_status)
         # acknowledgements over MQTT arrive on the connections alert sinks publish to
-        for name in sorted(
-            {
-                o.connection
-                for opts in loaded.nodes.values()
-                for o in opts  # type: ignore[attr-defined]
-                if o.type == "alert" and getattr(o, "connection", None)
-            }
-        ):
+        for name in _command_connections(loaded):
             conn = cfg.connections[name]
             self.alerts.command_links[name] = MqttLink(
                 name, conn, f"{conn.client_id or self.id}-cmd", on_message=self.alerts.on_command
@@ -249,14 +275,7 @@ class Gateway:
         """What a reload cannot change: every section but the pipelines, and where alerts take commands."""
         cfg = loaded.config
         parts = cfg.model_dump(mode="json", exclude={"pipelines"})
-        parts["alert command connections"] = sorted(
-            {
-                o.connection
-                for opts in loaded.nodes.values()
-                for o in opts  # type: ignore[attr-defined]
-                if o.type == "alert" and getattr(o, "connection", None)
-            }
-        )
+        parts["alert command connections"] = _command_connections(loaded)
         return parts
 
     @staticmethod

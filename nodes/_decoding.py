@@ -1,12 +1,14 @@
-"""What every source that decodes device bytes shares: malformed input counted by kind and dead-lettered."""
+"""What every source that decodes device bytes shares: malformed input counted by kind and
+dead-lettered, and the up/down record of its device link."""
 
 from __future__ import annotations
 
-from firmware_bridges import RawReading
-from gateway.events import Event
-from gateway.node import Source
+from typing import Any
 
-__all__ = ["DecodingSource", "to_events"]
+from firmware_bridges import RawReading
+from gateway.api import Event, Source
+
+__all__ = ["DecodingSource", "DeviceHealth", "to_events"]
 
 
 def to_events(readings: list[RawReading], now: float, source: str) -> list[Event]:
@@ -35,3 +37,33 @@ class DecodingSource(Source):
         self.n_errors += 1
         self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
         self.ctx.dead_letters.record(self.ctx.pipeline, self.id, f"{where}: {reason}", None, raw)
+
+
+class DeviceHealth:
+    """A device link's state for ``health()``: up/down with the reason, since when, how often lost."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.state = "starting"
+        self.reason: str | None = None
+        self.since = 0.0
+        self.losses = 0
+        self.next_retry: float | None = None
+
+    def up(self, now: float) -> None:
+        self.state, self.reason, self.since, self.next_retry = "up", None, now, None
+
+    def down(self, now: float, reason: str, retry_in: float) -> None:
+        if self.state != "down":
+            self.since = now
+            if self.state == "up":
+                self.losses += 1
+        self.state, self.reason, self.next_retry = "down", reason, retry_in
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"state": self.state, "device": self.what, "since": self.since, "losses": self.losses}
+        if self.reason:
+            d["reason"] = self.reason
+        if self.next_retry is not None:
+            d["retry_in"] = round(self.next_retry, 3)
+        return d

@@ -11,13 +11,11 @@ acknowledged the message.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from typing import Any
 
-from gateway._retry import backoff
-from gateway.errors import LinkError
+from gateway.api import Envelope, LinkError, backoff
 
 __all__ = ["OutboxLink", "Refused", "split_row_topic"]
 
@@ -53,7 +51,7 @@ class OutboxLink:
         self.state = "connecting"
         self.last_error: str | None = None
         self.delivered = 0
-        self._prefix_len = len(b'{"gateway_id":' + json.dumps(gateway_id).encode() + b',"seq":')
+        self._envelope = Envelope(gateway_id)
         self._up = asyncio.Event()
         self._down = asyncio.Event()
         self._work = asyncio.Event()
@@ -107,9 +105,7 @@ class OutboxLink:
 
     def envelope_headers(self, payload: bytes) -> tuple[bytes, bool]:
         """``seq`` and ``replayed`` read back from the start of an outbox payload (no JSON parse)."""
-        start = self._prefix_len
-        end = payload.index(b",", start)
-        return payload[start:end], payload.startswith(b',"replayed":true', end)
+        return self._envelope.read_head(payload)
 
     # --- running ------------------------------------------------------------------------------
 

@@ -18,9 +18,17 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gateway.alerts import SEVERITIES, SuppressWindow
-from gateway.events import Event
-from gateway.node import Duration, NodeOptions, Sink, check_connection, check_topic_template, register
+from gateway.api import (
+    SEVERITIES,
+    Duration,
+    Event,
+    NodeOptions,
+    Sink,
+    SuppressWindow,
+    check_connection,
+    check_topic_template,
+    register,
+)
 
 __all__ = ["AlertSink"]
 
@@ -65,6 +73,15 @@ class AlertSink(Sink):
         o: AlertOptions = options  # type: ignore[assignment]
         return [*check_connection(o.connection, config), *check_topic_template(o.topic, _TEMPLATE_FIELDS)]
 
+    @classmethod
+    def required_services(cls) -> frozenset[str]:
+        return frozenset({"alerts"})
+
+    @classmethod
+    def command_connections(cls, options: NodeOptions) -> list[str]:
+        connection = getattr(options, "connection", None)  # acknowledgements arrive where alerts go
+        return [connection] if connection else []
+
     def __init__(self, options: AlertOptions, ctx: Any):
         super().__init__(options, ctx)
         self._service: Any = None
@@ -73,7 +90,7 @@ class AlertSink(Sink):
         self._topic = options.topic.format(gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id)
 
     async def start(self) -> None:
-        self._service = self.ctx.links.alerts
+        self._service = self.ctx.services.alerts
         key = (self.ctx.pipeline, self.id)
         if self.options.cooldown and self.options.auto_resolve:
             self._service.cooldowns[key] = self.options.cooldown

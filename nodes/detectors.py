@@ -19,8 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from gateway.events import Event
-from gateway.node import Duration, NodeOptions, Operator, register
+from gateway.api import Duration, Event, NodeOptions, Operator, register
 
 __all__ = ["Ewma", "Flatline", "RateOfChange", "Stale", "Threshold", "ZScore"]
 

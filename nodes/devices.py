@@ -27,45 +27,12 @@ from serial_asyncio_fast import create_serial_connection
 
 from firmware_bridges import CodecOptions, DecodeError, JsonCodec, make_decoder
 from firmware_bridges.modbus import DeviceMap, Point, ReadBlock, decode_point, load_profile, plan_reads
-from gateway._retry import backoff
-from gateway.engine import SourceQueue
-from gateway.events import Event
-from gateway.node import Duration, NodeOptions, Source, register
-from nodes._decoding import DecodingSource, to_events
+from gateway.api import Duration, Event, NodeOptions, Source, SourceOutput, backoff, register
+from nodes._decoding import DecodingSource, DeviceHealth, to_events
 
 __all__ = ["ModbusSource", "SerialSource", "WebSocketSource"]
 
 log = logging.getLogger(__name__)
-
-
-class _Health:
-    """A device link's state for ``health()``: up/down with the reason, since when, how often lost."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.state = "starting"
-        self.reason: str | None = None
-        self.since = 0.0
-        self.losses = 0
-        self.next_retry: float | None = None
-
-    def up(self, now: float) -> None:
-        self.state, self.reason, self.since, self.next_retry = "up", None, now, None
-
-    def down(self, now: float, reason: str, retry_in: float) -> None:
-        if self.state != "down":
-            self.since = now
-            if self.state == "up":
-                self.losses += 1
-        self.state, self.reason, self.next_retry = "down", reason, retry_in
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"state": self.state, "device": self.what, "since": self.since, "losses": self.losses}
-        if self.reason:
-            d["reason"] = self.reason
-        if self.next_retry is not None:
-            d["retry_in"] = round(self.next_retry, 3)
-        return d
 
 
 # --- serial ---------------------------------------------------------------------------------
@@ -138,9 +105,9 @@ class SerialSource(DecodingSource):
     def __init__(self, options: SerialOptions, ctx: Any):
         super().__init__(options, ctx)
         self._decoder = make_decoder(options.codec)
-        self._health = _Health(options.port)
+        self._health = DeviceHealth(options.port)
         self._transport: asyncio.Transport | None = None
-        self._out: SourceQueue | None = None
+        self._out: SourceOutput | None = None
         self.n_bytes = 0
         self.n_pauses = 0
         self._paused = False
@@ -235,7 +202,7 @@ class SerialSource(DecodingSource):
         set_read_size(transport, READ_SIZE)
         return transport, protocol  # type: ignore[return-value]
 
-    async def run(self, output: SourceQueue) -> None:
+    async def run(self, output: SourceOutput) -> None:
         o = self.options
         self._out = output
         attempt = 0
@@ -472,7 +439,7 @@ class ModbusSource(Source):
         super().__init__(options, ctx)
         self.slaves = [_Slave(s) for s in options.slaves]
         what = f"{options.host}:{options.port}" if options.transport == "tcp" else str(options.device)
-        self._health = _Health(what)
+        self._health = DeviceHealth(what)
         self.polls: list[_Poll] = []
         for s in self.slaves:
             groups: dict[str, list[Point]] = {}
@@ -523,7 +490,7 @@ class ModbusSource(Source):
             reconnect_delay=0,
         )
 
-    async def run(self, output: SourceQueue) -> None:
+    async def run(self, output: SourceOutput) -> None:
         o = self.options
         attempt = 0
         while True:
@@ -563,7 +530,7 @@ class ModbusSource(Source):
             self._health.down(self.ctx.clock(), reason, delay)
             await asyncio.sleep(delay)
 
-    async def _poll_loop(self, client: Any, watch: _ReplyWatch, output: SourceQueue) -> None:
+    async def _poll_loop(self, client: Any, watch: _ReplyWatch, output: SourceOutput) -> None:
         while True:
             poll = min(self.polls, key=lambda p: p.due)
             wait = poll.due - time.monotonic()
@@ -727,7 +694,7 @@ class WebSocketSource(DecodingSource):
     def __init__(self, options: WebSocketOptions, ctx: Any):
         super().__init__(options, ctx)
         self._decoder = make_decoder(options.codec)
-        self._health = _Health(options.url)
+        self._health = DeviceHealth(options.url)
         self.n_messages = 0
 
     def health(self) -> dict[str, Any]:
@@ -752,7 +719,7 @@ class WebSocketSource(DecodingSource):
         self.n_in += len(readings)
         return to_events(readings, now, self.id)
 
-    async def run(self, output: SourceQueue) -> None:
+    async def run(self, output: SourceOutput) -> None:
         o = self.options
         attempt = 0
         async with aiohttp.ClientSession(headers=o.headers) as session:
@@ -784,7 +751,7 @@ class WebSocketSource(DecodingSource):
                 self._health.down(self.ctx.clock(), reason, delay)
                 await asyncio.sleep(delay)
 
-    async def _receive(self, ws: aiohttp.ClientWebSocketResponse, output: SourceQueue) -> str:
+    async def _receive(self, ws: aiohttp.ClientWebSocketResponse, output: SourceOutput) -> str:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 events = self.decode(msg.data.encode())

@@ -7,9 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gateway.errors import SluiceError
-from gateway.events import Event
-from gateway.node import NodeOptions, Sink, register
+from gateway.api import Event, NodeOptions, Sink, SluiceError, register
 
 __all__ = ["HistorySink"]
 
@@ -39,7 +37,7 @@ class HistorySink(Sink):
         self._history: Any = None
 
     async def start(self) -> None:
-        self._history = getattr(self.ctx.links, "history", None)
+        self._history = getattr(self.ctx.services, "history", None)
         if self._history is None:
             raise SluiceError(f"history {self.id}: no history store (it runs inside a gateway)")
 

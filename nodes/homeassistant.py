@@ -30,11 +30,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gateway import __version__
-from gateway.errors import LinkError
-from gateway.events import Event
-from gateway.mqtt import MqttLink, status_topic
-from gateway.node import Duration, NodeOptions, Sink, check_connection, register
+from gateway.api import (
+    Duration,
+    Event,
+    LinkError,
+    NodeOptions,
+    Sink,
+    Subscriber,
+    check_connection,
+    register,
+    sluice_version,
+    status_topic,
+)
 
 __all__ = ["HomeAssistant", "discovery_config"]
 
@@ -106,8 +113,14 @@ def discovery_config(
 ) -> dict[str, Any]:
     """The device-based discovery payload: ``dev``, ``o``, availability and ``cmps``."""
     return {
-        "dev": {"ids": [device_id], "name": device_name, "mf": "Sluice", "mdl": "Sluice pipeline", "sw": __version__},
-        "o": {"name": "sluice", "sw": __version__},
+        "dev": {
+            "ids": [device_id],
+            "name": device_name,
+            "mf": "Sluice",
+            "mdl": "Sluice pipeline",
+            "sw": sluice_version,
+        },
+        "o": {"name": "sluice", "sw": sluice_version},
         "avty": [
             {
                 "t": status_topic(gateway_id),
@@ -143,7 +156,7 @@ class HomeAssistant(Sink):
         self.components: dict[str, dict[str, Any]] = {}
         self._registry = Path(ctx.data_dir) / REGISTRY
         self._record = self._registry / f"{ctx.pipeline}.{options.id}.json"
-        self._link: MqttLink | None = None
+        self._link: Subscriber | None = None
         self._task: asyncio.Task[None] | None = None
         self._announce = asyncio.Event()
         self._waiting: dict[str, bytes] = {}  # latest state per component while disconnected
@@ -158,11 +171,10 @@ class HomeAssistant(Sink):
                 self.components = saved.get("components", {})
         except (OSError, ValueError):
             pass
-        conn = self.ctx.links.connection(self.options.connection)
-        prefix = conn.client_id or self.ctx.gateway_id
-        self._link = MqttLink(
+        services = self.ctx.services
+        prefix = services.connection(self.options.connection).client_id or self.ctx.gateway_id
+        self._link = services.subscriber(
             self.options.connection,
-            conn,
             f"{prefix}-{self.ctx.pipeline}-{self.id}-ha",
             on_message=self._on_message,
             clean_session=True,
@@ -239,7 +251,7 @@ class HomeAssistant(Sink):
             "device_id": self.device_id,
             "config_topic": self.config_topic,
             "components": self.components,
-            "started_at": self.ctx.links.started_at,
+            "started_at": self.ctx.services.started_at,
         }
         try:
             self._registry.mkdir(parents=True, exist_ok=True)
@@ -252,7 +264,7 @@ class HomeAssistant(Sink):
     def _remove_stale_devices(self) -> None:
         """Devices of sink nodes that this run of the gateway did not start: their pipeline was removed."""
         assert self._link is not None
-        this_run = self.ctx.links.started_at
+        this_run = self.ctx.services.started_at
         for path in self._registry.glob("*.json"):
             try:
                 record = json.loads(path.read_text())

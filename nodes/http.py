@@ -19,11 +19,8 @@ from aiohttp import web
 from pydantic import Field, field_validator
 
 from firmware_bridges import DecodeError, JsonCodec, RawReading, make_decoder
-from gateway._retry import backoff
-from gateway.engine import SourceQueue
-from gateway.events import Event
-from gateway.node import Duration, NodeOptions, register
-from nodes._decoding import DecodingSource, to_events
+from gateway.api import Duration, Event, NodeOptions, SourceOutput, backoff, register
+from nodes._decoding import DecodingSource, DeviceHealth, to_events
 
 __all__ = ["HttpPollSource", "HttpPushSource"]
 
@@ -132,7 +129,7 @@ class HttpPushSource(_SourceBase):
     def __init__(self, options: HttpPushOptions, ctx: Any):
         super().__init__(options, ctx)
         self._token = options.token.encode()
-        self._out: SourceQueue | None = None
+        self._out: SourceOutput | None = None
         self.n_requests = 0
         self.status: dict[str, int] = {}
         self.last_push: float | None = None
@@ -154,8 +151,8 @@ class HttpPushSource(_SourceBase):
             c[f"http_{code}"] = n
         return c
 
-    async def run(self, output: SourceQueue) -> None:
-        ingest: dict[str, Any] = self.ctx.links.ingest
+    async def run(self, output: SourceOutput) -> None:
+        ingest: dict[str, Any] = self.ctx.services.ingest
         self._out = output
         ingest[self.id] = self.handle
         try:
@@ -264,9 +261,7 @@ class HttpPollSource(_SourceBase):
 
     def __init__(self, options: HttpPollOptions, ctx: Any):
         super().__init__(options, ctx)
-        from nodes.devices import _Health  # the same up/down record as the other device sources
-
-        self._health = _Health(options.url)
+        self._health = DeviceHealth(options.url)
         self._etag: str | None = None
         self.n_requests = 0
         self.n_not_modified = 0
@@ -283,7 +278,7 @@ class HttpPollSource(_SourceBase):
         c["failures"] = self.n_failures
         return c
 
-    async def run(self, output: SourceQueue) -> None:
+    async def run(self, output: SourceOutput) -> None:
         o = self.options
         attempt = 0
         timeout = aiohttp.ClientTimeout(total=o.timeout)

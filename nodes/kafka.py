@@ -26,12 +26,19 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from gateway.engine import SourceQueue
-from gateway.events import Event
-from gateway.expr import check_expression
-from gateway.node import Duration, NodeOptions, Sink, check_topic_template, register
+from gateway.api import (
+    Duration,
+    Event,
+    NodeOptions,
+    Sink,
+    SourceOutput,
+    check_expression,
+    check_topic_template,
+    event_fields,
+    register,
+)
 from nodes._outlink import OutboxLink, Refused, split_row_topic
-from nodes.sources import MqttSource, _key_function
+from nodes.sources import MqttSource, key_function
 
 __all__ = ["KafkaOut", "KafkaSource"]
 
@@ -262,7 +269,7 @@ class KafkaOut(Sink):
         )
 
     async def start(self) -> None:
-        self._outbox = self.ctx.links.outbox
+        self._outbox = self.ctx.services.outbox
         if self._link is None:
             link = KafkaLink(self._name, self.options, self.ctx.gateway_id, self.ctx.pipeline)
             self._link = self._outbox.register_link(self._name, link)
@@ -285,15 +292,7 @@ class KafkaOut(Sink):
         pipeline = self.ctx.pipeline
         name = self._name
         await self._outbox.put(
-            [
-                (
-                    name,
-                    f"{self._topic(ev)}\x00{ev.key}",
-                    {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value},
-                    ev.key,
-                )
-                for ev in batch
-            ]
+            [(name, f"{self._topic(ev)}\x00{ev.key}", event_fields(pipeline, ev), ev.key) for ev in batch]
         )
 
 
@@ -386,7 +385,7 @@ class KafkaSource(MqttSource):
             idx = int(m.group(1))
             self._key = lambda topic, body: topic.split(".")[idx]
         elif spec != "topic":
-            by_levels = _key_function(spec)
+            by_levels = key_function(spec)
             self._key = lambda topic, body: by_levels(topic.replace(".", "/"), body)
         self._consumer: Any = None
         self._fifo: deque[list[Any]] = deque()  # [offsets by partition, done?] in hand-over order
@@ -415,7 +414,7 @@ class KafkaSource(MqttSource):
         c["pauses"] = self.n_pauses
         return c
 
-    async def run(self, output: SourceQueue) -> None:
+    async def run(self, output: SourceOutput) -> None:
         from aiokafka import AIOKafkaConsumer
 
         o = self.options
@@ -466,7 +465,7 @@ class KafkaSource(MqttSource):
                 await asyncio.wait_for(self._commit_now(None), 5)
             await consumer.stop()
 
-    async def _pause_until_room(self, output: SourceQueue) -> None:
+    async def _pause_until_room(self, output: SourceOutput) -> None:
         consumer = self._consumer
         parts = consumer.assignment()
         consumer.pause(*parts)
@@ -480,7 +479,7 @@ class KafkaSource(MqttSource):
             self.paused = False
             consumer.resume(*consumer.assignment())
 
-    async def _hand_over(self, records: dict[Any, list[Any]], output: SourceQueue) -> None:
+    async def _hand_over(self, records: dict[Any, list[Any]], output: SourceOutput) -> None:
         events: list[Event] = []
         offsets: dict[Any, int] = {}
         decode = self.decode

@@ -20,14 +20,29 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import Field, field_validator
 
-from gateway._log import RateLimitedLog
-from gateway.events import Event
-from gateway.llm import SHED_REASONS, AdmissionQueue, Chunk, LlmHub, LlmRequest, Outcome, ProviderSlot, run_chain
-from gateway.node import Duration, NodeContext, NodeOptions, Operator, register
+from gateway.api import (
+    SHED_REASONS,
+    AdmissionQueue,
+    Chunk,
+    Duration,
+    Event,
+    LlmHub,
+    LlmRequest,
+    Metric,
+    NodeContext,
+    NodeOptions,
+    Operator,
+    Outcome,
+    ProviderSlot,
+    RateLimitedLog,
+    register,
+    run_chain,
+)
 
 __all__ = ["Llm"]
 
 log = logging.getLogger(__name__)
+_LIVE_TOPICS = frozenset({"llm"})
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True)
 
@@ -185,7 +200,7 @@ class Llm(Operator):
         self._prompt = _ENV.from_string(o.prompt)
         self._system = _ENV.from_string(o.system) if o.system else None
         self._rule = _ENV.from_string(o.rule_text) if o.rule_text else None
-        hub = getattr(ctx.links, "llm", None)
+        hub = getattr(ctx.services, "llm", None)
         self.hub: LlmHub | None = hub
         self.slots: list[ProviderSlot] = [hub.slot(n) for n in o.provider] if hub is not None else []
         self.concurrency = o.concurrency or (self.slots[0].concurrency if self.slots else 1)
@@ -464,6 +479,42 @@ class Llm(Operator):
         for reason, n in self.n_shed_other.items():
             c[f"shed_{reason}"] = n
         return c
+
+    def live_topics(self) -> frozenset[str]:
+        return _LIVE_TOPICS  # the console's token stream taps this node's output
+
+    def metrics(self) -> list[Metric]:
+        s = self.stats()
+        out = [
+            Metric(
+                "sluice_llm_queue_depth",
+                "Requests waiting in an llm node's admission queue",
+                "gauge",
+                s["queue"]["depth"],
+            ),
+            Metric(
+                "sluice_llm_queue_max_depth", "Admission queue bound of an llm node", "gauge", s["queue"]["max_depth"]
+            ),
+            Metric("sluice_llm_in_flight", "Requests an llm node has with a model", "gauge", s["in_flight"]),
+        ]
+        shed = "Events answered with rule text instead of the model, by reason"
+        for name, count in self.counters().items():
+            if name.startswith("shed_"):
+                out.append(Metric("sluice_llm_shed", shed, "counter", count, (("reason", name[5:]),)))
+        done = "Model requests finished, by status"
+        out.append(Metric("sluice_llm_results", done, "counter", s["ok"], (("status", "ok"),)))
+        out.append(Metric("sluice_llm_results", done, "counter", s["failed"], (("status", "error"),)))
+        wait = "Recent admission queue wait of answered events"
+        for q, field in (("0.5", "wait_p50_s"), ("0.99", "wait_p99_s")):
+            if s[field] is not None:
+                out.append(Metric("sluice_llm_queue_wait_seconds", wait, "gauge", s[field], (("quantile", q),)))
+        if s["first_token_s"] is not None:
+            ttft = "Time to first token of the last answer"
+            out.append(Metric("sluice_llm_first_token_seconds", ttft, "gauge", s["first_token_s"]))
+        if s["tokens_per_s"] is not None:
+            tps = "Tokens per second of the last answer"
+            out.append(Metric("sluice_llm_tokens_per_second", tps, "gauge", s["tokens_per_s"]))
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Admission and timing statistics, for /metrics and the console."""

@@ -6,9 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gateway.events import Event
-from gateway.expr import Expression, check_expression
-from gateway.node import NodeOptions, Operator, register
+from gateway.api import Event, Expression, NodeOptions, Operator, check_expression, register
 
 __all__ = ["Filter", "Map"]
 

@@ -24,12 +24,20 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from gateway.engine import SourceQueue
-from gateway.events import Event
-from gateway.expr import check_expression
-from gateway.node import Duration, NodeOptions, Sink, check_topic_template, register
+from gateway.api import (
+    Duration,
+    Event,
+    LinkError,
+    NodeOptions,
+    Sink,
+    SourceOutput,
+    check_expression,
+    check_topic_template,
+    event_fields,
+    register,
+)
 from nodes._outlink import OutboxLink, split_row_topic
-from nodes.sources import MqttSource, _key_function
+from nodes.sources import MqttSource, key_function
 
 __all__ = ["RedisOut", "RedisSource"]
 
@@ -157,8 +165,6 @@ class RedisLink(OutboxLink):
                         fut.set_result(None)
 
     def _down_error(self) -> Exception:
-        from gateway.errors import LinkError
-
         return LinkError(self.name, self.last_error or "down")
 
 
@@ -187,7 +193,7 @@ class RedisOut(Sink):
         )
 
     async def start(self) -> None:
-        self._outbox = self.ctx.links.outbox
+        self._outbox = self.ctx.services.outbox
         if self._link is None:
             link = RedisLink(self._name, self.options, self.ctx.gateway_id, self.ctx.pipeline)
             self._link = self._outbox.register_link(self._name, link)
@@ -210,15 +216,7 @@ class RedisOut(Sink):
         pipeline = self.ctx.pipeline
         name = self._name
         await self._outbox.put(
-            [
-                (
-                    name,
-                    f"{self._stream(ev)}\x00{ev.key}",
-                    {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value},
-                    ev.key,
-                )
-                for ev in batch
-            ]
+            [(name, f"{self._stream(ev)}\x00{ev.key}", event_fields(pipeline, ev), ev.key) for ev in batch]
         )
 
 
@@ -297,7 +295,7 @@ class RedisSource(MqttSource):
             idx = int(m.group(1))
             self._key = lambda stream, body: stream.split(":")[idx]
         elif spec != "stream":
-            by_levels = _key_function(spec)
+            by_levels = key_function(spec)
             self._key = lambda stream, body: by_levels(stream.replace(":", "/"), body)
         if options.data_field is None:
             self._value_field = options.value_field
@@ -327,7 +325,7 @@ class RedisSource(MqttSource):
     def consumer_name(self) -> str:
         return self.options.consumer or self.ctx.gateway_id
 
-    async def run(self, output: SourceQueue) -> None:
+    async def run(self, output: SourceOutput) -> None:
         from redis.exceptions import ResponseError
 
         o = self.options
@@ -360,7 +358,7 @@ class RedisSource(MqttSource):
             self._client = None
             await client.aclose()
 
-    async def _read(self, output: SourceQueue, client: Any) -> None:
+    async def _read(self, output: SourceOutput, client: Any) -> None:
         o = self.options
         group, me = self.group, self.consumer_name
         # first what this consumer read before and never acknowledged (a crash), then new entries
@@ -388,7 +386,7 @@ class RedisSource(MqttSource):
                 history.discard(stream)
                 ids[stream] = ">"
 
-    async def _claim(self, output: SourceQueue, client: Any) -> None:
+    async def _claim(self, output: SourceOutput, client: Any) -> None:
         o = self.options
         idle_ms = int(o.claim_idle * 1000)
         for stream in o.stream_list:
@@ -405,7 +403,7 @@ class RedisSource(MqttSource):
                 if start in (b"0-0", "0-0"):
                     break
 
-    async def _hand_over(self, stream: str, entries: list[Any], output: SourceQueue) -> None:
+    async def _hand_over(self, stream: str, entries: list[Any], output: SourceOutput) -> None:
         events: list[Event] = []
         ids: list[bytes] = []
         for eid, fields in entries:

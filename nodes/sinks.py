@@ -15,13 +15,23 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gateway.errors import LinkError
-from gateway.events import Event
-from gateway.node import Duration, NodeOptions, Sink, check_connection, check_topic_template, register
+from gateway.api import (
+    Duration,
+    Envelope,
+    Event,
+    LinkError,
+    NodeOptions,
+    Sink,
+    check_connection,
+    check_topic_template,
+    event_fields,
+    register,
+)
 
 __all__ = ["ConsoleSink", "LogSink", "MqttOut", "Webhook"]
 
 _TEMPLATE_FIELDS = {"gateway", "pipeline", "node", "key", "source"}
+_OUTBOX = frozenset({"outbox"})
 
 
 class MqttOutOptions(NodeOptions):
@@ -55,6 +65,7 @@ class MqttOut(Sink):
         super().__init__(options, ctx)
         self._link: Any = None
         self._outbox: Any = None
+        self._envelope = Envelope(ctx.gateway_id)
         t = options.topic
         self._static_topic = (
             None
@@ -62,9 +73,13 @@ class MqttOut(Sink):
             else t.format(gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id, key="", source="")
         )
 
+    @classmethod
+    def required_services(cls) -> frozenset[str]:
+        return _OUTBOX
+
     async def start(self) -> None:
-        self._link = self.ctx.links.publisher(self.options.connection)
-        self._outbox = self.ctx.links.outbox
+        self._link = self.ctx.services.publisher(self.options.connection)
+        self._outbox = self.ctx.services.outbox
 
     def health(self) -> dict[str, Any]:
         return self._link.health() if self._link is not None else {"state": "starting"}
@@ -85,33 +100,20 @@ class MqttOut(Sink):
         msgs = []
         for ev in batch:
             topic = self._topic(ev)
-            fields = {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value}
-            msgs.append((conn, topic, fields, f"{topic}\x00{ev.key}"))
+            msgs.append((conn, topic, event_fields(pipeline, ev), f"{topic}\x00{ev.key}"))
         # Returns once the rows are committed; the outbox does the sending.
         await self._outbox.put(msgs, retain=self.options.retain)
 
     def _write_qos0(self, batch: list[Event]) -> None:
         """QoS 0 is fire-and-forget by choice: no outbox; while disconnected, events are counted as dropped."""
         link = self._link
-        gw = self.ctx.gateway_id
+        envelope = self._envelope
+        pipeline = self.ctx.pipeline
         for ev in batch:
             if not link.connected:
                 self.n_dropped += 1
                 continue
-            payload = json.dumps(
-                {
-                    "gateway_id": gw,
-                    "seq": None,
-                    "replayed": False,
-                    "pipeline": self.ctx.pipeline,
-                    "source": ev.source,
-                    "key": ev.key,
-                    "ts": ev.ts,
-                    "value": ev.value,
-                },
-                separators=(",", ":"),
-                default=str,
-            ).encode()
+            payload = envelope.event(pipeline, ev)
             try:
                 link.publish(self._topic(ev), payload, qos=0, retain=self.options.retain)
             except LinkError:
@@ -143,6 +145,10 @@ class Webhook(Sink):
     Options = WebhookOptions
     options: WebhookOptions
 
+    @classmethod
+    def required_services(cls) -> frozenset[str]:
+        return _OUTBOX
+
     def __init__(self, options: WebhookOptions, ctx: Any):
         super().__init__(options, ctx)
         self._name = f"webhook:{ctx.pipeline}/{options.id}"
@@ -150,10 +156,10 @@ class Webhook(Sink):
         self._outbox: Any = None
 
     async def start(self) -> None:
-        from gateway.outbox import WebhookLink
+        from gateway.api import WebhookLink
 
         o = self.options
-        self._outbox = self.ctx.links.outbox
+        self._outbox = self.ctx.services.outbox
         if self._link is None:
             # a reloaded pipeline gets the running link back, with these settings
             self._link = self._outbox.register_link(
@@ -178,17 +184,7 @@ class Webhook(Sink):
     async def write(self, batch: list[Event]) -> None:
         pipeline = self.ctx.pipeline
         url = self.options.url
-        await self._outbox.put(
-            [
-                (
-                    self._name,
-                    url,
-                    {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value},
-                    ev.key,
-                )
-                for ev in batch
-            ]
-        )
+        await self._outbox.put([(self._name, url, event_fields(pipeline, ev), ev.key) for ev in batch])
 
 
 class LogOptions(NodeOptions):
@@ -240,7 +236,7 @@ class ConsoleSink(Sink):
         self.n_shown = 0  # events handed to watching browsers
 
     async def write(self, batch: list[Event]) -> None:
-        out = self.ctx.links.console
+        out = self.ctx.services.console
         if out is None or not out.console_watched:
             return
         out.console_publish(self.ctx.pipeline, self.id, self.options.label or self.id, batch)

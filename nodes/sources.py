@@ -19,12 +19,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.engine import SourceQueue
-from gateway.errors import ExpressionError
-from gateway.events import Event
-from gateway.expr import Expression, check_expression
-from gateway.mqtt import MqttLink
-from gateway.node import Duration, NodeOptions, Source, check_connection, register
+from gateway.api import (
+    Duration,
+    Event,
+    Expression,
+    ExpressionError,
+    NodeOptions,
+    Source,
+    SourceOutput,
+    Subscriber,
+    check_connection,
+    check_expression,
+    register,
+)
 
 __all__ = ["MqttSource", "SimulateSource"]
 
@@ -116,7 +123,7 @@ class MqttSourceOptions(NodeOptions):
         return [*([self.topic] if self.topic else []), *(self.topics or [])]
 
 
-def _key_function(spec: str) -> Callable[[str, Any], str]:
+def key_function(spec: str) -> Callable[[str, Any], str]:
     if spec == "topic":
         return lambda topic, payload: topic
     m = _TOPIC_INDEX.match(spec)
@@ -163,14 +170,14 @@ class MqttSource(Source):
 
     def __init__(self, options: MqttSourceOptions, ctx: Any):
         super().__init__(options, ctx)
-        self._key = _key_function(options.key)
+        self._key = key_function(options.key)
         self._raw = options.format == "raw"
         self._value_field = options.value_field
         self._ts_field = options.ts_field
-        self._link: MqttLink | None = None
+        self._link: Subscriber | None = None
         self._pending: list[Event] = []
         self._flush_scheduled = False
-        self._out: SourceQueue | None = None
+        self._out: SourceOutput | None = None
         self.n_malformed = 0
 
     def health(self) -> dict[str, Any]:
@@ -274,15 +281,14 @@ class MqttSource(Source):
         await done  # cancelled (shutdown) -> no PUBACK -> the broker redelivers
         return 0
 
-    async def run(self, output: SourceQueue) -> None:
+    async def run(self, output: SourceOutput) -> None:
         o = self.options
-        conn = self.ctx.links.connection(o.connection)
-        prefix = conn.client_id or self.ctx.gateway_id
+        services = self.ctx.services
+        prefix = services.connection(o.connection).client_id or self.ctx.gateway_id
         self._out = output
         persistent = o.qos == 1
-        self._link = MqttLink(
+        self._link = services.subscriber(
             o.connection,
-            conn,
             f"{prefix}-{self.ctx.pipeline}-{self.id}",
             on_message=self._on_message_qos1 if persistent else self._on_message_qos0,
             clean_session=not persistent,
@@ -369,7 +375,7 @@ class SimulateSource(Source):
             v = param if kind == "stuck" else v + param
         return round(v, 3)
 
-    async def run(self, output: SourceQueue) -> None:
+    async def run(self, output: SourceOutput) -> None:
         o = self.options
         start_wall = self.ctx.clock()
         start_mono = time.monotonic()

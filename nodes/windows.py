@@ -20,9 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.events import Event
-from gateway.expr import Expression, check_expression
-from gateway.node import Duration, NodeOptions, Operator, register
+from gateway.api import Duration, Event, Expression, NodeOptions, Operator, check_expression, register
 
 __all__ = ["Window", "WindowOptions"]
 

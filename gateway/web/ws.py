@@ -342,12 +342,7 @@ class Hub:
     # --- llm token stream ---------------------------------------------------------------------
 
     def _llm_nodes(self) -> list[tuple[str, str, Any]]:
-        return [
-            (p.name, n.id, n)
-            for p in self.gw.pipelines.values()
-            for n in p.nodes
-            if getattr(n.options, "type", None) == "llm"
-        ]
+        return [(p.name, n.id, n) for p in self.gw.pipelines.values() for n in p.nodes if "llm" in n.live_topics()]
 
     def _subscribe_llm(self, c: _Client) -> None:
         if c.llm is None:

@@ -1,4 +1,4 @@
-"""The lazy index of built-in node types must match what the node modules register."""
+"""Built-in node types are found through the ``sluice.nodes`` entry points, lazily, by type name."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _PROBE = """
 import json
+from importlib.metadata import entry_points
 from gateway import node
 before = set(node._REGISTRY)
 node.load_node_types()
-print(json.dumps({"index": node._BUILTIN_TYPES, "before": sorted(before),
-                  "registered": {n: c.__module__ for n, c in node._REGISTRY.items()}}))
+print(json.dumps({"index": {ep.name: ep.value for ep in node._node_entry_points().values()},
+                  "installed": {ep.name: ep.value for ep in entry_points(group="sluice.nodes")},
+                  "before": sorted(before),
+                  "registered": {n: f"{c.__module__}:{c.__qualname__}" for n, c in node._REGISTRY.items()}}))
 """
 
 _LAZY = """
@@ -40,13 +43,16 @@ def _run(code: str) -> str:
     return res.stdout.strip().splitlines()[-1]
 
 
-def test_index_matches_registrations() -> None:
+def test_entry_points_name_every_builtin_node_by_its_type() -> None:
     import json
 
     data = json.loads(_run(_PROBE))
     builtin = {n: m for n, m in data["registered"].items() if m.startswith("nodes.")}
     assert data["before"] == []  # importing gateway.node imports no node module
-    assert builtin == data["index"]
+    # every class a node module registers is an entry point named by its type, and no other
+    assert builtin == {n: v for n, v in data["index"].items() if v.startswith("nodes.")}
+    # the installed metadata says the same as pyproject.toml (else: pip install -e . again)
+    assert {n: v for n, v in data["installed"].items() if v.startswith("nodes.")} == builtin
 
 
 def test_a_config_imports_only_the_node_modules_it_uses() -> None:
