@@ -8,7 +8,7 @@ resynchronises on the next line (``\\n``) or frame delimiter (``0x00`` for COBS)
 Codecs, chosen by ``type`` in the codec options:
 
 - ``json``: one JSON object per line; every numeric field is a reading (or ``key_field``/``value_field``).
-- ``csv``: comma-separated values, with a header row or configured ``columns``.
+- ``csv``: comma-separated values (RFC 4180 quoting), with a header row or configured ``columns``.
 - ``kv``: ``key=value`` pairs per line (``t=21.5 rh=40``).
 - ``nmea``: NMEA 0183 with checksum; GGA, RMC, MWV and XDR become readings.
 - ``cobs``: COBS-framed binary with CRC-16/CCITT-FALSE or CRC-32 and a struct payload layout.
@@ -17,6 +17,7 @@ Codecs, chosen by ``type`` in the codec options:
 from __future__ import annotations
 
 import binascii
+import csv
 import json
 import math
 import struct
@@ -125,7 +126,15 @@ class JsonCodec(_LineCodec):
 class CsvCodec(_LineCodec):
     type: Literal["csv"]
     columns: list[str] | None = Field(None, description="Column names; absent: taken from the header row.")
-    delimiter: str = Field(",", min_length=1, max_length=1)
+    delimiter: str = Field(
+        ",", min_length=1, max_length=1, description='Between cells; a cell may quote it: `"a,b"` (`""` is a quote).'
+    )
+
+    @model_validator(mode="after")
+    def _usable_delimiter(self) -> CsvCodec:
+        if self.delimiter in ('"', "\r", "\n"):
+            raise ValueError(f"delimiter {self.delimiter!r} cannot separate cells (it quotes or ends a line)")
+        return self
 
 
 class KeyValueCodec(_LineCodec):
@@ -549,9 +558,15 @@ class _CsvDecoder(_RecordDecoder):
     def __init__(self, o: CsvCodec):
         super().__init__(o)
         self.columns: list[str] | None = list(o.columns) if o.columns else None
+        self._delimiter = o.delimiter
 
     def _record(self, text: str) -> dict[str, Any] | None:
-        cells = [_unquote(c.strip()) for c in text.split(self.o.delimiter)]
+        try:
+            # strict: an unterminated quote or text after a closing quote is a malformed line, not a cell
+            row = next(csv.reader((text,), delimiter=self._delimiter, skipinitialspace=True, strict=True))
+        except csv.Error as exc:
+            raise _Invalid("malformed", f"not CSV ({exc})") from None
+        cells = [c.strip() for c in row]
         if _header_like(cells):
             # A header row: learn it (again after a device reboot) unless columns are configured.
             if self.o.columns is None:
@@ -580,10 +595,6 @@ def _numeric(s: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _unquote(cell: str) -> str:
-    return cell[1:-1].strip() if len(cell) >= 2 and cell[0] == cell[-1] == '"' else cell
 
 
 # what sensors print while not ready; a row of these is bad data, not a new header

@@ -5,11 +5,12 @@ A writer process pushes N pre-encoded records (firmware_bridges' encoders) into 
 raw pty pair as fast as the reader takes them; the reader opens the other end with
 pyserial-asyncio-fast, as a USB serial adapter would be opened; every subject reads up to
 ``READ_SIZE`` bytes per wakeup (the serial source's setting; the library's own default is 1 KiB,
-which favours neither side more than it costs both). Two codecs, three subjects each:
+which favours neither side more than it costs both). Three codecs, three subjects each:
 
   bare     a pyserial-asyncio-fast protocol that splits the stream on the delimiter and does the
-           least work that yields the values: ``json.loads`` per line, or COBS unstuffing + CRC-16
-           check + ``struct.unpack`` per frame (no keys, no events): the floor for Python
+           least work that yields the values: ``json.loads`` per line, the ``csv`` module's reader
+           and ``float`` per CSV cell, or COBS unstuffing + CRC-16 check + ``struct.unpack`` per
+           frame (no keys, no events): the floor for Python
   sluice   a real in-process pipeline: the ``serial`` source (codec decoder, one Event per numeric
            field, micro-batches, back-pressure) -> the engine -> a sink that counts events
   record   the same pipeline with the codec's ``record`` option: one Event per line/frame whose
@@ -20,7 +21,7 @@ The process settles its heap as the running gateway does (``gateway.runtime.sett
 Each subject runs R times, alternating, on a fresh pty; the best run counts. Figures per subject:
 pieces (lines or frames) per CPU second of the reading process (``time.process_time``; the
 writer is another process), the same per wall second, and the readings delivered.
-``ratio`` = the lower of the two codecs' record ÷ bare pieces per CPU second (goal >= 0.7): the
+``ratio`` = the lowest of the codecs' record ÷ bare pieces per CPU second (goal >= 0.7): the
 like-for-like comparison, one object per piece on both sides. ``per_field_ratio`` is the same for
 ``sluice`` (five events per piece), printed beside it.
 The output ends with one JSON line.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import binascii
+import csv
 import json
 import random
 import struct
@@ -48,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from serial_asyncio_fast import create_serial_connection  # noqa: E402
 
 from firmware_bridges._framing import cobs_decode  # noqa: E402
-from firmware_bridges.codecs import CobsCodec, JsonCodec, make_decoder, make_encoder  # noqa: E402
+from firmware_bridges.codecs import CobsCodec, CsvCodec, JsonCodec, make_decoder, make_encoder  # noqa: E402
 from firmware_bridges.simulators import PtyDevice  # noqa: E402
 from gateway.deadletter import DeadLetters  # noqa: E402
 from gateway.engine import Pipeline  # noqa: E402
@@ -61,6 +63,7 @@ GOAL_RATIO = 0.7
 BAUD = 115200  # a pty ignores the rate; the bytes move as fast as both ends go
 
 JSON_CODEC = JsonCodec(type="json")
+CSV_CODEC = CsvCodec(type="csv")
 COBS_CODEC = CobsCodec.model_validate(
     {
         "type": "cobs",
@@ -142,6 +145,24 @@ class _BareLines(asyncio.Protocol):
             self.done.set_result(None)
 
 
+class _BareCsv(_BareLines):
+    header: list[str] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        parts = (self.buf + data).split(b"\n")
+        self.buf = parts.pop()
+        v = 0
+        rows = csv.reader([line.decode() for line in parts])
+        if self.header is None:
+            self.header = next(rows, None)  # the first line names the columns
+        for row in rows:
+            v += len([float(cell) for cell in row])
+            self.n += 1
+        self.values += v
+        if self.n >= self.want and not self.done.done():
+            self.done.set_result(None)
+
+
 class _BareFrames(_BareLines):
     unpack = struct.Struct("<IhHIH").unpack
 
@@ -165,7 +186,7 @@ class _BareFrames(_BareLines):
 async def run_bare(kind: str, blob: bytes, pieces: int, blobfile: Path) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
-    cls = _BareLines if kind == "json" else _BareFrames
+    cls = {"json": _BareLines, "csv": _BareCsv}.get(kind, _BareFrames)
     with PtyDevice() as dev:
         transport, proto = await create_serial_connection(loop, lambda: cls(pieces, done), dev.path, baudrate=BAUD)
         set_read_size(transport, READ_SIZE)  # as the serial source does: the same reads on both sides
@@ -247,8 +268,8 @@ def decoder_only(codec: Any, blob: bytes, pieces: int) -> float:
 
 
 async def bench_codec(kind: str, n: int, repeat: int, tmp: Path) -> dict[str, Any]:
-    codec = JSON_CODEC if kind == "json" else COBS_CODEC
-    per_piece = 5  # numeric fields per record that become readings (json: ts is the event time)
+    codec = {"json": JSON_CODEC, "csv": CSV_CODEC, "cobs": COBS_CODEC}[kind]
+    per_piece = 5  # numeric fields per record that become readings (json, csv: ts is the event time)
     blob = encode(codec, records(n))
     blobfile = tmp / f"{kind}.bin"
     blobfile.write_bytes(blob)
@@ -272,7 +293,7 @@ async def bench_codec(kind: str, n: int, repeat: int, tmp: Path) -> dict[str, An
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=200_000, help="lines (json) and frames (cobs) per run")
+    ap.add_argument("--n", type=int, default=200_000, help="lines (json, csv) and frames (cobs) per run")
     ap.add_argument("--repeat", type=int, default=5, help="runs per subject, alternating; the best counts")
     ap.add_argument("--quick", action="store_true", help="60,000 pieces, 2 runs each")
     args = ap.parse_args()
@@ -282,7 +303,7 @@ async def main() -> int:
     settle_heap()  # as the gateway does once it runs
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sluice-bench-serial-") as tmp:
-        for kind in ("json", "cobs"):
+        for kind in ("json", "csv", "cobs"):
             results[kind] = await bench_codec(kind, args.n, args.repeat, Path(tmp))
     print(f"serial decode: {args.n:,} pieces per run, best of {args.repeat}; reads of up to {READ_SIZE:,} bytes")
     print(f"{'codec':<6} {'subject':<8} {'pieces/s cpu':>13} {'pieces/s wall':>14} {'readings':>10}  ratio")

@@ -667,3 +667,48 @@ def test_csv_quoted_cells() -> None:
     """Quoted numbers are numbers: before, every quoted row looked like a header and all data was dropped."""
     r, e = make_decoder(codec("csv")).feed(b'"a","b"\n"1.5","2"\n')
     assert as_tuples([Reading(*x) for x in r]) == [("a", 1.5, None), ("b", 2.0, None)] and e == []
+
+
+def test_csv_delimiter_inside_quotes_stays_in_its_cell() -> None:
+    """Cells were split with str.split: a quoted delimiter broke the row into too many cells."""
+    dec = make_decoder(codec({"type": "csv", "device_field": "site"}))
+    r, e = dec.feed(b'site,t,rh\n"kiln, north",21.5,40\n"say ""hi""; ok", "1.5",2\n')
+    assert as_tuples([Reading(*x) for x in r]) == [
+        ("kiln, north.t", 21.5, None),
+        ("kiln, north.rh", 40.0, None),
+        ('say "hi"; ok.t', 1.5, None),
+        ('say "hi"; ok.rh', 2.0, None),
+    ]
+    assert e == []
+    # an unterminated quote, or text after a closing quote, is a malformed line (and the next one is read)
+    r, e = dec.feed(b'"north,21.5,40\n"a" b,1,2\nx,3,4\n')
+    assert [x.kind for x in e] == ["malformed", "malformed"] and "not CSV" in e[0].message
+    assert as_tuples([Reading(*x) for x in r]) == [("x.t", 3.0, None), ("x.rh", 4.0, None)]
+    with pytest.raises(ValidationError, match="cannot separate cells"):
+        codec({"type": "csv", "delimiter": '"'})
+
+
+_LABELS = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12).filter(
+    lambda s: s == s.strip()
+)
+
+
+@settings(deadline=None)  # wall-clock limits flake on a busy 2-core machine
+@given(
+    st.lists(st.tuples(_LABELS, st.floats(allow_nan=False, allow_infinity=False)), min_size=1, max_size=8),
+    st.sampled_from([",", ";", "\t", "|"]),
+)
+def test_csv_written_by_a_csv_writer_decodes_cell_for_cell(rows: list[tuple[str, float]], delimiter: str) -> None:
+    """Reference: Python's csv writer, which quotes labels holding the delimiter, quotes or spaces."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter=delimiter, lineterminator="\n")
+    w.writerow(["site", "v"])
+    for label, v in rows:
+        w.writerow([label, repr(v)])
+    dec = make_decoder(codec({"type": "csv", "device_field": "site", "delimiter": delimiter, "ts_field": None}))
+    r, e = dec.feed(buf.getvalue().encode())
+    assert [x.message for x in e] == []
+    assert as_tuples([Reading(*x) for x in r]) == [(f"{label}.v", v, None) for label, v in rows]
