@@ -14,6 +14,15 @@ doubles, strings and booleans), which costs ~0.1 µs instead of ~1.3 µs per eve
 never reaches Python's ``eval`` (nothing here calls it): it is tokenized, each token mapped, the result parsed and every
 node checked; anything else (functions, macros, ints, division, ternaries) runs on CEL itself.
 At compile time both are evaluated on sample inputs and the fast path is dropped if they differ.
+
+Cost budget: CEL's evaluator holds the GIL, so a slow expression stalls every thread and the
+event loop alike, wherever it runs. Comprehension macros (``all``, ``exists``, ``exists_one``,
+``map``, ``filter``) are the only way to make CEL loop, and nested ones cost the product of
+their ranges. So an expression is refused before it is compiled when it is longer than
+:data:`MAX_EXPRESSION_LENGTH` characters, nests brackets deeper than :data:`MAX_NESTING` or
+comprehensions deeper than :data:`MAX_COMPREHENSION_DEPTH`; and an expression with
+comprehensions refuses an input holding more list/map items than its nesting allows within
+:data:`EVAL_BUDGET` iterations, before CEL sees it.
 """
 
 from __future__ import annotations
@@ -30,7 +39,15 @@ from typing import Any
 from .errors import ExpressionError
 from .events import Event
 
-__all__ = ["EVENT_VARIABLES", "Expression", "check_expression"]
+__all__ = [
+    "EVAL_BUDGET",
+    "EVENT_VARIABLES",
+    "MAX_COMPREHENSION_DEPTH",
+    "MAX_EXPRESSION_LENGTH",
+    "MAX_NESTING",
+    "Expression",
+    "check_expression",
+]
 
 
 def _load_cel() -> ModuleType:
@@ -66,6 +83,75 @@ _GETTERS: dict[str, Callable[[Event], Any]] = {
     "source": lambda e: e.source,
     "meta": lambda e: e.meta or {},
 }
+
+# --- cost budget ----------------------------------------------------------------------------
+
+MAX_EXPRESSION_LENGTH = 1000
+MAX_NESTING = 32
+MAX_COMPREHENSION_DEPTH = 2
+EVAL_BUDGET = 1_000_000  # comprehension iterations an event may cost: N items at depth d need N**d <= this
+_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+# CEL's lexical shapes, enough to find brackets and macro calls outside string literals and
+# comments. Raw strings come first: a backslash in them escapes nothing.
+_CEL_LEX = re.compile(
+    r"""(?P<str>(?:[rR][bB]?|[bB][rR])(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"[^"\n]*"|'[^'\n]*')"""
+    r"""|[bB]?(?:\"\"\"(?:\\[\s\S]|[^\\])*?\"\"\"|'''(?:\\[\s\S]|[^\\])*?'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'))"""
+    r"|(?P<comment>//[^\n]*)"
+    r"|(?P<space>\s+)"
+    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<open>[(\[{])"
+    r"|(?P<close>[)\]}])"
+    r"|(?P<other>.)",
+    re.S,
+)
+
+
+def _budget(source: str) -> tuple[str | None, int]:
+    """Why ``source`` is over the cost budget (or None), and how deep its comprehensions nest."""
+    if len(source) > MAX_EXPRESSION_LENGTH:
+        return f"expression is {len(source):,} characters long; the limit is {MAX_EXPRESSION_LENGTH:,}", 0
+    brackets: list[bool] = []  # per open bracket: does it hold a comprehension's arguments?
+    depth = deepest = 0
+    last = before = ""  # the last two significant tokens
+    for m in _CEL_LEX.finditer(source):
+        kind = m.lastgroup
+        if kind in ("space", "comment"):
+            continue
+        tok = m.group()
+        if kind == "open":
+            macro = tok == "(" and before == "." and last in _MACROS
+            brackets.append(macro)
+            if len(brackets) > MAX_NESTING:
+                return f"brackets nested more than {MAX_NESTING} deep", deepest
+            if macro:
+                depth += 1
+                deepest = max(deepest, depth)
+                if depth > MAX_COMPREHENSION_DEPTH:
+                    return (
+                        f"comprehensions nested {depth} deep (.{last}() inside another); at most "
+                        f"{MAX_COMPREHENSION_DEPTH} may nest, as each multiplies the cost of those around it",
+                        deepest,
+                    )
+        elif kind == "close" and brackets and brackets.pop():
+            depth -= 1
+        last, before = tok, last
+    return None, deepest
+
+
+def _items(obj: Any, limit: int) -> int:
+    """List elements and mapping entries in ``obj`` (counting stops once past ``limit``)."""
+    n = 0
+    stack = [obj]
+    while stack and n <= limit:
+        o = stack.pop()
+        if isinstance(o, dict):
+            n += len(o)
+            stack.extend(o.values())
+        elif isinstance(o, list | tuple):
+            n += len(o)
+            stack.extend(o)
+    return n
+
 
 # --- fast path ------------------------------------------------------------------------------
 
@@ -186,10 +272,13 @@ def _fast_function(source: str, variables: tuple[str, ...]) -> Callable[..., Any
 class Expression:
     """A compiled CEL expression over an event (or over ``variables`` given explicitly)."""
 
-    __slots__ = ("_cel", "_prog", "evaluate", "fast", "source", "variables")
+    __slots__ = ("_cel", "_prog", "depth", "evaluate", "fast", "source", "variables")
 
     def __init__(self, source: str, variables: tuple[str, ...] = EVENT_VARIABLES):
         self.source = source
+        problem, self.depth = _budget(source)
+        if problem:
+            raise ExpressionError(_excerpt(source), problem)
         try:
             self._prog = cel.compile(source)
         except (ValueError, RuntimeError, TypeError) as exc:
@@ -208,6 +297,8 @@ class Expression:
                 self._cel = lambda e: execute({n: g(e) for n, g in getters})
         else:
             self._cel = execute
+        if self.depth:
+            self._cel = _guarded(self._cel, self.depth, variables is EVENT_VARIABLES)
         self.evaluate: Callable[[Any], Any] = self._cel
         self.fast = False
         fn = _fast_function(source, variables)
@@ -310,6 +401,26 @@ def _same(slow: Callable[[Any], Any], fast: Callable[[Any], Any], sample: Any) -
 
 
 _FAILED = object()
+
+
+def _guarded(evaluate: Callable[[Any], Any], depth: int, event: bool) -> Callable[[Any], Any]:
+    """``evaluate``, refusing inputs whose lists and maps would cost more than the budget."""
+    limit = int(EVAL_BUDGET ** (1 / depth))
+
+    def guarded(arg: Any) -> Any:
+        n = _items((arg.value, arg.meta) if event else arg, limit)
+        if n > limit:
+            raise ValueError(
+                f"the input holds over {limit:,} list or map items, more than comprehensions nested "
+                f"{depth} deep may go through ({EVAL_BUDGET:,} iterations at most)"
+            )
+        return evaluate(arg)
+
+    return guarded
+
+
+def _excerpt(source: str) -> str:
+    return source if len(source) <= 80 else source[:77] + "..."
 
 
 def _describe(exc: BaseException) -> str:

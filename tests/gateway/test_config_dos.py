@@ -82,3 +82,35 @@ def test_parsing_keeps_nothing_it_constructed() -> None:
     finally:
         tracemalloc.stop()
     assert grown < megabyte, f"{grown:,} bytes still held after five parses of 1 MB values"
+
+
+ZEROS = "[" + ",".join(["0"] * 60) + "]"
+# 60**4 (13 million) iterations: about 15 s of CEL holding the GIL, when it was evaluated on a sample
+HOSTILE_CEL = f"{ZEROS}.all(a, {ZEROS}.all(b, {ZEROS}.all(c, {ZEROS}.exists(d, false) || true)))"
+
+
+def pipeline_with_filter(where: str) -> str:
+    return f"""gateway: {{id: g}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: sim, type: simulate, interval: 1s, sensors: [{{key: t, base: 20}}]}}
+      - id: hostile
+        type: filter
+        input: sim
+        where: '{where}'
+      - {{id: out, type: log, input: hostile}}
+"""
+
+
+def test_nested_comprehensions_are_refused_naming_node_and_field(tmp_path: Path) -> None:
+    res = validate(tmp_path, pipeline_with_filter(HOSTILE_CEL))
+    assert res.returncode == 1, res.stderr
+    assert "sluice.yaml:9: pipelines.0.nodes.1.where: comprehensions nested 3 deep (.all() inside another)" in (
+        res.stderr
+    ), res.stderr
+    # within the budget, comprehensions still validate
+    res = validate(tmp_path, pipeline_with_filter(f"{ZEROS}.all(a, {ZEROS}.exists(b, true))"))
+    assert res.returncode == 0, res.stderr
+    res = validate(tmp_path, pipeline_with_filter(" || ".join(["value > 1.0"] * 100)))
+    assert res.returncode == 1 and "where: expression is 1,496 characters long; the limit is 1,000" in res.stderr

@@ -104,3 +104,42 @@ def test_filter_batch_path_rejects_non_booleans_per_event(tmp_path) -> None:  # 
     m = Map(MapOptions(id="m", type="map", input=["s"], value="value * 2.0"), ctx)
     out = m.process_batch([*batch, Event("c", 0.0, {"x": 1.0})])
     assert [(e.key, e.value) for e in out] == [("a", 0.0), ("b", 2.0)] and m.n_errors == 1
+
+
+# --- cost budget: CEL holds the GIL while it evaluates, so cost is bounded before it runs ------
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "[0].all(a, [0].all(b, [0].exists(c, true)))",
+        "[0] . map ( a , [0].filter(b, [0].exists_one(c, true)).size() > 0 )",
+        # a raw string's backslash escapes nothing: the quote after it ends the string
+        r'r"\" + "x" + [0].map(a, [0].map(b, [0].map(c, 1))).size() == 1',
+    ],
+)
+def test_comprehensions_nested_three_deep_are_refused(source: str) -> None:
+    problem = check_expression(source)
+    assert problem is not None and problem.startswith("comprehensions nested 3 deep"), problem
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        '"[0].all(a, [0].all(b, [0].all(c, true)))" == key',  # inside a string: not code
+        "'''.map(a, .map(b, .map(c'''.size() > 0",
+        "[0.0].all(key, [1.0].exists(ts, ts > key)) // [0].all(a, [0].all(b, [0].all(c, true)))",
+    ],
+)
+def test_macros_in_strings_and_comments_cost_nothing(source: str) -> None:
+    assert check_expression(source) is None
+
+
+def test_input_too_large_for_nested_comprehensions_is_refused_per_event() -> None:
+    expr = Expression("value.all(key, value.exists(ts, ts == key))")  # loop variables may shadow
+    assert expr(Event("k", 1.0, [1.0, 2.0], "s", None)) is True
+    with pytest.raises(ExpressionError, match="over 1,000 list or map items"):
+        expr(Event("k", 1.0, [float(i) for i in range(2000)], "s", None))
+    # one level deep may go through a million
+    flat = Expression("value.exists(key, key == 1999.0)")
+    assert flat(Event("k", 1.0, [float(i) for i in range(2000)], "s", None)) is True

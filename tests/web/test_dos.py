@@ -6,10 +6,15 @@ the cost budget are refused at validation, and /healthz keeps answering meanwhil
 
 from __future__ import annotations
 
-from gateway.runtime import Gateway
-from tests.gateway.test_config_dos import BILLION_LAUGHS
+import asyncio
 
-from .conftest import Browserish
+import aiohttp
+
+from gateway.runtime import Gateway
+from tests._util import wait_for
+from tests.gateway.test_config_dos import BILLION_LAUGHS, HOSTILE_CEL, pipeline_with_filter
+
+from .conftest import Browserish, base_url
 
 
 async def test_alias_bomb_and_recursive_alias_are_config_errors(gw: Gateway, admin: Browserish) -> None:
@@ -27,3 +32,24 @@ async def test_alias_bomb_and_recursive_alias_are_config_errors(gw: Gateway, adm
     # the running config is untouched
     status, d = await admin.get("/api/config")
     assert status == 200 and "name: plant" in d["text"]
+
+
+async def test_healthz_answers_while_a_hostile_expression_is_validated(gw: Gateway, admin: Browserish) -> None:
+    """CEL evaluates holding the GIL: a 13-million-iteration sample evaluation froze the whole process."""
+    validating = asyncio.create_task(
+        admin.post("/api/config/validate", {"text": pipeline_with_filter(HOSTILE_CEL)}), name="validate"
+    )
+    healthz: list[int] = []
+
+    async def probe() -> None:
+        async with aiohttp.ClientSession() as s, s.get(base_url(gw) + "/healthz") as r:
+            healthz.append(r.status)
+
+    prober = asyncio.create_task(probe(), name="healthz")
+    await wait_for(lambda: healthz == [200], timeout=10)
+    status, r = await validating
+    await prober
+    assert status == 200 and r["valid"] is False, r
+    (err,) = r["errors"]
+    assert err["path"] == "pipelines.0.nodes.1.where" and err["line"] == 9
+    assert err["message"].startswith("comprehensions nested 3 deep"), err
