@@ -13,9 +13,10 @@ export function csrfToken() {
 }
 
 export class ApiError extends Error {
-  constructor(status, message) {
+  constructor(status, message, body = null) {
     super(message);
     this.status = status;
+    this.body = body; // the JSON the server answered with, when it did
   }
 }
 
@@ -26,7 +27,7 @@ async function handle(r) {
   }
   const type = r.headers.get("Content-Type") || "";
   const body = type.includes("application/json") ? await r.json() : await r.text();
-  if (!r.ok) throw new ApiError(r.status, (body && body.error) || String(body) || r.statusText);
+  if (!r.ok) throw new ApiError(r.status, (body && body.error) || String(body) || r.statusText, typeof body === "object" ? body : null);
   return body;
 }
 

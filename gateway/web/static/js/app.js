@@ -11,8 +11,9 @@ import * as charts from "./views/charts.js";
 import * as logs from "./views/logs.js";
 import * as access from "./views/access.js";
 import * as llm from "./views/llm.js";
+import * as editor from "./views/editor.js";
 
-const views = { overview, graph, alerts, charts, llm, events, deadletters, logs, config, access };
+const views = { overview, graph, editor, alerts, charts, llm, events, deadletters, logs, config, access };
 const root = document.getElementById("view");
 let current = null;
 let me = null;

@@ -1,0 +1,163 @@
+"""The pipeline editor in a real browser: Playwright driving Debian's Chromium against a gateway
+started from a real config file with no pipelines.
+
+Builds simulate → window → console from the palette by drag and drop, fills the forms, sees a
+validation error on its field, deploys, watches results arrive in the console panel, undoes a
+change, and checks the YAML on disk kept its comment. Screenshots (desktop and phone width) land
+in ``.cache/artifacts/console/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import load_config
+from gateway.runtime import Gateway
+from tests._util import wait_for
+
+from .conftest import PASSWORD, Browserish, base_url
+
+# the console browser tests' fixtures: Chromium, and a page on which any page error fails the test
+from .test_browser import browser, page, shot  # noqa: F401
+
+playwright_api = pytest.importorskip("playwright.async_api")
+expect = playwright_api.expect
+
+TEXT = """\
+# Plant gateway: pipelines are built in the console's editor.
+gateway: {{id: editor-browser, data_dir: "{data}"}}
+pipelines: []
+# The console listens on a free port for the test.
+console: {{host: 127.0.0.1, port: 0}}
+"""
+
+
+@pytest.fixture
+async def started(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Path]]:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(TEXT.format(data=tmp_path / "data"))
+    gw = Gateway(load_config(path, env={}))
+    task = asyncio.create_task(gw.run(install_signals=False))
+    try:
+        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
+        if task.done():
+            task.result()
+        c = Browserish(base_url(gw))
+        try:
+            await c.setup_admin(gw)
+        finally:
+            await c.close()
+        yield gw, path
+    finally:
+        gw.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def login(pg: Any, base: str) -> None:
+    await pg.goto(base + "/login")
+    await pg.fill("#name", "admin")
+    await pg.fill("#password", PASSWORD)
+    await pg.click("#submit")
+    await pg.wait_for_url(base + "/")
+
+
+def node(pg: Any, nid: str) -> Any:
+    return pg.locator(f'.drawflow-node:has(.df-node[data-node="{nid}"])')
+
+
+async def drop(pg: Any, type_name: str, x: int, y: int) -> None:
+    await pg.drag_and_drop(f'.ed-type[data-type="{type_name}"]', "#drawflow", target_position={"x": x, "y": y})
+    await expect(node(pg, type_name)).to_be_visible()
+
+
+async def connect(pg: Any, a: str, b: str) -> None:
+    out = node(pg, a).locator(".output_1")
+    inp = node(pg, b).locator(".input_1")
+    await out.hover()
+    await pg.mouse.down()
+    await inp.hover()
+    await pg.mouse.up()
+
+
+async def test_build_deploy_watch_undo(started: tuple[Gateway, Path], page: Any) -> None:  # noqa: F811
+    gw, path = started
+    base = base_url(gw)
+    await page.set_viewport_size({"width": 1366, "height": 900})
+    await login(page, base)
+    await page.goto(base + "/#/editor")
+    await expect(page.locator("#ed-status")).to_have_text("ready")
+    await page.fill("#ed-new-name", "flow")
+    await page.click("#ed-new-pipeline")
+    await expect(page.locator("#ed-pipeline")).to_have_value("flow")
+
+    # palette → canvas, by drag and drop
+    await drop(page, "simulate", 30, 60)
+    await drop(page, "window", 260, 160)
+    await drop(page, "console", 490, 60)
+    await connect(page, "simulate", "window")
+    await connect(page, "window", "console")
+
+    # forms generated from the schema
+    await node(page, "simulate").click()
+    await page.fill("#ed-field-interval", "50ms")
+    await page.press("#ed-field-interval", "Tab")
+    await page.click('button[data-add="sensors"]')
+    await page.fill("#ed-field-sensors-0-key", "boiler/temp")
+    await page.press("#ed-field-sensors-0-key", "Tab")
+    await page.fill("#ed-field-sensors-0-base", "80")
+    await page.press("#ed-field-sensors-0-base", "Tab")
+
+    await node(page, "window").click()
+    await page.select_option("#ed-field-kind", label="tumbling")
+    await page.fill("#ed-field-size", "soon")
+    await page.press("#ed-field-size", "Tab")
+    # a mistake is shown on its field and on its node
+    await expect(page.locator('.field-error[data-path="size"]')).to_contain_text("duration")
+    await expect(node(page, "window")).to_have_class(re.compile("df-has-error"))
+    await shot(page, "editor-error")
+    await page.fill("#ed-field-size", "200ms")
+    await page.press("#ed-field-size", "Tab")
+    await expect(page.locator('.field-error[data-path="size"]')).to_have_text("")
+
+    await node(page, "console").click()
+    await page.fill("#ed-field-label", "averages")
+    await page.press("#ed-field-label", "Tab")
+    await expect(page.locator("#ed-status")).to_have_text("valid — not deployed yet")
+    await shot(page, "editor-draft")
+
+    # deploy: the diff first, then the gateway runs it
+    await page.click("#ed-deploy")
+    await expect(page.locator("#ed-diff")).to_contain_text("type: console")
+    await page.click("#ed-confirm")
+    await expect(page.locator("#ed-status")).to_contain_text("deployed: added flow")
+    await wait_for(lambda: "flow" in gw.pipelines, timeout=10)
+    text = path.read_text()
+    assert text.startswith("# Plant gateway: pipelines are built in the console's editor.\n")
+    assert "# The console listens on a free port for the test.\n" in text
+    loaded = load_config(path, env={})
+    assert [n.type for n in loaded.nodes["flow"]] == ["simulate", "window", "console"]
+
+    # results arrive in the console panel
+    await expect(page.locator("#ed-console-body .ed-line").first).to_be_visible(timeout=15_000)
+    await expect(page.locator("#ed-console .tab").first).to_contain_text("averages (flow)")
+    await expect(node(page, "simulate").locator(".df-rate")).to_contain_text("/s")
+    await shot(page, "editor-running")
+
+    # undo: the label change goes back (in the form and the model), redo brings it again
+    await page.click("#ed-undo")
+    await node(page, "console").click()
+    await expect(page.locator("#ed-field-label")).to_have_value("")
+    await page.click("#ed-redo")
+    await node(page, "console").click()
+    await expect(page.locator("#ed-field-label")).to_have_value("averages")
+
+    # the phone width: the canvas and the console panel still there
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await expect(page.locator("#drawflow")).to_be_visible()
+    await shot(page, "editor-phone")
