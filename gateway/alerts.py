@@ -216,8 +216,9 @@ class AlertCommand(BaseModel):
 class AlertBook:
     """The alerts of one gateway in ``<data_dir>/alerts.db``; all SQLite work in one thread."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time):
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time, synchronous: str = "FULL"):
         self.path = path
+        self.synchronous = synchronous
         self.clock = clock
         self._exec: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
@@ -237,7 +238,7 @@ class AlertBook:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute(
             "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_key TEXT NOT NULL,"
             " pipeline TEXT, node TEXT, key TEXT, severity TEXT, state TEXT NOT NULL, condition TEXT,"
@@ -603,8 +604,9 @@ class AlertService:
         links: dict[str, Any],
         command_links: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        synchronous: str = "FULL",
     ):
-        self.book = AlertBook(path, clock)
+        self.book = AlertBook(path, clock, synchronous)
         self.gateway_id = gateway_id
         self.outbox = outbox
         self.links = links  # publisher links, for command replies

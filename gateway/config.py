@@ -40,6 +40,11 @@ __all__ = [
 ]
 
 
+# gateway.storage: low_wear: how often node state is saved and committed when gateway.state is not given
+LOW_WEAR_CHECKPOINT = 30.0
+LOW_WEAR_COMMIT = 5.0
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +63,18 @@ class GatewayConfig(_Section):
     state: StateConfig = Field(
         default_factory=StateConfig, description="Node state (open windows, keyed state) saved in state.db."
     )
+    storage: Literal["durable", "low_wear"] = Field(
+        "durable",
+        description="low_wear: fewer, larger writes for SD cards: state saved every 30 s (unless gateway.state "
+        "says otherwise), and the outbox and alerts committed without waiting for the disk (a power cut may "
+        "lose the last second of them; a crash of the process loses nothing). See docs/install.md.",
+    )
+
+    @model_validator(mode="after")
+    def _low_wear_state(self) -> GatewayConfig:
+        if self.storage == "low_wear" and "state" not in self.model_fields_set:
+            self.state = StateConfig(checkpoint_interval=LOW_WEAR_CHECKPOINT, commit_interval=LOW_WEAR_COMMIT)
+        return self
 
 
 class MqttConnection(_Section):

@@ -159,7 +159,8 @@ class OutboxStore(Protocol):
 class SqliteOutboxStore:
     """The outbox's own SQLite file (WAL, synchronous=FULL, one connection, one thread)."""
 
-    def __init__(self, path: Path, seq_path: Path | None = None, seq_block: int = 10_000):
+    def __init__(self, path: Path, seq_path: Path | None = None, seq_block: int = 10_000, synchronous: str = "FULL"):
+        self.synchronous = synchronous  # FULL: a commit survives a power cut; NORMAL (low_wear): a crash
         self.path = path
         self.seq_path = seq_path
         self.seq_block = seq_block
@@ -172,7 +173,7 @@ class SqliteOutboxStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute(
             "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, connection TEXT NOT NULL,"
             " topic TEXT NOT NULL, okey TEXT NOT NULL, body BLOB NOT NULL, retain INTEGER NOT NULL,"
@@ -376,6 +377,7 @@ class Outbox:
         store: OutboxStore | None = None,
         seq_path: Path | None = None,
         on_refused: Callable[[str, str, bytes, str], None] | None = None,
+        synchronous: str = "FULL",
     ):
         self.path = path
         self.gateway_id = gateway_id
@@ -386,7 +388,7 @@ class Outbox:
         self._link_tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.config = config or OutboxConfig()
-        self.store: OutboxStore = store or SqliteOutboxStore(path, seq_path)
+        self.store: OutboxStore = store or SqliteOutboxStore(path, seq_path, synchronous=synchronous)
         self.on_refused = on_refused
         self._exec: ThreadPoolExecutor | None = None
         self._envelope = Envelope(gateway_id)

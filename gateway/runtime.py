@@ -192,6 +192,8 @@ class Gateway:
         self.started_at = time.time()
         self.dead_letters = DeadLetters(self.data_dir / "deadletter.db")
         self.links = Links(self.id, cfg.connections, self.data_dir, self.started_at)
+        # low_wear: commits wait for the OS, not the disk (a power cut may take the last second)
+        sync = "NORMAL" if cfg.gateway.storage == "low_wear" else "FULL"
         self.outbox = Outbox(
             self.data_dir / "outbox.db",
             self.id,
@@ -199,9 +201,12 @@ class Gateway:
             cfg.gateway.outbox,
             seq_path=self.data_dir / "seq",
             on_refused=self._refused,
+            synchronous=sync,
         )
         self.links.outbox = self.outbox
-        self.alerts = AlertService(self.data_dir / "alerts.db", self.id, self.outbox, self.links.publishers)
+        self.alerts = AlertService(
+            self.data_dir / "alerts.db", self.id, self.outbox, self.links.publishers, synchronous=sync
+        )
         self._inputs_seen = 0
         self.service = ServiceReporter(Notifier(), ready=self._service_ready, status=self._service_status)
         # acknowledgements over MQTT arrive on the connections alert sinks publish to
