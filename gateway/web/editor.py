@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 MAX_DRAFT = 1024 * 1024
 FAMILIES = ("sources", "operators", "windows", "detectors", "llm", "sinks")
-_SECRET_NAME = re.compile(r"pass|secret|token|credential|(?:private|api|access)_?key$", re.IGNORECASE)
+# Secret-looking option names, for node types whose schema marks nothing; header values carry tokens.
+_SECRET_NAME = re.compile(r"pass|secret|token|credential|(?:private|api|access)_?key$|^headers$", re.IGNORECASE)
 _PATH_PART = re.compile(r"^\d+$")
 
 
@@ -107,16 +108,21 @@ def palette() -> dict[str, Any]:
 
 
 def _redact(value: Any, secret: set[str], key: str = "") -> Any:
+    if key and _SECRET_NAME.search(key):
+        return _hide(value)
     if isinstance(value, dict):
         return {k: _redact(v, set(), str(k)) if k not in secret else _hide(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v, set(), key) for v in value]
-    if key and _SECRET_NAME.search(key):
-        return _hide(value)
     return value
 
 
 def _hide(v: Any) -> Any:
+    """A secret option's value for a viewer: every string in it (a mapping of headers: each value) hidden."""
+    if isinstance(v, dict):
+        return {k: _hide(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_hide(x) for x in v]
     return "***" if isinstance(v, str) and v else v
 
 

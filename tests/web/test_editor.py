@@ -44,6 +44,9 @@ pipelines:
     nodes:
       - {{id: push, type: http, token: "s3cret-push-token"}}
       - {{id: shown, type: log, input: push}}
+      - {{id: poll, type: http_poll, url: "http://127.0.0.1:9/none", interval: 1h,
+         headers: {{Authorization: "Bearer s3cret-poll-token"}}}}
+      - {{id: polled, type: log, input: poll}}
 console: {{host: 127.0.0.1, port: 0}}
 """
 
@@ -239,6 +242,7 @@ async def test_viewer_reads_redacted_and_cannot_change(running: tuple[Gateway, P
         status, model = await v.get("/api/editor/model")
         assert status == 200 and model["editable"] is False
         assert _node(model, "pushed", "push")["options"]["token"] == "***"
+        assert _node(model, "pushed", "poll")["options"]["headers"] == {"Authorization": "***"}
         assert "s3cret" not in json.dumps(model)
         assert (await v.get("/api/editor/palette"))[0] == 200
         _, full = await admin.get("/api/editor/model")
