@@ -14,6 +14,11 @@ For each: msg/s, CPU µs per message (utime+stime of the subject from /proc/PID/
 run / messages received), peak RSS (VmHWM), messages lost (sent - received) and the broker's
 $SYS/broker/publish/messages/dropped. The output ends with one JSON line of every figure.
 
+A run ends when the subject reports it received all N, when its count stayed put for 5 s after
+the publisher finished (messages lost), or at a deadline of 30 s + N / 1,000 msg/s: a subject
+that cannot tell its count meanwhile (the bare subscriber reports only at the end) is waited
+for until then. A subject given up says why, in the log and under the table.
+
   .venv/bin/python scripts/bench/mqtt_ingest.py [--n 200000] [--keys 100] [--qos 0|1]
                                                  [--quick] [--skip-nodered]
 """
@@ -63,6 +68,10 @@ GOAL_SLUICE_RSS_MIB = 60.0
 
 POLL_INTERVAL = 0.1  # seconds between progress polls of sluice / Node-RED
 IDLE_TIMEOUT = 5.0  # a run ends this long after the count stopped growing (messages lost)
+# A subject that cannot say its count (the bare subscriber reports only at the end; Node-RED's
+# HTTP endpoint may not answer while it is busy) is waited for until this deadline, based on N.
+DEADLINE_BASE_S = 30.0
+DEADLINE_MIN_RATE = 1000.0  # msg/s: a subject slower than this is given up
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -360,6 +369,7 @@ class Subject:
     name = ""
     label = ""
     start_timeout = 30.0
+    counts_live = True  # False: progress() is always None, the count comes with final()
 
     def __init__(self, args: argparse.Namespace, core: int | None, workdir: Path):
         self.args = args
@@ -403,6 +413,7 @@ class Subject:
 class BareSubject(Subject):
     name = "bare"
     label = "bare gmqtt + json"
+    counts_live = False
 
     def start(self, broker_port: int) -> None:
         self._ready = threading.Event()
@@ -858,11 +869,14 @@ def measure(subject: Subject, args: argparse.Namespace, cores: tuple[int | None,
         t_run = time.monotonic()
         pub = run_publisher(broker.port, args, cores[0])
         n = args.n
-        run_deadline = time.monotonic() + 30 + n / 1000
+        deadline_s = DEADLINE_BASE_S + n / DEADLINE_MIN_RATE
+        run_deadline = time.monotonic() + deadline_s
         polls: list[tuple[float, int]] = []  # (wall time, count) of each progress poll
         t_done: float | None = None  # when the subject reported the time of its last message
+        # Idle is judged only on counts the subject gave: "no answer" is not "no progress".
         last_growth = time.time()
         received = 0
+        unanswered = 0  # progress polls without a count
         while True:
             time.sleep(POLL_INTERVAL)
             fin = subject.final()
@@ -872,7 +886,10 @@ def measure(subject: Subject, args: argparse.Namespace, cores: tuple[int | None,
             t_a = time.time()
             count = subject.progress()
             now = time.time()
-            if count is not None:
+            if count is None:
+                unanswered += 1
+                last_growth = now
+            else:
                 polls.append(((t_a + now) / 2, count))
                 if count != received:
                     last_growth = now
@@ -884,10 +901,28 @@ def measure(subject: Subject, args: argparse.Namespace, cores: tuple[int | None,
                     f"{subject.label} exited with {subject.proc.returncode} during the run:\n" + subject.log_tail()
                 )
             if pub.poll() is not None and now - last_growth > IDLE_TIMEOUT:
-                res.notes.append(f"stopped growing at {received:,}")
+                why = (
+                    f"given up: its count stayed at {received:,} for {IDLE_TIMEOUT:.0f} s after the publisher "
+                    "finished (messages lost, or the subject stalled)"
+                )
+                res.notes.append(why)
+                log(f"  {subject.name}: {why}")
                 break
             if time.monotonic() > run_deadline:
-                res.notes.append("run deadline hit")
+                if not subject.counts_live:
+                    said = "it reports its count only at the end"
+                elif polls:
+                    said = f"last count {received:,}" + (f", {unanswered} polls unanswered" if unanswered else "")
+                else:
+                    said = "it answered no progress poll"
+                why = (
+                    f"given up: no final report within {deadline_s:.0f} s ({DEADLINE_BASE_S:.0f} s + N at "
+                    f"{DEADLINE_MIN_RATE:,.0f} msg/s; {said})"
+                )
+                log(f"  {subject.name}: {why}")
+                if not polls:
+                    raise RuntimeError(why)  # no count at all: nothing to report as measured
+                res.notes.append(why)
                 break
         # Let the tail (alerts leaving through the sink) finish inside the measured window.
         stable_since = time.monotonic()
