@@ -13,7 +13,6 @@ The windows are read with the node's wall clock (``ctx.clock``).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from pydantic import Field
@@ -153,7 +152,7 @@ class AlertSink(Sink):
             if action == "updated":
                 if not o.notify_updates:
                     continue
-                now = time.monotonic()
+                now = self.ctx.monotonic()
                 last = self._last_update.get(alert["id"])
                 if last is not None and now - last < o.update_interval:
                     self.suppressed += 1

@@ -13,7 +13,6 @@ transitions produce events: one ``raised``, later one ``cleared``.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from typing import Any, Literal
 
@@ -426,10 +425,9 @@ class Stale(_Detector):
     Options = StaleOptions
     options: StaleOptions
 
-    def __init__(self, options: StaleOptions, ctx: Any, monotonic: Any = time.monotonic):
+    def __init__(self, options: StaleOptions, ctx: Any):
         super().__init__(options, ctx)
-        self._mono = monotonic
-        now = monotonic()
+        now = ctx.monotonic()
         self._seen: dict[str, float] = dict.fromkeys(options.keys, now)
         self._last_value: dict[str, Any] = {}
         self._active: set[str] = set()
@@ -439,7 +437,7 @@ class Stale(_Detector):
 
     def on_event(self, event: Event) -> Event | None:
         key = event.key
-        self._seen[key] = self._mono()
+        self._seen[key] = self.ctx.monotonic()
         self._last_value[key] = event.value
         if key in self._active:
             self._active.discard(key)
@@ -471,7 +469,7 @@ class Stale(_Detector):
 
     def restore(self, state: Any) -> None:
         state = state or {}
-        now = self._mono()
+        now = self.ctx.monotonic()
         for k in state.get("keys", []):
             self._seen.setdefault(k, now)
         self._active = set(state.get("active", []))

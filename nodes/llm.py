@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import json
 import logging
-import time
 from typing import Any, Literal
 
 from jinja2 import StrictUndefined, TemplateError
@@ -441,7 +440,7 @@ class Llm(Operator):
                     if not self.ctx.emit([Event(ev.key, ev.ts, value, self.id, ev.meta)]):
                         self._shed_chunk(1)
 
-        outcome = await run_chain(self.slots, req, on_chunk, time.monotonic)
+        outcome = await run_chain(self.slots, req, on_chunk, self.ctx.monotonic)
         if outcome.status == "ok":
             self.n_ok += 1
             self.tokens += outcome.tokens

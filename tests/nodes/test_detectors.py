@@ -18,11 +18,13 @@ from gateway.node import NodeContext, get_node_type
 from tests.gateway._harness import node, running_gateway
 
 
-def make(spec: dict[str, Any]) -> Any:
+def make(spec: dict[str, Any], monotonic: Any = None) -> Any:
     cls = get_node_type(spec["type"])
     assert cls is not None
     opts = cls.Options.model_validate({"id": "det", "input": "src", **spec})
     ctx = NodeContext("gw1", "p", "det", ".", None, DeadLetters(None), clock=lambda: 1000.0)
+    if monotonic is not None:
+        ctx.monotonic = monotonic
     return cls(opts, ctx)
 
 
@@ -112,10 +114,8 @@ def test_rate_of_change() -> None:
 
 
 def test_stale_fires_from_the_monotonic_timer() -> None:
-    det = make({"type": "stale", "timeout": "30s", "keys": ["never"]})
     now = [500.0]
-    det._mono = lambda: now[0]
-    det._seen = dict.fromkeys(det._seen, now[0])
+    det = make({"type": "stale", "timeout": "30s", "keys": ["never"]}, monotonic=lambda: now[0])
     feed(det, [(1, 20.0)], key="a")
     now[0] += 29
     assert det.on_timer(now[0]) == []
@@ -265,3 +265,15 @@ def test_threshold_min_duration_matches_a_reference(steps: list[tuple[float, flo
             active = False
             want.append("cleared")
     assert got == want
+
+
+def test_stale_timeouts_start_again_at_restore_on_the_injected_clock() -> None:
+    now = [10.0]
+    det = make({"type": "stale", "timeout": "30s"}, monotonic=lambda: now[0])
+    feed(det, [(1, 20.0)], key="a")
+    saved = det.snapshot()
+    now[0] = 5000.0  # a restart: the monotonic times of the old process mean nothing now
+    again = make({"type": "stale", "timeout": "30s"}, monotonic=lambda: now[0])
+    again.restore(saved)
+    assert again.on_timer(now[0] + 29) == []
+    assert [e.value["alert_key"] for e in again.on_timer(now[0] + 30)] == ["p/det/a"]
