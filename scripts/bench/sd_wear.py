@@ -2,8 +2,9 @@
 """SD-card wear: bytes the gateway writes to disk per 1,000 readings, at the defaults and low_wear.
 
 Runs `sluice run` twice on a real disk (the data dir under .cache/, never tmpfs), each time with
-the same pipeline a small plant gateway runs — simulated sensors → a 10 s window per key → a
-history sink, and a threshold → alerts and mqtt_out through the outbox to a Mosquitto of its own —
+the same pipeline a small plant gateway runs — 20 simulated sensors at 20 readings/s each → a
+10 s window per key → mqtt_out, every reading → a history sink, and a threshold (crossed by two
+spiking sensors twice a minute) → alerts and mqtt_out, through the outbox to a Mosquitto of its own —
 first with `gateway.storage: durable` (the default), then `low_wear`. Between two points after
 start-up it reads the process's `write_bytes` from /proc/PID/io (what reached the block layer:
 SQLite pages, WAL, fsyncs) and the source's reading count from /metrics.
@@ -46,8 +47,12 @@ def free_port() -> int:
 
 
 def config(data: Path, broker: int, console: int, storage: str, sensors: int, interval: float) -> str:
+    # a plant at work: readings wander below the threshold; two sensors spike past it twice a
+    # minute, so alerts come at a few a minute (an alert step is the costliest write there is)
+    spikes = ", anomalies: [{kind: spike, every: 30s, size: 60}]"
     keys = ", ".join(
-        f"{{key: s{i}, base: {50 + i}, amplitude: 45.0, period: {20 + i}s, noise: 0.5}}" for i in range(sensors)
+        f"{{key: s{i}, base: {50 + i}, amplitude: 10.0, period: {20 + i}s, noise: 0.5{spikes if i < 2 else ''}}}"
+        for i in range(sensors)
     )
     return f"""\
 gateway: {{id: wear, data_dir: "{data}", storage: {storage}}}
