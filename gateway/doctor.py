@@ -274,6 +274,8 @@ def _endpoints(loaded: LoadedConfig) -> Iterator[tuple[str, str, Any]]:
                 if isinstance(dev, str) and dev.startswith("/dev/"):
                     yield label, "serial", dev
             servers = getattr(o, "bootstrap_servers", None)
+            if isinstance(servers, str):
+                servers = [x.strip() for x in servers.split(",") if x.strip()]
             if isinstance(servers, list | tuple):
                 for s in servers:
                     h, _, p = str(s).rpartition(":")
@@ -308,7 +310,9 @@ async def check_connections(loaded: LoadedConfig) -> list[Check]:
             jobs.append(_tcp(label, *target))
         else:
             parts = urlsplit(target)
-            default = {"https": 443, "wss": 443, "http": 80, "ws": 80}.get(parts.scheme, 80)
+            default = {"https": 443, "wss": 443, "http": 80, "ws": 80, "redis": 6379, "rediss": 6379}.get(
+                parts.scheme, 80
+            )
             if parts.hostname:
                 jobs.append(_tcp(f"{label} {_redact_url(target)}", parts.hostname, parts.port or default))
     for name, provider in loaded.config.llm.providers.items():
