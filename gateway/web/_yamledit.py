@@ -15,17 +15,18 @@ draft that changes one is refused.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import io
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
-from ruamel.yaml.util import load_yaml_guess_indent
 
 __all__ = ["DraftError", "Splice", "apply_model", "diff", "load_model", "revision"]
 
@@ -120,14 +121,47 @@ def _node_model(raw: Any, known_types: set[str]) -> dict[str, Any]:
     }
 
 
+_KEY_ONLY = re.compile(r"^[^\s#\-][^:]*:\s*(#.*)?$")
+
+
+def _guess_indent(text: str) -> tuple[int, int]:
+    """How the file indents block sequences: ``(sequence indent, dash offset)``, e.g. ``(4, 2)`` for
+    ``key:\n  - item``. A cheap scan, where ruamel's own guess parses the whole file once more."""
+    key_indent: int | None = None
+    for line in text.splitlines():
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        if s.startswith("- ") and key_indent is not None and indent >= key_indent:
+            offset = indent - key_indent
+            return offset + 2, offset
+        key_indent = indent if _KEY_ONLY.match(s) else None
+    return 4, 2
+
+
+# The last config text parsed, and its round-trip document: parsing is the costly part (pure
+# Python), and the editor asks about the same file over and over while someone edits. Nothing
+# changes a cached document; what is written again is emitted from copies.
+_PARSED: dict[str, tuple[Any, int, int]] = {}
+_PARSED_LOCK = threading.Lock()
+
+
 def _load(text: str) -> tuple[Any, int, int]:
     """The round-trip document, the indentation of sequences and the offset of their dashes."""
+    with _PARSED_LOCK:
+        hit = _PARSED.get(text)
+    if hit is not None:
+        return hit
     try:
-        _, seq_indent, dash_offset = load_yaml_guess_indent(text)
         doc = _yaml().load(text)
     except YAMLError as exc:
         raise DraftError(f"the config file is not valid YAML: {exc}") from None
-    return doc, seq_indent or 4, dash_offset if dash_offset is not None else 2
+    out = (doc, *_guess_indent(text))
+    with _PARSED_LOCK:
+        _PARSED.clear()
+        _PARSED[text] = out
+    return out
 
 
 def load_model(text: str, known_types: set[str]) -> dict[str, Any]:
@@ -384,7 +418,8 @@ def apply_model(text: str, model: Any, known_types: set[str]) -> Splice:
         _append_pipelines(t, doc, raw_pipes, new_items)
     if not changed:
         return Splice(text, False, order)
-    return Splice(t.result(), True, order)
+    out = t.result()
+    return Splice(out, out != text, order)  # nodes only put in another order change nothing
 
 
 def _new_node(n: dict[str, Any], flow: bool) -> CommentedMap:
@@ -418,7 +453,10 @@ def _apply_pipeline(t: _Text, raw_pipes: CommentedSeq, i: int, p: dict[str, Any]
                 olds[j]["id"],
             )
     if desc_changed or old_nodes.fa.flow_style() or not old_nodes:
-        # rare: emit the whole pipeline again (its comments kept by ruamel)
+        # rare: emit the whole pipeline again (its comments kept by ruamel), from a copy: the
+        # parsed document is cached and shared, never changed
+        raw = copy.deepcopy(raw)
+        old_nodes = raw.get("nodes") if isinstance(raw.get("nodes"), CommentedSeq) else CommentedSeq()
         if p.get("description"):
             raw["description"] = p["description"]
         elif "description" in raw:
@@ -445,7 +483,7 @@ def _apply_pipeline(t: _Text, raw_pipes: CommentedSeq, i: int, p: dict[str, Any]
         used.add(j)
         if _same_node(olds[j], n):
             continue
-        m = old_nodes[j]
+        m = copy.deepcopy(old_nodes[j])
         _update_map(m, _node_data(n, m))
         start, end, dash = t.item_range(old_nodes, j)
         t.replace(start, end, t.keep_eol_comment(old_nodes, j, start, end, t.emit_item(m, dash)))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..config import parse_config
+from ..config import LoadedConfig, parse_config
 from ..errors import ConfigError
 from ..node import node_types
 from ._yamledit import DraftError, apply_model, diff, load_model, revision
@@ -255,7 +255,7 @@ class Editor:
         text = await self._current()
         known = set(node_types())
         try:
-            model = load_model(text, known)
+            model = await asyncio.to_thread(load_model, text, known)
         except DraftError as exc:
             return web.json_response({"error": str(exc)}, status=422)
         ident = request.get(IDENTITY)
@@ -271,27 +271,29 @@ class Editor:
         model["path"] = self._path.name
         return web.json_response(model)
 
-    async def _check(self, base: str, draft: Any) -> tuple[str, bool, list[dict[str, Any]]]:
-        """The draft written into ``base``, whether that changed it, and every error by node and field."""
+    async def _check(self, base: str, draft: Any) -> tuple[str, bool, list[dict[str, Any]], LoadedConfig | None]:
+        """The draft written into ``base``, whether that changed it, every error by node and field,
+        and the validated config when there is none. Off the loop: parsing YAML is costly."""
         known = set(node_types())
         try:
-            splice = apply_model(base, draft, known)
+            splice = await asyncio.to_thread(apply_model, base, draft, known)
         except DraftError as exc:
-            return base, False, [{"pipeline": exc.pipeline, "node": exc.node, "field": "", "message": str(exc)}]
+            error = {"pipeline": exc.pipeline, "node": exc.node, "field": "", "message": str(exc)}
+            return base, False, [error], None
         try:
-            await asyncio.to_thread(parse_config, splice.text, str(self._path))
+            loaded = await asyncio.to_thread(parse_config, splice.text, str(self._path))
         except ConfigError as err:
             located = _locate(splice.text)
             errors = [{**_where(i.path, located), "line": i.line, "message": i.message} for i in err.issues]
-            return splice.text, splice.changed, errors
-        return splice.text, splice.changed, []
+            return splice.text, splice.changed, errors, None
+        return splice.text, splice.changed, [], loaded
 
     async def api_validate(self, request: web.Request) -> web.Response:
         """Validate a draft: ``{"model": {...}}`` -> ``{valid, errors, diff}``."""
         self._admin(request)
         body = await self._body(request)
         base = await self._current()
-        text, changed, errors = await self._check(base, body.get("model"))
+        text, changed, errors, _ = await self._check(base, body.get("model"))
         return web.json_response(
             {"valid": not errors, "errors": errors, "changed": changed, "diff": diff(base, text, self._path.name)}
         )
@@ -317,8 +319,8 @@ class Editor:
                     },
                     status=409,
                 )
-            text, changed, errors = await self._check(base, body.get("model"))
-            if errors:
+            text, changed, errors, loaded = await self._check(base, body.get("model"))
+            if errors or loaded is None:
                 return web.json_response(
                     {"error": "the draft has errors", "error_kind": "invalid", "valid": False, "errors": errors},
                     status=422,
@@ -326,7 +328,6 @@ class Editor:
             summary: dict[str, list[str]] = {"changed": [], "added": [], "removed": []}
             saved, note = False, None
             if changed:
-                loaded = parse_config(text, str(self._path))
                 try:
                     summary = await self.gw.reload(loaded)
                 except ReloadError as exc:
@@ -371,7 +372,7 @@ class Editor:
         name = request.match_info["name"]
         text = await self._current()
         try:
-            item = _pipeline_text(text, name)
+            item = await asyncio.to_thread(_pipeline_text, text, name)
         except DraftError as exc:
             return web.json_response({"error": str(exc)}, status=422)
         if item is None:

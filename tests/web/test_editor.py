@@ -333,3 +333,27 @@ pipelines:
 
     with pytest.raises(DraftError, match="read-only"):
         apply_model(text, draft, known)
+
+
+def test_unindented_sequences_keep_their_layout() -> None:
+    text = """\
+gateway: {id: g}
+pipelines:
+- name: p
+  nodes:
+  - id: s
+    type: simulate
+    sensors: [{key: a}]
+  - id: l
+    type: log
+    input: s
+"""
+    known = set(node_types())
+    model = load_model(text, known)
+    assert apply_model(text, model, known).text == text
+    draft = copy.deepcopy(model)
+    draft["pipelines"][0]["nodes"].append({"id": "c", "type": "console", "input": ["s"], "options": {}})
+    draft["pipelines"][0]["nodes"][1]["options"]["level"] = "warning"
+    assert apply_model(text, draft, known).text == text.replace(
+        "    input: s\n", "    input: s\n    level: warning\n  - id: c\n    type: console\n    input: s\n"
+    )
