@@ -2,7 +2,8 @@
 
 gmqtt was chosen for its receive cost (15–20 µs per message with ``json.loads`` against ~60 µs
 for aiomqtt, measured on this project's benchmark machine). Everything gmqtt-specific lives here
-so the client can be swapped: the rest of Sluice sees :class:`MqttLink` only.
+so the client can be swapped: the rest of Sluice sees :class:`MqttLink` only; what reaches into
+gmqtt's private insides is in :mod:`gateway._gmqtt_compat`.
 
 Reconnects use capped exponential backoff with jitter and log once per state change. Reading can
 be paused (backpressure): the client's read loop waits on a gate, the socket buffers fill, and the
@@ -23,6 +24,7 @@ from typing import Any
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
+from . import _gmqtt_compat as compat
 from ._retry import backoff
 from .config import MqttConnection
 from .errors import LinkError
@@ -46,29 +48,6 @@ class PublishRefused(LinkError):
 
 def status_topic(gateway_id: str) -> str:
     return f"sluice/{gateway_id}/status"
-
-
-class _Client(gmqtt.Client):
-    """gmqtt's own reconnect is fixed-delay and fire-and-forget; the link's supervisor owns it."""
-
-    _link: MqttLink
-
-    async def reconnect(self, delay: bool = False) -> None:
-        self._link._lost()
-
-    def _remove_message_from_queue(self, mid: int) -> None:
-        # gmqtt calls this on PUBACK (and PUBCOMP): the one place an acknowledgement is visible.
-        super()._remove_message_from_queue(mid)
-        self._link._acked(mid)
-
-    def _clear_resend_qos_queue(self) -> None:
-        # A clean session forgets the unacknowledged packets; gmqtt keeps their packet ids
-        # reserved forever, and with a broker's small receive maximum (Mosquitto: 20) a few
-        # reconnects would exhaust them. Free them with the packets.
-        ids = self._package_handler.id_generator
-        for mid, _ in self._persistent_storage.get_all():
-            ids.free_id(mid)
-        super()._clear_resend_qos_queue()
 
 
 class MqttLink:
@@ -105,28 +84,17 @@ class MqttLink:
         if conn.version == "5" and session_expiry:
             props["session_expiry_interval"] = session_expiry
         will_msg = gmqtt.Message(will[0], will[1], qos=1, retain=will[2]) if will else None
-        self._client = _Client(
+        self._client = compat.Client(
             client_id,
             clean_session=clean_session,
             optimistic_acknowledgement=not ack_after_processing,
             will_message=will_msg,
             **props,
         )
-        self._client._link = self
+        self._client.on_lost = self._lost
+        self._client.on_acked = self._acked
         self._acks: dict[int, asyncio.Future[None]] = {}
-        handler = self._client._package_handler
-        plain_puback = handler._handle_puback_packet
-
-        def puback(cmd: int, packet: bytes) -> None:
-            # gmqtt ignores an MQTT 5 PUBACK's reason code; >= 0x80 means the broker refused.
-            if len(packet) > 2 and packet[2] >= 0x80:
-                (mid,) = struct.unpack("!H", packet[:2])
-                fut = self._acks.pop(mid, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(PublishRefused(self.name, packet[2]))
-            plain_puback(cmd, packet)
-
-        handler._handle_puback_packet = puback
+        compat.on_refused_puback(self._client, self._refused)
         if conn.username:
             self._client.set_auth_credentials(conn.username, conn.password)
         self._client.on_connect = self._on_connect
@@ -172,6 +140,11 @@ class MqttLink:
             self._connected.clear()
             self._lost_evt.set()
 
+    def _refused(self, mid: int, reason: int) -> None:
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(PublishRefused(self.name, reason))
+
     def _acked(self, mid: int) -> None:
         fut = self._acks.pop(mid, None)
         if fut is not None and not fut.done():
@@ -182,9 +155,8 @@ class MqttLink:
         if not self._acks:
             return
         acks, self._acks = self._acks, {}
-        ids = self._client._package_handler.id_generator
         for mid, fut in acks.items():
-            ids.free_id(mid)
+            compat.free_id(self._client, mid)
             if not fut.done():
                 fut.set_exception(LinkError(self.name, why))
 
@@ -192,6 +164,7 @@ class MqttLink:
 
     async def run(self) -> None:
         """Connect, and reconnect whenever the connection is lost, until cancelled."""
+        compat.check()
         attempt = 0
         version = MQTTv50 if self.conn.version == "5" else MQTTv311
         where = f"{self.conn.host}:{self.conn.port}"
@@ -248,8 +221,8 @@ class MqttLink:
             self._fail_acks("link stopped")
 
     async def _close_quietly(self) -> None:
-        conn = self._client._connection
-        if conn is not None and not conn.is_closing():
+        conn = compat.connection_open(self._client)
+        if conn is not None:
             try:
                 await conn.close()
             except OSError:
@@ -260,8 +233,7 @@ class MqttLink:
         self._closing = True
         # Ask the client, not ``connected``: an owner that cancelled ``run()`` first (a source
         # awaits it in its own task) has cleared that flag, yet the socket is still open.
-        conn = self._client._connection
-        if conn is not None and not conn.is_closing():
+        if compat.connection_open(self._client) is not None:
             if status is not None and self._client.is_connected:
                 self._client.publish(status[0], status[1], qos=1, retain=True)
             try:
@@ -296,7 +268,7 @@ class MqttLink:
         if not self.connected or not self._client.is_connected:
             raise LinkError(self.name, "not connected")
         try:
-            mid, _ = self._client._connection.publish(gmqtt.Message(topic, payload, qos=1, retain=retain))
+            mid = compat.publish_qos1(self._client, gmqtt.Message(topic, payload, qos=1, retain=retain))
         except OverflowError:
             raise LinkError(self.name, "no free packet id (too many messages in flight)") from None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -311,16 +283,15 @@ class MqttLink:
         """
         if not self.connected or not self._client.is_connected:
             raise LinkError(self.name, "not connected")
-        proto = self._client._connection._protocol
-        ids = self._client._package_handler.id_generator
-        props = b"\x00" if proto.proto_ver >= MQTTv50 else b""  # MQTT 5: an empty property list
+        mqtt5, write = compat.write_raw(self._client)
+        props = b"\x00" if mqtt5 else b""  # MQTT 5: an empty property list
         loop = asyncio.get_running_loop()
         buf = bytearray()
         futs: list[asyncio.Future[None]] = []
         for topic, payload, retain in messages:
             # PUBLISH at QoS 1 built here: gmqtt's builder costs about twice as much per message
             try:
-                mid = ids._mid_generate()
+                mid = compat.next_id(self._client)
             except OverflowError:
                 break
             t = topic.encode()
@@ -335,7 +306,7 @@ class MqttLink:
             self._acks[mid] = fut
             futs.append(fut)
         if buf:
-            proto.write_data(bytes(buf))
+            write(bytes(buf))
         return futs
 
     @property
@@ -347,7 +318,7 @@ class MqttLink:
     def send_window(self) -> int:
         """How many acknowledged publishes may be in flight: the broker's receive maximum, less
         a few ids kept for subscriptions and the status message."""
-        return max(1, self._client._package_handler.id_generator._max - 4)
+        return max(1, compat.id_capacity(self._client) - 4)
 
     # --- backpressure ---------------------------------------------------------------------
 
@@ -362,25 +333,7 @@ class MqttLink:
         return self._gate.is_set()
 
     def _install_gate(self) -> None:
-        """Make the client's read loop wait on our gate before each socket read."""
-        conn = self._client._connection
-        proto = conn._protocol
-        read = proto.read
-        gate = self._gate
-        keepalive = self.conn.keepalive
-
-        async def gated_read(n: int = -1) -> bytes:
-            while not gate.is_set():
-                try:
-                    await asyncio.wait_for(gate.wait(), keepalive / 2)
-                except TimeoutError:
-                    # Paused on purpose: unread bytes prove the broker is alive, so do not let
-                    # the client's keepalive check drop the connection for missing data.
-                    if proto._stream_reader is not None and proto._stream_reader._buffer:
-                        conn._last_data_in = time.monotonic()
-            return await read(n)
-
-        proto.read = gated_read
+        compat.install_read_gate(self._client, self._gate, self.conn.keepalive)
 
 
 def _tls_context(conn: MqttConnection) -> ssl.SSLContext:
