@@ -49,6 +49,7 @@ from .node import (
 
 if TYPE_CHECKING:
     from .alerts import SEVERITIES, SuppressWindow
+    from .deadletter import DeadLetters
     from .llm import SHED_REASONS, AdmissionQueue, Chunk, LlmHub, LlmRequest, Outcome, ProviderSlot, run_chain
     from .mqtt import status_topic
     from .webhook import WebhookLink
@@ -61,6 +62,7 @@ __all__ = [
     "Alerts",
     "Chunk",
     "ConsoleOut",
+    "DeadLetters",
     "Duration",
     "Envelope",
     "Event",
@@ -286,6 +288,7 @@ _LAZY = {
     "run_chain": "llm",
     "SEVERITIES": "alerts",
     "SuppressWindow": "alerts",
+    "DeadLetters": "deadletter",
     "WebhookLink": "webhook",
     "status_topic": "mqtt",
 }
