@@ -8,6 +8,7 @@ __all__ = [
     "ExpressionError",
     "LinkError",
     "NodeError",
+    "ReloadError",
     "SluiceError",
 ]
 
@@ -61,3 +62,7 @@ class LinkError(SluiceError):
     def __init__(self, connection: str, message: str):
         self.connection = connection
         super().__init__(f"connection {connection!r}: {message}")
+
+
+class ReloadError(SluiceError):
+    """A config the running gateway cannot take without a restart, or that failed to start."""

@@ -24,7 +24,7 @@ from .alerts import AlertService
 from .config import LoadedConfig, MqttConnection
 from .deadletter import DeadLetters
 from .engine import Pipeline
-from .errors import SluiceError
+from .errors import ReloadError, SluiceError
 from .history import History
 from .llm import LlmHub
 from .mqtt import MqttLink, json_bytes, status_topic
@@ -96,10 +96,6 @@ def _command_connections(loaded: LoadedConfig) -> list[str]:
             if cls is not None:
                 names.update(cls.command_connections(o))
     return sorted(names)
-
-
-class ReloadError(SluiceError):
-    """A config the running gateway cannot take without a restart, or that failed to start."""
 
 
 class Links:

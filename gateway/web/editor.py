@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..config import LoadedConfig, parse_config
-from ..errors import ConfigError
+from ..errors import ConfigError, ReloadError
 from ..node import node_types
 from ._yamledit import DraftError, apply_model, diff, load_model, revision
 from .auth import IDENTITY
@@ -300,7 +300,6 @@ class Editor:
 
     async def api_deploy(self, request: web.Request) -> web.Response:
         """``{"revision", "model", "positions"}``: validate, hot-reload the changed pipelines, save."""
-        from ..runtime import ReloadError
         from .views import _save
 
         self._admin(request)

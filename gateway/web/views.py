@@ -17,7 +17,7 @@ import psutil
 from aiohttp import web
 
 from ..config import LoadedConfig, parse_config
-from ..errors import ConfigError
+from ..errors import ConfigError, ReloadError
 from .auth import IDENTITY
 
 if TYPE_CHECKING:
@@ -223,7 +223,6 @@ class Views:
 
     async def api_save(self, request: web.Request) -> web.Response:
         """Validate, hot-reload the pipelines, then write the file (the previous one kept as ``.bak``)."""
-        from ..runtime import ReloadError
 
         self._admin(request)
         text = await self._text(request)
