@@ -15,8 +15,7 @@ import json
 import logging
 from typing import Any, Literal
 
-from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import TemplateError, nodes
 from pydantic import Field, field_validator
 
 from gateway.api import (
@@ -38,12 +37,14 @@ from gateway.api import (
     run_chain,
 )
 
+from ._templates import TemplateBudgetError, make_environment, render
+
 __all__ = ["Llm"]
 
 log = logging.getLogger(__name__)
 _LIVE_TOPICS = frozenset({"llm"})
 
-_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True)
+_ENV = make_environment()  # sandboxed, every render on a budget (see nodes/_templates.py)
 
 _DEFAULT_PROMPT = (
     "{% if value is mapping and value.rule is defined %}"
@@ -55,6 +56,11 @@ _DEFAULT_PROMPT = (
 _DEFAULT_SYSTEM = "You are the assistant of an industrial IoT gateway. Answer briefly and concretely."
 
 
+def _may_be_slow(source: str) -> bool:
+    """Whether a template loops or defines macros (the parts whose cost grows with the data)."""
+    return any(True for _ in _ENV.parse(source).find_all((nodes.For, nodes.Macro, nodes.CallBlock)))
+
+
 class LlmOptions(NodeOptions):
     type: Literal["llm"]
     provider: list[str] = Field(
@@ -63,7 +69,8 @@ class LlmOptions(NodeOptions):
     )
     prompt: str = Field(
         _DEFAULT_PROMPT,
-        description="Jinja2 template (sandboxed) over key, ts, value, source, meta; the default explains an alert.",
+        description="Jinja2 template (sandboxed, rendered on a budget) over key, ts, value, source, meta; "
+        "the default explains an alert.",
     )
     system: str | None = Field(_DEFAULT_SYSTEM, description="System prompt; null for none.")
     max_tokens: int = Field(128, ge=1, le=32_768)
@@ -199,6 +206,9 @@ class Llm(Operator):
         self._prompt = _ENV.from_string(o.prompt)
         self._system = _ENV.from_string(o.system) if o.system else None
         self._rule = _ENV.from_string(o.rule_text) if o.rule_text else None
+        # loops and macros can take a while even on budget: those prompts render in a thread
+        self._render_in_thread = any(_may_be_slow(t) for t in (o.prompt, o.system) if t)
+        self.n_over_budget = 0  # renders refused by the template budget
         hub = getattr(ctx.services, "llm", None)
         self.hub: LlmHub | None = hub
         self.slots: list[ProviderSlot] = [hub.slot(n) for n in o.provider] if hub is not None else []
@@ -290,8 +300,10 @@ class Llm(Operator):
     def _rule_text(self, event: Event) -> str:
         if self._rule is not None:
             try:
-                return self._rule.render(self._context(event))
+                return render(self._rule, self._context(event))
             except (TemplateError, TypeError, ValueError) as exc:
+                if isinstance(exc, TemplateBudgetError):
+                    self.n_over_budget += 1
                 return f"{event.key}: {event.value!r} (rule_text failed: {exc})"
         v = event.value
         if isinstance(v, dict) and isinstance(v.get("rule"), str):
@@ -408,16 +420,21 @@ class Llm(Operator):
 
     def _messages(self, event: Event) -> list[dict[str, str]]:
         ctx = self._context(event)
-        messages = [{"role": "user", "content": self._prompt.render(ctx)}]
+        messages = [{"role": "user", "content": render(self._prompt, ctx)}]
         if self._system is not None:
-            messages.insert(0, {"role": "system", "content": self._system.render(ctx)})
+            messages.insert(0, {"role": "system", "content": render(self._system, ctx)})
         return messages
 
     async def _handle(self, item: _Pending, waited: float) -> None:
         o = self.options
         try:
-            messages = self._messages(item.event)
+            if self._render_in_thread:
+                messages = await asyncio.to_thread(self._messages, item.event)
+            else:
+                messages = self._messages(item.event)
         except (TemplateError, TypeError, ValueError) as exc:
+            if isinstance(exc, TemplateBudgetError):
+                self.n_over_budget += 1
             problem = f"prompt template failed on this event: {exc}"
             self.fail(item.event, ValueError(problem))  # dead-lettered with the reason, to fix the template
             await self._hand_out([self._fallback(item, "error", {"llm_error": problem})], item)
@@ -471,6 +488,7 @@ class Llm(Operator):
                 "llm_in_flight": self.in_flight,
                 "llm_queue_depth": len(self.queue),
                 "llm_tokens": self.tokens,
+                "template_over_budget": self.n_over_budget,
             }
         )
         for reason in SHED_REASONS:

@@ -296,6 +296,57 @@ async def test_a_template_error_is_an_error_event_and_a_dead_letter(
     assert len(server.requests) == 1 and server.requests[0]["messages"][-1]["content"] == "here"
 
 
+NESTED_LOOPS = "{% for a in range(3000) %}{% for b in range(3000) %}{% endfor %}{% endfor %}{{ value }}"
+
+
+async def test_a_template_over_its_render_budget_is_refused_and_counted(
+    running: Any, server: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Nested loops of 9 million iterations held the event loop for seconds on one event."""
+    r = await running(
+        _remote(server),
+        f"""\
+      - {{id: src, type: t_feed}}
+      - {{id: explain, type: llm, input: src, provider: cloud, prompt: "{NESTED_LOOPS}"}}
+      - {{id: big, type: llm, input: src, provider: cloud, prompt: "{{{{ 'x' * 1000000000 }}}}"}}
+      - {{id: out, type: t_keep, input: [explain, big]}}
+""",
+    )
+    r.feed(alert("a"))
+    out = r.node("out")
+    await wait_for(lambda: len(out.events) == 2, timeout=10)
+    by_node = {e.source: e.value for e in out.events}
+    # the alert still goes out with its rule text; the reason names the budget
+    loops, big = by_node["explain"], by_node["big"]
+    assert loops["llm"] == "error" and loops["text"] == "a above 90 (raised)"
+    assert "more than 10,000 loop iterations and calls in one render" in loops["llm_error"], loops
+    assert big["llm"] == "error" and "the * operator would make over 100,000 characters" in big["llm_error"], big
+    for nid in ("explain", "big"):
+        c = r.node(nid).counters()
+        assert c["errors"] == 1 and c["template_over_budget"] == 1, (nid, c)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{% for a in [1] recursive %}{{ loop([a]) }}{% endfor %}", "recursive loops are not allowed"),
+        ("{{ key }}" * 2000, "the template is 18,000 characters long; the limit is 16,384"),
+    ],
+)
+def test_templates_the_budget_cannot_bound_are_refused_at_validation(
+    tmp_path: Path, template: str, message: str
+) -> None:
+    nodes = f"""\
+      - {{id: src, type: t_feed}}
+      - {{id: explain, type: llm, input: src, provider: cloud, prompt: "{template}"}}
+      - {{id: out, type: t_keep, input: explain}}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(_config(tmp_path, "    cloud: {type: remote, url: http://127.0.0.1:9}", nodes), "c.yaml", env={})
+    assert f"pipelines.0.nodes.1.prompt: value error, template does not compile: {message}" in str(info.value)
+
+
 # --- shedding -----------------------------------------------------------------------------------
 
 
