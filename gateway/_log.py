@@ -10,7 +10,25 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RECENT", "RateLimitedLog", "RecentLogs", "setup_logging"]
+from .redact import redact_text
+
+__all__ = ["RECENT", "RateLimitedLog", "RecentLogs", "Redacting", "setup_logging"]
+
+
+class Redacting(logging.Filter):
+    """Passes every record with its message (and traceback) redacted: a log line leaves the process."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except (TypeError, ValueError):  # a bad format string must not break logging
+            msg = str(record.msg)
+        clean = redact_text(msg)
+        if clean != msg or record.args:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,7 +42,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
@@ -40,6 +58,7 @@ class RecentLogs(logging.Handler):
             msg = record.getMessage()
         except (TypeError, ValueError):  # a bad format string must not break logging
             msg = str(record.msg)
+        msg = redact_text(msg)
         self.lines.append({"ts": record.created, "level": record.levelname.lower(), "logger": record.name, "msg": msg})
 
 
@@ -53,6 +72,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(Redacting())
     root = logging.getLogger()
     root.handlers[:] = [handler, RECENT]
     root.setLevel(level.upper())

@@ -24,6 +24,7 @@ from .errors import ConfigError, ConfigIssue
 from .llm import LlmConfig
 from .node import ID_PATTERN, Duration, NodeOptions, get_node_type, node_types
 from .outbox import OutboxConfig
+from .redact import SECRET, remember, secrets_of
 from .store import StateConfig
 
 __all__ = [
@@ -82,7 +83,7 @@ class MqttConnection(_Section):
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
-    password: str | None = None
+    password: str | None = Field(None, json_schema_extra=SECRET)
     client_id: str | None = Field(None, description="Prefix for client ids; default: the gateway id.")
     keepalive: int = Field(30, ge=5, le=3600)
     version: Literal["5", "3.1.1"] = "5"
@@ -116,6 +117,7 @@ class ConsoleUser(_Section):
     password_hash: str = Field(
         pattern=r"^\$argon2(id|i|d)\$",
         description="An argon2 hash, e.g. from `sluice hash-password`; never the password.",
+        json_schema_extra=SECRET,
     )
     role: Literal["viewer", "admin"] = "viewer"
 
@@ -458,6 +460,9 @@ def parse_config(
     if r.issues or cfg is None:
         r.issues.sort(key=lambda i: i.line)
         raise ConfigError(r.issues)
+    if substitute:  # about to run: its secrets are looked for in everything that leaves the process
+        remember(secrets_of(cfg))
+        remember(s for opts in nodes.values() for o in opts for s in secrets_of(o))
     return LoadedConfig(cfg, nodes, file, text, r.lines)
 
 

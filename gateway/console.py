@@ -21,6 +21,7 @@ from aiohttp import web
 from .alerts import SEVERITIES, STATES, AlertError, SuppressCommand, validated
 from .config import ConsoleConfig
 from .node import ID_PATTERN
+from .redact import redact, redact_text
 
 if TYPE_CHECKING:
     from .runtime import Gateway
@@ -212,8 +213,14 @@ class Console:
             self._runner = None
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """Status only for anyone; the details (problems, connections, stores) with a session or token."""
+        from .web.auth import IDENTITY
+
         h = self.gw.health()
-        return web.json_response(h, status=200 if self.gw.state == "running" else 503)
+        status = 200 if self.gw.state == "running" else 503
+        if request.get(IDENTITY) is None:
+            return web.json_response({"status": h["status"]}, status=status)
+        return web.json_response(redact(h), status=status)
 
     async def metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CollectorRegistry, generate_latest
@@ -221,7 +228,7 @@ class Console:
         if self._registry is None:
             self._registry = CollectorRegistry(auto_describe=False)
             self._registry.register(_GatewayCollector(self.gw))  # type: ignore[arg-type]
-        body = generate_latest(self._registry)
+        body = redact_text(generate_latest(self._registry).decode()).encode()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def api_pipelines(self, request: web.Request) -> web.Response:
@@ -229,7 +236,7 @@ class Console:
             {
                 "gateway_id": self.gw.id,
                 "state": self.gw.state,
-                "pipelines": [p.describe() for p in self.gw.pipelines.values()],
+                "pipelines": redact([p.describe() for p in self.gw.pipelines.values()]),
             }
         )
 
@@ -239,7 +246,7 @@ class Console:
         except ValueError:
             raise web.HTTPBadRequest(text="limit must be an integer") from None
         rows = list(self.gw.dead_letters.recent)[-limit:][::-1]
-        return web.json_response({"total": self.gw.dead_letters.total, "recent": rows})
+        return web.json_response({"total": self.gw.dead_letters.total, "recent": redact(rows)})
 
     async def api_history(self, request: web.Request) -> web.Response:
         """``GET /api/history?key=&from=&to=&points=``: a key's downsampled history (epoch seconds)."""
@@ -359,7 +366,7 @@ class Console:
 
         level = request.query.get("level")
         lines = [ln for ln in RECENT.lines if level is None or ln["level"] == level]
-        return web.json_response({"lines": lines[-200:]})
+        return web.json_response({"lines": redact(lines[-200:])})
 
 
 def _describe_suppression_routes() -> None:

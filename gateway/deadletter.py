@@ -13,6 +13,7 @@ from typing import Any
 
 from ._log import RateLimitedLog
 from .events import Event
+from .redact import redact_text
 
 __all__ = ["DeadLetters"]
 
@@ -53,6 +54,7 @@ class DeadLetters:
     def record(self, pipeline: str, node: str, reason: str, event: Event | None = None, raw: Any = None) -> None:
         k = (pipeline, node)
         self.counts[k] = self.counts.get(k, 0) + 1
+        reason = redact_text(reason)  # an error text may quote a URL or a header of the config
         if raw is None and event is not None:
             try:
                 raw = json.dumps(event.to_dict(), default=str)

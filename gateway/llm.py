@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 from ._retry import backoff
 from .errors import SluiceError
 from .node import Duration
+from .redact import SECRET
 
 __all__ = [
     "SHED_REASONS",
@@ -164,7 +165,9 @@ class RemoteProviderConfig(_ProviderBase):
 
     type: Literal["remote"]
     url: str = Field(pattern=r"^https?://", description="Base URL including /v1, e.g. https://api.openai.com/v1.")
-    api_key: str | None = Field(None, description="Bearer token; use ${ENV_VAR}, never the key itself.")
+    api_key: str | None = Field(
+        None, description="Bearer token; use ${ENV_VAR}, never the key itself.", json_schema_extra=SECRET
+    )
     model: str = Field("default", description="Model name sent with each request.")
     concurrency: int = Field(2, ge=1, le=256, description="Requests in flight at once.")
     connect_timeout: Duration = 5.0

@@ -666,7 +666,9 @@ class ModbusSource(Source):
 class WebSocketOptions(NodeOptions):
     type: Literal["websocket"]
     url: str = Field(pattern=r"^wss?://", description="ws:// or wss:// URL of the device or service.")
-    headers: dict[str, str] = Field(default_factory=dict, description="Sent with the handshake (e.g. a token).")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Sent with the handshake (e.g. a token).", json_schema_extra={"secret": True}
+    )
     subscribe: Any = Field(None, description="A message (text, or JSON for a mapping/list) sent after each connect.")
     codec: JsonCodec = Field(
         default_factory=lambda: JsonCodec(type="json"),

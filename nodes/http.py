@@ -13,10 +13,11 @@ import json
 import logging
 import time
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from firmware_bridges import DecodeError, JsonCodec, RawReading, make_decoder
 from gateway.api import Duration, Event, NodeOptions, SourceOutput, backoff, register
@@ -83,6 +84,7 @@ class HttpPushOptions(NodeOptions):
         min_length=16,
         description="Bearer token a client must send (Authorization: Bearer <token>); "
         "give it as ${ENV_VAR}. At least 16 characters.",
+        json_schema_extra={"secret": True},
     )
     max_body: int = Field(1_048_576, ge=64, le=64 * 1_048_576, description="Largest body in bytes; larger is 413.")
     retry_after: Duration = Field(1.0, gt=0, description="Retry-After sent with 429 while the pipeline is full.")
@@ -231,7 +233,9 @@ class HttpPollOptions(NodeOptions):
     timeout: Duration = Field(
         30.0, gt=0, description="Longest a request may take (long-poll: above the server's hold)."
     )
-    headers: dict[str, str] = Field(default_factory=dict, description="Sent with every request (e.g. a token).")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Sent with every request (e.g. a token).", json_schema_extra={"secret": True}
+    )
     etag: bool = Field(True, description="Send If-None-Match with the last ETag; a 304 means nothing new.")
     max_body: int = Field(16 * 1_048_576, ge=64, description="Largest answer in bytes; larger is dead-lettered.")
     codec: JsonCodec = Field(
@@ -241,6 +245,13 @@ class HttpPollOptions(NodeOptions):
     reconnect_max: Duration = Field(30.0, gt=0, description="Longest wait between attempts after an error.")
 
     _codec_shorthand = field_validator("codec", mode="before")(_json_codec)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> HttpPollOptions:
+        # aiohttp refuses a request with both, and the link would never send
+        if urlsplit(self.url).username is not None and any(k.lower() == "authorization" for k in self.headers):
+            raise ValueError("give credentials in the URL or in an Authorization header, not both")
+        return self
 
 
 class _Failed(Exception):

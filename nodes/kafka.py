@@ -66,7 +66,9 @@ class KafkaClientOptions(NodeOptions):
         None, description="SASL authentication (with username and password); use with tls outside a lab."
     )
     username: str | None = None
-    password: str | None = Field(None, description='Use "${KAFKA_PASSWORD}" rather than the password itself.')
+    password: str | None = Field(
+        None, description='Use "${KAFKA_PASSWORD}" rather than the password itself.', json_schema_extra={"secret": True}
+    )
 
     @model_validator(mode="after")
     def _security(self) -> KafkaClientOptions:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gateway.api import (
     Duration,
@@ -124,13 +125,22 @@ class WebhookOptions(NodeOptions):
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://", description="Where to POST each event as JSON (http or https).")
     headers: dict[str, str] = Field(
-        default_factory=dict, description='Extra request headers, e.g. Authorization: "Bearer ${TOKEN}".'
+        default_factory=dict,
+        description='Extra request headers, e.g. Authorization: "Bearer ${TOKEN}".',
+        json_schema_extra={"secret": True},
     )
     timeout: Duration = Field(10.0, gt=0, description="Per request.")
     concurrency: int = Field(
         1, ge=1, le=64, description="Requests in flight; above 1 the order of arrival is no longer guaranteed."
     )
     reconnect_max: Duration = Field(30.0, description="Cap of the retry backoff after a failed POST.")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> WebhookOptions:
+        # aiohttp refuses a request with both, and the link would never send
+        if urlsplit(self.url).username is not None and any(k.lower() == "authorization" for k in self.headers):
+            raise ValueError("give credentials in the URL or in an Authorization header, not both")
+        return self
 
 
 @register

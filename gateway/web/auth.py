@@ -5,8 +5,8 @@ account with a one-time setup code printed in the gateway's log (or the accounts
 ``console.users`` with argon2 hashes). Sessions live in encrypted cookies (HttpOnly,
 SameSite=Strict, Secure over TLS). Every state-changing request made with a session cookie
 must carry the session's CSRF token in ``X-CSRF-Token`` and come from the console's own origin;
-scripts use ``Authorization: Bearer <token>`` instead. ``/healthz`` and ``/metrics`` stay open
-for monitoring.
+scripts use ``Authorization: Bearer <token>`` instead. ``/healthz`` (its status only; the details
+need a session or token) and ``/metrics`` stay open for monitoring. The policy is in docs/security.md.
 """
 
 from __future__ import annotations

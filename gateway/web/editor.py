@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import json
 import logging
@@ -30,8 +31,10 @@ from aiohttp import web
 from ..config import LoadedConfig, parse_config
 from ..errors import ConfigError, ReloadError
 from ..node import node_types
+from ..redact import mask, redact
 from ._yamledit import DraftError, apply_model, diff, load_model, revision
 from .auth import IDENTITY
+from .views import model_paths
 
 if TYPE_CHECKING:
     from ..runtime import Gateway
@@ -42,8 +45,6 @@ log = logging.getLogger(__name__)
 
 MAX_DRAFT = 1024 * 1024
 FAMILIES = ("sources", "operators", "windows", "detectors", "llm", "sinks")
-# Secret-looking option names, for node types whose schema marks nothing; header values carry tokens.
-_SECRET_NAME = re.compile(r"pass|secret|token|credential|(?:private|api|access)_?key$|^headers$", re.IGNORECASE)
 _PATH_PART = re.compile(r"^\d+$")
 
 
@@ -107,23 +108,12 @@ def palette() -> dict[str, Any]:
     return out
 
 
-def _redact(value: Any, secret: set[str], key: str = "") -> Any:
-    if key and _SECRET_NAME.search(key):
-        return _hide(value)
+def _redact(value: Any, secret: set[str]) -> Any:
+    """A node's options for a viewer: the options the schema marks secret hidden, then the one
+    redaction of everything that leaves the gateway (URLs, headers, known secrets)."""
     if isinstance(value, dict):
-        return {k: _redact(v, set(), str(k)) if k not in secret else _hide(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v, set(), key) for v in value]
-    return value
-
-
-def _hide(v: Any) -> Any:
-    """A secret option's value for a viewer: every string in it (a mapping of headers: each value) hidden."""
-    if isinstance(v, dict):
-        return {k: _hide(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_hide(x) for x in v]
-    return "***" if isinstance(v, str) and v else v
+        value = {k: mask(v) if k in secret else v for k, v in value.items()}
+    return redact(value)
 
 
 def _where(path: str, located: list[tuple[str, list[str]]]) -> dict[str, Any]:
@@ -271,9 +261,14 @@ class Editor:
         model["path"] = self._path.name
         return web.json_response(model)
 
-    async def _check(self, base: str, draft: Any) -> tuple[str, bool, list[dict[str, Any]], LoadedConfig | None]:
+    async def _check(
+        self, base: str, draft: Any, run: bool
+    ) -> tuple[str, bool, list[dict[str, Any]], LoadedConfig | None]:
         """The draft written into ``base``, whether that changed it, every error by node and field,
-        and the validated config when there is none. Off the loop: parsing YAML is costly."""
+        and the validated config when there is none. Off the loop: parsing YAML is costly.
+
+        ``run``: it is about to be deployed, so ``${VAR}`` is substituted (a draft only validated is not).
+        """
         known = set(node_types())
         try:
             splice = await asyncio.to_thread(apply_model, base, draft, known)
@@ -281,7 +276,11 @@ class Editor:
             error = {"pipeline": exc.pipeline, "node": exc.node, "field": "", "message": str(exc)}
             return base, False, [error], None
         try:
-            loaded = await asyncio.to_thread(parse_config, splice.text, str(self._path))
+            loaded = await asyncio.to_thread(
+                functools.partial(parse_config, substitute=run, model_paths=model_paths(self.gw)),
+                splice.text,
+                str(self._path),
+            )
         except ConfigError as err:
             located = _locate(splice.text)
             errors = [{**_where(i.path, located), "line": i.line, "message": i.message} for i in err.issues]
@@ -293,7 +292,7 @@ class Editor:
         self._admin(request)
         body = await self._body(request)
         base = await self._current()
-        text, changed, errors, _ = await self._check(base, body.get("model"))
+        text, changed, errors, _ = await self._check(base, body.get("model"), run=False)
         return web.json_response(
             {"valid": not errors, "errors": errors, "changed": changed, "diff": diff(base, text, self._path.name)}
         )
@@ -318,7 +317,7 @@ class Editor:
                     },
                     status=409,
                 )
-            text, changed, errors, loaded = await self._check(base, body.get("model"))
+            text, changed, errors, loaded = await self._check(base, body.get("model"), run=True)
             if errors or loaded is None:
                 return web.json_response(
                     {"error": "the draft has errors", "error_kind": "invalid", "valid": False, "errors": errors},

@@ -147,7 +147,8 @@ def _paths() -> dict[str, Any]:
     return {
         "/healthz": {
             "get": _op(
-                "Gateway health; 200 while running, 503 while starting or stopping",
+                "Gateway health; 200 while running, 503 while starting or stopping. Without a session or "
+                "token only `status`; the details (redacted) need one",
                 {"200": _json(_HEALTH), "503": _json(_HEALTH, "Not running")},
                 tag="monitoring",
                 secured=False,

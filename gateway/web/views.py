@@ -6,7 +6,6 @@ import asyncio
 import functools
 import logging
 import os
-import re
 import shutil
 import stat
 import time
@@ -18,6 +17,7 @@ from aiohttp import web
 
 from ..config import LoadedConfig, parse_config
 from ..errors import ConfigError, ReloadError
+from ..redact import redact, redact_options
 from .auth import IDENTITY
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_CONFIG = 1024 * 1024
-_SECRET = re.compile(r"pass|secret|token|credential|(?:private|api|access)_?key$", re.IGNORECASE)
 
 # Content-Security-Policy: our own scripts, styles and sockets only; nothing inline, no framing.
 CSP = (
@@ -51,16 +50,6 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
         h.setdefault("Strict-Transport-Security", "max-age=31536000")
     if request.path.startswith("/api/") or request.path in ("/", "/login", "/setup"):
         h.setdefault("Cache-Control", "no-store")
-
-
-def _redact(value: Any, key: str = "") -> Any:
-    if isinstance(value, dict):
-        return {k: _redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v, key) for v in value]
-    if key and _SECRET.search(key) and isinstance(value, str) and value:
-        return "***"
-    return value
 
 
 class Views:
@@ -136,12 +125,12 @@ class Views:
                     "problems": problems,
                 }
             )
-        return {"gateway": health, "system": self.system(), "pipelines": pipes, "ts": time.time()}
+        return redact({"gateway": health, "system": self.system(), "pipelines": pipes, "ts": time.time()})
 
     def stats(self) -> dict[str, Any]:
         """What the WebSocket sends every second: the overview plus every node's counters."""
         out = self.overview()
-        out["detail"] = [p.describe() for p in self.gw.pipelines.values()]
+        out["detail"] = redact([p.describe() for p in self.gw.pipelines.values()])
         return out
 
     # --- handlers -----------------------------------------------------------------------------
@@ -156,8 +145,8 @@ class Views:
             return web.json_response({"error": "no such pipeline or node"}, status=404)
         node = p.nodes[p.index[nid]]
         desc = next(d for d in p.describe()["nodes"] if d["id"] == nid)
-        desc["options"] = _redact(node.options.model_dump(mode="json", exclude_none=True))
-        return web.json_response(desc)
+        desc["options"] = redact_options(node.options)
+        return web.json_response(redact(desc))
 
     def _admin(self, request: web.Request) -> None:
         ident = request.get(IDENTITY)
@@ -190,19 +179,12 @@ class Views:
                 return web.json_response({"error": "config is not UTF-8 text"}, status=400)
         return text
 
-    def _model_paths(self) -> list[str]:
-        """Where a config from the console may find local model files: the running config's data
-        dir, its ``llm.model_dirs`` and the model files it already uses."""
-        cfg = self.gw.loaded.config
-        files = [p.model for p in cfg.llm.providers.values() if getattr(p, "model", None) and p.type == "local"]
-        return [cfg.gateway.data_dir, *cfg.llm.model_dirs, *files]
-
     async def _parse(self, text: str, path: str, run: bool) -> LoadedConfig | web.Response:
         """Check config text from the console; ``run``: it is about to run, so ``${VAR}`` is substituted."""
         # Validation compiles expressions and builds models: off the loop.
         try:
             return await asyncio.to_thread(
-                functools.partial(parse_config, substitute=run, model_paths=self._model_paths()), text, path
+                functools.partial(parse_config, substitute=run, model_paths=model_paths(self.gw)), text, path
             )
         except ConfigError as err:
             return web.json_response(
@@ -256,6 +238,14 @@ class Views:
         return web.json_response(
             {"valid": True, "errors": [], "reloaded": True, "saved": saved, "note": note, **summary}
         )
+
+
+def model_paths(gw: Gateway) -> list[str]:
+    """Where a config from the console may find local model files: the running config's data dir,
+    its ``llm.model_dirs`` and the model files it already uses."""
+    cfg = gw.loaded.config
+    files = [p.model for p in cfg.llm.providers.values() if p.type == "local" and p.model]
+    return [cfg.gateway.data_dir, *cfg.llm.model_dirs, *files]
 
 
 def _save(path: Path, text: str) -> None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 
 from .._log import RateLimitedLog
+from ..redact import redact
 
 if TYPE_CHECKING:
     from ..runtime import Gateway
@@ -446,7 +447,7 @@ class Hub:
                 }
             )
         hub = getattr(self.gw, "llm", None)
-        providers = hub.describe() if hub is not None else []
+        providers = redact(hub.describe()) if hub is not None else []  # urls and errors of remote models
         for c in subs:
             text = json.dumps(
                 {"type": "llm_stats", "nodes": nodes, "providers": providers, "dropped": c.llm_dropped}, default=str

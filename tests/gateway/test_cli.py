@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 STUCK_RUN = "import sys, tests.gateway._stuck_node; from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def fetch(port: int, path: str) -> tuple[int, Any]:
+def fetch(port: int, path: str, token: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -191,6 +194,13 @@ def test_demo_runs_without_a_config(tmp_path: Path, mosquitto: Any) -> None:
         "SLUICE_DATA_DIR": str(tmp_path / "data"),
         "SLUICE_GATEWAY_ID": "demo-test",
     }
+    # /healthz shows its details to a session or API token only: give the demo's console one
+    token = "slt_demo-test-monitoring-token"
+    accounts = tmp_path / "data" / "console" / "users.json"
+    accounts.parent.mkdir(parents=True)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    monitor = {"id": "t1", "name": "test", "role": "viewer", "digest": digest, "created": 0.0}
+    accounts.write_text(json.dumps({"users": [], "tokens": [monitor]}))
     err = tmp_path / "demo.stderr"
     from tests._util import mqtt_client
 
@@ -211,11 +221,11 @@ def test_demo_runs_without_a_config(tmp_path: Path, mosquitto: Any) -> None:
             # The demo's serial and Modbus devices need their simulators (make run starts them):
             # without them those sources are down, and only they may be reported.
             def broker_ok() -> bool:
-                problems = fetch(port, "/healthz")[1]["problems"]
+                problems = fetch(port, "/healthz", token)[1]["problems"]
                 return not [p for p in problems if "connection" in p]
 
             wait_for_sync(broker_ok, timeout=10)
-            status, health = fetch(port, "/healthz")
+            status, health = fetch(port, "/healthz", token)
             assert status == 200 and health["status"] in ("ok", "degraded"), health
             assert all(p.startswith("source plant_room/") for p in health["problems"]), health
             assert health["gateway_id"] == "demo-test" and health["pipelines"]["boiler"] == "running"

@@ -274,7 +274,7 @@ async def test_quota_drops_the_oldest_and_says_how_many(tmp_path: Path, mosquitt
     consumer = Consumer(broker, f"consumer-{broker.port}").start()
     broker.stop()  # the consumer's session waits in the broker's persistence
     try:
-        text = config(tmp_path, broker.port, count=500, outbox="{max_messages: 300}", console="{port: 0}")
+        text = config(tmp_path, broker.port, count=500, outbox="{max_messages: 300}", console="{port: 0, auth: false}")
         async with running_gateway(text) as gw:
             out = node(gw, "boiler", "out")
             await wait_for(lambda: out.n_out == 1000, timeout=30)

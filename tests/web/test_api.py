@@ -31,9 +31,9 @@ async def test_node_config(gw: Gateway, admin: Browserish) -> None:
 
 
 def test_redaction_of_secret_looking_options() -> None:
-    from gateway.web.views import _redact
+    from gateway.redact import redact
 
-    out = _redact(
+    out = redact(
         {
             "password": "hunter2",
             "api_token": "x",
