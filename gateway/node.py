@@ -64,7 +64,9 @@ def _parse_duration(v: Any) -> Any:
 ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 """What a gateway, pipeline, connection or node id may be: it names topics, state rows and URLs."""
 
-Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+Duration = Annotated[
+    float, BeforeValidator(_parse_duration), Field(ge=0), Field(json_schema_extra={"format": "duration"})
+]
 """Seconds; accepts ``10``, ``"10s"``, ``"500ms"``, ``"5m"``, ``"1h"``, ``"1d"``."""
 
 

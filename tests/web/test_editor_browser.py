@@ -38,10 +38,25 @@ console: {{host: 127.0.0.1, port: 0}}
 """
 
 
+PLANT = """\
+gateway: {{id: editor-browser, data_dir: "{data}"}}
+pipelines:
+  - name: plant
+    nodes:
+      - {{id: sensors, type: simulate, interval: 50ms, sensors: [{{key: boiler/temp, base: 80}}]}}
+      # the alarm point
+      - {{id: hot, type: threshold, input: sensors, above: 95, clear_below: 90}}
+      - {{id: push, type: http, token: "s3cret-push-token"}}
+      - {{id: out, type: log, input: [hot, push]}}
+console: {{host: 127.0.0.1, port: 0}}
+"""
+
+
 @pytest.fixture
-async def started(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Path]]:
+async def started(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[tuple[Gateway, Path]]:
     path = tmp_path / "gateway.yaml"
-    path.write_text(TEXT.format(data=tmp_path / "data"))
+    text = getattr(request, "param", TEXT)
+    path.write_text(text.format(data=tmp_path / "data"))
     gw = Gateway(load_config(path, env={}))
     task = asyncio.create_task(gw.run(install_signals=False))
     try:
@@ -51,6 +66,8 @@ async def started(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Path]]:
         c = Browserish(base_url(gw))
         try:
             await c.setup_admin(gw)
+            status, _ = await c.post("/api/users", {"name": "viewer1", "password": PASSWORD})
+            assert status == 201
         finally:
             await c.close()
         yield gw, path
@@ -59,9 +76,9 @@ async def started(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Path]]:
         await asyncio.wait_for(task, 30)
 
 
-async def login(pg: Any, base: str) -> None:
+async def login(pg: Any, base: str, name: str = "admin") -> None:
     await pg.goto(base + "/login")
-    await pg.fill("#name", "admin")
+    await pg.fill("#name", name)
     await pg.fill("#password", PASSWORD)
     await pg.click("#submit")
     await pg.wait_for_url(base + "/")
@@ -161,3 +178,61 @@ async def test_build_deploy_watch_undo(started: tuple[Gateway, Path], page: Any)
     await page.set_viewport_size({"width": 390, "height": 844})
     await expect(page.locator("#drawflow")).to_be_visible()
     await shot(page, "editor-phone")
+
+
+@pytest.mark.parametrize("started", [PLANT], indirect=True)
+async def test_viewer_sees_the_canvas_read_only(started: tuple[Gateway, Path], page: Any) -> None:  # noqa: F811
+    gw, _ = started
+    base = base_url(gw)
+    await page.set_viewport_size({"width": 1366, "height": 900})
+    await login(page, base, "viewer1")
+    await page.goto(base + "/#/editor")
+    await expect(page.locator("#ed-status")).to_have_text("view only")
+    await expect(page.locator(".ed")).to_have_class(re.compile("ed-view"))
+    await expect(page.locator("#ed-deploy")).to_be_hidden()
+    await expect(page.locator(".ed-palette")).to_be_hidden()
+    await expect(node(page, "out").locator(".df-rate")).to_contain_text("/s")
+    await node(page, "push").click()
+    await expect(page.locator("#ed-field-token")).to_be_disabled()
+    await expect(page.locator("#ed-field-token")).to_have_value("***")
+    assert "s3cret" not in await page.content()
+    await shot(page, "editor-viewer")
+
+
+@pytest.mark.parametrize("started", [PLANT], indirect=True)
+async def test_a_change_on_disk_meanwhile_is_shown_not_overwritten(
+    started: tuple[Gateway, Path],
+    browser: Any,  # noqa: F811
+) -> None:
+    gw, path = started
+    base = base_url(gw)
+    ctx = await browser.new_context(viewport={"width": 1366, "height": 900})
+    pg = await ctx.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    pg.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    try:
+        await login(pg, base)
+        await pg.goto(base + "/#/editor")
+        await expect(pg.locator("#ed-status")).to_have_text("ready")
+        await node(pg, "hot").click()
+        await pg.fill("#ed-field-above", "97")
+        await pg.press("#ed-field-above", "Tab")
+        await expect(pg.locator("#ed-status")).to_have_text("valid — not deployed yet")
+        # someone else changes the file
+        path.write_text(path.read_text().replace("clear_below: 90", "clear_below: 88"))
+        await pg.click("#ed-deploy")
+        await pg.click("#ed-confirm")
+        await expect(pg.locator("#ed-dialog h2")).to_have_text("The config file changed")
+        await expect(pg.locator("#ed-diff")).to_contain_text("clear_below: 88")
+        assert "above: 97" not in path.read_text()
+        await shot(pg, "editor-conflict")
+        await pg.click("#ed-reload")
+        await expect(pg.locator("#ed-status")).to_have_text("ready")
+        await node(pg, "hot").click()
+        await expect(pg.locator("#ed-field-clear_below")).to_have_value("88")
+        await expect(pg.locator("#ed-field-above")).to_have_value("95")
+    finally:
+        await ctx.close()
+    # the 409 answer is the conflict being reported, not a page problem
+    assert [p for p in problems if "409" not in p] == []

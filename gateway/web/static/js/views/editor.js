@@ -48,7 +48,10 @@ function enumOf(s) {
 
 function boundsText(s) {
   const parts = [];
-  if (s.minimum !== undefined) parts.push(`≥ ${s.minimum}`);
+  if (s.minimum !== undefined || s.ge !== undefined) parts.push(`≥ ${s.minimum ?? s.ge}`);
+  if (s.gt !== undefined) parts.push(`> ${s.gt}`);
+  if (s.le !== undefined) parts.push(`≤ ${s.le}`);
+  if (s.lt !== undefined) parts.push(`< ${s.lt}`);
   if (s.exclusiveMinimum !== undefined) parts.push(`> ${s.exclusiveMinimum}`);
   if (s.maximum !== undefined) parts.push(`≤ ${s.maximum}`);
   if (s.exclusiveMaximum !== undefined) parts.push(`< ${s.exclusiveMaximum}`);
@@ -398,6 +401,11 @@ export function start(el, ctx) {
     });
   }
 
+  // Selecting works in view mode too (Drawflow selects nothing there): a viewer reads a node's options.
+  canvasEl.addEventListener("click", (e) => {
+    const box = e.target.closest && e.target.closest(".df-node");
+    if (box && box.dataset.node !== st.selected) select(box.dataset.node);
+  }, true);
   canvasEl.addEventListener("dragover", (e) => { if (st.editable) e.preventDefault(); });
   canvasEl.addEventListener("drop", (e) => {
     e.preventDefault();
@@ -527,7 +535,7 @@ export function start(el, ctx) {
     if (s.type === "number" || s.type === "integer") {
       const b = boundsText(s);
       const input = h("input", { id, name: dotted, inputmode: "decimal", value: value ?? "", disabled: ro,
-        placeholder: [def, b].filter(Boolean).join("; ") || (s.type === "integer" ? "integer" : "number, or a duration like 10s") });
+        placeholder: [s.format === "duration" ? "duration, e.g. 500ms, 10s, 5m" : "", def, b].filter(Boolean).join("; ") || s.type });
       input.addEventListener("change", () => {
         const v = input.value.trim();
         changed(n, path, v === "" ? undefined : NUMBER.test(v) ? Number(v) : v);
