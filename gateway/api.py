@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from . import __version__ as sluice_version
 from ._log import RateLimitedLog
 from ._retry import backoff
+from .clock import max_future_field
 from .envelope import Envelope, encode_fields, event_fields
 from .errors import ExpressionError, LinkError, SluiceError
 from .events import Event
@@ -97,6 +98,7 @@ __all__ = [
     "check_topic_template",
     "encode_fields",
     "event_fields",
+    "max_future_field",
     "register",
     "run_chain",
     "sluice_version",

@@ -125,6 +125,42 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_state_reset_watermark(args: argparse.Namespace) -> int:
+    import time
+
+    from ._state_tools import data_dir_lock, reset_watermark
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as err:
+        _print_issues(err)
+        return 1
+    nodes = {o.id: o for o in loaded.nodes.get(args.pipeline, [])}
+    if args.pipeline not in loaded.nodes:
+        print(f"no pipeline {args.pipeline!r} in {args.config} (pipelines: {', '.join(loaded.nodes)})", file=sys.stderr)
+        return 1
+    opts = nodes.get(args.node)
+    if opts is None or opts.type != "window":
+        what = f"is a {opts.type} node" if opts is not None else "is not in the pipeline"
+        print(f"{args.pipeline}/{args.node} {what}: only a window node has a watermark", file=sys.stderr)
+        return 1
+    data_dir = Path(loaded.config.gateway.data_dir)
+    cutoff = time.time() + args.future
+    try:
+        with data_dir_lock(data_dir, exclusive=True):
+            done = reset_watermark(data_dir / "state.db", args.pipeline, args.node, cutoff)
+    except SluiceError as exc:
+        print(f"sluice state reset-watermark: {exc}", file=sys.stderr)
+        return 1
+    wm = done["watermark"]
+    print(
+        f"{args.pipeline}/{args.node}: watermark reset (was {wm if wm is not None else 'unset'}; newest time per "
+        f"source was {json.dumps(done['sources'])}); dropped {done['windows_dropped']} windows starting after "
+        f"{cutoff:.0f} (now + {args.future:g}s)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Sluice: continuous pipelines for edge/IoT gateways.")
     p.add_argument("--version", action="version", version=f"sluice {__version__}")
@@ -164,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--with-config", action="store_true", help="also put the archive's config at CONFIG")
     rs.add_argument("--force", action="store_true", help="replace existing state, or restore another gateway's")
     rs.set_defaults(func=cmd_restore)
+
+    st = sub.add_parser("state", help="repair the saved state (state.db) while the gateway is stopped")
+    st_sub = st.add_subparsers(dest="state_command", required=True, metavar="ACTION")
+    rw = st_sub.add_parser(
+        "reset-watermark",
+        help="forget a window node's watermark (after a reading from a device with a wrong clock)",
+        description="Forget a window node's saved watermark and drop its windows that start after now + "
+        "--future; the next reading sets the watermark again. Refused while the gateway runs.",
+    )
+    rw.add_argument("config", help="YAML config file (for data_dir and to check the node)")
+    rw.add_argument("--pipeline", required=True)
+    rw.add_argument("--node", required=True, help="the window node's id")
+    rw.add_argument(
+        "--future",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="drop windows starting more than this far after now (default 300)",
+    )
+    rw.set_defaults(func=cmd_state_reset_watermark)
 
     hp = sub.add_parser("hash-password", help="print an argon2 hash for console.users[].password_hash")
     hp.add_argument("--stdin", action="store_true", help="read the password from standard input (scripts)")

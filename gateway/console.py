@@ -139,6 +139,12 @@ class _GatewayCollector:
 
         yield from state_families(gw)
         yield GaugeMetricFamily(
+            "sluice_clock_offset_seconds",
+            "The system clock minus ingest time (non-zero after a step of the system clock)",
+            value=gw.clock.health()["offset"],
+        )
+        yield CounterMetricFamily("sluice_clock_steps", "Steps of the system clock noticed", value=gw.clock.steps)
+        yield GaugeMetricFamily(
             "sluice_uptime_seconds", "Seconds since the gateway started", value=time.time() - gw.started_at
         )
         with self._proc.oneshot():

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +39,26 @@ class _Batch:
     origin: int
     events: list[Event]
     done: Callable[[], None] | None = None
+    settle: bool = False  # a source's batch that was emptied (dead-lettered): ``done`` waits its turn
 
 
 _STOP: Any = object()
 _TRACEBACK_EVERY = 600.0  # seconds between two tracebacks of the same node's failures
+
+
+class _TooFarAhead(ValueError):
+    def __init__(self, ts: float, now: float, limit: float):
+        super().__init__(
+            f"event time {_iso(ts)} is {ts - now:.0f}s ahead of ingest time {_iso(now)} (max_future "
+            f"{limit:g}s): the device's clock is wrong, or its time field is not epoch seconds"
+        )
+
+
+def _iso(ts: float) -> str:
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return repr(ts)
 
 
 class _SinkMark:
@@ -157,27 +174,66 @@ class BatchQueue:
 
 
 class SourceQueue:
-    """A source's handle on its pipeline's input queue."""
+    """A source's handle on its pipeline's input queue.
 
-    __slots__ = ("_node", "_origin", "_q")
+    It also bounds event time: a reading stamped further ahead of ingest time than the source's
+    ``max_future`` option (a device with a bad clock, a reading from the year 2100) would move
+    every window's watermark past the readings still to come, so it is dead-lettered with the
+    reason instead of handed over.
+    """
+
+    __slots__ = ("_max_future", "_node", "_origin", "_q")
 
     def __init__(self, q: BatchQueue, origin: int, node: Source):
         self._q = q
         self._origin = origin
         self._node = node
+        mf = getattr(node.options, "max_future", None)
+        self._max_future: float | None = None if mf is None else float(mf)
+
+    def _plausible(self, events: list[Event]) -> list[Event]:
+        """``events`` without those stamped more than ``max_future`` ahead of ingest time (dead-lettered)."""
+        limit = self._max_future
+        assert limit is not None
+        clock = self._node.ctx.clock
+        # after a forward step of the system clock, ingest time is behind it: a device whose
+        # clock is right must not look ahead, so the bound is taken from the later of the two
+        now = clock() + max(0.0, getattr(clock, "offset", 0.0))
+        horizon = now + limit
+        try:
+            if not any(ev.ts > horizon for ev in events):
+                return events
+        except TypeError:  # a non-numeric time: for the nodes downstream to refuse with their reason
+            pass
+        kept = []
+        for ev in events:
+            ts = ev.ts
+            if isinstance(ts, int | float) and ts > horizon:
+                self._node.fail(ev, _TooFarAhead(ts, now, limit))
+            else:
+                kept.append(ev)
+        return kept
 
     async def put(self, events: list[Event], done: Callable[[], None] | None = None) -> None:
         """Hand over a batch, waiting while the pipeline is full. ``done`` runs once it is processed."""
+        if self._max_future is not None and events:
+            events = self._plausible(events)
         if events:
             await self._q.put(_Batch(self._origin, events, done), len(events))
             # counted once accepted: a put cancelled while waiting (shutdown) handed nothing over
             self._node.n_out += len(events)
+        elif done is not None:  # everything dead-lettered: acknowledged in its turn, like any batch
+            await self._q.put(_Batch(self._origin, [], done, True), 0)
 
     def put_nowait(self, events: list[Event], done: Callable[[], None] | None = None) -> bool:
         """Hand over a batch without waiting; returns False when the producer should pause."""
+        if self._max_future is not None and events:
+            events = self._plausible(events)
         if events:
             self._node.n_out += len(events)
             self._q.put_nowait(_Batch(self._origin, events, done), len(events))
+        elif done is not None:
+            self._q.put_nowait(_Batch(self._origin, [], done, True), 0)
         return not self._q.full
 
     @property
@@ -481,7 +537,7 @@ class Pipeline:
             if item.events:
                 self._chain_n += 1
             if item.done is not None:
-                if item.events:
+                if item.events or item.settle:
                     self._settle(item, outs)
                 else:
                     self._call(item.done)  # a barrier or marker: it has been through the chain now

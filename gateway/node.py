@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from .clock import ingest_clock
 from .events import Event
 
 if TYPE_CHECKING:
@@ -103,8 +104,9 @@ class NodeContext:
     """The runtime's services (:class:`gateway.api.Services`): outbox, alerts, llm, history, ingest
     routes, connections by name."""
     dead_letters: DeadLetters
-    clock: Callable[[], float] = time.time
-    """Wall-clock time (epoch seconds): ingest timestamps and anything shown to people."""
+    clock: Callable[[], float] = ingest_clock
+    """Ingest time (epoch seconds) for readings without a time of their own: the gateway's
+    :class:`~gateway.clock.IngestClock`, which a step of the system clock does not move."""
     logger: logging.Logger = field(default_factory=lambda: log)
     emit: Callable[[list[Event]], bool] = field(default=lambda events: _not_running())
     """Set by the pipeline: an operator hands events downstream from outside ``on_event``/``on_timer``

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._state_tools import data_dir_lock
 from .alerts import AlertService
+from .clock import FLOOR_INTERVAL, IngestClock
 from .config import LoadedConfig, MqttConnection
 from .deadletter import DeadLetters
 from .engine import Pipeline
@@ -186,6 +188,8 @@ class Gateway:
         self.data_dir = Path(cfg.gateway.data_dir)
         self.state = "created"
         self.started_at = time.time()
+        # ingest time for readings without their own: never below what a previous run handed out
+        self.clock = IngestClock(IngestClock.read_floor(self.data_dir / "clock"))
         self.dead_letters = DeadLetters(self.data_dir / "deadletter.db")
         self.links = Links(self.id, cfg.connections, self.data_dir, self.started_at)
         # low_wear: commits wait for the OS, not the disk (a power cut may take the last second)
@@ -257,6 +261,7 @@ class Gateway:
                 str(self.data_dir),
                 self.links,
                 self.dead_letters,
+                clock=self.clock,
                 logger=logging.getLogger(f"sluice.{pipeline}.{node_id}"),
             )
 
@@ -417,7 +422,10 @@ class Gateway:
         self.state = "starting"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         settled = False  # whether this run settled the heap, so its stop gives the thresholds back
+        held = contextlib.ExitStack()
         try:
+            # shared: `sluice state …` takes it exclusively, so it cannot change state.db under us
+            held.enter_context(data_dir_lock(self.data_dir, exclusive=False))
             await self.store.start()
             await self._restore(list(self.pipelines.values()))  # state back before anything runs
             orphans = await asyncio.to_thread(self.store.pipeline_names)
@@ -437,7 +445,10 @@ class Gateway:
                 self.console = Console(self, cfg.console)
                 await self.console.start()
             async with asyncio.TaskGroup() as tg:
-                aux = [tg.create_task(self.dead_letters.run(), name="deadletters")]
+                aux = [
+                    tg.create_task(self.dead_letters.run(), name="deadletters"),
+                    tg.create_task(self._save_clock_floor(), name="clock"),
+                ]
                 await self.outbox.open()
                 aux.append(tg.create_task(self.outbox.run(), name="outbox"))
                 await self.alerts.open()
@@ -478,11 +489,14 @@ class Gateway:
             await self.llm.close()
             await self.store.close()
             await self.dead_letters.close()
+            if settled:
+                await asyncio.to_thread(self.clock.save_floor, self.data_dir / "clock", final=True)
             if self.console is not None:
                 await self.console.stop()
             if install_signals:
                 for s in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(s)
+            held.close()
             self.state = "stopped"
         log.info("gateway %s stopped", self.id)
 
@@ -494,6 +508,11 @@ class Gateway:
         delta, self._inputs_seen = total - self._inputs_seen, total
         counts = self.alerts.book.counts
         return status_line(self.pipelines, delta, elapsed, counts["opened"] + counts["reopened"], self.outbox.count)
+
+    async def _save_clock_floor(self) -> None:
+        while True:
+            await asyncio.to_thread(self.clock.save_floor, self.data_dir / "clock")
+            await asyncio.sleep(FLOOR_INTERVAL)
 
     async def _drain(self, running: list[asyncio.Task[None]], limit: float) -> None:
         for p in self.pipelines.values():
@@ -566,4 +585,5 @@ class Gateway:
             "outbox": self.outbox.health(),
             "alerts": self.alerts.health(),
             "state_store": self.store.health(),
+            "clock": self.clock.health(),
         }

@@ -27,7 +27,7 @@ from serial_asyncio_fast import create_serial_connection
 
 from firmware_bridges import CodecOptions, DecodeError, JsonCodec, make_decoder
 from firmware_bridges.modbus import DeviceMap, Point, ReadBlock, decode_point, load_profile, plan_reads
-from gateway.api import Duration, Event, NodeOptions, Source, SourceOutput, backoff, register
+from gateway.api import Duration, Event, NodeOptions, Source, SourceOutput, backoff, max_future_field, register
 from nodes._decoding import DecodingSource, DeviceHealth, to_events
 
 __all__ = ["ModbusSource", "SerialSource", "WebSocketSource"]
@@ -63,6 +63,7 @@ _PARITY = {
 
 class SerialOptions(NodeOptions):
     type: Literal["serial"]
+    max_future: Duration | None = max_future_field()
     port: str = Field(
         description="Device path (/dev/ttyUSB0, /dev/serial/by-id/…) or a pyserial URL "
         "(socket://host:port, rfc2217://…)."
@@ -665,6 +666,7 @@ class ModbusSource(Source):
 
 class WebSocketOptions(NodeOptions):
     type: Literal["websocket"]
+    max_future: Duration | None = max_future_field()
     url: str = Field(pattern=r"^wss?://", description="ws:// or wss:// URL of the device or service.")
     headers: dict[str, str] = Field(
         default_factory=dict, description="Sent with the handshake (e.g. a token).", json_schema_extra={"secret": True}

@@ -20,7 +20,7 @@ from aiohttp import web
 from pydantic import Field, field_validator, model_validator
 
 from firmware_bridges import DecodeError, JsonCodec, RawReading, make_decoder
-from gateway.api import Duration, Event, NodeOptions, SourceOutput, backoff, register
+from gateway.api import Duration, Event, NodeOptions, SourceOutput, backoff, max_future_field, register
 from nodes._decoding import DecodingSource, DeviceHealth, to_events
 
 __all__ = ["HttpPollSource", "HttpPushSource"]
@@ -80,6 +80,7 @@ class _SourceBase(DecodingSource):
 
 class HttpPushOptions(NodeOptions):
     type: Literal["http"]
+    max_future: Duration | None = max_future_field()
     token: str = Field(
         min_length=16,
         description="Bearer token a client must send (Authorization: Bearer <token>); "
@@ -223,6 +224,7 @@ class HttpPushSource(_SourceBase):
 
 class HttpPollOptions(NodeOptions):
     type: Literal["http_poll"]
+    max_future: Duration | None = max_future_field()
     url: str = Field(pattern=r"^https?://", description="http:// or https:// URL that answers with JSON or NDJSON.")
     mode: Literal["poll", "long_poll"] = Field(
         "poll",

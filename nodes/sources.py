@@ -30,6 +30,7 @@ from gateway.api import (
     Subscriber,
     check_connection,
     check_expression,
+    max_future_field,
     register,
 )
 
@@ -106,6 +107,7 @@ class MqttSourceOptions(NodeOptions):
         "ts", description="Payload field with event time (epoch s/ms or ISO 8601); absent: ingest time."
     )
     format: Literal["json", "raw"] = Field("json", description="json: decode payload; raw: a number in text.")
+    max_future: Duration | None = max_future_field()
     session_expiry: Duration = Field(
         3600.0,
         description="QoS 1: how long the broker keeps the session (and queued messages) while the gateway is away.",
