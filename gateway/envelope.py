@@ -3,7 +3,9 @@
 A message is a JSON object: ``gateway_id``, ``seq`` (increasing across restarts; ``null`` for
 best-effort QoS 0 messages, which skip the outbox), ``replayed`` (whether it may have been sent
 before), then the message's own fields — for a forwarded event :func:`event_fields`. Consumers
-de-duplicate on ``(gateway_id, seq)``.
+de-duplicate on ``(gateway_id, seq)``; a result that a restart can compute again (a window's)
+also carries ``result_id`` (``pipeline/node/key/start/end``), the same for every computation of
+it, which the outbox itself never queues twice (docs/delivery.md).
 
 The fields are encoded once (:func:`encode_fields`, when the message is committed to the outbox)
 and the head is spliced in front of those bytes at each send (:meth:`Envelope.wrap`), so a
@@ -22,7 +24,11 @@ __all__ = ["Envelope", "encode_fields", "event_fields"]
 
 def event_fields(pipeline: str, ev: Event) -> dict[str, Any]:
     """The fields of a forwarded event, the same for every sink (MQTT, webhook, Kafka, Redis …)."""
-    return {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value}
+    fields = {"pipeline": pipeline, "source": ev.source, "key": ev.key, "ts": ev.ts, "value": ev.value}
+    rid = ev.meta.get("result_id") if ev.meta else None
+    if rid is not None:
+        fields["result_id"] = rid
+    return fields
 
 
 def encode_fields(fields: dict[str, Any]) -> bytes:

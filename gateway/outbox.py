@@ -64,6 +64,11 @@ _SIZE_UNIT = {
 # Outbox connections a sink registers itself (``<kind>:<pipeline>/<node>``), not broker connections.
 SINK_LINK_PREFIXES = ("webhook:", "kafka:", "redis:")
 _LIVE_CACHE = 20_000  # rows kept in memory per connection for the sender
+RESULT_IDS_KEPT = 100_000
+"""How many result ids the outbox remembers (newest first), to refuse a result it already took.
+
+A restart re-emits only what was computed after the last state checkpoint (about a second), so
+this covers a long stall of the state store too."""
 _ROW_OVERHEAD = 48  # bytes SQLite spends per row beyond its text: header, rowid, the index entry
 
 
@@ -134,11 +139,18 @@ class OutboxStore(Protocol):
         delete: list[int],
         max_bytes: int,
         max_rows: int | None,
+        results: list[tuple[int, str, str, str]] | None = None,
     ) -> tuple[int, int, int, int]:
         """Delete acknowledged ids, insert rows, enforce the quota, in one durable commit.
 
+        ``results`` are ``(index in rows, connection, topic, result id)``: remembered in the same
+        commit, so :meth:`known_results` answers for exactly the rows that were committed.
         Returns (first new id, rows dropped by the quota, bytes they freed, highest id dropped).
         """
+        ...
+
+    def known_results(self, keys: list[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        """Which ``(connection, topic, result id)`` were committed before (now or by an earlier run)."""
         ...
 
     def delete(self, ids: list[int]) -> None: ...
@@ -180,6 +192,13 @@ class SqliteOutboxStore:
             " size INTEGER NOT NULL, created REAL NOT NULL)"
         )
         db.execute("CREATE TABLE IF NOT EXISTS outbox_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        # result ids of committed messages (window results), kept after the message is delivered:
+        # a restart that computes a result again must not queue it again
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, connection TEXT NOT NULL,"
+            " topic TEXT NOT NULL, rid TEXT NOT NULL)"
+        )
+        db.execute("CREATE UNIQUE INDEX IF NOT EXISTS results_rid ON results (rid, connection, topic)")
         self._db = db
         fresh = db.execute("SELECT 1 FROM sqlite_sequence WHERE name='outbox'").fetchone() is None
         max_id = self._max_id()
@@ -231,6 +250,7 @@ class SqliteOutboxStore:
         delete: list[int],
         max_bytes: int,
         max_rows: int | None,
+        results: list[tuple[int, str, str, str]] | None = None,
     ) -> tuple[int, int, int, int]:
         db = self._db
         assert db is not None
@@ -247,6 +267,13 @@ class SqliteOutboxStore:
             )
             self._count += len(rows)
             self._bytes += sum(r[5] for r in rows)
+            if results:
+                db.executemany(
+                    "INSERT OR IGNORE INTO results (seq, connection, topic, rid) VALUES (?,?,?,?)",
+                    [(first + i, c, t, rid) for i, c, t, rid in results],
+                )
+                if (first + len(rows)) // 1000 != first // 1000:  # now and then, not on every commit
+                    db.execute("DELETE FROM results WHERE seq <= ?", (first + len(rows) - RESULT_IDS_KEPT,))
             dropped, freed, hi = self._trim(max_bytes, max_rows)
             if dropped:
                 db.execute(
@@ -260,6 +287,16 @@ class SqliteOutboxStore:
             self._count, self._bytes = self.stats()
             raise
         return first, dropped, freed, hi
+
+    def known_results(self, keys: list[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        db = self._db
+        assert db is not None
+        found = set()
+        for conn, topic, rid in keys:
+            q = "SELECT 1 FROM results WHERE rid=? AND connection=? AND topic=?"
+            if db.execute(q, (rid, conn, topic)).fetchone() is not None:
+                found.add((conn, topic, rid))
+        return found
 
     def _trim(self, max_bytes: int, max_rows: int | None) -> tuple[int, int, int]:
         db = self._db
@@ -399,6 +436,7 @@ class Outbox:
         self.published = 0
         self.replayed = 0
         self.refused = 0
+        self.duplicates = 0  # results not queued again: the outbox had taken them before a restart
         self.last_id = 0
         self.startup_max = 0  # rows up to this id may have been sent by an earlier process
         self._trimmed_hi = 0  # every id up to this one is gone (acknowledged or dropped)
@@ -583,12 +621,19 @@ class Outbox:
         ``fields`` is the message's JSON object (or its encoded bytes) without ``gateway_id``,
         ``seq`` and ``replayed``, which are added when it is sent. The ordering key (default:
         the topic) names which messages must stay in order among themselves.
+
+        A message whose fields hold a ``result_id`` (a window result) is taken at most once per
+        connection and topic: a restart that computes the result again, after the outbox had
+        committed it, does not queue it a second time (counted in ``duplicates``).
         """
         rows = []
         conns = set()
+        results: list[tuple[int, str, str, str]] = []
         for conn, topic, fields, okey in messages:
             if conn not in self._all:
                 raise SluiceError(f"outbox: unknown connection {conn!r}")
+            if isinstance(fields, dict) and isinstance(rid := fields.get("result_id"), str):
+                results.append((len(rows), conn, topic, rid))
             body = fields if isinstance(fields, bytes) else encode_fields(fields)
             if not body.startswith(b"{"):
                 raise ValueError("an outbox message must be a JSON object")
@@ -598,11 +643,15 @@ class Outbox:
         if not rows:
             return self.last_id + 1
         async with self._write_lock:
+            if results:  # under the write lock: nothing can commit between this look and the append
+                rows, results = await self._new_results(rows, results)
+                if not rows:
+                    return self.last_id + 1
             delete = self._to_delete
             self._to_delete = []
             try:
                 first, dropped, freed, hi = await self._run(
-                    self.store.append, rows, delete, self.config.max_bytes, self.config.max_messages
+                    self.store.append, rows, delete, self.config.max_bytes, self.config.max_messages, results
                 )
             except BaseException:
                 self._to_delete = delete + self._to_delete
@@ -637,6 +686,33 @@ class Outbox:
         for c in conns:
             self._event(c).set()
         return first
+
+    async def _new_results(
+        self, rows: list[Any], results: list[tuple[int, str, str, str]]
+    ) -> tuple[list[Any], list[tuple[int, str, str, str]]]:
+        """``rows`` without the results committed before, and the remaining results re-indexed."""
+        known = await self._run(self.store.known_results, [r[1:] for r in results])
+        seen_now: set[tuple[str, str, str]] = set()
+        skip = set()
+        for i, *k in results:
+            key = (k[0], k[1], k[2])
+            if key in known or key in seen_now:
+                skip.add(i)
+            seen_now.add(key)
+        if not skip:
+            return rows, results
+        self.duplicates += len(skip)
+        self._rl.log(
+            logging.INFO,
+            "dup",
+            "outbox: %d results computed again after a restart were already queued before it; not queued "
+            "again (%d so far)",
+            len(skip),
+            self.duplicates,
+        )
+        kept = [r for i, r in enumerate(rows) if i not in skip]
+        new_index = {old: new for new, old in enumerate(i for i in range(len(rows)) if i not in skip)}
+        return kept, [(new_index[i], c, t, rid) for i, c, t, rid in results if i not in skip]
 
     def _deleted(self, ids: list[int]) -> None:
         for i in ids:
@@ -854,6 +930,7 @@ class Outbox:
             "published": self.published,
             "replayed": self.replayed,
             "refused": self.refused,
+            "duplicates": self.duplicates,
             "last_seq": self.last_id,
         }
 

@@ -371,6 +371,7 @@ class Window(Operator):
         self._scalar_mean = o.aggregate == "mean"
         self.n_late = 0
         self._seq = 0
+        self._rid = f"{ctx.pipeline}/{self.id}/"  # result ids: pipeline/node/key/start/end
         # watermark, per source
         self._wm = -math.inf
         self._src_max: dict[str, float] = {}
@@ -776,7 +777,9 @@ class Window(Operator):
         self._early_dirty.clear()
 
     def _event(self, key: str, start: float, end: float, acc: _Acc, final: bool) -> Event:
-        meta = {"window_start": start, "window_end": end, "count": float(acc.n), "final": final}
+        # the de-duplication key of this result: a restart that computes the window again gives the same id
+        rid = f"{self._rid}{key}/{start!r}/{end!r}" if final else f"{self._rid}{key}/{start!r}/{end!r}@{acc.n}"
+        meta = {"window_start": start, "window_end": end, "count": float(acc.n), "final": final, "result_id": rid}
         if self._scalar_mean:  # the common `aggregate: mean`, without building a mapping
             return Event(key, end, acc.sum / acc.n, self.id, meta)
         res = acc.result(self._spec)
