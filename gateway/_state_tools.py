@@ -69,7 +69,8 @@ def reset_watermark(db_path: Path, pipeline: str, node: str, cutoff: float) -> d
     db = sqlite3.connect(db_path, isolation_level=None)
     try:
         db.execute("BEGIN IMMEDIATE")
-        row = db.execute("SELECT value FROM state WHERE pipeline=? AND node=? AND key='.#'", (pipeline, node)).fetchone()
+        q = "SELECT value FROM state WHERE pipeline=? AND node=? AND key='.#'"
+        row = db.execute(q, (pipeline, node)).fetchone()
         if row is None:
             raise SluiceError(f"no saved window state for node {node!r} of pipeline {pipeline!r} in {db_path}")
         meta = json.loads(row[0])

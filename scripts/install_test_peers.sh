@@ -31,6 +31,7 @@ chromium                chromium               test            required   tests/
 systemd                 systemd-analyze        test            required   tests/test_install.py checks the generated unit with systemd-analyze verify
 redis-server            redis-server           test            required   the Redis the redis/redis_out node tests start (tests/nodes/conftest.py)
 openjdk-17-jre-headless java                   test            required   PyFlink's mini-cluster runs the job `sluice export flink` writes (tests/gateway/test_export_flink.py)
+faketime                faketime               test            required   tests/gateway/test_clock_steps.py steps the wall clock of a gateway under libfaketime
 EOF
 }
 

@@ -93,7 +93,9 @@ def _reset(tmp_path: Path, cfg: Path, *args: str) -> subprocess.CompletedProcess
     )
 
 
-async def test_reset_watermark_unsticks_a_window_after_a_bad_reading(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+async def test_reset_watermark_unsticks_a_window_after_a_bad_reading(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
     # no bound (max_future: null): the bad reading gets through, as it did before the bound existed
     text = config(tmp_path, mosquitto.port, bound=", max_future: null")
     cfg = tmp_path / "gw.yaml"

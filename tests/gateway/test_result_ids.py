@@ -59,7 +59,7 @@ class Runs:
             )
         self.procs.append(proc)
         wait_for_sync(
-            lambda: (h := _get(self.port, "/healthz")) is not None and h["state"] == "running" or proc.poll(),
+            lambda: ((h := _get(self.port, "/healthz")) is not None and h["state"] == "running") or proc.poll(),
             timeout=30,
         )
         assert proc.poll() is None, self.log
@@ -112,8 +112,10 @@ def test_a_result_handed_to_the_outbox_before_a_sigkill_is_not_published_again(
         first = runs.start()
         # the source subscribes after start: publish until the window has taken one reading
         wait_for_sync(
-            lambda: runs.window()["counters"]["in"] > 0
-            or pub.publish("dev/s1", json.dumps({"value": 1.0, "ts": 1000.0}), qos=1),
+            lambda: (
+                runs.window()["counters"]["in"] > 0
+                or pub.publish("dev/s1", json.dumps({"value": 1.0, "ts": 1000.0}), qos=1)
+            ),
             timeout=15,
             interval=0.2,
         )

@@ -45,7 +45,13 @@ def test_single_aggregate_is_a_plain_number_and_a_list_gives_a_mapping() -> None
     assert len(out) == 1
     ev = out[0]
     assert ev.value == 2.0 and ev.key == "a" and ev.ts == 10.0 and ev.source == "w"
-    assert ev.meta == {"window_start": 0.0, "window_end": 10.0, "count": 2.0, "final": True}
+    assert ev.meta == {
+        "window_start": 0.0,
+        "window_end": 10.0,
+        "count": 2.0,
+        "final": True,
+        "result_id": "p/w/a/0.0/10.0",  # pipeline/node/key/start/end: the de-duplication key
+    }
 
     w = make(kind="tumbling", size=10, aggregate=["mean", "max", "count", "p50", "first", "last", "collect"])
     out = feed(w, [("a", 2, 3.0), ("a", 1, 1.0), ("a", 5, 2.0), ("a", 10, 0.0)])
@@ -103,7 +109,11 @@ def test_lateness_update_within_and_drop_or_route_beyond() -> None:
     w = make(kind="tumbling", size=10, aggregate="count", route_late=True)
     out = feed(w, [("a", 1, 1.0), ("a", 11, 1.0), ("a", 3, 7.0)])
     assert [(e.ts, e.value, e.meta) for e in out] == [
-        (10.0, 1.0, {"window_start": 0.0, "window_end": 10.0, "count": 1.0, "final": True}),
+        (
+            10.0,
+            1.0,
+            {"window_start": 0.0, "window_end": 10.0, "count": 1.0, "final": True, "result_id": "p/w/a/0.0/10.0"},
+        ),
         (3.0, 7.0, {"late": True}),
     ]
     assert w.counters()["late"] == 1 and w.counters()["dropped"] == 0
