@@ -35,6 +35,7 @@ from gateway.api import (
     check_expression,
     check_topic_template,
     event_fields,
+    max_future_field,
     register,
 )
 from nodes._outlink import OutboxLink, Refused, split_row_topic
@@ -321,6 +322,7 @@ class KafkaSourceOptions(KafkaClientOptions):
     ts_field: str | None = Field(
         "ts", description="Payload field with event time (epoch s/ms or ISO 8601); absent: ingest time."
     )
+    max_future: Duration | None = max_future_field()
     format: Literal["json", "raw"] = Field("json", description="json: decode the value; raw: a number in text.")
     batch: int = Field(500, ge=1, le=100_000, description="Largest micro-batch handed to the pipeline.")
     session_timeout: Duration = Field(10.0, ge=1, description="The group drops a consumer silent this long.")

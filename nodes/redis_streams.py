@@ -34,6 +34,7 @@ from gateway.api import (
     check_expression,
     check_topic_template,
     event_fields,
+    max_future_field,
     register,
 )
 from nodes._outlink import OutboxLink, split_row_topic
@@ -249,6 +250,7 @@ class RedisSourceOptions(RedisClientOptions):
     ts_field: str | None = Field(
         "ts", description="Payload field with event time (epoch s/ms or ISO 8601); absent: ingest time."
     )
+    max_future: Duration | None = max_future_field()
     format: Literal["json", "raw"] = Field("json", description="json: decode the data field; raw: a number in text.")
     batch: int = Field(500, ge=1, le=100_000, description="Entries read per call (largest micro-batch).")
 
