@@ -129,6 +129,14 @@ def test_early_updates_re_emit_then_final() -> None:
         (10.0, 0.0, False),
         (0.0, 7.0, True),
     ]
+    # each update is its own result; the final one has the window's id alone
+    assert [e.meta["result_id"] for e in out] == [
+        "p/w/a/0.0/10.0@1",
+        "p/w/a/0.0/10.0@2",
+        "p/w/a/0.0/10.0@3",
+        "p/w/a/10.0/20.0@1",
+        "p/w/a/0.0/10.0",
+    ]
 
     w = make(kind="tumbling", size=10, aggregate="sum", emit="early", early_every=5)
     assert feed(w, [("a", 1, 1.0), ("a", 2, 2.0), ("b", 3, 1.0)]) == []
