@@ -6,12 +6,22 @@ publisher share core 0; the subscriber under test (the "subject") has core 1 to 
 run back to back in the same invocation, each against a fresh broker:
 
   bare     a gmqtt subscriber that only receives and json-decodes (the floor for Python)
-  sluice   `sluice run` with mqtt -> filter -> map -> threshold -> mqtt_out
-  nodered  Node-RED 4.x with `mqtt in` -> `function` (filter, map, threshold) -> `mqtt out`
-           (installed with npm into .cache/bench/node-red on first use)
+  sluice   `sluice run` with the flow below
+  nodered  Node-RED 4.x with `mqtt in` -> `function` (the same flow) -> `mqtt out`
+           (installed with npm into .cache/bench/node-red on first use; skipped, with a
+           message, when node/npm are absent)
+
+Flows (--flow):
+  realistic (default)  mqtt -> filter -> map (°F) -> per-key 10 s tumbling mean (event time)
+                       -> threshold with hysteresis -> mqtt_out: every raise and clear is
+                       published (about 35,000 alert messages per 200,000 readings). Each key
+                       reads every 2.5 s of event time, ending a minute before the run.
+  simple               mqtt -> filter -> map -> threshold -> mqtt_out on each reading
+                       (about 2,000 alerts per 200,000 readings)
 
 For each: msg/s, CPU µs per message (utime+stime of the subject from /proc/PID/stat over the
-run / messages received), peak RSS (VmHWM), messages lost (sent - received) and the broker's
+run / messages received), peak RSS (VmHWM), idle RSS (VmRSS once subscribed, before the run),
+messages lost (sent - received), alerts published and the broker's
 $SYS/broker/publish/messages/dropped. The output ends with one JSON line of every figure.
 
 A run ends when the subject reports it received all N, when its count stayed put for 5 s after
@@ -20,6 +30,7 @@ that cannot tell its count meanwhile (the bare subscriber reports only at the en
 for until then. A subject given up says why, in the log and under the table.
 
   .venv/bin/python scripts/bench/mqtt_ingest.py [--n 200000] [--keys 100] [--qos 0|1]
+                                                 [--flow realistic|simple]
                                                  [--quick] [--skip-nodered]
 """
 
@@ -62,9 +73,10 @@ DONE_TOPIC = "bench/done"
 VALID_MIN, VALID_MAX = -50.0, 150.0
 ABOVE_F, CLEAR_F = 194.0, 185.0
 
-GOAL_VS_NODERED = 1.2
-GOAL_RATIO = 0.6
-GOAL_SLUICE_RSS_MIB = 60.0
+GOAL_VS_NODERED = 2.0
+GOAL_RATIO = 0.7
+GOAL_SLUICE_RSS_MIB = 45.0
+GOAL_SLUICE_IDLE_MIB = 35.0
 
 POLL_INTERVAL = 0.1  # seconds between progress polls of sluice / Node-RED
 IDLE_TIMEOUT = 5.0  # a run ends this long after the count stopped growing (messages lost)
@@ -83,8 +95,9 @@ def log(msg: str) -> None:
 
 
 def gen_values(n: int, keys: int, seed: int = 20251128) -> list[tuple[int, float]]:
-    """(key index, value °C) for each reading: keys round-robin, values mostly 20-80 °C, about
-    0.5 % spikes of 90.5-99.5 °C (alerts) and 0.1 % out-of-range glitches (filtered out)."""
+    """Simple flow: (key index, value °C) for each reading: keys round-robin, values mostly
+    20-80 °C, about 0.5 % spikes of 90.5-99.5 °C (alerts) and 0.1 % out-of-range glitches
+    (filtered out)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -99,18 +112,52 @@ def gen_values(n: int, keys: int, seed: int = 20251128) -> list[tuple[int, float
     return out
 
 
+# Realistic flow: each key reads every READING_DT s of event time, so a 10 s window holds 4
+# readings of a key; a key's window is hot (every reading 90.5-99.5 °C, its mean above
+# ABOVE_F) or normal (20-80 °C, below CLEAR_F), and changes from one window to the next with
+# probability FLIP_P: that makes ~35,000 raise/clear messages per 200,000 readings.
+WINDOW_S = 10.0
+READING_DT = 2.5
+FLIP_P = 0.7
+
+
+def gen_realistic(n: int, keys: int, base: float = 0.0, seed: int = 20251207) -> list[tuple[int, float, float]]:
+    """Realistic flow: (key index, event time, value °C) for each reading, keys round-robin,
+    times from `base` (a multiple of WINDOW_S) on; 0.1 % glitches of 999 °C."""
+    rng = random.Random(seed)
+    per_window = int(WINDOW_S / READING_DT)
+    hot = [False] * keys
+    out = []
+    for i in range(n):
+        k, slot = i % keys, i // keys
+        if slot % per_window == 0 and rng.random() < FLIP_P:
+            hot[k] = not hot[k]
+        if rng.random() < 0.001:
+            v = 999.0
+        elif hot[k]:
+            v = round(rng.uniform(90.5, 99.5), 2)
+        else:
+            v = round(rng.uniform(20.0, 80.0), 2)
+        out.append((k, base + slot * READING_DT, v))
+    return out
+
+
+def realistic_base(n: int, keys: int, now: float | None = None) -> float:
+    """Event time of the first reading: the last one lands about a minute before `now`."""
+    span = (n + keys - 1) // keys * READING_DT
+    now = time.time() if now is None else now
+    return (now - span - 60.0) // WINDOW_S * WINDOW_S
+
+
 def key_name(k: int) -> str:
     return f"k{k:03d}"
 
 
-def expected_alerts(values: list[tuple[int, float]]) -> tuple[int, int]:
-    """(alerts raised, alerts cleared) that a per-key threshold with hysteresis must emit."""
+def _hysteresis(means: list[tuple[int, float]]) -> tuple[int, int]:
+    """(raised, cleared) of a per-key threshold with hysteresis over (key, °F) in order."""
     hot: dict[int, bool] = {}
     raised = cleared = 0
-    for k, v in values:
-        if not VALID_MIN < v < VALID_MAX:
-            continue
-        f = v * 1.8 + 32.0
+    for k, f in means:
         if not hot.get(k) and f > ABOVE_F:
             hot[k] = True
             raised += 1
@@ -118,6 +165,64 @@ def expected_alerts(values: list[tuple[int, float]]) -> tuple[int, int]:
             hot[k] = False
             cleared += 1
     return raised, cleared
+
+
+def expected_alerts(values: list[tuple[int, float]]) -> tuple[int, int]:
+    """Simple flow: (alerts raised, alerts cleared) that a per-key threshold with hysteresis
+    must emit."""
+    return _hysteresis([(k, v * 1.8 + 32.0) for k, v in values if VALID_MIN < v < VALID_MAX])
+
+
+def window_means(readings: list[tuple[int, float, float]], per_key_close: bool = False) -> list[tuple[int, float]]:
+    """Realistic flow: the (key, mean °F) of every tumbling window that closes, in the order
+    they close. A window [start, start + 10 s) closes once a valid reading at or past its end
+    arrives: from any key (a watermark, as Sluice's `window` node does) or, with
+    `per_key_close`, from the same key (the Node-RED function). Windows still open at the end
+    emit nothing."""
+    out: list[tuple[int, float]] = []
+    open_: dict[int, list[float]] = {}  # key -> [start, sum °F, count]
+    wm = float("-inf")
+    due = float("inf")  # the earliest end of an open window
+    for k, ts, v in readings:
+        if not VALID_MIN < v < VALID_MAX:
+            continue
+        f = v * 1.8 + 32.0
+        start = (ts // WINDOW_S) * WINDOW_S
+        if per_key_close:
+            w = open_.get(k)
+            if w is not None and start > w[0]:
+                out.append((k, w[1] / w[2]))
+                del open_[k]
+        else:
+            wm = max(wm, ts)
+            if wm >= due:
+                for kk in sorted((kk for kk, w in open_.items() if w[0] + WINDOW_S <= wm), key=lambda x: open_[x][0]):
+                    w = open_.pop(kk)
+                    out.append((kk, w[1] / w[2]))
+                due = min((w[0] + WINDOW_S for w in open_.values()), default=float("inf"))
+        w = open_.get(k)
+        if w is None:
+            open_[k] = [start, f, 1]
+            due = min(due, start + WINDOW_S)
+        elif start == w[0]:
+            w[1] += f
+            w[2] += 1
+    return out
+
+
+def expected_realistic(readings: list[tuple[int, float, float]], per_key_close: bool = False) -> tuple[int, int]:
+    """Realistic flow: (raised, cleared) over the closed windows' means."""
+    return _hysteresis(window_means(readings, per_key_close))
+
+
+def expected_for(flow: str, n: int, keys: int) -> tuple[int, int, tuple[int, int] | None]:
+    """(raised, cleared) Sluice must publish, and what the Node-RED function must, if other."""
+    if flow == "simple":
+        return (*expected_alerts(gen_values(n, keys)), None)
+    readings = gen_realistic(n, keys)
+    sl = expected_realistic(readings)
+    nr = expected_realistic(readings, per_key_close=True)
+    return sl[0], sl[1], None if nr == sl else nr
 
 
 # --- /proc ----------------------------------------------------------------------------------
@@ -316,8 +421,10 @@ class Monitor:
                     self.done = json.loads(msg.payload)
                 self.done_event.set()
 
-    def probe(self) -> None:
-        payload = json.dumps({"ts": time.time(), "value": 20.0})
+    def probe(self, ts: float | None = None) -> None:
+        """A harmless reading; at `ts`, before the run's first reading, so that it does not
+        move a window's watermark past the readings to come."""
+        payload = json.dumps({"ts": time.time() if ts is None else ts, "value": 20.0})
         self.client.publish(PROBE_TOPIC, payload, qos=0)
 
     def alert_count(self) -> int:
@@ -361,6 +468,7 @@ class Result:
     msgs_per_s: float | None = None
     us_per_msg: float | None = None
     peak_rss_mib: float | None = None
+    idle_rss_mib: float | None = None
     alerts: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -456,15 +564,14 @@ class BareSubject(Subject):
         return self._result["received"], self._result["last"] or time.time()
 
 
-class SluiceSubject(Subject):
-    name = "sluice"
-    label = "sluice run"
-    # node ids of the benchmark pipeline
-    SOURCE, FIRST_OP, LAST_OP, SINK = "temp", "valid", "hot", "out"
-
-    def config_text(self, broker_port: int) -> str:
-        data_dir = self.workdir / "sluice-data"
-        return f"""\
+def sluice_config(flow: str, broker_port: int, data_dir: Path, qos: int = 0, console_port: int = 0) -> str:
+    """The benchmark's `sluice run` config for `flow` (also used by the correctness test)."""
+    window = (
+        f"      - {{id: mean, type: window, input: fahrenheit, kind: tumbling, size: {WINDOW_S:g}s, aggregate: mean}}\n"
+        if flow == "realistic"
+        else ""
+    )
+    return f"""\
 gateway: {{id: bench, data_dir: "{data_dir}"}}
 connections:
   plant: {{type: mqtt, host: 127.0.0.1, port: {broker_port}}}
@@ -472,14 +579,27 @@ pipelines:
   - name: bench
     nodes:
       - {{id: temp, type: mqtt, connection: plant, topic: "{DATA_FILTER}", key: "topic[1]",
-         qos: {self.args.qos}}}
+         qos: {qos}}}
       - {{id: valid, type: filter, input: temp,
          where: "value > {VALID_MIN} && value < {VALID_MAX}"}}
       - {{id: fahrenheit, type: map, input: valid, value: "value * 1.8 + 32.0"}}
-      - {{id: hot, type: threshold, input: fahrenheit, above: {ABOVE_F}, clear_below: {CLEAR_F}}}
+{window}      - {{id: hot, type: threshold, input: {"mean" if window else "fahrenheit"},
+         above: {ABOVE_F}, clear_below: {CLEAR_F}}}
       - {{id: out, type: mqtt_out, input: hot, connection: plant, topic: "{ALERT_TOPIC}"}}
-console: {{host: 127.0.0.1, port: {self.console_port}, auth: false}}
+console: {{host: 127.0.0.1, port: {console_port}, auth: false}}
 """
+
+
+class SluiceSubject(Subject):
+    name = "sluice"
+    label = "sluice run"
+    # node ids of the benchmark pipeline
+    SOURCE, FIRST_OP, LAST_OP, SINK = "temp", "valid", "hot", "out"
+
+    def config_text(self, broker_port: int) -> str:
+        return sluice_config(
+            self.args.flow, broker_port, self.workdir / "sluice-data", self.args.qos, self.console_port
+        )
 
     @staticmethod
     def available() -> str | None:
@@ -578,9 +698,28 @@ const p = msg.payload;
 const v = p.value;
 let out = null;
 if (typeof v === 'number' && v > %(vmin)s && v < %(vmax)s) {
-    const f = v * 1.8 + 32.0;
+    let f = v * 1.8 + 32.0;
+    let ts = p.ts;
+    if (%(window)s) {
+        // per-key tumbling mean: a reading of a later window closes the key's open one
+        const start = Math.floor(ts / %(size)s) * %(size)s;
+        const w = s.win[key];
+        let closed = null;
+        if (w === undefined) {
+            s.win[key] = {start: start, sum: f, n: 1};
+        } else if (start > w.start) {
+            closed = {ts: w.start + %(size)s, value: w.sum / w.n};
+            w.start = start; w.sum = f; w.n = 1;
+        } else if (start === w.start) {
+            w.sum += f; w.n += 1;
+        }
+        f = closed === null ? null : closed.value;
+        if (closed !== null) ts = closed.ts;
+    }
     const hot = s.hot[key] === true;
-    if (!hot && f > %(above)s) {
+    if (f === null) {
+        // no window closed
+    } else if (!hot && f > %(above)s) {
         s.hot[key] = true;
         out = {topic: '%(alerts)s', payload: {key: key, ts: p.ts, value: f, state: 'alert'}};
     } else if (hot && f < %(clear)s) {
@@ -671,6 +810,8 @@ class NodeRedSubject(Subject):
             "above": ABOVE_F,
             "clear": CLEAR_F,
             "n": self.args.n,
+            "window": "true" if self.args.flow == "realistic" else "false",
+            "size": f"{WINDOW_S:g}",
         }
         flows = [
             {"id": "bench_tab", "type": "tab", "label": "bench"},
@@ -709,12 +850,12 @@ class NodeRedSubject(Subject):
                 "id": "bench_fn",
                 "type": "function",
                 "z": "bench_tab",
-                "name": "filter, map, threshold",
+                "name": "filter, map, window, threshold",
                 "func": func,
                 "outputs": 1,
                 "timeout": 0,
                 "noerr": 0,
-                "initialize": "flow.set('bench', {n: 0, hot: {}, first: null, last: null});",
+                "initialize": "flow.set('bench', {n: 0, hot: {}, win: {}, first: null, last: null});",
                 "finalize": "",
                 "libs": [],
                 "wires": [["bench_out"]],
@@ -828,6 +969,10 @@ def run_publisher(port: int, args: argparse.Namespace, core: int | None) -> subp
         str(args.keys),
         "--qos",
         str(args.qos),
+        "--flow",
+        args.flow,
+        "--base",
+        repr(args.base),
     ]
     return subprocess.Popen(pinned(core, argv), stdout=subprocess.PIPE, text=True)
 
@@ -857,12 +1002,14 @@ def measure(subject: Subject, args: argparse.Namespace, cores: tuple[int | None,
                     f"{subject.label} not ready after {subject.start_timeout:.0f} s:\n" + subject.log_tail()
                 )
             if time.monotonic() - last_probe > 0.25:
-                monitor.probe()
+                monitor.probe(args.base - 2 * WINDOW_S if args.flow == "realistic" else None)
                 last_probe = time.monotonic()
             time.sleep(0.05)
         log(f"  {subject.name}: ready after {time.monotonic() - t_launch:.1f} s")
         time.sleep(0.5)  # let late probes land before the baseline
         subject.baseline()
+        idle = proc_status_kib(pid, "VmRSS")
+        res.idle_rss_mib = idle / 1024 if idle else None
         alerts0 = monitor.alert_count()
         cpu0 = proc_cpu_seconds(pid)
 
@@ -983,13 +1130,16 @@ def role_publish(args: argparse.Namespace) -> int:
     it waits for every PUBACK; then PINGREQ/PINGRESP proves the broker has read everything
     before DISCONNECT."""
     n, qos = args.n, args.qos
-    values = gen_values(n, args.keys)
+    if args.flow == "realistic":
+        readings = gen_realistic(n, args.keys, args.base)
+    else:
+        base = time.time()
+        readings = [(k, base + i * 1e-5, v) for i, (k, v) in enumerate(gen_values(n, args.keys))]
     topics = [f"bench/{key_name(k)}/temp".encode() for k in range(args.keys)]
-    base = time.time()
     first = 0x30 | (qos << 1)
     packets = []
-    for i, (k, v) in enumerate(values):
-        payload = b'{"ts": %.3f, "value": %s}' % (base + i * 1e-5, repr(v).encode())
+    for i, (k, ts, v) in enumerate(readings):
+        payload = b'{"ts": %.3f, "value": %s}' % (ts, repr(v).encode())
         pid = ((i % 65535) + 1).to_bytes(2, "big") if qos else b""
         packets.append(_packet(first, _mqtt_str(topics[k]) + pid + payload))
 
@@ -1157,16 +1307,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any]) -> dict[str, Any]:
     by = {r.name: r for r in results}
-    raised, cleared = expected_alerts(gen_values(args.n, args.keys))
+    raised, cleared, nodered_expected = expected_for(args.flow, args.n, args.keys)
     print()
     print(
-        f"MQTT ingest: {args.n:,} readings over {args.keys} keys, QoS {args.qos}; "
+        f"MQTT ingest, {args.flow} flow: {args.n:,} readings over {args.keys} keys, QoS {args.qos}; "
         f"broker+publisher on core {env['pub_core']}, subject on core {env['subject_core']}"
     )
-    print(f"mosquitto {env['mosquitto']}; expected alerts: {raised} raised + {cleared} cleared; peak RSS in MiB")
+    print(
+        f"mosquitto {env['mosquitto']}; expected alerts: {raised} raised + {cleared} cleared = {raised + cleared}"
+        + (f" (Node-RED's per-key closing: {sum(nodered_expected)})" if nodered_expected else "")
+        + "; RSS in MiB"
+    )
     head = (
         f"{'subject':<20}{'received':>10}{'lost':>7}{'dropped':>9}{'msg/s':>10}"
-        f"{'CPU µs/msg':>12}{'peak RSS':>10}{'alerts':>8}"
+        f"{'CPU µs/msg':>12}{'idle RSS':>10}{'peak RSS':>10}{'alerts':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -1179,7 +1333,8 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
             f"{r.label:<20}{r.received or 0:>10,}{r.lost if r.lost is not None else '-':>7}"
             f"{r.broker_dropped if r.broker_dropped is not None else '-':>9}"
             f"{_fmt(r.msgs_per_s, ',.0f'):>10}{_fmt(r.us_per_msg, '.1f'):>12}"
-            f"{_fmt(r.peak_rss_mib, '.1f'):>10}{r.alerts if r.alerts is not None else '-':>8}"
+            f"{_fmt(r.idle_rss_mib, '.1f'):>10}{_fmt(r.peak_rss_mib, '.1f'):>10}"
+            f"{r.alerts if r.alerts is not None else '-':>8}"
         )
     for r in results:
         for note in r.notes:
@@ -1191,10 +1346,15 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
     ratio = _ratio(bare and bare.us_per_msg, sl and sl.us_per_msg)
     vs_nodered = _ratio(nr and nr.us_per_msg, sl and sl.us_per_msg)
     rss = sl.peak_rss_mib if sl else None
+    idle = sl.idle_rss_mib if sl else None
+    ok_sl = bool(sl and not (sl.skipped or sl.error))
     goals = {
         "vs_nodered": None if vs_nodered is None else vs_nodered >= GOAL_VS_NODERED,
         "ratio": None if ratio is None else ratio >= GOAL_RATIO,
         "sluice_rss": None if rss is None else rss <= GOAL_SLUICE_RSS_MIB,
+        "sluice_idle_rss": None if idle is None else idle <= GOAL_SLUICE_IDLE_MIB,
+        "sluice_lost_0": (sl.lost == 0 and sl.broker_dropped == 0) if ok_sl and sl else None,
+        "sluice_alerts_expected": (sl.alerts == raised + cleared) if ok_sl and sl else None,
     }
 
     def verdict(value: Any, ok: bool | None) -> str:
@@ -1212,6 +1372,10 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
         f"sluice peak RSS = {verdict(_fmt(rss, '.1f') + ' MiB', goals['sluice_rss'])}"
         f"   goal <= {GOAL_SLUICE_RSS_MIB:.0f} MiB"
     )
+    print(
+        f"sluice idle RSS = {verdict(_fmt(idle, '.1f') + ' MiB', goals['sluice_idle_rss'])}"
+        f"   goal <= {GOAL_SLUICE_IDLE_MIB:.0f} MiB"
+    )
 
     line: dict[str, Any] = {
         "bench": "mqtt_ingest",
@@ -1220,6 +1384,7 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
         "n": args.n,
         "keys": args.keys,
         "qos": args.qos,
+        "flow": args.flow,
         "quick": args.quick,
     }
     for name in ("bare", "sluice", "nodered"):
@@ -1228,6 +1393,7 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
         line[f"{name}_us_per_msg"] = round(r.us_per_msg, 2) if ok and r.us_per_msg else None
         line[f"{name}_msgs_per_s"] = round(r.msgs_per_s) if ok and r.msgs_per_s else None
         line[f"{name}_peak_rss_mib"] = round(r.peak_rss_mib, 1) if ok and r.peak_rss_mib else None
+        line[f"{name}_idle_rss_mib"] = round(r.idle_rss_mib, 1) if ok and r.idle_rss_mib else None
         line[f"{name}_received"] = r.received if ok else None
         line[f"{name}_lost"] = r.lost if ok else None
         line[f"{name}_broker_dropped"] = r.broker_dropped if ok else None
@@ -1251,6 +1417,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keys", type=int, default=100, help="distinct keys (default 100)")
     ap.add_argument("--qos", type=int, choices=(0, 1), default=0, help="subscription QoS")
     ap.add_argument(
+        "--flow",
+        choices=("realistic", "simple"),
+        default="realistic",
+        help="realistic (default): with a 10 s window and ~35k alerts per 200k readings; simple: without",
+    )
+    ap.add_argument("--base", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
         "--quick",
         action="store_true",
         help="N=20000 (unless --n), under 30 s; no Node-RED install (uses it when cached)",
@@ -1264,6 +1437,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.n = 20_000 if args.quick else 200_000
     if args.n < 1 or args.keys < 1 or args.keys > 999:
         ap.error("--n must be >= 1 and --keys between 1 and 999")
+    if args.base is None:
+        args.base = realistic_base(args.n, args.keys)
     return args
 
 
