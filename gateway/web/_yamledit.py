@@ -358,7 +358,10 @@ class _Text:
         self.edits.append((start, end, text))
 
     def result(self) -> str:
-        for start, end, text in sorted(self.edits, key=lambda e: (e[0], e[1]), reverse=True):
+        # bottom-up; of two insertions at one place, the one asked for first ends up first
+        order = sorted(range(len(self.edits)), key=lambda i: (self.edits[i][0], self.edits[i][1], i), reverse=True)
+        for i in order:
+            start, end, text = self.edits[i]
             self.lines[start:end] = [text] if text else []
         out = "".join(self.lines)
         if self.no_final_newline and out.endswith("\n"):
@@ -368,6 +371,10 @@ class _Text:
 
 def apply_model(text: str, model: Any, known_types: set[str]) -> Splice:
     """Write the draft ``model`` into the config ``text``; raise :class:`DraftError` if it cannot be."""
+    if isinstance(model, dict) and model.get("pipelines") == load_model(text, known_types)["pipelines"]:
+        # nothing changed: the same text, even for a file the editor could not write
+        pipes = model["pipelines"]
+        return Splice(text, False, [(p["name"], [str(n.get("id")) for n in p["nodes"]]) for p in pipes])
     pipes = _check_draft(model)
     doc, seq_indent, dash_offset = _load(text)
     if doc is None:
@@ -483,9 +490,12 @@ def _apply_pipeline(t: _Text, raw_pipes: CommentedSeq, i: int, p: dict[str, Any]
         used.add(j)
         if _same_node(olds[j], n):
             continue
+        start, end, dash = t.item_range(old_nodes, j)
+        data = _node_data(n, old_nodes[j])
+        if _splice_keys(t, old_nodes[j], data, start, end) or _splice_flow_scalars(t, old_nodes[j], data):
+            continue  # only the changed keys' lines (or values) were touched
         m = copy.deepcopy(old_nodes[j])
         _update_map(m, _node_data(n, m))
-        start, end, dash = t.item_range(old_nodes, j)
         t.replace(start, end, t.keep_eol_comment(old_nodes, j, start, end, t.emit_item(m, dash)))
     for j in range(len(old_nodes)):
         if j not in used:
@@ -498,6 +508,142 @@ def _apply_pipeline(t: _Text, raw_pipes: CommentedSeq, i: int, p: dict[str, Any]
         t.replace(end, end, "".join(t.emit_item(_new_node(n, flow_style), dash) for n in added))
     # the node order of the draft is not the file's: the graph is defined by inputs, not order
     return True
+
+
+def _splice_keys(t: _Text, m: Any, data: dict[str, Any], start: int, end: int) -> bool:
+    """Change a block-style node key by key: a changed key whose old value sits on its own line
+    gets that line written again, a removed one loses its lines, new ones go after the last key.
+    ``False`` (and nothing done) where the node is not laid out that way."""
+    if not isinstance(m, CommentedMap) or m.fa.flow_style() or getattr(m, "merge", None) or not len(m):
+        return False
+    keys = list(m)
+    lines = [m.lc.key(k)[0] for k in keys]
+    if lines != sorted(lines) or lines[0] != start or len(set(lines)) != len(lines):
+        return False
+    col = m.lc.key(keys[0])[1]
+    if any(m.lc.key(k)[1] != col for k in keys):
+        return False
+
+    def span(i: int) -> tuple[int, int]:
+        first = lines[i]
+        last = lines[i + 1] if i + 1 < len(keys) else end
+        while last > first + 1 and t._blank_or_comment(t.lines[last - 1]):
+            last -= 1
+        return first, last
+
+    edits: list[tuple[int, int, str]] = []
+    for i, k in enumerate(keys):
+        first, last = span(i)
+        if k not in data:
+            edits.append((first, last, ""))
+            continue
+        if _plain(m[k]) == data[k]:
+            continue
+        if last != first + 1:
+            return False  # a value over several lines: written again as a whole node
+        line = _key_line(k, data[k], col)
+        if line is None:
+            return False
+        tokens = m.ca.items.get(k) or []
+        tok = tokens[2] if len(tokens) > 2 else None
+        if tok is not None and tok.value.strip().startswith("#") and "\n" not in tok.value.strip():
+            old = t.lines[first]
+            gap = max(1, tok.column - len(old[: tok.column].rstrip()))
+            line = line.rstrip("\n") + " " * gap + tok.value.strip() + "\n"
+        edits.append((first, last, line))
+    new_keys = [k for k in data if k not in m]
+    if new_keys:
+        text = ""
+        for k in new_keys:
+            line = _key_line(k, data[k], col)
+            if line is None:
+                return False
+            text += line
+        edits.append((span(len(keys) - 1)[1], span(len(keys) - 1)[1], text))
+    for e in edits:
+        t.replace(*e)
+    return True
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, str | int | float | bool)
+
+
+def _splice_flow_scalars(t: _Text, m: Any, data: dict[str, Any]) -> bool:
+    """In a flow-style node (``{id: a, above: 95}``, maybe over several lines) where only scalar
+    values changed, rewrite just those values in place. ``False`` (nothing done) otherwise."""
+    if not isinstance(m, CommentedMap) or not m.fa.flow_style() or list(m) != list(data):
+        return False
+    by_line: dict[int, list[tuple[int, int, str]]] = {}
+    for k in m:
+        old, new = m[k], data[k]
+        if _plain(old) == new:
+            continue
+        if not (_scalar(old) and _scalar(new)) or isinstance(old, dict | list):
+            return False
+        line = _key_line(k, new, 0)
+        if line is None:
+            return False
+        text = line.rstrip("\n").split(": ", 1)[1] if ": " in line else None
+        if text is None:
+            return False
+        vline, vcol = m.lc.value(k)
+        end = _scalar_end(t.lines[vline], vcol)
+        if end is None:
+            return False
+        by_line.setdefault(vline, []).append((vcol, end, text))
+    for vline, parts in by_line.items():
+        s = t.lines[vline]
+        for vcol, end, text in sorted(parts, reverse=True):
+            s = s[:vcol] + text + s[end:]
+        t.replace(vline, vline + 1, s)
+    return bool(by_line)
+
+
+def _scalar_end(line: str, col: int) -> int | None:
+    """Where a scalar written at ``col`` of a flow collection ends (quoted or plain)."""
+    if col >= len(line):
+        return None
+    q = line[col]
+    if q == '"':
+        i = col + 1
+        while i < len(line):
+            if line[i] == "\\":
+                i += 2
+                continue
+            if line[i] == '"':
+                return i + 1
+            i += 1
+        return None
+    if q == "'":
+        i = col + 1
+        while i < len(line):
+            if line[i] == "'":
+                if i + 1 < len(line) and line[i + 1] == "'":
+                    i += 2
+                    continue
+                return i + 1
+            i += 1
+        return None
+    i = col
+    while i < len(line) and line[i] not in ",}]\n" and line[i : i + 2] != " #":
+        i += 1
+    while i > col and line[i - 1] == " ":
+        i -= 1
+    return i if i > col else None
+
+
+def _key_line(key: str, value: Any, col: int) -> str | None:
+    """``key: value`` on one line at column ``col`` (collections in flow style), or ``None``."""
+    y = _yaml()
+    buf = io.StringIO()
+    m = CommentedMap()
+    m[key] = _flowed(value, depth=1)
+    y.dump(m, buf)
+    out = buf.getvalue()
+    if out.count("\n") != 1:
+        return None
+    return " " * col + out
 
 
 def _append_pipelines(t: _Text, doc: CommentedMap, raw_pipes: CommentedSeq, items: list[Any]) -> None:

@@ -357,3 +357,68 @@ pipelines:
     assert apply_model(text, draft, known).text == text.replace(
         "    input: s\n", "    input: s\n    level: warning\n  - id: c\n    type: console\n    input: s\n"
     )
+
+
+def _configs_in_tests() -> list[tuple[str, str]]:
+    """Every config text written as a string constant in the test suite (and config/*.yaml)."""
+    import ast
+    import string
+
+    import yaml
+
+    class Blank(dict[str, str]):
+        def __missing__(self, key: str) -> str:
+            return "x"
+
+    found = [(str(p.relative_to(ROOT)), p.read_text()) for p in sorted((ROOT / "config").glob("*.yaml"))]
+    for f in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            text = node.value
+            if "pipelines:" not in text or "gateway:" not in text:
+                continue
+            if "{{" in text:  # a str.format template
+                try:
+                    text = string.Formatter().vformat(text, (), Blank())
+                except (ValueError, IndexError):
+                    continue
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError:
+                continue
+            if isinstance(data, dict) and isinstance(data.get("pipelines"), list) and data["pipelines"]:
+                found.append((f"{f.relative_to(ROOT)}:{node.lineno}", text))
+    return found
+
+
+def test_every_config_the_tests_use_round_trips_and_one_number_changes_one_line() -> None:
+    known = set(node_types())
+    configs = _configs_in_tests()
+    assert len(configs) >= 20
+    one_line = 0
+    for where, text in configs:
+        model = load_model(text, known)
+        assert apply_model(text, model, known).text == text, where
+        draft = copy.deepcopy(model)
+        target = next(
+            (
+                (n, k)
+                for p in draft["pipelines"]
+                for n in p["nodes"]
+                if not n["readonly"]
+                for k, v in n["options"].items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            ),
+            None,
+        )
+        if target is None:
+            continue
+        n, k = target
+        n["options"][k] += 1
+        out = apply_model(text, draft, known).text
+        before, after = text.splitlines(), out.splitlines()
+        assert len(before) == len(after), where
+        assert sum(a != b for a, b in zip(before, after, strict=True)) == 1, where
+        one_line += 1
+    assert one_line >= 10
