@@ -34,6 +34,7 @@ from .envelope import Envelope, encode_fields, event_fields
 from .errors import ExpressionError, LinkError, SluiceError
 from .events import Event
 from .expr import Expression, check_expression
+from .forwarding import TEMPLATE_FIELDS, OutboxSink
 from .node import (
     ID_PATTERN,
     Duration,
@@ -59,6 +60,7 @@ __all__ = [
     "ID_PATTERN",
     "SEVERITIES",
     "SHED_REASONS",
+    "TEMPLATE_FIELDS",
     "AdmissionQueue",
     "Alerts",
     "Chunk",
@@ -79,6 +81,7 @@ __all__ = [
     "NodeOptions",
     "Operator",
     "Outbox",
+    "OutboxSink",
     "Outcome",
     "ProviderSlot",
     "Publisher",

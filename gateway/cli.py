@@ -139,8 +139,11 @@ def cmd_state_reset_watermark(args: argparse.Namespace) -> int:
     if args.pipeline not in loaded.nodes:
         print(f"no pipeline {args.pipeline!r} in {args.config} (pipelines: {', '.join(loaded.nodes)})", file=sys.stderr)
         return 1
+    from .node import get_node_type
+
     opts = nodes.get(args.node)
-    if opts is None or opts.type != "window":
+    cls = get_node_type(opts.type) if opts is not None else None
+    if opts is None or cls is None or not cls.keeps_watermark:
         what = f"is a {opts.type} node" if opts is not None else "is not in the pipeline"
         print(f"{args.pipeline}/{args.node} {what}: only a window node has a watermark", file=sys.stderr)
         return 1

@@ -192,6 +192,8 @@ class _Node:
     kind: ClassVar[Literal["source", "operator", "sink"]]
     type_name: ClassVar[str]
     Options: ClassVar[type[NodeOptions]]
+    keeps_watermark: ClassVar[bool] = False
+    """Whether the node's saved state holds an event-time watermark (``sluice state reset-watermark``)."""
 
     def __init__(self, options: NodeOptions, ctx: NodeContext) -> None:
         self.options = options

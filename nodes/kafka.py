@@ -27,14 +27,14 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from gateway.api import (
+    TEMPLATE_FIELDS,
     Duration,
     Event,
     NodeOptions,
-    Sink,
+    OutboxSink,
     SourceOutput,
     check_expression,
     check_topic_template,
-    event_fields,
     max_future_field,
     register,
 )
@@ -45,7 +45,6 @@ __all__ = ["KafkaOut", "KafkaSource"]
 
 log = logging.getLogger(__name__)
 
-_TEMPLATE_FIELDS = {"gateway", "pipeline", "node", "key", "source"}
 _TOPIC_INDEX = re.compile(r"^topic\[(-?\d+)\]$")
 
 
@@ -240,16 +239,18 @@ class KafkaLink(OutboxLink):
 
 
 @register
-class KafkaOut(Sink):
+class KafkaOut(OutboxSink):
     """Forward each event to a Kafka topic through the outbox: at least once, keyed by the event key."""
 
     Options = KafkaOutOptions
     options: KafkaOutOptions
+    link_prefix = "kafka"
+    destination_field = "topic"
 
     @classmethod
     def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
         o: KafkaOutOptions = options  # type: ignore[assignment]
-        issues = check_topic_template(o.topic, _TEMPLATE_FIELDS)
+        issues = check_topic_template(o.topic, TEMPLATE_FIELDS)
         if not o.servers:
             issues.append(("bootstrap_servers", "give at least one host:port"))
         if o.compression in ("lz4", "zstd", "snappy"):
@@ -259,44 +260,8 @@ class KafkaOut(Sink):
                 issues.append(("compression", f"{o.compression} needs the cramjam package (pip install cramjam)"))
         return issues
 
-    def __init__(self, options: KafkaOutOptions, ctx: Any):
-        super().__init__(options, ctx)
-        self._name = f"kafka:{ctx.pipeline}/{options.id}"
-        self._link: KafkaLink | None = None
-        self._outbox: Any = None
-        t = options.topic
-        self._static_topic = (
-            None
-            if "{key}" in t or "{source}" in t
-            else t.format(gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id, key="", source="")
-        )
-
-    async def start(self) -> None:
-        self._outbox = self.ctx.services.outbox
-        if self._link is None:
-            link = KafkaLink(self._name, self.options, self.ctx.gateway_id, self.ctx.pipeline)
-            self._link = self._outbox.register_link(self._name, link)
-
-    def health(self) -> dict[str, Any]:
-        return self._link.health() if self._link is not None else {"state": "starting"}
-
-    async def close(self) -> None:
-        if self._link is not None:
-            self._outbox.release_link(self._name)
-
-    def _topic(self, ev: Event) -> str:
-        if self._static_topic is not None:
-            return self._static_topic
-        return self.options.topic.format(
-            gateway=self.ctx.gateway_id, pipeline=self.ctx.pipeline, node=self.id, key=ev.key, source=ev.source
-        )
-
-    async def write(self, batch: list[Event]) -> None:
-        pipeline = self.ctx.pipeline
-        name = self._name
-        await self._outbox.put(
-            [(name, f"{self._topic(ev)}\x00{ev.key}", event_fields(pipeline, ev), ev.key) for ev in batch]
-        )
+    def make_link(self) -> KafkaLink:
+        return KafkaLink(self.link_name, self.options, self.ctx.gateway_id, self.ctx.pipeline)
 
 
 # --- the source -------------------------------------------------------------------------------

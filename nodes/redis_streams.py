@@ -25,15 +25,15 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from gateway.api import (
+    TEMPLATE_FIELDS,
     Duration,
     Event,
     LinkError,
     NodeOptions,
-    Sink,
+    OutboxSink,
     SourceOutput,
     check_expression,
     check_topic_template,
-    event_fields,
     max_future_field,
     register,
 )
@@ -44,7 +44,6 @@ __all__ = ["RedisOut", "RedisSource"]
 
 log = logging.getLogger(__name__)
 
-_TEMPLATE_FIELDS = {"gateway", "pipeline", "node", "key", "source"}
 _STREAM_INDEX = re.compile(r"^stream\[(-?\d+)\]$")
 
 
@@ -170,55 +169,21 @@ class RedisLink(OutboxLink):
 
 
 @register
-class RedisOut(Sink):
+class RedisOut(OutboxSink):
     """Append each event to a Redis stream through the outbox: at least once, de-duplicable on (gateway_id, seq)."""
 
     Options = RedisOutOptions
     options: RedisOutOptions
+    link_prefix = "redis"
+    destination_field = "stream"
 
     @classmethod
     def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
         o: RedisOutOptions = options  # type: ignore[assignment]
-        return [("stream", m) for _, m in check_topic_template(o.stream, _TEMPLATE_FIELDS)]
+        return [("stream", m) for _, m in check_topic_template(o.stream, TEMPLATE_FIELDS)]
 
-    def __init__(self, options: RedisOutOptions, ctx: Any):
-        super().__init__(options, ctx)
-        self._name = f"redis:{ctx.pipeline}/{options.id}"
-        self._link: RedisLink | None = None
-        self._outbox: Any = None
-        t = options.stream
-        self._static = (
-            None
-            if "{key}" in t or "{source}" in t
-            else t.format(gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id, key="", source="")
-        )
-
-    async def start(self) -> None:
-        self._outbox = self.ctx.services.outbox
-        if self._link is None:
-            link = RedisLink(self._name, self.options, self.ctx.gateway_id, self.ctx.pipeline)
-            self._link = self._outbox.register_link(self._name, link)
-
-    def health(self) -> dict[str, Any]:
-        return self._link.health() if self._link is not None else {"state": "starting"}
-
-    async def close(self) -> None:
-        if self._link is not None:
-            self._outbox.release_link(self._name)
-
-    def _stream(self, ev: Event) -> str:
-        if self._static is not None:
-            return self._static
-        return self.options.stream.format(
-            gateway=self.ctx.gateway_id, pipeline=self.ctx.pipeline, node=self.id, key=ev.key, source=ev.source
-        )
-
-    async def write(self, batch: list[Event]) -> None:
-        pipeline = self.ctx.pipeline
-        name = self._name
-        await self._outbox.put(
-            [(name, f"{self._stream(ev)}\x00{ev.key}", event_fields(pipeline, ev), ev.key) for ev in batch]
-        )
+    def make_link(self) -> RedisLink:
+        return RedisLink(self.link_name, self.options, self.ctx.gateway_id, self.ctx.pipeline)
 
 
 # --- the source -------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 
 from gateway.api import (
+    TEMPLATE_FIELDS,
     Duration,
     Envelope,
     Event,
     LinkError,
     NodeOptions,
+    OutboxSink,
     Sink,
     check_connection,
     check_topic_template,
@@ -30,9 +32,6 @@ from gateway.api import (
 )
 
 __all__ = ["ConsoleSink", "LogSink", "MqttOut", "Webhook"]
-
-_TEMPLATE_FIELDS = {"gateway", "pipeline", "node", "key", "source"}
-_OUTBOX = frozenset({"outbox"})
 
 
 class MqttOutOptions(NodeOptions):
@@ -51,59 +50,41 @@ class MqttOutOptions(NodeOptions):
 
 
 @register
-class MqttOut(Sink):
+class MqttOut(OutboxSink):
     """Publish each event as JSON to the broker."""
 
     Options = MqttOutOptions
     options: MqttOutOptions
+    destination_field = "topic"
 
     @classmethod
     def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
         o: MqttOutOptions = options  # type: ignore[assignment]
-        return [*check_connection(o.connection, config), *check_topic_template(o.topic, _TEMPLATE_FIELDS)]
+        return [*check_connection(o.connection, config), *check_topic_template(o.topic, TEMPLATE_FIELDS)]
 
     def __init__(self, options: MqttOutOptions, ctx: Any):
         super().__init__(options, ctx)
-        self._link: Any = None
-        self._outbox: Any = None
+        self.link_name = options.connection  # the broker connection's shared link, not one of its own
         self._envelope = Envelope(ctx.gateway_id)
-        t = options.topic
-        self._static_topic = (
-            None
-            if "{key}" in t or "{source}" in t
-            else t.format(gateway=ctx.gateway_id, pipeline=ctx.pipeline, node=options.id, key="", source="")
-        )
-
-    @classmethod
-    def required_services(cls) -> frozenset[str]:
-        return _OUTBOX
 
     async def start(self) -> None:
         self._link = self.ctx.services.publisher(self.options.connection)
         self._outbox = self.ctx.services.outbox
 
-    def health(self) -> dict[str, Any]:
-        return self._link.health() if self._link is not None else {"state": "starting"}
+    async def close(self) -> None:
+        pass  # the shared link outlives the sink
 
-    def _topic(self, ev: Event) -> str:
-        if self._static_topic is not None:
-            return self._static_topic
-        return self.options.topic.format(
-            gateway=self.ctx.gateway_id, pipeline=self.ctx.pipeline, node=self.id, key=ev.key, source=ev.source
-        )
+    def message(self, ev: Event) -> tuple[str, str, dict[str, Any], str | None]:
+        topic = self.destination(ev)
+        return self.link_name, topic, event_fields(self.ctx.pipeline, ev), f"{topic}\x00{ev.key}"
 
     async def write(self, batch: list[Event]) -> None:
-        pipeline = self.ctx.pipeline
         if self.options.qos == 0:
             self._write_qos0(batch)
             return
-        conn = self.options.connection
-        msgs = []
-        for ev in batch:
-            topic = self._topic(ev)
-            msgs.append((conn, topic, event_fields(pipeline, ev), f"{topic}\x00{ev.key}"))
+        message = self.message
         # Returns once the rows are committed; the outbox does the sending.
-        await self._outbox.put(msgs, retain=self.options.retain)
+        await self._outbox.put([message(ev) for ev in batch], retain=self.options.retain)
 
     def _write_qos0(self, batch: list[Event]) -> None:
         """QoS 0 is fire-and-forget by choice: no outbox; while disconnected, events are counted as dropped."""
@@ -116,7 +97,7 @@ class MqttOut(Sink):
                 continue
             payload = envelope.event(pipeline, ev)
             try:
-                link.publish(self._topic(ev), payload, qos=0, retain=self.options.retain)
+                link.publish(self.destination(ev), payload, qos=0, retain=self.options.retain)
             except LinkError:
                 self.n_dropped += 1
 
@@ -144,7 +125,7 @@ class WebhookOptions(NodeOptions):
 
 
 @register
-class Webhook(Sink):
+class Webhook(OutboxSink):
     """POST each event as JSON through the outbox: committed first, retried with backoff, at least once.
 
     The body is what ``mqtt_out`` publishes (``gateway_id``, ``seq``, ``replayed``, ``pipeline``,
@@ -154,47 +135,23 @@ class Webhook(Sink):
 
     Options = WebhookOptions
     options: WebhookOptions
+    link_prefix = "webhook"
 
-    @classmethod
-    def required_services(cls) -> frozenset[str]:
-        return _OUTBOX
-
-    def __init__(self, options: WebhookOptions, ctx: Any):
-        super().__init__(options, ctx)
-        self._name = f"webhook:{ctx.pipeline}/{options.id}"
-        self._link: Any = None
-        self._outbox: Any = None
-
-    async def start(self) -> None:
+    def make_link(self) -> Any:
         from gateway.api import WebhookLink
 
         o = self.options
-        self._outbox = self.ctx.services.outbox
-        if self._link is None:
-            # a reloaded pipeline gets the running link back, with these settings
-            self._link = self._outbox.register_link(
-                self._name,
-                WebhookLink(
-                    self._name,
-                    o.url,
-                    o.headers,
-                    timeout=o.timeout,
-                    concurrency=o.concurrency,
-                    reconnect_max=o.reconnect_max,
-                ),
-            )
+        return WebhookLink(
+            self.link_name,
+            o.url,
+            o.headers,
+            timeout=o.timeout,
+            concurrency=o.concurrency,
+            reconnect_max=o.reconnect_max,
+        )
 
-    def health(self) -> dict[str, Any]:
-        return self._link.health() if self._link is not None else {"state": "starting"}
-
-    async def close(self) -> None:
-        if self._link is not None:
-            self._outbox.release_link(self._name)  # the outbox closes it once nothing waits for it
-
-    async def write(self, batch: list[Event]) -> None:
-        pipeline = self.ctx.pipeline
-        url = self.options.url
-        await self._outbox.put([(self._name, url, event_fields(pipeline, ev), ev.key) for ev in batch])
+    def message(self, ev: Event) -> tuple[str, str, dict[str, Any], str | None]:
+        return self.link_name, self.options.url, event_fields(self.ctx.pipeline, ev), ev.key
 
 
 class LogOptions(NodeOptions):

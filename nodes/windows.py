@@ -342,6 +342,7 @@ class Window(Operator):
     the watermark, so the engine writes only the keys that changed; :meth:`restore` takes it back.
     """
 
+    keeps_watermark = True
     Options = WindowOptions
     options: WindowOptions
 
