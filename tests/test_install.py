@@ -21,6 +21,7 @@ USER = "sluice-test"
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(900),  # builds a wheelhouse and three venvs: minutes on a busy 2-core machine
     pytest.mark.skipif(os.geteuid() != 0, reason="the installer creates a system user: run as root (CI does)"),
 ]
 
@@ -91,6 +92,22 @@ def test_offline_install_is_idempotent_and_uninstall_keeps_data(wheelhouse: Path
         second = run("--root", str(root), "--user", USER, "--wheelhouse", str(wheelhouse), offline=True)
         assert "already installed" in second.stdout
         assert tree(root) == before
+
+        # an upgrade whose new version rejects the config changes nothing (the start check)
+        newer = tmp_path / "newer-wheels"
+        shutil.copytree(wheelhouse, newer)
+        first_wheel = next(newer.glob("*.whl"))
+        shutil.copy(first_wheel, newer / "zz_marker-1.0-py3-none-any.whl")  # another set of wheels: a new version
+        good = config.read_text()
+        config.write_text(good + "bogus_section: 1\n")
+        current = os.readlink(venv)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+        cmd = ["unshare", "--net", str(SCRIPT), "--root", str(root), "--user", USER, "--wheelhouse", str(newer)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        assert res.returncode == 1 and "nothing was changed" in res.stderr, res.stdout + res.stderr
+        assert os.readlink(venv) == current and (venv / "bin/sluice").exists()
+        assert [p.name for p in (root / "opt/sluice/venvs").iterdir()] == [current.removeprefix("venvs/")]
+        config.write_text(good)
 
         # a changed config survives an uninstall; the code and the unit go
         config.write_text(config.read_text() + "# kept\n")
