@@ -142,11 +142,19 @@ class Link(Protocol):
     ``publish_acked_many`` takes ``(topic, payload, retain)`` triples and returns one future per
     message it accepted now (a prefix of them: the rest are offered again later); a future's
     result acknowledges the message, a :class:`LinkError` fails it (sent again later), one with
-    ``refused = True`` dead-letters it.
+    ``refused = True`` dead-letters it. At most ``send_window`` messages wait for their
+    acknowledgement at once (``in_flight``). A link a sink registers may also offer
+    ``configure(other)``: take a rebuilt sink's settings without dropping what is in flight.
     """
 
     name: str
     connected: bool
+    state: str
+    last_error: str | None
+    send_window: int
+
+    @property
+    def in_flight(self) -> int: ...
 
     async def wait_connected(self) -> None: ...
 

@@ -108,3 +108,19 @@ def test_one_envelope_for_every_sink() -> None:
     queued = json.loads(env.wrap(body, 42, replayed=True))
     assert queued == {**direct, "seq": 42, "replayed": True}
     assert json.loads(env.wrap(b"{}", 7)) == {"gateway_id": "gw-é", "seq": 7, "replayed": False}
+
+
+async def test_every_transport_is_a_link() -> None:
+    """The outbox sends through the Link protocol only; each built-in transport satisfies it."""
+    from gateway.config import MqttConnection
+    from gateway.mqtt import MqttLink
+    from gateway.webhook import WebhookLink
+    from nodes._outlink import OutboxLink
+
+    links = [
+        MqttLink("b", MqttConnection(type="mqtt"), "probe"),
+        WebhookLink("w", "http://127.0.0.1:9/"),
+        OutboxLink("o", "gw"),
+    ]
+    assert [type(x).__name__ for x in links if not isinstance(x, api.Link)] == []
+    assert not isinstance(object(), api.Link)
