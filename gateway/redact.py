@@ -33,6 +33,7 @@ _SECRET_KEY = re.compile(
     re.I,
 )
 _HEADERS_KEY = re.compile(r"^headers$", re.I)
+_CREDENTIAL_HEADER = re.compile(r"auth|token|key|secret|cookie|pass|session|signature|credential", re.I)
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
 _AUTH_SCHEME = re.compile(r"\b(Bearer|bearer|Basic|Digest)(\s+)[A-Za-z0-9._~+/=\-]+")
 _WORDS = r"[A-Za-z_\-]*(?:password|passwd|secret|token|api[_\-]?key|access[_\-]?key|private[_\-]?key)"
@@ -69,7 +70,11 @@ def secrets_of(value: Any) -> Iterator[str]:
         cls = type(value)
         for name in cls.model_fields:
             v = getattr(value, name, None)
-            if _is_secret_field(cls, name) or _HEADERS_KEY.match(name) or _SECRET_KEY.search(name):
+            if _HEADERS_KEY.match(name) and isinstance(v, dict):
+                # every header value is masked where headers are shown; searched for in free text
+                # are only those of credential headers (not "application/json" everywhere)
+                yield from (s for k, x in v.items() if _CREDENTIAL_HEADER.search(str(k)) for s in _strings(x))
+            elif _is_secret_field(cls, name) or _SECRET_KEY.search(name):
                 yield from _strings(v)
             else:
                 yield from secrets_of(v)

@@ -33,6 +33,7 @@ class Web:
         self.auth = Auth(cfg, gw.data_dir)
         self.views = Views(gw)
         self.hub = Hub(gw, self.auth, self.views.stats)
+        self.auth.sessions_ended.append(self.hub.end_user)  # a live socket ends with its session
         self.editor = Editor(gw)
         self._gw = gw
         gw.reload_hooks.append(self.hub.retap)  # live taps move to the pipelines a reload started

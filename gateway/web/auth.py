@@ -438,6 +438,7 @@ class Auth:
         self.host_names = frozenset({"localhost", cfg.host.lower(), *(h.lower() for h in cfg.allowed_hosts)})
         self.loopback_only = _is_loopback(cfg.host)
         self.check_host = self.loopback_only or bool(cfg.allowed_hosts)
+        self.sessions_ended: list[Callable[[str], Awaitable[None]]] = []  # e.g. close live sockets
         self.setup_code: str | None = None
         if self.enabled and self.store.needs_setup:
             self.setup_code = f"{secrets.randbelow(10**4):04d}-{secrets.randbelow(10**4):04d}"
@@ -500,6 +501,12 @@ class Auth:
             )
         elif not self.enabled:
             log.warning("console: auth is off (console.auth: false): anyone who can reach %s may use it", url)
+
+    async def end_sessions(self, name: str) -> None:
+        """End every session of ``name``, saved before anything is answered, and tell the listeners."""
+        await self.store.end_sessions(name)
+        for listener in self.sessions_ended:
+            await listener(name)
 
     # --- hashing off the event loop --------------------------------------------------------
 
@@ -695,7 +702,7 @@ class Auth:
         session = await get_session(request)
         session.invalidate()
         if ident is not None and ident.via == "session":
-            await self.store.end_sessions(ident.name)
+            await self.end_sessions(ident.name)
             log.info("console: %s logged out (all their sessions ended)", ident.name)
         return web.json_response({"ok": True})
 
@@ -775,7 +782,7 @@ class Auth:
         if name == ident.name:
             return web.json_response({"error": "you cannot delete your own account"}, status=409)
         del self.store.users[name]
-        await self.store.end_sessions(name)
+        await self.end_sessions(name)
         log.info("console: user %r removed by %s", name, ident.name)
         return web.json_response({"ok": True})
 
@@ -803,7 +810,7 @@ class Auth:
         if password is not None:
             user.password_hash = await self._hash(password)
         user.role = role
-        await self.store.end_sessions(name)  # saves the account file too
+        await self.end_sessions(name)  # saves the account file too
         log.warning(
             "console: user %r changed by %s (%s); their sessions ended",
             name,

@@ -31,7 +31,7 @@ from aiohttp import web
 from ..config import LoadedConfig, parse_config
 from ..errors import ConfigError, ReloadError
 from ..node import node_types
-from ..redact import mask, redact
+from ..redact import mask, redact, redact_text
 from ._yamledit import DraftError, apply_model, diff, load_model, revision
 from .auth import IDENTITY
 from .views import model_paths
@@ -330,7 +330,13 @@ class Editor:
                     summary = await self.gw.reload(loaded)
                 except ReloadError as exc:
                     return web.json_response(
-                        {"error": str(exc), "error_kind": "reload", "deployed": False, "valid": True, "errors": []},
+                        {
+                            "error": redact_text(str(exc)),
+                            "error_kind": "reload",
+                            "deployed": False,
+                            "valid": True,
+                            "errors": [],
+                        },
                         status=409,
                     )
                 try:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..config import LoadedConfig, parse_config
 from ..errors import ConfigError, ReloadError
-from ..redact import redact, redact_options
+from ..redact import redact, redact_options, redact_text
 from .auth import IDENTITY
 
 if TYPE_CHECKING:
@@ -218,7 +218,8 @@ class Views:
             summary = await self.gw.reload(loaded)
         except ReloadError as exc:
             return web.json_response(
-                {"valid": True, "errors": [], "reloaded": False, "saved": False, "error": str(exc)}, status=409
+                {"valid": True, "errors": [], "reloaded": False, "saved": False, "error": redact_text(str(exc))},
+                status=409,
             )
         saved, note = False, None
         try:

@@ -32,10 +32,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from .._log import RateLimitedLog
 from ..redact import redact
+from .auth import IDENTITY
 
 if TYPE_CHECKING:
     from ..runtime import Gateway
@@ -67,6 +68,7 @@ class _Client:
         "remote",
         "sent",
         "stats",
+        "user",
         "wake",
         "ws",
     )
@@ -77,6 +79,7 @@ class _Client:
         self.ws = ws
         self.id = cid
         self.remote = remote
+        self.user: str | None = None  # who, when connected with a session: closed when it ends
         self.buf: deque[str] = deque(maxlen=size)
         self.wake = asyncio.Event()
         self.dropped = 0
@@ -263,6 +266,9 @@ class Hub:
         self._ids += 1
         self.connections += 1
         client = _Client(ws, self._ids, request.remote)
+        ident = request.get(IDENTITY)
+        if ident is not None and ident.via == "session":
+            client.user = ident.name
         self.clients.add(client)
         client.offer(json.dumps({"type": "hello", "client": client.id, "interval": self.interval}))
         try:
@@ -283,6 +289,11 @@ class Hub:
             if client.llm is not None:
                 self._unsubscribe_llm(client)
         return ws
+
+    async def end_user(self, name: str) -> None:
+        """``name``'s sessions have ended (logout, password or role change, removal): close their sockets."""
+        for c in [c for c in self.clients if c.user == name]:
+            await c.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"session ended")
 
     def _command(self, c: _Client, data: str) -> None:
         try:

@@ -277,6 +277,22 @@ async def test_a_cookie_saved_before_logout_is_refused(
     assert (await admin.get("/api/pipelines"))[0] == 200
 
 
+async def test_an_open_websocket_closes_when_its_session_ends(gw: Gateway, admin: Browserish) -> None:
+    base = base_url(gw)
+    ws = await admin.http.ws_connect(f"{base}/ws?csrf={admin.csrf}", headers={"Origin": base})
+    try:
+        hello = await ws.receive_json(timeout=10)
+        assert hello["type"] == "hello"
+        assert (await admin.post("/api/logout", {}))[0] == 200
+        msg = await ws.receive(timeout=10)
+        while msg.type == aiohttp.WSMsgType.TEXT:  # what was queued before the close
+            msg = await ws.receive(timeout=10)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+        assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    finally:
+        await ws.close()
+
+
 async def test_sessions_end_at_password_and_role_change_and_removal(
     gw: Gateway, admin: Browserish, client_factory: Callable
 ) -> None:
