@@ -83,6 +83,7 @@ __all__ = [
     "Outbox",
     "OutboxSink",
     "Outcome",
+    "Pausable",
     "ProviderSlot",
     "Publisher",
     "RateLimitedLog",
@@ -130,6 +131,20 @@ class SourceOutput(Protocol):
 
     def when_room(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the queue has room again (to resume a paused producer)."""
+
+    def pause_while_full(self, reader: Pausable) -> None:
+        """While the queue is full, pause ``reader``'s reads; resume them once it has room."""
+
+
+class Pausable(Protocol):
+    """A reader that backpressure can pause: a :class:`Subscriber`, a socket transport's wrapper."""
+
+    @property
+    def reading(self) -> bool: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
 
 # --- transports ----------------------------------------------------------------------------------

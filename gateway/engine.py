@@ -243,6 +243,14 @@ class SourceQueue:
     def when_room(self, callback: Callable[[], None]) -> None:
         self._q.when_room(callback)
 
+    def pause_while_full(self, reader: Any) -> None:
+        """Backpressure for a push source: while the queue is full, ``reader`` (a link with
+        ``reading``, ``pause_reading()`` and ``resume_reading()``) stops reading its socket; it
+        resumes once the queue has drained to half."""
+        if self._q.full and reader.reading:
+            reader.pause_reading()
+            self._q.when_room(reader.resume_reading)
+
 
 class Pipeline:
     """One running pipeline: its nodes, the fused chain, and the tasks that drive them."""

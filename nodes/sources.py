@@ -263,9 +263,8 @@ class MqttSource(Source):
         if not self._pending or self._out is None:
             return
         batch, self._pending = self._pending, []
-        if not self._out.put_nowait(batch) and self._link is not None and self._link.reading:
-            self._link.pause_reading()
-            self._out.when_room(self._link.resume_reading)
+        if not self._out.put_nowait(batch) and self._link is not None:
+            self._out.pause_while_full(self._link)
 
     # QoS 1: acknowledged after processing --------------------------------------------------
 
@@ -277,9 +276,8 @@ class MqttSource(Source):
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._out.put_nowait([ev], lambda: done.done() or done.set_result(None))
-        if self._out.full and self._link is not None and self._link.reading:
-            self._link.pause_reading()
-            self._out.when_room(self._link.resume_reading)
+        if self._link is not None:
+            self._out.pause_while_full(self._link)
         await done  # cancelled (shutdown) -> no PUBACK -> the broker redelivers
         return 0
 
