@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 YEAR_2100 = 4102444800.0
 
 
-def config(tmp_path: Path, port: int, *, bound: str = "", console: str = "") -> str:
+def config(tmp_path: Path, port: int, *, bound: str = "", console: str = "", loose: bool = False) -> str:
+    second = """\
+  - name: q
+    nodes:
+      - {id: loose, type: mqtt, connection: plant, topic: "loose/+", key: "topic[1]", max_future: 20m}
+      - {id: out, type: log, input: loose}
+"""
     return f"""\
 gateway: {{id: gw-bound, data_dir: "{tmp_path}/data"}}
 connections:
@@ -34,11 +40,7 @@ pipelines:
       - {{id: temp, type: mqtt, connection: plant, topic: "dev/+", key: "topic[1]"{bound}}}
       - {{id: w, type: window, input: temp, kind: tumbling, size: 1s, aggregate: count}}
       - {{id: out, type: log, input: w}}
-  - name: q
-    nodes:
-      - {{id: loose, type: mqtt, connection: plant, topic: "loose/+", key: "topic[1]", max_future: 20m}}
-      - {{id: out, type: log, input: loose}}
-{console}"""
+{second if loose else ""}{console}"""
 
 
 async def _subscribed(gw: object, pub: object, topic: str, pipeline: str, source: str) -> None:
@@ -61,25 +63,35 @@ async def test_a_reading_from_2100_is_dead_lettered_and_stalls_nothing(
     with mqtt_client(mosquitto) as pub:
         async with running_gateway(text) as gw:
             await _subscribed(gw, pub, "dev/probe", "p", "temp")
-            await _subscribed(gw, pub, "loose/probe", "q", "loose")
             w = node(gw, "p", "w")
             now = time.time()
             pub.publish("dev/bad", json.dumps({"value": 1.0, "ts": YEAR_2100}))
             pub.publish("dev/s1", json.dumps({"value": 1.0, "ts": now + 3}))
             pub.publish("dev/s1", json.dumps({"value": 1.0, "ts": now + 600}))  # 10 min ahead: over 5m
-            pub.publish("loose/s1", json.dumps({"value": 1.0, "ts": now + 600}))  # within its own 20m
             for i in range(5):
                 pub.publish("dev/s1", json.dumps({"value": 1.0, "ts": now + 4 + i}))
-            await wait_for(lambda: w.n_in >= 7 and node(gw, "q", "loose").n_in >= 2)
-            assert w.n_late == 0 and w.n_dropped == 0
+            await wait_for(lambda: node(gw, "p", "temp").n_in >= 9)
+            await wait_for(lambda: w.n_in + node(gw, "p", "temp").n_errors >= node(gw, "p", "temp").n_in)
+            assert w.n_late == 0 and w.n_dropped == 0, w.counters()
             assert w.watermark < now + 60
             assert node(gw, "p", "temp").n_errors == 2
-            assert node(gw, "q", "loose").n_errors == 0
             _, letters = await get(gw, "/api/deadletters")
             reasons = sorted(d["reason"] for d in letters["recent"] if d["node"] == "temp")
             assert len(reasons) == 2, letters
             bad = next(r for r in reasons if r.startswith("event time 2100-01-01T00:00:00Z is "))
             assert "ahead of ingest time" in bad and "(max_future 300s)" in bad, reasons
+
+
+async def test_max_future_is_set_per_source(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    with mqtt_client(mosquitto) as pub:
+        async with running_gateway(config(tmp_path, mosquitto.port, loose=True)) as gw:
+            await _subscribed(gw, pub, "dev/probe", "p", "temp")
+            await _subscribed(gw, pub, "loose/probe", "q", "loose")
+            ahead = json.dumps({"value": 1.0, "ts": time.time() + 600})  # 10 minutes ahead
+            pub.publish("dev/s1", ahead)  # default 5m: refused
+            pub.publish("loose/s1", ahead)  # its own 20m: taken
+            await wait_for(lambda: node(gw, "p", "temp").n_errors == 1 and node(gw, "q", "loose").n_out >= 2)
+            assert node(gw, "q", "loose").n_errors == 0
 
 
 def _reset(tmp_path: Path, cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -96,22 +108,22 @@ def _reset(tmp_path: Path, cfg: Path, *args: str) -> subprocess.CompletedProcess
 async def test_reset_watermark_unsticks_a_window_after_a_bad_reading(
     tmp_path: Path, mosquitto: MosquittoBroker
 ) -> None:
-    # no bound (max_future: null): the bad reading gets through, as it did before the bound existed
-    text = config(tmp_path, mosquitto.port, bound=", max_future: null")
+    # 4 minutes ahead passes the default bound (5m), and still stalls windows of a second
+    text = config(tmp_path, mosquitto.port)
     cfg = tmp_path / "gw.yaml"
     cfg.write_text(text)
     with mqtt_client(mosquitto) as pub:
         async with running_gateway(text) as gw:
             await _subscribed(gw, pub, "dev/probe", "p", "temp")
             w = node(gw, "p", "w")
-            pub.publish("dev/bad", json.dumps({"value": 1.0, "ts": YEAR_2100}))
+            pub.publish("dev/bad", json.dumps({"value": 1.0, "ts": time.time() + 240}))
             pub.publish("dev/s1", json.dumps({"value": 1.0, "ts": time.time()}))
             await wait_for(lambda: w.n_late >= 1)  # stalled: a normal reading is late
-            refused = _reset(tmp_path, cfg, "--pipeline", "p", "--node", "w")
+            refused = _reset(tmp_path, cfg, "--pipeline", "p", "--node", "w", "--future", "60")
             assert refused.returncode == 1 and "a gateway is running" in refused.stderr, refused
         wrong = _reset(tmp_path, cfg, "--pipeline", "p", "--node", "temp")
         assert wrong.returncode == 1 and "only a window node has a watermark" in wrong.stderr, wrong
-        done = _reset(tmp_path, cfg, "--pipeline", "p", "--node", "w")
+        done = _reset(tmp_path, cfg, "--pipeline", "p", "--node", "w", "--future", "60")
         assert done.returncode == 0, done
         assert "p/w: watermark reset" in done.stdout and "dropped 1 windows" in done.stdout, done.stdout
 

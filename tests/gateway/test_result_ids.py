@@ -98,7 +98,7 @@ console: {{port: {port}{NO_AUTH}}}
 
 
 def again_seq(got: list[dict[str, Any]]) -> int:
-    return next(r["seq"] for r in got if r["result_id"] == "p/w/s1/1010.0/1020.0")
+    return next(r["seq"] for r in got if r["value"]["window_start"] == 1010.0)
 
 
 def test_a_result_handed_to_the_outbox_before_a_sigkill_is_not_published_again(
@@ -124,7 +124,6 @@ def test_a_result_handed_to_the_outbox_before_a_sigkill_is_not_published_again(
         pub.publish("dev/s1", json.dumps({"value": 5.0, "ts": 1010.0}), qos=1)  # closes [1000, 1010)
         wait_for_sync(lambda: results(), timeout=15)
         (before,) = results()
-        assert before["result_id"] == "p/w/s1/1000.0/1010.0", before
         assert before["value"]["window_start"] == 1000.0 and before["value"]["count"] >= 10
 
         first.kill()  # SIGKILL: the state saved is from before these readings, none acknowledged
@@ -133,17 +132,19 @@ def test_a_result_handed_to_the_outbox_before_a_sigkill_is_not_published_again(
         # the broker redelivers every reading; the window computes [1000, 1010) again
         wait_for_sync(lambda: runs.window()["counters"]["in"] >= 11, timeout=20)
         pub.publish("dev/s1", json.dumps({"value": 1.0, "ts": 1020.0}), qos=1)  # closes [1010, 1020)
-        wait_for_sync(lambda: any(r["result_id"] == "p/w/s1/1010.0/1020.0" for r in results()), timeout=15)
+        wait_for_sync(lambda: any(r["value"]["window_start"] == 1010.0 for r in results()), timeout=15)
 
         got = results()
         # one message per result: the outbox may send a message again (same seq, replayed: true)
         # when the kill came before it saw the PUBACK, but a result is never queued a second time
-        seqs: dict[str, set[int]] = {}
+        seqs: dict[float, set[int]] = {}
         for r in got:
-            seqs.setdefault(r["result_id"], set()).add(r["seq"])
-        assert seqs == {"p/w/s1/1000.0/1010.0": {before["seq"]}, "p/w/s1/1010.0/1020.0": {again_seq(got)}}, got
-        assert all(r["replayed"] for r in got[1:] if r["result_id"] == before["result_id"]), got
-        again = next(r for r in got if r["result_id"] == "p/w/s1/1010.0/1020.0")
+            seqs.setdefault(r["value"]["window_start"], set()).add(r["seq"])
+        assert seqs == {1000.0: {before["seq"]}, 1010.0: {again_seq(got)}}, got
+        assert all(r["replayed"] for r in got[1:] if r["value"]["window_start"] == 1000.0), got
+        # the stable id of each result, the consumer's de-duplication key
+        assert {r["result_id"] for r in got} == {"p/w/s1/1000.0/1010.0", "p/w/s1/1010.0/1020.0"}, got
+        again = next(r for r in got if r["value"]["window_start"] == 1010.0)
         assert again["value"] == {"count": 1.0, "sum": 5.0, "window_start": 1010.0, "window_end": 1020.0}
         health = _get(runs.port, "/healthz")
         assert health["outbox"]["duplicates"] == 1, health["outbox"]
