@@ -72,18 +72,19 @@ async def test_local_streams_deterministic_chunks(tiny_model: Path) -> None:
 
 async def test_local_runs_in_its_own_thread_and_lazily(tiny_model: Path) -> None:
     p = _local(tiny_model, load="lazy")
-    await p.start()  # lazy: returns before loading anything
     seen: set[str] = set()
-    real_generate = p._generate
 
-    def spy(llm: Any, job: Any) -> None:
-        seen.add(threading.current_thread().name)
-        real_generate(llm, job)
+    def where(frame: Any, event: str, arg: Any) -> None:
+        # llama-cpp-python's public entry point: which thread does the model work run in?
+        if event == "call" and frame.f_code.co_name == "create_chat_completion":
+            seen.add(threading.current_thread().name)
 
-    p._generate = spy  # type: ignore[method-assign]
+    threading.setprofile(where)  # threads started from now on: the provider's
     try:
+        await p.start()  # lazy: returns before loading anything
         text = "".join([c.text async for c in p.stream(_req(max_tokens=5))])
     finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
         await p.close()
     assert seen == {"llm:tiny"}
     assert text
