@@ -279,7 +279,11 @@ class SlaveOptions(BaseModel):
     name: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$", description="Key prefix for its points; default `unit<N>`."
     )
-    profile: str | None = Field(None, description="A device profile from config/devices/ (e.g. sdm120).")
+    profile: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$",  # a name, never a path: nothing outside config/devices/ is read
+        description="A device profile from config/devices/ (e.g. sdm120).",
+    )
     points: list[Point] | None = Field(None, description="The register map, when there is no profile.")
     groups: dict[str, Duration] = Field(default_factory=dict, description="Poll group -> interval (overrides).")
     max_gap: int | None = Field(None, ge=0, le=125, description="Overrides the map's max_gap.")

@@ -420,3 +420,27 @@ async def test_wrong_setup_codes_slow_that_address_only(
     owner = client_factory()
     status, data = await owner.post("/api/setup", {**body, "code": auth.setup_code})
     assert status == 201, data
+
+
+async def test_modbus_profile_is_a_name_never_a_path(gw: Gateway, admin: Browserish, tmp_path: Path) -> None:
+    """A profile name that climbs out of config/devices/ would tell whether a .yaml file exists (and
+    echo its contents in validation errors): it is refused by its shape, whatever is on disk."""
+    (tmp_path / "there.yaml").write_text("points: [{name: x, address: 1, type: u16}]\n")
+
+    def text(profile: str) -> str:
+        return f"""
+gateway: {{id: g, data_dir: "{tmp_path}/d"}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: bus, type: modbus, host: 127.0.0.1, port: 502, slaves: [{{unit: 1, profile: "{profile}"}}]}}
+      - {{id: out, type: log, input: bus}}
+"""
+
+    climb = "../" * 12 + str(tmp_path).lstrip("/")
+    answers = []
+    for profile in (f"{climb}/there", f"{climb}/absent"):
+        status, data = await admin.post("/api/config/validate", {"text": text(profile)})
+        assert status == 200 and data["valid"] is False
+        answers.append([e["message"] for e in data["errors"]])
+    assert answers[0] == answers[1], answers
