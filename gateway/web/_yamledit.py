@@ -28,7 +28,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
-__all__ = ["DraftError", "Splice", "apply_model", "diff", "load_model", "revision"]
+__all__ = ["DraftError", "Splice", "apply_model", "diff", "import_pipeline", "load_model", "revision"]
 
 # Keys of a node that are the graph, not its options.
 _GRAPH_KEYS = ("id", "type", "input")
@@ -61,20 +61,26 @@ def _yaml() -> YAML:
     return y
 
 
-def _plain(value: Any) -> Any:
+_MAX_VALUES = 200_000  # values one model may hold: aliases repeated into a billion laughs stop here
+
+
+def _plain(value: Any, budget: list[int] | None = None) -> Any:
     """ruamel's round-trip objects as plain JSON values."""
+    if budget is None:
+        budget = [_MAX_VALUES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise DraftError("the YAML expands to too many values (aliases repeated over and over?)")
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_plain(v, budget) for v in value]
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
         return float(value)
-    if isinstance(value, str):
-        return str(value)
     return str(value)
 
 
@@ -188,6 +194,28 @@ def load_model(text: str, known_types: set[str]) -> dict[str, Any]:
         "connections": {
             str(k): {"type": _plain(v.get("type")) if isinstance(v, dict) else None} for k, v in conns.items()
         },
+    }
+
+
+def import_pipeline(text: str, known_types: set[str]) -> dict[str, Any]:
+    """One pipeline written as YAML (``name`` and ``nodes``, alone or as a one-item list, as the
+    export gives it) as a pipeline of the editor model."""
+    try:
+        data = _yaml().load(text)
+    except YAMLError as exc:
+        raise DraftError(f"not valid YAML: {exc}") from None
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]
+    if isinstance(data, dict) and isinstance(data.get("pipelines"), list) and len(data["pipelines"]) == 1:
+        data = data["pipelines"][0]
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(data.get("nodes"), list):
+        raise DraftError("expected one pipeline: a mapping with `name` and a list of `nodes`")
+    budget = [_MAX_VALUES]
+    _plain(data, budget)  # refuses an alias bomb before anything else walks it
+    return {
+        "name": str(data["name"]),
+        "description": _plain(data.get("description")),
+        "nodes": [_node_model(n, known_types) for n in data["nodes"]],
     }
 
 

@@ -32,7 +32,7 @@ from ..config import LoadedConfig, parse_config
 from ..errors import ConfigError, ReloadError
 from ..node import node_types
 from ..redact import mask, redact, redact_text
-from ._yamledit import DraftError, apply_model, diff, load_model, revision
+from ._yamledit import DraftError, apply_model, diff, import_pipeline, load_model, revision
 from .auth import IDENTITY
 from .views import model_paths
 
@@ -166,6 +166,7 @@ class Editor:
         app.router.add_post("/api/editor/validate", self.api_validate)
         app.router.add_post("/api/editor/deploy", self.api_deploy)
         app.router.add_get("/api/editor/pipelines/{name}", self.api_export)
+        app.router.add_post("/api/editor/import", self.api_import)
         _describe()
 
     # --- the file ----------------------------------------------------------------------------
@@ -370,6 +371,16 @@ class Editor:
                 }
             )
 
+    async def api_import(self, request: web.Request) -> web.Response:
+        """``{"yaml": "<one pipeline>"}`` -> ``{"pipeline": {...}}`` of the editor model (nothing is saved)."""
+        self._admin(request)
+        text = await _import_body(request)
+        try:
+            pipe = await asyncio.to_thread(import_pipeline, text, set(node_types()))
+        except DraftError as exc:
+            return web.json_response({"error": str(exc)}, status=422)
+        return web.json_response({"pipeline": pipe})
+
     async def api_export(self, request: web.Request) -> web.Response:
         """One pipeline of the file as YAML text (admins: the text may hold inline secrets)."""
         self._admin(request)
@@ -382,6 +393,26 @@ class Editor:
         if item is None:
             return web.json_response({"error": f"no pipeline {name!r}"}, status=404)
         return web.Response(text=item, content_type="text/yaml", charset="utf-8")
+
+
+MAX_IMPORT = 256 * 1024
+
+
+async def _import_body(request: web.Request) -> str:
+    if request.content_length is not None and request.content_length > MAX_IMPORT:
+        raise web.HTTPRequestEntityTooLarge(MAX_IMPORT, request.content_length)
+    try:
+        body = await request.json()
+        text = body["yaml"]
+        if not isinstance(text, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise web.HTTPBadRequest(
+            text='{"error": "expected {\\"yaml\\": \\"<one pipeline>\\"}"}', content_type="application/json"
+        ) from None
+    if len(text) > MAX_IMPORT:
+        raise web.HTTPRequestEntityTooLarge(MAX_IMPORT, len(text))
+    return text
 
 
 def _pipeline_text(text: str, name: str) -> str | None:
@@ -502,6 +533,16 @@ def _describe() -> None:
                 "409": err,
                 "422": ok(checked, "The draft has errors"),
             },
+        },
+    )
+    describe(
+        "/api/editor/import",
+        "post",
+        {
+            "summary": 'One pipeline as YAML {"yaml": ...} turned into the editor model (nothing saved; admin)',
+            "tags": ["editor"],
+            "requestBody": body,
+            "responses": {"200": ok({"type": "object"}), "400": err, "401": err, "403": err, "413": err, "422": err},
         },
     )
     describe(

@@ -422,3 +422,24 @@ def test_every_config_the_tests_use_round_trips_and_one_number_changes_one_line(
         assert sum(a != b for a, b in zip(before, after, strict=True)) == 1, where
         one_line += 1
     assert one_line >= 10
+
+
+async def test_export_then_import_a_pipeline(running: tuple[Gateway, Path, Browserish]) -> None:
+    _, _, c = running
+    _, model = await c.get("/api/editor/model")
+    status, text = await c.get("/api/editor/pipelines/plant")
+    assert status == 200 and "# the simulated boiler" in text
+    status, r = await c.post("/api/editor/import", {"yaml": text})
+    assert status == 200
+    assert r["pipeline"] == next(p for p in model["pipelines"] if p["name"] == "plant")
+    bomb = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n"
+        for i in range(9)
+    )
+    bomb += "name: p\nnodes: [*j]\n"
+    status, r = await c.post("/api/editor/import", {"yaml": bomb})
+    assert status == 422 and "too many values" in r["error"]
+    status, r = await c.post("/api/editor/import", {"yaml": "just: text"})
+    assert status == 422 and "one pipeline" in r["error"]
+    status, r = await c.post("/api/editor/import", {"text": "x"})
+    assert status == 400

@@ -232,6 +232,17 @@ async def test_a_change_on_disk_meanwhile_is_shown_not_overwritten(
         await node(pg, "hot").click()
         await expect(pg.locator("#ed-field-clear_below")).to_have_value("88")
         await expect(pg.locator("#ed-field-above")).to_have_value("95")
+        # export this pipeline, import it again under another name
+        await pg.click("#ed-export")
+        exported = await pg.locator("#ed-export-text").input_value()
+        assert exported.startswith("- name: plant\n") and "# the alarm point" in exported
+        await pg.click("#ed-dialog button.link")
+        await pg.click("#ed-import")
+        await pg.fill("#ed-import-text", exported.replace("name: plant", "name: copy").replace("push", "push2"))
+        await pg.click("#ed-import-go")
+        await expect(pg.locator("#ed-pipeline")).to_have_value("copy")
+        await expect(node(pg, "hot")).to_be_visible()
+        await expect(pg.locator("#ed-status")).to_have_text("valid — not deployed yet")
     finally:
         await ctx.close()
     # the 409 answer is the conflict being reported, not a page problem

@@ -105,7 +105,9 @@ export function start(el, ctx) {
       btn("ed-redo", "Redo", () => redo(), "Redo (Ctrl+Y)"),
       btn("ed-delete", "Delete", () => deleteSelected(), "Delete the selected node (Delete)"),
       btn("ed-copy", "Copy", () => copySelected(), "Copy the selected node (Ctrl+C)"),
-      btn("ed-paste", "Paste", () => paste(), "Paste (Ctrl+V)")),
+      btn("ed-paste", "Paste", () => paste(), "Paste (Ctrl+V)"),
+      btn("ed-import", "Import", () => openImport(), "Add a pipeline from its YAML"),
+      btn("ed-export", "Export", () => openExport(), "This pipeline's YAML, as saved")),
     btn("ed-layout", "Auto-layout", () => { autoLayout(true); commit(); rebuild(); fit(); }, "Lay out the nodes by depth (L)"),
     btn("ed-fit", "Fit", () => fit(), "Fit to screen (F)"),
     locate, idList,
@@ -739,6 +741,50 @@ export function start(el, ctx) {
         say(`deploy failed: ${e.message}`, "bad");
       }
     }
+  }
+
+  // --- import / export of one pipeline as YAML ------------------------------------------------
+
+  function openExport() {
+    get(`/api/editor/pipelines/${encodeURIComponent(st.current)}`).then((text) => {
+      const area = h("textarea", { id: "ed-export-text", class: "code", rows: 16, readonly: true, spellcheck: "false" });
+      area.value = text;
+      dialog.replaceChildren(h("div", { class: "card" }, h("h2", {}, `Pipeline ${st.current} (as saved)`), area,
+        h("div", { class: "toolbar" },
+          h("button", { type: "button", onclick: () => { area.select(); navigator.clipboard?.writeText(area.value); say("copied"); } }, "Copy"),
+          h("button", { type: "button", class: "link", onclick: closeDialog }, "Close"))));
+      dialog.hidden = false;
+    }, (e) => say(e.status === 404 ? `${st.current} is not saved yet: deploy it first` : `export failed: ${e.message}`, "bad"));
+  }
+
+  function openImport() {
+    const area = h("textarea", { id: "ed-import-text", class: "code", rows: 16, spellcheck: "false",
+      placeholder: "- name: my_pipeline\n  nodes:\n    - {id: src, type: simulate, sensors: [{key: t}]}" });
+    const err = h("p", { class: "bad", id: "ed-import-error" });
+    dialog.replaceChildren(h("div", { class: "card" }, h("h2", {}, "Import a pipeline"),
+      h("p", { class: "muted" }, "Paste one pipeline's YAML (as Export gives it). It is added to the draft; deploy to run it."),
+      area, err,
+      h("div", { class: "toolbar" },
+        h("button", { type: "button", id: "ed-import-go", onclick: async () => {
+          try {
+            const r = await post("/api/editor/import", { yaml: area.value });
+            const p = r.pipeline;
+            if (st.model.pipelines.some((x) => x.name === p.name)) { err.textContent = `there is already a pipeline ${p.name}`; return; }
+            st.model.pipelines.push(p);
+            st.current = p.name;
+            fillPipelines();
+            closeDialog();
+            commit();
+            rebuild();
+            fit();
+            say(`imported ${p.name}: not deployed yet`);
+          } catch (e) {
+            err.textContent = e.message;
+          }
+        } }, "Import"),
+        h("button", { type: "button", class: "link", onclick: closeDialog }, "Cancel"))));
+    dialog.hidden = false;
+    area.focus();
   }
 
   // --- live rates and the console panel --------------------------------------------------
