@@ -1,5 +1,6 @@
 """What device firmware speaks (line codecs, framed binary, Modbus register maps), turned into readings."""
 
+from ._json import NotText, loads_json, text_fault
 from .codecs import (
     CobsCodec,
     CodecOptions,
@@ -28,10 +29,13 @@ __all__ = [
     "JsonCodec",
     "KeyValueCodec",
     "NmeaCodec",
+    "NotText",
     "RawReading",
     "Reading",
     "StructField",
+    "loads_json",
     "make_decoder",
     "make_encoder",
     "nmea_sentence",
+    "text_fault",
 ]

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ._framing import CobsError, cobs_decode, cobs_encode, crc16_ccitt_false, crc32
+from ._json import NotText, loads_json, text_fault
 
 __all__ = [
     "CobsCodec",
@@ -362,6 +363,8 @@ class Decoder:
             self._decode(piece, readings, errors)
         except _Invalid as exc:
             errors.append(DecodeError(exc.kind, str(exc), _excerpt(piece)))
+        except RecursionError:  # a nested label (device_field, key_field) too deep to turn into text
+            errors.append(DecodeError("malformed", "JSON nested too deeply", _excerpt(piece)))
 
     def _decode(self, piece: bytes, readings: list[RawReading], errors: list[DecodeError]) -> None:
         raise NotImplementedError
@@ -474,7 +477,11 @@ class _JsonDecoder(_RecordDecoder):
             except (ValueError, StopIteration, RecursionError):  # not UTF-8, not JSON, too deep, blank
                 self._piece(piece, readings, errors)  # says what is wrong, or skips the blank line
                 continue
-            if type(rec) is not dict or (end != len(text) and not text[end:].isspace()):
+            if (
+                type(rec) is not dict
+                or (end != len(text) and not text[end:].isspace())
+                or ("\\u" in text and text_fault(rec) is not None)  # a lone surrogate: _record says which
+            ):
                 self._piece(piece, readings, errors)
                 continue
             ts = None
@@ -509,7 +516,9 @@ class _JsonDecoder(_RecordDecoder):
 
     def _record(self, text: str) -> dict[str, Any] | None:
         try:
-            rec = json.loads(text)
+            rec = loads_json(text)
+        except NotText as exc:  # see firmware_bridges._json: refused, never altered
+            raise _Invalid("garbage", str(exc)) from None
         except json.JSONDecodeError as exc:
             raise _Invalid("garbage", f"not JSON ({exc.msg} at char {exc.pos})") from None
         except ValueError as exc:  # an integer of over 4,300 digits: Python will not convert it

@@ -39,6 +39,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ._log import RateLimitedLog
+from ._records import RECORD_ERRORS, storable
 from .errors import SluiceError
 
 __all__ = ["AlertBook", "AlertCommand", "AlertError", "AlertService", "SuppressCommand", "SuppressWindow"]
@@ -223,6 +225,8 @@ class AlertBook:
         self._exec: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self.counts = {"opened": 0, "updated": 0, "reopened": 0, "cleared": 0, "acknowledged": 0, "resolved": 0}
+        self.rejected = 0  # detector alerts no file can hold (dead-lettered by their sink)
+        self._rl = RateLimitedLog(log)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._exec is None:
@@ -340,22 +344,56 @@ class AlertBook:
     # --- detector events -----------------------------------------------------------------
 
     async def apply(
-        self, items: list[dict[str, Any]], *, cooldown: float = 0.0, auto_resolve: bool = True
+        self,
+        items: list[dict[str, Any]],
+        *,
+        cooldown: float = 0.0,
+        auto_resolve: bool = True,
+        on_rejected: Callable[[int, BaseException], None] | None = None,
     ) -> list[tuple[str, dict[str, Any]]]:
         """Take detector alerts (``pipeline, node, key, ts, value, connection, topic``) in one
-        transaction; return the lifecycle steps ``(action, alert)`` they caused."""
-        return await self._run(self._apply, items, cooldown, auto_resolve)
+        transaction; return the lifecycle steps ``(action, alert)`` they caused.
+
+        An item no file can hold (see :mod:`gateway._records`) changes nothing, is counted in
+        ``rejected`` and handed to ``on_rejected(index, error)``; the other items are taken.
+        """
+        out, rejected = await self._run(self._apply, items, cooldown, auto_resolve)
+        if rejected:
+            self.rejected += len(rejected)
+            i, exc = rejected[0]
+            self._rl.log(
+                logging.ERROR,
+                "rejected",
+                "alerts: %d alerts could not be stored (%d in all), e.g. %s: %s",
+                len(rejected),
+                self.rejected,
+                storable(items[i].get("value", {}).get("alert_key")),
+                storable(exc),
+            )
+            for i, exc in rejected:
+                if on_rejected is not None:
+                    on_rejected(i, exc)
+        return out
 
     def _apply(
         self, items: list[dict[str, Any]], cooldown: float, auto_resolve: bool
-    ) -> list[tuple[str, dict[str, Any]]]:
+    ) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[int, BaseException]]]:
         db = self._db
         assert db is not None
         out: list[tuple[str, dict[str, Any]]] = []
+        rejected: list[tuple[int, BaseException]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for it in items:
-                step = self._one(it, cooldown, auto_resolve)
+            for i, it in enumerate(items):
+                # each item in a savepoint: one that cannot be written leaves no trace, the rest go on
+                db.execute("SAVEPOINT alert_item")
+                try:
+                    step = self._one(it, cooldown, auto_resolve)
+                except RECORD_ERRORS as exc:
+                    db.execute("ROLLBACK TO alert_item")
+                    rejected.append((i, exc))
+                    step = None
+                db.execute("RELEASE alert_item")
                 if step is not None:
                     out.append(step)
             db.execute("COMMIT")
@@ -364,7 +402,7 @@ class AlertBook:
             raise
         for action, _ in out:
             self.counts[action] += 1
-        return out
+        return out, rejected
 
     def _one(self, it: dict[str, Any], cooldown: float, auto_resolve: bool) -> tuple[str, dict[str, Any]] | None:
         db = self._db
@@ -620,6 +658,7 @@ class AlertService:
         self.commands_ok = 0
         self.commands_rejected = 0
         self._opened = False
+        self._rl = RateLimitedLog(log)
         # called with (action, public alert) on every lifecycle step: the console's live /ws topic
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
@@ -651,18 +690,20 @@ class AlertService:
             await link.close()
 
     async def _cooldown_loop(self) -> None:
+        # Its boundary catches everything: this task ends only by cancellation, whatever an alert
+        # row or the outbox says (an error here would end the gateway's task group).
         while True:
             await asyncio.sleep(1.0)
             if self.cooldowns:
                 try:
                     for alert in await self.book.resolve_cooled(self.cooldowns):
                         await self.notify("resolved", alert)
-                except (sqlite3.Error, AlertError) as exc:
-                    log.error("alerts: cannot resolve cooled-down alerts: %s", exc)
+                except Exception as exc:
+                    self._rl.log(logging.ERROR, "cooled", "alerts: cannot resolve cooled-down alerts: %r", exc)
             try:
                 await self.release_due()
-            except (sqlite3.Error, AlertError) as exc:
-                log.error("alerts: cannot release suppressed alerts: %s", exc)
+            except Exception as exc:
+                self._rl.log(logging.ERROR, "release", "alerts: cannot release suppressed alerts: %r", exc)
 
     # --- suppression -----------------------------------------------------------------------
 

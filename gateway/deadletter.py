@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ._log import RateLimitedLog
+from ._records import RECORD_ERRORS, execute_each, storable
 from .events import Event
 from .redact import redact_text
 
@@ -27,8 +28,19 @@ def _excerpt(raw: Any) -> str:
     if isinstance(raw, bytes | bytearray | memoryview):
         text = bytes(raw[: _EXCERPT + 1]).decode("utf-8", "backslashreplace")
     else:
-        text = str(raw)
-    return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
+        text = storable(raw)
+    return storable(text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…")
+
+
+def _event_text(event: Event) -> str:
+    """An event as JSON for the record, or what can be said of it when it is not serialisable."""
+    try:
+        return json.dumps(event.to_dict(), default=str)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            return repr(event)
+        except RecursionError:  # a value nested too deeply even for repr
+            return f"<event {storable(event.key)!r} with a {type(event.value).__name__} value nested too deeply>"
 
 
 class DeadLetters:
@@ -52,29 +64,32 @@ class DeadLetters:
         self._wake = asyncio.Event()
 
     def record(self, pipeline: str, node: str, reason: str, event: Event | None = None, raw: Any = None) -> None:
+        """Count one rejected input and keep it; never raises, whatever the input holds.
+
+        Text goes through :func:`~gateway._records.storable`: a lone surrogate in a reason, key
+        or payload is kept as its ``\\udxxx`` escape, so the record itself can always be written.
+        """
         k = (pipeline, node)
         self.counts[k] = self.counts.get(k, 0) + 1
         reason = redact_text(reason)  # an error text may quote a URL or a header of the config
         if raw is None and event is not None:
-            try:
-                raw = json.dumps(event.to_dict(), default=str)
-            except (TypeError, ValueError):
-                raw = repr(event)
+            raw = _event_text(event)
         excerpt = _excerpt(raw)
+        reason = storable(reason)
         row = {
             "ts": time.time(),
-            "pipeline": pipeline,
-            "node": node,
+            "pipeline": storable(pipeline),
+            "node": storable(node),
             "reason": reason,
-            "key": event.key if event else None,
+            "key": storable(event.key) if event else None,
             "payload": excerpt,
         }
         self.recent.append(row)
         self._rl.warning(
             f"{pipeline}/{node}/{reason[:40]}",
             "dead letter from %s/%s: %s; input: %.120s",
-            pipeline,
-            node,
+            row["pipeline"],
+            row["node"],
             reason,
             excerpt,
         )
@@ -99,16 +114,22 @@ class DeadLetters:
         )
         return db
 
-    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+    def _write(self, rows: list[tuple[Any, ...]]) -> list[tuple[tuple[Any, ...], BaseException]]:
+        """Write rows in one transaction; return those no file could hold (the others are written)."""
         if self._db is None:
             self._db = self._open()
+        insert = "INSERT INTO dead_letters (ts, pipeline, node, reason, key, payload) VALUES (?,?,?,?,?,?)"
+        bad: list[tuple[tuple[Any, ...], BaseException]] = []
         with self._db:
-            self._db.executemany(
-                "INSERT INTO dead_letters (ts, pipeline, node, reason, key, payload) VALUES (?,?,?,?,?,?)", rows
-            )
+            try:
+                self._db.executemany(insert, rows)
+            except RECORD_ERRORS:  # record() escapes text, so this is the last resort
+                self._db.rollback()
+                bad = execute_each(self._db, insert, rows)
             self._db.execute(
                 "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?", (self.keep,)
             )
+        return bad
 
     async def flush(self) -> None:
         if self.path is None:
@@ -119,10 +140,17 @@ class DeadLetters:
         rows = list(self._pending)
         self._pending.clear()
         try:
-            await asyncio.to_thread(self._write, rows)
+            bad = await asyncio.to_thread(self._write, rows)
         except sqlite3.Error as exc:
             self.lost += len(rows)
             log.error("cannot write %d dead letters to %s: %s", len(rows), self.path, exc)
+        except Exception as exc:  # the writer's boundary: whatever the rows held, the writer goes on
+            self.lost += len(rows)
+            self._rl.log(logging.ERROR, "flush", "dead letters: %d rows not written: %r", len(rows), exc)
+        else:
+            if bad:
+                self.lost += len(bad)
+                self._rl.log(logging.ERROR, "rows", "dead letters: %d rows not written: %r", len(bad), bad[0][1])
 
     async def run(self) -> None:
         """Write buffered rows every half second until cancelled."""

@@ -29,7 +29,7 @@ from ._retry import backoff
 from .config import MqttConnection
 from .errors import LinkError
 
-__all__ = ["MqttLink", "PublishRefused", "status_topic"]
+__all__ = ["MqttLink", "PublishRefused", "status_topic", "topic_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,28 @@ class PublishRefused(LinkError):
     def __init__(self, connection: str, reason: int):
         self.reason = reason
         super().__init__(connection, f"broker refused the message (reason code 0x{reason:02x})")
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why no broker takes a PUBLISH to ``topic`` (MQTT 4.7), or ``None``.
+
+    A topic built from a reading's key can hold anything the key held; sent as it is, a broker
+    answers a wildcard or U+0000 by dropping the connection, and the outbox would send the same
+    message again after every reconnect. Such messages are refused (dead-lettered) instead.
+    """
+    if not topic:
+        return "the topic is empty"
+    if "+" in topic or "#" in topic:
+        return f"the topic {topic[:80]!r} holds a wildcard (+ or #)"
+    if "\x00" in topic:
+        return f"the topic {topic[:80]!r} holds U+0000"
+    try:
+        size = len(topic.encode())
+    except UnicodeEncodeError:
+        return f"the topic {topic[:80]!r} is not Unicode text (a lone surrogate)"
+    if size > 65535:
+        return f"the topic is {size} bytes long; MQTT allows 65,535"
+    return None
 
 
 def status_topic(gateway_id: str) -> str:
@@ -252,9 +274,14 @@ class MqttLink:
         if self.connected:
             self._client.subscribe(topic, qos=qos)
 
+    topic_problem = staticmethod(topic_problem)  # the outbox asks before it stores a message
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         if not self.connected:
             raise LinkError(self.name, "not connected")
+        why = topic_problem(topic)
+        if why is not None:  # the broker would drop the connection
+            raise ValueError(f"cannot publish: {why}")
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
     def publish_acked(self, topic: str, payload: bytes, retain: bool = False) -> asyncio.Future[None]:

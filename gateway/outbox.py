@@ -36,6 +36,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ._log import RateLimitedLog
+from ._records import storable
 from .envelope import Envelope, encode_fields
 from .errors import LinkError, SluiceError
 
@@ -437,6 +438,7 @@ class Outbox:
         self.replayed = 0
         self.refused = 0
         self.duplicates = 0  # results not queued again: the outbox had taken them before a restart
+        self.rejected = 0  # messages that could not be stored (see gateway._records)
         self.last_id = 0
         self.startup_max = 0  # rows up to this id may have been sent by an earlier process
         self._trimmed_hi = 0  # every id up to this one is gone (acknowledged or dropped)
@@ -632,12 +634,24 @@ class Outbox:
         for conn, topic, fields, okey in messages:
             if conn not in self._all:
                 raise SluiceError(f"outbox: unknown connection {conn!r}")
+            okey = okey if okey is not None else topic
+            try:
+                body = fields if isinstance(fields, bytes) else encode_fields(fields)
+                # text the file (and the broker) cannot take is refused here, one message at a
+                # time, rather than failing the whole batch in the writer
+                topic.encode()
+                okey.encode()
+                check = getattr(self._all[conn], "topic_problem", None)  # the link's own rules
+                why = check(topic) if check is not None else None
+                if why is not None:
+                    raise ValueError(why)
+            except (ValueError, RecursionError) as exc:  # a lone surrogate, a cycle, nested too deeply
+                self._reject(conn, topic, fields, exc)
+                continue
             if isinstance(fields, dict) and isinstance(rid := fields.get("result_id"), str):
                 results.append((len(rows), conn, topic, rid))
-            body = fields if isinstance(fields, bytes) else encode_fields(fields)
             if not body.startswith(b"{"):
                 raise ValueError("an outbox message must be a JSON object")
-            okey = okey if okey is not None else topic
             rows.append((conn, topic, okey, body, retain, len(body) + len(topic) + len(okey) + _ROW_OVERHEAD))
             conns.add(conn)
         if not rows:
@@ -713,6 +727,15 @@ class Outbox:
         kept = [r for i, r in enumerate(rows) if i not in skip]
         new_index = {old: new for new, old in enumerate(i for i in range(len(rows)) if i not in skip)}
         return kept, [(new_index[i], c, t, rid) for i, c, t, rid in results if i not in skip]
+
+    def _reject(self, conn: str, topic: str, fields: Any, exc: BaseException) -> None:
+        """A message that cannot be stored: counted, logged at a limited rate, dead-lettered (``on_refused``)."""
+        self.rejected += 1
+        why = f"not stored in the outbox: {storable(exc)}"
+        self._rl.log(logging.ERROR, "rejected", "outbox: message to %s %s (%d in all)", conn, why, self.rejected)
+        if self.on_refused is not None:
+            raw = fields if isinstance(fields, bytes) else storable(fields).encode()
+            self.on_refused(conn, storable(topic), raw, why)
 
     def _deleted(self, ids: list[int]) -> None:
         for i in ids:

@@ -33,6 +33,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._log import RateLimitedLog
+from ._records import RECORD_ERRORS, execute_each, storable
 from ._retry import backoff
 from .errors import SluiceError
 from .node import Duration
@@ -96,6 +98,8 @@ class StateConfig(BaseModel):
 
 
 _Row = tuple[str, str, str, "bytes | None"]  # pipeline, node, key, value (None: delete)
+_UPSERT_STATE = "INSERT OR REPLACE INTO state (pipeline, node, key, value, updated) VALUES (?,?,?,?,?)"
+_DELETE_STATE = "DELETE FROM state WHERE pipeline=? AND node=? AND key=?"
 
 
 class _Sql:
@@ -146,6 +150,8 @@ class StateStore:
         self.commits = 0
         self.rows_written = 0
         self.write_errors = 0
+        self.rejected_rows = 0  # rows dropped because no file can hold them (see gateway._records)
+        self._rl = RateLimitedLog(log)
         self.commit_seconds: deque[float] = deque(maxlen=4096)
         self._cond = threading.Condition()
         self._queue: deque[Any] = deque()
@@ -360,8 +366,13 @@ class StateStore:
             if pending or sqls:
                 try:
                     self._commit(pending, sqls)
-                except sqlite3.Error as exc:
-                    error = StoreError(self.path, f"{'disk or quota full' if _is_full(exc) else 'write failed'}: {exc}")
+                except Exception as exc:  # the writer thread's boundary: it must outlive any batch
+                    if isinstance(exc, sqlite3.Error):
+                        why = "disk or quota full" if _is_full(exc) else "write failed"
+                    else:
+                        why = f"write failed ({type(exc).__name__})"
+                        self._rl.log(logging.ERROR, "bug", "state store %s: unexpected %r in a commit", self.path, exc)
+                    error = StoreError(self.path, f"{why}: {storable(exc)}")
                     self.write_errors += 1
                     self.last_error = str(error)
                     if self.state == "ok":
@@ -379,7 +390,10 @@ class StateStore:
                     sqls = []
             last_commit = time.monotonic()
             for w in waiters:
-                w(error)
+                try:
+                    w(error)
+                except Exception:  # e.g. its event loop closed: the writer goes on for the others
+                    log.warning("state store %s: a flush waiter failed", self.path, exc_info=True)
             waiters = []
             if stop and (not (pending or sqls) or error is not None):
                 if pending:
@@ -393,16 +407,21 @@ class StateStore:
         now = time.time()
         ups = [(p, n, k, v, now) for (p, n, k), v in pending.items() if v is not None]
         dels = [(p, n, k) for (p, n, k), v in pending.items() if v is None]
+        work = [(_UPSERT_STATE, ups), (_DELETE_STATE, dels), *((q.statement, q.params) for q in sqls)]
+        bad: list[tuple[tuple[Any, ...], BaseException]] = []
         db.execute("BEGIN")
         try:
-            if ups:
-                db.executemany(
-                    "INSERT OR REPLACE INTO state (pipeline, node, key, value, updated) VALUES (?,?,?,?,?)", ups
-                )
-            if dels:
-                db.executemany("DELETE FROM state WHERE pipeline=? AND node=? AND key=?", dels)
-            for q in sqls:
-                db.executemany(q.statement, q.params)
+            try:
+                for statement, params in work:
+                    if params:
+                        db.executemany(statement, params)
+            except RECORD_ERRORS:
+                # A row no file can hold (a lone surrogate in a key, NaN in a NOT NULL column, an
+                # int beyond 64 bits): write the rest row by row and drop only the bad ones.
+                db.execute("ROLLBACK")
+                db.execute("BEGIN")
+                for statement, params in work:
+                    bad += execute_each(db, statement, params)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -410,7 +429,20 @@ class StateStore:
             raise
         self.commit_seconds.append(time.perf_counter() - t0)
         self.commits += 1
-        self.rows_written += len(pending) + sum(len(q.params) for q in sqls)
+        self.rows_written += len(pending) + sum(len(q.params) for q in sqls) - len(bad)
+        if bad:
+            self.rejected_rows += len(bad)
+            row, exc = bad[0]
+            self._rl.log(
+                logging.ERROR,
+                "rejected",
+                "state store %s: dropped %d rows no file can hold (%d in all), e.g. %s: %s",
+                self.path,
+                len(bad),
+                self.rejected_rows,
+                storable(row[:3]),
+                storable(exc),
+            )
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -593,7 +625,7 @@ class Checkpointer:
                     else:
                         new_json[k] = json.dumps(obj, separators=(",", ":")).encode()
                     new_obj[k] = obj
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 if node_id not in self._failing:
                     log.error(
                         "pipeline %s: node %s state is not plain data (%s); not saved", self.pipeline, node_id, exc
@@ -651,6 +683,19 @@ def metric_families(gw: Any) -> Iterator[Any]:
         "Damaged state files moved aside at start",
         value=store.corrupt_recoveries,
     )
+    rejected = CounterMetricFamily(
+        "sluice_store_rejected_records",
+        "Records no file can hold (e.g. a lone surrogate in text), dropped so the writer goes on",
+        labels=["store"],
+    )
+    rejected.add_metric(["state"], store.rejected_rows)
+    outbox = getattr(gw, "outbox", None)
+    if outbox is not None:
+        rejected.add_metric(["outbox"], outbox.rejected)
+    alerts = getattr(gw, "alerts", None)
+    if alerts is not None:
+        rejected.add_metric(["alerts"], alerts.book.rejected)
+    yield rejected
     history = getattr(gw, "history", None)
     if history is not None:
         yield CounterMetricFamily(

@@ -131,15 +131,23 @@ class AlertSink(Sink):
 
     async def write(self, batch: list[Event]) -> None:
         items = []
+        taken: list[Event] = []
         for ev in batch:
             try:
                 items.append(self._item(ev))
             except ValueError as exc:
                 self.fail(ev, exc)
+            else:
+                taken.append(ev)
         if not items:
             return
         o = self.options
-        steps = await self._service.book.apply(items, cooldown=o.cooldown, auto_resolve=o.auto_resolve)
+        steps = await self._service.book.apply(
+            items,
+            cooldown=o.cooldown,
+            auto_resolve=o.auto_resolve,
+            on_rejected=lambda i, exc: self.fail(taken[i], ValueError(f"alert not stored: {exc}")),
+        )
         for action, alert in steps:
             if (
                 action in ("updated", "cleared")

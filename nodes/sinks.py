@@ -100,6 +100,8 @@ class MqttOut(OutboxSink):
                 link.publish(self.destination(ev), payload, qos=0, retain=self.options.retain)
             except LinkError:
                 self.n_dropped += 1
+            except ValueError as exc:  # a topic no broker takes (a wildcard from the key): dead-lettered
+                self.fail(ev, exc)
 
 
 class WebhookOptions(NodeOptions):

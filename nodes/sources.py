@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from firmware_bridges import loads_json
 from gateway.api import (
     Duration,
     Event,
@@ -40,20 +41,6 @@ _TOPIC_INDEX = re.compile(r"^topic\[(-?\d+)\]$")
 
 
 # --- helpers shared by payload-decoding sources ---------------------------------------------
-
-_scan_once = json.JSONDecoder().scan_once  # the C scanner, without json.loads' wrapping
-
-
-def _loads(payload: bytes) -> Any:
-    """``json.loads`` for a payload, with less overhead on the well-formed common case."""
-    try:
-        s = payload.decode()
-        obj, end = _scan_once(s, 0)
-    except (StopIteration, UnicodeDecodeError):
-        return json.loads(payload)  # leading whitespace, other encodings, or the exact error
-    if end != len(s) and s[end:].strip():
-        return json.loads(payload)  # trailing data: let json say where
-    return obj
 
 
 def parse_ts(raw: Any) -> float:
@@ -86,6 +73,27 @@ def _number(v: Any) -> Any:
     if t is dict:
         return {k: (float(x) if type(x) is int else x) for k, x in v.items()}
     return v
+
+
+_MAX_DEPTH = 32
+
+
+def _value_fault(value: dict[str, Any]) -> str | None:
+    """Why an object reading is not one every store can write: a NaN/Infinity, or nesting so deep
+    that serialising it (outbox, state, dead letters) would hit the recursion limit."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            return f"the reading is nested deeper than {_MAX_DEPTH} levels"
+        for x in obj.values() if type(obj) is dict else obj:
+            t = type(x)
+            if t is float:
+                if not math.isfinite(x):
+                    return "a number in the reading is not finite (NaN or Infinity)"
+            elif t is dict or t is list:
+                stack.append((x, depth + 1))
+    return None
 
 
 # --- mqtt -----------------------------------------------------------------------------------
@@ -199,7 +207,7 @@ class MqttSource(Source):
                 value = body
                 ts = self.ctx.clock()
             else:
-                body = _loads(payload)
+                body = loads_json(payload)  # refuses lone surrogates: see firmware_bridges._json
                 vf = self._value_field
                 if vf is None:
                     value = body
@@ -221,8 +229,13 @@ class MqttSource(Source):
                 value = float(value)
             elif t is dict:
                 value = _number(value)
+                why = _value_fault(value)
+                if why is not None:
+                    raise ValueError(why)
             elif t is not float:
-                raise ValueError(f"reading {value!r} is not a number or an object")
+                raise ValueError(f"reading {value!r:.60} is not a number or an object")
+            if type(value) is float and not math.isfinite(value):
+                raise ValueError(f"reading {value!r} is not finite")  # like every codec: NaN never enters
             key = self._key(topic, body)
         except (
             ValueError,
