@@ -1,0 +1,232 @@
+"""Wide fuzz of every source's decode → store path, at the decode functions, into real stores.
+
+Hostile payloads: lone surrogates (as JSON escapes and as raw bytes), NaN/Infinity, nesting up to
+12,000 levels, integers of 5,000 digits, floats beyond any double, and random bytes. For each
+source's own decode function (mqtt, serial's codecs, http push/poll, websocket) the property is:
+decoding never raises; every event it yields can be written by every store (UTF-8 text, strict
+JSON without NaN, its key a row in SQLite); every rejection reaches a real dead-letter file; and
+the state store, the history and the dead letters never have to drop a record.
+
+The same payloads go end to end through real peers in test_decode_fuzz_e2e.py (fewer examples).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from firmware_bridges import CodecOptions, make_decoder
+from gateway.deadletter import DeadLetters
+from gateway.events import Event
+from gateway.history import History
+from gateway.node import NodeContext
+from gateway.store import StateStore
+from nodes.devices import WebSocketOptions, WebSocketSource
+from nodes.http import HttpPushOptions, HttpPushSource
+from nodes.sources import MqttSource, MqttSourceOptions
+
+# --- hostile payloads ------------------------------------------------------------------------
+
+SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+TEXT = st.text(st.one_of(st.characters(), SURROGATES), max_size=8)
+KEYS = st.one_of(TEXT, st.sampled_from(["value", "ts", "t", "k", "dev", "v"]))
+NUMBERS = st.one_of(
+    st.integers(),
+    st.integers(min_value=2**63, max_value=10**400),  # beyond SQLite's INTEGER, beyond a double
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, TEXT)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=4)),
+    max_leaves=16,
+)
+OBJECTS = st.dictionaries(KEYS, VALUES, max_size=6)
+
+
+def _dump(obj: Any, raw: bool) -> bytes:
+    """JSON text; ``raw``: non-ASCII (and surrogates) as raw UTF-8 bytes instead of \\u escapes."""
+    return json.dumps(obj, ensure_ascii=not raw).encode("utf-8", "surrogatepass")
+
+
+def _deep(depth: int, kind: str, inner: bytes) -> bytes:
+    if kind == "[":
+        return b"[" * depth + inner + b"]" * depth
+    return b'{"value":' * depth + inner + b"}" * depth
+
+
+EXTREMES = st.sampled_from(
+    [
+        b'{"value": 1' + b"0" * 5000 + b"}",  # 10**5000: Python refuses over 4,300 digits
+        b'{"value": -1' + b"0" * 400 + b"}",  # a 400-digit int: no float holds it
+        b'{"value": 1e999}',  # a float literal beyond any double: inf
+        b'{"value": -1e400, "t": 2}',
+        b'{"value": NaN}',
+        b'{"value": Infinity, "ts": NaN}',
+        b'{"value": 1, "ts": 1' + b"0" * 5000 + b"}",
+        b'{"t\\ud800": 1}',
+        b'{"value": 1, "k": "\\udfff"}',
+        b'{"\xed\xa0\x80": 1}',
+        b'{"a#b": 1, "c+d": 2, "e\\u0000f": 3, "": 4}',  # keys no MQTT topic may hold
+        b'{"value": 1, "ts": "2024-01-01T00:00:00\\ud800Z"}',
+        b"",
+        b"\n\n",
+    ]
+)
+
+PAYLOADS = st.one_of(
+    st.builds(_dump, OBJECTS, st.booleans()),
+    st.builds(_dump, VALUES, st.booleans()),
+    st.builds(_deep, st.integers(1, 12_000), st.sampled_from("[{"), st.sampled_from([b"1", b'"\\ud800"', b"NaN"])),
+    EXTREMES,
+    st.builds(lambda parts: b"\n".join(parts), st.lists(st.builds(_dump, OBJECTS, st.booleans()), max_size=4)),
+    st.binary(max_size=64),
+)
+
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+# --- stores ----------------------------------------------------------------------------------
+
+
+class Stores:
+    """Real dead-letter and state (with history) files, written synchronously after each example."""
+
+    def __init__(self, root: Path):
+        self.dead = DeadLetters(root / "deadletter.db")
+        self.state = StateStore(root / "state.db", commit_interval=0.0)
+        self.state.open()
+        self.history = History(self.state)
+
+    def ctx(self, node_id: str) -> NodeContext:
+        return NodeContext("gw", "fuzz", node_id, "", None, self.dead, clock=lambda: 1_700_000_000.0)
+
+    def take(self, node_id: str, events: list[Event]) -> None:
+        """What the stores do with decoded events: check them, then write them for real."""
+        rows = []
+        for ev in events:
+            assert type(ev.key) is str
+            ev.key.encode()  # a row key, an MQTT topic level, a log line
+            text = json.dumps(ev.to_dict(), allow_nan=False)  # the outbox, the console, strict JSON
+            text.encode()
+            rows.append(("fuzz", node_id, ev.key, text.encode()))
+            if type(ev.value) is float:
+                self.history.add(ev.key, ev.ts, ev.value)
+        self.state.write(rows)
+        self.history.flush()
+        self.state.flush_sync(timeout=30)
+        pending = list(self.dead._pending)
+        self.dead._pending.clear()
+        if pending:
+            assert self.dead._write(pending) == []  # every dead letter written
+        assert self.state.rejected_rows == 0 and self.dead.lost == 0 and self.history.dropped == 0
+
+    def close(self) -> None:
+        self.state.close_sync()
+        if self.dead._db is not None:
+            self.dead._db.close()
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[Stores]:
+    s = Stores(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def fuzz(stores: Stores, node_id: str, decode: Callable[[bytes], list[Event]], quiet_ok: bool = False) -> None:
+    """``quiet_ok``: the codec may take a line without a reading or an error (a CSV header row)."""
+
+    @FUZZ
+    @given(payload=PAYLOADS)
+    def run(payload: bytes) -> None:
+        before = stores.dead.total
+        events = decode(payload)
+        stores.take(node_id, events)
+        # nothing vanishes unseen: a payload gives readings or a dead letter (or held none: blank, [])
+        assert events or stores.dead.total > before or payload.strip() in (b"", b"[]") or quiet_ok
+
+    run()
+
+
+# --- each source's decode ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"key": "topic"},
+        {"key": "payload.k", "value_field": "v"},
+        {"value_field": None},
+        {"format": "raw"},
+    ],
+)
+def test_mqtt_decode(stores: Stores, options: dict[str, Any]) -> None:
+    opts = MqttSourceOptions(id="m", type="mqtt", connection="c", topic="in/#", **options)
+    src = MqttSource(opts, stores.ctx("m"))
+
+    def decode(payload: bytes) -> list[Event]:
+        ev = src.decode("in/x", payload)
+        return [] if ev is None else [ev]
+
+    fuzz(stores, "m", decode)
+
+
+CODECS = [
+    "json",
+    {"type": "json", "max_line": 1_048_576},
+    {"type": "json", "record": "r", "max_line": 1_048_576},
+    {"type": "json", "key_field": "k", "value_field": "value"},
+    {"type": "json", "device_field": "dev"},
+    {"type": "csv", "columns": ["t", "value", "dev"], "device_field": "dev"},
+    "csv",
+    "kv",
+]
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: json.dumps(c))
+def test_serial_codec_decode(stores: Stores, codec: Any) -> None:
+    from pydantic import TypeAdapter
+
+    opts = TypeAdapter(CodecOptions).validate_python(codec)
+
+    def decode(payload: bytes) -> list[Event]:
+        # a fresh decoder per payload, as after a reconnect; what the serial source does with each read
+        decoder = make_decoder(opts)
+        events, errors = decoder.feed_as(payload + b"\n", Event, time.time(), "s")
+        for e in errors:
+            stores.dead.record("fuzz", "s", str(e), None, e.raw)
+        return events
+
+    fuzz(stores, "s", decode, quiet_ok=opts.type == "csv")
+
+
+def test_http_push_and_poll_decode(stores: Stores) -> None:
+    # http_poll decodes its answers with the same method as the push source
+    src = HttpPushSource(HttpPushOptions(id="h", type="http", token="x" * 16), stores.ctx("h"))
+
+    def decode(payload: bytes) -> list[Event]:
+        events, reasons = src._decode("POST /ingest/h", payload)
+        for r in reasons:
+            r.encode()  # what the client is answered
+        return events
+
+    fuzz(stores, "h", decode)
+
+
+def test_websocket_decode(stores: Stores) -> None:
+    opts = WebSocketOptions(
+        id="w", type="websocket", url="ws://127.0.0.1:1/", codec={"type": "json", "max_line": 1_048_576}
+    )
+    src = WebSocketSource(opts, stores.ctx("w"))
+    fuzz(stores, "w", src.decode)
