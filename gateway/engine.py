@@ -497,7 +497,7 @@ class Pipeline:
             for i in self._timed:
                 node = self.nodes[i]
                 try:
-                    events = node.on_timer(now)  # type: ignore[union-attr]
+                    events = node.on_timer(node.ctx.monotonic())  # type: ignore[union-attr]
                 except Exception as exc:  # node boundary
                     node.fail(None, exc)
                     self._failed("timer of", node, exc, "dead-lettered", paced=True)

@@ -599,3 +599,33 @@ async def test_a_failing_timer_is_logged_with_its_traceback_and_dead_lettered(
     assert record.getMessage() == "timer of p/work failed (KeyError: 'frame'); dead-lettered"
     assert "in on_timer" in _traceback(record) and "in _parse_frame" in _traceback(record)
     assert dl.counts[("p", "work")] >= 1
+
+
+async def test_timers_run_on_each_nodes_injected_monotonic_clock(tmp_path: Path) -> None:
+    text = f"""\
+gateway: {{id: gw, data_dir: {tmp_path}}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: a, type: t_list, key: k, values: [1]}}
+      - {{id: quiet, type: stale, input: a, timeout: 1h}}
+      - {{id: out, type: t_collect, input: quiet}}
+"""
+    loaded = parse_config(text)
+    dl = DeadLetters(None)
+    now = [100.0]
+
+    def ctx(node_id: str) -> NodeContext:
+        return NodeContext("gw", "p", node_id, str(tmp_path), None, dl, monotonic=lambda: now[0])
+
+    p = Pipeline("p", loaded.nodes["p"], ctx)
+    out = node(p, "out")
+    task = asyncio.create_task(p.run())
+    try:
+        await wait_for(lambda: node(p, "quiet").n_in == 1, timeout=10)
+        now[0] += 3600  # an hour passes on the node's clock, a moment on the wall
+        await wait_for(lambda: out.events, timeout=10)
+    finally:
+        p.stop()
+        await asyncio.wait_for(task, 10)
+    assert [(e.value["state"], e.value["silent_for"]) for e in out.events] == [("raised", 3600.0)]
