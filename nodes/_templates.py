@@ -5,6 +5,8 @@ A prompt written by an admin (or with a stolen admin session) must not be able t
 gateway, so every render here is budgeted:
 
 - loop iterations and calls (macros, methods, functions) together: :data:`MAX_STEPS`;
+- the CPU time of the rendering thread: :data:`MAX_CPU_SECONDS` (checked at every step, filter
+  and operator, so a render overruns it by at most one bounded piece of work);
 - the text a render produces: :data:`MAX_OUTPUT` characters;
 - any string or list a filter, call or operator makes: :data:`MAX_VALUE` characters or items,
   judged before the work where the arguments say how big the result will be (``"x" * n``,
@@ -18,8 +20,11 @@ with what was exceeded; the caller counts it and dead-letters the event.
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from functools import wraps
 from typing import Any
 
@@ -31,6 +36,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 __all__ = [
+    "MAX_CPU_SECONDS",
     "MAX_OUTPUT",
     "MAX_STEPS",
     "MAX_TEMPLATE",
@@ -41,6 +47,7 @@ __all__ = [
 ]
 
 MAX_STEPS = 10_000
+MAX_CPU_SECONDS = 0.25
 MAX_OUTPUT = 64 * 1024
 MAX_VALUE = 100_000
 MAX_TEMPLATE = 16 * 1024
@@ -51,6 +58,15 @@ _WIDTH = re.compile(r"\d{6,}")  # a format width or precision of 100,000 or more
 
 class TemplateBudgetError(SecurityError):
     """A render went over its budget; the message says which."""
+
+
+# thread CPU time at which the current render (see :func:`render`) is over budget
+_DEADLINE: ContextVar[float] = ContextVar("template_deadline", default=math.inf)
+
+
+def _check_time() -> None:
+    if time.thread_time() > _DEADLINE.get():
+        raise TemplateBudgetError(f"the render took more than {MAX_CPU_SECONDS:g} s of CPU time")
 
 
 def _size(obj: Any, limit: int = _MAX_WORK) -> int:
@@ -98,6 +114,7 @@ def _postcheck(what: str, result: Any) -> Any:
 def _budgeted_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(func)  # keeps jinja's pass_context/pass_eval_context/pass_environment marker
     def filtered(*args: Any, **kwargs: Any) -> Any:
+        _check_time()
         plain = [a for a in args if not isinstance(a, Context | EvalContext | SandboxedEnvironment)]
         _precheck(f"filter {name}", [*plain, *kwargs.values()])
         if name == "format" and plain and isinstance(plain[0], str) and _WIDTH.search(plain[0]):
@@ -153,6 +170,7 @@ class _BudgetedEnvironment(SandboxedEnvironment):
 
     @staticmethod
     def _step(context: Context, n: int = 1) -> None:
+        _check_time()
         ev = context.eval_ctx
         steps = getattr(ev, "budget_steps", 0) + n
         if steps > MAX_STEPS:
@@ -167,6 +185,7 @@ class _BudgetedEnvironment(SandboxedEnvironment):
 
     @staticmethod
     def budget_value(value: Any) -> Any:
+        _check_time()
         return _postcheck("joining with ~", value)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
@@ -190,6 +209,7 @@ class _BudgetedEnvironment(SandboxedEnvironment):
         return _postcheck(name, super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        _check_time()
         what = f"the {operator} operator"
         if operator == "*":
             n = right if isinstance(right, int) else left if isinstance(left, int) else None
@@ -219,9 +239,10 @@ def make_environment() -> SandboxedEnvironment:
 
 
 def render(template: Any, context: dict[str, Any]) -> str:
-    """``template.render(context)``, stopped once the text passes :data:`MAX_OUTPUT` characters."""
+    """``template.render(context)`` on the whole budget, output and CPU time included."""
     out: list[str] = []
     n = 0
+    deadline = _DEADLINE.set(time.thread_time() + MAX_CPU_SECONDS)
     try:
         for chunk in template.generate(context):
             n += len(chunk)
@@ -230,4 +251,6 @@ def render(template: Any, context: dict[str, Any]) -> str:
             out.append(chunk)
     except RecursionError:  # macros calling themselves
         raise TemplateBudgetError("macro calls nested too deeply") from None
+    finally:
+        _DEADLINE.reset(deadline)
     return "".join(out)

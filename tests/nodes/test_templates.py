@@ -40,6 +40,9 @@ CTX: dict[str, Any] = {
         ("{{ '%0999999999d'|format(1) }}", "width"),
         ("{{ '{:>999999999}'.format(1) }}", "width"),
         ("{% for i in range(10) %}{{ 'x' * 9000 }}{% endfor %}", "rendered text is longer than 65,536"),
+        # within the step and size limits, but each step costs milliseconds: the CPU time stops it
+        ("{% set b = 'a ' * 49999 %}{% for i in range(9000) %}{{ b.split()|length }}{% endfor %}", "CPU time"),
+        ("{% set b = 'a' * 99999 %}{% for i in range(9000) %}{{ b|replace('a', 'b')|length }}{% endfor %}", "CPU"),
     ],
 )
 def test_hostile_templates_are_refused(template: str, message: str) -> None:
