@@ -106,23 +106,27 @@ _CEL_LEX = re.compile(
 )
 
 
-def _budget(source: str) -> tuple[str | None, int]:
-    """Why ``source`` is over the cost budget (or None), and how deep its comprehensions nest."""
+def _budget(source: str) -> tuple[str | None, int, frozenset[str]]:
+    """Why ``source`` is over the cost budget (or None), how deep its comprehensions nest, and the
+    names its comprehensions bind (``x`` in ``list.all(x, x > 0.0)``)."""
     if len(source) > MAX_EXPRESSION_LENGTH:
-        return f"expression is {len(source):,} characters long; the limit is {MAX_EXPRESSION_LENGTH:,}", 0
+        return f"expression is {len(source):,} characters long; the limit is {MAX_EXPRESSION_LENGTH:,}", 0, frozenset()
     brackets: list[bool] = []  # per open bracket: does it hold a comprehension's arguments?
     depth = deepest = 0
     last = before = ""  # the last two significant tokens
+    bound: set[str] = set()
     for m in _CEL_LEX.finditer(source):
         kind = m.lastgroup
         if kind in ("space", "comment"):
             continue
         tok = m.group()
+        if tok == "," and brackets and brackets[-1] and before == "(":
+            bound.add(last)  # `.all(x,`: the comprehension's variable
         if kind == "open":
             macro = tok == "(" and before == "." and last in _MACROS
             brackets.append(macro)
             if len(brackets) > MAX_NESTING:
-                return f"brackets nested more than {MAX_NESTING} deep", deepest
+                return f"brackets nested more than {MAX_NESTING} deep", deepest, frozenset()
             if macro:
                 depth += 1
                 deepest = max(deepest, depth)
@@ -131,11 +135,12 @@ def _budget(source: str) -> tuple[str | None, int]:
                         f"comprehensions nested {depth} deep (.{last}() inside another); at most "
                         f"{MAX_COMPREHENSION_DEPTH} may nest, as each multiplies the cost of those around it",
                         deepest,
+                        frozenset(),
                     )
         elif kind == "close" and brackets and brackets.pop():
             depth -= 1
         last, before = tok, last
-    return None, deepest
+    return None, deepest, frozenset(bound)
 
 
 def _items(obj: Any, limit: int) -> int:
@@ -276,14 +281,14 @@ class Expression:
 
     def __init__(self, source: str, variables: tuple[str, ...] = EVENT_VARIABLES):
         self.source = source
-        problem, self.depth = _budget(source)
+        problem, self.depth, bound = _budget(source)
         if problem:
             raise ExpressionError(_excerpt(source), problem)
         try:
             self._prog = cel.compile(source)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise ExpressionError(source, _first_line(exc)) from None
-        used = list(self._prog.variables())
+        used = [v for v in self._prog.variables() if v in variables or v not in bound]
         unknown = [v for v in used if v not in variables]
         if unknown:
             raise ExpressionError(source, f"unknown name {unknown[0]!r}; available: {', '.join(variables)}")
@@ -356,7 +361,8 @@ class Expression:
         else:
             samples = [_SAMPLE]
             fields = dict.fromkeys(_VALUE_FIELD.findall(self.source), 21.5)
-            nested = bool(_NESTED_FIELD.search(self.source))
+            # value.a.b, or a comprehension (over a list the samples do not have)
+            nested = bool(_NESTED_FIELD.search(self.source)) or self.depth > 0
             if fields and not nested:
                 samples.append(Event(_SAMPLE.key, _SAMPLE.ts, fields, _SAMPLE.source, _SAMPLE.meta))
         problem = None

@@ -143,3 +143,15 @@ def test_input_too_large_for_nested_comprehensions_is_refused_per_event() -> Non
     # one level deep may go through a million
     flat = Expression("value.exists(key, key == 1999.0)")
     assert flat(Event("k", 1.0, [float(i) for i in range(2000)], "s", None)) is True
+
+
+def test_comprehension_variables_are_bound_names_not_unknown_ones() -> None:
+    """`x` in `value.exists(x, x > 2.0)` was refused as an unknown name: comprehensions could not be written."""
+    assert check_expression("value.exists(x, x > 2.0)") is None
+    nested = Expression('value.items.all(i, i.tags.exists(t, t == "x"))')
+    assert nested.variables == ("value",)
+    assert nested(Event("k", 1.0, {"items": [{"tags": ["x"]}, {"tags": ["y", "x"]}]}, "s", None)) is True
+    assert nested(Event("k", 1.0, {"items": [{"tags": ["y"]}]}, "s", None)) is False
+    assert Expression("value.map(x, x * 2.0)[1]")(Event("k", 1.0, [1.0, 3.0], "s", None)) == 6.0
+    problem = check_expression("value.all(x, y > 1.0)")
+    assert problem is not None and "unknown name 'y'" in problem
