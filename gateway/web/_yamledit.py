@@ -27,6 +27,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
 
 __all__ = ["DraftError", "Splice", "apply_model", "diff", "import_pipeline", "load_model", "revision"]
 
@@ -569,7 +570,7 @@ def _splice_keys(t: _Text, m: Any, data: dict[str, Any], start: int, end: int) -
             continue
         if last != first + 1:
             return False  # a value over several lines: written again as a whole node
-        line = _key_line(k, data[k], col)
+        line = _key_line(k, _styled(m[k], data[k]), col)
         if line is None:
             return False
         tokens = m.ca.items.get(k) or []
@@ -609,7 +610,7 @@ def _splice_flow_scalars(t: _Text, m: Any, data: dict[str, Any]) -> bool:
             continue
         if not (_scalar(old) and _scalar(new)) or isinstance(old, dict | list):
             return False
-        line = _key_line(k, new, 0)
+        line = _key_line(k, _styled(old, new), 0)
         if line is None:
             return False
         text = line.rstrip("\n").split(": ", 1)[1] if ": " in line else None
@@ -659,6 +660,13 @@ def _scalar_end(line: str, col: int) -> int | None:
     while i > col and line[i - 1] == " ":
         i -= 1
     return i if i > col else None
+
+
+def _styled(old: Any, new: Any) -> Any:
+    """A new text value quoted the way the old one was (``"..."`` stays ``"..."``)."""
+    if isinstance(new, str) and isinstance(old, DoubleQuotedScalarString | SingleQuotedScalarString):
+        return type(old)(new)
+    return new
 
 
 def _key_line(key: str, value: Any, col: int) -> str | None:

@@ -443,3 +443,24 @@ async def test_export_then_import_a_pipeline(running: tuple[Gateway, Path, Brows
     assert status == 422 and "one pipeline" in r["error"]
     status, r = await c.post("/api/editor/import", {"text": "x"})
     assert status == 400
+
+
+def test_a_changed_text_keeps_its_quotes() -> None:
+    text = """\
+gateway: {id: g}
+pipelines:
+  - name: p
+    nodes:
+      - {id: s, type: simulate, sensors: [{key: a}]}
+      - {id: f, type: filter, input: s, where: "value > 1"}
+      - id: g
+        type: filter
+        input: f
+        where: 'value < 9'  # upper bound
+"""
+    known = set(node_types())
+    draft = load_model(text, known)
+    draft["pipelines"][0]["nodes"][1]["options"]["where"] = "value > 2"
+    draft["pipelines"][0]["nodes"][2]["options"]["where"] = "value < 8"
+    out = apply_model(text, draft, known).text
+    assert out == text.replace('"value > 1"', '"value > 2"').replace("'value < 9'", "'value < 8'")
