@@ -88,6 +88,29 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_flink(args: argparse.Namespace) -> int:
+    from .export_flink import ExportError, export_flink
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as err:
+        _print_issues(err)
+        return 1
+    try:
+        job = export_flink(loaded, args.pipeline)
+    except ExportError as exc:
+        print(f"sluice export flink: pipeline {args.pipeline!r} cannot be exported:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    if args.output in (None, "-"):
+        sys.stdout.write(job)
+    else:
+        Path(args.output).write_text(job)
+        print(f"{args.output}: PyFlink job for pipeline {args.pipeline!r} (run it with python {args.output})")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import main as doctor
 
@@ -185,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     from firmware_bridges.simulate_cli import add_simulate_parser
 
     add_simulate_parser(sub)
+
+    ex = sub.add_parser("export", help="translate a pipeline for another engine (flink)")
+    ex_sub = ex.add_subparsers(dest="engine", required=True, metavar="ENGINE")
+    fl = ex_sub.add_parser("flink", help="write a PyFlink job that computes what the pipeline computes")
+    fl.add_argument("config", help="YAML config file")
+    fl.add_argument("--pipeline", required=True, help="the pipeline to export")
+    fl.add_argument("-o", "--output", help="job file to write (default: standard output)")
+    fl.set_defaults(func=cmd_export_flink)
 
     doc = sub.add_parser("doctor", help="check config, connections, devices, disk, databases, clock and console")
     doc.add_argument("config", nargs="?", default="/etc/sluice/config.yaml", help="YAML config file")
