@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import Field
 
-__all__ = ["MAX_FUTURE", "IngestClock", "ingest_clock", "max_future_field"]
+__all__ = ["CHECK_INTERVAL", "FLOOR_INTERVAL", "MAX_FUTURE", "IngestClock", "ingest_clock", "max_future_field"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ only beyond 0.128 s and slews below; both clocks are slewed alike)."""
 
 FLOOR_INTERVAL = 10.0
 """Seconds between two saves of the floor; the floor read at start is the saved value plus this."""
+
+CHECK_INTERVAL = 1.0
+"""Seconds between two looks at the system clock for a step (:meth:`IngestClock.check`)."""
 
 MAX_FUTURE = 300.0
 """Seconds: how far ahead of ingest time a reading's own time may be, by default."""
@@ -80,9 +83,14 @@ class IngestClock:
             )
         self._anchor = start - mono()
         self.offset = w - start
-        """The system clock minus ingest time, as of the last reading; 0 until the system clock steps."""
+        """The system clock minus ingest time, as of the last :meth:`check`; 0 until the system clock steps."""
 
     def __call__(self) -> float:
+        # on the hot path (a stamp per reading): the system clock is looked at by check()
+        return self._mono() + self._anchor
+
+    def check(self) -> float:
+        """Compare with the system clock and log a step; the gateway calls it about once a second."""
         now = self._mono() + self._anchor
         off = self._wall() - now
         if abs(off - self.offset) > self.step_threshold:
@@ -100,7 +108,7 @@ class IngestClock:
         self.offset = off
 
     def health(self) -> dict[str, float | int]:
-        self()  # notice a step even when no reading came
+        self.check()
         return {"offset": round(self.offset, 3), "steps": self.steps}
 
     # --- the floor across restarts ----------------------------------------------------------

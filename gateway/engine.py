@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from ._log import RateLimitedLog
@@ -43,6 +44,7 @@ class _Batch:
 
 
 _STOP: Any = object()
+_event_time = attrgetter("ts")
 _TRACEBACK_EVERY = 600.0  # seconds between two tracebacks of the same node's failures
 
 
@@ -201,7 +203,7 @@ class SourceQueue:
         now = clock() + max(0.0, getattr(clock, "offset", 0.0))
         horizon = now + limit
         try:
-            if not any(ev.ts > horizon for ev in events):
+            if max(map(_event_time, events)) <= horizon:  # the common case, at C speed
                 return events
         except TypeError:  # a non-numeric time: for the nodes downstream to refuse with their reason
             pass

@@ -22,7 +22,7 @@ from typing import Any
 from . import __version__
 from ._state_tools import data_dir_lock
 from .alerts import AlertService
-from .clock import FLOOR_INTERVAL, IngestClock
+from .clock import CHECK_INTERVAL, FLOOR_INTERVAL, IngestClock
 from .config import LoadedConfig, MqttConnection
 from .deadletter import DeadLetters
 from .engine import Pipeline
@@ -447,7 +447,7 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 aux = [
                     tg.create_task(self.dead_letters.run(), name="deadletters"),
-                    tg.create_task(self._save_clock_floor(), name="clock"),
+                    tg.create_task(self._watch_clock(), name="clock"),
                 ]
                 await self.outbox.open()
                 aux.append(tg.create_task(self.outbox.run(), name="outbox"))
@@ -509,10 +509,15 @@ class Gateway:
         counts = self.alerts.book.counts
         return status_line(self.pipelines, delta, elapsed, counts["opened"] + counts["reopened"], self.outbox.count)
 
-    async def _save_clock_floor(self) -> None:
+    async def _watch_clock(self) -> None:
+        """Notice steps of the system clock (logged), and save the ingest clock's floor for the next start."""
+        saved: float | None = None
         while True:
-            await asyncio.to_thread(self.clock.save_floor, self.data_dir / "clock")
-            await asyncio.sleep(FLOOR_INTERVAL)
+            now = self.clock.check()
+            if saved is None or now - saved >= FLOOR_INTERVAL:
+                saved = now
+                await asyncio.to_thread(self.clock.save_floor, self.data_dir / "clock")
+            await asyncio.sleep(CHECK_INTERVAL)
 
     async def _drain(self, running: list[asyncio.Task[None]], limit: float) -> None:
         for p in self.pipelines.values():
