@@ -395,7 +395,17 @@ class RedisSource(MqttSource):
             done()  # all dead-lettered: acknowledge, reading them again would not make them valid
 
     def _decode_entry(self, stream: str, fields: dict[Any, Any]) -> Event | None:
-        f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        try:
+            f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        except UnicodeDecodeError as exc:
+            # refused like any text that is not Unicode (firmware_bridges._json); raised, it would
+            # restart the source onto the same pending entry, forever
+            self.n_malformed += 1
+            self.n_errors += 1
+            reason = f"entry on {stream}: garbage: a field name is not UTF-8 text (byte {exc.start})"
+            raw = json.dumps({_text(k): _text(v) for k, v in fields.items()}).encode()
+            self.ctx.dead_letters.record(self.ctx.pipeline, self.id, reason, None, raw)
+            return None
         df = self.options.data_field
         if df is not None:
             raw = f.get(df)

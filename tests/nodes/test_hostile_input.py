@@ -22,6 +22,7 @@ from aiohttp import web
 
 from firmware_bridges.simulators import PtyDevice
 from gateway.runtime import Gateway
+from tests._peers import RedisServer
 from tests._util import MosquittoBroker, free_port, mqtt_client, wait_for
 from tests.gateway._harness import node, running_gateway
 
@@ -274,3 +275,41 @@ async def test_keys_no_mqtt_topic_may_hold_do_not_stall_the_outbox(tmp_path: Pat
             reasons = [r["reason"] for r in dead_letter_rows(gw) if r["node"] == "plant"]
             assert len(reasons) == 3 and all("not stored in the outbox" in r for r in reasons), reasons
             assert any("wildcard" in r for r in reasons) and any("U+0000" in r for r in reasons)
+
+
+async def test_redis_source_refuses_what_is_not_text_and_keeps_reading(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    import redis.asyncio as aioredis
+
+    entries: list[dict[Any, Any]] = [
+        {"data": b'{"key": "t\\ud800", "value": 1}'},  # the JSON escape
+        {"data": b'{"key": "a", "value": 1, "u": "\xed\xa0\x80"}'},  # raw surrogate bytes
+        {b"\xff\xfe": b"1", "data": b'{"key": "a", "value": 1}'},  # a field name that is not UTF-8
+        {"data": b'{"key": "ok", "value": 5}'},
+    ]
+    client = aioredis.from_url(redis_server.url)
+    try:
+        for fields in entries:
+            await client.xadd("plant", fields)
+    finally:
+        await client.aclose()
+    config = f"""\
+gateway: {{id: gw1, data_dir: "{tmp_path}/data"}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: src, type: redis, url: "{redis_server.url}", stream: plant, group: g1, start: earliest}}
+      - {{id: out, type: log, input: src, level: debug}}
+console: {{enabled: false}}
+"""
+    async with running_gateway(config) as gw:
+        src = node(gw, "p", "src")
+        await wait_for(lambda: node(gw, "p", "out").n_in == 1, timeout=15)
+        await wait_for(lambda: src.health()["acked"] == len(entries), timeout=10)  # none read again
+        assert src.counters()["malformed"] == 3
+        await wait_for(lambda: len(dead_letter_rows(gw)) == 3, timeout=10)
+        reasons = [r["reason"] for r in dead_letter_rows(gw)]
+        assert sum("lone surrogate" in r for r in reasons) == 2, reasons
+        assert any("not UTF-8" in r for r in reasons), reasons
+        assert gw.pipelines["p"].source_state["src"] == "running"
