@@ -10,6 +10,7 @@ in ``.cache/artifacts/console/``.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.runtime import Gateway
-from tests._util import wait_for
+from tests._util import mqtt_client, wait_for
 
 from .conftest import PASSWORD, Browserish, base_url
 
@@ -52,11 +53,21 @@ console: {{host: 127.0.0.1, port: 0}}
 """
 
 
+WITH_BROKER = """\
+gateway: {{id: editor-browser, data_dir: "{data}"}}
+connections:
+  plant: {{type: mqtt, host: 127.0.0.1, port: {port}}}
+pipelines: []
+console: {{host: 127.0.0.1, port: 0}}
+"""
+
+
 @pytest.fixture
 async def started(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[tuple[Gateway, Path]]:
     path = tmp_path / "gateway.yaml"
     text = getattr(request, "param", TEXT)
-    path.write_text(text.format(data=tmp_path / "data"))
+    port = request.getfixturevalue("mosquitto").port if "{port}" in text else 0
+    path.write_text(text.format(data=tmp_path / "data", port=port))
     gw = Gateway(load_config(path, env={}))
     task = asyncio.create_task(gw.run(install_signals=False))
     try:
@@ -247,3 +258,51 @@ async def test_a_change_on_disk_meanwhile_is_shown_not_overwritten(
         await ctx.close()
     # the 409 answer is the conflict being reported, not a page problem
     assert [p for p in problems if "409" not in p] == []
+
+
+@pytest.mark.parametrize("started", [WITH_BROKER], indirect=True)
+async def test_alerts_to_a_real_broker_through_a_connection_select(
+    started: tuple[Gateway, Path],
+    page: Any,  # noqa: F811
+) -> None:
+    gw, path = started
+    base = base_url(gw)
+    broker = gw.loaded.config.connections["plant"]
+    await page.set_viewport_size({"width": 1366, "height": 900})
+    await login(page, base)
+    await page.goto(base + "/#/editor")
+    await expect(page.locator("#ed-status")).to_have_text("ready")
+    await page.fill("#ed-new-name", "boiler")
+    await page.click("#ed-new-pipeline")
+    await drop(page, "simulate", 30, 60)
+    await drop(page, "threshold", 260, 60)
+    await drop(page, "mqtt_out", 490, 20)
+    await drop(page, "console", 490, 200)
+    await connect(page, "simulate", "threshold")
+    await connect(page, "threshold", "mqtt_out")
+    await connect(page, "threshold", "console")
+    await node(page, "simulate").click()
+    await page.click('button[data-add="sensors"]')
+    await page.fill("#ed-field-sensors-0-key", "boiler/temp")
+    await page.press("#ed-field-sensors-0-key", "Tab")
+    await page.fill("#ed-field-sensors-0-base", "120")
+    await page.press("#ed-field-sensors-0-base", "Tab")
+    await node(page, "threshold").click()
+    await page.fill("#ed-field-above", "95")
+    await page.press("#ed-field-above", "Tab")
+    await page.fill("#ed-field-clear_below", "90")
+    await page.press("#ed-field-clear_below", "Tab")
+    await node(page, "mqtt_out").click()
+    # a required connection left empty is an error on that field
+    await expect(page.locator('.field-error[data-path="connection"]')).not_to_be_empty()
+    await page.select_option("#ed-field-connection", "plant")
+    await expect(page.locator("#ed-status")).to_have_text("valid — not deployed yet")
+    with mqtt_client(broker.host, broker.port, subscribe="sluice/editor-browser/alerts/#") as sub:
+        await page.click("#ed-deploy")
+        await page.click("#ed-confirm")
+        await expect(page.locator("#ed-status")).to_contain_text("deployed: added boiler")
+        await wait_for(lambda: sub.received(), timeout=15)
+        alert = json.loads(sub.received()[0].payload)
+        assert alert["key"] == "boiler/temp" and alert["gateway_id"] == "editor-browser"
+    await expect(page.locator("#ed-console .tab").first).to_contain_text("console (boiler)")
+    assert "connection: plant" in path.read_text()
