@@ -579,7 +579,7 @@ class _CsvDecoder(_RecordDecoder):
         if o.device_field is not None:
             super()._pieces(pieces, readings, errors)
             return
-        delimiter = o.delimiter
+        delimiter = o.delimiter.encode()
         tsf = o.ts_field
         record_key = None if o.record is None else self.prefix + o.record
         prefix = self.prefix
@@ -597,12 +597,13 @@ class _CsvDecoder(_RecordDecoder):
                 n_cols = len(cols) if cols else 0
                 ts_i = cols.index(tsf) if cols and tsf in cols else -1
                 names = [(i, c) for i, c in enumerate(cols or ()) if i != ts_i]
-            if cols is None or len(piece) > max_len or b'"' in piece or b"\r" in piece.strip():
+            # a quote, or a carriage return before the end (not a CRLF line's own), takes the csv path
+            if cols is None or len(piece) > max_len or b'"' in piece or piece.find(b"\r", 0, -1) >= 0:
                 self._piece(piece, readings, errors)
                 continue
             try:
-                vals = [float(c) for c in piece.decode().split(delimiter)]
-            except (ValueError, UnicodeDecodeError):  # a header, a label, an empty cell, garbage: said there
+                vals = [float(c) for c in piece.split(delimiter)]  # float() reads ASCII bytes
+            except ValueError:  # a header, a label, an empty cell, garbage: said there
                 self._piece(piece, readings, errors)
                 continue
             if len(vals) != n_cols:

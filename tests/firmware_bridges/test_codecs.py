@@ -717,7 +717,7 @@ def test_csv_written_by_a_csv_writer_decodes_cell_for_cell(rows: list[tuple[str,
 _CELLS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.integers(-(10**13), 10**13).map(str),
-    st.sampled_from(["", " 1.5", "2.5 ", "ERR", "t", '"3.5"', '"a,b"', "1e400", "x\ry", "1_0", "--"]),
+    st.sampled_from(["", " 1.5", "2.5 ", "ERR", "t", '"3.5"', '"a,b"', "1e400", "x\ry", "1_0", "--", "\u0661", "2\r"]),
 )
 
 
@@ -726,11 +726,14 @@ _CELLS = st.one_of(
     st.lists(st.lists(_CELLS, min_size=2, max_size=4), max_size=12),
     st.booleans(),
     st.sampled_from([None, "rec"]),
+    st.sampled_from([b"\n", b"\r\n"]),
 )
-def test_csv_batch_loop_agrees_with_the_line_path(rows: list[list[str]], header: bool, record: str | None) -> None:
+def test_csv_batch_loop_agrees_with_the_line_path(
+    rows: list[list[str]], header: bool, record: str | None, eol: bytes
+) -> None:
     """Whole reads go through a loop for plain numeric rows; it must say what the general path says."""
     opts = codec({"type": "csv", "ts_field": "ts", "record": record, **({} if header else {"columns": ["ts", "a"]})})
-    lines = ([b"ts,a,b,c"] if header else []) + [",".join(r).encode() for r in rows]
+    lines = [line + eol[:-1] for line in ([b"ts,a,b,c"] if header else []) + [",".join(r).encode() for r in rows]]
     fast = make_decoder(opts)
     r1, e1 = fast.feed(b"".join(line + b"\n" for line in lines))
     slow = make_decoder(opts)
