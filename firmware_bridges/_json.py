@@ -18,9 +18,15 @@ import json
 import re
 from typing import Any
 
+import msgspec
+
 __all__ = ["NotText", "loads_json", "text_fault"]
 
 _SCAN = json.JSONDecoder().scan_once  # the C scanner, without json.loads' wrapping
+# Strict JSON in strict UTF-8: what msgspec accepts, it decodes exactly as json.loads, and it holds
+# no lone surrogate (msgspec refuses them, escaped or not). Everything it refuses — NaN, 1e400,
+# a BOM, UTF-16/32, surrogates, an integer over 4,300 digits, malformed text — takes the paths below.
+_STRICT = msgspec.json.Decoder().decode
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -57,6 +63,10 @@ def loads_json(data: bytes | str) -> Any:
     an integer of over 4,300 digits, ``RecursionError`` when nested too deeply).
     """
     if isinstance(data, bytes):
+        try:
+            return _STRICT(data)
+        except msgspec.DecodeError:
+            pass
         try:
             s = data.decode()
             obj, end = _SCAN(s, 0)

@@ -2,8 +2,9 @@
 
 gmqtt has no public hook for what the gateway needs: seeing a PUBACK (and its MQTT 5 reason
 code), owning reconnects, freeing packet ids a clean session forgot, writing many QoS 1 publishes
-in one socket write, and pausing the socket reads (backpressure). Each is done here by one small
-function over gmqtt's private attributes; :mod:`gateway.mqtt` uses only these. A gmqtt release
+in one socket write, pausing the socket reads (backpressure), and handing a plain QoS 0 PUBLISH
+straight to ``on_message`` (gmqtt's per-packet path cost more than the pipeline). Each is done
+here by one small function over gmqtt's private attributes; :mod:`gateway.mqtt` uses only these. A gmqtt release
 outside :data:`TESTED` may have moved any of them: tests/gateway/test_gmqtt_compat.py fails on
 such a version, and :func:`check` logs a warning when the gateway runs on one.
 """
@@ -12,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import struct
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50
+from gmqtt.mqtt.package import Package
 
 __all__ = [
     "PRIVATE_ATTRIBUTES",
@@ -29,6 +33,7 @@ __all__ = [
     "connection_open",
     "free_id",
     "id_capacity",
+    "install_fast_publish",
     "install_read_gate",
     "next_id",
     "on_refused_puback",
@@ -44,10 +49,18 @@ TESTED = ("0.8.0",)
 PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "gmqtt.Client": ("_remove_message_from_queue", "_clear_resend_qos_queue", "reconnect"),
     "client": ("_package_handler", "_persistent_storage", "_connection"),
-    "package handler": ("id_generator", "_handle_puback_packet"),
+    "package handler": (
+        "id_generator",
+        "_handle_puback_packet",
+        "on_message",
+        "current_connection",
+        "_connection_state",
+        "_last_msg_in",
+        "_logger",
+    ),
     "id generator": ("free_id", "_mid_generate", "_max"),
-    "connection": ("_protocol", "publish", "is_closing", "close", "_last_data_in"),
-    "protocol": ("read", "write_data", "proto_ver", "_stream_reader"),
+    "connection": ("_protocol", "publish", "is_closing", "close", "_last_data_in", "put_package"),
+    "protocol": ("read", "write_data", "proto_ver", "_stream_reader", "_read_packet"),
 }
 """What this module touches, by object: the compatibility test checks each still exists."""
 
@@ -157,3 +170,85 @@ def install_read_gate(client: gmqtt.Client, gate: asyncio.Event, keepalive: floa
         return await read(n)
 
     proto.read = gated_read
+
+
+def _is_async(fn: Any) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn)
+
+
+def install_fast_publish(client: gmqtt.Client) -> None:
+    """Hand each plain QoS 0 PUBLISH of the client's connection straight to ``on_message``.
+
+    gmqtt takes every packet through a Package, the connection, the handler's dispatch, a debug
+    log call, struct formats built per message and a check of whether ``on_message`` is a
+    coroutine function; for a QoS 0 PUBLISH without MQTT 5 properties this does the same in
+    one loop over the read buffer. Everything else — QoS 1/2, properties (topic aliases), an
+    empty or non-UTF-8 topic, a coroutine ``on_message``, gmqtt's debug logging switched on, a
+    superseded connection — still goes through gmqtt. Call it after each connect (the protocol
+    object is new each time)."""
+    conn = client._connection
+    proto = conn._protocol
+    handler = client._package_handler
+    general = proto._read_packet
+    put = conn.put_package
+    state = handler._connection_state
+    logger = handler._logger
+    known: list[Any] = [None, True]  # the on_message last looked at, and whether it is async
+
+    def read_packet(data: bytes) -> int:
+        on_message = handler.on_message
+        if on_message is not known[0]:
+            known[0], known[1] = on_message, _is_async(on_message)
+        if known[1] or handler.current_connection is not conn or logger.isEnabledFor(logging.DEBUG):
+            return general(data)
+        mqtt5 = state.protocol_version >= MQTTv50
+        size = len(data)
+        pos = 0
+        fast = 0
+        while size - pos >= 2:
+            # the remaining length: a variable byte integer of at most 4 bytes
+            i = pos + 1
+            length = shift = 0
+            complete = False
+            while i < size:
+                b = data[i]
+                i += 1
+                length |= (b & 0x7F) << shift
+                if not b & 0x80:
+                    complete = True
+                    break
+                shift += 7
+                if shift > 21:
+                    return -1  # as gmqtt: a malformed length resets the connection
+            if not complete or i + length > size:
+                break  # the packet is not all here yet
+            cmd = data[pos]
+            end = i + length
+            if cmd & 0xF6 == 0x30 and length >= 2:  # PUBLISH, QoS 0 (dup and retain may be set)
+                t_end = i + 2 + ((data[i] << 8) | data[i + 1])
+                body = t_end + 1 if mqtt5 else t_end
+                if t_end > i + 2 and body <= end and (not mqtt5 or data[t_end] == 0):
+                    try:
+                        topic = data[i + 2 : t_end].decode()
+                    except UnicodeDecodeError:
+                        topic = None
+                    if topic is not None:
+                        props: dict[str, Any] = defaultdict(list) if mqtt5 else {}
+                        props["dup"] = (cmd & 0x08) >> 3
+                        props["retain"] = cmd & 0x01
+                        try:
+                            on_message(topic, data[body:end], 0, props)
+                        except Exception:
+                            logger.exception("[MqttPackageHandler] error handling package")
+                        fast += 1
+                        pos = end
+                        continue
+            put(Package(cmd, data[i:end]))
+            pos = end
+        if fast:
+            conn._last_data_in = handler._last_msg_in = time.monotonic()
+        return pos
+
+    proto._read_packet = read_packet

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
+
 from .events import Event
 
 __all__ = ["Envelope", "encode_fields", "event_fields"]
@@ -31,9 +33,19 @@ def event_fields(pipeline: str, ev: Event) -> dict[str, Any]:
     return fields
 
 
+_encode = msgspec.json.Encoder(enc_hook=str).encode
+
+
 def encode_fields(fields: dict[str, Any]) -> bytes:
-    """A message's own fields as compact JSON (values JSON cannot hold become strings)."""
-    return json.dumps(fields, separators=(",", ":"), default=str).encode()
+    """A message's own fields as compact JSON, UTF-8 (values JSON cannot hold become strings;
+    NaN and infinities become ``null``, which strict JSON parsers accept and ``NaN`` is not).
+
+    msgspec encodes a typical alert about ten times faster than ``json.dumps``; text it cannot
+    encode (a lone surrogate) goes to ``json.dumps``, which escapes it."""
+    try:
+        return _encode(fields)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        return json.dumps(fields, separators=(",", ":"), default=str).encode()
 
 
 class Envelope:

@@ -361,6 +361,7 @@ class MqttLink:
 
     def _install_gate(self) -> None:
         compat.install_read_gate(self._client, self._gate, self.conn.keepalive)
+        compat.install_fast_publish(self._client)
 
 
 def _tls_context(conn: MqttConnection) -> ssl.SSLContext:

@@ -1,0 +1,85 @@
+"""QoS 0 PUBLISH packets reach ``on_message`` straight from the read buffer (gateway._gmqtt_compat's
+fast path), exactly as gmqtt's own path delivers them; whatever the fast path does not take
+(MQTT 5 properties, QoS 1) still arrives through gmqtt. Against a real Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.config import MqttConnection
+from gateway.mqtt import MqttLink
+from tests._util import MosquittoBroker, mqtt_client, wait_for
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+async def test_plain_qos0_publishes_skip_gmqtts_handler_and_arrive_intact(
+    mosquitto: MosquittoBroker, version: str
+) -> None:
+    got: list[tuple[str, bytes, int, Any]] = []
+
+    def on_message(client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
+        got.append((topic, payload, qos, props))
+        return 0
+
+    conn = MqttConnection(type="mqtt", host=mosquitto.host, port=mosquitto.port, version=version)
+    link = MqttLink("in", conn, f"fast-{version}", on_message=on_message)
+    link.subscribe("fast/#", 0)
+    task = asyncio.create_task(link.run())
+    try:
+        await wait_for(lambda: link.connected, timeout=10)
+        handler = link._client._package_handler
+        general = handler._handle_publish_packet
+        through_gmqtt = []
+
+        def counted(cmd: int, packet: bytes) -> None:
+            through_gmqtt.append(cmd)
+            general(cmd, packet)
+
+        handler._handle_publish_packet = counted
+        handler._handler_cache.clear()
+        protocol = paho.MQTTv5 if version == "5" else paho.MQTTv311
+        with mqtt_client(mosquitto, protocol=protocol) as pub:
+
+            def subscribed() -> bool:
+                if got:
+                    return True
+                pub.publish("fast/probe", b"p", qos=0)
+                return False
+
+            await wait_for(subscribed, timeout=10, interval=0.1)
+            got.clear()
+            through_gmqtt.clear()
+            # Sizes that straddle the 64 KiB reads, and a multi-byte remaining length.
+            sent = [(f"fast/k{i % 7}/é", bytes([i % 251]) * (i * 37 % 3000)) for i in range(600)]
+            for topic, payload in sent:
+                pub.publish(topic, payload, qos=0)
+            await wait_for(lambda: len(got) >= len(sent), timeout=20)
+            assert [(t, p) for t, p, _, _ in got] == sent
+            assert all(q == 0 and props["retain"] == 0 and props["dup"] == 0 for _, _, q, props in got)
+            assert through_gmqtt == []  # all of them took the fast path
+
+            got.clear()
+            pub.publish("fast/retained", b"kept", qos=0, retain=True)
+            pub.publish("fast/qos1", b"one", qos=1)
+            if version == "5":
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = ("site", "north")
+                pub.paho.publish("fast/props", b"with", qos=0, properties=props)
+            want = 3 if version == "5" else 2
+            await wait_for(lambda: len(got) >= want, timeout=10)
+            by_topic = {t: (p, q, props) for t, p, q, props in got}
+            assert by_topic["fast/retained"][0] == b"kept"
+            assert by_topic["fast/qos1"][0] == b"one"
+            if version == "5":
+                assert by_topic["fast/props"][2]["user_property"] == [("site", "north")]
+                assert len(through_gmqtt) == 1  # the one with properties
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await link.close()
