@@ -51,8 +51,26 @@ class _Detector(Operator):
         return self.options.name or key
 
     def _alert(
-        self, key: str, ts: float, state: str, reading: Any, rule: str, meta: dict[str, Any] | None = None, **extra: Any
+        self,
+        key: str,
+        ts: float,
+        state: str,
+        reading: Any,
+        rule: str,
+        meta: dict[str, Any] | None = None,
+        *,
+        stable: bool = True,
+        **extra: Any,
     ) -> Event:
+        # The transition's own result id (a restart that replays the reading makes the same one),
+        # never the id of the result it was computed from (a window's), which would make the
+        # outbox take the alert for that result again; ``stable=False`` for a transition made
+        # by a timer, which a restart does not repeat at the same time.
+        meta = dict(meta) if meta else {}
+        if stable:
+            meta["result_id"] = f"{self.ctx.pipeline}/{self.id}/{key}/{ts!r}/{state}"
+        else:
+            meta.pop("result_id", None)
         value = {
             "state": state,
             "alert_key": f"{self.ctx.pipeline}/{self.id}/{key}",
@@ -61,7 +79,7 @@ class _Detector(Operator):
             "rule": rule,
         }
         value.update(extra)
-        return Event(key, ts, value, self.id, meta)
+        return Event(key, ts, value, self.id, meta or None)
 
 
 # --- threshold -----------------------------------------------------------------------------
@@ -457,6 +475,7 @@ class Stale(_Detector):
                         "raised",
                         self._last_value.get(key),
                         self._rule(key),
+                        stable=False,
                         silent_for=round(now - seen, 3),
                     )
                 )

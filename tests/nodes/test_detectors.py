@@ -49,6 +49,14 @@ def test_threshold_hysteresis_and_shape() -> None:
     }
 
 
+def test_an_alert_has_its_own_result_id_not_the_windows() -> None:
+    det = make({"type": "threshold", "above": 90, "clear_below": 85})
+    window_meta = {"window_start": 0.0, "window_end": 10.0, "result_id": "p/w/k/0.0/10.0"}
+    out = det.process_batch([Event("k", 10.0, 95.0, "w", dict(window_meta)), Event("k", 20.0, 80.0, "w", None)])
+    assert [e.meta["result_id"] for e in out] == ["p/det/k/10.0/raised", "p/det/k/20.0/cleared"]
+    assert out[0].meta["window_start"] == 0.0  # the rest of the input's meta goes along
+
+
 def test_threshold_min_duration() -> None:
     det = make({"type": "threshold", "above": 90, "min_duration": "10s"})
     # a 5 s spike raises nothing; a crossing held for 10 s raises once, at the reading that completes it
