@@ -18,7 +18,10 @@ import json
 import re
 from typing import Any
 
-import msgspec
+try:
+    import msgspec
+except ImportError:  # an environment installed before msgspec was a dependency: json alone
+    msgspec = None  # type: ignore[assignment]
 
 __all__ = ["NotText", "loads_json", "text_fault"]
 
@@ -26,7 +29,7 @@ _SCAN = json.JSONDecoder().scan_once  # the C scanner, without json.loads' wrapp
 # Strict JSON in strict UTF-8: what msgspec accepts, it decodes exactly as json.loads, and it holds
 # no lone surrogate (msgspec refuses them, escaped or not). Everything it refuses — NaN, 1e400,
 # a BOM, UTF-16/32, surrogates, an integer over 4,300 digits, malformed text — takes the paths below.
-_STRICT = msgspec.json.Decoder().decode
+_STRICT = msgspec.json.Decoder().decode if msgspec is not None else None
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -63,10 +66,11 @@ def loads_json(data: bytes | str) -> Any:
     an integer of over 4,300 digits, ``RecursionError`` when nested too deeply).
     """
     if isinstance(data, bytes):
-        try:
-            return _STRICT(data)
-        except msgspec.DecodeError:
-            pass
+        if _STRICT is not None:
+            try:
+                return _STRICT(data)
+            except msgspec.DecodeError:
+                pass
         try:
             s = data.decode()
             obj, end = _SCAN(s, 0)

@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import msgspec
+try:
+    import msgspec
+except ImportError:  # an environment installed before msgspec was a dependency: json alone
+    msgspec = None  # type: ignore[assignment]
 
 from .events import Event
 
@@ -33,7 +36,7 @@ def event_fields(pipeline: str, ev: Event) -> dict[str, Any]:
     return fields
 
 
-_encode = msgspec.json.Encoder(enc_hook=str).encode
+_encode = msgspec.json.Encoder(enc_hook=str).encode if msgspec is not None else None
 
 
 def encode_fields(fields: dict[str, Any]) -> bytes:
@@ -42,10 +45,12 @@ def encode_fields(fields: dict[str, Any]) -> bytes:
 
     msgspec encodes a typical alert about ten times faster than ``json.dumps``; text it cannot
     encode (a lone surrogate) goes to ``json.dumps``, which escapes it."""
-    try:
-        return _encode(fields)
-    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
-        return json.dumps(fields, separators=(",", ":"), default=str).encode()
+    if _encode is not None:
+        try:
+            return _encode(fields)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+            pass
+    return json.dumps(fields, separators=(",", ":"), default=str).encode()
 
 
 class Envelope:
