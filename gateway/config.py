@@ -408,9 +408,8 @@ def parse_config(
     ``model_paths`` (given for text from the console) are the only files and directories a local
     model file may be (in); a path elsewhere is refused without looking at it.
     """
-    loader = _Loader(text)  # one per parse: it keeps every object it constructs
-    r = _Reader(file, None if not substitute else dict(os.environ) if env is None else env, loader)
     try:
+        loader = _Loader(text)  # one per parse: it keeps every object it constructs
         root = loader.get_single_node()
     except _AliasError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else 1
@@ -423,6 +422,7 @@ def parse_config(
         raise ConfigError([ConfigIssue(file, 1, "", f"YAML: {exc}")]) from None
     if root is None:
         raise ConfigError([ConfigIssue(file, 1, "", "config is empty; it needs at least a 'gateway' section")])
+    r = _Reader(file, None if not substitute else dict(os.environ) if env is None else env, loader)
     data = r.build(root, ())
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue(file, 1, "", "config must be a mapping of sections")])

@@ -444,3 +444,12 @@ pipelines:
         assert status == 200 and data["valid"] is False
         answers.append([e["message"] for e in data["errors"]])
     assert answers[0] == answers[1], answers
+
+
+@pytest.mark.parametrize("text", ["\x1a", "gateway: {id: a}\n\x00", "\ufffe"])
+async def test_config_text_yaml_cannot_read_is_a_config_error(gw: Gateway, admin: Browserish, text: str) -> None:
+    """YAML's reader refuses control characters before parsing: an answer at line 1, not a 500."""
+    for path in ("/api/config/validate", "/api/config/save"):
+        status, data = await admin.post(path, {"text": text})
+        assert status == 200 and data["valid"] is False, (path, status, data)
+        assert data["errors"][0]["line"] >= 1 and "YAML" in data["errors"][0]["message"]
