@@ -87,6 +87,21 @@ async def test_json_lines_end_to_end(tmp_path: Path) -> None:
             assert evs[0].ts == 1700000000.0 and evs[2].ts > 1700000000.0  # device time, else ingest time
 
 
+async def test_csv_with_a_quoted_delimiter_end_to_end(tmp_path: Path) -> None:
+    """Cells were split on every comma: a quoted site name broke its row, which was dead-lettered."""
+    codec = "{type: csv, device_field: site}"
+    with PtyDevice() as dev:
+        async with running_gateway(config(tmp_path, dev.path, codec)) as gw:
+            src = node(gw, "field", "dev")
+            await wait_for(lambda: src.health()["state"] == "up")
+            await dev.send(b'site,temp\r\n"kiln, north",812.5\r\nyard,12.0\r\n"open,99\r\n')
+            await wait_for(lambda: len(values(gw)) == 2 and src.counters()["malformed"] == 1)
+            assert [(e.key, e.value) for e in node(gw, "field", "out").events] == [
+                ("kiln, north.temp", 812.5),
+                ("yard.temp", 12.0),
+            ]
+
+
 @pytest.mark.parametrize(
     "codec",
     [
