@@ -294,6 +294,10 @@ class _Reader:
             problem = getattr(exc, "problem", None) or str(exc)
             self.issue(line, path, f"YAML: {problem}; quote the value if it is text")
             return None
+        except (ValueError, OverflowError) as exc:  # an integer of over 4,300 digits, a date like 2001-13-45
+            problem = str(exc).split(";")[0]
+            self.issue(line, path, f"YAML: {problem}; quote the value if it is text")
+            return None
         if isinstance(value, str) and "$" in value:
             value = self.substitute(value, line, path)
         return value

@@ -20,3 +20,20 @@ def test_unconstructible_yaml_is_a_config_error(text: str, expected: str) -> Non
     with pytest.raises(ConfigError) as err:
         parse_config(text, "f.yaml")
     assert any(str(i).startswith(expected) for i in err.value.issues), [str(i) for i in err.value.issues]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "1" * 5000,
+            "f.yaml:1: gateway.queue_size: YAML: Exceeds the limit (4300 digits) for integer string conversion",
+        ),
+        ("2001-13-45", "f.yaml:1: gateway.queue_size: YAML: month must be in 1..12; quote the value if it is text"),
+    ],
+)
+def test_scalars_python_cannot_convert_are_config_errors(value: str, expected: str) -> None:
+    """These raised ValueError out of the loader: a traceback from `sluice validate`, a 500 in the console."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(f"gateway: {{id: g, queue_size: {value}}}\n", "f.yaml")
+    assert any(str(i).startswith(expected) for i in err.value.issues), [str(i) for i in err.value.issues]
