@@ -197,7 +197,7 @@ async def test_viewer_sees_the_canvas_read_only(started: tuple[Gateway, Path], p
     base = base_url(gw)
     await page.set_viewport_size({"width": 1366, "height": 900})
     await login(page, base, "viewer1")
-    await page.goto(base + "/#/editor")
+    await page.click('#nav a[data-view="editor"]')  # the Pipelines page is the editor's view mode
     await expect(page.locator("#ed-status")).to_have_text("view only")
     await expect(page.locator(".ed")).to_have_class(re.compile("ed-view"))
     await expect(page.locator("#ed-deploy")).to_be_hidden()
@@ -206,6 +206,9 @@ async def test_viewer_sees_the_canvas_read_only(started: tuple[Gateway, Path], p
     await node(page, "push").click()
     await expect(page.locator("#ed-field-token")).to_be_disabled()
     await expect(page.locator("#ed-field-token")).to_have_value("***")
+    await node(page, "sensors").click()
+    await expect(page.locator("#ed-live")).to_contain_text(re.compile(r"running: in \d+ · out \d+"))
+    await expect(page.locator("#ed-live")).to_contain_text("health: state running")
     assert "s3cret" not in await page.content()
     await shot(page, "editor-viewer")
 

@@ -21,7 +21,7 @@ function loadDrawflow() {
   return loading;
 }
 
-const GAP_X = 230, GAP_Y = 110, HISTORY = 200, UNDO_MAX = 200;
+const GAP_X = 260, GAP_Y = 110, HISTORY = 200, UNDO_MAX = 200;
 
 // --- JSON Schema helpers -------------------------------------------------------------------
 
@@ -90,7 +90,9 @@ export function start(el, ctx) {
     current: null, errors: [], undo: [], redo: [], selected: null, clipboard: null,
     dfToId: new Map(), idToDf: new Map(), building: false, df: null, lastDiff: "",
     rates: new Map(), console: new Map(), consoleTab: null, paused: false, pretty: true, stopped: false,
+    live: new Map(),
   };
+  if (ctx.args && ctx.args[0]) st.current = ctx.args[0];
   const status = h("span", { id: "ed-status", class: "muted", role: "status" }, "loading…");
   const pipeSel = h("select", { id: "ed-pipeline", "aria-label": "pipeline" });
   const newName = h("input", { id: "ed-new-name", placeholder: "new pipeline name", "aria-label": "new pipeline name", size: 16 });
@@ -462,6 +464,7 @@ export function start(el, ctx) {
     form.append(h("h2", {}, n.id), h("p", { class: "muted" }, `${n.type}${t ? " — " + t.description : ""}`));
     if (n.readonly) form.append(h("p", { class: "warn" }, `Read-only here: ${n.readonly}. Change it in the YAML text.`));
     form.append(h("div", { class: "field-error", "data-path": "" }));
+    form.append(h("div", { id: "ed-live", class: "ed-live" }));
     const idInput = h("input", { id: "ed-field-id", name: "id", value: n.id, disabled: ro, required: true });
     idInput.addEventListener("change", () => renameNode(n, idInput.value.trim()));
     form.append(h("label", { class: "field", "data-path": "id" }, h("span", { class: "fname" }, "id", h("span", { class: "req", title: "required" }, " *")), idInput,
@@ -481,7 +484,24 @@ export function start(el, ctx) {
       }
     }
     side.replaceChildren(form);
+    drawLive();
     showErrors();
+  }
+
+  function drawLive() {
+    // the running node's counters, queue and health, refreshed with every stats message
+    const box = side.querySelector("#ed-live");
+    const d = box && st.live.get(st.selected);
+    if (!box) return;
+    if (!d) { box.replaceChildren(); return; }
+    const c = d.counters || {};
+    const parts = Object.entries(c).map(([k, v]) => `${k} ${v}`);
+    if (d.queue) parts.push(`queue ${d.queue.depth}/${d.queue.capacity}`);
+    if (d.state) parts.push(`state ${d.state}`);
+    const health = d.health && Object.keys(d.health).length
+      ? "health: " + Object.entries(d.health).map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ")
+      : null;
+    box.replaceChildren(h("small", { class: "muted" }, "running: " + parts.join(" · ")), health ? h("small", { class: "help" }, health) : null);
   }
 
   function renameNode(n, id) {
@@ -791,6 +811,8 @@ export function start(el, ctx) {
 
   function onStats(msg) {
     const p = (msg.detail || []).find((d) => d.name === st.current);
+    st.live = new Map(p ? p.nodes.map((n) => [n.id, n]) : []);
+    drawLive();
     if (!p) return;
     const now = msg.ts || Date.now() / 1000;
     for (const n of p.nodes) {

@@ -35,7 +35,7 @@ function render(el, d) {
     h("div", { class: "scroll" }, h("table", { id: "pipelines" },
       h("tr", {}, ["Pipeline", "Health", "Nodes", "In", "Out", "Errors", "Queued", "Dead letters"].map((t) => h("th", {}, t))),
       d.pipelines.map((p) => h("tr", { "data-pipeline": p.name },
-        h("td", {}, h("a", { href: `#/graph/${encodeURIComponent(p.name)}` }, p.name)),
+        h("td", {}, h("a", { href: `#/editor/${encodeURIComponent(p.name)}` }, p.name)),
         h("td", { class: p.health === "ok" ? "ok" : "bad" }, p.health),
         h("td", {}, String(p.nodes)),
         h("td", { class: "num events-in" }, String(p.events_in)),
