@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from functools import wraps
+from types import CodeType
 from typing import Any
 
 from jinja2 import StrictUndefined, nodes
@@ -159,12 +160,27 @@ class _BudgetedEnvironment(SandboxedEnvironment):
             raise TemplateSyntaxError(
                 f"the template is {len(source):,} characters long; the limit is {MAX_TEMPLATE:,}", 1, name, filename
             )
-        tree = super()._parse(source, name, filename)
         try:
-            return _Budgeter().visit(tree)  # type: ignore[no-any-return]
+            return _Budgeter().visit(super()._parse(source, name, filename))  # type: ignore[no-any-return]
         except TemplateSyntaxError as exc:
             exc.name, exc.filename = name, filename
             raise
+        except RecursionError:  # ((((…)))) thousands deep: the parser recurses per level
+            raise TemplateSyntaxError("the template is nested too deeply", 1, name, filename) from None
+
+    def _generate(
+        self, source: nodes.Template, name: str | None, filename: str | None, defer_init: bool = False
+    ) -> str:
+        try:
+            return super()._generate(source, name, filename, defer_init)
+        except RecursionError:
+            raise TemplateSyntaxError("the template is nested too deeply", 1, name, filename) from None
+
+    def _compile(self, source: str, filename: str) -> CodeType:
+        try:
+            return super()._compile(source, filename)
+        except (SyntaxError, RecursionError, MemoryError):  # e.g. "too many levels of indentation"
+            raise TemplateSyntaxError("the template is nested too deeply", 1, None, filename) from None
 
     # --- the budget of one render, kept on its evaluation context ---
 

@@ -117,7 +117,7 @@ class LlmOptions(NodeOptions):
     def _template(cls, v: str | None) -> str | None:
         if v is not None:
             try:
-                _ENV.parse(v)
+                _ENV.from_string(v)  # parsed and compiled: nesting too deep for Python is caught here
             except TemplateError as exc:
                 raise ValueError(f"template does not compile: {exc}") from None
         return v

@@ -332,6 +332,9 @@ async def test_a_template_over_its_render_budget_is_refused_and_counted(
     [
         ("{% for a in [1] recursive %}{{ loop([a]) }}{% endfor %}", "recursive loops are not allowed"),
         ("{{ key }}" * 2000, "the template is 18,000 characters long; the limit is 16,384"),
+        # deeper than Jinja's parser or Python's compiler can go: was a RecursionError, a 500
+        ("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}", "the template is nested too deeply"),
+        ("{% if 1 %}" * 150 + "{% endif %}" * 150, "the template is nested too deeply"),
     ],
 )
 def test_templates_the_budget_cannot_bound_are_refused_at_validation(
