@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import math
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,10 @@ __all__ = ["data_dir_lock", "reset_watermark"]
 def data_dir_lock(data_dir: Path, *, exclusive: bool) -> Iterator[IO[str]]:
     """Hold ``<data_dir>/lock``: shared for a running gateway, exclusive for an offline tool."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "lock", "a") as f:
+    # read-only: flock needs no write access, so a lock file that root created (a repair run as
+    # root) does not keep the service user's gateway from starting
+    fd = os.open(data_dir / "lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    with os.fdopen(fd) as f:
         try:
             fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
