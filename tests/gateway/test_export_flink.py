@@ -273,6 +273,7 @@ def same(a: Any, b: Any) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first one may create the PyFlink virtualenv (pip install, a few minutes)
 @pytest.mark.parametrize("case", sorted(CASES))
 async def test_exported_job_computes_what_the_gateway_computes(
     case: str, tmp_path: Path, tansu: Any, flink_python: Path
