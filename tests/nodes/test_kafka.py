@@ -12,12 +12,14 @@ import ssl
 import sys
 from pathlib import Path
 from subprocess import DEVNULL
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
+from gateway.events import Event
+from gateway.node import NodeOptions, Sink, register
 from nodes.kafka import KafkaOutOptions, client_kwargs
 from tests._peers import KafkaCollector, TansuBroker
 from tests._util import MosquittoBroker, free_port, mqtt_client, wait_for
@@ -246,3 +248,59 @@ def test_tls_and_sasl_options_reach_the_client(tmp_path: Path) -> None:
     assert ctx.get_ca_certs()[0]["subject"] == ((("commonName", "kafka-ca"),),)
     with pytest.raises(ValidationError, match="needs `username` and `password`"):
         KafkaOutOptions(**base, sasl_mechanism="PLAIN", username="u")
+
+
+# --- backpressure ---------------------------------------------------------------------------------
+
+
+class GateOptions(NodeOptions):
+    type: Literal["t_kafka_gate"]
+
+
+GATE = {"open": None}  # an asyncio.Event per test, set by the test
+
+
+@register
+class Gate(Sink):
+    """A test sink that holds every write until the test opens it (a device that stopped answering)."""
+
+    Options = GateOptions
+
+    def __init__(self, options: GateOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self.seen: list[float] = []
+
+    async def write(self, batch: list[Event]) -> None:
+        await GATE["open"].wait()
+        self.seen.extend(ev.value for ev in batch)
+
+
+async def test_kafka_source_pauses_under_backpressure_and_commits_after_the_sink(
+    tmp_path: Path, tansu: TansuBroker
+) -> None:
+    n = 300
+    await produce(tansu.bootstrap, "slow", [(f"k{i % 4}", {"value": i}) for i in range(n)])
+    GATE["open"] = asyncio.Event()
+    text = f"""\
+gateway: {{id: gw3, data_dir: "{tmp_path}/data", queue_size: 10, sink_queue_size: 10}}
+pipelines:
+  - name: c
+    nodes:
+      - {{id: src, type: kafka, bootstrap_servers: "{tansu.bootstrap}", topic: slow, group: g-slow, batch: 5,
+          session_timeout: 6s}}
+      - {{id: gate, type: t_kafka_gate, input: src}}
+console: {{enabled: false}}
+"""
+    async with running_gateway(text) as gw:
+        src, gate = node(gw, "c", "src"), node(gw, "c", "gate")
+        await wait_for(lambda: src.health()["paused"] and src.counters()["pauses"] >= 1, timeout=30)
+        assert src.counters()["in"] < n  # the rest waits in Kafka, not in memory
+        assert src.health()["commits"] == 0  # nothing written, nothing committed
+        GATE["open"].set()
+        await wait_for(lambda: len(gate.seen) == n, timeout=30)
+        await wait_for(lambda: not src.health()["pending_batches"] and src.health()["commits"] >= 1, timeout=10)
+        assert sorted(gate.seen) == [float(i) for i in range(n)]
+        consumer = src._consumer
+        await wait_for(lambda: src._ready == {}, timeout=10)
+        committed = {tp: await consumer.committed(tp) for tp in consumer.assignment()}
+    assert sum(v or 0 for v in committed.values()) == n, committed  # a partition without records has none
