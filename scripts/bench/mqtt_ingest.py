@@ -469,6 +469,8 @@ class Result:
     us_per_msg: float | None = None
     peak_rss_mib: float | None = None
     idle_rss_mib: float | None = None
+    rss_runs: list[float] = field(default_factory=list)  # VmRSS after each run (--runs), MiB
+    slope_mib_per_run: float | None = None
     alerts: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -727,7 +729,7 @@ if (typeof v === 'number' && v > %(vmin)s && v < %(vmax)s) {
         out = {topic: '%(alerts)s', payload: {key: key, ts: p.ts, value: f, state: 'clear'}};
     }
 }
-if (s.n === %(n)d) {
+if (s.n %% %(n)d === 0) {
     s.last = Date.now() / 1000;
     if (out !== null) node.send(out);
     out = {topic: '%(done)s', payload: {count: s.n, first: s.first, last: s.last}};
@@ -927,19 +929,28 @@ class NodeRedSubject(Subject):
         assert self.monitor is not None
         return self.monitor.ready.is_set()
 
+    _base = 0  # the function's count before this run (--runs)
+
+    def baseline(self) -> None:
+        assert self.monitor is not None
+        status, data = http_get_json(f"http://127.0.0.1:{self.ui_port}/bench/count")
+        self._base = int(data.get("count", 0)) if status == 200 and isinstance(data, dict) else 0
+        self.monitor.done = None
+        self.monitor.done_event.clear()
+
     def progress(self) -> int | None:
         assert self.monitor is not None
         if self.monitor.done_event.is_set() and self.monitor.done:
-            return int(self.monitor.done["count"])
+            return int(self.monitor.done["count"]) - self._base
         status, data = http_get_json(f"http://127.0.0.1:{self.ui_port}/bench/count")
         if status != 200 or not isinstance(data, dict):
             return None
-        return int(data.get("count", 0))
+        return int(data.get("count", 0)) - self._base
 
     def final(self) -> tuple[int, float] | None:
         assert self.monitor is not None
         if self.monitor.done:
-            return int(self.monitor.done["count"]), float(self.monitor.done["last"])
+            return int(self.monitor.done["count"]) - self._base, float(self.monitor.done["last"])
         return None
 
 
@@ -1110,6 +1121,8 @@ def measure(subject: Subject, args: argparse.Namespace, cores: tuple[int | None,
         check = subject.chain_check()
         if check:
             res.notes.append(check)
+        if args.runs > 1 and subject.counts_live:
+            more_runs(subject, args, cores, broker.port, pid, res)
     except Exception as e:
         res.error = str(e)
     finally:
@@ -1120,6 +1133,43 @@ def measure(subject: Subject, args: argparse.Namespace, cores: tuple[int | None,
             monitor.close()
         broker.stop()
     return res
+
+
+def more_runs(
+    subject: Subject, args: argparse.Namespace, cores: tuple[int | None, int | None], port: int, pid: int, res: Result
+) -> None:
+    """Runs 2..N against the same subject process, each continuing the event time of the one
+    before: its RSS after each run, and the slope (least squares, MiB per run)."""
+    rss = proc_status_kib(pid, "VmRSS")
+    res.rss_runs = [rss / 1024 if rss else 0.0]
+    span = (args.n + args.keys - 1) // args.keys * READING_DT
+    for r in range(1, args.runs):
+        subject.baseline()
+        again = argparse.Namespace(**{**vars(args), "base": args.base + r * span})
+        pub = run_publisher(port, again, cores[0])
+        deadline = time.monotonic() + DEADLINE_BASE_S + args.n / DEADLINE_MIN_RATE
+        last, last_growth = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+            count = subject.progress()
+            if count is not None and count >= args.n:
+                break
+            if count != last:
+                last, last_growth = count if count is not None else last, time.monotonic()
+            elif pub.poll() is not None and time.monotonic() - last_growth > IDLE_TIMEOUT:
+                res.notes.append(f"run {r + 1}: count stayed at {last:,}")
+                break
+        pub.communicate(timeout=120)
+        time.sleep(1.0)  # the tail of alerts
+        rss = proc_status_kib(pid, "VmRSS")
+        res.rss_runs.append(rss / 1024 if rss else 0.0)
+        log(f"  {subject.name}: run {r + 1}/{args.runs}: RSS {res.rss_runs[-1]:.1f} MiB")
+    hwm = proc_status_kib(pid, "VmHWM")
+    res.peak_rss_mib = max(res.peak_rss_mib or 0.0, hwm / 1024 if hwm else 0.0)
+    xs = range(len(res.rss_runs))
+    mx, my = sum(xs) / len(xs), sum(res.rss_runs) / len(xs)
+    den = sum((x - mx) ** 2 for x in xs)
+    res.slope_mib_per_run = sum((x - mx) * (y - my) for x, y in zip(xs, res.rss_runs, strict=True)) / den
 
 
 # --- roles run in child processes ---------------------------------------------------------
@@ -1337,6 +1387,12 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
             f"{r.alerts if r.alerts is not None else '-':>8}"
         )
     for r in results:
+        if r.rss_runs:
+            print(
+                f"  {r.name}: RSS after each of {len(r.rss_runs)} runs: "
+                + " ".join(f"{x:.1f}" for x in r.rss_runs)
+                + f" MiB; slope {r.slope_mib_per_run:+.2f} MiB per run"
+            )
         for note in r.notes:
             print(f"  {r.name}: {note}")
         if r.error:
@@ -1385,6 +1441,7 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
         "keys": args.keys,
         "qos": args.qos,
         "flow": args.flow,
+        "runs": args.runs,
         "quick": args.quick,
     }
     for name in ("bare", "sluice", "nodered"):
@@ -1394,6 +1451,11 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, Any])
         line[f"{name}_msgs_per_s"] = round(r.msgs_per_s) if ok and r.msgs_per_s else None
         line[f"{name}_peak_rss_mib"] = round(r.peak_rss_mib, 1) if ok and r.peak_rss_mib else None
         line[f"{name}_idle_rss_mib"] = round(r.idle_rss_mib, 1) if ok and r.idle_rss_mib else None
+        if name != "bare" and args.runs > 1:
+            line[f"{name}_rss_runs_mib"] = [round(x, 1) for x in r.rss_runs] if ok else None
+            line[f"{name}_rss_slope_mib_per_run"] = (
+                round(r.slope_mib_per_run, 3) if ok and r.slope_mib_per_run is not None else None
+            )
         line[f"{name}_received"] = r.received if ok else None
         line[f"{name}_lost"] = r.lost if ok else None
         line[f"{name}_broker_dropped"] = r.broker_dropped if ok else None
@@ -1429,6 +1491,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="N=20000 (unless --n), under 30 s; no Node-RED install (uses it when cached)",
     )
     ap.add_argument("--skip-nodered", action="store_true", help="do not run Node-RED")
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="publish N times to the same sluice / Node-RED process: RSS after each run and its slope",
+    )
     ap.add_argument("--only", choices=("bare", "sluice", "nodered"), action="append", help=argparse.SUPPRESS)
     ap.add_argument("--role", choices=("publish", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -1437,8 +1505,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.n = 20_000 if args.quick else 200_000
     if args.n < 1 or args.keys < 1 or args.keys > 999:
         ap.error("--n must be >= 1 and --keys between 1 and 999")
+    if args.runs < 1:
+        ap.error("--runs must be >= 1")
     if args.base is None:
-        args.base = realistic_base(args.n, args.keys)
+        args.base = realistic_base(args.n * args.runs, args.keys)
     return args
 
 
