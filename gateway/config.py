@@ -21,11 +21,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from .errors import ConfigError, ConfigIssue
-from .llm import LlmConfig
 from .node import ID_PATTERN, Duration, NodeOptions, get_node_type, node_types
-from .outbox import OutboxConfig
 from .redact import SECRET, remember, secrets_of
-from .store import StateConfig
+from .schema import LlmConfig, OutboxConfig, StateConfig
 
 __all__ = [
     "ConsoleConfig",

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import sqlite3
 import time
 from collections import deque
@@ -31,37 +30,19 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Protocol, TypeVar
-
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from typing import Any, Protocol, TypeVar
 
 from ._log import RateLimitedLog
 from ._records import storable
 from .envelope import Envelope, encode_fields
 from .errors import LinkError, SluiceError
+from .schema import OutboxConfig
 
 __all__ = ["Outbox", "OutboxConfig", "OutboxStore", "SqliteOutboxStore"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
-_SIZE_UNIT = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1024,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1024**3,
-    "ki": 1024,
-    "mi": 1024**2,
-    "gi": 1024**3,
-}
 # Outbox connections a sink registers itself (``<kind>:<pipeline>/<node>``), not broker connections.
 SINK_LINK_PREFIXES = ("webhook:", "kafka:", "redis:")
 _LIVE_CACHE = 20_000  # rows kept in memory per connection for the sender
@@ -71,40 +52,6 @@ RESULT_IDS_KEPT = 100_000
 A restart re-emits only what was computed after the last state checkpoint (about a second), so
 this covers a long stall of the state store too."""
 _ROW_OVERHEAD = 48  # bytes SQLite spends per row beyond its text: header, rowid, the index entry
-
-
-def _parse_size(v: Any) -> Any:
-    if isinstance(v, str):
-        m = _SIZE.match(v)
-        if not m:
-            raise ValueError(f"{v!r} is not a size; use bytes or e.g. 500kB, 64MB, 1GiB")
-        return int(float(m.group(1)) * _SIZE_UNIT[(m.group(2) or "").lower()])
-    return v
-
-
-ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(ge=1024)]
-
-
-class OutboxConfig(BaseModel):
-    """``gateway.outbox``: the disk quota, rate cap and publish window of the outbox."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_bytes: ByteSize = Field(
-        64_000_000, description="Disk quota (e.g. 64MB); past it the oldest messages are dropped and counted."
-    )
-    max_messages: int | None = Field(None, ge=1, description="Also drop the oldest past this many messages.")
-    max_rate: float | None = Field(
-        None,
-        gt=0,
-        description="Messages per second at most (a metered uplink); default: as fast as the broker acknowledges.",
-    )
-    inflight: int = Field(
-        256,
-        ge=1,
-        le=65000,
-        description="Messages sent and not yet acknowledged, at most (also capped by the broker's receive maximum).",
-    )
 
 
 # --- the storage seam ------------------------------------------------------------------------

@@ -31,14 +31,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from ._log import RateLimitedLog
 from ._records import RECORD_ERRORS, execute_each, storable
 from ._retry import backoff
 from .errors import SluiceError
-from .node import Duration
-from .outbox import ByteSize
+from .schema import StateConfig
 
 __all__ = ["SCHEMA_VERSION", "Checkpointer", "StateConfig", "StateStore", "StoreError"]
 
@@ -73,28 +70,6 @@ _MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
-
-
-class StateConfig(BaseModel):
-    """``gateway.state``: how often node state is saved, and how much disk it may take."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    checkpoint_interval: Duration = Field(
-        1.0,
-        description="Save changed node state this often (checked once "
-        "a second); after a power cut at most this much "
-        "input is read again.",
-    )
-    commit_interval: Duration = Field(
-        0.2, description="Group commit: queued rows are written together this often (or sooner, see commit_size)."
-    )
-    commit_size: int = Field(2000, ge=1, description="Group commit: write as soon as this many rows wait.")
-    max_bytes: ByteSize = Field(
-        256_000_000,
-        description="Disk quota of state.db (e.g. 256MB); when full, saving "
-        "pauses (processing goes on) and /healthz says so.",
-    )
 
 
 _Row = tuple[str, str, str, "bytes | None"]  # pipeline, node, key, value (None: delete)

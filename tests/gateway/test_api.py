@@ -124,3 +124,23 @@ async def test_every_transport_is_a_link() -> None:
     ]
     assert [type(x).__name__ for x in links if not isinstance(x, api.Link)] == []
     assert not isinstance(object(), api.Link)
+
+
+def test_config_models_come_from_the_schema_not_the_runtime() -> None:
+    """Loading a config imports no runtime module; gateway.schema imports none either."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, gateway.config, gateway.schema; "
+        "print(sorted(m for m in ('gateway.llm', 'gateway.outbox', 'gateway.store', 'gateway.runtime', "
+        "'gateway.engine', 'gateway.mqtt') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    schema_imports = {m for _, m, _ in _imports(ROOT / "gateway" / "schema.py")}
+    tree = ast.parse((ROOT / "gateway" / "schema.py").read_text())
+    relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+    assert relative <= {"node", "redact"}
+    assert not {m for m in schema_imports if m.startswith("gateway.")}
