@@ -292,8 +292,10 @@ class _Reader:
             problem = getattr(exc, "problem", None) or str(exc)
             self.issue(line, path, f"YAML: {problem}; quote the value if it is text")
             return None
-        except (ValueError, OverflowError) as exc:  # an integer of over 4,300 digits, a date like 2001-13-45
-            problem = str(exc).split(";")[0]
+        except (ValueError, OverflowError, IndexError, AttributeError, TypeError) as exc:
+            # PyYAML's constructors on what they do not expect: an integer of over 4,300 digits, a
+            # date like 2001-13-45, an empty `!!int` or `!!timestamp`
+            problem = str(exc).split(";")[0] if isinstance(exc, ValueError | OverflowError) else "not a valid value"
             self.issue(line, path, f"YAML: {problem}; quote the value if it is text")
             return None
         if isinstance(value, str) and "$" in value:
