@@ -6,6 +6,10 @@ an outage or a restart loses nothing within the outbox quota. Each entry has the
 ``gateway_id``, ``seq``, ``replayed``, ``pipeline``, ``key`` and ``data`` (the JSON envelope
 ``mqtt_out`` publishes), so a consumer can de-duplicate on (``gateway_id``, ``seq``).
 
+The ``lookup`` operator enriches events from a Redis hash kept centrally (per-asset thresholds,
+labels): it keeps a copy of the whole hash, refreshed every ``refresh``, and goes on with its
+last copy — saved with the node's state, so across a restart too — while Redis is away.
+
 The ``redis`` source reads in a consumer group and acknowledges (``XACK``) an entry only after
 every sink it reached has written it and, with stateful nodes, after the state checkpoint that
 holds it — the same guarantee as the QoS 1 MQTT source. On start it first reads its own pending
@@ -28,8 +32,10 @@ from gateway.api import (
     TEMPLATE_FIELDS,
     Duration,
     Event,
+    Expression,
     LinkError,
     NodeOptions,
+    Operator,
     OutboxSink,
     SourceOutput,
     check_expression,
@@ -40,7 +46,7 @@ from gateway.api import (
 from nodes._outlink import OutboxLink, split_row_topic
 from nodes.sources import MqttSource, key_function
 
-__all__ = ["RedisOut", "RedisSource"]
+__all__ = ["Lookup", "RedisOut", "RedisSource"]
 
 log = logging.getLogger(__name__)
 
@@ -449,3 +455,117 @@ class RedisSource(MqttSource):
 
 def _text(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+# --- lookup: enrich events from a Redis hash ----------------------------------------------------
+
+
+class LookupOptions(RedisClientOptions):
+    type: Literal["lookup"]
+    hash: str = Field(description="The Redis hash to read: field = what `by` gives, value = what to attach.")
+    by: str = Field("key", description="CEL expression naming the hash field for an event; default: its key.")
+    into: str = Field(
+        "lookup", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name under the event's meta (`meta.<into>`)."
+    )
+    refresh: Duration = Field(30.0, gt=0, description="How often the copy of the hash is read again (its TTL).")
+    missing: Literal["pass", "drop"] = Field(
+        "pass", description="An event whose field is not in the hash: pass it on without, or drop it (counted)."
+    )
+    max_fields: int = Field(100_000, ge=1, description="A hash larger than this is refused (kept in memory).")
+
+
+def _parse_hash_value(raw: Any) -> Any:
+    text = _text(raw)
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return text
+    return float(v) if type(v) is int else v
+
+
+@register
+class Lookup(Operator):
+    """Attach ``meta.<into>`` from a Redis hash to each event; works from its last copy while Redis is away."""
+
+    Options = LookupOptions
+    options: LookupOptions
+
+    @classmethod
+    def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
+        problem = check_expression(options.by)  # type: ignore[attr-defined]
+        return [("by", problem)] if problem else []
+
+    def __init__(self, options: LookupOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self._by = None if options.by == "key" else Expression(options.by)
+        self._table: dict[str, Any] = {}
+        self._loaded_at: float | None = None  # wall clock of the copy in use
+        self._state = "never loaded"
+        self._error: str | None = None
+        self.n_missing = 0
+        self.n_unloaded = 0
+
+    def health(self) -> dict[str, Any]:
+        age = None if self._loaded_at is None else round(self.ctx.clock() - self._loaded_at, 1)
+        return {"state": self._state, "error": self._error, "fields": len(self._table), "age_s": age}
+
+    def counters(self) -> dict[str, int]:
+        c = super().counters()
+        c["missing"] = self.n_missing
+        c["unloaded"] = self.n_unloaded
+        return c
+
+    def on_event(self, event: Event) -> Event | None:
+        if self._loaded_at is None:
+            self.n_unloaded += 1  # no copy yet: the event goes on without
+            return event
+        field = event.key if self._by is None else str(self._by(event))
+        found = self._table.get(field, _MISSING)
+        if found is _MISSING:
+            self.n_missing += 1
+            return None if self.options.missing == "drop" else event
+        meta = dict(event.meta) if event.meta else {}
+        meta[self.options.into] = found
+        return Event(event.key, event.ts, event.value, event.source, meta)
+
+    async def run(self) -> None:
+        o = self.options
+        client = _client(o)
+        try:
+            while True:
+                try:
+                    size = await client.hlen(o.hash)
+                    if size > o.max_fields:
+                        raise ValueError(f"hash {o.hash!r} has {size} fields, more than max_fields {o.max_fields}")
+                    raw = await client.hgetall(o.hash)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis away or the hash unusable: keep the last copy
+                    err = f"{type(exc).__name__}: {exc}"
+                    if err != self._error:
+                        log.warning("lookup %s/%s: %s; %s", self.ctx.pipeline, self.id, err,
+                                    "working from the last copy" if self._loaded_at else "no copy yet")  # fmt: skip
+                    self._error = err
+                    self._state = "stale" if self._loaded_at is not None else "never loaded"
+                else:
+                    self._table = {_text(k): _parse_hash_value(v) for k, v in raw.items()}
+                    self._loaded_at = self.ctx.clock()
+                    if self._state != "fresh":
+                        log.info("lookup %s/%s: %d fields of %s", self.ctx.pipeline, self.id, len(raw), o.hash)
+                    self._state, self._error = "fresh", None
+                await asyncio.sleep(o.refresh)
+        finally:
+            await client.aclose()
+
+    def snapshot(self) -> Any:
+        # the last copy, so a gateway restarted while Redis is away still has it
+        return None if self._loaded_at is None else {"at": self._loaded_at, "table": self._table}
+
+    def restore(self, state: Any) -> None:
+        if state:
+            self._table = dict(state["table"])
+            self._loaded_at = float(state["at"])
+            self._state = "stale"
+
+
+_MISSING = object()

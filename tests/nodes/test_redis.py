@@ -276,3 +276,52 @@ async def test_redis_source_across_a_server_restart(tmp_path: Path, redis_factor
         )
         await wait_for(lambda: src.health()["acked"] >= n, timeout=30)
     assert await pending(url, "plant", "g1") == 0
+
+
+# --- lookup ---------------------------------------------------------------------------------------
+
+
+def lookup_config(tmp_path: Path, url: str, extra: str = "") -> str:
+    return f"""\
+gateway: {{id: gw4, data_dir: "{tmp_path}/data4"}}
+pipelines:
+  - name: e
+    nodes:
+      - {{id: src, type: simulate, interval: 20ms,
+          sensors: [{{key: s1, base: 1, amplitude: 0, noise: 0}}, {{key: s2, base: 2, amplitude: 0, noise: 0}},
+                    {{key: s3, base: 3, amplitude: 0, noise: 0}}]}}
+      - {{id: limits, type: lookup, input: src, url: "{url}", hash: asset-limits, into: limit, refresh: 200ms,
+          socket_timeout: 500ms{extra}}}
+      - {{id: hot, type: filter, input: limits, where: "value > meta.limit.max"}}
+      - {{id: out, type: redis_out, input: hot, url: "{url}", stream: hot, reconnect_max: 200ms}}
+console: {{enabled: false}}
+"""
+
+
+async def test_lookup_enriches_and_keeps_its_last_copy_while_redis_is_away(tmp_path: Path, redis_factory: Any) -> None:
+    server = redis_factory()
+    client = aioredis.from_url(server.url)
+    try:
+        await client.hset("asset-limits", mapping={"s1": '{"max": 0.5}', "s2": '{"max": 5}'})
+    finally:
+        await client.aclose()
+    text = lookup_config(tmp_path, server.url, extra=", missing: drop")
+    hot = Reader(server.url, "hot")
+    async with running_gateway(text) as gw:
+        look = node(gw, "e", "limits")
+        await wait_for(lambda: look.health()["state"] == "fresh", timeout=10)
+        await read_until(hot, lambda: len(hot.entries) >= 3)
+        # s1 is above its limit, s2 is not, s3 has no entry (dropped, counted)
+        assert {json.loads(e["data"])["key"] for e in hot.entries} == {"s1"}
+        await wait_for(lambda: look.counters()["missing"] > 0, timeout=5)
+        server.stop()
+        await wait_for(lambda: look.health()["state"] == "stale" and look.health()["error"], timeout=10)
+        seen = look.counters()["out"]
+        await wait_for(lambda: look.counters()["out"] > seen + 5, timeout=10)  # still enriching
+    # a restart while Redis is still away: the copy comes back from the state store
+    async with running_gateway(text) as gw:
+        look = node(gw, "e", "limits")
+        assert look.health()["state"] == "stale" and look.health()["fields"] == 2
+        hot_node = node(gw, "e", "hot")
+        await wait_for(lambda: hot_node.counters()["out"] >= 3, timeout=10)
+        assert look.counters()["unloaded"] == 0
