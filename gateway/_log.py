@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections import deque
@@ -65,11 +66,46 @@ class RecentLogs(logging.Handler):
 RECENT = RecentLogs()
 
 
+class JournalFormatter(logging.Formatter):
+    """Text lines for systemd's journal: a ``<N>`` syslog priority prefix and no timestamp.
+
+    journald stamps every line itself and reads the prefix as the line's priority, so
+    ``journalctl -u sluice -p warning`` shows warnings and errors only.
+    """
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self.PRIORITIES.get(record.levelno, 6)
+        # every line of a traceback carries the prefix, or journald would log it as info
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is connected to journald (systemd sets JOURNAL_STREAM to its device:inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = stream.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Log to stderr as text lines (``HH:MM:SS LEVEL logger: message``) or JSON lines."""
+    """Log to stderr as text lines (``HH:MM:SS LEVEL logger: message``) or JSON lines.
+
+    Under systemd, with stderr going to the journal, text lines carry the journal's priority
+    prefix instead of a time (see :class:`JournalFormatter`).
+    """
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
+    elif _stderr_is_journal():
+        handler.setFormatter(JournalFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     handler.addFilter(Redacting())

@@ -112,3 +112,26 @@ def test_ready_status_watchdog_and_stopping_through_a_real_socket(tmp_path: Path
         out = proc.communicate()[0]
         sock.sock.close()
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_log_lines_carry_the_journals_priority_under_systemd(tmp_path: Path) -> None:
+    """With stderr connected to the journal (JOURNAL_STREAM names it), lines start with <N>, not a time."""
+    script = (
+        "import logging, os, sys\n"
+        "st = os.fstat(2)\n"
+        "os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}' if sys.argv[1] == 'journal' else ''\n"
+        "from gateway._log import setup_logging\n"
+        "setup_logging('info')\n"
+        "logging.getLogger('t').warning('careful')\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n    logging.getLogger('t').exception('broke')\n"
+    )
+    for mode in ("journal", "terminal"):
+        err = tmp_path / f"{mode}.err"
+        with err.open("w") as f:
+            subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, stderr=f, check=True, timeout=60)
+        lines = err.read_text().splitlines()
+        if mode == "journal":
+            assert lines[0] == "<4>WARNING t: careful", lines
+            assert all(line.startswith("<3>") for line in lines[1:]), lines  # the traceback too
+        else:
+            assert lines[0].endswith("WARNING t: careful") and lines[0][:2].isdigit(), lines
