@@ -53,12 +53,18 @@ _NO_MEANING = {
     "mqtt_out": "the job writes Kafka",
     "webhook": "the job writes Kafka",
     "redis_out": "the job writes Kafka",
+    "lookup": "it reads a Redis hash from the gateway; in Flink, join the stream with that table (a lookup join)",
+    "homeassistant": "Home Assistant discovery is the gateway's",
     "stale": "stale needs processing-time timers the gateway has; not translated yet",
     "flatline": "not translated yet",
     "zscore": "not translated yet",
     "ewma": "not translated yet",
     "rate_of_change": "not translated yet",
 }
+# Node types a source stands for on the gateway only: the readings must reach Kafka first.
+_GATEWAY_INPUTS = frozenset({"serial", "modbus", "websocket", "http", "http_poll", "simulate", "mqtt", "redis"})
+# What the translator does with the node types it carries: where the job reads, where it writes.
+_ROLE = {"kafka": "source", "kafka_out": "sink"}
 _INSTEAD_SOURCE = (
     "forward the readings with a `kafka_out` node on the gateway and give this pipeline a `kafka` source "
     "reading that topic, then export it"
@@ -276,15 +282,14 @@ def _plan(loaded: LoadedConfig, pipeline: str) -> _Plan:
         raise ExportError([f"no pipeline {pipeline!r} (pipelines: {', '.join(loaded.nodes) or 'none'})"])
     problems: list[str] = []
     for n in nodes:
-        if n.type in _NO_MEANING:
-            instead = _INSTEAD_SOURCE if n.type in ("serial", "modbus", "websocket", "http", "http_poll",
-                                                    "simulate", "mqtt", "redis") else _NO_MEANING[n.type]  # fmt: skip
-            problems.append(
-                f"{pipeline}/{n.id}: `{n.type}` has no meaning on Flink ({_NO_MEANING[n.type]}); {instead}"
-                if instead is _INSTEAD_SOURCE
-                else f"{pipeline}/{n.id}: `{n.type}` is not exported: {instead}"
-            )
-    sources = [n for n in nodes if n.type == "kafka"]
+        why = _NO_MEANING.get(n.type)
+        if why is None:
+            continue
+        if n.type in _GATEWAY_INPUTS:
+            problems.append(f"{pipeline}/{n.id}: `{n.type}` has no meaning on Flink ({why}); {_INSTEAD_SOURCE}")
+        else:
+            problems.append(f"{pipeline}/{n.id}: `{n.type}` is not exported: {why}")
+    sources = [n for n in nodes if _ROLE.get(n.type) == "source"]
     if not sources and not problems:
         problems.append(f"{pipeline}: no `kafka` source; {_INSTEAD_SOURCE}")
     if len(sources) > 1:
@@ -308,8 +313,8 @@ def _plan(loaded: LoadedConfig, pipeline: str) -> _Plan:
     rest = [n for n in nodes if n is not src]
     while rest:
         nxt = [n for n in rest if current in n.input]
-        ops = [n for n in nxt if n.type != "kafka_out"]
-        sinks += [n for n in nxt if n.type == "kafka_out"]
+        ops = [n for n in nxt if _ROLE.get(n.type) != "sink"]
+        sinks += [n for n in nxt if _ROLE.get(n.type) == "sink"]
         for n in nxt:
             if len(n.input) != 1:
                 problems.append(f"{pipeline}/{n.id}: a node with several inputs is not translated")
@@ -342,62 +347,76 @@ def _plan(loaded: LoadedConfig, pipeline: str) -> _Plan:
 def _step(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], float]:
     if before and before[-1][0] == "threshold":
         raise ValueError("nothing but a kafka_out may follow a threshold (its output is an alert)")
-    if op.type == "filter":
-        sql, kind = cel_to_sql(op.where)
-        if kind != "bool":
-            raise ValueError(f"where {op.where!r} is not a condition")
-        return ("sql", f"SELECT k, ts, v, rowtime FROM {{src}} WHERE {sql}"), 0.0
-    if op.type == "map":
-        if op.fields:
-            raise ValueError("map `fields` (object readings) is not translated; map `value` to a number")
-        v = "v"
-        k = "k"
-        if op.value is not None:
-            v, kind = cel_to_sql(op.value)
-            if kind != "num":
-                raise ValueError(f"value {op.value!r} is not a number")
-            v = f"CAST({v} AS DOUBLE)"
-        if op.key is not None:
-            k, kind = cel_to_sql(op.key)
-            if kind != "str":
-                k = f"CAST({k} AS STRING)"
-        return ("sql", f"SELECT {k} AS k, ts, {v} AS v, rowtime FROM {{src}}"), 0.0
-    if op.type == "window":
-        if any(s[0] == "window" for s in before):
-            raise ValueError("a window after a window is not translated (Flink's window time is end - 1 ms)")
-        if op.kind not in ("tumbling", "hopping", "session"):
-            raise ValueError(f"`kind: {op.kind}` has no window table function in Flink SQL; not translated")
-        if op.key is not None or op.field is not None:
-            raise ValueError("window `key`/`field` are not translated")
-        if not isinstance(op.aggregate, str):
-            raise ValueError("a list of aggregates is not translated: one window node per aggregate")
-        if op.aggregate not in _SQL_AGG:
-            raise ValueError(
-                f"aggregate {op.aggregate!r} is not translated exactly (first/last are by event time on the "
-                "gateway, by arrival in Flink SQL; percentiles and collect have no SQL twin)"
-            )
-        if op.emit != "final" or op.route_late:
-            raise ValueError("only `emit: final` without `route_late` is translated")
-        agg = _SQL_AGG[op.aggregate]
-        if op.kind == "tumbling":
-            tvf = f"TUMBLE(TABLE {{src}}, DESCRIPTOR(rowtime), {_seconds(op.size, 'size')})"
-        elif op.kind == "hopping":
-            hop = op.hop if op.hop is not None else op.slide
-            tvf = f"HOP(TABLE {{src}}, DESCRIPTOR(rowtime), {_seconds(hop, 'hop')}, {_seconds(op.size, 'size')})"
-        else:
-            tvf = f"SESSION(TABLE {{src}} PARTITION BY k, DESCRIPTOR(rowtime), {_seconds(op.gap, 'gap')})"
-        sql = (
-            f"SELECT k, CAST(EXTRACT(EPOCH FROM window_end) AS DOUBLE) AS ts, {agg} AS v, window_time AS rowtime "
-            f"FROM TABLE({tvf}) GROUP BY k, window_start, window_end, window_time"
+    translate = _TRANSLATE.get(op.type)
+    if translate is None:
+        raise ValueError(f"`{op.type}` is not translated")
+    return translate(op, before)
+
+
+def _filter(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], float]:
+    sql, kind = cel_to_sql(op.where)
+    if kind != "bool":
+        raise ValueError(f"where {op.where!r} is not a condition")
+    return ("sql", f"SELECT k, ts, v, rowtime FROM {{src}} WHERE {sql}"), 0.0
+
+
+def _map(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], float]:
+    if op.fields:
+        raise ValueError("map `fields` (object readings) is not translated; map `value` to a number")
+    v = "v"
+    k = "k"
+    if op.value is not None:
+        v, kind = cel_to_sql(op.value)
+        if kind != "num":
+            raise ValueError(f"value {op.value!r} is not a number")
+        v = f"CAST({v} AS DOUBLE)"
+    if op.key is not None:
+        k, kind = cel_to_sql(op.key)
+        if kind != "str":
+            k = f"CAST({k} AS STRING)"
+    return ("sql", f"SELECT {k} AS k, ts, {v} AS v, rowtime FROM {{src}}"), 0.0
+
+
+def _window(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], float]:
+    if any(s[0] == "window" for s in before):
+        raise ValueError("a window after a window is not translated (Flink's window time is end - 1 ms)")
+    if op.kind not in ("tumbling", "hopping", "session"):
+        raise ValueError(f"`kind: {op.kind}` has no window table function in Flink SQL; not translated")
+    if op.key is not None or op.field is not None:
+        raise ValueError("window `key`/`field` are not translated")
+    if not isinstance(op.aggregate, str):
+        raise ValueError("a list of aggregates is not translated: one window node per aggregate")
+    if op.aggregate not in _SQL_AGG:
+        raise ValueError(
+            f"aggregate {op.aggregate!r} is not translated exactly (first/last are by event time on the "
+            "gateway, by arrival in Flink SQL; percentiles and collect have no SQL twin)"
         )
-        return ("sql", sql), op.allowed_lateness
-    if op.type == "threshold":
-        if op.field is not None:
-            raise ValueError("threshold `field` (object readings) is not translated")
-        if op.min_duration:
-            raise ValueError("threshold `min_duration` is not translated yet (it needs an event-time timer)")
-        return ("threshold", op), 0.0
-    raise ValueError(f"`{op.type}` is not translated")
+    if op.emit != "final" or op.route_late:
+        raise ValueError("only `emit: final` without `route_late` is translated")
+    agg = _SQL_AGG[op.aggregate]
+    if op.kind == "tumbling":
+        tvf = f"TUMBLE(TABLE {{src}}, DESCRIPTOR(rowtime), {_seconds(op.size, 'size')})"
+    elif op.kind == "hopping":
+        hop = op.hop if op.hop is not None else op.slide
+        tvf = f"HOP(TABLE {{src}}, DESCRIPTOR(rowtime), {_seconds(hop, 'hop')}, {_seconds(op.size, 'size')})"
+    else:
+        tvf = f"SESSION(TABLE {{src}} PARTITION BY k, DESCRIPTOR(rowtime), {_seconds(op.gap, 'gap')})"
+    sql = (
+        f"SELECT k, CAST(EXTRACT(EPOCH FROM window_end) AS DOUBLE) AS ts, {agg} AS v, window_time AS rowtime "
+        f"FROM TABLE({tvf}) GROUP BY k, window_start, window_end, window_time"
+    )
+    return ("sql", sql), op.allowed_lateness
+
+
+def _threshold(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], float]:
+    if op.field is not None:
+        raise ValueError("threshold `field` (object readings) is not translated")
+    if op.min_duration:
+        raise ValueError("threshold `min_duration` is not translated yet (it needs an event-time timer)")
+    return ("threshold", op), 0.0
+
+
+_TRANSLATE = {"filter": _filter, "map": _map, "window": _window, "threshold": _threshold}
 
 
 _JOB = '''\
