@@ -798,6 +798,8 @@ class Auth:
             if user.fixed:
                 raise AuthError(409, f"{name!r} comes from console.users in the config")
             body = await self._json(request)
+            if "role" not in body and "password" not in body:
+                raise AuthError(400, 'give "role", "password" or both')
             role, password = body.get("role", user.role), body.get("password")
             if role not in ROLES:
                 raise AuthError(400, f"role: one of {', '.join(ROLES)}")
@@ -811,12 +813,8 @@ class Auth:
             user.password_hash = await self._hash(password)
         user.role = role
         await self.end_sessions(name)  # saves the account file too
-        log.warning(
-            "console: user %r changed by %s (%s); their sessions ended",
-            name,
-            ident.name,
-            ", ".join(w for w, changed in (("password", password is not None), (f"role {role}", True)) if changed),
-        )
+        what = f"role {role}" + (" and a new password" if password is not None else "")
+        log.warning("console: user %r given %s by %s; their sessions ended", name, what, ident.name)
         answer: dict[str, Any] = {"name": name, "role": role}
         if name == ident.name and ident.via == "session":
             answer.update(await self._start_session(request, user))

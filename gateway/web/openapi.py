@@ -442,7 +442,7 @@ def _paths() -> dict[str, Any]:
                 "(your own: all but this one)",
                 {
                     "200": _json(_obj({"name": _STR, "role": _ROLE, "csrf": _STR})),
-                    "400": _json(_ERR, "Bad role or password"),
+                    "400": _json(_ERR, "Bad role or password, or neither given"),
                     "404": _json(_ERR, "No such user"),
                     "409": _json(_ERR, "From the config, or taking the admin role from yourself"),
                 },

@@ -336,6 +336,9 @@ async def test_changing_your_own_password_keeps_only_this_session(
     assert (await other.get("/api/pipelines"))[0] == 401
     status, data = await admin.patch("/api/users/admin", {"role": "viewer"})
     assert status == 409
+    status, data = await admin.patch("/api/users/admin", {})
+    assert status == 400  # nothing to change: no session ends for it
+    assert (await admin.get("/api/pipelines"))[0] == 200
 
 
 async def test_revocation_survives_a_restart(make_gateway: Callable, tmp_path: Path) -> None:
