@@ -34,7 +34,7 @@ import re
 import sys
 from collections.abc import Callable
 from types import CodeType, FunctionType, ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ExpressionError
 from .events import Event
@@ -89,7 +89,9 @@ _GETTERS: dict[str, Callable[[Event], Any]] = {
 MAX_EXPRESSION_LENGTH = 1000
 MAX_NESTING = 32
 MAX_COMPREHENSION_DEPTH = 2
-EVAL_BUDGET = 1_000_000  # comprehension iterations an event may cost: N items at depth d need N**d <= this
+# comprehension iterations one evaluation may cost (about 0.1 s of CEL): N items, counting the
+# expression's own literals, at depth d need N**d <= this
+EVAL_BUDGET = 100_000
 _MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
 # CEL's lexical shapes, enough to find brackets and macro calls outside string literals and
 # comments. Raw strings come first: a backslash in them escapes nothing.
@@ -106,47 +108,63 @@ _CEL_LEX = re.compile(
 )
 
 
-def _budget(source: str) -> tuple[str | None, int, frozenset[str]]:
-    """Why ``source`` is over the cost budget (or None), how deep its comprehensions nest, and the
-    names its comprehensions bind (``x`` in ``list.all(x, x > 0.0)``)."""
+class _Scan(NamedTuple):
+    problem: str | None  # why the expression is over the cost budget
+    depth: int  # how deep its comprehensions nest
+    bound: frozenset[str]  # names its comprehensions bind (``x`` in ``list.all(x, x > 0.0)``)
+    literal: int  # an upper bound of the items its own list and map literals hold
+
+
+def _refused(problem: str) -> _Scan:
+    return _Scan(problem, 0, frozenset(), 0)
+
+
+def _budget(source: str) -> _Scan:
+    """What a lexical scan of ``source`` says about its cost (string literals and comments skipped)."""
     if len(source) > MAX_EXPRESSION_LENGTH:
-        return f"expression is {len(source):,} characters long; the limit is {MAX_EXPRESSION_LENGTH:,}", 0, frozenset()
+        return _refused(f"expression is {len(source):,} characters long; the limit is {MAX_EXPRESSION_LENGTH:,}")
     brackets: list[bool] = []  # per open bracket: does it hold a comprehension's arguments?
     depth = deepest = 0
     last = before = ""  # the last two significant tokens
     bound: set[str] = set()
+    literal = 1
     for m in _CEL_LEX.finditer(source):
         kind = m.lastgroup
         if kind in ("space", "comment"):
             continue
         tok = m.group()
-        if tok == "," and brackets and brackets[-1] and before == "(":
-            bound.add(last)  # `.all(x,`: the comprehension's variable
+        if tok == ",":
+            literal += 1
+            if brackets and brackets[-1] and before == "(":
+                bound.add(last)  # `.all(x,`: the comprehension's variable
         if kind == "open":
             macro = tok == "(" and before == "." and last in _MACROS
             brackets.append(macro)
             if len(brackets) > MAX_NESTING:
-                return f"brackets nested more than {MAX_NESTING} deep", deepest, frozenset()
+                return _refused(f"brackets nested more than {MAX_NESTING} deep")
             if macro:
                 depth += 1
                 deepest = max(deepest, depth)
                 if depth > MAX_COMPREHENSION_DEPTH:
-                    return (
+                    return _refused(
                         f"comprehensions nested {depth} deep (.{last}() inside another); at most "
-                        f"{MAX_COMPREHENSION_DEPTH} may nest, as each multiplies the cost of those around it",
-                        deepest,
-                        frozenset(),
+                        f"{MAX_COMPREHENSION_DEPTH} may nest, as each multiplies the cost of those around it"
                     )
         elif kind == "close" and brackets and brackets.pop():
             depth -= 1
         last, before = tok, last
-    return None, deepest, frozenset(bound)
+    if deepest and literal**deepest > EVAL_BUDGET:
+        return _refused(
+            f"lists of up to {literal:,} items in comprehensions nested {deepest} deep could take over "
+            f"{EVAL_BUDGET:,} iterations"
+        )
+    return _Scan(None, deepest, frozenset(bound), literal)
 
 
-def _items(obj: Any, limit: int) -> int:
-    """List elements and mapping entries in ``obj`` (counting stops once past ``limit``)."""
+def _items(roots: list[Any], limit: int) -> int:
+    """List elements and mapping entries in and under ``roots`` (counting stops once past ``limit``)."""
     n = 0
-    stack = [obj]
+    stack = roots
     while stack and n <= limit:
         o = stack.pop()
         if isinstance(o, dict):
@@ -281,9 +299,11 @@ class Expression:
 
     def __init__(self, source: str, variables: tuple[str, ...] = EVENT_VARIABLES):
         self.source = source
-        problem, self.depth, bound = _budget(source)
-        if problem:
-            raise ExpressionError(_excerpt(source), problem)
+        scan = _budget(source)
+        if scan.problem:
+            raise ExpressionError(_excerpt(source), scan.problem)
+        self.depth = scan.depth
+        bound = scan.bound
         try:
             self._prog = cel.compile(source)
         except (ValueError, RuntimeError, TypeError) as exc:
@@ -303,7 +323,7 @@ class Expression:
         else:
             self._cel = execute
         if self.depth:
-            self._cel = _guarded(self._cel, self.depth, variables is EVENT_VARIABLES)
+            self._cel = _guarded(self._cel, self.depth, scan.literal, variables is EVENT_VARIABLES)
         self.evaluate: Callable[[Any], Any] = self._cel
         self.fast = False
         fn = _fast_function(source, variables)
@@ -409,12 +429,12 @@ def _same(slow: Callable[[Any], Any], fast: Callable[[Any], Any], sample: Any) -
 _FAILED = object()
 
 
-def _guarded(evaluate: Callable[[Any], Any], depth: int, event: bool) -> Callable[[Any], Any]:
+def _guarded(evaluate: Callable[[Any], Any], depth: int, literal: int, event: bool) -> Callable[[Any], Any]:
     """``evaluate``, refusing inputs whose lists and maps would cost more than the budget."""
-    limit = int(EVAL_BUDGET ** (1 / depth))
+    limit = max(0, int(EVAL_BUDGET ** (1 / depth)) - literal)
 
     def guarded(arg: Any) -> Any:
-        n = _items((arg.value, arg.meta) if event else arg, limit)
+        n = _items([arg.value, arg.meta] if event else list(arg.values()), limit)
         if n > limit:
             raise ValueError(
                 f"the input holds over {limit:,} list or map items, more than comprehensions nested "

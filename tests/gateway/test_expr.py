@@ -138,11 +138,20 @@ def test_macros_in_strings_and_comments_cost_nothing(source: str) -> None:
 def test_input_too_large_for_nested_comprehensions_is_refused_per_event() -> None:
     expr = Expression("value.all(key, value.exists(ts, ts == key))")  # loop variables may shadow
     assert expr(Event("k", 1.0, [1.0, 2.0], "s", None)) is True
-    with pytest.raises(ExpressionError, match="over 1,000 list or map items"):
-        expr(Event("k", 1.0, [float(i) for i in range(2000)], "s", None))
-    # one level deep may go through a million
+    # 100,000 iterations at depth 2: 316 items, less the expression's own literal items (3 at most here)
+    assert expr(Event("k", 1.0, [float(i) for i in range(313)], "s", None)) is True
+    with pytest.raises(ExpressionError, match="over 313 list or map items"):
+        expr(Event("k", 1.0, [float(i) for i in range(314)], "s", None))
+    # one level deep may go through 100,000
     flat = Expression("value.exists(key, key == 1999.0)")
     assert flat(Event("k", 1.0, [float(i) for i in range(2000)], "s", None)) is True
+
+
+def test_long_literal_lists_in_nested_comprehensions_are_refused() -> None:
+    zeros = "[" + ",".join(["0"] * 200) + "]"
+    problem = check_expression(f"{zeros}.all(a, {zeros}.exists(b, true))")
+    assert problem is not None and "comprehensions nested 2 deep could take over 100,000 iterations" in problem
+    assert check_expression(f"{zeros}.all(a, true)") is None
 
 
 def test_comprehension_variables_are_bound_names_not_unknown_ones() -> None:
