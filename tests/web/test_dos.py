@@ -19,10 +19,11 @@ from .conftest import Browserish, base_url
 
 async def test_alias_bomb_and_recursive_alias_are_config_errors(gw: Gateway, admin: Browserish) -> None:
     bomb = "gateway: {id: g}\n" + BILLION_LAUGHS + "\n"
-    status, r = await admin.post("/api/config/validate", bomb, headers={"Content-Type": "text/yaml"})
-    assert status == 200 and r["valid"] is False, r
-    (err,) = r["errors"]
-    assert err["line"] == 7 and err["message"].startswith("YAML: aliases expand this to more than 100,000 values")
+    for path in ("/api/config/validate", "/api/config/save"):
+        status, r = await admin.post(path, bomb, headers={"Content-Type": "text/yaml"})
+        assert status == 200 and r["valid"] is False, (path, status, r)
+        (err,) = r["errors"]
+        assert err["line"] == 7 and err["message"].startswith("YAML: aliases expand this to more than 100,000 values")
     recursive = "gateway: {id: g}\nconsole:\n  users: &u\n    - name: x\n    - *u\n"
     for path in ("/api/config/validate", "/api/config/save"):
         status, r = await admin.post(path, {"text": recursive})
