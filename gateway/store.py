@@ -514,6 +514,12 @@ class Checkpointer:
     checkpoint. The engine takes sources' snapshots when its barrier enters the input queue, so a
     source that can re-read (a file, a log) saves the position of what it has *handed over*
     (advanced when ``put`` returns), and the other nodes' state when the chain reaches the barrier.
+
+    A node that also has ``snapshot_changes()`` — the entries changed since its last snapshot and
+    the names of those removed — is asked only for those once its rows are known, so a checkpoint
+    costs what changed, not how many keys there are. A checkpoint whose work on the loop took
+    more than :data:`CHECKPOINT_BUDGET` of its interval spaces the next one out accordingly, so
+    checkpoints never take more than that share of the CPU, however many keys change.
     """
 
     def __init__(self, store: StateStore, pipeline: str, nodes: Iterable[Any], interval: float = 1.0):
@@ -527,6 +533,7 @@ class Checkpointer:
         self._last_obj: dict[str, dict[str, Any]] = {}
         self._last_json: dict[str, dict[str, bytes]] = {}
         self._failing: set[str] = set()
+        self._cost = 0.0  # seconds of loop time the checkpoint under way has taken so far
 
     def due(self, now: float) -> bool:
         """True (and the checkpoint counts as started) when one should be taken at monotonic ``now``."""
@@ -566,22 +573,57 @@ class Checkpointer:
 
     def take(self, nodes: Iterable[Any] | None = None) -> dict[str, Any]:
         """The snapshots of ``nodes`` (default: all), at a point where no batch is half-processed."""
+        t0 = time.perf_counter()
         snaps: dict[str, Any] = {}
         for node in self.nodes if nodes is None else nodes:
             try:
-                snaps[node.id] = node.snapshot()
+                known = self._last_json.get(node.id)
+                if known is not None and "=" not in known and hasattr(node, "snapshot_changes"):
+                    snaps[node.id] = _Changes(*node.snapshot_changes())
+                else:
+                    snaps[node.id] = node.snapshot()
             except Exception:  # node boundary: keep the node's previous state rows
                 if node.id not in self._failing:
                     log.exception("pipeline %s: node %s failed to snapshot its state", self.pipeline, node.id)
                 self._failing.add(node.id)
                 snaps[node.id] = _KEEP
+        self._cost += time.perf_counter() - t0
         return snaps
+
+    def _commit_changes(self, node_id: str, changes: _Changes, rows: list[_Row]) -> None:
+        last_obj = self._last_obj.setdefault(node_id, {})
+        last_json = self._last_json[node_id]
+        try:
+            blobs = {"." + k: json.dumps(v, separators=(",", ":")).encode() for k, v in changes.changed.items()}
+        except (TypeError, ValueError, RecursionError) as exc:
+            if node_id not in self._failing:
+                log.error("pipeline %s: node %s state is not plain data (%s); not saved", self.pipeline, node_id, exc)
+            self._failing.add(node_id)
+            # what is stored is now unknown for this node: its next checkpoint is a full one
+            self._last_json.pop(node_id, None)
+            self._last_obj.pop(node_id, None)
+            return
+        self._failing.discard(node_id)
+        for k, blob in blobs.items():
+            if last_json.get(k) != blob:
+                rows.append((self.pipeline, node_id, k, blob))
+                last_json[k] = blob
+            last_obj[k] = changes.changed[k[1:]]
+        for name in changes.removed:
+            k = "." + name
+            last_obj.pop(k, None)
+            if last_json.pop(k, None) is not None:
+                rows.append((self.pipeline, node_id, k, None))
 
     def commit(self, snaps: dict[str, Any]) -> None:
         """Queue the rows that changed since the last checkpoint, as one transaction."""
+        t0 = time.perf_counter()
         rows: list[_Row] = []
         for node_id, snap in snaps.items():
             if snap is _KEEP:
+                continue
+            if isinstance(snap, _Changes):
+                self._commit_changes(node_id, snap, rows)
                 continue
             last_obj = self._last_obj.setdefault(node_id, {})
             last_json = self._last_json.setdefault(node_id, {})
@@ -617,6 +659,10 @@ class Checkpointer:
             self._last_json[node_id] = new_json
             self._last_obj[node_id] = new_obj
         self.in_flight = False
+        # Bounded: a checkpoint that took more than the budget of its interval on the loop
+        # spaces the next one out, so they never take more than that share of the CPU.
+        cost, self._cost = self._cost + time.perf_counter() - t0, 0.0
+        self._next = max(self._next, time.monotonic() + cost * (1.0 / CHECKPOINT_BUDGET - 1.0))
         try:
             self.store.write(rows)
         except StoreError as exc:
@@ -636,6 +682,19 @@ class Checkpointer:
 
 
 _KEEP: Any = object()
+
+CHECKPOINT_BUDGET = 0.1
+"""The largest share of the event loop's time checkpoints may take (see :class:`Checkpointer`)."""
+
+
+class _Changes:
+    """A node's ``snapshot_changes()``: entries changed since its last snapshot, names removed."""
+
+    __slots__ = ("changed", "removed")
+
+    def __init__(self, changed: dict[str, Any], removed: Iterable[str]):
+        self.changed = changed
+        self.removed = removed
 
 
 def metric_families(gw: Any) -> Iterator[Any]:

@@ -846,12 +846,22 @@ class Window(Operator):
         Entries of keys that did not change are the same objects as in the previous snapshot,
         so a caller can skip them by identity.
         """
+        self.snapshot_changes()
+        return dict(self._plain)
+
+    def snapshot_changes(self) -> tuple[dict[str, Any], list[str]]:
+        """The entries of :meth:`snapshot` changed since the last snapshot (of either kind), and
+        the names of those removed: what a checkpoint must write, without the unchanged keys."""
+        changed: dict[str, Any] = {}
+        removed: list[str] = []
         for key in self._dirty:
             p = self._plain_key(key)
+            name = "k:" + key
             if p is None:
-                self._plain.pop("k:" + key, None)
+                if self._plain.pop(name, None) is not None:
+                    removed.append(name)
             else:
-                self._plain["k:" + key] = p
+                self._plain[name] = changed[name] = p
         self._dirty.clear()
         meta = {
             "v": _SNAPSHOT_VERSION,
@@ -862,10 +872,9 @@ class Window(Operator):
         }
         if not self._fast:
             meta["seq"] = self._seq  # orders buffered readings; the plain aggregates of the batch path need no order
-        prev = self._plain.get(_META)
-        if prev != meta:
-            self._plain[_META] = meta
-        return dict(self._plain)
+        if self._plain.get(_META) != meta:
+            self._plain[_META] = changed[_META] = meta
+        return changed, removed
 
     def restore(self, state: Any) -> None:
         if not state:
