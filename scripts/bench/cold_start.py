@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Cold start: from `sluice run` to the first reading processed, as after a power cut.
+
+A Mosquitto of our own; a publisher sends a hot reading (95 °C) every 5 ms on a new key from
+before the gateway starts; `sluice run` (no LLM) starts with mqtt -> filter -> map -> threshold
+-> mqtt_out, and the clock stops when its first alert arrives back on the broker: process start,
+imports, config, state and outbox files, the MQTT connection and subscription, one reading
+through the chain and the outbox, one publish. Reported: best and median of R starts (each with
+a fresh data directory, so no restored state), and the import share (`python -X importtime`,
+the modules a running gateway loads). Ends with one JSON line.
+
+    .venv/bin/python scripts/bench/cold_start.py [--quick] [--runs R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mqtt_ingest import (  # the same broker, config and binary as the ingest benchmark
+    ALERT_TOPIC,
+    SLUICE_BIN,
+    Broker,
+    find_mosquitto,
+    sluice_config,
+    stop_process,
+)
+
+GOAL_S = 1.5
+
+
+def one_start(tmp: Path, port: int, run: int) -> float | None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    first = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"cold-{run}-{os.getpid()}")
+    client.on_connect = lambda c, *a: c.subscribe(ALERT_TOPIC, 1)
+    client.on_message = lambda *a: first.set()
+    client.connect("127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    stop = threading.Event()
+
+    def publish() -> None:
+        i = 0
+        while not stop.is_set():
+            client.publish(f"bench/c{run}-{i}/temp", json.dumps({"value": 95.0}), qos=0)
+            i += 1
+            time.sleep(0.005)
+
+    cfg = tmp / f"cold-{run}.yaml"
+    cfg.write_text(sluice_config("simple", port, tmp / f"data-{run}"))
+    pub = threading.Thread(target=publish, daemon=True)
+    pub.start()
+    time.sleep(0.2)  # readings are already flowing when the gateway starts
+    log = open(tmp / f"cold-{run}.log", "wb")
+    t0 = time.monotonic()
+    proc = subprocess.Popen([str(SLUICE_BIN), "run", str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    got = first.wait(30)
+    elapsed = time.monotonic() - t0
+    stop.set()
+    pub.join()
+    stop_process(proc)
+    log.close()
+    client.loop_stop()
+    client.disconnect()
+    return elapsed if got else None
+
+
+def import_share() -> tuple[float, list[tuple[float, str]]]:
+    """Seconds `python -X importtime` spends importing what `sluice run` imports at start, and
+    the largest top-level packages."""
+    code = (
+        "import gateway.cli, gateway.runtime, gateway.console, gateway.web, "
+        "nodes.sources, nodes.operators, nodes.detectors, nodes.sinks, nodes.windows"
+    )
+    py = SLUICE_BIN.parent / "python"
+    out = subprocess.run([str(py), "-X", "importtime", "-c", code], capture_output=True, text=True).stderr
+    total = 0.0
+    tops: list[tuple[float, str]] = []
+    for line in out.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)", line)
+        if m and not m.group(3):  # a top-level import: its cumulative time
+            cum = int(m.group(2)) / 1e6
+            total += cum
+            tops.append((cum, m.group(4)))
+    return total, sorted(tops, reverse=True)[:6]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=None, help="starts (default 7; 3 with --quick)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    runs = args.runs or (3 if args.quick else 7)
+    if find_mosquitto() is None:
+        print("mosquitto not found: run scripts/ensure_mosquitto.sh", file=sys.stderr)
+        return 2
+    if not SLUICE_BIN.exists():
+        print(f"{SLUICE_BIN} does not exist (run `make deps`)", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-cold-"))
+    times: list[float] = []
+    failed = 0
+    try:
+        broker = Broker(tmp / "broker", None).start()
+        try:
+            for r in range(runs):
+                t = one_start(tmp, broker.port, r)
+                if t is None:
+                    failed += 1
+                else:
+                    times.append(t)
+        finally:
+            broker.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    imports, tops = import_share()
+    print(f"cold start: `sluice run` to the first alert back on the broker (no LLM), {runs} starts")
+    if times:
+        best, median = min(times), statistics.median(times)
+        print(
+            f"best {best:.2f} s, median {median:.2f} s (goal <= {GOAL_S} s: {'met' if median <= GOAL_S else 'NOT met'})"
+        )
+    else:
+        best = median = None
+        print("no start produced an alert within 30 s")
+    print(f"imports alone: {imports:.2f} s; largest: " + ", ".join(f"{n} {t:.2f} s" for t, n in tops))
+    print(
+        json.dumps(
+            {
+                "bench": "cold_start",
+                "ratio": round(GOAL_S / median, 3) if median else None,
+                "best_s": round(best, 3) if best else None,
+                "median_s": round(median, 3) if median else None,
+                "runs": runs,
+                "failed": failed,
+                "imports_s": round(imports, 3),
+                "goal_s": GOAL_S,
+            }
+        )
+    )
+    return 0 if times else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
