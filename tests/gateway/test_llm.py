@@ -23,9 +23,9 @@ from gateway.llm import (
     LocalProviderConfig,
     ModelLoadError,
     ProviderError,
-    _Job,
     run_chain,
 )
+from gateway.llm.local import _Job
 from tests._tiny_gguf import write_tiny_llama
 
 
