@@ -464,3 +464,52 @@ pipelines:
     draft["pipelines"][0]["nodes"][2]["options"]["where"] = "value < 8"
     out = apply_model(text, draft, known).text
     assert out == text.replace('"value > 1"', '"value > 2"').replace("'value < 9'", "'value < 8'")
+
+
+async def test_llm_chunks_reach_the_console_panel_as_they_stream(tmp_path: Path) -> None:
+    """A real (tiny) model streaming through an llm node into a console node: the chunks reach a
+    /ws client one by one, then the answer's closing event."""
+    from tests._tiny_gguf import write_tiny_llama
+    from tests.gateway._harness import running_gateway
+
+    model = write_tiny_llama(tmp_path / "tiny.gguf")
+    text = f"""
+gateway: {{id: editor-llm, data_dir: "{tmp_path / "data"}"}}
+llm:
+  providers:
+    tiny: {{type: local, model: "{model}", chat_format: gemma, n_ctx: 512, threads: 1}}
+pipelines:
+  - name: explain
+    nodes:
+      - {{id: sensors, type: simulate, interval: 500ms, sensors: [{{key: boiler/temp, base: 97}}]}}
+      - {{id: ask, type: llm, input: sensors, provider: tiny, output: stream, max_tokens: 16,
+         temperature: 0, max_queue: 1, prompt: "why is {{{{ key }}}} at {{{{ value }}}}?"}}
+      - {{id: show, type: console, input: ask, label: answers}}
+console: {{host: 127.0.0.1, port: 0, auth: false}}
+"""
+    async with running_gateway(text) as gw, aiohttp.ClientSession() as http:
+        base = base_url(gw)
+        async with http.ws_connect(f"{base}/ws", headers={"Origin": base}) as ws:
+            await ws.send_json({"op": "subscribe", "topic": "console"})
+            seen: list[dict[str, Any]] = []  # values in arrival order
+            for _ in range(500):
+                if sum(1 for v in seen if v.get("llm") == "ok") >= 2:
+                    break
+                data = json.loads((await asyncio.wait_for(ws.receive(), 60)).data)
+                if data["type"] == "console":
+                    assert all(e["label"] == "answers" for e in data["events"])
+                    seen.extend(e["event"]["value"] for e in data["events"])
+            done = [v for v in seen if v.get("llm") == "ok"]
+            assert len(done) >= 2
+            whole = 0
+            for answer in done:
+                # every chunk of the answer came before it, in order, and they make up its text
+                req = answer["request"]
+                before = seen[: seen.index(answer)]
+                chunks = [v for v in before if v.get("llm") == "chunk" and v["request"] == req]
+                if not chunks or chunks[0]["seq"] != 0:
+                    continue  # subscribed in the middle of this one
+                assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+                assert "".join(c["text"] for c in chunks).strip() == answer["text"]
+                whole += 1
+            assert whole >= 1
