@@ -51,8 +51,11 @@ def test_entry_points_name_every_builtin_node_by_its_type() -> None:
     assert data["before"] == []  # importing gateway.node imports no node module
     # every class a node module registers is an entry point named by its type, and no other
     assert builtin == {n: v for n, v in data["index"].items() if v.startswith("nodes.")}
-    # the installed metadata says the same as pyproject.toml (else: pip install -e . again)
-    assert {n: v for n, v in data["installed"].items() if v.startswith("nodes.")} == builtin
+    # the installed metadata says the same as pyproject.toml
+    installed = {n: v for n, v in data["installed"].items() if v.startswith("nodes.")}
+    assert installed == builtin, (
+        "the installed entry points differ from pyproject.toml: run `make deps` (pip install -e .) again"
+    )
 
 
 def test_a_config_imports_only_the_node_modules_it_uses() -> None:
