@@ -43,8 +43,14 @@ __all__ = ["Outbox", "OutboxConfig", "OutboxStore", "SqliteOutboxStore"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Outbox connections a sink registers itself (``<kind>:<pipeline>/<node>``), not broker connections.
-SINK_LINK_PREFIXES = ("webhook:", "kafka:", "redis:")
+
+def _sinks_link(name: str) -> bool:
+    """Whether an outbox connection is a link a sink registered itself (``<kind>:<pipeline>/<node>``,
+    any kind: webhook, kafka, redis, a third-party sink's) rather than a broker connection, whose
+    name is an id and never holds a colon."""
+    return ":" in name
+
+
 _LIVE_CACHE = 20_000  # rows kept in memory per connection for the sender
 RESULT_IDS_KEPT = 100_000
 """How many result ids the outbox remembers (newest first), to refuse a result it already took.
@@ -429,7 +435,7 @@ class Outbox:
                 self.bytes,
             )
             for conn, n in (await self._run(self.store.by_connection)).items():
-                if conn not in self.links and not conn.startswith(SINK_LINK_PREFIXES):
+                if conn not in self.links and not _sinks_link(conn):
                     log.warning(
                         "outbox %s: %d messages for connection %r, which the config no longer has; "
                         "they wait (and count against the quota) until it is back",
@@ -461,7 +467,7 @@ class Outbox:
         except sqlite3.Error:
             return  # the sender reports an unreadable outbox
         for conn, n in sorted(owed.items()):
-            if conn.startswith(SINK_LINK_PREFIXES) and conn not in self._extra:
+            if _sinks_link(conn) and conn not in self._extra:
                 log.warning(
                     "outbox %s: %d messages for %s, which no sink in the config has; they wait (and "
                     "count against the quota) until a sink of that kind, pipeline and id is back",

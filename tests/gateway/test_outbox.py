@@ -394,3 +394,40 @@ def test_delivery_when_the_memory_copy_overflows(monkeypatch: pytest.MonkeyPatch
     seqs = [m["seq"] for m in link.sent if not m["replayed"]]
     assert len(seqs) == len(set(seqs))
     assert {m["seq"] for m in link.sent} == set(range(1, 79))
+
+
+class SinkLink(FakeLink):
+    """A link a sink registers itself (as a webhook, Kafka or a third-party forwarding sink does)."""
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        pass
+
+    def configure(self, other: Any) -> None:
+        pass
+
+
+async def test_messages_owed_to_any_sinks_link_are_told_from_a_dropped_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A third-party forwarding sink's link (``clamp:p/out``) is a sink's, like ``webhook:…``: after a
+    restart its messages are not reported as owed to a broker connection the config dropped, but,
+    once no sink took it up, as owed to a sink the config no longer has."""
+    ob, task = await started(tmp_path, FakeLink())
+    ob.register_link("clamp:p/out", SinkLink())
+    await ob.put([("clamp:p/out", "t", {"v": 1}, None)])
+    await ob.close()
+    await asyncio.gather(task, return_exceptions=True)
+
+    monkeypatch.setattr(Outbox, "UNCLAIMED_AFTER", 0.1)
+    caplog.set_level("WARNING", logger="gateway.outbox")
+    ob2, task2 = await started(tmp_path, FakeLink())
+    try:
+        await wait_for(lambda: "no sink in the config has" in caplog.text, timeout=10)
+    finally:
+        await ob2.close()
+        task2.cancel()
+    assert "1 messages for clamp:p/out, which no sink in the config has" in caplog.text
+    assert "which the config no longer has" not in caplog.text
