@@ -75,6 +75,7 @@ __all__ = [
     "Link",
     "LinkError",
     "LlmHub",
+    "LlmProviders",
     "LlmRequest",
     "Metric",
     "NodeContext",
@@ -268,6 +269,14 @@ class ConsoleOut(Protocol):
     def console_publish(self, pipeline: str, node: str, label: str, events: list[Event]) -> None: ...
 
 
+class LlmProviders(Protocol):
+    """The gateway's LLM providers (the ``llm:`` section), for a node that asks a model: each by
+    name with its breaker, concurrency limit and statistics. Requests go through
+    :func:`run_chain` over slots, behind the node's own :class:`AdmissionQueue`."""
+
+    def slot(self, name: str) -> ProviderSlot: ...
+
+
 class Services(Protocol):
     """What the runtime offers a running node (``ctx.services``). A node says which it needs
     with ``required_services()``; in a test, a plain object with just those is enough."""
@@ -277,8 +286,7 @@ class Services(Protocol):
     """When this run of the gateway started (epoch seconds)."""
     outbox: Outbox | None
     alerts: Alerts | None
-    llm: LlmHub | None
-    """The LLM providers and their admission slots (``llm.slot(name)``)."""
+    llm: LlmProviders | None
     history: History | None
     console: ConsoleOut | None
     ingest: MutableMapping[str, Callable[[Any], Awaitable[Any]]]
