@@ -564,6 +564,8 @@ def _splice_keys(t: _Text, m: Any, data: dict[str, Any], start: int, end: int) -
     for i, k in enumerate(keys):
         first, last = span(i)
         if k not in data:
+            if i == 0:
+                return False  # its line holds the item's dash
             edits.append((first, last, ""))
             continue
         if _plain(m[k]) == data[k]:
@@ -573,6 +575,7 @@ def _splice_keys(t: _Text, m: Any, data: dict[str, Any], start: int, end: int) -
         line = _key_line(k, _styled(m[k], data[k]), col)
         if line is None:
             return False
+        line = t.lines[first][:col] + line[col:]  # the first key's line starts with the item's dash
         tokens = m.ca.items.get(k) or []
         tok = tokens[2] if len(tokens) > 2 else None
         if tok is not None and tok.value.strip().startswith("#") and "\n" not in tok.value.strip():

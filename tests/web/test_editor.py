@@ -513,3 +513,44 @@ console: {{host: 127.0.0.1, port: 0, auth: false}}
                 assert "".join(c["text"] for c in chunks).strip() == answer["text"]
                 whole += 1
             assert whole >= 1
+
+
+def test_rename_keeps_the_place_and_delete_takes_its_comment() -> None:
+    text = """\
+gateway: {id: g}
+pipelines:
+  - name: p
+    nodes:
+      - {id: s, type: simulate, sensors: [{key: a}]}
+      # drop the noise
+      - id: f
+        type: filter
+        input: s
+        where: "value > 0"  # positive only
+      # where it goes
+      - {id: out, type: log, input: f}
+"""
+    known = set(node_types())
+    draft = load_model(text, known)
+    nodes = draft["pipelines"][0]["nodes"]
+    nodes[1].update(id="positive", was="f")
+    nodes[2]["input"] = ["positive"]
+    out = apply_model(text, draft, known).text
+    assert out == text.replace("      - id: f\n", "      - id: positive\n").replace("input: f}", "input: positive}")
+    draft = load_model(text, known)
+    nodes = draft["pipelines"][0]["nodes"]
+    del nodes[1]
+    nodes[1]["input"] = ["s"]
+    out = apply_model(text, draft, known).text
+    assert (
+        out
+        == """\
+gateway: {id: g}
+pipelines:
+  - name: p
+    nodes:
+      - {id: s, type: simulate, sensors: [{key: a}]}
+      # where it goes
+      - {id: out, type: log, input: s}
+"""
+    )

@@ -129,7 +129,10 @@ async def test_build_deploy_watch_undo(started: tuple[Gateway, Path], page: Any)
     await drop(page, "window", 260, 160)
     await drop(page, "console", 490, 60)
     await connect(page, "simulate", "window")
-    await connect(page, "window", "console")
+    # the second wire from the console node's form (the keyboard and touch way)
+    await node(page, "console").click()
+    await page.select_option("#ed-field-input", ["window"])
+    await expect(page.locator("#drawflow .connection")).to_have_count(2)
 
     # forms generated from the schema
     await node(page, "simulate").click()

@@ -469,9 +469,24 @@ export function start(el, ctx) {
     idInput.addEventListener("change", () => renameNode(n, idInput.value.trim()));
     form.append(h("label", { class: "field", "data-path": "id" }, h("span", { class: "fname" }, "id", h("span", { class: "req", title: "required" }, " *")), idInput,
       h("small", { class: "help" }, "Stable id: names state, metrics and logs."), h("div", { class: "field-error", "data-path": "id" })));
-    form.append(h("div", { class: "field", "data-path": "input" }, h("span", { class: "fname" }, "input"),
-      h("small", { class: "help" }, n.input.length ? n.input.join(", ") : "wire an output to this node's input"),
-      h("div", { class: "field-error", "data-path": "input" })));
+    if (t && t.inputs === 0) {
+      form.append(h("div", { class: "field", "data-path": "input" }, h("span", { class: "fname" }, "input"),
+        h("small", { class: "help" }, "a source: it takes no input"), h("div", { class: "field-error", "data-path": "input" })));
+    } else {
+      // the wires into this node, also editable here: by keyboard, or on a touch screen
+      const ups = pipe().nodes.filter((m) => m.id !== n.id && (st.types.get(m.type)?.outputs ?? 1) > 0);
+      const sel = h("select", { id: "ed-field-input", name: "input", multiple: true, disabled: ro, size: Math.min(6, Math.max(2, ups.length)) },
+        ups.map((m) => h("option", { value: m.id, selected: n.input.includes(m.id) }, m.id)),
+        n.input.filter((u) => !ups.some((m) => m.id === u)).map((u) => h("option", { value: u, selected: true }, `${u} (missing)`)));
+      sel.addEventListener("change", () => {
+        n.input = [...sel.selectedOptions].map((o) => o.value);
+        commit();
+        rebuild();
+      });
+      form.append(h("label", { class: "field", "data-path": "input" }, h("span", { class: "fname" }, "input"), sel,
+        h("small", { class: "help" }, "Upstream nodes: wire an output to this node's input, or pick them here (Ctrl+click for several)."),
+        h("div", { class: "field-error", "data-path": "input" })));
+    }
     if (!t) {
       form.append(h("p", { class: "bad" }, `node type ${n.type} is not registered in this gateway`));
     } else {
