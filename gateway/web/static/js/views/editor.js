@@ -679,6 +679,7 @@ export function start(el, ctx) {
       if (err) { err.hidden = true; err.textContent = ""; }
       for (const port of box.querySelectorAll(".input")) port.classList.remove("df-bad-input");
     }
+    for (const path of canvasEl.querySelectorAll(".df-bad-wire")) path.classList.remove("df-bad-wire");
     const byNode = new Map();
     for (const e of mine) if (e.node) (byNode.get(e.node) || byNode.set(e.node, []).get(e.node)).push(e);
     for (const [id, list] of byNode) {
@@ -689,7 +690,11 @@ export function start(el, ctx) {
       const err = box.querySelector(".df-err");
       err.hidden = false;
       err.textContent = `${list[0].field ? list[0].field + ": " : ""}${list[0].message}${list.length > 1 ? ` (+${list.length - 1})` : ""}`;
-      if (list.some((e) => e.field === "input")) for (const port of box.querySelectorAll(".input")) port.classList.add("df-bad-input");
+      if (list.some((e) => e.field === "input")) {
+        // graph errors (unknown input, a cycle, a sink used as input): on the port and the wires into it
+        for (const port of box.querySelectorAll(".input")) port.classList.add("df-bad-input");
+        for (const path of canvasEl.querySelectorAll(`.connection.node_in_node-${dfId} .main-path`)) path.classList.add("df-bad-wire");
+      }
     }
     // on the form of the selected node: each error under its field (or the nearest enclosing one)
     for (const slot of side.querySelectorAll(".field-error")) { slot.textContent = ""; slot.closest(".field")?.classList.remove("has-error"); }
