@@ -38,7 +38,7 @@ from .envelope import Envelope, encode_fields
 from .errors import LinkError, SluiceError
 from .schema import OutboxConfig
 
-__all__ = ["Outbox", "OutboxConfig", "OutboxStore", "SqliteOutboxStore"]
+__all__ = ["Outbox", "OutboxConfig", "OutboxStore", "SendOrder", "SqliteOutboxStore"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -326,6 +326,59 @@ class SqliteOutboxStore:
 
 
 # --- the outbox ------------------------------------------------------------------------------
+
+
+class SendOrder:
+    """Which row goes next in one connected period: a plain, synchronous scheduler.
+
+    The backlog (rows committed before the connection came up) and live rows (committed since)
+    take turns one for one, so fresh messages are not stuck behind hours of backlog; but a live
+    row never goes ahead of an older row with the same ordering key: it is deferred until that
+    key's last backlog row went out (``backlog_last``: ordering key -> id of its last backlog
+    row). The sender fills :attr:`backlog` and :attr:`live` from the store and asks :meth:`next`.
+    """
+
+    __slots__ = ("_turn_live", "backlog", "backlog_done", "backlog_last", "deferred", "live", "ready")
+
+    def __init__(self, backlog_last: dict[str, int]):
+        self.backlog_last = backlog_last
+        self.backlog: deque[Row] = deque()
+        self.live: deque[Row] = deque()
+        self.ready: deque[Row] = deque()  # live rows released once their key's backlog went out
+        self.deferred: dict[str, deque[Row]] = {}
+        self.backlog_done = not backlog_last
+        self._turn_live = False
+
+    def finish_backlog(self) -> None:
+        """The store has no more backlog rows: whatever was deferred may go."""
+        self.backlog_done = True
+        for q in self.deferred.values():
+            self.ready.extend(q)
+        self.deferred.clear()
+        self.backlog_last.clear()
+
+    def next(self) -> Row | None:
+        """The row to send next, or ``None`` when none is at hand now."""
+        live = self.live
+        # live rows whose key still has backlog to go wait behind it
+        while live and (live[0].okey in self.backlog_last or live[0].okey in self.deferred):
+            r = live.popleft()
+            self.deferred.setdefault(r.okey, deque()).append(r)
+        live_q = self.ready if self.ready else live
+        if self.backlog and (not live_q or not self._turn_live):
+            row = self.backlog.popleft()
+            last = self.backlog_last.get(row.okey)
+            if last is not None and row.id >= last:
+                del self.backlog_last[row.okey]
+                held = self.deferred.pop(row.okey, None)
+                if held:
+                    self.ready.extend(held)
+        elif live_q:
+            row = live_q.popleft()
+        else:
+            return None
+        self._turn_live = not self._turn_live
+        return row
 
 
 class _RateCap:
@@ -777,13 +830,8 @@ class Outbox:
         backlog_last = await self._run(self.store.last_ids_by_key, conn, mark)
         if backlog_last:
             log.info("outbox: %s connected; sending %d waiting messages", conn, self.count)
+        order = SendOrder(backlog_last)
         b_cursor, l_cursor = 0, mark
-        b_buf: deque[Row] = deque()
-        l_buf: deque[Row] = deque()
-        ready: deque[Row] = deque()  # live rows released once their key's backlog went out
-        deferred: dict[str, deque[Row]] = {}
-        b_done = not backlog_last
-        turn_live = False
         batch = 500
 
         out: list[Row] = []  # chosen, sent together in one write
@@ -795,20 +843,16 @@ class Outbox:
         while not self._closing:
             if not link.connected or conn in self._restart:
                 raise LinkError(conn, "connection lost")
-            if not b_done and not b_buf:
+            if not order.backlog_done and not order.backlog:
                 await self._send_many(conn, link, out)
                 rows = await self._run(self.store.load, conn, b_cursor, mark, batch)
                 if rows:
                     b_cursor = rows[-1].id
-                    b_buf.extend(r for r in rows if usable(r))
+                    order.backlog.extend(r for r in rows if usable(r))
                 else:
-                    b_done = True
-                    for q in deferred.values():
-                        ready.extend(q)
-                    deferred.clear()
-                    backlog_last.clear()
+                    order.finish_backlog()
                 continue
-            if not l_buf and not ready and self.last_id > l_cursor:
+            if not order.live and not order.ready and self.last_id > l_cursor:
                 new.clear()
                 snap = self.last_id
                 cache = self._live.get(conn)
@@ -816,42 +860,27 @@ class Outbox:
                     # the memory copy holds every row after l_cursor: no need to read them back
                     while cache and cache[0].id <= l_cursor:
                         cache.popleft()
-                    while cache and len(l_buf) < batch:
+                    while cache and len(order.live) < batch:
                         r = cache.popleft()
                         if usable(r):
-                            l_buf.append(r)
+                            order.live.append(r)
                         l_cursor = r.id
                     if not cache:
                         l_cursor = max(l_cursor, snap)
                     continue
                 await self._send_many(conn, link, out)
                 rows = await self._run(self.store.load, conn, l_cursor, snap, batch)
-                l_buf.extend(r for r in rows if usable(r))
+                order.live.extend(r for r in rows if usable(r))
                 # every row up to snap was committed before this read: none of this connection's is left
                 l_cursor = rows[-1].id if len(rows) == batch else snap
                 continue
-            # live rows whose key still has backlog to go wait behind it
-            while l_buf and (l_buf[0].okey in backlog_last or l_buf[0].okey in deferred):
-                r = l_buf.popleft()
-                deferred.setdefault(r.okey, deque()).append(r)
-            live_q = ready if ready else l_buf
-            if b_buf and (not live_q or not turn_live):
-                row = b_buf.popleft()
-                last = backlog_last.get(row.okey)
-                if last is not None and row.id >= last:
-                    del backlog_last[row.okey]
-                    held = deferred.pop(row.okey, None)
-                    if held:
-                        ready.extend(held)
-            elif live_q:
-                row = live_q.popleft()
-            else:
+            row = order.next()
+            if row is None:
                 await self._send_many(conn, link, out)
-                if b_done and not deferred:
+                if order.backlog_done and not order.deferred:
                     if self.last_id <= l_cursor:
                         await self._wait(new, link)
                 continue
-            turn_live = not turn_live
             if not usable(row):
                 continue
             out.append(row)

@@ -431,3 +431,39 @@ async def test_messages_owed_to_any_sinks_link_are_told_from_a_dropped_connectio
         task2.cancel()
     assert "1 messages for clamp:p/out, which no sink in the config has" in caplog.text
     assert "which the config no longer has" not in caplog.text
+
+
+def test_send_order_interleaves_backlog_and_live_but_keeps_each_keys_order() -> None:
+    """The sender's scheduler, driven synchronously: backlog and live take turns, and a live row
+    waits while its key still has backlog to go."""
+    from gateway.outbox import Row, SendOrder
+
+    def row(i: int, key: str) -> Row:
+        return Row(i, "plant", "t", key, b"{}", False, 10)
+
+    backlog = [row(1, "a"), row(2, "b"), row(3, "a"), row(4, "c")]
+    order = SendOrder({"a": 3, "b": 2, "c": 4})
+    order.backlog.extend(backlog)
+    order.live.extend([row(5, "a"), row(6, "d"), row(7, "b"), row(8, "e")])
+    sent = []
+    while (r := order.next()) is not None:
+        sent.append(r.id)
+    assert order.deferred == {}
+    order.finish_backlog()
+    while (r := order.next()) is not None:
+        sent.append(r.id)
+    # 5 (a) waits for 3, 7 (b) for 2; 6 (d) and 8 (e) have no backlog and take their turns
+    assert sent == [1, 6, 2, 7, 3, 5, 4, 8]
+    for key in "abcde":
+        ids = [i for i in sent if {1: "a", 2: "b", 3: "a", 4: "c", 5: "a", 6: "d", 7: "b", 8: "e"}[i] == key]
+        assert ids == sorted(ids)
+
+
+def test_send_order_releases_what_waited_when_the_backlog_ends_early() -> None:
+    from gateway.outbox import Row, SendOrder
+
+    order = SendOrder({"a": 9})  # the store said a's backlog ends at 9, but the rows were trimmed
+    order.live.append(Row(10, "plant", "t", "a", b"{}", False, 10))
+    assert order.next() is None and list(order.deferred) == ["a"]
+    order.finish_backlog()
+    assert [order.next().id, order.next()] == [10, None]  # type: ignore[union-attr]
