@@ -191,6 +191,18 @@ async def test_build_deploy_watch_undo(started: tuple[Gateway, Path], page: Any)
     # the phone width: the canvas and the console panel still there
     await page.set_viewport_size({"width": 390, "height": 844})
     await expect(page.locator("#drawflow")).to_be_visible()
+    # the pipeline is fitted into the narrower canvas, and nothing is wider than the screen
+    await page.wait_for_function(
+        """() => {
+          const c = document.querySelector('#drawflow').getBoundingClientRect();
+          return [...document.querySelectorAll('.drawflow-node')].every((n) => {
+            const r = n.getBoundingClientRect();
+            return r.left >= c.left - 1 && r.right <= c.right + 1;
+          });
+        }"""
+    )
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 391
+    await expect(page.locator("#ed-console-body .ed-line").first).to_be_visible()
     await shot(page, "editor-phone")
 
 

@@ -135,7 +135,7 @@ export function start(el, ctx) {
 
   // --- model ------------------------------------------------------------------------------
 
-  const pipe = () => st.model.pipelines.find((p) => p.name === st.current);
+  const pipe = () => st.model?.pipelines.find((p) => p.name === st.current);
   const nodeById = (id) => pipe()?.nodes.find((n) => n.id === id);
   const posOf = (id) => (st.positions[st.current] || {})[id];
   const setPos = (id, x, y) => { (st.positions[st.current] ||= {})[id] = [Math.round(x), Math.round(y)]; };
@@ -516,7 +516,7 @@ export function start(el, ctx) {
     const health = d.health && Object.keys(d.health).length
       ? "health: " + Object.entries(d.health).map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ")
       : null;
-    box.replaceChildren(h("small", { class: "muted" }, "running: " + parts.join(" · ")), health ? h("small", { class: "help" }, health) : null);
+    box.replaceChildren(...[h("small", { class: "muted" }, "running: " + parts.join(" · ")), health && h("small", { class: "help" }, health)].filter(Boolean));
   }
 
   function renameNode(n, id) {
@@ -898,9 +898,11 @@ export function start(el, ctx) {
     else if (e.key === "Delete" && document.activeElement !== canvasEl) deleteSelected();
   }
   document.addEventListener("keydown", onKey);
+  // the canvas changes size with the window and the layout (phone, tablet): fit the pipeline again
   let resizeTimer = null;
-  const onResize = () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(fit, 150); };
-  window.addEventListener("resize", onResize);
+  const onResize = () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(fit, 100); };
+  const resizeObserver = new ResizeObserver(onResize);
+  resizeObserver.observe(canvasEl);
   locate.addEventListener("change", () => locateNode(locate.value));
 
   // --- loading ----------------------------------------------------------------------------
@@ -951,7 +953,7 @@ export function start(el, ctx) {
       st.stopped = true;
       clearTimeout(timer);
       document.removeEventListener("keydown", onKey);
-      window.removeEventListener("resize", onResize);
+      resizeObserver.disconnect();
       for (const off of offs) off();
     },
   };
