@@ -287,9 +287,10 @@ def test_tls_and_sasl_options_reach_the_client(tmp_path: Path) -> None:
 
 class GateOptions(NodeOptions):
     type: Literal["t_kafka_gate"]
+    gate: str = "default"
 
 
-GATE = {"open": None}  # an asyncio.Event per test, set by the test
+GATES: dict[str, asyncio.Event] = {}  # set by each test; a Gate sink waits on the one its options name
 
 
 @register
@@ -303,7 +304,7 @@ class Gate(Sink):
         self.seen: list[float] = []
 
     async def write(self, batch: list[Event]) -> None:
-        await GATE["open"].wait()
+        await GATES[self.options.gate].wait()
         self.seen.extend(ev.value for ev in batch)
 
 
@@ -312,7 +313,7 @@ async def test_kafka_source_pauses_under_backpressure_and_commits_after_the_sink
 ) -> None:
     n = 300
     await produce(tansu.bootstrap, "slow", [(f"k{i % 4}", {"value": i}) for i in range(n)])
-    GATE["open"] = asyncio.Event()
+    GATES["default"] = asyncio.Event()
     text = f"""\
 gateway: {{id: gw3, data_dir: "{tmp_path}/data", queue_size: 10, sink_queue_size: 10}}
 pipelines:
@@ -328,7 +329,7 @@ console: {{enabled: false}}
         await wait_for(lambda: src.health()["paused"] and src.counters()["pauses"] >= 1, timeout=30)
         assert src.counters()["in"] < n  # the rest waits in Kafka, not in memory
         assert src.health()["commits"] == 0  # nothing written, nothing committed
-        GATE["open"].set()
+        GATES["default"].set()
         await wait_for(lambda: len(gate.seen) == n, timeout=30)
         await wait_for(lambda: not src.health()["pending_batches"] and src.health()["commits"] >= 1, timeout=10)
         assert sorted(gate.seen) == [float(i) for i in range(n)]
@@ -336,3 +337,41 @@ console: {{enabled: false}}
         await wait_for(lambda: src._ready == {}, timeout=10)
         committed = {tp: await consumer.committed(tp) for tp in consumer.assignment()}
     assert sum(v or 0 for v in committed.values()) == n, committed  # a partition without records has none
+
+
+async def test_kafka_source_rebalance_loses_nothing(tmp_path: Path, tansu: TansuBroker) -> None:
+    """The first gateway holds its records unwritten (its sink is stuck) when a second joins the group:
+    the partition it loses is read again by the second from the last commit; nothing is lost."""
+    n = 2000
+    admin = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic("shared", num_partitions=2, replication_factor=1)])
+    finally:
+        await admin.close()
+    await produce(tansu.bootstrap, "shared", [(f"k{i % 7}", {"value": i}) for i in range(n)])
+    GATES["first"], GATES["second"] = asyncio.Event(), asyncio.Event()
+    GATES["second"].set()
+
+    def gateway(name: str) -> str:
+        return f"""\
+gateway: {{id: {name}, data_dir: "{tmp_path}/{name}", queue_size: 10, sink_queue_size: 10}}
+pipelines:
+  - name: c
+    nodes:
+      - {{id: src, type: kafka, bootstrap_servers: "{tansu.bootstrap}", topic: shared, group: shared-group,
+          batch: 5, session_timeout: 6s}}
+      - {{id: gate, type: t_kafka_gate, input: src, gate: {name}}}
+console: {{enabled: false}}
+"""
+
+    async with running_gateway(gateway("first")) as first:
+        src1, gate1 = node(first, "c", "src"), node(first, "c", "gate")
+        await wait_for(lambda: len(src1.health()["partitions"]) == 2 and src1.health()["paused"], timeout=60)
+        async with running_gateway(gateway("second")) as second:
+            src2, gate2 = node(second, "c", "src"), node(second, "c", "gate")
+            await wait_for(lambda: src2.health()["partitions"] and len(src1.health()["partitions"]) == 1, timeout=60)
+            GATES["first"].set()
+            await wait_for(lambda: set(gate1.seen) | set(gate2.seen) == set(map(float, range(n))), timeout=60)
+            assert gate2.seen  # the second did take over a partition's records
+    assert src1.n_in + src2.n_in >= n
