@@ -70,16 +70,7 @@ def _type_name_comparisons(path: Path, names: set[str]) -> list[str]:
 def test_the_runtime_never_compares_a_node_type_name() -> None:
     names = set(node_types())
     assert {"alert", "llm", "mqtt"} <= names
-    # The Flink exporter is a translator of particular node types into Flink's own operators: its
-    # table of what it can translate is by type, by design (anything else is refused by name).
-    # The runtime, the console and the CLI ask the node classes instead.
-    exempt = {ROOT / "gateway" / "export_flink.py"}
-    found = [
-        hit
-        for path in sorted((ROOT / "gateway").rglob("*.py"))
-        if path not in exempt
-        for hit in _type_name_comparisons(path, names)
-    ]
+    found = [hit for path in sorted((ROOT / "gateway").rglob("*.py")) for hit in _type_name_comparisons(path, names)]
     assert found == []
 
 
