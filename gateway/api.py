@@ -277,6 +277,7 @@ class LlmProviders(Protocol):
     def slot(self, name: str) -> ProviderSlot: ...
 
 
+@runtime_checkable
 class Services(Protocol):
     """What the runtime offers a running node (``ctx.services``). A node says which it needs
     with ``required_services()``; in a test, a plain object with just those is enough."""

@@ -144,3 +144,9 @@ def test_config_models_come_from_the_schema_not_the_runtime() -> None:
     relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
     assert relative <= {"node", "redact"}
     assert not {m for m in schema_imports if m.startswith("gateway.")}
+
+
+def test_the_runtimes_services_are_what_the_api_promises(tmp_path: Path) -> None:
+    from gateway.runtime import Links
+
+    assert isinstance(Links("gw", {}, tmp_path, 0.0), api.Services)
