@@ -164,22 +164,9 @@ class Console:
         # prometheus_client costs ~10 MB resident: imported at the first scrape, not at start.
         self._registry: Any = None
         self.app = web.Application()
-        self.app.router.add_get("/healthz", self.healthz)
-        self.app.router.add_get("/metrics", self.metrics)
-        self.app.router.add_get("/api/pipelines", self.api_pipelines)
-        self.app.router.add_get("/api/deadletters", self.api_deadletters)
-        self.app.router.add_get("/api/logs", self.api_logs)
-        self.app.router.add_get("/api/alerts", self.api_alerts)
-        self.app.router.add_get("/api/history", self.api_history)
-        self.app.router.add_post("/api/alerts/{id}/{action}", self.api_alert_action)
-        self.app.router.add_post("/api/alerts/suppress", self.api_alert_suppress)
-        self.app.router.add_get("/api/alerts/suppressions", self.api_alert_suppressions)
-        self.app.router.add_delete("/api/alerts/suppressions/{id}", self.api_alert_unsuppress)
-        _describe_suppression_routes()
-        self.app.router.add_post("/ingest/{source}", self.ingest)  # its own token, not the console's auth
-        from .web import setup as web_setup  # pages, /ws, OpenAPI, and the auth around them
+        from .web import setup as web_setup  # every route (gateway.web.routes), /ws, OpenAPI, and the auth
 
-        self.web = web_setup(self.app, gw, cfg)
+        self.web = web_setup(self.app, gw, cfg, self)
         self._runner: web.AppRunner | None = None
         self.port = cfg.port
 
@@ -373,94 +360,6 @@ class Console:
         level = request.query.get("level")
         lines = [ln for ln in RECENT.lines if level is None or ln["level"] == level]
         return web.json_response({"lines": redact(lines[-200:])})
-
-
-def _describe_suppression_routes() -> None:
-    from .web.openapi import describe
-
-    err = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    sup = {
-        "type": "object",
-        "properties": {
-            "id": {"type": "integer"},
-            "pattern": {"type": "string"},
-            "until": {"type": "number"},
-            "note": {"type": ["string", "null"]},
-            "created_at": {"type": "number"},
-            "created_by": {"type": "string"},
-        },
-    }
-
-    def ok(schema: dict[str, Any], what: str = "OK") -> dict[str, Any]:
-        return {"description": what, "content": {"application/json": {"schema": schema}}}
-
-    describe(
-        "/api/alerts/suppress",
-        "post",
-        {
-            "summary": "Suppress alert notifications for alert keys matching a glob until a time (admin)",
-            "tags": ["alerts"],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["alert_key", "until"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "alert_key": {
-                                    "type": "string",
-                                    "minLength": 1,
-                                    "maxLength": 200,
-                                    "description": "glob, e.g. boiler/hot/*",
-                                },
-                                "until": {
-                                    "oneOf": [{"type": "number"}, {"type": "string", "format": "date-time"}],
-                                    "description": "epoch seconds or an ISO 8601 time with an offset",
-                                },
-                                "note": {"type": "string", "maxLength": 2000},
-                            },
-                        }
-                    }
-                },
-            },
-            "responses": {
-                "201": ok({"type": "object", "properties": {"suppression": sup}}, "Created"),
-                "400": err,
-                "401": err,
-                "403": err,
-                "409": err,
-            },
-        },
-    )
-    describe(
-        "/api/alerts/suppressions",
-        "get",
-        {
-            "summary": "Ad-hoc suppressions in force",
-            "tags": ["alerts"],
-            "responses": {
-                "200": ok({"type": "object", "properties": {"suppressions": {"type": "array", "items": sup}}}),
-                "401": err,
-            },
-        },
-    )
-    describe(
-        "/api/alerts/suppressions/{id}",
-        "delete",
-        {
-            "summary": "End an ad-hoc suppression now (admin); its held alerts are published",
-            "tags": ["alerts"],
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
-            "responses": {
-                "200": ok({"type": "object", "properties": {"deleted": {"type": "integer"}}}),
-                "404": err,
-                "401": err,
-                "403": err,
-            },
-        },
-    )
 
 
 def _row_id(request: web.Request, what: str) -> int | web.Response:

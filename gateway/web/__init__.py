@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ..config import ConsoleConfig
+from . import openapi
 from .auth import Auth, Identity, hash_password
 from .editor import Editor
-from .openapi import openapi_document
-from .views import Views, security_headers
+from .routes import add_routes
+from .views import STATIC, Views, security_headers
 from .ws import Hub
 
 if TYPE_CHECKING:
+    from ..console import Console
     from ..runtime import Gateway
 
 __all__ = ["WEB", "Auth", "Hub", "Identity", "Web", "hash_password", "setup"]
@@ -50,21 +52,21 @@ class Web:
 WEB = web.AppKey("sluice_web", Web)
 
 
-def setup(app: web.Application, gw: Gateway, cfg: ConsoleConfig) -> Web:
-    """Install the console's security, pages, ``/ws`` and ``/api/openapi.json`` on ``app``."""
+def setup(app: web.Application, gw: Gateway, cfg: ConsoleConfig, console: Console) -> Web:
+    """Install the console's security and every route of :data:`gateway.web.routes.ROUTES` on ``app``."""
     w = Web(gw, cfg)
     app[WEB] = w
     app.on_response_prepare.append(security_headers)
     w.auth.install(app)
-    w.auth.add_routes(app)
-    w.views.add_routes(app)
-    w.editor.add_routes(app)
-    app.router.add_get("/ws", w.hub.handle)
-
-    async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(openapi_document(request.app))
-
-    app.router.add_get("/api/openapi.json", openapi)
+    owners = {
+        "console": console,
+        "auth": w.auth,
+        "views": w.views,
+        "editor": w.editor,
+        "hub": w.hub,
+        "openapi": openapi,
+    }
+    add_routes(app, owners, STATIC)
     app.cleanup_ctx.append(w.hub.lifespan)
     app.on_shutdown.append(w.hub.close_all)
 

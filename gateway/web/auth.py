@@ -625,19 +625,6 @@ class Auth:
 
     # --- handlers ---------------------------------------------------------------------------
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/api/session", self.api_session)
-        app.router.add_post("/api/login", self.api_login)
-        app.router.add_post("/api/logout", self.api_logout)
-        app.router.add_post("/api/setup", self.api_setup)
-        app.router.add_get("/api/users", self.api_users)
-        app.router.add_post("/api/users", self.api_user_create)
-        app.router.add_delete("/api/users/{name}", self.api_user_delete)
-        app.router.add_patch("/api/users/{name}", self.api_user_change)
-        app.router.add_get("/api/tokens", self.api_tokens)
-        app.router.add_post("/api/tokens", self.api_token_create)
-        app.router.add_delete("/api/tokens/{id}", self.api_token_delete)
-
     async def api_session(self, request: web.Request) -> web.Response:
         """Who am I, and the CSRF token my page must send with every change."""
         session = await get_session(request)

@@ -58,16 +58,10 @@ class Views:
         self._proc = psutil.Process()
         psutil.cpu_percent(interval=None)  # the first call only starts the measurement
         self._proc.cpu_percent(interval=None)
-
-    def add_routes(self, app: web.Application) -> None:
-        for path, page in (("/", "app.html"), ("/login", "login.html"), ("/setup", "setup.html")):
-            app.router.add_get(path, self._page(page))
-        app.router.add_get("/api/overview", self.api_overview)
-        app.router.add_get("/api/pipelines/{pipeline}/nodes/{node}", self.api_node)
-        app.router.add_get("/api/config", self.api_config)
-        app.router.add_post("/api/config/validate", self.api_validate)
-        app.router.add_post("/api/config/save", self.api_save)
-        app.router.add_static("/static/", STATIC, append_version=False)
+        # the pages (routes in gateway.web.routes)
+        self.page_app = self._page("app.html")
+        self.page_login = self._page("login.html")
+        self.page_setup = self._page("setup.html")
 
     @staticmethod
     def _page(name: str) -> Any:

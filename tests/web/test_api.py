@@ -125,3 +125,44 @@ async def test_static_assets_are_shipped(gw: Gateway, admin: Browserish) -> None
             assert r.status == 200, path
     async with admin.http.get(admin.base + "/static/../auth.py") as r:
         assert r.status in (403, 404)
+
+
+async def test_every_served_route_is_in_the_document_and_nothing_else(gw: Gateway, admin: Browserish) -> None:
+    """The console serves exactly the routes the OpenAPI document describes, one table being both."""
+    from gateway.web.auth import _OPEN_EXACT
+    from gateway.web.routes import ROUTES, registered
+
+    assert gw.console is not None
+    _, doc = await admin.get("/api/openapi.json")
+    documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    served = registered(gw.console.app)
+    assert served == documented
+    assert {"/", "/ws", "/healthz", "/ingest/{source}", "/api/openapi.json"} <= {p for _, p in served}
+    assert all(op["summary"] and op["responses"] for ops in doc["paths"].values() for op in ops.values())
+    # who may call a route, as the table says, is what the auth middleware lets through
+    public = {r.path for r in ROUTES if r.roles == "public" and not r.path.startswith("/static/")}
+    assert public == _OPEN_EXACT & {p for _, p in served}
+    assert [r.path for r in ROUTES if r.roles == "viewer" and r.method != "GET"] == []
+
+
+def test_a_route_without_a_table_row_is_not_served(tmp_path: object) -> None:
+    """Registering goes through the table only: a table with one row less serves one route less."""
+    from aiohttp import web
+
+    from gateway.web.openapi import openapi_document
+    from gateway.web.routes import ROUTES, add_routes, registered
+
+    class Owner:
+        def __getattr__(self, name: str) -> object:
+            async def handler(request: web.Request) -> web.Response:
+                return web.Response()
+
+            return handler
+
+    owners = {k: Owner() for k in ("console", "auth", "views", "editor", "hub", "openapi")}
+    app = web.Application()
+    fewer = tuple(r for r in ROUTES if r.path != "/api/logs")
+    add_routes(app, owners, tmp_path, fewer)  # type: ignore[arg-type]
+    assert ("GET", "/api/logs") not in registered(app)
+    assert "/api/logs" not in openapi_document(app)["paths"]
+    assert "/api/logs" in openapi_document()["paths"]
