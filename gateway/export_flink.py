@@ -4,8 +4,8 @@ The job reads the readings a gateway forwards to Kafka (the ``kafka`` source's t
 options) and writes its results to Kafka (the ``kafka_out`` node's topic), as JSON objects
 ``{"key", "ts", "value"}`` keyed by the event key. Flink SQL carries what it can say exactly —
 ``filter`` and ``map`` (CEL translated to SQL), ``window`` tumbling/hopping/session with
-count/sum/min/max/mean/stddev — and a keyed process function with state carries ``threshold``
-(hysteresis). Anything the translator cannot carry over exactly is refused by name, with what to
+count/sum/min/max/mean/stddev — and keyed process functions with state carry count windows and
+``threshold`` (hysteresis). Anything the translator cannot carry over exactly is refused by name, with what to
 do instead; nothing is approximated silently.
 
 For a run without the Kafka connector JAR (tests, a first look) the job takes
@@ -350,7 +350,10 @@ def _step(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], floa
     translate = _TRANSLATE.get(op.type)
     if translate is None:
         raise ValueError(f"`{op.type}` is not translated")
-    return translate(op, before)
+    step = translate(op, before)
+    if step[0][0] == "sql" and any(s[0] == "count" for s in before):
+        raise ValueError("a SQL step after a count window is not translated (only threshold may follow it)")
+    return step
 
 
 def _filter(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], float]:
@@ -377,9 +380,20 @@ def _map(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], float
     return ("sql", f"SELECT {k} AS k, ts, {v} AS v, rowtime FROM {{src}}"), 0.0
 
 
+_COUNT_AGGS = ("count", "sum", "min", "max", "mean", "stddev", "first", "last")
+
+
 def _window(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], float]:
-    if any(s[0] == "window" for s in before):
+    if any(s[0] in ("window", "count") for s in before):
         raise ValueError("a window after a window is not translated (Flink's window time is end - 1 ms)")
+    if op.kind == "count":
+        # No count windows in Flink SQL: a keyed process function keeps the key's latest `count`
+        # readings in arrival order, as the gateway does (count windows do not wait for a watermark).
+        if op.key is not None or op.field is not None:
+            raise ValueError("window `key`/`field` are not translated")
+        if not isinstance(op.aggregate, str) or op.aggregate not in _COUNT_AGGS:
+            raise ValueError(f"count windows are translated with one of {', '.join(_COUNT_AGGS)}")
+        return ("count", {"count": op.count, "every": op.every or 1, "aggregate": op.aggregate}), 0.0
     if op.kind not in ("tumbling", "hopping", "session"):
         raise ValueError(f"`kind: {op.kind}` has no window table function in Flink SQL; not translated")
     if op.key is not None or op.field is not None:
@@ -442,7 +456,56 @@ VALUE_FIELD = {value_field!r}
 TS_FIELD = {ts_field!r}
 LATENESS_S = {lateness!r}
 STEPS = {steps!r}
+COUNT_WINDOW = {count_window!r}
 THRESHOLD = {threshold!r}
+
+
+def count_window_function():
+    import math
+
+    from pyflink.common import Row, Types
+    from pyflink.datastream import KeyedProcessFunction
+    from pyflink.datastream.state import ValueStateDescriptor
+
+    c = COUNT_WINDOW
+    size, every, agg = c["count"], c["every"], c["aggregate"]
+
+    def aggregate(vs):
+        n = len(vs)
+        if agg == "count":
+            return float(n)
+        if agg == "sum":
+            return sum(vs)
+        if agg == "min":
+            return min(vs)
+        if agg == "max":
+            return max(vs)
+        if agg == "first":
+            return vs[0]
+        if agg == "last":
+            return vs[-1]
+        mean = sum(vs) / n
+        if agg == "mean":
+            return mean
+        return math.sqrt(max(0.0, sum((x - mean) ** 2 for x in vs) / n))
+
+    class CountWindow(KeyedProcessFunction):
+        def open(self, ctx):
+            self.buf = ctx.get_state(ValueStateDescriptor("latest", Types.PICKLED_BYTE_ARRAY()))
+
+        def process_element(self, row, ctx):
+            st = self.buf.value() or [[], 0]
+            st[0] = (st[0] + [(row[1], row[2])])[-size:]
+            st[1] += 1
+            out = None
+            if len(st[0]) == size and st[1] >= every:
+                st[1] = 0
+                out = Row(row[0], max(t for t, _ in st[0]), float(aggregate([v for _, v in st[0]])))
+            self.buf.update(st)
+            if out is not None:
+                yield out
+
+    return CountWindow()
 
 
 def threshold_function():
@@ -549,15 +612,24 @@ def main(argv=None):
         t_env.create_temporary_view(view, t_env.sql_query(sql.format(src=name)))
         name = view
     table = t_env.from_path(name)
+    if COUNT_WINDOW is not None or THRESHOLD is not None:
+        ds = t_env.to_data_stream(t_env.sql_query("SELECT k, ts, v FROM %s" % name))
+        if COUNT_WINDOW is not None:
+            ds = ds.key_by(lambda r: r[0], key_type=Types.STRING()).process(
+                count_window_function(),
+                output_type=Types.ROW_NAMED(["k", "ts", "v"], [Types.STRING(), Types.DOUBLE(), Types.DOUBLE()]),
+            )
     if THRESHOLD is not None:
         alerts = (
-            t_env.to_data_stream(table)
-            .key_by(lambda r: r[0], key_type=Types.STRING())
+            ds.key_by(lambda r: r[0], key_type=Types.STRING())
             .process(threshold_function(),
                      output_type=Types.ROW_NAMED(["k", "ts", "vj"], [Types.STRING(), Types.DOUBLE(), Types.STRING()]))
         )
         table = t_env.from_data_stream(alerts)
         encode = lambda r: {{"key": r[0], "ts": r[1], "value": json.loads(r[2])}}  # noqa: E731
+    elif COUNT_WINDOW is not None:
+        table = t_env.from_data_stream(ds)
+        encode = lambda r: {{"key": r[0], "ts": r[1], "value": r[2]}}  # noqa: E731
     else:
         table = t_env.sql_query("SELECT k, ts, v FROM %s" % name)
         encode = lambda r: {{"key": r[0], "ts": r[1], "value": r[2]}}  # noqa: E731
@@ -591,10 +663,13 @@ def export_flink(loaded: LoadedConfig, pipeline: str) -> str:
     plan = _plan(loaded, pipeline)
     src = plan.source
     threshold = None
+    count_window = None
     steps = []
     for kind, item in plan.steps:
         if kind == "sql":
             steps.append(item)
+        elif kind == "count":
+            count_window = item
         else:
             o = item
             threshold = {
@@ -626,5 +701,6 @@ def export_flink(loaded: LoadedConfig, pipeline: str) -> str:
         bootstrap=",".join(src.servers),
         group=src.group or f"flink-{gw}-{pipeline}",
         steps=steps,
+        count_window=count_window,
         threshold=threshold,
     )

@@ -100,7 +100,7 @@ def test_operators_and_sinks_without_meaning_are_refused_by_name() -> None:
 @pytest.mark.parametrize(
     ("node", "words"),
     [
-        ("{id: w, type: window, input: src, kind: count, count: 5, aggregate: mean}", ["p/w", "count"]),
+        ("{id: w, type: window, input: src, kind: count, count: 5, aggregate: p50}", ["p/w", "count windows"]),
         ("{id: w, type: window, input: src, kind: tumbling, size: 10s, aggregate: p90}", ["p/w", "p90"]),
         ("{id: w, type: window, input: src, kind: tumbling, size: 10s, aggregate: first}", ["p/w", "event time"]),
         ("{id: w, type: window, input: src, kind: sliding, size: 10s, aggregate: mean}", ["p/w", "sliding"]),
@@ -157,6 +157,12 @@ CASES: dict[str, str] = {
     "session_count": "      - {id: w, type: window, input: src, kind: session, gap: 3s, aggregate: count}\n" + out("w"),
     "tumbling_stddev_sum": (
         "      - {id: w, type: window, input: src, kind: tumbling, size: 20s, aggregate: stddev}\n" + out("w")
+    ),
+    "count_mean_every": "      - {id: w, type: window, input: src, kind: count, count: 5, every: 5, aggregate: mean}\n"
+    + out("w"),
+    "count_first_threshold": (
+        "      - {id: w, type: window, input: src, kind: count, count: 4, aggregate: first}\n"
+        "      - {id: t, type: threshold, input: w, above: 30, clear_below: 25}\n" + out("t")
     ),
     "threshold": "      - {id: t, type: threshold, input: src, above: 30, clear_below: 25, severity: critical}\n"
     + out("t"),
