@@ -808,6 +808,7 @@ export function start(el, ctx) {
         h("button", { type: "button", id: "ed-import-go", onclick: async () => {
           try {
             const r = await post("/api/editor/import", { yaml: area.value });
+            if (!r.pipeline) { err.textContent = r.error; return; }
             const p = r.pipeline;
             if (st.model.pipelines.some((x) => x.name === p.name)) { err.textContent = `there is already a pipeline ${p.name}`; return; }
             st.model.pipelines.push(p);
