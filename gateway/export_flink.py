@@ -4,9 +4,9 @@ The job reads the readings a gateway forwards to Kafka (the ``kafka`` source's t
 options) and writes its results to Kafka (the ``kafka_out`` node's topic), as JSON objects
 ``{"key", "ts", "value"}`` keyed by the event key. Flink SQL carries what it can say exactly —
 ``filter`` and ``map`` (CEL translated to SQL), ``window`` tumbling/hopping/session with
-count/sum/min/max/mean/stddev — and keyed process functions with state carry count windows and
-``threshold`` (hysteresis). Anything the translator cannot carry over exactly is refused by name, with what to
-do instead; nothing is approximated silently.
+count/sum/min/max/mean/stddev — and keyed process functions with state carry count windows and the
+detectors ``threshold`` (hysteresis), ``zscore`` and ``ewma``. Anything the translator cannot
+carry over exactly is refused by name, with what to do instead; nothing is approximated silently.
 
 For a run without the Kafka connector JAR (tests, a first look) the job takes
 ``--source-file`` (JSON lines ``{"key", "ts", "value"}``, read as a bounded Python collection)
@@ -57,8 +57,6 @@ _NO_MEANING = {
     "homeassistant": "Home Assistant discovery is the gateway's",
     "stale": "stale needs processing-time timers the gateway has; not translated yet",
     "flatline": "not translated yet",
-    "zscore": "not translated yet",
-    "ewma": "not translated yet",
     "rate_of_change": "not translated yet",
 }
 # Node types a source stands for on the gateway only: the readings must reach Kafka first.
@@ -430,7 +428,20 @@ def _threshold(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any],
     return ("threshold", op), 0.0
 
 
-_TRANSLATE = {"filter": _filter, "map": _map, "window": _window, "threshold": _threshold}
+def _baseline(op: Any, before: list[tuple[str, Any]]) -> tuple[tuple[str, Any], float]:
+    if op.field is not None:
+        raise ValueError(f"{op.type} `field` (object readings) is not translated")
+    return ("threshold", op), 0.0
+
+
+_TRANSLATE = {
+    "filter": _filter,
+    "map": _map,
+    "window": _window,
+    "threshold": _threshold,
+    "zscore": _baseline,
+    "ewma": _baseline,
+}
 
 
 _JOB = '''\
@@ -509,46 +520,109 @@ def count_window_function():
 
 
 def threshold_function():
+    """The gateway's detector (threshold with hysteresis, zscore or ewma) as a keyed process function."""
+    import math
+
+    from pyflink.common import Row, Types
     from pyflink.datastream import KeyedProcessFunction
     from pyflink.datastream.state import ValueStateDescriptor
-    from pyflink.common import Row, Types
 
     t = THRESHOLD
-    hi, lo = t["above"], t["below"]
-    hi_clear = t["clear_below"] if t["clear_below"] is not None else hi
-    lo_clear = t["clear_above"] if t["clear_above"] is not None else lo
+    kind = t["kind"]
 
-    def rule(key, side):
-        name = t["name"] or key
-        if side == "high":
-            extra = " (clears below %g)" % hi_clear if hi_clear != hi else ""
-            return "%s above %g%s" % (name, hi, extra)
-        extra = " (clears above %g)" % lo_clear if lo_clear != lo else ""
-        return "%s below %g%s" % (name, lo, extra)
+    def alert(key, ts, state, reading, rule, **extra):
+        value = {{"state": state, "alert_key": "%s/%s/%s" % (t["pipeline"], t["id"], key),
+                  "severity": t["severity"], "reading": reading, "rule": rule}}
+        value.update(extra)
+        return Row(key, ts, json.dumps(value))
 
-    class Threshold(KeyedProcessFunction):
-        def open(self, ctx):
-            self.active = ctx.get_state(ValueStateDescriptor("active", Types.STRING()))
+    if kind == "threshold":
+        hi, lo = t["above"], t["below"]
+        hi_clear = t["clear_below"] if t["clear_below"] is not None else hi
+        lo_clear = t["clear_above"] if t["clear_above"] is not None else lo
 
-        def process_element(self, row, ctx):
-            key, ts, v = row[0], row[1], row[2]
-            active = self.active.value()
+        def rule(key, side):
+            name = t["name"] or key
+            if side == "high":
+                extra = " (clears below %g)" % hi_clear if hi_clear != hi else ""
+                return "%s above %g%s" % (name, hi, extra)
+            extra = " (clears above %g)" % lo_clear if lo_clear != lo else ""
+            return "%s below %g%s" % (name, lo, extra)
+
+        def step(st, key, ts, v):
+            active = st.get("active")
             if active is None:
                 side = "high" if hi is not None and v > hi else "low" if lo is not None and v < lo else None
                 if side is None:
-                    return
-                self.active.update(side)
-                state = "raised"
-            elif (active == "high" and v < hi_clear) or (active == "low" and v > lo_clear):
-                self.active.clear()
-                side, state = active, "cleared"
-            else:
-                return
-            value = {{"state": state, "alert_key": "%s/%s/%s" % (t["pipeline"], t["id"], key),
-                      "severity": t["severity"], "reading": v, "rule": rule(key, side)}}
-            yield Row(key, ts, json.dumps(value))
+                    return None
+                st["active"] = side
+                return alert(key, ts, "raised", v, rule(key, side))
+            if (active == "high" and v < hi_clear) or (active == "low" and v > lo_clear):
+                del st["active"]
+                return alert(key, ts, "cleared", v, rule(key, active))
+            return None
 
-    return Threshold()
+    else:
+        baseline = "rolling" if kind == "zscore" else "EWMA"
+
+        def stats(st):
+            if kind == "zscore":
+                w = st.get("w")
+                if not w:
+                    return None
+                n = len(w)
+                mean = sum(w) / n
+                var = sum((x - mean) ** 2 for x in w) / (n - 1) if n > 1 else 0.0
+                return n, mean, math.sqrt(var)
+            s = st.get("s")
+            return None if s is None else (int(s[0]), s[1], math.sqrt(s[2]))
+
+        def learn(st, v):
+            if kind == "zscore":
+                st["w"] = (st.get("w", []) + [v])[-t["window"]:]
+                return
+            s = st.get("s")
+            if s is None:
+                st["s"] = [1, v, 0.0]
+                return
+            n, mean, var = s
+            a = max(t["alpha"], 1.0 / (n + 1))
+            d = v - mean
+            mean += a * d
+            var = (1 - a) * (var + a * d * d)
+            st["s"] = [n + 1, mean, var]
+
+        def step(st, key, ts, v):
+            s = stats(st)
+            learn(st, v)
+            if s is None or s[0] < t["warmup"]:
+                return None
+            _, mean, std = s
+            z = (v - mean) / max(std, t["min_std"])
+            extra = {{"score": round(z, 3), "baseline": round(mean, 6), "std": round(std, 6)}}
+            rule = "%s more than %g standard deviations from its %s baseline (clears within %g)" % (
+                t["name"] or key, t["threshold"], baseline, t["clear"])
+            if not st.get("active"):
+                if abs(z) > t["threshold"]:
+                    st["active"] = True
+                    return alert(key, ts, "raised", v, rule, **extra)
+            elif abs(z) < t["clear"]:
+                del st["active"]
+                return alert(key, ts, "cleared", v, rule, **extra)
+            return None
+
+    class Detector(KeyedProcessFunction):
+        def open(self, ctx):
+            self.state = ctx.get_state(ValueStateDescriptor("detector", Types.PICKLED_BYTE_ARRAY()))
+
+        def process_element(self, row, ctx):
+            st = self.state.value() or {{}}
+            out = step(st, row[0], row[1], row[2])
+            self.state.update(st)
+            if out is not None:
+                yield out
+
+    return Detector()
 
 
 def main(argv=None):
@@ -672,16 +746,18 @@ def export_flink(loaded: LoadedConfig, pipeline: str) -> str:
             count_window = item
         else:
             o = item
-            threshold = {
-                "pipeline": pipeline,
-                "id": o.id,
-                "above": o.above,
-                "below": o.below,
-                "clear_below": o.clear_below,
-                "clear_above": o.clear_above,
-                "severity": o.severity,
-                "name": o.name,
-            }
+            threshold = {"kind": o.type, "pipeline": pipeline, "id": o.id, "severity": o.severity, "name": o.name}
+            if hasattr(o, "above"):  # threshold; zscore and ewma judge against a baseline
+                threshold.update(above=o.above, below=o.below, clear_below=o.clear_below, clear_above=o.clear_above)
+            else:
+                threshold.update(
+                    threshold=o.threshold,
+                    clear=o.clear if o.clear is not None else 0.8 * o.threshold,
+                    warmup=o.warmup,
+                    min_std=o.min_std,
+                    window=getattr(o, "window", None),
+                    alpha=getattr(o, "alpha", None),
+                )
     for s in plan.sinks:
         if "{key}" in s.topic or "{source}" in s.topic:
             raise ExportError([f"{pipeline}/{s.id}: a topic template with {{key}} or {{source}} is not translated"])

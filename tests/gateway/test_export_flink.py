@@ -164,6 +164,8 @@ CASES: dict[str, str] = {
         "      - {id: w, type: window, input: src, kind: count, count: 4, aggregate: first}\n"
         "      - {id: t, type: threshold, input: w, above: 30, clear_below: 25}\n" + out("t")
     ),
+    "zscore": "      - {id: z, type: zscore, input: src, window: 20, warmup: 10, threshold: 1.5}\n" + out("z"),
+    "ewma": "      - {id: e, type: ewma, input: src, alpha: 0.2, warmup: 5, threshold: 1.2, clear: 0.5}\n" + out("e"),
     "threshold": "      - {id: t, type: threshold, input: src, above: 30, clear_below: 25, severity: critical}\n"
     + out("t"),
 }
