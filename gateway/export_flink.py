@@ -5,8 +5,9 @@ options) and writes its results to Kafka (the ``kafka_out`` node's topic), as JS
 ``{"key", "ts", "value"}`` keyed by the event key. Flink SQL carries what it can say exactly —
 ``filter`` and ``map`` (CEL translated to SQL), ``window`` tumbling/hopping/session with
 count/sum/min/max/mean/stddev — and keyed process functions with state carry count windows and the
-detectors ``threshold`` (hysteresis), ``zscore`` and ``ewma``. Anything the translator cannot
-carry over exactly is refused by name, with what to do instead; nothing is approximated silently.
+detectors ``threshold`` (hysteresis), ``zscore``, ``ewma`` and ``rate_of_change``. Anything the
+translator cannot carry over exactly is refused by name, with what to do instead; nothing is
+approximated silently.
 
 For a run without the Kafka connector JAR (tests, a first look) the job takes
 ``--source-file`` (JSON lines ``{"key", "ts", "value"}``, read as a bounded Python collection)
@@ -57,7 +58,6 @@ _NO_MEANING = {
     "homeassistant": "Home Assistant discovery is the gateway's",
     "stale": "stale needs processing-time timers the gateway has; not translated yet",
     "flatline": "not translated yet",
-    "rate_of_change": "not translated yet",
 }
 # Node types a source stands for on the gateway only: the readings must reach Kafka first.
 _GATEWAY_INPUTS = frozenset({"serial", "modbus", "websocket", "http", "http_poll", "simulate", "mqtt", "redis"})
@@ -441,6 +441,7 @@ _TRANSLATE = {
     "threshold": _threshold,
     "zscore": _baseline,
     "ewma": _baseline,
+    "rate_of_change": _baseline,
 }
 
 
@@ -560,6 +561,32 @@ def threshold_function():
             if (active == "high" and v < hi_clear) or (active == "low" and v > lo_clear):
                 del st["active"]
                 return alert(key, ts, "cleared", v, rule(key, active))
+            return None
+
+    elif kind == "rate_of_change":
+
+        def rule(key, side):
+            limit = t["max_rise"] if side == "rise" else t["max_fall"]
+            return "%s %s faster than %g per %gs" % (
+                t["name"] or key, "rises" if side == "rise" else "falls", limit, t["per"])
+
+        def step(st, key, ts, v):
+            prev = st.get("last")
+            if prev is not None and ts <= prev[0]:
+                return None  # same or older event time: no rate to speak of
+            st["last"] = (ts, v)
+            if prev is None:
+                return None
+            rate = (v - prev[1]) / (ts - prev[0]) * t["per"]
+            rise, fall = t["max_rise"], t["max_fall"]
+            side = "rise" if rise is not None and rate > rise else "fall" if fall is not None and -rate > fall else None
+            active = st.get("active")
+            if side is not None and active is None:
+                st["active"] = side
+                return alert(key, ts, "raised", v, rule(key, side), rate=rate)
+            if side is None and active is not None:
+                del st["active"]
+                return alert(key, ts, "cleared", v, rule(key, active), rate=rate)
             return None
 
     else:
@@ -749,6 +776,8 @@ def export_flink(loaded: LoadedConfig, pipeline: str) -> str:
             threshold = {"kind": o.type, "pipeline": pipeline, "id": o.id, "severity": o.severity, "name": o.name}
             if hasattr(o, "above"):  # threshold; zscore and ewma judge against a baseline
                 threshold.update(above=o.above, below=o.below, clear_below=o.clear_below, clear_above=o.clear_above)
+            elif hasattr(o, "max_rise"):  # rate of change
+                threshold.update(max_rise=o.max_rise, max_fall=o.max_fall, per=o.per)
             else:
                 threshold.update(
                     threshold=o.threshold,

@@ -166,6 +166,8 @@ CASES: dict[str, str] = {
     ),
     "zscore": "      - {id: z, type: zscore, input: src, window: 20, warmup: 10, threshold: 1.5}\n" + out("z"),
     "ewma": "      - {id: e, type: ewma, input: src, alpha: 0.2, warmup: 5, threshold: 1.2, clear: 0.5}\n" + out("e"),
+    "rate_of_change": "      - {id: r, type: rate_of_change, input: src, max_rise: 4, max_fall: 3, per: 1s}\n"
+    + out("r"),
     "threshold": "      - {id: t, type: threshold, input: src, above: 30, clear_below: 25, severity: critical}\n"
     + out("t"),
 }
