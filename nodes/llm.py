@@ -316,7 +316,7 @@ class Llm(Operator):
         out.update({"llm": status, "text": self._rule_text(item.event), "request": item.id})
         out.update(extra)
         ev = item.event
-        return Event(ev.key, ev.ts, out, self.id, ev.meta)
+        return Event(ev.key, ev.ts, out, self.id, _own_meta(ev))
 
     def _result(self, item: _Pending, o: Outcome, waited: float) -> Event:
         ev = item.event
@@ -352,7 +352,7 @@ class Llm(Operator):
                 out.update(
                     {"llm": "error", "llm_error": problem, "model_text": out["text"], "text": self._rule_text(ev)}
                 )
-        return Event(ev.key, ev.ts, out, self.id, ev.meta)
+        return Event(ev.key, ev.ts, out, self.id, _own_meta(ev))
 
     # --- the workers -----------------------------------------------------------------------------
 
@@ -454,7 +454,7 @@ class Llm(Operator):
                         "request": item.id,
                         "provider": provider,
                     }
-                    if not self.ctx.emit([Event(ev.key, ev.ts, value, self.id, ev.meta)]):
+                    if not self.ctx.emit([Event(ev.key, ev.ts, value, self.id, _own_meta(ev))]):
                         self._shed_chunk(1)
 
         outcome = await run_chain(self.slots, req, on_chunk, self.ctx.monotonic)
@@ -551,3 +551,11 @@ class Llm(Operator):
             "tokens_per_s": self.last_tokens_per_s,
             "providers": [s.describe() for s in self.slots],
         }
+
+
+def _own_meta(ev: Event) -> dict[str, Any] | None:
+    """The input's meta for an output of this node, without its ``result_id``: every chunk and the
+    answer are messages of their own, which the outbox would otherwise take as repeats of the input."""
+    if not ev.meta or "result_id" not in ev.meta:
+        return ev.meta
+    return {k: v for k, v in ev.meta.items() if k != "result_id"}
