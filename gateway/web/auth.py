@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-import argon2
 from aiohttp import web
 
 from ..config import ConsoleConfig
@@ -68,25 +67,34 @@ _OPEN_PREFIX = ("/static/",)
 _OWN_AUTH_PREFIX = ("/ingest/",)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 
-# OWASP's minimum for argon2id (19 MiB, 2 passes): affordable on a Pi, one hash at a time.
-_HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+
+@functools.cache
+def _hasher() -> Any:
+    # argon2 (and its cffi bindings) load at the first hash, not at import: a gateway with the
+    # console's auth off never needs them.
+    import argon2
+
+    # OWASP's minimum for argon2id (19 MiB, 2 passes): affordable on a Pi, one hash at a time.
+    return argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 
 
 @functools.cache
 def _dummy_hash() -> str:
     # Made at the first login, not at import: a hash touches 19 MiB, which a gateway that is
     # never logged into should not carry as its peak resident size.
-    return _HASHER.hash(secrets.token_hex(16))
+    return _hasher().hash(secrets.token_hex(16))
 
 
 def hash_password(password: str) -> str:
     """An argon2id hash for ``console.users[].password_hash`` or the account file."""
-    return _HASHER.hash(password)
+    return _hasher().hash(password)
 
 
 def _verify(stored: str, password: str) -> bool:
+    import argon2.exceptions
+
     try:
-        return _HASHER.verify(stored, password)
+        return _hasher().verify(stored, password)
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
 

@@ -1,0 +1,50 @@
+"""A gateway imports only what its config uses: an MQTT -> window -> alert flow with the console's
+auth off loads no argon2, no serial or Modbus stack, no LLM stack and no firmware codecs.
+
+Checked in a fresh interpreter that runs such a gateway (its config parsed, its pipelines and
+console built and started against a real Mosquitto), because a module imported anywhere at
+start-up costs every gateway its memory and start time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests._util import MosquittoBroker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import asyncio, json, sys
+sys.path.insert(0, {bench!r})
+from mqtt_ingest import sluice_config
+from gateway.config import parse_config
+from gateway.runtime import Gateway
+
+async def main():
+    gw = Gateway(parse_config(sluice_config("realistic", {port}, {data!r}), "t.yaml", {{}}))
+    task = asyncio.create_task(gw.run(install_signals=False))
+    for _ in range(600):
+        if gw.state == "running" or task.done():
+            break
+        await asyncio.sleep(0.05)
+    state = gw.state
+    gw.stop()
+    await task
+    print(json.dumps({{"state": state, "modules": sorted(sys.modules)}}))
+
+asyncio.run(main())
+"""
+
+
+def test_an_mqtt_window_alert_gateway_loads_only_what_it_uses(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    code = SCRIPT.format(bench=str(ROOT / "scripts" / "bench"), port=mosquitto.port, data=str(tmp_path / "data"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["state"] == "running"
+    loaded = set(result["modules"])
+    for unused in ("argon2", "llama_cpp", "pymodbus", "serial", "serial_asyncio_fast", "firmware_bridges.codecs"):
+        assert unused not in loaded, f"{unused} is imported by a gateway that does not use it"
