@@ -34,6 +34,7 @@ from aiohttp import web
 
 from ..config import ConsoleConfig
 from ..errors import SluiceError
+from .routes import ROUTES
 
 __all__ = ["IDENTITY", "Auth", "Identity", "hash_password"]
 
@@ -47,24 +48,13 @@ SESSION_MAX_AGE = 12 * 3600
 COOKIE_NAME = "sluice_session"
 CSRF_HEADER = "X-CSRF-Token"
 
-# Paths anyone may reach: monitoring, the login/setup pages and their API, shipped assets.
-_OPEN_EXACT = frozenset(
-    {
-        "/healthz",
-        "/metrics",
-        "/login",
-        "/setup",
-        "/api/session",
-        "/api/login",
-        "/api/setup",
-        "/api/logout",
-        "/favicon.ico",
-    }
-)
-_OPEN_PREFIX = ("/static/",)
-# Pushed readings (nodes/http.py): each http source checks its own token, so neither the console's
-# login nor its CSRF check applies; a device is no browser.
-_OWN_AUTH_PREFIX = ("/ingest/",)
+# Who may reach a path comes from the route table's `roles`: `public` rows (monitoring, the
+# login/setup pages and their API, shipped assets) are open, plus the favicon browsers ask for.
+_OPEN_EXACT = frozenset({r.path for r in ROUTES if r.roles == "public" and "{" not in r.path} | {"/favicon.ico"})
+_OPEN_PREFIX = tuple(r.path.split("{", 1)[0] for r in ROUTES if r.roles == "public" and "{" in r.path)
+# `own` rows, pushed readings (nodes/http.py): each http source checks its own token, so neither the
+# console's login nor its CSRF check applies; a device is no browser.
+_OWN_AUTH_PREFIX = tuple(r.path.split("{", 1)[0] for r in ROUTES if r.roles == "own")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 from gateway.runtime import Gateway
 from gateway.web.openapi import openapi_document
@@ -129,7 +130,6 @@ async def test_static_assets_are_shipped(gw: Gateway, admin: Browserish) -> None
 
 async def test_every_served_route_is_in_the_document_and_nothing_else(gw: Gateway, admin: Browserish) -> None:
     """The console serves exactly the routes the OpenAPI document describes, one table being both."""
-    from gateway.web.auth import _OPEN_EXACT
     from gateway.web.routes import ROUTES, registered
 
     assert gw.console is not None
@@ -139,10 +139,28 @@ async def test_every_served_route_is_in_the_document_and_nothing_else(gw: Gatewa
     assert served == documented
     assert {"/", "/ws", "/healthz", "/ingest/{source}", "/api/openapi.json"} <= {p for _, p in served}
     assert all(op["summary"] and op["responses"] for ops in doc["paths"].values() for op in ops.values())
-    # who may call a route, as the table says, is what the auth middleware lets through
-    public = {r.path for r in ROUTES if r.roles == "public" and not r.path.startswith("/static/")}
-    assert public == _OPEN_EXACT & {p for _, p in served}
+    # a change always needs an admin (the middleware's rule), so no row may promise one to a viewer
     assert [r.path for r in ROUTES if r.roles == "viewer" and r.method != "GET"] == []
+
+
+async def test_the_route_table_roles_are_what_the_console_enforces(
+    gw: Gateway, admin: Browserish, client_factory: Callable[[], Browserish]
+) -> None:
+    """Without a login, a `public` row answers and every other row is refused (401, or to the login page)."""
+    from gateway.web.routes import ROUTES
+
+    anonymous = client_factory()
+    for r in ROUTES:
+        if r.method != "GET" or "{" in r.path:
+            continue
+        status, _ = await anonymous.get(r.path)
+        if r.roles == "public":
+            assert status == 200, r.path
+        elif r.path.startswith("/api/") or r.path == "/ws":
+            assert status == 401, r.path
+        else:
+            assert status == 302, r.path
+    assert (await anonymous.get("/static/style.css"))[0] == 200
 
 
 def test_a_route_without_a_table_row_is_not_served(tmp_path: object) -> None:
