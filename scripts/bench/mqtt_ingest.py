@@ -1082,11 +1082,17 @@ def measure(subject: Subject, args: argparse.Namespace, cores: tuple[int | None,
                     raise RuntimeError(why)  # no count at all: nothing to report as measured
                 res.notes.append(why)
                 break
-        # Let the tail (alerts leaving through the sink) finish inside the measured window.
+        # Let the tail (alerts leaving through the sink) finish inside the measured window: until
+        # every expected alert arrived, or the count stood still for a second (30 s at most).
         stable_since = time.monotonic()
         seen = monitor.alert_count()
-        settle_deadline = time.monotonic() + 3
-        while time.monotonic() - stable_since < 0.3 and time.monotonic() < settle_deadline:
+        settle_deadline = time.monotonic() + 30
+        want = getattr(args, "expected_total", None)
+        while time.monotonic() < settle_deadline:
+            if want is not None and seen - alerts0 >= want:
+                break
+            if time.monotonic() - stable_since >= (1.0 if want is not None else 0.3):
+                break
             time.sleep(0.05)
             if monitor.alert_count() != seen:
                 seen, stable_since = monitor.alert_count(), time.monotonic()
@@ -1542,6 +1548,8 @@ def main(argv: list[str] | None = None) -> int:
         "mosquitto": mosq_version.strip() or "?",
     }
 
+    raised, cleared, _ = expected_for(args.flow, args.n, args.keys)
+    args.expected_total = raised + cleared  # the settle after a run waits for these
     wanted = args.only or ["bare", "sluice", "nodered"]
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmpname:
