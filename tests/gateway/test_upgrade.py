@@ -64,6 +64,8 @@ def post_garbage(gw: Any) -> int:
 
 
 async def test_the_previous_releases_databases_work(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    missing = [n for n in ("state.db", "outbox.db", "alerts.db", "deadletter.db") if not (FIXTURES / n).is_file()]
+    assert not missing, f"release 0.1.0 databases missing from {FIXTURES}: {missing}"
     data = tmp_path / "data"
     shutil.copytree(FIXTURES, data)
     with mqtt_client(mosquitto, subscribe="push/#") as sub:
