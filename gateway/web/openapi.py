@@ -7,6 +7,7 @@ nothing is described that is not served.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -24,13 +25,28 @@ _REF = "#/components/schemas/{model}"
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+# the document's JSON text by route table (a table is an immutable tuple; the entry holds it, so
+# its id is not reused): building it takes milliseconds, too long to repeat on the loop per request
+_TEXT: dict[int, tuple[tuple[Route, ...], str]] = {}
+
+
 async def serve(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(request.app))
+    return web.Response(text=_text(request.app.get(ROUTES_KEY, ROUTES)), content_type="application/json")
 
 
 def openapi_document(app: web.Application | None = None) -> dict[str, Any]:
     """The document for the routes installed on ``app`` (the whole table without one)."""
-    routes: tuple[Route, ...] = app.get(ROUTES_KEY, ROUTES) if app is not None else ROUTES
+    return json.loads(_text(app.get(ROUTES_KEY, ROUTES) if app is not None else ROUTES))
+
+
+def _text(routes: tuple[Route, ...]) -> str:
+    hit = _TEXT.get(id(routes))
+    if hit is None or hit[0] is not routes:
+        hit = _TEXT[id(routes)] = (routes, json.dumps(_build(routes)))
+    return hit[1]
+
+
+def _build(routes: tuple[Route, ...]) -> dict[str, Any]:
     used: set[type[BaseModel]] = set()
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
