@@ -484,6 +484,9 @@ class Gateway:
                     t.cancel()
         finally:
             release_heap(stopping=settled)
+            # The console first: a page still polling must not reach stores that are closing.
+            if self.console is not None:
+                await self.console.stop()
             await self.alerts.close()
             await self.outbox.close()
             await self.llm.close()
@@ -491,8 +494,6 @@ class Gateway:
             await self.dead_letters.close()
             if settled:
                 await asyncio.to_thread(self.clock.save_floor, self.data_dir / "clock", final=True)
-            if self.console is not None:
-                await self.console.stop()
             if install_signals:
                 for s in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(s)
