@@ -179,7 +179,8 @@ def _is_async(fn: Any) -> bool:
 
 
 def install_fast_publish(client: gmqtt.Client) -> None:
-    """Hand each plain QoS 0 PUBLISH of the client's connection straight to ``on_message``.
+    """Hand each plain QoS 0 PUBLISH of the client's connection straight to ``on_message``, and
+    each PUBACK straight to the handler's PUBACK method.
 
     gmqtt takes every packet through a Package, the connection, the handler's dispatch, a debug
     log call, struct formats built per message and a check of whether ``on_message`` is a
@@ -245,6 +246,14 @@ def install_fast_publish(client: gmqtt.Client) -> None:
                         fast += 1
                         pos = end
                         continue
+            elif cmd == 0x40:  # PUBACK: straight to the handler's own PUBACK method (ours wraps it)
+                try:
+                    handler._handle_puback_packet(cmd, data[i:end])
+                except Exception:
+                    logger.exception("[MqttPackageHandler] error handling package")
+                fast += 1
+                pos = end
+                continue
             put(Package(cmd, data[i:end]))
             pos = end
         if fast:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import gmqtt
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway import _gmqtt_compat as compat
 from gateway.config import MqttConnection
 from gateway.mqtt import MqttLink
 from tests._util import MosquittoBroker, mqtt_client, wait_for
@@ -79,6 +81,19 @@ async def test_plain_qos0_publishes_skip_gmqtts_handler_and_arrive_intact(
             if version == "5":
                 assert by_topic["fast/props"][2]["user_property"] == [("site", "north")]
                 assert len(through_gmqtt) == 1  # the one with properties
+
+        # PUBACKs of our own QoS 1 publishes reach the handler's PUBACK method without gmqtt's
+        # per-packet dispatch, and each still frees its packet id and acknowledges.
+        client = link._client
+        packages: list[int] = []
+        put = client._connection.put_package
+        client._connection.put_package = lambda pkg: (packages.append(pkg.cmd), put(pkg))[1]
+        acked: list[int] = []
+        plain_acked = client.on_acked
+        client.on_acked = lambda mid: (acked.append(mid), plain_acked(mid))[1]
+        mids = [compat.publish_qos1(client, gmqtt.Message(f"out/{i}", b"x", qos=1)) for i in range(40)]
+        await wait_for(lambda: sorted(acked) == sorted(mids), timeout=10)
+        assert 0x40 not in packages
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
