@@ -273,8 +273,11 @@ class SqliteOutboxStore:
 
     def _delete(self, ids: list[int]) -> None:
         assert self._db is not None
-        for i in ids:
-            for (size,) in self._db.execute("DELETE FROM outbox WHERE id=? RETURNING size", (i,)).fetchall():
+        # one statement per 500 ids, not one per id (under alert load this is one per alert)
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            q = f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING size"
+            for (size,) in self._db.execute(q, chunk).fetchall():
                 self._count -= 1
                 self._bytes -= size
 
