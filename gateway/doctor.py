@@ -332,7 +332,9 @@ def check_model(name: str, provider: Any) -> Check:
     if package:
         import importlib.util
 
-        if importlib.util.find_spec(package) is None:
+        from .schema import package_gguf
+
+        if package_gguf(package) is None and importlib.util.find_spec(package) is None:
             return Check("model", ERROR, f"LLM {name}: model package {package} is not installed")
         return Check("model", OK, f"LLM {name}: model package {package} installed")
     path = Path(provider.model or "")

