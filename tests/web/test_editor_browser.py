@@ -324,3 +324,170 @@ async def test_alerts_to_a_real_broker_through_a_connection_select(
         assert alert["key"] == "boiler/temp" and alert["gateway_id"] == "editor-browser"
     await expect(page.locator("#ed-console .tab").first).to_contain_text("console (boiler)")
     assert "connection: plant" in path.read_text()
+
+
+FULL = """\
+# Plant gateway: the whole flow is built in the editor.
+gateway: {{id: editor-full, data_dir: "{data}"}}
+connections:
+  plant: {{type: mqtt, host: 127.0.0.1, port: {port}}}
+llm:
+  providers:
+    tiny: {{type: local, model: "{model}", chat_format: gemma, n_ctx: 512, threads: 1}}
+pipelines: []
+console: {{host: 127.0.0.1, port: 0}}
+"""
+
+
+class Feed:
+    """A WebSocket server (the device) sending one JSON reading to each client every 100 ms."""
+
+    def __init__(self) -> None:
+        from aiohttp import web
+
+        self.web = web
+        self.runner: Any = None
+        self.port = 0
+        self.sent = 0
+
+    async def handler(self, request: Any) -> Any:
+        ws = self.web.WebSocketResponse()
+        await ws.prepare(request)
+        while not ws.closed:
+            await ws.send_str(json.dumps({"temp": 120.0 + (self.sent % 3)}))
+            self.sent += 1
+            await asyncio.sleep(0.1)
+        return ws
+
+    async def __aenter__(self) -> Feed:
+        app = self.web.Application()
+        app.router.add_get("/feed", self.handler)
+        self.runner = self.web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        site = self.web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # the port the OS chose
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+async def fill(pg: Any, field: str, value: str) -> None:
+    await pg.fill(f"#ed-field-{field}", value)
+    await pg.press(f"#ed-field-{field}", "Tab")
+
+
+async def test_websocket_window_threshold_llm_to_console_and_mqtt(
+    tmp_path: Path,
+    mosquitto: Any,
+    page: Any,  # noqa: F811
+) -> None:
+    """The flow of the editor's purpose: a WebSocket device → a 5 s tumbling mean → a threshold → a
+    (tiny, random-weight) local model streaming its explanation → the console panel, and the alert
+    to a real Mosquitto. Built from an empty config by drag and drop and forms only."""
+    from tests._tiny_gguf import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "tiny.gguf")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(FULL.format(data=tmp_path / "data", port=mosquitto.port, model=model))
+    async with Feed() as feed:
+        gw = Gateway(load_config(path, env={}))
+        task = asyncio.create_task(gw.run(install_signals=False))
+        try:
+            await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
+            if task.done():
+                task.result()
+            c = Browserish(base_url(gw))
+            try:
+                await c.setup_admin(gw)
+            finally:
+                await c.close()
+            await build_and_deploy(gw, path, page, feed, mosquitto)
+        finally:
+            gw.stop()
+            await asyncio.wait_for(task, 30)
+
+
+async def build_and_deploy(gw: Gateway, path: Path, pg: Any, feed: Feed, broker: Any) -> None:
+    base = base_url(gw)
+    await pg.set_viewport_size({"width": 1366, "height": 900})
+    await login(pg, base)
+    await pg.goto(base + "/#/editor")
+    await expect(pg.locator("#ed-status")).to_have_text("ready")
+    await pg.fill("#ed-new-name", "boiler")
+    await pg.click("#ed-new-pipeline")
+    await drop(pg, "websocket", 20, 40)
+    await drop(pg, "window", 250, 40)
+    await drop(pg, "threshold", 480, 40)
+    await drop(pg, "llm", 20, 260)
+    await drop(pg, "console", 250, 260)
+    await drop(pg, "mqtt_out", 480, 260)
+    await connect(pg, "websocket", "window")
+    await connect(pg, "window", "threshold")
+    await connect(pg, "threshold", "llm")
+    await connect(pg, "threshold", "mqtt_out")
+    await connect(pg, "llm", "console")
+    await expect(pg.locator("#drawflow .connection")).to_have_count(5)
+
+    await node(pg, "websocket").click()
+    await fill(pg, "url", f"ws://127.0.0.1:{feed.port}/feed")
+    await node(pg, "window").click()
+    await pg.select_option("#ed-field-kind", label="tumbling")
+    await fill(pg, "size", "5s")
+    await fill(pg, "aggregate", "mean")
+    await node(pg, "threshold").click()
+    await fill(pg, "above", "95")
+    await fill(pg, "clear_below", "90")
+    await node(pg, "llm").click()
+    await fill(pg, "provider", "tiny")
+    await pg.select_option("#ed-field-output", label="stream")
+    await fill(pg, "max_tokens", "12")
+    await fill(pg, "temperature", "0")
+    await node(pg, "mqtt_out").click()
+    await pg.select_option("#ed-field-connection", "plant")
+    await node(pg, "console").click()
+    # the console shows the readings (the window's means) as well as the model's chunks
+    await pg.select_option("#ed-field-input", ["window", "llm"])
+    await fill(pg, "label", "plant")
+    await expect(pg.locator("#ed-status")).to_have_text("valid — not deployed yet")
+
+    with mqtt_client(broker.host, broker.port, subscribe="sluice/editor-full/alerts/#") as sub:
+        await pg.click("#ed-deploy")
+        await expect(pg.locator("#ed-diff")).to_contain_text("type: websocket")
+        await pg.click("#ed-confirm")
+        await expect(pg.locator("#ed-status")).to_contain_text("deployed: added boiler")
+        # readings (the 5 s means) in the console panel
+        body = pg.locator("#ed-console-body")
+        await expect(body).to_contain_text("temp", timeout=30_000)
+        # the alert at a real MQTT subscriber
+        await wait_for(lambda: sub.received(), timeout=30)
+        alert = json.loads(sub.received()[0].payload)
+        assert alert["gateway_id"] == "editor-full" and "temp" in alert["key"], alert
+    # the model's chunks as they stream, then its whole answer
+    await expect(body).to_contain_text('"llm": "chunk"', timeout=60_000)
+    await expect(body).to_contain_text('"llm": "ok"', timeout=60_000)
+    await shot(pg, "editor-full-flow")
+    text = await asyncio.to_thread(path.read_text)
+    assert text.startswith("# Plant gateway: the whole flow is built in the editor.\n")
+    loaded = load_config(path, env={})
+    types = ["websocket", "window", "threshold", "llm", "console", "mqtt_out"]
+    assert [n.type for n in loaded.nodes["boiler"]] == types
+
+    # two changes, the second undone; the redeploy writes only the first
+    await node(pg, "console").click()
+    await fill(pg, "label", "boiler plant")
+    await node(pg, "threshold").click()
+    await fill(pg, "above", "99")
+    await expect(pg.locator("#ed-status")).to_have_text("valid — not deployed yet")
+    await pg.click("#ed-undo")
+    await node(pg, "threshold").click()
+    await expect(pg.locator("#ed-field-above")).to_have_value("95")
+    await pg.click("#ed-deploy")
+    await expect(pg.locator("#ed-diff")).to_contain_text("boiler plant")
+    await expect(pg.locator("#ed-diff")).not_to_contain_text("above: 99")
+    await pg.click("#ed-confirm")
+    await expect(pg.locator("#ed-status")).to_contain_text("deployed")
+    text = await asyncio.to_thread(path.read_text)
+    assert "label: boiler plant" in text and "above: 95" in text and "above: 99" not in text
+    assert text.startswith("# Plant gateway: the whole flow is built in the editor.\n")
