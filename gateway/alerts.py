@@ -259,6 +259,13 @@ class AlertBook:
             "CREATE TABLE IF NOT EXISTS suppressions (id INTEGER PRIMARY KEY AUTOINCREMENT, pattern TEXT NOT NULL,"
             " until REAL NOT NULL, note TEXT, created_at REAL NOT NULL, created_by TEXT)"
         )
+        # Who did what to an alert, kept across a re-raise (which clears acked_by/resolved_by on
+        # the alert itself): ack and resolve by an operator, reopen by the gateway.
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS alert_actions (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " alert_id INTEGER NOT NULL, at REAL NOT NULL, action TEXT NOT NULL, by TEXT, note TEXT)"
+        )
+        db.execute("CREATE INDEX IF NOT EXISTS alert_actions_alert ON alert_actions (alert_id, id)")
         db.execute("CREATE INDEX IF NOT EXISTS alerts_key ON alerts (alert_key, id)")
         db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, updated_at)")
         self._db = db
@@ -330,9 +337,34 @@ class AlertBook:
 
         def run() -> list[dict[str, Any]]:
             assert self._db is not None
-            return [d for r in self._db.execute(q, args) if (d := self._dict(r)) is not None]
+            return self._with_actions([d for r in self._db.execute(q, args) if (d := self._dict(r)) is not None])
 
         return await self._run(run)
+
+    def _with_actions(self, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``alerts``, each with ``actions``: its operator and reopen history, oldest first."""
+        assert self._db is not None
+        by_id = {a["id"]: a for a in alerts}
+        for a in alerts:
+            a["actions"] = []
+        ids = list(by_id)
+        for i in range(0, len(ids), 500):  # below SQLite's bound-parameter limit
+            part = ids[i : i + 500]
+            rows = self._db.execute(
+                "SELECT alert_id, at, action, by, note FROM alert_actions"
+                f" WHERE alert_id IN ({','.join('?' * len(part))}) ORDER BY id",
+                part,
+            )
+            for alert_id, at, action, by, note in rows:
+                by_id[alert_id]["actions"].append({"at": at, "action": action, "by": by, "note": note})
+        return alerts
+
+    def _log_action(self, alert_id: int, at: float, action: str, by: str | None, note: str | None) -> None:
+        assert self._db is not None
+        self._db.execute(
+            "INSERT INTO alert_actions (alert_id, at, action, by, note) VALUES (?,?,?,?,?)",
+            (alert_id, at, action, by, note),
+        )
 
     async def summary(self) -> dict[str, int]:
         def run() -> dict[str, int]:
@@ -433,6 +465,7 @@ class AlertBook:
                     " resolved_at=NULL, resolved_by=NULL, suppressed=? WHERE id=?",
                     (reading, v.get("rule"), severity, now, int(bool(it.get("suppress"))), latest["id"]),
                 )
+                self._log_action(latest["id"], now, "reopened", "gateway", None)
                 return "reopened", self._get(latest["id"])  # type: ignore[return-value]
             cur = db.execute(
                 "INSERT INTO alerts (alert_key, pipeline, node, key, severity, state, condition, rule,"
@@ -600,6 +633,7 @@ class AlertBook:
                 (now, by, note, now, a["id"]),
             )
             self.counts["acknowledged"] += 1
+            self._log_action(a["id"], now, "acknowledged", by, note)
         else:
             db.execute(
                 "UPDATE alerts SET state='resolved', resolved_at=?, resolved_by=?, note=COALESCE(?, note),"
@@ -607,9 +641,10 @@ class AlertBook:
                 (now, by, note, now, a["id"]),
             )
             self.counts["resolved"] += 1
+            self._log_action(a["id"], now, "resolved", by, note)
         got = self._get(a["id"])
         assert got is not None
-        return got
+        return self._with_actions([got])[0]
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -396,6 +396,29 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     return parse_config(text, str(path), env)
 
 
+def _syntax_line(text: str, exc: yaml.MarkedYAMLError) -> tuple[int, int]:
+    """The line to blame for a YAML syntax error, and the line where the parser noticed it.
+
+    The parser notices a missing `]`, `}` or quote only at the next token, which is often on a
+    later line: an error found at the start of a line (or at the end of the text) is blamed on
+    the last line with content before it; an unclosed quote or bracket that runs to the end of
+    the text is blamed on the line where it opened.
+    """
+    mark = exc.problem_mark or exc.context_mark
+    if mark is None:
+        return 1, 1
+    noticed = mark.line + 1
+    if exc.context_mark is not None and "end of stream" in (exc.problem or ""):
+        return exc.context_mark.line + 1, noticed
+    lines = re.split("\r\n|[\r\n\x85\u2028\u2029]", text)  # YAML's line breaks
+    if mark.line >= len(lines) or mark.line == 0 or lines[mark.line][: mark.column].strip():
+        return noticed, noticed
+    for i in range(mark.line - 1, -1, -1):
+        if lines[i].strip() and not lines[i].lstrip().startswith("#"):
+            return i + 1, noticed
+    return noticed, noticed
+
+
 def parse_config(
     text: str,
     file: str = "<config>",
@@ -419,9 +442,9 @@ def parse_config(
         line = exc.problem_mark.line + 1 if exc.problem_mark else 1
         raise ConfigError([ConfigIssue(file, line, "", f"YAML: {exc.problem}")]) from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        raise ConfigError([ConfigIssue(file, line, "", f"YAML syntax: {exc.problem or exc}")]) from None
+        line, noticed = _syntax_line(text, exc)
+        where = f" (noticed at line {noticed})" if noticed != line else ""
+        raise ConfigError([ConfigIssue(file, line, "", f"YAML syntax: {exc.problem or exc}{where}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue(file, 1, "", f"YAML: {exc}")]) from None
     if root is None:

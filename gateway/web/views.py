@@ -217,7 +217,8 @@ class Views:
             )
         saved, note = False, None
         try:
-            await asyncio.to_thread(_save, Path(path), text)
+            if not await asyncio.to_thread(_save, Path(path), text):
+                note = "the file already holds this text: not rewritten"
             saved = True
         except FileNotFoundError:
             note = "running, but not saved: the gateway was not started from a config file"
@@ -243,10 +244,18 @@ def model_paths(gw: Gateway) -> list[str]:
     return [cfg.gateway.data_dir, *cfg.llm.model_dirs, *files]
 
 
-def _save(path: Path, text: str) -> None:
-    """Write the config next to itself and swap it in; the previous text stays as ``<name>.bak``."""
+def _save(path: Path, text: str) -> bool:
+    """Write the config next to itself and swap it in; the previous text stays as ``<name>.bak``.
+
+    False when the file already holds ``text``: neither it nor its ``.bak`` is rewritten.
+    """
     if not path.is_file():
         raise FileNotFoundError(path)
+    try:
+        if path.read_bytes() == text.encode("utf-8"):
+            return False
+    except OSError:
+        pass  # unreadable: the write below says why
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     # keep the file's mode (0640 when installed: group sluice reads it, others do not)
@@ -255,3 +264,4 @@ def _save(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     shutil.copy2(path, path.with_name(path.name + ".bak"))
     os.replace(tmp, path)
+    return True

@@ -109,6 +109,40 @@ async def test_cooldown_makes_a_flapping_sensor_one_alert(tmp_path: Path) -> Non
         await book.close()
 
 
+async def test_who_acted_on_an_alert_is_kept_across_a_re_raise(tmp_path: Path) -> None:
+    clock = Clock()
+    book = AlertBook(tmp_path / "alerts.db", clock)
+    await book.open()
+    try:
+        ((_, alert),) = await book.apply([raised()], cooldown=60)
+        clock.now += 5
+        acked = await book.ack(alert["id"], by="ann", note="valve stuck, sent Bob")
+        assert [(x["action"], x["by"], x["note"]) for x in acked["actions"]] == [
+            ("acknowledged", "ann", "valve stuck, sent Bob")
+        ]
+        await book.apply([cleared()], cooldown=60)
+        clock.now += 5
+        await book.resolve(alert["id"], by="bob", note="valve replaced")
+        clock.now += 10  # raised again within the cooldown: the same alert, reopened
+        ((action, again),) = await book.apply([raised(reading=101)], cooldown=60)
+        assert action == "reopened" and again["acked_by"] is None and again["state"] == "open"
+        (listed,) = await book.list()
+        assert [(x["action"], x["by"], x["note"], x["at"]) for x in listed["actions"]] == [
+            ("acknowledged", "ann", "valve stuck, sent Bob", 1005.0),
+            ("resolved", "bob", "valve replaced", 1010.0),
+            ("reopened", "gateway", None, 1020.0),
+        ]
+    finally:
+        await book.close()
+    book = AlertBook(tmp_path / "alerts.db", clock)  # kept in alerts.db across a restart
+    await book.open()
+    try:
+        (listed,) = await book.list()
+        assert [x["by"] for x in listed["actions"]] == ["ann", "bob", "gateway"]
+    finally:
+        await book.close()
+
+
 # --- end to end ---------------------------------------------------------------------------
 
 ALERTS = "sluice/gw1/alerts/boiler"

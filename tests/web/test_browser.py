@@ -273,9 +273,11 @@ async def test_alert_appears_and_is_acknowledged_then_resolved(page: Any, tmp_pa
         await playwright_api.expect(page.locator("#open-alerts")).to_contain_text("boiler/temp")
         await page.goto(base + "/#/alerts")
         await row.locator("button.ack").click()
+        await page.locator("tr.act-form button.confirm").click()  # the note is optional
         await playwright_api.expect(row.locator(".state")).to_have_text("acknowledged")
         await playwright_api.expect(row).to_contain_text("admin")  # who acknowledged it
         await row.locator("button.resolve").click()
+        await page.locator("tr.act-form button.confirm").click()
         await playwright_api.expect(row.locator(".state")).to_have_text("resolved")
         await playwright_api.expect(row.locator("button")).to_have_count(0)
         await page.select_option("#alert-state", "open")

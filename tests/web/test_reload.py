@@ -206,3 +206,20 @@ async def test_a_watched_pipeline_is_freed_and_taps_follow_a_rollback(
         await receive(ws, "events", pred=lambda m: m["node"] == "sensors")
     finally:
         await ws.close()
+
+
+async def test_saving_the_text_the_file_holds_rewrites_neither_it_nor_its_backup(
+    running: tuple[Gateway, Path, Browserish],
+) -> None:
+    _, path, c = running
+    text = path.read_text()
+    bak = path.parent / "gateway.yaml.bak"
+    bak.write_text("the backup of an earlier save\n")
+    before = (path.stat().st_ino, path.stat().st_mtime_ns, bak.stat().st_mtime_ns)
+    status, r = await c.post("/api/config/save", text)
+    assert status == 200 and r["saved"] is True and "not rewritten" in r["note"], r
+    assert (path.stat().st_ino, path.stat().st_mtime_ns, bak.stat().st_mtime_ns) == before
+    assert bak.read_text() == "the backup of an earlier save\n"
+    status, r = await c.post("/api/config/save", text.replace("above: 95", "above: 96"))
+    assert status == 200 and r["saved"] is True and r["note"] is None
+    assert bak.read_text() == text  # a real change still keeps the previous text

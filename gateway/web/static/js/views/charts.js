@@ -6,8 +6,16 @@ import { get, h } from "../api.js";
 import { on, subscribe } from "../live.js";
 
 const KEEP = 600; // points per series: ten minutes at one per second
-const COLORS = ["#0b6e99", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0550ae", "#57606a", "#953800", "#116329"];
+const COLORS = ["#0b6e99", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0550ae", "#57606a", "#953800", "#116329",
+  "#e16f24", "#1f883d", "#6639ba", "#d1242f", "#0969da", "#7d4e00"];
 let loading = null;
+
+// A series' colour from its name, so that a key keeps its colour from one load to the next.
+export function colorOf(name) {
+  let x = 2166136261;
+  for (let i = 0; i < name.length; i++) x = Math.imul(x ^ name.charCodeAt(i), 16777619);
+  return COLORS[(x >>> 0) % COLORS.length];
+}
 
 function loadUPlot() {
   if (window.uPlot) return Promise.resolve(window.uPlot);
@@ -65,17 +73,23 @@ class Series {
   }
 }
 
-function chart(uPlot, el, title, series, fromZero) {
+// own: each series on its own y scale (values of very different ranges stay readable; the
+// first two scales get an axis, left and right, in their series' colour; the legend shows the
+// real values of every series).
+function chart(uPlot, el, title, series, fromZero, own = false) {
   const width = Math.max(280, el.clientWidth || 600);
+  const scaleOf = (i) => (own ? `y${i}` : "y");
   const opts = {
     title, width, height: 240,
-    series: [{}, ...series.names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true }))],
+    series: [{}, ...series.names.map((n, i) => ({ label: n, stroke: colorOf(n), width: 1.5, spanGaps: true, scale: scaleOf(i) }))],
     // at least the last minute on the time axis, so one point does not stretch it to years
     scales: {
       x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max] },
       ...(fromZero ? { y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } } : {}),
     },
-    axes: [{}, {}],
+    axes: own
+      ? [{}, ...series.names.slice(0, 2).map((n, i) => ({ scale: scaleOf(i), side: i ? 1 : 3, stroke: colorOf(n), grid: { show: i === 0 } }))]
+      : [{}, {}],
   };
   return new uPlot(opts, series.data(), el);
 }
@@ -85,20 +99,23 @@ export function start(el, { args }) {
   const keyInput = h("input", { id: "chart-key", type: "text", placeholder: "or a stored key", "aria-label": "stored key" });
   const ratesBox = h("div", { class: "chart", id: "chart-rates" });
   const valuesBox = h("div", { class: "chart", id: "chart-values" });
+  const scale = h("select", { id: "chart-scale", "aria-label": "y scale" },
+    h("option", { value: "own" }, "a y scale per series"), h("option", { value: "shared" }, "one y scale"));
   const note = h("p", { class: "muted", id: "chart-note" }, "Pick a node to chart the values of its keys.");
-  el.append(h("h1", {}, "Charts"), ratesBox, h("div", { class: "toolbar" }, select, keyInput), note, valuesBox);
+  const keyNote = h("p", { class: "warn", id: "chart-key-note", role: "status" });
+  el.append(h("h1", {}, "Charts"), ratesBox, h("div", { class: "toolbar" }, select, keyInput, scale), keyNote, note, valuesBox);
 
   const rates = new Series();
   const values = new Series();
   let ratesPlot = null, valuesPlot = null, prev = null, unsubEvents = null, stopped = false;
   let U = null;
 
-  function redraw(plot, box, title, series, make) {
+  function redraw(plot, box, title, series, make, rebuild = false) {
     if (!U || stopped || series.t.length < 2) return plot; // one point gives uPlot no time span
-    if (!plot || plot.series.length !== series.names.length + 1) {
+    if (rebuild || !plot || plot.series.length !== series.names.length + 1) {
       if (plot) plot.destroy();
       box.replaceChildren();
-      return make ? chart(U, box, title, series, series === rates) : plot;
+      return make ? chart(U, box, title, series, series === rates, series === values && scale.value === "own") : plot;
     }
     plot.setData(series.data());
     return plot;
@@ -120,8 +137,12 @@ export function start(el, { args }) {
 
   // a key's stored history, fetched once, when it first shows up (or is asked for by name)
   const backfilled = new Set();
-  async function backfill(key) {
-    if (backfilled.has(key)) return;
+  const seen = new Set(); // keys that came live from the chosen node
+  async function backfill(key, typed = false) {
+    if (backfilled.has(key)) {
+      if (typed) keyNote.textContent = "";
+      return;
+    }
     backfilled.add(key);
     const to = Date.now() / 1000 + 1;
     // a span of KEEP seconds in at most KEEP points: the 1 s tier
@@ -130,6 +151,11 @@ export function start(el, { args }) {
       const d = await get(`/api/history?${q}`);
       if (stopped) return;
       const mean = d.columns.indexOf("mean");
+      if (typed) {
+        keyNote.textContent = d.points.length || seen.has(key) ? "" : `No stored history for “${key}” in the last ` +
+          `${KEEP / 60} minutes: check the key (e.g. boiler/temp), or that a history node stores it.`;
+        if (!d.points.length && !seen.has(key)) { backfilled.delete(key); return; }
+      }
       values.merge(key, d.points.map((p) => [p[0], p[mean]]));
       valuesPlot = redraw(valuesPlot, valuesBox, "Values", values, true);
       note.textContent = `${values.names.length} series, ${values.t.length} points`;
@@ -137,7 +163,11 @@ export function start(el, { args }) {
       note.textContent = `history of ${key}: ${e.message}`;
     }
   }
-  keyInput.addEventListener("change", () => { if (keyInput.value.trim()) backfill(keyInput.value.trim()); });
+  keyInput.addEventListener("change", () => {
+    const key = keyInput.value.trim();
+    if (key) backfill(key, true); else keyNote.textContent = "";
+  });
+  scale.addEventListener("change", () => { valuesPlot = redraw(valuesPlot, valuesBox, "Values", values, true, true); });
 
   // one point per key per second at most: the latest value of that second
   let pending = {}, pendingT = 0;
@@ -145,6 +175,7 @@ export function start(el, { args }) {
     for (const ev of m.events) {
       const v = typeof ev.value === "number" ? ev.value : null;
       if (v === null) continue;
+      seen.add(ev.key);
       if (!backfilled.has(ev.key)) backfill(ev.key);
       const t = Math.floor(ev.ts);
       if (pendingT && t !== pendingT) {

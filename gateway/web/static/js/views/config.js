@@ -29,6 +29,10 @@ export function start(el, { me }) {
     const start = lines.slice(0, line - 1).reduce((a, l) => a + l.length + 1, 0);
     text.focus();
     text.setSelectionRange(start, start + (lines[line - 1] || "").length);
+    // a selection does not scroll a textarea by itself: put the line in the middle of the view
+    const lh = parseFloat(getComputedStyle(text).lineHeight) || 20;
+    text.scrollTop = Math.max(0, (line - 1) * lh - text.clientHeight / 2);
+    gutter.scrollTop = text.scrollTop;
   }
 
   function showErrors(r) {
@@ -67,7 +71,7 @@ export function start(el, { me }) {
     showErrors(r);
     const parts = ["changed", "added", "removed", "unchanged"].filter((k) => r[k].length).map((k) => `${k}: ${r[k].join(", ")}`);
     result.replaceChildren(h("p", { class: r.saved ? "ok" : "warn", id: "config-saved" },
-      `Reloaded (${parts.join("; ") || "no pipelines"}). ${r.saved ? "Saved." : r.note}`));
+      `Reloaded (${parts.join("; ") || "no pipelines"}). ${r.saved ? (r.note ? `Saved (${r.note}).` : "Saved.") : r.note}`));
   });
 
   download.addEventListener("click", () => {
