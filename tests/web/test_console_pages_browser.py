@@ -206,3 +206,21 @@ async def test_logs_update_live_and_wrap_on_a_phone(gw2: Gateway, page: Any, bro
             await ctx.close()
     finally:
         root.removeHandler(RECENT)
+
+
+async def test_charts_and_config_fit_a_phone(gw2: Gateway, browser: Any) -> None:  # noqa: F811
+    base = await logged_in(gw2, await (await browser.new_context()).new_page())
+    ctx, pg = await _phone(browser, base)
+    try:
+        await pg.click("#submit")
+        await pg.wait_for_url(base + "/")
+        await pg.goto(base + "/#/charts/boiler/sensors")
+        await playwright_api.expect(pg.locator("#chart-values canvas")).to_have_count(1, timeout=10_000)
+        assert await pg.evaluate("document.documentElement.scrollWidth") <= 391
+        await shot(pg, "charts-phone")
+        await pg.goto(base + "/#/config")
+        await playwright_api.expect(pg.locator("#config-text")).to_have_value(lambda_regex("name: field"))
+        assert await pg.evaluate("document.documentElement.scrollWidth") <= 391
+        await shot(pg, "config-phone")
+    finally:
+        await ctx.close()

@@ -10,11 +10,19 @@ const COLORS = ["#0b6e99", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989"
   "#e16f24", "#1f883d", "#6639ba", "#d1242f", "#0969da", "#7d4e00"];
 let loading = null;
 
-// A series' colour from its name, so that a key keeps its colour from one load to the next.
-export function colorOf(name) {
-  let x = 2166136261;
-  for (let i = 0; i < name.length; i++) x = Math.imul(x ^ name.charCodeAt(i), 16777619);
-  return COLORS[(x >>> 0) % COLORS.length];
+// Each series' colour from its name, so that a key keeps its colour from one load to the next:
+// a hash of the name picks a palette slot; two names on the same slot go, in name order, to the
+// next free one (so the result depends on the set of names, never on their arrival order).
+export function colors(names) {
+  const taken = new Map();
+  for (const name of [...names].sort()) {
+    let x = 2166136261;
+    for (let i = 0; i < name.length; i++) x = Math.imul(x ^ name.charCodeAt(i), 16777619);
+    let slot = (x >>> 0) % COLORS.length;
+    for (let k = 0; k < COLORS.length && [...taken.values()].includes(slot); k++) slot = (slot + 1) % COLORS.length;
+    taken.set(name, slot);
+  }
+  return (name) => COLORS[taken.get(name) ?? 0];
 }
 
 function loadUPlot() {
@@ -79,6 +87,7 @@ class Series {
 function chart(uPlot, el, title, series, fromZero, own = false) {
   const width = Math.max(280, el.clientWidth || 600);
   const scaleOf = (i) => (own ? `y${i}` : "y");
+  const colorOf = colors(series.names);
   const opts = {
     title, width, height: 240,
     series: [{}, ...series.names.map((n, i) => ({ label: n, stroke: colorOf(n), width: 1.5, spanGaps: true, scale: scaleOf(i) }))],
@@ -88,7 +97,7 @@ function chart(uPlot, el, title, series, fromZero, own = false) {
       ...(fromZero ? { y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } } : {}),
     },
     axes: own
-      ? [{}, ...series.names.slice(0, 2).map((n, i) => ({ scale: scaleOf(i), side: i ? 1 : 3, stroke: colorOf(n), grid: { show: i === 0 } }))]
+      ? [{}, ...series.names.slice(0, 2).map((n, i) => ({ scale: scaleOf(i), side: i ? 1 : 3, size: 64, stroke: colorOf(n), grid: { show: i === 0 } }))]
       : [{}, {}],
   };
   return new uPlot(opts, series.data(), el);
