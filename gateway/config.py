@@ -146,6 +146,11 @@ class ConsoleConfig(_Section):
 class PipelineConfig(_Section):
     name: str = Field(pattern=ID_PATTERN)
     description: str | None = None
+    enabled: bool = Field(
+        True,
+        description="false: the pipeline is kept in the file and validated, but not run "
+        "(its saved state is kept for when it is enabled again).",
+    )
     nodes: list[dict[str, Any]] = Field(min_length=1)
 
 

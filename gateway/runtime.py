@@ -227,7 +227,9 @@ class Gateway:
         )
         self.history = History(self.store)
         self.links.history = self.history  # the history sink writes through it
-        self.pipelines: dict[str, Pipeline] = {p.name: self._pipeline(loaded, p.name) for p in cfg.pipelines}
+        self.pipelines: dict[str, Pipeline] = {
+            p.name: self._pipeline(loaded, p.name) for p in cfg.pipelines if p.enabled
+        }
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._reloading = asyncio.Lock()
@@ -304,8 +306,9 @@ class Gateway:
             differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if differ:
                 raise ReloadError(f"changing {', '.join(differ)} needs a restart; only pipelines reload live")
-            before = {p.name for p in self.loaded.config.pipelines}
-            after = {p.name for p in loaded.config.pipelines}
+            # a disabled pipeline (`enabled: false`) counts as absent: disabling stops it, enabling starts it
+            before = {p.name for p in self.loaded.config.pipelines if p.enabled}
+            after = {p.name for p in loaded.config.pipelines if p.enabled}
             changed = sorted(
                 n for n in before & after if self._pipeline_spec(self.loaded, n) != self._pipeline_spec(loaded, n)
             )
@@ -366,7 +369,10 @@ class Gateway:
                 ) from exc
             raise ReloadError(f"the new pipelines did not start: {exc}; the previous ones run again") from exc
         self.loaded = loaded
+        kept = {p.name for p in loaded.config.pipelines}  # disabled, not removed: its state stays
         for name in removed:  # their final checkpoint is queued before these deletions
+            if name in kept:
+                continue
             try:
                 n = await asyncio.to_thread(self.store.drop_pipeline, name)
             except Exception as exc:  # the reload itself worked: say it, and keep the rows
@@ -429,6 +435,7 @@ class Gateway:
             await self.store.start()
             await self._restore(list(self.pipelines.values()))  # state back before anything runs
             orphans = await asyncio.to_thread(self.store.pipeline_names)
+            orphans -= {p.name for p in self.loaded.config.pipelines}  # disabled ones keep theirs
             if orphans - set(self.pipelines):
                 log.warning(
                     "the state store holds saved state of pipelines not in this config: %s; it is kept "

@@ -19,6 +19,7 @@ import copy
 import difflib
 import hashlib
 import io
+import json
 import re
 import threading
 from dataclasses import dataclass, field
@@ -186,6 +187,7 @@ def load_model(text: str, known_types: set[str]) -> dict[str, Any]:
             {
                 "name": _plain(p.get("name")),
                 "description": _plain(p.get("description")),
+                "enabled": _plain(p["enabled"]) if "enabled" in p else True,
                 "nodes": [_node_model(n, known_types) for n in nodes],
             }
         )
@@ -216,6 +218,7 @@ def import_pipeline(text: str, known_types: set[str]) -> dict[str, Any]:
     return {
         "name": str(data["name"]),
         "description": _plain(data.get("description")),
+        "enabled": _plain(data["enabled"]) if "enabled" in data else True,
         "nodes": [_node_model(n, known_types) for n in data["nodes"]],
     }
 
@@ -435,6 +438,8 @@ def apply_model(text: str, model: Any, known_types: set[str]) -> Splice:
             item["name"] = name
             if p.get("description"):
                 item["description"] = p["description"]
+            if p.get("enabled", True) is not True:
+                item["enabled"] = p["enabled"]
             nodes = CommentedSeq()
             for n in p["nodes"]:
                 nodes.append(_new_node(n, flow=False))
@@ -467,6 +472,25 @@ def _new_node(n: dict[str, Any], flow: bool) -> CommentedMap:
     return m
 
 
+def _splice_enabled(t: _Text, raw: CommentedMap, enabled: Any) -> None:
+    """Write a pipeline's ``enabled`` key as one line: ``enabled: false`` after its name, or the
+    line gone when it is enabled again (the default)."""
+    if "enabled" in raw:
+        line = raw.lc.key("enabled")[0]
+        if enabled is True:
+            t.replace(line, line + 1, "")
+        else:
+            col = raw.lc.key("enabled")[1]
+            t.replace(line, line + 1, " " * col + "enabled: " + _scalar_text(enabled) + "\n")
+        return
+    line, col = raw.lc.key("name")
+    t.replace(line + 1, line + 1, " " * col + "enabled: " + _scalar_text(enabled) + "\n")
+
+
+def _scalar_text(v: Any) -> str:
+    return "false" if v is False else "true" if v is True else json.dumps(v)
+
+
 def _apply_pipeline(t: _Text, raw_pipes: CommentedSeq, i: int, p: dict[str, Any], known: set[str]) -> bool:
     raw = raw_pipes[i]
     name = p["name"]
@@ -476,9 +500,17 @@ def _apply_pipeline(t: _Text, raw_pipes: CommentedSeq, i: int, p: dict[str, Any]
     olds = [_node_model(n, known) for n in old_nodes]
     news = p["nodes"]
     desc_changed = (raw.get("description") or None) != (p.get("description") or None)
+    enabled_changed = spliced = raw.get("enabled", True) != p.get("enabled", True)
+    whole = desc_changed or not isinstance(old_nodes, CommentedSeq) or old_nodes.fa.flow_style() or not old_nodes
+    if enabled_changed and not whole and not raw.fa.flow_style() and "name" in raw:
+        _splice_enabled(t, raw, p.get("enabled", True))  # one line, outside the nodes' lines
+        enabled_changed = False
+    else:
+        spliced = False
+    desc_changed |= enabled_changed  # a pipeline written as {...}: written again like the description
     same = len(olds) == len(news) and all(_same_node(o, n) for o, n in zip(olds, news, strict=True))
     if same and not desc_changed:
-        return False
+        return spliced
     old_index = {o["id"]: j for j, o in enumerate(olds) if isinstance(o["id"], str)}
     for n in news:
         j = old_index.get(n.get("was") or n.get("id"))
@@ -497,6 +529,13 @@ def _apply_pipeline(t: _Text, raw_pipes: CommentedSeq, i: int, p: dict[str, Any]
             raw["description"] = p["description"]
         elif "description" in raw:
             del raw["description"]
+        if p.get("enabled", True) is not True:
+            if "enabled" in raw:
+                raw["enabled"] = p["enabled"]
+            else:  # after the name and description, before the nodes
+                raw.insert(list(raw).index("nodes") if "nodes" in raw else len(raw), "enabled", p["enabled"])
+        elif "enabled" in raw:
+            del raw["enabled"]
         seq = CommentedSeq()
         for n in news:
             j = old_index.get(n.get("was") or n.get("id"))

@@ -554,3 +554,37 @@ pipelines:
       - {id: out, type: log, input: s}
 """
     )
+
+
+async def test_disable_and_enable_a_pipeline(running: tuple[Gateway, Path, Browserish]) -> None:
+    """`enabled: false` keeps a pipeline in the file, validated, but stopped; enabling starts it again,
+    and the file is back to what it was. The other pipelines keep running throughout."""
+    gw, path, c = running
+    before = await asyncio.to_thread(path.read_text)
+    pushed = gw.pipelines["pushed"]
+    _, model = await c.get("/api/editor/model")
+    assert [p["enabled"] for p in model["pipelines"]] == [True, True]
+    draft = copy.deepcopy(model)
+    draft["pipelines"][0]["enabled"] = False
+    status, r = await c.post("/api/editor/deploy", {"revision": model["revision"], "model": draft})
+    assert status == 200, r
+    assert r["removed"] == ["plant"]
+    text = await asyncio.to_thread(path.read_text)
+    assert text == before.replace("  - name: plant\n", "  - name: plant\n    enabled: false\n")
+    assert "plant" not in gw.pipelines and gw.pipelines["pushed"] is pushed
+    _, model = await c.get("/api/editor/model")
+    assert model["pipelines"][0]["enabled"] is False
+    # a disabled pipeline is still validated: a mistake in it is refused
+    bad = copy.deepcopy(model)
+    _node(bad, "plant", "hot")["options"]["above"] = "hot"
+    status, r = await c.post("/api/editor/deploy", {"revision": model["revision"], "model": bad})
+    assert status == 422 and r["errors"][0]["node"] == "hot"
+    # a gateway started from the file does not run it either
+    restarted = Gateway(load_config(path, env={}))
+    assert set(restarted.pipelines) == {"pushed"}
+    draft = copy.deepcopy(model)
+    draft["pipelines"][0]["enabled"] = True
+    status, r = await c.post("/api/editor/deploy", {"revision": model["revision"], "model": draft})
+    assert status == 200 and r["added"] == ["plant"], r
+    assert await asyncio.to_thread(path.read_text) == before
+    await wait_for(lambda: gw.pipelines["plant"].state == "running", timeout=10)

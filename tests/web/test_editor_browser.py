@@ -491,3 +491,40 @@ async def build_and_deploy(gw: Gateway, path: Path, pg: Any, feed: Feed, broker:
     text = await asyncio.to_thread(path.read_text)
     assert "label: boiler plant" in text and "above: 95" in text and "above: 99" not in text
     assert text.startswith("# Plant gateway: the whole flow is built in the editor.\n")
+
+
+@pytest.mark.parametrize("started", [PLANT], indirect=True)
+async def test_phone_view_mode_disables_and_enables_a_pipeline(
+    started: tuple[Gateway, Path],
+    page: Any,  # noqa: F811
+) -> None:
+    """At 390 px the Pipelines page is the view mode (editing is for tablet and desktop), and an
+    admin can still switch a pipeline off and on: `enabled: false` in the YAML, after its diff."""
+    gw, path = started
+    base = base_url(gw)
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await login(page, base)
+    await page.goto(base + "/#/editor")
+    await expect(page.locator("#ed-status")).to_have_text("view only")
+    await expect(page.locator("#ed-deploy")).to_be_hidden()
+    await expect(page.locator("#ed-toggle")).to_have_text("Disable")
+    await page.click("#ed-toggle")
+    await expect(page.locator("#ed-diff")).to_contain_text("enabled: false")
+    await shot(page, "editor-phone-disable")
+    await page.click("#ed-confirm")
+    await expect(page.locator("#ed-status")).to_have_text("plant disabled: stopped, kept in the file")
+    assert "plant" not in gw.pipelines
+    assert "    enabled: false\n" in await asyncio.to_thread(path.read_text)
+    await expect(page.locator("#ed-pipeline option")).to_have_text("plant (disabled)")
+    await expect(page.locator("#ed-toggle")).to_have_text("Enable")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 391
+    await shot(page, "editor-phone-disabled")
+    # cancelling the dialog takes the switch back
+    await page.click("#ed-toggle")
+    await page.click("#ed-dialog button.link")
+    await expect(page.locator("#ed-toggle")).to_have_text("Enable")
+    await page.click("#ed-toggle")
+    await page.click("#ed-confirm")
+    await expect(page.locator("#ed-status")).to_have_text("plant enabled: running")
+    await wait_for(lambda: "plant" in gw.pipelines, timeout=10)
+    assert "enabled" not in await asyncio.to_thread(path.read_text)

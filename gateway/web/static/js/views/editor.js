@@ -21,6 +21,7 @@ function loadDrawflow() {
   return loading;
 }
 
+const PHONE = window.matchMedia("(max-width: 600px)");
 const GAP_X = 260, GAP_Y = 110, HISTORY = 200, UNDO_MAX = 200;
 
 // --- JSON Schema helpers -------------------------------------------------------------------
@@ -99,8 +100,10 @@ export function start(el, ctx) {
   const locate = h("input", { id: "ed-locate", placeholder: "find node (/)", "aria-label": "find a node", size: 14, list: "ed-node-ids" });
   const idList = h("datalist", { id: "ed-node-ids" });
   const btn = (id, label, fn, title, cls = "small") => h("button", { id, type: "button", class: cls, title, onclick: fn }, label);
+  // admins switch a pipeline off and on in view mode too (on a phone): `enabled: false` in the YAML
+  const toggle = h("button", { id: "ed-toggle", type: "button", class: "small", hidden: true, onclick: () => togglePipeline() }, "Disable");
   const toolbar = h("div", { class: "toolbar ed-toolbar" },
-    h("label", {}, "Pipeline ", pipeSel),
+    h("label", {}, "Pipeline ", pipeSel), toggle,
     h("span", { class: "edit-only" }, newName, btn("ed-new-pipeline", "New pipeline", () => newPipeline())),
     h("span", { class: "edit-only" },
       btn("ed-undo", "Undo", () => undo(), "Undo (Ctrl+Z)"),
@@ -727,16 +730,47 @@ export function start(el, ctx) {
     return pre;
   }
 
-  function closeDialog() { dialog.hidden = true; dialog.replaceChildren(); }
+  function closeDialog() {
+    dialog.hidden = true;
+    dialog.replaceChildren();
+    if (st.toggled) { // an enable/disable not deployed is taken back: it is one action
+      const p = st.model.pipelines.find((x) => x.name === st.toggled);
+      st.toggled = null;
+      if (p) p.enabled = p.enabled === false;
+      commit();
+      fillPipelines();
+    }
+  }
 
-  async function openDeploy() {
-    if (!st.editable) return;
+  function drawToggle() {
+    const p = pipe();
+    toggle.hidden = !st.model?.editable || !p;
+    if (!p) return;
+    const off = p.enabled === false;
+    toggle.textContent = off ? "Enable" : "Disable";
+    toggle.title = off ? `Start ${p.name} (deploys at once, after the YAML diff)` : `Stop ${p.name}, keeping it in the file (deploys at once, after the YAML diff)`;
+    canvasEl.classList.toggle("ed-disabled", off);
+  }
+
+  function togglePipeline() {
+    const p = pipe();
+    if (!p || !st.model.editable) return;
+    p.enabled = p.enabled === false;
+    st.toggled = p.name;
+    commit();
+    fillPipelines();
+    openDeploy(true);
+  }
+
+  async function openDeploy(anyMode = false) {
+    if (!st.editable && !(anyMode && st.model?.editable)) return;
     let r;
     try {
       r = await validate();
     } catch {
       return;
     }
+    if (!r.valid && st.toggled) closeDialog();
     if (!r.valid) return say(`fix the ${r.errors.length} error(s) first: deploy is refused while errors remain`, "bad");
     dialog.replaceChildren(h("div", { class: "card" },
       h("h2", {}, r.changed ? "Deploy these changes?" : "No change to the YAML"),
@@ -752,11 +786,14 @@ export function start(el, ctx) {
     say("deploying…");
     try {
       const r = await post("/api/editor/deploy", { revision: st.revision, model: draft(), positions: st.positions });
+      const toggled = st.toggled ? st.model.pipelines.find((x) => x.name === st.toggled) : null;
+      st.toggled = null;
       closeDialog();
       st.revision = r.revision;
       for (const p of st.model.pipelines) for (const n of p.nodes) delete n.was;
       const what = ["added", "changed", "removed"].filter((k) => r[k] && r[k].length).map((k) => `${k} ${r[k].join(", ")}`).join("; ");
-      say(`deployed${what ? ": " + what : ""}${r.note ? ` (${r.note})` : ""}`, r.note ? "warn" : "ok");
+      const done = toggled ? `${toggled.name} ${toggled.enabled === false ? "disabled: stopped, kept in the file" : "enabled: running"}` : `deployed${what ? ": " + what : ""}`;
+      say(`${done}${r.note ? ` (${r.note})` : ""}`, r.note ? "warn" : "ok");
       lastSnap = snapshot();
     } catch (e) {
       if (!(e instanceof ApiError)) throw e;
@@ -909,9 +946,11 @@ export function start(el, ctx) {
   // --- loading ----------------------------------------------------------------------------
 
   function fillPipelines() {
-    pipeSel.replaceChildren(...st.model.pipelines.map((p) => h("option", { value: p.name, selected: p.name === st.current }, p.name)));
+    pipeSel.replaceChildren(...st.model.pipelines.map((p) =>
+      h("option", { value: p.name, selected: p.name === st.current }, p.enabled === false ? `${p.name} (disabled)` : p.name)));
+    drawToggle();
   }
-  pipeSel.addEventListener("change", () => { st.current = pipeSel.value; st.selected = null; rebuild(); fit(); showErrors(); });
+  pipeSel.addEventListener("change", () => { st.current = pipeSel.value; st.selected = null; rebuild(); fit(); showErrors(); drawToggle(); });
 
   async function load() {
     const [pal, model] = await Promise.all([get("/api/editor/palette"), get("/api/editor/model")]);
@@ -921,7 +960,8 @@ export function start(el, ctx) {
     st.model = model;
     st.revision = model.revision;
     st.positions = model.positions || {};
-    st.editable = model.editable && ctx.me && ctx.me.role !== "viewer";
+    // a phone gets the view mode (editing is for tablet and desktop); admins keep enable/disable
+    st.editable = model.editable && ctx.me && ctx.me.role !== "viewer" && !PHONE.matches;
     root.classList.toggle("ed-view", !st.editable);
     st.current = (model.pipelines.find((p) => p.name === st.current) || model.pipelines[0] || {}).name || null;
     st.undo = [];
