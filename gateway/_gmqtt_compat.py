@@ -178,7 +178,26 @@ def _is_async(fn: Any) -> bool:
     return inspect.iscoroutinefunction(fn)
 
 
-def install_fast_publish(client: gmqtt.Client) -> None:
+OnPublishQos1 = Callable[[str, bytes, int, Callable[[list[int]], None]], None]
+"""``(topic, payload, mid, ack)``: a QoS 1 PUBLISH whose PUBACK the receiver sends later, by
+calling ``ack(mids)`` once it has handled the messages (many PUBACKs in one socket write)."""
+
+
+def _puback_writer(client: gmqtt.Client, conn: Any) -> Callable[[list[int]], None]:
+    """``ack(mids)``: one socket write of a success PUBACK per packet id, on connection ``conn``
+    only — after a reconnect the broker redelivers what this connection left unacknowledged."""
+    handler = client._package_handler
+    write = conn._protocol.write_data
+
+    def ack(mids: list[int]) -> None:
+        if not mids or handler.current_connection is not conn or conn.is_closing():
+            return
+        write(b"".join([b"\x40\x02" + mid.to_bytes(2, "big") for mid in mids]))
+
+    return ack
+
+
+def install_fast_publish(client: gmqtt.Client, on_qos1: OnPublishQos1 | None = None) -> None:
     """Hand each plain QoS 0 PUBLISH of the client's connection straight to ``on_message``, and
     each PUBACK straight to the handler's PUBACK method.
 
@@ -188,7 +207,11 @@ def install_fast_publish(client: gmqtt.Client) -> None:
     one loop over the read buffer. Everything else — QoS 1/2, properties (topic aliases), an
     empty or non-UTF-8 topic, a coroutine ``on_message``, gmqtt's debug logging switched on, a
     superseded connection — still goes through gmqtt. Call it after each connect (the protocol
-    object is new each time)."""
+    object is new each time).
+
+    With ``on_qos1`` (MQTT 5, manual acknowledgement), a QoS 1 PUBLISH without properties goes
+    to ``on_qos1(topic, payload, mid, ack)`` instead of a task per message through gmqtt's
+    coroutine ``on_message``; the receiver acknowledges with ``ack(mids)``."""
     conn = client._connection
     proto = conn._protocol
     handler = client._package_handler
@@ -197,14 +220,17 @@ def install_fast_publish(client: gmqtt.Client) -> None:
     state = handler._connection_state
     logger = handler._logger
     known: list[Any] = [None, True]  # the on_message last looked at, and whether it is async
+    ack = _puback_writer(client, conn)
 
     def read_packet(data: bytes) -> int:
         on_message = handler.on_message
         if on_message is not known[0]:
             known[0], known[1] = on_message, _is_async(on_message)
-        if known[1] or handler.current_connection is not conn or logger.isEnabledFor(logging.DEBUG):
-            return general(data)
         mqtt5 = state.protocol_version >= MQTTv50
+        qos1 = on_qos1 is not None and mqtt5
+        if (known[1] and not qos1) or handler.current_connection is not conn or logger.isEnabledFor(logging.DEBUG):
+            return general(data)
+        qos0 = not known[1]
         size = len(data)
         pos = 0
         fast = 0
@@ -227,7 +253,23 @@ def install_fast_publish(client: gmqtt.Client) -> None:
                 break  # the packet is not all here yet
             cmd = data[pos]
             end = i + length
-            if cmd & 0xF6 == 0x30 and length >= 2:  # PUBLISH, QoS 0 (dup and retain may be set)
+            if qos1 and cmd & 0xF6 == 0x32 and length >= 4:  # PUBLISH, QoS 1, acknowledged later
+                t_end = i + 2 + ((data[i] << 8) | data[i + 1])
+                body = t_end + 3  # packet id, then an empty property block
+                if t_end > i + 2 and body <= end and data[t_end + 2] == 0:
+                    try:
+                        topic = data[i + 2 : t_end].decode()
+                    except UnicodeDecodeError:
+                        topic = None
+                    if topic is not None:
+                        try:
+                            on_qos1(topic, data[body:end], (data[t_end] << 8) | data[t_end + 1], ack)  # type: ignore[misc]
+                        except Exception:
+                            logger.exception("[MqttPackageHandler] error handling package")
+                        fast += 1
+                        pos = end
+                        continue
+            elif qos0 and cmd & 0xF6 == 0x30 and length >= 2:  # PUBLISH, QoS 0 (dup and retain may be set)
                 t_end = i + 2 + ((data[i] << 8) | data[i + 1])
                 body = t_end + 1 if mqtt5 else t_end
                 if t_end > i + 2 and body <= end and (not mqtt5 or data[t_end] == 0):

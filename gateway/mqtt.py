@@ -87,8 +87,10 @@ class MqttLink:
         will: tuple[str, bytes, bool] | None = None,
         birth: Callable[[], tuple[str, bytes, bool]] | None = None,
         ack_after_processing: bool = False,
+        on_publish_qos1: compat.OnPublishQos1 | None = None,
     ):
         self.name = name
+        self._on_publish_qos1 = on_publish_qos1 if ack_after_processing else None
         self.conn = conn
         self.client_id = client_id
         self.state = "connecting"
@@ -361,7 +363,7 @@ class MqttLink:
 
     def _install_gate(self) -> None:
         compat.install_read_gate(self._client, self._gate, self.conn.keepalive)
-        compat.install_fast_publish(self._client)
+        compat.install_fast_publish(self._client, self._on_publish_qos1)
 
 
 def _tls_context(conn: MqttConnection) -> ssl.SSLContext:

@@ -160,6 +160,7 @@ class Links:
         clean_session: bool = True,
         session_expiry: int = 0,
         ack_after_processing: bool = False,
+        on_publish_qos1: Callable[[str, bytes, int, Callable[[list[int]], None]], None] | None = None,
     ) -> MqttLink:
         """A receiving link of a node's own to broker ``connection``; the node runs and closes it."""
         return MqttLink(
@@ -170,6 +171,7 @@ class Links:
             clean_session=clean_session,
             session_expiry=session_expiry,
             ack_after_processing=ack_after_processing,
+            on_publish_qos1=on_publish_qos1,
         )
 
     async def close(self) -> None:

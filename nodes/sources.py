@@ -187,6 +187,8 @@ class MqttSource(Source):
         self._link: Subscriber | None = None
         self._pending: list[Event] = []
         self._flush_scheduled = False
+        self._acks: list[int] = []  # QoS 1: packet ids of the pending batch, to acknowledge
+        self._ack: Callable[[list[int]], None] = lambda mids: None
         self._out: SourceOutput | None = None
         self.n_malformed = 0
 
@@ -281,6 +283,36 @@ class MqttSource(Source):
 
     # QoS 1: acknowledged after processing --------------------------------------------------
 
+    def _on_publish_qos1(self, topic: str, payload: bytes, mid: int, ack: Callable[[list[int]], None]) -> None:
+        # the fast path: batched like QoS 0, one PUBACK write per batch once the sinks have it
+        self.n_in += 1
+        if ack is not self._ack and self._acks:
+            self._flush_qos1()  # a new connection: the old one's ids go to the old one
+        self._ack = ack
+        ev = self.decode(topic, payload)
+        self._acks.append(mid)  # dead-lettered too: redelivery would not make it valid
+        if ev is not None:
+            self._pending.append(ev)
+        if len(self._acks) >= self.options.batch:
+            self._flush_qos1()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_qos1)
+
+    def _flush_qos1(self) -> None:
+        self._flush_scheduled = False
+        if not self._acks or self._out is None:
+            return
+        batch, self._pending = self._pending, []
+        mids, self._acks = self._acks, []
+        ack = self._ack
+        if not batch:
+            ack(mids)
+            return
+        self._out.put_nowait(batch, lambda: ack(mids))
+        if self._link is not None:
+            self._out.pause_while_full(self._link)
+
     async def _on_message_qos1(self, client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
         self.n_in += 1
         ev = self.decode(topic, payload)
@@ -307,13 +339,17 @@ class MqttSource(Source):
             clean_session=not persistent,
             session_expiry=int(o.session_expiry) if persistent else 0,
             ack_after_processing=persistent,
+            on_publish_qos1=self._on_publish_qos1 if persistent else None,
         )
         for f in o.filters:
             self._link.subscribe(f, o.qos)
         try:
             await self._link.run()
         finally:
-            self._flush()
+            if persistent:
+                self._flush_qos1()
+            else:
+                self._flush()
             await self._link.close()
 
 

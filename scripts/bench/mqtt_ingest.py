@@ -1323,8 +1323,13 @@ async def _bare_main(args: argparse.Namespace) -> int:
             done.set()
         return 0
 
-    client = Client(f"bench-bare-{os.getpid()}")
-    client.on_message = on_message
+    async def on_message_acked(client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
+        return on_message(client, topic, payload, qos, properties)
+
+    # QoS 1: gmqtt's manual acknowledgement (MQTT 5), the way an application acknowledges a reading
+    # only once it has handled it: an async on_message whose result is the PUBACK's reason code.
+    client = Client(f"bench-bare-{os.getpid()}", optimistic_acknowledgement=args.qos == 0)
+    client.on_message = on_message_acked if args.qos else on_message
     client.on_connect = lambda c, flags, rc, props: c.subscribe(DATA_FILTER, qos=args.qos)
     await client.connect("127.0.0.1", args.port, keepalive=60)
     while not done.is_set():

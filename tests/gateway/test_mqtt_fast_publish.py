@@ -98,3 +98,71 @@ async def test_plain_qos0_publishes_skip_gmqtts_handler_and_arrive_intact(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await link.close()
+
+
+async def test_qos1_publishes_reach_on_publish_qos1_and_only_acked_ones_stay_acknowledged(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """With ``on_publish_qos1`` (MQTT 5, acknowledged after processing), plain QoS 1 messages skip
+    gmqtt's task-per-message path; ``ack(mids)`` acknowledges them, and what was never acknowledged
+    comes back from the broker on the next connection of the same session."""
+    conn = MqttConnection(type="mqtt", host=mosquitto.host, port=mosquitto.port, version="5")
+
+    async def on_message(client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
+        slow.append((topic, payload))
+        return 0
+
+    async def session(got: list[tuple[str, bytes, int, Any]], body: Any) -> None:
+        link = MqttLink(
+            "in",
+            conn,
+            "fast-qos1",
+            on_message=on_message,
+            clean_session=False,
+            session_expiry=300,
+            ack_after_processing=True,
+            on_publish_qos1=lambda topic, payload, mid, ack: got.append((topic, payload, mid, ack)),
+        )
+        link.subscribe("q1/#", 1)
+        task = asyncio.create_task(link.run())
+        try:
+            await wait_for(lambda: link.connected, timeout=10)
+            await body(link)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await link.close()
+
+    slow: list[tuple[str, bytes]] = []
+    first: list[tuple[str, bytes, int, Any]] = []
+    sent = [(f"q1/k{i % 7}/é", bytes([i % 251]) * (i * 37 % 3000)) for i in range(300)]
+
+    async def publish_and_ack_some(link: MqttLink) -> None:
+        await session_ready.wait()
+        with mqtt_client(mosquitto, protocol=paho.MQTTv5) as pub:
+            infos = [pub.paho.publish(t, p, qos=1) for t, p in sent]
+            await wait_for(lambda: all(i.is_published() for i in infos), timeout=20)
+        await wait_for(lambda: len(first) >= len(sent), timeout=20)
+        assert [(t, p) for t, p, _, _ in first] == sent
+        assert slow == []  # none took gmqtt's per-message path
+        ack = first[0][3]
+        ack([mid for _, _, mid, _ in first[:100]])  # one write of 100 PUBACKs
+        # a round trip after the PUBACKs, so the broker has them before the disconnect
+        with mqtt_client(mosquitto, protocol=paho.MQTTv5) as pub:
+            pub.publish("q1/probe", b"p", qos=1)
+        await wait_for(lambda: any(t == "q1/probe" for t, _, _, _ in first), timeout=10)
+
+    session_ready = asyncio.Event()
+    session_ready.set()
+    await session(first, publish_and_ack_some)
+
+    again: list[tuple[str, bytes, int, Any]] = []
+
+    async def redelivered(link: MqttLink) -> None:
+        # what the broker resends right after CONNACK may come before the fast path is in place
+        # (it is installed once connect() returns): those take the coroutine path
+        await wait_for(lambda: len(again) + len(slow) >= 201, timeout=20)
+
+    await session(again, redelivered)
+    want = sorted([*sent[100:], ("q1/probe", b"p")])
+    assert sorted([(t, p) for t, p, _, _ in again] + slow) == want
