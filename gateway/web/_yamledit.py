@@ -745,3 +745,61 @@ def _append_pipelines(t: _Text, doc: CommentedMap, raw_pipes: CommentedSeq, item
         t.replace(line, line, "pipelines:\n" + body)
     else:
         t.replace(len(t.lines), len(t.lines), "pipelines:\n" + body)
+
+
+def connections_model(text: str) -> dict[str, Any]:
+    """The ``connections`` section of a config text as plain values: ``{name: {type, ...options}}``."""
+    doc, _, _ = _load(text)
+    conns = doc.get("connections") if isinstance(doc, dict) else None
+    return {str(k): _plain(v) for k, v in conns.items()} if isinstance(conns, dict) else {}
+
+
+def apply_connections(text: str, conns: Any) -> str:
+    """Write the ``connections`` section ``conns`` (``{name: {options}}``) into the config ``text``.
+
+    Only that section's lines change: an unchanged connection keeps its bytes and comments, a
+    changed one keeps its unchanged keys where they were; the rest of the file is untouched.
+    """
+    if not isinstance(conns, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in conns.items()):
+        raise DraftError('connections are {"name": {"type": "mqtt", ...}}')
+    if conns == connections_model(text):
+        return text
+    doc, seq_indent, dash_offset = _load(text)
+    if not isinstance(doc, CommentedMap):
+        raise DraftError("the config file is not a mapping of sections")
+    lines = text.splitlines(keepends=True)
+    old = doc.get("connections")
+    new = copy.deepcopy(old) if isinstance(old, CommentedMap) else CommentedMap()
+    for k in [k for k in new if k not in conns]:
+        del new[k]
+    for name, opts in conns.items():
+        if isinstance(new.get(name), CommentedMap):
+            if _plain(new[name]) != opts:
+                _update_map(new[name], opts)
+        else:
+            m = CommentedMap(opts)
+            if (
+                isinstance(old, CommentedMap)
+                and old
+                and all(isinstance(v, CommentedMap) and v.fa.flow_style() for v in old.values())
+            ):
+                m.fa.set_flow_style()  # in the style of its siblings
+            new[name] = m
+    y = _yaml()
+    y.indent(mapping=2, sequence=seq_indent, offset=dash_offset)
+    buf = io.StringIO()
+    y.dump(CommentedMap([("connections", new)]) if new else CommentedMap([("connections", {})]), buf)
+    out = buf.getvalue().splitlines(keepends=True)
+    while out and (not out[-1].strip() or out[-1].lstrip().startswith("#")):
+        out.pop()  # comments ruamel keeps after the section are already in the text after it
+    block = "".join(out)
+    keys = list(doc)
+    if "connections" in doc:
+        start = doc.lc.key("connections")[0]
+        i = keys.index("connections")
+        end = doc.lc.key(keys[i + 1])[0] if i + 1 < len(keys) else len(lines)
+        while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+            end -= 1  # blank lines and comments above the next section belong to it
+    else:  # a new section before the pipelines (or at the end)
+        start = end = doc.lc.key("pipelines")[0] if "pipelines" in doc else len(lines)
+    return "".join([*lines[:start], block, *lines[end:]])

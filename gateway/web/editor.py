@@ -28,11 +28,20 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..config import LoadedConfig, parse_config
+from ..config import LoadedConfig, MqttConnection, parse_config
 from ..errors import ConfigError, ReloadError
 from ..node import node_types
 from ..redact import mask, redact, redact_text
-from ._yamledit import DraftError, apply_model, diff, import_pipeline, load_model, revision
+from ._yamledit import (
+    DraftError,
+    apply_connections,
+    apply_model,
+    connections_model,
+    diff,
+    import_pipeline,
+    load_model,
+    revision,
+)
 from .auth import IDENTITY
 from .views import model_paths
 
@@ -360,6 +369,83 @@ class Editor:
                     "revision": new_rev,
                     **{k: v for k, v in summary.items() if k != "unchanged"},
                 }
+            )
+
+    # --- the connections section --------------------------------------------------------------
+
+    async def api_connections(self, request: web.Request) -> web.Response:
+        """``{connections, schema, revision, secret}``; secret options (passwords) as ``***``."""
+        self._admin(request)
+        text = await self._current()
+        schema = MqttConnection.model_json_schema()
+        secret = _secret_fields(schema)
+        conns = await asyncio.to_thread(connections_model, text)
+        shown = {k: _redact(v, secret) if isinstance(v, dict) else v for k, v in conns.items()}
+        return web.json_response(
+            {"connections": shown, "schema": schema, "secret": sorted(secret), "revision": self._remember(text)}
+        )
+
+    async def api_save_connections(self, request: web.Request) -> web.Response:
+        """``{revision, connections}``: validated with the whole file like ``sluice validate``, then
+        saved. A reload changes only pipelines, so the running gateway uses the new connections
+        after its next restart; the answer says so (``restart_needed``)."""
+        from .views import _save
+
+        self._admin(request)
+        body = await self._body(request)
+        async with self._deploying:
+            base = await self._current()
+            if body.get("revision") != revision(base):
+                return web.json_response(
+                    {"error": "the config file changed since the editor loaded it; reload", "error_kind": "revision"},
+                    status=409,
+                )
+            conns = body.get("connections")
+            old = await asyncio.to_thread(connections_model, base)
+            secret = _secret_fields(MqttConnection.model_json_schema())
+            if isinstance(conns, dict):  # *** (as shown) keeps the value in the file
+                conns = {
+                    k: {f: old.get(k, {}).get(f) if f in secret and x == "***" else x for f, x in v.items()}
+                    if isinstance(v, dict)
+                    else v
+                    for k, v in conns.items()
+                }
+            try:
+                text = await asyncio.to_thread(apply_connections, base, conns)
+            except DraftError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            try:
+                await asyncio.to_thread(
+                    functools.partial(parse_config, substitute=False, model_paths=model_paths(self.gw)),
+                    text,
+                    str(self._path),
+                )
+            except ConfigError as err:
+                errors = [{"field": i.path, "line": i.line, "message": i.message} for i in err.issues]
+                return web.json_response(
+                    {"error": "the connections have errors", "error_kind": "invalid", "errors": errors}, status=422
+                )
+            saved = False
+            if text != base:
+                await asyncio.to_thread(_save, self._path, text)
+                saved = True
+                ident = request.get(IDENTITY)
+                log.warning(
+                    "connections saved from the editor by %s; they apply at the next restart",
+                    ident.name if ident else "?",
+                )
+            running = self.gw.loaded.config.model_dump(mode="json")["connections"]
+            try:
+                now = await asyncio.to_thread(
+                    functools.partial(parse_config, substitute=True, model_paths=model_paths(self.gw)),
+                    text,
+                    str(self._path),
+                )
+                pending = now.config.model_dump(mode="json")["connections"] != running
+            except ConfigError:  # ${VAR} values: compare what can be compared
+                pending = saved
+            return web.json_response(
+                {"saved": saved, "restart_needed": pending, "revision": self._remember(text), "diff": diff(base, text)}
             )
 
     async def api_import(self, request: web.Request) -> web.Response:

@@ -588,3 +588,57 @@ async def test_disable_and_enable_a_pipeline(running: tuple[Gateway, Path, Brows
     assert status == 200 and r["added"] == ["plant"], r
     assert await asyncio.to_thread(path.read_text) == before
     await wait_for(lambda: gw.pipelines["plant"].state == "running", timeout=10)
+
+
+BROKERS = """\
+gateway: {{id: editor-conns, data_dir: "{data}"}}
+connections:
+  # the plant broker
+  plant: {{type: mqtt, host: 127.0.0.1, port: 1883, password: "s3cret-broker-pw"}}  # local
+pipelines:
+  - name: p
+    nodes:
+      - {{id: s, type: simulate, interval: 1h, sensors: [{{key: a}}]}}
+      - {{id: out, type: mqtt_out, input: s, connection: plant}}
+console: {{host: 127.0.0.1, port: 0}}
+"""
+
+
+async def test_connections_panel_validates_and_saves_for_the_next_restart(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(BROKERS.format(data=tmp_path / "data"))
+    gw = Gateway(load_config(path, env={}))
+    task = asyncio.create_task(gw.run(install_signals=False))
+    c: Browserish | None = None
+    try:
+        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
+        c = Browserish(base_url(gw))
+        await c.setup_admin(gw)
+        before = await asyncio.to_thread(path.read_text)
+        _, got = await c.get("/api/editor/connections")
+        assert got["connections"]["plant"]["password"] == "***" and "s3cret" not in json.dumps(got)
+        assert got["schema"]["properties"]["port"]["maximum"] == 65535
+        conns = copy.deepcopy(got["connections"])
+        # a mistake: refused, on its field, nothing written
+        conns["plant"]["port"] = 70000
+        status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
+        assert status == 422 and r["errors"][0]["field"] == "connections.plant.port", r
+        # removing a connection a node uses: refused by the same validation
+        status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": {}})
+        assert status == 422 and "plant" in r["errors"][0]["message"], r
+        conns["plant"]["port"] = 1884
+        status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
+        assert status == 200 and r["saved"] and r["restart_needed"], r
+        after = await asyncio.to_thread(path.read_text)
+        # one line changed, its comment and the password (sent back as ***) kept
+        assert after == before.replace("port: 1883,", "port: 1884,")
+        # the running gateway keeps its connections until a restart
+        assert gw.loaded.config.connections["plant"].port == 1883
+        # an old revision is refused
+        status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
+        assert status == 409
+    finally:
+        if c is not None:
+            await c.close()
+        gw.stop()
+        await asyncio.wait_for(task, 30)

@@ -112,6 +112,7 @@ export function start(el, ctx) {
       btn("ed-copy", "Copy", () => copySelected(), "Copy the selected node (Ctrl+C)"),
       btn("ed-paste", "Paste", () => paste(), "Paste (Ctrl+V)"),
       btn("ed-import", "Import", () => openImport(), "Add a pipeline from its YAML"),
+      btn("ed-connections", "Connections", () => openConnections(), "MQTT brokers and other connections (applied at restart)"),
       btn("ed-export", "Export", () => openExport(), "This pipeline's YAML, as saved")),
     btn("ed-layout", "Auto-layout", () => { autoLayout(true); commit(); rebuild(); fit(); }, "Lay out the nodes by depth (L)"),
     btn("ed-fit", "Fit", () => fit(), "Fit to screen (F)"),
@@ -818,6 +819,98 @@ export function start(el, ctx) {
         say(`deploy failed: ${e.message}`, "bad");
       }
     }
+  }
+
+  // --- the connections section (its own panel; a restart applies it) --------------------------
+
+  async function openConnections() {
+    let data;
+    try {
+      data = await get("/api/editor/connections");
+    } catch (e) {
+      return say(`could not read the connections: ${e.message}`, "bad");
+    }
+    const defs = data.schema.$defs || {};
+    const props = data.schema.properties;
+    const required = new Set(data.schema.required || []);
+    const secret = new Set(data.secret);
+    const conns = JSON.parse(JSON.stringify(data.connections));
+    const list = h("div", { id: "ed-conn-list" });
+    const msg = h("p", { id: "ed-conn-msg", class: "muted", role: "status" },
+      "Connections are read when the gateway starts: a hot reload changes only pipelines. Saving writes the file; "
+      + "restart the gateway to use them. Until then, deploying pipelines is refused.");
+    function draw(errors = []) {
+      const errAt = (path) => errors.filter((e) => e.field === path).map((e) => e.message).join("; ");
+      list.replaceChildren(...Object.entries(conns).map(([name, opts]) => {
+        const box = h("fieldset", { class: "field group ed-conn", "data-conn": name }, h("legend", {}, name),
+          h("div", { class: "field-error", "data-path": `connections.${name}` }, errAt(`connections.${name}`)));
+        for (const [k, raw] of Object.entries(props)) {
+          const s = resolve(raw, defs);
+          const id = `ed-conn-${name}-${k}`;
+          const value = opts[k];
+          const choices = enumOf(s);
+          let input;
+          if (choices) {
+            input = h("select", { id }, h("option", { value: "" }, s.default !== undefined ? `(default: ${s.default})` : "(unset)"),
+              choices.map((c) => h("option", { value: JSON.stringify(c), selected: value !== undefined && JSON.stringify(value) === JSON.stringify(c) }, String(c))));
+            input.addEventListener("change", () => { if (input.value) opts[k] = JSON.parse(input.value); else delete opts[k]; });
+          } else if (s.type === "boolean") {
+            input = h("input", { id, type: "checkbox", class: "toggle", checked: value === undefined ? !!s.default : !!value });
+            input.addEventListener("change", () => { opts[k] = input.checked; });
+          } else {
+            const num = s.type === "integer" || s.type === "number";
+            input = h("input", { id, type: secret.has(k) ? "password" : "text", value: value ?? "", autocomplete: "off",
+              inputmode: num ? "decimal" : undefined, placeholder: [s.default !== undefined && s.default !== null ? `default: ${s.default}` : "", num ? boundsText(s) : ""].filter(Boolean).join("; ") });
+            input.addEventListener("change", () => {
+              const v = input.value.trim();
+              if (v === "") delete opts[k];
+              else opts[k] = num && NUMBER.test(v) ? Number(v) : v;
+            });
+          }
+          const help = s.description || "";
+          box.append(h("label", { class: "field", "data-path": `connections.${name}.${k}` },
+            h("span", { class: "fname" }, k, required.has(k) ? h("span", { class: "req", title: "required" }, " *") : null),
+            input, help ? h("small", { class: "help" }, help) : null,
+            h("div", { class: "field-error", "data-path": `connections.${name}.${k}` }, errAt(`connections.${name}.${k}`))));
+        }
+        box.append(h("button", { type: "button", class: "small", onclick: () => { delete conns[name]; draw(); } }, `Remove ${name}`));
+        return box;
+      }));
+    }
+    const newConn = h("input", { id: "ed-conn-new", placeholder: "new connection name", size: 16, "aria-label": "new connection name" });
+    async function save() {
+      try {
+        const r = await post("/api/editor/connections", { revision: st.revision, connections: conns });
+        st.revision = r.revision;
+        st.model.connections = Object.fromEntries(Object.entries(conns).map(([k, v]) => [k, { type: v.type ?? null }]));
+        msg.className = r.restart_needed ? "warn" : "ok";
+        msg.textContent = r.saved
+          ? (r.restart_needed ? "Saved. Restart the gateway to use these connections (a hot reload changes only pipelines)." : "Saved.")
+          : r.restart_needed ? "No change to the file; the saved connections apply at the next restart." : "No change.";
+        say(r.restart_needed ? "connections saved: restart the gateway to apply them" : "connections unchanged", r.restart_needed ? "warn" : "muted");
+        draw();
+      } catch (e) {
+        if (!(e instanceof ApiError)) throw e;
+        const errors = (e.body && e.body.errors) || [];
+        msg.className = "bad";
+        msg.textContent = e.status === 409 ? "The config file changed meanwhile: close, reload the editor and try again." : `Not saved: ${errors.length ? errors.map((x) => `${x.field}: ${x.message}`).join("; ") : e.message}`;
+        draw(errors);
+      }
+    }
+    draw();
+    dialog.replaceChildren(h("div", { class: "card" }, h("h2", {}, "Connections"), msg, list,
+      h("div", { class: "toolbar" }, newConn,
+        h("button", { type: "button", class: "small", id: "ed-conn-add", onclick: () => {
+          const n = newConn.value.trim();
+          if (!/^[A-Za-z_][A-Za-z0-9_-]*$/.test(n) || conns[n]) return;
+          conns[n] = { type: "mqtt" };
+          newConn.value = "";
+          draw();
+        } }, "Add connection")),
+      h("div", { class: "toolbar" },
+        h("button", { type: "button", id: "ed-conn-save", onclick: save }, "Validate and save"),
+        h("button", { type: "button", class: "link", onclick: closeDialog }, "Close"))));
+    dialog.hidden = false;
   }
 
   // --- import / export of one pipeline as YAML ------------------------------------------------
