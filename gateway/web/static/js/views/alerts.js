@@ -92,7 +92,7 @@ export function start(el, { me }) {
                   a.state === "open" ? h("button", { type: "button", class: "small ack", onclick: () => ask(a, "ack", row) }, "Ack") : null,
                   h("button", { type: "button", class: "small resolve", onclick: () => ask(a, "resolve", row) }, "Resolve"),
                 ] : null) : null,
-                h("td", { class: "nowrap" }, when(a.opened_at)),
+                h("td", { class: "nowrap", title: when(a.opened_at) }, short(a.opened_at)),
                 h("td", { class: a.severity === "critical" ? "bad" : a.severity === "warning" ? "warn" : "" }, a.severity),
                 h("td", { class: "state" }, a.state),
                 h("td", { class: `condition ${a.condition === "active" ? "bad" : "muted"}` },
