@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +145,19 @@ async def test_wait_for_rejects_async_predicates() -> None:
 
     with pytest.raises(TypeError, match="sync"):
         await wait_for(predicate, timeout=0.1)
+
+
+async def test_harness_gateway_without_console_section_starts_while_8080_is_taken(tmp_path: Path) -> None:
+    from tests.gateway._harness import running_gateway
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 8080))
+        holder.listen()
+    except OSError:
+        pass  # something else holds 8080 already: the same situation
+    try:
+        async with running_gateway(f"gateway: {{id: gw1, data_dir: '{tmp_path}/data'}}\npipelines: []\n") as gw:
+            assert gw.console is not None and gw.console.port not in (0, 8080)
+    finally:
+        holder.close()

@@ -19,11 +19,19 @@ NO_AUTH = ", auth: false"
 
 @asynccontextmanager
 async def running_gateway(text: str, env: dict[str, str] | None = None) -> AsyncIterator[Gateway]:
-    """Start ``Gateway(parse_config(text)).run()`` as a task; stop it gracefully at the end."""
-    gw = Gateway(parse_config(text, "test.yaml", env or {}))
+    """Start ``Gateway(parse_config(text)).run()`` as a task; stop it gracefully at the end.
+
+    A config without a ``console`` section gets its console on a free port rather than the
+    default 8080, which a gateway started by ``make run`` (or another test run) may hold.
+    """
+    cfg = parse_config(text, "test.yaml", env or {})
+    if "console" not in cfg.config.model_fields_set:
+        cfg.config.console.port = 0
+    gw = Gateway(cfg)
     task = asyncio.create_task(gw.run(install_signals=False), name="test-gateway")
     try:
-        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
+        # generous: starting takes seconds on a loaded machine; a start that fails ends the wait at once
+        await wait_for(lambda: gw.state == "running" or task.done(), timeout=60)
         if task.done():
             task.result()  # raises what stopped it
         yield gw
