@@ -578,3 +578,57 @@ async def test_connections_panel_from_the_schema(
         await ctx.close()
     # the 422 answer is the invalid port being reported, not a pg problem
     assert [p for p in problems if "422" not in p] == []
+
+
+@pytest.mark.parametrize("started", [PLANT], indirect=True)
+async def test_multi_select_copy_paste_move_delete(started: tuple[Gateway, Path], page: Any) -> None:  # noqa: F811
+    gw, _ = started
+    base = base_url(gw)
+    await page.set_viewport_size({"width": 1366, "height": 900})
+    await login(page, base)
+    await page.goto(base + "/#/editor")
+    await expect(page.locator("#ed-status")).to_have_text("ready")
+    nodes = page.locator("#drawflow .drawflow-node")
+    await expect(nodes).to_have_count(4)
+    # Shift-click and Ctrl-click add to the selection
+    await node(page, "sensors").click()
+    await node(page, "hot").click(modifiers=["Shift"])
+    await expect(page.locator(".drawflow-node.ed-multi")).to_have_count(2)
+    # copy/paste of the two: the wire between them comes along, ids are new
+    await page.click("#ed-copy")
+    await page.click("#ed-paste")
+    await expect(nodes).to_have_count(6)
+    await expect(node(page, "sensors_2")).to_be_visible()
+    await expect(node(page, "hot_2")).to_be_visible()
+    await expect(page.locator("#drawflow .connection")).to_have_count(4)
+    await expect(page.locator(".drawflow-node.ed-multi")).to_have_count(2)  # the pasted ones
+    # moving one node of the selection moves the others by as much
+    other = node(page, "sensors_2")
+    before = await other.bounding_box()
+    box = await node(page, "hot_2").bounding_box()
+    await page.mouse.move(box["x"] + 20, box["y"] + 10)
+    await page.mouse.down()
+    await page.mouse.move(box["x"] + 80, box["y"] + 110, steps=5)
+    await page.mouse.up()
+    await page.wait_for_function(
+        "y => document.querySelector('.drawflow-node:has(.df-node[data-node=\"sensors_2\"])')"
+        ".getBoundingClientRect().y > y + 50",
+        arg=before["y"],
+    )
+    # delete removes the whole selection
+    await page.click("#ed-delete")
+    await expect(nodes).to_have_count(4)
+    # a Shift-drag on the background is a rubber band: it selects what it touches
+    canvas = await page.locator("#drawflow").bounding_box()
+    await page.keyboard.down("Shift")
+    await page.mouse.move(canvas["x"] + 2, canvas["y"] + 2)
+    await page.mouse.down()
+    await page.mouse.move(canvas["x"] + canvas["width"] - 2, canvas["y"] + canvas["height"] - 2, steps=5)
+    await page.mouse.up()
+    await page.keyboard.up("Shift")
+    await expect(page.locator(".drawflow-node.ed-multi")).to_have_count(4)
+    await shot(page, "editor-multi-select")
+    await page.keyboard.press("Delete")
+    await expect(nodes).to_have_count(0)
+    await page.click("#ed-undo")
+    await expect(nodes).to_have_count(4)

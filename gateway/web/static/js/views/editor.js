@@ -88,7 +88,7 @@ function setPath(obj, path, value) {
 export function start(el, ctx) {
   const st = {
     palette: null, types: new Map(), model: null, revision: null, positions: {}, editable: false,
-    current: null, errors: [], undo: [], redo: [], selected: null, clipboard: null,
+    current: null, errors: [], undo: [], redo: [], selected: null, clipboard: null, multi: new Set(), modHeld: false,
     dfToId: new Map(), idToDf: new Map(), building: false, df: null, lastDiff: "",
     rates: new Map(), console: new Map(), consoleTab: null, paused: false, pretty: true, stopped: false,
     live: new Map(),
@@ -208,33 +208,48 @@ export function start(el, ctx) {
     if (st.selected === id) { st.selected = null; drawForm(); }
   }
 
+  // the selection: the focused node (its form) plus the others picked with Shift/Ctrl-click or a
+  // Shift-drag rubber band on the background
+  const selection = () => [...new Set([...(st.selected ? [st.selected] : []), ...st.multi])].filter((id) => nodeById(id));
+
   function deleteSelected() {
-    if (!st.selected) return say("select a node first");
-    const n = nodeById(st.selected);
-    if (n && n.readonly) return say(`${n.id} is read-only: ${n.readonly}`, "bad");
-    removeNode(st.selected);
+    const ids = selection();
+    if (!ids.length) return say("select a node first");
+    const ro = ids.map(nodeById).filter((n) => n.readonly);
+    if (ro.length) return say(`${ro.map((n) => n.id).join(", ")}: read-only (${ro[0].readonly})`, "bad");
+    for (const id of ids) removeNode(id);
+    st.multi.clear();
     commit();
     rebuild();
+    say(`deleted ${ids.join(", ")}`);
   }
 
   function copySelected() {
-    const n = st.selected && nodeById(st.selected);
-    if (!n) return say("select a node first");
-    st.clipboard = JSON.parse(JSON.stringify({ ...n, pos: posOf(n.id) }));
-    say(`copied ${n.id}`);
+    const ids = selection();
+    if (!ids.length) return say("select a node first");
+    st.clipboard = JSON.parse(JSON.stringify(ids.map((id) => ({ ...nodeById(id), pos: posOf(id) }))));
+    say(`copied ${ids.join(", ")}`);
   }
 
   function paste() {
     const c = st.clipboard;
-    if (!c || !pipe()) return say("nothing to paste");
-    const id = uniqueId(c.id);
-    pipe().nodes.push({ id, type: c.type, input: [], options: JSON.parse(JSON.stringify(c.options)), readonly: null });
-    const [x, y] = c.pos || [60, 60];
-    setPos(id, x + 40, y + 40);
+    if (!c || !c.length || !pipe()) return say("nothing to paste");
+    // wires among the copied nodes are copied along; wires from outside are not
+    const ids = new Map();
+    for (const n of c) {
+      const id = uniqueId(n.id);
+      ids.set(n.id, id);
+      pipe().nodes.push({ id, type: n.type, input: [], options: JSON.parse(JSON.stringify(n.options)), readonly: null });
+      const [x, y] = n.pos || [60, 60];
+      setPos(id, x + 40, y + 40);
+    }
+    for (const n of c) nodeById(ids.get(n.id)).input = n.input.filter((u) => ids.has(u)).map((u) => ids.get(u));
+    const pasted = [...ids.values()];
+    st.selected = pasted[0];
+    st.multi = new Set(pasted);
     commit();
     rebuild();
-    select(id);
-    say(`pasted ${id}`);
+    say(`pasted ${pasted.join(", ")}`);
   }
 
   function newPipeline() {
@@ -353,29 +368,49 @@ export function start(el, ctx) {
       st.building = false;
     }
     if (st.selected && !st.idToDf.has(st.selected)) st.selected = null;
-    if (st.selected) markSelected();
+    for (const id of [...st.multi]) if (!st.idToDf.has(id)) st.multi.delete(id);
+    markSelected();
     drawForm();
     showErrors();
   }
 
   function markSelected() {
-    for (const e of canvasEl.querySelectorAll(".drawflow-node.ed-selected")) e.classList.remove("ed-selected");
+    for (const e of canvasEl.querySelectorAll(".drawflow-node.ed-selected, .drawflow-node.ed-multi")) e.classList.remove("ed-selected", "ed-multi");
     const dfId = st.idToDf.get(st.selected);
     if (dfId !== undefined) canvasEl.querySelector(`#node-${dfId}`)?.classList.add("ed-selected");
+    for (const id of st.multi) {
+      const d = st.idToDf.get(id);
+      if (d !== undefined) canvasEl.querySelector(`#node-${d}`)?.classList.add("ed-multi");
+    }
   }
 
-  function select(id) {
+  function select(id, add = false) {
+    if (add && st.editable) {
+      // Shift/Ctrl-click: the node joins the selection (or leaves it)
+      if (st.selected) st.multi.add(st.selected);
+      if (st.multi.has(id) && st.selected !== id) st.multi.delete(id);
+      else st.multi.add(id);
+    } else if (!st.multi.has(id)) {
+      st.multi.clear(); // a plain click on a node outside the selection starts a new one
+    }
     st.selected = id;
     markSelected();
     drawForm();
   }
 
   function wire(df) {
-    df.on("nodeSelected", (dfId) => { if (!st.building) select(st.dfToId.get(Number(dfId))); });
+    df.on("nodeSelected", (dfId) => { if (!st.building) select(st.dfToId.get(Number(dfId)), st.modHeld); });
     df.on("nodeMoved", (dfId) => {
       const id = st.dfToId.get(Number(dfId));
       const n = df.getNodeFromId(dfId);
-      if (id) { setPos(id, n.pos_x, n.pos_y); commit(); }
+      if (!id) return;
+      const [x0, y0] = posOf(id) || [n.pos_x, n.pos_y];
+      const dx = n.pos_x - x0, dy = n.pos_y - y0;
+      setPos(id, n.pos_x, n.pos_y);
+      const others = st.multi.has(id) ? selection().filter((o) => o !== id) : [];
+      for (const o of others) { const [x, y] = posOf(o); setPos(o, x + dx, y + dy); } // the selection moves as one
+      commit();
+      if (others.length && (dx || dy)) rebuild();
     });
     df.on("nodeRemoved", (dfId) => {
       if (st.building) return;
@@ -409,10 +444,51 @@ export function start(el, ctx) {
     });
   }
 
+  // Shift/Ctrl held at mousedown: a click adds to the selection; a Shift-drag on the background
+  // draws a rubber band (instead of Drawflow's pan) and selects the nodes it touches.
+  let band = null;
+  canvasEl.addEventListener("mousedown", (e) => {
+    st.modHeld = e.shiftKey || e.ctrlKey || e.metaKey;
+    const bg = e.target === canvasEl || e.target === st.df?.precanvas;
+    if (!st.editable || !e.shiftKey || !bg || e.button !== 0) return;
+    e.stopPropagation();
+    e.preventDefault();
+    const r = canvasEl.getBoundingClientRect();
+    band = { x: e.clientX, y: e.clientY, el: h("div", { class: "ed-band" }) };
+    Object.assign(band.el.style, { left: `${e.clientX - r.left}px`, top: `${e.clientY - r.top}px`, width: "0px", height: "0px" });
+    canvasEl.append(band.el);
+  }, true);
+  const onBandMove = (e) => {
+    if (!band) return;
+    const r = canvasEl.getBoundingClientRect();
+    Object.assign(band.el.style, {
+      left: `${Math.min(band.x, e.clientX) - r.left}px`, top: `${Math.min(band.y, e.clientY) - r.top}px`,
+      width: `${Math.abs(e.clientX - band.x)}px`, height: `${Math.abs(e.clientY - band.y)}px`,
+    });
+  };
+  const onBandUp = (e) => {
+    if (!band) return;
+    const x1 = Math.min(band.x, e.clientX), x2 = Math.max(band.x, e.clientX);
+    const y1 = Math.min(band.y, e.clientY), y2 = Math.max(band.y, e.clientY);
+    band.el.remove();
+    band = null;
+    const hit = [...st.idToDf.entries()].filter(([, d]) => {
+      const b = canvasEl.querySelector(`#node-${d}`)?.getBoundingClientRect();
+      return b && b.right >= x1 && b.left <= x2 && b.bottom >= y1 && b.top <= y2;
+    }).map(([id]) => id);
+    for (const id of hit) st.multi.add(id);
+    if (hit.length && !st.selected) st.selected = hit[0];
+    markSelected();
+    drawForm();
+    say(hit.length ? `selected ${selection().join(", ")}` : "nothing selected");
+  };
+  document.addEventListener("mousemove", onBandMove);
+  document.addEventListener("mouseup", onBandUp);
+
   // Selecting works in view mode too (Drawflow selects nothing there): a viewer reads a node's options.
   canvasEl.addEventListener("click", (e) => {
     const box = e.target.closest && e.target.closest(".df-node");
-    if (box && box.dataset.node !== st.selected) select(box.dataset.node);
+    if (box && box.dataset.node !== st.selected) select(box.dataset.node, st.modHeld);
   }, true);
   canvasEl.addEventListener("dragover", (e) => { if (st.editable) e.preventDefault(); });
   canvasEl.addEventListener("drop", (e) => {
@@ -1087,6 +1163,8 @@ export function start(el, ctx) {
       st.stopped = true;
       clearTimeout(timer);
       document.removeEventListener("keydown", onKey);
+      document.removeEventListener("mousemove", onBandMove);
+      document.removeEventListener("mouseup", onBandUp);
       resizeObserver.disconnect();
       for (const off of offs) off();
     },
