@@ -487,7 +487,8 @@ async def build_and_deploy(gw: Gateway, path: Path, pg: Any, feed: Feed, broker:
     await expect(pg.locator("#ed-diff")).to_contain_text("boiler plant")
     await expect(pg.locator("#ed-diff")).not_to_contain_text("above: 99")
     await pg.click("#ed-confirm")
-    await expect(pg.locator("#ed-status")).to_contain_text("deployed")
+    # "valid — not deployed yet" contains "deployed" too: wait for the deploy's own answer
+    await expect(pg.locator("#ed-status")).to_have_text(re.compile(r"^deployed: changed boiler"))
     text = await asyncio.to_thread(path.read_text)
     assert "label: boiler plant" in text and "above: 95" in text and "above: 99" not in text
     assert text.startswith("# Plant gateway: the whole flow is built in the editor.\n")
