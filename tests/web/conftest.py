@@ -16,6 +16,17 @@ from tests.gateway._harness import running_gateway
 PASSWORD = "correct horse battery"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _generous_browser_waits() -> None:
+    """Playwright's expect() gives up after 5 s: a validation round trip or a live update can take
+    longer on a loaded machine. Each expect() still ends as soon as its condition holds."""
+    try:
+        from playwright.async_api import expect
+    except ImportError:  # the browser tests skip themselves without Playwright
+        return
+    expect.set_options(timeout=30_000)
+
+
 def config_text(data_dir: Path, console: str = "{host: 127.0.0.1, port: 0}", interval: str = "50ms") -> str:
     return f"""
 gateway: {{id: web-test, data_dir: "{data_dir}"}}
