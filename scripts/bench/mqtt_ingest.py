@@ -5,7 +5,8 @@ A fast publisher sends N JSON readings over K keys to a Mosquitto broker of our 
 publisher share core 0; the subscriber under test (the "subject") has core 1 to itself. Subjects,
 run back to back in the same invocation, each against a fresh broker:
 
-  bare     a gmqtt subscriber that only receives and json-decodes (the floor for Python)
+  bare     a gmqtt subscriber that only receives and json-decodes (the floor for Python); at
+           --qos 1 it acknowledges each message itself (MQTT 5, optimistic_acknowledgement off)
   sluice   `sluice run` with the flow below
   nodered  Node-RED 4.x with `mqtt in` -> `function` (the same flow) -> `mqtt out`
            (installed with npm into .cache/bench/node-red on first use; skipped, with a
