@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 import struct
 import time
@@ -46,6 +47,14 @@ class PublishRefused(LinkError):
         super().__init__(connection, f"broker refused the message (reason code 0x{reason:02x})")
 
 
+# U+0001..U+001F, U+007F..U+009F and the Unicode non-characters (U+FDD0..U+FDEF, U+xxFFFE/F)
+_UNWELCOME = re.compile(
+    "[\x01-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff"
+    + "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(1, 17))
+    + "]"
+)
+
+
 def topic_problem(topic: str) -> str | None:
     """Why no broker takes a PUBLISH to ``topic`` (MQTT 4.7), or ``None``.
 
@@ -59,6 +68,9 @@ def topic_problem(topic: str) -> str | None:
         return f"the topic {topic[:80]!r} holds a wildcard (+ or #)"
     if "\x00" in topic:
         return f"the topic {topic[:80]!r} holds U+0000"
+    if _UNWELCOME.search(topic):
+        # MQTT 1.5.4: a receiver may drop the connection over these; Mosquitto does
+        return f"the topic {topic[:80]!r} holds a control character or a Unicode non-character"
     try:
         size = len(topic.encode())
     except UnicodeEncodeError:

@@ -263,7 +263,9 @@ async def test_keys_no_mqtt_topic_may_hold_do_not_stall_the_outbox(tmp_path: Pat
     with mqtt_client(mosquitto, subscribe=["out/#"]) as sub:
         async with running_gateway(stores(tmp_path, mosquitto.port, source), ENV) as gw:
             await wait_for(lambda: "push" in gw.links.ingest)
-            status, answer = await post(gw, b'{"a#b": 1, "c+d": 2, "e\\u0000f": 3}')
+            status, answer = await post(
+                gw, b'{"a#b": 1, "c+d": 2, "e\\u0000f": 3, "\\u0004W!U\\u0007": 4, "g\\ufffeh": 6}'
+            )
             assert status == 202, answer  # fine keys for every store but an MQTT topic
 
             async def deliver() -> None:
@@ -271,10 +273,11 @@ async def test_keys_no_mqtt_topic_may_hold_do_not_stall_the_outbox(tmp_path: Pat
 
             # refused by the outbox (the broker would drop the connection, again after every
             # reconnect), dead-lettered with the reason; delivery goes on
-            await still_writing_every_store(gw, sub, deliver, "ok", unsendable=3)
+            await still_writing_every_store(gw, sub, deliver, "ok", unsendable=5)
             reasons = [r["reason"] for r in dead_letter_rows(gw) if r["node"] == "plant"]
-            assert len(reasons) == 3 and all("not stored in the outbox" in r for r in reasons), reasons
+            assert len(reasons) == 5 and all("not stored in the outbox" in r for r in reasons), reasons
             assert any("wildcard" in r for r in reasons) and any("U+0000" in r for r in reasons)
+            assert sum("control character or a Unicode non-character" in r for r in reasons) == 2, reasons
 
 
 async def test_redis_source_refuses_what_is_not_text_and_keeps_reading(
