@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 OnMessage = Callable[[str, bytes, int, dict[str, Any]], Any]
 
 
+# A connection lost sooner than this after it was made counts as dropped by the broker: the next
+# attempt waits with backoff instead of following at once.
+STABLE_CONNECTION = 10.0
+
+
 class PublishRefused(LinkError):
     """The broker answered a publish with an MQTT 5 failure reason (not authorised, quota …)."""
 
@@ -109,6 +114,7 @@ class MqttLink:
         self.since = time.time()
         self.last_error: str | None = None
         self.connects = 0
+        self.quick_drops = 0  # connections the broker dropped soon after they were made
         self._closing = False
         self._subs: dict[str, int] = {}
         self._birth = birth
@@ -202,6 +208,7 @@ class MqttLink:
         """Connect, and reconnect whenever the connection is lost, until cancelled."""
         compat.check()
         attempt = 0
+        drops = 0  # connections in a row the broker dropped soon after they were made
         version = MQTTv50 if self.conn.version == "5" else MQTTv311
         where = f"{self.conn.host}:{self.conn.port}"
         try:
@@ -246,12 +253,34 @@ class MqttLink:
                     f" after {attempt} failed attempts" if attempt else "",
                 )
                 attempt = 0
+                up_since = time.monotonic()
                 await self._lost_evt.wait()
                 if self._closing:
                     return
                 self._set_state("disconnected", "connection lost")
-                log.warning("mqtt %s (%s): connection to %s lost; reconnecting", self.name, self.client_id, where)
                 await self._close_quietly()
+                if time.monotonic() - up_since >= STABLE_CONNECTION:
+                    drops = 0
+                    log.warning("mqtt %s (%s): connection to %s lost; reconnecting", self.name, self.client_id, where)
+                    continue
+                # The broker takes the connection and drops it at once (it refuses something we
+                # send, or a twin client id kicks us out): back off as for a refused connect, or
+                # the link would reconnect as fast as the broker drops it, and log a line each time.
+                delay = backoff(drops, self.conn.reconnect_max)
+                if drops == 0:
+                    log.warning(
+                        "mqtt %s (%s): %s dropped the connection %.1fs after it was made; reconnecting with "
+                        "backoff (next in %.1fs, at most %.0fs apart) while this goes on",
+                        self.name,
+                        self.client_id,
+                        where,
+                        time.monotonic() - up_since,
+                        delay,
+                        self.conn.reconnect_max,
+                    )
+                drops += 1
+                self.quick_drops += 1
+                await asyncio.sleep(delay)
         finally:
             self._connected.clear()
             self._fail_acks("link stopped")
