@@ -179,9 +179,9 @@ class LogSink(Sink):
             return
         prefix = self.options.prefix or self.id
         for ev in batch:
-            self._log.log(
-                self._level, "%s: %s %s", prefix, ev.key, json.dumps(ev.value, default=str, separators=(",", ":"))
-            )
+            # readable (°F, not \u00b0F); a lone surrogate, which no log stream can write, stays escaped
+            text = json.dumps(ev.value, default=str, separators=(",", ":"), ensure_ascii=False)
+            self._log.log(self._level, "%s: %s %s", prefix, ev.key, text.encode("utf-8", "backslashreplace").decode())
 
 
 class ConsoleOptions(NodeOptions):

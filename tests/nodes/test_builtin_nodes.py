@@ -224,3 +224,14 @@ def test_parse_ts(raw: Any, expected: float) -> None:
 def test_parse_ts_rejects(raw: Any) -> None:
     with pytest.raises(ValueError):
         parse_ts(raw)
+
+
+async def test_log_sink_writes_text_readably_and_escapes_what_no_stream_can_write(caplog: Any) -> None:
+    node = make("{id: shown, type: log}")
+    with caplog.at_level("INFO"):
+        await node.write([ev({"rule": "above 194 °F"}), ev({"bad": "x\ud800y"})])
+    lines = [r.getMessage() for r in caplog.records]
+    assert 'shown: k {"rule":"above 194 °F"}' in lines, lines
+    assert 'shown: k {"bad":"x\\ud800y"}' in lines, lines
+    for line in lines:
+        line.encode("utf-8")  # every line can be written to a UTF-8 stream
