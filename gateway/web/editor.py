@@ -57,6 +57,9 @@ FAMILIES = ("sources", "operators", "windows", "detectors", "llm", "sinks")
 _PATH_PART = re.compile(r"^\d+$")
 
 
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")  # reST roles such as :class:`Window`
+
+
 def _family(cls: type) -> str:
     """A node type's palette group: its own ``family``, else from its kind and module."""
     fam = getattr(cls, "family", None)
@@ -103,7 +106,8 @@ def palette() -> dict[str, Any]:
             {
                 "type": name,
                 "kind": cls.kind,
-                "description": doc.split("\n\n")[0].replace("\n", " "),
+                # docstrings mark code as ``x`` and refer as :class:`X`: the palette shows plain text
+                "description": _ROLE.sub(r"\1", doc.split("\n\n")[0].replace("\n", " ")).replace("``", ""),
                 "inputs": 0 if cls.kind == "source" else 1,
                 "outputs": 0 if cls.kind == "sink" else 1,
                 "secret": sorted(_secret_fields(schema)),

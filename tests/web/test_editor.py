@@ -93,6 +93,10 @@ async def test_palette_lists_every_registered_type_by_family(running: tuple[Gate
     # the schema is the node type's options model, as `sluice schema` prints it
     assert th["schema"]["properties"]["above"]
     assert by_family["sources"]["simulate"]["inputs"] == 0 and by_family["sinks"]["console"]["outputs"] == 0
+    # descriptions are plain text: no reST markup from the docstrings they come from
+    descriptions = [t["description"] for types in by_family.values() for t in types.values()]
+    assert by_family["sources"]["http"]["description"].startswith("POST /ingest/")
+    assert not [d for d in descriptions if "``" in d or ":class:`" in d]
 
 
 async def test_model_round_trip_and_validate_by_node_and_field(running: tuple[Gateway, Path, Browserish]) -> None:
