@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from .config import LoadedConfig, MqttConnection, load_config
 from .errors import ConfigError
+from .redact import redact_url
 
 __all__ = ["Check", "main", "run_doctor"]
 
@@ -52,14 +53,6 @@ class Check:
     level: str
     message: str
     hint: str = ""
-
-
-def _redact_url(url: str) -> str:
-    """Host and path only: a URL's credentials or query (tokens) never reach the report."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _plain(exc: BaseException) -> str:
@@ -230,7 +223,7 @@ async def _tcp(what: str, host: str, port: int, tls: bool = False) -> Check:
 
 
 def _http_get(what: str, url: str, headers: dict[str, str]) -> Check:
-    shown = _redact_url(url)
+    shown = redact_url(url)
     parts = urlsplit(url)
     if parts.username is not None:  # urllib takes no credentials in the URL: send them as basic auth
         import base64
@@ -314,7 +307,7 @@ async def check_connections(loaded: LoadedConfig) -> list[Check]:
                 parts.scheme, 80
             )
             if parts.hostname:
-                jobs.append(_tcp(f"{label} {_redact_url(target)}", parts.hostname, parts.port or default))
+                jobs.append(_tcp(f"{label} {redact_url(target)}", parts.hostname, parts.port or default))
     for name, provider in loaded.config.llm.providers.items():
         url = getattr(provider, "url", None)
         if url:
