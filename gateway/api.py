@@ -48,6 +48,7 @@ from .node import (
     check_topic_template,
     register,
 )
+from .redact import secret_field
 
 if TYPE_CHECKING:
     from .alerts import SEVERITIES, SuppressWindow
@@ -106,6 +107,7 @@ __all__ = [
     "max_future_field",
     "register",
     "run_chain",
+    "secret_field",
     "sluice_version",
     "status_topic",
 ]

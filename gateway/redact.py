@@ -16,13 +16,40 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from pydantic_core import PydanticUndefined
 
-__all__ = ["MASK", "SECRET", "mask", "redact", "redact_options", "redact_text", "redact_url", "remember", "secrets_of"]
+__all__ = [
+    "MASK",
+    "SECRET",
+    "mask",
+    "redact",
+    "redact_options",
+    "redact_text",
+    "redact_url",
+    "remember",
+    "secret_field",
+    "secrets_of",
+]
 
 MASK = "***"
 SECRET: dict[str, Any] = {"secret": True}
 """``json_schema_extra`` of an option whose value is a secret (for a mapping: every value is)."""
+
+
+def secret_field(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
+    """A pydantic ``Field`` for an option whose value is a secret (a token, a password, headers).
+
+    Takes what ``Field`` takes. The option is marked ``"secret": true`` in its JSON Schema (``sluice
+    schema``, the editor's forms), its value is shown as ``***`` wherever the config is shown
+    (API, console, editor), and the value itself is hidden in every text that leaves the gateway
+    (logs, dead-letter reasons, errors). For a mapping (e.g. ``headers``) every value is secret.
+    """
+    extra = kwargs.pop("json_schema_extra", None) or {}
+    if not isinstance(extra, dict):
+        raise TypeError("secret_field takes json_schema_extra as a dict")
+    return Field(default, json_schema_extra={**extra, **SECRET}, **kwargs)
+
 
 MIN_SECRET = 4  # shorter values are not searched for in free text: they would match everywhere
 

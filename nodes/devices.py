@@ -27,7 +27,17 @@ from serial_asyncio_fast import create_serial_connection
 
 from firmware_bridges import CodecOptions, DecodeError, JsonCodec, make_decoder
 from firmware_bridges.modbus import DeviceMap, Point, ReadBlock, decode_point, load_profile, plan_reads
-from gateway.api import Duration, Event, NodeOptions, Source, SourceOutput, backoff, max_future_field, register
+from gateway.api import (
+    Duration,
+    Event,
+    NodeOptions,
+    Source,
+    SourceOutput,
+    backoff,
+    max_future_field,
+    register,
+    secret_field,
+)
 from nodes._decoding import DecodingSource, DeviceHealth, to_events
 
 __all__ = ["ModbusSource", "SerialSource", "WebSocketSource"]
@@ -672,9 +682,7 @@ class WebSocketOptions(NodeOptions):
     type: Literal["websocket"]
     max_future: Duration | None = max_future_field()
     url: str = Field(pattern=r"^wss?://", description="ws:// or wss:// URL of the device or service.")
-    headers: dict[str, str] = Field(
-        default_factory=dict, description="Sent with the handshake (e.g. a token).", json_schema_extra={"secret": True}
-    )
+    headers: dict[str, str] = secret_field(default_factory=dict, description="Sent with the handshake (e.g. a token).")
     subscribe: Any = Field(None, description="A message (text, or JSON for a mapping/list) sent after each connect.")
     codec: JsonCodec = Field(
         default_factory=lambda: JsonCodec(type="json"),

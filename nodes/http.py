@@ -20,7 +20,16 @@ from aiohttp import web
 from pydantic import Field, field_validator, model_validator
 
 from firmware_bridges import DecodeError, JsonCodec, RawReading, make_decoder
-from gateway.api import Duration, Event, NodeOptions, SourceOutput, backoff, max_future_field, register
+from gateway.api import (
+    Duration,
+    Event,
+    NodeOptions,
+    SourceOutput,
+    backoff,
+    max_future_field,
+    register,
+    secret_field,
+)
 from nodes._decoding import DecodingSource, DeviceHealth, to_events
 
 __all__ = ["HttpPollSource", "HttpPushSource"]
@@ -81,11 +90,10 @@ class _SourceBase(DecodingSource):
 class HttpPushOptions(NodeOptions):
     type: Literal["http"]
     max_future: Duration | None = max_future_field()
-    token: str = Field(
+    token: str = secret_field(
         min_length=16,
         description="Bearer token a client must send (Authorization: Bearer <token>); "
         "give it as ${ENV_VAR}. At least 16 characters.",
-        json_schema_extra={"secret": True},
     )
     max_body: int = Field(1_048_576, ge=64, le=64 * 1_048_576, description="Largest body in bytes; larger is 413.")
     retry_after: Duration = Field(1.0, gt=0, description="Retry-After sent with 429 while the pipeline is full.")
@@ -235,9 +243,7 @@ class HttpPollOptions(NodeOptions):
     timeout: Duration = Field(
         30.0, gt=0, description="Longest a request may take (long-poll: above the server's hold)."
     )
-    headers: dict[str, str] = Field(
-        default_factory=dict, description="Sent with every request (e.g. a token).", json_schema_extra={"secret": True}
-    )
+    headers: dict[str, str] = secret_field(default_factory=dict, description="Sent with every request (e.g. a token).")
     etag: bool = Field(True, description="Send If-None-Match with the last ETag; a 304 means nothing new.")
     max_body: int = Field(16 * 1_048_576, ge=64, description="Largest answer in bytes; larger is dead-lettered.")
     codec: JsonCodec = Field(

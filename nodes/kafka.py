@@ -37,6 +37,7 @@ from gateway.api import (
     check_topic_template,
     max_future_field,
     register,
+    secret_field,
 )
 from nodes._outlink import OutboxLink, Refused, split_row_topic
 from nodes.sources import MqttSource, key_function
@@ -66,9 +67,7 @@ class KafkaClientOptions(NodeOptions):
         None, description="SASL authentication (with username and password); use with tls outside a lab."
     )
     username: str | None = None
-    password: str | None = Field(
-        None, description='Use "${KAFKA_PASSWORD}" rather than the password itself.', json_schema_extra={"secret": True}
-    )
+    password: str | None = secret_field(None, description='Use "${KAFKA_PASSWORD}" rather than the password itself.')
 
     @model_validator(mode="after")
     def _security(self) -> KafkaClientOptions:

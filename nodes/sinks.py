@@ -29,6 +29,7 @@ from gateway.api import (
     check_topic_template,
     event_fields,
     register,
+    secret_field,
 )
 
 __all__ = ["ConsoleSink", "LogSink", "MqttOut", "Webhook"]
@@ -107,10 +108,8 @@ class MqttOut(OutboxSink):
 class WebhookOptions(NodeOptions):
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://", description="Where to POST each event as JSON (http or https).")
-    headers: dict[str, str] = Field(
-        default_factory=dict,
-        description='Extra request headers, e.g. Authorization: "Bearer ${TOKEN}".',
-        json_schema_extra={"secret": True},
+    headers: dict[str, str] = secret_field(
+        default_factory=dict, description='Extra request headers, e.g. Authorization: "Bearer ${TOKEN}".'
     )
     timeout: Duration = Field(10.0, gt=0, description="Per request.")
     concurrency: int = Field(

@@ -150,3 +150,46 @@ def test_the_runtimes_services_are_what_the_api_promises(tmp_path: Path) -> None
     from gateway.runtime import Links
 
     assert isinstance(Links("gw", {}, tmp_path, 0.0), api.Services)
+
+
+def _secret_literals(path: Path) -> list[str]:
+    """``{"secret": True}`` written out in a module (the marker belongs to ``secret_field``)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Dict):
+            keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+            if "secret" in keys:
+                out.append(f"{path.name}:{node.lineno}")
+    return out
+
+
+def test_built_in_nodes_mark_secrets_with_the_api_helper(tmp_path: Path) -> None:
+    assert [hit for path in sorted((ROOT / "nodes").glob("*.py")) for hit in _secret_literals(path)] == []
+    # the check sees what it looks for
+    probe = tmp_path / "probe.py"
+    probe.write_text('from pydantic import Field\nx = Field(json_schema_extra={"secret": True})\n')
+    assert _secret_literals(probe) == ["probe.py:2"]
+
+
+def test_secret_field_marks_the_schema_and_hides_the_value() -> None:
+    from typing import Literal
+
+    from gateway.redact import redact_options, secrets_of
+
+    class Options(api.NodeOptions):
+        type: Literal["t_secretive"]
+        token: str = api.secret_field(min_length=8, description="A token.")
+        headers: dict[str, str] = api.secret_field(default_factory=dict, json_schema_extra={"format": "headers"})
+        password: str | None = api.secret_field(None)
+        plain: str = "shown"
+
+    props = Options.model_json_schema()["properties"]
+    assert props["token"]["secret"] is True and props["token"]["minLength"] == 8
+    assert props["headers"]["secret"] is True and props["headers"]["format"] == "headers"
+    assert props["password"]["secret"] is True and "secret" not in props["plain"]
+    o = Options(id="n", type="t_secretive", token="tok-12345678", headers={"X-Site": "site-9876"}, password="pw-5555")
+    shown = redact_options(o)
+    assert shown["token"] == shown["password"] == "***" and shown["headers"] == {"X-Site": "***"}
+    assert shown["plain"] == "shown"
+    assert {"tok-12345678", "pw-5555"} <= set(secrets_of(o))
+    assert Options(id="n", type="t_secretive", token="tok-12345678").password is None
