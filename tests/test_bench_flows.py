@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_module() -> ModuleType:
+    bench_dir = str(ROOT / "scripts" / "bench")
+    if bench_dir not in sys.path:  # as when it runs as a script: its helpers come from _common
+        sys.path.insert(0, bench_dir)
     spec = importlib.util.spec_from_file_location("bench_mqtt_ingest", ROOT / "scripts" / "bench" / "mqtt_ingest.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)

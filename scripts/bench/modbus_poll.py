@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from typing import Any, Literal
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from _common import free_port, log  # noqa: E402
 from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
 from firmware_bridges.modbus import decode_point, load_profile, plan_reads  # noqa: E402
@@ -47,16 +47,6 @@ from gateway.runtime import settle_heap  # noqa: E402
 from nodes.devices import ModbusOptions, SlaveOptions  # noqa: E402
 
 PROFILE = "sdm630"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start_server(port: int, slaves: int) -> asyncio.subprocess.Process:

@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import Mosquitto, find_mosquitto, free_port, pinned, stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 # SLUICE_BENCH_BIN overrides which `sluice` executable is measured.
 SLUICE_BIN = Path(os.environ.get("SLUICE_BENCH_BIN") or ROOT / ".venv" / "bin" / "sluice")
@@ -250,26 +252,6 @@ def proc_status_kib(pid: int, name: str) -> int | None:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def pinned(core: int | None, argv: list[str]) -> list[str]:
-    if core is None or shutil.which("taskset") is None:
-        return argv
-    return ["taskset", "-c", str(core), *argv]
-
-
 def http_get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -279,27 +261,6 @@ def http_get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
         return e.code, None
     except (OSError, ValueError):
         return 0, None
-
-
-def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-def find_mosquitto() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
 
 
 # --- MQTT wire format, for the raw publisher ------------------------------------------------
@@ -321,55 +282,6 @@ def _packet(first: int, body: bytes) -> bytes:
 
 def _mqtt_str(s: bytes) -> bytes:
     return len(s).to_bytes(2, "big") + s
-
-
-# --- the broker -----------------------------------------------------------------------------
-
-
-class Broker:
-    """A Mosquitto of our own on a free loopback port, pinned to core 0."""
-
-    def __init__(self, workdir: Path, core: int | None):
-        self.workdir = workdir
-        self.core = core
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Broker:
-        binary = find_mosquitto()
-        if binary is None:
-            raise RuntimeError("mosquitto not found: run scripts/ensure_mosquitto.sh first")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for _attempt in range(5):
-            self.port = free_port()
-            conf = self.workdir / "mosquitto.conf"
-            conf.write_text(
-                f"listener {self.port} 127.0.0.1\n"
-                "allow_anonymous true\n"
-                "persistence false\n"
-                "max_queued_messages 10000000\n"
-                "max_inflight_messages 0\n"
-                "sys_interval 1\n"
-                f"log_dest file {self.workdir / 'mosquitto.log'}\n"
-                "log_type error\nlog_type warning\n"
-            )
-            stderr = open(self.workdir / "mosquitto.stderr", "wb")
-            self.proc = subprocess.Popen(
-                pinned(self.core, [binary, "-c", str(conf)]),
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )
-            stderr.close()
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if port_open(self.port):
-                    return self
-                time.sleep(0.02)
-            stop_process(self.proc)
-        raise RuntimeError(f"mosquitto did not start; see {self.workdir}")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
 
 
 class Monitor:
@@ -991,7 +903,7 @@ def run_publisher(port: int, args: argparse.Namespace, core: int | None) -> subp
 
 def measure(subject: Subject, args: argparse.Namespace, cores: tuple[int | None, int | None], tmp: Path) -> Result:
     res = Result(subject.name, subject.label)
-    broker = Broker(tmp / f"broker-{subject.name}", cores[0]).start()
+    broker = Mosquitto(tmp / f"broker-{subject.name}", core=cores[0]).start()
     monitor: Monitor | None = None
     try:
         monitor = Monitor(broker.port)

@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import gmqtt  # noqa: E402
+from _common import Mosquitto, log  # noqa: E402
 
 from gateway.config import MqttConnection  # noqa: E402
 from gateway.mqtt import MqttLink  # noqa: E402
@@ -45,54 +42,6 @@ from gateway.outbox import Outbox, OutboxConfig  # noqa: E402
 GOAL_RATIO = 0.5
 GOAL_DRAIN_S = 60.0
 WINDOW = 256
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def find_mosquitto() -> str | None:
-    for c in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if c and os.access(c, os.X_OK):
-            return c
-    return None
-
-
-class Broker:
-    def __init__(self, workdir: Path, port: int):
-        self.workdir = workdir
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Broker:
-        binary = find_mosquitto()
-        if binary is None:
-            raise SystemExit("mosquitto is not installed (scripts/ensure_mosquitto.sh)")
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000000\n"
-            f"max_inflight_messages 0\npersistence false\nuser {getpass.getuser()}\n"
-        )
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
-        raise SystemExit("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 def payload(i: int) -> dict[str, Any]:
@@ -158,7 +107,7 @@ async def outbox_live(port: int, n: int, batch: int, workdir: Path) -> tuple[flo
     return n / dt, cpu / n * 1e6
 
 
-async def drain(broker: Broker, backlog: int, workdir: Path) -> tuple[float, float, float]:
+async def drain(broker: Mosquitto, backlog: int, workdir: Path) -> tuple[float, float, float]:
     broker.stop()
     link = _link(broker.port)
     path = workdir / "drain.db"
@@ -199,7 +148,7 @@ async def main() -> int:
         args.n, args.backlog = 10_000, 20_000
     with tempfile.TemporaryDirectory(prefix="sluice-bench-outbox-") as tmp:
         work = Path(tmp)
-        broker = Broker(work, free_port()).start()
+        broker = Mosquitto(work).start()
         try:
             log(f"bare gmqtt: {args.n} messages at QoS 1 ...")
             bare_rate = await bare(broker.port, args.n)

@@ -25,8 +25,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,52 +35,25 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import redis.asyncio as aioredis  # noqa: E402
+from _common import Server, free_port, log  # noqa: E402
 
 from gateway.outbox import Outbox, OutboxConfig  # noqa: E402
 from nodes.redis_streams import RedisLink, RedisOutOptions  # noqa: E402
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, port: int, workdir: Path):
-        self.port, self.workdir, self.proc = port, workdir, None
+class Redis(Server):
+    name = "redis-server"
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> Server:
+    def argv(self) -> list[str]:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server is not installed (scripts/install_test_peers.sh)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+        return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.workdir)]  # fmt: skip
 
 
 def events(n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -198,7 +169,7 @@ async def main() -> int:
         args.n, args.backlog = 10_000, 20_000
     evs = events(args.n)
     workdir = Path(tempfile.mkdtemp(prefix="sluice-redis-bench-"))
-    server = Server(free_port(), workdir / "redis").start()
+    server = Redis(workdir / "redis").start()
     try:
         await bare_xadd(server.url, evs[:500])  # warm-up
         bx = await bare_xadd(server.url, evs)
@@ -207,7 +178,7 @@ async def main() -> int:
         br = await bare_read(server.url, "bare", args.n + 500)
         sr = await sluice_read(server.url, "bare", args.n + 500, workdir / "c")
         log("reads done")
-        down = Server(free_port(), workdir / "redis2")
+        down = Redis(workdir / "redis2", port=free_port())
         dr = await sluice_out(down.url, workdir / "d", events(args.backlog), down)
         down.stop()
     finally:

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,18 +31,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from _common import Mosquitto, free_port, log
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config(data: Path, broker: int, console: int, storage: str, sensors: int, interval: float) -> str:
@@ -136,22 +127,18 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.seconds = 10.0
-    mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     (ROOT / ".cache").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sd-wear-", dir=ROOT / ".cache"))  # a real disk, not tmpfs
-    broker = free_port()
-    (work / "m.conf").write_text(f"listener {broker} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n")
-    mq = subprocess.Popen([mosq, "-c", str(work / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mq = Mosquitto(work / "broker").start()
+    broker = mq.port
     try:
-        time.sleep(0.5)
         rate = args.sensors / args.interval
         log(f"sd_wear: {args.sensors} sensors at {rate:,.0f} readings/s, {args.seconds:g} s per profile, in {work}")
         results = [
             run_profile(s, args.seconds, work, broker, args.sensors, args.interval) for s in ("durable", "low_wear")
         ]
     finally:
-        mq.terminate()
-        mq.wait(timeout=10)
+        mq.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"{'profile':<10} {'readings':>9} {'written':>12} {'bytes/1k readings':>18} {'MiB/day':>9}")
     for r in results:

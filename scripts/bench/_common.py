@@ -1,0 +1,162 @@
+"""What the benchmarks share: free loopback ports, waiting for a server to listen, stopping a
+child process, pinning one to a core, and a Mosquitto broker of their own.
+
+Not a benchmark itself (`make bench` skips files named _*.py). A benchmark run as
+`python scripts/bench/NAME.py` has this folder on its path and imports it as `_common`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Self
+
+__all__ = [
+    "Mosquitto",
+    "Server",
+    "find_mosquitto",
+    "free_port",
+    "log",
+    "pinned",
+    "port_open",
+    "stop_process",
+    "wait_port",
+]
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so stdout holds only the table and the closing JSON line."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (another process may still
+    take it before the caller binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[Any] | None = None) -> bool:
+    """Wait until something accepts connections on `port`; False on timeout, or as soon as
+    `proc` (the server expected to listen there) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        if port_open(port):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def pinned(core: int | None, argv: list[str]) -> list[str]:
+    """`argv` run on one CPU core, where the machine has more than one and taskset is there."""
+    if core is None or shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
+        return argv
+    return ["taskset", "-c", str(core), *argv]
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """SIGINT (a clean shutdown), then SIGKILL if it has not exited within `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary (it lives in /usr/sbin, often not on PATH), or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class Server:
+    """A server process of the benchmark's own on a loopback port: `start()` runs `argv()` and
+    waits until the port accepts connections, `stop()` ends it.
+
+    With no `port` it takes a free one (and another if that one was taken meanwhile); `stop()`
+    then `start()` brings it back on the same port, for benchmarks that play an outage."""
+
+    name = "server"
+
+    def __init__(self, workdir: Path, *, port: int = 0, core: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.core = core
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        fixed = self.port != 0
+        for _attempt in range(1 if fixed else 5):
+            if not fixed:
+                self.port = free_port()
+            with open(self.workdir / f"{self.name}.stderr", "wb") as stderr:
+                self.proc = subprocess.Popen(pinned(self.core, self.argv()), stdout=subprocess.DEVNULL, stderr=stderr)
+            if wait_port(self.port, 10, self.proc):
+                return self
+            stop_process(self.proc)
+        raise RuntimeError(f"{self.name} did not start on port {self.port}; see {self.workdir}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+
+class Mosquitto(Server):
+    """A Mosquitto of our own, its config and log in `workdir`. Queues are deep enough that the
+    broker never drops what a benchmark sends, and persistence is off so it writes nothing to
+    disk; `extra` lines are added to its config."""
+
+    name = "mosquitto"
+
+    def __init__(self, workdir: Path, *, port: int = 0, core: int | None = None, extra: str = "") -> None:
+        super().__init__(workdir, port=port, core=core)
+        self.extra = extra
+
+    def argv(self) -> list[str]:
+        binary = find_mosquitto()
+        if binary is None:
+            raise SystemExit("mosquitto not found: run scripts/ensure_mosquitto.sh (or apt-get install mosquitto)")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "max_queued_messages 10000000\n"
+            "max_inflight_messages 0\n"
+            "sys_interval 1\n"
+            f"log_dest file {self.workdir / 'mosquitto.log'}\n"
+            "log_type error\nlog_type warning\n"
+            # as root, mosquitto would switch to the 'mosquitto' user, who cannot write its log here
+            f"user {getpass.getuser()}\n" + (self.extra.strip() + "\n" if self.extra else "")
+        )
+        return [binary, "-c", str(conf)]
