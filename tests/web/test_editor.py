@@ -18,7 +18,7 @@ from gateway.config import load_config
 from gateway.node import node_types
 from gateway.runtime import Gateway
 from gateway.web._yamledit import apply_model, load_model
-from tests._util import wait_for
+from tests._util import free_port, wait_for
 
 from .conftest import PASSWORD, Browserish, base_url
 
@@ -598,7 +598,7 @@ BROKERS = """\
 gateway: {{id: editor-conns, data_dir: "{data}"}}
 connections:
   # the plant broker
-  plant: {{type: mqtt, host: 127.0.0.1, port: 1883, password: "s3cret-broker-pw"}}  # local
+  plant: {{type: mqtt, host: 127.0.0.1, port: {port}, password: "s3cret-broker-pw"}}  # local
 pipelines:
   - name: p
     nodes:
@@ -610,7 +610,11 @@ console: {{host: 127.0.0.1, port: 0}}
 
 async def test_connections_panel_validates_and_saves_for_the_next_restart(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
-    path.write_text(BROKERS.format(data=tmp_path / "data"))
+    # ports nothing listens on: the gateway's mqtt_out must not reach a broker on this machine
+    port, new_port = free_port(), free_port()
+    while new_port == port:
+        new_port = free_port()
+    path.write_text(BROKERS.format(data=tmp_path / "data", port=port))
     gw = Gateway(load_config(path, env={}))
     task = asyncio.create_task(gw.run(install_signals=False))
     c: Browserish | None = None
@@ -630,14 +634,14 @@ async def test_connections_panel_validates_and_saves_for_the_next_restart(tmp_pa
         # removing a connection a node uses: refused by the same validation
         status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": {}})
         assert status == 422 and "plant" in r["errors"][0]["message"], r
-        conns["plant"]["port"] = 1884
+        conns["plant"]["port"] = new_port
         status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
         assert status == 200 and r["saved"] and r["restart_needed"], r
         after = await asyncio.to_thread(path.read_text)
         # one line changed, its comment and the password (sent back as ***) kept
-        assert after == before.replace("port: 1883,", "port: 1884,")
+        assert after == before.replace(f"port: {port},", f"port: {new_port},")
         # the running gateway keeps its connections until a restart
-        assert gw.loaded.config.connections["plant"].port == 1883
+        assert gw.loaded.config.connections["plant"].port == port
         # an old revision is refused
         status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
         assert status == 409
