@@ -55,6 +55,9 @@ _OPEN_PREFIX = tuple(r.path.split("{", 1)[0] for r in ROUTES if r.roles == "publ
 # `own` rows, pushed readings (nodes/http.py): each http source checks its own token, so neither the
 # console's login nor its CSRF check applies; a device is no browser.
 _OWN_AUTH_PREFIX = tuple(r.path.split("{", 1)[0] for r in ROUTES if r.roles == "own")
+# `self` rows: a change any logged-in user may make to their own account (their password)
+_SELF_EXACT = frozenset(r.path for r in ROUTES if r.roles == "self")
+_LAST_ADMIN = "{name!r} is the last admin and cannot be {what}: make another user admin first"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 
 
@@ -600,7 +603,7 @@ class Auth:
                 if path.startswith("/api/") or path == "/ws" or request.method not in SAFE_METHODS:
                     raise AuthError(401, "log in or send an API token")
                 raise web.HTTPFound("/setup" if self.store.needs_setup else "/login")
-            if request.method not in SAFE_METHODS and not ident.is_admin:
+            if request.method not in SAFE_METHODS and not ident.is_admin and path not in _SELF_EXACT:
                 raise AuthError(403, f"{ident.name} is a viewer: this needs the admin role")
         except AuthError as exc:
             headers = {"Retry-After": str(int(exc.retry_after) + 1)} if exc.retry_after else None
@@ -736,10 +739,22 @@ class Auth:
             )
         return ident
 
+    def _last_admin(self, user: _User) -> bool:
+        """Whether ``user`` is the only admin account: removing it or making it a viewer would leave
+        the console with nobody who can manage it (an admin API token is no account to log in with)."""
+        return user.role == "admin" and not any(
+            u.role == "admin" for u in self.store.users.values() if u.name != user.name
+        )
+
     async def api_users(self, request: web.Request) -> web.Response:
         self._admin(request)
         return web.json_response(
-            {"users": [{"name": u.name, "role": u.role, "fixed": u.fixed} for u in self.store.users.values()]}
+            {
+                "users": [
+                    {"name": u.name, "role": u.role, "fixed": u.fixed, "last_admin": self._last_admin(u)}
+                    for u in self.store.users.values()
+                ]
+            }
         )
 
     async def api_user_create(self, request: web.Request) -> web.Response:
@@ -766,6 +781,8 @@ class Auth:
             return web.json_response({"error": f"{name!r} comes from console.users in the config"}, status=409)
         if name == ident.name:
             return web.json_response({"error": "you cannot delete your own account"}, status=409)
+        if self._last_admin(user):
+            return web.json_response({"error": _LAST_ADMIN.format(name=name, what="removed")}, status=409)
         del self.store.users[name]
         await self.end_sessions(name)
         log.info("console: user %r removed by %s", name, ident.name)
@@ -792,6 +809,8 @@ class Auth:
                 raise AuthError(400, f"password: at least {MIN_PASSWORD} characters")
             if name == ident.name and role != "admin":
                 raise AuthError(409, "you cannot take the admin role from yourself")
+            if role != "admin" and self._last_admin(user):
+                raise AuthError(409, _LAST_ADMIN.format(name=name, what="made a viewer"))
         except AuthError as exc:
             return web.json_response({"error": exc.message}, status=exc.status)
         if password is not None:
@@ -804,6 +823,50 @@ class Auth:
         if name == ident.name and ident.via == "session":
             answer.update(await self._start_session(request, user))
         return web.json_response(answer)
+
+    async def api_own_password(self, request: web.Request) -> web.Response:
+        """``POST /api/session/password {"current": ..., "password": ...}``: any logged-in user changes
+        their own password. The current one is asked (a session left open in a browser is not
+        enough to take the account) and wrong guesses are slowed like failed logins. Every other
+        session of the user ends; this one goes on with a new CSRF token."""
+        ident: Identity | None = request.get(IDENTITY)
+        try:
+            if ident is None or ident.via != "session":
+                raise AuthError(
+                    409,
+                    "only a logged-in user has a password to change (not an API token, nor a console without login)",
+                )
+            user = self.store.users.get(ident.name)
+            if user is None:
+                raise AuthError(401, "log in again")
+            if user.fixed:
+                raise AuthError(
+                    409,
+                    f"{user.name!r} comes from console.users in the config: change its "
+                    "password_hash there (sluice hash-password)",
+                )
+            body = await self._json(request)
+            current, password = body.get("current"), body.get("password")
+            if not isinstance(current, str) or not isinstance(password, str):
+                raise AuthError(400, 'give "current" (your password now) and "password" (the new one)')
+            if len(password) < MIN_PASSWORD:
+                raise AuthError(400, f"password: at least {MIN_PASSWORD} characters")
+            address, account = str(request.remote), user.name.lower()
+            wait = self.throttle.retry_after(address, account)
+            if wait > 0:
+                raise AuthError(429, f"too many wrong passwords; try again in {int(wait) + 1}s", retry_after=wait)
+            if not await self._verify(user.password_hash, current):
+                self.throttle.failure(address, account)
+                log.info("console: wrong current password for %r from %s", user.name, request.remote)
+                raise AuthError(403, "the current password is wrong")
+            self.throttle.success(address, account)
+        except AuthError as exc:
+            headers = {"Retry-After": str(int(exc.retry_after) + 1)} if exc.retry_after else None
+            return web.json_response({"error": exc.message}, status=exc.status, headers=headers)
+        user.password_hash = await self._hash(password)
+        await self.end_sessions(user.name)  # saves the account file too
+        log.warning("console: %s changed their password from %s; their other sessions ended", user.name, request.remote)
+        return web.json_response(await self._start_session(request, user))
 
     async def api_tokens(self, request: web.Request) -> web.Response:
         self._admin(request)

@@ -53,6 +53,11 @@ class UserChange(BaseModel):
     password: str = Field("", min_length=10)
 
 
+class PasswordChange(BaseModel):
+    current: str = Field(description="The password you log in with now")
+    password: str = Field(min_length=10, description="The new password")
+
+
 class NewToken(BaseModel):
     name: str = ""
     role: Role = "viewer"
@@ -80,6 +85,7 @@ class UserInfo(BaseModel):
     name: str = ""
     role: Role = "viewer"
     fixed: bool = False
+    last_admin: bool = Field(False, description="The only admin: it can be neither removed nor made a viewer")
 
 
 class Users(BaseModel):

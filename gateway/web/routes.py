@@ -7,8 +7,9 @@ a route cannot be served without being described. A row names its handler as ``o
 bodies are pydantic models or JSON Schema dicts from :mod:`gateway.web.models`.
 
 ``roles`` says who may call a route: ``public`` (no login), ``viewer`` (any login or API token),
-``admin``, or ``own`` (the route checks its own credentials, e.g. an ``http`` source's token).
-The auth middleware enforces it; a change (any method but GET) always needs an admin.
+``admin``, ``self`` (any logged-in user, about their own account: the one change a viewer may
+make), or ``own`` (the route checks its own credentials, e.g. an ``http`` source's token).
+The auth middleware enforces it; any other change (any method but GET) needs an admin.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from . import models as m
 
 __all__ = ["ROUTES", "ROUTES_KEY", "Route", "add_routes", "registered"]
 
-Roles = Literal["public", "viewer", "admin", "own"]
+Roles = Literal["public", "viewer", "admin", "self", "own"]
 
 # a response is a model/schema (200 with that JSON), or (model/schema, description), or a full
 # OpenAPI response object (a dict with "description")
@@ -125,6 +126,16 @@ ROUTES: tuple[Route, ...] = (
       {"200": m.LoggedIn, "400": (m.Error, "Not a JSON object"), "401": (m.Error, "Wrong name or password"),
        "429": (m.Error, "Slowed after failures from this address; see Retry-After")},
       body=m.Credentials),
+    R("POST", "/api/session/password", "auth.api_own_password",
+      "Change your own password, giving the current one (any logged-in user); your other sessions end",
+      "auth", "self",
+      {"200": (m.Session, "Changed: this session goes on under a new CSRF token"),
+       "400": (m.Error, "Not a JSON object, or the new password is too short"),
+       "403": (m.Error, "Cross-origin, missing CSRF token, or the current password is wrong"),
+       "409": (m.Error, "No password to change here: an API token, a console without login, or an account "
+               "from console.users in the config"),
+       "429": (m.Error, "Slowed after wrong current passwords; see Retry-After")},
+      body=m.PasswordChange),
     R("POST", "/api/logout", "auth.api_logout", "End the session", "auth", "public", {"200": m.Ok}),
     R("POST", "/api/setup", "auth.api_setup",
       "First visit: create the admin with the setup code from the gateway's log", "auth", "public",
@@ -136,12 +147,14 @@ ROUTES: tuple[Route, ...] = (
       {"201": m.UserInfo, "400": (m.Error, "Bad name, password or role"), "409": (m.Error, "Exists")},
       body=m.NewUser),
     R("DELETE", "/api/users/{name}", "auth.api_user_delete", "Delete an account (admin)", "auth", "admin",
-      {"200": m.Ok, "404": (m.Error, "No such user"), "409": (m.Error, "From the config, or yourself")}),
+      {"200": m.Ok, "404": (m.Error, "No such user"),
+       "409": (m.Error, "From the config, yourself, or the last admin")}),
     R("PATCH", "/api/users/{name}", "auth.api_user_change",
       "Change an account's role or password (admin); every session of that user ends "
       "(your own: all but this one)", "auth", "admin",
       {"200": m.UserChanged, "400": (m.Error, "Bad role or password, or neither given"),
-       "404": (m.Error, "No such user"), "409": (m.Error, "From the config, or taking the admin role from yourself")},
+       "404": (m.Error, "No such user"),
+       "409": (m.Error, "From the config, or taking the admin role from yourself or from the last admin")},
       body=m.UserChange),
     R("GET", "/api/tokens", "auth.api_tokens", "API tokens (admin; the tokens themselves are never shown again)",
       "auth", "admin", {"200": m.Tokens}),

@@ -8,6 +8,7 @@ Content-Security-Policy violation.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -282,22 +283,19 @@ async def test_alert_appears_and_is_acknowledged_then_resolved(page: Any, tmp_pa
         await playwright_api.expect(row.locator("button")).to_have_count(0)
         await page.select_option("#alert-state", "open")
         await playwright_api.expect(page.locator("#alerts tr[data-alert]")).to_have_count(0)
+        # leave the console before its gateway stops: the page would log its reconnects as errors
+        await page.goto("about:blank")
 
 
-async def test_access_page_adds_a_viewer_and_a_token(gw: Gateway, page: Any) -> None:
+async def test_users_page_creates_and_revokes_a_token(gw: Gateway, page: Any) -> None:
+    """API tokens for scripts are on the Users page (once called Access: its address still leads
+    there); accounts are tested in test_users_browser.py."""
     import aiohttp
 
     base = await logged_in(gw, page)
     await page.goto(base + "/#/access")
     await playwright_api.expect(page.locator('#users tr[data-user="admin"]')).to_be_visible()
-    await page.fill("#new-user", "operator")
-    await page.fill("#new-password", "short")
-    await page.click("#add-user button")
-    await playwright_api.expect(page.locator("#access-msg")).to_contain_text("at least 10 characters")
-    page.problems.clear()  # the 400 above is expected
-    await page.fill("#new-password", PASSWORD)
-    await page.click("#add-user button")
-    await playwright_api.expect(page.locator('#users tr[data-user="operator"]')).to_contain_text("viewer")
+    await playwright_api.expect(page.locator('#nav a[data-view="users"]')).to_have_class(re.compile(r"\bactive\b"))
     await page.fill("#new-token-name", "backup script")
     await page.select_option("#new-token-role", "viewer")
     await page.click("#add-token button")
@@ -313,9 +311,6 @@ async def test_access_page_adds_a_viewer_and_a_token(gw: Gateway, page: Any) -> 
     async with aiohttp.ClientSession() as s:
         async with s.get(base + "/api/pipelines", headers={"Authorization": f"Bearer {token}"}) as r:
             assert r.status == 401
-    await page.locator('#users tr[data-user="operator"] button').click()
-    await playwright_api.expect(page.locator('#users tr[data-user="operator"]')).to_have_count(0)
-    assert set(web_of(gw).auth.store.users) == {"admin"}
 
 
 async def test_logs_page(gw: Gateway, page: Any) -> None:

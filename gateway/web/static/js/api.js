@@ -12,6 +12,11 @@ export function csrfToken() {
   return csrf;
 }
 
+// A change of one's own password starts a new session: its CSRF token comes with the answer.
+export function setCsrfToken(token) {
+  csrf = token;
+}
+
 export class ApiError extends Error {
   constructor(status, message, body = null) {
     super(message);
@@ -42,6 +47,17 @@ export async function post(path, body, contentType = "application/json") {
     credentials: "same-origin",
     headers: { "Content-Type": contentType, "X-CSRF-Token": csrf },
     body: contentType === "application/json" ? JSON.stringify(body) : body,
+  });
+  return handle(r);
+}
+
+// DELETE and PATCH: changes like POST, with the CSRF token.
+export async function send(method, path, body) {
+  if (csrf === null) await session();
+  const headers = { "X-CSRF-Token": csrf };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const r = await fetch(path, {
+    method, credentials: "same-origin", headers, body: body === undefined ? undefined : JSON.stringify(body),
   });
   return handle(r);
 }

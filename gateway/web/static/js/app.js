@@ -9,17 +9,20 @@ import * as config from "./views/config.js";
 import * as alerts from "./views/alerts.js";
 import * as charts from "./views/charts.js";
 import * as logs from "./views/logs.js";
-import * as access from "./views/access.js";
+import * as users from "./views/users.js";
+import * as account from "./views/account.js";
 import * as llm from "./views/llm.js";
 import * as editor from "./views/editor.js";
 
-const views = { overview, graph, editor, alerts, charts, llm, events, deadletters, logs, config, access };
+const views = { overview, graph, editor, alerts, charts, llm, events, deadletters, logs, config, users, account };
+const ALIASES = { access: "users" }; // the Users page was called Access
 const root = document.getElementById("view");
 let current = null;
 let me = null;
 
 function route() {
-  const [name, ...rest] = (location.hash.replace(/^#\/?/, "") || "overview").split("/");
+  const [asked, ...rest] = (location.hash.replace(/^#\/?/, "") || "overview").split("/");
+  const name = ALIASES[asked] || asked;
   const view = views[name] || overview;
   if (current && current.stop) current.stop();
   // Each view gets its own element: a late answer to a view left behind lands in a detached one.
@@ -33,7 +36,12 @@ async function main() {
   me = await session();
   if (me.needs_setup) return location.replace("/setup");
   if (me.auth && !me.user) return location.replace("/login");
-  document.getElementById("user").textContent = me.auth ? `${me.user} (${me.role})` : "auth off";
+  const user = document.getElementById("user");
+  user.textContent = me.auth ? `${me.user} (${me.role})` : "auth off";
+  if (me.auth) {
+    user.href = "#/account";
+    user.title = "Your account: change your password";
+  }
   document.body.classList.toggle("is-admin", me.role === "admin");
   const logout = document.getElementById("logout");
   logout.hidden = !me.auth;
