@@ -248,10 +248,18 @@ class SourceQueue:
     def pause_while_full(self, reader: Any) -> None:
         """Backpressure for a push source: while the queue is full, ``reader`` (a link with
         ``reading``, ``pause_reading()`` and ``resume_reading()``) stops reading its socket; it
-        resumes once the queue has drained to half."""
+        resumes once the queue has drained to half. The source's ``n_pauses`` and ``paused``
+        say so (``sluice_source_pauses`` and ``sluice_source_paused`` on ``/metrics``)."""
         if self._q.full and reader.reading:
             reader.pause_reading()
-            self._q.when_room(reader.resume_reading)
+            node = self._node
+            node.n_pauses += 1
+            node.paused = True
+            self._q.when_room(lambda: self._resume(reader))
+
+    def _resume(self, reader: Any) -> None:
+        self._node.paused = False
+        reader.resume_reading()
 
 
 class Pipeline:

@@ -140,12 +140,22 @@ class Metric:
 
 
 def metric_families(pipelines: Iterable[Any]) -> list[Any]:
-    """Prometheus families of what every running node reports through its ``metrics()`` hook."""
+    """Prometheus families of what every running node reports through its ``metrics()`` hook,
+    and of every source's backpressure (pauses so far, paused now)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    families: dict[str, Any] = {}
+    pauses = CounterMetricFamily(
+        "sluice_source_pauses", "Times a full pipeline paused a source's reading", labels=["pipeline", "node"]
+    )
+    paused = GaugeMetricFamily(
+        "sluice_source_paused", "1 while a full pipeline holds a source's reading paused", labels=["pipeline", "node"]
+    )
+    families: dict[str, Any] = {"sluice_source_pauses": pauses, "sluice_source_paused": paused}
     for p in pipelines:
         for n in p.nodes:
+            if isinstance(n, Source):
+                pauses.add_metric([p.name, n.id], n.n_pauses)
+                paused.add_metric([p.name, n.id], 1 if n.paused else 0)
             for m in n.metrics():
                 fam = families.get(m.name)
                 if fam is None:
@@ -258,6 +268,15 @@ class Source(_Node):
     """Produces micro-batches of events. ``run`` returns only when the source is exhausted."""
 
     kind = "source"
+    n_pauses: int = 0
+    """How many times backpressure paused the source's reading (``SourceOutput.pause_while_full``)."""
+    paused: bool = False
+    """Whether its reading is paused now, until the pipeline's queue has room."""
+
+    def counters(self) -> dict[str, int]:
+        c = super().counters()
+        c["pauses"] = self.n_pauses
+        return c
 
     async def run(self, output: SourceOutput) -> None:
         """Read from the outside and hand batches to ``output`` until cancelled or exhausted."""

@@ -88,6 +88,33 @@ class SerialOptions(NodeOptions):
     batch: int = Field(500, ge=1, le=100_000, description="Largest micro-batch handed to the pipeline.")
 
 
+class _PortReader:
+    """A serial transport as the engine's backpressure sees a reader (``SourceOutput.pause_while_full``).
+
+    pyserial-asyncio's transport has no ``is_reading()``, so the state is kept here; one reader
+    per opened port, so a resume that comes after the port was reopened touches nothing.
+    """
+
+    __slots__ = ("_on_pause", "reading", "transport")
+
+    def __init__(self, transport: asyncio.Transport, on_pause: Any):
+        self.transport = transport
+        self._on_pause = on_pause
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        if self.reading and not self.transport.is_closing():
+            self.reading = False
+            self.transport.pause_reading()
+            self._on_pause(self)
+
+    def resume_reading(self) -> None:
+        if not self.reading:
+            self.reading = True
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+
 class _SerialProtocol(asyncio.Protocol):
     def __init__(self, source: SerialSource):
         self.source = source
@@ -106,8 +133,8 @@ class SerialSource(DecodingSource):
     """Read a serial port through an asyncio transport and decode it with a firmware codec.
 
     Bytes are decoded in the transport's read callback and handed over as one batch per read;
-    when the pipeline queue is full, the transport stops reading (the UART and OS buffers hold
-    the rest, then the device's flow control) until the queue drains to half.
+    when the pipeline queue is full, the engine pauses the transport's reading (the UART and OS
+    buffers hold the rest, then the device's flow control) until the queue drains to half.
     """
 
     Options = SerialOptions
@@ -118,16 +145,15 @@ class SerialSource(DecodingSource):
         self._decoder = make_decoder(options.codec)
         self._health = DeviceHealth(options.port)
         self._transport: asyncio.Transport | None = None
+        self._reader: _PortReader | None = None
         self._out: SourceOutput | None = None
         self.n_bytes = 0
-        self.n_pauses = 0
-        self._paused = False
         self._hangup_check: asyncio.TimerHandle | None = None  # one pending _check_hangup at most
 
     def health(self) -> dict[str, Any]:
         h = self._health.as_dict()
         h["bytes"] = self.n_bytes
-        h["paused"] = self._paused
+        h["paused"] = self._reader is not None and not self._reader.reading
         h["decoder"] = dict(self._decoder.stats)
         return h
 
@@ -154,21 +180,14 @@ class SerialSource(DecodingSource):
         room = True
         for i in range(0, len(events), step):
             room = out.put_nowait(events[i : i + step])
-        t = self._transport
-        # SerialTransport has no is_reading(): keep the paused state here
-        if not room and t is not None and not self._paused:
-            self._paused = True
-            self.n_pauses += 1
-            t.pause_reading()
-            out.when_room(lambda: self._resume(t))
-            if self._hangup_check is None:
-                self._hangup_check = asyncio.get_running_loop().call_later(HANGUP_CHECK, self._check_hangup, t)
+        if not room and self._reader is not None:
+            out.pause_while_full(self._reader)
 
-    def _resume(self, t: asyncio.Transport) -> None:
-        if t is self._transport:
-            self._paused = False
-            if not t.is_closing():
-                t.resume_reading()
+    def _watch_hangup(self, reader: _PortReader) -> None:
+        if self._hangup_check is None:
+            self._hangup_check = asyncio.get_running_loop().call_later(
+                HANGUP_CHECK, self._check_hangup, reader.transport
+            )
 
     def _check_hangup(self, t: asyncio.Transport) -> None:
         """While paused nothing reads the port, so nothing would notice it vanish: ask the fd.
@@ -178,7 +197,8 @@ class SerialSource(DecodingSource):
         connection as usual (reopened with backoff, health down meanwhile).
         """
         self._hangup_check = None
-        if t is not self._transport or not self._paused or t.is_closing():
+        reader = self._reader
+        if reader is None or reader.transport is not t or reader.reading or t.is_closing():
             return  # the next pause starts a new check
         fd = getattr(getattr(t, "serial", None), "fd", None)
         if fd is None:
@@ -193,7 +213,7 @@ class SerialSource(DecodingSource):
             self._hangup_check = asyncio.get_running_loop().call_later(HANGUP_CHECK, self._check_hangup, t)
             return
         log.info("serial %s/%s: %s hung up while reading was paused", self.ctx.pipeline, self.id, self.options.port)
-        self._resume(t)
+        reader.resume_reading()
 
     async def _open(self) -> tuple[asyncio.Transport, _SerialProtocol]:
         o = self.options
@@ -232,7 +252,7 @@ class SerialSource(DecodingSource):
                 await asyncio.sleep(delay)
                 continue
             self._transport = transport
-            self._paused = False
+            self._reader = _PortReader(transport, self._watch_hangup)
             resumed = self._health.state == "down"
             self._health.up(self.ctx.clock())
             attempt = 0
@@ -249,6 +269,7 @@ class SerialSource(DecodingSource):
                 exc = await protocol.lost
             finally:
                 self._transport = None
+                self._reader = None
                 if self._hangup_check is not None:
                     self._hangup_check.cancel()
                     self._hangup_check = None

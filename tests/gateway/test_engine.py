@@ -193,8 +193,8 @@ async def test_fan_out_and_fan_in(tmp_path: Path) -> None:
     assert sorted(e.value for e in raw_out.events) == [float(i) for i in range(150)]
 
     c = {n.id: n.counters() for n in p.nodes}
-    assert c["a"] == {"in": 100, "out": 100, "errors": 0, "dropped": 0}
-    assert c["b"] == {"in": 50, "out": 50, "errors": 0, "dropped": 0}
+    assert c["a"] == {"in": 100, "out": 100, "errors": 0, "dropped": 0, "pauses": 0}
+    assert c["b"] == {"in": 50, "out": 50, "errors": 0, "dropped": 0, "pauses": 0}
     assert c["low"] == {"in": 100, "out": 50, "errors": 0, "dropped": 50}
     assert c["high"] == {"in": 100, "out": 50, "errors": 0, "dropped": 50}
     assert c["shift"] == {"in": 150, "out": 150, "errors": 0, "dropped": 0}
