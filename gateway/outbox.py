@@ -27,7 +27,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -52,6 +52,7 @@ def _sinks_link(name: str) -> bool:
 
 
 _LIVE_CACHE = 20_000  # rows kept in memory per connection for the sender
+_READ_BATCH = 500  # rows the sender reads from the file at a time
 RESULT_IDS_KEPT = 100_000
 """How many result ids the outbox remembers (newest first), to refuse a result it already took.
 
@@ -835,9 +836,12 @@ class Outbox:
             log.info("outbox: %s connected; sending %d waiting messages", conn, self.count)
         order = SendOrder(backlog_last)
         b_cursor, l_cursor = 0, mark
-        batch = 500
+        batch = _READ_BATCH
 
         out: list[Row] = []  # chosen, sent together in one write
+        # the next backlog batch, read while this one is sent: the reads share the outbox's thread
+        # with its commits, and a drain that waited for each read would idle the link meanwhile
+        ahead: Future[list[Row]] | None = None
 
         def usable(r: Row) -> bool:
             return r.id > self._trimmed_hi and r.id not in self._acked
@@ -848,10 +852,16 @@ class Outbox:
                 raise LinkError(conn, "connection lost")
             if not order.backlog_done and not order.backlog:
                 await self._send_many(conn, link, out)
-                rows = await self._run(self.store.load, conn, b_cursor, mark, batch)
+                if ahead is None:
+                    rows = await self._run(self.store.load, conn, b_cursor, mark, batch)
+                else:
+                    rows, ahead = await asyncio.wrap_future(ahead), None
                 if rows:
                     b_cursor = rows[-1].id
                     order.backlog.extend(r for r in rows if usable(r))
+                    assert self._exec is not None
+                    # not a task: left behind when the link drops, it is a read nobody waits for
+                    ahead = self._exec.submit(self.store.load, conn, b_cursor, mark, batch)
                 else:
                     order.finish_backlog()
                 continue
