@@ -8,6 +8,7 @@ naming the node class (``module:Class``). Nodes import what they use from :mod:`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import string
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Longest a NodeContext.sleep_until sleeps before asking its clock again.
+_CLOCK_TICK = 1.0
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -117,6 +121,17 @@ class NodeContext:
     """Set by the pipeline: wait until ``emit`` has room (backpressure for an operator's own tasks)."""
     monotonic: Callable[[], float] = time.monotonic
     """Seconds that only go forward (timeouts, staleness, rates): never steps with the wall clock."""
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Wait until :attr:`monotonic` reaches ``deadline`` (a poll's next turn, a retry).
+
+        The clock is asked again at least once a second, so a node paced by it follows the clock
+        it was given — a test's, which jumps an hour at once — not only the event loop's own.
+        """
+        left = deadline - self.monotonic()
+        while left > 0:
+            await asyncio.sleep(min(left, _CLOCK_TICK))
+            left = deadline - self.monotonic()
 
     @property
     def links(self) -> Services | Any:

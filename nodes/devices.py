@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import select
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -547,7 +546,7 @@ class ModbusSource(Source):
                     self._health.what,
                     len(self.slaves),
                 )
-                now = time.monotonic()
+                now = self.ctx.monotonic()
                 for p in self.polls:
                     p.due = now
                 await self._poll_loop(client, watch, output)
@@ -569,11 +568,9 @@ class ModbusSource(Source):
     async def _poll_loop(self, client: Any, watch: _ReplyWatch, output: SourceOutput) -> None:
         while True:
             poll = min(self.polls, key=lambda p: p.due)
-            wait = poll.due - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await self.ctx.sleep_until(poll.due)
             s = poll.slave
-            now = time.monotonic()
+            now = self.ctx.monotonic()
             if s.retry_at > now:  # a silent slave waits for its retry; the others go on
                 poll.due = max(poll.due + poll.interval, s.retry_at)
                 continue
@@ -582,7 +579,7 @@ class ModbusSource(Source):
                 self.n_in += len(events)
                 await output.put(events)
             poll.due += poll.interval
-            now = time.monotonic()
+            now = self.ctx.monotonic()
             if poll.due < now:
                 self.n_overruns += 1
                 poll.due = now + poll.interval
@@ -669,7 +666,7 @@ class ModbusSource(Source):
     def _back_off(self, s: _Slave) -> None:
         """One more failure in a row: the slave is next asked after a backoff that grows with them."""
         s.failures += 1
-        s.retry_at = time.monotonic() + backoff(s.failures - 1, self.options.slave_retry_max)
+        s.retry_at = self.ctx.monotonic() + backoff(s.failures - 1, self.options.slave_retry_max)
 
     def _mark_bad(self, s: _Slave, points: list[Point], reason: str) -> None:
         for p in points:

@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import json
 import logging
-import time
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -303,7 +302,7 @@ class HttpPollSource(_SourceBase):
         timeout = aiohttp.ClientTimeout(total=o.timeout)
         async with aiohttp.ClientSession(headers=o.headers, timeout=timeout) as session:
             while True:
-                started = time.monotonic()
+                started = self.ctx.monotonic()
                 try:
                     events = await self._fetch(session)
                 except _Failed as exc:
@@ -328,7 +327,7 @@ class HttpPollSource(_SourceBase):
                 if events:
                     await output.put(events)
                 if o.mode == "poll":
-                    await asyncio.sleep(max(0.0, started + o.interval - time.monotonic()))
+                    await self.ctx.sleep_until(started + o.interval)
 
     async def _fetch(self, session: aiohttp.ClientSession) -> list[Event]:
         o = self.options

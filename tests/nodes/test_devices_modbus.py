@@ -172,6 +172,48 @@ async def test_exception_and_silent_slave_do_not_stall_the_others(tmp_path: Path
         assert src.health()["slaves"]["room"]["state"] == "ok"
 
 
+async def test_polls_and_retries_follow_the_nodes_monotonic_clock(tmp_path: Path, sim: ModbusSimulator) -> None:
+    """Poll intervals and a silent slave's backoff are timed by ``ctx.monotonic``, not the process's
+    clock: an hour on the node's clock is the next round, though only a moment passed on the wall."""
+    from gateway.deadletter import DeadLetters
+    from gateway.engine import Pipeline
+    from gateway.node import NodeContext
+
+    sim.faults[2] = ModbusFault(dead=True)
+    assert sim.port is not None
+    slaves = """
+          - {unit: 1, name: meter, profile: sdm120, groups: {fast: 1h, energy: 1h}}
+          - {unit: 2, name: room, profile: xy-md02, groups: {fast: 1h, settings: 1h}}"""
+    text = config(tmp_path, sim.port, slaves).replace("interval: 0.1s", "interval: 1h")
+    text = text.replace("slave_retry_max: 1s", "slave_retry_max: 30m")
+    now = [1000.0]
+    dl = DeadLetters(None)
+
+    def ctx(node_id: str) -> NodeContext:
+        return NodeContext("gw1", "plant", node_id, str(tmp_path), None, dl, monotonic=lambda: now[0])
+
+    p = Pipeline("plant", parse_config(text).nodes["plant"], ctx)
+    src, out = p.nodes[p.index["bus"]], p.nodes[p.index["out"]]
+
+    def rounds() -> int:
+        return sum(1 for e in out.events if e.key == "meter.voltage")
+
+    task = asyncio.create_task(p.run())
+    try:
+        await wait_for(lambda: rounds() == 1 and src.counters()["modbus_timeout"] == 1, timeout=15)
+        retry_at = src.slaves[1].retry_at
+        assert 1000.0 < retry_at <= 1000.0 + 30 * 60  # on the node's clock
+        now[0] += 3600.0  # an hour on the node's clock, a moment on the wall
+        await wait_for(lambda: rounds() == 2 and src.counters()["modbus_timeout"] == 2, timeout=15)
+        assert src.slaves[1].retry_at > now[0]  # backed off again from the node's "now"
+        now[0] += 3600.0
+        await wait_for(lambda: rounds() == 3 and src.counters()["modbus_timeout"] == 3, timeout=15)
+        assert src.n_overruns == 0  # each round came on time by the node's clock
+    finally:
+        p.stop()
+        await asyncio.wait_for(task, 15)
+
+
 async def test_nan_values_are_dead_lettered(tmp_path: Path, sim: ModbusSimulator) -> None:
     sim.set(1, "frequency", math.nan)
     sim.set(1, "voltage", math.inf)

@@ -257,6 +257,34 @@ async def test_poll_reads_json_with_headers_and_etag(tmp_path: Path, remote: Rem
         assert src.health()["state"] == "up"
 
 
+async def test_poll_interval_follows_the_nodes_monotonic_clock(tmp_path: Path, remote: Remote) -> None:
+    """The poll interval is timed by ``ctx.monotonic``: an hour on the node's clock is the next
+    request, though only a moment passed on the wall."""
+    from gateway.config import parse_config
+    from gateway.deadletter import DeadLetters
+    from gateway.engine import Pipeline
+    from gateway.node import NodeContext
+
+    now = [500.0]
+    dl = DeadLetters(None)
+
+    def ctx(node_id: str) -> NodeContext:
+        return NodeContext("gw1", "p", node_id, str(tmp_path), None, dl, monotonic=lambda: now[0])
+
+    p = Pipeline("p", parse_config(poll_config(tmp_path, remote.port, interval="1h")).nodes["p"], ctx)
+    task = asyncio.create_task(p.run())
+    try:
+        await wait_for(lambda: len(remote.requests) == 1 and p.nodes[p.index["out"]].n_in == 1, timeout=15)
+        now[0] += 3600.0  # an hour on the node's clock, a moment on the wall
+        await wait_for(lambda: len(remote.requests) == 2, timeout=15)
+        now[0] += 3600.0
+        await wait_for(lambda: len(remote.requests) == 3, timeout=15)
+    finally:
+        p.stop()
+        await asyncio.wait_for(task, 15)
+    assert p.nodes[p.index["out"]].n_in == 3
+
+
 async def test_poll_dead_letters_bad_answers(tmp_path: Path, remote: Remote) -> None:
     remote.body = b"<html>oops</html>"
     async with running_gateway(poll_config(tmp_path, remote.port)) as gw:
