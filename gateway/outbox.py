@@ -25,6 +25,7 @@ import logging
 import os
 import sqlite3
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,12 @@ RESULT_IDS_KEPT = 100_000
 A restart re-emits only what was computed after the last state checkpoint (about a second), so
 this covers a long stall of the state store too."""
 _ROW_OVERHEAD = 48  # bytes SQLite spends per row beyond its text: header, rowid, the index entry
+
+
+def _result_hash(connection: str, topic: str, rid: str) -> int:
+    """What the ``results`` table is indexed on: a CRC-32 of the result's key, so that each insert
+    adds an 8-byte entry to the index rather than the key's text (a lookup compares the text)."""
+    return zlib.crc32(f"{connection}\x00{topic}\x00{rid}".encode("utf-8", "surrogatepass"))
 
 
 # --- the storage seam ------------------------------------------------------------------------
@@ -151,10 +158,10 @@ class SqliteOutboxStore:
         # a restart that computes a result again must not queue it again
         db.execute(
             "CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, connection TEXT NOT NULL,"
-            " topic TEXT NOT NULL, rid TEXT NOT NULL)"
+            " topic TEXT NOT NULL, rid TEXT NOT NULL, h INTEGER)"
         )
-        db.execute("CREATE UNIQUE INDEX IF NOT EXISTS results_rid ON results (rid, connection, topic)")
         self._db = db
+        self._index_results()
         fresh = db.execute("SELECT 1 FROM sqlite_sequence WHERE name='outbox'").fetchone() is None
         max_id = self._max_id()
         floor = self._read_seq_file()
@@ -170,6 +177,30 @@ class SqliteOutboxStore:
         count, size = self._count, self._bytes = self.stats()
         row = db.execute("SELECT value FROM outbox_meta WHERE name='dropped'").fetchone()
         return StoreInfo(max_id, count, size, row[0] if row else 0)
+
+    def _index_results(self) -> None:
+        """Index ``results`` on the hash of each key (:func:`_result_hash`).
+
+        Earlier versions indexed the key's text (``results_rid``), which cost more than the rest
+        of a commit under alert load; a file such a version wrote (or opened last) gets its rows
+        hashed and that index dropped, once."""
+        db = self._db
+        assert db is not None
+        if "h" not in {row[1] for row in db.execute("PRAGMA table_info(results)")}:
+            db.execute("ALTER TABLE results ADD COLUMN h INTEGER")
+        db.execute("CREATE INDEX IF NOT EXISTS results_h ON results (h)")
+        old = db.execute("SELECT 1 FROM sqlite_master WHERE type='index' AND name='results_rid'").fetchone()
+        if old is None:
+            return
+        db.create_function("sluice_result_hash", 3, _result_hash, deterministic=True)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("UPDATE results SET h = sluice_result_hash(connection, topic, rid) WHERE h IS NULL")
+            db.execute("DROP INDEX results_rid")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _max_id(self) -> int:
         assert self._db is not None
@@ -224,8 +255,8 @@ class SqliteOutboxStore:
             self._bytes += sum(r[5] for r in rows)
             if results:
                 db.executemany(
-                    "INSERT OR IGNORE INTO results (seq, connection, topic, rid) VALUES (?,?,?,?)",
-                    [(first + i, c, t, rid) for i, c, t, rid in results],
+                    "INSERT INTO results (seq, connection, topic, rid, h) VALUES (?,?,?,?,?)",
+                    [(first + i, c, t, rid, _result_hash(c, t, rid)) for i, c, t, rid in results],
                 )
                 if (first + len(rows)) // 1000 != first // 1000:  # now and then, not on every commit
                     db.execute("DELETE FROM results WHERE seq <= ?", (first + len(rows) - RESULT_IDS_KEPT,))
@@ -246,11 +277,13 @@ class SqliteOutboxStore:
     def known_results(self, keys: list[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
         db = self._db
         assert db is not None
-        found = set()
-        for conn, topic, rid in keys:
-            q = "SELECT 1 FROM results WHERE rid=? AND connection=? AND topic=?"
-            if db.execute(q, (rid, conn, topic)).fetchone() is not None:
-                found.add((conn, topic, rid))
+        wanted = set(keys)
+        hashes = list({_result_hash(*k) for k in wanted})
+        found: set[tuple[str, str, str]] = set()
+        for at in range(0, len(hashes), 500):  # one statement per 500 keys, not one per key
+            chunk = hashes[at : at + 500]
+            q = f"SELECT connection, topic, rid FROM results WHERE h IN ({','.join('?' * len(chunk))})"
+            found.update(k for k in db.execute(q, chunk) if k in wanted)  # a hash can be shared
         return found
 
     def _trim(self, max_bytes: int, max_rows: int | None) -> tuple[int, int, int]:
@@ -330,6 +363,25 @@ class SqliteOutboxStore:
 
 
 # --- the outbox ------------------------------------------------------------------------------
+
+
+def _unseen(
+    rows: list[Any], results: list[tuple[int, str, str, str]], known: set[tuple[str, str, str]]
+) -> tuple[list[Any], list[tuple[int, str, str, str]], int]:
+    """``rows`` without the results in ``known`` or taken earlier in the same batch, the remaining
+    results re-indexed, and how many were left out."""
+    seen_now: set[tuple[str, str, str]] = set()
+    skip = set()
+    for i, c, t, rid in results:
+        key = (c, t, rid)
+        if key in known or key in seen_now:
+            skip.add(i)
+        seen_now.add(key)
+    if not skip:
+        return rows, results, 0
+    kept = [r for i, r in enumerate(rows) if i not in skip]
+    new_index = {old: new for new, old in enumerate(i for i in range(len(rows)) if i not in skip)}
+    return kept, [(new_index[i], c, t, rid) for i, c, t, rid in results if i not in skip], len(skip)
 
 
 class SendOrder:
@@ -667,19 +719,18 @@ class Outbox:
         if not rows:
             return self.last_id + 1
         async with self._write_lock:
-            if results:  # under the write lock: nothing can commit between this look and the append
-                rows, results = await self._new_results(rows, results)
-                if not rows:
-                    return self.last_id + 1
             delete = self._to_delete
             self._to_delete = []
             try:
-                first, dropped, freed, hi = await self._run(
-                    self.store.append, rows, delete, self.config.max_bytes, self.config.max_messages, results
-                )
+                rows, skipped, done = await self._run(self._commit, rows, delete, results)
             except BaseException:
                 self._to_delete = delete + self._to_delete
                 raise
+            if skipped:
+                self._duplicates(skipped)
+            if done is None:
+                return self.last_id + 1
+            first, dropped, freed, hi = done
             self._deleted(delete)
             self.last_id = first + len(rows) - 1
             self.count += len(rows)
@@ -703,40 +754,40 @@ class Outbox:
                     q = self._live[r[0]] = deque()
                 q.append(Row(first + i, r[0], r[1], r[2], r[3], r[4], r[5]))
             for c in conns:
-                if len(self._live[c]) > _LIVE_CACHE:
+                cached = self._live.get(c)  # none when every row of c was a result taken before
+                if cached is not None and len(cached) > _LIVE_CACHE:
                     # nobody is sending (offline): stop keeping a copy; the sender reads from disk
-                    self._live[c].clear()
+                    cached.clear()
                     self._live_gap[c] = self.last_id
         for c in conns:
             self._event(c).set()
         return first
 
-    async def _new_results(
-        self, rows: list[Any], results: list[tuple[int, str, str, str]]
-    ) -> tuple[list[Any], list[tuple[int, str, str, str]]]:
-        """``rows`` without the results committed before, and the remaining results re-indexed."""
-        known = await self._run(self.store.known_results, [r[1:] for r in results])
-        seen_now: set[tuple[str, str, str]] = set()
-        skip = set()
-        for i, *k in results:
-            key = (k[0], k[1], k[2])
-            if key in known or key in seen_now:
-                skip.add(i)
-            seen_now.add(key)
-        if not skip:
-            return rows, results
-        self.duplicates += len(skip)
+    def _commit(
+        self, rows: list[Any], delete: list[int], results: list[tuple[int, str, str, str]]
+    ) -> tuple[list[Any], int, tuple[int, int, int, int] | None]:
+        """In the outbox's thread: leave out the results committed before, then append the rest.
+
+        The look and the append are one hand-off to the thread, under the write lock, so nothing
+        can commit between them. Returns the rows appended, how many were left out, and what
+        :meth:`OutboxStore.append` returned (``None`` when there was nothing to commit)."""
+        skipped = 0
+        if results:
+            rows, results, skipped = _unseen(rows, results, self.store.known_results([r[1:] for r in results]))
+        if not rows and not delete:
+            return rows, skipped, None
+        return rows, skipped, self.store.append(rows, delete, self.config.max_bytes, self.config.max_messages, results)
+
+    def _duplicates(self, n: int) -> None:
+        self.duplicates += n
         self._rl.log(
             logging.INFO,
             "dup",
             "outbox: %d results computed again after a restart were already queued before it; not queued "
             "again (%d so far)",
-            len(skip),
+            n,
             self.duplicates,
         )
-        kept = [r for i, r in enumerate(rows) if i not in skip]
-        new_index = {old: new for new, old in enumerate(i for i in range(len(rows)) if i not in skip)}
-        return kept, [(new_index[i], c, t, rid) for i, c, t, rid in results if i not in skip]
 
     def _reject(self, conn: str, topic: str, fields: Any, exc: BaseException) -> None:
         """A message that cannot be stored: counted, logged at a limited rate, dead-lettered (``on_refused``)."""

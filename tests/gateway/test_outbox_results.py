@@ -1,0 +1,97 @@
+"""The outbox takes a result (a message whose fields hold a ``result_id``) at most once per
+connection and topic: in one batch, across batches, across a restart, and in a file an earlier
+version wrote. The SQLite file is real; the broker is the fake link of test_outbox.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import zlib
+from pathlib import Path
+from typing import Any
+
+from tests._util import wait_for
+from tests.gateway.test_outbox import FakeLink, started
+
+
+def result(rid: str, topic: str = "t/out", conn: str = "plant") -> tuple[str, str, dict[str, Any], str]:
+    return (conn, topic, {"key": "k", "value": 1.0, "result_id": rid}, "k")
+
+
+async def test_a_result_is_taken_once_in_a_batch_across_batches_and_after_a_restart(tmp_path: Path) -> None:
+    link = FakeLink()
+    ob, task = await started(tmp_path, link)
+    try:
+        await ob.put([result("p/w/k/1"), result("p/w/k/2"), result("p/w/k/1")])
+        await ob.put([result("p/w/k/2"), result("p/w/k/3")])
+        await ob.put([result("p/w/k/1")])  # a batch of nothing new commits nothing
+        # the same id to another topic or connection is another result
+        await ob.put([result("p/w/k/1", topic="t/other")])
+        assert ob.duplicates == 3 and ob.count == 4 and ob.last_id == 4
+    finally:
+        await ob.close()
+        await asyncio.gather(task, return_exceptions=True)
+
+    ob2, task2 = await started(tmp_path, link)
+    try:
+        assert await ob2.put([result("p/w/k/3"), result("p/w/k/4")]) == 5
+        assert ob2.duplicates == 1 and ob2.count == 5
+        link.up()
+        await wait_for(lambda: len(link.sent) == 5)
+        assert [m["result_id"] for m in link.sent] == ["p/w/k/1", "p/w/k/2", "p/w/k/3", "p/w/k/1", "p/w/k/4"]
+        await wait_for(lambda: ob2.count == 0)
+        # delivered and deleted, still known
+        await ob2.put([result("p/w/k/4")])
+        assert ob2.duplicates == 2 and ob2.last_id == 5
+    finally:
+        await ob2.close()
+        task2.cancel()
+
+
+async def test_results_sharing_a_hash_are_told_apart(tmp_path: Path) -> None:
+    a, b = "p/w/k/29685295", "p/w/k/32060020"
+    assert zlib.crc32(f"plant\x00t/out\x00{a}".encode()) == zlib.crc32(f"plant\x00t/out\x00{b}".encode())
+    ob, task = await started(tmp_path, FakeLink())
+    try:
+        await ob.put([result(a)])
+        await ob.put([result(b), result(a)])
+        assert ob.count == 2 and ob.duplicates == 1
+    finally:
+        await ob.close()
+        task.cancel()
+
+
+def test_a_file_an_earlier_version_wrote_keeps_its_results(tmp_path: Path) -> None:
+    """Earlier versions indexed ``results`` on the text of the key; their rows stay known."""
+    db = sqlite3.connect(tmp_path / "outbox.db")
+    db.executescript(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, connection TEXT NOT NULL,"
+        " topic TEXT NOT NULL, okey TEXT NOT NULL, body BLOB NOT NULL, retain INTEGER NOT NULL,"
+        " size INTEGER NOT NULL, created REAL NOT NULL);"
+        "CREATE TABLE results (seq INTEGER PRIMARY KEY, connection TEXT NOT NULL, topic TEXT NOT NULL,"
+        " rid TEXT NOT NULL);"
+        "CREATE UNIQUE INDEX results_rid ON results (rid, connection, topic);"
+        "INSERT INTO outbox VALUES (7, 'plant', 't/out', 'k', '{\"value\":1}', 0, 60, 0);"
+        "INSERT INTO results VALUES (7, 'plant', 't/out', 'p/w/k/old');"
+    )
+    db.commit()
+    db.close()
+
+    async def run() -> None:
+        ob, task = await started(tmp_path, FakeLink())
+        try:
+            assert await ob.put([result("p/w/k/old"), result("p/w/k/new")]) == 8
+            assert ob.duplicates == 1 and ob.count == 2
+        finally:
+            await ob.close()
+            task.cancel()
+
+    asyncio.run(run())
+    db = sqlite3.connect(tmp_path / "outbox.db")
+    try:
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "results_rid" not in indexes and "results_h" in indexes
+        assert db.execute("SELECT COUNT(*) FROM results WHERE h IS NULL").fetchone()[0] == 0
+    finally:
+        db.close()
