@@ -1,373 +1,210 @@
-"""The console's HTTP side: health, Prometheus metrics and the pipeline API (aiohttp).
+"""The console's server: its port is bound when the gateway starts, its web stack loads at the first
+connection.
 
-``GET /healthz`` answers 200 with JSON while the gateway runs (``status`` is ``ok`` or
-``degraded`` with the list of problems) and 503 while starting or stopping.
-``GET /metrics`` is Prometheus text; ``GET /api/pipelines`` describes every node with its
-counters, queue and health.
+aiohttp and :mod:`gateway.web` (pages, API, ``/ws``, auth) cost a gateway about 16 MiB resident,
+which a gateway nobody looks at should not carry. So :meth:`Console.start` binds the port (a port
+in use or a bad TLS file is still an error at start) with a small protocol that holds each early
+connection unread; the first one imports the web stack, builds the app (:mod:`gateway.web`) and
+hands every held connection, and all later ones, to aiohttp. The routes themselves are in
+:mod:`gateway.web.gateway_api` and the other :mod:`gateway.web` modules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import re
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-from aiohttp import web
-
-from .alerts import SEVERITIES, STATES, AlertError, SuppressCommand, validated
 from .config import ConsoleConfig
-from .node import ID_PATTERN
-from .redact import redact, redact_text
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from .runtime import Gateway
+    from .web import Web
 
 __all__ = ["Console"]
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(ID_PATTERN)
 
+class _Held(asyncio.Protocol):
+    """A connection that arrived before the web stack was loaded: not read until aiohttp takes it."""
 
-class _GatewayCollector:
-    """Reads the gateway's own counters at scrape time (no per-event metric calls)."""
+    def __init__(self, console: Console):
+        self._console = console
+        self._transport: asyncio.Transport | None = None
+        self._early: list[bytes] = []  # only if the transport delivered data despite the pause
+        self._eof = False
 
-    def __init__(self, gw: Gateway):
-        self.gw = gw
-        self._proc = psutil.Process()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._transport.pause_reading()  # type: ignore[union-attr]
+        self._console._adopt(self)
 
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
 
-        gw = self.gw
-        labels = ["pipeline", "node", "type"]
-        fams = {
-            c: CounterMetricFamily(
-                f"sluice_node_{c}",
-                f"Events {c} per node" if c != "errors" else "Inputs a node could not handle (dead-lettered)",
-                labels=labels,
-            )
-            for c in ("in", "out", "errors", "dropped")
-        }
-        malformed = CounterMetricFamily("sluice_node_malformed", "Malformed inputs rejected by a source", labels=labels)
-        depth = GaugeMetricFamily(
-            "sluice_queue_depth", "Events waiting in a bounded queue", labels=["pipeline", "queue"]
-        )
-        cap = GaugeMetricFamily("sluice_queue_capacity", "Capacity of a bounded queue", labels=["pipeline", "queue"])
-        hw = GaugeMetricFamily("sluice_queue_high_water", "Most events a queue has held", labels=["pipeline", "queue"])
-        for p in gw.pipelines.values():
-            for n in p.nodes:
-                c = n.counters()
-                lv = [p.name, n.id, n.type_name]
-                for k, fam in fams.items():
-                    fam.add_metric(lv, c.get(k, 0))
-                if "malformed" in c:
-                    malformed.add_metric(lv, c["malformed"])
-            for qname, q in (("input", p.queue), *((p.nodes[i].id, q) for i, q in p.sink_queues.items())):
-                depth.add_metric([p.name, qname], q.depth)
-                cap.add_metric([p.name, qname], q.capacity)
-                hw.add_metric([p.name, qname], q.high_water)
-        yield from fams.values()
-        yield malformed
-        yield depth
-        yield cap
-        yield hw
-        dl = CounterMetricFamily("sluice_dead_letters", "Inputs dead-lettered, by node", labels=["pipeline", "node"])
-        for (pipe, node), count in gw.dead_letters.counts.items():
-            dl.add_metric([pipe, node], count)
-        yield dl
-        lost = CounterMetricFamily("sluice_dead_letters_unwritten", "Dead letters counted but not written to disk")
-        lost.add_metric([], gw.dead_letters.lost)
-        yield lost
-        ob = gw.outbox
-        yield GaugeMetricFamily("sluice_outbox_messages", "Messages in the outbox waiting for a PUBACK", value=ob.count)
-        yield GaugeMetricFamily(
-            "sluice_outbox_bytes", "Bytes the outbox holds (its quota counts these)", value=ob.bytes
-        )
-        yield GaugeMetricFamily("sluice_outbox_quota_bytes", "The outbox's disk quota", value=ob.config.max_bytes)
-        yield CounterMetricFamily(
-            "sluice_outbox_dropped", "Oldest messages dropped because the outbox was full", value=ob.dropped
-        )
-        yield CounterMetricFamily("sluice_outbox_published", "Messages the broker acknowledged", value=ob.published)
-        yield CounterMetricFamily(
-            "sluice_outbox_replayed", "Messages sent again with replayed: true", value=ob.replayed
-        )
-        yield CounterMetricFamily(
-            "sluice_outbox_refused", "Messages the broker refused (dead-lettered)", value=ob.refused
-        )
-        steps = CounterMetricFamily("sluice_alert_steps", "Alert lifecycle steps since start", labels=["action"])
-        for action, n in gw.alerts.book.counts.items():
-            steps.add_metric([action], n)
-        yield steps
-        yield CounterMetricFamily(
-            "sluice_alert_notifications_suppressed",
-            "Alert notifications held back by a suppression window",
-            value=gw.alerts.notifications_suppressed,
-        )
-        yield CounterMetricFamily(
-            "sluice_alert_released", "Held alerts published when their suppression ended", value=gw.alerts.released
-        )
-        from .web import WEB
+    def eof_received(self) -> bool:
+        self._eof = True
+        return True  # keep the transport open: aiohttp answers, then closes
 
-        app = getattr(gw.console, "app", None)
-        if app is not None and WEB in app:
-            hub = app[WEB].hub
-            yield GaugeMetricFamily("sluice_console_ws_clients", "Console WebSocket clients", value=len(hub.clients))
-            drops = CounterMetricFamily(
-                "sluice_console_ws_dropped",
-                "Dropped for slow console clients: messages, llm chunks, console-sink events",
-                labels=["what"],
-            )
-            drops.add_metric(["message"], hub.dropped)
-            drops.add_metric(["llm_chunk"], hub.llm_dropped)
-            drops.add_metric(["console_event"], hub.console_dropped)
-            yield drops
-        up = GaugeMetricFamily("sluice_mqtt_connected", "1 when the publisher link is connected", labels=["connection"])
-        for name, link in gw.links.publishers.items():
-            up.add_metric([name], 1 if link.connected else 0)
-        yield up
-        from .llm import metric_families
-        from .node import metric_families as node_families
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._console._held.discard(self)
 
-        yield from node_families(gw.pipelines.values())
-        yield from metric_families(gw)
-        from .store import metric_families as state_families
+    def hand_over(self, factory: Any) -> None:
+        """Give the connection to the protocol ``factory()`` makes, with anything read so far."""
+        transport, self._transport = self._transport, None
+        if transport is None or transport.is_closing():
+            return
+        proto = factory()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        for data in self._early:
+            proto.data_received(data)
+        if self._eof:
+            proto.eof_received()
+        else:
+            transport.resume_reading()
 
-        yield from state_families(gw)
-        yield GaugeMetricFamily(
-            "sluice_clock_offset_seconds",
-            "The system clock minus ingest time (non-zero after a step of the system clock)",
-            value=gw.clock.health()["offset"],
-        )
-        yield CounterMetricFamily("sluice_clock_steps", "Steps of the system clock noticed", value=gw.clock.steps)
-        yield GaugeMetricFamily(
-            "sluice_uptime_seconds", "Seconds since the gateway started", value=time.time() - gw.started_at
-        )
-        with self._proc.oneshot():
-            yield GaugeMetricFamily(
-                "sluice_process_resident_memory_bytes", "Resident memory", value=self._proc.memory_info().rss
-            )
-            t = self._proc.cpu_times()
-            yield CounterMetricFamily("sluice_process_cpu_seconds", "CPU time used", value=t.user + t.system)
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
 
 class Console:
-    """The console web server, started and stopped by the gateway."""
+    """The console web server, started and stopped by the gateway; its app is built on first use."""
 
     def __init__(self, gw: Gateway, cfg: ConsoleConfig):
         self.gw = gw
         self.cfg = cfg
-        # prometheus_client costs ~10 MB resident: imported at the first scrape, not at start.
-        self._registry: Any = None
-        self.app = web.Application()
-        from .web import setup as web_setup  # every route (gateway.web.routes), /ws, OpenAPI, and the auth
-
-        self.web = web_setup(self.app, gw, cfg, self)
-        self._runner: web.AppRunner | None = None
         self.port = cfg.port
+        self.web: Web | None = None  # gateway.web.Web once loaded
+        self._app: web.Application | None = None
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._held: set[_Held] = set()
 
     @property
     def url(self) -> str:
         host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::") else "localhost"
         return f"{'https' if self.cfg.tls_cert else 'http'}://{host}:{self.port}/"
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the web stack is loaded (the first connection, or an account still to create)."""
+        return self._app is not None
+
+    @property
+    def app(self) -> web.Application:
+        """The console's aiohttp app, built (not yet served) if it was not."""
+        if self._app is None:
+            from aiohttp import web
+
+            from .web import setup
+
+            app = web.Application()
+            self.web = setup(app, self.gw, self.cfg)
+            self._app = app
+        return self._app
+
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
         ssl_context = None
         if self.cfg.tls_cert:
             import ssl
 
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=ssl_context)
+        if self._needs_account():
+            # The first visit creates the admin with a setup code from the log: load now to say it.
+            await self._load()
+        loop = asyncio.get_running_loop()
         try:
-            await site.start()
+            self._server = await loop.create_server(self._protocol, self.cfg.host, self.cfg.port, ssl=ssl_context)
         except OSError as exc:
-            await self._runner.cleanup()
-            self._runner = None
+            await self.stop()
             raise OSError(
                 exc.errno,
                 f"console cannot listen on {self.cfg.host}:{self.cfg.port}: "
                 f"{exc.strerror} (set console.port, or console.enabled: false)",
             ) from None
-        server = site._server
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.web.auth.announce(self.url)
+        if self._server.sockets:
+            self.port = self._server.sockets[0].getsockname()[1]
+        if self.web is not None:
+            self.web.auth.announce(self.url)
+        if not self.cfg.auth:
+            log.warning("console: auth is off (console.auth: false): anyone who can reach %s may use it", self.url)
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()  # no new connections
+            self._server = None
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+            await asyncio.gather(self._loading, return_exceptions=True)
+        for held in list(self._held):
+            held.close()
+        self._held.clear()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # on_cleanup detaches the console from the gateway
             self._runner = None
+        elif self.web is not None:  # built, never served
+            self.web.detach()
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        """Status only for anyone; the details (problems, connections, stores) with a session or token."""
-        from .web.auth import IDENTITY
-
-        h = self.gw.health()
-        status = 200 if self.gw.state == "running" else 503
-        if request.get(IDENTITY) is None:
-            return web.json_response({"status": h["status"]}, status=status)
-        return web.json_response(redact(h), status=status)
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        from prometheus_client import CollectorRegistry, generate_latest
-
-        if self._registry is None:
-            self._registry = CollectorRegistry(auto_describe=False)
-            self._registry.register(_GatewayCollector(self.gw))  # type: ignore[arg-type]
-        body = redact_text(generate_latest(self._registry).decode()).encode()
-        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-    async def api_pipelines(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "gateway_id": self.gw.id,
-                "state": self.gw.state,
-                "pipelines": redact([p.describe() for p in self.gw.pipelines.values()]),
-            }
-        )
-
-    async def api_deadletters(self, request: web.Request) -> web.Response:
+    def _needs_account(self) -> bool:
+        """Whether auth is on and no account exists yet (or the account file cannot be read, which
+        loading the console then reports at start)."""
+        if not self.cfg.auth or self.cfg.users:
+            return False
+        # gateway.web.auth.UserStore's file: only whether it names a user is looked at here.
         try:
-            limit = min(int(request.query.get("limit", "100")), 200)
-        except ValueError:
-            raise web.HTTPBadRequest(text="limit must be an integer") from None
-        rows = list(self.gw.dead_letters.recent)[-limit:][::-1]
-        return web.json_response({"total": self.gw.dead_letters.total, "recent": redact(rows)})
+            data = json.loads((Path(self.gw.data_dir) / "console" / "users.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return True
+        return not (isinstance(data, dict) and data.get("users"))
 
-    async def api_history(self, request: web.Request) -> web.Response:
-        """``GET /api/history?key=&from=&to=&points=``: a key's downsampled history (epoch seconds)."""
-        q = request.query
-        if not q.get("key"):
-            return web.json_response({"error": "give key=<the reading's key>"}, status=400)
-        history = self.gw.history
+    def _protocol(self) -> asyncio.Protocol:
+        if self._runner is not None and self._runner.server is not None:
+            proto: asyncio.Protocol = self._runner.server()
+            return proto
+        return _Held(self)
+
+    def _adopt(self, held: _Held) -> None:
+        if self._runner is not None:  # loaded since this connection was accepted
+            held.hand_over(self._runner.server)
+            return
+        self._held.add(held)
+        if self._loading is None:
+            self._loading = asyncio.create_task(self._serve_held(), name="console:load")
+
+    async def _serve_held(self) -> None:
         try:
-            end = float(q["to"]) if "to" in q else max(history.newest, 0.0) + 1.0
-            start = float(q["from"]) if "from" in q else end - 3600.0
-            points = max(1, min(int(q.get("points", "1000")), 10_000))
-        except ValueError:
-            return web.json_response({"error": "from and to are epoch seconds; points is an integer"}, status=400)
-        if not start < end:
-            return web.json_response({"error": "from must be before to"}, status=400)
-        return web.json_response(await asyncio.to_thread(history.query, q["key"], start, end, points))
+            await self._load()
+        except Exception:
+            log.exception("console: loading the web console failed; the next connection tries again")
+            for held in list(self._held):
+                held.close()
+            self._loading = None
+            return
+        assert self._runner is not None
+        for held in list(self._held):
+            held.hand_over(self._runner.server)
+        self._held.clear()
 
-    async def api_alerts(self, request: web.Request) -> web.Response:
-        """``GET /api/alerts?state=&severity=&pipeline=&key=&since=&until=&limit=`` (newest first)."""
-        q = request.query
-        for name, allowed in (("state", STATES), ("severity", SEVERITIES)):
-            if name in q and q[name] not in allowed:
-                return web.json_response({"error": f"{name} must be one of {', '.join(allowed)}"}, status=400)
-        try:
-            limit = max(1, min(int(q.get("limit", "100")), 1000))
-            since = float(q["since"]) if "since" in q else None
-            until = float(q["until"]) if "until" in q else None
-        except ValueError:
-            return web.json_response({"error": "limit is an integer; since and until are epoch seconds"}, status=400)
-        alerts = await self.gw.alerts.list(
-            state=q.get("state"),
-            severity=q.get("severity"),
-            pipeline=q.get("pipeline"),
-            key=q.get("key"),
-            since=since,
-            until=until,
-            limit=limit,
-        )
-        return web.json_response({"alerts": alerts, "summary": await self.gw.alerts.book.summary()})
+    async def _load(self) -> None:
+        """Import the web stack, build the app and set up its runner (its startup hooks run now)."""
+        if self._runner is not None:
+            return
+        started = time.monotonic()
+        from aiohttp import web
 
-    async def api_alert_action(self, request: web.Request) -> web.Response:
-        """``POST /api/alerts/<id>/ack`` or ``…/resolve``, optional JSON body ``{"note": "..."}``."""
-        action = request.match_info["action"]
-        if action not in ("ack", "resolve"):
-            return web.json_response({"error": f"unknown action {action!r}; use ack or resolve"}, status=404)
-        alert_id = _row_id(request, "alert")
-        if isinstance(alert_id, web.Response):
-            return alert_id
-        body: Any = {}
-        if request.can_read_body:
-            try:
-                body = await request.json()
-            except ValueError:
-                return web.json_response({"error": "the body must be JSON"}, status=400)
-        if not isinstance(body, dict) or not isinstance(body.get("note", ""), str | None):
-            return web.json_response({"error": 'the body is {"note": "..."}'}, status=400)
-        from .web.auth import IDENTITY
-
-        ident = request.get(IDENTITY)
-        by = ident.name if ident is not None and ident.via != "open" else str(body.get("by") or "console")
-        try:
-            alert = await self.gw.alerts.operator(action, alert_id, by=by, note=body.get("note"))  # type: ignore[arg-type]
-        except AlertError as exc:
-            return web.json_response({"error": str(exc)}, status=exc.status)
-        return web.json_response({"alert": alert})
-
-    async def ingest(self, request: web.Request) -> web.StreamResponse:
-        """``POST /ingest/<source id>``: readings pushed to a running ``http`` source (nodes/http.py)."""
-        source = request.match_info["source"]
-        handler = self.gw.links.ingest.get(source)
-        if handler is None:
-            # Answered as a running source answers a request without its token: whether a source of
-            # that name exists is nobody's business before they hold its token.
-            return web.json_response(
-                {"error": "send Authorization: Bearer <the source's token>"},
-                status=401,
-                headers={"WWW-Authenticate": f'Bearer realm="ingest/{source}"' if _ID.match(source) else "Bearer"},
-            )
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    async def api_alert_suppress(self, request: web.Request) -> web.Response:
-        """``POST /api/alerts/suppress {"alert_key": glob, "until": epoch|ISO 8601, "note": "..."}`` (admin)."""
-        try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response({"error": "the body must be JSON"}, status=400)
-        from .web.auth import IDENTITY
-
-        ident = request.get(IDENTITY)
-        if isinstance(body, dict) and ident is not None and ident.via != "open":
-            body = {**body, "by": ident.name}
-        elif isinstance(body, dict):
-            body = {"by": "console", **body}
-        try:
-            cmd = validated(SuppressCommand, body)
-            sup = await self.gw.alerts.suppress(cmd.alert_key, cmd.until, note=cmd.note, by=cmd.by)
-        except AlertError as exc:
-            return web.json_response({"error": str(exc)}, status=exc.status)
-        return web.json_response({"suppression": sup}, status=201)
-
-    async def api_alert_suppressions(self, request: web.Request) -> web.Response:
-        return web.json_response({"suppressions": await self.gw.alerts.suppressions()})
-
-    async def api_alert_unsuppress(self, request: web.Request) -> web.Response:
-        sup_id = _row_id(request, "suppression")
-        if isinstance(sup_id, web.Response):
-            return sup_id
-        try:
-            await self.gw.alerts.unsuppress(sup_id)
-        except AlertError as exc:
-            return web.json_response({"error": str(exc)}, status=exc.status)
-        return web.json_response({"deleted": sup_id})
-
-    async def api_logs(self, request: web.Request) -> web.Response:
-        from ._log import RECENT
-
-        level = request.query.get("level")
-        lines = [ln for ln in RECENT.lines if level is None or ln["level"] == level]
-        return web.json_response({"lines": redact(lines[-200:])})
-
-
-def _row_id(request: web.Request, what: str) -> int | web.Response:
-    """The ``id`` path parameter as a database row id, or the answer to give when it is not one."""
-    try:
-        n = int(request.match_info["id"])
-    except ValueError:
-        return web.json_response({"error": f"the {what} id is a number"}, status=400)
-    if not 0 < n < 2**63:  # SQLite's integer range: no such row, not an overflow
-        return web.json_response({"error": f"no {what} {n}"}, status=404)
-    return n
+        app = self.app
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runner = runner
+        log.info("console: web console loaded in %.2f s", time.monotonic() - started)

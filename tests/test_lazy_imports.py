@@ -1,5 +1,6 @@
 """A gateway imports only what its config uses: an MQTT -> window -> alert flow with the console's
-auth off loads no argon2, no serial or Modbus stack, no LLM stack and no firmware codecs.
+auth off loads no argon2, no serial or Modbus stack, no LLM stack, no firmware codecs, and no web
+stack while nobody has opened the console.
 
 Checked in a fresh interpreter that runs such a gateway (its config parsed, its pipelines and
 console built and started against a real Mosquitto), because a module imported anywhere at
@@ -46,5 +47,14 @@ def test_an_mqtt_window_alert_gateway_loads_only_what_it_uses(tmp_path: Path, mo
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["state"] == "running"
     loaded = set(result["modules"])
-    for unused in ("argon2", "llama_cpp", "pymodbus", "serial", "serial_asyncio_fast", "firmware_bridges.codecs"):
+    for unused in (
+        "argon2",
+        "llama_cpp",
+        "pymodbus",
+        "serial",
+        "serial_asyncio_fast",
+        "firmware_bridges.codecs",
+        "aiohttp",  # the console's web stack loads at its first connection
+        "gateway.web",
+    ):
         assert unused not in loaded, f"{unused} is imported by a gateway that does not use it"

@@ -17,12 +17,12 @@ from ..config import ConsoleConfig
 from . import openapi
 from .auth import Auth, Identity, hash_password
 from .editor import Editor
+from .gateway_api import GatewayApi
 from .routes import add_routes
 from .views import STATIC, Views, security_headers
 from .ws import Hub
 
 if TYPE_CHECKING:
-    from ..console import Console
     from ..runtime import Gateway
 
 __all__ = ["WEB", "Auth", "Hub", "Identity", "Web", "hash_password", "setup"]
@@ -52,14 +52,14 @@ class Web:
 WEB = web.AppKey("sluice_web", Web)
 
 
-def setup(app: web.Application, gw: Gateway, cfg: ConsoleConfig, console: Console) -> Web:
+def setup(app: web.Application, gw: Gateway, cfg: ConsoleConfig) -> Web:
     """Install the console's security and every route of :data:`gateway.web.routes.ROUTES` on ``app``."""
     w = Web(gw, cfg)
     app[WEB] = w
     app.on_response_prepare.append(security_headers)
     w.auth.install(app)
     owners = {
-        "console": console,
+        "console": GatewayApi(gw),
         "auth": w.auth,
         "views": w.views,
         "editor": w.editor,

@@ -500,8 +500,6 @@ class Auth:
             log.warning(
                 "console: no account yet; open %ssetup and create the admin with setup code %s", url, self.setup_code
             )
-        elif not self.enabled:
-            log.warning("console: auth is off (console.auth: false): anyone who can reach %s may use it", url)
 
     async def end_sessions(self, name: str) -> None:
         """End every session of ``name``, saved before anything is answered, and tell the listeners."""
