@@ -108,6 +108,7 @@ class DeadLetters:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA cache_size=-128")  # append-only; reads go through their own connection
         db.execute(
             "CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, "
             "pipeline TEXT, node TEXT, reason TEXT, key TEXT, payload TEXT)"

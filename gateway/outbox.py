@@ -148,6 +148,9 @@ class SqliteOutboxStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
+        # Rows go in at the tail and leave from the head: a small page cache holds both ends (the
+        # default 2 MiB only keeps pages of rows already deleted).
+        db.execute("PRAGMA cache_size=-256")
         db.execute(
             "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, connection TEXT NOT NULL,"
             " topic TEXT NOT NULL, okey TEXT NOT NULL, body BLOB NOT NULL, retain INTEGER NOT NULL,"
