@@ -18,7 +18,7 @@ What a node is made of:
 Hooks the runtime asks a node (all optional, with defaults on the base classes):
 ``check(options, config)`` (validation beyond the model), ``required_services()``,
 ``command_connections(options)``, ``counters()``, ``metrics()``, ``live_topics()``, ``health()``,
-``snapshot()``/``restore()``.
+``snapshot()``/``restore()``, ``removed()``.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ __all__ = [
     "status_topic",
 ]
 
-api_version = "1.0"
+api_version = "1.1"
 """The node API's version: the major number changes when a node written for the previous one
 may no longer work; the minor number when something was added."""
 

@@ -273,6 +273,12 @@ class _Node:
         """Samples beyond :meth:`counters` for ``/metrics``, read at scrape time."""
         return ()
 
+    async def removed(self) -> None:
+        """Called once a live reload has taken this node out for good — removed from the config,
+        its pipeline removed or disabled — after it stopped (a sink's ``close()`` has run). Not
+        called when the gateway stops, nor when a reload only restarts the node's pipeline.
+        For undoing what the node announced outside the gateway (e.g. a discovery record)."""
+
     def live_topics(self) -> frozenset[str]:
         """Console WebSocket topics (beyond the node's own event tap) fed from this node's output,
         e.g. ``"llm"`` for the token stream."""

@@ -30,7 +30,7 @@ from .errors import ReloadError, SluiceError
 from .history import History
 from .llm import LlmHub
 from .mqtt import MqttLink, json_bytes, status_topic
-from .node import NodeContext, get_node_type
+from .node import NodeContext, _Node, get_node_type
 from .outbox import Outbox
 from .service import Notifier, ServiceReporter, status_line
 from .store import StateStore
@@ -328,12 +328,15 @@ class Gateway:
                 fresh = {n: self._pipeline(loaded, n) for n in (*changed, *added)}
             except Exception as exc:  # a node that cannot be built: nothing has changed yet
                 raise ReloadError(f"a new pipeline cannot be built: {exc}") from exc
+            gone = self._gone_nodes(loaded, after, [*changed, *removed])
             log.info("reloading: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v and k != "unchanged"))
             # The pipelines about to stop become collectable garbage. The heap is not frozen
             # again: connections and requests alive now end later, and frozen cycles would stay.
             release_heap()
             try:
-                return await self._swap(loaded, fresh, changed, removed, summary)
+                summary = await self._swap(loaded, fresh, changed, removed, summary)
+                await self._retire(gone)
+                return summary
             finally:
                 try:
                     await self.outbox.retire_idle_links()
@@ -344,6 +347,27 @@ class Gateway:
                         hook()
                     except Exception:  # one hook must not keep the others from running
                         log.exception("a reload hook failed")
+
+    def _gone_nodes(self, loaded: LoadedConfig, after: set[str], stopping: list[str]) -> list[_Node]:
+        """Running nodes of the pipelines about to stop that the new config no longer runs: their
+        pipeline is removed or disabled, or they are (or their id now names another kind of node)."""
+        gone = []
+        for name in stopping:
+            p = self.pipelines.get(name)
+            if p is None:
+                continue
+            staying = {(o.id, type(o)) for o in loaded.nodes.get(name, [])} if name in after else set()
+            gone.extend(n for n in p.nodes if (n.id, type(n.options)) not in staying)
+        return gone
+
+    @staticmethod
+    async def _retire(gone: list[_Node]) -> None:
+        """Tell nodes a reload took out that they are gone for good (``removed()``), once they are closed."""
+        for n in gone:
+            try:
+                await n.removed()
+            except Exception:  # one node's tidying up must not fail the reload that worked
+                log.exception("node %s/%s: its removal hook failed", n.ctx.pipeline, n.id)
 
     async def _swap(
         self,

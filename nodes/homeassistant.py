@@ -10,8 +10,9 @@ status topic and its last will, so entities turn unavailable when the gateway go
 config is published again whenever Home Assistant says ``online`` on its status topic (it restarted
 and forgot retained configs only if the broker did), and the node's components are kept in
 ``<data_dir>/homeassistant/`` so a restart announces them before the first new reading. A sink
-node that is no longer in the config has its device removed (an empty retained config) at the next
-start of the gateway.
+node that a live reload takes out has its device removed (an empty retained config) at once; one
+that is no longer in the config when the gateway starts (or whose removal could not reach the
+broker), a little after that start.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ ENERGY_UNITS = {"Wh", "kWh"}
 _SLUG = re.compile(r"[^A-Za-z0-9_-]")
 # sink nodes whose device was announced: one file each, so a removed node's device can be removed
 REGISTRY = "homeassistant"
+# How long a node that a reload took out waits for the broker to take its device away
+REMOVE_WAIT = 10.0
 
 
 class HomeAssistantOptions(NodeOptions):
@@ -95,6 +98,10 @@ class HomeAssistantOptions(NodeOptions):
         10.0,
         description="This long after start, devices of homeassistant nodes no longer in the config are removed.",
     )
+
+
+def _ignore(client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
+    return 0
 
 
 def _slug(key: str) -> str:
@@ -194,6 +201,36 @@ class HomeAssistant(Sink):
     def health(self) -> dict[str, Any]:
         h = self._link.health() if self._link is not None else {"state": "starting"}
         return {**h, "components": len(self.components), "announced": self.announced}
+
+    async def removed(self) -> None:
+        """A reload took this node out: remove its device from Home Assistant now, over a
+        connection of its own (the node's link is closed). If the broker cannot be reached, the
+        record stays and the next start of the gateway removes the device."""
+        services = self.ctx.services
+        prefix = services.connection(self.options.connection).client_id or self.ctx.gateway_id
+        link = services.subscriber(
+            self.options.connection, f"{prefix}-{self.ctx.pipeline}-{self.id}-ha-removal", on_message=_ignore
+        )
+        runner = asyncio.create_task(link.run(), name=f"mqtt:{self.options.connection}:ha-removal:{self.id}")
+        try:
+            await asyncio.wait_for(link.wait_connected(), REMOVE_WAIT)
+            link.publish(self.config_topic, b"", qos=1, retain=True)
+        except (TimeoutError, LinkError) as exc:
+            log.warning(
+                "homeassistant %s/%s: cannot remove device %s now (%s); it is removed at the next start",
+                self.ctx.pipeline,
+                self.id,
+                self.device_id,
+                exc or "broker not reachable",
+            )
+            return
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            await link.close()
+        log.info("homeassistant: removed device %s (its node is no longer configured)", self.device_id)
+        self._record.unlink(missing_ok=True)
 
     def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
         if topic == self.options.status_topic and payload.strip() == b"online":

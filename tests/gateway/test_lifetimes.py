@@ -124,3 +124,53 @@ async def test_a_pipeline_removed_by_reload_leaves_no_saved_state(tmp_path: Path
         async with running_gateway(config(tmp_path, ["a"])) as gw:
             assert "win" in gw.store.node_ids("w")
     assert any("pipelines not in this config: w" in r.getMessage() for r in caplog.records), caplog.text
+
+
+async def test_removed_is_called_for_the_nodes_a_reload_takes_out_once_they_are_closed(tmp_path: Path) -> None:
+    from typing import ClassVar, Literal
+
+    from gateway import node as node_mod
+    from gateway.events import Event
+    from gateway.node import NodeOptions, Sink, register
+
+    class KeepOptions(NodeOptions):
+        type: Literal["t_keep"]
+        tag: int = 0
+
+    class Keep(Sink):
+        Options = KeepOptions
+        gone: ClassVar[list[tuple[str, str, bool]]] = []
+        closed = False
+
+        async def write(self, batch: list[Event]) -> None:
+            pass
+
+        async def close(self) -> None:
+            self.closed = True
+
+        async def removed(self) -> None:
+            Keep.gone.append((self.ctx.pipeline, self.id, self.closed))
+
+    def pipe(name: str, sinks: list[str], extra: str = "") -> str:
+        text = f"  - name: {name}{extra}\n    nodes:\n"
+        text += "      - {id: sim, type: simulate, interval: 1s, sensors: [{key: t}]}\n"
+        return text + "".join(f"      - {{id: {s}, type: t_keep, input: sim}}\n" for s in sinks)
+
+    head = f'gateway: {{id: gw-h, data_dir: "{tmp_path}/data"}}\nconsole: {{enabled: false}}\npipelines:\n'
+    register(Keep)
+    try:
+        start = head + pipe("p1", ["k1", "k2"]) + pipe("p2", ["k3"]) + pipe("p3", ["k4"]) + pipe("p4", ["k5"])
+        async with running_gateway(start) as gw:
+            # p1 loses k2 and k1 changes; p2 stays; p3 is disabled; p4 is removed
+            after = head + pipe("p1", ["k1"]).replace("t_keep,", "t_keep, tag: 1,") + pipe("p2", ["k3"])
+            after += pipe("p3", ["k4"], "\n    enabled: false")
+            summary = await gw.reload(parse_config(after, "t.yaml", {}))
+            assert summary == {"changed": ["p1"], "added": [], "removed": ["p3", "p4"], "unchanged": ["p2"]}
+            assert sorted(Keep.gone) == [("p1", "k2", True), ("p3", "k4", True), ("p4", "k5", True)]
+            # a reload that restarts a pipeline without taking a node out retires nothing
+            Keep.gone.clear()
+            await gw.reload(parse_config(after.replace("tag: 1", "tag: 2"), "t.yaml", {}))
+            assert Keep.gone == []
+        assert Keep.gone == []  # stopping the gateway is not a removal
+    finally:
+        node_mod._REGISTRY.pop("t_keep", None)

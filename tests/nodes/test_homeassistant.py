@@ -101,3 +101,40 @@ async def test_discovery_states_reannounce_and_removal(tmp_path: Path, mosquitto
     with mqtt_client(mosquitto, subscribe="homeassistant/#") as late:
         await wait_for(lambda: configs(late, "homeassistant/device/sluice_gw-ha_room_ha2/config"), timeout=10)
         assert not configs(late, topic)
+
+
+async def test_a_node_a_live_reload_takes_out_loses_its_device_at_once(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """A reload that takes a homeassistant node out clears its device's discovery config (an empty
+    retained message) while the gateway runs on; a node whose pipeline only restarts keeps its own."""
+    from gateway.config import parse_config
+
+    data = tmp_path / "data"
+    boiler_topic = "homeassistant/device/sluice_gw-ha_boiler_ha/config"
+    room_topic = "homeassistant/device/sluice_gw-ha_room_ha2/config"
+    with mqtt_client(mosquitto, subscribe=["homeassistant/#"]) as sub:
+        async with running_gateway(config(data, mosquitto.port, BOILER + ROOM)) as gw:
+            await asyncio.to_thread(post, gw, "in", {"key": "boiler", "value": 50.0})
+            await asyncio.to_thread(post, gw, "in2", {"key": "room", "value": 21.0})
+            await wait_for(lambda: configs(sub, boiler_topic) and configs(sub, room_topic), timeout=20)
+            assert (data / "homeassistant" / "boiler.ha.json").exists()
+
+            # the boiler pipeline loses its homeassistant node; the room pipeline changes an option
+            boiler = BOILER.split("      - {id: ha,")[0]
+            room = ROOM.replace("cleanup_after: 1s}", "cleanup_after: 1s, device_name: Room}")
+            summary = await gw.reload(parse_config(config(data, mosquitto.port, boiler + room), "test.yaml", {}))
+            assert summary["changed"] == ["boiler", "room"]
+            await wait_for(lambda: configs(sub, boiler_topic)[-1:] == [{}], timeout=20)
+            assert not (data / "homeassistant" / "boiler.ha.json").exists()
+            assert gw.state == "running"
+            await asyncio.to_thread(post, gw, "in2", {"key": "room", "value": 22.0})
+            await wait_for(
+                lambda: configs(sub, room_topic)[-1:] and configs(sub, room_topic)[-1]["dev"]["name"] == "Room"
+            )
+            assert {} not in configs(sub, room_topic)  # restarted, not removed
+
+    # what the broker keeps: the room's device, none for the boiler's
+    with mqtt_client(mosquitto, subscribe="homeassistant/#") as late:
+        await wait_for(lambda: configs(late, room_topic), timeout=10)
+        assert not configs(late, boiler_topic)
