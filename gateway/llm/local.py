@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import ctypes
 import importlib
 import importlib.util
 import logging
 import os
 import queue
+import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +23,79 @@ from ..schema import LocalProviderConfig, gguf_problem, package_gguf
 from .provider import Chunk, LlmRequest, ModelLoadError, ProviderError
 
 log = logging.getLogger(__name__)
+# llama.cpp's own log lines (model loading, context warnings, a decode stopped by a cancel)
+llama_log = logging.getLogger("gateway.llm.llama_cpp")
+
+
+# --- llama.cpp's log, into ours ---------------------------------------------------------------
+
+# ggml_log_level today: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's own
+# callback still has the older order, so it prints llama.cpp's warnings and hides its errors)
+_GGML_ERROR = 4
+_GGML_CONT = 5
+_log_route: Any = None  # the ctypes callback handed to llama.cpp: kept alive while it may be called
+_providers: weakref.WeakSet[LocalProvider] = weakref.WeakSet()
+
+
+def _aborting() -> bool:
+    """Whether a generation is being stopped through the abort callback (llama.cpp then logs
+    the decode it gave up as an error, which is expected)."""
+    return any(p._current is not None and p._current.cancelled.is_set() for p in list(_providers))
+
+
+class _LlamaLog:
+    """llama.cpp's log callback: whole lines to :data:`llama_log`, at debug level (errors as
+    warnings, unless a cancel asked for them), instead of llama-cpp-python's, which prints them
+    to stderr. A line may come in pieces (``GGML_LOG_LEVEL_CONT``): they are joined until the
+    newline."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._level = logging.DEBUG
+
+    def __call__(self, level: int, text: bytes | None, _user: Any) -> None:
+        # called from llama.cpp's C code: whatever happens must not escape into it
+        try:
+            piece = (text or b"").decode("utf-8", "replace")
+            with self._lock:
+                if level != _GGML_CONT:
+                    error = level == _GGML_ERROR and not _aborting()
+                    self._level = logging.WARNING if error else logging.DEBUG
+                self._pending.append(piece)
+                if not piece.endswith("\n"):
+                    return
+                line, self._pending = "".join(self._pending).strip(), []
+                at = self._level
+            if line.strip(".") and llama_log.isEnabledFor(at):  # not the dots of a loading bar
+                llama_log.log(at, "llama.cpp: %s", line)
+        except Exception:  # nothing may be raised into C: a lost log line is all it costs
+            pass
+
+
+def _route_llama_log(llama_cpp: Any) -> None:
+    """Once per process: llama.cpp logs through :class:`_LlamaLog`; and the two files of /dev/null
+    that llama-cpp-python opens at import (``llama_cpp._utils``, used to silence model loading)
+    are closed at exit, where it would leave them to a ResourceWarning."""
+    global _log_route
+    if _log_route is not None:
+        return
+    try:
+        route = llama_cpp.llama_log_callback(_LlamaLog())
+        llama_cpp.llama_log_set(route, ctypes.c_void_p(0))
+    except (AttributeError, TypeError) as exc:  # a binding without it: llama.cpp keeps its own log
+        log.debug("llama.cpp's log stays on stderr: %s", exc)
+        return
+    _log_route = route
+    utils = sys.modules.get("llama_cpp._utils")
+    files = [getattr(utils, name, None) for name in ("outnull_file", "errnull_file")]
+    atexit.register(_close_files, [f for f in files if callable(getattr(f, "close", None))])
+
+
+def _close_files(files: list[Any]) -> None:
+    for f in files:
+        with contextlib.suppress(OSError):
+            f.close()
 
 
 # --- local: llama-cpp-python in one thread -------------------------------------------------
@@ -59,6 +136,7 @@ class LocalProvider:
         self._current: _Job | None = None
         self._abort_cb: Any = None
         self.aborted = 0
+        _providers.add(self)
 
     # thread side ---------------------------------------------------------------------------
 
@@ -78,11 +156,13 @@ class LocalProvider:
         if problem:
             raise ModelLoadError(problem, self.name)
         try:
+            import llama_cpp
             from llama_cpp import Llama
         except ImportError as exc:
             raise ModelLoadError(
                 "llama-cpp-python is not installed (pip install 'sluice-gateway[llm]')", self.name
             ) from exc
+        _route_llama_log(llama_cpp)
         c = self.config
         threads = c.threads or _default_threads()
         try:

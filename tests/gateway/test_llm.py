@@ -54,6 +54,88 @@ class FakeClock:
 
 # --- local provider --------------------------------------------------------------------------
 
+_QUIET_PROBE = """
+import asyncio, logging, sys
+logging.basicConfig(level=logging.DEBUG, format="LOG %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+logging.getLogger("asyncio").setLevel(logging.WARNING)
+from gateway.llm import LlmRequest, LocalProvider, LocalProviderConfig
+
+async def main():
+    # n_ctx above the model's 512: llama.cpp warns about it while the context is made
+    cfg = LocalProviderConfig(type="local", model=sys.argv[1], chat_format="gemma", n_ctx=1024, threads=1)
+    p = LocalProvider("tiny", cfg)
+    await p.start()
+    try:
+        req = LlmRequest([{"role": "user", "content": "boiler 1 is at 93 C"}], max_tokens=4, temperature=0.0)
+        print("".join([c.text async for c in p.stream(req)]))
+    finally:
+        await p.close()
+
+asyncio.run(main())
+"""
+
+
+def test_llama_cpp_logs_into_ours_and_leaves_nothing_at_exit(tiny_model: Path) -> None:
+    """llama.cpp's lines (here: its warning that n_ctx exceeds what the model was trained on) go to
+    the gateway's log at debug level, never straight to the terminal; and the process exits
+    without llama-cpp-python's /dev/null files left to a ResourceWarning (shown with -X dev)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", _QUIET_PROBE, str(tiny_model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("LOG ")] == []  # no stray lines, no warning
+    assert any(
+        line.startswith("LOG DEBUG gateway.llm.llama_cpp llama.cpp: llama_context: n_ctx_seq (1024) > n_ctx_train")
+        for line in lines
+    ), lines[:20]
+
+
+async def test_llama_cpp_errors_are_warnings_unless_a_cancel_asked_for_them(tiny_model: Path) -> None:
+    """llama.cpp logs a decode stopped by the abort callback as an error: that one is expected."""
+    import logging
+    import threading as th
+
+    from gateway.llm.local import _Job, _LlamaLog
+
+    seen: list[tuple[int, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.levelno, record.getMessage()))
+
+    logger = logging.getLogger("gateway.llm.llama_cpp")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        route = _LlamaLog()
+        route(4, b"llama_decode: failed to decode, ret = -3\n", None)  # ERROR
+        route(3, b"llama_context: n_ctx_seq (1024) > n_ctx_train (512)\n", None)  # WARN
+        route(2, b"print_info: file type = ", None)  # INFO, then the rest of the line
+        route(5, b"F32\n", None)
+        route(5, b".", None)  # a loading bar's dots
+        route(5, b"\n", None)
+        p = _local(tiny_model)  # not started: only its current job matters here
+        p._current = _Job(_req(), asyncio.get_running_loop(), lambda item: None, th.Event())
+        p._current.cancelled.set()
+        route(4, b"llama_decode: failed to decode, ret = 2\n", None)  # the cancel's own
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == [
+        (logging.WARNING, "llama.cpp: llama_decode: failed to decode, ret = -3"),
+        (logging.DEBUG, "llama.cpp: llama_context: n_ctx_seq (1024) > n_ctx_train (512)"),
+        (logging.DEBUG, "llama.cpp: print_info: file type = F32"),
+        (logging.DEBUG, "llama.cpp: llama_decode: failed to decode, ret = 2"),
+    ]
+
 
 async def test_local_streams_deterministic_chunks(tiny_model: Path) -> None:
     p = _local(tiny_model)
