@@ -60,6 +60,12 @@ RESULT_IDS_KEPT = 100_000
 A restart re-emits only what was computed after the last state checkpoint (about a second), so
 this covers a long stall of the state store too."""
 _ROW_OVERHEAD = 48  # bytes SQLite spends per row beyond its text: header, rowid, the index entry
+# Once a backlog has gone (fewer rows wait than _CAUGHT_UP), free pages beyond _RECLAIM_MIN bytes
+# go back to the filesystem, _RECLAIM_STEP pages a step (every 50 ms) so that no step holds the writer long.
+_CAUGHT_UP = 1000
+_RECLAIM_MIN = 4 << 20
+_RECLAIM_STEP = 1024
+_WAL_LIMIT = 4 << 20  # the WAL file is cut back to this after a checkpoint (a big batch grows it)
 
 
 def _result_hash(connection: str, topic: str, rid: str) -> int:
@@ -117,6 +123,11 @@ class OutboxStore(Protocol):
 
     def delete(self, ids: list[int]) -> None: ...
 
+    def reclaim(self) -> bool:
+        """Once a backlog has gone, give one step's worth of the file's free space back to the
+        filesystem. Whether another step may be worth it (False until the next backlog)."""
+        ...
+
     def load(self, connection: str, after: int, upto: int | None, limit: int) -> list[Row]: ...
 
     def last_ids_by_key(self, connection: str, upto: int) -> dict[str, int]: ...
@@ -142,11 +153,16 @@ class SqliteOutboxStore:
         self._reserved = 0
         self._count = 0
         self._bytes = 0
+        self._reclaim_armed = True  # free pages may be worth giving back (cleared when there are none)
 
     def open(self) -> StoreInfo:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Before anything else: a new file is created able to give pages back (an older file is
+        # converted by its first reclaim).
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         # Rows go in at the tail and leave from the head: a small page cache holds both ends (the
         # default 2 MiB only keeps pages of rows already deleted).
@@ -275,6 +291,8 @@ class SqliteOutboxStore:
             db.execute("ROLLBACK")
             self._count, self._bytes = self.stats()
             raise
+        if self._count > _CAUGHT_UP:
+            self._reclaim_armed = True
         return first, dropped, freed, hi
 
     def known_results(self, keys: list[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
@@ -329,6 +347,28 @@ class SqliteOutboxStore:
             db.execute("ROLLBACK")
             self._count, self._bytes = self.stats()
             raise
+
+    def reclaim(self) -> bool:
+        db = self._db
+        assert db is not None
+        if not self._reclaim_armed or self._count > _CAUGHT_UP:
+            return self._reclaim_armed
+        try:
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            if db.execute("PRAGMA freelist_count").fetchone()[0] * page < _RECLAIM_MIN:
+                self._reclaim_armed = False  # until the next backlog
+                return False
+            if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
+                # a file created before the outbox gave space back: VACUUM copies what is left
+                # (a few rows and the result ids) into a file that can (auto_vacuum was set at open)
+                log.info("outbox %s: giving the space of a drained backlog back (once: VACUUM)", self.path)
+                db.execute("VACUUM")
+            else:
+                db.executescript(f"PRAGMA incremental_vacuum({_RECLAIM_STEP})")  # execute() frees one page
+        except sqlite3.Error as exc:  # the space stays in the file (and is reused); nothing else is at stake
+            log.warning("outbox %s: cannot give free space back to the filesystem: %s", self.path, exc)
+            self._reclaim_armed = False
+        return self._reclaim_armed
 
     def load(self, connection: str, after: int, upto: int | None, limit: int) -> list[Row]:
         db = self._db
@@ -522,6 +562,7 @@ class Outbox:
         self._opened = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._reclaim = True  # the file may have space to give back (see OutboxStore.reclaim)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -737,6 +778,8 @@ class Outbox:
             self._deleted(delete)
             self.last_id = first + len(rows) - 1
             self.count += len(rows)
+            if self.count > _CAUGHT_UP:
+                self._reclaim = True
             self.bytes += sum(r[5] for r in rows)
             if dropped:
                 self.dropped += dropped
@@ -823,6 +866,8 @@ class Outbox:
         while True:
             await asyncio.sleep(0.05)
             await self._flush_deletes()
+            if self._reclaim and self.count <= _CAUGHT_UP:
+                self._reclaim = await self._run(self.store.reclaim)
 
     def _event(self, conn: str) -> asyncio.Event:
         ev = self._new.get(conn)

@@ -266,7 +266,13 @@ async def sweep_one(n: int, batch: int, work: Path, max_bytes: int) -> dict[str,
         r["delivered_s"] = time.perf_counter() - t0
         r.update(sub.check(queued, first_seq))
         r["complete"] = delivered
-        await asyncio.sleep(0.2)  # the deleter commits every 50 ms
+        # the deletes are committed every 50 ms; free space may then go back a step at a time
+        t1, last, still = time.perf_counter(), disk(path), 0.0
+        while still < 1.0 and time.perf_counter() - t1 < 60:
+            await asyncio.sleep(0.1)
+            now = disk(path)
+            still, last = (still + 0.1 if now == last else 0.0), now
+        r["settle_s"] = time.perf_counter() - t1 - still
         db, wal = disk(path)
         r["after_db"], r["after_wal"] = db, wal
         r["after_free"] = freelist(path)
@@ -322,7 +328,7 @@ def table(rows: list[dict[str, Any]], base: float) -> None:
     print(
         f"{'backlog':>9} {'accept':>9} {'B/msg':>6} {'disk MiB':>9} {'1st s':>6} {'drain s':>8} {'msg/s':>8}"
         f" {'ratio':>6} {'µs/msg':>7} {'RSS MiB':>8} {'+RSS':>6} {'WALpk':>6} {'lost':>5} {'dup':>4}"
-        f" {'after MiB':>10} {'free MiB':>9} {'closed':>7}"
+        f" {'after MiB':>10} {'in s':>5} {'free MiB':>9} {'closed':>7}"
     )
     for r in rows:
         print(
@@ -330,7 +336,7 @@ def table(rows: list[dict[str, Any]], base: float) -> None:
             f" {mib(r['db_bytes'] + r['wal_bytes']):>9} {r['first_s']:>6.2f} {r['drain_s']:>8.2f}"
             f" {r['drain_msg_s']:>8.0f} {r['drain_msg_s'] / base:>6.2f} {r['drain_cpu_us']:>7.1f}"
             f" {mib(r['rss_peak']):>8} {mib(r['rss_peak'] - r['rss_before']):>6} {mib(r['drain_peak_wal']):>6}"
-            f" {r['lost']:>5} {r['dup_seq']:>4} {mib(r['after_db'] + r['after_wal']):>10}"
+            f" {r['lost']:>5} {r['dup_seq']:>4} {mib(r['after_db'] + r['after_wal']):>10} {r['settle_s']:>5.1f}"
             f" {mib(r['after_free']):>9} {mib(r['closed_db'] + r['closed_wal']):>7}"
         )
     print(f"{'bare':>9} {'':>9} {'':>6} {'':>9} {'':>6} {'':>8} {base:>8.0f} {1:>6.2f}   (gmqtt QoS 1 from memory)")
@@ -339,8 +345,9 @@ def table(rows: list[dict[str, Any]], base: float) -> None:
         "accept: put while the broker is down (batches, one commit each); B/msg: outbox.db + WAL per queued\n"
         "message; 1st s: reconnect to first PUBACK; drain: reconnect to the outbox empty; ratio: drain msg/s\n"
         "/ bare; µs/msg: process CPU over the drain; +RSS: peak over the drain minus before it; WALpk: peak\n"
-        "WAL during the drain; lost/dup: seqs the subscriber missed / got twice; after: db + WAL once the\n"
-        "deletes are committed; free: of which on SQLite's free list; closed: db + WAL after close."
+        "WAL during the drain; lost/dup: seqs the subscriber missed / got twice; after: db + WAL once they\n"
+        "stop changing after the drain, in s seconds; free: of which on SQLite's free list; closed: db + WAL\n"
+        "after close."
     )
 
 
@@ -404,6 +411,7 @@ async def main() -> int:
                         "lost": r["lost"],
                         "dup_seq": r["dup_seq"],
                         "after_bytes": r["after_db"] + r["after_wal"],
+                        "settle_s": round(r["settle_s"], 1),
                         "after_free_bytes": r["after_free"],
                         "closed_bytes": r["closed_db"] + r["closed_wal"],
                     }

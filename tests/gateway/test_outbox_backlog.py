@@ -8,6 +8,7 @@ these tests use small read batches so that a few dozen rows span many of them.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,94 @@ def test_any_link_behaviour_delivers_everything_in_order_across_read_batches(ops
     assert sorted(s for seqs in order.values() for s in seqs) == list(range(1, ob.last_id + 1))
     for key, seqs in order.items():
         assert seqs == sorted(seqs), key
+
+
+# --- disk: what a drained backlog leaves behind --------------------------------------------------
+
+
+def _pages(path: Path) -> tuple[int, int]:
+    """(pages in the database, pages of them on the free list), as another reader sees them."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute("PRAGMA page_count").fetchone()[0], db.execute("PRAGMA freelist_count").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _padded(n: int, key: str = "k") -> list[tuple[str, str, dict[str, Any], str]]:
+    return [("plant", "t/out", {"key": key, "pad": "x" * 2000}, key) for _ in range(n)]
+
+
+async def _queue_and_drain(tmp_path: Path, link: FakeLink, rows: int) -> int:
+    """Queue ``rows`` padded messages while the link is down, let them drain, and wait until the
+    file holds less than a quarter of the pages it had (a timeout if it never does). Returns the
+    pages it had with the backlog queued."""
+    ob, task = await started(tmp_path, link)
+    path = tmp_path / "outbox.db"
+    try:
+        for _ in range(rows // 100):
+            await ob.put(_padded(100))
+        queued = _pages(path)[0]
+        link.up()
+        await wait_for(lambda: ob.count == 0)
+        await wait_for(lambda: _pages(path)[0] < queued / 4)
+    finally:
+        await ob.close()
+        task.cancel()
+    return queued
+
+
+async def test_a_drained_backlog_gives_its_disk_space_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway.outbox, "_RECLAIM_MIN", 64 << 10)
+    queued = await _queue_and_drain(tmp_path, FakeLink(window=50), 1200)
+    assert queued > 600  # 1,200 rows of 2 kB
+    # closed: the WAL is gone and the file itself is small again
+    assert (tmp_path / "outbox.db").stat().st_size < queued * 4096 / 4
+
+
+async def test_a_file_from_before_is_converted_once_and_seq_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # outbox.db as an earlier version created it: no auto_vacuum, so free pages cannot be given
+    # back until a VACUUM, which must keep the seq counter (sqlite_sequence) and the result ids
+    monkeypatch.setattr(gateway.outbox, "_RECLAIM_MIN", 64 << 10)
+    path = tmp_path / "outbox.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, connection TEXT NOT NULL,"
+        " topic TEXT NOT NULL, okey TEXT NOT NULL, body BLOB NOT NULL, retain INTEGER NOT NULL,"
+        " size INTEGER NOT NULL, created REAL NOT NULL)"
+    )
+    db.close()
+    link = FakeLink(window=50)
+    await _queue_and_drain(tmp_path, link, 1200)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental from now on
+    db.close()
+
+    link2 = FakeLink()
+    ob, task = await started(tmp_path, link2)
+    try:
+        assert await ob.put(_padded(1)) == 1201
+        link2.up()
+        await wait_for(lambda: len(link2.sent) == 1)
+    finally:
+        await ob.close()
+        task.cancel()
+    assert link2.sent[0]["seq"] == 1201
+
+
+async def test_the_wal_is_cut_back_after_a_big_commit(tmp_path: Path) -> None:
+    link = FakeLink()
+    ob, task = await started(tmp_path, link)
+    wal = tmp_path / "outbox.db-wal"
+    try:
+        await ob.put(_padded(3000))  # one commit of about 6 MB: the WAL grows past it
+        assert wal.stat().st_size > 6 << 20
+        for _ in range(3):  # later commits start the WAL over once it was checkpointed
+            await ob.put(_padded(1))
+        await wait_for(lambda: wal.stat().st_size <= gateway.outbox._WAL_LIMIT)
+    finally:
+        await ob.close()
+        task.cancel()
