@@ -23,6 +23,8 @@ function loadDrawflow() {
 
 const PHONE = window.matchMedia("(max-width: 600px)");
 const GAP_X = 260, GAP_Y = 110, HISTORY = 200, UNDO_MAX = 200;
+// Fit never zooms out further than where a node's title is READABLE_PX tall on screen.
+const READABLE_PX = 9, NODE_W = 190, NODE_H = 80, FIT_MARGIN = 30;
 
 // --- JSON Schema helpers -------------------------------------------------------------------
 
@@ -132,7 +134,8 @@ export function start(el, ctx) {
       btn("ed-clear", "Clear", () => { if (st.consoleTab) st.console.set(st.consoleTab, []); drawConsole(); })),
     consoleBody);
   const dialog = h("div", { id: "ed-dialog", class: "ed-dialog", hidden: true, role: "dialog", "aria-modal": "true" });
-  const root = h("div", { class: "ed" }, toolbar, palette, h("div", { class: "ed-canvas" }, canvasEl), side, consolePanel, dialog);
+  const hint = h("p", { id: "ed-hint", class: "ed-hint", role: "status", hidden: true });
+  const root = h("div", { class: "ed" }, toolbar, palette, h("div", { class: "ed-canvas" }, canvasEl, hint), side, consolePanel, dialog);
   el.append(root);
 
   const say = (text, cls = "muted") => { status.textContent = text; status.className = cls; };
@@ -289,20 +292,65 @@ export function start(el, ctx) {
     }
   }
 
+  // The canvas scales around its centre: a point p of the pipeline lands on screen at
+  // size/2 + (p - size/2) * zoom + translation, on each axis.
+  function setView(z, x, y) {
+    const df = st.df;
+    df.zoom = z;
+    df.zoom_last_value = z; // Drawflow's own zoom (Ctrl+wheel, pinch) goes on from here
+    df.canvas_x = x;
+    df.canvas_y = y;
+    df.precanvas.style.transform = `translate(${x}px, ${y}px) scale(${z})`;
+    showHint();
+  }
+
+  // The zoom below which a node's title is smaller than READABLE_PX on screen.
+  function readableZoom() {
+    const title = canvasEl.querySelector(".df-id");
+    const px = title ? parseFloat(getComputedStyle(title).fontSize) : 12.8;
+    return Math.min(1, READABLE_PX / px);
+  }
+
+  function bounds(p) {
+    const xs = p.nodes.map((n) => posOf(n.id) || [0, 0]);
+    return {
+      minX: Math.min(...xs.map((q) => q[0])), maxX: Math.max(...xs.map((q) => q[0])) + NODE_W,
+      minY: Math.min(...xs.map((q) => q[1])), maxY: Math.max(...xs.map((q) => q[1])) + NODE_H,
+    };
+  }
+
+  // Fit: the whole pipeline when it fits at a zoom where the nodes' titles stay readable. A larger
+  // one is shown at that zoom from where its data starts (the sources, top left), and the rest is
+  // a drag, a wheel or a find (/) away: text too small to read shows nothing.
   function fit() {
     const df = st.df;
     const p = pipe();
-    if (!df || !p || !p.nodes.length) return;
-    const xs = p.nodes.map((n) => posOf(n.id) || [0, 0]);
-    const minX = Math.min(...xs.map((q) => q[0])), maxX = Math.max(...xs.map((q) => q[0])) + 190;
-    const minY = Math.min(...xs.map((q) => q[1])), maxY = Math.max(...xs.map((q) => q[1])) + 80;
+    if (!df || !p || !p.nodes.length) { showHint(); return; }
+    const { minX, maxX, minY, maxY } = bounds(p);
     const W = canvasEl.clientWidth || 800, H = canvasEl.clientHeight || 500;
-    const z = Math.max(0.3, Math.min(1, W / (maxX - minX + 60), H / (maxY - minY + 60)));
-    // The canvas scales around its centre: put the centre of the nodes there.
-    df.zoom = z;
-    df.canvas_x = -((minX + maxX) / 2 - W / 2) * z;
-    df.canvas_y = -((minY + maxY) / 2 - H / 2) * z;
-    df.precanvas.style.transform = `translate(${df.canvas_x}px, ${df.canvas_y}px) scale(${z})`;
+    const M = FIT_MARGIN;
+    const z = Math.max(readableZoom(), Math.min(1, W / (maxX - minX + 2 * M), H / (maxY - minY + 2 * M)));
+    const place = (min, max, size) => (max - min + 2 * M) * z <= size + 0.5
+      ? -((min + max) / 2 - size / 2) * z // it fits: centred
+      : M * z - size / 2 - (min - size / 2) * z; // it does not: its start at the edge
+    setView(z, place(minX, maxX, W), place(minY, maxY, H));
+  }
+
+  // "7 of 17 nodes in view" while some are outside the canvas, with how to get to them.
+  function showHint(tx, ty) {
+    const df = st.df;
+    const p = pipe();
+    const W = canvasEl.clientWidth, H = canvasEl.clientHeight;
+    let inView = 0;
+    for (const n of (df && p ? p.nodes : [])) {
+      const [x, y] = posOf(n.id) || [0, 0];
+      const at = (q, size, t) => size / 2 + (q - size / 2) * df.zoom + t;
+      const cx = tx ?? df.canvas_x, cy = ty ?? df.canvas_y; // while dragging, Drawflow says where it is
+      if (at(x, W, cx) >= -1 && at(x + NODE_W, W, cx) <= W + 1 && at(y, H, cy) >= -1 && at(y + NODE_H, H, cy) <= H + 1) inView++;
+    }
+    const total = df && p ? p.nodes.length : 0;
+    hint.hidden = inView === total;
+    hint.textContent = `${inView} of ${total} nodes in view: drag or scroll to pan, find one with /`;
   }
 
   function locateNode(q) {
@@ -312,12 +360,8 @@ export function start(el, ctx) {
     const n = p.nodes.find((x) => x.id.toLowerCase() === text) || p.nodes.find((x) => x.id.toLowerCase().includes(text));
     if (!n) return say(`no node matching ${q}`, "bad");
     const [x, y] = posOf(n.id) || [0, 0];
-    const df = st.df;
     const W = canvasEl.clientWidth || 800, H = canvasEl.clientHeight || 500;
-    df.zoom = 1;
-    df.canvas_x = W / 2 - x - 95;
-    df.canvas_y = H / 2 - y - 30;
-    df.precanvas.style.transform = `translate(${df.canvas_x}px, ${df.canvas_y}px) scale(1)`;
+    setView(1, W / 2 - x - 95, H / 2 - y - 30);
     select(n.id);
     say(`found ${n.id}`);
   }
@@ -399,6 +443,8 @@ export function start(el, ctx) {
   }
 
   function wire(df) {
+    df.on("translate", (t) => showHint(t.x, t.y));
+    df.on("zoom", () => requestAnimationFrame(() => showHint()));
     df.on("nodeSelected", (dfId) => { if (!st.building) select(st.dfToId.get(Number(dfId)), st.modHeld); });
     df.on("nodeMoved", (dfId) => {
       const id = st.dfToId.get(Number(dfId));
@@ -443,6 +489,18 @@ export function start(el, ctx) {
       commit();
     });
   }
+
+  // The wheel pans (Shift+wheel sideways), as in Node-RED's and Dify's canvases; Ctrl+wheel (and a
+  // touchpad's pinch) zooms, which Drawflow does itself.
+  canvasEl.addEventListener("wheel", (e) => {
+    const df = st.df;
+    if (e.ctrlKey || !df) return;
+    e.preventDefault();
+    const unit = e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? canvasEl.clientHeight : 1;
+    const sideways = e.shiftKey && !e.deltaX;
+    const dx = (sideways ? e.deltaY : e.deltaX) * unit, dy = (sideways ? 0 : e.deltaY) * unit;
+    setView(df.zoom, df.canvas_x - dx, df.canvas_y - dy);
+  }, { passive: false });
 
   // Shift/Ctrl held at mousedown: a click adds to the selection; a Shift-drag on the background
   // draws a rubber band (instead of Drawflow's pan) and selects the nodes it touches.
@@ -751,6 +809,25 @@ export function start(el, ctx) {
     }
   }
 
+  // The wires a node's graph error is about, as [from, to] pairs: a wire from a sink (it has no
+  // output), and every wire of a cycle through the node.
+  function badWires(id) {
+    const p = pipe();
+    const byId = new Map((p ? p.nodes : []).map((n) => [n.id, n]));
+    const n = byId.get(id);
+    if (!n) return [];
+    // whether `target` feeds `from`, through any path of inputs
+    const fedBy = (from, target, seen = new Set()) => {
+      if (seen.has(from) || !byId.has(from)) return false;
+      seen.add(from);
+      return byId.get(from).input.some((u) => u === target || fedBy(u, target, seen));
+    };
+    const sinks = n.input.filter((u) => byId.has(u) && st.types.get(byId.get(u).type)?.kind === "sink").map((u) => [u, id]);
+    const loop = new Set([...byId.keys()].filter((x) => x === id || (fedBy(id, x) && fedBy(x, id))));
+    const cycle = loop.size > 1 ? [...loop].flatMap((y) => byId.get(y).input.filter((x) => loop.has(x)).map((x) => [x, y])) : [];
+    return [...sinks, ...cycle];
+  }
+
   function showErrors() {
     const mine = st.errors.filter((e) => e.pipeline === st.current || e.pipeline === null);
     for (const box of canvasEl.querySelectorAll(".drawflow-node")) {
@@ -771,9 +848,13 @@ export function start(el, ctx) {
       err.hidden = false;
       err.textContent = `${list[0].field ? list[0].field + ": " : ""}${list[0].message}${list.length > 1 ? ` (+${list.length - 1})` : ""}`;
       if (list.some((e) => e.field === "input")) {
-        // graph errors (unknown input, a cycle, a sink used as input): on the port and the wires into it
+        // graph errors (unknown input, a cycle, a sink used as input): on the port, and on the wires
+        // that make them (all the wires into the node when none can be told)
         for (const port of box.querySelectorAll(".input")) port.classList.add("df-bad-input");
-        for (const path of canvasEl.querySelectorAll(`.connection.node_in_node-${dfId} .main-path`)) path.classList.add("df-bad-wire");
+        const bad = badWires(id).map(([a, b]) => [st.idToDf.get(a), st.idToDf.get(b)]).filter(([a, b]) => a !== undefined && b !== undefined);
+        const wires = bad.length ? bad.map(([a, b]) => `.connection.node_in_node-${b}.node_out_node-${a} .main-path`).join(", ")
+          : `.connection.node_in_node-${dfId} .main-path`;
+        for (const path of canvasEl.querySelectorAll(wires)) path.classList.add("df-bad-wire");
       }
     }
     // on the form of the selected node: each error under its field (or the nearest enclosing one)
@@ -1102,7 +1183,12 @@ export function start(el, ctx) {
     else if (e.key === "/") { e.preventDefault(); locate.focus(); }
     else if (e.key === "f" && !mod) fit();
     else if (e.key === "l" && !mod && st.editable) { autoLayout(true); commit(); rebuild(); fit(); }
-    else if (e.key === "Delete" && document.activeElement !== canvasEl) deleteSelected();
+    else if (e.key === "Delete" && document.activeElement !== canvasEl) {
+      // a clicked wire: clicking it does not move the focus to the canvas, whose own key handler
+      // (Drawflow's) would remove it
+      if (st.df && st.df.connection_selected) st.df.removeConnection();
+      else deleteSelected();
+    }
   }
   document.addEventListener("keydown", onKey);
   // the canvas changes size with the window and the layout (phone, tablet): fit the pipeline again
@@ -1151,6 +1237,15 @@ export function start(el, ctx) {
     if (st.stopped) return;
     const df = new window.Drawflow(canvasEl);
     df.reroute = false;
+    // A wire going back (into a node left of where it starts, as a cycle's does) loops under the
+    // nodes, as in Node-RED, instead of running straight back over them and the wires it crosses,
+    // where it could be neither seen nor clicked.
+    const curve = df.createCurvature.bind(df);
+    df.createCurvature = (sx, sy, ex, ey, c, type) => {
+      if (ex >= sx) return curve(sx, sy, ex, ey, c, type);
+      const out = 40, low = Math.max(sy, ey) + NODE_H;
+      return ` M ${sx} ${sy} C ${sx + out} ${sy} ${sx + out} ${low} ${sx} ${low} L ${ex} ${low} C ${ex - out} ${low} ${ex - out} ${ey} ${ex} ${ey}`;
+    };
     df.start();
     st.df = df;
     wire(df);
