@@ -45,6 +45,7 @@ class _Batch:
 
 _STOP: Any = object()
 _event_time = attrgetter("ts")
+_SINK_WRITE_MAX = 4096  # events a sink is given in one write, at most, when batches queued up
 _TRACEBACK_EVERY = 600.0  # seconds between two tracebacks of the same node's failures
 
 
@@ -156,6 +157,14 @@ class BatchQueue:
                 await self._getter
             finally:
                 self._getter = None
+        return self.get_nowait()
+
+    def peek(self) -> Any:
+        """The item :meth:`get` returns next (the queue must not be empty)."""
+        return self._items[0][0]
+
+    def get_nowait(self) -> Any:
+        """The next item (the queue must not be empty)."""
         item, size = self._items.popleft()
         self.depth -= size
         if self.depth < self.capacity:
@@ -661,6 +670,7 @@ class Pipeline:
                 if self._stopping.is_set() and attempt > 3:
                     break
                 await asyncio.sleep(delay)
+        merge = sink.merge_batches
         while True:
             batch = await q.get()
             if batch is _STOP:
@@ -668,6 +678,19 @@ class Pipeline:
             if type(batch) is _SinkMark:
                 batch.passed()
                 continue
+            # For a sink that asks for it, what queued up behind this batch during the last write
+            # goes in this one (an outbox sink then commits many batches at once under load); the
+            # markers between them are passed after it: each says only that what came before it
+            # has been written.
+            marks: list[_SinkMark] = []
+            if merge and len(q) and q.peek() is not _STOP:
+                batch = list(batch)  # a new list: the one queued may be another sink's too
+                while len(q) and len(batch) < _SINK_WRITE_MAX and q.peek() is not _STOP:
+                    more = q.get_nowait()
+                    if type(more) is _SinkMark:
+                        marks.append(more)
+                    else:
+                        batch.extend(more)
             try:
                 await sink.write(batch)
             except Exception as exc:  # node boundary: dead-letter what could not be written
@@ -675,6 +698,8 @@ class Pipeline:
                     sink.fail(ev, exc)
             else:
                 sink.n_out += len(batch)
+            for mark in marks:
+                mark.passed()
         try:
             await sink.close()
         except Exception:  # closing must not hide the other sinks' shutdown

@@ -31,6 +31,7 @@ class OutboxSink(Sink):
 
     link_prefix: ClassVar[str] = "link"
     destination_field: ClassVar[str | None] = None
+    merge_batches = True  # one commit for all that queued up: a put succeeds or fails as a whole
 
     def __init__(self, options: NodeOptions, ctx: NodeContext):
         super().__init__(options, ctx)

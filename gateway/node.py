@@ -348,6 +348,10 @@ class Sink(_Node):
     """Consumes batches in its own task behind a bounded queue."""
 
     kind = "sink"
+    merge_batches: ClassVar[bool] = False
+    """True: the batches that queued up while a write ran are given to the next write together.
+    For a sink whose write succeeds or fails as a whole anyway (an outbox commit): fewer, larger
+    writes under load. A failed write dead-letters all it was given."""
 
     async def start(self) -> None:
         """Acquire what the sink needs; called before any batch."""

@@ -497,6 +497,70 @@ async def test_input_reaching_no_sink_is_acknowledged_at_once(tmp_path: Path) ->
     await run_until(p, lambda: src.acked == [0, 1])
 
 
+class SteppedAckSource(AckSource):
+    """An AckSource that hands over its first batch, then the others once `more` is set."""
+
+    def __init__(self, options: AckOptions, ctx: NodeContext):
+        super().__init__(options, ctx)
+        self.more = asyncio.Event()
+
+    async def run(self, output: SourceQueue) -> None:
+        for i, values in enumerate(self.options.batches):
+            if i == 1:
+                await self.more.wait()
+            await output.put([Event("k", 0.0, v, self.id) for v in values], lambda i=i: self.acked.append(i))
+
+
+class MergingGate(Gate):
+    """A gated sink that asks for the batches queued during a write in the next one."""
+
+    merge_batches = True
+
+    def __init__(self, options: GateOptions, ctx: NodeContext):
+        super().__init__(options, ctx)
+        self.writes: list[list[float]] = []
+
+    async def write(self, batch: list[Event]) -> None:
+        self.writes.append([e.value for e in batch])
+        await super().write(batch)
+
+
+async def test_a_merging_sink_gets_what_queued_during_a_write_in_one_write(tmp_path: Path) -> None:
+    register(SteppedAckSource)
+    register(MergingGate)
+    try:
+        p, _ = build(
+            tmp_path,
+            """\
+      - {id: src, type: t_ack, batches: [[1, 2], [3], [4, 5], [6]]}
+      - {id: slow, type: t_gate, input: src}
+      - {id: plain, type: t_collect, input: src}
+""",
+        )
+    finally:
+        node_mod._REGISTRY.pop("t_ack", None)
+        node_mod._REGISTRY.pop("t_gate", None)
+    src, slow, plain = node(p, "src"), node(p, "slow"), node(p, "plain")
+    task = asyncio.create_task(p.run())
+    try:
+        await wait_for(lambda: slow.writes)
+        src.more.set()
+        await wait_for(lambda: len(plain.events) == 6)
+        await wait_for(lambda: p.sink_queues[p.index["slow"]].depth == 4)  # the three other batches
+        assert slow.writes == [[1, 2]] and src.acked == []
+        slow.gate.set()
+        await wait_for(lambda: src.acked == [0, 1, 2, 3])
+        # the first write, then one for the three batches that queued behind it
+        assert slow.writes == [[1, 2], [3, 4, 5, 6]]
+        assert plain.batches == 4  # a sink that does not ask keeps one write per batch
+    finally:
+        slow.gate.set()
+        p.stop()
+        await asyncio.wait_for(task, 10)
+    assert [e.value for e in slow.events] == [1, 2, 3, 4, 5, 6]
+    assert node(p, "slow").counters()["in"] == 6 and node(p, "slow").counters()["out"] == 6
+
+
 async def test_a_producer_that_only_waits_for_room_hands_the_wake_up_on() -> None:
     q = BatchQueue(2)
     q.put_nowait("a", 2)
