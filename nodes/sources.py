@@ -12,7 +12,6 @@ import json
 import math
 import random
 import re
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
@@ -427,7 +426,7 @@ class SimulateSource(Source):
     async def run(self, output: SourceOutput) -> None:
         o = self.options
         start_wall = self.ctx.clock()
-        start_mono = time.monotonic()
+        start_mono = self.ctx.monotonic()
         while o.count is None or self._round < o.count:
             t = self._round * o.interval
             ts = start_wall + t if not o.realtime else self.ctx.clock()
@@ -436,8 +435,6 @@ class SimulateSource(Source):
             self._round += 1
             await output.put(batch)
             if o.realtime:
-                delay = start_mono + self._round * o.interval - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await self.ctx.sleep_until(start_mono + self._round * o.interval)
             elif self._round % 64 == 0:
                 await asyncio.sleep(0)

@@ -15,6 +15,7 @@ from gateway.errors import ExpressionError
 from gateway.events import Event
 from gateway.node import NodeContext, get_node_type
 from nodes.sources import parse_ts
+from tests._util import wait_for
 
 
 def make(node_yaml: str, tmp_path: Path | None = None, connections: str = "") -> Any:
@@ -156,6 +157,25 @@ async def test_simulate_is_reproducible_with_a_seed() -> None:
     assert sorted(a)[100] == pytest.approx(20.0, abs=2.0)
     ts = [b[0].ts for b in first]
     assert ts == [1000.0 + i for i in range(200)]  # event time advances by the interval
+
+
+async def test_simulate_in_real_time_is_paced_by_the_nodes_monotonic_clock() -> None:
+    node = make("{id: s, type: simulate, interval: 1h, count: 3, sensors: [{key: a}]}")
+    now = [50.0]
+    node.ctx.monotonic = lambda: now[0]
+    out = _Collect()
+    task = asyncio.create_task(node.run(out))
+    try:
+        await wait_for(lambda: len(out.batches) == 1)
+        now[0] += 3600.0  # an hour on the node's clock, a moment on the wall
+        await wait_for(lambda: len(out.batches) == 2)
+        now[0] += 3600.0
+        await wait_for(lambda: len(out.batches) == 3)
+        now[0] += 3600.0  # the last round's interval is over: done
+        await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert len(out.batches) == 3
 
 
 async def test_simulate_drift_and_step_anomaly() -> None:
