@@ -7,7 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SLUICE=.venv/bin/sluice
 RUN_DIR=${SLUICE_DEMO_RUN:-.cache/demo}
 mkdir -p "$RUN_DIR"
-export SLUICE_DEMO_SERIAL=${SLUICE_DEMO_SERIAL:-$PWD/$RUN_DIR/mcu.pty}
+case "$RUN_DIR" in /*) ;; *) RUN_DIR=$PWD/$RUN_DIR ;; esac
+export SLUICE_DEMO_SERIAL=${SLUICE_DEMO_SERIAL:-$RUN_DIR/mcu.pty}
 export SLUICE_DEMO_MODBUS_PORT=${SLUICE_DEMO_MODBUS_PORT:-5020}
 
 pids=()
