@@ -207,6 +207,14 @@ class HomeAssistant(Sink):
         connection of its own (the node's link is closed). If the broker cannot be reached, the
         record stays and the next start of the gateway removes the device."""
         services = self.ctx.services
+        if not services.publisher(self.options.connection).connected:  # the broker is away: no wait for it
+            log.warning(
+                "homeassistant %s/%s: broker not connected; device %s is removed at the next start",
+                self.ctx.pipeline,
+                self.id,
+                self.device_id,
+            )
+            return
         prefix = services.connection(self.options.connection).client_id or self.ctx.gateway_id
         link = services.subscriber(
             self.options.connection, f"{prefix}-{self.ctx.pipeline}-{self.id}-ha-removal", on_message=_ignore

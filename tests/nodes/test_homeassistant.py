@@ -138,3 +138,29 @@ async def test_a_node_a_live_reload_takes_out_loses_its_device_at_once(
     with mqtt_client(mosquitto, subscribe="homeassistant/#") as late:
         await wait_for(lambda: configs(late, room_topic), timeout=10)
         assert not configs(late, boiler_topic)
+
+
+async def test_a_removal_the_broker_cannot_take_now_is_done_at_the_next_start(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """With the broker away, a reload does not wait for it: the node's record stays, and at the
+    next start another homeassistant node removes the device, as for a node gone while stopped."""
+    from gateway.config import parse_config
+
+    data = tmp_path / "data"
+    topic = "homeassistant/device/sluice_gw-ha_boiler_ha/config"
+    record = data / "homeassistant" / "boiler.ha.json"
+    without = config(data, mosquitto.port, BOILER.split("      - {id: ha,")[0] + ROOM)
+    with mqtt_client(mosquitto, subscribe=["homeassistant/#"]) as sub:
+        async with running_gateway(config(data, mosquitto.port, BOILER + ROOM)) as gw:
+            await asyncio.to_thread(post, gw, "in", {"key": "boiler", "value": 50.0})
+            await wait_for(lambda: configs(sub, topic), timeout=20)
+            mosquitto.stop()
+            await wait_for(lambda: not gw.links.publisher("plant").connected, timeout=20)
+            await gw.reload(parse_config(without, "test.yaml", {}))
+            assert record.exists() and gw.state == "running"  # kept for the next start
+            mosquitto.start()
+    with mqtt_client(mosquitto, subscribe=["homeassistant/#"]) as sub:
+        async with running_gateway(without):
+            await wait_for(lambda: configs(sub, topic)[-1:] == [{}], timeout=30)
+            await wait_for(lambda: not record.exists(), timeout=10)
