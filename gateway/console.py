@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._heap import trim_heap
 from .config import ConsoleConfig
 
 if TYPE_CHECKING:
@@ -207,4 +208,5 @@ class Console:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self._runner = runner
+        trim_heap()
         log.info("console: web console loaded in %.2f s", time.monotonic() - started)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._heap import trim_heap
 from ._state_tools import data_dir_lock
 from .alerts import AlertService
 from .clock import CHECK_INTERVAL, FLOOR_INTERVAL, IngestClock
@@ -347,6 +348,9 @@ class Gateway:
                         hook()
                     except Exception:  # one hook must not keep the others from running
                         log.exception("a reload hook failed")
+                # The stopped pipelines are cycles now: collect them and give their pages back.
+                gc.collect()
+                trim_heap()
 
     def _gone_nodes(self, loaded: LoadedConfig, after: set[str], stopping: list[str]) -> list[_Node]:
         """Running nodes of the pipelines about to stop that the new config no longer runs: their
@@ -495,6 +499,7 @@ class Gateway:
                 self.state = "running"
                 aux.append(tg.create_task(self.service.run(), name="systemd"))
                 log.debug("heap settled: %d objects left to reference counting", settle_heap())
+                trim_heap()  # what building it all freed goes back to the system
                 settled = True
                 log.info(
                     "gateway %s running: %d pipelines%s",
