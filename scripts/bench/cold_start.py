@@ -7,7 +7,9 @@ before the gateway starts; `sluice run` (no LLM) starts with mqtt -> filter -> m
 imports, config, state and outbox files, the MQTT connection and subscription, one reading
 through the chain and the outbox, one publish. Reported: best and median of R starts (each with
 a fresh data directory, so no restored state), and the import share (`python -X importtime`,
-the modules a running gateway loads). Ends with one JSON line.
+the modules a running gateway loads). Also the gateway's resident memory (VmRSS) a second after
+its first alert, while nobody has opened the console (whose web stack loads at its first
+request), and again after one request to the console. Ends with one JSON line.
 
     .venv/bin/python scripts/bench/cold_start.py [--quick] [--runs R]
 """
@@ -25,17 +27,27 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Mosquitto, find_mosquitto, stop_process
+from _common import Mosquitto, find_mosquitto, free_port, stop_process
 from mqtt_ingest import ALERT_TOPIC, SLUICE_BIN, sluice_config  # the same config and binary as the ingest benchmark
 
 GOAL_S = 1.5
 
 
-def one_start(tmp: Path, port: int, run: int) -> float | None:
+def rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def one_start(tmp: Path, port: int, run: int) -> tuple[float | None, float | None, float | None]:
+    """Seconds to the first alert; RSS (MiB) a second later, and after one console request."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -55,7 +67,8 @@ def one_start(tmp: Path, port: int, run: int) -> float | None:
             time.sleep(0.005)
 
     cfg = tmp / f"cold-{run}.yaml"
-    cfg.write_text(sluice_config("simple", port, tmp / f"data-{run}"))
+    console_port = free_port()
+    cfg.write_text(sluice_config("simple", port, tmp / f"data-{run}", console_port=console_port))
     pub = threading.Thread(target=publish, daemon=True)
     pub.start()
     time.sleep(0.2)  # readings are already flowing when the gateway starts
@@ -64,20 +77,31 @@ def one_start(tmp: Path, port: int, run: int) -> float | None:
     proc = subprocess.Popen([str(SLUICE_BIN), "run", str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     got = first.wait(30)
     elapsed = time.monotonic() - t0
+    rss_idle = rss_console = None
+    if got:
+        time.sleep(1.0)
+        rss_idle = rss_mib(proc.pid)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{console_port}/healthz", timeout=10) as resp:
+                resp.read()
+            time.sleep(0.5)
+            rss_console = rss_mib(proc.pid)
+        except OSError as exc:
+            print(f"the console did not answer: {exc}", file=sys.stderr)
     stop.set()
     pub.join()
     stop_process(proc)
     log.close()
     client.loop_stop()
     client.disconnect()
-    return elapsed if got else None
+    return (elapsed if got else None), rss_idle, rss_console
 
 
 def import_share() -> tuple[float, list[tuple[float, str]]]:
     """Seconds `python -X importtime` spends importing what `sluice run` imports at start, and
     the largest top-level packages."""
     code = (
-        "import gateway.cli, gateway.runtime, gateway.console, gateway.web, "
+        "import gateway.cli, gateway.runtime, gateway.console, "
         "nodes.sources, nodes.operators, nodes.detectors, nodes.sinks, nodes.windows"
     )
     py = SLUICE_BIN.parent / "python"
@@ -107,16 +131,20 @@ def main() -> int:
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-cold-"))
     times: list[float] = []
+    idle: list[float] = []
+    console: list[float] = []
     failed = 0
     try:
         broker = Mosquitto(tmp / "broker").start()
         try:
             for r in range(runs):
-                t = one_start(tmp, broker.port, r)
+                t, rss_idle, rss_console = one_start(tmp, broker.port, r)
                 if t is None:
                     failed += 1
                 else:
                     times.append(t)
+                idle += [rss_idle] if rss_idle else []
+                console += [rss_console] if rss_console else []
         finally:
             broker.stop()
     finally:
@@ -132,6 +160,10 @@ def main() -> int:
         best = median = None
         print("no start produced an alert within 30 s")
     print(f"imports alone: {imports:.2f} s; largest: " + ", ".join(f"{n} {t:.2f} s" for t, n in tops))
+    rss_idle = statistics.median(idle) if idle else None
+    rss_console = statistics.median(console) if console else None
+    if rss_idle and rss_console:
+        print(f"RSS (median): {rss_idle:.1f} MiB running, console unused; {rss_console:.1f} MiB once it answered")
     print(
         json.dumps(
             {
@@ -142,6 +174,8 @@ def main() -> int:
                 "runs": runs,
                 "failed": failed,
                 "imports_s": round(imports, 3),
+                "rss_console_unused_mib": round(rss_idle, 1) if rss_idle else None,
+                "rss_console_loaded_mib": round(rss_console, 1) if rss_console else None,
                 "goal_s": GOAL_S,
             }
         )
