@@ -17,7 +17,7 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["RECORD_ERRORS", "execute_each", "storable"]
+__all__ = ["RECORD_ERRORS", "execute_each", "in_list", "storable"]
 
 RECORD_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,  # UnicodeEncodeError: a lone surrogate; a circular structure
@@ -61,3 +61,19 @@ def execute_each(
         except RECORD_ERRORS as exc:
             bad.append((row, exc))
     return bad
+
+
+# The lengths an ``IN (?, …)`` list is padded to (500: under SQLite's bound-parameter limit).
+IN_LIST_SIZES = (1, 4, 16, 64, 250, 500)
+
+
+def in_list(values: list[Any]) -> tuple[str, list[Any]]:
+    """``?,?,…`` for up to 500 ``values`` and the parameters, padded with the last value to one of
+    :data:`IN_LIST_SIZES` (a value twice in an ``IN`` list matches its row once).
+
+    Each length is its own statement, which the connection compiles and keeps in its statement
+    cache (128 statements): a statement per count filled that cache with one-off statements of
+    up to 50 KiB each, several MiB per connection that deletes acknowledged outbox rows.
+    """
+    n = next(size for size in IN_LIST_SIZES if size >= len(values))
+    return ",".join("?" * n), values + values[-1:] * (n - len(values))

@@ -40,7 +40,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._log import RateLimitedLog
-from ._records import RECORD_ERRORS, storable
+from ._records import RECORD_ERRORS, in_list, storable
 from .errors import SluiceError
 
 __all__ = ["AlertBook", "AlertCommand", "AlertError", "AlertService", "SuppressCommand", "SuppressWindow"]
@@ -350,11 +350,10 @@ class AlertBook:
             a["actions"] = []
         ids = list(by_id)
         for i in range(0, len(ids), 500):  # below SQLite's bound-parameter limit
-            part = ids[i : i + 500]
+            marks, params = in_list(ids[i : i + 500])
             rows = self._db.execute(
-                "SELECT alert_id, at, action, by, note FROM alert_actions"
-                f" WHERE alert_id IN ({','.join('?' * len(part))}) ORDER BY id",
-                part,
+                f"SELECT alert_id, at, action, by, note FROM alert_actions WHERE alert_id IN ({marks}) ORDER BY id",
+                params,
             )
             for alert_id, at, action, by, note in rows:
                 by_id[alert_id]["actions"].append({"at": at, "action": action, "by": by, "note": note})

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from ._log import RateLimitedLog
-from ._records import storable
+from ._records import in_list, storable
 from .envelope import Envelope, encode_fields
 from .errors import LinkError, SluiceError
 from .schema import OutboxConfig
@@ -303,8 +303,9 @@ class SqliteOutboxStore:
         found: set[tuple[str, str, str]] = set()
         for at in range(0, len(hashes), 500):  # one statement per 500 keys, not one per key
             chunk = hashes[at : at + 500]
-            q = f"SELECT connection, topic, rid FROM results WHERE h IN ({','.join('?' * len(chunk))})"
-            found.update(k for k in db.execute(q, chunk) if k in wanted)  # a hash can be shared
+            marks, params = in_list(chunk)
+            q = f"SELECT connection, topic, rid FROM results WHERE h IN ({marks})"
+            found.update(k for k in db.execute(q, params) if k in wanted)  # a hash can be shared
         return found
 
     def _trim(self, max_bytes: int, max_rows: int | None) -> tuple[int, int, int]:
@@ -331,8 +332,9 @@ class SqliteOutboxStore:
         # one statement per 500 ids, not one per id (under alert load this is one per alert)
         for at in range(0, len(ids), 500):
             chunk = ids[at : at + 500]
-            q = f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING size"
-            for (size,) in self._db.execute(q, chunk).fetchall():
+            marks, params = in_list(chunk)
+            q = f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING size"
+            for (size,) in self._db.execute(q, params).fetchall():
                 self._count -= 1
                 self._bytes -= size
 
