@@ -1,4 +1,5 @@
-"""What the Kafka and Redis sinks share: a destination the outbox sends to, with its up/down state.
+"""What the Kafka and Redis sinks share: a destination the outbox sends to, with its up/down state,
+and the sink node that forwards to one (:class:`StreamOut`).
 
 The outbox (:mod:`gateway.outbox`) commits every message before the sink returns and hands it to
 a link with ``publish_acked_many``; a message is deleted only once its future resolves. A link
@@ -13,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
-from gateway.api import Envelope, LinkError, backoff
+from gateway.api import TEMPLATE_FIELDS, Envelope, LinkError, NodeOptions, OutboxSink, backoff, check_topic_template
 
-__all__ = ["OutboxLink", "Refused", "split_row_topic"]
+__all__ = ["OutboxLink", "Refused", "SinkLink", "StreamOut", "split_row_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +234,36 @@ class OutboxLink:
 
     def _refused(self, exc: BaseException) -> bool:
         return False
+
+
+class SinkLink(OutboxLink):
+    """A link built from its sink's options (which carry ``reconnect_max``); a reloaded sink's
+    options replace them."""
+
+    def __init__(self, name: str, options: Any, gateway_id: str, pipeline: str):
+        super().__init__(name, gateway_id, reconnect_max=options.reconnect_max)
+        self.options = options
+        self.gateway_id = gateway_id
+        self.pipeline = pipeline
+
+    def _take_settings(self, other: OutboxLink) -> None:
+        super()._take_settings(other)
+        assert isinstance(other, SinkLink)
+        self.options = other.options
+
+
+class StreamOut(OutboxSink):
+    """A sink forwarding through the outbox to a link of its own, built from the sink's options
+    as ``Link(link name, options, gateway id, pipeline)``. Its destination template (the options
+    field ``destination_field``) is checked like an MQTT topic's: only the fields of
+    :data:`~gateway.api.TEMPLATE_FIELDS`, no ``+`` or ``#``."""
+
+    Link: ClassVar[type[SinkLink]]
+
+    @classmethod
+    def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
+        field = cls.destination_field or "topic"
+        return [(field, m) for _, m in check_topic_template(getattr(options, field), TEMPLATE_FIELDS)]
+
+    def make_link(self) -> SinkLink:
+        return self.Link(self.link_name, self.options, self.ctx.gateway_id, self.ctx.pipeline)

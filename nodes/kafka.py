@@ -21,32 +21,26 @@ import logging
 import re
 import ssl
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from gateway.api import (
-    TEMPLATE_FIELDS,
     Duration,
     Event,
     NodeOptions,
-    OutboxSink,
     SourceOutput,
-    check_expression,
-    check_topic_template,
-    max_future_field,
     register,
     secret_field,
 )
-from nodes._outlink import OutboxLink, Refused, split_row_topic
-from nodes.sources import MqttSource, key_function
+from nodes._outlink import Refused, SinkLink, StreamOut, split_row_topic
+from nodes._stream import DecodeOptions, PayloadSource
 
 __all__ = ["KafkaOut", "KafkaSource"]
 
 log = logging.getLogger(__name__)
-
-_TOPIC_INDEX = re.compile(r"^topic\[(-?\d+)\]$")
 
 
 class KafkaClientOptions(NodeOptions):
@@ -143,25 +137,19 @@ _REFUSED_NAMES = {
 _NO_IDEMPOTENCE_NAMES = {"UnknownError", "UnsupportedVersionError", "ClusterAuthorizationFailedError"}
 
 
-class KafkaLink(OutboxLink):
+class KafkaLink(SinkLink):
     """An aiokafka producer as an outbox destination."""
 
     kind = "kafka"
+    options: KafkaOutOptions
 
     def __init__(self, name: str, options: KafkaOutOptions, gateway_id: str, pipeline: str):
-        super().__init__(name, gateway_id, reconnect_max=options.reconnect_max)
-        self.options = options
-        self.gateway_id = gateway_id
+        super().__init__(name, options, gateway_id, pipeline)
         self._gw = gateway_id.encode()
         self._pipeline = pipeline.encode()
         self._producer: Any = None
         self.idempotent: bool | None = None
         self.idempotence_note: str | None = None
-
-    def _take_settings(self, other: OutboxLink) -> None:
-        super()._take_settings(other)
-        assert isinstance(other, KafkaLink)
-        self.options = other.options
 
     def health(self) -> dict[str, Any]:
         h = super().health()
@@ -238,18 +226,19 @@ class KafkaLink(OutboxLink):
 
 
 @register
-class KafkaOut(OutboxSink):
+class KafkaOut(StreamOut):
     """Forward each event to a Kafka topic through the outbox: at least once, keyed by the event key."""
 
     Options = KafkaOutOptions
     options: KafkaOutOptions
+    Link = KafkaLink
     link_prefix = "kafka"
     destination_field = "topic"
 
     @classmethod
     def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
         o: KafkaOutOptions = options  # type: ignore[assignment]
-        issues = check_topic_template(o.topic, TEMPLATE_FIELDS)
+        issues = super().check(options, config)
         if not o.servers:
             issues.append(("bootstrap_servers", "give at least one host:port"))
         if o.compression in ("lz4", "zstd", "snappy"):
@@ -259,15 +248,13 @@ class KafkaOut(OutboxSink):
                 issues.append(("compression", f"{o.compression} needs the cramjam package (pip install cramjam)"))
         return issues
 
-    def make_link(self) -> KafkaLink:
-        return KafkaLink(self.link_name, self.options, self.ctx.gateway_id, self.ctx.pipeline)
-
 
 # --- the source -------------------------------------------------------------------------------
 
 
-class KafkaSourceOptions(KafkaClientOptions):
-    type: Literal["kafka"]
+class KafkaReadOptions(KafkaClientOptions):
+    """What the kafka source consumes, and as which group."""
+
     topic: str | None = Field(None, description="A topic to consume.")
     topics: list[str] | None = Field(None, description="Several topics.")
     pattern: str | None = Field(None, description="A regular expression: every matching topic, new ones too.")
@@ -277,22 +264,9 @@ class KafkaSourceOptions(KafkaClientOptions):
         description="committed: where the group left off (earliest where it has no offset); earliest/latest: "
         "the start/end of each partition when this gateway is first assigned it, whatever the group committed.",
     )
-    key: str = Field(
-        "record_key",
-        description="Event key: `record_key` (the Kafka key; the topic when a record has none), `topic`, "
-        "`topic[N]` (a dot-separated part) or a CEL expression over `topic` (its parts) and `payload`.",
-    )
-    value_field: str | None = Field("value", description="Payload field holding the reading; null: the whole payload.")
-    ts_field: str | None = Field(
-        "ts", description="Payload field with event time (epoch s/ms or ISO 8601); absent: ingest time."
-    )
-    max_future: Duration | None = max_future_field()
-    format: Literal["json", "raw"] = Field("json", description="json: decode the value; raw: a number in text.")
-    batch: int = Field(500, ge=1, le=100_000, description="Largest micro-batch handed to the pipeline.")
-    session_timeout: Duration = Field(10.0, ge=1, description="The group drops a consumer silent this long.")
 
     @model_validator(mode="after")
-    def _one_subscription(self) -> KafkaSourceOptions:
+    def _one_subscription(self) -> KafkaReadOptions:
         n = bool(self.topic or self.topics) + bool(self.pattern)
         if n != 1:
             raise ValueError("give `topic`/`topics` or `pattern` (one of them): what to consume")
@@ -306,6 +280,17 @@ class KafkaSourceOptions(KafkaClientOptions):
     @property
     def topic_list(self) -> list[str]:
         return [*([self.topic] if self.topic else []), *(self.topics or [])]
+
+
+class KafkaSourceOptions(DecodeOptions, KafkaReadOptions):
+    type: Literal["kafka"]
+    key: str = Field(
+        "record_key",
+        description="Event key: `record_key` (the Kafka key; the topic when a record has none), `topic`, "
+        "`topic[N]` (a dot-separated part) or a CEL expression over `topic` (its parts) and `payload`.",
+    )
+    batch: int = Field(500, ge=1, le=100_000, description="Largest micro-batch handed to the pipeline.")
+    session_timeout: Duration = Field(10.0, ge=1, description="The group drops a consumer silent this long.")
 
 
 def _rebalance_listener(source: KafkaSource) -> Any:
@@ -323,38 +308,23 @@ def _rebalance_listener(source: KafkaSource) -> Any:
 
 
 @register
-class KafkaSource(MqttSource):
+class KafkaSource(PayloadSource):
     """Consume topics in a consumer group; offsets committed only once the pipeline has taken the records."""
 
-    Options = KafkaSourceOptions  # type: ignore[assignment]
-    options: KafkaSourceOptions  # type: ignore[assignment]
+    Options = KafkaSourceOptions
+    options: KafkaSourceOptions
+    name_sep = "."
+    own_keys = ("record_key",)
 
     @classmethod
     def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
         o: KafkaSourceOptions = options  # type: ignore[assignment]
-        issues: list[tuple[str, str]] = []
-        if not o.servers:
-            issues.append(("bootstrap_servers", "give at least one host:port"))
-        if o.key not in ("record_key", "topic") and not _TOPIC_INDEX.match(o.key):
-            problem = check_expression(o.key, ("topic", "payload"), {"topic": ["a", "b"], "payload": {}})
-            if problem:
-                issues.append(("key", problem))
-        return issues
+        issues = [("bootstrap_servers", "give at least one host:port")] if not o.servers else []
+        return [*issues, *super().check(options, config)]
 
     def __init__(self, options: KafkaSourceOptions, ctx: Any):
-        # the MQTT source's decoding, with this source's key function (set below)
-        super().__init__(options.model_copy(update={"key": "topic"}), ctx)  # type: ignore[arg-type]
-        self.options = options
-        self._record_key: str | None = None
-        spec = options.key
-        if spec == "record_key":
-            self._key = lambda topic, body: self._record_key if self._record_key is not None else topic
-        elif (m := _TOPIC_INDEX.match(spec)) is not None:
-            idx = int(m.group(1))
-            self._key = lambda topic, body: topic.split(".")[idx]
-        elif spec != "topic":
-            by_levels = key_function(spec)
-            self._key = lambda topic, body: by_levels(topic.replace(".", "/"), body)
+        super().__init__(options, ctx)
+        self._record_key: str | None = None  # the key of the record being decoded
         self._consumer: Any = None
         self._fifo: deque[list[Any]] = deque()  # [offsets by partition, done?] in hand-over order
         self._ready: dict[Any, int] = {}  # partition -> offset to commit
@@ -376,6 +346,11 @@ class KafkaSource(MqttSource):
             "commits": self.n_commits,
             "pending_batches": len(self._fifo),
         }
+
+    def make_key(self, spec: str) -> Callable[[str, Any], str]:
+        if spec == "record_key":
+            return lambda topic, body: self._record_key if self._record_key is not None else topic
+        return super().make_key(spec)
 
     def counters(self) -> dict[str, int]:
         c = super().counters()

@@ -22,35 +22,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from gateway.api import (
-    TEMPLATE_FIELDS,
     Duration,
     Event,
     Expression,
     LinkError,
     NodeOptions,
     Operator,
-    OutboxSink,
     SourceOutput,
     check_expression,
-    check_topic_template,
-    max_future_field,
     register,
 )
-from nodes._outlink import OutboxLink, split_row_topic
-from nodes.sources import MqttSource, key_function
+from nodes._outlink import SinkLink, StreamOut, split_row_topic
+from nodes._stream import DecodeOptions, PayloadSource
 
 __all__ = ["Lookup", "RedisOut", "RedisSource"]
 
 log = logging.getLogger(__name__)
-
-_STREAM_INDEX = re.compile(r"^stream\[(-?\d+)\]$")
 
 
 class RedisClientOptions(NodeOptions):
@@ -87,22 +81,17 @@ class RedisOutOptions(RedisClientOptions):
     reconnect_max: Duration = Field(30.0, description="Cap of the retry backoff after a failure.")
 
 
-class RedisLink(OutboxLink):
+class RedisLink(SinkLink):
     """A Redis client as an outbox destination: XADD in pipelined batches, in order."""
 
     kind = "redis"
+    options: RedisOutOptions
 
     def __init__(self, name: str, options: RedisOutOptions, gateway_id: str, pipeline: str):
-        super().__init__(name, gateway_id, reconnect_max=options.reconnect_max)
-        self.options = options
+        super().__init__(name, options, gateway_id, pipeline)
         self._gw = gateway_id
         self._pipeline = pipeline
         self._client: Any = None
-
-    def _take_settings(self, other: OutboxLink) -> None:
-        super()._take_settings(other)
-        assert isinstance(other, RedisLink)
-        self.options = other.options
 
     def health(self) -> dict[str, Any]:
         h = super().health()
@@ -175,28 +164,22 @@ class RedisLink(OutboxLink):
 
 
 @register
-class RedisOut(OutboxSink):
+class RedisOut(StreamOut):
     """Append each event to a Redis stream through the outbox: at least once, de-duplicable on (gateway_id, seq)."""
 
     Options = RedisOutOptions
     options: RedisOutOptions
+    Link = RedisLink
     link_prefix = "redis"
     destination_field = "stream"
-
-    @classmethod
-    def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
-        o: RedisOutOptions = options  # type: ignore[assignment]
-        return [("stream", m) for _, m in check_topic_template(o.stream, TEMPLATE_FIELDS)]
-
-    def make_link(self) -> RedisLink:
-        return RedisLink(self.link_name, self.options, self.ctx.gateway_id, self.ctx.pipeline)
 
 
 # --- the source -------------------------------------------------------------------------------
 
 
-class RedisSourceOptions(RedisClientOptions):
-    type: Literal["redis"]
+class RedisReadOptions(RedisClientOptions):
+    """What the redis source reads, and as which group and consumer."""
+
     stream: str | None = Field(None, description="The stream to read.")
     streams: list[str] | None = Field(None, description="Several streams.")
     group: str | None = Field(None, description="Consumer group; default: sluice-<pipeline>-<node>.")
@@ -212,28 +195,26 @@ class RedisSourceOptions(RedisClientOptions):
     data_field: str | None = Field(
         "data", description="Entry field holding a JSON payload; null: the entry's fields are the payload."
     )
-    key: str = Field(
-        "auto",
-        description="Event key: `auto` (the payload's `key` field, else the stream name), `stream`, `stream[N]` "
-        "(a :-separated part) or a CEL expression over `topic` (the stream name's parts) and `payload`.",
-    )
-    value_field: str | None = Field("value", description="Payload field holding the reading; null: the whole payload.")
-    ts_field: str | None = Field(
-        "ts", description="Payload field with event time (epoch s/ms or ISO 8601); absent: ingest time."
-    )
-    max_future: Duration | None = max_future_field()
-    format: Literal["json", "raw"] = Field("json", description="json: decode the data field; raw: a number in text.")
-    batch: int = Field(500, ge=1, le=100_000, description="Entries read per call (largest micro-batch).")
 
     @property
     def stream_list(self) -> list[str]:
         return [*([self.stream] if self.stream else []), *(self.streams or [])]
 
     @model_validator(mode="after")
-    def _some_stream(self) -> RedisSourceOptions:
+    def _some_stream(self) -> RedisReadOptions:
         if not self.stream_list:
             raise ValueError("give `stream` (or `streams`): what to read")
         return self
+
+
+class RedisSourceOptions(DecodeOptions, RedisReadOptions):
+    type: Literal["redis"]
+    key: str = Field(
+        "auto",
+        description="Event key: `auto` (the payload's `key` field, else the stream name), `stream`, `stream[N]` "
+        "(a :-separated part) or a CEL expression over `topic` (the stream name's parts) and `payload`.",
+    )
+    batch: int = Field(500, ge=1, le=100_000, description="Entries read per call (largest micro-batch).")
 
 
 def _number_or_text(v: str) -> Any:
@@ -244,34 +225,17 @@ def _number_or_text(v: str) -> Any:
 
 
 @register
-class RedisSource(MqttSource):
+class RedisSource(PayloadSource):
     """Read streams in a consumer group; XACK once the pipeline has taken the entries."""
 
-    Options = RedisSourceOptions  # type: ignore[assignment]
-    options: RedisSourceOptions  # type: ignore[assignment]
-
-    @classmethod
-    def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
-        o: RedisSourceOptions = options  # type: ignore[assignment]
-        if o.key in ("auto", "stream") or _STREAM_INDEX.match(o.key):
-            return []
-        problem = check_expression(o.key, ("topic", "payload"), {"topic": ["a", "b"], "payload": {}})
-        return [("key", problem)] if problem else []
+    Options = RedisSourceOptions
+    options: RedisSourceOptions
+    name_part = "stream"
+    name_sep = ":"
+    own_keys = ("auto",)
 
     def __init__(self, options: RedisSourceOptions, ctx: Any):
-        super().__init__(options.model_copy(update={"key": "topic"}), ctx)  # type: ignore[arg-type]
-        self.options = options
-        spec = options.key
-        if spec == "auto":
-            self._key = lambda stream, body: str(body["key"]) if type(body) is dict and "key" in body else stream
-        elif (m := _STREAM_INDEX.match(spec)) is not None:
-            idx = int(m.group(1))
-            self._key = lambda stream, body: stream.split(":")[idx]
-        elif spec != "stream":
-            by_levels = key_function(spec)
-            self._key = lambda stream, body: by_levels(stream.replace(":", "/"), body)
-        if options.data_field is None:
-            self._value_field = options.value_field
+        super().__init__(options, ctx)
         self._client: Any = None
         self._in_flight: set[tuple[str, bytes]] = set()
         self._to_ack: dict[str, list[bytes]] = {}
@@ -289,6 +253,11 @@ class RedisSource(MqttSource):
             "claimed": self.n_claimed,
             "in_flight": len(self._in_flight),
         }
+
+    def make_key(self, spec: str) -> Callable[[str, Any], str]:
+        if spec == "auto":
+            return lambda stream, body: str(body["key"]) if type(body) is dict and "key" in body else stream
+        return super().make_key(spec)
 
     @property
     def group(self) -> str:

@@ -8,121 +8,41 @@ simulator simply waits.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
-import re
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from firmware_bridges import loads_json
 from gateway.api import (
     Duration,
     Event,
-    Expression,
-    ExpressionError,
     NodeOptions,
     Source,
     SourceOutput,
     Subscriber,
     check_connection,
-    check_expression,
-    max_future_field,
     register,
 )
+from nodes._stream import DecodeOptions, PayloadSource
 
 __all__ = ["MqttSource", "SimulateSource"]
-
-_TOPIC_INDEX = re.compile(r"^topic\[(-?\d+)\]$")
-
-
-# --- helpers shared by payload-decoding sources ---------------------------------------------
-
-
-def parse_ts(raw: Any) -> float:
-    """Event time from a payload field: epoch seconds, epoch milliseconds, or ISO 8601."""
-    if isinstance(raw, bool):
-        raise ValueError(f"timestamp {raw!r} is not a time")
-    if isinstance(raw, int | float):
-        t = float(raw) if type(raw) is float or abs(raw) < 2**1023 else math.inf  # a 400-digit int: too big
-        if not math.isfinite(t):
-            raise ValueError(f"timestamp {raw!r} is not finite")
-        return t / 1000.0 if t > 1e11 else t  # > year 5138 in seconds: it is milliseconds
-    if isinstance(raw, str):
-        try:
-            dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"timestamp {raw!r} is neither epoch seconds/ms nor ISO 8601") from None
-        if dt.tzinfo is None:
-            raise ValueError(f"timestamp {raw!r} has no time zone; add Z or +00:00")
-        return dt.timestamp()
-    raise ValueError(f"timestamp {raw!r} is not a time")
-
-
-def _number(v: Any) -> Any:
-    """Readings are floats (ints become floats); mappings keep their fields, numbers as floats."""
-    t = type(v)
-    if t is float:
-        return v
-    if t is int:
-        return float(v)
-    if t is dict:
-        return {k: (float(x) if type(x) is int else x) for k, x in v.items()}
-    return v
-
-
-_MAX_DEPTH = 32
-
-
-def _value_fault(value: dict[str, Any]) -> str | None:
-    """Why an object reading is not one every store can write: a NaN/Infinity, or nesting so deep
-    that serialising it (outbox, state, dead letters) would hit the recursion limit."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        obj, depth = stack.pop()
-        if depth > _MAX_DEPTH:
-            return f"the reading is nested deeper than {_MAX_DEPTH} levels"
-        for x in obj.values() if type(obj) is dict else obj:
-            t = type(x)
-            if t is float:
-                if not math.isfinite(x):
-                    return "a number in the reading is not finite (NaN or Infinity)"
-            elif t is dict or t is list:
-                stack.append((x, depth + 1))
-    return None
 
 
 # --- mqtt -----------------------------------------------------------------------------------
 
 
-class MqttSourceOptions(NodeOptions):
-    type: Literal["mqtt"]
+class MqttReadOptions(NodeOptions):
+    """Where the MQTT source reads: a connection and topic filters."""
+
     connection: str = Field(description="Name of an entry under `connections`.")
     topic: str | None = Field(None, description="Topic filter; + and # wildcards allowed.")
     topics: list[str] | None = Field(None, description="Several topic filters.")
     qos: Literal[0, 1] = Field(0, description="1: at-least-once (acknowledged once the sinks wrote it; MQTT 5).")
-    key: str = Field(
-        "topic",
-        description="Event key: `topic`, `topic[N]` (a level) or a CEL "
-        "expression over `topic` (list of levels) and `payload`.",
-    )
-    value_field: str | None = Field("value", description="Payload field holding the reading; null: the whole payload.")
-    ts_field: str | None = Field(
-        "ts", description="Payload field with event time (epoch s/ms or ISO 8601); absent: ingest time."
-    )
-    format: Literal["json", "raw"] = Field("json", description="json: decode payload; raw: a number in text.")
-    max_future: Duration | None = max_future_field()
-    session_expiry: Duration = Field(
-        3600.0,
-        description="QoS 1: how long the broker keeps the session (and queued messages) while the gateway is away.",
-    )
-    batch: int = Field(500, ge=1, le=100_000, description="Largest micro-batch handed to the pipeline.")
 
     @model_validator(mode="after")
-    def _one_topic(self) -> MqttSourceOptions:
+    def _one_topic(self) -> MqttReadOptions:
         if not self.topic and not self.topics:
             raise ValueError("give `topic` (or `topics`): the topic filter to subscribe to")
         return self
@@ -132,27 +52,17 @@ class MqttSourceOptions(NodeOptions):
         return [*([self.topic] if self.topic else []), *(self.topics or [])]
 
 
-def key_function(spec: str) -> Callable[[str, Any], str]:
-    if spec == "topic":
-        return lambda topic, payload: topic
-    m = _TOPIC_INDEX.match(spec)
-    if m:
-        idx = int(m.group(1))
-
-        def by_level(topic: str, payload: Any) -> str:
-            return topic.split("/")[idx]
-
-        return by_level
-    expr = Expression(spec, ("topic", "payload"))
-
-    def by_expr(topic: str, payload: Any) -> str:
-        return str(expr({"topic": topic.split("/"), "payload": payload}))
-
-    return by_expr
+class MqttSourceOptions(DecodeOptions, MqttReadOptions):
+    type: Literal["mqtt"]
+    session_expiry: Duration = Field(
+        3600.0,
+        description="QoS 1: how long the broker keeps the session (and queued messages) while the gateway is away.",
+    )
+    batch: int = Field(500, ge=1, le=100_000, description="Largest micro-batch handed to the pipeline.")
 
 
 @register
-class MqttSource(Source):
+class MqttSource(PayloadSource):
     """Subscribe to topic filters and turn each JSON message into an event.
 
     QoS 0 messages are collected in the client's socket callback and handed over as one batch per
@@ -171,92 +81,19 @@ class MqttSource(Source):
         issues = check_connection(o.connection, config)
         if not issues and o.qos == 1 and str((config["connections"][o.connection] or {}).get("version", "5")) != "5":
             issues.append(("qos", "QoS 1 at-least-once ingest needs MQTT version 5 on the connection"))
-        if o.key != "topic" and not _TOPIC_INDEX.match(o.key):
-            problem = check_expression(o.key, ("topic", "payload"), {"topic": ["a", "b"], "payload": {}})
-            if problem:
-                issues.append(("key", problem))
-        return issues
+        return [*issues, *super().check(options, config)]
 
     def __init__(self, options: MqttSourceOptions, ctx: Any):
         super().__init__(options, ctx)
-        self._key = key_function(options.key)
-        self._raw = options.format == "raw"
-        self._value_field = options.value_field
-        self._ts_field = options.ts_field
         self._link: Subscriber | None = None
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._acks: list[int] = []  # QoS 1: packet ids of the pending batch, to acknowledge
         self._ack: Callable[[list[int]], None] = lambda mids: None
         self._out: SourceOutput | None = None
-        self.n_malformed = 0
 
     def health(self) -> dict[str, Any]:
         return self._link.health() if self._link else {"state": "starting"}
-
-    def counters(self) -> dict[str, int]:
-        c = super().counters()
-        c["malformed"] = self.n_malformed
-        return c
-
-    # decoding ---------------------------------------------------------------------------
-
-    def decode(self, topic: str, payload: bytes) -> Event | None:
-        try:
-            if self._raw:
-                body: Any = float(payload)
-                value = body
-                ts = self.ctx.clock()
-            else:
-                body = loads_json(payload)  # refuses lone surrogates: see firmware_bridges._json
-                vf = self._value_field
-                if vf is None:
-                    value = body
-                elif type(body) is dict:
-                    if vf not in body:
-                        raise ValueError(f"payload has no field {vf!r}")
-                    value = body[vf]
-                else:
-                    value = body  # a bare number is the reading itself
-                raw_ts = body.get(self._ts_field) if self._ts_field and type(body) is dict else None
-                if raw_ts is None:
-                    ts = self.ctx.clock()
-                elif type(raw_ts) is float and 0.0 < raw_ts < 1e11:
-                    ts = raw_ts  # epoch seconds, the common case
-                else:
-                    ts = parse_ts(raw_ts)
-            t = type(value)
-            if t is int:
-                value = float(value)
-            elif t is dict:
-                value = _number(value)
-                why = _value_fault(value)
-                if why is not None:
-                    raise ValueError(why)
-            elif t is not float:
-                raise ValueError(f"reading {value!r:.60} is not a number or an object")
-            if type(value) is float and not math.isfinite(value):
-                raise ValueError(f"reading {value!r} is not finite")  # like every codec: NaN never enters
-            key = self._key(topic, body)
-        except (
-            ValueError,
-            TypeError,
-            IndexError,
-            OverflowError,
-            RecursionError,
-            ExpressionError,
-            UnicodeDecodeError,
-        ) as exc:
-            self.n_malformed += 1
-            reason = f"malformed payload on {topic}: {exc}"
-            if isinstance(exc, RecursionError):
-                reason = f"malformed payload on {topic}: JSON nested too deeply"
-            elif isinstance(exc, json.JSONDecodeError):
-                reason = f"malformed payload on {topic}: not JSON ({exc.msg} at char {exc.pos})"
-            self.ctx.dead_letters.record(self.ctx.pipeline, self.id, reason, None, payload)
-            self.n_errors += 1
-            return None
-        return Event(key, ts, value, self.id, {"topic": topic})
 
     # QoS 0: synchronous callback, batched per loop iteration -----------------------------
 

@@ -61,7 +61,7 @@ def test_entry_points_name_every_builtin_node_by_its_type() -> None:
 def test_a_config_imports_only_the_node_modules_it_uses() -> None:
     import json
 
-    assert json.loads(_run(_LAZY)) == ["nodes.operators", "nodes.sinks", "nodes.sources"]
+    assert json.loads(_run(_LAZY)) == ["nodes._stream", "nodes.operators", "nodes.sinks", "nodes.sources"]
 
 
 def test_unknown_type_still_lists_every_type() -> None:

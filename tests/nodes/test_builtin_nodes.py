@@ -14,7 +14,7 @@ from gateway.deadletter import DeadLetters
 from gateway.errors import ExpressionError
 from gateway.events import Event
 from gateway.node import NodeContext, get_node_type
-from nodes.sources import parse_ts
+from nodes._stream import parse_ts
 from tests._util import wait_for
 
 

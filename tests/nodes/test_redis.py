@@ -127,7 +127,9 @@ async def test_redis_out_replays_the_outbox_after_a_gateway_restart(tmp_path: Pa
 # --- the source -----------------------------------------------------------------------------------
 
 
-def source_config(tmp_path: Path, url: str, *, window: bool = False, extra: str = "", run: str = "") -> str:
+def source_config(
+    tmp_path: Path, url: str, *, window: bool = False, extra: str = "", run: str = "", stream: str = "plant"
+) -> str:
     mid = (
         "      - {id: w, type: window, input: src, kind: tumbling, size: 10s, aggregate: sum}\n"
         f'      - {{id: wout, type: redis_out, input: w, url: "{url}", stream: wins{run}, reconnect_max: 300ms}}\n'
@@ -139,7 +141,7 @@ gateway: {{id: gw2, data_dir: "{tmp_path}/data2{run}"}}
 pipelines:
   - name: c
     nodes:
-      - {{id: src, type: redis, url: "{url}", stream: plant, group: g1{run}, start: earliest{extra}}}
+      - {{id: src, type: redis, url: "{url}", stream: "{stream}", group: g1{run}, start: earliest{extra}}}
 {mid}      - {{id: out, type: redis_out, input: src, url: "{url}", stream: copy{run}, reconnect_max: 300ms}}
 console: {{enabled: false}}
 """

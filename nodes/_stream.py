@@ -1,0 +1,253 @@
+"""What the sources that read named streams share — MQTT, Kafka and Redis Streams: the options
+that say how a message's payload becomes an event, the decoding itself (malformed input counted
+and dead-lettered), and the event key taken from the stream's name.
+
+A *name* is where a message came from: an MQTT topic (parts joined by ``/``), a Kafka topic
+(``.``) or a Redis stream (``:``). A source's ``key`` option is the whole name (``topic``, or
+``stream`` for Redis), one part of it (``topic[N]``/``stream[N]``), one of the source's own
+choices (Kafka's ``record_key``, Redis's ``auto``), or a CEL expression over ``topic`` (the
+name's parts) and ``payload``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from datetime import datetime
+from functools import cache
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from firmware_bridges import loads_json
+from gateway.api import (
+    Duration,
+    Event,
+    Expression,
+    ExpressionError,
+    NodeOptions,
+    Source,
+    check_expression,
+    max_future_field,
+)
+
+__all__ = ["DecodeOptions", "PayloadSource", "check_key", "key_function", "parse_ts"]
+
+
+class DecodeOptions(NodeOptions):
+    """How a message's payload becomes an event: its key, its reading and its event time.
+
+    A source's options list these after its own (where to connect, what to read), so a form
+    reads from top to bottom: ``class XSourceOptions(DecodeOptions, XReadOptions)``, with the
+    fields of ``XReadOptions`` first (pydantic orders fields along the reversed MRO, and
+    ``sluice schema`` and the editor's form show them in that order). A source redeclares
+    ``key`` with its own default and the names it understands.
+    """
+
+    key: str = Field(
+        "topic",
+        description="Event key: `topic` (the whole topic), `topic[N]` (its N-th level, from 0; -1: the last) or "
+        "a CEL expression over `topic` (the list of levels) and `payload`.",
+    )
+    value_field: str | None = Field("value", description="Payload field holding the reading; null: the whole payload.")
+    ts_field: str | None = Field(
+        "ts", description="Payload field with event time (epoch s/ms or ISO 8601); absent: ingest time."
+    )
+    max_future: Duration | None = max_future_field()
+    format: Literal["json", "raw"] = Field(
+        "json", description="json: the payload is a JSON object or number; raw: the payload is a number in text."
+    )
+
+
+@cache
+def _part_index(part: str) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(part)}\[(-?\d+)\]$")
+
+
+def key_function(spec: str, part: str = "topic", sep: str = "/") -> Callable[[str, Any], str]:
+    """The event key of a message on stream ``name`` with ``payload``, per a ``key`` option:
+    ``part`` (the whole name), ``part[N]`` (its N-th ``sep``-separated part) or a CEL expression
+    over ``topic`` (the name's parts) and ``payload``."""
+    if spec == part:
+        return lambda name, payload: name
+    m = _part_index(part).match(spec)
+    if m:
+        idx = int(m.group(1))
+
+        def by_part(name: str, payload: Any) -> str:
+            return name.split(sep)[idx]
+
+        return by_part
+    expr = Expression(spec, ("topic", "payload"))
+    if sep == "/":
+
+        def by_expr(name: str, payload: Any) -> str:
+            return str(expr({"topic": name.split("/"), "payload": payload}))
+
+        return by_expr
+
+    def by_expr_sep(name: str, payload: Any) -> str:
+        # a name's parts in the expression: split at `sep` and at "/" alike
+        return str(expr({"topic": name.replace(sep, "/").split("/"), "payload": payload}))
+
+    return by_expr_sep
+
+
+def check_key(spec: str, part: str = "topic", fixed: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """For a source's :meth:`check`: the problem of a ``key`` option, as :func:`key_function` reads it
+    (``fixed``: further names the source itself understands)."""
+    if spec == part or spec in fixed or _part_index(part).match(spec):
+        return []
+    problem = check_expression(spec, ("topic", "payload"), {"topic": ["a", "b"], "payload": {}})
+    return [("key", problem)] if problem else []
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+
+def parse_ts(raw: Any) -> float:
+    """Event time from a payload field: epoch seconds, epoch milliseconds, or ISO 8601."""
+    if isinstance(raw, bool):
+        raise ValueError(f"timestamp {raw!r} is not a time")
+    if isinstance(raw, int | float):
+        t = float(raw) if type(raw) is float or abs(raw) < 2**1023 else math.inf  # a 400-digit int: too big
+        if not math.isfinite(t):
+            raise ValueError(f"timestamp {raw!r} is not finite")
+        return t / 1000.0 if t > 1e11 else t  # > year 5138 in seconds: it is milliseconds
+    if isinstance(raw, str):
+        try:
+            dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"timestamp {raw!r} is neither epoch seconds/ms nor ISO 8601") from None
+        if dt.tzinfo is None:
+            raise ValueError(f"timestamp {raw!r} has no time zone; add Z or +00:00")
+        return dt.timestamp()
+    raise ValueError(f"timestamp {raw!r} is not a time")
+
+
+def _number(v: Any) -> Any:
+    """Readings are floats (ints become floats); mappings keep their fields, numbers as floats."""
+    t = type(v)
+    if t is float:
+        return v
+    if t is int:
+        return float(v)
+    if t is dict:
+        return {k: (float(x) if type(x) is int else x) for k, x in v.items()}
+    return v
+
+
+_MAX_DEPTH = 32
+
+
+def _value_fault(value: dict[str, Any]) -> str | None:
+    """Why an object reading is not one every store can write: a NaN/Infinity, or nesting so deep
+    that serialising it (outbox, state, dead letters) would hit the recursion limit."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            return f"the reading is nested deeper than {_MAX_DEPTH} levels"
+        for x in obj.values() if type(obj) is dict else obj:
+            t = type(x)
+            if t is float:
+                if not math.isfinite(x):
+                    return "a number in the reading is not finite (NaN or Infinity)"
+            elif t is dict or t is list:
+                stack.append((x, depth + 1))
+    return None
+
+
+# --- the source ----------------------------------------------------------------------------
+
+
+class PayloadSource(Source):
+    """A source that decodes each message's payload into an event (:meth:`decode`), its key taken
+    from the name it came on (``name_part``, ``name_sep``: see :func:`key_function`); input it cannot
+    decode is counted as ``malformed`` and dead-lettered with the reason."""
+
+    name_part: ClassVar[str] = "topic"
+    name_sep: ClassVar[str] = "/"
+    own_keys: ClassVar[tuple[str, ...]] = ()
+    """Values of ``key`` the subclass's :meth:`make_key` understands besides the name's."""
+
+    @classmethod
+    def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
+        o: DecodeOptions = options  # type: ignore[assignment]
+        return check_key(o.key, cls.name_part, cls.own_keys)
+
+    def __init__(self, options: DecodeOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self._key = self.make_key(options.key)
+        self._raw = options.format == "raw"
+        self._value_field = options.value_field
+        self._ts_field = options.ts_field
+        self.n_malformed = 0
+
+    def make_key(self, spec: str) -> Callable[[str, Any], str]:
+        """The key function for the ``key`` option ``spec``: (name, payload) -> key."""
+        return key_function(spec, self.name_part, self.name_sep)
+
+    def counters(self) -> dict[str, int]:
+        c = super().counters()
+        c["malformed"] = self.n_malformed
+        return c
+
+    def decode(self, topic: str, payload: bytes) -> Event | None:
+        try:
+            if self._raw:
+                body: Any = float(payload)
+                value = body
+                ts = self.ctx.clock()
+            else:
+                body = loads_json(payload)  # refuses lone surrogates: see firmware_bridges._json
+                vf = self._value_field
+                if vf is None:
+                    value = body
+                elif type(body) is dict:
+                    if vf not in body:
+                        raise ValueError(f"payload has no field {vf!r}")
+                    value = body[vf]
+                else:
+                    value = body  # a bare number is the reading itself
+                raw_ts = body.get(self._ts_field) if self._ts_field and type(body) is dict else None
+                if raw_ts is None:
+                    ts = self.ctx.clock()
+                elif type(raw_ts) is float and 0.0 < raw_ts < 1e11:
+                    ts = raw_ts  # epoch seconds, the common case
+                else:
+                    ts = parse_ts(raw_ts)
+            t = type(value)
+            if t is int:
+                value = float(value)
+            elif t is dict:
+                value = _number(value)
+                why = _value_fault(value)
+                if why is not None:
+                    raise ValueError(why)
+            elif t is not float:
+                raise ValueError(f"reading {value!r:.60} is not a number or an object")
+            if type(value) is float and not math.isfinite(value):
+                raise ValueError(f"reading {value!r} is not finite")  # like every codec: NaN never enters
+            key = self._key(topic, body)
+        except (
+            ValueError,
+            TypeError,
+            IndexError,
+            OverflowError,
+            RecursionError,
+            ExpressionError,
+            UnicodeDecodeError,
+        ) as exc:
+            self.n_malformed += 1
+            reason = f"malformed payload on {topic}: {exc}"
+            if isinstance(exc, RecursionError):
+                reason = f"malformed payload on {topic}: JSON nested too deeply"
+            elif isinstance(exc, json.JSONDecodeError):
+                reason = f"malformed payload on {topic}: not JSON ({exc.msg} at char {exc.pos})"
+            self.ctx.dead_letters.record(self.ctx.pipeline, self.id, reason, None, payload)
+            self.n_errors += 1
+            return None
+        return Event(key, ts, value, self.id, {"topic": topic})
