@@ -33,10 +33,13 @@ __all__ = [
     "connection_open",
     "free_id",
     "id_capacity",
+    "id_releaser",
     "install_fast_publish",
     "install_read_gate",
     "next_id",
+    "next_ids",
     "on_refused_puback",
+    "puback",
     "publish_qos1",
     "write_raw",
 ]
@@ -58,7 +61,7 @@ PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
         "_last_msg_in",
         "_logger",
     ),
-    "id generator": ("free_id", "_mid_generate", "_max"),
+    "id generator": ("free_id", "_mid_generate", "_max", "_used_ids", "_last_used_id"),
     "connection": ("_protocol", "publish", "is_closing", "close", "_last_data_in", "put_package"),
     "protocol": ("read", "write_data", "proto_ver", "_stream_reader", "_read_packet"),
 }
@@ -120,6 +123,11 @@ def on_refused_puback(client: gmqtt.Client, refused: Callable[[int, int], None])
     handler._handle_puback_packet = puback
 
 
+def puback(client: gmqtt.Client, mid: int) -> None:
+    """Handle a successful PUBACK for ``mid`` as gmqtt does (for a message gmqtt itself sent)."""
+    client._package_handler._handle_puback_packet(0x40, mid.to_bytes(2, "big"))
+
+
 def free_id(client: gmqtt.Client, mid: int) -> None:
     client._package_handler.id_generator.free_id(mid)
 
@@ -127,6 +135,32 @@ def free_id(client: gmqtt.Client, mid: int) -> None:
 def next_id(client: gmqtt.Client) -> int:
     """A free packet id; raises OverflowError when none is."""
     return client._package_handler.id_generator._mid_generate()
+
+
+def next_ids(client: gmqtt.Client, n: int) -> list[int]:
+    """Up to ``n`` free packet ids, fewer when they run out: the ids gmqtt's generator would hand
+    out one by one, in one loop (its own costs about a microsecond an id)."""
+    gen = client._package_handler.id_generator
+    used = gen._used_ids
+    top = gen._max
+    last = gen._last_used_id
+    out: list[int] = []
+    while len(out) < n and len(used) < top - 1:
+        last += 1
+        if last >= top:  # ids run 1 .. top - 1, then wrap
+            last = 0
+            continue
+        if last not in used:
+            used.add(last)
+            out.append(last)
+    gen._last_used_id = last
+    return out
+
+
+def id_releaser(client: gmqtt.Client) -> Callable[[int], None]:
+    """``release(mid)``: give a packet id back to the client's generator (what gmqtt does on a
+    PUBACK, without its log call)."""
+    return client._package_handler.id_generator._used_ids.discard
 
 
 def id_capacity(client: gmqtt.Client) -> int:
@@ -197,7 +231,9 @@ def _puback_writer(client: gmqtt.Client, conn: Any) -> Callable[[list[int]], Non
     return ack
 
 
-def install_fast_publish(client: gmqtt.Client, on_qos1: OnPublishQos1 | None = None) -> None:
+def install_fast_publish(
+    client: gmqtt.Client, on_qos1: OnPublishQos1 | None = None, on_pubacks: Callable[[list[int]], None] | None = None
+) -> None:
     """Hand each plain QoS 0 PUBLISH of the client's connection straight to ``on_message``, and
     each PUBACK straight to the handler's PUBACK method.
 
@@ -211,7 +247,11 @@ def install_fast_publish(client: gmqtt.Client, on_qos1: OnPublishQos1 | None = N
 
     With ``on_qos1`` (MQTT 5, manual acknowledgement), a QoS 1 PUBLISH without properties goes
     to ``on_qos1(topic, payload, mid, ack)`` instead of a task per message through gmqtt's
-    coroutine ``on_message``; the receiver acknowledges with ``ack(mids)``."""
+    coroutine ``on_message``; the receiver acknowledges with ``ack(mids)``.
+
+    With ``on_pubacks``, the packet ids of the successful PUBACKs in one read (no reason code,
+    or one below 0x80) go to ``on_pubacks(mids)`` together, in order, before any other packet
+    that follows them is handled; a refusal still goes to the handler's PUBACK method."""
     conn = client._connection
     proto = conn._protocol
     handler = client._package_handler
@@ -221,6 +261,15 @@ def install_fast_publish(client: gmqtt.Client, on_qos1: OnPublishQos1 | None = N
     logger = handler._logger
     known: list[Any] = [None, True]  # the on_message last looked at, and whether it is async
     ack = _puback_writer(client, conn)
+    acked: list[int] = []  # packet ids of the PUBACKs read but not yet handed to on_pubacks
+
+    def flush_acks() -> None:
+        mids = acked[:]
+        acked.clear()
+        try:
+            on_pubacks(mids)  # type: ignore[misc]
+        except Exception:
+            logger.exception("[MqttPackageHandler] error handling package")
 
     def read_packet(data: bytes) -> int:
         on_message = handler.on_message
@@ -253,6 +302,13 @@ def install_fast_publish(client: gmqtt.Client, on_qos1: OnPublishQos1 | None = N
                 break  # the packet is not all here yet
             cmd = data[pos]
             end = i + length
+            if cmd == 0x40 and on_pubacks is not None and length >= 2 and (length == 2 or data[i + 2] < 0x80):
+                acked.append((data[i] << 8) | data[i + 1])  # a successful PUBACK: handed over with the others
+                fast += 1
+                pos = end
+                continue
+            if acked:
+                flush_acks()  # what follows is handled after the acknowledgements before it
             if qos1 and cmd & 0xF6 == 0x32 and length >= 4:  # PUBLISH, QoS 1, acknowledged later
                 t_end = i + 2 + ((data[i] << 8) | data[i + 1])
                 body = t_end + 3  # packet id, then an empty property block
@@ -298,6 +354,8 @@ def install_fast_publish(client: gmqtt.Client, on_qos1: OnPublishQos1 | None = N
                 continue
             put(Package(cmd, data[i:end]))
             pos = end
+        if acked:
+            flush_acks()
         if fast:
             conn._last_data_in = handler._last_msg_in = time.monotonic()
         return pos

@@ -192,6 +192,19 @@ class MqttLink:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
+    def _pubacks(self, mids: list[int]) -> None:
+        """Successful PUBACKs read from the socket (the fast path of :mod:`gateway._gmqtt_compat`)."""
+        acks = self._acks
+        release = compat.id_releaser(self._client)
+        for mid in mids:
+            fut = acks.pop(mid, None)
+            if fut is None:  # not one of ours (the status message gmqtt sent): gmqtt's own bookkeeping
+                compat.puback(self._client, mid)
+                continue
+            release(mid)  # sent as raw bytes, so gmqtt stored nothing else for it
+            if not fut.done():
+                fut.set_result(None)
+
     def _fail_acks(self, why: str) -> None:
         """Messages awaiting PUBACK on a lost connection will never get it: fail them, free their ids."""
         if not self._acks:
@@ -355,28 +368,27 @@ class MqttLink:
             raise LinkError(self.name, "not connected")
         mqtt5, write = compat.write_raw(self._client)
         props = b"\x00" if mqtt5 else b""  # MQTT 5: an empty property list
-        loop = asyncio.get_running_loop()
-        buf = bytearray()
+        create = asyncio.get_running_loop().create_future
+        acks = self._acks
+        parts: list[bytes] = []
         futs: list[asyncio.Future[None]] = []
-        for topic, payload, retain in messages:
+        heads: dict[tuple[str, bool], tuple[bytes, int]] = {}  # (topic, retain) -> (its bytes, their length)
+        for (topic, payload, retain), mid in zip(messages, compat.next_ids(self._client, len(messages)), strict=False):
             # PUBLISH at QoS 1 built here: gmqtt's builder costs about twice as much per message
-            try:
-                mid = compat.next_id(self._client)
-            except OverflowError:
-                break
-            t = topic.encode()
-            buf.append(0x33 if retain else 0x32)
-            buf += _varint(4 + len(t) + len(props) + len(payload))
-            buf += struct.pack("!H", len(t))
-            buf += t
-            buf += struct.pack("!H", mid)
-            buf += props
-            buf += payload
-            fut: asyncio.Future[None] = loop.create_future()
-            self._acks[mid] = fut
+            head = heads.get((topic, retain))
+            if head is None:
+                t = topic.encode()
+                head = heads[(topic, retain)] = (struct.pack("!H", len(t)) + t, 4 + len(t) + len(props))
+            parts += (
+                (b"\x33" if retain else b"\x32") + _varint(head[1] + len(payload)) + head[0],
+                mid.to_bytes(2, "big") + props,
+                payload,
+            )
+            fut: asyncio.Future[None] = create()
+            acks[mid] = fut
             futs.append(fut)
-        if buf:
-            write(bytes(buf))
+        if parts:
+            write(b"".join(parts))
         return futs
 
     @property
@@ -404,7 +416,7 @@ class MqttLink:
 
     def _install_gate(self) -> None:
         compat.install_read_gate(self._client, self._gate, self.conn.keepalive)
-        compat.install_fast_publish(self._client, self._on_publish_qos1)
+        compat.install_fast_publish(self._client, self._on_publish_qos1, self._pubacks)
 
 
 def _tls_context(conn: MqttConnection) -> ssl.SSLContext:
@@ -443,6 +455,8 @@ def _describe(exc: BaseException) -> str:
 
 def _varint(n: int) -> bytes:
     """MQTT's variable byte integer (remaining length)."""
+    if n < 128:
+        return bytes((n,))
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import SimpleNamespace
 
 import gmqtt
 import pytest
+from gmqtt.mqtt.utils import IdGenerator
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import _gmqtt_compat as compat
 from gateway.config import MqttConnection
@@ -67,3 +71,30 @@ async def test_every_private_attribute_used_exists_on_a_live_connection(mosquitt
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await link.close()
+
+
+@given(
+    top=st.integers(3, 40),
+    used=st.sets(st.integers(1, 45), max_size=40),
+    last=st.integers(0, 45),
+    n=st.integers(0, 50),
+)
+@settings(max_examples=300, deadline=None)
+def test_next_ids_hands_out_what_gmqtts_generator_would(top: int, used: set[int], last: int, n: int) -> None:
+    def generator() -> IdGenerator:
+        gen = IdGenerator(max=top)
+        gen._used_ids = set(used)
+        gen._last_used_id = last
+        return gen
+
+    theirs = generator()
+    want = []
+    for _ in range(n):
+        try:
+            want.append(theirs._mid_generate())
+        except OverflowError:
+            break
+    ours = generator()
+    got = compat.next_ids(SimpleNamespace(_package_handler=SimpleNamespace(id_generator=ours)), n)
+    assert got == want
+    assert (ours._used_ids, ours._last_used_id) == (theirs._used_ids, theirs._last_used_id)

@@ -15,7 +15,7 @@ from paho.mqtt.properties import Properties
 
 from gateway import _gmqtt_compat as compat
 from gateway.config import MqttConnection
-from gateway.mqtt import MqttLink
+from gateway.mqtt import MqttLink, PublishRefused
 from tests._util import MosquittoBroker, mqtt_client, wait_for
 
 
@@ -166,3 +166,84 @@ async def test_qos1_publishes_reach_on_publish_qos1_and_only_acked_ones_stay_ack
     await session(again, redelivered)
     want = sorted([*sent[100:], ("q1/probe", b"p")])
     assert sorted([(t, p) for t, p, _, _ in again] + slow) == want
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+async def test_pubacks_take_the_fast_path_resolve_in_order_and_free_their_ids(
+    mosquitto: MosquittoBroker, version: str
+) -> None:
+    """The PUBACKs of publish_acked_many's messages are handled straight from the read buffer, a
+    read's worth at a time; a QoS 1 message gmqtt sent itself still has its PUBACK handled by gmqtt."""
+    conn = MqttConnection(type="mqtt", host=mosquitto.host, port=mosquitto.port, version=version)
+    link = MqttLink("out", conn, f"acks-{version}")
+    task = asyncio.create_task(link.run())
+    try:
+        await wait_for(lambda: link.connected, timeout=10)
+        handler = link._client._package_handler
+        general = handler._handle_puback_packet
+        through_gmqtt: list[bytes] = []
+
+        def counted(cmd: int, packet: bytes) -> None:
+            through_gmqtt.append(packet)
+            general(cmd, packet)
+
+        handler._handle_puback_packet = counted
+        with mqtt_client(mosquitto) as sub:
+            sub.subscribe("acks/#", qos=1)
+            done: list[int] = []
+            sent = 0
+            futs: list[asyncio.Future[None]] = []
+            theirs: list[int] = []
+            while sent < 2000:
+                room = link.send_window - link.in_flight
+                if room <= 0:
+                    await asyncio.sleep(0.001)
+                    continue
+                # MQTT 5: Mosquitto acknowledges a message nobody subscribed to with reason 0x10
+                batch = [
+                    (f"acks/{i % 5}" if i % 2 else f"nobody/{i % 5}", b'{"i":%d}' % i, False)
+                    for i in range(sent, min(2000, sent + room))
+                ]
+                new = link.publish_acked_many(batch)
+                for n, fut in enumerate(new):
+                    fut.add_done_callback(lambda f, n=sent + n: done.append(n))
+                futs += new
+                sent += len(new)
+                if sent >= 1000 and not theirs:
+                    theirs.append(1)
+                    link._client.publish("acks/gmqtt", b"its own", qos=1)  # gmqtt stores and acks this one
+            await wait_for(lambda: len(done) == 2000, timeout=20)
+            assert all(f.result() is None for f in futs)
+            assert done == list(range(2000))  # in the order the broker acknowledged them: sent order
+            assert theirs
+            await wait_for(lambda: link._client._persistent_storage.is_empty, timeout=10)
+            assert len(through_gmqtt) == 1  # only the message gmqtt sent itself
+            assert link.in_flight == 0 and not handler.id_generator._used_ids  # every id given back
+            await wait_for(lambda: len(sub.messages) == 1001, timeout=20)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await link.close()
+
+
+async def test_a_puback_refusing_the_message_fails_its_future(mosquitto_factory: Any, tmp_path: Any) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic write allowed/#\n")
+    broker = mosquitto_factory(extra=f"acl_file {acl}")
+    conn = MqttConnection(type="mqtt", host=broker.host, port=broker.port, version="5")
+    link = MqttLink("out", conn, "refused")
+    task = asyncio.create_task(link.run())
+    try:
+        await wait_for(lambda: link.connected, timeout=10)
+        futs = link.publish_acked_many(
+            [("allowed/a", b"{}", False), ("denied/b", b"{}", False), ("allowed/c", b"{}", False)]
+        )
+        await wait_for(lambda: all(f.done() for f in futs), timeout=10)
+        assert futs[0].result() is None and futs[2].result() is None
+        exc = futs[1].exception()
+        assert isinstance(exc, PublishRefused) and exc.reason == 0x87
+        assert link.in_flight == 0 and link.connected
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await link.close()
