@@ -33,7 +33,7 @@ from gateway.api import (
     max_future_field,
 )
 
-__all__ = ["DecodeOptions", "PayloadSource", "check_key", "key_function", "parse_ts"]
+__all__ = ["ConsumerOptions", "DecodeOptions", "PayloadSource", "check_key", "key_function", "parse_ts"]
 
 
 class DecodeOptions(NodeOptions):
@@ -59,6 +59,13 @@ class DecodeOptions(NodeOptions):
     format: Literal["json", "raw"] = Field(
         "json", description="json: the payload is a JSON object or number; raw: the payload is a number in text."
     )
+
+
+class ConsumerOptions(DecodeOptions):
+    """The decode options and the batch size of a source that reads in a consumer group (Kafka,
+    Redis Streams)."""
+
+    batch: int = Field(500, ge=1, le=100_000, description="Largest micro-batch handed to the pipeline.")
 
 
 @cache

@@ -36,7 +36,7 @@ from gateway.api import (
     secret_field,
 )
 from nodes._outlink import Refused, SinkLink, StreamOut, split_row_topic
-from nodes._stream import DecodeOptions, PayloadSource
+from nodes._stream import ConsumerOptions, PayloadSource
 
 __all__ = ["KafkaOut", "KafkaSource"]
 
@@ -282,14 +282,13 @@ class KafkaReadOptions(KafkaClientOptions):
         return [*([self.topic] if self.topic else []), *(self.topics or [])]
 
 
-class KafkaSourceOptions(DecodeOptions, KafkaReadOptions):
+class KafkaSourceOptions(ConsumerOptions, KafkaReadOptions):
     type: Literal["kafka"]
     key: str = Field(
         "record_key",
         description="Event key: `record_key` (the Kafka key; the topic when a record has none), `topic`, "
         "`topic[N]` (a dot-separated part) or a CEL expression over `topic` (its parts) and `payload`.",
     )
-    batch: int = Field(500, ge=1, le=100_000, description="Largest micro-batch handed to the pipeline.")
     session_timeout: Duration = Field(10.0, ge=1, description="The group drops a consumer silent this long.")
 
 

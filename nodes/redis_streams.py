@@ -40,7 +40,7 @@ from gateway.api import (
     register,
 )
 from nodes._outlink import SinkLink, StreamOut, split_row_topic
-from nodes._stream import DecodeOptions, PayloadSource
+from nodes._stream import ConsumerOptions, PayloadSource
 
 __all__ = ["Lookup", "RedisOut", "RedisSource"]
 
@@ -207,7 +207,7 @@ class RedisReadOptions(RedisClientOptions):
         return self
 
 
-class RedisSourceOptions(DecodeOptions, RedisReadOptions):
+class RedisSourceOptions(ConsumerOptions, RedisReadOptions):
     type: Literal["redis"]
     key: str = Field(
         "auto",
