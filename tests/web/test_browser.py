@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from gateway.runtime import Gateway
+from tests._util import wait_for
 
 from .conftest import PASSWORD, Browserish, base_url, web_of
 
@@ -186,6 +187,12 @@ async def test_live_events_and_dead_letters_pages(gw: Gateway, page: Any) -> Non
     await page.click("#tap-pause")
     await playwright_api.expect(page.locator("#tap-pause")).to_have_text("Resume")
     await shot(page, "events")
+    # another node from the picker: the address follows, and only the node shown is tapped
+    hub = web_of(gw).hub
+    await page.select_option("#tap-node", '["plant","sensors"]')
+    await playwright_api.expect(page).to_have_url(re.compile(r"#/events/plant/sensors$"))
+    await wait_for(lambda: set(hub._taps) == {("plant", "sensors")}, timeout=5)
+    await playwright_api.expect(page.locator("#tap-rows")).to_contain_text("pump/vibration", timeout=10_000)
     gw.dead_letters.record("plant", "hot", "value is not a number", None, b'{"v": "x"}')
     await page.goto(base + "/#/deadletters")
     await playwright_api.expect(page.locator("#deadletters")).to_contain_text("value is not a number")
@@ -241,8 +248,6 @@ async def test_charts_draw_rates_and_values_without_csp_violations(gw: Gateway, 
     await page.goto(base + "/#/overview")
     await playwright_api.expect(page.locator('#pipelines tr[data-pipeline="plant"]')).to_be_visible()
     hub = web_of(gw).hub
-    from tests._util import wait_for
-
     await wait_for(lambda: not hub._taps, timeout=5)
 
 

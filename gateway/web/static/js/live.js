@@ -1,5 +1,5 @@
 // The one WebSocket to /ws: subscriptions survive reconnects (capped, jittered backoff).
-import { csrfToken } from "./api.js";
+import { csrfToken, get, h } from "./api.js";
 
 const listeners = new Map(); // type -> Set(fn)
 const subs = new Map(); // json key -> message
@@ -51,4 +51,33 @@ export function connect() {
     attempt++;
     setTimeout(connect, delay);
   });
+}
+
+// The node picker of a page that shows one node's events (Live events, Charts): fills `select`
+// with every node, by pipeline; taps the chosen node's events (one node at a time); keeps the
+// choice in the address (#/<route>/<pipeline>/<node>), and takes it from there (`args`) at load.
+// Returns what ends the tap.
+export function tapPicker(select, route, args) {
+  let unsub = null;
+  function choose(value) {
+    if (unsub) unsub();
+    unsub = null;
+    if (!value) return;
+    const [pipeline, node] = JSON.parse(value);
+    unsub = subscribe("events", { pipeline, node });
+    location.replace(`#/${route}/${encodeURIComponent(pipeline)}/${encodeURIComponent(node)}`);
+  }
+  select.addEventListener("change", () => choose(select.value));
+  get("/api/pipelines").then((d) => {
+    select.append(h("option", { value: "" }, "choose a node…"));
+    for (const p of d.pipelines) {
+      select.append(h("optgroup", { label: p.name },
+        p.nodes.map((n) => h("option", { value: JSON.stringify([p.name, n.id]) }, `${n.id} (${n.type})`))));
+    }
+    if (args.length === 2) {
+      select.value = JSON.stringify(args);
+      choose(select.value);
+    }
+  });
+  return () => { if (unsub) unsub(); };
 }

@@ -3,7 +3,7 @@
 // minutes) and goes on with the live points of the node's event tap. Drawn with the vendored
 // uPlot, loaded only on this page.
 import { get, h } from "../api.js";
-import { on, subscribe } from "../live.js";
+import { on, subscribe, tapPicker } from "../live.js";
 
 const KEEP = 600; // points per series: ten minutes at one per second
 const COLORS = ["#0b6e99", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0550ae", "#57606a", "#953800", "#116329",
@@ -116,7 +116,7 @@ export function start(el, { args }) {
 
   const rates = new Series();
   const values = new Series();
-  let ratesPlot = null, valuesPlot = null, prev = null, unsubEvents = null, stopped = false;
+  let ratesPlot = null, valuesPlot = null, prev = null, stopped = false;
   let U = null;
 
   function redraw(plot, box, title, series, make, rebuild = false) {
@@ -198,33 +198,14 @@ export function start(el, { args }) {
     note.textContent = `${values.names.length} series, ${values.t.length} points`;
   });
 
-  function choose(value) {
-    if (unsubEvents) unsubEvents();
-    unsubEvents = null;
-    if (!value) return;
-    const [pipeline, node] = JSON.parse(value);
-    unsubEvents = subscribe("events", { pipeline, node });
-    location.replace(`#/charts/${encodeURIComponent(pipeline)}/${encodeURIComponent(node)}`);
-  }
-  select.addEventListener("change", () => choose(select.value));
+  const untap = tapPicker(select, "charts", args);
 
   loadUPlot().then((u) => { U = u; }).catch((e) => note.replaceWith(h("p", { class: "error" }, e.message)));
-  get("/api/pipelines").then((d) => {
-    select.append(h("option", { value: "" }, "choose a node…"));
-    for (const p of d.pipelines) {
-      select.append(h("optgroup", { label: p.name },
-        p.nodes.map((n) => h("option", { value: JSON.stringify([p.name, n.id]) }, `${n.id} (${n.type})`))));
-    }
-    if (args.length === 2) {
-      select.value = JSON.stringify(args);
-      choose(select.value);
-    }
-  });
   return {
     stop() {
       stopped = true;
       offStats(); unsubStats(); offEvents();
-      if (unsubEvents) unsubEvents();
+      untap();
       if (ratesPlot) ratesPlot.destroy();
       if (valuesPlot) valuesPlot.destroy();
     },

@@ -1,6 +1,6 @@
 // Live events: a pausable, filterable tail of what one node emits.
-import { get, h } from "../api.js";
-import { on, subscribe } from "../live.js";
+import { h } from "../api.js";
+import { on, tapPicker } from "../live.js";
 
 const KEEP = 200;
 
@@ -14,7 +14,7 @@ export function start(el, { args }) {
     h("div", { class: "toolbar" }, select, filter, pause, status),
     h("div", { class: "scroll" }, h("table", { class: "events" },
       h("thead", {}, h("tr", {}, ["Time", "Key", "Value", "Source"].map((t) => h("th", {}, t)))), tbody)));
-  let paused = false, unsub = null, seen = 0, skipped = 0;
+  let paused = false, seen = 0, skipped = 0;
   const rows = [];
 
   function show(ev) {
@@ -34,15 +34,6 @@ export function start(el, { args }) {
     pause.textContent = paused ? "Resume" : "Pause";
   });
 
-  function choose(value) {
-    if (unsub) unsub();
-    unsub = null;
-    if (!value) return;
-    const [pipeline, node] = JSON.parse(value);
-    unsub = subscribe("events", { pipeline, node });
-    location.replace(`#/events/${encodeURIComponent(pipeline)}/${encodeURIComponent(node)}`);
-  }
-  select.addEventListener("change", () => choose(select.value));
 
   const off = on("events", (m) => {
     seen += m.events.length;
@@ -51,16 +42,6 @@ export function start(el, { args }) {
     if (!paused) m.events.forEach(show);
   });
 
-  get("/api/pipelines").then((d) => {
-    select.append(h("option", { value: "" }, "choose a node…"));
-    for (const p of d.pipelines) {
-      select.append(h("optgroup", { label: p.name },
-        p.nodes.map((n) => h("option", { value: JSON.stringify([p.name, n.id]) }, `${n.id} (${n.type})`))));
-    }
-    if (args.length === 2) {
-      select.value = JSON.stringify(args);
-      choose(select.value);
-    }
-  });
-  return { stop() { off(); if (unsub) unsub(); } };
+  const untap = tapPicker(select, "events", args);
+  return { stop() { off(); untap(); } };
 }
