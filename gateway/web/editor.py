@@ -32,16 +32,6 @@ from ..config import LoadedConfig, MqttConnection, parse_config
 from ..errors import ConfigError, ReloadError
 from ..node import node_types
 from ..redact import mask, redact, redact_text
-from ._yamledit import (
-    DraftError,
-    apply_connections,
-    apply_model,
-    connections_model,
-    diff,
-    import_pipeline,
-    load_model,
-    revision,
-)
 from .auth import IDENTITY
 from .views import model_paths
 
@@ -165,7 +155,11 @@ def _locate(text: str) -> list[tuple[str, list[str]]]:
 
 
 class Editor:
-    """The editor's routes on the console app."""
+    """The editor's routes on the console app.
+
+    The YAML round-trip (:mod:`._yamledit`, ruamel.yaml: ~1.4 MiB resident) is imported by the
+    handlers that edit, at the editor's first use rather than with the console.
+    """
 
     def __init__(self, gw: Gateway):
         self.gw = gw
@@ -191,6 +185,8 @@ class Editor:
             return self.gw.loaded.text
 
     def _remember(self, text: str) -> str:
+        from ._yamledit import revision
+
         rev = revision(text)
         self._seen[rev] = text
         self._seen.move_to_end(rev)
@@ -247,6 +243,8 @@ class Editor:
         return web.json_response(await asyncio.to_thread(palette))
 
     async def api_model(self, request: web.Request) -> web.Response:
+        from ._yamledit import DraftError, load_model
+
         text = await self._current()
         known = set(node_types())
         try:
@@ -274,6 +272,8 @@ class Editor:
 
         ``run``: it is about to be deployed, so ``${VAR}`` is substituted (a draft only validated is not).
         """
+        from ._yamledit import DraftError, apply_model
+
         known = set(node_types())
         try:
             splice = await asyncio.to_thread(apply_model, base, draft, known)
@@ -294,6 +294,8 @@ class Editor:
 
     async def api_validate(self, request: web.Request) -> web.Response:
         """Validate a draft: ``{"model": {...}}`` -> ``{valid, errors, diff}``."""
+        from ._yamledit import diff
+
         self._admin(request)
         body = await self._body(request)
         base = await self._current()
@@ -304,6 +306,7 @@ class Editor:
 
     async def api_deploy(self, request: web.Request) -> web.Response:
         """``{"revision", "model", "positions"}``: validate, hot-reload the changed pipelines, save."""
+        from ._yamledit import diff, revision
         from .views import _save
 
         self._admin(request)
@@ -379,6 +382,8 @@ class Editor:
 
     async def api_connections(self, request: web.Request) -> web.Response:
         """``{connections, schema, revision, secret}``; secret options (passwords) as ``***``."""
+        from ._yamledit import connections_model
+
         self._admin(request)
         text = await self._current()
         schema = MqttConnection.model_json_schema()
@@ -393,6 +398,7 @@ class Editor:
         """``{revision, connections}``: validated with the whole file like ``sluice validate``, then
         saved. A reload changes only pipelines, so the running gateway uses the new connections
         after its next restart; the answer says so (``restart_needed``)."""
+        from ._yamledit import DraftError, apply_connections, connections_model, diff, revision
         from .views import _save
 
         self._admin(request)
@@ -454,6 +460,8 @@ class Editor:
 
     async def api_import(self, request: web.Request) -> web.Response:
         """``{"yaml": "<one pipeline>"}`` -> ``{"pipeline": {...}}`` of the editor model (nothing is saved)."""
+        from ._yamledit import DraftError, import_pipeline
+
         self._admin(request)
         text = await _import_body(request)
         try:
@@ -464,6 +472,8 @@ class Editor:
 
     async def api_export(self, request: web.Request) -> web.Response:
         """One pipeline of the file as YAML text (admins: the text may hold inline secrets)."""
+        from ._yamledit import DraftError
+
         self._admin(request)
         name = request.match_info["name"]
         text = await self._current()
