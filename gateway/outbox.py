@@ -803,8 +803,9 @@ class Outbox:
                 q.append(Row(first + i, r[0], r[1], r[2], r[3], r[4], r[5]))
             for c in conns:
                 cached = self._live.get(c)  # none when every row of c was a result taken before
-                if cached is not None and len(cached) > _LIVE_CACHE:
-                    # nobody is sending (offline): stop keeping a copy; the sender reads from disk
+                if cached is not None and (len(cached) > _LIVE_CACHE or not self._all[c].connected):
+                    # nobody is sending (offline, or far behind): stop keeping a copy, which the next
+                    # connected period would not use (it reads its backlog from disk)
                     cached.clear()
                     self._live_gap[c] = self.last_id
         for c in conns:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import tempfile
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,30 @@ async def test_the_wal_is_cut_back_after_a_big_commit(tmp_path: Path) -> None:
     finally:
         await ob.close()
         task.cancel()
+
+
+# --- memory: an outage does not fill the process -------------------------------------------------
+
+
+async def test_messages_queued_while_offline_are_not_also_held_in_memory(tmp_path: Path) -> None:
+    # The sender reads a backlog from the file when the link comes back; a copy in memory of
+    # what was queued meanwhile would only be dropped then (up to 20,000 messages of it).
+    link = FakeLink()
+    ob, task = await started(tmp_path, link)
+    try:
+        await ob.put(_padded(10))  # the first commit sets up what every later one reuses
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(20):
+                await ob.put(_padded(100))
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held < 1 << 20, held  # the 2,000 messages are 4 MB
+        link.up()
+        await wait_for(lambda: ob.count == 0)
+    finally:
+        await ob.close()
+        task.cancel()
+    assert sorted(m["seq"] for m in link.sent) == list(range(1, 2011))
