@@ -7,6 +7,8 @@ Not a benchmark itself (`make bench` skips files named _*.py). A benchmark run a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import getpass
 import os
 import shutil
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -24,8 +27,10 @@ __all__ = [
     "find_mosquitto",
     "free_port",
     "log",
+    "outbox_with_link",
     "pinned",
     "port_open",
+    "source_cost",
     "stop_process",
     "wait_port",
 ]
@@ -160,3 +165,60 @@ class Mosquitto(Server):
             f"user {getpass.getuser()}\n" + (self.extra.strip() + "\n" if self.extra else "")
         )
         return [binary, "-c", str(conf)]
+
+
+# --- the gateway's own parts, in this process ----------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def outbox_with_link(workdir: Path, name: str, link: Any) -> AsyncIterator[Any]:
+    """A running outbox (``workdir/outbox.db``, a quota no benchmark reaches) with ``link``
+    registered as ``name``: what a sink node's messages go through."""
+    from gateway.outbox import Outbox, OutboxConfig
+
+    outbox = Outbox(workdir / "outbox.db", "gw", {}, OutboxConfig(max_bytes=2_000_000_000, inflight=1000))
+    await outbox.open()
+    task = asyncio.create_task(outbox.run())
+    outbox.register_link(name, link)
+    try:
+        yield outbox
+    finally:
+        await outbox.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def source_cost(source: str, workdir: Path, done: Callable[[Any], bool]) -> tuple[float, float]:
+    """(wall, CPU) seconds a gateway in this process spends from the moment its source node
+    ``source`` (YAML flow mapping with ``id: src``) says it is running until ``done(node)``; the
+    source feeds a sink that does nothing (log at debug), so what is measured is the source.
+    Connecting and joining a consumer group come before and are idle time, not counted."""
+    from gateway.config import parse_config
+    from gateway.runtime import Gateway
+
+    text = f"""\
+gateway: {{id: bench, data_dir: "{workdir}"}}
+pipelines:
+  - name: c
+    nodes:
+      - {source}
+      - {{id: out, type: log, input: src, level: debug}}
+console: {{enabled: false}}
+"""
+    gw = Gateway(parse_config(text, "bench.yaml", {}))
+    task = asyncio.create_task(gw.run(install_signals=False))
+    t = c = None
+    try:
+        while True:
+            p = gw.pipelines.get("c")
+            src = p.nodes[p.index["src"]] if p is not None else None
+            if t is None and src is not None and src.health().get("state") == "running":
+                t, c = time.perf_counter(), time.process_time()
+            if t is not None and done(src):
+                return time.perf_counter() - t, time.process_time() - (c or 0.0)
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+    finally:
+        gw.stop()
+        await asyncio.wait_for(task, 30)

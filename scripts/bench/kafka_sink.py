@@ -36,9 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from _common import Server, free_port, log  # noqa: E402
+from _common import Server, free_port, log, outbox_with_link, source_cost  # noqa: E402
 
-from gateway.outbox import Outbox, OutboxConfig  # noqa: E402
 from nodes.kafka import KafkaLink, KafkaOutOptions  # noqa: E402
 
 GOAL_RATIO = 0.5
@@ -127,12 +126,8 @@ async def sluice(
     opts = KafkaOutOptions(id="out", type="kafka_out", bootstrap_servers=bootstrap, topic=TOPIC,
                            reconnect_max=0.5, request_timeout=5)  # fmt: skip
     name = "kafka:bench/out"
-    outbox = Outbox(workdir / "outbox.db", "gw", {}, OutboxConfig(max_bytes=2_000_000_000, inflight=1000))
-    await outbox.open()
-    task = asyncio.create_task(outbox.run())
-    outbox.register_link(name, KafkaLink(name, opts, "gw", "bench"))
     msgs = [(name, f"{TOPIC}\x00{key}", fields, key) for key, fields in recs]
-    try:
+    async with outbox_with_link(workdir, name, KafkaLink(name, opts, "gw", "bench")) as outbox:
         if broker is not None:
             for i in range(0, len(msgs), batch):
                 await outbox.put(msgs[i : i + batch])
@@ -148,10 +143,6 @@ async def sluice(
             while outbox.count:  # noqa: ASYNC110 -- polling a counter costs the subject nothing
                 await asyncio.sleep(0.005)
         return c, put_done
-    finally:
-        await outbox.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def bare_consume(bootstrap: str, topic: str, n: int) -> tuple[float, float]:
@@ -183,40 +174,9 @@ async def bare_consume(bootstrap: str, topic: str, n: int) -> tuple[float, float
 
 
 async def sluice_consume(bootstrap: str, topic: str, n: int, workdir: Path) -> tuple[float, float]:
-    """A gateway whose pipeline is the kafka source and a sink that does nothing (log at debug)."""
-    from gateway.config import parse_config
-    from gateway.runtime import Gateway
-
-    text = f"""\
-gateway: {{id: bench, data_dir: "{workdir}"}}
-pipelines:
-  - name: c
-    nodes:
-      - {{id: src, type: kafka, bootstrap_servers: "{bootstrap}", topic: {topic}, group: bench-sluice}}
-      - {{id: out, type: log, input: src, level: debug}}
-console: {{enabled: false}}
-"""
-    cpu0 = time.process_time()
-    gw = Gateway(parse_config(text, "bench.yaml", {}))
-    task = asyncio.create_task(gw.run(install_signals=False))
-    first = None
-    try:
-        while True:
-            p = gw.pipelines.get("c")
-            src = p.nodes[p.index["src"]] if p is not None else None
-            if src is not None and src.health().get("state") == "running" and first is None:
-                # joined: from here on the source only fetches and hands over (the group join is idle time)
-                first, cpu0 = time.perf_counter(), time.process_time()
-            if src is not None and src.n_in >= n and src.health().get("pending_batches") == 0:
-                break
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.005)
-        wall, cpu = time.perf_counter() - (first or 0), time.process_time() - cpu0
-    finally:
-        gw.stop()
-        await asyncio.wait_for(task, 30)
-    return wall, cpu
+    """The kafka source in a gateway, from the group joined until it has handed over ``n`` records."""
+    source = f'{{id: src, type: kafka, bootstrap_servers: "{bootstrap}", topic: {topic}, group: bench-sluice}}'
+    return await source_cost(source, workdir, lambda src: src.n_in >= n and src.health()["pending_batches"] == 0)
 
 
 async def main() -> int:

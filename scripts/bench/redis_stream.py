@@ -35,9 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import redis.asyncio as aioredis  # noqa: E402
-from _common import Server, free_port, log  # noqa: E402
+from _common import Server, free_port, log, outbox_with_link, source_cost  # noqa: E402
 
-from gateway.outbox import Outbox, OutboxConfig  # noqa: E402
 from nodes.redis_streams import RedisLink, RedisOutOptions  # noqa: E402
 
 
@@ -83,12 +82,8 @@ async def bare_xadd(url: str, evs: list[tuple[str, dict[str, Any]]]) -> tuple[fl
 async def sluice_out(url: str, workdir: Path, evs: list[tuple[str, dict[str, Any]]], server: Server | None = None):
     opts = RedisOutOptions(id="out", type="redis_out", url=url, stream="sluice", reconnect_max=0.5)
     name = "redis:bench/out"
-    outbox = Outbox(workdir / "outbox.db", "gw", {}, OutboxConfig(max_bytes=2_000_000_000, inflight=1000))
-    await outbox.open()
-    task = asyncio.create_task(outbox.run())
-    outbox.register_link(name, RedisLink(name, opts, "gw", "bench"))
     msgs = [(name, f"sluice\x00{key}", fields, key) for key, fields in evs]
-    try:
+    async with outbox_with_link(workdir, name, RedisLink(name, opts, "gw", "bench")) as outbox:
         if server is not None:
             for i in range(0, len(msgs), 1000):
                 await outbox.put(msgs[i : i + 1000])
@@ -100,10 +95,6 @@ async def sluice_out(url: str, workdir: Path, evs: list[tuple[str, dict[str, Any
         while outbox.count:  # noqa: ASYNC110 -- polling a counter costs the subject nothing
             await asyncio.sleep(0.005)
         return time.perf_counter() - t, time.process_time() - c
-    finally:
-        await outbox.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def bare_read(url: str, stream: str, n: int) -> tuple[float, float]:
@@ -125,38 +116,9 @@ async def bare_read(url: str, stream: str, n: int) -> tuple[float, float]:
 
 
 async def sluice_read(url: str, stream: str, n: int, workdir: Path) -> tuple[float, float]:
-    from gateway.config import parse_config
-    from gateway.runtime import Gateway
-
-    text = f"""\
-gateway: {{id: bench, data_dir: "{workdir}"}}
-pipelines:
-  - name: c
-    nodes:
-      - {{id: src, type: redis, url: "{url}", stream: {stream}, group: sluice, start: earliest}}
-      - {{id: out, type: log, input: src, level: debug}}
-console: {{enabled: false}}
-"""
-    gw = Gateway(parse_config(text, "bench.yaml", {}))
-    task = asyncio.create_task(gw.run(install_signals=False))
-    t = c = None
-    try:
-        while True:
-            p = gw.pipelines.get("c")
-            src = p.nodes[p.index["src"]] if p is not None else None
-            state = src.health().get("state") if src is not None else None
-            if state == "running" and t is None:
-                t, c = time.perf_counter(), time.process_time()
-            if src is not None and src.health()["acked"] >= n:
-                break
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.005)
-        assert t is not None and c is not None
-        return time.perf_counter() - t, time.process_time() - c
-    finally:
-        gw.stop()
-        await asyncio.wait_for(task, 30)
+    """The redis source in a gateway, from its group created until it has acknowledged ``n`` entries."""
+    source = f'{{id: src, type: redis, url: "{url}", stream: {stream}, group: sluice, start: earliest}}'
+    return await source_cost(source, workdir, lambda src: src.health()["acked"] >= n)
 
 
 async def main() -> int:
