@@ -1,6 +1,7 @@
 """What the sources that read named streams share — MQTT, Kafka and Redis Streams: the options
 that say how a message's payload becomes an event, the decoding itself (malformed input counted
-and dead-lettered), and the event key taken from the stream's name.
+and dead-lettered), the event key taken from the stream's name, and, for the sources reading in a
+consumer group (Kafka, Redis), confirming to the peer what the pipeline has taken.
 
 A *name* is where a message came from: an MQTT topic (parts joined by ``/``), a Kafka topic
 (``.``) or a Redis stream (``:``). A source's ``key`` option is the whole name (``topic``, or
@@ -11,6 +12,7 @@ name's parts) and ``payload``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -33,7 +35,15 @@ from gateway.api import (
     max_future_field,
 )
 
-__all__ = ["ConsumerOptions", "DecodeOptions", "PayloadSource", "check_key", "key_function", "parse_ts"]
+__all__ = [
+    "ConsumerOptions",
+    "ConsumerSource",
+    "DecodeOptions",
+    "PayloadSource",
+    "check_key",
+    "key_function",
+    "parse_ts",
+]
 
 
 class DecodeOptions(NodeOptions):
@@ -258,3 +268,32 @@ class PayloadSource(Source):
             self.n_errors += 1
             return None
         return Event(key, ts, value, self.id, {"topic": topic})
+
+
+class ConsumerSource(PayloadSource):
+    """A source that reads in a consumer group and confirms to its peer what the pipeline has
+    taken (Kafka commits offsets, Redis acknowledges entries), a few batches at a time: the
+    source sets ``_confirm_wanted``, and :meth:`_confirmer` (a task of the source's ``run``)
+    waits ``confirm_gather`` for more, then calls :meth:`_confirm`."""
+
+    confirm_gather: ClassVar[float] = 0.05
+
+    def __init__(self, options: ConsumerOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self._confirm_wanted = asyncio.Event()
+        self.state = "starting"
+        self.last_error: str | None = None
+
+    def health(self) -> dict[str, Any]:
+        return {"state": self.state, "error": self.last_error}
+
+    async def _confirm(self) -> None:
+        """Confirm to the peer whatever the pipeline has taken since the last time."""
+        raise NotImplementedError
+
+    async def _confirmer(self) -> None:
+        while True:
+            await self._confirm_wanted.wait()
+            await asyncio.sleep(self.confirm_gather)  # gather a few batches into one confirmation
+            self._confirm_wanted.clear()
+            await self._confirm()

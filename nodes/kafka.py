@@ -36,7 +36,7 @@ from gateway.api import (
     secret_field,
 )
 from nodes._outlink import Refused, SinkLink, StreamOut, split_row_topic
-from nodes._stream import ConsumerOptions, PayloadSource
+from nodes._stream import ConsumerOptions, ConsumerSource
 
 __all__ = ["KafkaOut", "KafkaSource"]
 
@@ -307,7 +307,7 @@ def _rebalance_listener(source: KafkaSource) -> Any:
 
 
 @register
-class KafkaSource(PayloadSource):
+class KafkaSource(ConsumerSource):
     """Consume topics in a consumer group; offsets committed only once the pipeline has taken the records."""
 
     Options = KafkaSourceOptions
@@ -327,19 +327,15 @@ class KafkaSource(PayloadSource):
         self._consumer: Any = None
         self._fifo: deque[list[Any]] = deque()  # [offsets by partition, done?] in hand-over order
         self._ready: dict[Any, int] = {}  # partition -> offset to commit
-        self._commit_wanted = asyncio.Event()
         self._seen: set[Any] = set()
         self._assignment: set[Any] = set()
         self.n_commits = 0
         self.n_pauses = 0
         self.paused = False
-        self.state = "starting"
-        self.last_error: str | None = None
 
     def health(self) -> dict[str, Any]:
         return {
-            "state": self.state,
-            "error": self.last_error,
+            **super().health(),
             "partitions": sorted(f"{tp.topic}/{tp.partition}" for tp in self._assignment),
             "paused": self.paused,
             "commits": self.n_commits,
@@ -390,7 +386,7 @@ class KafkaSource(PayloadSource):
         log.info(
             "kafka source %s/%s: consuming %s as group %s", self.ctx.pipeline, self.id, o.pattern or o.topic_list, group
         )
-        committer = asyncio.create_task(self._committer(), name=f"kafka:commit:{self.ctx.pipeline}:{self.id}")
+        committer = asyncio.create_task(self._confirmer(), name=f"kafka:commit:{self.ctx.pipeline}:{self.id}")
         try:
             while True:
                 if output.full:
@@ -452,14 +448,10 @@ class KafkaSource(PayloadSource):
                     self._ready[tp] = off
                     moved = True
         if moved:
-            self._commit_wanted.set()
+            self._confirm_wanted.set()
 
-    async def _committer(self) -> None:
-        while True:
-            await self._commit_wanted.wait()
-            await asyncio.sleep(0.05)  # gather a few batches into one commit
-            self._commit_wanted.clear()
-            await self._commit_now(None)
+    async def _confirm(self) -> None:
+        await self._commit_now(None)
 
     async def _commit_now(self, only: set[Any] | None) -> None:
         consumer = self._consumer

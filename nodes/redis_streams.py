@@ -40,7 +40,7 @@ from gateway.api import (
     register,
 )
 from nodes._outlink import SinkLink, StreamOut, split_row_topic
-from nodes._stream import ConsumerOptions, PayloadSource
+from nodes._stream import ConsumerOptions, ConsumerSource
 
 __all__ = ["Lookup", "RedisOut", "RedisSource"]
 
@@ -225,11 +225,12 @@ def _number_or_text(v: str) -> Any:
 
 
 @register
-class RedisSource(PayloadSource):
+class RedisSource(ConsumerSource):
     """Read streams in a consumer group; XACK once the pipeline has taken the entries."""
 
     Options = RedisSourceOptions
     options: RedisSourceOptions
+    confirm_gather = 0.02
     name_part = "stream"
     name_sep = ":"
     own_keys = ("auto",)
@@ -239,16 +240,12 @@ class RedisSource(PayloadSource):
         self._client: Any = None
         self._in_flight: set[tuple[str, bytes]] = set()
         self._to_ack: dict[str, list[bytes]] = {}
-        self._ack_wanted = asyncio.Event()
         self.n_acked = 0
         self.n_claimed = 0
-        self.state = "starting"
-        self.last_error: str | None = None
 
     def health(self) -> dict[str, Any]:
         return {
-            "state": self.state,
-            "error": self.last_error,
+            **super().health(),
             "acked": self.n_acked,
             "claimed": self.n_claimed,
             "in_flight": len(self._in_flight),
@@ -284,13 +281,13 @@ class RedisSource(PayloadSource):
             self.state, self.last_error = "running", None
             log.info("redis source %s/%s: reading %s as %s/%s", self.ctx.pipeline, self.id, o.stream_list,
                      self.group, self.consumer_name)  # fmt: skip
-            acker = asyncio.create_task(self._acker(), name=f"redis:ack:{self.ctx.pipeline}:{self.id}")
+            acker = asyncio.create_task(self._confirmer(), name=f"redis:ack:{self.ctx.pipeline}:{self.id}")
             try:
                 await self._read(output, client)
             finally:
                 acker.cancel()
                 await asyncio.gather(acker, return_exceptions=True)
-                await self._ack_now()
+                await self._confirm()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -400,16 +397,10 @@ class RedisSource(PayloadSource):
         for eid in ids:
             self._in_flight.discard((stream, eid))
         self._to_ack.setdefault(stream, []).extend(ids)
-        self._ack_wanted.set()
+        self._confirm_wanted.set()
 
-    async def _acker(self) -> None:
-        while True:
-            await self._ack_wanted.wait()
-            await asyncio.sleep(0.02)  # gather a few batches into one XACK
-            self._ack_wanted.clear()
-            await self._ack_now()
-
-    async def _ack_now(self) -> None:
+    async def _confirm(self) -> None:
+        """XACK what the pipeline has taken."""
         client = self._client
         if client is None or not self._to_ack:
             return
