@@ -40,10 +40,11 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._log import RateLimitedLog
+from ._migrate import Schema, Step, migrate, refuse_newer
 from ._records import RECORD_ERRORS, in_list, storable
 from .errors import SluiceError
 
-__all__ = ["AlertBook", "AlertCommand", "AlertError", "AlertService", "SuppressCommand", "SuppressWindow"]
+__all__ = ["SCHEMA", "AlertBook", "AlertCommand", "AlertError", "AlertService", "SuppressCommand", "SuppressWindow"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -215,6 +216,48 @@ class AlertCommand(BaseModel):
         return self
 
 
+def _alerts_tables(db: sqlite3.Connection) -> None:
+    """Version 1: the alerts and suppressions of release 0.1, from a file of any earlier shape."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_key TEXT NOT NULL,"
+        " pipeline TEXT, node TEXT, key TEXT, severity TEXT, state TEXT NOT NULL, condition TEXT,"
+        " rule TEXT, reading TEXT, count INTEGER NOT NULL, opened_at REAL, updated_at REAL,"
+        " cleared_at REAL, acked_at REAL, acked_by TEXT, resolved_at REAL, resolved_by TEXT, note TEXT,"
+        " connection TEXT, topic TEXT, suppressed INTEGER NOT NULL DEFAULT 0)"
+    )
+    cols = {r[1] for r in db.execute("PRAGMA table_info(alerts)")}
+    if "suppressed" not in cols:  # an alerts.db from before suppression windows
+        db.execute("ALTER TABLE alerts ADD COLUMN suppressed INTEGER NOT NULL DEFAULT 0")
+    # the release loop asks for held alerts every second: a partial index keeps that cheap
+    db.execute("CREATE INDEX IF NOT EXISTS alerts_held ON alerts (id) WHERE suppressed=1")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS suppressions (id INTEGER PRIMARY KEY AUTOINCREMENT, pattern TEXT NOT NULL,"
+        " until REAL NOT NULL, note TEXT, created_at REAL NOT NULL, created_by TEXT)"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS alerts_key ON alerts (alert_key, id)")
+    db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, updated_at)")
+
+
+# Step i takes the file from version i-1 to i (gateway._migrate); never edit one that has shipped, append.
+SCHEMA = Schema(
+    "alerts",
+    (
+        Step("alerts and suppressions tables", _alerts_tables),
+        # Who did what to an alert, kept across a re-raise (which clears acked_by/resolved_by on
+        # the alert itself): ack and resolve by an operator, reopen by the gateway. (IF NOT EXISTS:
+        # files written after it came and before versions came have it already.)
+        Step(
+            "alert_actions table",
+            """
+            CREATE TABLE IF NOT EXISTS alert_actions (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                alert_id INTEGER NOT NULL, at REAL NOT NULL, action TEXT NOT NULL, by TEXT, note TEXT);
+            CREATE INDEX IF NOT EXISTS alert_actions_alert ON alert_actions (alert_id, id);
+            """,
+        ),
+    ),
+)
+
+
 class AlertBook:
     """The alerts of one gateway in ``<data_dir>/alerts.db``; all SQLite work in one thread."""
 
@@ -235,40 +278,26 @@ class AlertBook:
 
     async def open(self) -> None:
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="sluice-alerts")
-        await self._run(self._open)
+        try:
+            await self._run(self._open)
+        except BaseException:  # e.g. a file from a newer Sluice: no thread outlives the failed start
+            self._exec.shutdown(wait=False)
+            self._exec = None
+            raise
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_newer(self.path, SCHEMA)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA cache_size=-256")  # open alerts are looked up by key; history is on disk
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_key TEXT NOT NULL,"
-            " pipeline TEXT, node TEXT, key TEXT, severity TEXT, state TEXT NOT NULL, condition TEXT,"
-            " rule TEXT, reading TEXT, count INTEGER NOT NULL, opened_at REAL, updated_at REAL,"
-            " cleared_at REAL, acked_at REAL, acked_by TEXT, resolved_at REAL, resolved_by TEXT, note TEXT,"
-            " connection TEXT, topic TEXT, suppressed INTEGER NOT NULL DEFAULT 0)"
-        )
-        cols = {r[1] for r in db.execute("PRAGMA table_info(alerts)")}
-        if "suppressed" not in cols:  # an alerts.db from before suppression windows
-            db.execute("ALTER TABLE alerts ADD COLUMN suppressed INTEGER NOT NULL DEFAULT 0")
-        # the release loop asks for held alerts every second: a partial index keeps that cheap
-        db.execute("CREATE INDEX IF NOT EXISTS alerts_held ON alerts (id) WHERE suppressed=1")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS suppressions (id INTEGER PRIMARY KEY AUTOINCREMENT, pattern TEXT NOT NULL,"
-            " until REAL NOT NULL, note TEXT, created_at REAL NOT NULL, created_by TEXT)"
-        )
-        # Who did what to an alert, kept across a re-raise (which clears acked_by/resolved_by on
-        # the alert itself): ack and resolve by an operator, reopen by the gateway.
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS alert_actions (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " alert_id INTEGER NOT NULL, at REAL NOT NULL, action TEXT NOT NULL, by TEXT, note TEXT)"
-        )
-        db.execute("CREATE INDEX IF NOT EXISTS alert_actions_alert ON alert_actions (alert_id, id)")
-        db.execute("CREATE INDEX IF NOT EXISTS alerts_key ON alerts (alert_key, id)")
-        db.execute("CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, updated_at)")
+        try:
+            migrate(db, self.path, SCHEMA)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     async def close(self) -> None:

@@ -4,8 +4,9 @@ A backup is a gzip'd tar holding ``manifest.json`` (format, Sluice version, gate
 size and SHA-256 of every file), the config file, and the data directory: each SQLite database
 copied with SQLite's online backup API — a consistent snapshot even while the gateway writes — and
 every other file (the outgoing sequence number, the console's accounts and key) as it is. Restore
-checks every checksum before it writes anything, refuses an archive of another gateway or a newer
-format, and never overwrites a data directory that holds state unless told to.
+checks every checksum before it writes anything, refuses an archive of another gateway, of a newer
+format or with a database schema newer than this Sluice knows, and never overwrites a data
+directory that holds state unless told to.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._migrate import known_schemas, read_version
 from .config import load_config
 from .errors import SluiceError
 
@@ -152,11 +154,28 @@ def _read_archive(archive: Path, into: Path) -> dict[str, Any]:
     return manifest
 
 
+def _refuse_newer_schemas(archive: Path, manifest: dict[str, Any], stage: Path) -> None:
+    """A database from a newer Sluice would stop the gateway at start: refuse it before anything is written."""
+    for name, schema in known_schemas().items():
+        path = stage / "data" / name
+        try:
+            found = read_version(path)
+        except sqlite3.Error as exc:
+            raise BackupError(f"{archive}: data/{name} is not a readable database ({exc}); nothing restored") from None
+        if found is not None and found > schema.version:
+            raise BackupError(
+                f"{archive} was made by Sluice {manifest.get('sluice_version')}: its {name} has schema version "
+                f"{found}, newer than this Sluice ({__version__}) knows ({schema.version}); install that Sluice "
+                "version or a later one to restore it. Nothing was restored"
+            )
+
+
 def restore(archive: Path, config: Path, *, force: bool = False, with_config: bool = False) -> Summary:
     """Put an archive's data (and with ``with_config`` its config) in place of ``config``'s data_dir."""
     with tempfile.TemporaryDirectory(prefix="sluice-restore-") as tmp:
         stage = Path(tmp)
         manifest = _read_archive(archive, stage)
+        _refuse_newer_schemas(archive, manifest, stage)
         target_cfg = stage / "config.yaml" if with_config else config
         loaded = load_config(target_cfg)
         data = Path(loaded.config.gateway.data_dir)

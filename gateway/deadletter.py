@@ -12,14 +12,27 @@ from pathlib import Path
 from typing import Any
 
 from ._log import RateLimitedLog
+from ._migrate import Schema, Step, migrate, refuse_newer
 from ._records import RECORD_ERRORS, execute_each, storable
 from .events import Event
 from .redact import redact_text
 
-__all__ = ["DeadLetters"]
+__all__ = ["SCHEMA", "DeadLetters"]
 
 log = logging.getLogger(__name__)
 _EXCERPT = 512
+
+# Step i takes the file from version i-1 to i (gateway._migrate); never edit one that has shipped, append.
+SCHEMA = Schema(
+    "dead letters",
+    (
+        Step(
+            "dead_letters table",
+            "CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, "
+            "pipeline TEXT, node TEXT, reason TEXT, key TEXT, payload TEXT)",
+        ),
+    ),
+)
 
 
 def _excerpt(raw: Any) -> str:
@@ -106,14 +119,21 @@ class DeadLetters:
     def _open(self) -> sqlite3.Connection:
         assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_newer(self.path, SCHEMA)
         db = sqlite3.connect(self.path, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA cache_size=-128")  # append-only; reads go through their own connection
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, "
-            "pipeline TEXT, node TEXT, reason TEXT, key TEXT, payload TEXT)"
-        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA cache_size=-128")  # append-only; reads go through their own connection
+            migrate(db, self.path, SCHEMA)
+        except BaseException:
+            db.close()
+            raise
         return db
+
+    async def open(self) -> None:
+        """Open (and upgrade) the file now, so a file this Sluice cannot use stops the start."""
+        if self.path is not None and self._db is None:
+            self._db = await asyncio.to_thread(self._open)
 
     def _write(self, rows: list[tuple[Any, ...]]) -> list[tuple[tuple[Any, ...], BaseException]]:
         """Write rows in one transaction; return those no file could hold (the others are written)."""

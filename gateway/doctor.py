@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import __version__
+from ._migrate import known_schemas, read_version
 from .config import LoadedConfig, MqttConnection, load_config
 from .errors import ConfigError
 from .redact import redact_url
@@ -141,6 +143,43 @@ def check_data_dir(loaded: LoadedConfig) -> list[Check]:
         out.append(Check("disk", OK, free))
     for db in sorted(data.glob("*.db")):
         out.extend(check_database(db))
+    out.extend(check_schemas(data))
+    return out
+
+
+def check_schemas(data: Path) -> list[Check]:
+    """Each database's schema version against the one this Sluice gives it (read-only)."""
+    out: list[Check] = []
+    for name, schema in known_schemas().items():
+        path = data / name
+        try:
+            found = read_version(path)
+        except sqlite3.Error:
+            continue  # check_database already says the file cannot be read
+        if found is None:
+            continue  # created at start
+        known = schema.version
+        if found == known:
+            out.append(Check("schema", OK, f"{name}: schema version {found}, current"))
+        elif found < known:
+            out.append(
+                Check(
+                    "schema",
+                    WARN,
+                    f"{name}: schema version {found}; this Sluice upgrades it to {known} at the gateway's next start",
+                    "restart the gateway (systemctl restart sluice); a backup first (sluice backup) keeps a way back",
+                )
+            )
+        else:
+            out.append(
+                Check(
+                    "schema",
+                    ERROR,
+                    f"{name}: schema version {found} is newer than this Sluice ({__version__}) knows ({known}): "
+                    "the gateway refuses to start on it",
+                    "install the newer Sluice again, or restore a backup made before the upgrade",
+                )
+            )
     return out
 
 

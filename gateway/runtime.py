@@ -21,6 +21,7 @@ from typing import Any
 
 from . import __version__
 from ._heap import trim_heap
+from ._migrate import refuse_newer_files
 from ._state_tools import data_dir_lock
 from .alerts import AlertService
 from .clock import CHECK_INTERVAL, FLOOR_INTERVAL, IngestClock
@@ -462,6 +463,9 @@ class Gateway:
         try:
             # shared: `sluice state …` takes it exclusively, so it cannot change state.db under us
             held.enter_context(data_dir_lock(self.data_dir, exclusive=False))
+            # every file is checked before any is upgraded: after a downgrade nothing gets half-converted
+            await asyncio.to_thread(refuse_newer_files, self.data_dir)
+            await self.dead_letters.open()
             await self.store.start()
             await self._restore(list(self.pipelines.values()))  # state back before anything runs
             orphans = await asyncio.to_thread(self.store.pipeline_names)
@@ -481,14 +485,15 @@ class Gateway:
 
                 self.console = Console(self, cfg.console)
                 await self.console.start()
+            # before the task group too: a database that cannot be opened or upgraded is one line
+            await self.outbox.open()
+            await self.alerts.open()
             async with asyncio.TaskGroup() as tg:
                 aux = [
                     tg.create_task(self.dead_letters.run(), name="deadletters"),
                     tg.create_task(self._watch_clock(), name="clock"),
                 ]
-                await self.outbox.open()
                 aux.append(tg.create_task(self.outbox.run(), name="outbox"))
-                await self.alerts.open()
                 alerts_task = tg.create_task(self.alerts.run(), name="alerts")
                 for name, link in self.links.publishers.items():
                     aux.append(tg.create_task(link.run(), name=f"mqtt:{name}:pub"))

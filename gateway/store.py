@@ -32,18 +32,23 @@ from pathlib import Path
 from typing import Any
 
 from ._log import RateLimitedLog
+from ._migrate import Schema, Step, migrate, refuse_newer
 from ._records import RECORD_ERRORS, execute_each, storable
 from ._retry import backoff
 from .errors import SluiceError
 from .schema import StateConfig
 
-__all__ = ["SCHEMA_VERSION", "Checkpointer", "StateConfig", "StateStore", "StoreError"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "Checkpointer", "StateConfig", "StateStore", "StoreError"]
 
 log = logging.getLogger(__name__)
 
-# Each entry moves the schema from version i to i+1; never edit one that has shipped, append.
-_MIGRATIONS: tuple[str, ...] = (
-    """
+# Step i takes the file from version i-1 to i (gateway._migrate); never edit one that has shipped, append.
+SCHEMA = Schema(
+    "state store",
+    (
+        Step(
+            "state table",
+            """
     CREATE TABLE state (
         pipeline TEXT NOT NULL,
         node TEXT NOT NULL,
@@ -54,7 +59,10 @@ _MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE TABLE schema_version (version INTEGER NOT NULL, applied REAL NOT NULL);
     """,
-    """
+        ),
+        Step(
+            "history table",
+            """
     CREATE TABLE history (
         tier INTEGER NOT NULL,
         key TEXT NOT NULL,
@@ -68,8 +76,11 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (tier, key, bucket)
     ) WITHOUT ROWID;
     """,
+        ),
+    ),
+    log_table="schema_version",
 )
-SCHEMA_VERSION = len(_MIGRATIONS)
+SCHEMA_VERSION = SCHEMA.version
 
 
 _Row = tuple[str, str, str, "bytes | None"]  # pipeline, node, key, value (None: delete)
@@ -141,6 +152,7 @@ class StateStore:
         if self._thread is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_newer(self.path, SCHEMA)  # before anything, even a WAL checkpoint, writes to it
         self._check_integrity()
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
@@ -148,7 +160,7 @@ class StateStore:
             db.execute("PRAGMA synchronous=NORMAL")
             # keep the WAL file itself small on a small card once checkpoints have run
             db.execute("PRAGMA journal_size_limit=4194304")
-            self._migrate(db)
+            migrate(db, self.path, SCHEMA)
             if self.quota_bytes is not None:
                 page = db.execute("PRAGMA page_size").fetchone()[0]
                 db.execute(f"PRAGMA max_page_count={max(8, self.quota_bytes // page)}")
@@ -193,28 +205,6 @@ class StateStore:
             why,
             moved,
         )
-
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                self.path,
-                f"schema version {version} is newer than this Sluice knows "
-                f"({SCHEMA_VERSION}); upgrade Sluice or move the file away",
-            )
-        for v in range(version, SCHEMA_VERSION):
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in _MIGRATIONS[v].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-                db.execute("INSERT INTO schema_version (version, applied) VALUES (?, ?)", (v + 1, time.time()))
-                db.execute(f"PRAGMA user_version={v + 1}")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            log.info("state store %s: schema migrated to version %d", self.path, v + 1)
 
     # --- writing ----------------------------------------------------------------------------
 

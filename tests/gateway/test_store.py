@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway._migrate import SchemaTooNew
 from gateway.store import SCHEMA_VERSION, StateStore, StoreError
 from tests._util import wait_for
 
@@ -94,7 +95,7 @@ async def test_schema_is_versioned(tmp_path: Path) -> None:
         db.commit()
     finally:
         db.close()
-    with pytest.raises(StoreError, match="newer than this Sluice knows"):
+    with pytest.raises(SchemaTooNew, match="newer than this Sluice knows"):
         await StateStore(path).start()
 
 
