@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from gateway._migrate import known_schemas
 from tests._util import MosquittoBroker, free_port, mqtt_client, wait_for_sync
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,3 +177,32 @@ def test_another_gateways_backup_or_existing_state_needs_force(tmp_path: Path) -
     res = cli("restore", str(archive), str(cfg), "--force")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "data.before-restore" / "state.db").exists()
+
+
+def test_a_backup_from_a_newer_schema_is_refused_and_an_older_one_restored(tmp_path: Path) -> None:
+    """An archive is as new as its databases: an older schema is restored (the gateway upgrades it at
+    start); a schema newer than this Sluice knows is refused before anything is written."""
+    fixtures = ROOT / "tests" / "fixtures" / "release-0.1.0"
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(fixtures, old)
+    shutil.copytree(fixtures, new)
+    known = known_schemas()["alerts.db"].version
+    con = sqlite3.connect(new / "alerts.db")
+    con.execute(f"PRAGMA user_version={known + 1}")
+    con.commit()
+    con.close()
+    archives = {}
+    for name, data in (("old", old), ("new", new)):
+        archives[name] = tmp_path / f"{name}.tar.gz"
+        res = cli("backup", str(config(tmp_path / f"{name}.yaml", data, free_port())), "-o", str(archives[name]))
+        assert res.returncode == 0, res.stderr
+    target = config(tmp_path / "t.yaml", tmp_path / "fresh", free_port())
+    res = cli("restore", str(archives["new"]), str(target))
+    assert res.returncode == 1, res.stderr
+    assert f"alerts.db has schema version {known + 1}, newer than this Sluice" in res.stderr, res.stderr
+    assert f"knows ({known})" in res.stderr and "Nothing was restored" in res.stderr, res.stderr
+    assert not (tmp_path / "fresh").exists()
+    res = cli("restore", str(archives["old"]), str(target))
+    assert res.returncode == 0, res.stderr
+    assert rows(tmp_path / "fresh" / "alerts.db", "PRAGMA user_version") == [(0,)]
+    assert count(tmp_path / "fresh" / "alerts.db", "alerts") == 5

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from gateway._migrate import known_schemas
 from tests._util import MosquittoBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,3 +125,29 @@ def test_the_text_report_speaks_plainly(tmp_path: Path) -> None:
     assert "[FAIL] connection" in out.stdout and "nothing listens on that port" in out.stdout
     last = out.stdout.splitlines()[-1]
     assert last.startswith("sluice doctor: ") and "error(s)" in last, last
+
+
+def test_each_databases_schema_version_is_reported(tmp_path: Path) -> None:
+    """Files of release 0.1.0: the state store is current, alerts and the rest wait for an upgrade at
+    the next start, and a file from a newer Sluice is an error; the doctor changes none of them."""
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "release-0.1.0", data)
+    schemas = known_schemas()
+    newer = schemas["deadletter.db"].version + 1
+    con = sqlite3.connect(data / "deadletter.db")
+    con.execute(f"PRAGMA user_version={newer}")
+    con.commit()
+    con.close()
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    rc, report = doctor(write_config(tmp_path, data, free_port()))
+    assert rc == 2
+    schema = {c["message"].split(":")[0]: c for c in report["checks"] if c["area"] == "schema"}
+    assert set(schema) == set(schemas), report
+    assert schema["state.db"]["level"] == "ok"
+    assert schema["state.db"]["message"] == f"state.db: schema version {schemas['state.db'].version}, current"
+    assert schema["alerts.db"]["level"] == "warning"
+    upgrade = f"upgrades it to {schemas['alerts.db'].version} at the gateway's next start"
+    assert upgrade in schema["alerts.db"]["message"]
+    assert schema["deadletter.db"]["level"] == "error"
+    assert f"schema version {newer} is newer than this Sluice" in schema["deadletter.db"]["message"]
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.name in before} == before

@@ -10,16 +10,22 @@ them: they stand for what gateways in the field have on their SD cards.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from gateway._migrate import known_schemas, migrate
 from gateway.store import SCHEMA_VERSION
-from tests._util import MosquittoBroker, mqtt_client, wait_for
+from tests._util import MosquittoBroker, free_port, mqtt_client, wait_for
 from tests.gateway._harness import node, running_gateway
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "release-0.1.0"
@@ -92,9 +98,94 @@ async def test_the_previous_releases_databases_work(tmp_path: Path, mosquitto: M
         assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         con.close()
+    # every file now carries the newest schema version this Sluice knows
+    assert versions(data) == {name: schema.version for name, schema in known_schemas().items()}
     con = sqlite3.connect(data / "deadletter.db")
     try:
         reasons = [r[0] for r in con.execute("SELECT reason FROM dead_letters ORDER BY id")]
     finally:
         con.close()
     assert len(reasons) == 2 and all("not JSON" in r for r in reasons), reasons
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def versions(data: Path) -> dict[str, int]:
+    out = {}
+    for name in known_schemas():
+        con = sqlite3.connect(f"file:{data / name}?mode=ro", uri=True)
+        try:
+            out[name] = con.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            con.close()
+    return out
+
+
+def digests(data: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data.iterdir()) if p.is_file()}
+
+
+def set_version(path: Path, version: int) -> None:
+    con = sqlite3.connect(path)
+    try:
+        con.execute(f"PRAGMA user_version={version}")
+        con.commit()
+    finally:
+        con.close()
+
+
+def sluice_run(config_text: str, tmp_path: Path, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    """``sluice run CONFIG`` in a child process; ``prelude`` runs first in it (a fault injected there)."""
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(config_text)
+    code = f"{prelude}\nimport sys\nfrom gateway.cli import main\nsys.exit(main(['run', {str(cfg)!r}]))"
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.parametrize("name", sorted(known_schemas()))
+def test_a_file_from_a_newer_sluice_is_refused_and_nothing_is_changed(tmp_path: Path, name: str) -> None:
+    """A downgrade after an upgrade: the gateway stops at start, saying which file and both versions,
+    and no file of the data directory is touched (the others are not upgraded either)."""
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES, data)
+    known = known_schemas()[name].version
+    set_version(data / name, known + 1)
+    before = digests(data)
+    out = sluice_run(config(data, free_port()), tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert f"{data / name}: the" in out.stderr, out.stderr
+    assert f"schema version {known + 1} is newer than this Sluice knows ({known}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    after = digests(data)
+    assert {n: after[n] for n in before} == before
+
+
+def test_a_failing_step_is_rolled_back_and_named(tmp_path: Path) -> None:
+    """Fault injection at the one seam there is: a step appended to the alerts schema in the child
+    process (no real upgrade fails on demand). Its first statement succeeds, its second fails; the
+    file must be left exactly as it was, and the error names the file and the step."""
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES, data)
+    for name, schema in known_schemas().items():  # every file at the current version first
+        con = sqlite3.connect(data / name)
+        try:
+            migrate(con, data / name, schema)
+        finally:
+            con.close()
+    before = (data / "alerts.db").read_bytes()
+    prelude = (
+        "import gateway.alerts as a\n"
+        "from gateway._migrate import Schema, Step\n"
+        "a.SCHEMA = Schema(a.SCHEMA.store, (*a.SCHEMA.steps, Step('bad step', "
+        "'CREATE TABLE half_done (x); INSERT INTO no_such_table VALUES (1)')))"
+    )
+    out = sluice_run(config(data, free_port()), tmp_path, prelude)
+    assert out.returncode == 1, out.stderr
+    step = known_schemas()["alerts.db"].version + 1
+    assert f"{data / 'alerts.db'}: upgrading the alerts schema failed at step {step} (bad step)" in out.stderr
+    assert "no such table: no_such_table" in out.stderr and f"left at version {step - 1}" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert (data / "alerts.db").read_bytes() == before
