@@ -135,7 +135,8 @@ class MqttLink:
         )
         self._client.on_lost = self._lost
         self._client.on_acked = self._acked
-        self._acks: dict[int, asyncio.Future[None]] = {}
+        # packet id -> a future, or (settle, index) (publish_acked_calls), until its PUBACK
+        self._acks: dict[int, Any] = {}
         compat.on_refused_puback(self._client, self._refused)
         if conn.username:
             self._client.set_auth_credentials(conn.username, conn.password)
@@ -182,38 +183,51 @@ class MqttLink:
             self._connected.clear()
             self._lost_evt.set()
 
+    def _settle(self, entry: Any, exc: BaseException | None) -> None:
+        """Tell whoever waits for a message's PUBACK: a future, or ``(settle, index)`` from
+        :meth:`publish_acked_calls`."""
+        if type(entry) is tuple:
+            try:
+                entry[0](entry[1], exc)
+            except Exception:  # the caller's callback: its bug must not stop the other messages' acks
+                log.exception("mqtt %s: acknowledging a message failed", self.name)
+        elif not entry.done():
+            if exc is None:
+                entry.set_result(None)
+            else:
+                entry.set_exception(exc)
+
     def _refused(self, mid: int, reason: int) -> None:
-        fut = self._acks.pop(mid, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(PublishRefused(self.name, reason))
+        entry = self._acks.pop(mid, None)
+        if entry is not None:
+            self._settle(entry, PublishRefused(self.name, reason))
 
     def _acked(self, mid: int) -> None:
-        fut = self._acks.pop(mid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        entry = self._acks.pop(mid, None)
+        if entry is not None:
+            self._settle(entry, None)
 
     def _pubacks(self, mids: list[int]) -> None:
         """Successful PUBACKs read from the socket (the fast path of :mod:`gateway._gmqtt_compat`)."""
         acks = self._acks
         release = compat.id_releaser(self._client)
+        settle = self._settle
         for mid in mids:
-            fut = acks.pop(mid, None)
-            if fut is None:  # not one of ours (the status message gmqtt sent): gmqtt's own bookkeeping
+            entry = acks.pop(mid, None)
+            if entry is None:  # not one of ours (the status message gmqtt sent): gmqtt's own bookkeeping
                 compat.puback(self._client, mid)
                 continue
             release(mid)  # sent as raw bytes, so gmqtt stored nothing else for it
-            if not fut.done():
-                fut.set_result(None)
+            settle(entry, None)
 
     def _fail_acks(self, why: str) -> None:
         """Messages awaiting PUBACK on a lost connection will never get it: fail them, free their ids."""
         if not self._acks:
             return
         acks, self._acks = self._acks, {}
-        for mid, fut in acks.items():
+        for mid, entry in acks.items():
             compat.free_id(self._client, mid)
-            if not fut.done():
-                fut.set_exception(LinkError(self.name, why))
+            self._settle(entry, LinkError(self.name, why))
 
     # --- supervisor -----------------------------------------------------------------------
 
@@ -364,16 +378,28 @@ class MqttLink:
         Returns one future per message sent, in order; fewer than given when packet ids ran out
         (send the rest once acknowledgements free some).
         """
+        create = asyncio.get_running_loop().create_future
+        futs: list[asyncio.Future[None]] = [create() for _ in messages]
+        return futs[: self._publish_many(messages, futs)]
+
+    def publish_acked_calls(
+        self, messages: list[tuple[str, bytes, bool]], settle: Callable[[int, BaseException | None], None]
+    ) -> int:
+        """:meth:`publish_acked_many` without a future per message: ``settle(i, exc)`` is called,
+        from the read loop, once ``messages[i]`` is acknowledged (``exc`` is ``None``) or has
+        failed with what its future would have held. Returns how many were sent (the first ones)."""
+        return self._publish_many(messages, [(settle, i) for i in range(len(messages))])
+
+    def _publish_many(self, messages: list[tuple[str, bytes, bool]], waiters: list[Any]) -> int:
         if not self.connected or not self._client.is_connected:
             raise LinkError(self.name, "not connected")
         mqtt5, write = compat.write_raw(self._client)
         props = b"\x00" if mqtt5 else b""  # MQTT 5: an empty property list
-        create = asyncio.get_running_loop().create_future
         acks = self._acks
         parts: list[bytes] = []
-        futs: list[asyncio.Future[None]] = []
         heads: dict[tuple[str, bool], tuple[bytes, int]] = {}  # (topic, retain) -> (its bytes, their length)
-        for (topic, payload, retain), mid in zip(messages, compat.next_ids(self._client, len(messages)), strict=False):
+        mids = compat.next_ids(self._client, len(messages))
+        for (topic, payload, retain), mid, waiter in zip(messages, mids, waiters, strict=False):
             # PUBLISH at QoS 1 built here: gmqtt's builder costs about twice as much per message
             head = heads.get((topic, retain))
             if head is None:
@@ -384,12 +410,10 @@ class MqttLink:
                 mid.to_bytes(2, "big") + props,
                 payload,
             )
-            fut: asyncio.Future[None] = create()
-            acks[mid] = fut
-            futs.append(fut)
+            acks[mid] = waiter
         if parts:
             write(b"".join(parts))
-        return futs
+        return len(mids)
 
     @property
     def in_flight(self) -> int:

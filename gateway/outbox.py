@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -557,6 +558,7 @@ class Outbox:
         self._restart: set[str] = set()  # connections whose in-flight messages were lost
         self._live: dict[str, deque[Row]] = {}  # rows just committed, so sending need not read them back
         self._live_gap: dict[str, int] = {}  # ...complete only for ids above this (default: startup_max)
+        self._topics_ok: set[tuple[str, str]] = set()  # (connection, topic) its link takes, as checked
         self._slot = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._rate = _RateCap(self.config.max_rate)
@@ -654,6 +656,7 @@ class Outbox:
         if name in self._all:
             raise SluiceError(f"outbox: {name!r} is a broker connection's name")
         self._all[name] = self._extra[name] = link
+        self._topics_ok.clear()  # checked by whichever link had the name before
         self._refs[name] = 1
         if self._tg is not None:
             self._start_sender(name)
@@ -739,24 +742,32 @@ class Outbox:
         rows = []
         conns = set()
         results: list[tuple[int, str, str, str]] = []
+        topics_ok = self._topics_ok
         for conn, topic, fields, okey in messages:
             if conn not in self._all:
                 raise SluiceError(f"outbox: unknown connection {conn!r}")
             okey = okey if okey is not None else topic
+            rid = fields.get("result_id") if isinstance(fields, dict) else None
             try:
                 body = fields if isinstance(fields, bytes) else encode_fields(fields)
                 # text the file (and the broker) cannot take is refused here, one message at a
                 # time, rather than failing the whole batch in the writer
-                topic.encode()
                 okey.encode()
-                check = getattr(self._all[conn], "topic_problem", None)  # the link's own rules
-                why = check(topic) if check is not None else None
-                if why is not None:
-                    raise ValueError(why)
+                if isinstance(rid, str):
+                    rid.encode()
+                if (conn, topic) not in topics_ok:  # most messages go to a few topics: checked once
+                    topic.encode()
+                    check = getattr(self._all[conn], "topic_problem", None)  # the link's own rules
+                    why = check(topic) if check is not None else None
+                    if why is not None:
+                        raise ValueError(why)
+                    if len(topics_ok) >= 1024:
+                        topics_ok.clear()
+                    topics_ok.add((conn, topic))
             except (ValueError, RecursionError) as exc:  # a lone surrogate, a cycle, nested too deeply
                 self._reject(conn, topic, fields, exc)
                 continue
-            if isinstance(fields, dict) and isinstance(rid := fields.get("result_id"), str):
+            if isinstance(rid, str):
                 results.append((len(rows), conn, topic, rid))
             if not body.startswith(b"{"):
                 raise ValueError("an outbox message must be a JSON object")
@@ -884,10 +895,15 @@ class Outbox:
         return self._envelope.wrap(row.body, row.id, replayed)
 
     def _on_ack(self, fut: asyncio.Future[None], row: Row) -> None:
-        self._slot.set()
         if fut.cancelled():
+            self._slot.set()
             return
-        exc = fut.exception()
+        self._settled([row], 0, fut.exception())
+
+    def _settled(self, rows: list[Row], i: int, exc: BaseException | None) -> None:
+        """``rows[i]`` was acknowledged (``exc`` is ``None``), refused, or lost before its PUBACK."""
+        self._slot.set()
+        row = rows[i]
         if exc is None:
             self._finish(row)
             self.published += 1
@@ -1023,19 +1039,22 @@ class Outbox:
                 chunk = chunk[:1]
                 await self._rate.take()
             flags = [r.id <= self.startup_max or r.id in self._attempted for r in chunk]
-            futs = link.publish_acked_many(
-                [(r.topic, self._payload(r, f), r.retain) for r, f in zip(chunk, flags, strict=True)]
-            )
-            if not futs:  # no packet id free right now (others use some): wait for an acknowledgement
+            messages = [(r.topic, self._payload(r, f), r.retain) for r, f in zip(chunk, flags, strict=True)]
+            calls = getattr(link, "publish_acked_calls", None)
+            if calls is not None:  # a callback per message instead of a future (MqttLink)
+                sent = calls(messages, partial(self._settled, chunk))
+            else:
+                futs = link.publish_acked_many(messages)
+                for r, fut in zip(chunk, futs, strict=False):
+                    fut.add_done_callback(lambda f, row=r: self._on_ack(f, row))
+                sent = len(futs)
+            if not sent:  # no packet id free right now (others use some): wait for an acknowledgement
                 self._slot.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot.wait(), 0.5)
                 continue
-            for r, replayed, fut in zip(chunk, flags, futs, strict=False):
-                if replayed:
-                    self.replayed += 1
-                fut.add_done_callback(lambda f, row=r: self._on_ack(f, row))
-            i += len(futs)
+            self.replayed += sum(flags[:sent])
+            i += sent
         rows.clear()
 
     # --- reporting -----------------------------------------------------------------------

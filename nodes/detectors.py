@@ -131,8 +131,18 @@ class Threshold(_Detector):
         self._lo_clear = o.clear_above if o.clear_above is not None else o.below
         self._active: dict[str, str] = {}  # key -> "high" | "low"
         self._since: dict[str, tuple[str, float]] = {}  # key -> (side, event time the crossing began)
+        self._rules: dict[tuple[str, str], str] = {}  # (key, side) -> rule text
 
     def _rule(self, key: str, side: str) -> str:
+        # the same few texts over and over under alert load: made once per key and side
+        rule = self._rules.get((key, side))
+        if rule is None:
+            if len(self._rules) >= 4096:
+                self._rules.clear()
+            rule = self._rules[(key, side)] = self._rule_text(key, side)
+        return rule
+
+    def _rule_text(self, key: str, side: str) -> str:
         name = self._name(key)
         held = f" for {self.options.min_duration:g}s" if self.options.min_duration else ""
         if side == "high":

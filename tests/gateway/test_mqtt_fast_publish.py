@@ -5,6 +5,8 @@ fast path), exactly as gmqtt's own path delivers them; whatever the fast path do
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import gmqtt
@@ -15,6 +17,7 @@ from paho.mqtt.properties import Properties
 
 from gateway import _gmqtt_compat as compat
 from gateway.config import MqttConnection
+from gateway.errors import LinkError
 from gateway.mqtt import MqttLink, PublishRefused
 from tests._util import MosquittoBroker, mqtt_client, wait_for
 
@@ -168,12 +171,25 @@ async def test_qos1_publishes_reach_on_publish_qos1_and_only_acked_ones_stay_ack
     assert sorted([(t, p) for t, p, _, _ in again] + slow) == want
 
 
+def publish(link: MqttLink, api: str, messages: list[tuple[str, bytes, bool]], settled: Any) -> int:
+    """Send through ``publish_acked_many`` (a future each) or ``publish_acked_calls`` (a callback);
+    ``settled(i, exc)`` is called either way once message ``i`` is acknowledged or failed."""
+    if api == "calls":
+        return link.publish_acked_calls(messages, settled)
+    futs = link.publish_acked_many(messages)
+    for i, fut in enumerate(futs):
+        fut.add_done_callback(lambda f, i=i: settled(i, f.exception()))
+    return len(futs)
+
+
+@pytest.mark.parametrize("api", ["futures", "calls"])
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
 async def test_pubacks_take_the_fast_path_resolve_in_order_and_free_their_ids(
-    mosquitto: MosquittoBroker, version: str
+    mosquitto: MosquittoBroker, version: str, api: str
 ) -> None:
-    """The PUBACKs of publish_acked_many's messages are handled straight from the read buffer, a
-    read's worth at a time; a QoS 1 message gmqtt sent itself still has its PUBACK handled by gmqtt."""
+    """The PUBACKs of publish_acked_many's (or _calls') messages are handled straight from the
+    read buffer, a read's worth at a time; a QoS 1 message gmqtt sent itself still has its PUBACK
+    handled by gmqtt."""
     conn = MqttConnection(type="mqtt", host=mosquitto.host, port=mosquitto.port, version=version)
     link = MqttLink("out", conn, f"acks-{version}")
     task = asyncio.create_task(link.run())
@@ -191,8 +207,8 @@ async def test_pubacks_take_the_fast_path_resolve_in_order_and_free_their_ids(
         with mqtt_client(mosquitto) as sub:
             sub.subscribe("acks/#", qos=1)
             done: list[int] = []
+            failed: list[BaseException] = []
             sent = 0
-            futs: list[asyncio.Future[None]] = []
             theirs: list[int] = []
             while sent < 2000:
                 room = link.send_window - link.in_flight
@@ -204,16 +220,18 @@ async def test_pubacks_take_the_fast_path_resolve_in_order_and_free_their_ids(
                     (f"acks/{i % 5}" if i % 2 else f"nobody/{i % 5}", b'{"i":%d}' % i, False)
                     for i in range(sent, min(2000, sent + room))
                 ]
-                new = link.publish_acked_many(batch)
-                for n, fut in enumerate(new):
-                    fut.add_done_callback(lambda f, n=sent + n: done.append(n))
-                futs += new
-                sent += len(new)
+
+                def settled(i: int, exc: BaseException | None, first: int = sent) -> None:
+                    done.append(first + i)
+                    if exc is not None:
+                        failed.append(exc)
+
+                sent += publish(link, api, batch, settled)
                 if sent >= 1000 and not theirs:
                     theirs.append(1)
                     link._client.publish("acks/gmqtt", b"its own", qos=1)  # gmqtt stores and acks this one
             await wait_for(lambda: len(done) == 2000, timeout=20)
-            assert all(f.result() is None for f in futs)
+            assert failed == []
             assert done == list(range(2000))  # in the order the broker acknowledged them: sent order
             assert theirs
             await wait_for(lambda: link._client._persistent_storage.is_empty, timeout=10)
@@ -226,7 +244,8 @@ async def test_pubacks_take_the_fast_path_resolve_in_order_and_free_their_ids(
         await link.close()
 
 
-async def test_a_puback_refusing_the_message_fails_its_future(mosquitto_factory: Any, tmp_path: Any) -> None:
+@pytest.mark.parametrize("api", ["futures", "calls"])
+async def test_a_puback_refusing_the_message_fails_it(mosquitto_factory: Any, tmp_path: Any, api: str) -> None:
     acl = tmp_path / "acl"
     acl.write_text("topic write allowed/#\n")
     broker = mosquitto_factory(extra=f"acl_file {acl}")
@@ -235,14 +254,42 @@ async def test_a_puback_refusing_the_message_fails_its_future(mosquitto_factory:
     task = asyncio.create_task(link.run())
     try:
         await wait_for(lambda: link.connected, timeout=10)
-        futs = link.publish_acked_many(
-            [("allowed/a", b"{}", False), ("denied/b", b"{}", False), ("allowed/c", b"{}", False)]
-        )
-        await wait_for(lambda: all(f.done() for f in futs), timeout=10)
-        assert futs[0].result() is None and futs[2].result() is None
-        exc = futs[1].exception()
-        assert isinstance(exc, PublishRefused) and exc.reason == 0x87
+        got: dict[int, BaseException | None] = {}
+        messages = [("allowed/a", b"{}", False), ("denied/b", b"{}", False), ("allowed/c", b"{}", False)]
+        assert publish(link, api, messages, got.__setitem__) == 3
+        await wait_for(lambda: len(got) == 3, timeout=10)
+        assert got[0] is None and got[2] is None
+        assert isinstance(got[1], PublishRefused) and got[1].reason == 0x87
         assert link.in_flight == 0 and link.connected
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await link.close()
+
+
+@pytest.mark.parametrize("api", ["futures", "calls"])
+async def test_messages_unacknowledged_when_the_link_stops_fail_with_link_error(
+    mosquitto: MosquittoBroker, api: str
+) -> None:
+    conn = MqttConnection(type="mqtt", host=mosquitto.host, port=mosquitto.port, version="5")
+    link = MqttLink("out", conn, "stops")
+    task = asyncio.create_task(link.run())
+    try:
+        await wait_for(lambda: link.connected, timeout=10)
+        assert mosquitto.pid is not None
+        os.kill(mosquitto.pid, signal.SIGSTOP)  # the broker reads nothing, acknowledges nothing
+        try:
+            got: dict[int, BaseException | None] = {}
+            assert publish(link, api, [(f"stops/{i}", b"{}", False) for i in range(5)], got.__setitem__) == 5
+            await asyncio.sleep(0)
+            assert got == {} and link.in_flight == 5
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await wait_for(lambda: len(got) == 5, timeout=10)
+            assert all(isinstance(e, LinkError) and "link stopped" in str(e) for e in got.values())
+            assert link.in_flight == 0 and not link._client._package_handler.id_generator._used_ids
+        finally:
+            os.kill(mosquitto.pid, signal.SIGCONT)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

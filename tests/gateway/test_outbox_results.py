@@ -95,3 +95,18 @@ def test_a_file_an_earlier_version_wrote_keeps_its_results(tmp_path: Path) -> No
         assert db.execute("SELECT COUNT(*) FROM results WHERE h IS NULL").fetchone()[0] == 0
     finally:
         db.close()
+
+
+async def test_a_result_id_the_file_cannot_hold_is_refused_alone(tmp_path: Path) -> None:
+    """A lone surrogate in a result id (it came from a reading's key) is dead-lettered; the rest
+    of the batch is committed."""
+    refused: list[tuple[str, str, bytes, str]] = []
+    ob, task = await started(tmp_path, FakeLink())
+    ob.on_refused = lambda *a: refused.append(a)
+    try:
+        assert await ob.put([result("p/w/k/1"), result("p/w/\ud800/2"), result("p/w/k/3")]) == 1
+        assert ob.count == 2 and ob.rejected == 1
+        assert len(refused) == 1 and "not stored in the outbox" in refused[0][3]
+    finally:
+        await ob.close()
+        task.cancel()
