@@ -133,9 +133,10 @@ def known_schemas() -> dict[str, Schema]:
     """Each database file of a data directory and the schema this Sluice gives it."""
     from .alerts import SCHEMA as alerts
     from .deadletter import SCHEMA as dead_letters
+    from .outbox import SCHEMA as outbox
     from .store import SCHEMA as state
 
-    return {"state.db": state, "alerts.db": alerts, "deadletter.db": dead_letters}
+    return {"state.db": state, "outbox.db": outbox, "alerts.db": alerts, "deadletter.db": dead_letters}
 
 
 def refuse_newer_files(data_dir: Path) -> None:

@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from ._log import RateLimitedLog
+from ._migrate import Schema, Step, migrate, refuse_newer
 from ._records import in_list, storable
 from .envelope import Envelope, encode_fields
 from .errors import LinkError, SluiceError
 from .schema import OutboxConfig
 
-__all__ = ["Outbox", "OutboxConfig", "OutboxStore", "SendOrder", "SqliteOutboxStore"]
+__all__ = ["SCHEMA", "Outbox", "OutboxConfig", "OutboxStore", "SendOrder", "SqliteOutboxStore"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,6 +143,42 @@ class OutboxStore(Protocol):
     def close(self) -> None: ...
 
 
+def _tables(db: sqlite3.Connection) -> None:
+    """Version 1: the outbox of release 0.1 and the result ids, from a file of any earlier shape."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, connection TEXT NOT NULL,"
+        " topic TEXT NOT NULL, okey TEXT NOT NULL, body BLOB NOT NULL, retain INTEGER NOT NULL,"
+        " size INTEGER NOT NULL, created REAL NOT NULL)"
+    )
+    db.execute("CREATE TABLE IF NOT EXISTS outbox_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    # result ids of committed messages (window results), kept after the message is delivered:
+    # a restart that computes a result again must not queue it again
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, connection TEXT NOT NULL,"
+        " topic TEXT NOT NULL, rid TEXT NOT NULL, h INTEGER)"
+    )
+
+
+def _index_results(db: sqlite3.Connection) -> None:
+    """Version 2: ``results`` indexed on the hash of each key (:func:`_result_hash`).
+
+    Earlier versions indexed the key's text (``results_rid``), which cost more than the rest of a
+    commit under alert load; a file such a version wrote gets its rows hashed and that index dropped."""
+    if "h" not in {row[1] for row in db.execute("PRAGMA table_info(results)")}:
+        db.execute("ALTER TABLE results ADD COLUMN h INTEGER")
+    db.execute("CREATE INDEX IF NOT EXISTS results_h ON results (h)")
+    old = db.execute("SELECT 1 FROM sqlite_master WHERE type='index' AND name='results_rid'").fetchone()
+    if old is None:
+        return
+    db.create_function("sluice_result_hash", 3, _result_hash, deterministic=True)
+    db.execute("UPDATE results SET h = sluice_result_hash(connection, topic, rid) WHERE h IS NULL")
+    db.execute("DROP INDEX results_rid")
+
+
+# Step i takes the file from version i-1 to i (gateway._migrate); never edit one that has shipped, append.
+SCHEMA = Schema("outbox", (Step("outbox and results tables", _tables), Step("results indexed by hash", _index_results)))
+
+
 class SqliteOutboxStore:
     """The outbox's own SQLite file (WAL, synchronous=FULL, one connection, one thread)."""
 
@@ -158,6 +195,7 @@ class SqliteOutboxStore:
 
     def open(self) -> StoreInfo:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_newer(self.path, SCHEMA)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # Before anything else: a new file is created able to give pages back (an older file is
         # converted by its first reclaim).
@@ -168,20 +206,12 @@ class SqliteOutboxStore:
         # Rows go in at the tail and leave from the head: a small page cache holds both ends (the
         # default 2 MiB only keeps pages of rows already deleted).
         db.execute("PRAGMA cache_size=-256")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, connection TEXT NOT NULL,"
-            " topic TEXT NOT NULL, okey TEXT NOT NULL, body BLOB NOT NULL, retain INTEGER NOT NULL,"
-            " size INTEGER NOT NULL, created REAL NOT NULL)"
-        )
-        db.execute("CREATE TABLE IF NOT EXISTS outbox_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        # result ids of committed messages (window results), kept after the message is delivered:
-        # a restart that computes a result again must not queue it again
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, connection TEXT NOT NULL,"
-            " topic TEXT NOT NULL, rid TEXT NOT NULL, h INTEGER)"
-        )
+        try:
+            migrate(db, self.path, SCHEMA)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
-        self._index_results()
         fresh = db.execute("SELECT 1 FROM sqlite_sequence WHERE name='outbox'").fetchone() is None
         max_id = self._max_id()
         floor = self._read_seq_file()
@@ -197,30 +227,6 @@ class SqliteOutboxStore:
         count, size = self._count, self._bytes = self.stats()
         row = db.execute("SELECT value FROM outbox_meta WHERE name='dropped'").fetchone()
         return StoreInfo(max_id, count, size, row[0] if row else 0)
-
-    def _index_results(self) -> None:
-        """Index ``results`` on the hash of each key (:func:`_result_hash`).
-
-        Earlier versions indexed the key's text (``results_rid``), which cost more than the rest
-        of a commit under alert load; a file such a version wrote (or opened last) gets its rows
-        hashed and that index dropped, once."""
-        db = self._db
-        assert db is not None
-        if "h" not in {row[1] for row in db.execute("PRAGMA table_info(results)")}:
-            db.execute("ALTER TABLE results ADD COLUMN h INTEGER")
-        db.execute("CREATE INDEX IF NOT EXISTS results_h ON results (h)")
-        old = db.execute("SELECT 1 FROM sqlite_master WHERE type='index' AND name='results_rid'").fetchone()
-        if old is None:
-            return
-        db.create_function("sluice_result_hash", 3, _result_hash, deterministic=True)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("UPDATE results SET h = sluice_result_hash(connection, topic, rid) WHERE h IS NULL")
-            db.execute("DROP INDEX results_rid")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _max_id(self) -> int:
         assert self._db is not None

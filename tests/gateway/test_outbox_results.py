@@ -11,6 +11,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from gateway.outbox import SCHEMA
 from tests._util import wait_for
 from tests.gateway.test_outbox import FakeLink, started
 
@@ -93,6 +94,7 @@ def test_a_file_an_earlier_version_wrote_keeps_its_results(tmp_path: Path) -> No
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert "results_rid" not in indexes and "results_h" in indexes
         assert db.execute("SELECT COUNT(*) FROM results WHERE h IS NULL").fetchone()[0] == 0
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA.version  # the re-index was step 2
     finally:
         db.close()
 
