@@ -18,7 +18,8 @@ What a node is made of:
 Hooks the runtime asks a node (all optional, with defaults on the base classes):
 ``check(options, config)`` (validation beyond the model), ``required_services()``,
 ``command_connections(options)``, ``counters()``, ``metrics()``, ``live_topics()``, ``health()``,
-``snapshot()``/``restore()``, ``removed()``.
+``snapshot()``/``restore()``, ``removed()``; for event time, a source's ``declares_watermark``
+with ``SourceOutput.put(..., watermark=t)`` and an operator's ``on_watermark(source, t)``.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ __all__ = [
     "status_topic",
 ]
 
-api_version = "1.1"
+api_version = "1.2"
 """The node API's version: the major number changes when a node written for the previous one
 may no longer work; the minor number when something was added."""
 
@@ -123,10 +124,18 @@ may no longer work; the minor number when something was added."""
 class SourceOutput(Protocol):
     """A source's handle on its pipeline's bounded input queue (the argument of ``Source.run``)."""
 
-    async def put(self, events: list[Event], done: Callable[[], None] | None = None) -> None:
-        """Hand over a batch, waiting while the pipeline is full; ``done`` runs once it is processed."""
+    async def put(
+        self, events: list[Event], done: Callable[[], None] | None = None, *, watermark: float | None = None
+    ) -> None:
+        """Hand over a batch, waiting while the pipeline is full; ``done`` runs once it is processed.
 
-    def put_nowait(self, events: list[Event], done: Callable[[], None] | None = None) -> bool:
+        ``watermark`` (a source with ``declares_watermark``): the source's event-time progress once
+        this batch is in — it goes down the pipeline behind the batch's events, so windows close on
+        it only after taking them. ``events`` may be empty to move the progress alone."""
+
+    def put_nowait(
+        self, events: list[Event], done: Callable[[], None] | None = None, *, watermark: float | None = None
+    ) -> bool:
         """Hand over a batch without waiting; False means the producer should pause."""
 
     @property

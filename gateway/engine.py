@@ -41,6 +41,7 @@ class _Batch:
     events: list[Event]
     done: Callable[[], None] | None = None
     settle: bool = False  # a source's batch that was emptied (dead-lettered): ``done`` waits its turn
+    watermark: float | None = None  # the source's event-time progress once these events are in
 
 
 _STOP: Any = object()
@@ -225,26 +226,32 @@ class SourceQueue:
                 kept.append(ev)
         return kept
 
-    async def put(self, events: list[Event], done: Callable[[], None] | None = None) -> None:
-        """Hand over a batch, waiting while the pipeline is full. ``done`` runs once it is processed."""
+    async def put(
+        self, events: list[Event], done: Callable[[], None] | None = None, *, watermark: float | None = None
+    ) -> None:
+        """Hand over a batch, waiting while the pipeline is full. ``done`` runs once it is processed;
+        ``watermark`` is the source's event-time progress once these events are in."""
         if self._max_future is not None and events:
             events = self._plausible(events)
         if events:
-            await self._q.put(_Batch(self._origin, events, done), len(events))
+            await self._q.put(_Batch(self._origin, events, done, False, watermark), len(events))
             # counted once accepted: a put cancelled while waiting (shutdown) handed nothing over
             self._node.n_out += len(events)
-        elif done is not None:  # everything dead-lettered: acknowledged in its turn, like any batch
-            await self._q.put(_Batch(self._origin, [], done, True), 0)
+        elif done is not None or watermark is not None:
+            # everything dead-lettered: acknowledged in its turn, like any batch; or progress alone
+            await self._q.put(_Batch(self._origin, [], done, done is not None, watermark), 0)
 
-    def put_nowait(self, events: list[Event], done: Callable[[], None] | None = None) -> bool:
+    def put_nowait(
+        self, events: list[Event], done: Callable[[], None] | None = None, *, watermark: float | None = None
+    ) -> bool:
         """Hand over a batch without waiting; returns False when the producer should pause."""
         if self._max_future is not None and events:
             events = self._plausible(events)
         if events:
             self._node.n_out += len(events)
-            self._q.put_nowait(_Batch(self._origin, events, done), len(events))
-        elif done is not None:
-            self._q.put_nowait(_Batch(self._origin, [], done, True), 0)
+            self._q.put_nowait(_Batch(self._origin, events, done, False, watermark), len(events))
+        elif done is not None or watermark is not None:
+            self._q.put_nowait(_Batch(self._origin, [], done, done is not None, watermark), 0)
         return not self._q.full
 
     @property
@@ -307,6 +314,13 @@ class Pipeline:
         for i, n in enumerate(self.nodes):
             if isinstance(n, Source | Operator):
                 self.plans[i] = self._plan(i)
+        # event-time progress declared by sources: which nodes take it, by source
+        self._wm_targets: dict[int, frozenset[int]] = {}
+        for i, n in enumerate(self.nodes):
+            if isinstance(n, Source) and n.declares_watermark:
+                self._wm_targets[i] = targets = self._watermark_targets(i)
+                for t in targets:
+                    self.nodes[t].on_watermark(n.id, -math.inf)  # type: ignore[union-attr]
         self._timed = [
             i for i, n in enumerate(self.nodes) if isinstance(n, Operator) and type(n).on_timer is not Operator.on_timer
         ]
@@ -350,6 +364,20 @@ class Pipeline:
                 reach.add(i)
                 plan.append((i, n, ups))
         return plan
+
+    def _watermark_targets(self, origin: int) -> frozenset[int]:
+        """The operators that take ``origin``'s declared progress: those with ``on_watermark``
+        reached from it through nodes without (a window's output carries its own progress)."""
+        through = {origin}
+        targets = set()
+        for i, n, ups in self.plans[origin]:
+            if not isinstance(n, Operator) or not any(u in through for u in ups):
+                continue
+            if type(n).on_watermark is not Operator.on_watermark:
+                targets.add(i)
+            else:
+                through.add(i)
+        return frozenset(targets)
 
     # --- running ----------------------------------------------------------------------------
 
@@ -627,21 +655,32 @@ class Pipeline:
     def _process(self, item: _Batch) -> list[tuple[int, list[Event]]]:
         slots: dict[int, list[Event]] = {item.origin: item.events}
         to_sinks: list[tuple[int, list[Event]]] = []
+        wm_targets = self._wm_targets.get(item.origin) if item.watermark is not None else None
         for i, node, ups in self.plans[item.origin]:
             if len(ups) == 1:
                 ins = slots.get(ups[0])
             else:
                 ins = [ev for u in ups for ev in slots.get(u, ())]
             if not ins:
-                continue
+                if wm_targets and i in wm_targets:
+                    ins = []
+                else:
+                    continue
             node.n_in += len(ins)
             if isinstance(node, Operator):
                 try:
-                    out = node.process_batch(ins)
+                    out = node.process_batch(ins) if ins else []
+                    if wm_targets and i in wm_targets:
+                        # behind the batch's events, as a Flink watermark follows the records it covers
+                        closed = node.on_watermark(self.nodes[item.origin].id, item.watermark)  # type: ignore[arg-type]
+                        if closed:
+                            out = [*out, *closed]
                 except Exception as exc:  # an operator that broke outside its per-event guard
                     for ev in ins:
                         node.fail(ev, exc)
                     self._failed("operator", node, exc, f"{len(ins)} events dead-lettered", paced=True)
+                    continue
+                if not out:
                     continue
                 node.n_out += len(out)
                 slots[i] = out

@@ -293,6 +293,11 @@ class Source(_Node):
     """How many times backpressure paused the source's reading (``SourceOutput.pause_while_full``)."""
     paused: bool = False
     """Whether its reading is paused now, until the pipeline's queue has room."""
+    declares_watermark: ClassVar[bool] = False
+    """Whether the source says its own event-time progress with ``output.put(..., watermark=t)``
+    (e.g. the slowest of its Kafka partitions). Nodes downstream that keep a watermark then take
+    this source's progress from those declarations only, never from its readings' times, and
+    wait for its first declaration."""
 
     def counters(self) -> dict[str, int]:
         c = super().counters()
@@ -334,6 +339,18 @@ class Operator(_Node):
 
     def on_timer(self, now: float) -> list[Event]:
         """Called about once a second with the monotonic clock; for timeouts and windows."""
+        return []
+
+    def on_watermark(self, source: str, progress: float) -> list[Event]:
+        """Event-time progress declared by source ``source`` (one whose ``declares_watermark`` is
+        true): no reading still to come from it is older than ``progress``, except late ones.
+
+        Called after the node has processed the batch the declaration came with, and once at
+        build time with ``-inf`` (the source holds the watermark back until it declares). An
+        operator that keeps an event-time watermark overrides it and returns what closes; the
+        declaration then stops at it (its own output carries its progress further on). Others
+        let it pass to the nodes below them.
+        """
         return []
 
     async def run(self) -> None:

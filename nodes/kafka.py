@@ -11,6 +11,9 @@ without parsing the value.
 The ``kafka`` source commits a batch's offsets only after every sink it reached has written it
 and, with stateful nodes, after the state checkpoint that holds it is on disk — the same
 guarantee as the QoS 1 MQTT source. A full pipeline pauses the fetch of every assigned partition.
+Its event-time progress is per partition, as in Flink's Kafka source: the newest event time read
+from each assigned partition, the slowest of those not idle declared to the windows downstream
+(:class:`PartitionWatermarks`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import ssl
 from collections import deque
@@ -290,6 +294,83 @@ class KafkaSourceOptions(ConsumerOptions, KafkaReadOptions):
         "`topic[N]` (a dot-separated part) or a CEL expression over `topic` (its parts) and `payload`.",
     )
     session_timeout: Duration = Field(10.0, ge=1, description="The group drops a consumer silent this long.")
+    idle_timeout: Duration | None = Field(
+        60.0,
+        gt=0,
+        description="Event time is tracked per partition and windows follow the slowest one; a partition "
+        "without records for this long (time paused by backpressure does not count) stops holding them back. "
+        "null: a silent partition holds the windows until its next record.",
+    )
+
+
+class PartitionWatermarks:
+    """A consumer's event-time progress, per partition, combined as Flink's Kafka source does.
+
+    Each assigned partition has the newest event time read from it; the source's progress is the
+    minimum over the partitions that are not idle (a partition assigned but not yet read holds it
+    back), so a partition read ahead of another cannot close windows the other still has readings
+    for. A partition without records for ``idle_timeout`` (monotonic seconds, not counting time
+    paused) is idle and stops holding it back (Flink's ``withIdleness``); when every partition is
+    idle the progress is the newest time of any. Rebalances drop revoked partitions and add
+    assigned ones. The progress never goes back. Plain logic: every method takes ``now``.
+    """
+
+    def __init__(self, idle_timeout: float | None):
+        self.idle_timeout = idle_timeout
+        self.value = -math.inf
+        self._newest: dict[Any, float] = {}  # partition -> newest event time read from it
+        self._last: dict[Any, float] = {}  # partition -> when it last had a record (or was assigned)
+        self._paused_at: float | None = None
+
+    def assign(self, partitions: set[Any], now: float) -> None:
+        """The full assignment after a rebalance: new partitions start unread, gone ones are dropped."""
+        for tp in set(self._last) - partitions:
+            self.revoke({tp})
+        now = self._paused_at if self._paused_at is not None else now
+        for tp in partitions:
+            self._last.setdefault(tp, now)
+
+    def revoke(self, partitions: set[Any]) -> None:
+        for tp in partitions:
+            self._last.pop(tp, None)
+            self._newest.pop(tp, None)
+
+    def seen(self, tp: Any, newest: float, now: float) -> None:
+        """Records read from ``tp``, the newest event time among them ``newest`` (-inf: none usable)."""
+        self._last[tp] = now
+        if newest > self._newest.get(tp, -math.inf):
+            self._newest[tp] = newest
+
+    def pause(self, now: float) -> None:
+        if self._paused_at is None:
+            self._paused_at = now
+
+    def resume(self, now: float) -> None:
+        """Time spent paused does not make a partition idle: it had no chance to be read."""
+        if self._paused_at is not None:
+            gap = now - self._paused_at
+            self._paused_at = None
+            for tp in self._last:
+                self._last[tp] += gap
+
+    def idle(self, now: float) -> list[Any]:
+        if self.idle_timeout is None:
+            return []
+        now = self._paused_at if self._paused_at is not None else now
+        return [tp for tp, t in self._last.items() if now - t >= self.idle_timeout]
+
+    def advance(self, now: float) -> float | None:
+        """The progress if it moved on since the last call, else None."""
+        idle = set(self.idle(now))
+        active = [self._newest.get(tp, -math.inf) for tp in self._last if tp not in idle]
+        if active:
+            progress = min(active)
+        else:
+            progress = max(self._newest.values(), default=-math.inf)
+        if progress > self.value:
+            self.value = progress
+            return progress
+        return None
 
 
 def _rebalance_listener(source: KafkaSource) -> Any:
@@ -298,6 +379,7 @@ def _rebalance_listener(source: KafkaSource) -> Any:
 
     class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         async def on_partitions_revoked(self, revoked: Any) -> None:
+            source._partitions.revoke(set(revoked))
             await source._commit_now(set(revoked))
 
         async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -314,6 +396,7 @@ class KafkaSource(ConsumerSource):
     options: KafkaSourceOptions
     name_sep = "."
     own_keys = ("record_key",)
+    declares_watermark = True
 
     @classmethod
     def check(cls, options: NodeOptions, config: Any) -> list[tuple[str, str]]:
@@ -329,6 +412,7 @@ class KafkaSource(ConsumerSource):
         self._ready: dict[Any, int] = {}  # partition -> offset to commit
         self._seen: set[Any] = set()
         self._assignment: set[Any] = set()
+        self._partitions = PartitionWatermarks(options.idle_timeout)
         self.n_commits = 0
         self.n_pauses = 0
         self.paused = False
@@ -340,6 +424,10 @@ class KafkaSource(ConsumerSource):
             "paused": self.paused,
             "commits": self.n_commits,
             "pending_batches": len(self._fifo),
+            "watermark": None if self._partitions.value == -math.inf else self._partitions.value,
+            "idle_partitions": sorted(
+                f"{tp.topic}/{tp.partition}" for tp in self._partitions.idle(self.ctx.monotonic())
+            ),
         }
 
     def make_key(self, spec: str) -> Callable[[str, Any], str]:
@@ -394,6 +482,8 @@ class KafkaSource(ConsumerSource):
                 records = await consumer.getmany(timeout_ms=500, max_records=o.batch)
                 if records:
                     await self._hand_over(records, output)
+                elif (wm := self._partitions.advance(self.ctx.monotonic())) is not None:
+                    await output.put([], watermark=wm)  # a partition fell idle
         finally:
             committer.cancel()
             await asyncio.gather(committer, return_exceptions=True)
@@ -409,33 +499,46 @@ class KafkaSource(ConsumerSource):
         consumer.pause(*parts)
         self.paused = True
         self.n_pauses += 1
+        self._partitions.pause(self.ctx.monotonic())
         room = asyncio.Event()
         output.when_room(room.set)
         try:
             await room.wait()
         finally:
             self.paused = False
+            self._partitions.resume(self.ctx.monotonic())
             consumer.resume(*consumer.assignment())
 
     async def _hand_over(self, records: dict[Any, list[Any]], output: SourceOutput) -> None:
         events: list[Event] = []
         offsets: dict[Any, int] = {}
         decode = self.decode
+        now = self.ctx.monotonic()
+        # a reading further ahead than max_future is dead-lettered on its way in: it moves nothing
+        mf = self.options.max_future
+        horizon = math.inf if mf is None else self.ctx.clock() + mf
         for tp, msgs in records.items():
             self.n_in += len(msgs)
+            newest = -math.inf
             for m in msgs:
                 self._record_key = m.key.decode("utf-8", "replace") if m.key is not None else None
                 ev = decode(m.topic, m.value if m.value is not None else b"null")
                 if ev is not None:
                     ev.meta = {"topic": m.topic, "partition": m.partition, "offset": m.offset}
                     events.append(ev)
+                    if newest < ev.ts <= horizon:
+                        newest = ev.ts
             offsets[tp] = msgs[-1].offset + 1
+            self._partitions.seen(tp, newest, now)
+        wm = self._partitions.advance(now)
         entry: list[Any] = [offsets, False]
         self._fifo.append(entry)
         if events:
-            await output.put(events, partial(self._processed, entry))
+            await output.put(events, partial(self._processed, entry), watermark=wm)
         else:
             self._processed(entry)  # all dead-lettered: done, in its turn
+            if wm is not None:
+                await output.put([], watermark=wm)
 
     def _processed(self, entry: list[Any]) -> None:
         entry[1] = True
@@ -485,6 +588,7 @@ class KafkaSource(ConsumerSource):
 
     async def _assigned(self, assigned: set[Any]) -> None:
         self._assignment = set(assigned)
+        self._partitions.assign(self._assignment, self.ctx.monotonic())
         new = assigned - self._seen
         self._seen |= assigned
         consumer = self._consumer

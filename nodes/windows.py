@@ -309,10 +309,12 @@ class Window(Operator):
 
     **Time.** Event time is ``event.ts``. The watermark is the newest event time seen minus
     ``allowed_lateness``, tracked per source (``event.source``) and taken as the minimum over
-    sources; it never goes back. A source that sent nothing for ``idle_timeout`` (monotonic clock,
-    checked by ``on_timer``) stops holding it back; when every source is idle the watermark moves
-    on with the monotonic clock, so the last windows of a quiet sensor still close. Wall-clock
-    jumps change nothing: no wall clock is read.
+    sources; it never goes back. A source that declares its own progress (the ``kafka`` source:
+    the slowest of its partitions) counts with that instead of its readings' times. A source
+    that sent nothing for ``idle_timeout`` (monotonic clock, checked by ``on_timer``) stops
+    holding it back; when every source is idle the watermark moves on with the monotonic clock,
+    so the last windows of a quiet sensor still close. Wall-clock jumps change nothing: no wall
+    clock is read.
 
     **Closing and lateness.** A window ``[start, end)`` closes, and emits its final result, once
     the watermark reaches ``end``. A reading is *late* when every window it belongs to has closed
@@ -379,6 +381,7 @@ class Window(Operator):
         self._src_n: dict[str, int] = {}
         self._src_seen: dict[str, tuple[int, float]] = {}  # source -> (count at last tick, monotonic time)
         self._idle: set[str] = set()
+        self._declared: set[str] = set()  # sources whose progress comes from on_watermark, not their readings
         # windows
         self._keys: dict[str, Any] = {}  # key -> kind-specific state
         self._cur: dict[str, _Acc] = {}  # tumbling, batch path: key -> its newest open window
@@ -442,6 +445,7 @@ class Window(Operator):
         minmax = self._spec.want_minmax
         wm = self._wm
         route_late = self.options.route_late
+        declared = self._declared
         n_late = 0
         last_src: str | None = None  # the source of the newest maximum, and that maximum
         last_max = -math.inf
@@ -507,9 +511,16 @@ class Window(Operator):
                     else:
                         m = src_max.get(src)
                     if m is None or ts > m:
+                        if declared and src in declared:
+                            last_src, last_max = src, math.inf  # its progress comes from on_watermark
+                            continue
                         src_max[src] = last_max = ts
                         last_src = src
-                        new = ts - lateness if len(src_max) == 1 and not self._idle else self._watermark()
+                        new = (
+                            ts - lateness
+                            if len(src_max) == 1 and not self._idle and not declared
+                            else self._watermark()
+                        )
                         if new > wm:
                             wm = new  # self._wm catches up below, or in _advance
                             if starts and starts[0] + size <= wm:
@@ -559,14 +570,32 @@ class Window(Operator):
                 if src in self._idle:
                     self._idle.discard(src)
             m = self._src_max.get(src)
-            if m is None or ts > m:
+            if (m is None or ts > m) and src not in self._declared:
                 self._src_max[src] = ts
                 self._advance(self._watermark(), out)
         if not out:
             return None
         return out[0] if len(out) == 1 else out
 
+    def on_watermark(self, source: str, progress: float) -> list[Event]:
+        """``source`` declares its event-time progress (the slowest of its Kafka partitions, say):
+        it counts for that source instead of the newest time among its readings."""
+        out: list[Event] = []
+        if self._kind == "count":
+            return out
+        self._declared.add(source)
+        m = self._src_max.get(source)
+        if progress > -math.inf and (m is None or progress > m):
+            self._src_max[source] = progress
+            if self.options.idle_timeout is not None:
+                self._src_n[source] = self._src_n.get(source, 0) + 1
+                self._idle.discard(source)
+            self._advance(self._watermark(), out)
+        return out
+
     def _watermark(self) -> float:
+        if self._declared and not self._declared <= self._src_max.keys():
+            return self._wm  # a source that declares its progress has not declared any yet
         active = [m for s, m in self._src_max.items() if s not in self._idle] if self._idle else self._src_max.values()
         return min(active) - self._lateness if active else self._wm
 

@@ -204,8 +204,8 @@ async def test_kafka_source_no_loss_across_a_gateway_kill(tmp_path: Path, tansu:
     """SIGKILL a gateway subprocess mid-stream: the next one reads what was not committed; nothing is
     lost, and its windows equal those of a run that was never interrupted."""
     n = 5000
-    # one partition: the pipeline's watermark is its newest event time, so a backlog read partition
-    # after partition would make readings late differently from one run to the next
+    # one partition: its newest event time is the watermark as soon as it is read, without waiting
+    # for other partitions to fall idle, so the reference's window count below is exact
     admin = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap)
     await admin.start()
     try:
@@ -375,3 +375,148 @@ console: {{enabled: false}}
             await wait_for(lambda: set(gate1.seen) | set(gate2.seen) == set(map(float, range(n))), timeout=60)
             assert gate2.seen  # the second did take over a partition's records
     assert src1.n_in + src2.n_in >= n
+
+
+# --- event time across partitions -------------------------------------------------------------------
+
+
+class CollectOptions(NodeOptions):
+    type: Literal["t_kafka_collect"]
+
+
+@register
+class Collect(Sink):
+    """A test sink keeping what it was given: (key, ts, value) of each window result."""
+
+    Options = CollectOptions
+
+    def __init__(self, options: CollectOptions, ctx: Any):
+        super().__init__(options, ctx)
+        self.got: list[tuple[str, float, float]] = []
+
+    async def write(self, batch: list[Event]) -> None:
+        self.got.extend((ev.key, ev.ts, ev.value) for ev in batch)
+
+
+async def make_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def produce_to(bootstrap: str, topic: str, partition: int, items: list[tuple[str, dict[str, Any]]]) -> None:
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await p.start()
+    try:
+        for key, value in items:
+            await p.send(topic, json.dumps(value).encode(), key=key.encode(), partition=partition)
+        await p.flush()
+    finally:
+        await p.stop()
+
+
+def window_config(tmp_path: Path, bootstrap: str, topic: str, extra: str = "") -> str:
+    return f"""\
+gateway: {{id: gw4, data_dir: "{tmp_path}/data"}}
+pipelines:
+  - name: c
+    nodes:
+      - {{id: src, type: kafka, bootstrap_servers: "{bootstrap}", topic: {topic}, group: g-{topic}, batch: 20,
+          session_timeout: 6s{extra}}}
+      - {{id: w, type: window, input: src, kind: tumbling, size: 60s, aggregate: sum}}
+      - {{id: got, type: t_kafka_collect, input: w}}
+console: {{enabled: false}}
+"""
+
+
+def tumbling_sums(readings: list[tuple[str, float, float]], size: float) -> dict[tuple[str, float], float]:
+    """The reference: the sum of each key's readings per window, by (key, window end)."""
+    out: dict[tuple[str, float], float] = {}
+    for key, ts, value in readings:
+        end = (ts // size + 1) * size
+        out[(key, end)] = out.get((key, end), 0.0) + value
+    return out
+
+
+T0 = 1_699_999_980.0  # a whole minute
+
+
+async def test_kafka_source_watermark_is_the_slowest_partition(tmp_path: Path, tansu: TansuBroker) -> None:
+    """Partition 0 holds the first and the third hour of readings, partition 1 the second: whatever
+    order the consumer reads them in, no reading is late and the windows equal the reference. (A
+    watermark taken over the whole source closes windows of one partition's hour as soon as a
+    reading of a later hour comes from the other, and drops the rest as late, in either order.)"""
+    await make_topic(tansu.bootstrap, "hours", 2)
+
+    def hour(h: int) -> list[tuple[str, float, float]]:
+        return [(k, T0 + 3600 * h + i * 10, float(1000 * h + i)) for i in range(360) for k in ("a", "b")]
+
+    p0, p1 = hour(0) + hour(2), hour(1)
+    await produce_to(tansu.bootstrap, "hours", 0, [(k, {"value": v, "ts": ts}) for k, ts, v in p0])
+    await produce_to(tansu.bootstrap, "hours", 1, [(k, {"value": v, "ts": ts}) for k, ts, v in p1])
+    newest = T0 + 3 * 3600 - 10
+    expected = {kt: v for kt, v in tumbling_sums(p0 + p1, 60.0).items() if kt[1] <= newest}
+    async with running_gateway(window_config(tmp_path, tansu.bootstrap, "hours", ", idle_timeout: 1s")) as gw:
+        src, w, got = node(gw, "c", "src"), node(gw, "c", "w"), node(gw, "c", "got")
+        await wait_for(lambda: src.counters()["in"] == len(p0 + p1), timeout=60)
+        # once both partitions are read to their end they fall idle, and the watermark is the newest time
+        await wait_for(lambda: w.watermark == newest or w.counters()["late"], timeout=30)
+        assert w.counters()["late"] == 0
+        await wait_for(lambda: len(got.got) == len(expected), timeout=10)
+        assert {(k, ts): v for k, ts, v in got.got} == expected
+        assert src.health()["watermark"] == newest
+
+
+async def test_kafka_source_idle_partition_stops_holding_the_watermark(tmp_path: Path, tansu: TansuBroker) -> None:
+    """Partition 1 never has a record: after idle_timeout it no longer holds the windows back."""
+    await make_topic(tansu.bootstrap, "lonely", 2)
+    readings = [(k, T0 + i * 10, float(i)) for i in range(60) for k in ("a", "b")]
+    await produce_to(tansu.bootstrap, "lonely", 0, [(k, {"value": v, "ts": ts}) for k, ts, v in readings])
+    newest = T0 + 590
+    expected = {kt: v for kt, v in tumbling_sums(readings, 60.0).items() if kt[1] <= newest}
+    async with running_gateway(window_config(tmp_path, tansu.bootstrap, "lonely", ", idle_timeout: 1s")) as gw:
+        src, w, got = node(gw, "c", "src"), node(gw, "c", "w"), node(gw, "c", "got")
+        await wait_for(lambda: len(got.got) == len(expected), timeout=60)
+        assert {(k, ts): v for k, ts, v in got.got} == expected and w.counters()["late"] == 0
+        await wait_for(lambda: src.health()["idle_partitions"] == ["lonely/0", "lonely/1"], timeout=10)
+
+
+def test_partition_watermarks_follow_rebalances_idleness_and_pauses() -> None:
+    """The combining logic on its own (plain data, the times given): Flink's rules."""
+    from nodes.kafka import PartitionWatermarks
+
+    w = PartitionWatermarks(idle_timeout=10.0)
+    w.assign({"p0", "p1"}, now=0.0)
+    w.seen("p0", 500.0, now=1.0)
+    assert w.advance(1.0) is None  # p1 assigned and unread: it holds the progress back
+    w.seen("p1", 100.0, now=2.0)
+    assert w.advance(2.0) == 100.0  # the slower partition
+    w.seen("p0", 900.0, now=3.0)
+    assert w.advance(3.0) is None
+    # paused by backpressure for a long time: nobody is idle for that
+    w.pause(4.0)
+    assert w.idle(100.0) == []
+    w.resume(100.0)
+    assert w.idle(100.0) == [] and w.advance(100.0) is None
+    # p1 quiet for idle_timeout: it stops holding p0 back
+    w.seen("p0", 950.0, now=105.0)
+    assert w.idle(108.0) == ["p1"] and w.advance(108.0) == 950.0
+    # a rebalance: p0 goes, p2 comes (unread): the progress waits for p2, never goes back
+    w.assign({"p1", "p2"}, now=110.0)
+    w.seen("p1", 120.0, now=111.0)
+    assert w.advance(111.0) is None and w.value == 950.0
+    w.seen("p2", 1000.0, now=112.0)
+    w.seen("p1", 1200.0, now=112.0)
+    assert w.advance(112.0) == 1000.0
+    # everything quiet: the newest time of any partition
+    assert w.advance(130.0) == 1200.0
+    w.revoke({"p1", "p2"})
+    assert w.advance(140.0) is None and w.value == 1200.0
+    # no idle_timeout: a silent partition holds the progress for good
+    w = PartitionWatermarks(idle_timeout=None)
+    w.assign({"p0", "p1"}, now=0.0)
+    w.seen("p0", 500.0, now=1.0)
+    assert w.advance(10**6) is None

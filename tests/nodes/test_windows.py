@@ -316,3 +316,25 @@ def test_no_wall_clock_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert out == []
     out = w.on_timer(15.0)  # wm = 107: the session [100, 107) closes
     assert [(e.value, e.meta["final"]) for e in out] == [(2.0, True)]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["on_event", "batch"])
+def test_a_source_that_declares_its_progress_moves_the_watermark_by_that_alone(batch: bool) -> None:
+    """A Kafka source declares the slowest partition's progress: its readings' own times (a
+    partition read ahead) do not close windows; another source waits for its first declaration."""
+    w = make(kind="tumbling", size=10, aggregate="sum")
+    assert w.on_watermark("k", -math.inf) == []  # what the pipeline does when it is built
+
+    def put(events: list[tuple[Any, ...]]) -> list[Event]:
+        if batch:
+            return w.process_batch([Event(k, float(ts), v, src) for k, ts, v, src in events])
+        return feed(w, events)
+
+    assert put([("a", 105, 1.0, "k"), ("a", 3, 2.0, "k"), ("a", 4, 1.0, "m")]) == []
+    assert w.watermark == -math.inf  # "m" alone must not close what "k" may still send
+    out = w.on_watermark("k", 5.0)
+    assert out == [] and w.watermark == 4.0  # the slower of the two sources
+    assert put([("a", 7, 3.0, "k"), ("a", 30, 0.0, "m")]) == []  # 7: not late, "k" is only at 5
+    out = w.on_watermark("k", 25.0)
+    assert [(e.key, e.ts, e.value) for e in out] == [("a", 10.0, 6.0)] and w.counters()["late"] == 0
+    assert w.on_watermark("k", 20.0) == [] and w.watermark == 25.0  # never goes back
