@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from ._migrate import known_schemas, refuse_newer
 from .errors import SluiceError
 
 __all__ = ["data_dir_lock", "reset_watermark"]
@@ -70,6 +71,7 @@ def reset_watermark(db_path: Path, pipeline: str, node: str, cutoff: float) -> d
     """Forget a window node's watermark and drop its windows starting after ``cutoff``, in one transaction."""
     if not db_path.exists():
         raise SluiceError(f"{db_path}: no state store here (has the gateway run with this data_dir?)")
+    refuse_newer(db_path, known_schemas()["state.db"])  # rows of a newer shape are not ours to edit
     db = sqlite3.connect(db_path, isolation_level=None)
     try:
         db.execute("BEGIN IMMEDIATE")

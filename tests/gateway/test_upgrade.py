@@ -189,3 +189,24 @@ def test_a_failing_step_is_rolled_back_and_named(tmp_path: Path) -> None:
     assert "no such table: no_such_table" in out.stderr and f"left at version {step - 1}" in out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     assert (data / "alerts.db").read_bytes() == before
+
+
+def test_sluice_state_refuses_a_state_store_from_a_newer_sluice(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES, data)
+    known = known_schemas()["state.db"].version
+    set_version(data / "state.db", known + 1)
+    before = (data / "state.db").read_bytes()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(config(data, free_port()))
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "state", "reset-watermark", str(cfg), "--pipeline", "p", "--node", "win"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 1, out
+    assert f"schema version {known + 1} is newer than this Sluice knows ({known}" in out.stderr, out.stderr
+    assert (data / "state.db").read_bytes() == before
