@@ -373,6 +373,40 @@ class PartitionWatermarks:
         return None
 
 
+class _PartitionReader:
+    """The consumer's fetching as the engine's backpressure sees a reader
+    (``SourceOutput.pause_while_full``): paused and resumed with aiokafka's per-partition
+    ``pause``/``resume`` of every assigned partition, so the group's heartbeats go on and nothing
+    rebalances. One per consumer: a resume that comes after the consumer stopped touches nothing.
+    """
+
+    __slots__ = ("_consumer", "_now", "_partitions", "closed", "reading", "resumed")
+
+    def __init__(self, consumer: Any, partitions: PartitionWatermarks, now: Callable[[], float]):
+        self._consumer = consumer
+        self._partitions = partitions
+        self._now = now
+        self.closed = False
+        self.reading = True
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+
+    def pause_reading(self) -> None:
+        if self.reading and not self.closed:
+            self.reading = False
+            self.resumed.clear()
+            self._consumer.pause(*self._consumer.assignment())
+            self._partitions.pause(self._now())
+
+    def resume_reading(self) -> None:
+        if not self.reading:
+            self.reading = True
+            if not self.closed:
+                self._partitions.resume(self._now())
+                self._consumer.resume(*self._consumer.assignment())
+            self.resumed.set()
+
+
 def _rebalance_listener(source: KafkaSource) -> Any:
     """aiokafka's rebalance listener: commit what is done before partitions go, seek new ones per ``start``."""
     from aiokafka import ConsumerRebalanceListener
@@ -414,8 +448,6 @@ class KafkaSource(ConsumerSource):
         self._assignment: set[Any] = set()
         self._partitions = PartitionWatermarks(options.idle_timeout)
         self.n_commits = 0
-        self.n_pauses = 0
-        self.paused = False
 
     def health(self) -> dict[str, Any]:
         return {
@@ -434,11 +466,6 @@ class KafkaSource(ConsumerSource):
         if spec == "record_key":
             return lambda topic, body: self._record_key if self._record_key is not None else topic
         return super().make_key(spec)
-
-    def counters(self) -> dict[str, int]:
-        c = super().counters()
-        c["pauses"] = self.n_pauses
-        return c
 
     async def run(self, output: SourceOutput) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -475,16 +502,19 @@ class KafkaSource(ConsumerSource):
             "kafka source %s/%s: consuming %s as group %s", self.ctx.pipeline, self.id, o.pattern or o.topic_list, group
         )
         committer = asyncio.create_task(self._confirmer(), name=f"kafka:commit:{self.ctx.pipeline}:{self.id}")
+        reader = _PartitionReader(consumer, self._partitions, self.ctx.monotonic)
         try:
             while True:
                 if output.full:
-                    await self._pause_until_room(output)
+                    output.pause_while_full(reader)  # the engine resumes it once the queue drained to half
+                    await reader.resumed.wait()
                 records = await consumer.getmany(timeout_ms=500, max_records=o.batch)
                 if records:
                     await self._hand_over(records, output)
                 elif (wm := self._partitions.advance(self.ctx.monotonic())) is not None:
                     await output.put([], watermark=wm)  # a partition fell idle
         finally:
+            reader.closed = True
             committer.cancel()
             await asyncio.gather(committer, return_exceptions=True)
             self._consumer = None
@@ -492,22 +522,6 @@ class KafkaSource(ConsumerSource):
             with contextlib.suppress(Exception):  # best effort: what is not committed comes again
                 await asyncio.wait_for(self._commit_now(None), 5)
             await consumer.stop()
-
-    async def _pause_until_room(self, output: SourceOutput) -> None:
-        consumer = self._consumer
-        parts = consumer.assignment()
-        consumer.pause(*parts)
-        self.paused = True
-        self.n_pauses += 1
-        self._partitions.pause(self.ctx.monotonic())
-        room = asyncio.Event()
-        output.when_room(room.set)
-        try:
-            await room.wait()
-        finally:
-            self.paused = False
-            self._partitions.resume(self.ctx.monotonic())
-            consumer.resume(*consumer.assignment())
 
     async def _hand_over(self, records: dict[Any, list[Any]], output: SourceOutput) -> None:
         events: list[Event] = []

@@ -329,8 +329,11 @@ console: {{enabled: false}}
         await wait_for(lambda: src.health()["paused"] and src.counters()["pauses"] >= 1, timeout=30)
         assert src.counters()["in"] < n  # the rest waits in Kafka, not in memory
         assert src.health()["commits"] == 0  # nothing written, nothing committed
+        # the engine's pause (SourceOutput.pause_while_full) is Kafka's own, per assigned partition
+        assert src._consumer.paused() == src._consumer.assignment() != set()
         GATES["default"].set()
         await wait_for(lambda: len(gate.seen) == n, timeout=30)
+        assert not src.health()["paused"] and src._consumer.paused() == set()
         await wait_for(lambda: not src.health()["pending_batches"] and src.health()["commits"] >= 1, timeout=10)
         assert sorted(gate.seen) == [float(i) for i in range(n)]
         consumer = src._consumer
