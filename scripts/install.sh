@@ -180,7 +180,12 @@ if systemd_here; then
         if ! systemctl restart sluice.service; then
             if [ -n "$CURRENT" ] && [ "$CURRENT" != "venvs/$STAMP" ] && [ -d "$PREFIX/$CURRENT" ]; then
                 ln -sfn "$CURRENT" "$PREFIX/venv.next" && mv -T "$PREFIX/venv.next" "$PREFIX/venv"
-                systemctl restart sluice.service || true
+                if ! systemctl restart sluice.service; then
+                    # the new version may have upgraded a database before it failed: the old one refuses it
+                    die "the new version did not start, and neither does $CURRENT after the roll-back" \
+                        "(journalctl -u sluice): if a database is newer than it knows, restore the backup" \
+                        "taken before the upgrade (docs/install.md, Downgrade) or fix the new version's start"
+                fi
                 die "the new version did not start (journalctl -u sluice); rolled back to $CURRENT"
             fi
             die "the service did not start: journalctl -u sluice -n 50 says why"
