@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from gateway.config import parse_config
+from gateway.config import load_config, parse_config
 from gateway.runtime import Gateway
 from tests._util import wait_for
 
@@ -27,7 +28,20 @@ async def running_gateway(text: str, env: dict[str, str] | None = None) -> Async
     cfg = parse_config(text, "test.yaml", env or {})
     if "console" not in cfg.config.model_fields_set:
         cfg.config.console.port = 0
-    gw = Gateway(cfg)
+    async with _running(Gateway(cfg)) as gw:
+        yield gw
+
+
+@asynccontextmanager
+async def gateway_from_file(path: Path, env: dict[str, str] | None = None) -> AsyncIterator[Gateway]:
+    """Like :func:`running_gateway`, from a config file: for tests that change the file through
+    the console (save, deploy) and read it back."""
+    async with _running(Gateway(load_config(path, env=env or {}))) as gw:
+        yield gw
+
+
+@asynccontextmanager
+async def _running(gw: Gateway) -> AsyncIterator[Gateway]:
     task = asyncio.create_task(gw.run(install_signals=False), name="test-gateway")
     try:
         # generous: starting takes seconds on a loaded machine; a start that fails ends the wait at once

@@ -345,19 +345,13 @@ async def test_logs_page(gw: Gateway, page: Any) -> None:
 
 
 async def test_config_edit_saved_and_hot_reloaded(page: Any, tmp_path: Path) -> None:
-    import asyncio
-
-    from gateway.config import load_config
-    from tests._util import wait_for
+    from tests.gateway._harness import gateway_from_file
 
     from .test_reload import TEXT
 
     path = tmp_path / "gateway.yaml"
     path.write_text(TEXT.format(data=tmp_path / "data").replace(", auth: false", ""))
-    gw = Gateway(load_config(path, env={}))
-    task = asyncio.create_task(gw.run(install_signals=False))
-    try:
-        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
+    async with gateway_from_file(path) as gw:
         other = gw.pipelines["other"]
         base = await logged_in(gw, page)
         await page.goto(base + "/#/config")
@@ -381,6 +375,3 @@ async def test_config_edit_saved_and_hot_reloaded(page: Any, tmp_path: Path) -> 
         await page.click("#save")
         await playwright_api.expect(saved).to_contain_text("needs a restart")
         page.problems.clear()  # the 409 above is the expected answer
-    finally:
-        gw.stop()
-        await asyncio.wait_for(task, 30)

@@ -19,6 +19,7 @@ from gateway.node import node_types
 from gateway.runtime import Gateway
 from gateway.web._yamledit import apply_model, load_model
 from tests._util import free_port, wait_for
+from tests.gateway._harness import gateway_from_file
 
 from .conftest import PASSWORD, Browserish, base_url
 
@@ -55,21 +56,13 @@ console: {{host: 127.0.0.1, port: 0}}
 async def running(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Path, Browserish]]:
     path = tmp_path / "gateway.yaml"
     path.write_text(TEXT.format(data=tmp_path / "data"))
-    gw = Gateway(load_config(path, env={}))
-    task = asyncio.create_task(gw.run(install_signals=False))
-    c: Browserish | None = None
-    try:
-        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
-        if task.done():
-            task.result()
+    async with gateway_from_file(path) as gw:
         c = Browserish(base_url(gw))
-        await c.setup_admin(gw)
-        yield gw, path, c
-    finally:
-        if c is not None:
+        try:
+            await c.setup_admin(gw)
+            yield gw, path, c
+        finally:
             await c.close()
-        gw.stop()
-        await asyncio.wait_for(task, 30)
 
 
 def _node(model: dict[str, Any], pipeline: str, nid: str) -> dict[str, Any]:
@@ -615,38 +608,32 @@ async def test_connections_panel_validates_and_saves_for_the_next_restart(tmp_pa
     while new_port == port:
         new_port = free_port()
     path.write_text(BROKERS.format(data=tmp_path / "data", port=port))
-    gw = Gateway(load_config(path, env={}))
-    task = asyncio.create_task(gw.run(install_signals=False))
-    c: Browserish | None = None
-    try:
-        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
+    async with gateway_from_file(path) as gw:
         c = Browserish(base_url(gw))
-        await c.setup_admin(gw)
-        before = await asyncio.to_thread(path.read_text)
-        _, got = await c.get("/api/editor/connections")
-        assert got["connections"]["plant"]["password"] == "***" and "s3cret" not in json.dumps(got)
-        assert got["schema"]["properties"]["port"]["maximum"] == 65535
-        conns = copy.deepcopy(got["connections"])
-        # a mistake: refused, on its field, nothing written
-        conns["plant"]["port"] = 70000
-        status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
-        assert status == 422 and r["errors"][0]["field"] == "connections.plant.port", r
-        # removing a connection a node uses: refused by the same validation
-        status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": {}})
-        assert status == 422 and "plant" in r["errors"][0]["message"], r
-        conns["plant"]["port"] = new_port
-        status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
-        assert status == 200 and r["saved"] and r["restart_needed"], r
-        after = await asyncio.to_thread(path.read_text)
-        # one line changed, its comment and the password (sent back as ***) kept
-        assert after == before.replace(f"port: {port},", f"port: {new_port},")
-        # the running gateway keeps its connections until a restart
-        assert gw.loaded.config.connections["plant"].port == port
-        # an old revision is refused
-        status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
-        assert status == 409
-    finally:
-        if c is not None:
+        try:
+            await c.setup_admin(gw)
+            before = await asyncio.to_thread(path.read_text)
+            _, got = await c.get("/api/editor/connections")
+            assert got["connections"]["plant"]["password"] == "***" and "s3cret" not in json.dumps(got)
+            assert got["schema"]["properties"]["port"]["maximum"] == 65535
+            conns = copy.deepcopy(got["connections"])
+            # a mistake: refused, on its field, nothing written
+            conns["plant"]["port"] = 70000
+            status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
+            assert status == 422 and r["errors"][0]["field"] == "connections.plant.port", r
+            # removing a connection a node uses: refused by the same validation
+            status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": {}})
+            assert status == 422 and "plant" in r["errors"][0]["message"], r
+            conns["plant"]["port"] = new_port
+            status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
+            assert status == 200 and r["saved"] and r["restart_needed"], r
+            after = await asyncio.to_thread(path.read_text)
+            # one line changed, its comment and the password (sent back as ***) kept
+            assert after == before.replace(f"port: {port},", f"port: {new_port},")
+            # the running gateway keeps its connections until a restart
+            assert gw.loaded.config.connections["plant"].port == port
+            # an old revision is refused
+            status, r = await c.post("/api/editor/connections", {"revision": got["revision"], "connections": conns})
+            assert status == 409
+        finally:
             await c.close()
-        gw.stop()
-        await asyncio.wait_for(task, 30)

@@ -21,6 +21,7 @@ import pytest
 from gateway.config import load_config
 from gateway.runtime import Gateway
 from tests._util import mqtt_client, wait_for
+from tests.gateway._harness import gateway_from_file
 
 from .conftest import PASSWORD, Browserish, base_url
 
@@ -68,12 +69,7 @@ async def started(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
     text = getattr(request, "param", TEXT)
     port = request.getfixturevalue("mosquitto").port if "{port}" in text else 0
     path.write_text(text.format(data=tmp_path / "data", port=port))
-    gw = Gateway(load_config(path, env={}))
-    task = asyncio.create_task(gw.run(install_signals=False))
-    try:
-        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
-        if task.done():
-            task.result()
+    async with gateway_from_file(path) as gw:
         c = Browserish(base_url(gw))
         try:
             await c.setup_admin(gw)
@@ -82,9 +78,6 @@ async def started(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
         finally:
             await c.close()
         yield gw, path
-    finally:
-        gw.stop()
-        await asyncio.wait_for(task, 30)
 
 
 async def login(pg: Any, base: str, name: str = "admin") -> None:
@@ -393,22 +386,13 @@ async def test_websocket_window_threshold_llm_to_console_and_mqtt(
     model = write_tiny_llama(tmp_path / "tiny.gguf")
     path = tmp_path / "gateway.yaml"
     path.write_text(FULL.format(data=tmp_path / "data", port=mosquitto.port, model=model))
-    async with Feed() as feed:
-        gw = Gateway(load_config(path, env={}))
-        task = asyncio.create_task(gw.run(install_signals=False))
+    async with Feed() as feed, gateway_from_file(path) as gw:
+        c = Browserish(base_url(gw))
         try:
-            await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
-            if task.done():
-                task.result()
-            c = Browserish(base_url(gw))
-            try:
-                await c.setup_admin(gw)
-            finally:
-                await c.close()
-            await build_and_deploy(gw, path, page, feed, mosquitto)
+            await c.setup_admin(gw)
         finally:
-            gw.stop()
-            await asyncio.wait_for(task, 30)
+            await c.close()
+        await build_and_deploy(gw, path, page, feed, mosquitto)
 
 
 async def build_and_deploy(gw: Gateway, path: Path, pg: Any, feed: Feed, broker: Any) -> None:

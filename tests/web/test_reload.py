@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
 from gateway.runtime import Gateway
 from tests._util import wait_for
+from tests.gateway._harness import gateway_from_file
 
 from .conftest import Browserish, base_url
 
@@ -31,24 +31,14 @@ console: {{host: 127.0.0.1, port: 0, auth: false}}
 
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Path, Browserish]]:
-    import asyncio
-
     path = tmp_path / "gateway.yaml"
     path.write_text(TEXT.format(data=tmp_path / "data"))
-    gw = Gateway(load_config(path, env={}))
-    task = asyncio.create_task(gw.run(install_signals=False))
-    c: Browserish | None = None
-    try:
-        await wait_for(lambda: gw.state == "running" or task.done(), timeout=10)
-        if task.done():
-            task.result()
+    async with gateway_from_file(path) as gw:
         c = Browserish(base_url(gw))
-        yield gw, path, c
-    finally:
-        if c is not None:
+        try:
+            yield gw, path, c
+        finally:
             await c.close()
-        gw.stop()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_changed_pipeline_restarts_unchanged_keeps_running(running: tuple[Gateway, Path, Browserish]) -> None:
