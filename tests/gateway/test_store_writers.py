@@ -12,6 +12,7 @@ import math
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from gateway.alerts import AlertBook
@@ -123,7 +124,9 @@ async def test_alert_book_rejects_one_item_and_takes_the_rest(tmp_path: Path) ->
 
 async def test_outbox_refuses_one_message_and_commits_the_rest(tmp_path: Path) -> None:
     refused: list[tuple[str, str, bytes, str]] = []
-    ob = Outbox(tmp_path / "outbox.db", "gw1", {"c": object()}, on_refused=lambda *a: refused.append(a))
+    # a link that never connects: this test is about what the store takes, not about sending
+    link = SimpleNamespace(name="c", connected=False, state="down", last_error=None, send_window=1)
+    ob = Outbox(tmp_path / "outbox.db", "gw1", {"c": link}, on_refused=lambda *a: refused.append(a))
     await ob.open()
     try:
         first = await ob.put(
