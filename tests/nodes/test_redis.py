@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from tests._peers import RedisServer
 from tests._util import free_port, wait_for
 from tests.gateway._harness import node, running_gateway
+from tests.nodes._delivery import check_envelopes
 
 
 def sink_config(tmp_path: Path, url: str, *, count: int, interval: str = "1ms", realtime: bool = False,
@@ -65,19 +66,8 @@ async def read_until(reader: Reader, predicate: Any, within: float = 30) -> None
 
 
 def check_entries(entries: list[dict[str, Any]], n: int, *, replayed: set[int] | None = None) -> None:
-    first: dict[int, dict[str, Any]] = {}
-    for e in entries:
-        body = json.loads(e["data"])
-        seq = int(e["seq"])
-        assert body["seq"] == seq and body["gateway_id"] == e["gateway_id"] == "gw1"
-        assert body["replayed"] == (e["replayed"] == "true") and body["pipeline"] == e["pipeline"] == "p"
-        assert body["key"] == e["key"] and body["value"] == {"s1": 1.0, "s2": 2.0}[body["key"]]
-        if seq in first:
-            assert body["replayed"], f"seq {seq} twice without replayed: true"
-        first.setdefault(seq, body)
-    assert set(first) == set(range(1, n + 1)), sorted(set(range(1, n + 1)) - set(first))
-    if replayed is not None:
-        assert {s for s, b in first.items() if b["replayed"]} >= replayed
+    """Every seq 1..n arrived, with the envelope in the data field and the same fields beside it."""
+    check_envelopes(((json.loads(e["data"]), e) for e in entries), n, replayed=replayed)
 
 
 async def test_redis_out_appends_envelopes_and_trims(tmp_path: Path, redis_server: RedisServer) -> None:
