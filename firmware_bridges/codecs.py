@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
 from json.scanner import make_scanner
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -568,8 +569,108 @@ class _CsvDecoder(_RecordDecoder):
         super().__init__(o)
         self.columns: list[str] | None = list(o.columns) if o.columns else None
         self._delimiter = o.delimiter
+        self._delimiter_b = o.delimiter.encode()
+        self._built_for: list[str] | None = None
+        self._build: tuple[Any, Any] | None = None  # the compiled loops for those columns (_layout)
+
+    def _plain_cells(self, pieces: list[bytes]) -> list[float] | None:
+        """The cells of a read that is nothing but rows of plain numbers, as floats, row after row;
+        None when anything in it is otherwise (a header, a label, a quote, an empty or non-finite
+        cell, a wrong cell count, an over-long line), which the per-line loop then says.
+
+        Without a quote character a row has exactly the cells ``split`` gives (RFC 4180 needs the
+        csv module only where a quote is); the cells of the whole read are split and converted in
+        one C-level pass, and every line's own cell count is checked, so no row borrows a cell
+        from its neighbour.
+        """
+        cols = self.columns
+        if cols is None or self._build is None:
+            return None
+        delimiter = self._delimiter_b
+        blob = delimiter.join(pieces)
+        if b'"' in blob or max(map(len, pieces)) > self.max_len:
+            return None
+        # a carriage return only as a CRLF line's last byte (elsewhere the csv module decides)
+        crs = blob.count(b"\r")
+        if crs and crs != sum(map(bytes.endswith, pieces, repeat(b"\r"))):
+            return None
+        if set(map(bytes.count, pieces, repeat(delimiter))) != {len(cols) - 1}:
+            return None
+        try:
+            cells = list(map(float, blob.split(delimiter)))  # float() reads ASCII bytes, spaces around too
+        except ValueError:
+            return None
+        if not math.isfinite(sum(cells)):  # NaN, infinity, or a sum too large: said per line
+            return None
+        return cells
+
+    def _layout(self) -> None:
+        """Compile the loop that turns plain rows into readings for the current columns.
+
+        As for the COBS layouts (and ``namedtuple``), the source is generated: the cells of a row
+        unpacked into locals, the time converted once, each reading or record built as a literal,
+        with no per-cell loop. Only ``repr`` of the column names (from the config or the device's
+        header row) and of the keys goes into the source. ``None`` when a line has no reading
+        (only the time column, or no columns yet): the per-line loop says so.
+        """
+        self._built_for = cols = self.columns
+        self._build = None
+        o = self.o
+        if cols is None or o.device_field is not None or len(set(cols)) != len(cols):
+            return  # (configured columns named twice: the per-line loop keeps the last of each)
+        ts_i = cols.index(o.ts_field) if o.ts_field in cols else -1
+        values = [(f"c{i}", c) for i, c in enumerate(cols) if i != ts_i]
+        if not values:
+            return
+        cells = ", ".join(f"c{i}" for i in range(len(cols)))
+        row = f"    for {cells}, in zip({', '.join(['it'] * len(cols))}):"
+        when = "now"
+        ts = "None"
+        if ts_i >= 0:
+            when = ts = f"(c{ts_i} / 1000.0 if c{ts_i} > 1e11 else c{ts_i})"  # epoch seconds or ms, as _ts
+        if o.record is not None:
+            record = "{" + ", ".join(f"{name!r}: {var}" for var, name in values) + "}"
+            key = repr(self.prefix + o.record)
+            made = [f"make({key}, {when}, {record}, tag)"]
+            plain = [f"({key}, {record}, {ts})"]
+        else:
+            made = [f"make({self.prefix + name!r}, {when if ts_i < 0 else 't'}, {var}, tag)" for var, name in values]
+            plain = [f"({self.prefix + name!r}, {var}, {ts if ts_i < 0 else 't'})" for var, name in values]
+        src = []
+        for head, items in (("run(cells, out)", plain), ("run_as(cells, out, make, now, tag)", made)):
+            src += [f"def {head}:", "    it = iter(cells)", row]
+            if ts_i >= 0 and o.record is None:
+                src.append(f"        t = {ts}")
+            src.append(f"        out += ({', '.join(items)},)")
+        ns: dict[str, Any] = {}
+        exec(compile("\n".join(src) + "\n", "<csv layout>", "exec"), ns)  # generated above from the columns
+        self._build = (ns["run"], ns["run_as"])
+
+    def _pieces_as(
+        self, pieces: list[bytes], out: list[Any], errors: list[DecodeError], make: Make, now: float, tag: str
+    ) -> None:
+        if self.columns is not self._built_for:
+            self._layout()
+        cells = self._plain_cells(pieces)
+        if cells is None or self._build is None:
+            raw: list[RawReading] = []
+            self._by_line(pieces, raw, errors)
+            _made(raw, out, make, now, tag)
+            return
+        self.stats["pieces"] += len(pieces)
+        self._build[1](cells, out, make, now, tag)
 
     def _pieces(self, pieces: list[bytes], readings: list[RawReading], errors: list[DecodeError]) -> None:
+        if self.columns is not self._built_for:
+            self._layout()
+        cells = self._plain_cells(pieces)
+        if cells is None or self._build is None:
+            self._by_line(pieces, readings, errors)
+            return
+        self.stats["pieces"] += len(pieces)
+        self._build[0](cells, readings)
+
+    def _by_line(self, pieces: list[bytes], readings: list[RawReading], errors: list[DecodeError]) -> None:
         """Rows of plain numbers in one loop; headers, quotes, labels and problems go through :meth:`_piece`.
 
         A row without a quote character has exactly the cells ``split`` gives, so the csv module is
