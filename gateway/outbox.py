@@ -997,13 +997,18 @@ class Outbox:
                     # the memory copy holds every row after l_cursor: no need to read them back
                     while cache and cache[0].id <= l_cursor:
                         cache.popleft()
-                    while cache and len(order.live) < batch:
+                    # with no backlog left to take turns with, live rows go out as they come
+                    direct = order.backlog_done
+                    take = out if direct else order.live
+                    while cache and len(take) < batch:
                         r = cache.popleft()
                         if usable(r):
-                            order.live.append(r)
+                            take.append(r)
                         l_cursor = r.id
                     if not cache:
                         l_cursor = max(l_cursor, snap)
+                    if direct:
+                        await self._send_many(conn, link, out)
                     continue
                 await self._send_many(conn, link, out)
                 rows = await self._run(self.store.load, conn, l_cursor, snap, batch)
@@ -1044,8 +1049,9 @@ class Outbox:
             if self._rate.rate is not None:
                 chunk = chunk[:1]
                 await self._rate.take()
-            flags = [r.id <= self.startup_max or r.id in self._attempted for r in chunk]
-            messages = [(r.topic, self._payload(r, f), r.retain) for r, f in zip(chunk, flags, strict=True)]
+            startup_max, attempted, wrap = self.startup_max, self._attempted, self._envelope.wrap
+            flags = [r.id <= startup_max or r.id in attempted for r in chunk]
+            messages = [(r.topic, wrap(r.body, r.id, f), r.retain) for r, f in zip(chunk, flags, strict=True)]
             calls = getattr(link, "publish_acked_calls", None)
             if calls is not None:  # a callback per message instead of a future (MqttLink)
                 sent = calls(messages, partial(self._settled, chunk))
