@@ -173,3 +173,13 @@ async def admin(gw: Gateway, client_factory: Callable[[], Browserish]) -> Browse
     c = client_factory()
     await c.setup_admin(gw)
     return c
+
+
+async def create_admin(gw: Gateway, name: str = "admin") -> None:
+    """The console's first user (``name``, password ``PASSWORD``), made through ``/api/setup``
+    the way the setup page makes it."""
+    c = Browserish(base_url(gw))
+    try:
+        await c.setup_admin(gw, name)
+    finally:
+        await c.close()

@@ -19,7 +19,7 @@ import pytest
 from gateway.runtime import Gateway
 from tests._util import wait_for
 
-from .conftest import PASSWORD, Browserish, base_url, web_of
+from .conftest import PASSWORD, Browserish, base_url, create_admin, web_of
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -85,11 +85,7 @@ async def test_first_visit_creates_admin_then_overview(gw: Gateway, page: Any) -
 
 
 async def test_login_and_live_counters(gw: Gateway, page: Any) -> None:
-    c = Browserish(base_url(gw))
-    try:
-        await c.setup_admin(gw)
-    finally:
-        await c.close()
+    await create_admin(gw)
     base = base_url(gw)
     await page.goto(base + "/")
     await page.wait_for_url(base + "/login")
@@ -123,11 +119,7 @@ def lambda_regex(pattern: str) -> Any:
 
 
 async def logged_in(gw: Gateway, page: Any) -> str:
-    c = Browserish(base_url(gw))
-    try:
-        await c.setup_admin(gw)
-    finally:
-        await c.close()
+    await create_admin(gw)
     base = base_url(gw)
     await page.goto(base + "/login")
     await page.fill("#name", "admin")

@@ -23,7 +23,7 @@ from gateway.runtime import Gateway
 from tests._util import mqtt_client, wait_for
 from tests.gateway._harness import gateway_from_file
 
-from .conftest import PASSWORD, Browserish, base_url
+from .conftest import PASSWORD, Browserish, base_url, create_admin
 
 # the console browser tests' fixtures: Chromium, and a page on which any page error fails the test
 from .test_browser import browser, page, shot  # noqa: F401
@@ -387,11 +387,7 @@ async def test_websocket_window_threshold_llm_to_console_and_mqtt(
     path = tmp_path / "gateway.yaml"
     path.write_text(FULL.format(data=tmp_path / "data", port=mosquitto.port, model=model))
     async with Feed() as feed, gateway_from_file(path) as gw:
-        c = Browserish(base_url(gw))
-        try:
-            await c.setup_admin(gw)
-        finally:
-            await c.close()
+        await create_admin(gw)
         await build_and_deploy(gw, path, page, feed, mosquitto)
 
 

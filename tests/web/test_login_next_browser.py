@@ -9,7 +9,7 @@ import pytest
 
 from gateway.runtime import Gateway
 
-from .conftest import PASSWORD, Browserish, base_url
+from .conftest import PASSWORD, base_url, create_admin
 from .test_browser import browser, page  # noqa: F401  (fixtures: Chromium and a page that fails on errors)
 
 
@@ -23,11 +23,7 @@ from .test_browser import browser, page  # noqa: F401  (fixtures: Chromium and a
     ],
 )
 async def test_login_next_lands_on_the_console(gw: Gateway, page: Any, given: str, lands: str) -> None:  # noqa: F811
-    c = Browserish(base_url(gw))
-    try:
-        await c.setup_admin(gw)
-    finally:
-        await c.close()
+    await create_admin(gw)
     base = base_url(gw)
     await page.goto(f"{base}/login?next={quote(given, safe='')}")
     await page.fill("#name", "admin")
