@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,7 +251,7 @@ class HomeAssistant(Sink):
         runner = asyncio.create_task(link.run(), name=f"mqtt:{self.options.connection}:ha:{self.id}")
         try:
             connects = 0
-            started = time.monotonic()
+            started = self.ctx.monotonic()  # the node's clock: a test moves it, a wall-clock step does not
             swept = False
             while True:
                 await link.wait_connected()
@@ -263,7 +262,7 @@ class HomeAssistant(Sink):
                     waiting, self._waiting = self._waiting, {}
                     for slug, payload in waiting.items():
                         self._send_state(slug, payload)
-                if not swept and time.monotonic() - started >= self.options.cleanup_after:
+                if not swept and self.ctx.monotonic() - started >= self.options.cleanup_after:
                     swept = True
                     self._remove_stale_devices()
                 with contextlib.suppress(TimeoutError):

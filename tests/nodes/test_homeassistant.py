@@ -164,3 +164,28 @@ async def test_a_removal_the_broker_cannot_take_now_is_done_at_the_next_start(
         async with running_gateway(without):
             await wait_for(lambda: configs(sub, topic)[-1:] == [{}], timeout=30)
             await wait_for(lambda: not record.exists(), timeout=10)
+
+
+async def test_cleanup_after_is_timed_by_the_nodes_monotonic_clock(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """``cleanup_after`` is measured on ``ctx.monotonic``: an hour on the node's clock removes the
+    devices of nodes gone from the config, though only a moment passed on the process's clock."""
+    from tests.gateway._harness import node
+
+    data = tmp_path / "data"
+    topic = "homeassistant/device/sluice_gw-ha_boiler_ha/config"
+    with mqtt_client(mosquitto, subscribe=["homeassistant/#"]) as sub:
+        async with running_gateway(config(data, mosquitto.port, BOILER)) as gw:
+            await asyncio.to_thread(post, gw, "in", {"key": "boiler", "value": 50.0})
+            await wait_for(lambda: configs(sub, topic), timeout=20)
+        # the boiler pipeline is gone; the room's node removes its device after an hour of its clock
+        async with running_gateway(
+            config(data, mosquitto.port, ROOM.replace("cleanup_after: 1s", "cleanup_after: 1h"))
+        ) as gw:
+            ha2 = node(gw, "room", "ha2")
+            now = [ha2.ctx.monotonic()]
+            ha2.ctx.monotonic = lambda: now[0]
+            await asyncio.to_thread(post, gw, "in2", {"key": "room", "value": 21.0})
+            await wait_for(lambda: configs(sub, "homeassistant/device/sluice_gw-ha_room_ha2/config"), timeout=20)
+            assert {} not in configs(sub, topic)  # not yet: the node's clock has not moved
+            now[0] += 3601.0  # an hour and a second: (t + 3600) - t may round below 3600
+            await wait_for(lambda: configs(sub, topic)[-1:] == [{}], timeout=20)
