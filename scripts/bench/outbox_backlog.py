@@ -405,9 +405,9 @@ async def main() -> int:
     base = sum(bases) / len(bases)
     table(rows, base, bases)
     main_row = max((r for r in rows if not r["label"].startswith("q")), key=lambda r: r["n"])
-    for r in rows:
-        if r["lost"] or r["bad_result_id"] or r["unexpected"] or not r["complete"]:
-            print(f"PROBLEM at {r['label']}: {r}")
+    problems = [r for r in rows if r["lost"] or r["bad_result_id"] or r["unexpected"] or not r["complete"]]
+    for r in problems:
+        print(f"PROBLEM at {r['label']}: {r}")
     print(
         json.dumps(
             {
@@ -440,7 +440,7 @@ async def main() -> int:
             }
         )
     )
-    return 0
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
