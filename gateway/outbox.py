@@ -56,6 +56,9 @@ def _sinks_link(name: str) -> bool:
 
 _LIVE_CACHE = 20_000  # rows kept in memory per connection for the sender
 _READ_BATCH = 500  # rows the sender reads from the file at a time
+# Live rows held back behind their key's backlog, at most; past it further live rows wait in the
+# file, so live traffic during a long drain does not pile up in memory.
+_DEFER_MAX = 5_000
 RESULT_IDS_KEPT = 100_000
 """How many result ids the outbox remembers (newest first), to refuse a result it already took.
 
@@ -472,7 +475,7 @@ class SendOrder:
     row). The sender fills :attr:`backlog` and :attr:`live` from the store and asks :meth:`next`.
     """
 
-    __slots__ = ("_turn_live", "backlog", "backlog_done", "backlog_last", "deferred", "live", "ready")
+    __slots__ = ("_turn_live", "backlog", "backlog_done", "backlog_last", "deferred", "live", "n_deferred", "ready")
 
     def __init__(self, backlog_last: dict[str, int]):
         self.backlog_last = backlog_last
@@ -480,6 +483,7 @@ class SendOrder:
         self.live: deque[Row] = deque()
         self.ready: deque[Row] = deque()  # live rows released once their key's backlog went out
         self.deferred: dict[str, deque[Row]] = {}
+        self.n_deferred = 0  # rows in deferred
         self.backlog_done = not backlog_last
         self._turn_live = False
 
@@ -489,6 +493,7 @@ class SendOrder:
         for q in self.deferred.values():
             self.ready.extend(q)
         self.deferred.clear()
+        self.n_deferred = 0
         self.backlog_last.clear()
 
     def next(self) -> Row | None:
@@ -498,6 +503,7 @@ class SendOrder:
         while live and (live[0].okey in self.backlog_last or live[0].okey in self.deferred):
             r = live.popleft()
             self.deferred.setdefault(r.okey, deque()).append(r)
+            self.n_deferred += 1
         live_q = self.ready if self.ready else live
         if self.backlog and (not live_q or not self._turn_live):
             row = self.backlog.popleft()
@@ -507,6 +513,7 @@ class SendOrder:
                 held = self.deferred.pop(row.okey, None)
                 if held:
                     self.ready.extend(held)
+                    self.n_deferred -= len(held)
         elif live_q:
             row = live_q.popleft()
         else:
@@ -1015,10 +1022,11 @@ class Outbox:
                 else:
                     order.finish_backlog()
                 continue
-            if not order.live and not order.ready and self.last_id > l_cursor:
+            if not order.live and not order.ready and self.last_id > l_cursor and order.n_deferred < _DEFER_MAX:
                 new.clear()
                 snap = self.last_id
                 cache = self._live.get(conn)
+                limit = min(batch, _DEFER_MAX - order.n_deferred)  # all of it may be held back
                 if l_cursor >= self._live_gap.get(conn, self.startup_max):
                     # the memory copy holds every row after l_cursor: no need to read them back
                     while cache and cache[0].id <= l_cursor:
@@ -1026,7 +1034,7 @@ class Outbox:
                     # with no backlog left to take turns with, live rows go out as they come
                     direct = order.backlog_done
                     take = out if direct else order.live
-                    while cache and len(take) < batch:
+                    while cache and len(take) < limit:
                         r = cache.popleft()
                         if usable(r):
                             take.append(r)
@@ -1037,10 +1045,10 @@ class Outbox:
                         await self._send_many(conn, link, out)
                     continue
                 await self._send_many(conn, link, out)
-                rows = await self._run(self.store.load, conn, l_cursor, snap, batch)
+                rows = await self._run(self.store.load, conn, l_cursor, snap, limit)
                 order.live.extend(r for r in rows if usable(r))
                 # every row up to snap was committed before this read: none of this connection's is left
-                l_cursor = rows[-1].id if len(rows) == batch else snap
+                l_cursor = rows[-1].id if len(rows) == limit else snap
                 continue
             row = order.next()
             if row is None:

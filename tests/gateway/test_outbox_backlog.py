@@ -203,3 +203,39 @@ async def test_messages_queued_while_offline_are_not_also_held_in_memory(tmp_pat
         await ob.close()
         task.cancel()
     assert sorted(m["seq"] for m in link.sent) == list(range(1, 2011))
+
+
+async def test_live_messages_during_a_long_drain_wait_in_the_file_not_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A live message waits behind its key's backlog. When the backlog takes long to drain and
+    # live traffic goes on, what waits beyond a bound stays in the file instead of in memory.
+    monkeypatch.setattr(gateway.outbox, "_LIVE_CACHE", 100)
+    monkeypatch.setattr(gateway.outbox, "_DEFER_MAX", 50)
+    link = FakeLink(window=5)
+    link.auto_ack = False
+    ob, task = await started(tmp_path, link)
+    try:
+        await ob.put(_padded(300))  # the backlog, all of key k
+        link.up()
+        await wait_for(lambda: len(link.sent) == 5)
+        await ob.put(_padded(1))  # the first live commit sets up what every later one reuses
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(20):  # 2,000 live messages of key k (4 MB) while the backlog drains slowly
+                await ob.put(_padded(100))
+                link.ack_all()
+                await wait_for(lambda i=i: len(link.sent) >= 5 * (i + 2))
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held < 1 << 20, held
+        link.auto_ack = True
+        link.ack_all()
+        await wait_for(lambda: ob.count == 0)
+    finally:
+        await ob.close()
+        task.cancel()
+    order = _firsts(link.sent)
+    assert order["k"] == list(range(1, 2302))
