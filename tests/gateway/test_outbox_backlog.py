@@ -73,14 +73,17 @@ async def test_backlog_of_many_read_batches_survives_a_drop_while_the_next_batch
 
 @settings(max_examples=30, deadline=None)
 @given(_ops)
-def test_any_link_behaviour_delivers_everything_in_order_across_read_batches(ops: list[tuple[Any, ...]]) -> None:
-    saved = gateway.outbox._READ_BATCH
+def test_any_link_behaviour_delivers_everything_in_order_with_small_read_and_hold_bounds(
+    ops: list[tuple[Any, ...]],
+) -> None:
+    saved = gateway.outbox._READ_BATCH, gateway.outbox._DEFER_MAX
     gateway.outbox._READ_BATCH = 3  # a backlog of a few rows already spans several reads
+    gateway.outbox._DEFER_MAX = 2  # and live rows behind it soon wait in the file
     try:
         with tempfile.TemporaryDirectory() as d:
             link, ob = asyncio.run(_play(ops, Path(d)))
     finally:
-        gateway.outbox._READ_BATCH = saved
+        gateway.outbox._READ_BATCH, gateway.outbox._DEFER_MAX = saved
     order = _firsts(link.sent)
     assert sorted(s for seqs in order.values() for s in seqs) == list(range(1, ob.last_id + 1))
     for key, seqs in order.items():
