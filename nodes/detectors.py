@@ -36,6 +36,10 @@ class _Detector(Operator):
 
     options: Any
 
+    def __init__(self, options: Any, ctx: Any):
+        super().__init__(options, ctx)
+        self._alert_prefix = f"{ctx.pipeline}/{options.id}/"  # of each alert key and result id
+
     def _reading(self, event: Event) -> float:
         v = event.value
         f = self.options.field
@@ -68,17 +72,18 @@ class _Detector(Operator):
         # by a timer, which a restart does not repeat at the same time.
         meta = dict(meta) if meta else {}
         if stable:
-            meta["result_id"] = f"{self.ctx.pipeline}/{self.id}/{key}/{ts!r}/{state}"
+            meta["result_id"] = f"{self._alert_prefix}{key}/{ts!r}/{state}"
         else:
             meta.pop("result_id", None)
         value = {
             "state": state,
-            "alert_key": f"{self.ctx.pipeline}/{self.id}/{key}",
+            "alert_key": self._alert_prefix + key,
             "severity": self.options.severity,
             "reading": reading,
             "rule": rule,
         }
-        value.update(extra)
+        if extra:
+            value.update(extra)
         return Event(key, ts, value, self.id, meta or None)
 
 

@@ -5,7 +5,11 @@ count held megabytes of one-off ``IN (?, ?, …)`` statements on a long-running 
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway._records import IN_LIST_SIZES, in_list
 from gateway.outbox import SqliteOutboxStore
@@ -60,3 +64,22 @@ def test_rows_are_inserted_in_order_with_their_ids_in_any_count(tmp_path: Path) 
     assert by_seq and all(by_seq[i] == f"rid-{t}" for i, t, _ in expected if i in by_seq)
     assert store.known_results([("c", "t2", "rid-t2"), ("c", "t1", "rid-t1")]) == {("c", "t2", "rid-t2")}
     store.close()
+
+
+@given(st.lists(st.integers(1, 300), max_size=400))
+@settings(max_examples=60, deadline=None)
+def test_a_delete_of_any_ids_removes_exactly_those_rows_and_counts_them(ids: list[int]) -> None:
+    """Runs of consecutive ids are deleted as ranges, the rest by list: either way exactly the ids
+    given go, and the store's count and bytes follow."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteOutboxStore(Path(tmp) / "outbox.db", synchronous="OFF")
+        store.open()
+        rows = [("c", "t", "k", b'{"i":%d}' % i, False, 50 + i) for i in range(1, 301)]
+        store.append(rows, [], 1 << 30, None)
+        store.delete(ids)
+        db = store._db
+        assert db is not None
+        left = {r[0] for r in db.execute("SELECT id FROM outbox")}
+        assert left == set(range(1, 301)) - set(ids)
+        assert (store._count, store._bytes) == store.stats() == (len(left), sum(50 + i for i in left))
+        store.close()
