@@ -310,7 +310,8 @@ class PartitionWatermarks:
     minimum over the partitions that are not idle (a partition assigned but not yet read holds it
     back), so a partition read ahead of another cannot close windows the other still has readings
     for. A partition without records for ``idle_timeout`` (monotonic seconds, not counting time
-    paused) is idle and stops holding it back (Flink's ``withIdleness``); when every partition is
+    paused) is idle and stops holding it back (Flink's ``withIdleness``) — unless the source finds
+    records waiting for it (``KafkaSource._busy_while_behind``); when every partition is
     idle the progress is the newest time of any. Rebalances drop revoked partitions and add
     assigned ones. The progress never goes back. Plain logic: every method takes ``now``.
     """
@@ -511,8 +512,11 @@ class KafkaSource(ConsumerSource):
                 records = await consumer.getmany(timeout_ms=500, max_records=o.batch)
                 if records:
                     await self._hand_over(records, output)
-                elif (wm := self._partitions.advance(self.ctx.monotonic())) is not None:
-                    await output.put([], watermark=wm)  # a partition fell idle
+                else:
+                    now = self.ctx.monotonic()
+                    await self._busy_while_behind(now)
+                    if (wm := self._partitions.advance(now)) is not None:
+                        await output.put([], watermark=wm)  # a partition fell idle
         finally:
             reader.closed = True
             committer.cancel()
@@ -544,6 +548,7 @@ class KafkaSource(ConsumerSource):
                         newest = ev.ts
             offsets[tp] = msgs[-1].offset + 1
             self._partitions.seen(tp, newest, now)
+        await self._busy_while_behind(now)
         wm = self._partitions.advance(now)
         entry: list[Any] = [offsets, False]
         self._fifo.append(entry)
@@ -553,6 +558,24 @@ class KafkaSource(ConsumerSource):
             self._processed(entry)  # all dead-lettered: done, in its turn
             if wm is not None:
                 await output.put([], watermark=wm)
+
+    async def _busy_while_behind(self, now: float) -> None:
+        """A partition that would fall idle but has records waiting (the highwater of its last fetch
+        ahead of its position) is not idle: the consumer has not got to it yet (aiokafka hands over
+        one partition's fetched records before another's, and a backlog can take minutes)."""
+        consumer = self._consumer
+        for tp in self._partitions.idle(now):
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue  # no fetch answered for it yet: nothing known, time decides (as in Flink)
+            from aiokafka.errors import IllegalStateError
+
+            try:
+                behind = hw > await consumer.position(tp)
+            except IllegalStateError:  # revoked meanwhile: the rebalance drops it anyway
+                continue
+            if behind:
+                self._partitions.seen(tp, -math.inf, now)
 
     def _processed(self, entry: list[Any]) -> None:
         entry[1] = True
