@@ -278,7 +278,8 @@ async def test_poll_interval_follows_the_nodes_monotonic_clock(tmp_path: Path, r
         now[0] += 3600.0  # an hour on the node's clock, a moment on the wall
         await wait_for(lambda: len(remote.requests) == 2, timeout=15)
         now[0] += 3600.0
-        await wait_for(lambda: len(remote.requests) == 3, timeout=15)
+        # the third answer through to the sink too, before the pipeline stops
+        await wait_for(lambda: len(remote.requests) == 3 and p.nodes[p.index["out"]].n_in == 3, timeout=15)
     finally:
         p.stop()
         await asyncio.wait_for(task, 15)

@@ -923,6 +923,7 @@ export function start(el, ctx) {
   async function openDeploy(anyMode = false) {
     if (!st.editable && !(anyMode && st.model?.editable)) return;
     let r;
+    clearTimeout(timer);  // validated here and now; no second answer after the dialog opens
     try {
       r = await validate();
     } catch {
@@ -941,6 +942,10 @@ export function start(el, ctx) {
   }
 
   async function deploy() {
+    // a validation still scheduled or on its way answers for the draft before this deploy: drop it,
+    // or its "not deployed yet" lands after the deploy's own status
+    clearTimeout(timer);
+    seq++;
     say("deploying…");
     try {
       const r = await post("/api/editor/deploy", { revision: st.revision, model: draft(), positions: st.positions });
