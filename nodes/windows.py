@@ -721,6 +721,7 @@ class Window(Operator):
             while starts and starts[0] + size <= wm:
                 start = pop(starts)
                 end = start + size
+                span = f"/{start!r}/{end!r}"  # every key's result id in this bucket ends so: made once
                 for key in sorted(self._bucket.pop(start)):  # by key, whatever order they opened in
                     wins = keys.get(key)
                     acc = wins.pop(start, None) if wins else None
@@ -730,7 +731,7 @@ class Window(Operator):
                         del keys[key]
                     if cur.get(key) is acc:
                         del cur[key]
-                    out.append(event(key, start, end, acc, True))
+                    out.append(event(key, start, end, acc, True, span))
                     dirty.add(key)
                     if early is not None:
                         early.pop((key, start), None)
@@ -806,9 +807,12 @@ class Window(Operator):
                     out.append(self._event(key, start, t, self._sliding_acc(st, t), False))
         self._early_dirty.clear()
 
-    def _event(self, key: str, start: float, end: float, acc: _Acc, final: bool) -> Event:
-        # the de-duplication key of this result: a restart that computes the window again gives the same id
-        rid = f"{self._rid}{key}/{start!r}/{end!r}" if final else f"{self._rid}{key}/{start!r}/{end!r}@{acc.n}"
+    def _event(self, key: str, start: float, end: float, acc: _Acc, final: bool, span: str | None = None) -> Event:
+        # the de-duplication key of this result: a restart that computes the window again gives the same id;
+        # ``span`` is its ``/start/end`` part when the caller made it already
+        if span is None:
+            span = f"/{start!r}/{end!r}"
+        rid = f"{self._rid}{key}{span}" if final else f"{self._rid}{key}{span}@{acc.n}"
         meta = {"window_start": start, "window_end": end, "count": float(acc.n), "final": final, "result_id": rid}
         if self._scalar_mean:  # the common `aggregate: mean`, without building a mapping
             return Event(key, end, acc.sum / acc.n, self.id, meta)

@@ -227,6 +227,20 @@ def test_mqtt_decoding() -> None:
     assert m.n_malformed == 4
 
 
+def test_mqtt_key_by_topic_part_stays_right_for_many_topics_and_short_ones() -> None:
+    """The key of a topic is remembered (a gateway sees the same topics over and over): beyond
+    the remembered count every topic still gets its own part, and a topic without the part is
+    dead-lettered each time it comes, not once."""
+    m = _mqtt("key: 'topic[1]'")
+    for rnd in range(2):
+        for i in range(5000):
+            e = m.decode(f"a/d{i}/t", b"1")
+            assert e is not None and e.key == f"d{i}", (rnd, i)
+    assert m.decode("a", b"1") is None
+    assert m.decode("a", b"1") is None
+    assert m.n_malformed == 2 and m.decode("a/x", b"2").key == "x"
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
