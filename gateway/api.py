@@ -147,6 +147,12 @@ class SourceOutput(Protocol):
     def pause_while_full(self, reader: Pausable) -> None:
         """While the queue is full, pause ``reader``'s reads; resume them once it has room."""
 
+    async def settled(self) -> None:
+        """For a source whose ``run`` was cancelled because the pipeline stops, and that confirms to
+        its peer what the pipeline took (Kafka offsets, Redis XACK): it hands over nothing more, and
+        this returns once the pipeline has drained and run the ``done`` of every batch it was given
+        (after the final checkpoint), so the source can confirm the last ones before it closes."""
+
 
 class Pausable(Protocol):
     """A reader that backpressure can pause: a :class:`Subscriber`, a socket transport's wrapper."""

@@ -194,12 +194,21 @@ class SourceQueue:
     reason instead of handed over.
     """
 
-    __slots__ = ("_max_future", "_node", "_origin", "_q")
+    __slots__ = ("_max_future", "_node", "_origin", "_q", "_quiet", "_settled")
 
-    def __init__(self, q: BatchQueue, origin: int, node: Source):
+    def __init__(
+        self,
+        q: BatchQueue,
+        origin: int,
+        node: Source,
+        quiet: asyncio.Event | None = None,
+        settled: asyncio.Event | None = None,
+    ):
         self._q = q
         self._origin = origin
         self._node = node
+        self._quiet = quiet or asyncio.Event()  # set: the source, stopping, hands over nothing more
+        self._settled = settled or asyncio.Event()  # set: the pipeline drained and ran every ``done``
         mf = getattr(node.options, "max_future", None)
         self._max_future: float | None = None if mf is None else float(mf)
 
@@ -277,6 +286,12 @@ class SourceQueue:
         self._node.paused = False
         reader.resume_reading()
 
+    async def settled(self) -> None:
+        """Hand over nothing more; return once the stopping pipeline has drained and run the
+        ``done`` of every batch (see :meth:`gateway.api.SourceOutput.settled`)."""
+        self._quiet.set()
+        await self._settled.wait()
+
 
 class Pipeline:
     """One running pipeline: its nodes, the fused chain, and the tasks that drive them."""
@@ -351,6 +366,10 @@ class Pipeline:
         )
         self._held: list[tuple[int, Callable[[], None]]] = []
         self._chain_n = 0  # data batches the chain has processed
+        # stopping: a source that confirms to its peer (Kafka, Redis) says it is quiet, and waits
+        # for ``_settled`` to confirm the batches the final checkpoint releases before it closes
+        self._quiet: dict[int, asyncio.Event] = {}
+        self._settled = asyncio.Event()
 
     def _plan(self, origin: int) -> list[tuple[int, _Node, list[int]]]:
         """Nodes reachable from ``origin`` in topological order, each with its upstream slots."""
@@ -417,7 +436,9 @@ class Pipeline:
             stopping = [*sources, *([timer] if timer else [])]
             for t in stopping:
                 t.cancel()
-            await asyncio.gather(*stopping, return_exceptions=True)
+            if timer:
+                await asyncio.gather(timer, return_exceptions=True)
+            await self._sources_quiet(sources)
             if serving:
                 # operators with background work stop only once everything queued before them went
                 # through the chain; what they emit while stopping is still drained below
@@ -430,9 +451,12 @@ class Pipeline:
             for i in self.sink_queues:
                 self.sink_queues[i].put_nowait(_STOP, 0)
             await asyncio.gather(*sink_tasks)
-        if self.checkpointer is not None:  # everything drained: the state to start again from
-            await self.checkpointer.final()
-            self._release(math.inf)
+            if self.checkpointer is not None:  # everything drained: the state to start again from
+                await self.checkpointer.final()
+                self._release(math.inf)
+            # every batch's ``done`` has run: the sources still open confirm them, then close
+            self._settled.set()
+            await asyncio.gather(*sources, return_exceptions=True)
         self.state = "stopped"
         # what came in and what went out, so a stop shows whether the drain was complete
         ends = ", ".join(
@@ -446,6 +470,16 @@ class Pipeline:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _sources_quiet(self, sources: list[asyncio.Task[None]]) -> None:
+        """Wait until each cancelled source has ended or, to confirm what the drain releases, waits
+        in ``SourceOutput.settled`` (it hands over nothing more either way)."""
+        for i, task in zip((i for i, n in enumerate(self.nodes) if isinstance(n, Source)), sources, strict=True):
+            quiet = asyncio.ensure_future(self._quiet[i].wait())
+            try:
+                await asyncio.wait((task, quiet), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                quiet.cancel()
+
     async def restore(self) -> None:
         """Take the nodes' state back from the store (once; :meth:`run` does it if nobody did)."""
         if self.checkpointer is not None and not self._restored:
@@ -453,7 +487,7 @@ class Pipeline:
             await self.checkpointer.restore()
 
     async def _source_loop(self, i: int, src: Source) -> None:
-        out = SourceQueue(self.queue, i, src)
+        out = SourceQueue(self.queue, i, src, self._quiet.setdefault(i, asyncio.Event()), self._settled)
         attempt = 0
         while True:
             self.source_state[src.id] = "running"

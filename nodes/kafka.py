@@ -10,7 +10,11 @@ without parsing the value.
 
 The ``kafka`` source commits a batch's offsets only after every sink it reached has written it
 and, with stateful nodes, after the state checkpoint that holds it is on disk — the same
-guarantee as the QoS 1 MQTT source. A full pipeline pauses the fetch of every assigned partition.
+guarantee as the QoS 1 MQTT source. The checkpoint also holds the offset each partition was
+handed over up to, as Flink's Kafka source keeps its offsets in its checkpoints: a crash after
+the checkpoint is on disk but before the commit reached the broker would otherwise read those
+records again into windows that already hold them; on assignment the source seeks to the later
+of the checkpoint's offset and the group's. A full pipeline pauses the fetch of every assigned partition.
 Its event-time progress is per partition, as in Flink's Kafka source: the newest event time read
 from each assigned partition, the slowest of those not idle declared to the windows downstream
 (:class:`PartitionWatermarks`).
@@ -448,7 +452,9 @@ class KafkaSource(ConsumerSource):
         self._seen: set[Any] = set()
         self._assignment: set[Any] = set()
         self._partitions = PartitionWatermarks(options.idle_timeout)
+        self._handed: dict[str, int] = {}  # "topic/partition" -> next offset, of what was handed over
         self.n_commits = 0
+        self.n_skipped = 0  # records not read again after a restart: the checkpoint holds them
 
     def health(self) -> dict[str, Any]:
         return {
@@ -456,12 +462,20 @@ class KafkaSource(ConsumerSource):
             "partitions": sorted(f"{tp.topic}/{tp.partition}" for tp in self._assignment),
             "paused": self.paused,
             "commits": self.n_commits,
+            "skipped_on_resume": self.n_skipped,
             "pending_batches": len(self._fifo),
             "watermark": None if self._partitions.value == -math.inf else self._partitions.value,
             "idle_partitions": sorted(
                 f"{tp.topic}/{tp.partition}" for tp in self._partitions.idle(self.ctx.monotonic())
             ),
         }
+
+    def snapshot(self) -> Any:
+        # taken as the checkpoint's barrier enters the pipeline: exactly what was handed over before it
+        return dict(self._handed) or None
+
+    def restore(self, state: Any) -> None:
+        self._handed = {str(k): int(v) for k, v in state.items()}
 
     def make_key(self, spec: str) -> Callable[[str, Any], str]:
         if spec == "record_key":
@@ -517,14 +531,21 @@ class KafkaSource(ConsumerSource):
                     await self._busy_while_behind(now)
                     if (wm := self._partitions.advance(now)) is not None:
                         await output.put([], watermark=wm)  # a partition fell idle
+        except asyncio.CancelledError:
+            # the pipeline stops: it drains what it was given and releases those offsets after its
+            # final checkpoint; committed now, the next start does not read them again
+            reader.closed = True
+            committer.cancel()
+            await output.settled()
+            raise
         finally:
             reader.closed = True
             committer.cancel()
             await asyncio.gather(committer, return_exceptions=True)
-            self._consumer = None
             self.state = "stopped"
             with contextlib.suppress(Exception):  # best effort: what is not committed comes again
                 await asyncio.wait_for(self._commit_now(None), 5)
+            self._consumer = None
             await consumer.stop()
 
     async def _hand_over(self, records: dict[Any, list[Any]], output: SourceOutput) -> None:
@@ -556,8 +577,11 @@ class KafkaSource(ConsumerSource):
             await output.put(events, partial(self._processed, entry), watermark=wm)
         else:
             self._processed(entry)  # all dead-lettered: done, in its turn
-            if wm is not None:
-                await output.put([], watermark=wm)
+        # in the queue now (put returned): a checkpoint barrier behind it takes these positions
+        for tp, off in offsets.items():
+            self._handed[f"{tp.topic}/{tp.partition}"] = off
+        if not events and wm is not None:
+            await output.put([], watermark=wm)
 
     async def _busy_while_behind(self, now: float) -> None:
         """A partition that would fall idle but has records waiting (the highwater of its last fetch
@@ -606,6 +630,10 @@ class KafkaSource(ConsumerSource):
             try:
                 await consumer.commit(take)
                 self.n_commits += 1
+            except asyncio.CancelledError:
+                for tp, off in take.items():  # for the last commit as the source stops
+                    self._ready.setdefault(tp, off)
+                raise
             except Exception as exc:  # a rebalance, or the broker away: these records come again
                 self._rl_commit(exc)
                 if type(exc).__name__ not in ("CommitFailedError", "IllegalStateError"):
@@ -626,9 +654,21 @@ class KafkaSource(ConsumerSource):
     async def _assigned(self, assigned: set[Any]) -> None:
         self._assignment = set(assigned)
         self._partitions.assign(self._assignment, self.ctx.monotonic())
+        consumer = self._consumer
+        if consumer is not None:
+            # where this gateway had handed records over to (this run, or the restored checkpoint):
+            # what comes before is in the pipeline or in its saved state, so not read again
+            for tp in assigned:
+                handed = self._handed.get(f"{tp.topic}/{tp.partition}")
+                if handed is None:
+                    continue
+                self._seen.add(tp)
+                committed = await consumer.committed(tp)
+                if committed is None or committed < handed:
+                    self.n_skipped += 0 if committed is None else handed - committed
+                    consumer.seek(tp, handed)
         new = assigned - self._seen
         self._seen |= assigned
-        consumer = self._consumer
         if not new or consumer is None or self.options.start == "committed":
             return
         if self.options.start == "earliest":

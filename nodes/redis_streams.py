@@ -284,6 +284,12 @@ class RedisSource(ConsumerSource):
             acker = asyncio.create_task(self._confirmer(), name=f"redis:ack:{self.ctx.pipeline}:{self.id}")
             try:
                 await self._read(output, client)
+            except asyncio.CancelledError:
+                # the pipeline stops: it drains what it was given and releases those entries after
+                # its final checkpoint; acknowledged now, the next start does not read them again
+                acker.cancel()
+                await output.settled()
+                raise
             finally:
                 acker.cancel()
                 await asyncio.gather(acker, return_exceptions=True)
@@ -408,6 +414,10 @@ class RedisSource(ConsumerSource):
         try:
             for stream, ids in todo.items():
                 self.n_acked += await client.xack(stream, self.group, *ids)
+        except asyncio.CancelledError:
+            for stream, ids in todo.items():  # for the last XACK as the source stops (XACK twice is harmless)
+                self._to_ack.setdefault(stream, []).extend(ids)
+            raise
         except Exception as exc:  # Redis away: these entries stay pending and come again
             self.last_error = f"XACK failed: {type(exc).__name__}: {exc}"
             log.warning("redis source %s/%s: %s", self.ctx.pipeline, self.id, self.last_error)

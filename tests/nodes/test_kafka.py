@@ -7,7 +7,10 @@ tests read what each broker lifetime received with a collector of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+import sqlite3
 import ssl
 import sys
 from pathlib import Path
@@ -15,7 +18,7 @@ from subprocess import DEVNULL
 from typing import Any, Literal
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import ValidationError
 
@@ -193,9 +196,10 @@ async def test_kafka_source_decodes_and_dead_letters(tmp_path: Path, tansu: Tans
 
 
 async def test_kafka_source_no_loss_across_a_gateway_kill(tmp_path: Path, tansu: TansuBroker) -> None:
-    """SIGKILL a gateway subprocess mid-stream: the next one reads what was not committed; nothing is
-    lost, and its windows equal those of a run that was never interrupted."""
-    n = 10_000  # large enough that the kill comes mid-stream on a fast machine too
+    """SIGKILL a gateway subprocess mid-stream, at a moment its saved window state is ahead of the
+    group's committed offset (the checkpoint is on disk, the commit has not reached the broker): the
+    next one goes on from the checkpoint, not from the commit; nothing is lost, nothing counted twice,
+    and its windows equal those of a run that was never interrupted."""
     # one partition: its newest event time is the watermark as soon as it is read, without waiting
     # for other partitions to fall idle, so the reference's window count below is exact
     admin = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap)
@@ -205,9 +209,17 @@ async def test_kafka_source_no_loss_across_a_gateway_kill(tmp_path: Path, tansu:
     finally:
         await admin.close()
     t0 = 1_700_000_000.0
-    await produce(tansu.bootstrap, "burst", [(f"k{i % 3}", {"value": i, "ts": t0 + i / 10}) for i in range(n)])
+    produced = 0
+
+    async def produce_more(count: int) -> None:  # whole 10 s windows: 100 readings each
+        nonlocal produced
+        items = [(f"k{i % 3}", {"value": i, "ts": t0 + i / 10}) for i in range(produced, produced + count)]
+        await produce(tansu.bootstrap, "burst", items)
+        produced += count
+
     cfg = tmp_path / "consume.yaml"
     cfg.write_text(source_config(tmp_path, tansu.bootstrap, "burst", window=True, extra=", batch: 5"))
+    state_db = tmp_path / "data2" / "state.db"
     sluice = str(Path(sys.executable).parent / "sluice")
     async with KafkaCollector(tansu.bootstrap, "copy") as got, KafkaCollector(tansu.bootstrap, "wins") as wins:
         seen: set[float] = set()
@@ -220,19 +232,41 @@ async def test_kafka_source_no_loss_across_a_gateway_kill(tmp_path: Path, tansu:
             read = len(got.records)
             return seen
 
+        async def state_ahead_of_commit() -> bool:
+            saved = saved_watermark(state_db)  # the newest reading the saved windows hold: reading i at t0 + i/10
+            return (
+                saved is not None
+                and saved >= t0
+                and round((saved - t0) * 10) + 1 > await committed_offset(tansu, "g1", "burst")
+            )
+
+        await produce_more(1000)
         first = await asyncio.create_subprocess_exec(sluice, "run", str(cfg), stdout=DEVNULL, stderr=DEVNULL)
         try:
-            await wait_for(lambda: len(values()) >= 100, timeout=60)
+            # the records keep coming (never more than 1000 ahead of the copies) until the moment comes
+            while True:
+                if await state_ahead_of_commit():
+                    first.send_signal(signal.SIGSTOP)  # frozen: it commits nothing more
+                    if await state_ahead_of_commit():
+                        break
+                    first.send_signal(signal.SIGCONT)
+                if produced - len(values()) < 1000:
+                    await produce_more(100)
+                await asyncio.sleep(0.01)
         finally:
             first.kill()
             await first.wait()
-        assert len(values()) < n, "the kill came after everything was through; make the burst larger"
+        assert await state_ahead_of_commit(), "the offset was committed after all; the kill proves nothing"
+        await produce_more(500)  # and more after the kill
+        n = produced
         second = await asyncio.create_subprocess_exec(sluice, "run", str(cfg), stdout=DEVNULL, stderr=DEVNULL)
         try:
             await wait_for(lambda: values() == set(map(float, range(n))), timeout=90)
         finally:
             second.terminate()
             await asyncio.wait_for(second.wait(), 20)
+        # stopped gracefully: everything it read is committed, nothing is read a third time
+        assert await committed_offset(tansu, "g1", "burst") == n
         killed = window_results(wins.records)
     # the same readings through a gateway that is never interrupted
     reference = source_config(tmp_path, tansu.bootstrap, "burst", window=True, extra=", batch: 5", run="-ref")
@@ -241,6 +275,30 @@ async def test_kafka_source_no_loss_across_a_gateway_kill(tmp_path: Path, tansu:
         expected = 3 * (n // 100 - 1)  # every 10 s window but the last, which the watermark has not passed
         await wait_for(lambda: len(window_results(ref_wins.records)) == expected, timeout=30)
     assert window_results(ref_wins.records) == killed
+
+
+def saved_watermark(state_db: Path) -> float | None:
+    """The watermark of window ``w`` in the last checkpoint committed to ``state_db``, if any."""
+    if not state_db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{state_db}?mode=ro", uri=True)) as db:
+        try:
+            row = db.execute("SELECT value FROM state WHERE pipeline='c' AND node='w' AND key='.#'").fetchone()
+        except sqlite3.OperationalError:  # not created yet
+            return None
+    wm = None if row is None else json.loads(row[0])["wm"]
+    return wm if isinstance(wm, float) else None  # "-inf" (as text) before the first reading
+
+
+async def committed_offset(tansu: TansuBroker, group: str, topic: str) -> int:
+    """The offset ``group`` committed on partition 0 of ``topic`` (0: none yet), asked as a
+    consumer of the group that joins nothing."""
+    c = AIOKafkaConsumer(bootstrap_servers=tansu.bootstrap, group_id=group, enable_auto_commit=False)
+    await c.start()
+    try:
+        return await c.committed(TopicPartition(topic, 0)) or 0
+    finally:
+        await c.stop()
 
 
 def window_results(records: list[Any]) -> dict[tuple[str, float], float]:
