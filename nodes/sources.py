@@ -87,6 +87,7 @@ class MqttSource(PayloadSource):
         super().__init__(options, ctx)
         self._link: Subscriber | None = None
         self._pending: list[Event] = []
+        self._received: list[tuple[str, bytes]] = []  # QoS 0: messages of the next batch, decoded at its flush
         self._flush_scheduled = False
         self._acks: list[int] = []  # QoS 1: packet ids of the pending batch, to acknowledge
         self._ack: Callable[[list[int]], None] = lambda mids: None
@@ -99,21 +100,23 @@ class MqttSource(PayloadSource):
 
     def _on_message_qos0(self, client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
         self.n_in += 1
-        ev = self.decode(topic, payload)
-        if ev is not None:
-            self._pending.append(ev)
-            if len(self._pending) >= self.options.batch:
-                self._flush()
-            elif not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+        received = self._received
+        received.append((topic, payload))
+        if len(received) >= self.options.batch:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         return 0
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._pending or self._out is None:
+        if not self._received or self._out is None:
             return
-        batch, self._pending = self._pending, []
+        received, self._received = self._received, []
+        batch = self.decode_many(received)  # one loop for the batch; bad messages dead-lettered
+        if not batch:
+            return
         if not self._out.put_nowait(batch) and self._link is not None:
             self._out.pause_while_full(self._link)
 

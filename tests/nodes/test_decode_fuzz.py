@@ -182,6 +182,41 @@ def test_mqtt_decode(stores: Stores, options: dict[str, Any]) -> None:
     fuzz(stores, "m", decode)
 
 
+READINGS = st.one_of(
+    PAYLOADS,
+    st.builds(
+        lambda v, ts, k: _dump({"value": v, "ts": ts, "k": k}, False),
+        NUMBERS,
+        st.one_of(NUMBERS, st.none(), TEXT),
+        st.sampled_from(["a", "b"]),
+    ),
+)
+
+
+@pytest.mark.parametrize("options", [{"key": "topic[1]"}, {"key": "payload.k"}, {"value_field": None}])
+def test_mqtt_decode_many_is_decode_on_each(stores: Stores, options: dict[str, Any]) -> None:
+    """A QoS 0 batch is decoded in one loop (``decode_many``): the same events, the same dead
+    letters, in the same order, as :meth:`decode` called on each message."""
+    opts = MqttSourceOptions(id="m", type="mqtt", connection="c", topic="in/#", **options)
+    one, many = MqttSource(opts, stores.ctx("m")), MqttSource(opts, stores.ctx("m"))
+
+    @FUZZ
+    @given(msgs=st.lists(st.tuples(st.sampled_from(["in/x", "in/y/z", "in"]), READINGS), max_size=8))
+    def run(msgs: list[tuple[str, bytes]]) -> None:
+        stores.dead._pending.clear()
+        expected = [e for t, p in msgs if (e := one.decode(t, p)) is not None]
+        dead_one = [r[3:] for r in stores.dead._pending]  # reason, key, payload
+        stores.dead._pending.clear()
+        got = many.decode_many(msgs)
+        dead_many = [r[3:] for r in stores.dead._pending]
+        stores.dead._pending.clear()
+        assert [e.to_dict() for e in got] == [e.to_dict() for e in expected]
+        assert [(type(e.value), type(e.ts)) for e in got] == [(type(e.value), type(e.ts)) for e in expected]
+        assert dead_many == dead_one and many.n_malformed == one.n_malformed
+
+    run()
+
+
 CODECS = [
     "json",
     {"type": "json", "max_line": 1_048_576},
