@@ -295,7 +295,7 @@ def _fast_function(source: str, variables: tuple[str, ...]) -> Callable[..., Any
 class Expression:
     """A compiled CEL expression over an event (or over ``variables`` given explicitly)."""
 
-    __slots__ = ("_cel", "_prog", "depth", "evaluate", "fast", "source", "variables")
+    __slots__ = ("_cel", "_prog", "depth", "evaluate", "fast", "source", "value_fn", "variables")
 
     def __init__(self, source: str, variables: tuple[str, ...] = EVENT_VARIABLES):
         self.source = source
@@ -326,6 +326,9 @@ class Expression:
             self._cel = _guarded(self._cel, self.depth, scan.literal, variables is EVENT_VARIABLES)
         self.evaluate: Callable[[Any], Any] = self._cel
         self.fast = False
+        # the fast function of an expression over an event's value alone, called with the value:
+        # for a batch in one pass, which hands the batch to ``evaluate`` on any exception
+        self.value_fn: Callable[[Any], Any] | None = None
         fn = _fast_function(source, variables)
         if fn is not None:
             # On any exception the fast path hands over to CEL, which has the exact semantics
@@ -362,6 +365,8 @@ class Expression:
             if all(_same(self._cel, fast, s) for s in samples):
                 self.evaluate = fast
                 self.fast = True
+                if variables is EVENT_VARIABLES and fn.variables == ("value",):
+                    self.value_fn = fn
 
     def __call__(self, arg: Any) -> Any:
         try:

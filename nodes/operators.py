@@ -35,9 +35,9 @@ class Filter(Operator):
     def process_batch(self, batch: list[Event]) -> list[Event]:
         # Whole batch in one pass; anything unusual (an error, a non-boolean) replays it event by
         # event so each failure is dead-lettered on its own. Expressions are pure: replaying is safe.
-        where = self._where.evaluate
+        where, vf = self._where.evaluate, self._where.value_fn
         try:
-            results = [where(e) for e in batch]
+            results = [vf(e.value) for e in batch] if vf is not None else [where(e) for e in batch]
         except Exception:  # judged per event below
             return super().process_batch(batch)
         out = [e for e, r in zip(batch, results, strict=True) if r is True]
@@ -97,9 +97,9 @@ class Map(Operator):
     def process_batch(self, batch: list[Event]) -> list[Event]:
         if self._value is None or self._key is not None:
             return super().process_batch(batch)
-        f = self._value.evaluate
+        f, vf = self._value.evaluate, self._value.value_fn
         try:
-            values = [f(e) for e in batch]
+            values = [vf(e.value) for e in batch] if vf is not None else [f(e) for e in batch]
         except Exception:  # replayed per event, so each failure is dead-lettered
             return super().process_batch(batch)
         return [

@@ -127,6 +127,22 @@ def test_map_errors_are_dead_lettered_with_the_expression() -> None:
         m._value(ev({"u": 1.0}))
 
 
+def test_filter_and_map_over_a_batch_give_what_they_give_event_by_event() -> None:
+    """A batch of readings is evaluated in one pass with the expression's Python form; where that
+    raises for one reading, CEL judges each reading of the batch (an error or-ed with true is
+    true in CEL), so the batch gives what event-by-event evaluation gives."""
+    values: list[Any] = [2.0, "a", 0.5, 3.0]
+    f = make("{id: f, type: filter, where: 'value > 1.0 || true'}")
+    assert f._where.value_fn is not None  # the batch pass is taken
+    assert [e.value for e in run(f, values)] == values and f.n_errors == 0
+    g = make("{id: g, type: filter, where: 'value > 1.0'}")
+    assert [e.value for e in run(g, values)] == [2.0, 3.0] and g.n_errors == 1 and g.n_dropped == 1
+    m = make("{id: m, type: map, value: 'value * 2.0'}")
+    assert m._value.value_fn is not None
+    assert [e.value for e in run(m, values)] == [4.0, 1.0, 6.0] and m.n_errors == 1
+    assert [e.value for e in run(m, [1.0, 2.5])] == [2.0, 5.0]
+
+
 # --- simulate ---------------------------------------------------------------------------------
 
 
