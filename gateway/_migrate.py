@@ -173,6 +173,8 @@ def migrate(db: sqlite3.Connection, path: Path, schema: Schema) -> int:
         return before
     if before > schema.version:
         raise SchemaTooNew(path, schema.store, before, schema.version)
+    # a file this start created is not news for the log: its upgrades are said at debug level
+    fresh = before == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE type='table' LIMIT 1").fetchone() is None
     saved = db.isolation_level
     db.isolation_level = None  # the steps' transactions are ours, not the sqlite3 module's
     try:
@@ -203,6 +205,13 @@ def migrate(db: sqlite3.Connection, path: Path, schema: Schema) -> int:
                 if isinstance(exc, Exception):  # translated at this edge: which file, which step
                     raise MigrationError(path, schema.store, found + 1, step.name, exc) from exc
                 raise
-            log.info("%s: %s schema upgraded to version %d (%s)", path, schema.store, found + 1, step.name)
+            log.log(
+                logging.DEBUG if fresh else logging.INFO,
+                "%s: %s schema upgraded to version %d (%s)",
+                path,
+                schema.store,
+                found + 1,
+                step.name,
+            )
     finally:
         db.isolation_level = saved

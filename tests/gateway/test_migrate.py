@@ -3,6 +3,7 @@ a failing step rolled back alone, a newer file refused without a byte of it chan
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sqlite3
 from pathlib import Path
@@ -46,6 +47,27 @@ def test_steps_apply_in_order_each_with_its_version(tmp_path: Path) -> None:
     finally:
         db.close()
     assert read_version(path) == SCHEMA.version == 3
+
+
+def test_a_new_file_is_created_quietly_an_old_one_upgraded_aloud(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first start creates every file: that is debug detail, not news; upgrading a file that
+    holds tables is said at info level, one line per step."""
+    path = tmp_path / "x.db"
+    db = connect(path)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="gateway._migrate"):
+            migrate(db, path, Schema("test", SCHEMA.steps[:1], "log"))
+            created = [(r.levelno, r.getMessage()) for r in caplog.records]
+            caplog.clear()
+            migrate(db, path, SCHEMA)
+            upgraded = [(r.levelno, r.getMessage()) for r in caplog.records]
+    finally:
+        db.close()
+    assert [lvl for lvl, _ in created] == [logging.DEBUG]
+    assert [lvl for lvl, _ in upgraded] == [logging.INFO, logging.INFO]
+    assert "upgraded to version 2 (column b)" in upgraded[0][1]
 
 
 def test_a_failing_step_rolls_back_alone_and_says_which(tmp_path: Path) -> None:
