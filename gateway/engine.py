@@ -429,34 +429,38 @@ class Pipeline:
                 )
                 for i in self._serving
             ]
-            self.state = "running"
-            log.info("pipeline %s running: %d nodes", self.name, len(self.nodes))
-            await self._stopping.wait()
-            self.state = "stopping"
-            stopping = [*sources, *([timer] if timer else [])]
-            for t in stopping:
-                t.cancel()
-            if timer:
-                await asyncio.gather(timer, return_exceptions=True)
-            await self._sources_quiet(sources)
-            if serving:
-                # operators with background work stop only once everything queued before them went
-                # through the chain; what they emit while stopping is still drained below
-                await self._flushed(self._serving[0])
-                for t in serving:
+            try:
+                self.state = "running"
+                log.info("pipeline %s running: %d nodes", self.name, len(self.nodes))
+                await self._stopping.wait()
+                self.state = "stopping"
+                stopping = [*sources, *([timer] if timer else [])]
+                for t in stopping:
                     t.cancel()
-                await asyncio.gather(*serving, return_exceptions=True)
-            self.queue.put_nowait(_STOP, 0)
-            await chain
-            for i in self.sink_queues:
-                self.sink_queues[i].put_nowait(_STOP, 0)
-            await asyncio.gather(*sink_tasks)
-            if self.checkpointer is not None:  # everything drained: the state to start again from
-                await self.checkpointer.final()
-                self._release(math.inf)
-            # every batch's ``done`` has run: the sources still open confirm them, then close
-            self._settled.set()
-            await asyncio.gather(*sources, return_exceptions=True)
+                if timer:
+                    await asyncio.gather(timer, return_exceptions=True)
+                await self._sources_quiet(sources)
+                if serving:
+                    # operators with background work stop only once everything queued before them went
+                    # through the chain; what they emit while stopping is still drained below
+                    await self._flushed(self._serving[0])
+                    for t in serving:
+                        t.cancel()
+                    await asyncio.gather(*serving, return_exceptions=True)
+                self.queue.put_nowait(_STOP, 0)
+                await chain
+                for i in self.sink_queues:
+                    self.sink_queues[i].put_nowait(_STOP, 0)
+                await asyncio.gather(*sink_tasks)
+                if self.checkpointer is not None:  # everything drained: the state to start again from
+                    await self.checkpointer.final()
+                    self._release(math.inf)
+                # every batch's ``done`` has run: the sources still open confirm them, then close
+                self._settled.set()
+                await asyncio.gather(*sources, return_exceptions=True)
+            finally:
+                # a stop cut short (the pipeline cancelled): a source waiting to confirm closes now
+                self._settled.set()
         self.state = "stopped"
         # what came in and what went out, so a stop shows whether the drain was complete
         ends = ", ".join(
@@ -498,6 +502,11 @@ class Pipeline:
             except Exception as exc:  # node boundary: a failing source is restarted, not fatal
                 src.n_errors += 1
                 self.source_state[src.id] = f"failed: {exc}"
+                if self._stopping.is_set():
+                    # not restarted while the pipeline stops (on Python 3.11 a cancellation that
+                    # meets a library's timeout can come out as TimeoutError instead)
+                    self._failed("source", src, exc, "not restarted: the pipeline stops")
+                    return
                 delay = backoff(attempt, 30.0)
                 attempt += 1
                 self._failed("source", src, exc, f"restarting in {delay:.1f}s")

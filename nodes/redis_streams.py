@@ -14,7 +14,10 @@ The ``redis`` source reads in a consumer group and acknowledges (``XACK``) an en
 every sink it reached has written it and, with stateful nodes, after the state checkpoint that
 holds it — the same guarantee as the QoS 1 MQTT source. On start it first reads its own pending
 entries again (what a crash left unacknowledged), and it claims entries another consumer of the
-group left pending longer than ``claim_idle`` (``XAUTOCLAIM``: a consumer that died).
+group left pending longer than ``claim_idle`` (``XAUTOCLAIM``: a consumer that died). The
+checkpoint also holds the ids of the entries handed over and not yet acknowledged: a crash after
+the checkpoint is on disk but before the XACK reached Redis leaves them pending, and read again
+they are acknowledged without going into windows that already hold them.
 """
 
 from __future__ import annotations
@@ -240,8 +243,11 @@ class RedisSource(ConsumerSource):
         self._client: Any = None
         self._in_flight: set[tuple[str, bytes]] = set()
         self._to_ack: dict[str, list[bytes]] = {}
+        # stream -> ids handed over (or restored with the checkpoint) and not acknowledged yet
+        self._handed: dict[str, dict[str, None]] = {}
         self.n_acked = 0
         self.n_claimed = 0
+        self.n_skipped = 0  # pending entries read again that the saved state already holds
 
     def health(self) -> dict[str, Any]:
         return {
@@ -249,7 +255,15 @@ class RedisSource(ConsumerSource):
             "acked": self.n_acked,
             "claimed": self.n_claimed,
             "in_flight": len(self._in_flight),
+            "skipped_on_resume": self.n_skipped,
         }
+
+    def snapshot(self) -> Any:
+        # taken as the checkpoint's barrier enters the pipeline: exactly what was handed over before it
+        return {stream: list(ids) for stream, ids in self._handed.items() if ids} or None
+
+    def restore(self, state: Any) -> None:
+        self._handed = {str(stream): dict.fromkeys(map(str, ids)) for stream, ids in state.items()}
 
     def make_key(self, spec: str) -> Callable[[str, Any], str]:
         if spec == "auto":
@@ -351,9 +365,14 @@ class RedisSource(ConsumerSource):
     async def _hand_over(self, stream: str, entries: list[Any], output: SourceOutput) -> None:
         events: list[Event] = []
         ids: list[bytes] = []
+        handed = self._handed.setdefault(stream, {})
+        again: list[bytes] = []
         for eid, fields in entries:
             if (stream, eid) in self._in_flight:
                 continue  # still on its way through the pipeline
+            if _text(eid) in handed:
+                again.append(eid)  # taken before (the saved state holds it), not acknowledged yet
+                continue
             ids.append(eid)
             if fields is None:
                 continue  # trimmed away while pending: nothing to read, acknowledge it
@@ -362,6 +381,10 @@ class RedisSource(ConsumerSource):
             if ev is not None:
                 ev.meta = {"stream": stream, "id": eid.decode() if isinstance(eid, bytes) else eid}
                 events.append(ev)
+        if again:
+            self.n_skipped += len(again)
+            self._to_ack.setdefault(stream, []).extend(again)
+            self._confirm_wanted.set()
         if not ids:
             return
         for eid in ids:
@@ -369,7 +392,9 @@ class RedisSource(ConsumerSource):
         done = partial(self._processed, stream, ids)
         if events:
             await output.put(events, done)
-        else:
+        # in the queue now (put returned): a checkpoint barrier behind it takes these ids
+        handed.update(dict.fromkeys(map(_text, ids)))
+        if not events:
             done()  # all dead-lettered: acknowledge, reading them again would not make them valid
 
     def _decode_entry(self, stream: str, fields: dict[Any, Any]) -> Event | None:
@@ -414,6 +439,9 @@ class RedisSource(ConsumerSource):
         try:
             for stream, ids in todo.items():
                 self.n_acked += await client.xack(stream, self.group, *ids)
+                handed = self._handed.get(stream, {})
+                for eid in ids:
+                    handed.pop(_text(eid), None)
         except asyncio.CancelledError:
             for stream, ids in todo.items():  # for the last XACK as the source stops (XACK twice is harmless)
                 self._to_ack.setdefault(stream, []).extend(ids)

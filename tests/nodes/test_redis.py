@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+import sqlite3
 import sys
 from pathlib import Path
 from subprocess import DEVNULL
@@ -137,13 +140,22 @@ console: {{enabled: false}}
 """
 
 
-async def xadd_all(url: str, stream: str, items: list[dict[str, Any]]) -> None:
-    client = aioredis.from_url(url)
+async def xadd_all(url: str, stream: str, items: list[dict[str, Any]]) -> list[str]:
+    """XADD each of ``items``; their entry ids."""
+    client = aioredis.from_url(url, decode_responses=True)
     try:
         pipe = client.pipeline(transaction=False)
         for fields in items:
             pipe.xadd(stream, fields)
-        await pipe.execute()
+        return list(await pipe.execute())
+    finally:
+        await client.aclose()
+
+
+async def xlen(url: str, stream: str) -> int:
+    client = aioredis.from_url(url)
+    try:
+        return int(await client.xlen(stream))
     finally:
         await client.aclose()
 
@@ -202,34 +214,67 @@ async def test_redis_source_claims_a_dead_consumers_entries(tmp_path: Path, redi
 
 
 async def test_redis_source_no_loss_across_a_gateway_kill(tmp_path: Path, redis_server: RedisServer) -> None:
-    """SIGKILL a gateway subprocess mid-stream: the next one reads its pending entries again; nothing is lost."""
+    """SIGKILL a gateway subprocess mid-stream, at a moment its saved window state holds entries it
+    has not acknowledged yet (the checkpoint is on disk, the XACK has not reached Redis): the next one
+    reads its pending entries again but hands over only those the saved state does not hold; nothing
+    is lost, nothing counted twice, and the windows equal those of a run that was never interrupted."""
     url = redis_server.url
-    n = 5000
     t0 = 1_700_000_000.0
-    items = [{"data": json.dumps({"key": f"k{i % 3}", "value": i, "ts": t0 + i / 10})} for i in range(n)]
-    await xadd_all(url, "plant", items)
+    ids: list[str] = []  # entry id of reading i
+
+    async def add_more(count: int) -> None:  # whole 10 s windows: 100 readings each
+        i0 = len(ids)
+        items = [
+            {"data": json.dumps({"key": f"k{i % 3}", "value": i, "ts": t0 + i / 10})} for i in range(i0, i0 + count)
+        ]
+        ids.extend(await xadd_all(url, "plant", items))
+
     cfg = tmp_path / "consume.yaml"
     cfg.write_text(source_config(tmp_path, url, window=True, extra=", batch: 5"))
+    state_db = tmp_path / "data2" / "state.db"
     sluice = str(Path(sys.executable).parent / "sluice")
     copy = Reader(url, "copy")
 
     def values() -> set[float]:
         return {json.loads(e["data"])["value"] for e in copy.entries}
 
+    async def state_ahead_of_ack() -> bool:
+        saved = saved_watermark(state_db)  # the newest reading the saved windows hold: reading i at t0 + i/10
+        if saved is None or saved < t0:
+            return False
+        newest = ids[round((saved - t0) * 10)]
+        client = aioredis.from_url(url)
+        try:
+            return bool(await client.xpending_range("plant", "g1", min=newest, max=newest, count=1))
+        finally:
+            await client.aclose()
+
+    await add_more(1000)
     first = await asyncio.create_subprocess_exec(sluice, "run", str(cfg), stdout=DEVNULL, stderr=DEVNULL)
     try:
-        await read_until(copy, lambda: len(copy.entries) >= 200, within=60)
+        # entries keep coming (never more than 1000 ahead of the copies) until the moment comes
+        while True:
+            if await state_ahead_of_ack():
+                first.send_signal(signal.SIGSTOP)  # frozen: it acknowledges nothing more
+                if await state_ahead_of_ack():
+                    break
+                first.send_signal(signal.SIGCONT)
+            if len(ids) - await xlen(url, "copy") < 1000:
+                await add_more(100)
+            await asyncio.sleep(0.01)
     finally:
         first.kill()
         await first.wait()
-    await copy.read()
-    assert len(values()) < n, "the kill came after everything was through; make the stream longer"
+    assert await state_ahead_of_ack(), "the entries were acknowledged after all; the kill proves nothing"
+    await add_more(500)  # and more after the kill
+    n = len(ids)
     second = await asyncio.create_subprocess_exec(sluice, "run", str(cfg), stdout=DEVNULL, stderr=DEVNULL)
     try:
         await read_until(copy, lambda: values() == set(map(float, range(n))), within=90)
     finally:
         second.terminate()
         await asyncio.wait_for(second.wait(), 20)
+    # stopped gracefully: everything it read is acknowledged, nothing is read a third time
     assert await pending(url, "plant", "g1") == 0
     killed = window_results(await Reader(url, "wins").read())
     # the same entries through a gateway that is never interrupted: the same windows
@@ -238,6 +283,19 @@ async def test_redis_source_no_loss_across_a_gateway_kill(tmp_path: Path, redis_
         expected = 3 * (n // 100 - 1)  # every 10 s window but the last, which the watermark has not passed
         await read_until(ref, lambda: len(window_results(ref.entries)) == expected, within=60)
     assert window_results(ref.entries) == killed
+
+
+def saved_watermark(state_db: Path) -> float | None:
+    """The watermark of window ``w`` in the last checkpoint committed to ``state_db``, if any."""
+    if not state_db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{state_db}?mode=ro", uri=True)) as db:
+        try:
+            row = db.execute("SELECT value FROM state WHERE pipeline='c' AND node='w' AND key='.#'").fetchone()
+        except sqlite3.OperationalError:  # not created yet
+            return None
+    wm = None if row is None else json.loads(row[0])["wm"]
+    return wm if isinstance(wm, float) else None  # "-inf" (as text) before the first reading
 
 
 def window_results(entries: list[dict[str, Any]]) -> dict[tuple[str, float], float]:
