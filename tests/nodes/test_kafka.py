@@ -7,10 +7,8 @@ tests read what each broker lifetime received with a collector of their own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
-import sqlite3
 import ssl
 import sys
 from pathlib import Path
@@ -29,6 +27,7 @@ from tests._peers import KafkaCollector, TansuBroker
 from tests._util import MosquittoBroker, free_port, mqtt_client, wait_for
 from tests.gateway._harness import node, running_gateway
 from tests.gateway.test_outbox_tls import make_ca
+from tests.nodes._checkpoint import saved_watermark
 from tests.nodes._delivery import check_envelopes
 
 
@@ -233,7 +232,9 @@ async def test_kafka_source_no_loss_across_a_gateway_kill(tmp_path: Path, tansu:
             return seen
 
         async def state_ahead_of_commit() -> bool:
-            saved = saved_watermark(state_db)  # the newest reading the saved windows hold: reading i at t0 + i/10
+            saved = saved_watermark(
+                state_db, "c", "w"
+            )  # the newest reading the saved windows hold: reading i at t0 + i/10
             return (
                 saved is not None
                 and saved >= t0
@@ -275,19 +276,6 @@ async def test_kafka_source_no_loss_across_a_gateway_kill(tmp_path: Path, tansu:
         expected = 3 * (n // 100 - 1)  # every 10 s window but the last, which the watermark has not passed
         await wait_for(lambda: len(window_results(ref_wins.records)) == expected, timeout=30)
     assert window_results(ref_wins.records) == killed
-
-
-def saved_watermark(state_db: Path) -> float | None:
-    """The watermark of window ``w`` in the last checkpoint committed to ``state_db``, if any."""
-    if not state_db.exists():
-        return None
-    with contextlib.closing(sqlite3.connect(f"file:{state_db}?mode=ro", uri=True)) as db:
-        try:
-            row = db.execute("SELECT value FROM state WHERE pipeline='c' AND node='w' AND key='.#'").fetchone()
-        except sqlite3.OperationalError:  # not created yet
-            return None
-    wm = None if row is None else json.loads(row[0])["wm"]
-    return wm if isinstance(wm, float) else None  # "-inf" (as text) before the first reading
 
 
 async def committed_offset(tansu: TansuBroker, group: str, topic: str) -> int:

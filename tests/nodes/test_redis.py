@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
-import sqlite3
 import sys
 from pathlib import Path
 from subprocess import DEVNULL
@@ -17,6 +15,7 @@ import redis.asyncio as aioredis
 from tests._peers import RedisServer
 from tests._util import free_port, wait_for
 from tests.gateway._harness import node, running_gateway
+from tests.nodes._checkpoint import saved_watermark
 from tests.nodes._delivery import check_envelopes
 
 
@@ -239,7 +238,7 @@ async def test_redis_source_no_loss_across_a_gateway_kill(tmp_path: Path, redis_
         return {json.loads(e["data"])["value"] for e in copy.entries}
 
     async def state_ahead_of_ack() -> bool:
-        saved = saved_watermark(state_db)  # the newest reading the saved windows hold: reading i at t0 + i/10
+        saved = saved_watermark(state_db, "c", "w")  # the newest reading the saved windows hold: reading i at t0 + i/10
         if saved is None or saved < t0:
             return False
         newest = ids[round((saved - t0) * 10)]
@@ -283,19 +282,6 @@ async def test_redis_source_no_loss_across_a_gateway_kill(tmp_path: Path, redis_
         expected = 3 * (n // 100 - 1)  # every 10 s window but the last, which the watermark has not passed
         await read_until(ref, lambda: len(window_results(ref.entries)) == expected, within=60)
     assert window_results(ref.entries) == killed
-
-
-def saved_watermark(state_db: Path) -> float | None:
-    """The watermark of window ``w`` in the last checkpoint committed to ``state_db``, if any."""
-    if not state_db.exists():
-        return None
-    with contextlib.closing(sqlite3.connect(f"file:{state_db}?mode=ro", uri=True)) as db:
-        try:
-            row = db.execute("SELECT value FROM state WHERE pipeline='c' AND node='w' AND key='.#'").fetchone()
-        except sqlite3.OperationalError:  # not created yet
-            return None
-    wm = None if row is None else json.loads(row[0])["wm"]
-    return wm if isinstance(wm, float) else None  # "-inf" (as text) before the first reading
 
 
 def window_results(entries: list[dict[str, Any]]) -> dict[tuple[str, float], float]:
