@@ -788,9 +788,14 @@ class Auth:
 
     async def api_user_change(self, request: web.Request) -> web.Response:
         """``PATCH /api/users/<name> {"role": ..., "password": ...}`` (admin): every session of that
-        user ends; an admin changing their own account keeps only the session that asked."""
+        user ends; an admin changing their own account keeps only the session that asked.
+
+        A session's own password is not changed here: that route asks for the current one (a
+        session left open in a browser must not be enough to take the account). An admin API token
+        is no account, so every account, whatever its name, is another's to it."""
         ident = self._admin(request)
         name = request.match_info["name"]
+        own = ident.via == "session" and name == ident.name
         user = self.store.users.get(name)
         try:
             if user is None:
@@ -803,9 +808,13 @@ class Auth:
             role, password = body.get("role", user.role), body.get("password")
             if role not in ROLES:
                 raise AuthError(400, f"role: one of {', '.join(ROLES)}")
+            if password is not None and own:
+                raise AuthError(
+                    409, "change your own password with POST /api/session/password, which asks for the current one"
+                )
             if password is not None and (not isinstance(password, str) or len(password) < MIN_PASSWORD):
                 raise AuthError(400, f"password: at least {MIN_PASSWORD} characters")
-            if name == ident.name and role != "admin":
+            if own and role != "admin":
                 raise AuthError(409, "you cannot take the admin role from yourself")
             if role != "admin" and self._last_admin(user):
                 raise AuthError(409, _LAST_ADMIN.format(name=name, what="made a viewer"))
@@ -818,7 +827,7 @@ class Auth:
         what = f"role {role}" + (" and a new password" if password is not None else "")
         log.warning("console: user %r given %s by %s; their sessions ended", name, what, ident.name)
         answer: dict[str, Any] = {"name": name, "role": role}
-        if name == ident.name and ident.via == "session":
+        if own:
             answer.update(await self._start_session(request, user))
         return web.json_response(answer)
 

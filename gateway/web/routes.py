@@ -151,10 +151,12 @@ ROUTES: tuple[Route, ...] = (
        "409": (m.Error, "From the config, yourself, or the last admin")}),
     R("PATCH", "/api/users/{name}", "auth.api_user_change",
       "Change an account's role or password (admin); every session of that user ends "
-      "(your own: all but this one)", "auth", "admin",
+      "(your own: all but this one). Your own password is changed with POST /api/session/password, "
+      "which asks for the current one; an admin API token sets any account's", "auth", "admin",
       {"200": m.UserChanged, "400": (m.Error, "Bad role or password, or neither given"),
        "404": (m.Error, "No such user"),
-       "409": (m.Error, "From the config, or taking the admin role from yourself or from the last admin")},
+       "409": (m.Error, "From the config, your own password, or taking the admin role from yourself or "
+               "from the last admin")},
       body=m.UserChange),
     R("GET", "/api/tokens", "auth.api_tokens", "API tokens (admin; the tokens themselves are never shown again)",
       "auth", "admin", {"200": m.Tokens}),

@@ -329,7 +329,7 @@ async def test_changing_your_own_password_keeps_only_this_session(
 ) -> None:
     other = client_factory()
     assert (await other.login("admin"))[0] == 200
-    status, data = await admin.patch("/api/users/admin", {"password": "a new long password"})
+    status, data = await admin.post("/api/session/password", {"current": PASSWORD, "password": "a new long password"})
     assert status == 200, data
     admin.csrf = data["csrf"]
     assert (await admin.get("/api/pipelines"))[0] == 200

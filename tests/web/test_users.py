@@ -147,3 +147,40 @@ async def test_the_self_rows_are_the_only_changes_a_viewer_may_make() -> None:
     from gateway.web.routes import ROUTES
 
     assert [(r.method, r.path) for r in ROUTES if r.roles == "self"] == [("POST", "/api/session/password")]
+
+
+async def test_an_admin_changes_their_own_password_only_with_the_current_one(
+    gw: Gateway, admin: Browserish, client_factory: Callable[[], Browserish]
+) -> None:
+    """``PATCH /api/users/<own name>`` with a password would let a session left open in a browser
+    take the account without the current password; it is refused and points to the route that asks
+    for it. An admin still sets another user's password, and an admin API token (no account, no
+    password of its own) sets any account's, including one that shares the token's name."""
+    other = client_factory()
+    assert (await other.login("admin"))[0] == 200
+    status, data = await admin.patch("/api/users/admin", {"password": NEW})
+    assert status == 409, data
+    assert "/api/session/password" in data["error"] and "current" in data["error"]
+    status, data = await admin.patch("/api/users/admin", {"role": "admin", "password": NEW})
+    assert status == 409, data
+    assert (await other.get("/api/pipelines"))[0] == 200  # nothing changed: no session ended
+    assert (await client_factory().login("admin", NEW))[0] == 401
+    assert (await client_factory().login("admin"))[0] == 200
+
+    # another user's password: still the admin's to set, without theirs
+    assert (await admin.post("/api/users", {"name": "op", "password": PASSWORD, "role": "admin"}))[0] == 201
+    status, data = await admin.patch("/api/users/op", {"password": NEW})
+    assert status == 200, data
+    assert (await client_factory().login("op", NEW))[0] == 200
+
+    # an admin token named like an account is not that account's session
+    status, data = await admin.post("/api/tokens", {"name": "op", "role": "admin"})
+    assert status == 201, data
+    bearer = {"Authorization": f"Bearer {data['token']}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.patch(base_url(gw) + "/api/users/op", json={"password": PASSWORD}, headers=bearer) as r:
+            assert r.status == 200, await r.text()
+        async with http.patch(base_url(gw) + "/api/users/op", json={"role": "viewer"}, headers=bearer) as r:
+            assert r.status == 200, await r.text()
+    assert (await client_factory().login("op"))[0] == 200
+    assert (await _users(admin))["op"]["role"] == "viewer"
