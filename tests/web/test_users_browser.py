@@ -173,3 +173,40 @@ async def test_a_viewer_has_no_users_page_and_changes_their_own_password(
         await _fits_a_phone(page, "account-phone")
     finally:
         await elsewhere.close()
+
+
+# Whether a text field shows its whole placeholder: the text's width in the field's own font
+# against the width inside its padding (an input's scrollWidth does not count the placeholder).
+PLACEHOLDER_FITS = """(el) => {
+  const cs = getComputedStyle(el);
+  const ctx = document.createElement('canvas').getContext('2d');
+  ctx.font = cs.font;
+  const text = ctx.measureText(el.placeholder).width;
+  const room = el.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+  return {text, room, scroll: el.scrollWidth, client: el.clientWidth};
+}"""
+
+
+async def test_the_password_placeholders_fit_their_fields(
+    gw: Gateway,
+    page: Any,  # noqa: F811
+) -> None:
+    """The Users page's password fields say how long a password must be; at desktop width that
+    hint was cut off ("password (10+ charac"). Also at a phone's width."""
+    await logged_in(gw, page)
+    for width, height in ((1280, 800), (1366, 900), (390, 844)):
+        await page.set_viewport_size({"width": width, "height": height})
+        await page.click('#nav a[data-view="users"]')
+        await expect(_row(page, "admin")).to_be_visible()
+        for sel in ("#new-user", "#new-password", "#new-token-name"):
+            seen = await page.locator(sel).evaluate(PLACEHOLDER_FITS)
+            assert seen["text"] <= seen["room"] and seen["scroll"] <= seen["client"], (width, sel, seen)
+        await _row(page, "admin").wait_for()
+        if not await page.locator('#users tr[data-user="viewer1"]').count():
+            await page.fill("#new-user", "viewer1")
+            await page.fill("#new-password", PASSWORD)
+            await page.click("#add-user button")
+        await _row(page, "viewer1").locator("button.set-password").click()
+        seen = await page.locator("tr.pass-form input.new-pass").evaluate(PLACEHOLDER_FITS)
+        assert seen["text"] <= seen["room"], (width, "set password", seen)
+        await shot(page, f"users-placeholders-{width}")
