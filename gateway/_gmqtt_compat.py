@@ -41,6 +41,7 @@ __all__ = [
     "on_refused_puback",
     "puback",
     "publish_qos1",
+    "route_qos1",
     "write_raw",
 ]
 
@@ -60,9 +61,20 @@ PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
         "_connection_state",
         "_last_msg_in",
         "_logger",
+        "_handle_qos_1_publish_packet",
+        "_handle_pingresp_packet",
+        "_handler_cache",
     ),
     "id generator": ("free_id", "_mid_generate", "_max", "_used_ids", "_last_used_id"),
-    "connection": ("_protocol", "publish", "is_closing", "close", "_last_data_in", "put_package"),
+    "connection": (
+        "_protocol",
+        "publish",
+        "is_closing",
+        "close",
+        "_last_data_in",
+        "put_package",
+        "_send_ping_request",
+    ),
     "protocol": ("read", "write_data", "proto_ver", "_stream_reader", "_read_packet"),
 }
 """What this module touches, by object: the compatibility test checks each still exists."""
@@ -217,18 +229,81 @@ OnPublishQos1 = Callable[[str, bytes, int, Callable[[list[int]], None]], None]
 calling ``ack(mids)`` once it has handled the messages (many PUBACKs in one socket write)."""
 
 
-def _puback_writer(client: gmqtt.Client, conn: Any) -> Callable[[list[int]], None]:
+class _Acker:
     """``ack(mids)``: one socket write of a success PUBACK per packet id, on connection ``conn``
-    only — after a reconnect the broker redelivers what this connection left unacknowledged."""
+    only — after a reconnect the broker redelivers what this connection left unacknowledged.
+
+    ``ack.confirm(callback)`` writes a PINGREQ and calls ``callback()`` at its PINGRESP: the broker
+    answers in order, so by then it has read every PUBACK written before (MQTT has no other
+    receipt for a PUBACK). gmqtt's own keep-alive PINGREQs are counted, so each PINGRESP is
+    matched with the PINGREQ it answers. A connection that closes first never calls back."""
+
+    __slots__ = ("_handler", "_pings", "_write", "conn")
+
+    def __init__(self, client: gmqtt.Client, conn: Any):
+        self.conn = conn
+        self._handler = client._package_handler
+        self._write = conn._protocol.write_data
+        self._pings: list[Callable[[], None] | None] = []  # PINGREQs sent, oldest first
+        gmqtt_ping = conn._send_ping_request
+
+        def ping() -> None:
+            self._pings.append(None)
+            gmqtt_ping()
+
+        conn._send_ping_request = ping
+
+    def _open(self) -> bool:
+        return self._handler.current_connection is self.conn and not self.conn.is_closing()
+
+    def __call__(self, mids: list[int]) -> None:
+        if mids and self._open():
+            self._write(b"".join([b"\x40\x02" + mid.to_bytes(2, "big") for mid in mids]))
+
+    def confirm(self, callback: Callable[[], None]) -> None:
+        if self._open():
+            self._pings.append(callback)
+            self._write(b"\xc0\x00")
+
+    def pong(self) -> None:
+        if self._pings and (callback := self._pings.pop(0)) is not None:
+            callback()
+
+
+def _puback_writer(client: gmqtt.Client, conn: Any) -> _Acker:
+    """The :class:`_Acker` of connection ``conn`` (one per connection)."""
+    acker = getattr(client, "_sluice_acker", None)
+    if acker is None or acker.conn is not conn:
+        acker = client._sluice_acker = _Acker(client, conn)
+    return acker
+
+
+def route_qos1(client: gmqtt.Client, on_qos1: OnPublishQos1) -> None:
+    """Every QoS 1 PUBLISH that gmqtt itself handles — those with MQTT 5 properties, and those
+    read with the CONNACK, before :func:`install_fast_publish` could take over (a resumed
+    session's redeliveries) — goes to ``on_qos1(topic, payload, mid, ack)`` as on the fast path,
+    with its packet id; and each PINGRESP to the current connection's ``ack.confirm``. Call once
+    per client (its handler outlives the connections)."""
     handler = client._package_handler
-    write = conn._protocol.write_data
+    plain = handler._handle_qos_1_publish_packet
+    plain_pong = handler._handle_pingresp_packet
 
-    def ack(mids: list[int]) -> None:
-        if not mids or handler.current_connection is not conn or conn.is_closing():
+    def qos1(mid: int, payload: bytes, topic: Any, properties: Any) -> None:
+        conn = client._connection
+        if not isinstance(topic, str) or conn is None or handler._connection_state.protocol_version < MQTTv50:
+            plain(mid, payload, topic, properties)
             return
-        write(b"".join([b"\x40\x02" + mid.to_bytes(2, "big") for mid in mids]))
+        on_qos1(topic, payload, mid, _puback_writer(client, conn))
 
-    return ack
+    def pong(cmd: int, packet: bytes) -> None:
+        plain_pong(cmd, packet)
+        acker = getattr(client, "_sluice_acker", None)
+        if acker is not None and acker.conn is handler.current_connection:
+            acker.pong()
+
+    handler._handle_qos_1_publish_packet = qos1
+    handler._handle_pingresp_packet = pong
+    handler._handler_cache.pop(0xD0, None)
 
 
 def install_fast_publish(

@@ -135,6 +135,9 @@ class MqttLink:
         )
         self._client.on_lost = self._lost
         self._client.on_acked = self._acked
+        if self._on_publish_qos1 is not None:
+            compat.route_qos1(self._client, self._on_publish_qos1)
+        self.session_present = False  # the broker's CONNACK: it still had this client's session
         # packet id -> a future, or (settle, index) (publish_acked_calls), until its PUBACK
         self._acks: dict[int, Any] = {}
         compat.on_refused_puback(self._client, self._refused)
@@ -168,6 +171,7 @@ class MqttLink:
         }
 
     def _on_connect(self, client: Any, flags: Any, rc: Any, properties: Any) -> None:
+        self.session_present = bool(flags)
         for topic, qos in self._subs.items():
             client.subscribe(topic, qos=qos)
         if self._birth is not None:

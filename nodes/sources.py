@@ -11,7 +11,9 @@ import asyncio
 import math
 import random
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
+from zlib import crc32
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -69,7 +71,11 @@ class MqttSource(PayloadSource):
     loop iteration; when the pipeline queue is full, reading stops until it drains to half.
     QoS 1 messages are acknowledged to the broker only after every sink they reach has written
     them (or dead-lettered them), so a crash redelivers them (at-least-once; needs MQTT 5 and a
-    persistent session).
+    persistent session). A message the broker sends again (its packet id and a CRC-32 of its
+    topic and payload seen before) that the pipeline already has — in flight, or in the saved
+    state: the checkpoint keeps what was taken and not yet known acknowledged — is acknowledged
+    in its turn without going in again; a PUBACK counts as known only once a PINGREQ written after
+    it is answered.
     """
 
     Options = MqttSourceOptions
@@ -89,12 +95,31 @@ class MqttSource(PayloadSource):
         self._pending: list[Event] = []
         self._received: list[tuple[str, bytes]] = []  # QoS 0: messages of the next batch, decoded at its flush
         self._flush_scheduled = False
-        self._acks: list[int] = []  # QoS 1: packet ids of the pending batch, to acknowledge
-        self._ack: Callable[[list[int]], None] = lambda mids: None
+        # QoS 1: the pending batch's messages, [crc, copies in the pipeline, session, packet id] each
+        self._acks: list[list[int]] = []
+        self._ack: Any = lambda mids: None
         self._out: SourceOutput | None = None
+        # QoS 1, what was taken and not yet known acknowledged (packet id -> entry / crc): a message
+        # sent again that matches is not counted again
+        self._taken: dict[int, list[int]] = {}  # in the pipeline
+        self._acked: dict[int, int] = {}  # PUBACK written (or restored from the checkpoint)
+        self._confirming: dict[int, int] = {}  # PUBACK written before the PINGREQ in flight
+        self._pinging: Any = None  # the connection's ack whose PINGREQ is in flight
+        self._session = 0  # a new session (the broker lost the old one) sends nothing again
+        self.n_skipped = 0
 
     def health(self) -> dict[str, Any]:
-        return self._link.health() if self._link else {"state": "starting"}
+        if self._link is None:
+            return {"state": "starting"}
+        return {**self._link.health(), "skipped_on_resume": self.n_skipped} if self.options.qos else self._link.health()
+
+    def snapshot(self) -> Any:
+        # taken as the checkpoint's barrier enters the pipeline: what was handed over before it
+        taken = {mid: e[0] for mid, e in self._taken.items() if e[2] == self._session}
+        return {**self._acked, **self._confirming, **taken} or None
+
+    def restore(self, state: Any) -> None:
+        self._acked = {int(mid): int(crc) for mid, crc in state.items()}
 
     # QoS 0: synchronous callback, batched per loop iteration -----------------------------
 
@@ -125,12 +150,20 @@ class MqttSource(PayloadSource):
     def _on_publish_qos1(self, topic: str, payload: bytes, mid: int, ack: Callable[[list[int]], None]) -> None:
         # the fast path: batched like QoS 0, one PUBACK write per batch once the sinks have it
         self.n_in += 1
-        if ack is not self._ack and self._acks:
-            self._flush_qos1()  # a new connection: the old one's ids go to the old one
-        self._ack = ack
-        ev = self.decode(topic, payload)
-        self._acks.append(mid)  # dead-lettered too: redelivery would not make it valid
-        if ev is not None:
+        if ack is not self._ack:
+            self._connected(ack)
+        crc = crc32(payload, crc32(topic.encode()))
+        entry = self._taken.get(mid)
+        if entry is not None and entry[0] == crc and entry[2] == self._session:
+            entry[1] += 1  # sent again while the first copy is in the pipeline (a reconnect)
+            again = True
+        else:
+            again = (self._acked.pop(mid, None) or self._confirming.pop(mid, None)) == crc
+            entry = self._taken[mid] = [crc, 1, self._session, mid]
+        self._acks.append(entry)  # dead-lettered too: redelivery would not make it valid
+        if again:
+            self.n_skipped += 1  # the pipeline has it: acknowledged in its turn, not counted twice
+        elif (ev := self.decode(topic, payload)) is not None:
             self._pending.append(ev)
         if len(self._acks) >= self.options.batch:
             self._flush_qos1()
@@ -143,14 +176,49 @@ class MqttSource(PayloadSource):
         if not self._acks or self._out is None:
             return
         batch, self._pending = self._pending, []
-        mids, self._acks = self._acks, []
-        ack = self._ack
-        if not batch:
-            ack(mids)
-            return
-        self._out.put_nowait(batch, lambda: ack(mids))
-        if self._link is not None:
+        entries, self._acks = self._acks, []
+        done = partial(self._acknowledge, self._ack, entries)
+        # in turn even when nothing decoded: a copy the saved state holds waits for that state
+        self._out.put_nowait(batch, done)
+        if batch and self._link is not None:
             self._out.pause_while_full(self._link)
+
+    def _acknowledge(self, ack: Any, entries: list[list[int]]) -> None:
+        ack([e[3] for e in entries])
+        taken, acked, session = self._taken, self._acked, self._session
+        for e in entries:
+            e[1] -= 1
+            if e[1] == 0 and taken.get(e[3]) is e:
+                del taken[e[3]]
+                if e[2] == session:
+                    acked[e[3]] = e[0]  # until the broker has surely read its PUBACK
+        self._confirm()
+
+    def _confirm(self) -> None:
+        confirm = getattr(self._ack, "confirm", None)
+        if self._acked and self._pinging is None and confirm is not None:
+            self._confirming.update(self._acked)
+            self._acked = {}
+            self._pinging = self._ack
+            confirm(partial(self._confirmed, self._ack))
+
+    def _confirmed(self, ack: Any) -> None:
+        if self._pinging is ack:
+            self._pinging = None
+            self._confirming = {}
+            self._confirm()
+
+    def _connected(self, ack: Any) -> None:
+        """The first message of a new connection."""
+        if self._acks:
+            self._flush_qos1()  # the old one's ids go to the old one
+        self._ack = ack
+        # a PINGREQ the old connection did not answer: its PUBACKs may not have arrived
+        self._acked.update(self._confirming)
+        self._confirming, self._pinging = {}, None
+        if not getattr(self._link, "session_present", True):
+            self._session += 1  # a new session: nothing of the old one comes again
+            self._acked = {}
 
     async def _on_message_qos1(self, client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
         self.n_in += 1
