@@ -578,8 +578,10 @@ class KafkaSource(ConsumerSource):
         else:
             self._processed(entry)  # all dead-lettered: done, in its turn
         # in the queue now (put returned): a checkpoint barrier behind it takes these positions
+        # (of partitions still owned: a rebalance may have come while put waited for room)
         for tp, off in offsets.items():
-            self._handed[f"{tp.topic}/{tp.partition}"] = off
+            if tp in self._assignment:
+                self._handed[f"{tp.topic}/{tp.partition}"] = off
         if not events and wm is not None:
             await output.put([], watermark=wm)
 
@@ -653,6 +655,13 @@ class KafkaSource(ConsumerSource):
 
     async def _assigned(self, assigned: set[Any]) -> None:
         self._assignment = set(assigned)
+        # positions of partitions this gateway no longer owns leave its state: if one comes back
+        # later, its new owner's commits say where to go on. (A rebalance revokes every partition
+        # before assigning: one assigned again keeps its position, and records still in the
+        # pipeline are not read twice.)
+        owned = {f"{tp.topic}/{tp.partition}" for tp in assigned}
+        for name in [name for name in self._handed if name not in owned]:
+            del self._handed[name]
         self._partitions.assign(self._assignment, self.ctx.monotonic())
         consumer = self._consumer
         if consumer is not None:

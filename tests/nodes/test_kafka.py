@@ -564,3 +564,56 @@ def test_partition_watermarks_follow_rebalances_idleness_and_pauses() -> None:
     w.assign({"p0", "p1"}, now=0.0)
     w.seen("p0", 500.0, now=1.0)
     assert w.advance(10**6) is None
+
+
+async def test_kafka_source_drops_the_positions_of_partitions_it_no_longer_owns(
+    tmp_path: Path, tansu: TansuBroker
+) -> None:
+    """A second gateway joins the group: the first keeps the position of the partition it still
+    owns (revoked and assigned again in the same rebalance), and drops the other's from its state.
+    When the second leaves, the first takes that partition back from the group's commits: every
+    record is read, by one of them."""
+    await make_topic(tansu.bootstrap, "owned", 2)
+
+    def gateway(name: str) -> str:
+        return f"""\
+gateway: {{id: {name}, data_dir: "{tmp_path}/{name}"}}
+pipelines:
+  - name: c
+    nodes:
+      - {{id: src, type: kafka, bootstrap_servers: "{tansu.bootstrap}", topic: owned, group: owned-group,
+          batch: 20, session_timeout: 6s}}
+      - {{id: got, type: t_kafka_collect, input: src}}
+console: {{enabled: false}}
+"""
+
+    values: set[float] = set()
+
+    async def produce_round(start: int) -> None:
+        for part in (0, 1):
+            items = [(f"k{part}", {"value": start + 2 * i + part, "ts": T0 + i}) for i in range(50)]
+            values.update(float(v["value"]) for _, v in items)
+            await produce_to(tansu.bootstrap, "owned", part, items)
+
+    def seen(*gws: Any) -> set[float]:
+        return {v for gw in gws for _, _, v in node(gw, "c", "got").got}
+
+    await produce_round(0)
+    async with running_gateway(gateway("first")) as first:
+        src1 = node(first, "c", "src")
+        await wait_for(lambda: seen(first) == values, timeout=60)
+        await wait_for(lambda: src1.snapshot() == {"owned/0": 50, "owned/1": 50}, timeout=30)
+        async with running_gateway(gateway("second")) as second:
+            src2 = node(second, "c", "src")
+            await wait_for(lambda: src2.health()["partitions"] and len(src1.health()["partitions"]) == 1, timeout=60)
+            (kept,) = src1.health()["partitions"]
+            assert src1.snapshot() == {kept: 50}  # before: the partition gone stayed in the state
+            await produce_round(100)
+            await wait_for(lambda: seen(first, second) == values, timeout=60)
+            await wait_for(lambda: src1.snapshot() == {kept: 100}, timeout=30)
+            await wait_for(lambda: src2.health()["commits"] >= 1 and not src2.health()["pending_batches"], timeout=30)
+        await wait_for(lambda: len(src1.health()["partitions"]) == 2, timeout=60)
+        await produce_round(200)
+        await wait_for(lambda: seen(first, second) >= values, timeout=60)
+        # the partition taken back goes on from the second's commits, its position back in the state
+        await wait_for(lambda: src1.snapshot() == {"owned/0": 150, "owned/1": 150}, timeout=30)
