@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
-from ._json import NotText, loads_json, text_fault
+from ._json import NotText, loads_json, loads_strict, text_fault
 
 # The codecs (and the pydantic models of their options) load on first use: a gateway whose sources
 # only need loads_json (MQTT) does not pay for them.
@@ -69,6 +69,7 @@ __all__ = [
     "Reading",
     "StructField",
     "loads_json",
+    "loads_strict",
     "make_decoder",
     "make_encoder",
     "nmea_sentence",

@@ -306,8 +306,15 @@ def route_qos1(client: gmqtt.Client, on_qos1: OnPublishQos1) -> None:
     handler._handler_cache.pop(0xD0, None)
 
 
+OnMessages = Callable[[list[tuple[str, bytes]]], None]
+"""``(messages)``: the plain QoS 0 PUBLISH messages of one socket read, ``(topic, payload)`` in order."""
+
+
 def install_fast_publish(
-    client: gmqtt.Client, on_qos1: OnPublishQos1 | None = None, on_pubacks: Callable[[list[int]], None] | None = None
+    client: gmqtt.Client,
+    on_qos1: OnPublishQos1 | None = None,
+    on_pubacks: Callable[[list[int]], None] | None = None,
+    on_messages: OnMessages | None = None,
 ) -> None:
     """Hand each plain QoS 0 PUBLISH of the client's connection straight to ``on_message``, and
     each PUBACK straight to the handler's PUBACK method.
@@ -326,7 +333,12 @@ def install_fast_publish(
 
     With ``on_pubacks``, the packet ids of the successful PUBACKs in one read (no reason code,
     or one below 0x80) go to ``on_pubacks(mids)`` together, in order, before any other packet
-    that follows them is handled; a refusal still goes to the handler's PUBACK method."""
+    that follows them is handled; a refusal still goes to the handler's PUBACK method.
+
+    With ``on_messages`` (and a plain function as ``on_message``), the plain QoS 0 PUBLISH
+    messages of one read go to ``on_messages([(topic, payload), ...])`` in one call instead of
+    a call and a properties dict each (dup and retain are not passed on), likewise before any
+    other packet that follows them is handled."""
     conn = client._connection
     proto = conn._protocol
     handler = client._package_handler
@@ -337,12 +349,21 @@ def install_fast_publish(
     known: list[Any] = [None, True]  # the on_message last looked at, and whether it is async
     ack = _puback_writer(client, conn)
     acked: list[int] = []  # packet ids of the PUBACKs read but not yet handed to on_pubacks
+    got: list[tuple[str, bytes]] = []  # QoS 0 messages read but not yet handed to on_messages
 
     def flush_acks() -> None:
         mids = acked[:]
         acked.clear()
         try:
             on_pubacks(mids)  # type: ignore[misc]
+        except Exception:
+            logger.exception("[MqttPackageHandler] error handling package")
+
+    def flush_got() -> None:
+        messages = got[:]
+        got.clear()
+        try:
+            on_messages(messages)  # type: ignore[misc]
         except Exception:
             logger.exception("[MqttPackageHandler] error handling package")
 
@@ -355,33 +376,61 @@ def install_fast_publish(
         if (known[1] and not qos1) or handler.current_connection is not conn or logger.isEnabledFor(logging.DEBUG):
             return general(data)
         qos0 = not known[1]
+        many = qos0 and on_messages is not None
+        skip = 1 if mqtt5 else 0  # an MQTT 5 PUBLISH has a property block (one byte when empty)
         size = len(data)
         pos = 0
         fast = 0
         while size - pos >= 2:
-            # the remaining length: a variable byte integer of at most 4 bytes
-            i = pos + 1
-            length = shift = 0
-            complete = False
-            while i < size:
-                b = data[i]
-                i += 1
-                length |= (b & 0x7F) << shift
-                if not b & 0x80:
-                    complete = True
-                    break
-                shift += 7
-                if shift > 21:
-                    return -1  # as gmqtt: a malformed length resets the connection
-            if not complete or i + length > size:
+            b = data[pos + 1]
+            if b < 0x80:  # a remaining length below 128 (one byte): the common small packet
+                i = pos + 2
+                length = b
+            else:
+                # the remaining length: a variable byte integer of at most 4 bytes
+                i = pos + 1
+                length = shift = 0
+                complete = False
+                while i < size:
+                    b = data[i]
+                    i += 1
+                    length |= (b & 0x7F) << shift
+                    if not b & 0x80:
+                        complete = True
+                        break
+                    shift += 7
+                    if shift > 21:
+                        return -1  # as gmqtt: a malformed length resets the connection
+                if not complete:
+                    break  # the packet is not all here yet
+            end = i + length
+            if end > size:
                 break  # the packet is not all here yet
             cmd = data[pos]
-            end = i + length
+            if many and cmd & 0xF6 == 0x30 and length >= 2:  # PUBLISH, QoS 0, for on_messages
+                t_end = i + 2 + ((data[i] << 8) | data[i + 1])
+                body = t_end + skip
+                if t_end > i + 2 and body <= end and (not mqtt5 or data[t_end] == 0):
+                    try:
+                        topic = data[i + 2 : t_end].decode()
+                    except UnicodeDecodeError:
+                        topic = None
+                    if topic is not None:
+                        if acked:
+                            flush_acks()  # what follows is handled after the acknowledgements before it
+                        got.append((topic, data[body:end]))
+                        fast += 1
+                        pos = end
+                        continue
             if cmd == 0x40 and on_pubacks is not None and length >= 2 and (length == 2 or data[i + 2] < 0x80):
+                if got:
+                    flush_got()  # the messages before it first
                 acked.append((data[i] << 8) | data[i + 1])  # a successful PUBACK: handed over with the others
                 fast += 1
                 pos = end
                 continue
+            if got:
+                flush_got()
             if acked:
                 flush_acks()  # what follows is handled after the acknowledgements before it
             if qos1 and cmd & 0xF6 == 0x32 and length >= 4:  # PUBLISH, QoS 1, acknowledged later
@@ -431,6 +480,8 @@ def install_fast_publish(
             pos = end
         if acked:
             flush_acks()
+        if got:
+            flush_got()
         if fast:
             conn._last_data_in = handler._last_msg_in = time.monotonic()
         return pos

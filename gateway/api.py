@@ -326,12 +326,16 @@ class Services(Protocol):
         session_expiry: int = 0,
         ack_after_processing: bool = False,
         on_publish_qos1: Callable[[str, bytes, int, Callable[[list[int]], None]], None] | None = None,
+        on_messages: Callable[[list[tuple[str, bytes]]], None] | None = None,
     ) -> Subscriber:
         """A new receiving connection to broker ``connection``, owned (run and closed) by the node.
 
         With ``ack_after_processing``, ``on_publish_qos1(topic, payload, mid, ack)`` (optional)
         takes each plain QoS 1 message synchronously; the node calls ``ack(mids)`` once the
-        messages are handled. Others still go to the coroutine ``on_message``."""
+        messages are handled. Others still go to the coroutine ``on_message``. With
+        ``on_messages`` (optional, for a plain function ``on_message``), the plain QoS 0 messages
+        of one socket read go to ``on_messages([(topic, payload), ...])`` in one call; others
+        still go to ``on_message``."""
 
 
 # Names of the LLM stage and the alert book that the built-in ``llm`` and ``alert`` nodes use;

@@ -105,9 +105,11 @@ class MqttLink:
         birth: Callable[[], tuple[str, bytes, bool]] | None = None,
         ack_after_processing: bool = False,
         on_publish_qos1: compat.OnPublishQos1 | None = None,
+        on_messages: compat.OnMessages | None = None,
     ):
         self.name = name
         self._on_publish_qos1 = on_publish_qos1 if ack_after_processing else None
+        self._on_messages = on_messages
         self.conn = conn
         self.client_id = client_id
         self.state = "connecting"
@@ -444,7 +446,7 @@ class MqttLink:
 
     def _install_gate(self) -> None:
         compat.install_read_gate(self._client, self._gate, self.conn.keepalive)
-        compat.install_fast_publish(self._client, self._on_publish_qos1, self._pubacks)
+        compat.install_fast_publish(self._client, self._on_publish_qos1, self._pubacks, self._on_messages)
 
 
 def _tls_context(conn: MqttConnection) -> ssl.SSLContext:

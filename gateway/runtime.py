@@ -163,6 +163,7 @@ class Links:
         session_expiry: int = 0,
         ack_after_processing: bool = False,
         on_publish_qos1: Callable[[str, bytes, int, Callable[[list[int]], None]], None] | None = None,
+        on_messages: Callable[[list[tuple[str, bytes]]], None] | None = None,
     ) -> MqttLink:
         """A receiving link of a node's own to broker ``connection``; the node runs and closes it."""
         return MqttLink(
@@ -174,6 +175,7 @@ class Links:
             session_expiry=session_expiry,
             ack_after_processing=ack_after_processing,
             on_publish_qos1=on_publish_qos1,
+            on_messages=on_messages,
         )
 
     async def close(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from firmware_bridges import loads_json
+from firmware_bridges import loads_json, loads_strict
 from gateway.api import (
     Duration,
     Event,
@@ -104,6 +104,7 @@ def key_function(spec: str, part: str = "topic", sep: str = "/") -> Callable[[st
                 seen[name] = key
             return key
 
+        by_part.seen = seen  # type: ignore[attr-defined]  # for a batch's loop to look up itself
         return by_part
     expr = Expression(spec, ("topic", "payload"))
     if sep == "/":
@@ -231,15 +232,17 @@ class PayloadSource(Source):
             return [e for t, p in messages if (e := self.decode(t, p)) is not None]
         out: list[Event] = []
         append = out.append
-        key_of, sid, decode = self._key, self.id, self.decode
+        key_of, sid, decode, strict = self._key, self.id, self.decode, loads_strict
+        seen: dict[str, str] = getattr(key_of, "seen", None) or {}  # a key by name (topic[N]) made before
         for topic, payload in messages:
             try:
-                body = loads_json(payload)
+                body = strict(payload)
                 if type(body) is dict:
                     v = body.get(vf)
                     ts = body.get(tf)
                     if type(v) is float and type(ts) is float and 0.0 < ts < 1e11 and v - v == 0.0:
-                        append(Event(key_of(topic, body), ts, v, sid, {"topic": topic}))
+                        key = seen.get(topic)
+                        append(Event(key_of(topic, body) if key is None else key, ts, v, sid, {"topic": topic}))
                         continue
             except Exception:  # judged again, with its reason, by decode
                 pass

@@ -67,8 +67,9 @@ class MqttSourceOptions(DecodeOptions, MqttReadOptions):
 class MqttSource(PayloadSource):
     """Subscribe to topic filters and turn each JSON message into an event.
 
-    QoS 0 messages are collected in the client's socket callback and handed over as one batch per
-    loop iteration; when the pipeline queue is full, reading stops until it drains to half.
+    QoS 0 messages are collected from the client's socket reads (all of a read's messages in one
+    call) and handed over as one batch per loop iteration; when the pipeline queue is full,
+    reading stops until it drains to half.
     QoS 1 messages are acknowledged to the broker only after every sink they reach has written
     them (or dead-lettered them), so a crash redelivers them (at-least-once; needs MQTT 5 and a
     persistent session). A message the broker sends again (its packet id and a CRC-32 of its
@@ -134,11 +135,32 @@ class MqttSource(PayloadSource):
             asyncio.get_running_loop().call_soon(self._flush)
         return 0
 
+    def _on_messages_qos0(self, messages: list[tuple[str, bytes]]) -> None:
+        # the fast path: the messages of one socket read in one call, cut into the same batches
+        # as one call each would make (full ones handed over now, the rest at the loop's next turn)
+        self.n_in += len(messages)
+        received = self._received
+        received += messages
+        size = self.options.batch
+        if len(received) >= size and self._out is not None:
+            whole = len(received) - len(received) % size
+            self._received = received[whole:]
+            for k in range(0, whole, size):
+                self._hand_over(received[k : k + size])
+            received = self._received
+        if received and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if not self._received or self._out is None:
             return
         received, self._received = self._received, []
+        self._hand_over(received)
+
+    def _hand_over(self, received: list[tuple[str, bytes]]) -> None:
+        assert self._out is not None
         batch = self.decode_many(received)  # one loop for the batch; bad messages dead-lettered
         if not batch:
             return
@@ -247,6 +269,7 @@ class MqttSource(PayloadSource):
             session_expiry=int(o.session_expiry) if persistent else 0,
             ack_after_processing=persistent,
             on_publish_qos1=self._on_publish_qos1 if persistent else None,
+            on_messages=None if persistent else self._on_messages_qos0,
         )
         for f in o.filters:
             self._link.subscribe(f, o.qos)

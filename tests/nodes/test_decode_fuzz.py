@@ -12,6 +12,7 @@ The same payloads go end to end through real peers in test_decode_fuzz_e2e.py (f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 from firmware_bridges import CodecOptions, make_decoder
 from gateway.deadletter import DeadLetters
+from gateway.engine import BatchQueue, SourceQueue
 from gateway.events import Event
 from gateway.history import History
 from gateway.node import NodeContext
@@ -265,3 +267,41 @@ def test_websocket_decode(stores: Stores) -> None:
     )
     src = WebSocketSource(opts, stores.ctx("w"))
     fuzz(stores, "w", src.decode)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 500])
+def test_mqtt_reads_handed_over_whole_make_the_batches_of_one_call_each(stores: Stores, batch: int) -> None:
+    """The QoS 0 fast path hands the messages of a socket read to the source in one call
+    (``_on_messages_qos0``): the pipeline gets the same batches — the same events, cut at the same
+    places — and the same dead letters as from one ``_on_message_qos0`` call per message. Batches
+    go into a real pipeline input queue; the loop turns between reads, as it does between reads
+    of a socket."""
+    opts = MqttSourceOptions(id="m", type="mqtt", connection="c", topic="in/#", key="topic[1]", batch=batch)
+    reads_of = st.lists(st.tuples(st.sampled_from(["in/x", "in/y/z", "in"]), READINGS), max_size=7)
+
+    async def drive(reads: list[list[tuple[str, bytes]]], whole: bool) -> tuple[list[Any], list[Any], int]:
+        stores.dead._pending.clear()
+        src = MqttSource(opts, stores.ctx("m"))
+        q = BatchQueue(1_000_000)
+        src._out = SourceQueue(q, 0, src)
+        for read in reads:
+            if whole:
+                src._on_messages_qos0(list(read))
+            else:
+                for topic, payload in read:
+                    src._on_message_qos0(None, topic, payload, 0, {})
+            await asyncio.sleep(0)  # the next read comes at a later turn of the loop
+        await asyncio.sleep(0)
+        batches = []
+        while len(q):
+            batches.append([e.to_dict() for e in q.get_nowait().events])
+        dead = [r[3:] for r in stores.dead._pending]
+        stores.dead._pending.clear()
+        return batches, dead, src.n_in
+
+    @FUZZ
+    @given(reads=st.lists(reads_of, max_size=6))
+    def run(reads: list[list[tuple[str, bytes]]]) -> None:
+        assert asyncio.run(drive(reads, True)) == asyncio.run(drive(reads, False))
+
+    run()
