@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
@@ -44,6 +45,7 @@ from gateway.api import (
 )
 from nodes._outlink import SinkLink, StreamOut, split_row_topic
 from nodes._stream import ConsumerOptions, ConsumerSource
+from nodes._watermarks import PartitionWatermarks
 
 __all__ = ["Lookup", "RedisOut", "RedisSource"]
 
@@ -218,6 +220,13 @@ class RedisSourceOptions(ConsumerOptions, RedisReadOptions):
         "(a :-separated part) or a CEL expression over `topic` (the stream name's parts) and `payload`.",
     )
     batch: int = Field(500, ge=1, le=100_000, description="Entries read per call (largest micro-batch).")
+    idle_timeout: Duration | None = Field(
+        60.0,
+        gt=0,
+        description="With several streams, event time is tracked per stream and windows follow the slowest "
+        "one; a stream without entries for this long (time waiting for a full pipeline does not count) stops "
+        "holding them back. null: a silent stream holds the windows until its next entry.",
+    )
 
 
 def _number_or_text(v: str) -> Any:
@@ -248,15 +257,23 @@ class RedisSource(ConsumerSource):
         self.n_acked = 0
         self.n_claimed = 0
         self.n_skipped = 0  # pending entries read again that the saved state already holds
+        # several streams: event-time progress per stream, the slowest declared to the windows
+        self.declares_watermark = len(options.stream_list) > 1
+        self._streams = PartitionWatermarks(options.idle_timeout)
 
     def health(self) -> dict[str, Any]:
-        return {
+        h = {
             **super().health(),
             "acked": self.n_acked,
             "claimed": self.n_claimed,
             "in_flight": len(self._in_flight),
             "skipped_on_resume": self.n_skipped,
         }
+        if self.declares_watermark:
+            wm = self._streams.value
+            h["watermark"] = None if wm == -math.inf else wm
+            h["idle_streams"] = sorted(self._streams.idle(self.ctx.monotonic()))
+        return h
 
     def snapshot(self) -> Any:
         # taken as the checkpoint's barrier enters the pipeline: exactly what was handed over before it
@@ -325,11 +342,15 @@ class RedisSource(ConsumerSource):
         history = set(o.stream_list)  # streams whose own pending entries are still being read again
         loop = asyncio.get_running_loop()
         next_claim = loop.time()
+        if self.declares_watermark:
+            self._streams.assign(set(o.stream_list), self.ctx.monotonic())
         while True:
             if loop.time() >= next_claim:
                 next_claim = loop.time() + max(1.0, o.claim_idle / 4)
                 await self._claim(output, client)
             got = await client.xreadgroup(group, me, ids, count=o.batch, block=None if history else 1000)
+            if not got and self.declares_watermark and (wm := self._streams.advance(self.ctx.monotonic())):
+                await output.put([], watermark=wm)  # a stream fell idle
             answered = set()
             for stream_b, entries in got or []:
                 stream = stream_b.decode() if isinstance(stream_b, bytes) else stream_b
@@ -390,12 +411,36 @@ class RedisSource(ConsumerSource):
         for eid in ids:
             self._in_flight.add((stream, eid))
         done = partial(self._processed, stream, ids)
+        wm = self._progress(stream, events) if self.declares_watermark else None
         if events:
-            await output.put(events, done)
+            await self._put(output, events, done, wm)
         # in the queue now (put returned): a checkpoint barrier behind it takes these ids
         handed.update(dict.fromkeys(map(_text, ids)))
         if not events:
             done()  # all dead-lettered: acknowledge, reading them again would not make them valid
+            if wm is not None:
+                await self._put(output, [], None, wm)
+
+    def _progress(self, stream: str, events: list[Event]) -> float | None:
+        """The source's progress once ``events`` of ``stream`` are in, if it moved (a reading further
+        ahead than max_future is dead-lettered on its way in: it moves nothing)."""
+        mf = self.options.max_future
+        horizon = math.inf if mf is None else self.ctx.clock() + mf
+        newest = max((ev.ts for ev in events if ev.ts <= horizon), default=-math.inf)
+        now = self.ctx.monotonic()
+        self._streams.seen(stream, newest, now)
+        return self._streams.advance(now)
+
+    async def _put(self, output: SourceOutput, events: list[Event], done: Any, wm: float | None) -> None:
+        # waiting for room in the pipeline does not make the other streams idle: they were not read
+        full = output.full and self.declares_watermark
+        if full:
+            self._streams.pause(self.ctx.monotonic())
+        try:
+            await output.put(events, done, watermark=wm)
+        finally:
+            if full:
+                self._streams.resume(self.ctx.monotonic())
 
     def _decode_entry(self, stream: str, fields: dict[Any, Any]) -> Event | None:
         try:

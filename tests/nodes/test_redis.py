@@ -361,3 +361,53 @@ async def test_lookup_enriches_and_keeps_its_last_copy_while_redis_is_away(tmp_p
         hot_node = node(gw, "e", "hot")
         await wait_for(lambda: hot_node.counters()["out"] >= 3, timeout=10)
         assert look.counters()["unloaded"] == 0
+
+
+def tumbling_sums(readings: list[tuple[str, float, float]], size: float) -> dict[tuple[str, float], float]:
+    """The reference: the sum of each key's readings per window, by (key, window end)."""
+    out: dict[tuple[str, float], float] = {}
+    for key, ts, value in readings:
+        end = (ts // size + 1) * size
+        out[(key, end)] = out.get((key, end), 0.0) + value
+    return out
+
+
+async def test_redis_source_watermark_is_the_slowest_stream(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Stream hours:a holds the first and the third hour of readings, hours:b the second, and
+    hours:c never has an entry. Each read takes entries of both streams, so one runs an hour ahead
+    of the other: with the watermark per stream (the slowest not idle), no reading is late and the
+    windows equal the reference. (One watermark for the source closed the first hour's windows at
+    the first reading of the second, and dropped the rest of hours:a's first hour as late.)"""
+    url = redis_server.url
+    t0 = 1_699_999_980.0  # a whole minute
+
+    def hour(h: int) -> list[tuple[str, float, float]]:
+        return [(k, t0 + 3600 * h + i * 10, float(1000 * h + i)) for i in range(360) for k in ("a", "b")]
+
+    a, b = hour(0) + hour(2), hour(1)
+    for stream, readings in (("hours:a", a), ("hours:b", b)):
+        await xadd_all(url, stream, [{"data": json.dumps({"key": k, "value": v, "ts": ts})} for k, ts, v in readings])
+    newest = t0 + 3 * 3600 - 10
+    expected = {kt: v for kt, v in tumbling_sums(a + b, 60.0).items() if kt[1] <= newest}
+    text = f"""\
+gateway: {{id: gw5, data_dir: "{tmp_path}/data5"}}
+pipelines:
+  - name: c
+    nodes:
+      - {{id: src, type: redis, url: "{url}", streams: ["hours:a", "hours:b", "hours:c"], group: g5, start: earliest,
+          batch: 20, idle_timeout: 1s}}
+      - {{id: w, type: window, input: src, kind: tumbling, size: 60s, aggregate: sum}}
+      - {{id: out, type: redis_out, input: w, url: "{url}", stream: wins5, reconnect_max: 300ms}}
+console: {{enabled: false}}
+"""
+    wins = Reader(url, "wins5")
+    async with running_gateway(text) as gw:
+        src, w = node(gw, "c", "src"), node(gw, "c", "w")
+        await wait_for(lambda: src.counters()["in"] == len(a + b), timeout=60)
+        # once both are read to their end they fall idle (hours:c at once), and the watermark is the newest time
+        await wait_for(lambda: w.watermark == newest or w.counters()["late"], timeout=30)
+        assert w.counters()["late"] == 0
+        await read_until(wins, lambda: len(window_results(wins.entries)) == len(expected))
+        assert window_results(wins.entries) == expected
+        assert src.health()["watermark"] == newest
+        assert src.health()["idle_streams"] == ["hours:a", "hours:b", "hours:c"]
