@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import sqlite3
@@ -71,6 +72,9 @@ _CAUGHT_UP = 1000
 _RECLAIM_MIN = 4 << 20
 _RECLAIM_STEP = 1024
 _WAL_LIMIT = 4 << 20  # the WAL file is cut back to this after a checkpoint (a big batch grows it)
+# The key summary (``outbox_keys``: each ordering key's highest id) is written to the file every
+# this many rows, in the commit that reaches it: a start reads the summary and the rows after it.
+_KEYS_SAVE_EVERY = 10_000
 
 
 def _result_hash(connection: str, topic: str, rid: str) -> int:
@@ -174,7 +178,15 @@ class OutboxStore(Protocol):
 
     def load(self, connection: str, after: int, upto: int | None, limit: int) -> list[Row]: ...
 
-    def last_ids_by_key(self, connection: str, upto: int) -> dict[str, int]: ...
+    def backlog_keys(self, connection: str) -> tuple[int, dict[str, int]]:
+        """The highest id committed so far, and for each ordering key of ``connection`` an id at or
+        past its last row up to there (never before it): read from a summary kept as rows are
+        appended, not from the rows, so a reconnect costs the same at any backlog size."""
+        ...
+
+    def connections(self) -> set[str]:
+        """Every connection that may have rows (from the summary: a few more, never fewer)."""
+        ...
 
     def stats(self) -> tuple[int, int]:
         """(rows, bytes) as stored."""
@@ -217,8 +229,42 @@ def _index_results(db: sqlite3.Connection) -> None:
     db.execute("DROP INDEX results_rid")
 
 
+def _summary(db: sqlite3.Connection) -> None:
+    """Version 3: what a start and a reconnect need, kept so that neither reads the whole backlog.
+
+    ``outbox_keys`` holds each (connection, ordering key)'s highest id up to ``keys_upto`` (in
+    ``outbox_meta``; rows after it are read at start), ``count`` and ``bytes`` the rows waiting and
+    their size, written in every commit that changes them. An older file is summarised once here."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS outbox_keys (connection TEXT NOT NULL, okey TEXT NOT NULL,"
+        " last INTEGER NOT NULL, PRIMARY KEY (connection, okey)) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT OR REPLACE INTO outbox_keys (connection, okey, last)"
+        " SELECT connection, okey, MAX(id) FROM outbox GROUP BY connection, okey"
+    )
+    count, size, upto = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(id), 0) FROM outbox"
+    ).fetchone()
+    db.executemany(
+        "INSERT OR REPLACE INTO outbox_meta (name, value) VALUES (?, ?)",
+        [("count", count), ("bytes", size), ("keys_upto", upto)],
+    )
+
+
 # Step i takes the file from version i-1 to i (gateway._migrate); never edit one that has shipped, append.
-SCHEMA = Schema("outbox", (Step("outbox and results tables", _tables), Step("results indexed by hash", _index_results)))
+SCHEMA = Schema(
+    "outbox",
+    (
+        Step("outbox and results tables", _tables),
+        Step("results indexed by hash", _index_results),
+        Step("key summary and counts", _summary),
+    ),
+)
+_SAVE_COUNTS = (
+    "INSERT INTO outbox_meta (name, value) VALUES ('count', ?), ('bytes', ?) "
+    "ON CONFLICT(name) DO UPDATE SET value = excluded.value"
+)
 
 
 class SqliteOutboxStore:
@@ -234,6 +280,11 @@ class SqliteOutboxStore:
         self._count = 0
         self._bytes = 0
         self._reclaim_armed = True  # free pages may be worth giving back (cleared when there are none)
+        # (connection, ordering key) -> the highest id appended with it (see backlog_keys); saved
+        # to outbox_keys every _KEYS_SAVE_EVERY rows, up to _keys_upto
+        self._keys: dict[tuple[str, str], int] = {}
+        self._keys_upto = 0
+        self._keys_prune_at = 1024
 
     def open(self) -> StoreInfo:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,9 +317,45 @@ class SqliteOutboxStore:
             db.execute("COMMIT")
             max_id = floor
         self._reserved = floor
-        count, size = self._count, self._bytes = self.stats()
-        row = db.execute("SELECT value FROM outbox_meta WHERE name='dropped'").fetchone()
-        return StoreInfo(max_id, count, size, row[0] if row else 0)
+        # No read of the whole backlog: the counts and the key summary are kept in the file; only
+        # the rows appended since the summary was last saved (fewer than _KEYS_SAVE_EVERY and one
+        # commit) are read.
+        meta = dict(db.execute("SELECT name, value FROM outbox_meta").fetchall())
+        if "count" in meta and "bytes" in meta:
+            self._count, self._bytes = int(meta["count"]), int(meta["bytes"])
+        else:  # pragma: no cover - written by schema step 3 and every commit since
+            self._count, self._bytes = self.stats()
+        self._keys_upto = int(meta.get("keys_upto", 0))
+        keys = self._keys = {(c, k): n for c, k, n in db.execute("SELECT connection, okey, last FROM outbox_keys")}
+        for c, k, last in db.execute(
+            "SELECT connection, okey, MAX(id) FROM outbox WHERE id > ? GROUP BY connection, okey", (self._keys_upto,)
+        ):
+            keys[(c, k)] = max(last, keys.get((c, k), 0))
+        self._prune_keys()
+        return StoreInfo(max_id, self._count, self._bytes, int(meta.get("dropped", 0)))
+
+    def _prune_keys(self) -> int:
+        """Forget (in memory) the keys whose every row is gone: their last id is below the oldest row.
+        Returns that oldest id (past the highest if none is left)."""
+        assert self._db is not None
+        lo = self._db.execute("SELECT MIN(id) FROM outbox").fetchone()[0]
+        lo = lo if lo is not None else self._max_id() + 1
+        self._keys = {k: last for k, last in self._keys.items() if last >= lo}
+        self._keys_prune_at = max(1024, 2 * len(self._keys))
+        return lo
+
+    def _save_keys(self, upto: int) -> None:
+        """In the caller's transaction: write the keys appended since the last save, and forget the
+        keys every row of which is gone (a summary that only grew would be a scan of its own)."""
+        db = self._db
+        assert db is not None
+        since = self._keys_upto
+        changed = [(c, k, last) for (c, k), last in self._keys.items() if last > since]
+        _insert(db, "INSERT OR REPLACE INTO outbox_keys (connection, okey, last) VALUES ", "(?,?,?)", changed)
+        if len(self._keys) > self._keys_prune_at:
+            db.execute("DELETE FROM outbox_keys WHERE last < ?", (self._prune_keys(),))
+        db.execute("INSERT OR REPLACE INTO outbox_meta (name, value) VALUES ('keys_upto', ?)", (upto,))
+        self._keys_upto = upto
 
     def _max_id(self) -> int:
         assert self._db is not None
@@ -312,6 +399,7 @@ class SqliteOutboxStore:
         # The seq block is reserved on disk before any number of it is committed.
         self._reserve(first + len(rows))
         now = time.time()
+        keys_upto = self._keys_upto
         db.execute("BEGIN IMMEDIATE")
         try:
             self._delete(delete)
@@ -323,6 +411,11 @@ class SqliteOutboxStore:
             )
             self._count += len(rows)
             self._bytes += sum(r[5] for r in rows)
+            keys = self._keys
+            for i, r in enumerate(rows):
+                keys[(r[0], r[2])] = first + i
+            if first + len(rows) - 1 - self._keys_upto >= _KEYS_SAVE_EVERY:
+                self._save_keys(first + len(rows) - 1)
             if results:
                 _insert(
                     db,
@@ -339,10 +432,12 @@ class SqliteOutboxStore:
                     "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
                     (dropped,),
                 )
+            db.execute(_SAVE_COUNTS, (self._count, self._bytes))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             self._count, self._bytes = self.stats()
+            self._keys_upto = keys_upto  # the summary's save (if any) was rolled back too
             raise
         if self._count > _CAUGHT_UP:
             self._reclaim_armed = True
@@ -402,6 +497,7 @@ class SqliteOutboxStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             self._delete(ids)
+            db.execute(_SAVE_COUNTS, (self._count, self._bytes))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -440,14 +536,12 @@ class SqliteOutboxStore:
         args: tuple[Any, ...] = (connection, after, upto, limit) if upto is not None else (connection, after, limit)
         return [Row(r[0], r[1], r[2], r[3], bytes(r[4]), bool(r[5]), r[6]) for r in db.execute(q, args)]
 
-    def last_ids_by_key(self, connection: str, upto: int) -> dict[str, int]:
-        db = self._db
-        assert db is not None
-        return dict(
-            db.execute(
-                "SELECT okey, MAX(id) FROM outbox WHERE connection=? AND id<=? GROUP BY okey", (connection, upto)
-            ).fetchall()
-        )
+    def backlog_keys(self, connection: str) -> tuple[int, dict[str, int]]:
+        # Appends run in this thread too: the summary holds exactly the rows up to mark.
+        return self._max_id(), {k: last for (c, k), last in self._keys.items() if c == connection}
+
+    def connections(self) -> set[str]:
+        return {c for c, _ in self._keys}
 
     def stats(self) -> tuple[int, int]:
         db = self._db
@@ -497,9 +591,22 @@ class SendOrder:
     row). The sender fills :attr:`backlog` and :attr:`live` from the store and asks :meth:`next`.
     """
 
-    __slots__ = ("_turn_live", "backlog", "backlog_done", "backlog_last", "deferred", "live", "n_deferred", "ready")
+    __slots__ = (
+        "_held",
+        "_turn_live",
+        "backlog",
+        "backlog_done",
+        "backlog_last",
+        "deferred",
+        "live",
+        "n_deferred",
+        "pos",
+        "ready",
+    )
 
     def __init__(self, backlog_last: dict[str, int]):
+        # An id at or past each key's last backlog row (the store's summary may name a later one,
+        # or a key whose rows are gone): a key waits only while the backlog sent is before it.
         self.backlog_last = backlog_last
         self.backlog: deque[Row] = deque()
         self.live: deque[Row] = deque()
@@ -507,6 +614,8 @@ class SendOrder:
         self.deferred: dict[str, deque[Row]] = {}
         self.n_deferred = 0  # rows in deferred
         self.backlog_done = not backlog_last
+        self.pos = 0  # id of the last backlog row handed out (the backlog goes in id order)
+        self._held: list[tuple[int, str]] = []  # (backlog_last, key) of each key in deferred, a heap
         self._turn_live = False
 
     def finish_backlog(self) -> None:
@@ -517,25 +626,36 @@ class SendOrder:
         self.deferred.clear()
         self.n_deferred = 0
         self.backlog_last.clear()
+        self._held.clear()
 
     def next(self) -> Row | None:
         """The row to send next, or ``None`` when none is at hand now."""
-        live = self.live
+        live, deferred, backlog_last = self.live, self.deferred, self.backlog_last
         # live rows whose key still has backlog to go wait behind it
-        while live and (live[0].okey in self.backlog_last or live[0].okey in self.deferred):
-            r = live.popleft()
-            self.deferred.setdefault(r.okey, deque()).append(r)
+        while live:
+            key = live[0].okey
+            if key not in deferred:
+                last = backlog_last.get(key)
+                if last is None:
+                    break
+                if last <= self.pos:  # its backlog went out already
+                    del backlog_last[key]
+                    break
+                heapq.heappush(self._held, (last, key))
+                deferred[key] = deque()
+            deferred[key].append(live.popleft())
             self.n_deferred += 1
         live_q = self.ready if self.ready else live
         if self.backlog and (not live_q or not self._turn_live):
             row = self.backlog.popleft()
-            last = self.backlog_last.get(row.okey)
-            if last is not None and row.id >= last:
-                del self.backlog_last[row.okey]
-                held = self.deferred.pop(row.okey, None)
-                if held:
-                    self.ready.extend(held)
-                    self.n_deferred -= len(held)
+            self.pos = row.id
+            held = self._held
+            while held and held[0][0] <= row.id:  # every backlog row of these keys went out
+                key = heapq.heappop(held)[1]
+                backlog_last.pop(key, None)
+                waited = deferred.pop(key)
+                self.ready.extend(waited)
+                self.n_deferred -= len(waited)
         elif live_q:
             row = live_q.popleft()
         else:
@@ -652,8 +772,12 @@ class Outbox:
                 self.count,
                 self.bytes,
             )
-            for conn, n in (await self._run(self.store.by_connection)).items():
-                if conn not in self.links and not _sinks_link(conn):
+            # the summary names the connections with rows (maybe a few more): counting the rows of
+            # one reads the whole backlog, so only for a connection the config no longer has
+            gone = {c for c in await self._run(self.store.connections) if c not in self.links and not _sinks_link(c)}
+            owed = await self._run(self.store.by_connection) if gone else {}
+            for conn, n in owed.items():
+                if conn in gone:
                     log.warning(
                         "outbox %s: %d messages for connection %r, which the config no longer has; "
                         "they wait (and count against the quota) until it is back",
@@ -681,7 +805,10 @@ class Outbox:
         webhook the config no longer has can only be told apart a while after start."""
         await asyncio.sleep(self.UNCLAIMED_AFTER)
         try:
-            owed = await self._run(self.store.by_connection)
+            maybe = await self._run(self.store.connections)
+            owed = {}
+            if any(_sinks_link(c) and c not in self._extra for c in maybe):
+                owed = await self._run(self.store.by_connection)
         except sqlite3.Error:
             return  # the sender reports an unreadable outbox
         for conn, n in sorted(owed.items()):
@@ -1009,9 +1136,8 @@ class Outbox:
 
     async def _pass(self, conn: str, link: Any, new: asyncio.Event) -> None:
         """One connected period: replay the backlog, interleaved with live rows, until the link drops."""
-        mark = self.last_id
-        backlog_last = await self._run(self.store.last_ids_by_key, conn, mark)
-        if backlog_last:
+        mark, backlog_last = await self._run(self.store.backlog_keys, conn)
+        if backlog_last and self.count:
             log.info("outbox: %s connected; sending %d waiting messages", conn, self.count)
         order = SendOrder(backlog_last)
         b_cursor, l_cursor = 0, mark

@@ -467,3 +467,21 @@ def test_send_order_releases_what_waited_when_the_backlog_ends_early() -> None:
     assert order.next() is None and list(order.deferred) == ["a"]
     order.finish_backlog()
     assert [order.next().id, order.next()] == [10, None]  # type: ignore[union-attr]
+
+
+def test_send_order_lets_a_key_go_once_the_backlog_is_past_its_last_row_even_if_that_row_is_gone() -> None:
+    """The store's summary may name a last row already acknowledged (sent live in an earlier
+    connected period): the key's live rows wait until the backlog sent is past that id, not until
+    the whole backlog went out."""
+    from gateway.outbox import Row, SendOrder
+
+    def row(i: int, key: str) -> Row:
+        return Row(i, "plant", "t", key, b"{}", False, 10)
+
+    order = SendOrder({"a": 2, "b": 3, "c": 40})  # b's row 3 is gone
+    order.backlog.extend([row(1, "a"), row(2, "a"), row(4, "c"), row(5, "c"), row(6, "c"), row(40, "c")])
+    order.live.extend([row(41, "b"), row(42, "c"), row(43, "b")])
+    sent = []
+    while (r := order.next()) is not None:
+        sent.append(r.id)
+    assert sent == [1, 2, 4, 41, 5, 43, 6, 40, 42]  # b waits until the backlog is past 3, c until 40

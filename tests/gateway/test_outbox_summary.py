@@ -1,0 +1,276 @@
+"""A start and a reconnect under a large backlog read a summary the outbox keeps, not the backlog.
+
+The summary (each ordering key's highest id, the count and the bytes waiting) is what the sender
+needs to keep each key's messages in order while live messages take turns with the backlog. These
+tests count the SQLite work (virtual machine steps, not time) of a start and a reconnect at two
+backlog sizes, and check through a real Mosquitto and a real file that a SIGKILL while queueing,
+a restart and reconnects in the middle of the drain lose, repeat or reorder nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+
+import gateway.outbox
+from gateway._migrate import Schema, migrate
+from gateway.config import MqttConnection
+from gateway.mqtt import MqttLink
+from gateway.outbox import SCHEMA, Outbox, OutboxConfig, SqliteOutboxStore
+from tests._util import MosquittoBroker, MqttTestClient, wait_for
+from tests.gateway.test_outbox import FakeLink
+
+ROOT = Path(__file__).resolve().parents[2]
+TOPIC = "sluice/gw1/alerts/plant"
+
+
+def _rows(start: int, n: int, keys: int = 50) -> list[tuple[str, str, str, bytes, bool, int]]:
+    out = []
+    for i in range(start, start + n):
+        body = json.dumps({"key": f"k{i % keys}", "n": i}).encode()
+        out.append(("plant", TOPIC, f"k{i % keys}", body, False, len(body) + 40))
+    return out
+
+
+class _Steps:
+    """SQLite virtual machine steps run on the connections opened while it is installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.n = 0
+        real = sqlite3.connect
+
+        def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            db = real(*args, **kwargs)
+            db.set_progress_handler(self._tick, 100)
+            return db
+
+        monkeypatch.setattr(gateway.outbox.sqlite3, "connect", connect)
+
+    def _tick(self) -> int:
+        self.n += 100
+        return 0
+
+
+def _work_of_start_and_reconnect(path: Path, queued: int, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
+    """Queue ``queued`` rows (closing cleanly), then count the steps of a start and of a reconnect."""
+    store = SqliteOutboxStore(path, synchronous="OFF")
+    store.open()
+    for at in range(0, queued, 500):
+        store.append(_rows(at, min(500, queued - at)), [], 1 << 40, None)
+    store.close()
+    steps = _Steps(monkeypatch)
+
+    async def run() -> tuple[int, int]:
+        ob = Outbox(path, "gw1", {"plant": FakeLink()}, OutboxConfig(max_bytes=1 << 40))
+        await ob.open()  # counts, key summary, the connections' check
+        try:
+            assert ob.count == queued
+            started = steps.n
+            mark, keys = await ob._run(ob.store.backlog_keys, "plant")  # what a reconnect reads
+            assert mark == queued and keys == {f"k{i}": queued - 49 + i for i in range(50)}
+            return started, steps.n - started
+        finally:
+            await ob.close()
+
+    return asyncio.run(run())
+
+
+def test_a_start_and_a_reconnect_read_the_same_at_any_backlog_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway.outbox, "_KEYS_SAVE_EVERY", 1000)
+    small = _work_of_start_and_reconnect(tmp_path / "small.db", 3_000, monkeypatch)
+    big = _work_of_start_and_reconnect(tmp_path / "big.db", 30_000, monkeypatch)
+    # Before the summary, a start read every row twice (counts, connections) and a reconnect once
+    # (each key's last id): ten times the backlog was ten times the work.
+    assert big[0] < 2 * small[0] + 2000, (small, big)
+    assert big[1] == small[1] == 0, (small, big)  # from memory
+
+
+def test_the_summary_after_a_kill_names_every_key_with_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saved summary covers up to ``keys_upto``; a start reads the rows after it."""
+    monkeypatch.setattr(gateway.outbox, "_KEYS_SAVE_EVERY", 700)
+    path = tmp_path / "outbox.db"
+    store = SqliteOutboxStore(path, synchronous="OFF")
+    store.open()
+    for at in range(0, 2_500, 100):
+        store.append(_rows(at, 100, keys=7 + at // 100), [], 1 << 40, None)  # new keys keep coming
+    store._db.close()  # type: ignore[union-attr]  # no close(): as a kill leaves it
+    store = SqliteOutboxStore(path, synchronous="OFF")
+    store.open()
+    db = sqlite3.connect(path)
+    exact = dict(db.execute("SELECT okey, MAX(id) FROM outbox GROUP BY okey").fetchall())
+    assert db.execute("SELECT value FROM outbox_meta WHERE name='keys_upto'").fetchone()[0] == 2100
+    db.close()
+    mark, keys = store.backlog_keys("plant")
+    assert mark == 2500 and keys == exact
+    assert (store._count, store._bytes) == store.stats()
+    store.close()
+
+
+def test_an_old_file_is_summarised_once_by_its_migration(tmp_path: Path) -> None:
+    """A version-2 file (the release before the summary) with a backlog: the step summarises it."""
+    path = tmp_path / "outbox.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    migrate(db, path, Schema("outbox", SCHEMA.steps[:2]))
+    db.executemany(
+        "INSERT INTO outbox (connection, topic, okey, body, retain, size, created) VALUES (?,?,?,?,?,?,0)",
+        [r[:6] for r in _rows(0, 300, keys=9)],
+    )
+    db.close()
+    store = SqliteOutboxStore(path, synchronous="OFF")
+    info = store.open()
+    assert info.count == 300 and info.bytes == sum(r[5] for r in _rows(0, 300, keys=9))
+    assert store.backlog_keys("plant") == (300, {f"k{i % 9}": i + 1 for i in range(300)})
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA.version == 3
+    db.close()
+
+
+# --- through a real broker, with a SIGKILL and reconnects ---------------------------------------
+
+_QUEUER = """
+import asyncio, sys
+from pathlib import Path
+import gateway.outbox
+from gateway.config import MqttConnection
+from gateway.mqtt import MqttLink
+from gateway.outbox import Outbox, OutboxConfig
+
+gateway.outbox._KEYS_SAVE_EVERY = 1000  # saved at 1000, 2000, 3000: the last 500 rows are after it
+
+async def main(path, port, topic):
+    link = MqttLink("plant", MqttConnection(type="mqtt", host="127.0.0.1", port=port, status=False), "queuer")
+    ob = Outbox(path, "gw1", {"plant": link}, OutboxConfig())
+    await ob.open()
+    for i in range(0, 3500, 10):  # the broker is down: everything queues
+        await ob.put([("plant", topic, {"key": f"k{j % 13}", "n": j}, f"k{j % 13}") for j in range(i, i + 10)])
+    print("queued", flush=True)
+    await asyncio.sleep(3600)  # until the SIGKILL
+
+asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
+"""
+
+
+class _Consumer:
+    """A persistent-session subscriber keeping every message in arrival order."""
+
+    def __init__(self, broker: MosquittoBroker):
+        self.client = MqttTestClient(broker.host, broker.port, client_id=f"c-{broker.port}", clean_session=False)
+        self._lock = threading.Lock()
+        self._got: list[tuple[dict[str, Any], bool]] = []
+        self.client.paho.on_message = self._on
+
+    def _on(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self._got.append((json.loads(msg.payload), bool(msg.dup)))
+
+    def got(self) -> list[tuple[dict[str, Any], bool]]:
+        with self._lock:
+            return list(self._got)
+
+
+@pytest.fixture
+def consumer(mosquitto_factory: Any) -> Iterator[tuple[MosquittoBroker, _Consumer]]:
+    broker = mosquitto_factory(persistence=True)
+    c = _Consumer(broker)
+    c.client.connect()
+    c.client.subscribe(TOPIC, 1)
+    broker.stop()  # the consumer's session waits in the broker's persistence
+    try:
+        yield broker, c
+    finally:
+        c.client.disconnect()
+
+
+async def test_a_kill_while_queueing_then_reconnects_mid_drain_keep_each_key_in_order(
+    tmp_path: Path, consumer: tuple[MosquittoBroker, _Consumer]
+) -> None:
+    broker, sub = consumer
+    path = tmp_path / "outbox.db"
+    _queue_and_kill(path, broker.port)
+    queued = _waiting(path)
+    assert queued == 3500
+
+    link = MqttLink("plant", MqttConnection(type="mqtt", host="127.0.0.1", port=broker.port, status=False), "gw")
+    ob = Outbox(path, "gw1", {"plant": link}, OutboxConfig(inflight=20))
+    await ob.open()
+    assert ob.count == queued  # the count kept in the file, exact after the kill
+    tasks = [asyncio.create_task(link.run()), asyncio.create_task(ob.run())]
+    n = ob.last_id
+    try:
+        broker.start()
+        # live messages of the same keys take turns with the backlog, which the first pass sends
+        # past the summary saved before the kill (3000) and a drop ends near its end (3325)
+        for drop, at in enumerate((3325, 3400, 3450)):
+            await wait_for(lambda d=drop: ob.published >= 1 + d * 80)
+            await ob.put([("plant", TOPIC, {"key": f"k{j % 13}", "n": j}, f"k{j % 13}") for j in range(n, n + 40)])
+            n += 40
+            await wait_for(lambda a=at: ob.published >= a)
+            broker.stop()  # in the middle of the drain
+            await wait_for(lambda: not link.connected)
+            await ob.put([("plant", TOPIC, {"key": f"k{j % 13}", "n": j}, f"k{j % 13}") for j in range(n, n + 40)])
+            n += 40
+            broker.start()
+        await wait_for(lambda: ob.count == 0, timeout=60)
+        await wait_for(lambda: len({m["seq"] for m, _ in sub.got()}) >= n, timeout=30)
+    finally:
+        await ob.close()
+        await link.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    first: dict[int, dict[str, Any]] = {}
+    per_key: dict[str, list[int]] = {}
+    for m, dup in sub.got():
+        if m["seq"] in first:
+            assert m["replayed"] or dup, m  # a replay after a lost PUBACK, or the broker's own redelivery
+            continue
+        first[m["seq"]] = m
+        assert m["n"] == m["seq"] - 1 and m["key"] == f"k{m['n'] % 13}"
+        per_key.setdefault(m["key"], []).append(m["seq"])
+    assert set(first) == set(range(1, n + 1))
+    for key, seqs in per_key.items():
+        assert seqs == sorted(seqs), f"{key} out of order"
+
+
+def _queue_and_kill(path: Path, port: int) -> None:
+    """3,500 messages queued by a process of its own while the broker is down, then a SIGKILL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _QUEUER, str(path), str(port), TOPIC],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"queued\n"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _waiting(path: Path) -> int:
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
