@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from ._log import setup_logging
-from .config import json_schema, load_config
 from .errors import ConfigError, SluiceError
+
+if TYPE_CHECKING:
+    from .config import LoadedConfig
+
+# Nothing heavy at import time: `sluice run` decides whether OpenSSL may load (gateway._tls)
+# before asyncio is imported, so the config, runtime and simulators load inside the commands.
 
 __all__ = ["main"]
 
@@ -28,8 +32,26 @@ def _print_issues(err: ConfigError) -> None:
     print(f"{n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
 
 
+def load_config(path: str | Path) -> LoadedConfig:
+    from .config import load_config
+
+    return load_config(path)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else DEMO_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        pass  # load_config says what is wrong with the file
+    else:
+        from ._tls import keep_out_unless_needed
+
+        keep_out_unless_needed(text)
+    import asyncio
+
+    from ._log import setup_logging
+
     try:
         loaded = load_config(path)
     except ConfigError as err:
@@ -67,6 +89,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from .config import json_schema
+
     json.dump(json_schema(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
@@ -187,16 +211,20 @@ def cmd_state_reset_watermark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("config", nargs="?", help="YAML config file")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides gateway.log_level")
+    run.add_argument("--log-format", choices=["text", "json"], help="overrides gateway.log_format")
+    run.set_defaults(func=cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Sluice: continuous pipelines for edge/IoT gateways.")
     p.add_argument("--version", action="version", version=f"sluice {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a gateway (no CONFIG: the bundled demo)")
-    run.add_argument("config", nargs="?", help="YAML config file")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides gateway.log_level")
-    run.add_argument("--log-format", choices=["text", "json"], help="overrides gateway.log_format")
-    run.set_defaults(func=cmd_run)
+    _run_arguments(run)
 
     val = sub.add_parser("validate", help="check a config; print every problem as FILE:LINE: path: message")
     val.add_argument("config", help="YAML config file")
@@ -262,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        # the full parser imports the simulators' codecs and profiles, which a gateway does not use
+        run = argparse.ArgumentParser(prog="sluice run", description="run a gateway (no CONFIG: the bundled demo)")
+        _run_arguments(run)
+        return int(cmd_run(run.parse_args(argv[1:])))
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

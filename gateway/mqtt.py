@@ -16,11 +16,11 @@ import asyncio
 import json
 import logging
 import re
-import ssl
 import struct
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
@@ -29,6 +29,9 @@ from . import _gmqtt_compat as compat
 from ._retry import backoff
 from .config import MqttConnection
 from .errors import LinkError
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["MqttLink", "PublishRefused", "status_topic", "topic_problem"]
 
@@ -451,6 +454,8 @@ class MqttLink:
 
 def _tls_context(conn: MqttConnection) -> ssl.SSLContext:
     """Verification on by default; a file that cannot be read says which one."""
+    import ssl  # here, not at the top: a gateway without TLS does not load OpenSSL (gateway._tls)
+
     ctx = ssl.create_default_context()
     for what, load in (
         ("ca_file", lambda: conn.ca_file and ctx.load_verify_locations(conn.ca_file)),
@@ -467,12 +472,13 @@ def _tls_context(conn: MqttConnection) -> ssl.SSLContext:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    ssl = sys.modules.get("ssl")  # not loaded: not a TLS error
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
         return (
             f"TLS: the broker's certificate is not trusted ({exc.verify_message}); check ca_file, "
             "and that the host name matches the certificate"
         )
-    if isinstance(exc, ssl.SSLError):
+    if ssl is not None and isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
     if isinstance(exc, TimeoutError):
         return "timed out"

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, _tls
 from ._heap import trim_heap
 from ._migrate import refuse_newer_files
 from ._state_tools import data_dir_lock
@@ -312,6 +312,11 @@ class Gateway:
             differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if differ:
                 raise ReloadError(f"changing {', '.join(differ)} needs a restart; only pipelines reload live")
+            if _tls.blocked() and _tls.config_may_use_tls(loaded.text, os.environ):
+                raise ReloadError(
+                    "the new pipelines may use TLS, which this gateway did not load (its config used none when "
+                    "it started): save the config and restart the gateway"
+                )
             # a disabled pipeline (`enabled: false`) counts as absent: disabling stops it, enabling starts it
             before = {p.name for p in self.loaded.config.pipelines if p.enabled}
             after = {p.name for p in loaded.config.pipelines if p.enabled}

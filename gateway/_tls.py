@@ -1,0 +1,103 @@
+"""OpenSSL only for a gateway whose config uses TLS.
+
+Python's ``ssl`` and ``_hashlib`` modules map OpenSSL (libssl and libcrypto) into the process,
+and asyncio imports ``ssl`` when it is imported itself: about 5 MiB of resident memory that a
+gateway talking plain MQTT on its own network never uses. ``sluice run`` therefore reads its
+config file before anything imports asyncio; when nothing in it (or in the environment variables
+it names) could ask for TLS, it stops ``ssl``, ``_ssl`` and ``_hashlib`` from loading for the life
+of the process. asyncio, ``hashlib`` and ``hmac`` are written for a Python without OpenSSL and
+work on (``hashlib`` with Python's own SHA-2 and BLAKE2); a request for TLS anyway gets an
+ImportError that says why and how to lift it (``SLUICE_TLS=1``).
+
+The test is on the text, before validation, so it errs on the side of loading: any mention of
+``tls``, ``ssl``, ``https``, ``wss``, ``mqtts``, ``rediss``, ``sasl``, ``cert``, ``ca_file`` or
+``key_file`` anywhere (a comment too) loads OpenSSL, and so does a ``${VAR}`` whose value or
+default holds one (``tls: false`` alone does not); so does any ``type:`` that is not one of the
+built-in node, connection and LLM provider types known to import without OpenSSL
+(:data:`LEAN_TYPES`: the Kafka, Modbus, serial and WebSocket nodes' libraries import ``ssl``
+themselves, and a plug-in's needs are unknown).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["blocked", "config_may_use_tls", "keep_out_unless_needed"]
+
+# OpenSSL's Python modules: ssl needs _ssl (libssl + libcrypto); hashlib and hmac use _hashlib
+# (libcrypto) when it is there and Python's own digests when it is not.
+_MODULES = ("ssl", "_ssl", "_hashlib")
+
+_WORDS = re.compile(r"tls|ssl|https|wss|mqtts|rediss|sasl|cert|ca_file|key_file", re.IGNORECASE)
+_OFF = re.compile(r"\btls(?:_insecure)?\s*:\s*(?:false|no|off)\b", re.IGNORECASE)
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+_TYPE = re.compile(r"\btype\s*:\s*[\"']?([^\s,}\"'#]*)")
+
+# Types whose modules (and libraries) import without OpenSSL; tests/gateway/test_tls_lazy.py
+# checks each of them. Anything else in a config lets OpenSSL load.
+LEAN_TYPES = frozenset(
+    {
+        # nodes
+        "alert", "console", "ewma", "filter", "flatline", "history", "homeassistant", "http", "http_poll",
+        "llm", "log", "lookup", "map", "mqtt", "mqtt_out", "rate_of_change", "redis", "redis_out",
+        "simulate", "stale", "threshold", "webhook", "window", "zscore",
+        # LLM providers (a remote one's https URL counts by itself)
+        "local", "remote",
+    }
+)  # fmt: skip
+
+ENV_VAR = "SLUICE_TLS"
+
+
+def config_may_use_tls(text: str, environ: Mapping[str, str]) -> bool:
+    """True unless nothing in the config text (or the variables it substitutes) could ask for TLS."""
+    if _WORDS.search(_OFF.sub("", text)):
+        return True
+    if any(t not in LEAN_TYPES for t in _TYPE.findall(text)):
+        return True
+    return any(_WORDS.search(environ.get(name, "")) for name in _ENV.findall(text))
+
+
+class _KeepOut(importlib.abc.MetaPathFinder):
+    """Refuses OpenSSL's modules with an ImportError that says why."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> None:
+        if fullname in _MODULES:
+            raise ModuleNotFoundError(
+                f"TLS ({fullname}) was not loaded: nothing in this gateway's config asked for it when it "
+                f"started (no tls, ca_file, https, rediss or sasl). Restart the gateway after adding "
+                f"it to the config, or set {ENV_VAR}=1 to always load TLS",
+                name=fullname,
+            )
+        return None
+
+
+_finder: _KeepOut | None = None
+
+
+def blocked() -> bool:
+    """True when this process keeps OpenSSL out (see :func:`keep_out_unless_needed`)."""
+    return _finder is not None
+
+
+def keep_out_unless_needed(config_text: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Keep OpenSSL out of this process unless the config may use TLS; True if kept out.
+
+    Call before asyncio (or anything else that imports ``ssl``) is imported: a module already
+    loaded stays, and then nothing is kept out."""
+    global _finder
+    env = os.environ if environ is None else environ
+    if _finder is not None:
+        return True
+    if env.get(ENV_VAR, "") not in ("", "0") or config_may_use_tls(config_text, env):
+        return False
+    if any(name in sys.modules for name in _MODULES):
+        return False
+    _finder = _KeepOut()
+    sys.meta_path.insert(0, _finder)
+    return True

@@ -1,0 +1,263 @@
+"""OpenSSL loads only for a config that may use TLS (gateway._tls).
+
+`sluice run` as a real process against a real Mosquitto: with a plain config it delivers its
+alerts and has neither libssl/libcrypto nor Python's _ssl/_hashlib mapped (read from
+/proc/PID/maps); with a config that uses TLS (a CA file) it delivers over TLS. Inside a process
+that keeps OpenSSL out, asyncio and hashlib work and a request for TLS says why it failed.
+
+(The configs hold tmp_path, named after the test: the names here keep "tls", "ssl" and "cert"
+out of their first 30 characters, which pytest uses.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway._tls import config_may_use_tls
+from tests._util import MosquittoBroker, wait_for_sync
+from tests.gateway.test_outbox_tls import make_ca, make_server_cert
+
+ROOT = Path(__file__).resolve().parents[2]
+OPENSSL = ("libssl", "libcrypto", "/_ssl.", "/_hashlib.")
+
+
+def config(tmp_path: Path, port: int, connection_extra: str = "") -> str:
+    return f"""\
+gateway: {{id: gw-lazy, data_dir: "{tmp_path}/data"}}
+connections:
+  plant: {{type: mqtt, host: 127.0.0.1, port: {port}{connection_extra}}}
+pipelines:
+  - name: boiler
+    nodes:
+      - {{id: sim, type: simulate, count: 40, interval: 1, realtime: false,
+          sensors: [{{key: s1, base: 50, amplitude: 50, period: 4, noise: 0}}]}}
+      - {{id: hot, type: threshold, input: sim, above: 75, clear_below: 25}}
+      - {{id: out, type: mqtt_out, input: hot, connection: plant, topic: lazy/alerts}}
+console: {{enabled: false}}
+"""
+
+
+class Alerts:
+    """A paho subscriber of lazy/alerts, over TLS when given a CA."""
+
+    def __init__(self, port: int, ca: Path | None = None):
+        self.got: list[bytes] = []
+        self._subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"lazy-{os.getpid()}-{port}")
+        if ca is not None:
+            self.client.tls_set(ca_certs=str(ca))
+        self.client.on_connect = lambda c, *a: c.subscribe("lazy/alerts", 1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = lambda c, u, msg: self.got.append(msg.payload)
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "the test's subscriber could not subscribe"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def run_sluice(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(text: str) -> subprocess.Popen[bytes]:
+        cfg = tmp_path / f"lazy{len(procs)}.yaml"
+        cfg.write_text(text)
+        env = {k: v for k, v in os.environ.items() if k != "SLUICE_TLS"}
+        with (tmp_path / f"lazy{len(procs)}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "run", str(cfg)],
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**env, "PYTHONPATH": str(ROOT)},
+            )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def openssl_mapped(pid: int) -> list[str]:
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return sorted({line.split()[-1] for line in maps.splitlines() if any(s in line for s in OPENSSL)})
+
+
+def test_a_plain_config_runs_without_openssl(tmp_path: Path, mosquitto: MosquittoBroker, run_sluice: Any) -> None:
+    alerts = Alerts(mosquitto.port)
+    try:
+        proc = run_sluice(config(tmp_path, mosquitto.port))
+        wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, (tmp_path / "lazy0.log").read_text()
+        assert openssl_mapped(proc.pid) == []
+    finally:
+        alerts.close()
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path, mosquitto_factory: Any) -> tuple[Any, Path]:
+    d = tmp_path / "pki"
+    d.mkdir()
+    ca_key, ca_cert, ca_path = make_ca(d, "test-ca")
+    cert, key = make_server_cert(d, ca_key, ca_cert)
+    return mosquitto_factory(extra=f"certfile {cert}\nkeyfile {key}\n"), ca_path
+
+
+def test_a_tls_config_runs_over_tls(tmp_path: Path, tls_broker: tuple[Any, Path], run_sluice: Any) -> None:
+    broker, ca = tls_broker
+    alerts = Alerts(broker.port, ca)
+    try:
+        proc = run_sluice(config(tmp_path, broker.port, f', ca_file: "{ca}"'))
+        wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, (tmp_path / "lazy0.log").read_text()
+        assert any("/_ssl." in path for path in openssl_mapped(proc.pid))
+    finally:
+        alerts.close()
+
+
+KEPT_OUT = """
+from gateway._tls import blocked, keep_out_unless_needed
+kept = keep_out_unless_needed("connections: {plant: {type: mqtt, tls: false}}", {})
+import asyncio, hashlib, hmac, json, sys
+
+async def main():
+    await asyncio.sleep(0)
+    return "ok"
+
+try:
+    import ssl
+    error = None
+except ImportError as exc:
+    error = str(exc)
+print(json.dumps({
+    "kept": kept and blocked(),
+    "asyncio": asyncio.run(main()),
+    "sha256": hashlib.sha256(b"sluice").hexdigest(),
+    "hmac": hmac.new(b"k", b"sluice", "sha256").hexdigest(),
+    "ssl_error": error,
+    "loaded": sorted(m for m in ("ssl", "_ssl", "_hashlib") if sys.modules.get(m) is not None),
+}))
+"""
+
+
+def test_a_process_that_keeps_openssl_out_still_hashes_and_says_why_tls_fails() -> None:
+    out = subprocess.run([sys.executable, "-c", KEPT_OUT], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["kept"] is True and got["asyncio"] == "ok" and got["loaded"] == []
+    import hashlib
+    import hmac
+
+    assert got["sha256"] == hashlib.sha256(b"sluice").hexdigest()
+    assert got["hmac"] == hmac.new(b"k", b"sluice", "sha256").hexdigest()
+    assert "SLUICE_TLS=1" in got["ssl_error"] and "config" in got["ssl_error"]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "may"),
+    [
+        ("connections: {plant: {type: mqtt, host: b}}", {}, False),
+        ("connections: {plant: {type: mqtt, host: b, tls: false}}", {}, False),
+        ("connections: {plant: {type: mqtt, host: b, tls: true}}", {}, True),
+        ("connections: {plant: {type: mqtt, host: b, ca_file: /etc/ca.pem}}", {}, True),
+        ("nodes: [{type: http_poll, url: 'HTTPS://x'}]", {}, True),
+        ("nodes: [{type: redis, url: 'rediss://x'}]", {}, True),
+        ("nodes: [{type: webhook, url: '${HOOK}'}]", {"HOOK": "https://example.com/h"}, True),
+        ("nodes: [{type: webhook, url: '${HOOK}'}]", {"HOOK": "http://10.0.0.2/h"}, False),
+        ("nodes: [{type: webhook, url: '${HOOK:-https://example.com}'}]", {}, True),
+        ("nodes: [{id: a, type: window}, {id: b, type: 'mqtt_out'}]", {}, False),
+        ("nodes: [{id: k, type: kafka}]", {}, True),  # aiokafka's stack imports ssl
+        ("nodes:\n  - id: m\n    type: modbus\n", {}, True),  # so does pymodbus
+        ("nodes: [{id: p, type: my_plugin}]", {}, True),  # unknown: it may
+        ("nodes: [{id: p, type: ${KIND}}]", {"KIND": "map"}, True),
+    ],
+)
+def test_what_counts_as_a_config_that_may_use_tls(text: str, env: dict[str, str], may: bool) -> None:
+    assert config_may_use_tls(text, env) is may
+
+
+RELOAD = """
+from gateway._tls import keep_out_unless_needed
+
+PLAIN = '''
+gateway: {{id: gw-reload, data_dir: "{data}"}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: sim, type: simulate, interval: 1s, sensors: [{{key: a}}]}}
+      - {{id: out, type: log, input: sim}}
+console: {{enabled: false}}
+'''
+HOOK = PLAIN.replace("type: log, input: sim", "type: webhook, input: sim, url: 'https://127.0.0.1:9/h'")
+assert keep_out_unless_needed(PLAIN, {{}})
+import asyncio, json
+from gateway.config import parse_config
+from gateway.errors import ReloadError
+from gateway.runtime import Gateway
+
+async def main():
+    gw = Gateway(parse_config(PLAIN, "t.yaml", {{}}))
+    task = asyncio.create_task(gw.run(install_signals=False))
+    for _ in range(600):
+        if gw.state == "running" or task.done():
+            break
+        await asyncio.sleep(0.05)
+    try:
+        await gw.reload(parse_config(HOOK, "t.yaml", {{}}))
+        error = None
+    except ReloadError as exc:
+        error = str(exc)
+    gw.stop()
+    await task
+    print(json.dumps({{"error": error}}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_reload_needing_encryption_in_a_lean_process_asks_for_a_restart(tmp_path: Path) -> None:
+    code = RELOAD.format(data=str(tmp_path / "data"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    error = json.loads(out.stdout.strip().splitlines()[-1])["error"]
+    assert error is not None and "TLS" in error and "restart the gateway" in error
+
+
+LEAN_LOADS = """
+import json
+from gateway._tls import LEAN_TYPES, keep_out_unless_needed
+assert keep_out_unless_needed("", {})
+from gateway.node import _node_entry_points
+import gateway.llm, llama_cpp  # the local LLM provider's stack
+failed = {}
+for name, ep in sorted(_node_entry_points().items()):
+    if name in LEAN_TYPES:
+        try:
+            ep.load()
+        except ImportError as exc:
+            failed[name] = str(exc)
+print(json.dumps(failed))
+"""
+
+
+def test_every_type_counted_as_lean_imports_without_openssl() -> None:
+    out = subprocess.run([sys.executable, "-c", LEAN_LOADS], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {}
