@@ -277,10 +277,14 @@ class RedisSource(ConsumerSource):
 
     def snapshot(self) -> Any:
         # taken as the checkpoint's barrier enters the pipeline: exactly what was handed over before it
-        return {stream: list(ids) for stream, ids in self._handed.items() if ids} or None
+        return {stream: pack_ids(ids) for stream, ids in self._handed.items() if ids} or None
 
     def restore(self, state: Any) -> None:
-        self._handed = {str(stream): dict.fromkeys(map(str, ids)) for stream, ids in state.items()}
+        # a list of ids: a checkpoint written before they were packed
+        self._handed = {
+            str(stream): dict.fromkeys(unpack_ids(ids) if isinstance(ids, str) else map(str, ids))
+            for stream, ids in state.items()
+        }
 
     def make_key(self, spec: str) -> Callable[[str, Any], str]:
         if spec == "auto":
@@ -494,6 +498,50 @@ class RedisSource(ConsumerSource):
         except Exception as exc:  # Redis away: these entries stay pending and come again
             self.last_error = f"XACK failed: {type(exc).__name__}: {exc}"
             log.warning("redis source %s/%s: %s", self.ctx.pipeline, self.id, self.last_error)
+
+
+def pack_ids(ids: Any) -> str:
+    """Stream entry ids (``<ms>-<seq>``) as one short text for the checkpoint: sorted, each the
+    difference of its milliseconds from the one before (``<d>`` when its sequence number is 0,
+    else ``<d>-<seq>``; the first one whole), and ``*<n>`` for n ids that each follow the one
+    before in the same millisecond. About 2-3 bytes an id instead of ~19 (measured by
+    scripts/bench/redis_checkpoint.py)."""
+    parsed = sorted((int(ms), int(seq)) for ms, _, seq in (str(i).partition("-") for i in ids))
+    out: list[str] = []
+    prev_ms = prev_seq = -1
+    run = 0
+    for ms, seq in parsed:
+        if ms == prev_ms and seq == prev_seq + 1:
+            run += 1
+        else:
+            if run:
+                out.append(f"*{run}")
+                run = 0
+            if prev_ms < 0:
+                out.append(f"{ms}-{seq}")
+            else:
+                out.append(f"{ms - prev_ms}-{seq}" if seq else str(ms - prev_ms))
+        prev_ms, prev_seq = ms, seq
+    if run:
+        out.append(f"*{run}")
+    return ",".join(out)
+
+
+def unpack_ids(text: str) -> list[str]:
+    """The ids :func:`pack_ids` packed, in order."""
+    ids: list[str] = []
+    ms = seq = 0
+    for n, token in enumerate(text.split(",") if text else ()):
+        if token[0] == "*":
+            for _ in range(int(token[1:])):
+                seq += 1
+                ids.append(f"{ms}-{seq}")
+            continue
+        d, _, s = token.partition("-")
+        ms = int(d) if n == 0 else ms + int(d)
+        seq = int(s) if s else 0
+        ids.append(f"{ms}-{seq}")
+    return ids
 
 
 def _text(v: Any) -> str:
