@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""How much of each state checkpoint the QoS 1 MQTT source's list takes: the messages it took
+(packet id and CRC-32 of topic and payload) and does not yet know the broker has acknowledged.
+
+A gateway in this process reads QoS 1 readings from a Mosquitto of its own (free loopback port,
+no persistence) into a 10 s tumbling window (a stateful node: PUBACKs go out only after the
+checkpoint that holds the readings, about a second later). Two phases:
+
+  steady    readings published at a steady rate (1,000/s by default)
+  burst     B readings published at once (the broker's queue for a gateway that was away)
+
+After every checkpoint the bench reads what the state store was given for the source (its row,
+as written to ``state.db``): how many messages, how many bytes. ``ratio`` is the largest
+checkpoint of the burst ÷ the largest of the steady phase. The output ends with one JSON line.
+
+  .venv/bin/python scripts/bench/mqtt_checkpoint.py [--rate 1000] [--seconds 20] [--burst 50000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from _common import Mosquitto, log  # noqa: E402
+
+
+def source_row(pipeline: Any) -> tuple[int, int]:
+    """(messages, bytes) of the source's row as the checkpointer last wrote it."""
+    rows = pipeline.checkpointer._last_json.get("src", {})
+    return sum(len(json.loads(v)) for v in rows.values()), sum(len(k) + len(v) for k, v in rows.items())
+
+
+async def run(port: int, workdir: Path, rate: int, seconds: float, burst: int) -> dict[str, Any]:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from gateway.config import parse_config
+    from gateway.runtime import Gateway
+
+    text = f"""\
+gateway: {{id: bench, data_dir: "{workdir}"}}
+connections:
+  plant: {{type: mqtt, host: 127.0.0.1, port: {port}}}
+pipelines:
+  - name: c
+    nodes:
+      - {{id: src, type: mqtt, connection: plant, topic: "sensors/+", key: "topic[1]", qos: 1}}
+      - {{id: w, type: window, input: src, kind: tumbling, size: 10s, aggregate: mean}}
+      - {{id: out, type: log, input: w, level: debug}}
+console: {{enabled: false}}
+"""
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-publisher")
+    pub.max_inflight_messages_set(1000)
+    pub.max_queued_messages_set(0)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    gw = Gateway(parse_config(text, "bench.yaml", {}))
+    task = asyncio.create_task(gw.run(install_signals=False))
+    samples: dict[str, list[tuple[int, int]]] = {"steady": [], "burst": []}
+    phase = "steady"
+    sent = 0
+
+    def publish(n: int) -> None:
+        nonlocal sent
+        for i in range(sent, sent + n):
+            pub.publish(f"sensors/k{i % 100}", json.dumps({"value": i % 50, "ts": 1.7e9 + i / rate}), qos=1)
+        sent += n
+
+    async def watch() -> None:
+        seen = -1
+        while True:
+            p = gw.pipelines.get("c")
+            if p is not None and p.checkpointer is not None and p.checkpointer.checkpoints != seen:
+                seen = p.checkpointer.checkpoints
+                samples[phase].append(source_row(p))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        while gw.pipelines.get("c") is None:  # noqa: ASYNC110 -- polling costs the subject nothing
+            await asyncio.sleep(0.01)
+        src = gw.pipelines["c"].nodes[gw.pipelines["c"].index["src"]]
+        while src.health().get("state") != "connected":  # noqa: ASYNC110 -- polling costs the subject nothing
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # subscribed
+        log(f"steady: {rate} readings/s for {seconds:g} s")
+        step = 0.05
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            publish(int(rate * step))
+            await asyncio.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+        while src.n_in < sent:  # noqa: ASYNC110 -- polling costs the subject nothing
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(3)  # the last ones acknowledged and confirmed
+        phase = "burst"
+        log(f"burst: {burst} readings at once")
+        t1 = time.monotonic()
+        publish(burst)
+        while src.n_in < sent:  # noqa: ASYNC110 -- polling costs the subject nothing
+            await asyncio.sleep(0.01)
+        drain_s = time.monotonic() - t1
+        await asyncio.sleep(3)
+    finally:
+        watcher.cancel()
+        gw.stop()
+        await asyncio.wait_for(task, 60)
+        pub.loop_stop()
+        pub.disconnect()
+    return {"samples": samples, "drain_s": drain_s}
+
+
+def summary(samples: list[tuple[int, int]]) -> dict[str, Any]:
+    busy = [s for s in samples if s[0]] or [(0, 0)]
+    n = [s[0] for s in busy]
+    size = [s[1] for s in busy]
+    return {
+        "checkpoints": len(samples),
+        "held_median": int(statistics.median(n)),
+        "held_max": max(n),
+        "bytes_median": int(statistics.median(size)),
+        "bytes_max": max(size),
+        "bytes_per_message": round(sum(size) / max(1, sum(n)), 1),
+    }
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--burst", type=int, default=50_000)
+    ap.add_argument("--quick", action="store_true", help="8 s steady, a 20,000-reading burst")
+    a = ap.parse_args()
+    if a.quick:
+        a.seconds, a.burst = 8.0, 20_000
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+        broker = Mosquitto(Path(tmp) / "mosquitto").start()
+        try:
+            got = await run(broker.port, Path(tmp) / "gw", a.rate, a.seconds, a.burst)
+        finally:
+            broker.stop()
+    steady, burst = summary(got["samples"]["steady"]), summary(got["samples"]["burst"])
+    print()
+    print(f"{'phase':<7} {'checkpoints':>11} {'held median':>11} {'held max':>8} {'bytes median':>12} "
+          f"{'bytes max':>10} {'bytes/msg':>9}")  # fmt: skip
+    for name, s in (("steady", steady), ("burst", burst)):
+        print(f"{name:<7} {s['checkpoints']:>11} {s['held_median']:>11} {s['held_max']:>8} {s['bytes_median']:>12} "
+              f"{s['bytes_max']:>10} {s['bytes_per_message']:>9}")  # fmt: skip
+    drain_rate = round(a.burst / got["drain_s"])
+    print(f"\nsteady at {a.rate} readings/s; a burst of {a.burst} taken in {got['drain_s']:.1f} s ({drain_rate}/s)")
+    ratio = round(burst["bytes_max"] / max(1, steady["bytes_max"]), 2)
+    print(f"ratio = largest burst checkpoint / largest steady checkpoint = {ratio}")
+    print(json.dumps({"bench": "mqtt_checkpoint", "ratio": ratio, "rate": a.rate, "burst": a.burst,
+                      "burst_per_s": drain_rate, "steady": steady, "during_burst": burst,
+                      "quick": a.quick}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
