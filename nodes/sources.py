@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import struct
+from base64 import b64decode, b64encode
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
@@ -115,12 +117,24 @@ class MqttSource(PayloadSource):
         return {**self._link.health(), "skipped_on_resume": self.n_skipped} if self.options.qos else self._link.health()
 
     def snapshot(self) -> Any:
-        # taken as the checkpoint's barrier enters the pipeline: what was handed over before it
+        # taken as the checkpoint's barrier enters the pipeline: what was handed over before it;
+        # packed (little-endian packet ids, then their CRCs, in base64: 8 bytes a message)
         taken = {mid: e[0] for mid, e in self._taken.items() if e[2] == self._session}
-        return {**self._acked, **self._confirming, **taken} or None
+        held = {**self._acked, **self._confirming, **taken}
+        if not held:
+            return None
+        mids = sorted(held)
+        n = len(mids)
+        return b64encode(struct.pack(f"<{n}H{n}I", *mids, *[held[m] for m in mids])).decode()
 
     def restore(self, state: Any) -> None:
-        self._acked = {int(mid): int(crc) for mid, crc in state.items()}
+        if isinstance(state, str):
+            raw = b64decode(state)
+            n = len(raw) // 6
+            values = struct.unpack(f"<{n}H{n}I", raw)
+            self._acked = dict(zip(values[:n], values[n:], strict=True))
+        else:  # {packet id: crc}, as the first checkpoints of this list were written
+            self._acked = {int(mid): int(crc) for mid, crc in state.items()}
 
     # QoS 0: synchronous callback, batched per loop iteration -----------------------------
 

@@ -5,8 +5,11 @@ acknowledged without being counted twice (a real Mosquitto, `sluice run` subproc
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import signal
+import sqlite3
 import sys
 import urllib.request
 from pathlib import Path
@@ -114,6 +117,18 @@ def source_and_window(port: int) -> tuple[dict[str, Any], dict[str, Any]] | None
     return nodes["src"], nodes["w"]
 
 
+def saved_taken(state_db: Path) -> tuple[int, int]:
+    """(messages, bytes) of the source's list in the last checkpoint of ``state_db``."""
+    with contextlib.closing(sqlite3.connect(f"file:{state_db}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT key, value FROM state WHERE pipeline='c' AND node='src'").fetchall()
+    n = size = 0
+    for key, value in rows:
+        held = json.loads(value)  # base64 of a packet id (2 bytes) and a CRC (4 bytes) a message
+        n += len(base64.b64decode(held)) // 6
+        size += len(key) + len(value)
+    return n, size
+
+
 def results(messages: list[Any], prefix: str) -> dict[tuple[str, float], float]:
     """Window results by (key, window end), the warm-up's left out; one sent twice must be the same."""
     out: dict[tuple[str, float], float] = {}
@@ -179,6 +194,8 @@ async def test_qos1_readings_sent_again_after_the_checkpoint_are_not_counted_twi
                 publish(pub, 250)
                 await saved_up_to(549)  # a checkpoint holds every reading whose PUBACK was held
                 assert line.held_bytes > 0, "nothing was held back; this proves nothing"
+                n, size = saved_taken(state_db)  # what the checkpoint holds of the messages taken
+                assert n >= 250 and size <= 9 * n, (n, size)
                 if how == "kill":
                     procs[0].send_signal(signal.SIGKILL)
                     await procs[0].wait()
