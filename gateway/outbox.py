@@ -83,6 +83,9 @@ def _result_hash(connection: str, topic: str, rid: str) -> int:
     return zlib.crc32(f"{connection}\x00{topic}\x00{rid}".encode("utf-8", "surrogatepass"))
 
 
+_GONE_RANGE = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE id BETWEEN ? AND ?"
+_GONE_IN = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE id IN "
+
 _INSERT_ROWS = 32
 """Rows per multi-row ``INSERT … VALUES``: one statement (cached) binds 32 rows and runs once,
 where ``executemany`` runs a statement per row; about 0.7 µs a row less for the outbox's rows."""
@@ -407,7 +410,9 @@ class SqliteOutboxStore:
                 db,
                 "INSERT INTO outbox (connection, topic, okey, body, retain, size, created) VALUES ",
                 "(?,?,?,?,?,?,?)",
-                [(*r, now) for r in rows],
+                # bytearray and int: sqlite3 binds them as they are, where bytes and bool each
+                # first go through its adapter look-up (about 2,000 CPU instructions a value)
+                [(c, t, k, bytearray(b), 1 if keep else 0, n, now) for c, t, k, b, keep, n in rows],
             )
             self._count += len(rows)
             self._bytes += sum(r[5] for r in rows)
@@ -480,16 +485,21 @@ class SqliteOutboxStore:
         assert db is not None
         # Acknowledgements come mostly in order: a run of consecutive ids is one range, the
         # ids left over go 500 to a statement (under alert load, not one statement per alert).
+        # What leaves is counted by SQLite (one row back per statement), not handed back row by
+        # row: a row per deleted message cost more than the delete itself.
         ranges, single = _runs(ids)
         for lo, hi in ranges:
-            gone = db.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ? RETURNING size", (lo, hi)).fetchall()
-            self._count -= len(gone)
-            self._bytes -= sum(size for (size,) in gone)
+            self._forget(db.execute(_GONE_RANGE, (lo, hi)).fetchone())
+            db.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?", (lo, hi))
         for at in range(0, len(single), 500):
             marks, params = in_list(single[at : at + 500])
-            gone = db.execute(f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING size", params).fetchall()
-            self._count -= len(gone)
-            self._bytes -= sum(size for (size,) in gone)
+            self._forget(db.execute(f"{_GONE_IN}({marks})", params).fetchone())
+            db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", params)
+
+    def _forget(self, gone: tuple[int, int]) -> None:
+        """Count out ``(rows, bytes)`` about to be deleted."""
+        self._count -= gone[0]
+        self._bytes -= gone[1]
 
     def delete(self, ids: list[int]) -> None:
         db = self._db
