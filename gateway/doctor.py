@@ -354,7 +354,7 @@ async def check_connections(loaded: LoadedConfig) -> list[Check]:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             jobs.append(asyncio.to_thread(_http_get, f"LLM {name}", url.rstrip("/") + "/models", headers))
         else:
-            out.append(check_model(name, provider))
+            jobs.append(asyncio.to_thread(check_model, name, provider))
     out.extend(await asyncio.gather(*jobs))
     return out
 
@@ -376,11 +376,35 @@ def check_model(name: str, provider: Any) -> Check:
         magic = f.read(4)
     if magic != b"GGUF":
         return Check("model", ERROR, f"LLM {name}: {path} is not a GGUF model file")
-    try:
-        import llama_cpp  # noqa: F401 -- only whether it can be imported
-    except ImportError:
-        return Check("model", ERROR, f"LLM {name}: llama-cpp-python is not installed", "install with --extras llm")
+    problem = _llama_cpp_problem()
+    if problem is not None:
+        return Check("model", ERROR, f"LLM {name}: {problem}", "install with --extras llm")
     return Check("model", OK, f"LLM {name}: {path.name} ({path.stat().st_size / 2**20:,.0f} MiB) present")
+
+
+def _llama_cpp_problem() -> str | None:
+    """Why llama-cpp-python cannot be used here, or None when it loads. It is imported in a child
+    process: its native library is what may fail (a missing libgomp, an older glibc), and its
+    import in this process would load that library for nothing and leave two open files of
+    /dev/null (``llama_cpp._utils``) to a ResourceWarning at exit."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", "import llama_cpp"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={k: v for k, v in os.environ.items() if k not in ("PYTHONDEVMODE", "PYTHONWARNINGS")},
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"llama-cpp-python could not be tried: {exc}"
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return f"llama-cpp-python does not load: {lines[-1] if lines else f'exit status {done.returncode}'}"
+    return None
 
 
 def _ntp_state() -> int | None:

@@ -151,3 +151,49 @@ def test_each_databases_schema_version_is_reported(tmp_path: Path) -> None:
     assert schema["deadletter.db"]["level"] == "error"
     assert f"schema version {newer} is newer than this Sluice" in schema["deadletter.db"]["message"]
     assert {p.name: p.read_bytes() for p in data.iterdir() if p.name in before} == before
+
+
+def test_the_llm_check_leaves_no_warning_under_dev_mode(tmp_path: Path) -> None:
+    """The local-model check finds out whether llama-cpp-python loads without importing it into
+    the doctor's own process: its import leaves two files of /dev/null open, which ``-X dev`` shows
+    as ResourceWarnings at exit (and ``-W error`` as errors). A package that fails to load is still
+    an error with its reason."""
+    from tests._tiny_gguf import write_tiny_llama
+
+    data = tmp_path / "data"
+    data.mkdir()
+    model = write_tiny_llama(tmp_path / "tiny.gguf")
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"""\
+gateway: {{id: gw-doc, data_dir: "{data}"}}
+console: {{enabled: false}}
+llm:
+  providers:
+    tiny: {{type: local, model: "{model}", n_ctx: 512, threads: 1}}
+pipelines:
+  - name: p
+    nodes:
+      - {{id: sim, type: simulate, interval: 1s, sensors: [{{key: t}}]}}
+      - {{id: out, type: log, input: sim}}
+"""
+    )
+    out = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-m", "gateway.cli", "doctor", str(config), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stderr == ""  # no ResourceWarning, nor asyncio's slow-callback note of a blocking check
+    report = json.loads(out.stdout)
+    assert any(m.startswith("LLM tiny: tiny.gguf") for m in messages(report, "ok")), report
+    assert not messages(report, "error"), report
+
+    # llama-cpp-python there but not loading (a broken native library, here a module that raises)
+    broken = tmp_path / "broken"
+    (broken / "llama_cpp").mkdir(parents=True)
+    (broken / "llama_cpp" / "__init__.py").write_text('raise OSError("libllama.so: cannot open shared object file")\n')
+    rc, report = doctor(config, env={"PYTHONPATH": str(broken)})
+    errors = messages(report, "error")
+    assert rc == 2 and any("LLM tiny" in m and "libllama.so" in m for m in errors), report
