@@ -210,3 +210,93 @@ async def test_a_bad_wire_turns_red_and_back_when_mended(
     assert await _wire(page, "second", "first") is None
     for a, b in (("sensors", "first"), ("first", "second"), ("second", "out")):
         assert await _wire(page, a, b) == normal, (a, b)
+
+
+CANVAS_AT = """() => {
+  const r = document.querySelector('.df-node[data-node="sensors"]').getBoundingClientRect();
+  return {left: r.left, top: r.top, width: r.width, scrollY: window.scrollY,
+          transform: document.querySelector('#drawflow .drawflow').style.transform};
+}"""
+
+
+async def _moved(pg: Any, before: dict[str, Any], **want: str) -> dict[str, Any]:
+    """Wait until the source's box has moved as ``want`` says ("<" or ">" or "=" per axis, "zoom"
+    for "<"/">" on its width), then return where it is."""
+    js = {"<": "a < b - 1", ">": "a > b + 1", "=": "Math.abs(a - b) <= 1"}
+    checks = " && ".join(
+        f"((a, b) => {js[op]})(now.{'width' if axis == 'zoom' else axis}, before.{'width' if axis == 'zoom' else axis})"
+        for axis, op in want.items()
+    )
+    await pg.wait_for_function(f"(before) => {{ const now = ({CANVAS_AT})(); return {checks}; }}", arg=before)
+    return await pg.evaluate(CANVAS_AT)
+
+
+@pytest.mark.parametrize("started", [BIG], indirect=True)
+@pytest.mark.parametrize("user", ["admin", "viewer1"])
+async def test_arrow_keys_pan_the_canvas_and_typing_in_a_field_stays_typing(
+    started: tuple[Gateway, Path],  # noqa: F811
+    page: Any,  # noqa: F811
+    user: str,
+) -> None:
+    """A keyboard user pans with the arrow keys while the canvas has the focus (Shift: most of a
+    screen) and zooms with + and -, in the edit and in the view mode; the page itself does not
+    scroll. In a node's form the same keys are text: the caret moves, the characters land, the
+    canvas stays where it was."""
+    gw, _ = started
+    base = base_url(gw)
+    await page.set_viewport_size({"width": 1366, "height": 900})
+    await login(page, base, user)
+    await page.goto(base + "/#/editor")
+    await expect(page.locator("#ed-status")).to_have_text("ready" if user == "admin" else "view only")
+    canvas = page.locator("#drawflow")
+    # the page fits the pipeline again when the canvas changes size (as it settles after loading):
+    # the keys are pressed once it is fitted to the size it has
+    await page.wait_for_function(
+        "() => { const c = document.querySelector('#drawflow');"
+        " return c.dataset.fitted === `${c.clientWidth}x${c.clientHeight}`; }"
+    )
+    await canvas.focus()
+    at = await page.evaluate(CANVAS_AT)
+
+    await page.keyboard.press("ArrowRight")  # look further right: the pipeline moves left
+    at = await _moved(page, at, left="<", top="=")
+    await page.keyboard.press("ArrowDown")
+    at = await _moved(page, at, left="=", top="<")
+    await page.keyboard.press("ArrowUp")
+    at = await _moved(page, at, left="=", top=">")
+    step = at["left"]
+    await page.keyboard.press("ArrowLeft")
+    at = await _moved(page, at, left=">", top="=")
+    step = at["left"] - step
+    await page.keyboard.press("Shift+ArrowRight")
+    far = await _moved(page, at, left="<", top="=")
+    assert at["left"] - far["left"] > 4 * step, (at, far, step)  # Shift: most of a screen
+    await expect(page.locator("#ed-hint")).to_have_text(re.compile(r"arrow keys"))
+    at = far
+    await page.keyboard.press("+")
+    at = await _moved(page, at, zoom=">")
+    await page.keyboard.press("-")
+    at = await _moved(page, at, zoom="<")
+    assert at["scrollY"] == 0  # the keys moved the canvas, not the page
+    await expect(canvas).to_be_focused()
+
+    # in a text field (a node's option; for a viewer, whose options are read-only, the find box)
+    # the keys are text and the caret's
+    await page.keyboard.press("f")  # Fit: back to the start, where `plausible` is in view
+    await _moved(page, at, zoom="=")
+    await node(page, "plausible").click()
+    field = page.locator('#ed-form [data-path="where"] :is(input, textarea)')
+    if user == "viewer1":
+        await expect(field).to_be_disabled()
+        field = page.locator("#ed-locate")
+    await field.fill("")
+    await field.type("ab")
+    before = await page.evaluate(CANVAS_AT)
+    await field.press("ArrowLeft")
+    await field.type("+-f")
+    await field.press("ArrowRight")
+    await field.press("ArrowUp")
+    await field.press("ArrowDown")
+    await field.type("=")
+    await expect(field).to_have_value("a+-fb=")
+    assert await page.evaluate(CANVAS_AT) == before

@@ -24,7 +24,7 @@ function loadDrawflow() {
 const PHONE = window.matchMedia("(max-width: 600px)");
 const GAP_X = 260, GAP_Y = 110, HISTORY = 200, UNDO_MAX = 200;
 // Fit never zooms out further than where a node's title is READABLE_PX tall on screen.
-const READABLE_PX = 9, NODE_W = 190, NODE_H = 80, FIT_MARGIN = 30;
+const READABLE_PX = 9, NODE_W = 190, NODE_H = 80, FIT_MARGIN = 30, PAN_STEP = 60;
 
 // --- JSON Schema helpers -------------------------------------------------------------------
 
@@ -328,6 +328,7 @@ export function start(el, ctx) {
     if (!df || !p || !p.nodes.length) { showHint(); return; }
     const { minX, maxX, minY, maxY } = bounds(p);
     const W = canvasEl.clientWidth || 800, H = canvasEl.clientHeight || 500;
+    canvasEl.dataset.fitted = `${canvasEl.clientWidth}x${canvasEl.clientHeight}`; // the size fitted to
     const M = FIT_MARGIN;
     const z = Math.max(readableZoom(), Math.min(1, W / (maxX - minX + 2 * M), H / (maxY - minY + 2 * M)));
     const place = (min, max, size) => (max - min + 2 * M) * z <= size + 0.5
@@ -350,7 +351,7 @@ export function start(el, ctx) {
     }
     const total = df && p ? p.nodes.length : 0;
     hint.hidden = inView === total;
-    hint.textContent = `${inView} of ${total} nodes in view: drag or scroll to pan, find one with /`;
+    hint.textContent = `${inView} of ${total} nodes in view: drag or scroll to pan (arrow keys on the canvas), find one with /`;
   }
 
   function locateNode(q) {
@@ -1175,11 +1176,28 @@ export function start(el, ctx) {
 
   // --- keyboard ---------------------------------------------------------------------------
 
+  // While the canvas has the focus (a click on it, or Tab), the arrow keys pan it (Shift: most of
+  // a screen) and + / - zoom around its centre, in view mode too: the keyboard's wheel and
+  // Ctrl+wheel. A field keeps its own arrows and characters (the keys reach here from the canvas only).
+  function canvasKey(e) {
+    const df = st.df;
+    if (!df) return false;
+    const sx = e.shiftKey ? canvasEl.clientWidth * 0.8 : PAN_STEP;
+    const sy = e.shiftKey ? canvasEl.clientHeight * 0.8 : PAN_STEP;
+    const pan = { ArrowLeft: [sx, 0], ArrowRight: [-sx, 0], ArrowUp: [0, sy], ArrowDown: [0, -sy] }[e.key];
+    if (pan) setView(df.zoom, df.canvas_x + pan[0], df.canvas_y + pan[1]);
+    else if (e.key === "+" || e.key === "=") df.zoom_in();
+    else if (e.key === "-") df.zoom_out();
+    else return false;
+    return true;
+  }
+
   function onKey(e) {
     const typing = /^(INPUT|TEXTAREA|SELECT)$/.test(e.target.tagName);
     const mod = e.ctrlKey || e.metaKey;
     if (mod && e.key.toLowerCase() === "s") { e.preventDefault(); openDeploy(); return; }
     if (e.key === "Escape" && !dialog.hidden) { closeDialog(); return; }
+    if (e.target === canvasEl && !mod && !e.altKey && canvasKey(e)) { e.preventDefault(); return; }
     if (typing || !st.editable && !["f", "/"].includes(e.key)) return;
     if (mod && e.key.toLowerCase() === "z" && !e.shiftKey) { e.preventDefault(); undo(); }
     else if (mod && (e.key.toLowerCase() === "y" || (e.key.toLowerCase() === "z" && e.shiftKey))) { e.preventDefault(); redo(); }
@@ -1197,8 +1215,13 @@ export function start(el, ctx) {
   }
   document.addEventListener("keydown", onKey);
   // the canvas changes size with the window and the layout (phone, tablet): fit the pipeline again
+  // (only when its size did change: the observer's first call comes after the first Fit, and a pan
+  // made in between is not to be undone)
   let resizeTimer = null;
-  const onResize = () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(fit, 100); };
+  const onResize = () => {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(() => { if (canvasEl.dataset.fitted !== `${canvasEl.clientWidth}x${canvasEl.clientHeight}`) fit(); }, 100);
+  };
   const resizeObserver = new ResizeObserver(onResize);
   resizeObserver.observe(canvasEl);
   locate.addEventListener("change", () => locateNode(locate.value));
