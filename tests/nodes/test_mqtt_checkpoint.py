@@ -221,3 +221,76 @@ async def test_qos1_readings_sent_again_after_the_checkpoint_are_not_counted_twi
                 p.terminate()
                 await asyncio.wait_for(p.wait(), 20)
         await line.close()
+
+
+async def test_qos1_a_broker_that_lost_the_session_has_nothing_taken_for_a_copy(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """Killed with readings whose PUBACKs were held back, the gateway comes back to a broker that
+    restarted without its session (no persistence). That broker sends nothing again: the new
+    session's packet ids start over, and the same readings published again under the very same
+    packet ids are new messages, counted — not taken for copies of the ones the checkpoint holds
+    (which would lose them)."""
+    line = await HeldLine(mosquitto.port).start()
+    sluice = str(Path(sys.executable).parent / "sluice")
+    console = free_port()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(config(tmp_path, line.port, "gwk", "wins", console))
+    state_db = tmp_path / "gwk" / "state.db"
+
+    def taken() -> int:
+        got = source_and_window(console)
+        return 0 if got is None else got[0]["counters"]["in"]
+
+    async def warm_up(pub: Any, at_least: int) -> int:
+        """Warm-up readings (before T0, on a key of their own) until the source takes ``at_least``."""
+
+        def enough() -> bool:
+            if taken() >= at_least:
+                return True
+            pub.paho.publish("plant/warm", json.dumps({"value": 0, "ts": T0 - 50}), qos=1)
+            return False
+
+        await wait_for(enough, timeout=30, interval=0.2)
+        return taken()
+
+    readings = [(f"plant/k{i % 3}", json.dumps({"value": i, "ts": T0 + i / 10})) for i in range(210)]
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        with mqtt_client(mosquitto, subscribe="wins/#") as sub, mqtt_client(mosquitto) as pub:
+            procs.append(await asyncio.create_subprocess_exec(sluice, "run", str(cfg), stdout=DEVNULL, stderr=DEVNULL))
+            await warm_up(pub, 3)
+            line.hold = True
+            for topic, payload in readings[:100]:  # packet ids warm+1 .. warm+100
+                pub.paho.publish(topic, payload, qos=1)
+            await wait_for(lambda: (saved_watermark(state_db, "c", "w") or 0.0) >= T0 + 9.9, timeout=30)
+            await wait_for(lambda: saved_taken(state_db)[0] >= 100, timeout=30)
+            warm = taken() - 100  # packet ids 1..warm went to warm-up readings, the next 100 to these
+            procs[0].send_signal(signal.SIGKILL)
+            await procs[0].wait()
+            mosquitto.stop()
+            mosquitto.start()  # without persistence: every session is gone
+            line.hold = False
+            pub.wait_connected()
+            sub.wait_connected()
+            procs.append(await asyncio.create_subprocess_exec(sluice, "run", str(cfg), stdout=DEVNULL, stderr=DEVNULL))
+            await warm_up(pub, warm)  # the readings below then get the packet ids they had before
+            for topic, payload in readings:  # the first 100 under the packet ids they had before
+                pub.paho.publish(topic, payload, qos=1)
+
+            def window(end: float) -> dict[str, float]:
+                got = [json.loads(m.payload) for m in sub.messages if m.topic.startswith("wins/k")]
+                return {b["key"]: b["value"] for b in got if b["ts"] == end}
+
+            await wait_for(lambda: len(window(T0 + 20)) == 3, timeout=60)
+            src, _ = source_and_window(console) or ({}, {})
+            assert src["health"]["skipped_on_resume"] == 0, src
+            first = {f"k{k}": 2.0 * sum(i for i in range(100) if i % 3 == k) for k in range(3)}
+            assert window(T0 + 10) == first  # the restored hundred and the hundred sent again
+            assert window(T0 + 20) == {f"k{k}": float(sum(i for i in range(100, 200) if i % 3 == k)) for k in range(3)}
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.terminate()
+                await asyncio.wait_for(p.wait(), 20)
+        await line.close()
