@@ -194,7 +194,10 @@ class MqttSource(PayloadSource):
             entry[1] += 1  # sent again while the first copy is in the pipeline (a reconnect)
             again = True
         else:
-            again = (self._acked.pop(mid, None) or self._confirming.pop(mid, None)) == crc
+            held = self._acked.pop(mid, None)
+            if held is None:
+                held = self._confirming.pop(mid, None)
+            again = held == crc  # (a CRC may be 0)
             entry = self._taken[mid] = [crc, 1, self._session, mid]
         self._acks.append(entry)  # dead-lettered too: redelivery would not make it valid
         if again:
