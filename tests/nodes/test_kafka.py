@@ -29,6 +29,7 @@ from tests.gateway._harness import node, running_gateway
 from tests.gateway.test_outbox_tls import make_ca
 from tests.nodes._checkpoint import saved_watermark
 from tests.nodes._delivery import check_envelopes
+from tests.nodes._reference import tumbling_sums
 
 
 def sink_config(tmp_path: Path, bootstrap: str, *, source: str, extra: str = "") -> str:
@@ -471,15 +472,6 @@ pipelines:
       - {{id: got, type: t_kafka_collect, input: w}}
 console: {{enabled: false}}
 """
-
-
-def tumbling_sums(readings: list[tuple[str, float, float]], size: float) -> dict[tuple[str, float], float]:
-    """The reference: the sum of each key's readings per window, by (key, window end)."""
-    out: dict[tuple[str, float], float] = {}
-    for key, ts, value in readings:
-        end = (ts // size + 1) * size
-        out[(key, end)] = out.get((key, end), 0.0) + value
-    return out
 
 
 T0 = 1_699_999_980.0  # a whole minute

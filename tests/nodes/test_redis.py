@@ -19,6 +19,7 @@ from tests._util import free_port, wait_for
 from tests.gateway._harness import node, running_gateway
 from tests.nodes._checkpoint import saved_watermark
 from tests.nodes._delivery import check_envelopes
+from tests.nodes._reference import tumbling_sums
 
 
 def sink_config(tmp_path: Path, url: str, *, count: int, interval: str = "1ms", realtime: bool = False,
@@ -363,15 +364,6 @@ async def test_lookup_enriches_and_keeps_its_last_copy_while_redis_is_away(tmp_p
         hot_node = node(gw, "e", "hot")
         await wait_for(lambda: hot_node.counters()["out"] >= 3, timeout=10)
         assert look.counters()["unloaded"] == 0
-
-
-def tumbling_sums(readings: list[tuple[str, float, float]], size: float) -> dict[tuple[str, float], float]:
-    """The reference: the sum of each key's readings per window, by (key, window end)."""
-    out: dict[tuple[str, float], float] = {}
-    for key, ts, value in readings:
-        end = (ts // size + 1) * size
-        out[(key, end)] = out.get((key, end), 0.0) + value
-    return out
 
 
 async def test_redis_source_watermark_is_the_slowest_stream(tmp_path: Path, redis_server: RedisServer) -> None:
