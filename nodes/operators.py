@@ -41,8 +41,8 @@ class Filter(Operator):
         except Exception:  # judged per event below
             return super().process_batch(batch)
         out = [e for e, r in zip(batch, results, strict=True) if r is True]
-        if len(out) + sum(r is False for r in results) != len(batch):  # not count(False): 0.0 == False
-            return super().process_batch(batch)
+        if len(out) != len(batch) and len(out) + sum(r is False for r in results) != len(batch):
+            return super().process_batch(batch)  # a result neither True nor False (not count(False): 0.0 == False)
         self.n_dropped += len(batch) - len(out)
         return out
 

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import parse_config
 from gateway.deadletter import DeadLetters
 from gateway.errors import ExpressionError
 from gateway.events import Event
-from gateway.node import NodeContext, get_node_type
+from gateway.node import NodeContext, Operator, get_node_type
 from nodes._stream import parse_ts
 from tests._util import wait_for
 
@@ -141,6 +143,35 @@ def test_filter_and_map_over_a_batch_give_what_they_give_event_by_event() -> Non
     assert m._value.value_fn is not None
     assert [e.value for e in run(m, values)] == [4.0, 1.0, 6.0] and m.n_errors == 1
     assert [e.value for e in run(m, [1.0, 2.5])] == [2.0, 5.0]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=True),
+            st.integers(-3, 3),
+            st.booleans(),
+            st.just("a"),
+            st.none(),
+            st.dictionaries(st.just("t"), st.floats(-5, 5), max_size=1),
+        ),
+        max_size=12,
+    ),
+    where=st.sampled_from(["value > 1.0", "value > 1.0 || true", "value", "value * 0.0", "value.t > 0.0"]),
+)
+def test_filter_batch_pass_keeps_drops_and_fails_what_the_per_event_pass_does(values: list[Any], where: str) -> None:
+    """The batch pass of ``filter`` (one list of results, judged as a whole) against the same
+    node's event-by-event pass: the same events kept, the same dropped and failed counts."""
+    batch, per_event = (
+        make(f"{{id: b, type: filter, where: '{where}'}}"),
+        make(f"{{id: e, type: filter, where: '{where}'}}"),
+    )
+    events = [ev(v) for v in values]
+    kept = batch.process_batch(list(events))
+    want = Operator.process_batch(per_event, list(events))
+    assert [id(e) for e in kept] == [id(e) for e in want]
+    assert (batch.n_dropped, batch.n_errors) == (per_event.n_dropped, per_event.n_errors)
 
 
 # --- simulate ---------------------------------------------------------------------------------
