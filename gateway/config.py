@@ -9,7 +9,6 @@ expressions that do not compile.
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import re
 from collections.abc import Iterable
@@ -341,6 +340,13 @@ def _line_for(lines: dict[tuple[Any, ...], int], path: tuple[Any, ...]) -> int:
     return 1
 
 
+def _close_matches(word: str, possibilities: list[str], n: int) -> list[str]:
+    """``difflib.get_close_matches``, imported only when a config has a mistake to hint at."""
+    import difflib
+
+    return difflib.get_close_matches(word, possibilities, n=n)
+
+
 def _message(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     kind = err.get("type", "")
     loc = err.get("loc", ())
@@ -349,7 +355,7 @@ def _message(err: dict[str, Any], model: type[BaseModel] | None) -> str:
         known: list[str] = []
         if model is not None:
             known = list(_fields_at(model, loc[:-1]))
-        hint = difflib.get_close_matches(name, known, n=1)
+        hint = _close_matches(name, known, n=1)
         msg = f"unknown field {name!r}"
         if hint:
             msg += f"; did you mean {hint[0]!r}?"
@@ -556,7 +562,7 @@ def _parse_nodes(raw: list[Any], prefix: tuple[Any, ...], r: _Reader, data: dict
         cls = get_node_type(type_name) if isinstance(type_name, str) else None
         if cls is None:
             known = sorted(node_types())
-            hint = difflib.get_close_matches(str(type_name), known, n=1) if type_name else []
+            hint = _close_matches(str(type_name), known, n=1) if type_name else []
             what = "missing node type" if type_name is None else f"unknown node type {type_name!r}"
             more = f"; did you mean {hint[0]!r}?" if hint else f"; known types: {', '.join(known)}"
             r.issue(_line_for(r.lines, (*path, "type")), (*path, "type"), what + more)
@@ -600,7 +606,7 @@ def _check_graph(
             elif up in broken:
                 continue  # that node's own problems are reported where it is defined
             elif up not in by_id:
-                hint = difflib.get_close_matches(up, list(by_id), n=1)
+                hint = _close_matches(up, list(by_id), n=1)
                 more = f"; did you mean {hint[0]!r}?" if hint else ""
                 r.issue(_line_for(r.lines, path), path, f"unknown input {up!r}{more}")
             elif get_node_type(by_id[up].type).kind == "sink":  # type: ignore[union-attr]
