@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Crash test for window state: SIGKILL a gateway at random moments, restart it, compare with one clean run.
+"""Crash test for window state: SIGKILL a gateway mid-stream, restart it, compare with one clean run.
 
 A child gateway replays a fixed stream of readings (a source that checkpoints its read offset,
 like an MQTT QoS 1 persistent session) through a tumbling and a session window into a JSON-lines
-file. The parent kills the child with SIGKILL at random moments, checks after every kill that
-``state.db`` passes ``PRAGMA quick_check``, restarts it, and at the end compares with a run that
-was never interrupted: every window result of the crashed run must be one the clean run produced,
-none may be missing (a result may repeat: output is at-least-once), and the windows still open
-at the end must hold the same state.
+file, and says on its stdout how far its source has read. Each round the parent picks a point in
+the stream (spread over it, seeded), waits until the child has read that far, stops it (SIGSTOP),
+checks that the kill would land where it tests something — a checkpoint committed by this run
+(the next restores from it), readings past it (the restart must read them again) and input
+left — and kills it (SIGKILL; otherwise it lets the child go on to its next batch and checks
+again). After
+every kill ``state.db`` must pass ``PRAGMA quick_check``. At the end the results are compared with
+a run that was never interrupted: every window result of the crashed run must be one the clean
+run produced, none may be missing (a result may repeat: output is at-least-once), and the windows
+still open at the end must hold the same state. Where each kill lands is observed, not timed, so
+a slow or busy machine changes nothing.
 
     .venv/bin/python scripts/crash_windows.py              # 50 rounds
     .venv/bin/python scripts/crash_windows.py --rounds 3 --quick
@@ -21,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import select
 import signal
 import sqlite3
 import subprocess
@@ -31,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parent.parent
+BATCH = 20  # readings the source hands over at a time
 sys.path.insert(0, str(ROOT))
 
 
@@ -49,7 +57,7 @@ def child(args: argparse.Namespace) -> int:
     class FileOptions(NodeOptions):
         type: Literal["crash_file"]
         path: str
-        batch: int = 20
+        batch: int = BATCH
         rate: float = Field(4000.0, description="readings per second")
 
     @register
@@ -79,6 +87,7 @@ def child(args: argparse.Namespace) -> int:
                 batch = [Event(k, t, v, self.id) for k, t, v in map(json.loads, lines[i:j])]
                 await output.put(batch)
                 self.offset = i = j  # handed over; no await since put returned, so a barrier sees this
+                print(j, flush=True)  # how far it has read, for the parent to kill at a point it chose
                 await asyncio.sleep(len(batch) / self.options.rate)
 
     class JsonlOptions(NodeOptions):
@@ -179,7 +188,84 @@ def spawn(work: Path, run: str, input_path: Path, rate: float) -> subprocess.Pop
         "--rate",
         str(rate),
     ]
-    return subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+class Progress:
+    """The offsets a child prints as its source hands batches over, read without blocking forever."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.fd = proc.stdout.fileno()
+        self.buf = b""
+        self.read = 0
+        self.ended = False
+
+    def _take(self, data: bytes) -> None:
+        if not data:
+            self.ended = True
+        *lines, self.buf = (self.buf + data).split(b"\n")
+        for line in lines:
+            self.read = max(self.read, int(line))
+
+    def wait_past(self, offset: int, timeout: float = 60.0) -> bool:
+        """Read until the child says it read more than ``offset``; False if it ended first."""
+        while self.read <= offset and not self.ended:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if not ready:
+                raise SystemExit(f"the child said nothing for {timeout:.0f}s (last offset {self.read})")
+            self._take(os.read(self.fd, 65536))
+        return self.read > offset
+
+    def drain(self) -> None:
+        """What a stopped child wrote before it stopped."""
+        while select.select([self.fd], [], [], 0)[0]:
+            data = os.read(self.fd, 65536)
+            self._take(data)
+            if not data:
+                return
+
+
+def saved_offset(db: Path) -> int:
+    """The source's read offset in the last checkpoint committed to ``db`` (0 before the first)."""
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT value FROM state WHERE pipeline='p' AND node='src' AND key='='").fetchone()
+    except sqlite3.OperationalError:  # no table yet
+        row = None
+    finally:
+        con.close()
+    return 0 if row is None else int(json.loads(row[0]))
+
+
+def kill_at(
+    proc: subprocess.Popen[bytes], point: int, start: int, events: int, db: Path, batch: int
+) -> tuple[int, int]:
+    """Kill ``proc`` once its source has read past ``point``, at a moment observed to have a
+    checkpoint of its own (past ``start``, where it was restored from), readings past that
+    checkpoint and input left. Returns (offset read, offset checkpointed) at the kill."""
+    progress = Progress(proc)
+    offset = point
+    while True:
+        if not progress.wait_past(offset):
+            raise SystemExit(f"the child ended before it read past {offset} of {events} readings")
+        os.kill(proc.pid, signal.SIGSTOP)
+        progress.drain()
+        read, saved = progress.read, saved_offset(db)
+        # the child may have handed one more batch over than it said before it stopped
+        if read + batch >= events:
+            os.kill(proc.pid, signal.SIGKILL)
+            raise SystemExit(f"no kill point left before the end of the input ({read} of {events} read)")
+        if start < saved < read:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+            return read, saved
+        os.kill(proc.pid, signal.SIGCONT)  # no checkpoint yet, or it just caught up: after the next batch
+        offset = read
 
 
 def quick_check(db: Path) -> str:
@@ -216,30 +302,28 @@ def parent(args: argparse.Namespace) -> int:
         clean_time = time.monotonic() - t0
         print(f"clean run: {args.events} readings in {clean_time:.1f}s")
 
+        # the kill points: spread evenly over the stream, each moved by up to a third of the gap
+        # (seeded), so they fall anywhere between two checkpoints
+        gap = args.events / (args.rounds + 1)
+        points = [int(gap * (r + 1 + rnd.uniform(-1 / 3, 1 / 3))) for r in range(args.rounds)]
         killed = 0
-        for r in range(args.rounds):
+        state_db = work / "crashed" / "data" / "state.db"
+        for r, point in enumerate(points):
+            start = saved_offset(state_db)
             proc = spawn(work, "crashed", input_path, args.rate)
-            delay = rnd.uniform(args.min_delay, args.max_delay)
             try:
-                proc.wait(timeout=delay)
-                finished_early = True
-            except subprocess.TimeoutExpired:
-                finished_early = False
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                killed += 1
-            if finished_early and proc.returncode != 0:
-                raise SystemExit(
-                    f"round {r}: child failed: {proc.stderr.read().decode(errors='replace')[-3000:]}"
-                    if proc.stderr
-                    else f"round {r}: child failed"
-                )
+                read, saved = kill_at(proc, point, start, args.events, state_db, BATCH)
+            except SystemExit as exc:
+                proc.kill()
+                _, err = proc.communicate()
+                raise SystemExit(f"round {r + 1}: {exc}\n{err.decode(errors='replace')[-3000:]}") from None
+            killed += 1
             if proc.stderr:
                 proc.stderr.close()
-            check = quick_check(work / "crashed" / "data" / "state.db")
+            check = quick_check(state_db)
             print(
-                f"round {r + 1}/{args.rounds}: {'killed' if not finished_early else 'finished'} "
-                f"after {delay:.2f}s; quick_check: {check}"
+                f"round {r + 1}/{args.rounds}: restored at {start}, killed at reading {read} of {args.events} "
+                f"({read - saved} past the checkpoint at {saved}); quick_check: {check}"
             )
             if check != "ok":
                 print("FAIL: the state database is damaged after a SIGKILL", file=sys.stderr)
@@ -273,8 +357,6 @@ def parent(args: argparse.Namespace) -> int:
                     if src.exists():
                         (kept / f"{run}-{name}").write_bytes(src.read_bytes())
             print(f"outputs kept in {kept}", file=sys.stderr)
-        if killed < args.rounds:
-            print(f"note: {args.rounds - killed} of {args.rounds} rounds finished the input before their kill")
         print(json.dumps({"crash": "windows", "rounds": args.rounds, "kills": killed, "ok": ok}))
         return 0 if ok else 1
 
@@ -285,13 +367,11 @@ def main() -> int:
     ap.add_argument(
         "--events",
         type=int,
-        help="readings in the stream; default: enough that every round is killed mid-stream "
-        "(rounds x rate x the mean delay)",
+        help="readings in the stream; default: rounds x rate x 2 s (two checkpoints' worth of reading "
+        "between two kill points: each round is killed after a checkpoint of its own)",
     )
     ap.add_argument("--rate", type=float, default=4000.0, help="readings per second the source replays")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--min-delay", type=float, default=0.3, help="shortest life before a kill (s)")
-    ap.add_argument("--max-delay", type=float, default=3.0, help="longest life before a kill (s)")
     ap.add_argument("--workdir", help="keep everything here instead of a temporary directory")
     ap.add_argument("--quick", action="store_true", help="a small stream (for CI): 4,000 readings")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -305,9 +385,7 @@ def main() -> int:
     if args.quick:
         args.events = min(args.events or 4000, 4000)
     if args.events is None:
-        # each round replays from the last commit and reads ~rate x delay readings before its kill:
-        # a stream shorter than all rounds together would end early and leave later rounds no input
-        args.events = int(args.rounds * args.rate * (args.min_delay + args.max_delay) / 2)
+        args.events = int(args.rounds * args.rate * 2)
     return parent(args)
 
 
