@@ -24,10 +24,10 @@ import importlib.abc
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["blocked", "config_may_use_tls", "keep_out_unless_needed"]
+__all__ = ["blocked", "config_may_use_tls", "keep_out_unless_needed", "nodes_may_use_tls"]
 
 # OpenSSL's Python modules: ssl needs _ssl (libssl + libcrypto); hashlib and hmac use _hashlib
 # (libcrypto) when it is there and Python's own digests when it is not.
@@ -61,6 +61,30 @@ def config_may_use_tls(text: str, environ: Mapping[str, str]) -> bool:
     if any(t not in LEAN_TYPES for t in _TYPE.findall(text)):
         return True
     return any(_WORDS.search(environ.get(name, "")) for name in _ENV.findall(text))
+
+
+_TLS_URL = re.compile(r"^(?:https|wss|mqtts|rediss|ssl)://", re.IGNORECASE)
+_TLS_FIELDS = ("tls", "ca_file", "cert_file", "key_file", "sasl_mechanism")
+
+
+def _holds_tls(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(_TLS_URL.match(value))
+    if isinstance(value, dict):
+        return any((k in _TLS_FIELDS and bool(v)) or _holds_tls(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_tls(v) for v in value)
+    return False
+
+
+def nodes_may_use_tls(options: Iterable[Any]) -> bool:
+    """True when a node (validated options, as a running gateway holds them) may use TLS: a
+    type outside :data:`LEAN_TYPES`, a TLS field set, or a URL of a TLS scheme in any option.
+    Unlike :func:`config_may_use_tls` a comment or a file name cannot make it say yes."""
+    for o in options:
+        if o.type not in LEAN_TYPES or _holds_tls(o.model_dump(mode="json")):
+            return True
+    return False
 
 
 class _KeepOut(importlib.abc.MetaPathFinder):

@@ -312,7 +312,7 @@ class Gateway:
             differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if differ:
                 raise ReloadError(f"changing {', '.join(differ)} needs a restart; only pipelines reload live")
-            if _tls.blocked() and _tls.config_may_use_tls(loaded.text, os.environ):
+            if _tls.blocked() and _tls.nodes_may_use_tls(o for nodes in loaded.nodes.values() for o in nodes):
                 raise ReloadError(
                     "the new pipelines may use TLS, which this gateway did not load (its config used none when "
                     "it started): save the config and restart the gateway"
