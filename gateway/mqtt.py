@@ -143,7 +143,7 @@ class MqttLink:
         if self._on_publish_qos1 is not None:
             compat.route_qos1(self._client, self._on_publish_qos1)
         self.session_present = False  # the broker's CONNACK: it still had this client's session
-        # packet id -> a future, or (settle, index) (publish_acked_calls), until its PUBACK
+        # packet id -> a future, or (settle, index, acked) (publish_acked_calls), until its PUBACK
         self._acks: dict[int, Any] = {}
         compat.on_refused_puback(self._client, self._refused)
         if conn.username:
@@ -193,7 +193,7 @@ class MqttLink:
             self._lost_evt.set()
 
     def _settle(self, entry: Any, exc: BaseException | None) -> None:
-        """Tell whoever waits for a message's PUBACK: a future, or ``(settle, index)`` from
+        """Tell whoever waits for a message's PUBACK: a future, or ``(settle, index, acked)`` from
         :meth:`publish_acked_calls`."""
         if type(entry) is tuple:
             try:
@@ -221,13 +221,25 @@ class MqttLink:
         acks = self._acks
         release = compat.id_releaser(self._client)
         settle = self._settle
+        batches: dict[Any, list[int]] = {}  # acked(indices) -> its messages acknowledged in this read
         for mid in mids:
             entry = acks.pop(mid, None)
             if entry is None:  # not one of ours (the status message gmqtt sent): gmqtt's own bookkeeping
                 compat.puback(self._client, mid)
                 continue
             release(mid)  # sent as raw bytes, so gmqtt stored nothing else for it
-            settle(entry, None)
+            if type(entry) is tuple and entry[2] is not None:
+                got = batches.get(entry[2])
+                if got is None:
+                    got = batches[entry[2]] = []
+                got.append(entry[1])
+            else:
+                settle(entry, None)
+        for acked, indices in batches.items():
+            try:
+                acked(indices)
+            except Exception:  # the caller's callback: its bug must not stop the other messages' acks
+                log.exception("mqtt %s: acknowledging messages failed", self.name)
 
     def _fail_acks(self, why: str) -> None:
         """Messages awaiting PUBACK on a lost connection will never get it: fail them, free their ids."""
@@ -392,12 +404,19 @@ class MqttLink:
         return futs[: self._publish_many(messages, futs)]
 
     def publish_acked_calls(
-        self, messages: list[tuple[str, bytes, bool]], settle: Callable[[int, BaseException | None], None]
+        self,
+        messages: list[tuple[str, bytes, bool]],
+        settle: Callable[[int, BaseException | None], None],
+        acked: Callable[[list[int]], None] | None = None,
     ) -> int:
         """:meth:`publish_acked_many` without a future per message: ``settle(i, exc)`` is called,
         from the read loop, once ``messages[i]`` is acknowledged (``exc`` is ``None``) or has
-        failed with what its future would have held. Returns how many were sent (the first ones)."""
-        return self._publish_many(messages, [(settle, i) for i in range(len(messages))])
+        failed with what its future would have held. Returns how many were sent (the first ones).
+
+        With ``acked``, successful acknowledgements go to ``acked(indices)`` instead, once per
+        socket read for all of these messages it acknowledged (in order); ``settle`` still gets
+        each refusal and each loss."""
+        return self._publish_many(messages, [(settle, i, acked) for i in range(len(messages))])
 
     def _publish_many(self, messages: list[tuple[str, bytes, bool]], waiters: list[Any]) -> int:
         if not self.connected or not self._client.is_connected:
@@ -414,8 +433,12 @@ class MqttLink:
             if head is None:
                 t = topic.encode()
                 head = heads[(topic, retain)] = (struct.pack("!H", len(t)) + t, 4 + len(t) + len(props))
+            n = head[1] + len(payload)
             parts += (
-                (b"\x33" if retain else b"\x32") + _varint(head[1] + len(payload)) + head[0],
+                (b"\x33" if retain else b"\x32")
+                # the remaining length: an alert's takes two bytes
+                + (bytes((n & 0x7F | 0x80, n >> 7)) if 127 < n < 16384 else _varint(n))
+                + head[0],
                 mid.to_bytes(2, "big") + props,
                 payload,
             )

@@ -950,9 +950,9 @@ class Outbox:
                 body = fields if isinstance(fields, bytes) else encode_fields(fields)
                 # text the file (and the broker) cannot take is refused here, one message at a
                 # time, rather than failing the whole batch in the writer
-                okey.encode()
+                okey.isascii() or okey.encode()  # isascii: a flag of the string, no copy
                 if isinstance(rid, str):
-                    rid.encode()
+                    rid.isascii() or rid.encode()
                 if (conn, topic) not in topics_ok:  # most messages go to a few topics: checked once
                     topic.encode()
                     check = getattr(self._all[conn], "topic_problem", None)  # the link's own rules
@@ -1057,8 +1057,7 @@ class Outbox:
             self.on_refused(conn, storable(topic), raw, why)
 
     def _deleted(self, ids: list[int]) -> None:
-        for i in ids:
-            self._acked.discard(i)
+        self._acked.difference_update(ids)
 
     async def _flush_deletes(self) -> None:
         async with self._write_lock:
@@ -1117,6 +1116,26 @@ class Outbox:
             self._attempted.add(row.id)
             self._restart.add(row.connection)
             self._event(row.connection).set()
+
+    def _acked_rows(self, rows: list[Row], indices: list[int]) -> None:
+        """``rows[i]`` for each of ``indices`` was acknowledged (what :meth:`_settled` does for
+        one, for all the PUBACKs of one socket read)."""
+        self._slot.set()
+        attempted, acked, to_delete, trimmed = self._attempted, self._acked, self._to_delete, self._trimmed_hi
+        n = size = 0
+        for i in indices:
+            row = rows[i]
+            rid = row.id
+            if attempted:
+                attempted.discard(rid)
+            if rid > trimmed:
+                acked.add(rid)
+                to_delete.append(rid)
+                n += 1
+                size += row.size
+        self.count -= n
+        self.bytes -= size
+        self.published += len(indices)
 
     def _finish(self, row: Row) -> None:
         self._attempted.discard(row.id)
@@ -1245,8 +1264,8 @@ class Outbox:
             flags = [r.id <= startup_max or r.id in attempted for r in chunk]
             messages = [(r.topic, wrap(r.body, r.id, f), r.retain) for r, f in zip(chunk, flags, strict=True)]
             calls = getattr(link, "publish_acked_calls", None)
-            if calls is not None:  # a callback per message instead of a future (MqttLink)
-                sent = calls(messages, partial(self._settled, chunk))
+            if calls is not None:  # callbacks instead of a future per message (MqttLink)
+                sent = calls(messages, partial(self._settled, chunk), partial(self._acked_rows, chunk))
             else:
                 futs = link.publish_acked_many(messages)
                 for r, fut in zip(chunk, futs, strict=False):

@@ -172,17 +172,25 @@ async def test_qos1_publishes_reach_on_publish_qos1_and_only_acked_ones_stay_ack
 
 
 def publish(link: MqttLink, api: str, messages: list[tuple[str, bytes, bool]], settled: Any) -> int:
-    """Send through ``publish_acked_many`` (a future each) or ``publish_acked_calls`` (a callback);
-    ``settled(i, exc)`` is called either way once message ``i`` is acknowledged or failed."""
+    """Send through ``publish_acked_many`` (a future each) or ``publish_acked_calls`` (a callback,
+    or with ``acked`` one call per read for the acknowledged ones); ``settled(i, exc)`` is called
+    either way once message ``i`` is acknowledged or failed."""
     if api == "calls":
         return link.publish_acked_calls(messages, settled)
+    if api == "acked":
+
+        def acked(indices: list[int]) -> None:
+            for i in indices:
+                settled(i, None)
+
+        return link.publish_acked_calls(messages, settled, acked)
     futs = link.publish_acked_many(messages)
     for i, fut in enumerate(futs):
         fut.add_done_callback(lambda f, i=i: settled(i, f.exception()))
     return len(futs)
 
 
-@pytest.mark.parametrize("api", ["futures", "calls"])
+@pytest.mark.parametrize("api", ["futures", "calls", "acked"])
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
 async def test_pubacks_take_the_fast_path_resolve_in_order_and_free_their_ids(
     mosquitto: MosquittoBroker, version: str, api: str
@@ -244,7 +252,7 @@ async def test_pubacks_take_the_fast_path_resolve_in_order_and_free_their_ids(
         await link.close()
 
 
-@pytest.mark.parametrize("api", ["futures", "calls"])
+@pytest.mark.parametrize("api", ["futures", "calls", "acked"])
 async def test_a_puback_refusing_the_message_fails_it(mosquitto_factory: Any, tmp_path: Any, api: str) -> None:
     acl = tmp_path / "acl"
     acl.write_text("topic write allowed/#\n")
@@ -267,7 +275,7 @@ async def test_a_puback_refusing_the_message_fails_it(mosquitto_factory: Any, tm
         await link.close()
 
 
-@pytest.mark.parametrize("api", ["futures", "calls"])
+@pytest.mark.parametrize("api", ["futures", "calls", "acked"])
 async def test_messages_unacknowledged_when_the_link_stops_fail_with_link_error(
     mosquitto: MosquittoBroker, api: str
 ) -> None:
