@@ -11,6 +11,7 @@ directory that holds state unless told to.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -92,8 +93,12 @@ def backup(config: Path, out: Path | None = None) -> Summary:
             dst = stage / "data" / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             if src.suffix == ".db":
-                _snapshot_db(src, dst)
-                check = sqlite3.connect(dst).execute("PRAGMA quick_check").fetchone()[0]
+                try:
+                    _snapshot_db(src, dst)
+                    with contextlib.closing(sqlite3.connect(dst)) as copy:
+                        check = copy.execute("PRAGMA quick_check").fetchone()[0]
+                except sqlite3.DatabaseError as exc:
+                    check = str(exc)
                 if check != "ok":
                     raise BackupError(f"{src.name} is damaged ({check}); the backup would carry the damage along")
             else:

@@ -7,14 +7,16 @@
 #                                                 CPU architecture, with network)
 #   sudo scripts/install.sh --uninstall [--purge] remove the service and code (--purge: also the
 #                                                 config, data and the sluice user)
+#   --no-backup                                   upgrade without the backup taken before it
 #
 # A shell script rather than a `sluice install` command: it runs before any Python environment
 # exists, and the same file installs from a checkout or from a copied folder of wheels.
 #
 # Where things go: code in /opt/sluice (a venv per installed version, /opt/sluice/venv points at
 # the current one), config in /etc/sluice, data in /var/lib/sluice, the unit in
-# /etc/systemd/system/sluice.service. Running it twice changes nothing; an upgrade whose new
-# version fails its start check is rolled back to the previous venv.
+# /etc/systemd/system/sluice.service. Running it twice changes nothing; an upgrade first takes a
+# `sluice backup` with the installed version into /var/backups/sluice (the last three are kept),
+# and one whose new version fails its start check is rolled back to the previous venv.
 set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,8 +29,11 @@ PYTHON=${PYTHON:-python3}
 START=1
 ACTION=install
 PURGE=0
+BACKUP=1
+KEEP_BACKUPS=3
+ARCHIVE=""
 
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 say() { echo "sluice install: $*"; }
 die() { echo "sluice install: ERROR: $*" >&2; exit 1; }
 
@@ -43,6 +48,7 @@ while [ $# -gt 0 ]; do
         --no-start) START=0 ;;
         --uninstall) ACTION=uninstall ;;
         --purge) PURGE=1 ;;
+        --no-backup) BACKUP=0 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown option $1" ;;
     esac
@@ -54,6 +60,7 @@ CONFDIR=$ROOT/etc/sluice
 CONFIG=$CONFDIR/config.yaml
 DATA=$ROOT/var/lib/sluice
 UNIT=$ROOT/etc/systemd/system/sluice.service
+BACKUPS=$ROOT/var/backups/sluice
 SPEC="sluice-gateway${EXTRAS:+[$EXTRAS]}"
 
 systemd_here() { [ -z "$ROOT" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
@@ -90,6 +97,7 @@ if [ "$ACTION" = uninstall ]; then
         say "removed the service and the code; kept the config ($CONFDIR), the data ($DATA) and user"
         say "$SVC_USER (--purge removes them too)"
     fi
+    [ -d "$BACKUPS" ] && say "kept the backups taken before upgrades in $BACKUPS"
     exit 0
 fi
 
@@ -157,6 +165,32 @@ else
         rm -rf "$VENV"
         die "the new version does not accept $CONFIG (above); nothing was changed"
     fi
+    # The way back from an upgrade: a backup taken by the installed version (which an older
+    # `sluice restore` accepts) just before the switch. The service keeps running meanwhile (SQLite's
+    # online backup); what it writes until the restart is not in it.
+    OLD_SLUICE=$PREFIX/$CURRENT/bin/sluice
+    if [ -n "$CURRENT" ] && [ -x "$OLD_SLUICE" ]; then
+        if [ "$BACKUP" -eq 0 ]; then
+            say "no backup before this upgrade (--no-backup)"
+        else
+            mkdir -p "$(dirname "$BACKUPS")"  # /var/backups: Debian's own, left as it is
+            install -d -m 0700 "$BACKUPS"
+            ARCHIVE=$BACKUPS/sluice-$(date -u +%Y%m%d-%H%M%S)-before-upgrade.tar.gz
+            if taken=$("$OLD_SLUICE" backup "$CONFIG" -o "$ARCHIVE" 2>&1); then
+                say "took a backup before the upgrade: $ARCHIVE"
+                say "  (the way back: docs/install.md, Downgrade; sluice restore $ARCHIVE --force)"
+                # keep the last few: each holds every database
+                find "$BACKUPS" -maxdepth 1 -name 'sluice-*-before-upgrade.tar.gz' | sort -r \
+                    | tail -n +$((KEEP_BACKUPS + 1)) | xargs -r rm -f --
+            elif [[ $taken == *"nothing to back up"* ]]; then
+                say "no backup before the upgrade: ${taken#sluice backup: }"
+            else
+                rm -rf "$VENV" "$ARCHIVE.part"
+                die "could not take a backup before the upgrade (below); nothing was changed" \
+                    "(--no-backup upgrades without one):"$'\n'"$taken"
+            fi
+        fi
+    fi
     ln -sfn "venvs/$STAMP" "$PREFIX/venv.next" && mv -T "$PREFIX/venv.next" "$PREFIX/venv"
     CHANGED=1
     say "installed $("$VENV/bin/sluice" --version) in $VENV"
@@ -184,7 +218,8 @@ if systemd_here; then
                     # the new version may have upgraded a database before it failed: the old one refuses it
                     die "the new version did not start, and neither does $CURRENT after the roll-back" \
                         "(journalctl -u sluice): if a database is newer than it knows, restore the backup" \
-                        "taken before the upgrade (docs/install.md, Downgrade) or fix the new version's start"
+                        "taken before the upgrade${ARCHIVE:+ ($ARCHIVE)} (docs/install.md, Downgrade) or fix" \
+                        "the new version's start"
                 fi
                 die "the new version did not start (journalctl -u sluice); rolled back to $CURRENT"
             fi

@@ -1,4 +1,5 @@
-"""scripts/install.sh for real: a wheelhouse, an offline install in a network namespace, idempotence, uninstall.
+"""scripts/install.sh for real: a wheelhouse, an offline install in a network namespace, idempotence,
+an upgrade with the backup it takes first, uninstall.
 
 Runs as root (CI does): it creates a system user and installs under a temporary root prefix, so the
 machine's /opt, /etc and /var stay untouched.
@@ -7,10 +8,13 @@ machine's /opt, /etc and /var stay untouched.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -55,6 +59,50 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wh = tmp_path_factory.mktemp("wheelhouse")
     run("--download", str(wh))
     return wh
+
+
+def _upgrade_takes_a_backup(root: Path, data: Path, newer: Path, tmp_path: Path, current: str) -> None:
+    venv = root / "opt/sluice/venv"
+    backups = root / "var/backups/sluice"
+    with sqlite3.connect(data / "state.db") as db:  # what the running gateway has written so far
+        db.execute("CREATE TABLE kept (v TEXT)")
+        db.execute("INSERT INTO kept VALUES ('before the upgrade')")
+    db.close()
+    backups.mkdir(parents=True)
+    older = [backups / f"sluice-2020010{i}-000000-before-upgrade.tar.gz" for i in (1, 2, 3)]
+    for old in older:
+        old.write_bytes(b"an older backup")
+    out = run("--root", str(root), "--user", USER, "--wheelhouse", str(newer), offline=True)
+    said = [line for line in out.stdout.splitlines() if "took a backup before the upgrade: " in line]
+    assert len(said) == 1, out.stdout
+    archive = Path(said[0].split("took a backup before the upgrade: ", 1)[1])
+    assert archive.parent == backups and archive.name.endswith("-before-upgrade.tar.gz")
+    assert os.readlink(venv) != current  # and the upgrade went on
+    assert (archive.stat().st_mode & 0o777, backups.stat().st_mode & 0o777) == (0o600, 0o700)
+    assert sorted(backups.iterdir()) == [*older[1:], archive]  # the oldest one went
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    unpacked = tmp_path / "unpacked"
+    manifest = json.loads(next(unpacked.rglob("manifest.json")).read_text())
+    assert "data/state.db" in manifest["files"] and "config.yaml" in manifest["files"]
+    with sqlite3.connect(next(unpacked.rglob("state.db"))) as db:
+        assert db.execute("SELECT v FROM kept").fetchall() == [("before the upgrade",)]
+    db.close()
+
+    # a backup that cannot be taken (a damaged database) stops the upgrade before anything changes
+    (data / "alerts.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    newest = tmp_path / "newest-wheels"
+    shutil.copytree(newer, newest)
+    shutil.copy(next(newest.glob("sluice_gateway-*.whl")), newest / "zz_marker2-1.0-py3-none-any.whl")
+    before = os.readlink(venv)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    cmd = ["unshare", "--net", str(SCRIPT), "--root", str(root), "--user", USER, "--wheelhouse", str(newest)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "could not take a backup before the upgrade" in res.stderr and "alerts.db" in res.stderr, res.stderr
+    assert os.readlink(venv) == before and len(list((root / "opt/sluice/venvs").iterdir())) == 2
+    assert sorted(backups.iterdir()) == [*older[1:], archive]
+    (data / "alerts.db").unlink()
 
 
 def test_offline_install_is_idempotent_and_uninstall_keeps_data(wheelhouse: Path, tmp_path: Path) -> None:
@@ -107,7 +155,11 @@ def test_offline_install_is_idempotent_and_uninstall_keeps_data(wheelhouse: Path
         assert res.returncode == 1 and "nothing was changed" in res.stderr, res.stdout + res.stderr
         assert os.readlink(venv) == current and (venv / "bin/sluice").exists()
         assert [p.name for p in (root / "opt/sluice/venvs").iterdir()] == [current.removeprefix("venvs/")]
+        assert not (root / "var/backups").exists()  # nothing changed: no backup either
         config.write_text(good)
+
+        # an upgrade takes a backup with the installed version first, says where, keeps the last three
+        _upgrade_takes_a_backup(root, data, newer, tmp_path, current)
 
         # a changed config survives an uninstall; the code and the unit go
         config.write_text(config.read_text() + "# kept\n")

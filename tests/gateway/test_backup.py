@@ -140,6 +140,18 @@ def _small_backup(tmp_path: Path) -> tuple[Path, Path]:
     return cfg, archive
 
 
+def test_a_database_file_that_is_no_database_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """The installer takes a backup before an upgrade and shows what stopped it: a damaged file is
+    named in one line (it was a Python traceback), and no archive is left."""
+    cfg, archive = _small_backup(tmp_path)
+    archive.unlink()
+    (tmp_path / "data" / "alerts.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    res = cli("backup", str(cfg), "-o", str(archive))
+    assert res.returncode == 1
+    assert res.stderr.startswith("sluice backup: alerts.db is damaged") and "Traceback" not in res.stderr, res.stderr
+    assert not archive.exists() and not list(tmp_path.glob("b.tar.gz*"))
+
+
 def test_a_truncated_archive_is_refused_and_nothing_written(tmp_path: Path) -> None:
     _, archive = _small_backup(tmp_path)
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
