@@ -1176,9 +1176,10 @@ export function start(el, ctx) {
 
   // --- keyboard ---------------------------------------------------------------------------
 
-  // While the canvas has the focus (a click on it, or Tab), the arrow keys pan it (Shift: most of
-  // a screen) and + / - zoom around its centre, in view mode too: the keyboard's wheel and
-  // Ctrl+wheel. A field keeps its own arrows and characters (the keys reach here from the canvas only).
+  // While the canvas has the focus (Tab), or was clicked last with nothing focused since (a click
+  // does not focus it: Drawflow keeps the focus where it was), the arrow keys pan it (Shift: most
+  // of a screen) and + / - zoom around its centre, in view mode too: the keyboard's wheel and
+  // Ctrl+wheel. A field keeps its own arrows and characters.
   function canvasKey(e) {
     const df = st.df;
     if (!df) return false;
@@ -1197,7 +1198,8 @@ export function start(el, ctx) {
     const mod = e.ctrlKey || e.metaKey;
     if (mod && e.key.toLowerCase() === "s") { e.preventDefault(); openDeploy(); return; }
     if (e.key === "Escape" && !dialog.hidden) { closeDialog(); return; }
-    if (e.target === canvasEl && !mod && !e.altKey && canvasKey(e)) { e.preventDefault(); return; }
+    const onCanvas = e.target === canvasEl || (e.target === document.body && st.canvasClicked);
+    if (onCanvas && !mod && !e.altKey && canvasKey(e)) { e.preventDefault(); return; }
     if (typing || !st.editable && !["f", "/"].includes(e.key)) return;
     if (mod && e.key.toLowerCase() === "z" && !e.shiftKey) { e.preventDefault(); undo(); }
     else if (mod && (e.key.toLowerCase() === "y" || (e.key.toLowerCase() === "z" && e.shiftKey))) { e.preventDefault(); redo(); }
@@ -1214,6 +1216,8 @@ export function start(el, ctx) {
     }
   }
   document.addEventListener("keydown", onKey);
+  const onPointer = (e) => { st.canvasClicked = canvasEl.contains(e.target); };
+  document.addEventListener("pointerdown", onPointer, true);
   // the canvas changes size with the window and the layout (phone, tablet): fit the pipeline again
   // (only when its size did change: the observer's first call comes after the first Fit, and a pan
   // made in between is not to be undone)
@@ -1286,6 +1290,7 @@ export function start(el, ctx) {
       st.stopped = true;
       clearTimeout(timer);
       document.removeEventListener("keydown", onKey);
+      document.removeEventListener("pointerdown", onPointer, true);
       document.removeEventListener("mousemove", onBandMove);
       document.removeEventListener("mouseup", onBandUp);
       resizeObserver.disconnect();
