@@ -7,8 +7,8 @@ arrived. After a reconnect or a restart the rows still there are sent again, old
 ``(gateway_id, seq)``. ``seq`` is the row id: it only grows, across restarts too (the highest id is
 also reserved in blocks in ``<data_dir>/seq``, so even a lost database cannot make it go back).
 
-A disk quota bounds the outbox: past it, the oldest rows are dropped, counted (persistently) and
-reported. While a backlog drains, messages that arrived after the reconnect ("live") take turns
+A disk quota bounds the outbox's file and its WAL: past it, the oldest rows are dropped, counted
+(persistently) and reported. While a backlog drains, messages that arrived after the reconnect ("live") take turns
 with it, one for one, so fresh alerts are not stuck behind hours of backlog — but never ahead of
 an older message with the same ordering key, so each key's messages still arrive in order.
 An optional rate cap protects a metered uplink.
@@ -67,11 +67,27 @@ A restart re-emits only what was computed after the last state checkpoint (about
 this covers a long stall of the state store too."""
 _ROW_OVERHEAD = 48  # bytes SQLite spends per row beyond its text: header, rowid, the index entry
 # Once a backlog has gone (fewer rows wait than _CAUGHT_UP), free pages beyond _RECLAIM_MIN bytes
-# go back to the filesystem, _RECLAIM_STEP pages a step (every 50 ms) so that no step holds the writer long.
+# go back to the filesystem, _RECLAIM_STEP pages a step (every 50 ms) so that no step holds the
+# writer long, nor grows the WAL past _WAL_LIMIT (each page moved is written to it).
 _CAUGHT_UP = 1000
 _RECLAIM_MIN = 4 << 20
-_RECLAIM_STEP = 1024
-_WAL_LIMIT = 4 << 20  # the WAL file is cut back to this after a checkpoint (a big batch grows it)
+_RECLAIM_STEP = 256
+# The WAL file is cut back to this after a checkpoint, which SQLite runs once it holds 1,000 pages
+# (about as much): it takes up to that plus the commit that crossed it. The quota keeps _WAL_RESERVE
+# for it, enough for a commit of up to about 1 MiB (a batch of a few thousand alert-sized messages).
+_WAL_LIMIT = 4 << 20
+_WAL_RESERVE = _WAL_LIMIT + (1 << 20)
+MIN_QUOTA = 10_000_000
+"""The smallest ``max_bytes``: the WAL's share (5 MiB) and room for the file."""
+_RESULT_BYTES = 400  # quota bytes per result id remembered: the ids take at most about a quarter
+_RESULT_ROW = 128  # bytes a result id takes in the file, at most about (an alert's: 106 with its index entry)
+
+
+def results_kept(max_bytes: int) -> int:
+    """How many result ids the outbox remembers under a quota of ``max_bytes``."""
+    return max(1000, min(RESULT_IDS_KEPT, max_bytes // _RESULT_BYTES))
+
+
 # The key summary (``outbox_keys``: each ordering key's highest id) is written to the file every
 # this many rows, in the commit that reaches it: a start reads the summary and the rows after it.
 _KEYS_SAVE_EVERY = 10_000
@@ -283,6 +299,8 @@ class SqliteOutboxStore:
         self._count = 0
         self._bytes = 0
         self._reclaim_armed = True  # free pages may be worth giving back (cleared when there are none)
+        self._page = 4096
+        self.disk_bytes = 0  # what the quota counts, as of the last commit (see _disk)
         # (connection, ordering key) -> the highest id appended with it (see backlog_keys); saved
         # to outbox_keys every _KEYS_SAVE_EVERY rows, up to _keys_upto
         self._keys: dict[tuple[str, str], int] = {}
@@ -298,6 +316,7 @@ class SqliteOutboxStore:
         db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+        self._page = int(db.execute("PRAGMA page_size").fetchone()[0])
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         # Rows go in at the tail and leave from the head: a small page cache holds both ends (the
         # default 2 MiB only keeps pages of rows already deleted).
@@ -308,6 +327,8 @@ class SqliteOutboxStore:
             db.close()
             raise
         self._db = db
+        used = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+        self.disk_bytes = used * self._page + _WAL_RESERVE
         fresh = db.execute("SELECT 1 FROM sqlite_sequence WHERE name='outbox'").fetchone() is None
         max_id = self._max_id()
         floor = self._read_seq_file()
@@ -403,9 +424,14 @@ class SqliteOutboxStore:
         self._reserve(first + len(rows))
         now = time.time()
         keys_upto = self._keys_upto
+        add = sum(r[5] for r in rows)
         db.execute("BEGIN IMMEDIATE")
         try:
             self._delete(delete)
+            # Near the quota, room is made first (for the rows and their result ids, with a margin
+            # for the estimate), so that the file does not grow past the quota within the commit.
+            room = add + add // 8 + _RESULT_ROW * len(results or ())
+            early = self._trim(max_bytes - room, None) if self.disk_bytes + room > max_bytes else (0, 0, 0)
             _insert(
                 db,
                 "INSERT INTO outbox (connection, topic, okey, body, retain, size, created) VALUES ",
@@ -415,7 +441,7 @@ class SqliteOutboxStore:
                 [(c, t, k, bytearray(b), 1 if keep else 0, n, now) for c, t, k, b, keep, n in rows],
             )
             self._count += len(rows)
-            self._bytes += sum(r[5] for r in rows)
+            self._bytes += add
             keys = self._keys
             for i, r in enumerate(rows):
                 keys[(r[0], r[2])] = first + i
@@ -429,8 +455,9 @@ class SqliteOutboxStore:
                     [(first + i, c, t, rid, _result_hash(c, t, rid)) for i, c, t, rid in results],
                 )
                 if (first + len(rows)) // 1000 != first // 1000:  # now and then, not on every commit
-                    db.execute("DELETE FROM results WHERE seq <= ?", (first + len(rows) - RESULT_IDS_KEPT,))
+                    db.execute("DELETE FROM results WHERE seq <= ?", (first + len(rows) - results_kept(max_bytes),))
             dropped, freed, hi = self._trim(max_bytes, max_rows)
+            dropped, freed, hi = dropped + early[0], freed + early[1], max(hi, early[2])
             if dropped:
                 db.execute(
                     "INSERT INTO outbox_meta (name, value) VALUES ('dropped', ?) "
@@ -461,24 +488,45 @@ class SqliteOutboxStore:
             found.update(k for k in db.execute(q, params) if k in wanted)  # a hash can be shared
         return found
 
-    def _trim(self, max_bytes: int, max_rows: int | None) -> tuple[int, int, int]:
+    def _disk(self, max_bytes: int) -> int:
+        """What the quota counts, in the current transaction: the file's pages in use (messages, the
+        key summary, the result ids, indexes; not its free pages, which the next rows reuse before
+        the file grows) plus the WAL's share, _WAL_RESERVE. Two reads of the file's header."""
         db = self._db
         assert db is not None
-        over_rows = self._count - max_rows if max_rows is not None else 0
-        over_bytes = self._bytes - max_bytes
-        if over_rows <= 0 and over_bytes <= 0:
-            return 0, 0, 0
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        if pages * self._page + _WAL_RESERVE > max_bytes:  # else the free pages need not be counted
+            pages -= db.execute("PRAGMA freelist_count").fetchone()[0]
+        self.disk_bytes = pages * self._page + _WAL_RESERVE
+        return self.disk_bytes
+
+    def _trim(self, max_bytes: int, max_rows: int | None) -> tuple[int, int, int]:
+        """Drop the oldest rows while the quota is exceeded (rows or :meth:`_disk`): (rows, their
+        bytes, the highest id dropped)."""
+        db = self._db
+        assert db is not None
         dropped = freed = hi = 0
-        for rid, rsize in db.execute("SELECT id, size FROM outbox ORDER BY id"):
-            if dropped >= over_rows and freed >= over_bytes:
-                break
-            dropped += 1
-            freed += rsize
-            hi = rid
-        db.execute("DELETE FROM outbox WHERE id <= ?", (hi,))
-        self._count -= dropped
-        self._bytes -= freed
-        return dropped, freed, hi
+        while True:
+            over_rows = self._count - max_rows if max_rows is not None else 0
+            over_bytes = self._disk(max_bytes) - max_bytes
+            if over_rows <= 0 and over_bytes <= 0:
+                return dropped, freed, hi
+            # rows free about their size in pages; what a partly filled page keeps, the next round takes
+            want = max(over_bytes, self._page) if over_bytes > 0 else 0
+            n = size = 0
+            for rid, rsize in db.execute("SELECT id, size FROM outbox WHERE id > ? ORDER BY id", (hi,)):
+                if n >= over_rows and size >= want:
+                    break
+                n += 1
+                size += rsize
+                hi = rid
+            if not n:  # nothing left to drop: the rest of the file alone is over the quota
+                return dropped, freed, hi
+            db.execute("DELETE FROM outbox WHERE id <= ?", (hi,))
+            self._count -= n
+            self._bytes -= size
+            dropped += n
+            freed += size
 
     def _delete(self, ids: list[int]) -> None:
         db = self._db
@@ -999,10 +1047,12 @@ class Outbox:
                 self._trimmed_hi = max(self._trimmed_hi, hi)
                 self._rl.warning(
                     "quota",
-                    "outbox over its quota (%d bytes, %s messages): dropped the %d oldest messages (%d dropped in all)",
+                    "outbox over its quota (%d bytes on disk, %s messages): dropped the %d oldest messages, up "
+                    "to seq %d (%d dropped in all)",
                     self.config.max_bytes,
                     self.config.max_messages or "any",
                     dropped,
+                    hi,
                     self.dropped,
                 )
             for i, r in enumerate(rows):
@@ -1287,6 +1337,7 @@ class Outbox:
             "messages": self.count,
             "bytes": self.bytes,
             "max_bytes": self.config.max_bytes,
+            "disk_bytes": getattr(self.store, "disk_bytes", None),
             "max_messages": self.config.max_messages,
             "dropped": self.dropped,
             "published": self.published,
@@ -1298,11 +1349,12 @@ class Outbox:
 
     def problems(self) -> list[str]:
         out = []
-        if self.bytes > 0.9 * self.config.max_bytes or (
+        if max(self.bytes, getattr(self.store, "disk_bytes", 0)) > 0.9 * self.config.max_bytes or (
             self.config.max_messages and self.count > 0.9 * self.config.max_messages
         ):
             out.append(
-                f"outbox nearly full ({self.count} messages, {self.bytes} bytes); the oldest are "
+                f"outbox nearly full ({self.count} messages, {self.bytes} bytes of messages, "
+                f"{getattr(self.store, 'disk_bytes', self.bytes)} on disk); the oldest are "
                 f"dropped past the quota ({self.dropped} dropped so far)"
             )
         for name, link in self._extra.items():

@@ -66,7 +66,10 @@ class OutboxConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_bytes: ByteSize = Field(
-        64_000_000, description="Disk quota (e.g. 64MB); past it the oldest messages are dropped and counted."
+        64_000_000,
+        ge=10_000_000,  # gateway.outbox.MIN_QUOTA: the WAL's 5 MiB and room for the file
+        description="Disk quota of outbox.db and its WAL (e.g. 64MB, at least 10MB); past it the oldest "
+        "messages are dropped and counted.",
     )
     max_messages: int | None = Field(None, ge=1, description="Also drop the oldest past this many messages.")
     max_rate: float | None = Field(

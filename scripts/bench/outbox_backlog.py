@@ -8,9 +8,14 @@ subscriber's session survives the outage):
   accept     the alerts are put into the outbox (batches of ``--batch``, one durable commit each,
              as the mqtt_out sink does under load) while the broker is down: msg/s, and the bytes
              of ``outbox.db`` + its WAL per queued message
+  start      the outbox is closed with the backlog in it and opened again (a gateway restarting
+             during the outage): seconds and process CPU of the open
   drain      the broker starts, the outbox's link reconnects, and everything is sent at QoS 1 and
              deleted on PUBACK: seconds from the reconnect until the outbox is empty, msg/s, time
              to the first message, peak RSS and its growth over the drain, peak WAL size
+  reconnect  half-way through the drain the broker stops and starts again: seconds and process
+             CPU from the link's reconnect to the first PUBACK after it (what the sender reads
+             before it sends again)
   delivered  a subscriber (``mosquitto_sub``, QoS 1, persistent session) counts what arrives:
              every ``seq`` once (lost = 0), duplicates (QoS 1 allows some after a reconnect; none
              here), and every ``result_id`` once
@@ -18,7 +23,8 @@ subscriber's session survives the outage):
              pages on SQLite's free list, and after the outbox closes
 
 A ``quota`` row queues the largest size into a quota that holds about a quarter of it, so every
-commit past the quota also drops the oldest rows (the quota check at scale).
+commit past the quota also drops the oldest rows (the quota check at scale), and reports the most
+``outbox.db`` and its WAL took meanwhile (the quota bounds both).
 
 The baseline, in the same run: a bare gmqtt QoS 1 publisher sending the same payloads (envelope
 included) from memory, with at most ``inflight`` unacknowledged, to the same kind of broker and
@@ -53,7 +59,7 @@ from _common import Mosquitto, log  # noqa: E402
 from gateway.config import MqttConnection  # noqa: E402
 from gateway.envelope import Envelope, encode_fields  # noqa: E402
 from gateway.mqtt import MqttLink  # noqa: E402
-from gateway.outbox import Outbox, OutboxConfig  # noqa: E402
+from gateway.outbox import MIN_QUOTA, Outbox, OutboxConfig  # noqa: E402
 
 TOPIC = "sluice/bench/alerts/plant"
 INFLIGHT = 256
@@ -77,7 +83,8 @@ def broker(workdir: Path) -> Mosquitto:
 
 
 class Subscriber:
-    """``mosquitto_sub`` at QoS 1 with a persistent session: writes each payload as a line, exits after ``n``."""
+    """``mosquitto_sub`` at QoS 1 with a persistent session: writes each payload as a line, until stopped
+    (a broker restart makes it receive some messages twice, so it cannot count them itself)."""
 
     def __init__(self, port: int, client_id: str, topic: str, out: Path):
         self.args = [
@@ -86,26 +93,39 @@ class Subscriber:
         ]  # fmt: skip
         self.out = out
         self.proc: subprocess.Popen[bytes] | None = None
+        self.n = 0
 
     def create_session(self) -> None:
         """Subscribe once and leave: the broker then queues this topic for the client while it is away."""
         subprocess.run([*self.args, "-E"], check=True, timeout=10, stdout=subprocess.DEVNULL)
 
     def start(self, n: int) -> None:
+        self.n = n
         with open(self.out, "wb") as f:
-            self.proc = subprocess.Popen([*self.args, "-C", str(n)], stdout=f, stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.args, stdout=f, stderr=subprocess.DEVNULL)
 
-    async def wait(self, limit: float) -> bool:
-        """Whether it received its ``n`` messages within ``limit`` seconds (else it is stopped)."""
+    async def wait(self, limit: float) -> float | None:
+        """When (``time.perf_counter()``) the last line came, once ``n`` lines or more came and
+        nothing more for a second; ``None`` if that did not happen within ``limit`` seconds. Stops it."""
         assert self.proc is not None
         deadline = time.monotonic() + limit
-        while self.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110 -- a child process
-            await asyncio.sleep(0.02)
-        if self.proc.poll() is None:
+        size, grew = -1, time.perf_counter()
+        try:
+            while time.monotonic() < deadline:
+                now = self.out.stat().st_size
+                if now != size:
+                    size, grew = now, time.perf_counter()
+                elif time.perf_counter() - grew > 1.0 and self._lines() >= self.n:
+                    return grew
+                await asyncio.sleep(0.05)
+            return None
+        finally:
             self.proc.terminate()
             self.proc.wait(10)
-            return False
-        return True
+
+    def _lines(self) -> int:
+        with open(self.out, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
     def check(self, n: int, first_seq: int) -> dict[str, int]:
         """What arrived: seqs lost, seqs twice, result ids not the ones their seq was sent with, lines
@@ -195,17 +215,20 @@ class Sampler:
     wal: Path
     peak_rss: int = 0
     peak_wal: int = 0
+    peak_disk: int = 0  # outbox.db + WAL
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def reset(self) -> None:
         self.peak_rss = rss()
-        self.peak_wal = 0
+        self.peak_wal = self.peak_disk = 0
 
     async def _run(self) -> None:
         while True:
             self.peak_rss = max(self.peak_rss, rss())
             with_wal = self.wal.stat().st_size if self.wal.exists() else 0
             self.peak_wal = max(self.peak_wal, with_wal)
+            db = self.wal.with_name(self.wal.name.removesuffix("-wal"))
+            self.peak_disk = max(self.peak_disk, with_wal + (db.stat().st_size if db.exists() else 0))
             await asyncio.sleep(0.02)
 
     def start(self) -> None:
@@ -250,8 +273,20 @@ async def sweep_one(n: int, batch: int, work: Path, max_bytes: int) -> dict[str,
         r["db_bytes"], r["wal_bytes"] = db, wal
         r["bytes_per_msg"] = (db + wal) / ob.count
         r["accept_peak_wal"] = sampler.peak_wal
+        r["accept_peak_disk"] = max(sampler.peak_disk, db + wal)
+        r["quota"] = max_bytes
         first_seq = ob.last_id - ob.count + 1
         queued = ob.count
+
+        # a restart during the outage: close with the backlog in it, open again
+        await ob.close()
+        await asyncio.gather(tasks.pop(), return_exceptions=True)
+        ob = Outbox(path, "bench", {"plant": link}, OutboxConfig(inflight=INFLIGHT, max_bytes=max_bytes))
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        await ob.open()
+        r["start_s"], r["start_cpu_s"] = time.perf_counter() - t0, time.process_time() - cpu0
+        assert ob.count == queued
+        tasks.append(asyncio.create_task(ob.run()))
 
         sampler.reset()
         r["rss_before"] = sampler.peak_rss
@@ -262,21 +297,37 @@ async def sweep_one(n: int, batch: int, work: Path, max_bytes: int) -> dict[str,
         while ob.published == 0:  # noqa: ASYNC110 -- polling a counter costs the subject nothing
             await asyncio.sleep(0.002)
         r["first_s"] = time.perf_counter() - t0
+        # half-way: the broker goes away and comes back; time the sender's restart after the reconnect
+        while ob.published < queued // 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        t_down = time.perf_counter()
+        mq.stop()
+        while link.connected:  # noqa: ASYNC110
+            await asyncio.sleep(0.002)
+        mq.start()
+        await link.wait_connected()
+        t1, cpu1, acked = time.perf_counter(), time.process_time(), ob.published
+        while ob.published == acked:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        r["reconnect_first_s"] = time.perf_counter() - t1
+        r["reconnect_cpu_s"] = time.process_time() - cpu1
+        r["outage_s"] = t1 - t_down
         while ob.count > 0:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
-        r["drain_s"] = time.perf_counter() - t0
+        r["drain_s"] = time.perf_counter() - t0 - r["outage_s"]
         r["drain_cpu_us"] = (time.process_time() - cpu0) / queued * 1e6
         r["drain_msg_s"] = queued / r["drain_s"]
         r["broker_cpu"] = (cpu_of(mq.proc) - broker0) / r["drain_s"]
         r["rss_peak"] = sampler.peak_rss
         r["drain_peak_wal"] = sampler.peak_wal
-        delivered = await sub.wait(60 + queued / 5000)
-        r["delivered_s"] = time.perf_counter() - t0
+        last = await sub.wait(60 + queued / 5000)
+        delivered = last is not None
+        r["delivered_s"] = (last or time.perf_counter()) - t0 - r["outage_s"]
         r.update(sub.check(queued, first_seq))
         r["complete"] = delivered
         # the deletes are committed every 50 ms; free space may then go back a step at a time
         t1, last, still = time.perf_counter(), disk(path), 0.0
-        while still < 1.0 and time.perf_counter() - t1 < 60:
+        while still < 2.0 and time.perf_counter() - t1 < 120:  # a reclaim step may take a while under load
             await asyncio.sleep(0.1)
             now = disk(path)
             still, last = (still + 0.1 if now == last else 0.0), now
@@ -317,7 +368,7 @@ async def baseline(n: int, work: Path) -> float:
         await storage.wait_empty()
         rate = n / (time.perf_counter() - t0)
         await client.disconnect()
-        if not await sub.wait(60 + n / 5000):
+        if await sub.wait(60 + n / 5000) is None:
             log("baseline: the subscriber did not receive every message")
         got = sub.check(n, 1)
         if got["lost"]:
@@ -353,13 +404,26 @@ def table(rows: list[dict[str, Any]], base: float, bases: list[float]) -> None:
         f" mean of {' and '.join(f'{b:.0f}' for b in bases)}, before and after the sweep)"
     )
     print()
+    print(f"{'backlog':>9} {'start s':>8} {'start CPU s':>12} {'reconnect s':>12} {'reconnect CPU s':>16}")
+    for r in rows:
+        print(
+            f"{r['label']:>9} {r['start_s']:>8.3f} {r['start_cpu_s']:>12.3f} {r['reconnect_first_s']:>12.3f}"
+            f" {r['reconnect_cpu_s']:>16.3f}"
+        )
+    print()
+    print(
+        "start: open() of an outbox closed with the backlog in it; reconnect: the broker stopped and started\n"
+        "half-way through the drain, from the link's reconnect to the first PUBACK after it (seconds, and\n"
+        "the process's CPU over that time). The drain's time and msg/s leave the outage out."
+    )
+    print()
     print(
         "accept: put while the broker is down (batches, one commit each); B/msg: outbox.db + WAL per queued\n"
         "message; 1st s: reconnect to first PUBACK; drain: reconnect to the outbox empty; ratio: drain msg/s\n"
         "/ bare; µs/msg: process CPU over the drain; broker: Mosquitto's CPU over the drain (of one core);\n"
         "+RSS: peak over the drain minus before it; WALpk: peak WAL during the drain; lost/dup: seqs the\n"
         "subscriber missed / got twice (and each result id is checked against its seq); after: db + WAL\n"
-        "once they stop changing after the drain, in s seconds; free: of which on SQLite's free list;\n"
+        "once they stop changing for 2 s after the drain, in s seconds; free: of which on SQLite's free list;\n"
         "closed: db + WAL after close."
     )
 
@@ -390,10 +454,11 @@ async def main() -> int:
             rows.append(r)
             shutil.rmtree(work / str(n))
         if not args.no_quota_row:
-            n = 20_000 if args.quick else max(sizes)
-            # about a quarter of n fits: the quota counts body + topic + key + row overhead
+            n = 40_000 if args.quick else max(sizes)
+            # about a quarter of n fits (half in --quick): the quota counts outbox.db's pages in use
+            # (messages, result ids, indexes) and 5 MiB for the WAL; it is at least 10 MB
             per = rows[-1]["bytes_per_msg"]
-            quota = int(n / 4 * per * 0.75)
+            quota = max(MIN_QUOTA, int(n / 4 * per))
             log(f"quota: {n} into a {quota}-byte quota ...")
             (work / "quota").mkdir()
             r = await sweep_one(n, args.batch, work / "quota", quota)
@@ -406,6 +471,13 @@ async def main() -> int:
     table(rows, base, bases)
     main_row = max((r for r in rows if not r["label"].startswith("q")), key=lambda r: r["n"])
     problems = [r for r in rows if r["lost"] or r["bad_result_id"] or r["unexpected"] or not r["complete"]]
+    for r in rows:
+        if r["label"].startswith("q"):
+            print(
+                f"quota row: {r['queued']:,} kept and {r['dropped']:,} dropped of {r['n']:,} into a {r['quota']:,}-byte"
+                f" quota; outbox.db + WAL at most {r['accept_peak_disk']:,} bytes while queueing (sampled every 20 ms"
+                " and after the last commit)"
+            )
     for r in problems:
         print(f"PROBLEM at {r['label']}: {r}")
     print(
@@ -421,7 +493,13 @@ async def main() -> int:
                         "bytes_per_msg": round(r["bytes_per_msg"]),
                         "queued": r["queued"],
                         "dropped": r["dropped"],
+                        "quota": r["quota"],
+                        "accept_peak_disk": r["accept_peak_disk"],
                         "first_s": round(r["first_s"], 3),
+                        "start_s": round(r["start_s"], 3),
+                        "start_cpu_s": round(r["start_cpu_s"], 3),
+                        "reconnect_first_s": round(r["reconnect_first_s"], 3),
+                        "reconnect_cpu_s": round(r["reconnect_cpu_s"], 3),
                         "drain_s": round(r["drain_s"], 2),
                         "drain_msg_s": round(r["drain_msg_s"]),
                         "delivered_s": round(r["delivered_s"], 2),

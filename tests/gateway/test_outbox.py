@@ -208,12 +208,12 @@ async def test_quota_drops_oldest_and_counts_exactly(tmp_path: Path) -> None:
 
 
 async def test_byte_quota(tmp_path: Path) -> None:
-    ob, task = await started(tmp_path, FakeLink(), max_bytes=20_000)
+    ob, task = await started(tmp_path, FakeLink(), max_bytes=10_000_000)
     try:
         for _ in range(20):
-            await ob.put([("plant", "t", {"blob": "x" * 500}, None)] * 5)
+            await ob.put([("plant", "t", {"blob": "x" * 150_000}, None)] * 5)
         assert ob.dropped > 0
-        assert ob.bytes <= 20_000
+        assert ob.bytes <= 10_000_000
         assert ob.count + ob.dropped == 100
         assert ob.problems()  # nearly full is reported on /healthz
     finally:

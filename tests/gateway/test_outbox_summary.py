@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -274,3 +275,78 @@ def _waiting(path: Path) -> int:
         return 0
     finally:
         db.close()
+
+
+# --- the quota: what the file and its WAL take ----------------------------------------------------
+
+
+def _on_disk(path: Path) -> int:
+    wal = path.with_name(path.name + "-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
+async def test_past_the_quota_the_oldest_go_and_the_file_and_wal_stay_within_it(
+    tmp_path: Path, consumer: tuple[MosquittoBroker, _Consumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages with result ids (remembered beside the messages) into a 10 MB quota while the
+    broker is down: past it the oldest are dropped, counted and logged with their seqs; outbox.db
+    and its WAL together never exceed the quota; the newest are delivered once the broker is back."""
+    broker, sub = consumer
+    path = tmp_path / "outbox.db"
+    quota = 10_000_000
+    link = MqttLink("plant", MqttConnection(type="mqtt", host="127.0.0.1", port=broker.port, status=False), "gw")
+    ob = Outbox(path, "gw1", {"plant": link}, OutboxConfig(max_bytes=quota))
+    await ob.open()
+    tasks = [asyncio.create_task(link.run()), asyncio.create_task(ob.run())]
+    pad = "x" * 600
+    peak = 0
+
+    async def sample() -> None:  # also between and during commits (they run in the outbox's thread)
+        nonlocal peak
+        while True:
+            peak = max(peak, _on_disk(path))
+            await asyncio.sleep(0.002)
+
+    tasks.append(asyncio.create_task(sample()))
+    try:
+        for at in range(0, 30_000, 250):  # about 22 MB of messages and result ids
+            await ob.put(
+                [
+                    ("plant", TOPIC, {"key": f"k{j % 13}", "n": j, "result_id": f"plant/avg/k{j % 13}/{j}", "p": pad},
+                     f"k{j % 13}")
+                    for j in range(at, at + 250)
+                ]
+            )  # fmt: skip
+            peak = max(peak, _on_disk(path))
+        assert peak <= quota, peak
+        assert ob.dropped > 10_000 and ob.count + ob.dropped == 30_000
+        assert ob.health()["disk_bytes"] <= quota
+        # the oldest went: what waits is the newest, every one of them
+        left = sorted(r[0] for r in sqlite3.connect(path).execute("SELECT id FROM outbox"))
+        assert left == list(range(30_000 - ob.count + 1, 30_001))
+        # the log says how many and which: the oldest, up to a seq (here all ids below it were dropped)
+        said = [
+            re.search(r"dropped the (\d+) oldest messages, up to seq (\d+) \((\d+) dropped", r.getMessage())
+            for r in caplog.records
+        ]
+        said = [m for m in said if m]
+        assert said and all(int(m[2]) == int(m[3]) for m in said), [m[0] for m in said]
+        assert ob.problems()  # nearly full, on /healthz
+        kept = ob.count
+        broker.start()
+        await wait_for(lambda: ob.count == 0, timeout=60)
+        await wait_for(lambda: len({m["seq"] for m, _ in sub.got()}) >= kept, timeout=30)
+    finally:
+        await ob.close()
+        await link.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert {m["seq"] for m, _ in sub.got()} == set(range(30_000 - kept + 1, 30_001))
+    # the count of what was dropped survives a restart
+    ob2 = Outbox(path, "gw1", {"plant": FakeLink()}, OutboxConfig(max_bytes=quota))
+    await ob2.open()
+    try:
+        assert ob2.dropped == 30_000 - kept and ob2.count == 0
+    finally:
+        await ob2.close()
