@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ConfigError, SluiceError
 
 if TYPE_CHECKING:
+    import argparse
+
     from .config import LoadedConfig
 
 # Nothing heavy at import time: `sluice run` decides whether OpenSSL may load (gateway._tls)
@@ -38,7 +40,7 @@ def load_config(path: str | Path) -> LoadedConfig:
     return load_config(path)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace | SimpleNamespace) -> int:
     path = Path(args.config) if args.config else DEMO_CONFIG
     try:
         text = path.read_text(encoding="utf-8")
@@ -211,14 +213,42 @@ def cmd_state_reset_watermark(args: argparse.Namespace) -> int:
     return 0
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
 def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("config", nargs="?", help="YAML config file")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides gateway.log_level")
-    run.add_argument("--log-format", choices=["text", "json"], help="overrides gateway.log_format")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="overrides gateway.log_level")
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="overrides gateway.log_format")
     run.set_defaults(func=cmd_run)
 
 
+def _plain_run_arguments(argv: list[str]) -> SimpleNamespace | None:
+    """``sluice run``'s arguments read without argparse, which a running gateway would keep in
+    memory for its whole life (~0.35 MiB); None for anything else (``--help``, a mistake, an
+    option given twice), which argparse then answers as before."""
+    found: dict[str, str | None] = {"config": None, "log_level": None, "log_format": None}
+    options = {"--log-level": ("log_level", LOG_LEVELS), "--log-format": ("log_format", LOG_FORMATS)}
+    args = iter(argv)
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if name in options:
+            key, choices = options[name]
+            given = value if eq else next(args, None)
+            if given not in choices or found[key] is not None:
+                return None
+            found[key] = given
+        elif arg.startswith("-") or found["config"] is not None:
+            return None
+        else:
+            found["config"] = arg
+    return SimpleNamespace(**found, func=cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(prog="sluice", description="Sluice: continuous pipelines for edge/IoT gateways.")
     p.add_argument("--version", action="version", version=f"sluice {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -293,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
         # the full parser imports the simulators' codecs and profiles, which a gateway does not use
+        plain = _plain_run_arguments(argv[1:])
+        if plain is not None:
+            return int(cmd_run(plain))
+        import argparse
+
         run = argparse.ArgumentParser(prog="sluice run", description="run a gateway (no CONFIG: the bundled demo)")
         _run_arguments(run)
         return int(cmd_run(run.parse_args(argv[1:])))
