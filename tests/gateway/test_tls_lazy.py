@@ -260,6 +260,16 @@ for name, ep in sorted(_node_entry_points().items()):
             ep.load()
         except ImportError as exc:
             failed[name] = str(exc)
+# and the libraries those nodes import when they start (a node's module imports them lazily)
+import importlib
+for name, library in {"http": "aiohttp", "http_poll": "aiohttp", "webhook": "aiohttp", "mqtt": "gmqtt",
+                      "mqtt_out": "gmqtt", "homeassistant": "gmqtt", "redis": "redis.asyncio",
+                      "redis_out": "redis.asyncio", "lookup": "redis.asyncio"}.items():
+    if name in LEAN_TYPES:
+        try:
+            importlib.import_module(library)
+        except Exception as exc:  # redis-py 8 without ssl: AttributeError
+            failed[name] = f"{library}: {type(exc).__name__}: {exc}"
 print(json.dumps(failed))
 """
 
