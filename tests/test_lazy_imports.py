@@ -57,5 +57,7 @@ def test_an_mqtt_window_alert_gateway_loads_only_what_it_uses(tmp_path: Path, mo
         "aiohttp",  # the console's web stack loads at its first connection
         "gateway.web",
         "difflib",  # the config's "did you mean" hints, only for a config with mistakes
+        "gateway.llm.local",  # the LLM providers, only with an `llm:` provider
+        "gateway.llm.remote",
     ):
         assert unused not in loaded, f"{unused} is imported by a gateway that does not use it"

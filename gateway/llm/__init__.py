@@ -11,13 +11,13 @@ and statistics; :class:`AdmissionQueue` is the bounded, prioritised, coalescing 
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..schema import LlmConfig, LocalProviderConfig, RemoteProviderConfig, gguf_problem
 from .admission import SHED_REASONS, AdmissionQueue
 from .breaker import CircuitBreaker
 from .hub import LlmHub, Outcome, ProviderSlot, ProviderStats, metric_families, run_chain
-from .local import LocalProvider
 from .provider import Chunk, LlmError, LlmRequest, ModelLoadError, Provider, ProviderError
-from .remote import RemoteProvider
 
 __all__ = [
     "SHED_REASONS",
@@ -42,3 +42,17 @@ __all__ = [
     "metric_families",
     "run_chain",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The providers load with the first one a config names (``LlmHub`` imports them then): a
+    gateway without an LLM does not carry their code."""
+    if name == "LocalProvider":
+        from .local import LocalProvider
+
+        return LocalProvider
+    if name == "RemoteProvider":
+        from .remote import RemoteProvider
+
+        return RemoteProvider
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,9 +12,7 @@ from typing import Any, Literal
 
 from ..schema import LlmConfig, LocalProviderConfig
 from .breaker import CircuitBreaker
-from .local import LocalProvider
 from .provider import Chunk, LlmError, LlmRequest
-from .remote import RemoteProvider
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +65,15 @@ class LlmHub:
         self.config = config or LlmConfig()
         self.slots: dict[str, ProviderSlot] = {}
         for name, pc in self.config.providers.items():
-            provider: Any = LocalProvider(name, pc) if isinstance(pc, LocalProviderConfig) else RemoteProvider(name, pc)
+            # imported here: a gateway without an LLM does not carry the providers' code
+            if isinstance(pc, LocalProviderConfig):
+                from .local import LocalProvider
+
+                provider: Any = LocalProvider(name, pc)
+            else:
+                from .remote import RemoteProvider
+
+                provider = RemoteProvider(name, pc)
             self.add(provider, CircuitBreaker(pc.breaker_failures, pc.breaker_reset, clock, name))
 
     def add(self, provider: Any, breaker: CircuitBreaker | None = None, concurrency: int | None = None) -> ProviderSlot:
