@@ -301,6 +301,7 @@ class SqliteOutboxStore:
         self._reclaim_armed = True  # free pages may be worth giving back (cleared when there are none)
         self._page = 4096
         self.disk_bytes = 0  # what the quota counts, as of the last commit (see _disk)
+        self._hashes: dict[tuple[str, str, str], int] = {}  # of the last known_results' keys
         # (connection, ordering key) -> the highest id appended with it (see backlog_keys); saved
         # to outbox_keys every _KEYS_SAVE_EVERY rows, up to _keys_upto
         self._keys: dict[tuple[str, str], int] = {}
@@ -448,12 +449,17 @@ class SqliteOutboxStore:
             if first + len(rows) - 1 - self._keys_upto >= _KEYS_SAVE_EVERY:
                 self._save_keys(first + len(rows) - 1)
             if results:
+                hashed = self._hashes  # a hash of 0 is made again: still the same hash
                 _insert(
                     db,
                     "INSERT INTO results (seq, connection, topic, rid, h) VALUES ",
                     "(?,?,?,?,?)",
-                    [(first + i, c, t, rid, _result_hash(c, t, rid)) for i, c, t, rid in results],
+                    [
+                        (first + i, c, t, rid, hashed.get((c, t, rid)) or _result_hash(c, t, rid))
+                        for i, c, t, rid in results
+                    ],
                 )
+                self._hashes = {}
                 if (first + len(rows)) // 1000 != first // 1000:  # now and then, not on every commit
                     db.execute("DELETE FROM results WHERE seq <= ?", (first + len(rows) - results_kept(max_bytes),))
             dropped, freed, hi = self._trim(max_bytes, max_rows)
@@ -479,7 +485,9 @@ class SqliteOutboxStore:
         db = self._db
         assert db is not None
         wanted = set(keys)
-        hashes = list({_result_hash(*k) for k in wanted})
+        # kept for the append that follows a look-up (the outbox asks, then appends the rest)
+        self._hashes = hashed = {k: _result_hash(*k) for k in wanted}
+        hashes = list(set(hashed.values()))
         found: set[tuple[str, str, str]] = set()
         for at in range(0, len(hashes), 500):  # one statement per 500 keys, not one per key
             chunk = hashes[at : at + 500]
