@@ -932,7 +932,9 @@ class Outbox:
         if not idle or not self._opened:
             return []
         await self._flush_deletes()  # what was acknowledged is not owed any more
-        owed = await self._run(self.store.by_connection)
+        # counting what each is owed reads the whole backlog: only if the summary says it may be owed
+        maybe = await self._run(self.store.connections)
+        owed = await self._run(self.store.by_connection) if maybe.intersection(idle) else {}
         retired = []
         for name in idle:
             if owed.get(name) or self._refs.get(name, 0) > 0:  # owed, or a sink took it up meanwhile
