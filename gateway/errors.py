@@ -66,3 +66,8 @@ class LinkError(SluiceError):
 
 class ReloadError(SluiceError):
     """A config the running gateway cannot take without a restart, or that failed to start."""
+
+
+class RestartNeeded(ReloadError):
+    """A valid config the running gateway takes only at its next start (its pipelines may use TLS,
+    which this process did not load): the editor saves it and says a restart applies it."""

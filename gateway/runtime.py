@@ -28,7 +28,7 @@ from .clock import CHECK_INTERVAL, FLOOR_INTERVAL, IngestClock
 from .config import LoadedConfig, MqttConnection
 from .deadletter import DeadLetters
 from .engine import Pipeline
-from .errors import ReloadError, SluiceError
+from .errors import ReloadError, RestartNeeded, SluiceError
 from .history import History
 from .llm import LlmHub
 from .mqtt import MqttLink, json_bytes, status_topic
@@ -313,7 +313,7 @@ class Gateway:
             if differ:
                 raise ReloadError(f"changing {', '.join(differ)} needs a restart; only pipelines reload live")
             if _tls.blocked() and _tls.nodes_may_use_tls(o for nodes in loaded.nodes.values() for o in nodes):
-                raise ReloadError(
+                raise RestartNeeded(
                     "the new pipelines may use TLS, which this gateway did not load (its config used none when "
                     "it started): save the config and restart the gateway"
                 )

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..config import LoadedConfig, MqttConnection, parse_config
-from ..errors import ConfigError, ReloadError
+from ..errors import ConfigError, ReloadError, RestartNeeded
 from ..node import node_types
 from ..redact import mask, redact, redact_text
 from .auth import IDENTITY
@@ -332,10 +332,13 @@ class Editor:
                     status=422,
                 )
             summary: dict[str, list[str]] = {"changed": [], "added": [], "removed": []}
-            saved, note = False, None
+            saved, note, restart = False, None, None
             if changed:
                 try:
                     summary = await self.gw.reload(loaded)
+                except RestartNeeded as exc:
+                    # valid, but only a start can run it: saved, and the answer says a restart applies it
+                    restart = redact_text(str(exc))
                 except ReloadError as exc:
                     return web.json_response(
                         {
@@ -359,7 +362,14 @@ class Editor:
             except OSError as exc:
                 note = (note + "; " if note else "") + f"canvas positions not saved: {exc.strerror or exc}"
             ident = request.get(IDENTITY)
-            if changed:
+            if changed and restart:
+                log.warning(
+                    "pipelines saved from the editor by %s; they run after the next restart (%s)%s",
+                    ident.name if ident else "?",
+                    restart,
+                    "" if saved else f" ({note})",
+                )
+            elif changed:
                 log.warning(
                     "pipelines deployed from the editor by %s: %s%s",
                     ident.name if ident else "?",
@@ -369,7 +379,8 @@ class Editor:
             new_rev = self._remember(text if saved or not changed else base)
             return web.json_response(
                 {
-                    "deployed": True,
+                    "deployed": restart is None,
+                    "restart_needed": restart,
                     "changed": changed,
                     "saved": saved,
                     "note": note,

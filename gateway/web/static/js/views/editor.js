@@ -956,6 +956,12 @@ export function start(el, ctx) {
       st.revision = r.revision;
       for (const p of st.model.pipelines) for (const n of p.nodes) delete n.was;
       const what = ["added", "changed", "removed"].filter((k) => r[k] && r[k].length).map((k) => `${k} ${r[k].join(", ")}`).join("; ");
+      if (r.restart_needed) {
+        // valid and saved, but only a restart runs it (it may use TLS, which this gateway did not load)
+        say(`${r.saved ? "saved, not running yet" : "not deployed"}: ${r.restart_needed}${r.note ? ` (${r.note})` : ""}`, "warn");
+        lastSnap = snapshot();
+        return;
+      }
       const done = toggled ? `${toggled.name} ${toggled.enabled === false ? "disabled: stopped, kept in the file" : "enabled: running"}` : `deployed${what ? ": " + what : ""}`;
       say(`${done}${r.note ? ` (${r.note})` : ""}`, r.note ? "warn" : "ok");
       lastSnap = snapshot();

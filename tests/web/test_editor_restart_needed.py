@@ -1,0 +1,128 @@
+"""A deploy from the editor that a gateway without OpenSSL cannot run live is saved, not lost.
+
+`sluice run` with a plain config keeps OpenSSL out of the process (gateway._tls). An admin then adds
+an https webhook in the editor: the deploy answers 200 with ``deployed: false`` and
+``restart_needed`` (why), the file holds the new node, the running pipelines are the old ones, and
+the answer's revision is the saved file's. After a restart the gateway
+loads OpenSSL and runs the saved pipeline.
+
+(A real `sluice run` process: only a process started from a plain config is without OpenSSL. The
+test's name keeps "tls", "ssl" and "cert" out of tmp_path, which the config holds.)"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._util import free_port
+from tests.gateway.test_tls_lazy import openssl_mapped
+
+from .conftest import Browserish
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG = """\
+gateway: {{id: gw-editor-restart, data_dir: "{data}"}}
+pipelines:
+  - name: plant
+    nodes:
+      - {{id: sim, type: simulate, interval: 200ms, sensors: [{{key: boiler, base: 20}}]}}
+      - {{id: out, type: log, input: sim}}
+console: {{host: 127.0.0.1, port: {port}, auth: false}}
+"""
+
+
+@pytest.fixture
+def sluice(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {k: v for k, v in os.environ.items() if k != "SLUICE_TLS"}
+
+    def start(cfg: Path) -> subprocess.Popen[bytes]:
+        with (tmp_path / f"run{len(procs)}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "run", str(cfg)],
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**env, "PYTHONPATH": str(ROOT)},
+            )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _text(path: Path) -> str:
+    return path.read_text()
+
+
+async def _up(c: Browserish, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the console answers with the gateway running (a real process: polled, 60 s at most)."""
+    for _ in range(600):
+        assert proc.poll() is None, _text(log)
+        try:
+            status, body = await c.get("/api/pipelines")
+            if status == 200 and body["state"] == "running":
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the console did not answer: {_text(log)}")
+
+
+async def test_editor_deploy_that_needs_a_restart_is_saved(tmp_path: Path, sluice: Any) -> None:
+    port = free_port()
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(CONFIG.format(data=tmp_path / "data", port=port))
+    proc = sluice(cfg)
+    c = Browserish(f"http://127.0.0.1:{port}")
+    try:
+        await _up(c, proc, tmp_path / "run0.log")
+        assert openssl_mapped(proc.pid) == []
+        _, model = await c.get("/api/editor/model")
+        draft = copy.deepcopy(model)
+        plant = next(p for p in draft["pipelines"] if p["name"] == "plant")
+        hook = {"id": "hook", "type": "webhook", "input": ["sim"], "options": {"url": "https://127.0.0.1:9/hook"}}
+        plant["nodes"].append(hook)
+        status, r = await c.post("/api/editor/deploy", {"revision": model["revision"], "model": draft})
+        assert status == 200, r
+        assert r["deployed"] is False and r["saved"] is True, r
+        assert "restart" in r["restart_needed"] and "TLS" in r["restart_needed"], r
+        assert "https://127.0.0.1:9/hook" in cfg.read_text()
+        # the running gateway keeps its pipelines, and still has no OpenSSL
+        _, running = await c.get("/api/pipelines")
+        assert "hook" not in json.dumps(running["pipelines"])
+        assert openssl_mapped(proc.pid) == []
+        # the answer's revision is the saved file's: the next deploy is not refused as a stale one
+        status, again = await c.post("/api/editor/deploy", {"revision": r["revision"], "model": draft})
+        assert status == 200 and again["changed"] == [] and again["revision"] == r["revision"], again
+        assert "they run after the next restart" in (tmp_path / "run0.log").read_text()
+    finally:
+        await c.close()
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0, (tmp_path / "run0.log").read_text()
+
+    # the next start reads the saved file: OpenSSL loads and the webhook runs
+    proc = sluice(cfg)
+    c = Browserish(f"http://127.0.0.1:{port}")
+    try:
+        await _up(c, proc, tmp_path / "run1.log")
+        _, running = await c.get("/api/pipelines")
+        assert "hook" in json.dumps(running["pipelines"])
+        assert openssl_mapped(proc.pid) != []
+    finally:
+        await c.close()
