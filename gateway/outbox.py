@@ -271,6 +271,22 @@ def _summary(db: sqlite3.Connection) -> None:
     )
 
 
+def _new_results(db: sqlite3.Connection) -> None:
+    """Version 4: new result ids go to ``results_new`` first and into ``results`` in merges.
+
+    ``results_h`` is an index on a hash: each id inserted lands on a random one of its leaf pages,
+    and with 100,000 ids kept a commit of 100 alerts wrote ~100 whole pages to the WAL (5.4 KiB
+    per alert, against 0.8 KiB without the index). ``results_new`` stays small (its index a few
+    pages, written again by every commit); every _MERGE_EVERY ids its rows move into ``results``
+    sorted by hash, so each leaf page of ``results_h`` is written about once per merge. A
+    look-up reads both. Nothing to convert in an older file (the new table starts empty)."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS results_new (seq INTEGER PRIMARY KEY, connection TEXT NOT NULL,"
+        " topic TEXT NOT NULL, rid TEXT NOT NULL, h INTEGER NOT NULL)"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS results_new_h ON results_new (h)")
+
+
 # Step i takes the file from version i-1 to i (gateway._migrate); never edit one that has shipped, append.
 SCHEMA = Schema(
     "outbox",
@@ -278,8 +294,10 @@ SCHEMA = Schema(
         Step("outbox and results tables", _tables),
         Step("results indexed by hash", _index_results),
         Step("key summary and counts", _summary),
+        Step("new result ids apart until merged", _new_results),
     ),
 )
+_MERGE_EVERY = 4096  # outbox ids between two merges of results_new into results
 _SAVE_COUNTS = (
     "INSERT INTO outbox_meta (name, value) VALUES ('count', ?), ('bytes', ?) "
     "ON CONFLICT(name) DO UPDATE SET value = excluded.value"
@@ -452,7 +470,7 @@ class SqliteOutboxStore:
                 hashed = self._hashes  # a hash of 0 is made again: still the same hash
                 _insert(
                     db,
-                    "INSERT INTO results (seq, connection, topic, rid, h) VALUES ",
+                    "INSERT INTO results_new (seq, connection, topic, rid, h) VALUES ",
                     "(?,?,?,?,?)",
                     [
                         (first + i, c, t, rid, hashed.get((c, t, rid)) or _result_hash(c, t, rid))
@@ -461,7 +479,9 @@ class SqliteOutboxStore:
                 )
                 self._hashes = {}
                 if (first + len(rows)) // 1000 != first // 1000:  # now and then, not on every commit
-                    db.execute("DELETE FROM results WHERE seq <= ?", (first + len(rows) - results_kept(max_bytes),))
+                    db.execute("DELETE FROM results_new WHERE seq <= ?", (first + len(rows) - results_kept(max_bytes),))
+            if (first + len(rows)) // _MERGE_EVERY != first // _MERGE_EVERY:
+                self._merge_results(first + len(rows) - results_kept(max_bytes))
             dropped, freed, hi = self._trim(max_bytes, max_rows)
             dropped, freed, hi = dropped + early[0], freed + early[1], max(hi, early[2])
             if dropped:
@@ -492,9 +512,24 @@ class SqliteOutboxStore:
         for at in range(0, len(hashes), 500):  # one statement per 500 keys, not one per key
             chunk = hashes[at : at + 500]
             marks, params = in_list(chunk)
-            q = f"SELECT connection, topic, rid FROM results WHERE h IN ({marks})"
-            found.update(k for k in db.execute(q, params) if k in wanted)  # a hash can be shared
+            for table in ("results", "results_new"):  # merged, and not merged yet
+                q = f"SELECT connection, topic, rid FROM {table} WHERE h IN ({marks})"
+                found.update(k for k in db.execute(q, params) if k in wanted)  # a hash can be shared
         return found
+
+    def _merge_results(self, oldest: int) -> None:
+        """Forget the result ids up to ``oldest`` and move those of ``results_new`` into
+        ``results``, in the current transaction, sorted by hash: the deletes and the inserts go
+        through the leaf pages of ``results_h`` once, in one commit (each deleted id sits on a
+        random one of them too, so deleting them more often would write them all more often)."""
+        db = self._db
+        assert db is not None
+        db.execute("DELETE FROM results WHERE seq <= ?", (oldest,))
+        db.execute(
+            "INSERT INTO results (seq, connection, topic, rid, h)"
+            " SELECT seq, connection, topic, rid, h FROM results_new ORDER BY h"
+        )
+        db.execute("DELETE FROM results_new")
 
     def _disk(self, max_bytes: int) -> int:
         """What the quota counts, in the current transaction: the file's pages in use (messages, the

@@ -60,7 +60,7 @@ def test_rows_are_inserted_in_order_with_their_ids_in_any_count(tmp_path: Path) 
     got = [(i, t, bytes(b)) for i, t, b in db.execute("SELECT id, topic, body FROM outbox ORDER BY id")]
     assert got == expected and [e[0] for e in expected] == list(range(1, len(expected) + 1))
     # each result id is remembered with the seq of its own row
-    by_seq = dict(db.execute("SELECT seq, rid FROM results"))
+    by_seq = dict(db.execute("SELECT seq, rid FROM results UNION ALL SELECT seq, rid FROM results_new"))
     assert by_seq and all(by_seq[i] == f"rid-{t}" for i, t, _ in expected if i in by_seq)
     assert store.known_results([("c", "t2", "rid-t2"), ("c", "t1", "rid-t1")]) == {("c", "t2", "rid-t2")}
     store.close()
