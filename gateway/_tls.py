@@ -1,21 +1,25 @@
-"""OpenSSL only for a gateway whose config uses TLS.
+"""OpenSSL only for a gateway whose config uses TLS, when asked: ``SLUICE_TLS=auto``.
 
 Python's ``ssl`` and ``_hashlib`` modules map OpenSSL (libssl and libcrypto) into the process,
 and asyncio imports ``ssl`` when it is imported itself: about 5 MiB of resident memory that a
-gateway talking plain MQTT on its own network never uses. ``sluice run`` therefore reads its
-config file before anything imports asyncio; when nothing in it (or in the environment variables
-it names) could ask for TLS, it stops ``ssl``, ``_ssl`` and ``_hashlib`` from loading for the life
-of the process. asyncio, ``hashlib`` and ``hmac`` are written for a Python without OpenSSL and
-work on (``hashlib`` with Python's own SHA-2 and BLAKE2); a request for TLS anyway gets an
-ImportError that says why and how to lift it (``SLUICE_TLS=1``).
+gateway talking plain MQTT on its own network never uses. With ``SLUICE_TLS=auto`` in its
+environment, ``sluice run`` reads its config file before anything imports asyncio; when nothing in
+it (or in the environment variables it names) could ask for TLS, it stops ``ssl``, ``_ssl`` and
+``_hashlib`` from loading for the life of the process. asyncio, ``hashlib`` and ``hmac`` are
+written for a Python without OpenSSL and work on (``hashlib`` with Python's own SHA-2 and BLAKE2);
+a request for TLS anyway gets an ImportError that says why.
+
+It is not the default: such a process cannot offer what needs OpenSSL until it restarts — the
+node types whose libraries import ``ssl`` (Kafka, Redis, Modbus, serial, WebSocket, plug-ins) are
+missing from the editor's palette, ``/metrics`` (prometheus_client imports ``ssl``) answers 503,
+and a live reload that adds TLS asks for a restart. It suits an appliance whose config is fixed.
 
 The test is on the text, before validation, so it errs on the side of loading: any mention of
 ``tls``, ``ssl``, ``https``, ``wss``, ``mqtts``, ``rediss``, ``sasl``, ``cert``, ``ca_file`` or
 ``key_file`` anywhere (a comment too) loads OpenSSL, and so does a ``${VAR}`` whose value or
 default holds one (``tls: false`` alone does not); so does any ``type:`` that is not one of the
 built-in node, connection and LLM provider types known to import without OpenSSL
-(:data:`LEAN_TYPES`: the Kafka, Redis, Modbus, serial and WebSocket nodes' libraries import
-``ssl`` themselves, and a plug-in's needs are unknown).
+(:data:`LEAN_TYPES`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["blocked", "config_may_use_tls", "keep_out_unless_needed", "nodes_may_use_tls"]
+__all__ = ["blocked", "config_may_use_tls", "keep_out_unless_needed", "nodes_may_use_tls", "refused"]
 
 # OpenSSL's Python modules: ssl needs _ssl (libssl + libcrypto); hashlib and hmac use _hashlib
 # (libcrypto) when it is there and Python's own digests when it is not.
@@ -94,9 +98,9 @@ class _KeepOut(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> None:
         if fullname in _MODULES:
             raise ModuleNotFoundError(
-                f"TLS ({fullname}) was not loaded: nothing in this gateway's config asked for it when it "
-                f"started (no tls, ca_file, https, rediss or sasl). Restart the gateway after adding "
-                f"it to the config, or set {ENV_VAR}=1 to always load TLS",
+                f"TLS ({fullname}) was not loaded: {ENV_VAR}=auto and nothing in this gateway's config "
+                f"asked for it when it started (no tls, ca_file, https, rediss or sasl). Restart the "
+                f"gateway after adding it to the config, or without {ENV_VAR}=auto",
                 name=fullname,
             )
         return None
@@ -105,13 +109,23 @@ class _KeepOut(importlib.abc.MetaPathFinder):
 _finder: _KeepOut | None = None
 
 
+def refused(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is this module refusing one of OpenSSL's modules."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and exc.name in _MODULES and _finder is not None:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
 def blocked() -> bool:
     """True when this process keeps OpenSSL out (see :func:`keep_out_unless_needed`)."""
     return _finder is not None
 
 
 def keep_out_unless_needed(config_text: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Keep OpenSSL out of this process unless the config may use TLS; True if kept out.
+    """With ``SLUICE_TLS=auto``, keep OpenSSL out of this process unless the config may use TLS;
+    True if kept out.
 
     Call before asyncio (or anything else that imports ``ssl``) is imported: a module already
     loaded stays, and then nothing is kept out."""
@@ -119,7 +133,7 @@ def keep_out_unless_needed(config_text: str, environ: Mapping[str, str] | None =
     env = os.environ if environ is None else environ
     if _finder is not None:
         return True
-    if env.get(ENV_VAR, "") not in ("", "0") or config_may_use_tls(config_text, env):
+    if env.get(ENV_VAR, "").strip().lower() != "auto" or config_may_use_tls(config_text, env):
         return False
     if any(name in sys.modules for name in _MODULES):
         return False

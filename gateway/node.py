@@ -450,7 +450,12 @@ def _node_entry_points() -> dict[str, EntryPoint]:
 def _load(ep: EntryPoint) -> None:
     try:
         obj = ep.load()
-    except Exception:  # a broken plugin must not stop the gateway; say which one
+    except Exception as exc:  # a broken plugin must not stop the gateway; say which one
+        from . import _tls
+
+        if _tls.refused(exc):
+            log.info("node type %r is not available: its library needs OpenSSL, kept out (SLUICE_TLS=auto)", ep.name)
+            return
         log.exception("could not load node plugin %r from %s", ep.name, ep.value)
         return
     if isinstance(obj, type) and issubclass(obj, _Node):

@@ -172,7 +172,18 @@ class GatewayApi:
         return web.json_response(redact(h), status=status)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        from prometheus_client import CollectorRegistry, generate_latest
+        try:
+            from prometheus_client import CollectorRegistry, generate_latest
+        except ImportError as exc:
+            from .. import _tls
+
+            if not _tls.refused(exc):
+                raise
+            return web.Response(
+                status=503,
+                text="metrics need OpenSSL (prometheus_client imports ssl), which SLUICE_TLS=auto kept out of this "
+                "gateway: start it without SLUICE_TLS=auto to serve /metrics\n",
+            )
 
         if self._registry is None:
             self._registry = CollectorRegistry(auto_describe=False)

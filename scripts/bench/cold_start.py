@@ -101,7 +101,7 @@ def import_share() -> tuple[float, list[tuple[float, str]]]:
     """Seconds `python -X importtime` spends importing what `sluice run` imports at start, and
     the largest top-level packages."""
     code = (
-        # as `sluice run` does for this config (no TLS in it): OpenSSL kept out before the rest
+        # as `sluice run` does for this config (no TLS in it): OpenSSL kept out only with SLUICE_TLS=auto
         "import gateway._tls; gateway._tls.keep_out_unless_needed(''); "
         "import gateway.cli, gateway.runtime, gateway.console, "
         "nodes.sources, nodes.operators, nodes.detectors, nodes.sinks, nodes.windows"

@@ -1,4 +1,4 @@
-"""OpenSSL loads only for a config that may use TLS (gateway._tls).
+"""With SLUICE_TLS=auto, OpenSSL loads only for a config that may use TLS (gateway._tls).
 
 `sluice run` as a real process against a real Mosquitto: with a plain config it delivers its
 alerts and has neither libssl/libcrypto nor Python's _ssl/_hashlib mapped (read from
@@ -72,10 +72,12 @@ class Alerts:
 def run_sluice(tmp_path: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(text: str) -> subprocess.Popen[bytes]:
+    def start(text: str, lean: bool = True) -> subprocess.Popen[bytes]:
         cfg = tmp_path / f"lazy{len(procs)}.yaml"
         cfg.write_text(text)
         env = {k: v for k, v in os.environ.items() if k != "SLUICE_TLS"}
+        if lean:
+            env["SLUICE_TLS"] = "auto"
         with (tmp_path / f"lazy{len(procs)}.log").open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "run", str(cfg)],
@@ -111,6 +113,19 @@ def test_a_plain_config_runs_without_openssl(tmp_path: Path, mosquitto: Mosquitt
         alerts.close()
 
 
+def test_without_sluice_tls_auto_a_plain_config_loads_openssl(
+    tmp_path: Path, mosquitto: MosquittoBroker, run_sluice: Any
+) -> None:
+    alerts = Alerts(mosquitto.port)
+    try:
+        proc = run_sluice(config(tmp_path, mosquitto.port), lean=False)
+        wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, (tmp_path / "lazy0.log").read_text()
+        assert any("/_ssl." in path for path in openssl_mapped(proc.pid))  # the default: as any Python
+    finally:
+        alerts.close()
+
+
 @pytest.fixture
 def tls_broker(tmp_path: Path, mosquitto_factory: Any) -> tuple[Any, Path]:
     d = tmp_path / "pki"
@@ -134,7 +149,7 @@ def test_a_tls_config_runs_over_tls(tmp_path: Path, tls_broker: tuple[Any, Path]
 
 KEPT_OUT = """
 from gateway._tls import blocked, keep_out_unless_needed
-kept = keep_out_unless_needed("connections: {plant: {type: mqtt, tls: false}}", {})
+kept = keep_out_unless_needed("connections: {plant: {type: mqtt, tls: false}}", {"SLUICE_TLS": "auto"})
 import asyncio, hashlib, hmac, json, sys
 
 async def main():
@@ -167,7 +182,7 @@ def test_a_process_that_keeps_openssl_out_still_hashes_and_says_why_tls_fails() 
 
     assert got["sha256"] == hashlib.sha256(b"sluice").hexdigest()
     assert got["hmac"] == hmac.new(b"k", b"sluice", "sha256").hexdigest()
-    assert "SLUICE_TLS=1" in got["ssl_error"] and "config" in got["ssl_error"]
+    assert "SLUICE_TLS=auto" in got["ssl_error"] and "config" in got["ssl_error"]
 
 
 @pytest.mark.parametrize(
@@ -210,7 +225,7 @@ PLAIN_HOOK = PLAIN.replace("type: log, input: sim", "type: webhook, input: sim, 
     "console:", "# a certificate comes later\\nconsole:"
 )
 HOOK = PLAIN.replace("type: log, input: sim", "type: webhook, input: sim, url: 'https://127.0.0.1:9/h'")
-assert keep_out_unless_needed(PLAIN, {{}})
+assert keep_out_unless_needed(PLAIN, {{"SLUICE_TLS": "auto"}})
 import asyncio, json
 from gateway.config import parse_config
 from gateway.errors import ReloadError
@@ -250,7 +265,7 @@ def test_a_reload_needing_encryption_in_a_lean_process_asks_for_a_restart(tmp_pa
 LEAN_LOADS = """
 import json
 from gateway._tls import LEAN_TYPES, keep_out_unless_needed
-assert keep_out_unless_needed("", {})
+assert keep_out_unless_needed("", {"SLUICE_TLS": "auto"})
 from gateway.node import _node_entry_points
 import gateway.llm, llama_cpp  # the local LLM provider's stack
 failed = {}

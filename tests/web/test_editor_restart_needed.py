@@ -1,6 +1,6 @@
 """A deploy from the editor that a gateway without OpenSSL cannot run live is saved, not lost.
 
-`sluice run` with a plain config keeps OpenSSL out of the process (gateway._tls). An admin then adds
+`sluice run` with a plain config and SLUICE_TLS=auto keeps OpenSSL out of the process (gateway._tls). An admin then adds
 an https webhook in the editor: the deploy answers 200 with ``deployed: false`` and
 ``restart_needed`` (why), the file holds the new node, the running pipelines are the old ones, and
 the answer's revision is the saved file's. After a restart the gateway
@@ -44,7 +44,7 @@ console: {{host: 127.0.0.1, port: {port}, auth: false}}
 @pytest.fixture
 def sluice(tmp_path: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
-    env = {k: v for k, v in os.environ.items() if k != "SLUICE_TLS"}
+    env = {**os.environ, "SLUICE_TLS": "auto"}  # OpenSSL kept out while the config needs none
 
     def start(cfg: Path) -> subprocess.Popen[bytes]:
         with (tmp_path / f"run{len(procs)}.log").open("wb") as log:
@@ -110,7 +110,16 @@ async def test_editor_deploy_that_needs_a_restart_is_saved(tmp_path: Path, sluic
         # the answer's revision is the saved file's: the next deploy is not refused as a stale one
         status, again = await c.post("/api/editor/deploy", {"revision": r["revision"], "model": draft})
         assert status == 200 and again["changed"] == [] and again["revision"] == r["revision"], again
-        assert "they run after the next restart" in (tmp_path / "run0.log").read_text()
+        # what needs OpenSSL says so instead of failing: /metrics answers 503, the palette leaves
+        # out the types whose libraries need it, and nothing logs a traceback
+        status, text = await c.get("/metrics")
+        assert status == 503 and "SLUICE_TLS=auto" in text, text
+        _, palette = await c.get("/api/editor/palette")
+        types = {t["type"] for f in palette["families"] for t in f["types"]}
+        assert "webhook" in types and "kafka" not in types
+        log = _text(tmp_path / "run0.log")
+        assert "they run after the next restart" in log
+        assert "Traceback" not in log and "node type 'kafka' is not available" in log, log
     finally:
         await c.close()
     proc.terminate()
@@ -124,5 +133,7 @@ async def test_editor_deploy_that_needs_a_restart_is_saved(tmp_path: Path, sluic
         _, running = await c.get("/api/pipelines")
         assert "hook" in json.dumps(running["pipelines"])
         assert openssl_mapped(proc.pid) != []
+        status, _ = await c.get("/metrics")
+        assert status == 200
     finally:
         await c.close()
