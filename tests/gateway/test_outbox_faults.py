@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 
 from tests._util import MosquittoBroker, MqttTestClient, wait_for
 from tests.gateway._harness import get, node, running_gateway
@@ -184,28 +185,33 @@ async def test_mqtt_311_delivery(tmp_path: Path, mosquitto_factory: Any) -> None
 
 
 class _Framer:
-    """Splits one direction of an MQTT byte stream into packets; ``feed`` returns the first byte
-    of each packet that starts in the bytes given."""
+    """Splits one direction of an MQTT byte stream into packets; ``feed`` returns ``(offset,
+    first byte)`` of each packet that starts in the bytes given (offset 0 for one whose fixed
+    header began in earlier bytes)."""
 
     def __init__(self) -> None:
         self._left = 0  # bytes of the current packet still to come
         self._header = bytearray()  # a fixed header split across reads
+        self._start = 0
 
-    def feed(self, data: bytes) -> list[int]:
-        starts: list[int] = []
+    def feed(self, data: bytes) -> list[tuple[int, int]]:
+        starts: list[tuple[int, int]] = []
         i = 0
+        self._start = 0
         while i < len(data):
             if self._left:
                 step = min(self._left, len(data) - i)
                 self._left -= step
                 i += step
                 continue
+            if not self._header:
+                self._start = i
             self._header.append(data[i])
             i += 1
             h = self._header
             if len(h) >= 2 and not h[-1] & 0x80:  # the remaining length's last byte
                 length = sum((b & 0x7F) << (7 * n) for n, b in enumerate(h[1:]))
-                starts.append(h[0])
+                starts.append((self._start, h[0]))
                 self._left = length
                 self._header = bytearray()
         return starts
@@ -215,20 +221,29 @@ class CuttableLink:
     """A TCP proxy to the broker that can swallow what passes, both ways, and then cut the line:
     messages in flight at that moment never reach the broker, or their PUBACKs never come back.
 
-    The proxy frames the gateway's side of the stream (MQTT fixed header and remaining length)
-    and counts the PUBLISH packets it swallows whole: none of them reached the broker, so each
-    must be sent again. (The gateway's own count of messages in flight is no lower bound: a
-    PUBACK already in its socket buffer when the count is taken still acknowledges a message,
-    which is then, rightly, not sent again.)"""
+    The proxy frames both sides of the stream (MQTT fixed header and remaining length). It counts
+    the PUBLISH packets it forwards and those it swallows whole: none of the latter reached the
+    broker, so each must be sent again. (The gateway's own count of messages in flight is no lower
+    bound: a PUBACK already in its socket buffer when the count is taken still acknowledges a
+    message, which is then, rightly, not sent again.) It also counts the PUBACKs it lets through,
+    so :attr:`unacknowledged` is how many of the gateway's PUBLISHes wait for one."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
         self.swallow = False
+        # swallow from the PUBLISH after this many went through, even mid-read (None: only when told)
+        self.swallow_after: int | None = None
+        self.forwarded_publishes = 0
         self.swallowed_publishes = 0
+        self.pubacks = 0  # PUBACKs that reached the gateway
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+
+    @property
+    def unacknowledged(self) -> int:
+        return self.forwarded_publishes + self.swallowed_publishes - self.pubacks
 
     async def start(self) -> CuttableLink:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -242,22 +257,32 @@ class CuttableLink:
             w.close()
             return
         self._writers += [w, uw]
-        for src, dst, framer in ((r, uw, _Framer()), (ur, w, None)):
-            t = asyncio.create_task(self._pipe(src, dst, framer))
+        for src, dst, upstream in ((r, uw, True), (ur, w, False)):
+            t = asyncio.create_task(self._pipe(src, dst, _Framer(), upstream))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, framer: _Framer | None) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, framer: _Framer, upstream: bool
+    ) -> None:
         try:
             while data := await src.read(65536):
-                if framer is not None:
-                    for first_byte in framer.feed(data):
-                        if self.swallow and first_byte >> 4 == 3:  # a PUBLISH that starts in swallowed bytes
+                keep = 0 if self.swallow else len(data)  # bytes of this read that go through
+                for offset, first_byte in framer.feed(data):
+                    kind = first_byte >> 4
+                    if upstream and kind == 3:  # a PUBLISH from the gateway
+                        if not self.swallow and self.forwarded_publishes == self.swallow_after:
+                            self.swallow = True
+                            keep = offset  # the packets before this one still go through
+                        if self.swallow:
                             self.swallowed_publishes += 1
-                if self.swallow:
-                    continue
-                dst.write(data)
-                await dst.drain()
+                        else:
+                            self.forwarded_publishes += 1
+                    elif not upstream and kind == 4 and keep:  # a PUBACK that reaches the gateway
+                        self.pubacks += 1
+                if keep:
+                    dst.write(data[:keep])
+                    await dst.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -268,6 +293,7 @@ class CuttableLink:
             w.transport.abort()
         self._writers.clear()
         self.swallow = False
+        self.swallow_after = None
 
     async def close(self) -> None:
         self.cut()
@@ -279,16 +305,25 @@ class CuttableLink:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def test_messages_in_flight_when_the_line_is_cut_are_sent_again(tmp_path: Path, mosquitto_factory: Any) -> None:
+@pytest.mark.parametrize("swallow_after", [250, 1250])
+async def test_messages_in_flight_when_the_line_is_cut_are_sent_again(
+    tmp_path: Path, mosquitto_factory: Any, swallow_after: int
+) -> None:
     broker = mosquitto_factory(persistence=True)
     consumer = Consumer(broker, f"consumer-{broker.port}").start()
     line = await CuttableLink(broker.port).start()
+    # After this many PUBLISHes went through, the next ones are lost on the way and no PUBACK comes
+    # back: 250 falls in the opening burst (the rate cap's bucket starts full, so the window is full
+    # and much of it may have reached the broker when the line goes dead); 1250 in the capped flow.
+    line.swallow_after = swallow_after
     try:
         # a rate cap keeps the burst going long enough to cut it in the middle, whatever the machine's load
         async with running_gateway(config(tmp_path, line.port, count=1500, outbox="{max_rate: 1000}")) as gw:
-            await wait_for(lambda: len(consumer.got) >= 500, timeout=30)
-            line.swallow = True  # from now on: published messages are lost on the way, PUBACKs never come
-            await wait_for(lambda: line.swallowed_publishes >= 50, timeout=30)
+            # With no PUBACK coming, the gateway sends on until its whole window waits for one, and
+            # stops there: how many of those the broker got first depends on timing (none at all when
+            # the window was sent before a PUBACK came), so the test waits for the window, not a count.
+            window = gw.outbox.config.inflight
+            await wait_for(lambda: line.unacknowledged >= window, timeout=30)
             line.cut()
             lost = line.swallowed_publishes  # none of these reached the broker
             out = node(gw, "boiler", "out")
