@@ -450,6 +450,9 @@ class SqliteOutboxStore:
             # Near the quota, room is made first (for the rows and their result ids, with a margin
             # for the estimate), so that the file does not grow past the quota within the commit.
             room = add + add // 8 + _RESULT_ROW * len(results or ())
+            if (first + len(rows)) // _MERGE_EVERY != first // _MERGE_EVERY:
+                # this commit merges results_new into results: both copies are in the file until it ends
+                room += _RESULT_ROW * _MERGE_EVERY
             early = self._trim(max_bytes - room, None) if self.disk_bytes + room > max_bytes else (0, 0, 0)
             _insert(
                 db,
