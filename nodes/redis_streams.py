@@ -325,6 +325,10 @@ class RedisSource(ConsumerSource):
                 acker.cancel()
                 await output.settled()
                 raise
+            except Exception as exc:
+                # said at once: the acknowledgements below may wait out the client's retries first
+                self.state, self.last_error = "down", f"{type(exc).__name__}: {exc}"
+                raise
             finally:
                 acker.cancel()
                 await asyncio.gather(acker, return_exceptions=True)
