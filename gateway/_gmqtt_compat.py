@@ -351,21 +351,20 @@ def install_fast_publish(
     acked: list[int] = []  # packet ids of the PUBACKs read but not yet handed to on_pubacks
     got: list[tuple[str, bytes]] = []  # QoS 0 messages read but not yet handed to on_messages
 
-    def flush_acks() -> None:
-        mids = acked[:]
-        acked.clear()
+    def hand_over(pending: list[Any], deliver: Callable[[list[Any]], None]) -> None:
+        """``deliver`` what ``pending`` holds, emptied first (deliver may read more)."""
+        items = pending[:]
+        pending.clear()
         try:
-            on_pubacks(mids)  # type: ignore[misc]
+            deliver(items)
         except Exception:
             logger.exception("[MqttPackageHandler] error handling package")
 
+    def flush_acks() -> None:
+        hand_over(acked, on_pubacks)  # type: ignore[arg-type]
+
     def flush_got() -> None:
-        messages = got[:]
-        got.clear()
-        try:
-            on_messages(messages)  # type: ignore[misc]
-        except Exception:
-            logger.exception("[MqttPackageHandler] error handling package")
+        hand_over(got, on_messages)  # type: ignore[arg-type]
 
     def read_packet(data: bytes) -> int:
         on_message = handler.on_message
