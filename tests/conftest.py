@@ -7,6 +7,8 @@ with extra config lines. Helpers (wait_for, mqtt_client, free_port) live in test
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +24,9 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 MosquittoFactory = Callable[..., MosquittoBroker]
+SluiceRunner = Callable[..., "subprocess.Popen[bytes]"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 _reports_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -96,3 +101,36 @@ def mosquitto_factory(
 def mosquitto(mosquitto_factory: MosquittoFactory) -> MosquittoBroker:
     """One running broker with the default test config."""
     return mosquitto_factory()
+
+
+@pytest.fixture
+def run_sluice(tmp_path: Path) -> Iterator[SluiceRunner]:
+    """Call it to start `sluice run CONFIG` as a real process: `run_sluice(path, lean=True)`.
+
+    The Nth process started logs its stderr to tmp_path/runN.log. With `lean` (the default) it
+    runs with SLUICE_TLS=auto, so OpenSSL stays out while the config needs none; without it,
+    SLUICE_TLS is unset. Every process still running when the test ends is killed.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(cfg: Path, lean: bool = True) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if k != "SLUICE_TLS"}
+        if lean:
+            env["SLUICE_TLS"] = "auto"
+        with (tmp_path / f"run{len(procs)}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "run", str(cfg)],
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**env, "PYTHONPATH": str(ROOT)},
+            )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,33 +67,10 @@ class Alerts:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def run_sluice(tmp_path: Path) -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(text: str, lean: bool = True) -> subprocess.Popen[bytes]:
-        cfg = tmp_path / f"lazy{len(procs)}.yaml"
-        cfg.write_text(text)
-        env = {k: v for k, v in os.environ.items() if k != "SLUICE_TLS"}
-        if lean:
-            env["SLUICE_TLS"] = "auto"
-        with (tmp_path / f"lazy{len(procs)}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "run", str(cfg)],
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env={**env, "PYTHONPATH": str(ROOT)},
-            )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+def config_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lazy.yaml"
+    path.write_text(text)
+    return path
 
 
 def openssl_mapped(pid: int) -> list[str]:
@@ -105,9 +81,9 @@ def openssl_mapped(pid: int) -> list[str]:
 def test_a_plain_config_runs_without_openssl(tmp_path: Path, mosquitto: MosquittoBroker, run_sluice: Any) -> None:
     alerts = Alerts(mosquitto.port)
     try:
-        proc = run_sluice(config(tmp_path, mosquitto.port))
+        proc = run_sluice(config_file(tmp_path, config(tmp_path, mosquitto.port)))
         wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, (tmp_path / "lazy0.log").read_text()
+        assert proc.poll() is None, (tmp_path / "run0.log").read_text()
         assert openssl_mapped(proc.pid) == []
     finally:
         alerts.close()
@@ -118,9 +94,9 @@ def test_without_sluice_tls_auto_a_plain_config_loads_openssl(
 ) -> None:
     alerts = Alerts(mosquitto.port)
     try:
-        proc = run_sluice(config(tmp_path, mosquitto.port), lean=False)
+        proc = run_sluice(config_file(tmp_path, config(tmp_path, mosquitto.port)), lean=False)
         wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, (tmp_path / "lazy0.log").read_text()
+        assert proc.poll() is None, (tmp_path / "run0.log").read_text()
         assert any("/_ssl." in path for path in openssl_mapped(proc.pid))  # the default: as any Python
     finally:
         alerts.close()
@@ -139,9 +115,9 @@ def test_a_tls_config_runs_over_tls(tmp_path: Path, tls_broker: tuple[Any, Path]
     broker, ca = tls_broker
     alerts = Alerts(broker.port, ca)
     try:
-        proc = run_sluice(config(tmp_path, broker.port, f', ca_file: "{ca}"'))
+        proc = run_sluice(config_file(tmp_path, config(tmp_path, broker.port, f', ca_file: "{ca}"')))
         wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, (tmp_path / "lazy0.log").read_text()
+        assert proc.poll() is None, (tmp_path / "run0.log").read_text()
         assert any("/_ssl." in path for path in openssl_mapped(proc.pid))
     finally:
         alerts.close()

@@ -14,21 +14,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests._util import free_port
 from tests.gateway.test_tls_lazy import openssl_mapped
 
 from .conftest import Browserish
-
-ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = """\
 gateway: {{id: gw-editor-restart, data_dir: "{data}"}}
@@ -39,31 +32,6 @@ pipelines:
       - {{id: out, type: log, input: sim}}
 console: {{host: 127.0.0.1, port: {port}, auth: false}}
 """
-
-
-@pytest.fixture
-def sluice(tmp_path: Path) -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, "SLUICE_TLS": "auto"}  # OpenSSL kept out while the config needs none
-
-    def start(cfg: Path) -> subprocess.Popen[bytes]:
-        with (tmp_path / f"run{len(procs)}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "run", str(cfg)],
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env={**env, "PYTHONPATH": str(ROOT)},
-            )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def _text(path: Path) -> str:
@@ -84,11 +52,11 @@ async def _up(c: Browserish, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise AssertionError(f"the console did not answer: {_text(log)}")
 
 
-async def test_editor_deploy_that_needs_a_restart_is_saved(tmp_path: Path, sluice: Any) -> None:
+async def test_editor_deploy_that_needs_a_restart_is_saved(tmp_path: Path, run_sluice: Any) -> None:
     port = free_port()
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(CONFIG.format(data=tmp_path / "data", port=port))
-    proc = sluice(cfg)
+    proc = run_sluice(cfg)
     c = Browserish(f"http://127.0.0.1:{port}")
     try:
         await _up(c, proc, tmp_path / "run0.log")
@@ -126,7 +94,7 @@ async def test_editor_deploy_that_needs_a_restart_is_saved(tmp_path: Path, sluic
     assert proc.wait(timeout=60) == 0, (tmp_path / "run0.log").read_text()
 
     # the next start reads the saved file: OpenSSL loads and the webhook runs
-    proc = sluice(cfg)
+    proc = run_sluice(cfg)
     c = Browserish(f"http://127.0.0.1:{port}")
     try:
         await _up(c, proc, tmp_path / "run1.log")
