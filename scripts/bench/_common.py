@@ -14,16 +14,21 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 __all__ = [
     "Mosquitto",
     "Server",
+    "at_rate",
+    "checkpoint_summary",
+    "checkpointed_source",
     "find_mosquitto",
     "free_port",
     "log",
@@ -32,6 +37,7 @@ __all__ = [
     "port_open",
     "source_cost",
     "stop_process",
+    "until",
     "wait_port",
 ]
 
@@ -222,3 +228,96 @@ console: {{enabled: false}}
     finally:
         gw.stop()
         await asyncio.wait_for(task, 30)
+
+
+# --- what a source's checkpoints hold, phase by phase --------------------------------------------
+
+
+async def until(condition: Callable[[], object], every: float = 0.01) -> None:
+    """Polls ``condition`` (the bench's own loop: polling costs the subject nothing)."""
+    while not condition():  # noqa: ASYNC110 -- polling costs the subject nothing
+        await asyncio.sleep(every)
+
+
+async def at_rate(rate: int, seconds: float, send: Callable[[int], Awaitable[None] | None]) -> None:
+    """Calls ``send(n)`` every 50 ms for ``seconds``, with n such that ``rate`` items a second go
+    out on average (it catches up after a slow call)."""
+    n = int(rate * 0.05)
+    sent = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        result = send(n)
+        if result is not None:
+            await result
+        sent += n
+        await asyncio.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+
+
+@dataclass
+class CheckpointSamples:
+    """What ``measure(pipeline)`` gave after each checkpoint, under the phase set at the time."""
+
+    src: Any
+    phase: str
+    samples: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def checkpointed_source(
+    source: str, workdir: Path, measure: Callable[[Any], Any], phase: str, connections: str = ""
+) -> AsyncIterator[CheckpointSamples]:
+    """A gateway in this process whose source node ``source`` (YAML flow mapping with ``id: src``)
+    feeds a 10 s tumbling window (a stateful node: the source acknowledges what it read only after
+    the checkpoint that holds it, about a second later) and a sink that does nothing. After every
+    checkpoint, ``measure(pipeline)`` is appended to ``samples[phase]``; set ``.phase`` to move on.
+    Yields once the source node exists."""
+    from gateway.config import parse_config
+    from gateway.runtime import Gateway
+
+    text = f"""\
+gateway: {{id: bench, data_dir: "{workdir}"}}
+{connections}pipelines:
+  - name: c
+    nodes:
+      - {source}
+      - {{id: w, type: window, input: src, kind: tumbling, size: 10s, aggregate: mean}}
+      - {{id: out, type: log, input: w, level: debug}}
+console: {{enabled: false}}
+"""
+    gw = Gateway(parse_config(text, "bench.yaml", {}))
+    task = asyncio.create_task(gw.run(install_signals=False))
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await until(lambda: gw.pipelines.get("c") is not None or task.done())
+        if task.done():
+            task.result()
+        pipeline = gw.pipelines["c"]
+        got = CheckpointSamples(pipeline.nodes[pipeline.index["src"]], phase)
+
+        async def watch() -> None:
+            seen = -1
+            while True:
+                if pipeline.checkpointer is not None and pipeline.checkpointer.checkpoints != seen:
+                    seen = pipeline.checkpointer.checkpoints
+                    got.samples.setdefault(got.phase, []).append(measure(pipeline))
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        yield got
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        gw.stop()
+        await asyncio.wait_for(task, 60)
+
+
+def checkpoint_summary(samples: list[tuple[int, ...]], columns: tuple[str, ...]) -> dict[str, Any]:
+    """How many checkpoints, and the median and largest of each column over those that held
+    anything (the first column is how many items a checkpoint held)."""
+    busy = [s for s in samples if s[0]] or [(0,) * len(columns)]
+    out: dict[str, Any] = {"checkpoints": len(samples)}
+    for i, name in enumerate(columns):
+        column = [s[i] for s in busy]
+        out[f"{name}_median"] = int(statistics.median(column))
+        out[f"{name}_max"] = max(column)
+    return out

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import base64
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from _common import Mosquitto, log  # noqa: E402
+from _common import Mosquitto, at_rate, checkpoint_summary, checkpointed_source, log, until  # noqa: E402
 
 
 def source_row(pipeline: Any) -> tuple[int, int]:
@@ -49,30 +48,11 @@ async def run(port: int, workdir: Path, rate: int, seconds: float, burst: int) -
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gateway.config import parse_config
-    from gateway.runtime import Gateway
-
-    text = f"""\
-gateway: {{id: bench, data_dir: "{workdir}"}}
-connections:
-  plant: {{type: mqtt, host: 127.0.0.1, port: {port}}}
-pipelines:
-  - name: c
-    nodes:
-      - {{id: src, type: mqtt, connection: plant, topic: "sensors/+", key: "topic[1]", qos: 1}}
-      - {{id: w, type: window, input: src, kind: tumbling, size: 10s, aggregate: mean}}
-      - {{id: out, type: log, input: w, level: debug}}
-console: {{enabled: false}}
-"""
     pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-publisher")
     pub.max_inflight_messages_set(1000)
     pub.max_queued_messages_set(0)
     pub.connect("127.0.0.1", port)
     pub.loop_start()
-    gw = Gateway(parse_config(text, "bench.yaml", {}))
-    task = asyncio.create_task(gw.run(install_signals=False))
-    samples: dict[str, list[tuple[int, int]]] = {"steady": [], "burst": []}
-    phase = "steady"
     sent = 0
 
     def publish(n: int) -> None:
@@ -81,61 +61,34 @@ console: {{enabled: false}}
             pub.publish(f"sensors/k{i % 100}", json.dumps({"value": i % 50, "ts": 1.7e9 + i / rate}), qos=1)
         sent += n
 
-    async def watch() -> None:
-        seen = -1
-        while True:
-            p = gw.pipelines.get("c")
-            if p is not None and p.checkpointer is not None and p.checkpointer.checkpoints != seen:
-                seen = p.checkpointer.checkpoints
-                samples[phase].append(source_row(p))
-            await asyncio.sleep(0.01)
-
-    watcher = asyncio.create_task(watch())
+    source = '{id: src, type: mqtt, connection: plant, topic: "sensors/+", key: "topic[1]", qos: 1}'
+    connections = f"connections:\n  plant: {{type: mqtt, host: 127.0.0.1, port: {port}}}\n"
     try:
-        while gw.pipelines.get("c") is None:  # noqa: ASYNC110 -- polling costs the subject nothing
-            await asyncio.sleep(0.01)
-        src = gw.pipelines["c"].nodes[gw.pipelines["c"].index["src"]]
-        while src.health().get("state") != "connected":  # noqa: ASYNC110 -- polling costs the subject nothing
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.5)  # subscribed
-        log(f"steady: {rate} readings/s for {seconds:g} s")
-        step = 0.05
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            publish(int(rate * step))
-            await asyncio.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
-        while src.n_in < sent:  # noqa: ASYNC110 -- polling costs the subject nothing
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(3)  # the last ones acknowledged and confirmed
-        phase = "burst"
-        log(f"burst: {burst} readings at once")
-        t1 = time.monotonic()
-        publish(burst)
-        while src.n_in < sent:  # noqa: ASYNC110 -- polling costs the subject nothing
-            await asyncio.sleep(0.01)
-        drain_s = time.monotonic() - t1
-        await asyncio.sleep(3)
+        async with checkpointed_source(source, workdir, source_row, "steady", connections) as got:
+            src = got.src
+            await until(lambda: src.health().get("state") == "connected")
+            await asyncio.sleep(0.5)  # subscribed
+            log(f"steady: {rate} readings/s for {seconds:g} s")
+            await at_rate(rate, seconds, publish)
+            await until(lambda: src.n_in >= sent)
+            await asyncio.sleep(3)  # the last ones acknowledged and confirmed
+            got.phase = "burst"
+            log(f"burst: {burst} readings at once")
+            t1 = time.monotonic()
+            publish(burst)
+            await until(lambda: src.n_in >= sent)
+            drain_s = time.monotonic() - t1
+            await asyncio.sleep(3)
     finally:
-        watcher.cancel()
-        gw.stop()
-        await asyncio.wait_for(task, 60)
         pub.loop_stop()
         pub.disconnect()
-    return {"samples": samples, "drain_s": drain_s}
+    return {"samples": got.samples, "drain_s": drain_s}
 
 
 def summary(samples: list[tuple[int, int]]) -> dict[str, Any]:
-    busy = [s for s in samples if s[0]] or [(0, 0)]
-    n = [s[0] for s in busy]
-    size = [s[1] for s in busy]
-    return {
-        "checkpoints": len(samples),
-        "held_median": int(statistics.median(n)),
-        "held_max": max(n),
-        "bytes_median": int(statistics.median(size)),
-        "bytes_max": max(size),
-        "bytes_per_message": round(sum(size) / max(1, sum(n)), 1),
-    }
+    out = checkpoint_summary(samples, ("held", "bytes"))
+    out["bytes_per_message"] = round(sum(s[1] for s in samples) / max(1, sum(s[0] for s in samples)), 1)
+    return out
 
 
 async def main() -> int:
@@ -153,7 +106,7 @@ async def main() -> int:
             got = await run(broker.port, Path(tmp) / "gw", a.rate, a.seconds, a.burst)
         finally:
             broker.stop()
-    steady, burst = summary(got["samples"]["steady"]), summary(got["samples"]["burst"])
+    steady, burst = summary(got["samples"].get("steady", [])), summary(got["samples"].get("burst", []))
     print()
     print(f"{'phase':<7} {'checkpoints':>11} {'held median':>11} {'held max':>8} {'bytes median':>12} "
           f"{'bytes max':>10} {'bytes/msg':>9}")  # fmt: skip

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import redis.asyncio as aioredis  # noqa: E402
-from _common import log  # noqa: E402
+from _common import at_rate, checkpoint_summary, checkpointed_source, log, until  # noqa: E402
 from redis_stream import Redis  # noqa: E402
 
 from nodes.redis_streams import unpack_ids  # noqa: E402
@@ -56,25 +55,8 @@ def source_rows(pipeline: Any) -> tuple[int, int, int]:
 
 
 async def run(url: str, workdir: Path, rate: int, seconds: float, backlog: int) -> dict[str, Any]:
-    from gateway.config import parse_config
-    from gateway.runtime import Gateway
-
-    text = f"""\
-gateway: {{id: bench, data_dir: "{workdir}"}}
-pipelines:
-  - name: c
-    nodes:
-      - {{id: src, type: redis, url: "{url}", stream: plant, group: g, start: earliest}}
-      - {{id: w, type: window, input: src, kind: tumbling, size: 10s, aggregate: mean}}
-      - {{id: out, type: log, input: w, level: debug}}
-console: {{enabled: false}}
-"""
     client = aioredis.from_url(url)
     await client.xgroup_create("plant", "g", id="0", mkstream=True)
-    gw = Gateway(parse_config(text, "bench.yaml", {}))
-    task = asyncio.create_task(gw.run(install_signals=False))
-    samples: dict[str, list[tuple[int, int, int]]] = {"steady": [], "backlog": []}
-    phase = "steady"
     written = 0
     rng = random.Random(1)
     last = [int(time.time() * 1000), 0]  # the last entry id written
@@ -93,60 +75,32 @@ console: {{enabled: false}}
         await pipe.execute()
         written += n
 
-    async def watch() -> None:
-        seen = -1
-        while True:
-            p = gw.pipelines.get("c")
-            if p is not None and p.checkpointer is not None and p.checkpointer.checkpoints != seen:
-                seen = p.checkpointer.checkpoints
-                samples[phase].append(source_rows(p))
-            await asyncio.sleep(0.01)
-
-    watcher = asyncio.create_task(watch())
+    source = f'{{id: src, type: redis, url: "{url}", stream: plant, group: g, start: earliest}}'
     try:
-        while gw.pipelines.get("c") is None:  # noqa: ASYNC110 -- polling costs the subject nothing
-            await asyncio.sleep(0.01)
-        src = gw.pipelines["c"].nodes[gw.pipelines["c"].index["src"]]
-        log(f"steady: {rate} entries/s for {seconds:g} s")
-        step = 0.05
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            await add(int(rate * step))
-            await asyncio.sleep(max(0.0, t0 + written / rate - time.monotonic()))
-        while src.health()["acked"] < written:  # noqa: ASYNC110 -- polling costs the subject nothing
-            await asyncio.sleep(0.01)
-        phase = "backlog"
-        log(f"backlog: {backlog} entries at once")
-        t1 = time.monotonic()
-        for _ in range(backlog // 10_000):
-            await add(10_000)
-        await add(backlog % 10_000)
-        while src.health()["acked"] < written:  # noqa: ASYNC110 -- polling costs the subject nothing
-            await asyncio.sleep(0.01)
-        drain_s = time.monotonic() - t1
+        async with checkpointed_source(source, workdir, source_rows, "steady") as got:
+            src = got.src
+            log(f"steady: {rate} entries/s for {seconds:g} s")
+            await at_rate(rate, seconds, add)
+            await until(lambda: src.health()["acked"] >= written)
+            got.phase = "backlog"
+            log(f"backlog: {backlog} entries at once")
+            t1 = time.monotonic()
+            for _ in range(backlog // 10_000):
+                await add(10_000)
+            await add(backlog % 10_000)
+            await until(lambda: src.health()["acked"] >= written)
+            drain_s = time.monotonic() - t1
     finally:
-        watcher.cancel()
-        gw.stop()
-        await asyncio.wait_for(task, 60)
         await client.aclose()
-    return {"samples": samples, "drain_s": drain_s}
+    return {"samples": got.samples, "drain_s": drain_s}
 
 
 def summary(samples: list[tuple[int, int, int]]) -> dict[str, Any]:
-    busy = [s for s in samples if s[0]] or [(0, 0, 0)]
-    ids = [s[0] for s in busy]
-    size = [s[1] for s in busy]
-    listed = [s[2] for s in busy]
-    return {
-        "checkpoints": len(samples),
-        "ids_median": int(statistics.median(ids)),
-        "ids_max": max(ids),
-        "bytes_median": int(statistics.median(size)),
-        "bytes_max": max(size),
-        "bytes_per_id": round(sum(size) / max(1, sum(ids)), 2),
-        "list_bytes_max": max(listed),
-        "list_bytes_per_id": round(sum(listed) / max(1, sum(ids)), 1),
-    }
+    out = checkpoint_summary(samples, ("ids", "bytes", "list_bytes"))
+    ids = max(1, sum(s[0] for s in samples))
+    out["bytes_per_id"] = round(sum(s[1] for s in samples) / ids, 2)
+    out["list_bytes_per_id"] = round(sum(s[2] for s in samples) / ids, 1)
+    return out
 
 
 async def main() -> int:
@@ -164,7 +118,7 @@ async def main() -> int:
             got = await run(server.url, Path(tmp) / "gw", a.rate, a.seconds, a.backlog)
         finally:
             server.stop()
-    steady, backlog = summary(got["samples"]["steady"]), summary(got["samples"]["backlog"])
+    steady, backlog = summary(got["samples"].get("steady", [])), summary(got["samples"].get("backlog", []))
     print()
     print(f"{'phase':<9} {'checkpoints':>11} {'ids median':>10} {'ids max':>8} {'bytes median':>12} "
           f"{'bytes max':>10} {'bytes/id':>8} {'as list: max':>12} {'bytes/id':>8}")  # fmt: skip
