@@ -22,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
+from tests._proxy import LineProxy, MqttFramer
 from tests._util import MosquittoBroker, MqttTestClient, wait_for
 from tests.gateway._harness import get, node, running_gateway
 
@@ -184,40 +185,7 @@ async def test_mqtt_311_delivery(tmp_path: Path, mosquitto_factory: Any) -> None
         consumer.stop()
 
 
-class _Framer:
-    """Splits one direction of an MQTT byte stream into packets; ``feed`` returns ``(offset,
-    first byte)`` of each packet that starts in the bytes given (offset 0 for one whose fixed
-    header began in earlier bytes)."""
-
-    def __init__(self) -> None:
-        self._left = 0  # bytes of the current packet still to come
-        self._header = bytearray()  # a fixed header split across reads
-        self._start = 0
-
-    def feed(self, data: bytes) -> list[tuple[int, int]]:
-        starts: list[tuple[int, int]] = []
-        i = 0
-        self._start = 0
-        while i < len(data):
-            if self._left:
-                step = min(self._left, len(data) - i)
-                self._left -= step
-                i += step
-                continue
-            if not self._header:
-                self._start = i
-            self._header.append(data[i])
-            i += 1
-            h = self._header
-            if len(h) >= 2 and not h[-1] & 0x80:  # the remaining length's last byte
-                length = sum((b & 0x7F) << (7 * n) for n, b in enumerate(h[1:]))
-                starts.append((self._start, h[0]))
-                self._left = length
-                self._header = bytearray()
-        return starts
-
-
-class CuttableLink:
+class CuttableLink(LineProxy):
     """A TCP proxy to the broker that can swallow what passes, both ways, and then cut the line:
     messages in flight at that moment never reach the broker, or their PUBACKs never come back.
 
@@ -229,80 +197,38 @@ class CuttableLink:
     so :attr:`unacknowledged` is how many of the gateway's PUBLISHes wait for one."""
 
     def __init__(self, target_port: int):
-        self.target_port = target_port
+        super().__init__(target_port)
         self.swallow = False
         # swallow from the PUBLISH after this many went through, even mid-read (None: only when told)
         self.swallow_after: int | None = None
         self.forwarded_publishes = 0
         self.swallowed_publishes = 0
         self.pubacks = 0  # PUBACKs that reached the gateway
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
 
     @property
     def unacknowledged(self) -> int:
         return self.forwarded_publishes + self.swallowed_publishes - self.pubacks
 
-    async def start(self) -> CuttableLink:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _accept(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            w.close()
-            return
-        self._writers += [w, uw]
-        for src, dst, upstream in ((r, uw, True), (ur, w, False)):
-            t = asyncio.create_task(self._pipe(src, dst, _Framer(), upstream))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
-
-    async def _pipe(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, framer: _Framer, upstream: bool
-    ) -> None:
-        try:
-            while data := await src.read(65536):
-                keep = 0 if self.swallow else len(data)  # bytes of this read that go through
-                for offset, first_byte in framer.feed(data):
-                    kind = first_byte >> 4
-                    if upstream and kind == 3:  # a PUBLISH from the gateway
-                        if not self.swallow and self.forwarded_publishes == self.swallow_after:
-                            self.swallow = True
-                            keep = offset  # the packets before this one still go through
-                        if self.swallow:
-                            self.swallowed_publishes += 1
-                        else:
-                            self.forwarded_publishes += 1
-                    elif not upstream and kind == 4 and keep:  # a PUBACK that reaches the gateway
-                        self.pubacks += 1
-                if keep:
-                    dst.write(data[:keep])
-                    await dst.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            dst.transport.abort()
+    def passes(self, data: bytes, upstream: bool, framer: MqttFramer) -> int:
+        keep = 0 if self.swallow else len(data)  # bytes of this read that go through
+        for offset, first_byte in framer.feed(data):
+            kind = first_byte >> 4
+            if upstream and kind == 3:  # a PUBLISH from the gateway
+                if not self.swallow and self.forwarded_publishes == self.swallow_after:
+                    self.swallow = True
+                    keep = offset  # the packets before this one still go through
+                if self.swallow:
+                    self.swallowed_publishes += 1
+                else:
+                    self.forwarded_publishes += 1
+            elif not upstream and kind == 4 and keep:  # a PUBACK that reaches the gateway
+                self.pubacks += 1
+        return keep
 
     def cut(self) -> None:
-        for w in self._writers:
-            w.transport.abort()
-        self._writers.clear()
+        super().cut()
         self.swallow = False
         self.swallow_after = None
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 @pytest.mark.parametrize("swallow_after", [250, 1250])

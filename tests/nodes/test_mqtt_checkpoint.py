@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests._proxy import LineProxy, MqttFramer
 from tests._util import MosquittoBroker, free_port, mqtt_client, wait_for
 from tests.gateway._harness import NO_AUTH, node, running_gateway
 from tests.nodes._checkpoint import saved_watermark
@@ -26,64 +27,21 @@ from tests.nodes._checkpoint import saved_watermark
 T0 = 1_700_000_000.0  # readings i at T0 + i/10, keys k0..k2: whole 10 s windows of 100 readings
 
 
-class HeldLine:
+class HeldLine(LineProxy):
     """A TCP proxy to the broker whose gateway-to-broker direction can be held: what the gateway
     writes (its PUBACKs) is swallowed while the broker's messages still come through — the state
     of a gateway killed after its checkpoint, before its PUBACKs reached the broker."""
 
     def __init__(self, target_port: int):
-        self.target_port = target_port
+        super().__init__(target_port)
         self.hold = False
         self.held_bytes = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> HeldLine:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _accept(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            w.close()
-            return
-        self._writers += [w, uw]
-        for src, dst, up in ((r, uw, True), (ur, w, False)):
-            t = asyncio.create_task(self._pipe(src, dst, up))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
-        try:
-            while data := await src.read(65536):
-                if up and self.hold:
-                    self.held_bytes += len(data)
-                    continue
-                dst.write(data)
-                await dst.drain()
-        except OSError:
-            pass
-        finally:
-            dst.transport.abort()
-
-    def cut(self) -> None:
-        """Drop every connection through the line (the gateway reconnects)."""
-        for w in self._writers:
-            w.transport.abort()
-        self._writers.clear()
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    def passes(self, data: bytes, upstream: bool, framer: MqttFramer) -> int:
+        if upstream and self.hold:
+            self.held_bytes += len(data)
+            return 0
+        return len(data)
 
 
 def crc_zero_payload(topic: str, value: int, ts: float) -> bytes:
