@@ -10,6 +10,7 @@ a restart and reconnects in the middle of the drain lose, repeat or reorder noth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,33 @@ def consumer(mosquitto_factory: Any) -> Iterator[tuple[MosquittoBroker, _Consume
         c.client.disconnect()
 
 
+@contextlib.asynccontextmanager
+async def _outbox_to(
+    broker: MosquittoBroker, path: Path, config: OutboxConfig, *also: Coroutine[Any, Any, None]
+) -> AsyncIterator[tuple[Outbox, MqttLink]]:
+    """An outbox on ``path`` sending to ``broker`` through a real MQTT link, running (with ``also``)
+    until the block ends."""
+    link = MqttLink("plant", MqttConnection(type="mqtt", host="127.0.0.1", port=broker.port, status=False), "gw")
+    ob = Outbox(path, "gw1", {"plant": link}, config)
+    await ob.open()
+    tasks = [asyncio.create_task(link.run()), asyncio.create_task(ob.run())]
+    tasks += [asyncio.create_task(c) for c in also]
+    try:
+        yield ob, link
+    finally:
+        await ob.close()
+        await link.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _delivered(ob: Outbox, sub: _Consumer, n: int) -> None:
+    """Until the outbox is empty and the consumer has ``n`` distinct seqs."""
+    await wait_for(lambda: ob.count == 0, timeout=60)
+    await wait_for(lambda: len({m["seq"] for m, _ in sub.got()}) >= n, timeout=30)
+
+
 async def test_a_kill_while_queueing_then_reconnects_mid_drain_keep_each_key_in_order(
     tmp_path: Path, consumer: tuple[MosquittoBroker, _Consumer]
 ) -> None:
@@ -206,34 +234,27 @@ async def test_a_kill_while_queueing_then_reconnects_mid_drain_keep_each_key_in_
     queued = _waiting(path)
     assert queued == 3500
 
-    link = MqttLink("plant", MqttConnection(type="mqtt", host="127.0.0.1", port=broker.port, status=False), "gw")
-    ob = Outbox(path, "gw1", {"plant": link}, OutboxConfig(inflight=20))
-    await ob.open()
-    assert ob.count == queued  # the count kept in the file, exact after the kill
-    tasks = [asyncio.create_task(link.run()), asyncio.create_task(ob.run())]
-    n = ob.last_id
-    try:
+    async with _outbox_to(broker, path, OutboxConfig(inflight=20)) as (ob, link):
+        assert ob.count == queued  # the count kept in the file, exact after the kill
+        n = ob.last_id
+
+        async def put_live() -> None:  # 40 messages of the same keys as the backlog
+            nonlocal n
+            await ob.put([("plant", TOPIC, {"key": f"k{j % 13}", "n": j}, f"k{j % 13}") for j in range(n, n + 40)])
+            n += 40
+
         broker.start()
         # live messages of the same keys take turns with the backlog, which the first pass sends
         # past the summary saved before the kill (3000) and a drop ends near its end (3325)
         for drop, at in enumerate((3325, 3400, 3450)):
             await wait_for(lambda d=drop: ob.published >= 1 + d * 80)
-            await ob.put([("plant", TOPIC, {"key": f"k{j % 13}", "n": j}, f"k{j % 13}") for j in range(n, n + 40)])
-            n += 40
+            await put_live()
             await wait_for(lambda a=at: ob.published >= a)
             broker.stop()  # in the middle of the drain
             await wait_for(lambda: not link.connected)
-            await ob.put([("plant", TOPIC, {"key": f"k{j % 13}", "n": j}, f"k{j % 13}") for j in range(n, n + 40)])
-            n += 40
+            await put_live()
             broker.start()
-        await wait_for(lambda: ob.count == 0, timeout=60)
-        await wait_for(lambda: len({m["seq"] for m, _ in sub.got()}) >= n, timeout=30)
-    finally:
-        await ob.close()
-        await link.close()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _delivered(ob, sub, n)
     first: dict[int, dict[str, Any]] = {}
     per_key: dict[str, list[int]] = {}
     for m, dup in sub.got():
@@ -294,10 +315,6 @@ async def test_past_the_quota_the_oldest_go_and_the_file_and_wal_stay_within_it(
     broker, sub = consumer
     path = tmp_path / "outbox.db"
     quota = 10_000_000
-    link = MqttLink("plant", MqttConnection(type="mqtt", host="127.0.0.1", port=broker.port, status=False), "gw")
-    ob = Outbox(path, "gw1", {"plant": link}, OutboxConfig(max_bytes=quota))
-    await ob.open()
-    tasks = [asyncio.create_task(link.run()), asyncio.create_task(ob.run())]
     pad = "x" * 600
     peak = 0
 
@@ -307,8 +324,7 @@ async def test_past_the_quota_the_oldest_go_and_the_file_and_wal_stay_within_it(
             peak = max(peak, _on_disk(path))
             await asyncio.sleep(0.002)
 
-    tasks.append(asyncio.create_task(sample()))
-    try:
+    async with _outbox_to(broker, path, OutboxConfig(max_bytes=quota), sample()) as (ob, _):
         for at in range(0, 30_000, 250):  # about 22 MB of messages and result ids
             await ob.put(
                 [
@@ -334,14 +350,7 @@ async def test_past_the_quota_the_oldest_go_and_the_file_and_wal_stay_within_it(
         assert ob.problems()  # nearly full, on /healthz
         kept = ob.count
         broker.start()
-        await wait_for(lambda: ob.count == 0, timeout=60)
-        await wait_for(lambda: len({m["seq"] for m, _ in sub.got()}) >= kept, timeout=30)
-    finally:
-        await ob.close()
-        await link.close()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _delivered(ob, sub, kept)
     assert {m["seq"] for m, _ in sub.got()} == set(range(30_000 - kept + 1, 30_001))
     # the count of what was dropped survives a restart
     ob2 = Outbox(path, "gw1", {"plant": FakeLink()}, OutboxConfig(max_bytes=quota))
