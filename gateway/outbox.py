@@ -211,7 +211,11 @@ class OutboxStore(Protocol):
         """(rows, bytes) as stored."""
         ...
 
-    def by_connection(self) -> dict[str, int]: ...
+    def waiting_keys(self, connections: set[str]) -> dict[str, int]:
+        """For each of ``connections`` that has any: how many of its ordering keys still have their
+        newest row in the file. Read from the key summary, one look-up by id per key: the work
+        grows with the keys, not with the backlog."""
+        ...
 
     def close(self) -> None: ...
 
@@ -653,9 +657,21 @@ class SqliteOutboxStore:
         count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
         return int(count), int(size)
 
-    def by_connection(self) -> dict[str, int]:
-        assert self._db is not None
-        return dict(self._db.execute("SELECT connection, COUNT(*) FROM outbox GROUP BY connection").fetchall())
+    def waiting_keys(self, connections: set[str]) -> dict[str, int]:
+        # A row older than its key's newest can still be in the file with the newest gone (several
+        # in flight, the newest acknowledged, the line lost): such a key is not counted here.
+        db = self._db
+        assert db is not None
+        lasts = [(last, c) for (c, _), last in self._keys.items() if c in connections]
+        found: dict[str, int] = {}
+        for at in range(0, len(lasts), 500):
+            chunk = lasts[at : at + 500]
+            marks = ",".join("?" * len(chunk))
+            present = {r[0] for r in db.execute(f"SELECT id FROM outbox WHERE id IN ({marks})", [i for i, _ in chunk])}
+            for last, c in chunk:
+                if last in present:
+                    found[c] = found.get(c, 0) + 1
+        return found
 
     def close(self) -> None:
         if self._db is not None:
@@ -841,6 +857,7 @@ class Outbox:
         self._sizes: dict[int, int] = {}
         self._new: dict[str, asyncio.Event] = {}
         self._restart: set[str] = set()  # connections whose in-flight messages were lost
+        self._backlog_sent: set[str] = set()  # connections whose sender's pass handed out its whole backlog
         self._live: dict[str, deque[Row]] = {}  # rows just committed, so sending need not read them back
         self._live_gap: dict[str, int] = {}  # ...complete only for ids above this (default: startup_max)
         self._topics_ok: set[tuple[str, str]] = set()  # (connection, topic) its link takes, as checked
@@ -876,19 +893,18 @@ class Outbox:
                 self.count,
                 self.bytes,
             )
-            # the summary names the connections with rows (maybe a few more): counting the rows of
-            # one reads the whole backlog, so only for a connection the config no longer has
+            # the summary names the connections with rows (maybe a few more), and for each of its
+            # keys the newest row: counting a connection's rows would read the whole backlog
             gone = {c for c in await self._run(self.store.connections) if c not in self.links and not _sinks_link(c)}
-            owed = await self._run(self.store.by_connection) if gone else {}
-            for conn, n in owed.items():
-                if conn in gone:
-                    log.warning(
-                        "outbox %s: %d messages for connection %r, which the config no longer has; "
-                        "they wait (and count against the quota) until it is back",
-                        self.path,
-                        n,
-                        conn,
-                    )
+            owed = await self._run(self.store.waiting_keys, gone) if gone else {}
+            for conn, keys in sorted(owed.items()):
+                log.warning(
+                    "outbox %s: messages for connection %r (%d ordering keys), which the config no "
+                    "longer has; they wait (and count against the quota) until it is back",
+                    self.path,
+                    conn,
+                    keys,
+                )
 
     # how long after start the sinks have to take up the webhooks the outbox still owes messages to
     UNCLAIMED_AFTER = 30.0
@@ -909,20 +925,18 @@ class Outbox:
         webhook the config no longer has can only be told apart a while after start."""
         await asyncio.sleep(self.UNCLAIMED_AFTER)
         try:
-            maybe = await self._run(self.store.connections)
-            owed = {}
-            if any(_sinks_link(c) and c not in self._extra for c in maybe):
-                owed = await self._run(self.store.by_connection)
+            unclaimed = {c for c in await self._run(self.store.connections) if _sinks_link(c) and c not in self._extra}
+            owed = await self._run(self.store.waiting_keys, unclaimed) if unclaimed else {}
         except sqlite3.Error:
             return  # the sender reports an unreadable outbox
-        for conn, n in sorted(owed.items()):
-            if _sinks_link(conn) and conn not in self._extra:
+        for conn, keys in sorted(owed.items()):
+            if conn not in self._extra:  # not taken up meanwhile
                 log.warning(
-                    "outbox %s: %d messages for %s, which no sink in the config has; they wait (and "
-                    "count against the quota) until a sink of that kind, pipeline and id is back",
+                    "outbox %s: messages for %s (%d ordering keys), which no sink in the config has; they "
+                    "wait (and count against the quota) until a sink of that kind, pipeline and id is back",
                     self.path,
-                    n,
                     conn,
+                    keys,
                 )
 
     def _start_sender(self, name: str) -> None:
@@ -970,12 +984,25 @@ class Outbox:
         if not idle or not self._opened:
             return []
         await self._flush_deletes()  # what was acknowledged is not owed any more
-        # counting what each is owed reads the whole backlog: only if the summary says it may be owed
+        # Counting a connection's rows would read the whole backlog. A link is owed nothing when
+        # the summary names no key of it, or when its sender handed out the whole backlog in its
+        # current pass, nothing is in flight or lost, and no key's newest row is left: a key's rows
+        # go out in id order, so one left behind would keep its key's newest in the file too.
         maybe = await self._run(self.store.connections)
-        owed = await self._run(self.store.by_connection) if maybe.intersection(idle) else {}
+        owed = set(maybe.intersection(idle))
+        if owed:
+            keys = await self._run(self.store.waiting_keys, owed)
+            owed = {
+                n
+                for n in owed
+                if keys.get(n)
+                or n not in self._backlog_sent
+                or n in self._restart
+                or getattr(self._extra[n], "in_flight", 0)
+            }
         retired = []
         for name in idle:
-            if owed.get(name) or self._refs.get(name, 0) > 0:  # owed, or a sink took it up meanwhile
+            if name in owed or self._refs.get(name, 0) > 0:  # owed, or a sink took it up meanwhile
                 continue
             for t in self._link_tasks.pop(name, []):
                 t.cancel()
@@ -984,6 +1011,7 @@ class Outbox:
             for d in (self._new, self._live, self._live_gap):
                 d.pop(name, None)
             self._restart.discard(name)
+            self._backlog_sent.discard(name)
             await link.close()
             retired.append(name)
         if retired:
@@ -1267,6 +1295,10 @@ class Outbox:
         if backlog_last and self.count:
             log.info("outbox: %s connected; sending %d waiting messages", conn, self.count)
         order = SendOrder(backlog_last)
+        if order.backlog_done:
+            self._backlog_sent.add(conn)
+        else:
+            self._backlog_sent.discard(conn)
         b_cursor, l_cursor = 0, mark
         batch = _READ_BATCH
 
@@ -1296,6 +1328,7 @@ class Outbox:
                     ahead = self._exec.submit(self.store.load, conn, b_cursor, mark, batch)
                 else:
                     order.finish_backlog()
+                    self._backlog_sent.add(conn)
                 continue
             if not order.live and not order.ready and self.last_id > l_cursor and order.n_deferred < _DEFER_MAX:
                 new.clear()

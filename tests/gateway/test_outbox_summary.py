@@ -32,7 +32,7 @@ from gateway.config import MqttConnection
 from gateway.mqtt import MqttLink
 from gateway.outbox import SCHEMA, Outbox, OutboxConfig, SqliteOutboxStore
 from tests._util import MosquittoBroker, MqttTestClient, wait_for
-from tests.gateway.test_outbox import FakeLink
+from tests.gateway.test_outbox import FakeLink, SinkLink
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPIC = "sluice/gw1/alerts/plant"
@@ -359,3 +359,74 @@ async def test_past_the_quota_the_oldest_go_and_the_file_and_wal_stay_within_it(
         assert ob2.dropped == 30_000 - kept and ob2.count == 0
     finally:
         await ob2.close()
+
+
+# --- after a reload, and 30 s after a start: what sinks' links are owed ---------------------------
+
+
+def _owed_work(
+    path: Path, queued: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> tuple[list[int], list[str], str]:
+    """A backlog of ``queued`` rows for the broker connection (down all along) after rows owed to a
+    broker connection and a webhook the config no longer has; then the SQLite steps of a start (it
+    names the dropped connection), of closing a webhook link that delivered everything and whose
+    sink went, and of the check for messages owed to sinks no pipeline has. Returns the steps,
+    the links closed and the log."""
+    store = SqliteOutboxStore(path, synchronous="OFF")
+    store.open()
+    gone = [("gone", TOPIC, "g", b"{}", False, 42)] * 2 + [
+        ("webhook:p/gone", "t", f"w{i}", b"{}", False, 42) for i in range(3)
+    ]
+    store.append(gone, [], 1 << 40, None)
+    for at in range(0, queued, 500):
+        store.append(_rows(at, min(500, queued - at)), [], 1 << 40, None)
+    store.close()
+    steps = _Steps(monkeypatch)
+    monkeypatch.setattr(Outbox, "UNCLAIMED_AFTER", 3600.0)  # run by hand below
+
+    async def run() -> tuple[list[int], list[str]]:
+        ob = Outbox(path, "gw1", {"plant": FakeLink()}, OutboxConfig(max_bytes=1 << 40))  # never connects
+        work = [steps.n]
+        await ob.open()
+        work.append(steps.n)
+        task = asyncio.create_task(ob.run())
+        try:
+            hook = SinkLink()
+            hook.up()
+            ob.register_link("webhook:p/hook", hook)
+            await ob.put([("webhook:p/hook", "t", {"v": i}, f"h{i % 2}") for i in range(4)])
+            await wait_for(lambda: len(hook.sent) == 4 and ob.count == queued + 5)
+            ob.release_link("webhook:p/hook")  # its sink stopped (a reload took it out)
+            work.append(steps.n)
+            closed = await ob.retire_idle_links()
+            work.append(steps.n)
+            ob.UNCLAIMED_AFTER = 0.0
+            await ob._warn_unclaimed()
+            work.append(steps.n)
+        finally:
+            await ob.close()
+            await asyncio.gather(task, return_exceptions=True)
+        return [work[1] - work[0], work[3] - work[2], work[4] - work[3]], closed
+
+    caplog.clear()
+    work, closed = asyncio.run(run())
+    return work, closed, caplog.text
+
+
+def test_what_sinks_links_are_owed_is_read_from_the_summary_at_any_backlog_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(gateway.outbox, "_KEYS_SAVE_EVERY", 1000)
+    caplog.set_level("INFO", logger="gateway.outbox")
+    small, closed_small, said_small = _owed_work(tmp_path / "small.db", 3_000, monkeypatch, caplog)
+    big, closed_big, said_big = _owed_work(tmp_path / "big.db", 30_000, monkeypatch, caplog)
+    # Counting each connection's rows read the whole backlog: ten times the backlog was ten times
+    # the work of each (36,000 SQLite steps each at 3,000 rows; a start's own reads are held by
+    # the test above).
+    assert big[0] < 2 * small[0] + 2000, (small, big)
+    assert big[1] <= small[1] + 200 and big[2] <= small[2] + 200, (small, big)
+    for closed, said in ((closed_small, said_small), (closed_big, said_big)):
+        assert closed == ["webhook:p/hook"]
+        assert "messages for connection 'gone' (1 ordering keys), which the config no longer has" in said, said
+        assert "messages for webhook:p/gone (3 ordering keys), which no sink in the config has" in said, said
+        assert "messages for webhook:p/hook" not in said, said
