@@ -86,7 +86,8 @@ def _part_index(part: str) -> re.Pattern[str]:
 def key_function(spec: str, part: str = "topic", sep: str = "/") -> Callable[[str, Any], str]:
     """The event key of a message on stream ``name`` with ``payload``, per a ``key`` option:
     ``part`` (the whole name), ``part[N]`` (its N-th ``sep``-separated part) or a CEL expression
-    over ``topic`` (the name's parts) and ``payload``."""
+    over ``topic`` (the name's ``sep``-separated parts, as ``part[N]`` takes them) and ``payload``.
+    Only ``sep`` separates: a Redis stream ``site/a:temp`` has the parts ``site/a`` and ``temp``."""
     if spec == part:
         return lambda name, payload: name
     m = _part_index(part).match(spec)
@@ -107,18 +108,11 @@ def key_function(spec: str, part: str = "topic", sep: str = "/") -> Callable[[st
         by_part.seen = seen  # type: ignore[attr-defined]  # for a batch's loop to look up itself
         return by_part
     expr = Expression(spec, ("topic", "payload"))
-    if sep == "/":
 
-        def by_expr(name: str, payload: Any) -> str:
-            return str(expr({"topic": name.split("/"), "payload": payload}))
+    def by_expr(name: str, payload: Any) -> str:
+        return str(expr({"topic": name.split(sep), "payload": payload}))
 
-        return by_expr
-
-    def by_expr_sep(name: str, payload: Any) -> str:
-        # a name's parts in the expression: split at `sep` and at "/" alike
-        return str(expr({"topic": name.replace(sep, "/").split("/"), "payload": payload}))
-
-    return by_expr_sep
+    return by_expr
 
 
 def check_key(spec: str, part: str = "topic", fixed: tuple[str, ...] = ()) -> list[tuple[str, str]]:

@@ -217,7 +217,8 @@ class RedisSourceOptions(ConsumerOptions, RedisReadOptions):
     key: str = Field(
         "auto",
         description="Event key: `auto` (the payload's `key` field, else the stream name), `stream`, `stream[N]` "
-        "(a :-separated part) or a CEL expression over `topic` (the stream name's parts) and `payload`.",
+        "(a :-separated part) or a CEL expression over `topic` (the stream name's :-separated parts; a / is "
+        "part of a part) and `payload`.",
     )
     batch: int = Field(500, ge=1, le=100_000, description="Entries read per call (largest micro-batch).")
     idle_timeout: Duration | None = Field(

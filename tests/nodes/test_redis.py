@@ -195,6 +195,18 @@ async def test_redis_source_decodes_acks_and_dead_letters(tmp_path: Path, redis_
     assert await pending(redis_server.url, "plant", "g1") == 0
 
 
+async def test_a_cel_key_takes_the_stream_name_apart_at_colons_only(tmp_path: Path, redis_server: RedisServer) -> None:
+    """`topic` in a CEL key holds the stream name's :-separated parts, as `stream[N]` takes them: a
+    / is an ordinary character of a Redis key (it was split at too, so `topic[1]` was "north")."""
+    stream = "site/north:boiler:temp"
+    await xadd_all(redis_server.url, stream, [{"data": json.dumps({"value": i})} for i in range(3)])
+    key = """, key: 'topic[1] + "@" + topic[0] + "#" + string(size(topic))'"""
+    copy = Reader(redis_server.url, "copy")
+    async with running_gateway(source_config(tmp_path, redis_server.url, stream=stream, extra=key)):
+        await read_until(copy, lambda: len(copy.entries) == 3)
+    assert {json.loads(e["data"])["key"] for e in copy.entries} == {"boiler@site/north#3"}
+
+
 async def test_redis_source_claims_a_dead_consumers_entries(tmp_path: Path, redis_server: RedisServer) -> None:
     url = redis_server.url
     client = aioredis.from_url(url)
