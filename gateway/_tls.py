@@ -1,18 +1,22 @@
-"""OpenSSL only for a gateway whose config uses TLS, when asked: ``SLUICE_TLS=auto``.
+"""OpenSSL in ``sluice run``: loaded at its first import by default, kept out with ``SLUICE_TLS=auto``.
 
 Python's ``ssl`` and ``_hashlib`` modules map OpenSSL (libssl and libcrypto) into the process,
-and asyncio imports ``ssl`` when it is imported itself: about 5 MiB of resident memory that a
-gateway talking plain MQTT on its own network never uses. With ``SLUICE_TLS=auto`` in its
-environment, ``sluice run`` reads its config file before anything imports asyncio; when nothing in
-it (or in the environment variables it names) could ask for TLS, it stops ``ssl``, ``_ssl`` and
-``_hashlib`` from loading for the life of the process. asyncio, ``hashlib`` and ``hmac`` are
-written for a Python without OpenSSL and work on (``hashlib`` with Python's own SHA-2 and BLAKE2);
-a request for TLS anyway gets an ImportError that says why.
+and asyncio imports ``ssl`` when it is imported itself: about 4.5 MiB of resident memory that a
+gateway talking plain MQTT on its own network never uses. ``sluice run`` reads its config file
+before anything imports asyncio. When nothing in it (or in the environment variables it names)
+could ask for TLS:
 
-It is not the default: such a process cannot offer what needs OpenSSL until it restarts — the
-node types whose libraries import ``ssl`` (Kafka, Redis, Modbus, serial, WebSocket, plug-ins) are
-missing from the editor's palette, ``/metrics`` (prometheus_client imports ``ssl``) answers 503,
-and a live reload that adds TLS asks for a restart. It suits an appliance whose config is fixed.
+- by default (:func:`deferred_openssl`), asyncio, pydantic and the runtime are imported as on a
+  Python without OpenSSL, and nothing is taken away: the first ``import ssl`` later (a node or
+  connection added by a reload, the console's web stack, ``/metrics``) loads it and hands it to
+  asyncio, and ``hashlib``/``hmac`` imported after start-up use it as usual;
+- with ``SLUICE_TLS=auto`` (:func:`keep_out_unless_needed`), ``ssl``, ``_ssl`` and ``_hashlib``
+  are refused for the life of the process: asyncio, ``hashlib`` and ``hmac`` work on (``hashlib``
+  with Python's own SHA-2 and BLAKE2); a request for TLS gets an ImportError that says why, the
+  node types whose libraries import ``ssl`` (Kafka, Redis, Modbus, serial, WebSocket, plug-ins)
+  are missing from the editor's palette, ``/metrics`` answers 503, and a live reload that adds TLS
+  asks for a restart. Even the console's web stack then loads without OpenSSL;
+- with ``SLUICE_TLS=1`` it loads at start, as in any Python program.
 
 The test is on the text, before validation, so it errs on the side of loading: any mention of
 ``tls``, ``ssl``, ``https``, ``wss``, ``mqtts``, ``rediss``, ``sasl``, ``cert``, ``ca_file`` or
@@ -24,14 +28,25 @@ built-in node, connection and LLM provider types known to import without OpenSSL
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 from typing import Any
 
-__all__ = ["blocked", "config_may_use_tls", "keep_out_unless_needed", "nodes_may_use_tls", "refused"]
+__all__ = [
+    "blocked",
+    "config_may_use_tls",
+    "deferred",
+    "deferred_openssl",
+    "keep_out_unless_needed",
+    "nodes_may_use_tls",
+    "refused",
+]
 
 # OpenSSL's Python modules: ssl needs _ssl (libssl + libcrypto); hashlib and hmac use _hashlib
 # (libcrypto) when it is there and Python's own digests when it is not.
@@ -140,3 +155,109 @@ def keep_out_unless_needed(config_text: str, environ: Mapping[str, str] | None =
     _finder = _KeepOut()
     sys.meta_path.insert(0, _finder)
     return True
+
+
+# --- the default: OpenSSL loaded when first imported, not at start ---------------------------
+
+# asyncio's modules that import ``ssl`` in a ``try`` and run on ``ssl = None`` without it (the same
+# in CPython 3.11 to 3.13); sslproto also derives ``SSLAgainErrors`` from it at import.
+_ASYNCIO_SSL = ("asyncio.base_events", "asyncio.selector_events", "asyncio.sslproto")
+# the modules that take Python's own digests when ``_hashlib`` is missing, and the name they keep it under
+_HASH_USERS = (("hashlib", "_hashlib"), ("hmac", "_hashopenssl"))
+
+_deferred = False
+
+
+def deferred() -> bool:
+    """True when asyncio was imported without ``ssl`` and gets it at its first import."""
+    return _deferred
+
+
+def _hand_to_asyncio(ssl: ModuleType) -> None:
+    """Give asyncio's modules the ``ssl`` module they were imported without."""
+    for name in _ASYNCIO_SSL:
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "ssl", False) is None:
+            mod.ssl = ssl  # type: ignore[attr-defined]
+    sslproto = sys.modules.get("asyncio.sslproto")
+    if sslproto is not None and not hasattr(sslproto, "SSLAgainErrors"):
+        sslproto.SSLAgainErrors = (ssl.SSLWantReadError, ssl.SSLSyscallError)  # type: ignore[attr-defined]
+
+
+class _ThenAsyncio:
+    """``ssl``'s own loader, which then hands the module to asyncio (:func:`_hand_to_asyncio`)."""
+
+    def __init__(self, loader: Any):
+        self._loader = loader
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)  # type: ignore[no-any-return]
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _hand_to_asyncio(module)
+
+
+class _WhenImported:
+    """Finds ``ssl`` as the other finders do, with a loader that also hands it to asyncio."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> ModuleSpec | None:
+        if fullname != "ssl":
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        from importlib.util import find_spec
+
+        spec = find_spec("ssl")
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenAsyncio(spec.loader)  # type: ignore[assignment]
+        return spec
+
+
+@contextlib.contextmanager
+def deferred_openssl(config_text: str, environ: Mapping[str, str] | None = None) -> Iterator[bool]:
+    """Without ``SLUICE_TLS``, what is imported inside takes no OpenSSL, when the config may not
+    use TLS; yields True if so. Enter before anything imports asyncio.
+
+    asyncio imports ``ssl`` as it is imported itself, and pydantic imports ``secrets``, which
+    imports ``hmac`` and ``hashlib``, which load ``_hashlib``: together libssl and libcrypto,
+    about 4.5 MiB resident in a gateway on plain MQTT that never calls them. Inside, ``ssl`` and
+    ``_hashlib`` import as on a Python without OpenSSL, and so asyncio runs on ``ssl = None`` and
+    ``hashlib``/``hmac`` on Python's own digests. On the way out nothing stays changed: the first
+    ``import ssl`` anywhere later (a TLS connection added by a reload, the console's web stack,
+    ``/metrics``, a Kafka node) loads OpenSSL as usual and hands it to asyncio's modules, which
+    then make TLS connections as ever; ``hashlib`` and ``hmac`` are dropped from ``sys.modules``,
+    so the next import of either loads them with OpenSSL (what was imported inside keeps its
+    copies: ``secrets.compare_digest``). ``SLUICE_TLS=1`` loads OpenSSL at start,
+    ``SLUICE_TLS=auto`` keeps it out (:func:`keep_out_unless_needed`)."""
+    global _deferred
+    env = os.environ if environ is None else environ
+    if (
+        _finder is not None
+        or env.get(ENV_VAR, "").strip()
+        or config_may_use_tls(config_text, env)
+        or any(name in sys.modules for name in ("asyncio", "ssl", "_ssl", "_hashlib", "hashlib", "hmac"))
+    ):
+        yield False
+        return
+    sys.modules["ssl"] = sys.modules["_hashlib"] = None  # type: ignore[assignment]  # `try: import ssl` …
+    try:
+        yield True
+    finally:
+        for name in ("ssl", "_hashlib"):
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+        for name, attr in _HASH_USERS:
+            if name in sys.modules and getattr(sys.modules[name], attr, False) is None:
+                del sys.modules[name]
+        without = [name for name in _ASYNCIO_SSL if getattr(sys.modules.get(name), "ssl", False) is None]
+        if without == list(_ASYNCIO_SSL):
+            _deferred = True
+            sys.meta_path.insert(0, _WhenImported())
+        elif without:  # an asyncio of another shape: load it now, as without this
+            import ssl
+
+            _hand_to_asyncio(ssl)

@@ -41,30 +41,34 @@ def load_config(path: str | Path) -> LoadedConfig:
 
 
 def cmd_run(args: argparse.Namespace | SimpleNamespace) -> int:
+    import contextlib
+
+    from ._tls import deferred_openssl, keep_out_unless_needed
+
     path = Path(args.config) if args.config else DEMO_CONFIG
     try:
-        text = path.read_text(encoding="utf-8")
+        text: str | None = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        pass  # load_config says what is wrong with the file
+        text = None  # load_config says what is wrong with the file
     else:
-        from ._tls import keep_out_unless_needed
-
         keep_out_unless_needed(text)
-    import asyncio
+    # OpenSSL is decided before asyncio is imported (gateway._tls)
+    with contextlib.nullcontext() if text is None else deferred_openssl(text):
+        import asyncio
 
-    from ._log import setup_logging
+        from ._log import setup_logging
 
-    try:
-        loaded = load_config(path)
-    except ConfigError as err:
-        _print_issues(err)
-        return 1
-    setup_logging(
-        args.log_level or loaded.config.gateway.log_level, args.log_format or loaded.config.gateway.log_format
-    )
-    if not args.config:
-        log.info("no config given: running the demo (%s)", path)
-    from .runtime import Gateway
+        try:
+            loaded = load_config(path)
+        except ConfigError as err:
+            _print_issues(err)
+            return 1
+        setup_logging(
+            args.log_level or loaded.config.gateway.log_level, args.log_format or loaded.config.gateway.log_format
+        )
+        if not args.config:
+            log.info("no config given: running the demo (%s)", path)
+        from .runtime import Gateway
 
     try:
         asyncio.run(Gateway(loaded).run())

@@ -108,15 +108,16 @@ def run_sluice(tmp_path: Path) -> Iterator[SluiceRunner]:
     """Call it to start `sluice run CONFIG` as a real process: `run_sluice(path, lean=True)`.
 
     The Nth process started logs its stderr to tmp_path/runN.log. With `lean` (the default) it
-    runs with SLUICE_TLS=auto, so OpenSSL stays out while the config needs none; without it,
-    SLUICE_TLS is unset. Every process still running when the test ends is killed.
+    runs with SLUICE_TLS=auto, so OpenSSL stays out while the config needs none; with
+    `lean=False`, SLUICE_TLS is unset; a string is SLUICE_TLS's value. Every process still
+    running when the test ends is killed.
     """
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(cfg: Path, lean: bool = True) -> subprocess.Popen[bytes]:
+    def start(cfg: Path, lean: bool | str = True) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if k != "SLUICE_TLS"}
         if lean:
-            env["SLUICE_TLS"] = "auto"
+            env["SLUICE_TLS"] = "auto" if lean is True else str(lean)
         with (tmp_path / f"run{len(procs)}.log").open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "run", str(cfg)],

@@ -101,10 +101,11 @@ def import_share() -> tuple[float, list[tuple[float, str]]]:
     """Seconds `python -X importtime` spends importing what `sluice run` imports at start, and
     the largest top-level packages."""
     code = (
-        # as `sluice run` does for this config (no TLS in it): OpenSSL kept out only with SLUICE_TLS=auto
-        "import gateway._tls; gateway._tls.keep_out_unless_needed(''); "
-        "import gateway.cli, gateway.runtime, gateway.console, "
-        "nodes.sources, nodes.operators, nodes.detectors, nodes.sinks, nodes.windows"
+        # as `sluice run` does for this config (no TLS in it): OpenSSL loaded at its first use
+        "import gateway._tls\n"
+        "with gateway._tls.deferred_openssl(''):\n"
+        "    import gateway.cli, gateway.runtime, gateway.console\n"
+        "import nodes.sources, nodes.operators, nodes.detectors, nodes.sinks, nodes.windows"
     )
     py = SLUICE_BIN.parent / "python"
     out = subprocess.run([str(py), "-X", "importtime", "-c", code], capture_output=True, text=True).stderr

@@ -1,9 +1,12 @@
-"""With SLUICE_TLS=auto, OpenSSL loads only for a config that may use TLS (gateway._tls).
+"""OpenSSL loads only when something imports it, or at start for a config that may use TLS (gateway._tls).
 
 `sluice run` as a real process against a real Mosquitto: with a plain config it delivers its
 alerts and has neither libssl/libcrypto nor Python's _ssl/_hashlib mapped (read from
-/proc/PID/maps); with a config that uses TLS (a CA file) it delivers over TLS. Inside a process
-that keeps OpenSSL out, asyncio and hashlib work and a request for TLS says why it failed.
+/proc/PID/maps), by default (loaded at its first import) and with SLUICE_TLS=auto (kept out);
+with SLUICE_TLS=1 it has them; with a config that uses TLS (a CA file) it delivers over TLS.
+Inside a process that keeps OpenSSL out, asyncio and hashlib work and a request for TLS says why
+it failed; in one that imported asyncio without it, the first `import ssl` gives asyncio what it
+needs for a real TLS connection, and hashlib imported afterwards uses OpenSSL.
 
 (The configs hold tmp_path, named after the test: the names here keep "tls", "ssl" and "cert"
 out of their first 30 characters, which pytest uses.)"""
@@ -78,10 +81,14 @@ def openssl_mapped(pid: int) -> list[str]:
     return sorted({line.split()[-1] for line in maps.splitlines() if any(s in line for s in OPENSSL)})
 
 
-def test_a_plain_config_runs_without_openssl(tmp_path: Path, mosquitto: MosquittoBroker, run_sluice: Any) -> None:
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_plain_config_runs_without_openssl(
+    tmp_path: Path, mosquitto: MosquittoBroker, run_sluice: Any, lean: bool
+) -> None:
+    """lean: SLUICE_TLS=auto keeps it out; without SLUICE_TLS it loads at its first import."""
     alerts = Alerts(mosquitto.port)
     try:
-        proc = run_sluice(config_file(tmp_path, config(tmp_path, mosquitto.port)))
+        proc = run_sluice(config_file(tmp_path, config(tmp_path, mosquitto.port)), lean=lean)
         wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=30)
         assert proc.poll() is None, (tmp_path / "run0.log").read_text()
         assert openssl_mapped(proc.pid) == []
@@ -89,15 +96,15 @@ def test_a_plain_config_runs_without_openssl(tmp_path: Path, mosquitto: Mosquitt
         alerts.close()
 
 
-def test_without_sluice_tls_auto_a_plain_config_loads_openssl(
+def test_with_sluice_tls_1_a_plain_config_loads_openssl_at_start(
     tmp_path: Path, mosquitto: MosquittoBroker, run_sluice: Any
 ) -> None:
     alerts = Alerts(mosquitto.port)
     try:
-        proc = run_sluice(config_file(tmp_path, config(tmp_path, mosquitto.port)), lean=False)
+        proc = run_sluice(config_file(tmp_path, config(tmp_path, mosquitto.port)), lean="1")
         wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=30)
         assert proc.poll() is None, (tmp_path / "run0.log").read_text()
-        assert any("/_ssl." in path for path in openssl_mapped(proc.pid))  # the default: as any Python
+        assert any("/_ssl." in path for path in openssl_mapped(proc.pid))  # as any Python
     finally:
         alerts.close()
 
@@ -111,11 +118,12 @@ def tls_broker(tmp_path: Path, mosquitto_factory: Any) -> tuple[Any, Path]:
     return mosquitto_factory(extra=f"certfile {cert}\nkeyfile {key}\n"), ca_path
 
 
-def test_a_tls_config_runs_over_tls(tmp_path: Path, tls_broker: tuple[Any, Path], run_sluice: Any) -> None:
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_tls_config_runs_over_tls(tmp_path: Path, tls_broker: tuple[Any, Path], run_sluice: Any, lean: bool) -> None:
     broker, ca = tls_broker
     alerts = Alerts(broker.port, ca)
     try:
-        proc = run_sluice(config_file(tmp_path, config(tmp_path, broker.port, f', ca_file: "{ca}"')))
+        proc = run_sluice(config_file(tmp_path, config(tmp_path, broker.port, f', ca_file: "{ca}"')), lean=lean)
         wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=30)
         assert proc.poll() is None, (tmp_path / "run0.log").read_text()
         assert any("/_ssl." in path for path in openssl_mapped(proc.pid))
@@ -159,6 +167,73 @@ def test_a_process_that_keeps_openssl_out_still_hashes_and_says_why_tls_fails() 
     assert got["sha256"] == hashlib.sha256(b"sluice").hexdigest()
     assert got["hmac"] == hmac.new(b"k", b"sluice", "sha256").hexdigest()
     assert "SLUICE_TLS=auto" in got["ssl_error"] and "config" in got["ssl_error"]
+
+
+DEFERRED = """
+import json, sys
+from gateway._tls import deferred, deferred_openssl
+
+with deferred_openssl("connections: {plant: {type: mqtt, tls: false}}", {}) as done:
+    import asyncio, secrets  # as `sluice run` does: pydantic imports secrets, which imports hmac and hashlib
+
+OPENSSL = ("ssl", "_ssl", "_hashlib", "hashlib", "hmac")
+inside = sorted(m for m in OPENSSL if sys.modules.get(m) is not None)
+with open("/proc/self/maps") as f:
+    mapped_inside = sorted({l.split()[-1] for l in f if "libssl" in l or "libcrypto" in l})
+import ssl  # as a TLS connection, the console's web stack or a Kafka node would, later
+
+async def main():
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+
+    async def echo(reader, writer):
+        writer.write(b"pong:" + await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    client_ctx = ssl.create_default_context(cafile=sys.argv[3])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx, server_hostname="localhost")
+    writer.write(b"ping\\n")
+    answer = await reader.readline()
+    cipher = writer.get_extra_info("cipher")
+    writer.close()
+    server.close()
+    await server.wait_closed()
+    return answer.decode(), cipher is not None
+
+answer, encrypted = asyncio.run(main())
+import hashlib, hmac
+print(json.dumps({
+    "done": done and deferred(), "inside": inside, "mapped_inside": mapped_inside,
+    "answer": answer, "encrypted": encrypted,
+    "hashlib_openssl": hashlib.__dict__.get("_hashlib") is not None,
+    "hmac_openssl": hmac.__dict__.get("_hashopenssl") is not None,
+    "pbkdf2": hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 2).hex(),
+    "compare": secrets.compare_digest(b"a", b"a"),
+}))
+"""
+
+
+def test_asyncio_imported_without_openssl_makes_tls_connections_after_its_first_import(tmp_path: Path) -> None:
+    ca_key, ca_cert, ca_path = make_ca(tmp_path, "test-ca")
+    cert, key = make_server_cert(tmp_path, ca_key, ca_cert)
+    out = subprocess.run(
+        [sys.executable, "-c", DEFERRED, str(cert), str(key), str(ca_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["done"] is True and got["inside"] == [] and got["mapped_inside"] == [], got
+    assert got["answer"] == "pong:ping\n" and got["encrypted"] is True, got
+    assert got["hashlib_openssl"] is True and got["hmac_openssl"] is True, got
+    import hashlib
+
+    assert got["pbkdf2"] == hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 2).hex() and got["compare"] is True
 
 
 @pytest.mark.parametrize(
