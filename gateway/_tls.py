@@ -14,7 +14,7 @@ could ask for TLS:
   are refused for the life of the process: asyncio, ``hashlib`` and ``hmac`` work on (``hashlib``
   with Python's own SHA-2 and BLAKE2); a request for TLS gets an ImportError that says why, the
   node types whose libraries import ``ssl`` (Kafka, Redis, Modbus, serial, WebSocket, plug-ins)
-  are missing from the editor's palette, ``/metrics`` answers 503, and a live reload that adds TLS
+  are shown in the editor's palette as needing a restart, ``/metrics`` answers 503, and a live reload that adds TLS
   asks for a restart. Even the console's web stack then loads without OpenSSL;
 - with ``SLUICE_TLS=1`` it loads at start, as in any Python program.
 

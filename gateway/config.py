@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from .errors import ConfigError, ConfigIssue
-from .node import ID_PATTERN, Duration, NodeOptions, get_node_type, node_types
+from .node import ID_PATTERN, Duration, NodeOptions, get_node_type, node_types, types_needing_tls
 from .redact import SECRET, remember, secrets_of
 from .schema import LlmConfig, OutboxConfig, StateConfig
 
@@ -547,6 +547,13 @@ def _model_context(model_paths: list[str] | None) -> dict[str, Any] | None:
     return {"model_paths": list(model_paths)}
 
 
+# what a node type this process cannot load for want of OpenSSL needs (the editor's palette says it too)
+NEEDS_TLS = (
+    "needs restart (started without TLS): its library needs OpenSSL, which this gateway keeps out "
+    "(SLUICE_TLS=auto); add the node in the config file and restart the gateway"
+)
+
+
 def _parse_nodes(raw: list[Any], prefix: tuple[Any, ...], r: _Reader, data: dict[str, Any]) -> list[NodeOptions]:
     out: list[NodeOptions] = []
     ids: dict[str, int] = {}
@@ -562,6 +569,9 @@ def _parse_nodes(raw: list[Any], prefix: tuple[Any, ...], r: _Reader, data: dict
         cls = get_node_type(type_name) if isinstance(type_name, str) else None
         if cls is None:
             known = sorted(node_types())
+            if type_name in types_needing_tls():
+                r.issue(_line_for(r.lines, (*path, "type")), (*path, "type"), f"node type {type_name!r} {NEEDS_TLS}")
+                continue
             hint = _close_matches(str(type_name), known, n=1) if type_name else []
             what = "missing node type" if type_name is None else f"unknown node type {type_name!r}"
             more = f"; did you mean {hint[0]!r}?" if hint else f"; known types: {', '.join(known)}"

@@ -42,6 +42,7 @@ __all__ = [
     "load_node_types",
     "node_types",
     "register",
+    "types_needing_tls",
 ]
 
 log = logging.getLogger(__name__)
@@ -388,6 +389,7 @@ _GROUP = "sluice.nodes"
 _DIST = "sluice-gateway"
 _loaded = False
 _entry_points: dict[str, EntryPoint] | None = None
+_NEED_TLS: set[str] = set()  # entry points refused: their library needs OpenSSL, kept out (SLUICE_TLS=auto)
 
 
 def register(cls: type[_Node]) -> type[_Node]:
@@ -454,6 +456,7 @@ def _load(ep: EntryPoint) -> None:
         from . import _tls
 
         if _tls.refused(exc):
+            _NEED_TLS.add(ep.name)
             log.info("node type %r is not available: its library needs OpenSSL, kept out (SLUICE_TLS=auto)", ep.name)
             return
         log.exception("could not load node plugin %r from %s", ep.name, ep.value)
@@ -488,6 +491,13 @@ def load_node_types() -> None:
 def node_types() -> dict[str, type[_Node]]:
     load_node_types()
     return dict(_REGISTRY)
+
+
+def types_needing_tls() -> list[str]:
+    """The node types this process cannot load because their library needs OpenSSL, which it keeps
+    out (``SLUICE_TLS=auto``, see :mod:`gateway._tls`): a restart whose config uses them loads it."""
+    load_node_types()
+    return sorted(_NEED_TLS)
 
 
 def get_node_type(name: str) -> type[_Node] | None:

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..config import LoadedConfig, MqttConnection, parse_config
+from ..config import NEEDS_TLS, LoadedConfig, MqttConnection, parse_config
 from ..errors import ConfigError, ReloadError, RestartNeeded
-from ..node import node_types
+from ..node import node_types, types_needing_tls
 from ..redact import mask, redact, redact_text
 from .auth import IDENTITY
 from .views import model_paths
@@ -82,9 +82,14 @@ _PALETTE: dict[frozenset[str], dict[str, Any]] = {}
 
 
 def palette() -> dict[str, Any]:
-    """Every registered node type by family; built once per set of registered types."""
+    """Every registered node type by family; built once per set of registered types.
+
+    A gateway started with ``SLUICE_TLS=auto`` and a config without TLS cannot load the types whose
+    library needs OpenSSL: they come last, as the family ``needs restart``, with ``unavailable``
+    saying why (the editor shows them greyed out)."""
     types = node_types()
-    key = frozenset(types)
+    off = types_needing_tls()
+    key = frozenset(types) | {f"\0{name}" for name in off}
     cached = _PALETTE.get(key)
     if cached is not None:
         return cached
@@ -106,6 +111,8 @@ def palette() -> dict[str, Any]:
         )
     order = [f for f in FAMILIES if f in groups] + sorted(f for f in groups if f not in FAMILIES)
     out = {"families": [{"name": f, "types": groups[f]} for f in order]}
+    if off:
+        out["families"].append({"name": "needs restart", "types": [{"type": n, "unavailable": NEEDS_TLS} for n in off]})
     _PALETTE.clear()
     _PALETTE[key] = out
     return out
@@ -254,7 +261,7 @@ class Editor:
         ident = request.get(IDENTITY)
         admin = ident is not None and ident.is_admin
         if not admin:
-            secrets = {t["type"]: set(t["secret"]) for f in palette()["families"] for t in f["types"]}
+            secrets = {t["type"]: set(t.get("secret", ())) for f in palette()["families"] for t in f["types"]}
             for p in model["pipelines"]:
                 for n in p["nodes"]:
                     n["options"] = _redact(n["options"], secrets.get(n["type"], set()))

@@ -14,14 +14,22 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests._util import free_port
 from tests.gateway.test_tls_lazy import openssl_mapped
 
 from .conftest import Browserish
+
+# the console browser tests' fixtures: Chromium, and a page on which any page error fails the test
+from .test_browser import browser, page, shot  # noqa: F401
+
+expect = pytest.importorskip("playwright.async_api").expect
 
 CONFIG = """\
 gateway: {{id: gw-editor-restart, data_dir: "{data}"}}
@@ -83,8 +91,8 @@ async def test_editor_deploy_that_needs_a_restart_is_saved(tmp_path: Path, run_s
         status, text = await c.get("/metrics")
         assert status == 503 and "SLUICE_TLS=auto" in text, text
         _, palette = await c.get("/api/editor/palette")
-        types = {t["type"] for f in palette["families"] for t in f["types"]}
-        assert "webhook" in types and "kafka" not in types
+        usable = {t["type"] for f in palette["families"] if f["name"] != "needs restart" for t in f["types"]}
+        assert "webhook" in usable and "kafka" not in usable
         log = _text(tmp_path / "run0.log")
         assert "they run after the next restart" in log
         assert "Traceback" not in log and "node type 'kafka' is not available" in log, log
@@ -105,3 +113,45 @@ async def test_editor_deploy_that_needs_a_restart_is_saved(tmp_path: Path, run_s
         assert status == 200
     finally:
         await c.close()
+
+
+async def test_the_palette_shows_the_types_that_need_a_restart(tmp_path: Path, run_sluice: Any, page: Any) -> None:  # noqa: F811
+    """Node types whose library needs OpenSSL are not left out of the palette: they come last, greyed
+    out, marked "needs restart (started without TLS)", and a draft using one is told the same."""
+    port = free_port()
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(CONFIG.format(data=tmp_path / "data", port=port))
+    proc = run_sluice(cfg)
+    base = f"http://127.0.0.1:{port}"
+    c = Browserish(base)
+    try:
+        await _up(c, proc, tmp_path / "run0.log")
+        _, palette = await c.get("/api/editor/palette")
+        assert palette["families"][-1]["name"] == "needs restart"
+        off = {t["type"]: t["unavailable"] for t in palette["families"][-1]["types"]}
+        assert {"kafka", "kafka_out", "modbus"} <= set(off), off
+        assert all(why.startswith("needs restart (started without TLS)") for why in off.values())
+        _, model = await c.get("/api/editor/model")
+        draft = copy.deepcopy(model)
+        plant = next(p for p in draft["pipelines"] if p["name"] == "plant")
+        plant["nodes"].append({"id": "k", "type": "kafka_out", "input": ["sim"], "options": {"topic": "t"}})
+        _, checked = await c.post("/api/editor/validate", {"revision": model["revision"], "model": draft})
+        said = json.dumps(checked)
+        assert "kafka_out" in said and "needs restart (started without TLS)" in said, checked
+    finally:
+        await c.close()
+
+    await page.goto(base + "/#/editor")
+    kafka = page.locator('.ed-palette .ed-type-off[data-type="kafka"]')
+    await expect(kafka).to_contain_text("needs restart (started without TLS)")
+    assert await kafka.get_attribute("aria-disabled") == "true"
+    assert await kafka.get_attribute("draggable") is None
+    await expect(page.locator('.ed-palette details[data-family="needs restart"] summary')).to_have_text("Needs restart")
+    await expect(page.locator('.ed-palette .ed-type[data-type="webhook"]')).not_to_have_class(re.compile("ed-type-off"))
+    await kafka.scroll_into_view_if_needed()
+    await shot(page, "editor-needs-restart")
+    nodes = await page.locator(".df-node").count()
+    await kafka.click(force=True)  # adds nothing (aria-disabled: Playwright would wait for it to be enabled)
+    await page.locator('.ed-palette .ed-type[data-type="log"]').click()  # a usable type is added
+    await expect(page.locator(".df-node")).to_have_count(nodes + 1)
+    await expect(page.locator('.df-node .df-type:text-is("kafka")')).to_have_count(0)

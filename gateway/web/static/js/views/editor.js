@@ -89,7 +89,7 @@ function setPath(obj, path, value) {
 
 export function start(el, ctx) {
   const st = {
-    palette: null, types: new Map(), model: null, revision: null, positions: {}, editable: false,
+    palette: null, types: new Map(), off: new Map(), model: null, revision: null, positions: {}, editable: false,
     current: null, errors: [], undo: [], redo: [], selected: null, clipboard: null, multi: new Set(), modHeld: false,
     dfToId: new Map(), idToDf: new Map(), building: false, df: null, lastDiff: "",
     rates: new Map(), console: new Map(), consoleTab: null, paused: false, pretty: true, stopped: false,
@@ -373,7 +373,7 @@ export function start(el, ctx) {
     const t = st.types.get(n.type);
     return h("div", { class: "df-node", "data-node": n.id },
       h("div", { class: "df-title" }, h("span", { class: "df-id" }, n.id), h("span", { class: "df-type" }, n.type)),
-      h("div", { class: "df-rate" }, t ? "" : "unknown type"),
+      h("div", { class: "df-rate" }, t ? "" : st.off.has(n.type) ? "needs restart (started without TLS)" : "unknown type"),
       h("div", { class: "df-err", hidden: true }),
       n.readonly ? h("div", { class: "df-ro", title: n.readonly }, "read-only") : null);
   }
@@ -566,6 +566,12 @@ export function start(el, ctx) {
     for (const fam of st.palette.families) {
       const list = h("ul", {});
       for (const t of fam.types) {
+        if (t.unavailable) {
+          // a type this gateway cannot load until it restarts (SLUICE_TLS=auto kept OpenSSL out): shown, not added
+          list.append(h("li", {}, h("button", { type: "button", class: "ed-type ed-type-off", "aria-disabled": "true", "data-type": t.type, title: t.unavailable },
+            h("span", { class: "ed-type-name" }, t.type), h("span", { class: "ed-type-desc" }, "needs restart (started without TLS)"))));
+          continue;
+        }
         list.append(h("li", {},
           h("button", { type: "button", class: "ed-type", draggable: "true", "data-type": t.type, title: t.description,
             ondragstart: (e) => { e.dataTransfer.setData("application/x-sluice-node", t.type); e.dataTransfer.setData("text/plain", t.type); },
@@ -627,7 +633,7 @@ export function start(el, ctx) {
         h("div", { class: "field-error", "data-path": "input" })));
     }
     if (!t) {
-      form.append(h("p", { class: "bad" }, `node type ${n.type} is not registered in this gateway`));
+      form.append(h("p", { class: "bad" }, st.off.has(n.type) ? `node type ${n.type} ${st.off.get(n.type)}` : `node type ${n.type} is not registered in this gateway`));
     } else {
       const schema = t.schema;
       const defs = schema.$defs || {};
@@ -1249,7 +1255,8 @@ export function start(el, ctx) {
     const [pal, model] = await Promise.all([get("/api/editor/palette"), get("/api/editor/model")]);
     if (st.stopped) return;
     st.palette = pal;
-    st.types = new Map(pal.families.flatMap((f) => f.types.map((t) => [t.type, t])));
+    st.types = new Map(pal.families.flatMap((f) => f.types.filter((t) => !t.unavailable).map((t) => [t.type, t])));
+    st.off = new Map(pal.families.flatMap((f) => f.types.filter((t) => t.unavailable).map((t) => [t.type, t.unavailable])));
     st.model = model;
     st.revision = model.revision;
     st.positions = model.positions || {};
