@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import parse_config
 from gateway.deadletter import DeadLetters
 from gateway.errors import ConfigError
 from gateway.events import Event
-from gateway.node import NodeContext, get_node_type
+from gateway.node import NodeContext, Operator, get_node_type
 from tests.gateway._harness import node, running_gateway
 
 
@@ -273,6 +273,49 @@ def test_threshold_min_duration_matches_a_reference(steps: list[tuple[float, flo
             active = False
             want.append("cleared")
     assert got == want
+
+
+_limits = st.sampled_from([-1.0, 0.0, 5.0, 10.0, 11.0, 89.0, 90.0, 95.0, 100.0, 101.0])  # at and beside them
+_readings = st.one_of(
+    _limits,
+    _limits,
+    _limits,
+    st.floats(min_value=-50, max_value=150),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-50, max_value=150),
+    st.booleans(),
+    st.just("hot"),
+    st.fixed_dictionaries({"t": st.floats(min_value=-50, max_value=150)}),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b"]), _readings), max_size=40),
+    st.sampled_from(
+        [
+            {"above": 100, "clear_below": 90},
+            {"below": 0, "clear_above": 10},
+            {"above": 100, "below": 0},
+            {"above": 100, "clear_below": 90, "severity": "critical", "name": "boiler"},
+        ]
+    ),
+    st.one_of(st.none(), st.just({"result_id": "p/w/k/0.0/10.0", "window_start": 0.0})),
+)
+@example([("a", 101.0), ("a", 90.0), ("a", 89.0)], {"above": 100, "clear_below": 90}, None)
+@example([("a", -1.0), ("a", 10.0), ("a", 11.0)], {"below": 0, "clear_above": 10}, None)
+def test_threshold_batch_equals_event_by_event(
+    steps: list[tuple[str, Any]], limits: dict[str, Any], meta: dict[str, Any] | None
+) -> None:
+    """A batch (the usual case in one loop) gives what the events one at a time give: the same
+    alerts, and bad readings dead-lettered alike."""
+    batch, single = make({"type": "threshold", **limits}), make({"type": "threshold", **limits})
+    events = [Event(k, float(i), v, "src", dict(meta) if meta else None) for i, (k, v) in enumerate(steps)]
+    got = batch.process_batch(events)
+    want = Operator.process_batch(single, events)  # on_event, one event at a time
+    assert got == want
+    assert batch.n_errors == single.n_errors
+    assert batch.snapshot() == single.snapshot()
 
 
 def test_stale_timeouts_start_again_at_restore_on_the_injected_clock() -> None:
