@@ -29,7 +29,6 @@ built-in node, connection and LLM provider types known to import without OpenSSL
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
 import os
 import re
 import sys
@@ -107,8 +106,9 @@ def nodes_may_use_tls(options: Iterable[Any]) -> bool:
     return False
 
 
-class _KeepOut(importlib.abc.MetaPathFinder):
-    """Refuses OpenSSL's modules with an ImportError that says why."""
+class _KeepOut:
+    """Refuses OpenSSL's modules with an ImportError that says why (a meta path finder; not
+    derived from importlib.abc's, whose import brings importlib.resources, tempfile and shutil)."""
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> None:
         if fullname in _MODULES:

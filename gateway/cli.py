@@ -40,10 +40,51 @@ def load_config(path: str | Path) -> LoadedConfig:
     return load_config(path)
 
 
+_PYDANTIC_LOADER = "pydantic.plugin._loader"
+
+
+def _pydantic_plugins_off() -> None:
+    """No pydantic plug-ins in ``sluice run``, and no package metadata read to look for them.
+
+    They would only watch the validation of the gateway's config. pydantic's plug-in loader
+    imports importlib.metadata (with zipfile, email, csv, tempfile: ~1.5 MiB resident) as the
+    first model is built, even when ``PYDANTIC_DISABLE_PLUGINS`` tells it to load none. So that
+    variable is set (unless the environment has it already: then it decides, as in any pydantic
+    program) and, while it says none, the loader is a module whose ``get_plugins`` says none
+    too; any other name of it imports the real loader and is taken from there.
+    """
+    import os
+
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    if os.environ["PYDANTIC_DISABLE_PLUGINS"] != "__all__" or _PYDANTIC_LOADER in sys.modules:
+        return
+    import types
+
+    loader = types.ModuleType(_PYDANTIC_LOADER, "pydantic's plug-in loader while PYDANTIC_DISABLE_PLUGINS=__all__")
+
+    def get_plugins() -> tuple[()]:
+        return ()
+
+    def real(name: str) -> object:
+        import importlib
+
+        if name.startswith("__"):  # the import system asks for __path__ and the like
+            raise AttributeError(name)
+        if sys.modules.get(_PYDANTIC_LOADER) is loader:
+            del sys.modules[_PYDANTIC_LOADER]
+        return getattr(importlib.import_module(_PYDANTIC_LOADER), name)
+
+    loader.get_plugins = get_plugins  # type: ignore[attr-defined]
+    loader.__getattr__ = real  # type: ignore[method-assign]
+    sys.modules[_PYDANTIC_LOADER] = loader
+
+
 def cmd_run(args: argparse.Namespace | SimpleNamespace) -> int:
     import contextlib
 
     from ._tls import deferred_openssl, keep_out_unless_needed
+
+    _pydantic_plugins_off()
 
     path = Path(args.config) if args.config else DEMO_CONFIG
     try:

@@ -13,11 +13,8 @@ import logging
 import re
 import string
 import time
-import tomllib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -26,6 +23,8 @@ from .clock import ingest_clock
 from .events import Event
 
 if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
     from .api import Services, SourceOutput
     from .deadletter import DeadLetters
 
@@ -407,17 +406,41 @@ def register(cls: type[_Node]) -> type[_Node]:
     return cls
 
 
-def _source_tree_entry_points() -> list[EntryPoint]:
-    """The built-in entry points from ``pyproject.toml``, when Sluice runs from a source tree whose
-    installed metadata is missing or older than that file (e.g. an editable install made before
-    a node type was added)."""
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    try:
-        with pyproject.open("rb") as f:
-            table = tomllib.load(f)["project"]["entry-points"][_GROUP]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return []
-    return [EntryPoint(name, value, _GROUP) for name, value in table.items()]
+# The built-in node types, as ``[project.entry-points."sluice.nodes"]`` in pyproject.toml names them
+# (tests/gateway/test_registry.py holds the two equal). A config of built-in types finds them here
+# without reading any package's metadata: importlib.metadata (with zipfile, email, csv, tempfile)
+# costs a gateway about 1.5 MiB resident, and is imported only to look for a plug-in's type.
+_BUILT_IN = {
+    "mqtt": "nodes.sources:MqttSource",
+    "simulate": "nodes.sources:SimulateSource",
+    "filter": "nodes.operators:Filter",
+    "map": "nodes.operators:Map",
+    "window": "nodes.windows:Window",
+    "history": "nodes.history:HistorySink",
+    "threshold": "nodes.detectors:Threshold",
+    "zscore": "nodes.detectors:ZScore",
+    "ewma": "nodes.detectors:Ewma",
+    "rate_of_change": "nodes.detectors:RateOfChange",
+    "stale": "nodes.detectors:Stale",
+    "flatline": "nodes.detectors:Flatline",
+    "mqtt_out": "nodes.sinks:MqttOut",
+    "log": "nodes.sinks:LogSink",
+    "webhook": "nodes.sinks:Webhook",
+    "console": "nodes.sinks:ConsoleSink",
+    "kafka": "nodes.kafka:KafkaSource",
+    "kafka_out": "nodes.kafka:KafkaOut",
+    "redis": "nodes.redis_streams:RedisSource",
+    "redis_out": "nodes.redis_streams:RedisOut",
+    "lookup": "nodes.redis_streams:Lookup",
+    "homeassistant": "nodes.homeassistant:HomeAssistant",
+    "serial": "nodes.devices:SerialSource",
+    "modbus": "nodes.devices:ModbusSource",
+    "websocket": "nodes.devices:WebSocketSource",
+    "http": "nodes.http:HttpPushSource",
+    "http_poll": "nodes.http:HttpPollSource",
+    "llm": "nodes.llm:Llm",
+    "alert": "nodes.alerts:AlertSink",
+}
 
 
 def _node_entry_points() -> dict[str, EntryPoint]:
@@ -426,16 +449,18 @@ def _node_entry_points() -> dict[str, EntryPoint]:
     An entry point's name is the node type name and its value a node class (``module:Class``),
     so a config that uses one type imports only that type's module (each node module costs
     1-5 MB resident, mostly its options models). A value without ``:Class`` names a module
-    whose import registers its nodes with :func:`register`.
+    whose import registers its nodes with :func:`register`. The built-ins come from
+    :data:`_BUILT_IN` (the same as this package's installed metadata, or newer in a source tree
+    whose editable install predates a node type).
     """
     global _entry_points
     if _entry_points is None:
-        found: dict[str, EntryPoint] = {}
-        for ep in _source_tree_entry_points():
-            found[ep.name] = ep
+        from importlib.metadata import EntryPoint, entry_points
+
+        found: dict[str, EntryPoint] = {name: EntryPoint(name, value, _GROUP) for name, value in _BUILT_IN.items()}
         for ep in entry_points(group=_GROUP):
             if ep.dist is not None and ep.dist.name == _DIST and ep.name in found:
-                continue  # the source tree's pyproject.toml is newer than any installed copy of it
+                continue  # this package's own: _BUILT_IN says the same, or is newer
             if ep.name in found and found[ep.name].value != ep.value:
                 log.warning(
                     "node type %r is offered by two plugins (%s and %s); using the first",
@@ -449,7 +474,23 @@ def _node_entry_points() -> dict[str, EntryPoint]:
     return _entry_points
 
 
-def _load(ep: EntryPoint) -> None:
+class _BuiltIn:
+    """A built-in type's entry point without importlib.metadata: what :func:`_load` reads of one."""
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, name: str, value: str):
+        self.name = name
+        self.value = value
+
+    def load(self) -> Any:
+        import importlib
+
+        module, _, attr = self.value.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _load(ep: EntryPoint | _BuiltIn) -> None:
     try:
         obj = ep.load()
     except Exception as exc:  # a broken plugin must not stop the gateway; say which one
@@ -505,7 +546,8 @@ def get_node_type(name: str) -> type[_Node] | None:
     cls = _REGISTRY.get(name)
     if cls is not None:
         return cls
-    ep = _node_entry_points().get(name)
+    # a built-in name is never a plug-in's (the built-in wins): no need to read the metadata
+    ep = _BuiltIn(name, _BUILT_IN[name]) if name in _BUILT_IN else _node_entry_points().get(name)
     if ep is not None:
         _load(ep)
         cls = _REGISTRY.get(name)

@@ -61,3 +61,43 @@ def test_an_mqtt_window_alert_gateway_loads_only_what_it_uses(tmp_path: Path, mo
         "gateway.llm.remote",
     ):
         assert unused not in loaded, f"{unused} is imported by a gateway that does not use it"
+
+
+def test_sluice_run_with_a_plain_config_reads_no_package_metadata(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """The real command, its imports listed by `python -X importtime`: importlib.metadata with
+    zipfile and email (~1.5 MiB; the node registry's built-in table and no pydantic plug-in
+    look-up, gateway.cli) stay out of a running gateway whose config needs none. (OpenSSL: its
+    libraries are not mapped, tests/gateway/test_tls_lazy.py; importtime also lists the imports
+    refused while asyncio and pydantic load.)"""
+    import os
+
+    from tests._util import wait_for_sync
+    from tests.gateway.test_tls_lazy import Alerts, config
+
+    cfg = tmp_path / "plain.yaml"
+    cfg.write_text(config(tmp_path, mosquitto.port))
+    env = {k: v for k, v in os.environ.items() if k not in ("SLUICE_TLS", "PYDANTIC_DISABLE_PLUGINS")}
+    alerts = Alerts(mosquitto.port)
+    log = tmp_path / "run.log"
+    try:
+        with log.open("wb") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-X", "importtime", "-m", "gateway.cli", "run", str(cfg)],
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=f,
+                env={**env, "PYTHONPATH": str(ROOT)},
+            )
+        try:
+            wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=60)
+            assert proc.poll() is None, log.read_text()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    finally:
+        alerts.close()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in log.read_text().splitlines() if "import time:" in line}
+    assert "gateway.runtime" in imported and "asyncio" in imported and "pydantic" in imported
+    for unused in ("importlib.metadata", "zipfile", "email", "tomllib"):
+        assert unused not in imported, f"{unused} is imported by `sluice run` with a plain config"

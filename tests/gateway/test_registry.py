@@ -74,3 +74,77 @@ def test_unknown_type_still_lists_every_type() -> None:
         assert "did you mean 'modbus'" in str(err.issues[0])
     else:
         raise AssertionError("expected a config error")
+
+
+def test_the_built_in_table_is_pyprojects_entry_points() -> None:
+    import tomllib
+
+    from gateway.node import _BUILT_IN
+
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        declared = tomllib.load(f)["project"]["entry-points"]["sluice.nodes"]
+    assert _BUILT_IN == declared
+
+
+_NO_METADATA = """
+import json, sys
+from gateway.cli import _pydantic_plugins_off
+_pydantic_plugins_off()  # as `sluice run` does: pydantic's plug-in loader reads no metadata either
+from gateway.node import get_node_type
+built_in = get_node_type("window").__name__
+before = "importlib.metadata" in sys.modules
+unknown = get_node_type("no_such_type")  # a plug-in's name is looked for in the metadata
+print(json.dumps({"built_in": built_in, "metadata_before": before, "unknown": unknown,
+                  "metadata_after": "importlib.metadata" in sys.modules}))
+"""
+
+
+def test_a_built_in_type_is_found_without_reading_package_metadata() -> None:
+    """importlib.metadata, with what it imports, costs a gateway ~1.5 MiB resident."""
+    import json
+
+    got = json.loads(_run(_NO_METADATA))
+    assert got == {"built_in": "Window", "metadata_before": False, "unknown": None, "metadata_after": True}
+
+
+_PYDANTIC_PLUGINS = """
+import json, os, sys
+from gateway.cli import _pydantic_plugins_off
+_pydantic_plugins_off()
+import pydantic
+
+class M(pydantic.BaseModel):
+    x: int
+
+valid = M(x="3").x
+metadata = "importlib.metadata" in sys.modules
+from pydantic.plugin._loader import PYDANTIC_ENTRY_POINT_GROUP, get_plugins  # another name: the real loader
+print(json.dumps({"valid": valid, "metadata": metadata, "env": os.environ.get("PYDANTIC_DISABLE_PLUGINS"),
+                  "group": PYDANTIC_ENTRY_POINT_GROUP, "plugins": list(get_plugins()),
+                  "real": sys.modules["pydantic.plugin._loader"].__file__ is not None}))
+"""
+
+
+def test_sluice_run_loads_no_pydantic_plugins_unless_the_environment_says_so() -> None:
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    res = subprocess.run(
+        [sys.executable, "-c", _PYDANTIC_PLUGINS], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"valid": 3, "metadata": False, "env": "__all__", "group": "pydantic", "plugins": [], "real": True}
+    # set in the environment, the variable decides as in any pydantic program: the real loader
+    res = subprocess.run(
+        [sys.executable, "-c", _PYDANTIC_PLUGINS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "PYDANTIC_DISABLE_PLUGINS": "some_plugin"},
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["metadata"] is True and got["env"] == "some_plugin" and got["valid"] == 3
