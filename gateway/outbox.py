@@ -35,6 +35,8 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import msgspec
+
 from ._log import RateLimitedLog
 from ._migrate import Schema, Step, migrate, refuse_newer
 from ._records import in_list, storable
@@ -144,8 +146,10 @@ def _runs(ids: list[int], shortest: int = 8) -> tuple[list[tuple[int, int]], lis
 # --- the storage seam ------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Row:
+class Row(msgspec.Struct, gc=False):
+    """A message as the sender handles it (a ``msgspec.Struct``: built in C, one per alert under
+    alert load, where a slotted dataclass's generated ``__init__`` was a Python call)."""
+
     id: int
     connection: str
     topic: str
