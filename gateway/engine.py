@@ -478,7 +478,8 @@ class Pipeline:
         """Wait until each cancelled source has ended or, to confirm what the drain releases, waits
         in ``SourceOutput.settled`` (it hands over nothing more either way)."""
         for i, task in zip((i for i, n in enumerate(self.nodes) if isinstance(n, Source)), sources, strict=True):
-            quiet = asyncio.ensure_future(self._quiet[i].wait())
+            # a source cancelled before its first turn never made its event: its task ends at once
+            quiet = asyncio.ensure_future(self._quiet.setdefault(i, asyncio.Event()).wait())
             try:
                 await asyncio.wait((task, quiet), return_when=asyncio.FIRST_COMPLETED)
             finally:

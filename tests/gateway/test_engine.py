@@ -323,6 +323,22 @@ async def test_stop_drains_every_accepted_event(tmp_path: Path) -> None:
         assert ts == sorted(ts) and len(set(ts)) == len(ts)
 
 
+async def test_a_stop_before_the_sources_ran_ends_the_pipeline_cleanly(tmp_path: Path) -> None:
+    """A pipeline told to stop before its source tasks had their first turn (a reload that drops it
+    right after it started): it stops, instead of failing on a source that never said it was quiet."""
+    p, _ = build(
+        tmp_path,
+        """\
+      - {id: sim, type: simulate, realtime: false, sensors: [{key: a}]}
+      - {id: out, type: t_collect, input: sim}
+""",
+    )
+    p.stop()
+    await asyncio.wait_for(p.run(), 20)
+    assert p.state == "stopped"
+    assert len(node(p, "out").events) == node(p, "sim").n_out
+
+
 async def test_failing_source_is_restarted(tmp_path: Path) -> None:
     class FlakyOptions(NodeOptions):
         type: Literal["t_flaky"]
