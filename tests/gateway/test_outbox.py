@@ -485,3 +485,32 @@ def test_send_order_lets_a_key_go_once_the_backlog_is_past_its_last_row_even_if_
     while (r := order.next()) is not None:
         sent.append(r.id)
     assert sent == [1, 2, 4, 41, 5, 43, 6, 40, 42]  # b waits until the backlog is past 3, c until 40
+
+
+async def test_rows_and_result_ids_are_stored_as_put_whether_or_not_a_batch_shares_its_topic(tmp_path: Path) -> None:
+    """A batch whose rows share connection, topic and retain flag binds those once per statement;
+    any other batch binds them per row. Either way each row and result id lands as it was put,
+    in order, in statements of every size (45 rows: 32 + 8 + 4 + 1)."""
+    ob = Outbox(tmp_path / "outbox.db", "gw1", {"plant": FakeLink(), "other": FakeLink()}, seq_path=tmp_path / "seq")
+    await ob.open()
+    alike = [("plant", "t/out", {"v": i, "result_id": f"r/{i}"}, f"k{i % 3}") for i in range(45)]
+    mixed = [
+        ("plant" if i % 2 else "other", f"t/{i % 3}", {"v": 100 + i, "result_id": f"m/{i}"}, None) for i in range(45)
+    ]
+    await ob.put(alike, retain=True)
+    await ob.put(mixed)
+    await ob.put(mixed[:7], retain=False)  # taken before: none stored again
+    await ob.close()
+    db = sqlite3.connect(tmp_path / "outbox.db")
+    try:
+        got = db.execute("SELECT id, connection, topic, okey, body, retain FROM outbox ORDER BY id").fetchall()
+        kept = db.execute("SELECT seq, connection, topic, rid FROM results_new ORDER BY seq").fetchall()
+    finally:
+        db.close()
+    want = [(c, t, k if k is not None else t, json.dumps(f, separators=(",", ":")).encode()) for c, t, f, k in alike]
+    want += [(c, t, t, json.dumps(f, separators=(",", ":")).encode()) for c, t, f, _ in mixed]
+    assert [(c, t, k, bytes(b)) for _, c, t, k, b, _ in got] == want
+    assert [r for *_, r in got] == [1] * 45 + [0] * 45
+    assert [i for i, *_ in got] == list(range(1, 91))
+    assert kept == [(i + 1, c, t, f["result_id"]) for i, (c, t, f, _) in enumerate(alike + mixed)]
+    assert ob.duplicates == 7
