@@ -340,7 +340,9 @@ class Editor:
                 )
             summary: dict[str, list[str]] = {"changed": [], "added": [], "removed": []}
             saved, note, restart = False, None, None
-            if changed:
+            # a file that already holds the draft may still be ahead of the running pipelines (saved
+            # with a restart needed, or edited by hand): the deploy brings them level, or says why not
+            if changed or await asyncio.to_thread(self._ahead_of_running, loaded):
                 try:
                     summary = await self.gw.reload(loaded)
                 except RestartNeeded as exc:
@@ -357,6 +359,7 @@ class Editor:
                         },
                         status=409,
                     )
+            if changed:
                 try:
                     await asyncio.to_thread(_save, self._path, text)
                     saved = True
@@ -395,6 +398,17 @@ class Editor:
                     **{k: v for k, v in summary.items() if k != "unchanged"},
                 }
             )
+
+    def _ahead_of_running(self, loaded: LoadedConfig) -> bool:
+        """Whether ``loaded``'s pipelines differ from the running ones (their definitions, enabled)."""
+
+        def specs(lc: LoadedConfig) -> dict[str, Any]:
+            return {
+                p.name: (p.enabled, [o.model_dump(mode="json") for o in lc.nodes.get(p.name, ())])
+                for p in lc.config.pipelines
+            }
+
+        return specs(loaded) != specs(self.gw.loaded)
 
     # --- the connections section --------------------------------------------------------------
 

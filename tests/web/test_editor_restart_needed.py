@@ -83,9 +83,11 @@ async def test_editor_deploy_that_needs_a_restart_is_saved(tmp_path: Path, run_s
         _, running = await c.get("/api/pipelines")
         assert "hook" not in json.dumps(running["pipelines"])
         assert openssl_mapped(proc.pid) == []
-        # the answer's revision is the saved file's: the next deploy is not refused as a stale one
+        # the answer's revision is the saved file's: the next deploy is not refused as a stale one,
+        # and, the file holding the draft while the running pipelines do not, it still says why
         status, again = await c.post("/api/editor/deploy", {"revision": r["revision"], "model": draft})
         assert status == 200 and again["changed"] == [] and again["revision"] == r["revision"], again
+        assert again["deployed"] is False and again["saved"] is False and "restart" in again["restart_needed"], again
         # what needs OpenSSL says so instead of failing: /metrics answers 503, the palette leaves
         # out the types whose libraries need it, and nothing logs a traceback
         status, text = await c.get("/metrics")

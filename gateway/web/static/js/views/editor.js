@@ -964,7 +964,7 @@ export function start(el, ctx) {
       const what = ["added", "changed", "removed"].filter((k) => r[k] && r[k].length).map((k) => `${k} ${r[k].join(", ")}`).join("; ");
       if (r.restart_needed) {
         // valid and saved, but only a restart runs it (it may use TLS, which this gateway did not load)
-        say(`${r.saved ? "saved, not running yet" : "not deployed"}: ${r.restart_needed}${r.note ? ` (${r.note})` : ""}`, "warn");
+        say(`${r.saved ? "saved, not running yet" : r.note ? "not deployed" : "already saved, not running yet"}: ${r.restart_needed}${r.note ? ` (${r.note})` : ""}`, "warn");
         lastSnap = snapshot();
         return;
       }
