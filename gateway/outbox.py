@@ -947,7 +947,7 @@ class Outbox:
             owed = await self._run(self.store.waiting_keys, gone) if gone else {}
             for conn, keys in sorted(owed.items()):
                 log.warning(
-                    "outbox %s: messages for connection %r (%d ordering keys), which the config no "
+                    "outbox %s: messages for connection %r (ordering keys waiting: %d), which the config no "
                     "longer has; they wait (and count against the quota) until it is back",
                     self.path,
                     conn,
@@ -980,7 +980,7 @@ class Outbox:
         for conn, keys in sorted(owed.items()):
             if conn not in self._extra:  # not taken up meanwhile
                 log.warning(
-                    "outbox %s: messages for %s (%d ordering keys), which no sink in the config has; they "
+                    "outbox %s: messages for %s (ordering keys waiting: %d), which no sink in the config has; they "
                     "wait (and count against the quota) until a sink of that kind, pipeline and id is back",
                     self.path,
                     conn,

@@ -429,7 +429,7 @@ async def test_messages_owed_to_any_sinks_link_are_told_from_a_dropped_connectio
     finally:
         await ob2.close()
         task2.cancel()
-    assert "messages for clamp:p/out (1 ordering keys), which no sink in the config has" in caplog.text
+    assert "messages for clamp:p/out (ordering keys waiting: 1), which no sink in the config has" in caplog.text
     assert "which the config no longer has" not in caplog.text
 
 

@@ -427,6 +427,6 @@ def test_what_sinks_links_are_owed_is_read_from_the_summary_at_any_backlog_size(
     assert big[1] <= small[1] + 200 and big[2] <= small[2] + 200, (small, big)
     for closed, said in ((closed_small, said_small), (closed_big, said_big)):
         assert closed == ["webhook:p/hook"]
-        assert "messages for connection 'gone' (1 ordering keys), which the config no longer has" in said, said
-        assert "messages for webhook:p/gone (3 ordering keys), which no sink in the config has" in said, said
+        assert "messages for connection 'gone' (ordering keys waiting: 1), which the config no longer has" in said, said
+        assert "messages for webhook:p/gone (ordering keys waiting: 3), which no sink in the config has" in said, said
         assert "messages for webhook:p/hook" not in said, said

@@ -202,7 +202,7 @@ async def test_messages_owed_to_a_webhook_the_config_dropped_are_reported(
     caplog.set_level("WARNING", logger="gateway.outbox")
     async with running_gateway(without, env=env) as gw:
         await wait_for(lambda: "no sink in the config has" in caplog.text, timeout=10)
-    assert "messages for webhook:p/hook (1 ordering keys)" in caplog.text, caplog.text
+    assert "messages for webhook:p/hook (ordering keys waiting: 1)" in caplog.text, caplog.text
     caplog.clear()
     hook = await Hook().start(port)
     try:
