@@ -430,3 +430,31 @@ def test_what_sinks_links_are_owed_is_read_from_the_summary_at_any_backlog_size(
         assert "messages for connection 'gone' (ordering keys waiting: 1), which the config no longer has" in said, said
         assert "messages for webhook:p/gone (ordering keys waiting: 3), which no sink in the config has" in said, said
         assert "messages for webhook:p/hook" not in said, said
+
+
+async def test_a_link_is_closed_only_once_it_is_owed_nothing(tmp_path: Path) -> None:
+    """What the summary cannot see is covered by the sender: a key's newest message acknowledged
+    while an older one is still in flight, or a link that never got its messages out."""
+    ob = Outbox(tmp_path / "outbox.db", "gw1", {"plant": FakeLink()}, OutboxConfig())
+    await ob.open()
+    task = asyncio.create_task(ob.run())
+    try:
+        hook = SinkLink()
+        hook.auto_ack = False
+        ob.register_link("webhook:p/hook", hook)
+        await ob.put([("webhook:p/hook", "t", {"v": i}, "a") for i in range(2)])  # one key; not connected
+        ob.release_link("webhook:p/hook")
+        assert await ob.retire_idle_links() == []  # owed two, sent none
+        ob.register_link("webhook:p/hook", SinkLink())  # the sink is back (a reload kept it)
+        hook.up()
+        await wait_for(lambda: len(hook.pending) == 2)
+        hook.pending[1].set_result(None)  # the newer acknowledged first
+        await wait_for(lambda: ob.count == 1)
+        ob.release_link("webhook:p/hook")
+        assert await ob.retire_idle_links() == []  # its key's newest is gone, the older in flight
+        hook.pending[0].set_result(None)
+        await wait_for(lambda: ob.count == 0)
+        assert await ob.retire_idle_links() == ["webhook:p/hook"]
+    finally:
+        await ob.close()
+        await asyncio.gather(task, return_exceptions=True)
