@@ -59,9 +59,10 @@ console: {console}
 
 
 class Consumer:
-    """A persistent-session subscriber that keeps every alert with the broker's DUP flag."""
+    """A persistent-session subscriber that keeps every alert (of ``topic``) with the broker's DUP flag."""
 
-    def __init__(self, broker: MosquittoBroker, client_id: str):
+    def __init__(self, broker: MosquittoBroker, client_id: str, topic: str = ALERTS):
+        self.topic = topic
         self.client = MqttTestClient(broker.host, broker.port, client_id=client_id, clean_session=False)
         self._lock = threading.Lock()
         self._got: list[tuple[dict[str, Any], bool]] = []
@@ -73,7 +74,7 @@ class Consumer:
 
     def start(self) -> Consumer:
         self.client.connect()
-        self.client.subscribe(ALERTS, 1)
+        self.client.subscribe(self.topic, 1)
         return self
 
     @property

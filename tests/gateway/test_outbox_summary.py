@@ -18,12 +18,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 
 import gateway.outbox
@@ -31,8 +29,9 @@ from gateway._migrate import Schema, migrate
 from gateway.config import MqttConnection
 from gateway.mqtt import MqttLink
 from gateway.outbox import SCHEMA, Outbox, OutboxConfig, SqliteOutboxStore
-from tests._util import MosquittoBroker, MqttTestClient, wait_for
+from tests._util import MosquittoBroker, wait_for
 from tests.gateway.test_outbox import FakeLink, SinkLink
+from tests.gateway.test_outbox_faults import Consumer
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPIC = "sluice/gw1/alerts/plant"
@@ -167,35 +166,15 @@ asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
 """
 
 
-class _Consumer:
-    """A persistent-session subscriber keeping every message in arrival order."""
-
-    def __init__(self, broker: MosquittoBroker):
-        self.client = MqttTestClient(broker.host, broker.port, client_id=f"c-{broker.port}", clean_session=False)
-        self._lock = threading.Lock()
-        self._got: list[tuple[dict[str, Any], bool]] = []
-        self.client.paho.on_message = self._on
-
-    def _on(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
-        with self._lock:
-            self._got.append((json.loads(msg.payload), bool(msg.dup)))
-
-    def got(self) -> list[tuple[dict[str, Any], bool]]:
-        with self._lock:
-            return list(self._got)
-
-
 @pytest.fixture
-def consumer(mosquitto_factory: Any) -> Iterator[tuple[MosquittoBroker, _Consumer]]:
+def consumer(mosquitto_factory: Any) -> Iterator[tuple[MosquittoBroker, Consumer]]:
     broker = mosquitto_factory(persistence=True)
-    c = _Consumer(broker)
-    c.client.connect()
-    c.client.subscribe(TOPIC, 1)
+    c = Consumer(broker, f"c-{broker.port}", TOPIC).start()
     broker.stop()  # the consumer's session waits in the broker's persistence
     try:
         yield broker, c
     finally:
-        c.client.disconnect()
+        c.stop()
 
 
 @contextlib.asynccontextmanager
@@ -219,14 +198,14 @@ async def _outbox_to(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _delivered(ob: Outbox, sub: _Consumer, n: int) -> None:
+async def _delivered(ob: Outbox, sub: Consumer, n: int) -> None:
     """Until the outbox is empty and the consumer has ``n`` distinct seqs."""
     await wait_for(lambda: ob.count == 0, timeout=60)
-    await wait_for(lambda: len({m["seq"] for m, _ in sub.got()}) >= n, timeout=30)
+    await wait_for(lambda: len({m["seq"] for m, _ in sub.got}) >= n, timeout=30)
 
 
 async def test_a_kill_while_queueing_then_reconnects_mid_drain_keep_each_key_in_order(
-    tmp_path: Path, consumer: tuple[MosquittoBroker, _Consumer]
+    tmp_path: Path, consumer: tuple[MosquittoBroker, Consumer]
 ) -> None:
     broker, sub = consumer
     path = tmp_path / "outbox.db"
@@ -257,7 +236,7 @@ async def test_a_kill_while_queueing_then_reconnects_mid_drain_keep_each_key_in_
         await _delivered(ob, sub, n)
     first: dict[int, dict[str, Any]] = {}
     per_key: dict[str, list[int]] = {}
-    for m, dup in sub.got():
+    for m, dup in sub.got:
         if m["seq"] in first:
             assert m["replayed"] or dup, m  # a replay after a lost PUBACK, or the broker's own redelivery
             continue
@@ -307,7 +286,7 @@ def _on_disk(path: Path) -> int:
 
 
 async def test_past_the_quota_the_oldest_go_and_the_file_and_wal_stay_within_it(
-    tmp_path: Path, consumer: tuple[MosquittoBroker, _Consumer], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, consumer: tuple[MosquittoBroker, Consumer], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Messages with result ids (remembered beside the messages) into a 10 MB quota while the
     broker is down: past it the oldest are dropped, counted and logged with their seqs; outbox.db
@@ -351,7 +330,7 @@ async def test_past_the_quota_the_oldest_go_and_the_file_and_wal_stay_within_it(
         kept = ob.count
         broker.start()
         await _delivered(ob, sub, kept)
-    assert {m["seq"] for m, _ in sub.got()} == set(range(30_000 - kept + 1, 30_001))
+    assert {m["seq"] for m, _ in sub.got} == set(range(30_000 - kept + 1, 30_001))
     # the count of what was dropped survives a restart
     ob2 = Outbox(path, "gw1", {"plant": FakeLink()}, OutboxConfig(max_bytes=quota))
     await ob2.open()
