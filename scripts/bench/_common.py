@@ -29,6 +29,7 @@ __all__ = [
     "at_rate",
     "checkpoint_summary",
     "checkpointed_source",
+    "compile_sources",
     "find_mosquitto",
     "free_port",
     "log",
@@ -321,3 +322,17 @@ def checkpoint_summary(samples: list[tuple[int, ...]], columns: tuple[str, ...])
         out[f"{name}_median"] = int(statistics.median(column))
         out[f"{name}_max"] = max(column)
     return out
+
+
+def compile_sources(python: Path | str, root: Path) -> None:
+    """Write the ``.pyc`` files of the source tree's packages (gateway, nodes, firmware_bridges)
+    with ``python``, as pip does for an installed gateway.
+
+    An editable install runs from the tree; where ``PYTHONDONTWRITEBYTECODE`` is set, or after a
+    change, each start compiles the changed modules from source, which costs start time and
+    leaves about 1 MiB more resident in a running gateway than an installed one has."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    dirs = [str(root / d) for d in ("gateway", "nodes", "firmware_bridges") if (root / d).is_dir()]
+    if dirs:
+        python = python if Path(python).exists() else sys.executable  # SLUICE_BENCH_BIN may be a script
+        subprocess.run([str(python), "-m", "compileall", "-q", *dirs], env=env, capture_output=True, timeout=300)

@@ -32,8 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Mosquitto, find_mosquitto, free_port, stop_process
-from mqtt_ingest import ALERT_TOPIC, SLUICE_BIN, sluice_config  # the same config and binary as the ingest benchmark
+from _common import Mosquitto, compile_sources, find_mosquitto, free_port, stop_process
+
+# the same config and binary as the ingest benchmark
+from mqtt_ingest import ALERT_TOPIC, ROOT, SLUICE_BIN, sluice_config
 
 GOAL_S = 1.5
 
@@ -132,6 +134,7 @@ def main() -> int:
     if not SLUICE_BIN.exists():
         print(f"{SLUICE_BIN} does not exist (run `make deps`)", file=sys.stderr)
         return 2
+    compile_sources(SLUICE_BIN.parent / "python", ROOT)  # as an installed gateway has them
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-cold-"))
     times: list[float] = []
     idle: list[float] = []

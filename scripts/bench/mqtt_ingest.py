@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import Mosquitto, find_mosquitto, free_port, pinned, stop_process
+from _common import Mosquitto, compile_sources, find_mosquitto, free_port, pinned, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 # SLUICE_BENCH_BIN overrides which `sluice` executable is measured.
@@ -1552,6 +1552,7 @@ def main(argv: list[str] | None = None) -> int:
 
     raised, cleared, _ = expected_for(args.flow, args.n, args.keys)
     args.expected_total = raised + cleared  # the settle after a run waits for these
+    compile_sources(SLUICE_BIN.parent / "python", ROOT)  # RSS and CPU of an installed gateway's modules
     wanted = args.only or ["bare", "sluice_quiet", "sluice", "nodered"]
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmpname:
