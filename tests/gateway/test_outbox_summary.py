@@ -31,7 +31,7 @@ from gateway.mqtt import MqttLink
 from gateway.outbox import SCHEMA, Outbox, OutboxConfig, SqliteOutboxStore
 from tests._util import MosquittoBroker, wait_for
 from tests.gateway.test_outbox import FakeLink, SinkLink
-from tests.gateway.test_outbox_faults import Consumer
+from tests.gateway.test_outbox_faults import Consumer, outbox_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPIC = "sluice/gw1/alerts/plant"
@@ -210,7 +210,7 @@ async def test_a_kill_while_queueing_then_reconnects_mid_drain_keep_each_key_in_
     broker, sub = consumer
     path = tmp_path / "outbox.db"
     _queue_and_kill(path, broker.port)
-    queued = _waiting(path)
+    queued = outbox_rows(path.parent)
     assert queued == 3500
 
     async with _outbox_to(broker, path, OutboxConfig(inflight=20)) as (ob, link):
@@ -263,18 +263,6 @@ def _queue_and_kill(path: Path, port: int) -> None:
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
-
-
-def _waiting(path: Path) -> int:
-    if not path.exists():
-        return 0
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        db.close()
 
 
 # --- the quota: what the file and its WAL take ----------------------------------------------------
