@@ -21,6 +21,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any, ClassVar, Literal
 
+import msgspec
 from pydantic import Field
 
 from firmware_bridges import loads_json, loads_strict
@@ -180,6 +181,22 @@ def _value_fault(value: dict[str, Any]) -> str | None:
     return None
 
 
+# Longest payload the typed decode takes: it skips the fields it does not read without checking
+# them as the general decode does, and an integer there over Python's 4,300 digits (which the
+# general decode refuses) needs a longer payload than this.
+_TYPED_MAX = 4300
+
+
+@cache
+def _typed_reading(value_field: str, ts_field: str) -> Callable[[bytes], Any]:
+    """A decoder of the common reading, a JSON object with a number under ``value_field`` and one
+    under ``ts_field`` (both as floats; every other field skipped), without building a dict."""
+    reading = msgspec.defstruct(
+        "_Reading", [("value", float), ("ts", float)], rename={"value": value_field, "ts": ts_field}, gc=False
+    )
+    return msgspec.json.Decoder(reading).decode
+
+
 # --- the source ----------------------------------------------------------------------------
 
 
@@ -205,6 +222,18 @@ class PayloadSource(Source):
         self._value_field = options.value_field
         self._ts_field = options.ts_field
         self.n_malformed = 0
+        # the common reading decoded without a dict, where the key needs nothing of the payload
+        key = options.key
+        self._typed = (
+            _typed_reading(self._value_field, self._ts_field)
+            if not self._raw
+            and self._value_field
+            and self._ts_field
+            and self._value_field != self._ts_field
+            and type(self).make_key is PayloadSource.make_key
+            and (key == self.name_part or _part_index(self.name_part).match(key))
+            else None
+        )
 
     def make_key(self, spec: str) -> Callable[[str, Any], str]:
         """The key function for the ``key`` option ``spec``: (name, payload) -> key."""
@@ -218,17 +247,31 @@ class PayloadSource(Source):
     def decode_many(self, messages: list[tuple[str, bytes]]) -> list[Event]:
         """:meth:`decode` over ``messages`` (name, payload), the events of those that decode.
 
-        The common message — a JSON object whose value and epoch-seconds time are finite floats —
-        is decoded here in one loop; any other goes through :meth:`decode` (which defines the
-        behaviour and dead-letters), so the result is that of calling :meth:`decode` on each."""
+        The common message — a JSON object whose value and epoch-seconds time are finite numbers —
+        is decoded here in one loop (into a typed reading when the key comes from the name alone
+        and the payload is short ASCII, else into a dict); any other goes through :meth:`decode`
+        (which defines the behaviour and dead-letters), so the result is that of calling
+        :meth:`decode` on each."""
         vf, tf = self._value_field, self._ts_field
         if self._raw or vf is None or not tf:
             return [e for t, p in messages if (e := self.decode(t, p)) is not None]
         out: list[Event] = []
         append = out.append
-        key_of, sid, decode, strict = self._key, self.id, self.decode, loads_strict
+        key_of, sid, decode, strict, typed = self._key, self.id, self.decode, loads_strict, self._typed
         seen: dict[str, str] = getattr(key_of, "seen", None) or {}  # a key by name (topic[N]) made before
         for topic, payload in messages:
+            # ASCII: the typed decode does not check the UTF-8 of the fields it skips
+            if typed is not None and payload.isascii() and len(payload) <= _TYPED_MAX:
+                try:
+                    r = typed(payload)
+                    ts = r.ts
+                    v = r.value
+                    if 0.0 < ts < 1e11 and v - v == 0.0:
+                        key = seen.get(topic)
+                        append(Event(key_of(topic, None) if key is None else key, ts, v, sid, {"topic": topic}))
+                        continue
+                except Exception:  # not the common reading: the paths below judge it
+                    pass
             try:
                 body = strict(payload)
                 if type(body) is dict:

@@ -184,8 +184,54 @@ def test_mqtt_decode(stores: Stores, options: dict[str, Any]) -> None:
     fuzz(stores, "m", decode)
 
 
+def _reading(v: Any, ts: Any, extra: dict[str, Any], dup: tuple[bytes, Any] | None, raw: bool, last: bool) -> bytes:
+    """A reading as devices send it (value and time), with other fields around it, maybe a field
+    twice: what the typed decode of the common reading takes or hands on."""
+    own = [b'"value": ' + _dump(v, raw), b'"ts": ' + _dump(ts, raw)]
+    others = [_dump(k, raw) + b": " + _dump(x, raw) for k, x in extra.items()]
+    if dup is not None:
+        others.append(b'"' + dup[0] + b'": ' + _dump(dup[1], raw))
+    return b"{" + b", ".join([*others, *own] if last else [*own, *others]) + b"}"
+
+
+COMMON = st.builds(
+    _reading,
+    st.one_of(st.floats(-1e6, 1e6), NUMBERS),
+    st.one_of(st.floats(1e9, 2e9), st.integers(-10, 10**12), NUMBERS, st.none()),
+    st.dictionaries(KEYS, VALUES, max_size=3),
+    st.one_of(st.none(), st.tuples(st.sampled_from([b"value", b"ts"]), st.one_of(NUMBERS, TEXT))),
+    st.booleans(),
+    st.booleans(),
+)
+
+_T = b'"ts": 1700000000.5'
+COMMON_EXTREMES = st.sampled_from(
+    [
+        b'{"value": 1.5, ' + _T + b', "x": "\xed\xa0\x80"}',  # a raw lone surrogate where the typed decode skips
+        b'{"value": 1.5, ' + _T + b', "\xed\xa0\x80": 1}',
+        b'{"value": 1.5, ' + _T + b', "x": "\xff\xfe"}',  # not UTF-8
+        b'{"value": 1.5, ' + _T + b', "x": "\\ud800"}',
+        b'{"value": 1.5, ' + _T + b', "x": 1' + b"0" * 5000 + b"}",  # over 4,300 digits, skipped
+        b'{"value": 1.5, ' + _T + b', "x": NaN}',
+        b'{"value": 1.5, ' + _T + b', "x": [[[{"y": [1e400]}]]]}',
+        b'{"value": 1.5, "value": "x", ' + _T + b"}",
+        b'{"value": "x", "value": 2, ' + _T + b"}",
+        b'{"value": 2.5, ' + _T + b', "ts": 1700000000000}',
+        b'{"value": 2.5, "ts": 1700000000000}',  # milliseconds
+        b'{"value": 123456789012345678901234567890, "ts": 1700000000}',
+        b'{"value": 9007199254740993, "ts": 1700000000}',  # 2**53 + 1
+        b'{"value": -0.0, "ts": 1e-300}',
+        b'{"value": true, ' + _T + b"}",
+        b' {"value": 1.5, ' + _T + b"} ",
+        b'{"value": 1.5, ' + _T + b"} x",
+        b'{"value": 1.5}',
+    ]
+)
+
 READINGS = st.one_of(
     PAYLOADS,
+    COMMON,
+    COMMON_EXTREMES,
     st.builds(
         lambda v, ts, k: _dump({"value": v, "ts": ts, "k": k}, False),
         NUMBERS,
@@ -195,7 +241,9 @@ READINGS = st.one_of(
 )
 
 
-@pytest.mark.parametrize("options", [{"key": "topic[1]"}, {"key": "payload.k"}, {"value_field": None}])
+@pytest.mark.parametrize(
+    "options", [{"key": "topic[1]"}, {"key": "topic"}, {"key": "payload.k"}, {"value_field": None}, {"ts_field": "t"}]
+)
 def test_mqtt_decode_many_is_decode_on_each(stores: Stores, options: dict[str, Any]) -> None:
     """A QoS 0 batch is decoded in one loop (``decode_many``): the same events, the same dead
     letters, in the same order, as :meth:`decode` called on each message."""
