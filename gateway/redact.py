@@ -157,11 +157,35 @@ def _url_in_text(m: re.Match[str]) -> str:
     return redact_url(bare) + url[len(bare) :]
 
 
+# What redact_text and redact gave for short texts and keys they saw: a console polled every
+# second redacts the same node ids, states and messages each time. A text's entry holds the
+# pattern of known secrets it was made with, so one remembered since is never missed; both are
+# bounded (emptied when full).
+_CACHED_TEXT = 128
+_CACHE_SIZE = 1024
+_texts: dict[str, tuple[Any, str]] = {}
+_keys: dict[str, bool] = {}
+
+
 def redact_text(text: str) -> str:
     """Free text (an error, a log line, a reason) with URLs, credentials and known secrets hidden."""
     if not text:
         return text
     known = _known_re
+    cache = len(text) <= _CACHED_TEXT and type(text) is str
+    if cache:
+        hit = _texts.get(text)
+        if hit is not None and hit[0] is known:
+            return hit[1]
+    out = _redact_text(text, known)
+    if cache:
+        if len(_texts) >= _CACHE_SIZE:
+            _texts.clear()
+        _texts[text] = (known, out)
+    return out
+
+
+def _redact_text(text: str, known: re.Pattern[str] | None) -> str:
     if known is not None:
         text = known.sub(MASK, text)
     if "://" in text:
@@ -174,13 +198,37 @@ def redact_text(text: str) -> str:
     return text
 
 
+def _secret_key(k: Any) -> bool:
+    """Whether the values under ``k`` are secret by its name alone (``password``, ``token`` …)."""
+    if type(k) is not str:
+        return _SECRET_KEY.search(str(k)) is not None
+    hit = _keys.get(k)
+    if hit is None:
+        hit = _SECRET_KEY.search(k) is not None
+        if len(_keys) >= _CACHE_SIZE:
+            _keys.clear()
+        _keys[k] = hit
+    return hit
+
+
 def redact(value: Any, key: str = "") -> Any:
     """JSON-like data ready to leave the process: every string through :func:`redact_text`, and the
     values under secret-looking keys (``password``, ``token``, ``headers`` …) replaced by ``***``."""
     if isinstance(value, dict):
         if key and _HEADERS_KEY.match(key):
             return {k: _mask(v) for k, v in value.items()}
-        return {k: _mask(v) if _SECRET_KEY.search(str(k)) else redact(v, str(k)) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            t = type(v)
+            if _secret_key(k):
+                out[k] = _mask(v)
+            elif t is int or t is float or t is bool or v is None:
+                out[k] = v  # what redact gives back unchanged, without the call
+            elif t is str:
+                out[k] = redact_text(v)
+            else:
+                out[k] = redact(v, str(k))
+        return out
     if isinstance(value, list | tuple):
         return [redact(v, key) for v in value]
     if isinstance(value, str):
