@@ -15,7 +15,9 @@ class Event(msgspec.Struct):
     ``value`` is a float or a mapping of field name to value; numbers are floats so that
     expressions never trip over int/double mixing. ``ts`` is event time (epoch seconds) from
     the payload when present, else ingest time. ``meta`` holds transport details (topic,
-    ingest time, priority …) and may be ``None`` to keep the hot path allocation-free.
+    ingest time, priority …) and may be ``None`` to keep the hot path allocation-free. It may be
+    shared — by the readings of one MQTT topic, by a map's output and its input — so a node
+    that changes it makes a new mapping (``{**event.meta, "late": True}``), never writes into it.
 
     A ``msgspec.Struct``, built in C (a pipeline makes one or more per reading; a slotted
     dataclass's generated ``__init__`` cost more), that behaves as the dataclass it replaced:

@@ -222,6 +222,8 @@ class PayloadSource(Source):
         self._value_field = options.value_field
         self._ts_field = options.ts_field
         self.n_malformed = 0
+        # topic -> its key and the meta its readings share (the typed path's, bounded)
+        self._topics: dict[str, tuple[str, dict[str, Any]]] = {}
         # the common reading decoded without a dict, where the key needs nothing of the payload
         key = options.key
         self._typed = (
@@ -259,6 +261,7 @@ class PayloadSource(Source):
         append = out.append
         key_of, sid, decode, strict, typed = self._key, self.id, self.decode, loads_strict, self._typed
         seen: dict[str, str] = getattr(key_of, "seen", None) or {}  # a key by name (topic[N]) made before
+        topics = self._topics
         for topic, payload in messages:
             # ASCII: the typed decode does not check the UTF-8 of the fields it skips
             if typed is not None and payload.isascii() and len(payload) <= _TYPED_MAX:
@@ -267,8 +270,13 @@ class PayloadSource(Source):
                     ts = r.ts
                     v = r.value
                     if 0.0 < ts < 1e11 and v - v == 0.0:
-                        key = seen.get(topic)
-                        append(Event(key_of(topic, None) if key is None else key, ts, v, sid, {"topic": topic}))
+                        known = topics.get(topic)
+                        if known is None:
+                            known = (key_of(topic, None), {"topic": topic})
+                            if len(topics) >= 4096:
+                                topics.clear()
+                            topics[topic] = known
+                        append(Event(known[0], ts, v, sid, known[1]))
                         continue
                 except Exception:  # not the common reading: the paths below judge it
                     pass
