@@ -158,6 +158,16 @@ def _sharing_sql(head: str, shared: int, own: int, n: int) -> str:
     return head + ",".join(rows)
 
 
+@cache
+def _known_sql(n: int) -> str:
+    """The result ids of ``n`` hashes (numbered parameters), in ``results`` and in ``results_new``."""
+    marks = ",".join(f"?{i + 1}" for i in range(n))
+    return (
+        f"SELECT connection, topic, rid FROM results WHERE h IN ({marks})"
+        f" UNION ALL SELECT connection, topic, rid FROM results_new WHERE h IN ({marks})"
+    )
+
+
 def _runs(ids: list[int], shortest: int = 8) -> tuple[list[tuple[int, int]], list[int]]:
     """``ids`` as ranges of at least ``shortest`` consecutive ids, ``(first, last)``, and the
     ids in no such range."""
@@ -565,11 +575,10 @@ class SqliteOutboxStore:
         hashes = list(set(hashed.values()))
         found: set[tuple[str, str, str]] = set()
         for at in range(0, len(hashes), 500):  # one statement per 500 keys, not one per key
-            chunk = hashes[at : at + 500]
-            marks, params = in_list(chunk)
-            for table in ("results", "results_new"):  # merged, and not merged yet
-                q = f"SELECT connection, topic, rid FROM {table} WHERE h IN ({marks})"
-                found.update(k for k in db.execute(q, params) if k in wanted)  # a hash can be shared
+            _, params = in_list(hashes[at : at + 500])  # padded to one of a few lengths
+            # merged, and not merged yet: one statement, the hashes bound once for both tables;
+            # a hash can be shared, so the text is compared
+            found.update(k for k in db.execute(_known_sql(len(params)), params) if k in wanted)
         return found
 
     def _merge_results(self, oldest: int) -> None:
@@ -1113,8 +1122,11 @@ class Outbox:
         conns = set()
         results: list[tuple[int, str, str, str]] = []
         topics_ok = self._topics_ok
+        links = self._all
+        last_conn = last_topic = None  # of the message before, if it was taken: checked already
         for conn, topic, fields, okey in messages:
-            if conn not in self._all:
+            same = conn is last_conn and topic is last_topic
+            if not same and conn not in links:
                 raise SluiceError(f"outbox: unknown connection {conn!r}")
             okey = okey if okey is not None else topic
             rid = fields.get("result_id") if isinstance(fields, dict) else None
@@ -1125,9 +1137,9 @@ class Outbox:
                 okey.isascii() or okey.encode()  # isascii: a flag of the string, no copy
                 if isinstance(rid, str):
                     rid.isascii() or rid.encode()
-                if (conn, topic) not in topics_ok:  # most messages go to a few topics: checked once
+                if not same and (conn, topic) not in topics_ok:  # most messages go to a few topics: checked once
                     topic.encode()
-                    check = getattr(self._all[conn], "topic_problem", None)  # the link's own rules
+                    check = getattr(links[conn], "topic_problem", None)  # the link's own rules
                     why = check(topic) if check is not None else None
                     if why is not None:
                         raise ValueError(why)
@@ -1142,7 +1154,9 @@ class Outbox:
             if not body.startswith(b"{"):
                 raise ValueError("an outbox message must be a JSON object")
             rows.append((conn, topic, okey, body, retain, len(body) + len(topic) + len(okey) + _ROW_OVERHEAD))
-            conns.add(conn)
+            if not same:
+                conns.add(conn)
+                last_conn, last_topic = conn, topic
         if not rows:
             return self.last_id + 1
         async with self._write_lock:
@@ -1179,11 +1193,14 @@ class Outbox:
                     hi,
                     self.dropped,
                 )
-            for i, r in enumerate(rows):
-                q = self._live.get(r[0])
-                if q is None:
-                    q = self._live[r[0]] = deque()
-                q.append(Row(first + i, r[0], r[1], r[2], r[3], r[4], r[5]))
+            live = self._live
+            q_conn, q = None, None
+            for i, (c, t, k, b, keep, n) in enumerate(rows, first):
+                if c is not q_conn:
+                    q_conn, q = c, live.get(c)
+                    if q is None:
+                        q = live[c] = deque()
+                q.append(Row(i, c, t, k, b, keep, n))  # type: ignore[union-attr]
             for c in conns:
                 cached = self._live.get(c)  # none when every row of c was a result taken before
                 if cached is not None and (len(cached) > _LIVE_CACHE or not self._all[c].connected):

@@ -129,17 +129,19 @@ async def test_outbox_refuses_one_message_and_commits_the_rest(tmp_path: Path) -
     ob = Outbox(tmp_path / "outbox.db", "gw1", {"c": link}, on_refused=lambda *a: refused.append(a))
     await ob.open()
     try:
+        bad = f"t/{SURROGATE}"
         first = await ob.put(
             [
                 ("c", "t/good", {"v": 1}, None),
-                ("c", f"t/{SURROGATE}", {"v": 2}, None),  # a topic no broker or file takes
+                ("c", bad, {"v": 2}, None),  # a topic no broker or file takes
+                ("c", bad, {"v": 2.5}, None),  # the same again, right after: refused again
                 ("c", "t/ok", {"v": 3}, f"t\x00{SURROGATE}"),  # an ordering key likewise
                 ("c", "t/deep", {"v": deep(50_000)}, None),  # nested too deeply to serialise
                 ("c", "t/good2", {"v": 5}, None),
             ]
         )
-        assert ob.count == 2 and ob.last_id == first + 1 and ob.rejected == 3
-        assert [r[1] for r in refused] == ["t/t\\ud800", "t/ok", "t/deep"]
+        assert ob.count == 2 and ob.last_id == first + 1 and ob.rejected == 4
+        assert [r[1] for r in refused] == ["t/t\\ud800", "t/t\\ud800", "t/ok", "t/deep"]
         assert all(r[3].startswith("not stored in the outbox") for r in refused)
         await ob.put([("c", "t/after", {"v": 6}, None)])
         db = sqlite3.connect(tmp_path / "outbox.db")
