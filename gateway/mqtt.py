@@ -264,12 +264,12 @@ class MqttLink:
                 self._lost_evt.clear()
                 try:
                     ctx = _tls_context(self.conn) if self.conn.tls else False
-                    await asyncio.wait_for(
-                        self._client.connect(
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel (the
+                    # owner's stop) that meets the connect completing, and the link ran on
+                    async with asyncio.timeout(max(10.0, self.conn.keepalive)):
+                        await self._client.connect(
                             self.conn.host, self.conn.port, keepalive=self.conn.keepalive, version=version, ssl=ctx
-                        ),
-                        timeout=max(10.0, self.conn.keepalive),
-                    )
+                        )
                 except (OSError, TimeoutError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
                     err = _describe(exc)
                     delay = backoff(attempt, self.conn.reconnect_max)
