@@ -18,7 +18,9 @@ from tests._util import MosquittoBroker
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
-import asyncio, json, sys
+import asyncio, faulthandler, json, sys
+# a run that never ends prints where each thread is and exits, before the test gives up on it
+faulthandler.dump_traceback_later({dump}, exit=True)
 sys.path.insert(0, {bench!r})
 from mqtt_ingest import sluice_config
 from gateway.config import parse_config
@@ -40,9 +42,13 @@ asyncio.run(main())
 """
 
 
+# The bounds below only catch a hang (a few seconds is usual, ~20 s at load average 20): they sit
+# above each other, and below pytest's timeout, so that the innermost says what hung.
 def test_an_mqtt_window_alert_gateway_loads_only_what_it_uses(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
-    code = SCRIPT.format(bench=str(ROOT / "scripts" / "bench"), port=mosquitto.port, data=str(tmp_path / "data"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    code = SCRIPT.format(
+        bench=str(ROOT / "scripts" / "bench"), port=mosquitto.port, data=str(tmp_path / "data"), dump=300
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=360, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["state"] == "running"
@@ -70,6 +76,7 @@ def test_sluice_run_with_a_plain_config_reads_no_package_metadata(tmp_path: Path
     libraries are not mapped, tests/gateway/test_tls_lazy.py; importtime also lists the imports
     refused while asyncio and pydantic load.)"""
     import os
+    import signal
 
     from tests._util import wait_for_sync
     from tests.gateway.test_tls_lazy import Alerts, config
@@ -87,14 +94,20 @@ def test_sluice_run_with_a_plain_config_reads_no_package_metadata(tmp_path: Path
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=f,
-                env={**env, "PYTHONPATH": str(ROOT)},
+                # SIGABRT (below, for a stop that hangs) then prints each thread's stack into the log
+                env={**env, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"},
             )
         try:
-            wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=60)
+            wait_for_sync(lambda: len(alerts.got) == 20 or proc.poll() is not None, timeout=180)
             assert proc.poll() is None, log.read_text()
         finally:
             proc.terminate()
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(timeout=60)
+                raise AssertionError(f"`sluice run` did not stop on SIGTERM:\n{log.read_text()[-6000:]}") from None
     finally:
         alerts.close()
     imported = {line.rsplit("|", 1)[-1].strip() for line in log.read_text().splitlines() if "import time:" in line}
