@@ -127,12 +127,12 @@ pipelines:
                 def up() -> bool:
                     gw.alive()
                     try:
-                        with urllib.request.urlopen(gw.base + "/healthz", timeout=1) as r:
+                        with urllib.request.urlopen(gw.base + "/healthz", timeout=30) as r:
                             return r.status == 200
                     except OSError:
                         return False
 
-                wait_for_sync(up, timeout=30, message="the gateway's console answers /healthz")
+                wait_for_sync(up, timeout=120, message="the gateway's console answers /healthz")
                 for name in SENDERS:  # every pipeline runs before the first payload
                     gw.probe_through(name, lambda key, name=name: SENDERS[name](gw, PROBE[name](key)))  # type: ignore[misc]
                 yield gw

@@ -76,13 +76,13 @@ console: {{host: 127.0.0.1, port: {port}}}
         if proc.poll() is not None:
             raise AssertionError("gateway exited:\n" + (root / "gateway.log").read_text())
         try:
-            with urllib.request.urlopen(base + "/healthz", timeout=1) as r:
+            with urllib.request.urlopen(base + "/healthz", timeout=30) as r:
                 return r.status == 200
         except OSError:
             return False
 
     try:
-        wait_for_sync(up, timeout=30, message="the gateway's console answers /healthz")
+        wait_for_sync(up, timeout=120, message="the gateway's console answers /healthz")
         yield base, {"Authorization": f"Bearer {TOKEN}"}
     finally:
         proc.terminate()
