@@ -190,6 +190,10 @@ async def test_logs_update_live_and_wrap_on_a_phone(gw2: Gateway, page: Any, bro
         await shot(page, "logs-live")
         long_line = "alert_log: " + " ".join(["boiler/boiler_hot/boiler/temp raised 204.5"] * 12)
         logging.getLogger("sluice.boiler.log").warning(long_line)
+        # a logger name or a token with no break in it must not widen a phone's page either
+        logging.getLogger("sluice.plant_room_second_floor_boiler_house.temperature_threshold").warning(
+            "alert_log: http://gateway.local:8080/api/pipelines/plant_room_second_floor/nodes/threshold_hot"
+        )
         ctx, pg = await _phone(browser, base)
         try:
             await pg.click("#submit")
