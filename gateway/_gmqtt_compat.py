@@ -207,7 +207,8 @@ def install_read_gate(client: gmqtt.Client, gate: asyncio.Event, keepalive: floa
     async def gated_read(n: int = -1) -> bytes:
         while not gate.is_set():
             try:
-                await asyncio.wait_for(gate.wait(), keepalive / 2)
+                async with asyncio.timeout(keepalive / 2):  # not wait_for: it can drop a cancel (3.11)
+                    await gate.wait()
             except TimeoutError:
                 # Paused on purpose: unread bytes prove the broker is alive, so do not let
                 # the client's keepalive check drop the connection for missing data.

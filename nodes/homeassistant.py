@@ -220,7 +220,8 @@ class HomeAssistant(Sink):
         )
         runner = asyncio.create_task(link.run(), name=f"mqtt:{self.options.connection}:ha-removal:{self.id}")
         try:
-            await asyncio.wait_for(link.wait_connected(), REMOVE_WAIT)
+            async with asyncio.timeout(REMOVE_WAIT):  # not wait_for: it can drop a cancel (3.11)
+                await link.wait_connected()
             link.publish(self.config_topic, b"", qos=1, retain=True)
         except (TimeoutError, LinkError) as exc:
             log.warning(
@@ -265,8 +266,11 @@ class HomeAssistant(Sink):
                 if not swept and self.ctx.monotonic() - started >= self.options.cleanup_after:
                     swept = True
                     self._remove_stale_devices()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a stop's cancel
+                # that meets an announce request, and the node ran on
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._announce.wait(), timeout=1.0)
+                    async with asyncio.timeout(1.0):
+                        await self._announce.wait()
         finally:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
